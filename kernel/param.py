@@ -1,0 +1,47 @@
+"""Tunables of the emulated kernel, in one place (like xv6's param.h).
+
+Every number a layer of kernel/ depends on and a user might want to change lives here.
+Layers import these names; nothing else in kernel/ hard-codes a size, interval or limit.
+"""
+
+PAGE_SIZE = 4096            # page frame and file-system block size, bytes
+BLOCK_SIZE = PAGE_SIZE
+
+# --- physical memory layout (kernel/physmem.py) ---
+ICORE_SLOTS = 65536         # in-core inode objects per partition
+PROC_SLOTS = 64             # process-table entries per partition
+PROC_STATE_BYTES = 1 << 20  # state segment of one runtime-aware process
+MIN_FRAMES = 256            # a partition smaller than this cannot hold a page cache
+
+# --- page cache and write-back (kernel/pagecache.py, kernel/writeback.py) ---
+DIRTY_EXPIRE_S = 30.0       # a dirty page older than this is written back (Linux dirty_expire_centisecs)
+WRITEBACK_INTERVAL_S = 5.0  # the flusher wakes this often (Linux dirty_writeback_centisecs)
+DIRTY_RATIO = 0.40          # writers are throttled above this fraction of frames dirty
+EVICT_BATCH = 256           # frames reclaimed at once under memory pressure
+
+# --- journal (kernel/journal.py) ---
+COMMIT_INTERVAL_S = 5.0     # the running transaction is committed at least this often
+JOURNAL_BLOCKS = 8192       # default journal size at mkfs (32 MiB)
+MAX_TXN_FRACTION = 0.25     # a transaction is committed once it fills this much of the journal
+
+# --- file system (kernel/fs.py) ---
+NDIRECT = 12                # direct block pointers in an inode
+INODE_SIZE = 128            # bytes of one on-disk inode
+INODES_PER_MIB = 16         # inodes created by mkfs per MiB of disk
+NAME_MAX = 255
+MAX_FILE_BYTES = 1 << 42    # 4 TiB: what triple indirection reaches, rounded down
+
+# --- device models (kernel/blockdev.py): modeled time, always reported as "modeled" ---
+# name: (per-request latency in seconds, bandwidth in bytes/s)
+DEVICE_MODELS = {
+    "none": (0.0, 0.0),             # no modeled delay; bandwidth 0 means unlimited
+    "nvme": (20e-6, 3.0e9),
+    "ssd": (80e-6, 500e6),
+    "hdd": (6e-3, 150e6),
+}
+DEFAULT_DEVICE_MODEL = "ssd"
+FLUSH_LATENCY_FACTOR = 2.0  # a flush barrier costs this many request latencies
+
+# --- heartbeat and fault detection (kernel/kernel.py) ---
+HEARTBEAT_INTERVAL_S = 0.010
+HEARTBEAT_MISSED_BEATS = 3
