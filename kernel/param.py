@@ -18,6 +18,7 @@ DIRTY_EXPIRE_S = 30.0       # a dirty page older than this is written back (Linu
 WRITEBACK_INTERVAL_S = 5.0  # the flusher wakes this often (Linux dirty_writeback_centisecs)
 DIRTY_RATIO = 0.40          # writers are throttled above this fraction of frames dirty
 EVICT_BATCH = 256           # frames reclaimed at once under memory pressure
+READAHEAD_PAGES = 32        # pages read from disk at once on a sequential miss
 
 # --- journal (kernel/journal.py) ---
 COMMIT_INTERVAL_S = 5.0     # the running transaction is committed at least this often

@@ -207,17 +207,22 @@ Watcher = Callable[[int, bytes], None]
 class PhysMem:
     """The machine's physical memory: a file in /dev/shm, mapped shared."""
 
-    def __init__(self, path: str, size: int | None = None, create: bool = False):
-        self.path = path
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
+    def __init__(self, path: str, size: int | None = None, create: bool = False,
+                 readonly: bool = False):
+        self.path, self.readonly = path, readonly
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no physical-memory file (is the machine up?)") from None
         try:
             if create:
                 os.ftruncate(fd, size)
             self.size = os.fstat(fd).st_size
             if size is not None and self.size != size:
                 raise ValueError(f"{path}: physical memory is {self.size} bytes, expected {size}")
-            self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+            self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
         self.view = memoryview(self.mm)

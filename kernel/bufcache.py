@@ -1,0 +1,48 @@
+"""Metadata buffers in the page cache: the kernel's implementation of MetaBuffers.
+
+Promises to the file system (kernel/fs.py): metadata blocks (superblock, inode table,
+bitmaps, indirect and directory blocks) are pages of the block device's inode (ino 0) in
+the partition's page cache, flagged META and never reclaimed. A block written during an
+operation is dirty — on the block device inode's dirty chain, so a backup kernel can find the
+running transaction in raw memory — until the journal has committed it (``settle``).
+"""
+from __future__ import annotations
+
+from kernel.icache import BDEV_INO
+from kernel.pagecache import PageCache
+
+
+class PageCacheBuffers:
+    def __init__(self, pc: PageCache, dev):
+        self.pc, self.dev = pc, dev
+        self._taken: list[tuple[int, int, int]] = []
+
+    def read(self, blockno: int) -> memoryview:
+        f = self.pc.index.get((BDEV_INO, blockno))
+        if f is None:
+            f = self.pc.insert(BDEV_INO, blockno, self.dev.read(blockno), meta=True)
+        return self.pc.frame_view(f)
+
+    def write(self, blockno: int, offset: int, data) -> None:
+        if (BDEV_INO, blockno) not in self.pc.index:
+            self.read(blockno)
+        self.pc.store(BDEV_INO, blockno, offset, data, meta=True)
+
+    def take_dirty(self) -> dict[int, bytes]:
+        self.settle()
+        pages = self.pc.dirty_pages(BDEV_INO)
+        self._taken = pages
+        return {idx: bytes(self.pc.frame_view(f)) for idx, f, _ in pages}
+
+    def settle(self) -> None:
+        """The blocks last taken are in the journal now: clean unless written again since."""
+        if self._taken:
+            self.pc.mark_clean(BDEV_INO, self._taken)
+            self._taken = []
+
+    def forget(self, blockno: int) -> None:
+        if (BDEV_INO, blockno) in self.pc.index:
+            self.pc.truncate_one(BDEV_INO, blockno)
+
+    def ndirty(self) -> int:
+        return len(self.pc.dirty.get(BDEV_INO, ()))

@@ -1,0 +1,233 @@
+"""The page cache: file pages in page frames of the partition's physical memory.
+
+Promises to the VFS and the write-back code:
+
+* a page of a file (ino, index) lives in one 4 KiB frame; its **page descriptor**
+  (physmem.PAGE_DESC: ino, index, flags, generation, xxh3 checksum of the frame's content)
+  is rewritten whenever the frame changes, so a foreign kernel can check each page;
+* every dirty page of an inode is on that inode's dirty-page chain (descriptor.next_dirty,
+  head in the in-core inode), and every inode with dirty pages is on the dirty-inode list
+  hanging off the kernel superblock (kernel/icache.py): that is all a backup kernel needs
+  to find the dirty file cache in the raw memory of a dead kernel;
+* clean pages are reclaimed in LRU order under memory pressure; dirty pages and metadata
+  pages (ino 0, flag META) are never reclaimed;
+* all stores go through PhysMem.write (frames and descriptors alike).
+
+The generation of a page increases on every store, so write-back can tell whether the
+page changed while it was being written (then it stays dirty).
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from kernel import param
+from kernel.icache import ICache
+from kernel.physmem import (ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_VALID, PartLayout,
+                            PhysMem, page_csum)
+
+PAGE = param.PAGE_SIZE
+ZERO_PAGE = bytes(PAGE)
+_MAGIC, _VERSION = PAGE_DESC.magic, PAGE_DESC.version
+_HEAD = ICORE.index["dirty_pages_head"]
+
+
+class PageCache:
+    def __init__(self, mem: PhysMem, lay: PartLayout, icache: ICache):
+        self.mem, self.lay, self.ic = mem, lay, icache
+        n = lay.nframes
+        self.nframes = n
+        self.index: dict[tuple[int, int], int] = {}
+        self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # clean data pages
+        self.free = list(range(n - 1, -1, -1))
+        self.key: list = [None] * n
+        self.flags = [0] * n
+        self.gen = [0] * n
+        self.dirty: dict[int, dict[int, int]] = {}  # ino -> {index: frame}, oldest first
+        self._next_dirty: dict[int, int] = {}  # frame -> phys of the next descriptor in its chain
+        self._dirtied: dict[int, int] = {}     # frame -> monotonic ns it became dirty
+        self.ndirty = 0
+        self.pages_of: dict[int, set[int]] = {}  # ino -> indexes cached
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self._view = mem.view
+        # zero every descriptor: a frame with no valid descriptor holds nothing
+        mem.write(lay.desc, bytes(n * PAGE_DESC.size))
+
+    # --- frames and descriptors --------------------------------------------------------
+    def frame_view(self, frame: int) -> memoryview:
+        p = self.lay.frames + frame * PAGE
+        return self._view[p:p + PAGE]
+
+    def _write_desc(self, frame: int, csum: int | None = None) -> None:
+        key = self.key[frame]
+        if csum is None:
+            csum = page_csum(self.frame_view(frame))
+        nxt = self._next_dirty.get(frame, 0)
+        t = self._dirtied.get(frame, 0)
+        self.mem.write(self.lay.desc + frame * 64, PAGE_DESC.encode_tuple(
+            (_MAGIC, _VERSION, self.flags[frame], key[0], key[1], self.gen[frame], csum, nxt, t)))
+
+    def _clear_desc(self, frame: int) -> None:
+        self.mem.write(self.lay.desc + frame * 64, bytes(64))
+
+    # --- lookup and insertion ----------------------------------------------------------
+    def lookup(self, ino: int, idx: int) -> int | None:
+        f = self.index.get((ino, idx))
+        if f is not None:
+            self.stats["hits"] += 1
+            if (ino, idx) in self.lru:
+                self.lru.move_to_end((ino, idx))
+        return f
+
+    def _alloc_frame(self) -> int:
+        if not self.free:
+            self.reclaim(param.EVICT_BATCH)
+        if not self.free:
+            raise MemoryError("page cache: every frame is dirty or pinned "
+                              "(write-back must run before more pages can be cached)")
+        return self.free.pop()
+
+    def insert(self, ino: int, idx: int, data, meta: bool = False) -> int:
+        """Cache a clean page read from the device (data shorter than a page is zero-filled)."""
+        self.stats["misses"] += 1
+        f = self._alloc_frame()
+        key = (ino, idx)
+        p = self.lay.frames + f * PAGE
+        if len(data) < PAGE:
+            data = bytes(data) + bytes(PAGE - len(data))
+        self.mem.write(p, data)
+        self.key[f], self.flags[f] = key, PG_VALID | PG_UPTODATE | (PG_META if meta else 0)
+        self.gen[f] += 1
+        self._write_desc(f, page_csum(data))
+        self.index[key] = f
+        self.pages_of.setdefault(ino, set()).add(idx)
+        if not meta:
+            self.lru[key] = f
+        return f
+
+    def store(self, ino: int, idx: int, off: int, data, meta: bool = False) -> int:
+        """Write data into a cached page (the caller filled it first if partial) and dirty it."""
+        key = (ino, idx)
+        f = self.index.get(key)
+        if f is None:
+            f = self._alloc_frame()
+            self.key[f], self.flags[f] = key, PG_VALID | PG_UPTODATE | (PG_META if meta else 0)
+            self.index[key] = f
+            self.pages_of.setdefault(ino, set()).add(idx)
+            if len(data) != PAGE:
+                self.mem.write(self.lay.frames + f * PAGE, ZERO_PAGE)
+        p = self.lay.frames + f * PAGE + off
+        self.mem.write(p, data)
+        self.gen[f] += 1
+        csum = page_csum(data) if len(data) == PAGE else None
+        if not self.flags[f] & PG_DIRTY:
+            self._make_dirty(ino, idx, f, csum)
+        else:
+            self._write_desc(f, csum)
+        return f
+
+    # --- the dirty-page chain ---------------------------------------------------------
+
+    def _make_dirty(self, ino: int, idx: int, f: int, csum: int | None) -> None:
+        d = self.dirty.setdefault(ino, {})
+        head = self.ic.get(ino)[_HEAD] if d else 0
+        self.flags[f] |= PG_DIRTY
+        self._next_dirty[f] = head
+        self._dirtied[f] = time.monotonic_ns()
+        self.lru.pop((ino, idx), None)
+        self._write_desc(f, csum)
+        d[idx] = f
+        self.ndirty += 1
+        self.ic.set_dirty_pages(ino, self.lay.desc + f * 64, len(d))
+
+    def dirty_pages(self, ino: int) -> list[tuple[int, int, int]]:
+        """(index, frame, generation) of every dirty page of ino, by index."""
+        d = self.dirty.get(ino, {})
+        return sorted((i, f, self.gen[f]) for i, f in d.items())
+
+    def mark_clean(self, ino: int, written: list[tuple[int, int, int]]) -> None:
+        """Pages written back at the given generations are clean unless stored to since."""
+        d = self.dirty.get(ino)
+        if not d:
+            return
+        for idx, f, g in written:
+            if d.get(idx) == f and self.gen[f] == g:
+                del d[idx]
+                self.flags[f] &= ~PG_DIRTY
+                self._next_dirty.pop(f, None)
+                self._dirtied.pop(f, None)
+                self.ndirty -= 1
+                if not self.flags[f] & PG_META:
+                    self.lru[(ino, idx)] = f
+        self._rechain(ino)
+
+    def _rechain(self, ino: int) -> None:
+        d = self.dirty.get(ino, {})
+        prev = 0
+        for f in d.values():  # oldest first, so the newest ends at the head
+            if self._next_dirty.get(f) != prev:
+                self._next_dirty[f] = prev
+                self._write_desc(f)
+            prev = self.lay.desc + f * 64
+        if not d:
+            self.dirty.pop(ino, None)
+        self.ic.set_dirty_pages(ino, prev, len(d))
+
+    # --- removal ----------------------------------------------------------------------
+    def _drop_frame(self, f: int) -> None:
+        ino, idx = self.key[f]
+        del self.index[(ino, idx)]
+        self.lru.pop((ino, idx), None)
+        s = self.pages_of.get(ino)
+        if s is not None:
+            s.discard(idx)
+            if not s:
+                del self.pages_of[ino]
+        self.key[f], self.flags[f] = None, 0
+        self._next_dirty.pop(f, None)
+        self._dirtied.pop(f, None)
+        self._clear_desc(f)
+        self.free.append(f)
+
+    def truncate(self, ino: int, first_idx: int) -> int:
+        """Drop every page of ino at index >= first_idx, dirty or not; returns dirty dropped."""
+        idxs = [i for i in self.pages_of.get(ino, ()) if i >= first_idx]
+        d = self.dirty.get(ino, {})
+        dropped = 0
+        for i in idxs:
+            f = self.index[(ino, i)]
+            if i in d:
+                del d[i]
+                self.ndirty -= 1
+                dropped += 1
+            self._drop_frame(f)
+        if dropped:
+            self._rechain(ino)
+        return dropped
+
+    def truncate_one(self, ino: int, idx: int) -> None:
+        f = self.index[(ino, idx)]
+        d = self.dirty.get(ino, {})
+        if d.pop(idx, None) is not None:
+            self.ndirty -= 1
+            self._drop_frame(f)
+            self._rechain(ino)
+        else:
+            self._drop_frame(f)
+
+    def reclaim(self, n: int) -> int:
+        """Evict up to n clean, unpinned pages, least recently used first."""
+        got = 0
+        while got < n and self.lru:
+            key, f = self.lru.popitem(last=False)
+            self.lru[key] = f  # _drop_frame pops it again
+            self._drop_frame(f)
+            got += 1
+        self.stats["evictions"] += got
+        return got
+
+    def fill_run(self, ino: int, first: int, pages: list[bytes]) -> None:
+        for i, data in enumerate(pages):
+            if (ino, first + i) not in self.index:
+                self.insert(ino, first + i, data)

@@ -1,0 +1,157 @@
+"""Physical memory, in-core inodes, page cache and the raw-memory reader.
+
+The reader must reject each kind of corruption with its own message: bad magic, bad
+checksum, a pointer out of the partition, a loop in a list, a page whose content does not
+match its descriptor.
+"""
+import pytest
+
+from kernel import param
+from kernel.icache import ICache, KSuper
+from kernel.memreader import PartitionReader
+from kernel.pagecache import PageCache
+from kernel.physmem import (ICORE, KSUPER, PAGE_DESC, CorruptObject, PhysMem, partition_layout)
+
+SIZE = 64 << 20
+PAGE = param.PAGE_SIZE
+
+
+@pytest.fixture
+def part(tmp_path):
+    mem = PhysMem(str(tmp_path / "physmem"), SIZE, create=True)
+    lay = partition_layout(0, 0, SIZE)
+    mem.write(lay.base, lay.header_bytes())
+    ks = KSuper(mem, lay)
+    ic = ICache(mem, lay, ks)
+    pc = PageCache(mem, lay, ic)
+    yield mem, lay, ic, pc
+    mem.close()
+
+
+def dirty_file(ic, pc, ino, npages, fill):
+    ic.load(ino, 0o100644, 0, 0, 1, npages * PAGE, 0, 0, 0)
+    for i in range(npages):
+        pc.store(ino, i, 0, bytes([fill + i]) * PAGE)
+
+
+def reader(tmp_path):
+    return PartitionReader(PhysMem(str(tmp_path / "physmem"), readonly=True), 0, SIZE, 0)
+
+
+def test_layout_encode_decode_roundtrip():
+    raw = PAGE_DESC.encode(flags=3, ino=7, index=9, gen=2)
+    d = PAGE_DESC.decode(raw, 0)
+    assert (d["ino"], d["index"], d["gen"], d["flags"]) == (7, 9, 2, 3)
+    assert len(raw) == PAGE_DESC.size == PAGE_DESC.dtype.itemsize
+
+
+def test_single_write_accessor_sees_every_store(part):
+    mem, lay, ic, pc = part
+    seen = []
+    mem.watchers.append(lambda phys, data: seen.append((phys, len(data))))
+    dirty_file(ic, pc, 5, 2, 1)
+    frames = [p for p, n in seen if n == PAGE]
+    assert len(frames) == 2 and all(lay.frames <= p < lay.base + lay.size for p in frames)
+    assert any(lay.desc <= p < lay.frames for p, _ in seen)     # descriptors
+    assert any(lay.icore <= p < lay.desc for p, _ in seen)      # in-core inode
+
+
+def test_reader_finds_every_dirty_page_from_another_mapping(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 3, 10)
+    dirty_file(ic, pc, 6, 2, 50)
+    r = reader(tmp_path)
+    r.header()
+    walk = r.walk_dirty()
+    assert walk.n_rejected == 0
+    got = {(d["ino"], d["index"]): r.page(d) for i in walk.inodes for d in i.pages}
+    assert got == {(5, i): bytes([10 + i]) * PAGE for i in range(3)} | \
+                  {(6, i): bytes([50 + i]) * PAGE for i in range(2)}
+
+
+def test_clean_pages_leave_the_dirty_chain(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 3, 1)
+    pages = pc.dirty_pages(5)
+    pc.mark_clean(5, pages[:2])
+    walk = reader(tmp_path).walk_dirty()
+    assert [(d["ino"], d["index"]) for i in walk.inodes for d in i.pages] == [(5, 2)]
+    pc.mark_clean(5, pc.dirty_pages(5))
+    ic.meta_clean(5)
+    assert reader(tmp_path).walk_dirty().inodes == []
+
+
+def test_bad_magic_rejected(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 1, 1)
+    phys = lay.desc_phys(pc.index[(5, 0)])
+    mem.write(phys, b"\0\0\0\0")
+    walk = reader(tmp_path).walk_dirty()
+    (err,) = walk.inodes[0].rejected
+    assert err.field == "magic" and "bad magic" in str(err) and "page descriptor" in str(err)
+
+
+def test_bad_checksum_rejected(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 1, 1)
+    phys = ic.phys(5) + 40  # inside the size field
+    mem.write(phys, b"\xff")
+    walk = reader(tmp_path).walk_dirty()
+    (err,) = walk.rejected
+    assert err.field == "checksum" and "in-core inode" in str(err)
+    assert walk.inodes == []
+
+
+def test_pointer_out_of_partition_rejected(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 1, 1)
+    ks = KSUPER.decode(mem.mm, lay.ksuper)
+    ks["dirty_inode_head"] = SIZE + 4096
+    mem.write(lay.ksuper, KSUPER.encode(**{k: v for k, v in ks.items() if k not in ("magic", "version")}))
+    (err,) = reader(tmp_path).walk_dirty().rejected
+    assert err.field == "pointer" and "outside the partition's in-core inode table" in str(err)
+
+
+def test_loop_in_dirty_inode_list_rejected(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 1, 1)
+    phys = ic.phys(5)
+    v = ICORE.decode(mem.mm, phys)
+    v["next_dirty"] = phys
+    mem.write(phys, ICORE.encode(**{k: x for k, x in v.items() if k not in ("magic", "version")}))
+    walk = reader(tmp_path).walk_dirty()
+    (err,) = walk.rejected
+    assert "loop in the dirty-inode list" in str(err)
+    assert len(walk.inodes) == 1  # what came before the loop is still read
+
+
+def test_loop_in_dirty_page_chain_rejected(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 2, 1)
+    phys = lay.desc_phys(pc.index[(5, 0)])      # the oldest page: end of the chain
+    d = PAGE_DESC.decode(mem.mm, phys)
+    d["next_dirty"] = ic.get(5)[ICORE.index["dirty_pages_head"]]
+    mem.write(phys, PAGE_DESC.encode(**{k: x for k, x in d.items() if k not in ("magic", "version")}))
+    walk = reader(tmp_path).walk_dirty()
+    assert "loop in the dirty-page chain of inode 5" in str(walk.inodes[0].rejected[0])
+
+
+def test_page_content_mismatch_rejected(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 1, 1)
+    mem.write(lay.frame_phys(pc.index[(5, 0)]) + 100, b"X")   # a wild write into the frame
+    r = reader(tmp_path)
+    (d,) = r.walk_dirty().inodes[0].pages
+    with pytest.raises(CorruptObject, match="content checksum mismatch for inode 5 page 0"):
+        r.page(d)
+
+
+def test_lru_reclaims_clean_pages_only(part):
+    mem, lay, ic, pc = part
+    ic.load(9, 0o100644, 0, 0, 1, 0, 0, 0, 0)
+    pc.store(9, 0, 0, b"d" * PAGE)            # dirty: never reclaimed
+    for i in range(1, 5):
+        pc.insert(9, i, b"c" * PAGE)           # clean
+    pc.lookup(9, 1)                             # 1 becomes most recently used
+    assert pc.reclaim(2) == 2
+    assert sorted(i for (_, i) in pc.index) == [0, 1, 4]
