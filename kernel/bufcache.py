@@ -21,7 +21,7 @@ class PageCacheBuffers:
         f = self.pc.index.get((BDEV_INO, blockno))
         if f is None:
             f = self.pc.insert(BDEV_INO, blockno, self.dev.read(blockno), meta=True)
-        return self.pc.frame_view(f)
+        return self.pc.frame_view(f).toreadonly()
 
     def write(self, blockno: int, offset: int, data) -> None:
         if (BDEV_INO, blockno) not in self.pc.index:

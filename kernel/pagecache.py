@@ -44,6 +44,7 @@ class PageCache:
         self.key: list = [None] * n
         self.flags = [0] * n
         self.gen = [0] * n
+        self.csum = [0] * n  # content checksum last written into each descriptor
         self.dirty: dict[int, dict[int, int]] = {}  # ino -> {index: frame}, oldest first
         self._next_dirty: dict[int, int] = {}  # frame -> phys of the next descriptor in its chain
         self._dirtied: dict[int, int] = {}     # frame -> monotonic ns it became dirty
@@ -59,14 +60,25 @@ class PageCache:
         p = self.lay.frames + frame * PAGE
         return self._view[p:p + PAGE]
 
+    def _desc_bytes(self, f: int) -> bytes:
+        ino, idx = self.key[f]
+        return PAGE_DESC.encode_tuple((_MAGIC, _VERSION, self.flags[f], ino, idx, self.gen[f],
+                                       self.csum[f], self._next_dirty.get(f, 0),
+                                       self._dirtied.get(f, 0)))
+
     def _write_desc(self, frame: int, csum: int | None = None) -> None:
-        key = self.key[frame]
+        """Rewrite a descriptor; csum None means the frame's content changed: checksum it."""
         if csum is None:
             csum = page_csum(self.frame_view(frame))
-        nxt = self._next_dirty.get(frame, 0)
-        t = self._dirtied.get(frame, 0)
-        self.mem.write(self.lay.desc + frame * 64, PAGE_DESC.encode_tuple(
-            (_MAGIC, _VERSION, self.flags[frame], key[0], key[1], self.gen[frame], csum, nxt, t)))
+        self.csum[frame] = csum
+        self.mem.write(self.lay.desc + frame * 64, self._desc_bytes(frame))
+
+    def _write_descs(self, frames: list[int]) -> None:
+        """Rewrite many descriptors (content unchanged), one store per run of adjacent ones."""
+        if frames:
+            frames = sorted(frames)
+            self._store_runs(frames, lambda i, j: b"".join(self._desc_bytes(f) for f in frames[i:j]),
+                             self.lay.desc, 64)
 
     def _clear_desc(self, frame: int) -> None:
         self.mem.write(self.lay.desc + frame * 64, bytes(64))
@@ -127,6 +139,52 @@ class PageCache:
             self._write_desc(f, csum)
         return f
 
+    def store_pages(self, ino: int, first: int, data: memoryview) -> None:
+        """Overwrite whole pages first, first+1, ... with data (a multiple of PAGE) and dirty
+        them: the bulk path of sequential writes, one store per run of adjacent frames."""
+        n = len(data) // PAGE
+        frames = []
+        for i in range(n):
+            key = (ino, first + i)
+            f = self.index.get(key)
+            if f is None:
+                f = self._alloc_frame()
+                self.key[f], self.flags[f] = key, PG_VALID | PG_UPTODATE
+                self.index[key] = f
+                self.pages_of.setdefault(ino, set()).add(first + i)
+            frames.append(f)
+        self._store_runs(frames, lambda i, j: data[i * PAGE:j * PAGE], self.lay.frames, PAGE)
+        d = self.dirty.setdefault(ino, {})
+        head = self.ic.get(ino)[_HEAD] if d else 0
+        now = time.monotonic_ns()
+        descs = []
+        newly = 0
+        for i, f in enumerate(frames):
+            self.gen[f] += 1
+            if not self.flags[f] & PG_DIRTY:
+                self.flags[f] |= PG_DIRTY
+                self._next_dirty[f] = head
+                self._dirtied[f] = now
+                self.lru.pop((ino, first + i), None)
+                d[first + i] = f
+                self.ndirty += 1
+                newly += 1
+                head = self.lay.desc + f * 64
+            self.csum[f] = page_csum(data[i * PAGE:(i + 1) * PAGE])
+            descs.append(self._desc_bytes(f))
+        self._store_runs(frames, lambda i, j: b"".join(descs[i:j]), self.lay.desc, 64)
+        if newly:
+            self.ic.set_dirty_pages(ino, head, len(d))
+
+    def _store_runs(self, frames: list[int], chunk, area: int, size: int) -> None:
+        i = 0
+        while i < len(frames):
+            j = i + 1
+            while j < len(frames) and frames[j] == frames[j - 1] + 1:
+                j += 1
+            self.mem.write(area + frames[i] * size, chunk(i, j))
+            i = j
+
     # --- the dirty-page chain ---------------------------------------------------------
 
     def _make_dirty(self, ino: int, idx: int, f: int, csum: int | None) -> None:
@@ -151,25 +209,30 @@ class PageCache:
         d = self.dirty.get(ino)
         if not d:
             return
+        cleaned = []
         for idx, f, g in written:
             if d.get(idx) == f and self.gen[f] == g:
                 del d[idx]
                 self.flags[f] &= ~PG_DIRTY
                 self._next_dirty.pop(f, None)
                 self._dirtied.pop(f, None)
-                self.ndirty -= 1
+                cleaned.append(f)
                 if not self.flags[f] & PG_META:
                     self.lru[(ino, idx)] = f
+        self.ndirty -= len(cleaned)
+        self._write_descs(cleaned)
         self._rechain(ino)
 
     def _rechain(self, ino: int) -> None:
         d = self.dirty.get(ino, {})
         prev = 0
+        moved = []
         for f in d.values():  # oldest first, so the newest ends at the head
             if self._next_dirty.get(f) != prev:
                 self._next_dirty[f] = prev
-                self._write_desc(f)
+                moved.append(f)
             prev = self.lay.desc + f * 64
+        self._write_descs(moved)
         if not d:
             self.dirty.pop(ino, None)
         self.ic.set_dirty_pages(ino, prev, len(d))

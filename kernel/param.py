@@ -10,7 +10,9 @@ BLOCK_SIZE = PAGE_SIZE
 # --- physical memory layout (kernel/physmem.py) ---
 ICORE_SLOTS = 65536         # in-core inode objects per partition
 PROC_SLOTS = 64             # process-table entries per partition
-PROC_STATE_BYTES = 1 << 20  # state segment of one runtime-aware process
+PROC_ENTRY_BYTES = 256      # one process-table entry
+STATE_SLOTS = 16            # runtime-aware processes with a state segment, per partition
+PROC_STATE_BYTES = 1 << 19  # state segment of one runtime-aware process (512 KiB)
 MIN_FRAMES = 256            # a partition smaller than this cannot hold a page cache
 
 # --- page cache and write-back (kernel/pagecache.py, kernel/writeback.py) ---

@@ -18,7 +18,8 @@ Partition layout (offsets from the partition's base; every area page-aligned)::
     +0        partition header   1 page   magic PART, geometry, area offsets
     +4K       heartbeat mailbox  1 page   (kernel/kernel.py)
     +8K       kernel superblock  1 page   dirty-inode list head, journal state
-    +12K      process table      PROC_SLOTS x 256 B
+    +12K      process table      PROC_SLOTS x PROC_ENTRY_BYTES
+    ...       state segments     STATE_SLOTS x PROC_STATE_BYTES (runtime-aware processes)
     ...       in-core inodes     ICORE_SLOTS x 128 B  (slot 0: the block device's inode)
     ...       page descriptors   nframes x 64 B
     ...       page frames        nframes x 4 KiB
@@ -52,6 +53,14 @@ def magic_of(tag: str) -> int:
     return int.from_bytes(tag.encode("ascii"), "little")
 
 
+_NP = {"B": "u1", "H": "<u2", "I": "<u4", "Q": "<u8", "b": "i1", "h": "<i2", "i": "<i4",
+       "q": "<i8", "d": "<f8"}
+
+
+def _np_code(code: str) -> str:
+    return f"S{code[:-1]}" if code.endswith("s") else _NP[code]
+
+
 class Layout:
     """A fixed binary layout: little-endian fields, magic first, checksum (u64) last.
 
@@ -62,20 +71,20 @@ class Layout:
     def __init__(self, kind: str, tag: str, version: int, fields: list[tuple[str, str]], size: int):
         self.kind, self.magic, self.version = kind, magic_of(tag), version
         names = ["magic", "version", "flags"] + [n for n, _ in fields]
-        codes = "IHH" + "".join(c for _, c in fields)
-        body = struct.calcsize("<" + codes)
+        codes = ["I", "H", "H"] + [c for _, c in fields]
+        fmt = "<" + "".join(codes)
+        body = struct.calcsize(fmt)
         pad = size - body - 8
         if pad < 0:
             raise ValueError(f"{kind}: fields need {body + 8} bytes, layout has {size}")
         self.size = size
         self.names = names
-        self._body = struct.Struct(f"<{codes}{pad}x")
+        self._body = struct.Struct(f"{fmt}{pad}x")
         self._csum_at = size - 8
         self.index = {n: i for i, n in enumerate(names)}
-        dt = [(n, "<" + np.dtype(c).str[1:]) for n, c in zip(names, codes)]
-        offsets = [struct.calcsize("<" + codes[:i]) for i in range(len(codes))]
-        self.dtype = np.dtype({"names": [n for n, _ in dt] + ["csum"],
-                               "formats": [f for _, f in dt] + ["<u8"],
+        offsets = [struct.calcsize("<" + "".join(codes[:i])) for i in range(len(codes))]
+        self.dtype = np.dtype({"names": names + ["csum"],
+                               "formats": [_np_code(c) for c in codes] + ["<u8"],
                                "offsets": offsets + [self._csum_at], "itemsize": size})
 
     def encode(self, flags: int = 0, **values) -> bytes:
@@ -121,7 +130,8 @@ PART_HEADER = Layout("partition header", "PART", 1, [
     ("part_id", "I"), ("pad", "I"), ("base", "Q"), ("size", "Q"),
     ("mailbox", "Q"), ("ksuper", "Q"), ("proc", "Q"), ("icore", "Q"), ("desc", "Q"),
     ("frames", "Q"), ("n_proc", "Q"), ("n_icore", "Q"), ("nframes", "Q"),
-], 128)
+    ("state", "Q"), ("n_state", "Q"),
+], 144)
 
 KSUPER = Layout("kernel superblock", "KSUP", 1, [
     ("part_id", "I"), ("handles_open", "I"),
@@ -160,6 +170,8 @@ class PartLayout:
     mailbox: int
     ksuper: int
     proc: int
+    state: int
+    n_state: int
     icore: int
     desc: int
     frames: int
@@ -172,6 +184,9 @@ class PartLayout:
 
     def desc_phys(self, frame: int) -> int:
         return self.desc + frame * PAGE_DESC.size
+
+    def state_phys(self, slot: int) -> int:
+        return self.state + slot * param.PROC_STATE_BYTES
 
     def icore_phys(self, slot: int) -> int:
         return self.icore + slot * ICORE.size
@@ -187,7 +202,9 @@ def _align(n: int) -> int:
 def partition_layout(part_id: int, base: int, size: int,
                      n_icore: int = param.ICORE_SLOTS, n_proc: int = param.PROC_SLOTS) -> PartLayout:
     mailbox, ksuper, proc = base + PAGE, base + 2 * PAGE, base + 3 * PAGE
-    icore = _align(proc + n_proc * 256)
+    state = _align(proc + n_proc * param.PROC_ENTRY_BYTES)
+    n_state = param.STATE_SLOTS
+    icore = _align(state + n_state * param.PROC_STATE_BYTES)
     desc = _align(icore + n_icore * ICORE.size)
     room = base + size - desc
     nframes = room // (PAGE + PAGE_DESC.size)
@@ -197,8 +214,8 @@ def partition_layout(part_id: int, base: int, size: int,
         frames = _align(desc + nframes * PAGE_DESC.size)
     if nframes < param.MIN_FRAMES:
         raise ValueError(f"partition {part_id}: {size} bytes leave only {nframes} page frames")
-    return PartLayout(part_id, base, size, mailbox, ksuper, proc, icore, desc, frames,
-                      n_proc, n_icore, nframes)
+    return PartLayout(part_id, base, size, mailbox, ksuper, proc, state, n_state, icore, desc,
+                      frames, n_proc, n_icore, nframes)
 
 
 Watcher = Callable[[int, bytes], None]

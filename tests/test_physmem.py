@@ -10,7 +10,7 @@ from kernel import param
 from kernel.icache import ICache, KSuper
 from kernel.memreader import PartitionReader
 from kernel.pagecache import PageCache
-from kernel.physmem import (ICORE, KSUPER, PAGE_DESC, CorruptObject, PhysMem, partition_layout)
+from kernel.physmem import (ICORE, KSUPER, PAGE_DESC, PG_DIRTY, CorruptObject, PhysMem, partition_layout)
 
 SIZE = 64 << 20
 PAGE = param.PAGE_SIZE
@@ -78,7 +78,10 @@ def test_clean_pages_leave_the_dirty_chain(part, tmp_path):
     assert [(d["ino"], d["index"]) for i in walk.inodes for d in i.pages] == [(5, 2)]
     pc.mark_clean(5, pc.dirty_pages(5))
     ic.meta_clean(5)
-    assert reader(tmp_path).walk_dirty().inodes == []
+    r = reader(tmp_path)
+    assert r.walk_dirty().inodes == []
+    descs = r.mem.array(PAGE_DESC.dtype, lay.desc, lay.nframes)[r.scan_descriptors()]
+    assert len(descs) == 3 and not (descs["flags"] & PG_DIRTY).any()   # clean in memory too
 
 
 def test_bad_magic_rejected(part, tmp_path):

@@ -1,0 +1,168 @@
+"""The host side of the emulated machine: memory file, disk images, kernel processes.
+
+Promises to the harness, the lab commands and the tests: ``Host`` creates the machine's
+physical-memory file in /dev/shm and its disk images (formatted on first use), launches
+kernel daemons as real processes (own session, so a crash can take their whole process
+group), waits until they serve, crashes them (SIGKILL) or stops them cleanly, and
+``close()`` removes every mount, process and memory file it made — also after a failure.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kernel import machine as machine_mod
+from kernel.mkfs import mkfs
+from kernel.physmem import PhysMem
+
+READY_TIMEOUT_S = 30.0
+
+
+class BootError(RuntimeError):
+    """A kernel process did not come up; the message carries the end of its log."""
+
+
+@dataclass
+class KernelProc:
+    part_id: int
+    proc: subprocess.Popen
+    mount: str
+    log_path: str
+    boot_wall_s: float = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def physmem_path_for(workdir: str | Path) -> str:
+    tag = hashlib.sha1(str(Path(workdir).resolve()).encode()).hexdigest()[:12]
+    return f"/dev/shm/crashbench-{tag}"
+
+
+@dataclass
+class Host:
+    workdir: Path
+    machine: machine_mod.Machine
+    delay: bool = True
+    machine_file: str | None = None   # None: the shipped default machine
+    kernels: dict[int, KernelProc] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        self.physmem = physmem_path_for(self.workdir)
+
+    # --- resources -----------------------------------------------------------------------
+    def create_memory(self) -> None:
+        PhysMem.unlink(self.physmem)
+        PhysMem(self.physmem, self.machine.memory, create=True).close()
+
+    def disk_image(self, name: str = "disk0") -> Path:
+        return self.workdir / self.machine.disk(name).image
+
+    def format_disks(self, force: bool = False) -> None:
+        for d in self.machine.disks:
+            img = self.workdir / d.image
+            if force or not img.exists():
+                mkfs(str(img), d.size)
+
+    def mountpoint(self, part_id: int) -> Path:
+        from kernel import fuse
+        p = self.workdir / f"mnt-p{part_id}"
+        if fuse.is_mounted(str(p)):
+            fuse.abort_and_unmount(str(p))  # a dead kernel's connection: never touch it
+        p.mkdir(exist_ok=True)
+        return p
+
+    # --- kernels -------------------------------------------------------------------------
+    def boot(self, part_id: int = 0, mount: str | Path | None = None) -> KernelProc:
+        from kernel import fuse
+        mnt = str(mount or self.mountpoint(part_id))
+        if fuse.is_mounted(mnt):
+            fuse.abort_and_unmount(mnt)  # a dead kernel's connection: never mount over it
+        log_path = str(self.workdir / "logs" / f"kernel-p{part_id}.log")
+        r, w = os.pipe()
+        cmd = [sys.executable, "-m", "kernel.kernel", "--partition", str(part_id),
+               "--physmem", self.physmem, "--workdir", str(self.workdir), "--mount", mnt,
+               "--ready-fd", str(w)]
+        if self.machine_file:
+            cmd += ["--machine", str(self.machine_file)]
+        if not self.delay:
+            cmd.append("--no-delay")
+        t0 = time.monotonic()
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(w,),
+                                    start_new_session=True, stdin=subprocess.DEVNULL)
+        os.close(w)
+        kp = KernelProc(part_id, proc, mnt, log_path)
+        self.kernels[part_id] = kp
+        try:
+            self._wait_ready(r, kp)
+        finally:
+            os.close(r)
+        kp.boot_wall_s = time.monotonic() - t0
+        return kp
+
+    def _wait_ready(self, fd: int, kp: KernelProc) -> None:
+        import select
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            rl, _, _ = select.select([fd], [], [], 0.1)
+            if rl:
+                if os.read(fd, 64).startswith(b"ready"):
+                    return
+                break  # EOF: the kernel died before it served
+        kp.proc.kill()
+        kp.proc.wait()
+        tail = Path(kp.log_path).read_text(errors="replace")[-2000:]
+        raise BootError(f"kernel of partition {kp.part_id} did not come up; its log ends:\n{tail}")
+
+    def crash(self, part_id: int = 0) -> None:
+        """SIGKILL the kernel and its whole process group, as a real crash takes everything."""
+        kp = self.kernels[part_id]
+        try:
+            os.killpg(kp.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        kp.proc.wait()
+
+    def stop(self, part_id: int = 0, timeout: float = 60.0) -> int:
+        """Clean shutdown; returns the kernel's exit status."""
+        from kernel import fuse
+        kp = self.kernels.pop(part_id)
+        if kp.alive():
+            kp.proc.send_signal(signal.SIGTERM)
+            try:
+                kp.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(kp.proc.pid, signal.SIGKILL)
+                kp.proc.wait()
+        if fuse.is_mounted(kp.mount):
+            fuse.abort_and_unmount(kp.mount)
+        return kp.proc.returncode
+
+    def close(self) -> None:
+        """Tear everything down: kernels, their process groups, mounts, the memory file."""
+        from kernel import fuse
+        for pid in list(self.kernels):
+            kp = self.kernels.pop(pid)
+            try:
+                os.killpg(kp.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            kp.proc.wait()
+        for m in self.workdir.glob("mnt-p*"):
+            if fuse.is_mounted(str(m)):
+                fuse.abort_and_unmount(str(m))
+        PhysMem.unlink(self.physmem)

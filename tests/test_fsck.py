@@ -1,0 +1,278 @@
+"""fsck: clean images pass; each kind of damage is reported with its own message; read-only."""
+import hashlib
+import os
+
+import pytest
+
+from kernel import param
+from kernel.blockdev import BlockDevice
+from kernel.buffers import MemBuffers
+from kernel.disklayout import (DIRENT, INODES_PER_BLOCK, SB_BLOCK, Inode, Superblock,
+                               pack_inode, unpack_inode)
+from kernel.fs import FileSystem
+from kernel.fsck import fsck
+from kernel.mkfs import mkfs
+
+B = param.BLOCK_SIZE
+ISZ = param.INODE_SIZE
+ROOT = 1
+REG = 0o100644
+
+
+def digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class Image:
+    """A small populated image, unmounted cleanly, plus raw editing helpers."""
+
+    def __init__(self, path):
+        self.path = path
+        mkfs(path, 32 << 20)
+        dev = BlockDevice(path, "none", delay=False)
+        fs = FileSystem(dev, MemBuffers(dev))
+        self.f = fs.create(ROOT, b"f", REG, 0, 0)
+        fs.write_data(self.f, 0, b"F" * (2 * B))
+        self.g = fs.create(ROOT, b"g", REG, 0, 0)
+        fs.write_data(self.g, 0, b"G" * 100)
+        self.sub = fs.mkdir(ROOT, b"sub", 0o755, 0, 0)
+        self.other = fs.mkdir(ROOT, b"other", 0o755, 0, 0)
+        self.h = fs.create(self.sub, b"h", REG, 0, 0)
+        fs.symlink(self.sub, b"long", b"t" * 200, 0, 0)
+        self.free_ino = fs.ialloc.alloc()         # a number that is certainly free on disk
+        fs.unmount()
+        dev.close()
+        with open(path, "rb") as fh:
+            self.sb = Superblock.unpack(fh.read(2 * B)[B:], path)
+
+    def block(self, b) -> bytearray:
+        with open(self.path, "rb") as fh:
+            fh.seek(b * B)
+            return bytearray(fh.read(B))
+
+    def put(self, b, data) -> None:
+        with open(self.path, "r+b") as fh:
+            fh.seek(b * B)
+            fh.write(data)
+
+    def inode(self, ino) -> Inode:
+        blk = self.block(self.sb.inode_start + ino // INODES_PER_BLOCK)
+        off = (ino % INODES_PER_BLOCK) * ISZ
+        return unpack_inode(ino, blk[off:off + ISZ], self.sb.csum_seed)
+
+    def put_inode(self, i: Inode) -> None:
+        """Write an inode with a valid checksum (a logic error, not a bit flip)."""
+        b = self.sb.inode_start + i.ino // INODES_PER_BLOCK
+        blk = self.block(b)
+        off = (i.ino % INODES_PER_BLOCK) * ISZ
+        blk[off:off + ISZ] = pack_inode(i, self.sb.csum_seed)
+        self.put(b, blk)
+
+    def set_bit(self, blockno, value) -> None:
+        b = self.sb.bitmap_start + blockno // (B * 8)
+        blk = self.block(b)
+        byte, bit = divmod(blockno % (B * 8), 8)
+        blk[byte] = blk[byte] | (1 << bit) if value else blk[byte] & ~(1 << bit)
+        self.put(b, blk)
+
+    def dir_entry_offset(self, dir_ino, name) -> tuple[int, int]:
+        b = self.inode(dir_ino).addrs[0]
+        blk = self.block(b)
+        off = 0
+        while off < B:
+            ino, rec_len, nl, ft = DIRENT.unpack_from(blk, off)
+            if ino and bytes(blk[off + 8:off + 8 + nl]) == name:
+                return b, off
+            off += rec_len
+        raise KeyError(name)
+
+
+@pytest.fixture
+def im(tmp_path):
+    return Image(str(tmp_path / "disk.img"))
+
+
+def test_clean_image_after_operations_and_unmount(im):
+    res = fsck(im.path)
+    assert res.exit_code == 0, res.problems
+    assert res.problems == [] and res.notes == []
+    c = res.counts
+    assert (c["files"], c["directories"], c["symlinks"]) == (3, 3, 1)
+    assert c["blocks_used"] == c["blocks_referenced"] and c["leaked"] == 0
+
+
+def test_not_a_file_system_and_missing_image_are_operational_errors(tmp_path):
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(64 * B))
+    res = fsck(str(junk))
+    assert res.exit_code == 8 and "not a crashbench file system (bad magic" in res.problems[0]
+    res = fsck(str(tmp_path / "absent.img"))
+    assert res.exit_code == 8 and "cannot open" in res.problems[0]
+
+
+def test_bad_superblock_checksum_is_an_operational_error(im):
+    blk = im.block(SB_BLOCK)
+    blk[40] ^= 1
+    im.put(SB_BLOCK, blk)
+    res = fsck(im.path)
+    assert res.exit_code == 8 and "superblock checksum mismatch" in res.problems[0]
+
+
+def test_crashed_image_is_checked_with_its_journal_and_never_written(tmp_path):
+    path = str(tmp_path / "crashed.img")
+    mkfs(path, 32 << 20)
+    dev = BlockDevice(path, "none", write_cache=True, delay=False)
+    fs = FileSystem(dev, MemBuffers(dev))
+    d = fs.mkdir(ROOT, b"d", 0o755, 0, 0)
+    for k in range(20):
+        fs.create(d, b"n%d" % k, REG, 0, 0)
+    fs.commit()
+    dev.flush()
+    dev.crash()
+    dev.close()                         # committed, never checkpointed: only the log has it
+    before = digest(path)
+    res = fsck(path)
+    assert res.exit_code == 0, res.problems
+    assert res.counts["journal_transactions"] >= 1 and res.counts["files"] == 20
+    assert any("replayed in memory" in n for n in res.notes)
+    assert any("not cleanly unmounted" in n for n in res.notes)
+    assert digest(path) == before
+
+
+def test_damaged_journal_is_reported(tmp_path):
+    path = str(tmp_path / "j.img")
+    mkfs(path, 32 << 20)
+    dev = BlockDevice(path, "none", write_cache=True, delay=False)
+    fs = FileSystem(dev, MemBuffers(dev))
+    fs.create(ROOT, b"x", REG, 0, 0)
+    fs.commit()
+    js = fs.sb.journal_start
+    dev.crash()
+    dev.close()
+    with open(path, "r+b") as fh:       # a copy of the second transaction (descriptor at +4)
+        fh.seek((js + 5) * B + 77)
+        fh.write(b"\xee")
+    res = fsck(path)
+    assert res.exit_code == 4
+    assert any(p.startswith("journal: ") and "do not match the commit checksum" in p
+               for p in res.problems)
+
+
+def test_corrupted_inode_checksum(im):
+    b = im.sb.inode_start + im.f // INODES_PER_BLOCK
+    blk = im.block(b)
+    blk[(im.f % INODES_PER_BLOCK) * ISZ + 20] ^= 0x10          # a bit of the size field
+    im.put(b, blk)
+    res = fsck(im.path)
+    assert res.exit_code == 4
+    assert any(p.startswith(f"inode {im.f}: bad checksum (stored") for p in res.problems)
+
+
+def test_block_used_twice(im):
+    fi, gi = im.inode(im.f), im.inode(im.g)
+    shared, lost = fi.addrs[0], gi.addrs[0]
+    gi.addrs[0] = shared
+    im.put_inode(gi)
+    res = fsck(im.path)
+    assert res.exit_code == 4
+    assert f"block {shared} used twice (by inode {im.f} and inode {im.g})" in res.problems
+    assert f"block {lost} marked in use in the bitmap but not referenced (leaked)" in res.problems
+
+
+def test_block_pointer_out_of_range(im):
+    gi = im.inode(im.g)
+    gi.addrs[3] = im.sb.nblocks + 5
+    im.put_inode(gi)
+    res = fsck(im.path)
+    assert res.exit_code == 4
+    assert any(p.startswith(f"inode {im.g}: block pointer {im.sb.nblocks + 5} out of range")
+               for p in res.problems)
+
+
+def test_bitmap_disagreeing_with_the_references(im):
+    used = im.inode(im.f).addrs[1]
+    im.set_bit(used, False)
+    stray = im.sb.nblocks - 3
+    im.set_bit(stray, True)
+    res = fsck(im.path)
+    assert f"block {used} in use by inode {im.f} but marked free in the bitmap" in res.problems
+    assert f"block {stray} marked in use in the bitmap but not referenced (leaked)" in res.problems
+    assert res.exit_code == 4
+
+
+def test_bad_directory_entry_rec_len(im):
+    b, off = im.dir_entry_offset(ROOT, b"g")
+    blk = im.block(b)
+    blk[off + 4:off + 6] = (3).to_bytes(2, "little")
+    im.put(b, blk)
+    res = fsck(im.path)
+    assert res.exit_code == 4
+    assert f"directory inode {ROOT} block {b} offset {off}: bad entry (rec_len 3, name_len 1)" \
+        in res.problems
+
+
+def test_directory_entry_pointing_at_a_free_inode(im):
+    b, off = im.dir_entry_offset(ROOT, b"g")
+    blk = im.block(b)
+    blk[off:off + 4] = im.free_ino.to_bytes(4, "little")
+    im.put(b, blk)
+    res = fsck(im.path)
+    assert f"directory inode {ROOT}: entry b'g' points at free inode {im.free_ino}" in res.problems
+    assert any(f"inode {im.g} (nlink 1) is in no directory: unreachable" == p for p in res.problems)
+
+
+def test_directory_entry_with_the_wrong_type(im):
+    b, off = im.dir_entry_offset(ROOT, b"g")
+    blk = im.block(b)
+    blk[off + 7] = 2                                  # claims a directory
+    im.put(b, blk)
+    res = fsck(im.path)
+    assert f"directory inode {ROOT}: entry b'g' has type directory but inode {im.g} is a file" \
+        in res.problems
+
+
+def test_nlink_disagreeing_with_the_entries(im):
+    fi = im.inode(im.f)
+    fi.nlink = 2
+    im.put_inode(fi)
+    res = fsck(im.path)
+    assert f"inode {im.f}: nlink 2 but 1 directory entries" in res.problems
+
+
+def test_wrong_dotdot(im):
+    b, off = im.dir_entry_offset(im.sub, b"..")
+    blk = im.block(b)
+    blk[off:off + 4] = im.other.to_bytes(4, "little")
+    im.put(b, blk)
+    res = fsck(im.path)
+    assert (f"directory inode {im.sub}: '..' points at inode {im.other}, but its parent is "
+            f"inode {ROOT}") in res.problems
+
+
+def test_unreachable_inode(im):
+    ghost = Inode(im.free_ino, REG, 0, 0, 1, 0, 1, 1, 1, 1)
+    im.put_inode(ghost)
+    res = fsck(im.path)
+    assert f"inode {im.free_ino} (nlink 1) is in no directory: unreachable" in res.problems
+
+
+def test_orphan_is_a_note_not_an_error(im):
+    gi = im.inode(im.g)
+    b, off = im.dir_entry_offset(ROOT, b"g")     # unlink by hand: merge into the predecessor
+    blk = im.block(b)
+    prev = 0
+    while True:
+        ino, rec_len, nl, ft = DIRENT.unpack_from(blk, prev)
+        if prev + rec_len == off:
+            break
+        prev += rec_len
+    g_len = DIRENT.unpack_from(blk, off)[1]
+    blk[prev + 4:prev + 6] = (rec_len + g_len).to_bytes(2, "little")
+    im.put(b, blk)
+    gi.nlink = 0
+    im.put_inode(gi)
+    res = fsck(im.path)
+    assert res.exit_code == 0, res.problems
+    assert res.counts["orphans"] == 1
+    assert f"inode {im.g}: orphan (nlink 0), freed at the next mount" in res.notes
