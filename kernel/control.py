@@ -4,7 +4,9 @@ Promises to the lab commands and the harness: a Unix stream socket per partition
 (``ctl-p<N>.sock`` in the lab's work directory) answering one JSON request per line with
 one JSON reply per line: ``{"cmd": "inject", "fault": ..., "target": ..., "site": ...}``,
 ``{"cmd": "status"}``, ``{"cmd": "sync"}``. A request that cannot be carried out gets
-``{"ok": false, "error": "..."}``; the connection stays usable.
+``{"ok": false, "error": "..."}``; the connection stays usable. A handler may return
+``(reply, after)``: ``after()`` runs once the reply is sent (a fault that kills the kernel
+must not kill the answer saying it was injected).
 """
 from __future__ import annotations
 
@@ -43,12 +45,17 @@ class ControlServer:
     def _client(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rwb") as f:
             for line in f:
+                after = None
                 try:
                     reply = self.handle(json.loads(line))
+                    if isinstance(reply, tuple):   # (reply, what to do once it is sent)
+                        reply, after = reply
                 except Exception as e:  # a bad request must not take the kernel down
                     reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
                 f.write(json.dumps(reply).encode() + b"\n")
                 f.flush()
+                if after is not None:
+                    after()
 
     def close(self) -> None:
         self.sock.close()

@@ -93,6 +93,8 @@ class FaultInjector(NoFaults):
         self.history: list[Fault] = []
 
     def inject(self, kind: str, target: str | None = None, site: str | None = None) -> Fault:
+        """Arm a fault (and do its corruption). A fault at site "now" is activated by the
+        caller with ``at("now")``, after it has answered whoever asked for it."""
         validate(kind, target, site)
         default_site = "vfs.write" if kind == "exception-in-request" else "now"
         f = Fault(kind, target, site or default_site, injected_ns=time.monotonic_ns())
@@ -104,11 +106,7 @@ class FaultInjector(NoFaults):
         self.history.append(f)
         self.k.mailbox.set(fault=kind.encode(), fault_target=(f.target or "").encode(),
                            fault_site=f.site.encode(), injected_ns=f.injected_ns)
-        if f.site == "now":
-            self.armed = f
-            self.at("now")
-        else:
-            self.armed = f
+        self.armed = f
         return f
 
     def at(self, site: str) -> None:

@@ -128,6 +128,22 @@ class Host:
         tail = Path(kp.log_path).read_text(errors="replace")[-2000:]
         raise BootError(f"kernel of partition {kp.part_id} did not come up; its log ends:\n{tail}")
 
+    def control(self, part_id: int, req: dict, timeout: float = 10.0) -> dict:
+        """One request to a running kernel's control socket (kernel/control.py)."""
+        from kernel.control import ctl_path, request
+        return request(ctl_path(str(self.workdir), part_id), req, timeout)
+
+    def mail(self, part_id: int):
+        """The partition's heartbeat mailbox, read from physical memory."""
+        from kernel.mailbox import read_mail
+        from kernel.physmem import partition_layout
+        p = self.machine.partition(part_id)
+        mem = PhysMem(self.physmem, readonly=True)
+        try:
+            return read_mail(mem, partition_layout(part_id, p.base, p.size))
+        finally:
+            mem.close()
+
     def crash(self, part_id: int = 0) -> None:
         """SIGKILL the kernel and its whole process group, as a real crash takes everything."""
         kp = self.kernels[part_id]

@@ -1,13 +1,19 @@
 """The kernel daemon: one emulated OS kernel running a partition of the machine.
 
 Promises to the host side (kernel/host.py) and to recovery schemes: ``python -m
-kernel.kernel`` boots a partition — attach physical memory, write the partition header and
-kernel superblock, take the partition's disk (exclusively), mount the file system (journal
-replay), start the flusher, serve the file system through FUSE — and writes ``ready`` on
-the fd it was given once the mount is serving. SIGTERM or SIGINT is a clean shutdown:
-everything dirty is written back, the file system is unmounted clean, the FUSE mount goes.
-SIGKILL is a crash: nothing is written back, the physical memory keeps the dead kernel's
-state for whoever reads it next.
+kernel.kernel`` boots a partition — attach physical memory, write the partition header,
+mailbox and kernel superblock, take the partition's disk (exclusively), mount the file
+system (journal replay), start the flusher, the heartbeat and the control socket, serve
+the file system through FUSE — and writes ``ready`` on the fd it was given once the mount
+is serving. The measured boot time is recorded in the mailbox.
+
+* SIGTERM or SIGINT is a clean shutdown: everything dirty is written back, the file system
+  is unmounted clean, the FUSE mount goes.
+* ``panic(reason, site)`` writes a dying message into the mailbox, rings the doorbell of
+  every partition listening, and the process dies (SIGKILL to itself): nothing is written
+  back, physical memory keeps the dead kernel's state for whoever reads it next.
+* The heartbeat beats every HEARTBEAT_INTERVAL_S under ``cpu_lock``, which only a hung
+  kernel holds: a hang really stops it.
 """
 from __future__ import annotations
 
@@ -16,10 +22,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
+from kernel import control, mailbox, param
 from kernel import machine as machine_mod
 from kernel.blockdev import BlockDevice
+from kernel.faults import FaultInjector
 from kernel.physmem import PhysMem, partition_layout
 from kernel.vfs import VFS
 
@@ -28,22 +37,29 @@ log = logging.getLogger("kernel")
 
 class Kernel:
     def __init__(self, mach: machine_mod.Machine, part_id: int, physmem_path: str, workdir: str,
-                 *, delay: bool = True):
+                 *, delay: bool = True, heartbeat_s: float = param.HEARTBEAT_INTERVAL_S,
+                 seed: int = 0):
         self.machine, self.part = mach, mach.partition(part_id)
         self.workdir = workdir
         self.mem = PhysMem(physmem_path, mach.memory)
         self.lay = partition_layout(part_id, self.part.base, self.part.size)
-        self.delay = delay
+        self.delay, self.heartbeat_s, self.seed = delay, heartbeat_s, seed
         self.dev: BlockDevice | None = None
         self.vfs: VFS | None = None
+        self.cpu_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.ctl: control.ControlServer | None = None
         self.boot_s = 0.0
 
     def disk_path(self, disk: machine_mod.Disk) -> str:
         return os.path.join(self.workdir, disk.image)
 
+    # --- life -----------------------------------------------------------------------------
     def boot(self) -> VFS:
-        t0 = time.monotonic()
+        t0 = time.monotonic_ns()
         self.mem.write(self.lay.base, self.lay.header_bytes())
+        role = mailbox.ROLE_ACTIVE if self.part.role == "active" else mailbox.ROLE_BACKUP
+        self.mailbox = mailbox.Mailbox(self.mem, self.lay, role, self.heartbeat_s)
         disks = [self.machine.disk(d) for d in self.part.devices
                  if d in {x.name for x in self.machine.disks}]
         if not disks:
@@ -51,11 +67,31 @@ class Kernel:
         disk = disks[0]
         self.dev = BlockDevice(self.disk_path(disk), disk.model, delay=self.delay)
         self.vfs = VFS(self.mem, self.lay, self.dev)
+        self.faults = FaultInjector(self, self.seed)
+        self.vfs.faults = self.faults
         self.vfs.writeback.start()
-        self.boot_s = time.monotonic() - t0
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        self.ctl = control.ControlServer(control.ctl_path(self.workdir, self.part.id), self._control)
+        self.boot_s = (time.monotonic_ns() - t0) / 1e9
+        self.mailbox.set(state=mailbox.RUNNING, boot_ns=time.monotonic_ns() - t0)
         return self.vfs
 
+    def _heartbeat(self) -> None:
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            with self.cpu_lock:
+                self.mailbox.beat()
+            nxt += self.heartbeat_s
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                nxt = time.monotonic()  # fell behind (scheduling): beat now, do not burst
+
     def shutdown(self) -> None:
+        self._stop.set()
+        if self.ctl is not None:
+            self.ctl.close()
         if self.vfs is not None:
             self.vfs.writeback.stop()
             self.vfs.writeback.sync_all()
@@ -63,6 +99,44 @@ class Kernel:
             self.vfs.fs.unmount()
         if self.dev is not None:
             self.dev.close()
+        self.mailbox.set(state=mailbox.SHUTDOWN)
+
+    # --- death ----------------------------------------------------------------------------
+    def panic(self, reason: str, site: str) -> None:
+        """Dying message, doorbells, death. Never returns."""
+        log.error("panic at %s: %s", site, reason)
+        self.mailbox.dying_message(reason, site)
+        for p in self.machine.partitions:
+            if p.id != self.part.id:
+                mailbox.ring(self.workdir, p.id, f"panic {self.part.id}".encode())
+        self.die()
+
+    def die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+        threading.Event().wait()   # SIGKILL is not instant; nothing more may run here
+
+    def request_exception(self, site: str) -> None:
+        """An error inside a request: on this kernel, an oops is a panic."""
+        self.panic(f"Oops: exception in request at {site}", site)
+
+    # --- control ------------------------------------------------------------------------------
+    def _control(self, req: dict):
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "pid": os.getpid(), "partition": self.part.id,
+                    "boot_s": self.boot_s, "dirty_pages": self.vfs.pc.ndirty,
+                    "pages": len(self.vfs.pc.index), "armed": bool(self.faults.armed)}
+        if cmd == "sync":
+            self.vfs.writeback.sync_all()
+            return {"ok": True}
+        if cmd == "inject":
+            f = self.faults.inject(req["fault"], req.get("target"), req.get("site"))
+            reply = {"ok": True, "fault": f.kind, "target": f.target, "site": f.site,
+                     "injected_ns": f.injected_ns, "detail": f.detail}
+            if f.site == "now":
+                return reply, lambda: self.faults.at("now")
+            return reply
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mount", required=True, help="mount point to serve the file system on")
     ap.add_argument("--ready-fd", type=int, help="write 'ready' here once serving")
     ap.add_argument("--no-delay", action="store_true", help="account modeled device time, do not wait")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the fault injector's choices")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
     from kernel import fuse
     mach = machine_mod.load(a.machine)
-    k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay)
+    k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
     if k.part.cpus:
         os.sched_setaffinity(0, k.part.cpus)
     vfs = k.boot()

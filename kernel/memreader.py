@@ -8,7 +8,10 @@ checksum. What fails a check is reported as a CorruptObject naming the object, i
 physical address, the field and why — and is never returned as good data.
 
 The walk is superblock -> dirty-inode list -> in-core inode -> dirty-page chain -> page
-descriptor -> frame, exactly what the Orthros backup OS walks.
+descriptor -> frame, exactly what the Orthros backup OS walks. A corrupted link must not
+cost more than the object it is in, so the walk is completed by a bulk scan (numpy) of the
+in-core inode table and the descriptor array: every object that validates on its own and
+says it is dirty is found, whether or not a broken list still reaches it.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernel import param
-from kernel.physmem import (ICORE, KSUPER, PAGE_DESC, PART_HEADER, PG_DIRTY, PG_VALID,
-                            CorruptObject, PartLayout, PhysMem, page_csum, partition_layout)
+from kernel.physmem import (I_ON_DIRTY_LIST, ICORE, KSUPER, PAGE_DESC, PART_HEADER, PG_DIRTY,
+                            PG_VALID, CorruptObject, PartLayout, PhysMem, page_csum,
+                            partition_layout)
 
 PAGE = param.PAGE_SIZE
 
@@ -29,6 +33,11 @@ class DirtyInode:
     phys: int
     pages: list[dict] = field(default_factory=list)   # valid dirty page descriptors (+ "phys", "frame")
     rejected: list[CorruptObject] = field(default_factory=list)
+
+    @property
+    def missing(self) -> int:
+        """Dirty pages the inode counts that were neither found valid nor rejected."""
+        return max(0, self.icore["n_dirty"] - len(self.pages) - len(self.rejected))
 
 
 @dataclass
@@ -100,11 +109,14 @@ class PartitionReader:
 
     # --- lists ------------------------------------------------------------------------------
     def walk_dirty(self) -> DirtyWalk:
-        """Superblock -> dirty-inode list -> dirty-page chains; corrupted parts rejected, counted."""
+        """Superblock -> dirty-inode list -> dirty-page chains, completed by a bulk scan;
+        corrupted objects are rejected and counted, never returned."""
         try:
             ks = self.ksuper()
         except CorruptObject as e:
-            return DirtyWalk(None, rejected=[e])
+            walk = DirtyWalk(None, rejected=[e])
+            self._rescue(walk, set())
+            return walk
         walk = DirtyWalk(ks)
         seen: set[int] = set()
         phys = ks["dirty_inode_head"]
@@ -123,7 +135,48 @@ class PartitionReader:
             self._walk_pages(di)
             walk.inodes.append(di)
             phys = ic["next_dirty"]
+        self._rescue(walk, seen)
         return walk
+
+    def _rescue(self, walk: DirtyWalk, seen: set[int]) -> None:
+        """Find, by scanning, the dirty inodes and pages a broken link hid from the walk."""
+        bad = {e.phys for e in walk.rejected} | {e.phys for i in walk.inodes for e in i.rejected}
+        arr = self.mem.array(ICORE.dtype, self.lay.icore, self.lay.n_icore)
+        cand = np.flatnonzero((arr["magic"] == ICORE.magic) & ((arr["flags"] & I_ON_DIRTY_LIST) != 0))
+        for slot in cand.tolist():
+            phys = self.lay.icore_phys(slot)
+            if phys in seen or phys in bad:
+                continue
+            try:
+                di = DirtyInode(self.icore_at(phys), phys)
+            except CorruptObject as e:
+                walk.rejected.append(e)
+                continue
+            self._walk_pages(di)
+            walk.inodes.append(di)
+        by_ino = {i.icore["ino"]: i for i in walk.inodes}
+        have = {d["phys"] for i in walk.inodes for d in i.pages}
+        bad |= {e.phys for i in walk.inodes for e in i.rejected}
+        darr = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.lay.nframes)
+        want = PG_VALID | PG_DIRTY
+        cand = np.flatnonzero((darr["magic"] == PAGE_DESC.magic) & ((darr["flags"] & want) == want))
+        for frame in cand.tolist():
+            phys = self.lay.desc_phys(frame)
+            if phys in have or phys in bad:
+                continue
+            try:
+                d = self.desc_at(phys)
+            except CorruptObject as e:
+                walk.rejected.append(e)
+                continue
+            owner = by_ino.get(d["ino"])
+            if owner is None:
+                walk.rejected.append(CorruptObject(PAGE_DESC.kind, phys, "ino",
+                                                   f"dirty page of inode {d['ino']}, which is on "
+                                                   "no valid dirty-inode list"))
+            else:
+                d["found"] = "scan"
+                owner.pages.append(d)
 
     def _walk_pages(self, di: DirtyInode) -> None:
         seen: set[int] = set()

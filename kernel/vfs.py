@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from kernel import param
 from kernel.bufcache import PageCacheBuffers
+from kernel.faults import NoFaults
 from kernel.fs import FileSystem
 from kernel.icache import F, ICache, KSuper
 from kernel.pagecache import PageCache
@@ -62,6 +63,7 @@ class VFS:
         self.refs: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.orphans: set[int] = set()
+        self.faults = NoFaults()     # a running kernel replaces it with its FaultInjector
         self.writeback = Writeback(self)
 
     def _txn_state(self, running_tid: int, handles_open: int) -> None:
@@ -102,6 +104,7 @@ class VFS:
     def create(self, parent, name, mode, uid, gid) -> Attr:
         with self.lock:
             ino = self.fs.create(parent, name, mode, uid, gid)
+            self.faults.at("vfs.create")
             self._touch_dir(parent)
             return self._attr(ino)
 
@@ -309,12 +312,14 @@ class VFS:
                 if poff == 0 and whole:
                     self.pc.store_pages(ino, idx, mv[pos:pos + whole])
                     pos += whole
+                    self.faults.at("vfs.write")
                     continue
                 chunk = min(PAGE - poff, n - pos)
                 if chunk < PAGE and (ino, idx) not in self.pc.index and idx * PAGE < size:
                     self._fill(ino, idx, idx, size)
                 self.pc.store(ino, idx, poff, mv[pos:pos + chunk])
                 pos += chunk
+                self.faults.at("vfs.write")
             now = time.time_ns()
             self.ic.set(ino, size=max(size, off + n), mtime_ns=now, ctime_ns=now)
             self.ic.mark_meta_dirty(ino)

@@ -106,6 +106,7 @@ class Writeback:
                 vfs.fs.setattr(ino, size=v[_SIZE], atime_ns=v[_ATIME],
                                mtime_ns=v[_MTIME], ctime_ns=v[_CTIME])
                 done.append((ino, pages))
+            vfs.faults.at("writeback")
         vfs.dev.flush()            # ordered mode: data on the device before the commit
         if vfs.fs.commit() is not None:
             self.stats["commits"] += 1

@@ -100,9 +100,10 @@ def test_bad_checksum_rejected(part, tmp_path):
     phys = ic.phys(5) + 40  # inside the size field
     mem.write(phys, b"\xff")
     walk = reader(tmp_path).walk_dirty()
-    (err,) = walk.rejected
+    err, orphan = walk.rejected
     assert err.field == "checksum" and "in-core inode" in str(err)
-    assert walk.inodes == []
+    assert "dirty page of inode 5, which is on no valid dirty-inode list" in str(orphan)
+    assert walk.inodes == []      # an inode we cannot trust gives no page
 
 
 def test_pointer_out_of_partition_rejected(part, tmp_path):
@@ -158,3 +159,15 @@ def test_lru_reclaims_clean_pages_only(part):
     pc.lookup(9, 1)                             # 1 becomes most recently used
     assert pc.reclaim(2) == 2
     assert sorted(i for (_, i) in pc.index) == [0, 1, 4]
+
+
+def test_a_broken_chain_costs_only_the_corrupted_page(part, tmp_path):
+    mem, lay, ic, pc = part
+    dirty_file(ic, pc, 5, 6, 1)
+    middle = lay.desc_phys(pc.index[(5, 3)])
+    mem.write(middle + 40, b"\xff" * 8)                 # wild write over next_dirty
+    walk = reader(tmp_path).walk_dirty()
+    (di,) = walk.inodes
+    assert sorted(d["index"] for d in di.pages) == [0, 1, 2, 4, 5]
+    assert [(e.phys, e.field) for e in di.rejected] == [(middle, "checksum")]
+    assert walk.rejected == [] and di.missing == 0

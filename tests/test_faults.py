@@ -1,0 +1,133 @@
+"""Fault injection into a running kernel: each fault kills or hangs it as named."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.inspect import inspect_partition
+from kernel import mailbox
+from tests.conftest import needs_root
+
+pytestmark = [needs_root]
+
+
+def write_some(host, n=4, size=20_000):
+    mnt = Path(host.kernels[0].mount)
+    for i in range(n):
+        (mnt / f"f{i}").write_bytes(bytes([65 + i]) * size)
+
+
+def inject(host, fault, **kw):
+    reply = host.control(0, {"cmd": "inject", "fault": fault, **kw})
+    assert reply["ok"], reply
+    return reply
+
+
+def wait_dead(host, timeout=10.0):
+    host.kernels[0].proc.wait(timeout)
+
+
+def test_panic_leaves_a_dying_message_and_a_readable_dirty_list(host):
+    write_some(host)
+    inject(host, "panic")
+    wait_dead(host)
+    mail = host.mail(0)
+    assert mail.state == mailbox.PANICKED and "injected panic" in mail.reason
+    assert mail.fault == "panic" and mail.activated_ns >= mail.injected_ns > 0
+    info = inspect_partition(host.physmem, host.machine, 0)
+    assert info["rejected"] == []
+    assert sum(d["dirty_pages"] for d in info["dirty_inodes"] if d["ino"]) == 4 * 5
+
+
+def test_kill_leaves_no_dying_message(host):
+    write_some(host)
+    inject(host, "kill")
+    wait_dead(host)
+    mail = host.mail(0)
+    assert mail.state == mailbox.RUNNING and mail.reason == "" and mail.panic_ns == 0
+    info = inspect_partition(host.physmem, host.machine, 0)
+    assert sum(d["dirty_pages"] for d in info["dirty_inodes"] if d["ino"]) == 4 * 5
+
+
+def test_hang_stops_the_heartbeat_and_a_monitor_notices(host):
+    write_some(host, n=1)
+    interval = host.mail(0).interval_ns / 1e9
+    reply = inject(host, "hang")
+    t_inject = reply["injected_ns"]
+    detected = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = host.mail(0)
+        if time.monotonic_ns() - m.beat_ns > 3 * interval * 1e9:
+            detected = time.monotonic_ns()
+            break
+        time.sleep(interval / 4)
+    assert detected is not None, "the heartbeat kept beating after a hang"
+    assert (detected - t_inject) / 1e9 < 2.0          # generous: 3 beats plus scheduling noise
+    beat = host.mail(0).beat
+    time.sleep(10 * interval)
+    assert host.mail(0).beat == beat                  # really stopped, not slowed
+    assert host.kernels[0].alive()                    # a hang is not a death
+    m = host.mail(0)
+    assert m.state == mailbox.RUNNING and m.reason == ""
+
+
+@pytest.mark.parametrize("target,kind", [("dirty-page", "page frame"),
+                                         ("page-descriptor", "page descriptor")])
+def test_wild_write_is_rejected_by_the_reader(host, target, kind):
+    write_some(host)
+    reply = inject(host, "wild-write", target=target)
+    wait_dead(host)
+    mail = host.mail(0)
+    assert mail.state == mailbox.PANICKED and mail.fault_target == target
+    info = inspect_partition(host.physmem, host.machine, 0)
+    assert len(info["rejected"]) == 1, info["rejected"]
+    assert info["rejected"][0]["object"] == kind
+    good = sum(d["dirty_pages"] for d in info["dirty_inodes"] if d["ino"])
+    assert good == 4 * 5 - 1, reply
+
+
+def test_bit_flip_in_the_dirty_inode_list_is_rejected(host):
+    write_some(host)
+    inject(host, "bit-flip", target="dirty-inode-list")
+    wait_dead(host)
+    info = inspect_partition(host.physmem, host.machine, 0)
+    inodes = [r for r in info["rejected"] if r["object"] == "in-core inode"]
+    orphans = [r for r in info["rejected"] if r["object"] == "page descriptor"]
+    assert [r["field"] for r in inodes] == ["checksum"]
+    assert len(orphans) == 5 and all("no valid dirty-inode list" in r["why"] for r in orphans)
+    good = sum(d["dirty_pages"] for d in info["dirty_inodes"] if d["ino"])
+    assert good == 3 * 5                     # the other three files lose nothing
+
+
+def test_exception_in_request_panics_inside_a_write(host):
+    inject(host, "exception-in-request", site="vfs.write")
+    assert host.kernels[0].alive()            # armed, not yet activated
+    target = Path(host.kernels[0].mount) / "victim"
+    r = subprocess.run([sys.executable, "-c", f"open({str(target)!r}, 'wb').write(b'x' * 9000)"],
+                       capture_output=True, timeout=30)
+    assert r.returncode != 0                  # the writer saw its kernel die
+    wait_dead(host)
+    mail = host.mail(0)
+    assert mail.state == mailbox.PANICKED and mail.site == "vfs.write"
+    assert mail.fault_site == "vfs.write" and mail.activated_ns > mail.injected_ns
+
+
+def test_fs_corrupt_trips_the_kernel(host):
+    write_some(host)
+    host.control(0, {"cmd": "sync"})
+    inject(host, "fs-corrupt")
+    wait_dead(host)
+    mail = host.mail(0)
+    assert mail.state == mailbox.PANICKED and mail.reason.startswith("fs: ")
+
+
+def test_unknown_fault_is_refused_and_the_kernel_lives(host):
+    reply = host.control(0, {"cmd": "inject", "fault": "meteor"})
+    assert not reply["ok"] and "unknown fault 'meteor'" in reply["error"]
+    reply = host.control(0, {"cmd": "inject", "fault": "wild-write", "target": "kitchen"})
+    assert not reply["ok"] and "unknown target 'kitchen'" in reply["error"]
+    assert host.kernels[0].alive()
