@@ -18,7 +18,11 @@ app.add_typer(bench, name="bench")
 app.command("mkfs")(fs.mkfs_cmd)
 app.command("fsck")(fs.fsck_cmd)
 bench.command("fs")(fs.bench_fs_cmd)
+app.command("up")(lab.up_cmd)
+app.command("status")(lab.status_cmd)
+app.command("crash")(lab.crash_cmd)
 app.command("inspect")(lab.inspect_cmd)
+app.command("down")(lab.down_cmd)
 
 
 @app.command()

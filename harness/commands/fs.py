@@ -13,7 +13,7 @@ from rich.table import Table
 from kernel.machine import MachineError, parse_size
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def mkfs_cmd(image: Path = typer.Argument(..., help="disk image to create or overwrite"),

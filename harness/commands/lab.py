@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 DEFAULT_WORKDIR = Path(".crashbench-lab")
 
 
@@ -50,8 +50,12 @@ def inspect_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's wo
                 json_out: bool = typer.Option(False, "--json")):
     """Decode a partition's kernel objects from raw physical memory (also of a dead kernel)."""
     from harness.inspect import inspect_partition
+    from harness.lab import STATE
     from kernel.host import physmem_path_for
     from kernel.machine import MachineError
+    if machine_file is None and (workdir / STATE).exists():
+        saved = json.loads((workdir / STATE).read_text()).get("machine_file")
+        machine_file = Path(saved) if saved else None
     m = _machine(machine_file)
     try:
         info = inspect_partition(physmem_path_for(workdir), m, partition)
@@ -84,3 +88,101 @@ def demo_storage(workdir: Path) -> None:
         render_inspect(inspect_partition(host.physmem, m, 0))
     finally:
         host.close()
+
+
+# --- the live lab: up / status / crash / down ------------------------------------------------
+
+def _lab(workdir: Path):
+    from harness.lab import Lab, LabError
+    try:
+        return Lab.open(workdir)
+    except LabError as e:
+        err.print(f"crashbench: {e}")
+        raise typer.Exit(2)
+
+
+def up_cmd(machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML); default: the shipped one"),
+           scheme: str = typer.Option("none", help="recovery scheme (none: record the outage, recover nothing)"),
+           workdir: Path = typer.Option(DEFAULT_WORKDIR, help="where the lab keeps memory, disk, mount, logs, state")):
+    """Boot the machine in the background; return once its file system serves."""
+    from harness.lab import Lab, LabError
+    from kernel.machine import MachineError
+    try:
+        lab = Lab.up(workdir, str(machine_file) if machine_file else None, scheme)
+    except (LabError, MachineError) as e:
+        err.print(f"crashbench up: {e}")
+        raise typer.Exit(2)
+    st = lab.status()
+    for p in st["partitions"]:
+        console.print(f"partition {p['partition']} ({p['role']}): {p['cmdline']}")
+    k = st["partitions"][0]["kernel"]
+    console.print(f"kernel pid {k['pid']}, file system mounted at [bold]{k['mount']}[/]")
+    net = st["network"]
+    if net:
+        console.print(f"service address {net['service_ip']} ({net['mode']} mode"
+                      + (f"; clients run in netns {net['client_netns']}" if net["client_netns"] else "") + ")")
+    console.print(f"scheme: {st['scheme']}.  Try: crashbench status · crashbench crash --fault panic --wait · crashbench down")
+
+
+def status_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's work directory"),
+               json_out: bool = typer.Option(False, "--json")):
+    """Each partition's kernel (pid, role, state, heartbeat age, boot time), devices, mount."""
+    st = _lab(workdir).status()
+    if json_out:
+        print(json.dumps(st, indent=2))
+        return
+    t = Table(title=f"lab {st['workdir']} (scheme {st['scheme']})")
+    for c in ("partition", "role", "devices", "kernel pid", "state", "heartbeat age", "boot", "mount"):
+        t.add_column(c)
+    for p in st["partitions"]:
+        k = p["kernel"] or {}
+        t.add_row(str(p["partition"]), p["role"], ",".join(p["devices"]) or "-",
+                  str(k.get("pid", "-")) + ("" if k.get("alive", True) else " (dead)"),
+                  k.get("state", "-"),
+                  f"{k['heartbeat_age_s'] * 1000:.0f} ms" if "heartbeat_age_s" in k else "-",
+                  f"{k['boot_s'] * 1000:.0f} ms" if "boot_s" in k else "-",
+                  (k.get("mount", "-") + ("" if k.get("mounted", True) else " (not mounted)")) if k else "-")
+    console.print(t)
+    for p in st["partitions"]:
+        k = p["kernel"] or {}
+        if k.get("dying_message"):
+            console.print(f"partition {p['partition']} dying message: {k['dying_message']} (at {k['site']})")
+
+
+def crash_cmd(fault: str = typer.Option(..., help="panic, hang, kill, wild-write, bit-flip, fs-corrupt, exception-in-request"),
+              target: Optional[str] = typer.Option(None, help="for wild-write/bit-flip: dirty-page, clean-page, page-descriptor, dirty-inode-list, inode, superblock"),
+              site: Optional[str] = typer.Option(None, help="where the fault activates (now, vfs.write, vfs.create, writeback)"),
+              wait: bool = typer.Option(False, "--wait", help="return when recovery is over, or when it is clear none will come"),
+              workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's work directory"),
+              json_out: bool = typer.Option(False, "--json")):
+    """Inject a fault into the active kernel."""
+    from harness.lab import LabError
+    from kernel.faults import FaultError, validate
+    try:
+        validate(fault, target, site)
+    except FaultError as e:
+        err.print(f"crashbench crash: {e}")
+        raise typer.Exit(2)
+    lab = _lab(workdir)
+    try:
+        res = lab.crash(fault, target, site, wait=wait)
+    except LabError as e:
+        err.print(f"crashbench crash: {e}")
+        raise typer.Exit(2)
+    if json_out:
+        print(json.dumps(res, indent=2))
+        return
+    inj = res["injected"]
+    console.print(f"injected {inj['fault']}" + (f" into {inj['target']}" if inj.get("target") else "")
+                  + f" at site {inj['site']}" + (f": {inj['detail']}" if inj.get("detail") else ""))
+    if "outcome" in res:
+        o = res["outcome"]
+        console.print(f"kernel {o['kernel']}" + (f"; dying message: {o['dying_message']}" if o.get("dying_message") else "")
+                      + f"; recovery: {o['recovery']}")
+
+
+def down_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's work directory")):
+    """Stop everything: no process, mount, namespace or memory file of the lab remains."""
+    for line in _lab(workdir).down():
+        console.print(line)
+    console.print("lab is down")

@@ -1,0 +1,232 @@
+"""The lab: a live emulated machine to play with, kept between commands in a work directory.
+
+Promises to `crashbench up/status/crash/down` (and to teachers running OS labs): ``up``
+boots the machine in the background and returns once partition 0's file system serves;
+everything the lab made is named in ``lab.json`` in its work directory, so ``down`` — from
+another process, after a crash of anything — removes all of it: kernel processes, FUSE
+mounts, network namespaces, the physical-memory file. Several labs coexist in different
+work directories; a second ``up`` in a directory whose lab runs is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernel import control, fuse, machine as machine_mod, mailbox
+from kernel.host import Host, physmem_path_for
+from kernel.physmem import PhysMem
+
+STATE = "lab.json"
+
+
+class LabError(RuntimeError):
+    """The lab cannot do what was asked; the message says why and what to do."""
+
+
+def lab_tag(workdir: Path) -> str:
+    return hashlib.sha1(str(workdir.resolve()).encode()).hexdigest()[:6]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"kernel.kernel" in f.read()
+    except OSError:
+        return False
+
+
+@dataclass
+class Lab:
+    workdir: Path
+    state: dict
+
+    # --- loading ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, workdir: Path) -> "Lab":
+        p = Path(workdir) / STATE
+        if not p.exists():
+            raise LabError(f"no lab in {workdir} (start one with `crashbench up --workdir {workdir}`)")
+        try:
+            return cls(Path(workdir).resolve(), json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise LabError(f"{p}: damaged lab state ({e}); `crashbench down` removes what it can") from None
+
+    def save(self) -> None:
+        tmp = self.workdir / (STATE + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.workdir / STATE)
+
+    @property
+    def machine(self) -> machine_mod.Machine:
+        return machine_mod.load(self.state.get("machine_file"))
+
+    # --- up ---------------------------------------------------------------------------------
+    @classmethod
+    def up(cls, workdir: Path, machine_file: str | None = None, scheme: str = "none",
+           delay: bool = True) -> "Lab":
+        workdir = Path(workdir)
+        if (workdir / STATE).exists():
+            old = cls.open(workdir)
+            if any(_alive(k["pid"]) for k in old.state["kernels"].values()):
+                raise LabError(f"a lab is already running in {workdir} "
+                               f"(`crashbench down --workdir {workdir}` stops it)")
+            old.down()
+        if scheme != "none":
+            raise LabError(f"scheme {scheme!r} is not available yet (known: none)")
+        m = machine_mod.load(machine_file)
+        host = Host(workdir, m, delay=delay, machine_file=machine_file)
+        lab = cls(host.workdir, {"machine_file": machine_file, "scheme": scheme,
+                                 "tag": lab_tag(host.workdir), "physmem": host.physmem,
+                                 "kernels": {}, "network": None, "started": time.time()})
+        lab.save()   # written first, so `down` can clean up after a failed `up`
+        try:
+            host.create_memory()
+            host.format_disks()
+            lab._network_up(m)
+            kp = host.boot(0)
+            lab.state["kernels"]["0"] = {"pid": kp.pid, "mount": kp.mount,
+                                         "boot_wall_s": kp.boot_wall_s}
+            lab.save()
+        except BaseException:
+            lab.down()
+            raise
+        return lab
+
+    def _network_up(self, m: machine_mod.Machine) -> None:
+        if not m.nics:
+            return
+        from kernel.net import Network
+        net = Network(self.state["tag"], m.nics[0], [p.id for p in m.partitions])
+        owner = next((p.id for p in m.partitions if m.nics[0].name in p.devices), 0)
+        net.up(owner)
+        self.state["network"] = {"mode": net.mode, "service_ip": net.service_ip,
+                                 "client_ip": net.client_ip, "owner": owner,
+                                 "netns": {str(p.id): net.netns(p.id) for p in m.partitions},
+                                 "client_netns": net.client_netns()}
+        self.save()
+
+    # --- status -----------------------------------------------------------------------------
+    def status(self) -> dict:
+        m = self.machine
+        out = {"workdir": str(self.workdir), "scheme": self.state["scheme"],
+               "network": self.state["network"], "partitions": []}
+        mem = PhysMem(self.state["physmem"], readonly=True) if os.path.exists(self.state["physmem"]) else None
+        try:
+            for p in m.partitions:
+                k = self.state["kernels"].get(str(p.id))
+                entry = {"partition": p.id, "role": p.role, "cmdline": p.cmdline(),
+                         "devices": list(p.devices), "kernel": None}
+                if k:
+                    entry["kernel"] = {"pid": k["pid"], "alive": _alive(k["pid"]),
+                                       "mount": k["mount"],
+                                       "mounted": fuse.is_mounted(k["mount"])}
+                    if mem is not None:
+                        entry["kernel"].update(self._mail(mem, p))
+                out["partitions"].append(entry)
+        finally:
+            if mem is not None:
+                mem.close()
+        return out
+
+    @staticmethod
+    def _mail(mem: PhysMem, p) -> dict:
+        from kernel.physmem import CorruptObject, partition_layout
+        try:
+            mail = mailbox.read_mail(mem, partition_layout(p.id, p.base, p.size))
+        except CorruptObject as e:
+            return {"state": "unreadable", "why": str(e)}
+        return {"state": mail.state_name, "heartbeat_age_s": round(mail.age_s(), 4),
+                "beats": mail.beat, "boot_s": mail.boot_ns / 1e9,
+                "dying_message": mail.reason or None, "site": mail.site or None,
+                "fault": mail.fault or None}
+
+    # --- crash ------------------------------------------------------------------------------
+    def crash(self, fault: str, target: str | None = None, site: str | None = None,
+              wait: bool = False, timeout: float = 30.0) -> dict:
+        k = self.state["kernels"].get("0")
+        if not k or not _alive(k["pid"]):
+            raise LabError("the active kernel is not running (see `crashbench status`)")
+        reply = control.request(control.ctl_path(str(self.workdir), 0),
+                                {"cmd": "inject", "fault": fault, "target": target, "site": site})
+        if not reply.get("ok"):
+            raise LabError(reply.get("error", "the kernel refused the fault"))
+        result = {"injected": reply}
+        if wait:
+            result["outcome"] = self._wait_outcome(k["pid"], timeout)
+        return result
+
+    def _wait_outcome(self, pid: int, timeout: float) -> dict:
+        """With no recovery scheme: return once the kernel is dead or its heartbeat stopped."""
+        from kernel.physmem import partition_layout
+        p = self.machine.partition(0)
+        lay = partition_layout(0, p.base, p.size)
+        deadline = time.monotonic() + timeout
+        mem = PhysMem(self.state["physmem"], readonly=True)
+        try:
+            while time.monotonic() < deadline:
+                mail = mailbox.read_mail(mem, lay)
+                if not _alive(pid):
+                    return {"kernel": "dead", **self._mail(mem, p), "recovery": "none (scheme none)"}
+                if mail.age_s() > 3 * mail.interval_ns / 1e9:
+                    return {"kernel": "hung", **self._mail(mem, p), "recovery": "none (scheme none)"}
+                time.sleep(mail.interval_ns / 4e9)
+        finally:
+            mem.close()
+        return {"kernel": "still running", "recovery": "none"}
+
+    # --- down -------------------------------------------------------------------------------
+    def down(self) -> list[str]:
+        done = []
+        for pid_s, k in list(self.state.get("kernels", {}).items()):
+            if _alive(k["pid"]):
+                self._stop_kernel(k["pid"], timeout=0.0 if self._hung(int(pid_s)) else 30.0)
+                done.append(f"stopped kernel {k['pid']} of partition {pid_s}")
+            if fuse.is_mounted(k["mount"]):
+                fuse.abort_and_unmount(k["mount"])
+                done.append(f"unmounted {k['mount']}")
+        if self.state.get("network"):
+            from kernel.net import cleanup_stale
+            done += [f"removed {x}" for x in cleanup_stale(self.state["tag"])]
+        if os.path.exists(self.state.get("physmem", "")):
+            PhysMem.unlink(self.state["physmem"])
+            done.append(f"removed {self.state['physmem']}")
+        for sock in self.workdir.glob("*.sock"):
+            sock.unlink()
+        (self.workdir / STATE).unlink(missing_ok=True)
+        return done
+
+    def _hung(self, part_id: int) -> bool:
+        """A kernel whose heartbeat stopped cannot shut down cleanly: it is killed at once."""
+        try:
+            mem = PhysMem(self.state["physmem"], readonly=True)
+        except FileNotFoundError:
+            return False
+        p = self.machine.partition(part_id)
+        from kernel.physmem import CorruptObject, partition_layout
+        try:
+            mail = mailbox.read_mail(mem, partition_layout(part_id, p.base, p.size))
+        except CorruptObject:
+            return True
+        finally:
+            mem.close()
+        return mail.age_s() > max(0.2, 5 * mail.interval_ns / 1e9)
+
+    @staticmethod
+    def _stop_kernel(pid: int, timeout: float = 30.0) -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,92 @@
+"""The lab commands as a new user runs them: up, status, crash, inspect, down — and nothing left."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from kernel.host import physmem_path_for
+from tests.conftest import needs_root
+
+pytestmark = [needs_root]
+
+
+def cb(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise AssertionError(f"crashbench {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def leftovers(workdir: Path) -> list[str]:
+    left = []
+    mounts = Path("/proc/mounts").read_text()
+    if str(workdir) in mounts:
+        left.append("mount")
+    if os.path.exists(physmem_path_for(workdir)):
+        left.append("physmem")
+    ps = subprocess.run(["pgrep", "-f", f"kernel.kernel.*{workdir}"], capture_output=True, text=True)
+    if ps.stdout.strip():
+        left.append("process")
+    from harness.lab import lab_tag
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    if f"cb{lab_tag(workdir)}" in ns:
+        left.append("netns")
+    return left
+
+
+@pytest.fixture
+def workdir():
+    wd = Path(tempfile.mkdtemp(prefix="crashbench-lab-"))
+    try:
+        yield wd
+    finally:
+        if (wd / "lab.json").exists():
+            cb("down", "--workdir", str(wd), check=False)
+        subprocess.run(["rm", "-rf", str(wd)])
+
+
+def test_up_crash_inspect_down_leaves_nothing(workdir):
+    w = ["--workdir", str(workdir)]
+    out = cb("up", *w).stdout
+    assert "mounted at" in out and "198.18.0.1" in out
+    second = cb("up", *w, check=False)
+    assert second.returncode == 2 and "already running" in second.stderr
+    st = json.loads(cb("status", *w, "--json").stdout)
+    k = st["partitions"][0]["kernel"]
+    assert k["alive"] and k["state"] == "running" and k["mounted"]
+    Path(k["mount"], "notes.txt").write_text("unsaved work\n" * 500)
+    res = json.loads(cb("crash", "--fault", "panic", "--wait", "--json", *w).stdout)
+    assert res["outcome"]["kernel"] == "dead"
+    assert res["outcome"]["dying_message"] == "BUG: injected panic"
+    info = json.loads(cb("inspect", "--json", *w).stdout)
+    assert any(d["ino"] and d["dirty_pages"] == 2 for d in info["dirty_inodes"])
+    st = json.loads(cb("status", *w, "--json").stdout)
+    assert st["partitions"][0]["kernel"]["state"] == "panicked"
+    cb("down", *w)
+    assert leftovers(workdir) == []
+
+
+def test_hang_is_reported_as_hung_and_down_cleans_it(workdir):
+    w = ["--workdir", str(workdir)]
+    cb("up", *w)
+    res = json.loads(cb("crash", "--fault", "hang", "--wait", "--json", *w).stdout)
+    assert res["outcome"]["kernel"] == "hung"
+    cb("down", *w)
+    assert leftovers(workdir) == []
+
+
+def test_bad_input_is_refused_with_exit_2(workdir):
+    w = ["--workdir", str(workdir)]
+    r = cb("crash", "--fault", "meteor", *w, check=False)
+    assert r.returncode == 2 and "unknown fault 'meteor'" in r.stderr
+    r = cb("status", *w, check=False)
+    assert r.returncode == 2 and "no lab in" in r.stderr
+    bad = workdir / "m.toml"
+    bad.write_text('[machine]\nmemory = "1GiB"\n[[partition]]\ncpus = [0]\nmemory = { base = "0", size = "2GiB" }\n')
+    r = cb("up", "--machine", str(bad), *w, check=False)
+    assert r.returncode == 2 and "beyond the machine's memory" in r.stderr
