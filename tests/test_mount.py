@@ -78,3 +78,11 @@ def test_fsynced_file_survives_a_crash(host):
     host.crash(0)
     kp = host.boot(0)
     assert Path(kp.mount, "synced").read_bytes() == b"s" * 50_000
+
+
+def test_bench_detect_reports_every_fault_kind():
+    from harness.benchdetect import run
+    rows = [d.summary() for d in run(1)]
+    assert [r["fault"] for r in rows] == ["panic", "hang", "kill"]
+    assert rows[0]["detected_by"].startswith("doorbell")
+    assert all(r["trials"] == 1 and r["min_ms"] > 0 for r in rows)

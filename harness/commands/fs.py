@@ -79,3 +79,22 @@ def bench_fs_cmd(mib: int = typer.Option(256, help="MiB written and read sequent
                   f"{f.as_dict()['tmpfs_median']:.0f} {f.unit}", f"{f.ratio:.2f}")
     console.print(t)
     console.print("device model: ssd (modeled time is waited for during write-back)")
+
+
+def bench_detect_cmd(trials: int = typer.Option(10, min=1, help="crashes per fault kind"),
+                     json_out: bool = typer.Option(False, "--json")):
+    """Failure detection latency: doorbell after a panic, heartbeat after a hang or a kill."""
+    from harness.benchdetect import run
+    with console.status("crashing kernels…") as st:
+        res = run(trials, progress=lambda f, i, n: st.update(f"{f}: {i}/{n} crashes"))
+    rows = [d.summary() for d in res]
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title=f"failure detection, {trials} crashes each (fault activation -> verdict)")
+    for c in ("fault", "detected by", "median", "min", "max", "median in beats"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["fault"], r["detected_by"], f"{r['median_ms']:.1f} ms", f"{r['min_ms']:.1f} ms",
+                  f"{r['max_ms']:.1f} ms", f"{r['median_beats']:.1f}")
+    console.print(t)
