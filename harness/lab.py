@@ -143,6 +143,7 @@ class Lab:
         return {"state": mail.state_name, "heartbeat_age_s": round(mail.age_s(), 4),
                 "beats": mail.beat, "boot_s": mail.boot_ns / 1e9,
                 "dying_message": mail.reason or None, "site": mail.site or None,
+                "devices_owned": mail.devices.split(",") if mail.devices else [],
                 "fault": mail.fault or None}
 
     # --- crash ------------------------------------------------------------------------------

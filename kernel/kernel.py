@@ -66,7 +66,11 @@ class Kernel:
             raise SystemExit(f"partition {self.part.id} owns no disk: nothing to mount")
         disk = disks[0]
         self.dev = BlockDevice(self.disk_path(disk), disk.model, delay=self.delay)
-        self.vfs = VFS(self.mem, self.lay, self.dev)
+        owned = ",".join(d for d in self.part.devices)
+        t_mount = time.monotonic_ns()
+        self.vfs = VFS(self.mem, self.lay, self.dev)   # mount: superblock, journal replay
+        self.mailbox.set(mount_start_ns=t_mount, mount_ns=time.monotonic_ns() - t_mount,
+                         devices=owned.encode()[:48])
         self.faults = FaultInjector(self, self.seed)
         self.vfs.faults = self.faults
         self.vfs.writeback.start()
@@ -106,9 +110,8 @@ class Kernel:
         """Dying message, doorbells, death. Never returns."""
         log.error("panic at %s: %s", site, reason)
         self.mailbox.dying_message(reason, site)
-        for p in self.machine.partitions:
-            if p.id != self.part.id:
-                mailbox.ring(self.workdir, p.id, f"panic {self.part.id}".encode())
+        for p in [q.id for q in self.machine.partitions if q.id != self.part.id] + [mailbox.WATCHDOG]:
+            mailbox.ring(self.workdir, p, f"panic {self.part.id}".encode())
         self.die()
 
     def die(self) -> None:

@@ -28,7 +28,8 @@ MAILBOX = Layout("heartbeat mailbox", "MBOX", 1, [
     ("reason", "96s"), ("site", "32s"),
     ("fault", "24s"), ("fault_target", "24s"), ("fault_site", "32s"),
     ("injected_ns", "Q"), ("activated_ns", "Q"),
-], 384)
+    ("mount_start_ns", "Q"), ("mount_ns", "Q"), ("devices", "48s"),
+], 448)
 
 EMPTY, BOOTING, RUNNING, PANICKED, SHUTDOWN, STANDBY = range(6)
 STATE_NAMES = ["empty", "booting", "running", "panicked", "shut down", "standby"]
@@ -55,6 +56,9 @@ class Mail:
     fault_site: str = ""
     injected_ns: int = 0
     activated_ns: int = 0
+    mount_start_ns: int = 0
+    mount_ns: int = 0
+    devices: str = ""
 
     @property
     def state_name(self) -> str:
@@ -71,7 +75,7 @@ class Mailbox:
         self.mem, self.phys = mem, lay.mailbox
         self.v = [0] * len(MAILBOX.names)
         self.v[0], self.v[1] = MAILBOX.magic, MAILBOX.version
-        for k in ("reason", "site", "fault", "fault_target", "fault_site"):
+        for k in ("reason", "site", "fault", "fault_target", "fault_site", "devices"):
             self.v[_F[k]] = b""
         self.set(state=BOOTING, pid=os.getpid(), role=role,
                  interval_ns=int(interval_s * 1e9), boot_start_ns=time.monotonic_ns())
@@ -105,22 +109,27 @@ def read_mail(mem: PhysMem, lay: PartLayout, retries: int = 5) -> Mail:
     else:
         raise err
     text = {k: d[k].rstrip(b"\0").decode(errors="replace")
-            for k in ("reason", "site", "fault", "fault_target", "fault_site")}
+            for k in ("reason", "site", "fault", "fault_target", "fault_site", "devices")}
     return Mail(d["state"], d["pid"], d["role"], bool(d["listening"]), d["beat"], d["beat_ns"],
                 d["interval_ns"], d["boot_start_ns"], d["boot_ns"], d["panic_ns"],
-                injected_ns=d["injected_ns"], activated_ns=d["activated_ns"], **text)
+                injected_ns=d["injected_ns"], activated_ns=d["activated_ns"],
+                mount_start_ns=d["mount_start_ns"], mount_ns=d["mount_ns"], **text)
 
 
 # --- doorbells ---------------------------------------------------------------------------
 
-def doorbell_path(workdir: str, part_id: int) -> str:
-    return os.path.join(workdir, f"doorbell-p{part_id}.sock")
+WATCHDOG = "watchdog"  # the machine's own doorbell (a BMC's watchdog), for single-OS schemes
+
+
+def doorbell_path(workdir: str, part_id: int | str) -> str:
+    name = part_id if isinstance(part_id, str) else f"p{part_id}"
+    return os.path.join(workdir, f"doorbell-{name}.sock")
 
 
 class Doorbell:
     """The listening end: a datagram socket a dying kernel rings."""
 
-    def __init__(self, workdir: str, part_id: int):
+    def __init__(self, workdir: str, part_id: int | str):
         self.path = doorbell_path(workdir, part_id)
         try:
             os.unlink(self.path)
@@ -144,7 +153,7 @@ class Doorbell:
             pass
 
 
-def ring(workdir: str, part_id: int, message: bytes) -> bool:
+def ring(workdir: str, part_id: int | str, message: bytes) -> bool:
     """Ring a partition's doorbell; False when nobody listens there."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:

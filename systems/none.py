@@ -1,0 +1,25 @@
+"""Scheme `none`: no recovery. The failure is detected and recorded; nothing comes back."""
+from __future__ import annotations
+
+from systems.base import RecoveryReport
+from systems.detect import Watcher
+
+
+class NoRecovery:
+    name = "none"
+
+    def deploy(self, host, apps=()) -> None:
+        self.host = host
+        host.boot(0)
+        self.watcher = Watcher(host, 0)
+
+    def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
+        f = self.watcher.wait(timeout)
+        r = RecoveryReport(self.name, (fault or {}).get("fault"), f.failed_at, detected_by=f.how)
+        r.phase("detect", f.failed_at, f.detected_at)
+        r.notes.append("scheme none: nothing is recovered")
+        return r
+
+    def teardown(self) -> None:
+        self.watcher.close()
+        self.host.close()

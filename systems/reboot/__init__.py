@@ -1,0 +1,80 @@
+"""Scheme `reboot`: the crashed partition reboots — what a plain machine does.
+
+Promises: after a failure is detected (watchdog doorbell or heartbeat), the dead kernel is
+fenced (its whole process group killed and its FUSE connection aborted: nothing of it runs
+when its disk is taken again), an optional firmware/POST delay passes (modeled, labelled
+so), a fresh kernel boots in the same partition with a cold page cache, mounts the disk
+and replays the journal; service is back when the mount answers. Only what reached the
+disk survives: the dirty pages the dead kernel held are counted as lost.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from kernel import fuse
+from systems.base import RecoveryReport
+from systems.detect import Watcher
+from systems.survey import survey
+
+
+class Reboot:
+    name = "reboot"
+
+    def __init__(self, firmware_s: float = 0.0):
+        if firmware_s < 0:
+            raise ValueError(f"firmware_s: must not be negative, got {firmware_s}")
+        self.firmware_s = firmware_s
+
+    def deploy(self, host, apps=()) -> None:
+        self.host = host
+        host.boot(0)
+        self.watcher = Watcher(host, 0)
+
+    def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
+        host = self.host
+        f = self.watcher.wait(timeout)
+        r = RecoveryReport(self.name, (fault or {}).get("fault"), f.failed_at, detected_by=f.how)
+        r.phase("detect", f.failed_at, f.detected_at)
+        t = time.monotonic()
+        self._fence()
+        r.phase("fence", t)
+        r.cache, _ = survey(host.physmem, host.machine, 0)   # before the new kernel reuses the memory
+        if self.firmware_s:
+            t = time.monotonic()
+            _wait_until(t + self.firmware_s)
+            r.phase("firmware", t, modeled=True)
+        t = time.monotonic()
+        kp = host.boot(0)
+        mail = host.mail(0)
+        mount_start = mail.mount_start_ns / 1e9
+        mount_end = mount_start + mail.mount_ns / 1e9
+        r.phase("boot", t, mount_start)
+        r.phase("mount + replay", mount_start, mount_end)
+        os.listdir(kp.mount)  # the mount answers: service is back
+        r.service_at = time.monotonic()
+        r.phase("first service", mount_end, r.service_at)
+        r.recovered = True
+        r.notes.append(f"{r.cache.dirty_pages_lost} dirty pages of the crashed kernel were lost")
+        return r
+
+    def _fence(self) -> None:
+        """Make sure the dead kernel is gone before its disk is taken again."""
+        host = self.host
+        kp = host.kernels.get(0)
+        if kp is not None:
+            host.crash(0)   # SIGKILL to its whole process group, then wait for it
+            if fuse.is_mounted(kp.mount):
+                fuse.abort_and_unmount(kp.mount)
+
+    def teardown(self) -> None:
+        self.watcher.close()
+        self.host.close()
+
+
+def _wait_until(deadline: float) -> None:
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(left)

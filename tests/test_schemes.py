@@ -1,0 +1,103 @@
+"""Recovery schemes on a live machine; every report passes the validating wrapper."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from kernel import machine
+from kernel.host import Host
+from systems.base import CacheCounts, RecoveryReport, ReportError, check_report, registry
+from tests.conftest import needs_root
+
+pytestmark = [needs_root]
+PAGE = 4096
+
+
+@pytest.fixture
+def deployed(request):
+    wd = tempfile.mkdtemp(prefix="crashbench-scheme-")
+    os.chmod(wd, 0o755)
+    host = Host(Path(wd), machine.load(), delay=False)
+    host.create_memory()
+    host.format_disks()
+    scheme = registry()[request.param]()
+    try:
+        scheme.deploy(host)
+        yield host, scheme
+    finally:
+        scheme.teardown()
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+def write_files(host, synced: bool, n=3, size=10 * PAGE, prefix="f"):
+    mnt = Path(host.kernels[0].mount)
+    for i in range(n):
+        with open(mnt / f"{prefix}{i}", "wb") as f:
+            f.write(bytes([48 + i]) * size)
+            if synced:
+                f.flush()
+                os.fsync(f.fileno())
+
+
+@pytest.mark.parametrize("deployed", ["reboot"], indirect=True)
+def test_reboot_keeps_fsynced_data_and_counts_lost_dirty_pages(deployed):
+    host, scheme = deployed
+    write_files(host, synced=True, prefix="s")
+    write_files(host, synced=False, prefix="u")
+    reply = host.control(0, {"cmd": "inject", "fault": "panic"})
+    r = check_report(scheme.on_crash(reply))
+    assert r.recovered and r.detected_by == "dying message"
+    assert r.cache.dirty_pages_before == 3 * 10 and r.cache.dirty_pages_lost == 3 * 10
+    assert r.cache.pages_recovered == 0
+    assert [p.name for p in r.phases] == ["detect", "fence", "boot", "mount + replay", "first service"]
+    mnt = Path(host.kernels[0].mount)
+    for i in range(3):
+        assert (mnt / f"s{i}").read_bytes() == bytes([48 + i]) * 10 * PAGE
+        assert not (mnt / f"u{i}").exists() or (mnt / f"u{i}").read_bytes() != bytes([48 + i]) * 10 * PAGE
+
+
+@pytest.mark.parametrize("deployed", ["reboot"], indirect=True)
+def test_reboot_after_a_hang_is_detected_by_heartbeat(deployed):
+    host, scheme = deployed
+    reply = host.control(0, {"cmd": "inject", "fault": "hang"})
+    r = check_report(scheme.on_crash(reply))
+    assert r.recovered and r.detected_by == "heartbeat"
+    assert os.listdir(host.kernels[0].mount) == []
+
+
+@pytest.mark.parametrize("deployed", ["none"], indirect=True)
+def test_none_records_the_outage_and_recovers_nothing(deployed):
+    host, scheme = deployed
+    write_files(host, synced=False)
+    reply = host.control(0, {"cmd": "inject", "fault": "kill"})
+    r = check_report(scheme.on_crash(reply))
+    assert not r.recovered and r.service_at is None and r.verdict == "not recovered"
+    assert r.detected_by == "heartbeat"
+
+
+def test_the_validating_wrapper_rejects_broken_reports():
+    def rep(**kw):
+        r = RecoveryReport("x", "panic", 10.0)
+        r.phase("detect", 10.0, 10.1)
+        r.phase("fence", 10.1, 10.2)
+        r.service_at, r.recovered = 10.3, True
+        for k, v in kw.items():
+            setattr(r, k, v)
+        return r
+    check_report(rep())
+    r = rep()
+    r.phases[1].end = 10.05
+    with pytest.raises(ReportError, match="ends before it starts"):
+        check_report(r)
+    r = rep()
+    r.phases.reverse()
+    with pytest.raises(ReportError, match="starts before the phase before it"):
+        check_report(r)
+    with pytest.raises(ReportError, match="ends after service was back"):
+        check_report(rep(service_at=10.15))
+    with pytest.raises(ReportError, match="recovered more pages than there were"):
+        check_report(rep(cache=CacheCounts(pages_before=1, dirty_pages_before=1, dirty_pages_recovered=2)))
+    with pytest.raises(ReportError, match="no time of first service"):
+        check_report(rep(service_at=None))
