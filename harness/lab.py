@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel import control, fuse, machine as machine_mod, mailbox
-from kernel.host import Host, physmem_path_for
+from kernel.host import physmem_path_for
 from kernel.physmem import PhysMem
 
 STATE = "lab.json"
@@ -30,6 +30,16 @@ class LabError(RuntimeError):
 
 def lab_tag(workdir: Path) -> str:
     return hashlib.sha1(str(workdir.resolve()).encode()).hexdigest()[:6]
+
+
+def _alive_pid(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"systems.supervisor" in f.read()
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -72,30 +82,66 @@ class Lab:
         workdir = Path(workdir)
         if (workdir / STATE).exists():
             old = cls.open(workdir)
-            if any(_alive(k["pid"]) for k in old.state["kernels"].values()):
+            if _alive_pid(old.state.get("supervisor")) or any(_alive(k["pid"]) for k in old.kernels.values()):
                 raise LabError(f"a lab is already running in {workdir} "
                                f"(`crashbench down --workdir {workdir}` stops it)")
             old.down()
-        if scheme != "none":
-            raise LabError(f"scheme {scheme!r} is not available yet (known: none)")
+        from systems.base import registry
+        if scheme not in registry():
+            raise LabError(f"unknown scheme {scheme!r} (known: {', '.join(registry())})")
         m = machine_mod.load(machine_file)
-        host = Host(workdir, m, delay=delay, machine_file=machine_file)
-        lab = cls(host.workdir, {"machine_file": machine_file, "scheme": scheme,
-                                 "tag": lab_tag(host.workdir), "physmem": host.physmem,
-                                 "kernels": {}, "network": None, "started": time.time()})
+        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = workdir.resolve()
+        lab = cls(workdir, {"machine_file": machine_file, "scheme": scheme,
+                            "tag": lab_tag(workdir), "physmem": physmem_path_for(workdir),
+                            "supervisor": None, "network": None, "started": time.time()})
         lab.save()   # written first, so `down` can clean up after a failed `up`
+        for old_report in (workdir / "reports").glob("*.json"):
+            old_report.unlink()
         try:
-            host.create_memory()
-            host.format_disks()
             lab._network_up(m)
-            kp = host.boot(0)
-            lab.state["kernels"]["0"] = {"pid": kp.pid, "mount": kp.mount,
-                                         "boot_wall_s": kp.boot_wall_s}
-            lab.save()
+            lab._start_supervisor()
         except BaseException:
             lab.down()
             raise
         return lab
+
+    def _start_supervisor(self) -> None:
+        import select
+        import subprocess
+        import sys
+        r, w = os.pipe()
+        cmd = [sys.executable, "-m", "systems.supervisor", "--workdir", str(self.workdir),
+               "--scheme", self.state["scheme"], "--ready-fd", str(w)]
+        if self.state["machine_file"]:
+            cmd += ["--machine", self.state["machine_file"]]
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        with open(self.workdir / "logs" / "supervisor.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
+                                    start_new_session=True, stdin=subprocess.DEVNULL)
+        os.close(w)
+        self.state["supervisor"] = proc.pid
+        self.save()
+        try:
+            ready, _, _ = select.select([r], [], [], 60.0)
+            if not ready or not os.read(r, 16).startswith(b"ready"):
+                tail = (self.workdir / "logs" / "supervisor.log").read_text(errors="replace")[-2000:]
+                raise LabError(f"the machine did not come up; the supervisor's log ends:\n{tail}")
+        finally:
+            os.close(r)
+
+    @property
+    def kernels(self) -> dict:
+        p = self.workdir / "supervisor.json"
+        if not p.exists():
+            return {}
+        try:
+            return json.loads(p.read_text())["kernels"]
+        except (json.JSONDecodeError, KeyError):
+            return {}
+
+    def reports(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((self.workdir / "reports").glob("*.json"))]
 
     def _network_up(self, m: machine_mod.Machine) -> None:
         if not m.nics:
@@ -113,12 +159,14 @@ class Lab:
     # --- status -----------------------------------------------------------------------------
     def status(self) -> dict:
         m = self.machine
+        reports = self.reports()
         out = {"workdir": str(self.workdir), "scheme": self.state["scheme"],
-               "network": self.state["network"], "partitions": []}
+               "network": self.state["network"], "partitions": [],
+               "last_recovery": reports[-1] if reports else None}
         mem = PhysMem(self.state["physmem"], readonly=True) if os.path.exists(self.state["physmem"]) else None
         try:
             for p in m.partitions:
-                k = self.state["kernels"].get(str(p.id))
+                k = self.kernels.get(str(p.id))
                 entry = {"partition": p.id, "role": p.role, "cmdline": p.cmdline(),
                          "devices": list(p.devices), "kernel": None}
                 if k:
@@ -148,42 +196,45 @@ class Lab:
 
     # --- crash ------------------------------------------------------------------------------
     def crash(self, fault: str, target: str | None = None, site: str | None = None,
-              wait: bool = False, timeout: float = 30.0) -> dict:
-        k = self.state["kernels"].get("0")
+              wait: bool = False, timeout: float = 60.0) -> dict:
+        k = self.kernels.get("0")
         if not k or not _alive(k["pid"]):
             raise LabError("the active kernel is not running (see `crashbench status`)")
+        before = len(self.reports())
         reply = control.request(control.ctl_path(str(self.workdir), 0),
                                 {"cmd": "inject", "fault": fault, "target": target, "site": site})
         if not reply.get("ok"):
             raise LabError(reply.get("error", "the kernel refused the fault"))
         result = {"injected": reply}
         if wait:
-            result["outcome"] = self._wait_outcome(k["pid"], timeout)
+            result["report"] = self._wait_report(before, timeout)
         return result
 
-    def _wait_outcome(self, pid: int, timeout: float) -> dict:
-        """With no recovery scheme: return once the kernel is dead or its heartbeat stopped."""
-        from kernel.physmem import partition_layout
-        p = self.machine.partition(0)
-        lay = partition_layout(0, p.base, p.size)
+    def _wait_report(self, before: int, timeout: float) -> dict | None:
+        """The scheme's report of this crash; None if the fault never brought the kernel down."""
         deadline = time.monotonic() + timeout
-        mem = PhysMem(self.state["physmem"], readonly=True)
-        try:
-            while time.monotonic() < deadline:
-                mail = mailbox.read_mail(mem, lay)
-                if not _alive(pid):
-                    return {"kernel": "dead", **self._mail(mem, p), "recovery": "none (scheme none)"}
-                if mail.age_s() > 3 * mail.interval_ns / 1e9:
-                    return {"kernel": "hung", **self._mail(mem, p), "recovery": "none (scheme none)"}
-                time.sleep(mail.interval_ns / 4e9)
-        finally:
-            mem.close()
-        return {"kernel": "still running", "recovery": "none"}
+        while time.monotonic() < deadline:
+            reports = self.reports()
+            if len(reports) > before:
+                return reports[before]
+            if not _alive_pid(self.state.get("supervisor")):
+                raise LabError("the lab's supervisor died; see logs/supervisor.log")
+            time.sleep(0.02)
+        return None
 
     # --- down -------------------------------------------------------------------------------
     def down(self) -> list[str]:
         done = []
-        for pid_s, k in list(self.state.get("kernels", {}).items()):
+        sup = self.state.get("supervisor")
+        if _alive_pid(sup):
+            os.kill(sup, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while _alive_pid(sup) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive_pid(sup):
+                os.killpg(sup, signal.SIGKILL)
+            done.append(f"stopped the supervisor ({sup})")
+        for pid_s, k in list(self.kernels.items()):
             if _alive(k["pid"]):
                 self._stop_kernel(k["pid"], timeout=0.0 if self._hung(int(pid_s)) else 30.0)
                 done.append(f"stopped kernel {k['pid']} of partition {pid_s}")
@@ -198,6 +249,7 @@ class Lab:
             done.append(f"removed {self.state['physmem']}")
         for sock in self.workdir.glob("*.sock"):
             sock.unlink()
+        (self.workdir / "supervisor.json").unlink(missing_ok=True)
         (self.workdir / STATE).unlink(missing_ok=True)
         return done
 

@@ -75,6 +75,14 @@ class RecoveryReport:
         lost = self.cache.dirty_pages_lost > 0 or self.cache.pages_rejected > 0
         return "recovered with loss" if lost else "recovered"
 
+    @classmethod
+    def after(cls, scheme: str, failure, fault: dict | None = None) -> "RecoveryReport":
+        """A report opened by a detected failure, with its detection phase."""
+        name = (fault or {}).get("fault") or (failure.mail.fault if failure.mail else None) or None
+        r = cls(scheme, name, failure.failed_at, detected_by=failure.how)
+        r.phase("detect", failure.failed_at, failure.detected_at)
+        return r
+
     def phase(self, name: str, start: float, end: float | None = None, modeled: bool = False) -> Phase:
         p = Phase(name, start, time.monotonic() if end is None else end, modeled)
         self.phases.append(p)

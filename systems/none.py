@@ -15,8 +15,7 @@ class NoRecovery:
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
         f = self.watcher.wait(timeout)
-        r = RecoveryReport(self.name, (fault or {}).get("fault"), f.failed_at, detected_by=f.how)
-        r.phase("detect", f.failed_at, f.detected_at)
+        r = RecoveryReport.after(self.name, f, fault)
         r.notes.append("scheme none: nothing is recovered")
         return r
 

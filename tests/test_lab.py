@@ -61,12 +61,13 @@ def test_up_crash_inspect_down_leaves_nothing(workdir):
     assert k["alive"] and k["state"] == "running" and k["mounted"]
     Path(k["mount"], "notes.txt").write_text("unsaved work\n" * 500)
     res = json.loads(cb("crash", "--fault", "panic", "--wait", "--json", *w).stdout)
-    assert res["outcome"]["kernel"] == "dead"
-    assert res["outcome"]["dying_message"] == "BUG: injected panic"
+    assert res["report"]["verdict"] == "not recovered"
+    assert res["report"]["detected_by"] == "dying message"
     info = json.loads(cb("inspect", "--json", *w).stdout)
     assert any(d["ino"] and d["dirty_pages"] == 2 for d in info["dirty_inodes"])
     st = json.loads(cb("status", *w, "--json").stdout)
     assert st["partitions"][0]["kernel"]["state"] == "panicked"
+    assert st["partitions"][0]["kernel"]["dying_message"] == "BUG: injected panic"
     cb("down", *w)
     assert leftovers(workdir) == []
 
@@ -75,7 +76,7 @@ def test_hang_is_reported_as_hung_and_down_cleans_it(workdir):
     w = ["--workdir", str(workdir)]
     cb("up", *w)
     res = json.loads(cb("crash", "--fault", "hang", "--wait", "--json", *w).stdout)
-    assert res["outcome"]["kernel"] == "hung"
+    assert res["report"]["detected_by"] == "heartbeat"
     cb("down", *w)
     assert leftovers(workdir) == []
 
@@ -90,3 +91,19 @@ def test_bad_input_is_refused_with_exit_2(workdir):
     bad.write_text('[machine]\nmemory = "1GiB"\n[[partition]]\ncpus = [0]\nmemory = { base = "0", size = "2GiB" }\n')
     r = cb("up", "--machine", str(bad), *w, check=False)
     assert r.returncode == 2 and "beyond the machine's memory" in r.stderr
+
+
+def test_reboot_scheme_recovers_twice_and_reports_phases(workdir):
+    w = ["--workdir", str(workdir)]
+    cb("up", "--scheme", "reboot", *w)
+    for fault in ("panic", "kill"):
+        mnt = json.loads(cb("status", *w, "--json").stdout)["partitions"][0]["kernel"]["mount"]
+        Path(mnt, "f").write_text("x")
+        out = cb("crash", "--fault", fault, "--wait", *w).stdout
+        assert "recovery by reboot" in out and "crash to service" in out
+    st = json.loads(cb("status", *w, "--json").stdout)
+    k = st["partitions"][0]["kernel"]
+    assert k["alive"] and k["state"] == "running"
+    assert st["last_recovery"]["verdict"] in ("recovered", "recovered with loss")
+    cb("down", *w)
+    assert leftovers(workdir) == []

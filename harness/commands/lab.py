@@ -102,7 +102,7 @@ def _lab(workdir: Path):
 
 
 def up_cmd(machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML); default: the shipped one"),
-           scheme: str = typer.Option("none", help="recovery scheme (none: record the outage, recover nothing)"),
+           scheme: str = typer.Option("none", help="recovery scheme: none (record the outage, recover nothing) or reboot"),
            workdir: Path = typer.Option(DEFAULT_WORKDIR, help="where the lab keeps memory, disk, mount, logs, state")):
     """Boot the machine in the background; return once its file system serves."""
     from harness.lab import Lab, LabError
@@ -147,6 +147,8 @@ def status_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's wor
         k = p["kernel"] or {}
         if k.get("dying_message"):
             console.print(f"partition {p['partition']} dying message: {k['dying_message']} (at {k['site']})")
+    if st.get("last_recovery"):
+        render_report(st["last_recovery"])
 
 
 def crash_cmd(fault: str = typer.Option(..., help="panic, hang, kill, wild-write, bit-flip, fs-corrupt, exception-in-request"),
@@ -175,10 +177,32 @@ def crash_cmd(fault: str = typer.Option(..., help="panic, hang, kill, wild-write
     inj = res["injected"]
     console.print(f"injected {inj['fault']}" + (f" into {inj['target']}" if inj.get("target") else "")
                   + f" at site {inj['site']}" + (f": {inj['detail']}" if inj.get("detail") else ""))
-    if "outcome" in res:
-        o = res["outcome"]
-        console.print(f"kernel {o['kernel']}" + (f"; dying message: {o['dying_message']}" if o.get("dying_message") else "")
-                      + f"; recovery: {o['recovery']}")
+    if wait:
+        if res["report"] is None:
+            console.print("no failure followed (the fault did not bring the kernel down in time)")
+        else:
+            render_report(res["report"])
+
+
+def render_report(r: dict) -> None:
+    """A recovery report as a phase table, like the downtime breakdown of the Orthros paper."""
+    t = Table(title=f"recovery by {r['scheme']} after {r['fault'] or 'a failure'}: {r['verdict']}")
+    t.add_column("phase")
+    t.add_column("time", justify="right")
+    for p in r["phases"]:
+        t.add_row(p["name"] + (" (modeled)" if p["modeled"] else ""), f"{p['seconds'] * 1000:.1f} ms")
+    if r["outage_s"] is not None:
+        t.add_row("[bold]crash to service[/]", f"[bold]{r['outage_s'] * 1000:.1f} ms[/]")
+    console.print(t)
+    c = r["cache"]
+    console.print(f"detected by {r['detected_by']}; file cache: {c['pages_before']} pages before "
+                  f"({c['dirty_pages_before']} dirty), {c['pages_recovered']} recovered "
+                  f"({c['dirty_pages_recovered']} dirty), {c['pages_rejected']} rejected, "
+                  f"{c['dirty_pages_lost']} dirty pages lost")
+    if r["modeled_s"]:
+        console.print(f"includes {r['modeled_s'] * 1000:.1f} ms of modeled hardware time")
+    for n in r.get("notes", []):
+        console.print(f"note: {n}")
 
 
 def down_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's work directory")):

@@ -34,8 +34,7 @@ class Reboot:
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
         host = self.host
         f = self.watcher.wait(timeout)
-        r = RecoveryReport(self.name, (fault or {}).get("fault"), f.failed_at, detected_by=f.how)
-        r.phase("detect", f.failed_at, f.detected_at)
+        r = RecoveryReport.after(self.name, f, fault)
         t = time.monotonic()
         self._fence()
         r.phase("fence", t)

@@ -1,0 +1,90 @@
+"""The lab's supervisor: one process that deploys a scheme and runs it, crash after crash.
+
+Promises to the lab (harness/lab.py): ``python -m systems.supervisor`` deploys the scheme
+on the lab's machine, writes ``ready`` on the fd it was given, then waits for failures;
+after each one it writes the scheme's RecoveryReport to ``reports/NNN.json`` and the kernels
+that now run to ``supervisor.json``. SIGTERM stops every kernel it started (cleanly when
+it still beats, at once when it does not) and removes their mounts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from kernel import machine as machine_mod
+from kernel.host import Host
+from systems.base import check_report, registry
+
+STATE = "supervisor.json"
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def publish(host: Host, workdir: Path, scheme: str) -> None:
+    write_json(workdir / STATE, {
+        "pid": os.getpid(), "scheme": scheme,
+        "kernels": {str(p): {"pid": k.pid, "mount": k.mount, "boot_wall_s": k.boot_wall_s}
+                    for p, k in host.kernels.items()}})
+
+
+def stop_all(host: Host, scheme) -> None:
+    """Clean shutdown of every kernel still beating; the scheme's teardown kills the rest."""
+    for p in list(host.kernels):
+        try:
+            m = host.mail(p)
+            beating = time.monotonic_ns() - m.beat_ns < 5 * m.interval_ns
+        except Exception:  # unreadable mailbox: treat the kernel as dead
+            beating = False
+        if beating and host.kernels[p].alive():
+            host.stop(p, timeout=30.0)
+    scheme.teardown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m systems.supervisor")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--scheme", required=True)
+    ap.add_argument("--machine")
+    ap.add_argument("--ready-fd", type=int)
+    a = ap.parse_args(argv)
+    workdir = Path(a.workdir)
+    reports = workdir / "reports"
+    reports.mkdir(exist_ok=True)
+    host = Host(workdir, machine_mod.load(a.machine), machine_file=a.machine)
+    scheme = registry()[a.scheme]()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        host.create_memory()
+        host.format_disks()
+        scheme.deploy(host)
+        publish(host, workdir, a.scheme)
+        if a.ready_fd is not None:
+            os.write(a.ready_fd, b"ready\n")
+            os.close(a.ready_fd)
+        n = len(list(reports.glob("*.json")))
+        while True:
+            try:
+                report = check_report(scheme.on_crash(timeout=3600))
+            except TimeoutError:
+                continue
+            n += 1
+            write_json(reports / f"{n:03d}.json", report.to_dict())
+            publish(host, workdir, a.scheme)
+            if not report.recovered:
+                signal.pause()   # nothing more will come; wait to be stopped
+    finally:
+        stop_all(host, scheme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
