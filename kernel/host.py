@@ -86,16 +86,20 @@ class Host:
         return p
 
     # --- kernels -------------------------------------------------------------------------
-    def boot(self, part_id: int = 0, mount: str | Path | None = None) -> KernelProc:
+    def boot(self, part_id: int = 0, mount: str | Path | None = None, *,
+             module: str = "kernel.kernel", extra: tuple[str, ...] = (),
+             name: str | None = None) -> KernelProc:
+        """Launch a kernel process (or another kernel-side program, e.g. a standby backup
+        kernel) for a partition, and return once it says it is ready."""
         from kernel import fuse
         mnt = str(mount or self.mountpoint(part_id))
-        if fuse.is_mounted(mnt):
+        if module == "kernel.kernel" and fuse.is_mounted(mnt):
             fuse.abort_and_unmount(mnt)  # a dead kernel's connection: never mount over it
-        log_path = str(self.workdir / "logs" / f"kernel-p{part_id}.log")
+        log_path = str(self.workdir / "logs" / f"{name or 'kernel'}-p{part_id}.log")
         r, w = os.pipe()
-        cmd = [sys.executable, "-m", "kernel.kernel", "--partition", str(part_id),
+        cmd = [sys.executable, "-m", module, "--partition", str(part_id),
                "--physmem", self.physmem, "--workdir", str(self.workdir), "--mount", mnt,
-               "--ready-fd", str(w)]
+               "--ready-fd", str(w), *extra]
         if self.machine_file:
             cmd += ["--machine", str(self.machine_file)]
         if not self.delay:

@@ -62,6 +62,8 @@ class ICache:
         self.dirty_head = -1  # ino at the head of the dirty-inode list; -1: empty
         self._next: dict[int, int] = {}
         self._prev: dict[int, int] = {}
+        # a previous kernel's objects must not look alive to a reader of this one
+        mem.write(lay.icore, bytes(lay.n_icore * ICORE.size))
         self._load(BDEV_INO, 0, 0, 0, 0, 0, 0, slot=0)
 
     # --- slots -----------------------------------------------------------------------

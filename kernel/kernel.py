@@ -38,14 +38,19 @@ log = logging.getLogger("kernel")
 class Kernel:
     def __init__(self, mach: machine_mod.Machine, part_id: int, physmem_path: str, workdir: str,
                  *, delay: bool = True, heartbeat_s: float = param.HEARTBEAT_INTERVAL_S,
-                 seed: int = 0):
+                 seed: int = 0, zone: int | None = None):
+        """``zone``: the partition whose memory areas hold the storage stack (page cache,
+        in-core inodes, kernel superblock) — its own, unless it took over another's."""
         self.machine, self.part = mach, mach.partition(part_id)
         self.workdir = workdir
         self.mem = PhysMem(physmem_path, mach.memory)
-        self.lay = partition_layout(part_id, self.part.base, self.part.size)
+        self.mlay = partition_layout(part_id, self.part.base, self.part.size)
+        z = mach.partition(part_id if zone is None else zone)
+        self.lay = partition_layout(z.id, z.base, z.size)
         self.delay, self.heartbeat_s, self.seed = delay, heartbeat_s, seed
         self.dev: BlockDevice | None = None
         self.vfs: VFS | None = None
+        self.mailbox: mailbox.Mailbox | None = None
         self.cpu_lock = threading.Lock()
         self._stop = threading.Event()
         self.ctl: control.ControlServer | None = None
@@ -55,29 +60,38 @@ class Kernel:
         return os.path.join(self.workdir, disk.image)
 
     # --- life -----------------------------------------------------------------------------
-    def boot(self) -> VFS:
-        t0 = time.monotonic_ns()
-        self.mem.write(self.lay.base, self.lay.header_bytes())
-        role = mailbox.ROLE_ACTIVE if self.part.role == "active" else mailbox.ROLE_BACKUP
-        self.mailbox = mailbox.Mailbox(self.mem, self.lay, role, self.heartbeat_s)
+    def start_mailbox(self, role: int | None = None) -> None:
+        """Partition header, mailbox and heartbeat: the first thing a kernel has."""
+        self.mem.write(self.mlay.base, self.mlay.header_bytes())
+        if role is None:
+            role = mailbox.ROLE_ACTIVE if self.part.role == "active" else mailbox.ROLE_BACKUP
+        self.mailbox = mailbox.Mailbox(self.mem, self.mlay, role, self.heartbeat_s)
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+
+    def open_disk(self) -> BlockDevice:
         disks = [self.machine.disk(d) for d in self.part.devices
                  if d in {x.name for x in self.machine.disks}]
         if not disks:
             raise SystemExit(f"partition {self.part.id} owns no disk: nothing to mount")
-        disk = disks[0]
-        self.dev = BlockDevice(self.disk_path(disk), disk.model, delay=self.delay)
-        owned = ",".join(d for d in self.part.devices)
+        return BlockDevice(self.disk_path(disks[0]), disks[0].model, delay=self.delay)
+
+    def boot(self, dev: BlockDevice | None = None, adopt=None, devices: str | None = None) -> VFS:
+        t0 = time.monotonic_ns()
+        if self.mailbox is None:
+            self.start_mailbox()
+        self.dev = dev or self.open_disk()
+        owned = devices if devices is not None else ",".join(self.part.devices)
         t_mount = time.monotonic_ns()
-        self.vfs = VFS(self.mem, self.lay, self.dev)   # mount: superblock, journal replay
+        self.vfs = VFS(self.mem, self.lay, self.dev, adopt)   # mount: superblock, journal replay
         self.mailbox.set(mount_start_ns=t_mount, mount_ns=time.monotonic_ns() - t_mount,
-                         devices=owned.encode()[:48])
+                         devices=owned.encode()[:48], zone=self.lay.part_id)
         self.faults = FaultInjector(self, self.seed)
         self.vfs.faults = self.faults
         self.vfs.writeback.start()
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         self.ctl = control.ControlServer(control.ctl_path(self.workdir, self.part.id), self._control)
         self.boot_s = (time.monotonic_ns() - t0) / 1e9
-        self.mailbox.set(state=mailbox.RUNNING, boot_ns=time.monotonic_ns() - t0)
+        self.mailbox.set(state=mailbox.RUNNING, role=mailbox.ROLE_ACTIVE,
+                         boot_ns=time.monotonic_ns() - t0)
         return self.vfs
 
     def _heartbeat(self) -> None:
@@ -93,6 +107,8 @@ class Kernel:
                 nxt = time.monotonic()  # fell behind (scheduling): beat now, do not burst
 
     def shutdown(self) -> None:
+        if self.mailbox is not None:   # first: a watcher must not take a shutdown for a crash
+            self.mailbox.set(state=mailbox.SHUTDOWN)
         self._stop.set()
         if self.ctl is not None:
             self.ctl.close()
@@ -103,7 +119,6 @@ class Kernel:
             self.vfs.fs.unmount()
         if self.dev is not None:
             self.dev.close()
-        self.mailbox.set(state=mailbox.SHUTDOWN)
 
     # --- death ----------------------------------------------------------------------------
     def panic(self, reason: str, site: str) -> None:

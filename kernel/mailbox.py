@@ -29,7 +29,8 @@ MAILBOX = Layout("heartbeat mailbox", "MBOX", 1, [
     ("fault", "24s"), ("fault_target", "24s"), ("fault_site", "32s"),
     ("injected_ns", "Q"), ("activated_ns", "Q"),
     ("mount_start_ns", "Q"), ("mount_ns", "Q"), ("devices", "48s"),
-], 448)
+    ("zone", "I"), ("watching", "I"),
+], 512)
 
 EMPTY, BOOTING, RUNNING, PANICKED, SHUTDOWN, STANDBY = range(6)
 STATE_NAMES = ["empty", "booting", "running", "panicked", "shut down", "standby"]
@@ -59,6 +60,7 @@ class Mail:
     mount_start_ns: int = 0
     mount_ns: int = 0
     devices: str = ""
+    zone: int = 0       # the partition whose memory holds this kernel's page cache
 
     @property
     def state_name(self) -> str:
@@ -113,7 +115,8 @@ def read_mail(mem: PhysMem, lay: PartLayout, retries: int = 5) -> Mail:
     return Mail(d["state"], d["pid"], d["role"], bool(d["listening"]), d["beat"], d["beat_ns"],
                 d["interval_ns"], d["boot_start_ns"], d["boot_ns"], d["panic_ns"],
                 injected_ns=d["injected_ns"], activated_ns=d["activated_ns"],
-                mount_start_ns=d["mount_start_ns"], mount_ns=d["mount_ns"], **text)
+                mount_start_ns=d["mount_start_ns"], mount_ns=d["mount_ns"], zone=d["zone"],
+                **text)
 
 
 # --- doorbells ---------------------------------------------------------------------------

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from kernel import param
 from kernel.icache import ICache
@@ -33,8 +36,20 @@ _MAGIC, _VERSION = PAGE_DESC.magic, PAGE_DESC.version
 _HEAD = ICORE.index["dirty_pages_head"]
 
 
+@dataclass
+class Adopted:
+    """Pages of a dead kernel, validated, to be taken over in place (systems/orthros)."""
+    frames: np.ndarray      # frame numbers
+    ino: np.ndarray
+    index: np.ndarray
+    gen: np.ndarray
+    csum: np.ndarray
+    dirty: np.ndarray       # bool
+    inodes: dict[int, dict] # validated in-core inodes of the dead kernel's dirty inodes
+
+
 class PageCache:
-    def __init__(self, mem: PhysMem, lay: PartLayout, icache: ICache):
+    def __init__(self, mem: PhysMem, lay: PartLayout, icache: ICache, adopt: Adopted | None = None):
         self.mem, self.lay, self.ic = mem, lay, icache
         n = lay.nframes
         self.nframes = n
@@ -52,8 +67,44 @@ class PageCache:
         self.pages_of: dict[int, set[int]] = {}  # ino -> indexes cached
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
         self._view = mem.view
-        # zero every descriptor: a frame with no valid descriptor holds nothing
-        mem.write(lay.desc, bytes(n * PAGE_DESC.size))
+        if adopt is None:
+            # zero every descriptor: a frame with no valid descriptor holds nothing
+            mem.write(lay.desc, bytes(n * PAGE_DESC.size))
+        else:
+            self._adopt(adopt)
+
+    def _adopt(self, a: Adopted) -> None:
+        """Take over validated pages in place: frames and descriptors stay where they are;
+        every other descriptor is cleared, in one store."""
+        raw = np.frombuffer(self.mem.mm, np.uint8, self.nframes * 64, self.lay.desc)
+        keep = np.zeros((self.nframes, 64), np.uint8)
+        keep[a.frames] = raw.reshape(self.nframes, 64)[a.frames]
+        self.mem.write(self.lay.desc, keep.tobytes())
+        taken = np.zeros(self.nframes, bool)
+        taken[a.frames] = True
+        self.free = np.flatnonzero(~taken)[::-1].tolist()
+        dirty_of: dict[int, list[tuple[int, int]]] = {}
+        for f, ino, idx, g, c, d in zip(a.frames.tolist(), a.ino.tolist(), a.index.tolist(),
+                                        a.gen.tolist(), a.csum.tolist(), a.dirty.tolist()):
+            key = (ino, idx)
+            self.key[f], self.gen[f], self.csum[f] = key, g, c
+            self.index[key] = f
+            self.pages_of.setdefault(ino, set()).add(idx)
+            if d:
+                self.flags[f] = PG_VALID | PG_UPTODATE | PG_DIRTY
+                dirty_of.setdefault(ino, []).append((idx, f))
+            else:
+                self.flags[f] = PG_VALID | PG_UPTODATE
+                self.lru[key] = f
+        now = time.monotonic_ns()
+        for ino, pages in dirty_of.items():
+            pages.sort()
+            self.dirty[ino] = {idx: f for idx, f in pages}
+            for _, f in pages:
+                self._dirtied[f] = now
+                self._next_dirty[f] = -1   # forces _rechain to write the new chain
+            self.ndirty += len(pages)
+            self._rechain(ino)
 
     # --- frames and descriptors --------------------------------------------------------
     def frame_view(self, frame: int) -> memoryview:

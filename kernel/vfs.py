@@ -25,7 +25,7 @@ from kernel.bufcache import PageCacheBuffers
 from kernel.faults import NoFaults
 from kernel.fs import FileSystem
 from kernel.icache import F, ICache, KSuper
-from kernel.pagecache import PageCache
+from kernel.pagecache import Adopted, PageCache
 from kernel.physmem import I_DIRTY_META, PartLayout, PhysMem
 from kernel.writeback import Writeback
 
@@ -52,12 +52,18 @@ class Attr:
 class VFS:
     ROOT_INO = 1
 
-    def __init__(self, mem: PhysMem, lay: PartLayout, dev):
+    def __init__(self, mem: PhysMem, lay: PartLayout, dev, adopt: Adopted | None = None):
+        """Mount. With ``adopt``, a dead kernel's validated pages in this partition's memory
+        are taken over in place (its dirty inodes keep their in-core size and times)."""
         self.lock = threading.RLock()
         self.mem, self.lay, self.dev = mem, lay, dev
         self.ks = KSuper(mem, lay, dev.nblocks)
         self.ic = ICache(mem, lay, self.ks)
-        self.pc = PageCache(mem, lay, self.ic)
+        for ino, i in (adopt.inodes.items() if adopt else ()):
+            self.ic.load(ino, i["mode"], i["uid"], i["gid"], i["nlink"], i["size"],
+                         i["atime_ns"], i["mtime_ns"], i["ctime_ns"])
+            self.ic.mark_meta_dirty(ino)
+        self.pc = PageCache(mem, lay, self.ic, adopt)
         self.bufs = PageCacheBuffers(self.pc, dev)
         self.fs = FileSystem(dev, self.bufs, on_txn_state=self._txn_state)
         self.refs: dict[int, int] = {}

@@ -88,6 +88,15 @@ class RecoveryReport:
         self.phases.append(p)
         return p
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RecoveryReport":
+        r = cls(d["scheme"], d["fault"], d["failed_at"], d["detected_by"],
+                [Phase(p["name"], p["start"], p["end"], p["modeled"]) for p in d["phases"]],
+                CacheCounts(**{k: v for k, v in d["cache"].items() if k != "dirty_pages_lost"}),
+                d["processes_before"], d["processes_recovered"], list(d["rejected"]),
+                d["recovered"], d["service_at"], list(d["notes"]))
+        return r
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cache"]["dirty_pages_lost"] = self.cache.dirty_pages_lost
@@ -143,11 +152,13 @@ class RecoveryScheme(Protocol):
 
 def registry() -> dict[str, type]:
     from systems.none import NoRecovery
+    from systems.orthros import Orthros
     from systems.reboot import Reboot
-    return {"none": NoRecovery, "reboot": Reboot}
+    return {"none": NoRecovery, "reboot": Reboot, "orthros": Orthros}
 
 
 SCHEME_HELP = {
     "none": "no recovery: the outage is recorded, nothing comes back",
     "reboot": "plain reboot of the crashed partition: cold cache, journal replay, apps restarted",
+    "orthros": "a standby backup OS takes over devices, file cache (in place) and service",
 }

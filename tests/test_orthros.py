@@ -1,0 +1,105 @@
+"""Orthros: the backup kernel takes over the crashed kernel's disk, file cache and mount."""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from kernel import machine
+from kernel.fsck import fsck
+from kernel.host import Host
+from systems.base import check_report
+from systems.orthros import Orthros
+from tests.conftest import needs_root
+
+pytestmark = [needs_root]
+PAGE = 4096
+
+
+@pytest.fixture
+def orthros():
+    wd = tempfile.mkdtemp(prefix="crashbench-orthros-")
+    os.chmod(wd, 0o755)
+    host = Host(Path(wd), machine.load(), delay=False)
+    host.create_memory()
+    host.format_disks()
+    s = Orthros()
+    try:
+        s.deploy(host)
+        yield host, s
+    finally:
+        s.teardown()
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(wd, ignore_errors=True)
+
+
+def write_unsynced(mnt: Path, tag: str, n=5) -> dict[str, bytes]:
+    files = {f"{tag}{i}": os.urandom(3 * PAGE * (i + 1) + i) for i in range(n)}
+    for name, data in files.items():
+        (mnt / name).write_bytes(data)
+    return files
+
+
+def crash(host, s, fault, **kw):
+    reply = host.control(s.active, {"cmd": "inject", "fault": fault, **kw})
+    assert reply["ok"], reply
+    return check_report(s.on_crash(reply, timeout=30))
+
+
+def assert_files(mnt: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        assert (mnt / name).read_bytes() == data, f"{name} differs after failover"
+
+
+@pytest.mark.parametrize("fault,via", [("panic", "dying message"), ("kill", "heartbeat"),
+                                       ("hang", "heartbeat")])
+def test_unsynced_files_survive_failover_and_a_clean_remount(orthros, fault, via):
+    host, s = orthros
+    mnt = Path(s.mount)
+    files = write_unsynced(mnt, "u")
+    r = crash(host, s, fault)
+    assert r.recovered and r.detected_by == via and r.verdict == "recovered"
+    assert r.cache.dirty_pages_recovered == r.cache.dirty_pages_before > 0
+    assert r.cache.pages_rejected == 0 and r.rejected == []
+    names = [p.name for p in r.phases]
+    assert names[:5] == ["detect", "fence", "device takeover", "cache migration", "mount + replay"]
+    assert names[-1] == "first service"
+    assert_files(mnt, files)
+    # the adopted dirty pages reach the disk: a clean shutdown, fsck, a fresh kernel reads them
+    assert host.stop(s.active) == 0             # the backup sees a shutdown, not a crash
+    assert host.kernels.pop(s.backup).proc.wait(10) == 0
+    assert fsck(str(host.disk_image())).exit_code == 0
+    kp = host.boot(0)
+    assert_files(Path(kp.mount), files)
+
+
+def test_two_crashes_in_a_row_are_survived(orthros):
+    host, s = orthros
+    mnt = Path(s.mount)
+    first = write_unsynced(mnt, "a")
+    crash(host, s, "panic")
+    assert s.active == 1 and s.backup == 0
+    second = write_unsynced(mnt, "b")
+    r = crash(host, s, "panic")
+    assert r.recovered and s.active == 0
+    assert_files(mnt, first | second)
+
+
+@pytest.mark.parametrize("target,kind", [("dirty-page", "page frame"),
+                                         ("page-descriptor", "page descriptor")])
+def test_corrupted_pages_are_rejected_and_never_reach_the_disk(orthros, target, kind):
+    host, s = orthros
+    mnt = Path(s.mount)
+    files = write_unsynced(mnt, "w")
+    r = crash(host, s, "wild-write", target=target)
+    assert r.cache.pages_rejected == 1, r.rejected
+    assert len(r.rejected) == 1 and r.rejected[0].startswith(kind)
+    assert r.cache.dirty_pages_recovered == r.cache.dirty_pages_before - 1
+    bad = [n for n, d in files.items() if (mnt / n).read_bytes() != d]
+    assert len(bad) == 1       # exactly the file of the rejected page differs ...
+    got = (mnt / bad[0]).read_bytes()
+    diff = [i // PAGE for i in range(len(got)) if got[i] != files[bad[0]][i]]
+    assert len(set(diff)) == 1  # ... in exactly one page, which reads as a hole, not garbage
+    page = diff[0]
+    assert got[page * PAGE:(page + 1) * PAGE].strip(b"\0") == b""
