@@ -43,11 +43,16 @@ def _alive_pid(pid: int | None) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """A kernel process of the lab (an active kernel or an Orthros backup) is running."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"kernel.kernel" in f.read()
+            cmd = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().split(") ", 1)[1].startswith("Z")
     except OSError:
         return False
+    return not zombie and (b"kernel.kernel" in cmd or b"systems.orthros.backup" in cmd)
+
 
 
 @dataclass
@@ -115,6 +120,8 @@ class Lab:
                "--scheme", self.state["scheme"], "--ready-fd", str(w)]
         if self.state["machine_file"]:
             cmd += ["--machine", self.state["machine_file"]]
+        if self.state.get("network") and self.state["network"]["mode"] == "netns":
+            cmd += ["--net-tag", self.state["tag"]]
         (self.workdir / "logs").mkdir(exist_ok=True)
         with open(self.workdir / "logs" / "supervisor.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
@@ -130,15 +137,20 @@ class Lab:
         finally:
             os.close(r)
 
+    def _supervisor_state(self) -> dict:
+        p = self.workdir / "supervisor.json"
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
     @property
     def kernels(self) -> dict:
-        p = self.workdir / "supervisor.json"
-        if not p.exists():
-            return {}
-        try:
-            return json.loads(p.read_text())["kernels"]
-        except (json.JSONDecodeError, KeyError):
-            return {}
+        return self._supervisor_state().get("kernels", {})
+
+    @property
+    def active(self) -> int:
+        return self._supervisor_state().get("active", 0)
 
     def reports(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted((self.workdir / "reports").glob("*.json"))]
@@ -161,7 +173,7 @@ class Lab:
         m = self.machine
         reports = self.reports()
         out = {"workdir": str(self.workdir), "scheme": self.state["scheme"],
-               "network": self.state["network"], "partitions": [],
+               "network": self.state["network"], "partitions": [], "active": self.active,
                "last_recovery": reports[-1] if reports else None}
         mem = PhysMem(self.state["physmem"], readonly=True) if os.path.exists(self.state["physmem"]) else None
         try:
@@ -197,11 +209,12 @@ class Lab:
     # --- crash ------------------------------------------------------------------------------
     def crash(self, fault: str, target: str | None = None, site: str | None = None,
               wait: bool = False, timeout: float = 60.0) -> dict:
-        k = self.kernels.get("0")
+        active = self.active
+        k = self.kernels.get(str(active))
         if not k or not _alive(k["pid"]):
             raise LabError("the active kernel is not running (see `crashbench status`)")
         before = len(self.reports())
-        reply = control.request(control.ctl_path(str(self.workdir), 0),
+        reply = control.request(control.ctl_path(str(self.workdir), active),
                                 {"cmd": "inject", "fault": fault, "target": target, "site": site})
         if not reply.get("ok"):
             raise LabError(reply.get("error", "the kernel refused the fault"))

@@ -60,8 +60,14 @@ import xxhash
 
 from kernel import param
 from kernel.physmem import CorruptObject, Layout, PartLayout, PhysMem
-from kernel.procset import (MODES, FenceError, FenceReport, ProcError, ProcessSet,  # noqa: F401
-                            _kill, cleanup_stale)
+from kernel.procset import (MODES, FenceError, FenceReport, ProcError, ProcessSet, _kill,
+                            cleanup_stale)
+
+__all__ = ["AppSpec", "App", "launch", "argv_hash", "LaunchError", "ProcTable", "ProcTableFull",
+           "read_proc_table", "PROC_ENTRY", "PROC_FILES", "PF_USED", "PF_RUNTIME_AWARE",
+           "PF_FILES_OVERFLOW",
+           # kernel/procset.py
+           "ProcessSet", "FenceReport", "FenceError", "ProcError", "cleanup_stale", "MODES"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -116,8 +122,8 @@ def argv_hash(argv: Sequence[str]) -> int:
 class App:
     """A launched app. The launching process is its parent and reaps it."""
 
-    def __init__(self, spec: AppSpec, popen: subprocess.Popen, cpus: tuple[int, ...]):
-        self.spec, self.popen, self.cpus = spec, popen, cpus
+    def __init__(self, spec: AppSpec, popen: subprocess.Popen, cpus: tuple[int, ...], uid: int):
+        self.spec, self.popen, self.cpus, self.uid = spec, popen, cpus, uid
         self.pid, self.name = popen.pid, spec.name
         self.table_slot: int | None = None   # set by ProcTable.register
         self.state_slot: int | None = None   # set by ProcTable.launch (runtime-aware apps)
@@ -285,7 +291,7 @@ def launch(spec: AppSpec, pset: ProcessSet, *, netns_enter: Callable[[], None] |
         if errw >= 0:
             os.close(errw)
         os.close(errr)
-    return App(spec, popen, cpus)
+    return App(spec, popen, cpus, cred[0] if cred else os.geteuid())
 
 
 # ---------------------------------------------------------------- the process table
@@ -318,7 +324,7 @@ class ProcTable:
         self._slot_of: dict[int, int] = {}        # pid -> table slot
         self._e: dict[int, dict] = {}             # table slot -> entry values
         self._states: set[int] = set()            # state slots in use
-        self._tgid: dict[int, int | None] = {}    # thread id -> registered pid (cache)
+        self._apps: dict[int, App] = {}           # table slot -> the App launched here
         if clear:
             mem.write(lay.proc, bytes(lay.n_proc * PROC_ENTRY.size))
 
@@ -400,10 +406,6 @@ class ProcTable:
                              "(launch it with ProcTable.launch, or pass state_slot)")
         if state_slot is not None and not 0 <= state_slot < self.lay.n_state:
             raise ValueError(f"register {app.name}: state_slot {state_slot} out of 0-{self.lay.n_state - 1}")
-        try:
-            uid = os.stat(f"/proc/{app.pid}").st_uid
-        except OSError:
-            uid = 0
         with self._lock:
             if app.pid in self._slot_of:
                 raise ValueError(f"register {app.name}: pid {app.pid} is already registered")
@@ -414,13 +416,13 @@ class ProcTable:
             slot = free[0]
             flags = PF_USED | (PF_RUNTIME_AWARE if app.spec.runtime_aware else 0)
             self._e[slot] = {"flags": flags, "pid": app.pid,
-                             "state_slot": -1 if state_slot is None else state_slot, "uid": uid,
+                             "state_slot": -1 if state_slot is None else state_slot, "uid": app.uid,
                              "started_ns": time.monotonic_ns(), "argv_hash": app.spec.argv_hash(),
                              "name": app.spec.name.encode(), "files": [(0, 0, 0)] * PROC_FILES}
             if state_slot is not None:
                 self._states.add(state_slot)
             self._slot_of[app.pid] = slot
-            self._tgid.clear()
+            self._apps[slot] = app
             self._store(slot)
         app.table_slot, app.state_slot = slot, state_slot
         return slot
@@ -431,21 +433,14 @@ class ProcTable:
         slot = self._slot_of.get(pid)
         if slot is not None or not self._slot_of:
             return slot
-        if pid not in self._tgid:
-            tgid = None
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("Tgid:"):
-                            tgid = int(line.split()[1])
-                            break
-            except OSError:
-                pass
-            if len(self._tgid) > 4096:
-                self._tgid.clear()
-            self._tgid[pid] = tgid
-        t = self._tgid[pid]
-        return None if t is None else self._slot_of.get(t)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("Tgid:"):
+                        return self._slot_of.get(int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        return None
 
     def record_open(self, pid: int, ino: int, oflags: int) -> bool:
         """The kernel opened `ino` for `pid`; False when `pid` is not a registered app."""
@@ -490,16 +485,24 @@ class ProcTable:
             if slot is None:
                 return False
             e = self._e.pop(slot)
+            self._apps.pop(slot, None)
             if e["state_slot"] >= 0:
                 self._states.discard(e["state_slot"])
-            self._tgid.clear()
             self.mem.write(self.phys(slot), _ZERO_ENTRY)
             return True
+
+    def reap(self) -> list[App]:
+        """Unregister every app launched through this table that has exited; those apps."""
+        with self._lock:
+            gone = [a for a in self._apps.values() if a.popen.poll() is not None]
+        for a in gone:
+            self.unregister(a.pid)
+        return gone
 
     def entries(self) -> list[dict]:
         """This kernel's own view (no validation needed), in read_proc_table's form."""
         with self._lock:
-            return [_entry_dict(slot, self.phys(slot), {**e, "name": e["name"]}, e["files"], self.lay)
+            return [_entry_dict(slot, self.phys(slot), e, e["files"], self.lay)
                     for slot, e in sorted(self._e.items())]
 
 

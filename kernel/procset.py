@@ -413,22 +413,22 @@ class ProcessSet:
                           + "; ".join(_describe(p) for p in sorted(left)), rep)
 
     def _fence_cgroup2(self, t0: float, deadline: float) -> FenceReport:
+        kill = os.path.join(self.path, "cgroup.kill")
         killed = set(_read_ints(self._procs()))
         if killed:
-            _write(os.path.join(self.path, "cgroup.kill"), "1")
+            _write(kill, "1")
         events = os.path.join(self.path, "cgroup.events")
         i = 0
         while True:
             with open(events) as f:
-                populated = "populated 1" in f.read()
-            if not populated:
-                break
+                if "populated 0" in f.read():
+                    break
             left = _read_ints(self._procs())
-            killed.update(left)
+            if not set(left) <= killed:   # joined after the kill (a fork cannot: added from outside)
+                killed.update(left)
+                _write(kill, "1")
             if time.monotonic() > deadline:
                 raise self._fail(t0, killed, left)
-            if left and i % 50 == 49:  # a member that joined after the kill (cannot happen
-                _write(os.path.join(self.path, "cgroup.kill"), "1")  # for a fork): again
             time.sleep(_backoff(i))
             i += 1
         return FenceReport(self.name, self.mode, time.monotonic() - t0, len(killed), sorted(killed))

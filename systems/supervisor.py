@@ -9,6 +9,7 @@ it still beats, at once when it does not) and removes their mounts.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import signal
@@ -29,9 +30,9 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def publish(host: Host, workdir: Path, scheme: str) -> None:
+def publish(host: Host, workdir: Path, scheme) -> None:
     write_json(workdir / STATE, {
-        "pid": os.getpid(), "scheme": scheme,
+        "pid": os.getpid(), "scheme": scheme.name, "active": getattr(scheme, "active", 0),
         "kernels": {str(p): {"pid": k.pid, "mount": k.mount, "boot_wall_s": k.boot_wall_s}
                     for p, k in host.kernels.items()}})
 
@@ -55,18 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheme", required=True)
     ap.add_argument("--machine")
     ap.add_argument("--ready-fd", type=int)
+    ap.add_argument("--net-tag", help="the lab's network, for schemes that take the NIC over")
     a = ap.parse_args(argv)
     workdir = Path(a.workdir)
     reports = workdir / "reports"
     reports.mkdir(exist_ok=True)
     host = Host(workdir, machine_mod.load(a.machine), machine_file=a.machine)
-    scheme = registry()[a.scheme]()
+    cls = registry()[a.scheme]
+    wants_net = "net_tag" in inspect.signature(cls).parameters
+    scheme = cls(net_tag=a.net_tag) if wants_net and a.net_tag else cls()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         host.create_memory()
         host.format_disks()
         scheme.deploy(host)
-        publish(host, workdir, a.scheme)
+        publish(host, workdir, scheme)
         if a.ready_fd is not None:
             os.write(a.ready_fd, b"ready\n")
             os.close(a.ready_fd)
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             n += 1
             write_json(reports / f"{n:03d}.json", report.to_dict())
-            publish(host, workdir, a.scheme)
+            publish(host, workdir, scheme)
             if not report.recovered:
                 signal.pause()   # nothing more will come; wait to be stopped
     finally:

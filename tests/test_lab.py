@@ -29,7 +29,8 @@ def leftovers(workdir: Path) -> list[str]:
         left.append("mount")
     if os.path.exists(physmem_path_for(workdir)):
         left.append("physmem")
-    ps = subprocess.run(["pgrep", "-f", f"kernel.kernel.*{workdir}"], capture_output=True, text=True)
+    ps = subprocess.run(["pgrep", "-f", f"(kernel.kernel|orthros.backup|supervisor).*{workdir}"],
+                        capture_output=True, text=True)
     if ps.stdout.strip():
         left.append("process")
     from harness.lab import lab_tag
@@ -105,5 +106,29 @@ def test_reboot_scheme_recovers_twice_and_reports_phases(workdir):
     k = st["partitions"][0]["kernel"]
     assert k["alive"] and k["state"] == "running"
     assert st["last_recovery"]["verdict"] in ("recovered", "recovered with loss")
+    cb("down", *w)
+    assert leftovers(workdir) == []
+
+
+def test_orthros_lab_fails_over_twice_with_the_nic(workdir):
+    w = ["--workdir", str(workdir)]
+    out = cb("up", "--scheme", "orthros", *w).stdout
+    assert "backup kernel" in out and "standby" in out
+    mnt = json.loads(cb("status", *w, "--json").stdout)["partitions"][0]["kernel"]["mount"]
+    for n, fault in enumerate(("panic", "hang")):
+        Path(mnt, f"notes{n}.txt").write_text(f"unsaved {n}\n" * 1000)
+        res = json.loads(cb("crash", "--fault", fault, "--wait", "--json", *w).stdout)
+        r = res["report"]
+        assert r["verdict"] == "recovered" and r["cache"]["dirty_pages_lost"] == 0
+        assert "IP takeover" in [p["name"] for p in r["phases"]]
+        st = json.loads(cb("status", *w, "--json").stdout)
+        assert st["active"] == (1 if n == 0 else 0)
+        net = st["network"]
+        if net["mode"] == "netns":
+            ns = subprocess.run(["ip", "-n", net["netns"][str(st["active"])], "-o", "addr"],
+                                capture_output=True, text=True).stdout
+            assert net["service_ip"] in ns      # the address moved with the service
+    for n in range(2):
+        assert Path(mnt, f"notes{n}.txt").read_text() == f"unsaved {n}\n" * 1000
     cb("down", *w)
     assert leftovers(workdir) == []

@@ -102,7 +102,7 @@ def _lab(workdir: Path):
 
 
 def up_cmd(machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML); default: the shipped one"),
-           scheme: str = typer.Option("none", help="recovery scheme: none (record the outage, recover nothing) or reboot"),
+           scheme: str = typer.Option("none", help="recovery scheme: none (record the outage, recover nothing), reboot, or orthros"),
            workdir: Path = typer.Option(DEFAULT_WORKDIR, help="where the lab keeps memory, disk, mount, logs, state")):
     """Boot the machine in the background; return once its file system serves."""
     from harness.lab import Lab, LabError
@@ -115,8 +115,12 @@ def up_cmd(machine_file: Optional[Path] = typer.Option(None, "--machine", help="
     st = lab.status()
     for p in st["partitions"]:
         console.print(f"partition {p['partition']} ({p['role']}): {p['cmdline']}")
-    k = st["partitions"][0]["kernel"]
-    console.print(f"kernel pid {k['pid']}, file system mounted at [bold]{k['mount']}[/]")
+    k = st["partitions"][st["active"]]["kernel"]
+    console.print(f"active kernel pid {k['pid']}, file system mounted at [bold]{k['mount']}[/]")
+    for p in st["partitions"]:
+        b = p["kernel"]
+        if b and b.get("state") == "standby":
+            console.print(f"backup kernel pid {b['pid']} on partition {p['partition']} (standby)")
     net = st["network"]
     if net:
         console.print(f"service address {net['service_ip']} ({net['mode']} mode"
