@@ -35,16 +35,16 @@ class Detection:
 
 
 def _watch_heartbeat(mem: PhysMem, lay, missed: int, timeout: float) -> int:
-    """Poll the mailbox every quarter beat; return the time the beat is `missed` beats late."""
+    """Poll the mailbox every quarter beat; return when no beat was seen for `missed` beats."""
     deadline = time.monotonic() + timeout
+    beats = mailbox.BeatMonitor(missed)
     while time.monotonic() < deadline:
         try:
             m = mailbox.read_mail(mem, lay)
         except CorruptObject:
             continue
-        now = time.monotonic_ns()
-        if now - m.beat_ns > missed * m.interval_ns:
-            return now
+        if beats.stopped(m):
+            return time.monotonic_ns()
         time.sleep(m.interval_ns / 4e9)
     raise TimeoutError("the heartbeat never stopped")
 

@@ -166,3 +166,20 @@ def ring(workdir: str, part_id: int | str, message: bytes) -> bool:
         return False
     finally:
         s.close()
+
+
+class BeatMonitor:
+    """Judges a heartbeat by the progress its watcher observes, not by comparing the
+    kernel's timestamp with the watcher's clock: a watcher that was itself descheduled
+    sees the counter moved when it runs again, instead of a stale beat that was not."""
+
+    def __init__(self, missed: int):
+        self.missed = missed
+        self.last: tuple[int, int] | None = None   # (beat counter, when we saw it change)
+
+    def stopped(self, mail: "Mail") -> bool:
+        now = time.monotonic_ns()
+        if self.last is None or mail.beat != self.last[0]:
+            self.last = (mail.beat, now)
+            return False
+        return now - self.last[1] > self.missed * mail.interval_ns

@@ -132,9 +132,10 @@ class Writeback:
     def _write_run(self, blocks: list[int], frames: list[memoryview]) -> None:
         dev = self.vfs.dev
         i = 0
+        most = param.WRITEBACK_RUN_BYTES // PAGE   # bounded, so no copy holds the interpreter long
         while i < len(blocks):
             j = i + 1
-            while j < len(blocks) and blocks[j] == blocks[j - 1] + 1:
+            while j < len(blocks) and j - i < most and blocks[j] == blocks[j - 1] + 1:
                 j += 1
             dev.write(blocks[i], b"".join(frames[i:j]))
             i = j

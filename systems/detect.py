@@ -2,7 +2,8 @@
 
 Promises to the schemes: ``Watcher.wait()`` returns when the watched kernel is known to
 have failed — at once when its doorbell rings with a dying message, otherwise when its
-heartbeat is MISSED beats late (hang, kill, or a death with no message) — with the time
+heartbeat has not moved for MISSED beat intervals of the watcher's own observation (hang,
+kill, or a death with no message; kernel/mailbox.py BeatMonitor) — with the time
 of the verdict and the failure time the dying kernel recorded in its mailbox.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Watcher:
         self.lay = partition_layout(part_id, p.base, p.size)
         self.mem = PhysMem(host.physmem, readonly=True)
         self.bell = mailbox.Doorbell(str(host.workdir), listen_as)
-        self.missed = missed
+        self.beats = mailbox.BeatMonitor(missed)
 
     def wait(self, timeout: float = 60.0) -> Failure:
         deadline = time.monotonic() + timeout
@@ -39,7 +40,7 @@ class Watcher:
             if self.bell.wait(poll) is not None:
                 return self._failure("dying message")
             mail = self._mail()
-            if mail and mail.beat_ns and time.monotonic_ns() - mail.beat_ns > self.missed * mail.interval_ns:
+            if mail and self.beats.stopped(mail):
                 return self._failure("heartbeat")
         raise TimeoutError(f"no failure of the watched kernel within {timeout} s")
 

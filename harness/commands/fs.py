@@ -98,3 +98,34 @@ def bench_detect_cmd(trials: int = typer.Option(10, min=1, help="crashes per fau
         t.add_row(r["fault"], r["detected_by"], f"{r['median_ms']:.1f} ms", f"{r['min_ms']:.1f} ms",
                   f"{r['max_ms']:.1f} ms", f"{r['median_beats']:.1f}")
     console.print(t)
+
+
+def bench_failover_cmd(crashes: int = typer.Option(10, min=1, help="crashes per scheme"),
+                       cache_mib: int = typer.Option(256, min=2, help="file cache before the crash (half dirty)"),
+                       json_out: bool = typer.Option(False, "--json")):
+    """Crash-to-service per phase for orthros beside reboot, with the active kernel holding
+    CACHE_MIB of file cache (half dirty); the cache-migration rate beside a memcpy."""
+    from harness.benchfailover import run, summarize
+    with console.status("crashing machines…") as st:
+        res = run(crashes, cache_mib, progress=lambda s, i, n: st.update(f"{s}: crash {i}/{n}"))
+    summary = summarize(res)
+    if json_out:
+        print(json.dumps({"summary": summary, "runs": res}, indent=2))
+        return
+    for name in ("orthros", "reboot"):
+        e = summary[name]
+        t = Table(title=f"{name}: {e['crashes']} panics, {cache_mib} MiB cache (medians)")
+        t.add_column("phase")
+        t.add_column("time", justify="right")
+        for ph, sec in e["phases_median_s"].items():
+            t.add_row(ph, f"{sec * 1000:.1f} ms")
+        lo, hi = e["crash_to_service_range_s"]
+        t.add_row("[bold]crash to service[/]", f"[bold]{e['crash_to_service_median_s'] * 1000:.1f} ms[/] "
+                  f"({lo * 1000:.0f}–{hi * 1000:.0f})")
+        console.print(t)
+        console.print(f"dirty pages before {e['dirty_pages_before']:.0f}, lost {e['dirty_pages_lost']:.0f}; "
+                      f"pages recovered {e['pages_recovered']:.0f}")
+    o = summary["orthros"]
+    console.print(f"cache migration {o['migration_rate_median'] / 1e9:.2f} GB/s of cache adopted; "
+                  f"memcpy of the same bytes {o['memcpy_rate_median'] / 1e9:.2f} GB/s (same run)")
+    console.print(f"orthros crash-to-service / reboot's: {summary['orthros_over_reboot']:.3f}")

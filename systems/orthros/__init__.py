@@ -14,13 +14,14 @@ import json
 import time
 from pathlib import Path
 
+from kernel import param
 from systems.base import RecoveryReport
 
 
 class Orthros:
     name = "orthros"
 
-    def __init__(self, net_tag: str | None = None, missed_beats: int = 3):
+    def __init__(self, net_tag: str | None = None, missed_beats: int = param.HEARTBEAT_MISSED_BEATS):
         self.net_tag, self.missed = net_tag, missed_beats
         self.crashes = 0
 

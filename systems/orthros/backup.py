@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 
-from kernel import fuse, mailbox
+from kernel import fuse, mailbox, param
 from kernel import machine as machine_mod
 from kernel.blockdev import BlockDevice, DeviceError
 from kernel.kernel import Kernel
@@ -42,6 +42,7 @@ FENCE_TIMEOUT_S = 5.0
 
 def watch(k: Kernel, bell: mailbox.Doorbell, wlay, missed: int) -> Failure | None:
     """Wait for the watched kernel to fail; None if it shut down cleanly instead."""
+    beats = mailbox.BeatMonitor(missed)
     while True:
         if bell.wait(k.heartbeat_s / 4) is not None:
             how = "dying message"
@@ -52,7 +53,7 @@ def watch(k: Kernel, bell: mailbox.Doorbell, wlay, missed: int) -> Failure | Non
                 continue
             if m.state == mailbox.SHUTDOWN:
                 return None
-            if not (m.beat_ns and time.monotonic_ns() - m.beat_ns > missed * m.interval_ns):
+            if not beats.stopped(m):
                 continue
             how = "heartbeat"
         now = time.monotonic()
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mount", required=True, help="the mount path to serve after takeover")
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--report", required=True, help="file to write the recovery report to")
-    ap.add_argument("--missed", type=int, default=3)
+    ap.add_argument("--missed", type=int, default=param.HEARTBEAT_MISSED_BEATS,
+                    help="beat intervals without a beat before the watched kernel is declared dead")
     ap.add_argument("--net-tag", help="the lab's network tag, to take the NIC over")
     ap.add_argument("--no-delay", action="store_true")
     args = ap.parse_args(argv)
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("partition %d shut down cleanly: nothing to take over", args.watch)
         k.mailbox.set(state=mailbox.SHUTDOWN)
         return 0
+    log.info("partition %d failed (%s): fault %r, last beat %.1f ms before the verdict",
+             args.watch, failure.how, failure.mail.fault,
+             (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3)
     report, vfs = takeover(k, failure, args)
     t_serve = time.monotonic()
 
