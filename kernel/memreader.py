@@ -15,6 +15,7 @@ says it is dirty is found, whether or not a broken list still reaches it.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,8 @@ from kernel.physmem import (I_ON_DIRTY_LIST, ICORE, KSUPER, PAGE_DESC, PART_HEAD
                             partition_layout)
 
 PAGE = param.PAGE_SIZE
+_DESC_UNPACK = PAGE_DESC._body.unpack_from
+_CSUM_UNPACK = struct.Struct("<Q").unpack_from
 
 
 @dataclass
@@ -62,6 +65,7 @@ class PartitionReader:
         self.mem = mem
         self.lay: PartLayout = partition_layout(part_id, base, size)
         self.buf = mem.mm
+        self.view = memoryview(mem.mm)   # checksums without copies
 
     # --- objects ---------------------------------------------------------------------------
     def header(self) -> dict:
@@ -88,6 +92,11 @@ class PartitionReader:
 
     def frame_phys(self, desc: dict) -> int:
         return self.lay.frame_phys(desc["frame"])
+
+    def page_ok(self, desc: dict) -> bool:
+        """Does the frame match its descriptor's content checksum? (no copy)"""
+        p = self.lay.frames + desc["frame"] * PAGE
+        return page_csum(self.view[p:p + PAGE]) == desc["content_csum"]
 
     def page(self, desc: dict) -> bytes:
         """The frame's content, only if it matches the descriptor's content checksum."""
@@ -187,11 +196,13 @@ class PartitionReader:
                                                  f"loop in the dirty-page chain of inode {di.icore['ino']}"))
                 return
             seen.add(phys)
-            try:
-                d = self.desc_at(phys)
-            except CorruptObject as e:
-                di.rejected.append(e)
-                return
+            d = self._desc_fast(phys)
+            if d is None:
+                try:
+                    d = self.desc_at(phys)   # it failed a check: say precisely which
+                except CorruptObject as e:
+                    di.rejected.append(e)
+                    return
             if d["ino"] != di.icore["ino"] or not d["flags"] & PG_DIRTY:
                 di.rejected.append(CorruptObject(PAGE_DESC.kind, phys, "ino",
                                                  f"descriptor of inode {d['ino']} (flags {d['flags']:#x}) "
@@ -199,6 +210,22 @@ class PartitionReader:
                 return
             di.pages.append(d)
             phys = d["next_dirty"]
+
+    def _desc_fast(self, phys: int) -> dict | None:
+        """desc_at for the common case of a good descriptor, without copies; None when any
+        check fails (the caller then asks desc_at for the precise error)."""
+        lay = self.lay
+        off = phys - lay.desc
+        if off < 0 or off >= lay.nframes * 64 or off % 64:
+            return None
+        v = _DESC_UNPACK(self.buf, phys)
+        if v[0] != PAGE_DESC.magic or v[1] != PAGE_DESC.version:
+            return None
+        if page_csum(self.view[phys:phys + 56]) != _CSUM_UNPACK(self.buf, phys + 56)[0]:
+            return None
+        return {"magic": v[0], "version": v[1], "flags": v[2], "ino": v[3], "index": v[4],
+                "gen": v[5], "content_csum": v[6], "next_dirty": v[7], "dirtied_ns": v[8],
+                "phys": phys, "frame": off // 64}
 
     def scan_descriptors(self) -> np.ndarray:
         """Every descriptor that claims to hold a page (bulk, numpy): checksums not yet verified."""

@@ -75,36 +75,55 @@ class PageCache:
 
     def _adopt(self, a: Adopted) -> None:
         """Take over validated pages in place: frames and descriptors stay where they are;
-        every other descriptor is cleared, in one store."""
-        raw = np.frombuffer(self.mem.mm, np.uint8, self.nframes * 64, self.lay.desc)
-        keep = np.zeros((self.nframes, 64), np.uint8)
-        keep[a.frames] = raw.reshape(self.nframes, 64)[a.frames]
+        every other descriptor is cleared, in one store. Bulk operations throughout: this
+        runs while the service is down."""
+        n = self.nframes
+        raw = np.frombuffer(self.mem.mm, np.uint8, n * 64, self.lay.desc).reshape(n, 64)
+        keep = np.zeros((n, 64), np.uint8)
+        keep[a.frames] = raw[a.frames]
         self.mem.write(self.lay.desc, keep.tobytes())
-        taken = np.zeros(self.nframes, bool)
+        taken = np.zeros(n, bool)
         taken[a.frames] = True
         self.free = np.flatnonzero(~taken)[::-1].tolist()
-        dirty_of: dict[int, list[tuple[int, int]]] = {}
-        for f, ino, idx, g, c, d in zip(a.frames.tolist(), a.ino.tolist(), a.index.tolist(),
-                                        a.gen.tolist(), a.csum.tolist(), a.dirty.tolist()):
-            key = (ino, idx)
-            self.key[f], self.gen[f], self.csum[f] = key, g, c
-            self.index[key] = f
-            self.pages_of.setdefault(ino, set()).add(idx)
-            if d:
-                self.flags[f] = PG_VALID | PG_UPTODATE | PG_DIRTY
-                dirty_of.setdefault(ino, []).append((idx, f))
-            else:
-                self.flags[f] = PG_VALID | PG_UPTODATE
-                self.lru[key] = f
+        frames, inos, idxs = a.frames.tolist(), a.ino.tolist(), a.index.tolist()
+        keys = list(zip(inos, idxs))
+        self.index = dict(zip(keys, frames))
+        key, gen, csum, flags = self.key, self.gen, self.csum, self.flags
+        for f, k, g, c in zip(frames, keys, a.gen.tolist(), a.csum.tolist()):
+            key[f], gen[f], csum[f] = k, g, c
+        for ino in np.unique(a.ino).tolist():
+            self.pages_of[ino] = set(a.index[a.ino == ino].tolist())
+        clean = ~a.dirty
+        for f in a.frames[clean].tolist():
+            flags[f] = PG_VALID | PG_UPTODATE
+        self.lru = OrderedDict(zip([keys[i] for i in np.flatnonzero(clean).tolist()],
+                                   a.frames[clean].tolist()))
+        self._adopt_dirty(a)
+
+    def _adopt_dirty(self, a: Adopted) -> None:
+        """Dirty pages stay dirty, chained by index; only descriptors whose link differs
+        from the dead kernel's chain are rewritten."""
+        d_frames, d_inos, d_idx = a.frames[a.dirty], a.ino[a.dirty], a.index[a.dirty]
+        order = np.lexsort((d_idx, d_inos))
+        d_frames, d_inos, d_idx = d_frames[order], d_inos[order], d_idx[order]
+        phys = self.lay.desc + d_frames * 64
+        want = np.zeros_like(phys)
+        same = np.zeros(len(phys), bool)
+        same[1:] = d_inos[1:] == d_inos[:-1]
+        want[1:][same[1:]] = phys[:-1][same[1:]]     # oldest (lowest index) first, head = newest
+        have = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)["next_dirty"][d_frames]
         now = time.monotonic_ns()
-        for ino, pages in dirty_of.items():
-            pages.sort()
-            self.dirty[ino] = {idx: f for idx, f in pages}
-            for _, f in pages:
-                self._dirtied[f] = now
-                self._next_dirty[f] = -1   # forces _rechain to write the new chain
-            self.ndirty += len(pages)
-            self._rechain(ino)
+        for f in d_frames.tolist():
+            self.flags[f] = PG_VALID | PG_UPTODATE | PG_DIRTY
+        self._next_dirty.update(zip(d_frames.tolist(), want.tolist()))
+        self._dirtied.update((f, now) for f in d_frames.tolist())
+        self._write_descs(d_frames[have != want].tolist())
+        self.ndirty += len(d_frames)
+        bounds = np.flatnonzero(np.r_[True, d_inos[1:] != d_inos[:-1], True])
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            ino = int(d_inos[lo])
+            self.dirty[ino] = dict(zip(d_idx[lo:hi].tolist(), d_frames[lo:hi].tolist()))
+            self.ic.set_dirty_pages(ino, int(phys[hi - 1]), hi - lo)
 
     # --- frames and descriptors --------------------------------------------------------
     def frame_view(self, frame: int) -> memoryview:

@@ -53,14 +53,15 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int) -> Harvest:
         if ino == BDEV_INO:
             meta_bad = bool(di.rejected)
         for d in di.pages:
-            try:
-                data = r.page(d)
-            except CorruptObject as e:
-                rejected.append(e)
+            if not r.page_ok(d):
+                try:
+                    r.page(d)               # the precise rejection
+                except CorruptObject as e:
+                    rejected.append(e)
                 meta_bad |= ino == BDEV_INO
                 continue
             if ino == BDEV_INO:
-                meta[d["index"]] = data
+                meta[d["index"]] = r.page(d)
                 continue
             frames.append(d["frame"]); inos.append(ino); idxs.append(d["index"])
             gens.append(d["gen"]); csums.append(d["content_csum"]); dirty.append(True)
