@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 
-from kernel import param
 from kernel.physmem import (I_DIRTY_META, I_ON_DIRTY_LIST, I_USED, ICORE, KSUPER, PartLayout,
                             PhysMem)
 

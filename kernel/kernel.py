@@ -106,6 +106,17 @@ class Kernel:
             else:
                 nxt = time.monotonic()  # fell behind (scheduling): beat now, do not burst
 
+    def serve(self, mount: str, ready) -> None:
+        """Serve the file system on ``mount`` until SIGTERM/SIGINT, then shut down cleanly."""
+        from kernel import fuse
+        signal.signal(signal.SIGTERM, lambda *_: fuse.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: fuse.request_stop())
+        try:
+            fuse.serve(self.vfs, mount, fsname=f"crashbench-p{self.part.id}", ready=ready)
+        finally:
+            self.shutdown()
+            log.info("clean shutdown")
+
     def shutdown(self) -> None:
         if self.mailbox is not None:   # first: a watcher must not take a shutdown for a crash
             self.mailbox.set(state=mailbox.SHUTDOWN)
@@ -157,6 +168,13 @@ class Kernel:
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
+def notify_ready(fd: int | None) -> None:
+    """Tell whoever launched this process (kernel/host.py) that it is ready."""
+    if fd is not None:
+        os.write(fd, b"ready\n")
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernel.kernel", description=__doc__.splitlines()[0])
     ap.add_argument("--machine", help="machine description (TOML); default: the shipped one")
@@ -169,26 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault injector's choices")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
-    from kernel import fuse
     mach = machine_mod.load(a.machine)
     k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
     if k.part.cpus:
         os.sched_setaffinity(0, k.part.cpus)
-    vfs = k.boot()
+    k.boot()
     log.info("booted partition %d (%s) in %.3f s", k.part.id, k.part.cmdline(), k.boot_s)
 
-    def ready() -> None:
-        if a.ready_fd is not None:
-            os.write(a.ready_fd, b"ready\n")
-            os.close(a.ready_fd)
-
-    signal.signal(signal.SIGTERM, lambda *_: fuse.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: fuse.request_stop())
-    try:
-        fuse.serve(vfs, a.mount, fsname=f"crashbench-p{k.part.id}", ready=ready)
-    finally:
-        k.shutdown()
-        log.info("clean shutdown")
+    k.serve(a.mount, ready=lambda: notify_ready(a.ready_fd))
     return 0
 
 

@@ -270,7 +270,7 @@ class ProcessSet:
                 except OSError:
                     pass
             _rmdir_quiet(parent)
-            return f"{path}: {e.strerror or e}"
+            return f"{e.filename or path}: {e.strerror or e}"
 
     @staticmethod
     def _probe_join(procs: str) -> None:
@@ -353,13 +353,17 @@ class ProcessSet:
         out = []
         for line in lines:
             if line and not line.startswith("#"):
-                pid, start, pgrp = (int(x) for x in line.split())
+                try:
+                    pid, start, pgrp = (int(x) for x in line.split())
+                except ValueError:
+                    continue       # a line torn by a writer that died mid-append
                 out.append((pid, start, pgrp))
         return out
 
-    def _members(self, stats: dict[int, tuple[str, int, int, int]]) -> set[int]:
-        """pids mode: live registered processes, their groups' members, all descendants."""
-        exclude = _ancestors_of_self()
+    def _members(self, stats: dict[int, tuple[str, int, int, int]], spare_self: bool = True) -> set[int]:
+        """pids mode: live registered processes, their groups' members, all descendants
+        (never the caller or its ancestors, unless `spare_self` is False)."""
+        exclude = _ancestors_of_self() if spare_self else set()
         roots, groups = set(), set()
         for pid, start, pgrp in self._registry():
             st = stats.get(pid)
@@ -399,8 +403,8 @@ class ProcessSet:
         deadline = t0 + timeout
         if not self.exists():
             return FenceReport(self.name, self.mode, time.monotonic() - t0, 0)
-        mine = _ancestors_of_self() & set(self.pids())
-        if mine:
+        members = self._members(_all_stats(), spare_self=False) if self.mode == "pids" else self.pids()
+        if _ancestors_of_self() & set(members):
             raise ProcError(f"{self.name}: refusing to fence the set that the caller "
                             f"(pid {os.getpid()}) is in")
         fn = {"cgroup2": self._fence_cgroup2, "freezer": self._fence_freezer,

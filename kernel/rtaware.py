@@ -150,6 +150,19 @@ def write_state(mem: PhysMem, phys: int, length: int, payload: bytes) -> int:
 
 # ---------------------------------------------------------------- the app's side
 
+def _same_file(fd: str, path: str | None) -> bool:
+    """Is descriptor `fd` (inherited, or a stale number in a child's environment) really
+    the physical-memory file? Mapping anything else would write state into it."""
+    try:
+        st = os.fstat(int(fd))
+        if path is None:
+            return False
+        ps = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (ps.st_dev, ps.st_ino)
+
+
 class StateSegment:
     """The app's own mapping of its state segment."""
 
@@ -184,15 +197,13 @@ class StateSegment:
             phys, length = int(env[ENV_STATE_PHYS]), int(env[ENV_STATE_LEN])
         except (KeyError, ValueError) as e:
             raise ValueError(f"{ENV_STATE_PHYS}/{ENV_STATE_LEN}: bad value ({e})") from None
+        path = env.get(ENV_PHYSMEM)
         fd = env.get(ENV_PHYSMEM_FD)
-        if fd is not None:
-            try:
-                return cls(phys, length, fd=int(fd))
-            except (OSError, ValueError):
-                pass   # descriptor not inherited (e.g. re-exec): fall back to the path
-        if ENV_PHYSMEM not in env:
+        if fd is not None and _same_file(fd, path):
+            return cls(phys, length, fd=int(fd))
+        if path is None:
             raise ValueError(f"{ENV_PHYSMEM}: not set")
-        return cls(phys, length, path=env[ENV_PHYSMEM])
+        return cls(phys, length, path=path)
 
     def scan(self) -> StateScan:
         self.last_scan = _scan(self.mm, 0, self.length, self.phys)

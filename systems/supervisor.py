@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kernel import machine as machine_mod
 from kernel.host import Host
+from kernel.kernel import notify_ready
 from systems.base import check_report, registry
 
 STATE = "supervisor.json"
@@ -71,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         host.format_disks()
         scheme.deploy(host)
         publish(host, workdir, scheme)
-        if a.ready_fd is not None:
-            os.write(a.ready_fd, b"ready\n")
-            os.close(a.ready_fd)
+        notify_ready(a.ready_fd)
         n = len(list(reports.glob("*.json")))
         while True:
             try:

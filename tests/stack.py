@@ -20,7 +20,7 @@ class Stack:
         self.img = str(tmp / "disk.img")
         if fresh:
             mkfs(self.img, DISK)
-        self.mem_path = str(tmp / f"physmem")
+        self.mem_path = str(tmp / "physmem")
         PhysMem.unlink(self.mem_path)
         self.mem = PhysMem(self.mem_path, mem, create=True)
         self.lay = partition_layout(0, 0, mem)

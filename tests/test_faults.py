@@ -1,5 +1,4 @@
 """Fault injection into a running kernel: each fault kills or hangs it as named."""
-import os
 import subprocess
 import sys
 import time

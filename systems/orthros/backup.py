@@ -30,7 +30,7 @@ import time
 from kernel import fuse, mailbox, param
 from kernel import machine as machine_mod
 from kernel.blockdev import BlockDevice, DeviceError
-from kernel.kernel import Kernel
+from kernel.kernel import Kernel, notify_ready
 from kernel.physmem import CorruptObject, partition_layout
 from systems.base import RecoveryReport
 from systems.detect import Failure
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     bell = mailbox.Doorbell(args.workdir, args.partition)
     w = mach.partition(args.watch)
     prefault(k.mem, mach)
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, b"ready\n")
-        os.close(args.ready_fd)
+    notify_ready(args.ready_fd)
     failure = watch(k, bell, partition_layout(w.id, w.base, w.size), args.missed)
     bell.close()
     if failure is None:
@@ -220,12 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.report)
         log.info("took over partition %d's work in %.1f ms", args.watch, report.outage_s * 1e3)
 
-    signal.signal(signal.SIGTERM, lambda *_: fuse.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: fuse.request_stop())
-    try:
-        fuse.serve(vfs, args.mount, fsname=f"crashbench-p{args.partition}", ready=serving)
-    finally:
-        k.shutdown()
+    k.serve(args.mount, ready=serving)
     return 0
 
 
