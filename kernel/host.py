@@ -9,6 +9,7 @@ group), waits until they serve, crashes them (SIGKILL) or stops them cleanly, an
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -86,9 +87,15 @@ class Host:
         return p
 
     # --- kernels -------------------------------------------------------------------------
+    @property
+    def tag(self) -> str:
+        """Short name of this machine for its process sets (and a lab's network)."""
+        return hashlib.sha1(str(self.workdir).encode()).hexdigest()[:6]
+
     def boot(self, part_id: int = 0, mount: str | Path | None = None, *,
              module: str = "kernel.kernel", extra: tuple[str, ...] = (),
-             name: str | None = None) -> KernelProc:
+             name: str | None = None, apps: list[dict] | None = None,
+             netns: str | None = None) -> KernelProc:
         """Launch a kernel process (or another kernel-side program, e.g. a standby backup
         kernel) for a partition, and return once it says it is ready."""
         from kernel import fuse
@@ -99,7 +106,13 @@ class Host:
         r, w = os.pipe()
         cmd = [sys.executable, "-m", module, "--partition", str(part_id),
                "--physmem", self.physmem, "--workdir", str(self.workdir), "--mount", mnt,
-               "--ready-fd", str(w), *extra]
+               "--ready-fd", str(w), "--tag", self.tag, *extra]
+        if apps:
+            spec = self.workdir / f"apps-p{part_id}.json"
+            spec.write_text(json.dumps(apps))
+            cmd += ["--apps", str(spec)]
+        if netns:
+            cmd += ["--netns", netns]
         if self.machine_file:
             cmd += ["--machine", str(self.machine_file)]
         if not self.delay:
@@ -185,4 +198,6 @@ class Host:
         for m in self.workdir.glob("mnt-p*"):
             if fuse.is_mounted(str(m)):
                 fuse.abort_and_unmount(str(m))
+        from kernel.procset import cleanup_stale
+        cleanup_stale(self.tag)   # every app of every partition, and the sets themselves
         PhysMem.unlink(self.physmem)

@@ -18,6 +18,7 @@ is serving. The measured boot time is recorded in the mailbox.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -55,6 +56,32 @@ class Kernel:
         self._stop = threading.Event()
         self.ctl: control.ControlServer | None = None
         self.boot_s = 0.0
+        self.pset = None
+        self.procs = None
+        self.apps: list = []
+
+    def join_partition(self, tag: str | None) -> None:
+        """Join the partition's process set (kernel/procset.py), so that fencing the
+        partition takes this kernel and every app of it; and take the process table."""
+        from kernel.proc import ProcessSet, ProcTable
+        if tag:
+            self.pset = ProcessSet(tag, self.part.id)
+            self.pset.add(os.getpid())
+        self.procs = ProcTable(self.mem, self.mlay)
+
+    def start_apps(self, specs: list[dict], netns: str | None = None) -> None:
+        """Launch the partition's applications (real processes; they die with this kernel)."""
+        from kernel.net import enter_netns
+        from kernel.proc import AppSpec
+        if not specs:
+            return
+        if self.pset is None:
+            raise SystemExit("apps need the partition's process set: start the kernel with --tag")
+        for d in specs:
+            spec = AppSpec(**d)
+            self.apps.append(self.procs.launch(spec, self.pset, cpus=self.part.cpus,
+                                               netns_enter=enter_netns(netns)))
+            log.info("started %s (pid %d)", spec.name, self.apps[-1].pid)
 
     def disk_path(self, disk: machine_mod.Disk) -> str:
         return os.path.join(self.workdir, disk.image)
@@ -185,16 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-fd", type=int, help="write 'ready' here once serving")
     ap.add_argument("--no-delay", action="store_true", help="account modeled device time, do not wait")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault injector's choices")
+    ap.add_argument("--tag", help="the machine's tag: names the partition's process set")
+    ap.add_argument("--apps", help="JSON file: the partition's applications (kernel.proc.AppSpec fields)")
+    ap.add_argument("--netns", help="network namespace of the partition's applications")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
     mach = machine_mod.load(a.machine)
     k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
     if k.part.cpus:
         os.sched_setaffinity(0, k.part.cpus)
+    k.join_partition(a.tag)
     k.boot()
     log.info("booted partition %d (%s) in %.3f s", k.part.id, k.part.cmdline(), k.boot_s)
 
-    k.serve(a.mount, ready=lambda: notify_ready(a.ready_fd))
+    apps = json.loads(open(a.apps).read()) if a.apps else []
+
+    def ready() -> None:
+        k.start_apps(apps, a.netns)
+        notify_ready(a.ready_fd)
+
+    k.serve(a.mount, ready=ready)
     return 0
 
 

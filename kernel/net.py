@@ -252,6 +252,29 @@ _probe_lock = threading.Lock()
 _probe: str | None = None   # None: not probed; "" : usable; else: why not
 
 
+def enter_netns(netns: str | None) -> Callable[[], None]:
+    """A preexec_fn for subprocess.Popen that puts the child into `netns` (by name in
+    /run/netns or by path); None gives a function that does nothing. The child is
+    single-threaded there, so setns moves the whole process."""
+    if netns is None:
+        return lambda: None
+    if "/" in netns and not netns.startswith("/"):
+        raise NetError(f"enter: {netns!r} is neither a namespace name nor an absolute path")
+    path = _ns_path(netns)
+    if not os.path.exists(path):
+        raise NetError(f"enter: network namespace {netns!r} does not exist")
+    bpath = path.encode()
+
+    def preexec() -> None:
+        fd = os.open(bpath, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _check(_libc.setns(fd, CLONE_NEWNET), f"setns {netns}")
+        finally:
+            os.close(fd)
+
+    return preexec
+
+
 def netns_unusable() -> str:
     """Why network namespaces cannot be used here ('' if they can)."""
     global _probe
@@ -468,26 +491,8 @@ class Network:
         return self._client_ns if self.mode == "netns" else None
 
     def enter(self, netns: str | None) -> Callable[[], None]:
-        """A preexec_fn for subprocess.Popen that puts the child into `netns` (by name in
-        /run/netns or by path); None gives a function that does nothing. The child is
-        single-threaded there, so setns moves the whole process."""
-        if netns is None:
-            return lambda: None
-        if "/" in netns and not netns.startswith("/"):
-            raise NetError(f"enter: {netns!r} is neither a namespace name nor an absolute path")
-        path = _ns_path(netns)
-        if not os.path.exists(path):
-            raise NetError(f"enter: network namespace {netns!r} does not exist")
-        bpath = path.encode()
-
-        def preexec() -> None:
-            fd = os.open(bpath, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _check(_libc.setns(fd, CLONE_NEWNET), f"setns {netns}")
-            finally:
-                os.close(fd)
-
-        return preexec
+        """A preexec_fn that puts the child into `netns` (see enter_netns)."""
+        return enter_netns(netns)
 
     def down(self) -> None:
         """Delete the veth (and so its addresses) and the namespaces. Idempotent."""

@@ -130,3 +130,42 @@ def test_unknown_fault_is_refused_and_the_kernel_lives(host):
     reply = host.control(0, {"cmd": "inject", "fault": "wild-write", "target": "kitchen"})
     assert not reply["ok"] and "unknown target 'kitchen'" in reply["error"]
     assert host.kernels[0].alive()
+
+
+def _pid_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("fault", ["panic", "kill", "hang"])
+def test_apps_of_the_partition_are_gone_after_the_fault(host, fault):
+    from kernel.proc import ProcessSet, read_proc_table
+    from kernel.physmem import PhysMem, partition_layout
+    host.stop(0)
+    kp = host.boot(0, apps=[{"name": "sleeper", "argv": ["sleep", "600"]},
+                            {"name": "sleeper2", "argv": ["sleep", "601"]}])
+    mem = PhysMem(host.physmem, readonly=True)
+    try:
+        p = host.machine.partition(0)
+        entries, rejected = read_proc_table(mem, partition_layout(0, p.base, p.size))
+    finally:
+        mem.close()
+    assert rejected == [] and sorted(e["name"] for e in entries) == ["sleeper", "sleeper2"]
+    pids = [e["pid"] for e in entries]
+    inject(host, fault)
+    if fault == "hang":
+        assert host.kernels[0].alive() and not any(_pid_gone(p, 0.2) for p in pids)
+        report = ProcessSet(host.tag, 0).fence()   # what a recovery scheme does to a hung kernel
+        assert report.killed >= 3                  # the kernel and both apps
+    else:
+        wait_dead(host)
+    assert all(_pid_gone(p) for p in pids), "an app outlived its kernel"
+    assert kp.proc.wait(10) is not None

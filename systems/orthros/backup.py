@@ -110,6 +110,9 @@ def takeover(k: Kernel, f: Failure, args) -> tuple[RecoveryReport, object]:
     dead = f.mail
     t = time.monotonic()
     fence(dead.pid, args.mount)
+    if args.tag:   # and everything else of the dead partition: its apps and their children
+        from kernel.procset import ProcessSet
+        ProcessSet(args.tag, args.watch).fence()
     r.phase("fence", t)
     t = time.monotonic()
     devices = [d for d in dead.devices.split(",") if d]
@@ -185,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="beat intervals without a beat before the watched kernel is declared dead")
     ap.add_argument("--net-tag", help="the lab's network tag, to take the NIC over")
     ap.add_argument("--no-delay", action="store_true")
+    ap.add_argument("--tag", help="the machine's tag: names the partitions' process sets")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s backup[%(process)d] %(message)s")
     mach = machine_mod.load(args.machine)
     k = Kernel(mach, args.partition, args.physmem, args.workdir, delay=not args.no_delay)
     os.sched_setaffinity(0, k.part.cpus)
+    k.join_partition(args.tag)
     k.start_mailbox(role=mailbox.ROLE_BACKUP)
     k.mailbox.set(state=mailbox.STANDBY, listening=1, watching=args.watch)
     bell = mailbox.Doorbell(args.workdir, args.partition)
