@@ -201,6 +201,7 @@ class Lab:
         except CorruptObject as e:
             return {"state": "unreadable", "why": str(e)}
         return {"state": mail.state_name, "heartbeat_age_s": round(mail.age_s(), 4),
+                "role_now": "active" if mail.role == mailbox.ROLE_ACTIVE else "backup",
                 "beats": mail.beat, "boot_s": mail.boot_ns / 1e9,
                 "dying_message": mail.reason or None, "site": mail.site or None,
                 "devices_owned": mail.devices.split(",") if mail.devices else [],

@@ -103,6 +103,8 @@ class PageCache:
         """Dirty pages stay dirty, chained by index; only descriptors whose link differs
         from the dead kernel's chain are rewritten."""
         d_frames, d_inos, d_idx = a.frames[a.dirty], a.ino[a.dirty], a.index[a.dirty]
+        if not len(d_frames):
+            return
         order = np.lexsort((d_idx, d_inos))
         d_frames, d_inos, d_idx = d_frames[order], d_inos[order], d_idx[order]
         phys = self.lay.desc + d_frames * 64

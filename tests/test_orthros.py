@@ -103,3 +103,15 @@ def test_corrupted_pages_are_rejected_and_never_reach_the_disk(orthros, target, 
     assert len(set(diff)) == 1  # ... in exactly one page, which reads as a hole, not garbage
     page = diff[0]
     assert got[page * PAGE:(page + 1) * PAGE].strip(b"\0") == b""
+
+
+def test_failover_with_no_dirty_pages(orthros):
+    host, s = orthros
+    mnt = Path(s.mount)
+    with open(mnt / "synced", "wb") as f:
+        f.write(b"s" * 5 * PAGE)
+        f.flush()
+        os.fsync(f.fileno())
+    r = crash(host, s, "kill")
+    assert r.recovered and r.cache.dirty_pages_before == 0 and r.cache.pages_recovered >= 5
+    assert (mnt / "synced").read_bytes() == b"s" * 5 * PAGE

@@ -135,11 +135,12 @@ def status_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's wor
         print(json.dumps(st, indent=2))
         return
     t = Table(title=f"lab {st['workdir']} (scheme {st['scheme']})")
-    for c in ("partition", "role", "devices", "kernel pid", "state", "heartbeat age", "boot", "mount"):
+    for c in ("partition", "role", "devices (owned)", "kernel pid", "state", "heartbeat age", "boot", "mount"):
         t.add_column(c)
     for p in st["partitions"]:
         k = p["kernel"] or {}
-        t.add_row(str(p["partition"]), p["role"], ",".join(p["devices"]) or "-",
+        owned = k.get("devices_owned") if k.get("alive") else None
+        t.add_row(str(p["partition"]), k.get("role_now", p["role"]) if k.get("alive") else p["role"], ",".join(owned if owned is not None else p["devices"]) or "-",
                   str(k.get("pid", "-")) + ("" if k.get("alive", True) else " (dead)"),
                   k.get("state", "-"),
                   f"{k['heartbeat_age_s'] * 1000:.0f} ms" if "heartbeat_age_s" in k else "-",

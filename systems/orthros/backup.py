@@ -105,7 +105,7 @@ def take_disk(k: Kernel, names: list[str], delay: bool) -> BlockDevice:
             time.sleep(0.0005)
 
 
-def takeover(k: Kernel, f: Failure, args) -> tuple[RecoveryReport, object]:
+def takeover(k: Kernel, f: Failure, args, net) -> tuple[RecoveryReport, object]:
     r = RecoveryReport.after("orthros", f)
     dead = f.mail
     t = time.monotonic()
@@ -141,9 +141,9 @@ def takeover(k: Kernel, f: Failure, args) -> tuple[RecoveryReport, object]:
         r.notes.append(f"completed the dead kernel's running transaction ({txn} metadata blocks)")
     if lost:
         r.notes.append(f"{lost} dirty pages belonged to files whose creation was never committed")
-    if args.net_tag:
+    if net is not None:
         t = time.monotonic()
-        move_nic(k, args.net_tag)
+        net.move_to(k.part.id)
         r.phase("IP takeover", t)
     return r, vfs
 
@@ -165,13 +165,14 @@ def drop_orphans(vfs, inodes: dict[int, dict]) -> int:
     return lost
 
 
-def move_nic(k: Kernel, tag: str) -> None:
+def prepare_nic(k: Kernel, tag: str):
+    """Everything the NIC takeover needs (netlink sockets and namespace handles), opened
+    while in standby: attaching at takeover time cost ≈ 200 ms (measured in the lab)."""
     from kernel.net import Network
-    nic = k.machine.nics[0]
-    net = Network(tag, nic, [p.id for p in k.machine.partitions])
+    net = Network(tag, k.machine.nics[0], [p.id for p in k.machine.partitions])
     if net.mode == "netns":
         net.attach()
-    net.move_to(k.part.id)
+    return net
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     bell = mailbox.Doorbell(args.workdir, args.partition)
     w = mach.partition(args.watch)
     prefault(k.mem, mach)
+    net = prepare_nic(k, args.net_tag) if args.net_tag and mach.nics else None
     notify_ready(args.ready_fd)
     failure = watch(k, bell, partition_layout(w.id, w.base, w.size), args.missed)
     bell.close()
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("partition %d failed (%s): fault %r, last beat %.1f ms before the verdict",
              args.watch, failure.how, failure.mail.fault,
              (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3)
-    report, vfs = takeover(k, failure, args)
+    report, vfs = takeover(k, failure, args, net)
     t_serve = time.monotonic()
 
     def serving() -> None:
