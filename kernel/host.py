@@ -108,7 +108,7 @@ class Host:
                "--physmem", self.physmem, "--workdir", str(self.workdir), "--mount", mnt,
                "--ready-fd", str(w), "--tag", self.tag, *extra]
         if apps:
-            spec = self.workdir / f"apps-p{part_id}.json"
+            spec = self.workdir / f"apps-{name or 'kernel'}-p{part_id}.json"
             spec.write_text(json.dumps(apps))
             cmd += ["--apps", str(spec)]
         if netns:

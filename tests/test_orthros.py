@@ -115,3 +115,44 @@ def test_failover_with_no_dirty_pages(orthros):
     r = crash(host, s, "kill")
     assert r.recovered and r.cache.dirty_pages_before == 0 and r.cache.pages_recovered >= 5
     assert (mnt / "synced").read_bytes() == b"s" * 5 * PAGE
+
+
+def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
+    import sys
+    import time
+    wd = tempfile.mkdtemp(prefix="crashbench-orthros-")
+    os.chmod(wd, 0o755)
+    fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
+    apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", fifo],
+             "runtime_aware": True, "log": log},
+            {"name": "sleeper", "argv": ["sleep", "600"]}]
+    host = Host(Path(wd), machine.load(), delay=False)
+    host.create_memory()
+    host.format_disks()
+    s = Orthros()
+
+    def wait_log(text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(log) and text in Path(log).read_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} never appeared in the editor's log:\n"
+                             + (Path(log).read_text() if os.path.exists(log) else "(no log)"))
+    try:
+        s.deploy(host, apps)
+        wait_log("loaded seq=0 lines=0")
+        fd = os.open(fifo, os.O_WRONLY)
+        os.write(fd, b"first line\nsecond line\nthird line\n")
+        os.close(fd)
+        wait_log("lines=3")
+        r = crash(host, s, "panic")
+        assert r.processes_before == 2 and r.processes_recovered == 2
+        assert "process migration" in [p.name for p in r.phases]
+        assert any("1 processes migrated with their state, 1 restarted" in n for n in r.notes)
+        wait_log("loaded seq=")                     # the resurrected editor ...
+        loaded = [ln for ln in Path(log).read_text().splitlines() if ln.startswith("loaded")]
+        assert loaded[-1].split()[2] == "lines=3"   # ... continues with its unsaved buffer
+    finally:
+        s.teardown()
+        shutil.rmtree(wd, ignore_errors=True)

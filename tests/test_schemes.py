@@ -101,3 +101,39 @@ def test_the_validating_wrapper_rejects_broken_reports():
         check_report(rep(cache=CacheCounts(pages_before=1, dirty_pages_before=1, dirty_pages_recovered=2)))
     with pytest.raises(ReportError, match="no time of first service"):
         check_report(rep(service_at=None))
+
+
+def test_reboot_restarts_apps_without_their_state(tmp_path):
+    import sys
+    import time
+    wd = tempfile.mkdtemp(prefix="crashbench-scheme-")
+    os.chmod(wd, 0o755)
+    fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
+    apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", fifo],
+             "runtime_aware": True, "log": log}]
+    host = Host(Path(wd), machine.load(), delay=False)
+    host.create_memory()
+    host.format_disks()
+    scheme = registry()["reboot"]()
+    try:
+        scheme.deploy(host, apps)
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(log) and "loaded" in Path(log).read_text()):
+            assert time.monotonic() < deadline, "the editor did not start"
+            time.sleep(0.05)
+        fd = os.open(fifo, os.O_WRONLY)
+        os.write(fd, b"unsaved\n")
+        os.close(fd)
+        while "lines=1" not in Path(log).read_text():
+            assert time.monotonic() < deadline, "the editor did not save"
+            time.sleep(0.05)
+        r = check_report(scheme.on_crash(host.control(0, {"cmd": "inject", "fault": "panic"})))
+        assert r.processes_before == 1 and r.processes_recovered == 1
+        while Path(log).read_text().count("loaded") < 2:
+            assert time.monotonic() < deadline + 20, "the editor was not restarted"
+            time.sleep(0.05)
+        last = [ln for ln in Path(log).read_text().splitlines() if ln.startswith("loaded")][-1]
+        assert "lines=0" in last            # a reboot keeps no process state
+    finally:
+        scheme.teardown()
+        shutil.rmtree(wd, ignore_errors=True)

@@ -26,8 +26,8 @@ class Orthros:
         self.crashes = 0
 
     def deploy(self, host, apps=()) -> None:
-        self.host = host
-        kp = host.boot(0)
+        self.host, self.apps = host, list(apps)
+        kp = host.boot(0, apps=self.apps)
         self.mount = kp.mount
         self.active = 0
         self._boot_backup(1, watch=0)
@@ -42,7 +42,7 @@ class Orthros:
         if self.net_tag:
             extra += ["--net-tag", self.net_tag]
         self.host.boot(part, mount=self.mount, module="systems.orthros.backup",
-                       extra=tuple(extra), name="backup")
+                       extra=tuple(extra), name="backup", apps=self.apps)
         self.backup = part
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:

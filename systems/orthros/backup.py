@@ -35,6 +35,7 @@ from kernel.physmem import CorruptObject, partition_layout
 from systems.base import RecoveryReport
 from systems.detect import Failure
 from systems.orthros.adopt import collect, complete_transaction
+from systems.procmigrate import restart_processes
 
 log = logging.getLogger("backup")
 FENCE_TIMEOUT_S = 5.0
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--net-tag", help="the lab's network tag, to take the NIC over")
     ap.add_argument("--no-delay", action="store_true")
     ap.add_argument("--tag", help="the machine's tag: names the partitions' process sets")
+    ap.add_argument("--apps", help="JSON file: the deployment's applications, to bring back")
+    ap.add_argument("--netns", help="network namespace of the applications after takeover")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s backup[%(process)d] %(message)s")
     mach = machine_mod.load(args.machine)
@@ -215,9 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     report, vfs = takeover(k, failure, args, net)
     t_serve = time.monotonic()
 
+    specs = json.loads(open(args.apps).read()) if args.apps else []
+
     def serving() -> None:
+        t = time.monotonic()
+        report.phase("first service", t_serve, t)
+        if specs:
+            moved = restart_processes(k, args.watch, specs, with_state=True, netns=args.netns)
+            report.processes_before = moved.before
+            report.processes_recovered = moved.migrated + moved.restarted
+            report.rejected += moved.rejected
+            report.notes.append(f"{moved.migrated} processes migrated with their state, "
+                                f"{moved.restarted} restarted")
+            report.phase("process migration", t)
         report.service_at = time.monotonic()
-        report.phase("first service", t_serve, report.service_at)
         report.recovered = True
         tmp = args.report + ".tmp"
         with open(tmp, "w") as fh:

@@ -13,6 +13,7 @@ import os
 import time
 
 from kernel import fuse
+from kernel.physmem import PhysMem
 from systems.base import RecoveryReport
 from systems.detect import Watcher
 from systems.survey import survey
@@ -27,8 +28,8 @@ class Reboot:
         self.firmware_s = firmware_s
 
     def deploy(self, host, apps=()) -> None:
-        self.host = host
-        host.boot(0)
+        self.host, self.apps = host, list(apps)
+        host.boot(0, apps=self.apps)
         self.watcher = Watcher(host, 0)
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
@@ -43,8 +44,9 @@ class Reboot:
             t = time.monotonic()
             _wait_until(t + self.firmware_s)
             r.phase("firmware", t, modeled=True)
+        before = _count_processes(host)
         t = time.monotonic()
-        kp = host.boot(0)
+        kp = host.boot(0, apps=self.apps)   # a rebooted kernel starts its apps afresh
         mail = host.mail(0)
         mount_start = mail.mount_start_ns / 1e9
         mount_end = mount_start + mail.mount_ns / 1e9
@@ -53,6 +55,10 @@ class Reboot:
         os.listdir(kp.mount)  # the mount answers: service is back
         r.service_at = time.monotonic()
         r.phase("first service", mount_end, r.service_at)
+        r.processes_before, r.processes_recovered = before, min(before, len(self.apps))
+        if self.apps:
+            r.notes.append(f"{len(self.apps)} applications restarted from scratch; "
+                           "no process state survives a reboot")
         r.recovered = True
         r.notes.append(f"{r.cache.dirty_pages_lost} dirty pages of the crashed kernel were lost")
         return r
@@ -69,6 +75,19 @@ class Reboot:
     def teardown(self) -> None:
         self.watcher.close()
         self.host.close()
+
+
+def _count_processes(host) -> int:
+    """Processes in the dead kernel's table (before the new kernel clears it)."""
+    from kernel.physmem import partition_layout
+    from kernel.proc import read_proc_table
+    p = host.machine.partition(0)
+    mem = PhysMem(host.physmem, readonly=True)
+    try:
+        entries, bad = read_proc_table(mem, partition_layout(0, p.base, p.size))
+    finally:
+        mem.close()
+    return len(entries) + len(bad)
 
 
 def _wait_until(deadline: float) -> None:
