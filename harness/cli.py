@@ -28,9 +28,19 @@ app.command("down")(lab.down_cmd)
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(Path(".crashbench-demo"), help="scratch directory")):
-    """Boot the default machine, write files, crash it and show what survives in its memory."""
-    lab.demo_storage(workdir)
+def demo(workdir: Path = typer.Option(Path(".crashbench-demo"), help="scratch directory"),
+         out: Path = typer.Option(Path("results/latest"), help="where the demo's results go")):
+    """Crash a machine and look into the dead kernel's memory; then one panic under orthros
+    and under reboot, side by side. Writes OUT/demo.json."""
+    import json
+    import time
+    inspected = lab.demo_storage(workdir)
+    reports = lab.demo_failover()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(
+        {"schema_version": 1, "kind": "crashbench demo", "time": time.time(),
+         "inspect_after_crash": inspected, "recovery_reports": reports}, indent=2))
+    lab.console.print(f"\nresults written to {out / 'demo.json'}")
 
 
 def main() -> None:

@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--netns", help="network namespace of the partition's applications")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
+    from kernel import fuse  # noqa: F401  (loaded with the kernel: part of boot, not of service)
     mach = machine_mod.load(a.machine)
     k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
     if k.part.cpus:

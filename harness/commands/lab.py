@@ -67,7 +67,7 @@ def inspect_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's wo
         render_inspect(info)
 
 
-def demo_storage(workdir: Path) -> None:
+def demo_storage(workdir: Path) -> dict:
     """Boot a machine, write files through its mount, crash it, inspect the dead kernel."""
     from harness.inspect import inspect_partition
     from kernel import machine
@@ -84,9 +84,22 @@ def demo_storage(workdir: Path) -> None:
             Path(kp.mount, f"file{i}.txt").write_bytes(f"demo file {i}\n".encode() * (1000 * (i + 1)))
         console.print("wrote 8 files through the mount, none fsynced; crashing the kernel (SIGKILL)")
         host.crash(0)
-        render_inspect(inspect_partition(host.physmem, m, 0))
+        info = inspect_partition(host.physmem, m, 0)
+        render_inspect(info)
+        return info
     finally:
         host.close()
+
+
+def demo_failover(cache_mib: int = 32) -> dict:
+    """One panic under each scheme with the same file cache, as recovery reports."""
+    from harness.benchfailover import one_crash
+    out = {}
+    for name in ("orthros", "reboot"):
+        console.print(f"\n[bold]{name}[/]: {cache_mib} MiB of file cache (half never fsynced), then a panic")
+        out[name] = one_crash(name, cache_mib)
+        render_report(out[name])
+    return out
 
 
 # --- the live lab: up / status / crash / down ------------------------------------------------
