@@ -132,3 +132,15 @@ def test_orthros_lab_fails_over_twice_with_the_nic(workdir):
         assert Path(mnt, f"notes{n}.txt").read_text() == f"unsaved {n}\n" * 1000
     cb("down", *w)
     assert leftovers(workdir) == []
+
+
+def test_demo_writes_its_results(workdir):
+    r = cb("demo", "--workdir", str(workdir / "scratch"), "--out", str(workdir / "out"))
+    assert "recovery by orthros" in r.stdout and "recovery by reboot" in r.stdout
+    d = json.loads((workdir / "out" / "demo.json").read_text())
+    assert d["schema_version"] == 1
+    assert any(x["dirty_pages"] for x in d["inspect_after_crash"]["dirty_inodes"] if x["ino"])
+    o, b = d["recovery_reports"]["orthros"], d["recovery_reports"]["reboot"]
+    assert o["cache"]["dirty_pages_lost"] == 0 and o["verdict"] == "recovered"
+    assert b["cache"]["dirty_pages_lost"] == b["cache"]["dirty_pages_before"] > 0
+    assert leftovers(workdir / "scratch") == []
