@@ -38,10 +38,13 @@ def fsck_cmd(image: Path = typer.Argument(..., help="disk image to check (never 
     res = fsck(str(image))
     if json_out:
         print(json.dumps({"image": str(image), "exit_code": res.exit_code,
-                          "problems": res.problems, "counts": res.counts}, indent=2))
+                          "problems": res.problems, "notes": res.notes, "counts": res.counts},
+                         indent=2))
     else:
         for p in res.problems:
             console.print(f"  {p}")
+        for n in res.notes:
+            console.print(f"  note: {n}")
         verdict = {0: "clean", 4: "errors left uncorrected", 8: "operational error"}.get(res.exit_code, "?")
         console.print(f"{image}: {verdict} ({len(res.problems)} problem(s))")
     raise typer.Exit(res.exit_code)
