@@ -117,14 +117,15 @@ class PartitionReader:
                                 f"pointer {phys:#x} not on a {size}-byte object boundary")
 
     # --- lists ------------------------------------------------------------------------------
-    def walk_dirty(self) -> DirtyWalk:
+    def walk_dirty(self, pages: bool = True) -> DirtyWalk:
         """Superblock -> dirty-inode list -> dirty-page chains, completed by a bulk scan;
-        corrupted objects are rejected and counted, never returned."""
+        corrupted objects are rejected and counted, never returned. ``pages=False`` stops
+        at the in-core inodes (a caller that checks the page descriptors in bulk)."""
         try:
             ks = self.ksuper()
         except CorruptObject as e:
             walk = DirtyWalk(None, rejected=[e])
-            self._rescue(walk, set())
+            self._rescue(walk, set(), pages)
             return walk
         walk = DirtyWalk(ks)
         seen: set[int] = set()
@@ -141,13 +142,14 @@ class PartitionReader:
                 walk.rejected.append(e)
                 break  # the rest of the list hangs off a pointer we cannot trust
             di = DirtyInode(ic, phys)
-            self._walk_pages(di)
+            if pages:
+                self._walk_pages(di)
             walk.inodes.append(di)
             phys = ic["next_dirty"]
-        self._rescue(walk, seen)
+        self._rescue(walk, seen, pages)
         return walk
 
-    def _rescue(self, walk: DirtyWalk, seen: set[int]) -> None:
+    def _rescue(self, walk: DirtyWalk, seen: set[int], pages: bool = True) -> None:
         """Find, by scanning, the dirty inodes and pages a broken link hid from the walk."""
         bad = {e.phys for e in walk.rejected} | {e.phys for i in walk.inodes for e in i.rejected}
         arr = self.mem.array(ICORE.dtype, self.lay.icore, self.lay.n_icore)
@@ -161,8 +163,11 @@ class PartitionReader:
             except CorruptObject as e:
                 walk.rejected.append(e)
                 continue
-            self._walk_pages(di)
+            if pages:
+                self._walk_pages(di)
             walk.inodes.append(di)
+        if not pages:
+            return
         by_ino = {i.icore["ino"]: i for i in walk.inodes}
         have = {d["phys"] for i in walk.inodes for d in i.pages}
         bad |= {e.phys for i in walk.inodes for e in i.rejected}

@@ -38,90 +38,76 @@ class Harvest:
 
 def collect(mem: PhysMem, base: int, size: int, part_id: int) -> Harvest:
     r = PartitionReader(mem, base, size, part_id)
-    walk = r.walk_dirty()
+    walk = r.walk_dirty(pages=False)        # superblock and dirty in-core inodes, checked
     rejected = list(walk.rejected)
-    frames, inos, idxs, gens, csums, dirty = [], [], [], [], [], []
-    inodes: dict[int, dict] = {}
-    meta: dict[int, bytes] = {}
-    meta_bad = False
-    dirty_before = 0
-    for di in walk.inodes:
-        ino = di.icore["ino"]
-        rejected += di.rejected
-        if ino != BDEV_INO:
-            dirty_before += len(di.pages) + len(di.rejected) + di.missing
-        if ino == BDEV_INO:
-            meta_bad = bool(di.rejected)
-        for d in di.pages:
-            if not r.page_ok(d):
-                try:
-                    r.page(d)               # the precise rejection
-                except CorruptObject as e:
-                    rejected.append(e)
-                meta_bad |= ino == BDEV_INO
-                continue
-            if ino == BDEV_INO:
-                meta[d["index"]] = r.page(d)
-                continue
-            frames.append(d["frame"]); inos.append(ino); idxs.append(d["index"])
-            gens.append(d["gen"]); csums.append(d["content_csum"]); dirty.append(True)
-        if ino != BDEV_INO and di.pages:
-            inodes[ino] = di.icore
-    checked = _clean_pages(r, set(frames), frames, inos, idxs, gens, csums, dirty, rejected)
-    orphans = sum(1 for e in walk.rejected if e.kind == PAGE_DESC.kind and e.field == "ino")
+    inodes = {i.icore["ino"]: i.icore for i in walk.inodes if i.icore["ino"] != BDEV_INO}
+    good, bad_meta, dirty_before, checked = _pages(r, set(inodes), rejected)
+    f = good["frame"]
+    meta = {}
+    if len(good["meta"]):
+        for fr, idx in zip(good["meta"].tolist(), good["meta_index"].tolist()):
+            p = r.lay.frame_phys(fr)
+            meta[idx] = r.buf[p:p + 4096]
     refused = ""
     if walk.ksuper is None:
         refused, meta = "kernel superblock corrupted", {}
     elif walk.ksuper["handles_open"]:
         refused = f"the kernel died inside a file-system operation ({walk.ksuper['handles_open']} open)"
         meta = {}
-    elif meta_bad:
+    elif bad_meta:
         refused, meta = "a metadata page of the running transaction was corrupted", {}
-    a = Adopted(np.array(frames, np.int64), np.array(inos, np.int64), np.array(idxs, np.int64),
-                np.array(gens, np.int64), np.array(csums, np.uint64), np.array(dirty, bool), inodes)
-    return Harvest(a, meta, rejected, refused, checked, pages_before=dirty_before + orphans + checked,
-                   dirty_before=dirty_before + orphans)
+    a = Adopted(f, good["ino"], good["index"], good["gen"], good["csum"], good["dirty"],
+                {i: inodes[i] for i in np.unique(good["ino"][good["dirty"]]).tolist()})
+    return Harvest(a, meta, rejected, refused, checked, pages_before=checked,
+                   dirty_before=dirty_before)
 
 
-def _clean_pages(r: PartitionReader, taken: set[int], frames, inos, idxs, gens, csums, dirty,
-                 rejected) -> int:
-    """Every clean file page whose descriptor and content check out. Candidates are chosen
-    in bulk (numpy); each is then checked with two checksums over the raw bytes, with no
-    per-page decoding (the cost of adopting a large clean cache)."""
+def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list) -> tuple[dict, bool, int, int]:
+    """Every page descriptor that claims a page, chosen in bulk (numpy), each checked with
+    two checksums over the raw bytes (descriptor, then content), with no per-page decoding:
+    the cost of the takeover is per page, so it is kept to two hash calls."""
     lay = r.lay
     arr = r.mem.array(PAGE_DESC.dtype, lay.desc, lay.nframes)
     flags = arr["flags"]
     cand = np.flatnonzero((arr["magic"] == PAGE_DESC.magic) & (arr["version"] == PAGE_DESC.version)
-                          & ((flags & PG_VALID) != 0) & ((flags & (PG_DIRTY | PG_META)) == 0)
-                          & (arr["ino"] != 0))
-    if taken:
-        cand = cand[~np.isin(cand, np.fromiter(taken, np.int64, len(taken)))]
+                          & ((flags & PG_VALID) != 0))
+    is_meta = (flags[cand] & PG_META) != 0
+    is_dirty = (flags[cand] & PG_DIRTY) != 0
+    ino = arr["ino"][cand]
+    # clean metadata pages are not taken: the new kernel reads metadata from the disk
+    keep = ~is_meta | is_dirty
+    cand, is_meta, is_dirty, ino = cand[keep], is_meta[keep], is_dirty[keep], ino[keep]
     view = memoryview(r.buf)
+    ok = np.zeros(len(cand), bool)
     dcs, ccs = arr["csum"][cand].tolist(), arr["content_csum"][cand].tolist()
     desc0, frame0, body = lay.desc, lay.frames, PAGE_DESC.size - 8
-    good = []
-    for f, dc, cc in zip(cand.tolist(), dcs, ccs):
-        d = desc0 + f * PAGE_DESC.size
+    for k, (fr, dc, cc) in enumerate(zip(cand.tolist(), dcs, ccs)):
+        d = desc0 + fr * PAGE_DESC.size
         if page_csum(view[d:d + body]) != dc:
             rejected.append(CorruptObject(PAGE_DESC.kind, d, "checksum",
                                           "bad checksum (object was modified or torn)"))
             continue
-        p = frame0 + f * 4096
+        p = frame0 + fr * 4096
         if page_csum(view[p:p + 4096]) != cc:
             rejected.append(CorruptObject("page frame", p, "content",
                                           f"content checksum mismatch for inode "
-                                          f"{int(arr['ino'][f])} page {int(arr['index'][f])}"))
+                                          f"{int(arr['ino'][fr])} page {int(arr['index'][fr])}"))
             continue
-        good.append(f)
+        ok[k] = True
     view.release()
-    g = np.array(good, np.int64)
-    frames += good
-    inos += arr["ino"][g].tolist()
-    idxs += arr["index"][g].tolist()
-    gens += arr["gen"][g].tolist()
-    csums += arr["content_csum"][g].tolist()
-    dirty += [False] * len(good)
-    return len(cand)
+    file_dirty = is_dirty & ~is_meta
+    homeless = ok & file_dirty & ~np.isin(ino, np.fromiter(dirty_inodes, np.int64, len(dirty_inodes)))
+    for fr, i in zip(cand[homeless].tolist(), ino[homeless].tolist()):
+        rejected.append(CorruptObject(PAGE_DESC.kind, lay.desc_phys(fr), "ino",
+                                      f"dirty page of inode {i}, which is on no valid dirty-inode list"))
+    take = ok & ~is_meta & ~homeless
+    f = cand[take]
+    good = {"frame": f, "ino": arr["ino"][f].astype(np.int64), "index": arr["index"][f].astype(np.int64),
+            "gen": arr["gen"][f].astype(np.int64), "csum": arr["content_csum"][f],
+            "dirty": file_dirty[take],
+            "meta": cand[ok & is_meta], "meta_index": arr["index"][cand[ok & is_meta]]}
+    bad_meta = bool(np.count_nonzero(~ok & is_meta))
+    return good, bad_meta, int(np.count_nonzero(file_dirty)), int(np.count_nonzero(~is_meta))
 
 
 def complete_transaction(dev, blocks: dict[int, bytes]) -> int:
