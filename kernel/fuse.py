@@ -592,19 +592,20 @@ def connection_id(m: dict) -> int:
     return (m["major"] << 20) | m["minor"]
 
 
-def _ensure_fusectl() -> bool:
+def _ensure_fusectl() -> str:
+    """"present", "mounted" (by this call: the caller unmounts it when done), or ""."""
     if os.path.isdir(FUSECTL) and os.listdir(FUSECTL):
-        return True
+        return "present"
     with open("/proc/self/mountinfo") as f:
         if any(" - fusectl " in line for line in f):
-            return True
+            return "present"
     try:
         subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], check=True,
                        capture_output=True, timeout=10)
-        return True
+        return "mounted"
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("cannot mount fusectl on %s: %s", FUSECTL, e)
-        return False
+        return ""
 
 
 def _conn_file(m: dict, name: str) -> str:
@@ -652,24 +653,31 @@ def abort_and_unmount(mountpoint: str) -> bool:
     abort the connection through fusectl (waking every process blocked on it with
     ENOTCONN), then detach the mount lazily. Returns whether a FUSE mount was found.
     Never stats the mount point, so it cannot hang on a dead or hung daemon; mounts
-    of other types are left alone."""
+    of other types are left alone. A fusectl mounted here for the abort is unmounted
+    again, so nothing of the cleanup stays behind."""
     path = _canonical(mountpoint)
     found = False
-    for _ in range(16):                       # stacked mounts: top one first, until none
-        fuse_mounts = [m for m in mounts_at(path) if m["fstype"].startswith("fuse")]
-        if not fuse_mounts:
-            break
-        found = True
-        m = fuse_mounts[-1]
-        if _ensure_fusectl():
-            try:
-                with open(_conn_file(m, "abort"), "w") as f:
-                    f.write("1")
-            except OSError as e:
-                # gone already (the connection ended with its daemon) or not ours to see
-                log.info("abort of FUSE connection %d: %s", connection_id(m), e)
-        if not _umount_detach(path):
-            raise OSError(errno.EBUSY, f"cannot unmount {path}")
-    else:
-        raise OSError(errno.EBUSY, f"{path}: FUSE mounts remain after 16 unmounts")
+    ctl = ""
+    try:
+        for _ in range(16):                   # stacked mounts: top one first, until none
+            fuse_mounts = [m for m in mounts_at(path) if m["fstype"].startswith("fuse")]
+            if not fuse_mounts:
+                break
+            found = True
+            m = fuse_mounts[-1]
+            ctl = ctl or _ensure_fusectl()
+            if ctl:
+                try:
+                    with open(_conn_file(m, "abort"), "w") as f:
+                        f.write("1")
+                except OSError as e:
+                    # gone already (the connection ended with its daemon) or not ours to see
+                    log.info("abort of FUSE connection %d: %s", connection_id(m), e)
+            if not _umount_detach(path):
+                raise OSError(errno.EBUSY, f"cannot unmount {path}")
+        else:
+            raise OSError(errno.EBUSY, f"{path}: FUSE mounts remain after 16 unmounts")
+    finally:
+        if ctl == "mounted":
+            _umount_detach(FUSECTL)
     return found

@@ -86,3 +86,15 @@ def test_bench_detect_reports_every_fault_kind():
     assert [r["fault"] for r in rows] == ["panic", "hang", "kill"]
     assert rows[0]["detected_by"].startswith("doorbell")
     assert all(r["trials"] == 1 and r["min_ms"] > 0 for r in rows)
+
+
+def test_cleanup_of_a_dead_mount_leaves_no_control_mount_behind(host):
+    from kernel import fuse
+    ctl = "/sys/fs/fuse/connections"
+    if " fusectl " in Path("/proc/mounts").read_text():
+        subprocess.run(["umount", ctl], check=True)
+    mnt = host.kernels[0].mount
+    host.crash(0)
+    assert fuse.abort_and_unmount(mnt)
+    assert not fuse.is_mounted(mnt)
+    assert " fusectl " not in Path("/proc/mounts").read_text()
