@@ -195,6 +195,22 @@ class Kernel:
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
+def kernel_arguments(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line every kernel-side program takes from kernel/host.py."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--machine", help="machine description (TOML); default: the shipped one")
+    ap.add_argument("--partition", type=int, default=0)
+    ap.add_argument("--physmem", required=True, help="physical-memory file")
+    ap.add_argument("--workdir", required=True, help="where the disk images are")
+    ap.add_argument("--mount", required=True, help="mount point to serve the file system on")
+    ap.add_argument("--ready-fd", type=int, help="write 'ready' here once ready")
+    ap.add_argument("--no-delay", action="store_true", help="account modeled device time, do not wait")
+    ap.add_argument("--tag", help="the machine's tag: names the partitions' process sets")
+    ap.add_argument("--apps", help="JSON file: the partition's applications (kernel.proc.AppSpec fields)")
+    ap.add_argument("--netns", help="network namespace of the partition's applications")
+    return ap
+
+
 def notify_ready(fd: int | None) -> None:
     """Tell whoever launched this process (kernel/host.py) that it is ready."""
     if fd is not None:
@@ -203,18 +219,8 @@ def notify_ready(fd: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernel.kernel", description=__doc__.splitlines()[0])
-    ap.add_argument("--machine", help="machine description (TOML); default: the shipped one")
-    ap.add_argument("--partition", type=int, default=0)
-    ap.add_argument("--physmem", required=True, help="physical-memory file")
-    ap.add_argument("--workdir", required=True, help="where the disk images are")
-    ap.add_argument("--mount", required=True, help="mount point to serve the file system on")
-    ap.add_argument("--ready-fd", type=int, help="write 'ready' here once serving")
-    ap.add_argument("--no-delay", action="store_true", help="account modeled device time, do not wait")
+    ap = kernel_arguments("python -m kernel.kernel", __doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault injector's choices")
-    ap.add_argument("--tag", help="the machine's tag: names the partition's process set")
-    ap.add_argument("--apps", help="JSON file: the partition's applications (kernel.proc.AppSpec fields)")
-    ap.add_argument("--netns", help="network namespace of the partition's applications")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
     from kernel import fuse  # noqa: F401  (loaded with the kernel: part of boot, not of service)

@@ -19,7 +19,6 @@ on its control socket, and writes the report to ``--report``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import time
 from kernel import fuse, mailbox, param
 from kernel import machine as machine_mod
 from kernel.blockdev import BlockDevice, DeviceError
-from kernel.kernel import Kernel, notify_ready
+from kernel.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.physmem import CorruptObject, partition_layout
 from systems.base import RecoveryReport
 from systems.detect import Failure
@@ -177,22 +176,12 @@ def prepare_nic(k: Kernel, tag: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m systems.orthros.backup")
-    ap.add_argument("--machine")
-    ap.add_argument("--partition", type=int, required=True)
-    ap.add_argument("--watch", type=int, required=True)
-    ap.add_argument("--physmem", required=True)
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--mount", required=True, help="the mount path to serve after takeover")
-    ap.add_argument("--ready-fd", type=int)
+    ap = kernel_arguments("python -m systems.orthros.backup", "The Orthros backup kernel")
+    ap.add_argument("--watch", type=int, required=True, help="the partition to watch and take over")
     ap.add_argument("--report", required=True, help="file to write the recovery report to")
     ap.add_argument("--missed", type=int, default=param.HEARTBEAT_MISSED_BEATS,
                     help="beat intervals without a beat before the watched kernel is declared dead")
     ap.add_argument("--net-tag", help="the lab's network tag, to take the NIC over")
-    ap.add_argument("--no-delay", action="store_true")
-    ap.add_argument("--tag", help="the machine's tag: names the partitions' process sets")
-    ap.add_argument("--apps", help="JSON file: the deployment's applications, to bring back")
-    ap.add_argument("--netns", help="network namespace of the applications after takeover")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s backup[%(process)d] %(message)s")
     mach = machine_mod.load(args.machine)
