@@ -47,9 +47,33 @@ def inspect_partition(physmem_path: str, machine: Machine, part_id: int) -> dict
             out["rejected"] += [_rejected(e) for e in di.rejected]
         out["rejected"] += [_rejected(e) for e in walk.rejected]
         out["page_cache"] = _cache_summary(r)
+        out["mailbox"] = _mailbox(mem, r.lay, out["rejected"])
+        out["processes"] = _processes(mem, r.lay, out["rejected"])
         return out
     finally:
         mem.close()
+
+
+def _mailbox(mem: PhysMem, lay, rejected: list) -> dict | None:
+    from kernel.mailbox import read_mail
+    try:
+        m = read_mail(mem, lay)
+    except CorruptObject as e:
+        rejected.append(_rejected(e))
+        return None
+    return {"state": m.state_name, "pid": m.pid, "beats": m.beat,
+            "heartbeat_age_s": round(m.age_s(), 4), "boot_s": m.boot_ns / 1e9,
+            "dying_message": m.reason or None, "site": m.site or None,
+            "fault": m.fault or None, "fault_target": m.fault_target or None,
+            "devices": m.devices.split(",") if m.devices else []}
+
+
+def _processes(mem: PhysMem, lay, rejected: list) -> list[dict]:
+    from kernel.proc import read_proc_table
+    entries, bad = read_proc_table(mem, lay)
+    rejected += [_rejected(e) for e in bad]
+    return [{"pid": e["pid"], "name": e["name"], "runtime_aware": e["runtime_aware"],
+             "state_slot": e["state_slot"], "open_files": len(e["files"])} for e in entries]
 
 
 def _cache_summary(r: PartitionReader) -> dict:

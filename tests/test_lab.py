@@ -66,6 +66,9 @@ def test_up_crash_inspect_down_leaves_nothing(workdir):
     assert res["report"]["detected_by"] == "dying message"
     info = json.loads(cb("inspect", "--json", *w).stdout)
     assert any(d["ino"] and d["dirty_pages"] == 2 for d in info["dirty_inodes"])
+    assert info["mailbox"]["state"] == "panicked"
+    assert info["mailbox"]["dying_message"] == "BUG: injected panic"
+    assert info["processes"] == [] and info["rejected"] == []
     st = json.loads(cb("status", *w, "--json").stdout)
     assert st["partitions"][0]["kernel"]["state"] == "panicked"
     assert st["partitions"][0]["kernel"]["dying_message"] == "BUG: injected panic"

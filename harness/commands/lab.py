@@ -25,6 +25,13 @@ def _machine(path: Optional[Path]):
 
 def render_inspect(info: dict) -> None:
     console.print(f"[bold]partition {info['partition']}[/]  {info['cmdline']}")
+    mb = info.get("mailbox")
+    if mb:
+        console.print(f"kernel: {mb['state']} (pid {mb['pid']}), {mb['beats']} beats, last "
+                      f"{mb['heartbeat_age_s'] * 1000:.0f} ms ago; boot {mb['boot_s'] * 1000:.0f} ms; "
+                      f"devices {','.join(mb['devices']) or '-'}")
+        if mb["dying_message"]:
+            console.print(f"dying message: {mb['dying_message']} (at {mb['site']})")
     if info.get("ksuper"):
         ks = info["ksuper"]
         console.print(f"kernel superblock: running tid {ks['running_tid']}, handles open "
@@ -39,6 +46,10 @@ def render_inspect(info: dict) -> None:
     for d in info.get("dirty_inodes", []):
         t.add_row(str(d["ino"]), str(d["size"]), str(d["dirty_pages"]), str(d["pages_rejected"]))
     console.print(t)
+    for p in info.get("processes", []):
+        console.print(f"process {p['pid']} {p['name']}" + (" (runtime-aware, state slot "
+                      f"{p['state_slot']})" if p["runtime_aware"] else "")
+                      + f", {p['open_files']} open files recorded")
     for r in info["rejected"]:
         console.print(f"[red]rejected[/] {r['object']} at {r['phys']}: {r['field']}: {r['why']}")
 
