@@ -47,6 +47,12 @@ class Adopted:
     inodes: dict[int, dict] # validated in-core inodes of the dead kernel's dirty inodes
 
 
+def _scatter(n: int, where: np.ndarray, values: np.ndarray) -> list[int]:
+    out = np.zeros(n, np.uint64)
+    out[where] = values
+    return out.tolist()
+
+
 class PageCache:
     def __init__(self, mem: PhysMem, lay: PartLayout, icache: ICache, adopt: Adopted | None = None):
         self.mem, self.lay, self.ic = mem, lay, icache
@@ -87,14 +93,16 @@ class PageCache:
         frames, inos, idxs = a.frames.tolist(), a.ino.tolist(), a.index.tolist()
         keys = list(zip(inos, idxs))
         self.index = dict(zip(keys, frames))
-        key, gen, csum, flags = self.key, self.gen, self.csum, self.flags
-        for f, k, g, c in zip(frames, keys, a.gen.tolist(), a.csum.tolist()):
-            key[f], gen[f], csum[f] = k, g, c
+        key = self.key
+        for f, k in zip(frames, keys):
+            key[f] = k
+        self.gen = _scatter(n, a.frames, a.gen)       # whole lists at once: a loop per page
+        self.csum = _scatter(n, a.frames, a.csum)     # is what the outage would pay for
+        self.flags = _scatter(n, a.frames, np.where(a.dirty, PG_VALID | PG_UPTODATE | PG_DIRTY,
+                                                    PG_VALID | PG_UPTODATE))
         for ino in np.unique(a.ino).tolist():
             self.pages_of[ino] = set(a.index[a.ino == ino].tolist())
         clean = ~a.dirty
-        for f in a.frames[clean].tolist():
-            flags[f] = PG_VALID | PG_UPTODATE
         self.lru = OrderedDict(zip([keys[i] for i in np.flatnonzero(clean).tolist()],
                                    a.frames[clean].tolist()))
         self._adopt_dirty(a)
@@ -114,8 +122,6 @@ class PageCache:
         want[1:][same[1:]] = phys[:-1][same[1:]]     # oldest (lowest index) first, head = newest
         have = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)["next_dirty"][d_frames]
         now = time.monotonic_ns()
-        for f in d_frames.tolist():
-            self.flags[f] = PG_VALID | PG_UPTODATE | PG_DIRTY
         self._next_dirty.update(zip(d_frames.tolist(), want.tolist()))
         self._dirtied.update((f, now) for f in d_frames.tolist())
         self._write_descs(d_frames[have != want].tolist())
