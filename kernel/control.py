@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 import threading
 from typing import Callable
 
@@ -24,10 +25,7 @@ def ctl_path(workdir: str, part_id: int) -> str:
 class ControlServer:
     def __init__(self, path: str, handle: Callable[[dict], dict]):
         self.path, self.handle = path, handle
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        Path(path).unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(8)
@@ -59,10 +57,7 @@ class ControlServer:
 
     def close(self) -> None:
         self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        Path(self.path).unlink(missing_ok=True)
 
 
 def request(path: str, req: dict, timeout: float = 10.0) -> dict:

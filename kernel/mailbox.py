@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 import time
 from dataclasses import dataclass
 
@@ -134,10 +135,7 @@ class Doorbell:
 
     def __init__(self, workdir: str, part_id: int | str):
         self.path = doorbell_path(workdir, part_id)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        Path(self.path).unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
 
@@ -150,10 +148,7 @@ class Doorbell:
 
     def close(self) -> None:
         self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        Path(self.path).unlink(missing_ok=True)
 
 
 def ring(workdir: str, part_id: int | str, message: bytes) -> bool:

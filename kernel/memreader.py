@@ -93,11 +93,6 @@ class PartitionReader:
     def frame_phys(self, desc: dict) -> int:
         return self.lay.frame_phys(desc["frame"])
 
-    def page_ok(self, desc: dict) -> bool:
-        """Does the frame match its descriptor's content checksum? (no copy)"""
-        p = self.lay.frames + desc["frame"] * PAGE
-        return page_csum(self.view[p:p + PAGE]) == desc["content_csum"]
-
     def page(self, desc: dict) -> bytes:
         """The frame's content, only if it matches the descriptor's content checksum."""
         p = self.frame_phys(desc)

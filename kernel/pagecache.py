@@ -366,8 +366,3 @@ class PageCache:
             got += 1
         self.stats["evictions"] += got
         return got
-
-    def fill_run(self, ino: int, first: int, pages: list[bytes]) -> None:
-        for i, data in enumerate(pages):
-            if (ino, first + i) not in self.index:
-                self.insert(ino, first + i, data)

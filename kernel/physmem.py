@@ -119,10 +119,6 @@ class Layout:
                                 f"bad checksum {stored:#018x} (object was modified or torn)")
         return dict(zip(self.names, vals))
 
-    def valid_mask(self, arr: np.ndarray, raw: np.ndarray) -> np.ndarray:
-        """Bulk check of many objects: magic and version match (checksums checked by caller)."""
-        return (arr["magic"] == self.magic) & (arr["version"] == self.version)
-
 
 # --- the partition's fixed objects -------------------------------------------------------
 

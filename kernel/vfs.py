@@ -89,13 +89,15 @@ class VFS:
         size = v[_SIZE]
         return Attr(ino, v[_MODE], v[_NLINK], v[_UID], v[_GID], size, (size + 511) // 512, v[_ATIME], v[_MTIME], v[_CTIME])
 
-    def _refresh(self, ino: int) -> Attr:
-        """Reload an inode's metadata from the file system after a namespace operation."""
-        i = self.fs.iget(ino)
-        v = self.ic.get(ino)
-        if v is None:
-            return self._attr(ino)
-        self.ic.set(ino, mode=i.mode, uid=i.uid, gid=i.gid, nlink=i.nlink, ctime_ns=i.ctime_ns)
+    def _refresh(self, ino: int, directory: bool = False) -> Attr:
+        """Reload an inode's metadata from the file system after a namespace operation
+        (for a directory that changed, its size and mtime too)."""
+        if self.ic.get(ino) is not None:
+            i = self.fs.iget(ino)
+            fields = dict(mode=i.mode, uid=i.uid, gid=i.gid, nlink=i.nlink, ctime_ns=i.ctime_ns)
+            if directory:
+                fields.update(size=i.size, mtime_ns=i.mtime_ns)
+            self.ic.set(ino, **fields)
         return self._attr(ino)
 
     # --- namespace ------------------------------------------------------------------------
@@ -172,9 +174,7 @@ class VFS:
 
     def _touch_dir(self, ino: int) -> None:
         if self.ic.get(ino) is not None:
-            self._refresh(ino)
-            i = self.fs.iget(ino)
-            self.ic.set(ino, size=i.size, mtime_ns=i.mtime_ns, nlink=i.nlink)
+            self._refresh(ino, directory=True)
 
     # --- references and freeing --------------------------------------------------------
     def ref(self, ino: int, n: int = 1) -> None:

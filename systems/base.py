@@ -155,10 +155,3 @@ def registry() -> dict[str, type]:
     from systems.orthros import Orthros
     from systems.reboot import Reboot
     return {"none": NoRecovery, "reboot": Reboot, "orthros": Orthros}
-
-
-SCHEME_HELP = {
-    "none": "no recovery: the outage is recorded, nothing comes back",
-    "reboot": "plain reboot of the crashed partition: cold cache, journal replay, apps restarted",
-    "orthros": "a standby backup OS takes over devices, file cache (in place) and service",
-}
