@@ -48,7 +48,7 @@ FLUSH_LATENCY_FACTOR = 2.0  # a flush barrier costs this many request latencies
 # --- heartbeat and fault detection (kernel/kernel.py) ---
 HEARTBEAT_INTERVAL_S = 0.010
 # A kernel is declared dead after this many intervals without a beat. Measured: under a
-# sequential-write load a kernel's beats came up to ~50 ms apart (it shares one CPU and the
+# sequential-write load the backup saw no beat for 31-34 ms (the kernel shares one CPU and the
 # interpreter lock with its request thread), so 3 missed beats fenced healthy kernels.
 HEARTBEAT_MISSED_BEATS = 10
 WRITEBACK_RUN_BYTES = 4 << 20        # largest single device write during write-back
