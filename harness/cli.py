@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from harness.commands import fs, lab
+from harness.commands import fs, lab, run
 
 app = typer.Typer(
     help="crashbench: compare ways of surviving an operating-system kernel crash.",
@@ -25,11 +25,13 @@ app.command("status")(lab.status_cmd)
 app.command("crash")(lab.crash_cmd)
 app.command("inspect")(lab.inspect_cmd)
 app.command("down")(lab.down_cmd)
+app.command("run")(run.run_cmd)
+app.command("list")(run.list_cmd)
 
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path(".crashbench-demo"), help="scratch directory"),
-         out: Path = typer.Option(Path("results/latest"), help="where the demo's results go")):
+         out: Path = typer.Option(Path("results/demo"), help="where the demo's results go")):
     """Crash a machine and look into the dead kernel's memory; then one panic under orthros
     and under reboot, side by side. Writes OUT/demo.json."""
     import json

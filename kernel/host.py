@@ -57,6 +57,7 @@ class Host:
     delay: bool = True
     machine_file: str | None = None   # None: the shipped default machine
     kernels: dict[int, KernelProc] = field(default_factory=dict)
+    net: object | None = None         # the machine's kernel.net.Network, when it has one up
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
@@ -111,6 +112,8 @@ class Host:
             spec = self.workdir / f"apps-{name or 'kernel'}-p{part_id}.json"
             spec.write_text(json.dumps(apps))
             cmd += ["--apps", str(spec)]
+        if netns is None and self.net is not None:
+            netns = self.net.netns(part_id)   # the partition's apps live beside its NIC
         if netns:
             cmd += ["--netns", netns]
         if self.machine_file:

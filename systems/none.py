@@ -10,7 +10,7 @@ class NoRecovery:
 
     def deploy(self, host, apps=()) -> None:
         self.host = host
-        host.boot(0)
+        host.boot(0, apps=list(apps))   # its apps run until the crash, never after
         self.watcher = Watcher(host, 0)
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:

@@ -27,6 +27,9 @@ class Orthros:
 
     def deploy(self, host, apps=()) -> None:
         self.host, self.apps = host, list(apps)
+        net = getattr(host, "net", None)
+        if self.net_tag is None and net is not None and net.mode == "netns":
+            self.net_tag = net.tag        # the backup takes the NIC over at takeover
         kp = host.boot(0, apps=self.apps)
         self.mount = kp.mount
         self.active = 0

@@ -1,0 +1,186 @@
+"""CLI commands `run` and `list`: the harness as users run it."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(msg: str) -> None:
+    err.print(f"crashbench: {msg}", markup=False, highlight=False)
+    raise typer.Exit(2)
+
+
+def _one_line(cls) -> str:
+    doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
+    line = getattr(cls, "description", None) or doc.strip().splitlines()[0]
+    return line.split(": ", 1)[1] if line.startswith("Scheme `") else line
+
+
+def catalogue() -> dict[str, dict[str, str]]:
+    from harness.workloads import registry as workloads
+    from kernel.faults import FAULTS
+    from systems.base import registry as schemes
+    return {"schemes": {n: _one_line(c) for n, c in schemes().items()},
+            "workloads": {n: c.description for n, c in workloads().items()},
+            "faults": dict(FAULTS)}
+
+
+def list_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON for programs")):
+    """List the schemes, workloads and faults a run can name, one line each."""
+    cat = catalogue()
+    if json_out:
+        import json
+        print(json.dumps(cat, indent=2))
+        return
+    for kind, items in cat.items():
+        t = Table(title=kind, show_header=False, title_justify="left")
+        t.add_column(style="bold")
+        t.add_column()
+        for name, line in items.items():
+            t.add_row(name, line)
+        console.print(t)
+
+
+def _params(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            _fail(f"--param {p!r}: expected NAME=VALUE")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
+    return out
+
+
+def _check(schemes: list[str], workload: str, fault: str, trials: int, timing: dict,
+           params: dict) -> None:
+    """Every name and number checked before anything is created."""
+    cat = catalogue()
+    for s in schemes:
+        if s not in cat["schemes"]:
+            _fail(f"--schemes: unknown scheme {s!r}; known: {', '.join(cat['schemes'])}")
+    if len(set(schemes)) != len(schemes):
+        _fail(f"--schemes: a scheme is named twice in {','.join(schemes)}")
+    if workload not in cat["workloads"]:
+        _fail(f"--workload: unknown workload {workload!r}; known: {', '.join(cat['workloads'])}")
+    if fault not in cat["faults"]:
+        _fail(f"--fault: unknown fault {fault!r}; known: {', '.join(cat['faults'])}")
+    if trials <= 0:
+        _fail(f"--trials: must be a positive number of trials, got {trials}")
+    for k, v in timing.items():
+        must_be_positive = k in ("steady_s", "bin_s", "recovery_timeout_s", "ready_timeout_s")
+        if v < 0 or (must_be_positive and v == 0):
+            _fail(f"--{k.removesuffix('_s').replace('_', '-')}: must be positive, got {v}")
+    from harness.workloads import WorkloadError, registry
+    try:
+        registry()[workload](**params)
+    except WorkloadError as e:
+        _fail(f"--param: {e}")
+    if os.geteuid() != 0:
+        _fail("run needs root: the emulated machine mounts FUSE with allow_other and builds "
+              "network namespaces")
+
+
+def run_cmd(
+    schemes: str = typer.Option("orthros,reboot", help="comma-separated schemes (see `crashbench list`)"),
+    workload: str = typer.Option("files", help="the workload every scheme runs"),
+    fault: str = typer.Option("panic", help="the fault injected into the active kernel"),
+    trials: int = typer.Option(3, help="trials per scheme (interleaved across schemes)"),
+    duration: float = typer.Option(5.0, help="seconds of steady-state load before the crash"),
+    warmup: float = typer.Option(2.0, help="seconds of load before steady state"),
+    post: float = typer.Option(5.0, help="seconds of load after recovery (for time to 90 %)"),
+    recovery_timeout: float = typer.Option(30.0, help="seconds to wait for recovery before "
+                                           "the trial counts as not recovered"),
+    bin_s: float = typer.Option(1.0, "--bin", help="throughput bin width in seconds"),
+    seed: int = typer.Option(1, help="seed of trial 0 (trial i uses seed + i)"),
+    param: list[str] = typer.Option([], help="workload parameter NAME=VALUE (repeatable)"),
+    machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML)"),
+    out: Optional[Path] = typer.Option(None, help="result directory (default: results/<run id>)"),
+):
+    """Run WORKLOAD under every scheme, inject FAULT in each trial, and write the results
+    (run.json, histories, pyperf JSON, report.md/html with plots); results/latest points
+    at the newest run."""
+    names = [s.strip() for s in schemes.split(",") if s.strip()]
+    timing = {"warmup_s": warmup, "steady_s": duration, "post_s": post,
+              "recovery_timeout_s": recovery_timeout, "ready_timeout_s": 30.0, "bin_s": bin_s}
+    params = _params(param)
+    _check(names, workload, fault, trials, timing, params)
+    if out is not None and out.exists() and any(out.iterdir()):
+        _fail(f"--out: {out} exists and is not empty; results are never written over")
+    if machine_file is not None:
+        from kernel import machine
+        try:
+            machine.load(machine_file)
+        except machine.MachineError as e:
+            _fail(str(e))
+    from harness import driver
+    specs = driver.plan(names, workload, fault, trials, seed, timing, params,
+                        str(machine_file) if machine_file else None)
+    parameters = {"schemes": names, "workload": workload, "fault": fault, "trials": trials,
+                  "seed": seed, "timing": timing, "workload_params": params,
+                  "machine_file": str(machine_file) if machine_file else None}
+    records = _run_all(specs, parameters, out)
+    errors = [r for r in records if r.get("error")]
+    for r in errors:
+        err.print(f"crashbench: trial {r['id']} failed: {r['error']}", markup=False)
+    raise typer.Exit(1 if errors else 0)
+
+
+def _run_all(specs, parameters: dict, out: Optional[Path]) -> list[dict]:
+    from harness import driver, report, results
+    d = results.new_run_dir(run_id=None) if out is None else out
+    d.mkdir(parents=True, exist_ok=True)
+    env = results.environment()
+    records: list[dict] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=len(specs))
+        for spec in specs:
+            rec = driver.run_one(spec, d, say=lambda m: bar.update(task, description=m))
+            records.append(rec)
+            results.write_run(d, parameters, env, records)   # a run stopped halfway keeps its trials
+            bar.advance(task)
+            bar.console.print(_trial_line(rec))
+    results.write_pyperf(d, records)
+    results.point_latest(d)
+    files = report.write_report(d)
+    _print_summary(report, d)
+    console.print(f"results: {d}  (report: {', '.join(str(f.name) for f in files[:2])})")
+    return records
+
+
+def _trial_line(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['id']}: [red]error[/] {r['error']}"
+    dt = "not recovered" if r["downtime_s"] is None else f"downtime {r['downtime_s'] * 1e3:.0f} ms"
+    lost = "-" if r["lost_writes"] is None else r["lost_writes"]
+    return (f"{r['id']}: {dt}, acked writes {r['acked_writes']}, lost {lost}, "
+            f"pages recovered {r['cache']['pages_recovered']}")
+
+
+def _print_summary(report, d: Path) -> None:
+    from harness import results
+    rows = report.summary_rows(results.load_run(d))
+    if not rows:
+        return
+    t = Table(title="summary (medians; 95 % CI in brackets)")
+    for k in rows[0]:
+        t.add_column(str(k))
+    for row in rows:
+        t.add_row(*(str(v) for v in row.values()))
+    console.print(t)

@@ -1,0 +1,75 @@
+"""A finished trial as the record run.json keeps (docs/RESULTS.md lists every field).
+
+Promises to harness/results.py and the report: figures come from the checkers applied to
+the trial's history and from the scheme's RecoveryReport, never from the driver's own
+clock; a trial that could not be carried out is recorded too, with its error and every
+figure null, so a run's trials are never silently fewer than asked for.
+"""
+from __future__ import annotations
+
+from harness import checkers  # noqa: E402
+
+CACHE_KEYS = ("pages_before", "dirty_pages_before", "pages_recovered",
+              "dirty_pages_recovered", "pages_rejected")
+
+
+def record(trial, events: list[dict]) -> dict:
+    spec, report = trial.spec, trial.report
+    rd = report.to_dict() if report is not None else None
+    figs = checkers.check(events, rd, bin_s=spec.timing["bin_s"])
+    down, writes, tput = figs["downtime"], figs["writes"], figs["throughput"]
+    verified = report is not None and report.recovered
+    rec = base(spec)
+    rec.update(
+        recovered=bool(verified and down["recovered"]),
+        downtime_s=down["median_s"], downtime_max_s=down["max_s"],
+        downtime_per_client_s=down["per_client"],
+        outage_s=rd["outage_s"] if rd else None,
+        detected_by=rd["detected_by"] if rd else None,
+        phases=_phases(rd), modeled_phases=_modeled(rd),
+        acked_writes=writes["acked_writes"],
+        lost_writes=writes["lost_writes"] if verified else None,
+        corrupted_writes=writes["corrupted_writes"] if verified else None,
+        lost_bytes=writes["lost_bytes"] if verified else None,
+        unverified_keys=writes["unverified_keys"],
+        cache={k: (rd["cache"][k] if rd else 0) for k in CACHE_KEYS},
+        time_to_90pct_s=tput["time_to_90pct_s"],
+        throughput={"bin_s": spec.timing["bin_s"], "bins": tput["bins"],
+                    "pre_crash_mean": tput["pre_crash_mean"]},
+        driver_phases=_relative(trial.phases, trial.crash_at),
+        report=rd)
+    return rec
+
+
+def failed(spec, phases: list[dict], crash_at: float | None, error: str) -> dict:
+    rec = base(spec)
+    rec.update(recovered=False, downtime_s=None, downtime_max_s=None, downtime_per_client_s={},
+               outage_s=None, detected_by=None, phases={}, modeled_phases=[],
+               acked_writes=None, lost_writes=None, corrupted_writes=None, lost_bytes=None,
+               unverified_keys=None, cache={k: 0 for k in CACHE_KEYS}, time_to_90pct_s=None,
+               throughput={"bin_s": spec.timing["bin_s"], "bins": [], "pre_crash_mean": None},
+               driver_phases=_relative(phases, crash_at), report=None, error=error)
+    return rec
+
+
+def base(spec) -> dict:
+    return {"id": spec.id, "scheme": spec.scheme, "workload": spec.workload, "fault": spec.fault,
+            "trial": spec.trial, "seed": spec.seed, "history": f"history-{spec.id}.jsonl"}
+
+
+def _phases(rd: dict | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for p in (rd or {}).get("phases", []):
+        out[p["name"]] = out.get(p["name"], 0.0) + p["seconds"]
+    return out
+
+
+def _modeled(rd: dict | None) -> list[str]:
+    return sorted({p["name"] for p in (rd or {}).get("phases", []) if p["modeled"]})
+
+
+def _relative(phases: list[dict], crash_at: float | None) -> list[dict]:
+    """Driver phases with times relative to the crash (or to the first phase)."""
+    t0 = crash_at if crash_at is not None else (phases[0]["start"] if phases else 0.0)
+    return [{**p, "start": p["start"] - t0, "end": p["end"] - t0,
+             "seconds": p["end"] - p["start"]} for p in phases]

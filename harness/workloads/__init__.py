@@ -1,0 +1,88 @@
+"""Workloads: a service on the emulated machine and the clients that use it.
+
+Promises to the driver (harness/driver.py), which calls these in this order for every
+trial and every scheme alike:
+
+* ``prepare(svc)`` — optional data set, written through a kernel booted only for it and
+  shut down cleanly before the scheme deploys (so every scheme starts from the same disk);
+* ``apps(svc)`` — the applications of the active partition (kernel.proc.AppSpec fields):
+  what a recovering kernel restarts or migrates;
+* ``wait_ready(svc, timeout)`` — returns once the service answers a client in the client
+  namespace, or raises ``WorkloadError``;
+* ``start_clients(svc, until)`` — client processes that run until the monotonic deadline
+  ``until`` (or a bounded number of operations) and record every operation in their own
+  history file (harness/history.py); they compute nothing;
+* ``verify(svc, events)`` — after recovery, re-reads everything an acknowledged operation
+  promised, recording it as ``verify`` operations of one more history file.
+
+``Idle`` is the no-op workload: no service, no clients; the driver's own tests use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+class WorkloadError(RuntimeError):
+    """The workload's service or clients did not do what the driver needs."""
+
+
+@dataclass
+class Service:
+    """Everything a workload may know of the trial it runs in."""
+    mount: str                        # where the active kernel serves the file system
+    ip: str                           # the service address (the NIC's, moved on takeover)
+    client_netns: str | None          # the clients' namespace (None: loopback mode)
+    workdir: Path                     # the trial's scratch directory (logs/, histories)
+    seed: int
+    params: dict = field(default_factory=dict)
+
+    @property
+    def client_enter(self) -> Callable[[], None] | None:
+        from kernel.net import enter_netns
+        return enter_netns(self.client_netns) if self.client_netns else None
+
+    def history_dir(self) -> Path:
+        d = self.workdir / "histories"
+        d.mkdir(exist_ok=True)
+        return d
+
+
+class Workload(Protocol):
+    name: str
+    description: str
+    defaults: dict
+
+    def prepare(self, svc: Service) -> None: ...
+    def apps(self, svc: Service) -> list[dict]: ...
+    def wait_ready(self, svc: Service, timeout: float) -> None: ...
+    def start_clients(self, svc: Service, until: float): ...
+    def verify(self, svc: Service, events: list[dict]) -> Path | None: ...
+
+
+class Idle:
+    name = "idle"
+    description = "no service and no clients: the driver's null workload"
+    defaults: dict = {}
+
+    def prepare(self, svc: Service) -> None:
+        pass
+
+    def apps(self, svc: Service) -> list[dict]:
+        return []
+
+    def wait_ready(self, svc: Service, timeout: float) -> None:
+        pass
+
+    def start_clients(self, svc: Service, until: float):
+        from harness.workloads.clients import ClientGroup
+        return ClientGroup([], [])
+
+    def verify(self, svc: Service, events: list[dict]) -> Path | None:
+        return None
+
+
+def registry() -> dict[str, type]:
+    from harness.workloads.files import Files
+    return {"files": Files, "idle": Idle}

@@ -1,0 +1,90 @@
+"""Client processes of a workload: launched in the client namespace, stopped, and watched.
+
+Promises to the workloads and the driver: every client is a real process in its own
+session, entered into the client network namespace before it executes, and killed by the
+kernel if the driver dies (parent-death signal), so an interrupted run leaves no client
+behind. ``stop()`` asks politely (SIGTERM: a client finishes recording its current
+operation), then kills. ``all_ok_after(t)`` reads the clients' history files — the
+driver's only way to learn that service is back, as the clients saw it.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _preexec(enter: Callable[[], None] | None, parent: int) -> Callable[[], None]:
+    def run() -> None:
+        if enter is not None:
+            enter()
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:      # the driver died before the signal was armed
+            os._exit(1)
+    return run
+
+
+def spawn(argv: Sequence[str], log: Path, enter: Callable[[], None] | None) -> subprocess.Popen:
+    with open(log, "ab") as fh:
+        return subprocess.Popen([sys.executable, *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_preexec(enter, os.getpid()))
+
+
+class ClientGroup:
+    def __init__(self, procs: list[subprocess.Popen], histories: list[Path]):
+        self.procs, self.histories = procs, histories
+
+    def alive(self) -> int:
+        return sum(1 for p in self.procs if p.poll() is None)
+
+    def all_ok_after(self, t: float) -> bool:
+        """Every client has completed an operation with `ok` after monotonic time t."""
+        return all(_ok_after(h, t) for h in self.histories)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def failed(self) -> list[str]:
+        """Clients that exited with an error (their log says why)."""
+        return [f"client {i} exited with status {p.returncode}"
+                for i, p in enumerate(self.procs) if p.returncode not in (None, 0, -signal.SIGTERM)]
+
+
+def _ok_after(path: Path, t: float) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))     # the newest events are at the end
+            tail = fh.read().split(b"\n")
+    except FileNotFoundError:
+        return False
+    for line in reversed(tail):
+        if b'"type":"ok"' not in line:
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if e["f"] != "verify":
+            return e["time"] > t
+    return False

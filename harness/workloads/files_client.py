@@ -1,0 +1,193 @@
+"""The `files` workload's client: a WebDAV user that creates, overwrites, appends to and
+reads its own files, recording every operation (harness/history.py).
+
+Promises to the checkers: a write's value is what was sent (version, kind, byte count,
+sha256 of the body); a read's value is what came back. Content is a pure function of
+(seed, client, file, version), so every byte can be checked. Like a hard-mounted NFS
+client the client retries an operation that did not succeed, with a bounded exponential
+backoff, until it succeeds or the trial's deadline passes; each attempt is its own
+recorded operation. Outcomes: ``fail`` when nothing reached the server (connection refused,
+connect timeout), ``info`` when a write may have reached it (timeout or connection lost
+after sending, a 5xx), ``ok`` on a 2xx (and on a 404 for reads: the file is absent).
+Bounded in time (``--until``) and count (``--max-ops``); SIGTERM stops it after the
+operation in flight is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from harness.history import Recorder
+
+MAX_FILE = 1 << 20        # appends stop growing a file here; the next write overwrites it
+
+
+def content(seed: int, client: int, file: int, version: int, n: int) -> bytes:
+    """The bytes written as `version` of a file: reproducible from the four numbers."""
+    return np.random.default_rng([seed, client, file, version]).bytes(n)
+
+
+def digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+class Stop:
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, *_):
+        self.requested = True
+
+
+def classify(exc: Exception | None, status: int | None, is_write: bool) -> tuple[str, str | None]:
+    """(history type, error) of one attempt."""
+    if exc is not None:
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            return "fail", type(exc).__name__
+        return ("info" if is_write else "fail"), f"{type(exc).__name__}: {exc}"[:200]
+    if 200 <= status < 300 or (status == 404 and not is_write):
+        return "ok", None
+    if status >= 500 and is_write:
+        return "info", f"HTTP {status}"
+    return "fail", f"HTTP {status}"
+
+
+class FilesClient:
+    def __init__(self, a, rec: Recorder, stop: Stop):
+        self.a, self.rec, self.stop = a, rec, stop
+        self.rng = np.random.default_rng([a.seed, a.id, 7])
+        self.http = httpx.Client(base_url=a.url, timeout=httpx.Timeout(
+            a.read_timeout, connect=a.connect_timeout, pool=a.connect_timeout))
+        self.files: dict[int, tuple[int, bytes]] = {}   # file -> (acked version, its body)
+        self.ops = 0
+
+    def key(self, f: int) -> str:
+        return f"c{self.a.id}-f{f}.bin"
+
+    def run(self) -> None:
+        while not self._done():
+            f = int(self.rng.integers(self.a.files))
+            if f in self.files and self.rng.random() < self.a.read_ratio:
+                self.retry(lambda: self.read(self.key(f), "read"))
+            else:
+                body, version, kind = self.next_version(f)
+                if self.retry(lambda: self.write(f, body, version, kind)):
+                    self.files[f] = (version, body)
+
+    def _done(self) -> bool:
+        return self.stop.requested or self.ops >= self.a.max_ops or time.monotonic() >= self.a.until
+
+    def next_version(self, f: int) -> tuple[bytes, int, str]:
+        version, old = self.files.get(f, (0, b""))
+        v = version + 1
+        if old and len(old) < MAX_FILE and self.rng.random() < 0.3:
+            n = int(self.rng.integers(1024, 16 * 1024))
+            return old + content(self.a.seed, self.a.id, f, v, n), v, "append"
+        n = int(math.exp(self.rng.uniform(math.log(1024), math.log(self.a.max_kib * 1024))))
+        return content(self.a.seed, self.a.id, f, v, n), v, ("overwrite" if old else "create")
+
+    def retry(self, attempt) -> bool:
+        """Attempt until ok, like a hard mount; False if the trial ended first."""
+        backoff = self.a.backoff_min
+        while not self._done():
+            if attempt():
+                return True
+            time.sleep(backoff)
+            backoff = min(backoff * 2, self.a.backoff_max)
+        return False
+
+    def write(self, f: int, body: bytes, version: int, kind: str) -> bool:
+        key = self.key(f)
+        op = self.rec.invoke("write", key, {"version": version, "kind": kind,
+                                            "bytes": len(body), "sha256": digest(body)})
+        exc = status = None
+        try:
+            status = self.http.put("/" + key, content=body).status_code
+        except httpx.HTTPError as e:
+            exc = e
+        return self._complete(op, *classify(exc, status, True))
+
+    def read(self, key: str, f: str) -> bool:
+        op = self.rec.invoke(f, key)
+        exc = status = None
+        try:
+            r = self.http.get("/" + key)
+            status = r.status_code
+        except httpx.HTTPError as e:
+            exc = e
+        type_, err = classify(exc, status, False)
+        value = None
+        if type_ == "ok":
+            value = {"absent": True} if status == 404 else {"bytes": len(r.content),
+                                                             "sha256": digest(r.content)}
+        return self._complete(op, type_, err, value)
+
+    def _complete(self, op: dict, type_: str, err: str | None, value=None) -> bool:
+        self.ops += 1
+        self.rec.complete(type_, op, value=value, error=err)
+        return type_ == "ok"
+
+
+def verify(a, rec: Recorder, stop: Stop) -> int:
+    """Read back every key named in the keys file, retrying each until answered."""
+    a.files = 0
+    c = FilesClient(a, rec, stop)
+    keys = json.loads(open(a.keys).read())
+    missing = [k for k in keys if not c.retry(lambda k=k: c.read(k, "verify"))]
+    return 1 if missing else 0
+
+
+def ready(a) -> int:
+    """Exit 0 once the server answers (any HTTP status), 1 at the deadline."""
+    while time.monotonic() < a.until:
+        try:
+            httpx.request("OPTIONS", a.url + "/", timeout=httpx.Timeout(1.0, connect=0.2))
+            return 0
+        except httpx.HTTPError:
+            time.sleep(0.02)
+    return 1
+
+
+def arguments() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m harness.workloads.files_client")
+    ap.add_argument("mode", choices=("client", "verify", "ready"))
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--until", type=float, required=True, help="CLOCK_MONOTONIC deadline")
+    ap.add_argument("--history")
+    ap.add_argument("--id", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--files", type=int, default=16)
+    ap.add_argument("--max-kib", type=int, default=256)
+    ap.add_argument("--read-ratio", type=float, default=0.5)
+    ap.add_argument("--max-ops", type=int, default=100_000)
+    ap.add_argument("--connect-timeout", type=float, default=0.2)
+    ap.add_argument("--read-timeout", type=float, default=2.0)
+    ap.add_argument("--backoff-min", type=float, default=0.005)
+    ap.add_argument("--backoff-max", type=float, default=0.05)
+    ap.add_argument("--keys", help="verify: JSON list of the keys to read back")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = arguments().parse_args(argv)
+    if a.mode == "ready":
+        return ready(a)
+    stop = Stop()
+    with Recorder(a.history, a.id) as rec:
+        if a.mode == "verify":
+            return verify(a, rec, stop)
+        FilesClient(a, rec, stop).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
