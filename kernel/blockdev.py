@@ -25,7 +25,10 @@ take a dead kernel's disk over):
   time has passed). The modeled time is summed in ``stats["modeled_s"]`` — callers report
   it as *modeled* — and, with ``delay=True``, the call really returns at its modeled
   completion time (sleep for the long part, spin for the last SPIN_S). ``delay=False``
-  only accounts. Model "none" costs nothing.
+  only accounts. Model "none" costs nothing;
+* ``write(b, data, src)``: ``src`` may name the physical address of the page each block was
+  taken from (a paravirtual request's scatter list). The device ignores it; a VMM beneath
+  the kernel (kernel/vmm.py) learns from it which frame now matches which block.
 """
 from __future__ import annotations
 
@@ -121,7 +124,7 @@ class BlockDevice:
         self._charge(self._cost(n), nbytes_read=n)
         return data
 
-    def write(self, blockno: int, data) -> None:
+    def write(self, blockno: int, data, src: list[int] | None = None) -> None:
         mv = memoryview(data).cast("B")
         n = mv.nbytes
         if n == 0 or n % BSIZE:

@@ -221,6 +221,7 @@ def notify_ready(fd: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = kernel_arguments("python -m kernel.kernel", __doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault injector's choices")
+    ap.add_argument("--vmm", help="VMM region: boot beneath the warm-cache VMM (kernel/vmm.py)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
     from kernel import fuse  # noqa: F401  (loaded with the kernel: part of boot, not of service)
@@ -229,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     if k.part.cpus:
         os.sched_setaffinity(0, k.part.cpus)
     k.join_partition(a.tag)
-    k.boot()
+    dev = None
+    if a.vmm:   # without it, no watcher and the plain device: the VMM costs nothing
+        from kernel import vmm
+        dev = vmm.attach(k, a.vmm)
+    k.boot(dev)
     log.info("booted partition %d (%s) in %.3f s", k.part.id, k.part.cmdline(), k.boot_s)
 
     apps = json.loads(open(a.apps).read()) if a.apps else []

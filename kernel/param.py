@@ -52,3 +52,6 @@ HEARTBEAT_INTERVAL_S = 0.010
 # interpreter lock with its request thread), so 3 missed beats fenced healthy kernels.
 HEARTBEAT_MISSED_BEATS = 10
 WRITEBACK_RUN_BYTES = 4 << 20        # largest single device write during write-back
+
+# --- the warm-cache VMM (kernel/vmm.py, systems/warmcache) ---
+VMM_SPARE_PAGES = 16384     # preserved pages the VMM can move out of a rebooted kernel's way (64 MiB)

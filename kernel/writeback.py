@@ -126,10 +126,13 @@ class Writeback:
             while j < len(pages) and pages[j][0] == pages[j - 1][0] + 1:
                 j += 1
             blocks = vfs.fs.bmap_range(ino, pages[i][0], j - i, alloc=True)
-            self._write_run(blocks, [vfs.pc.frame_view(f) for _, f, _ in pages[i:j]])
+            self._write_run(blocks, [vfs.pc.frame_view(f) for _, f, _ in pages[i:j]],
+                            [vfs.lay.frame_phys(f) for _, f, _ in pages[i:j]])
             i = j
 
-    def _write_run(self, blocks: list[int], frames: list[memoryview]) -> None:
+    def _write_run(self, blocks: list[int], frames: list[memoryview], phys: list[int]) -> None:
+        """Write frames to blocks, runs coalesced; ``phys`` (where each frame is) goes with
+        each request, as a paravirtual disk's scatter list would (kernel/vmm.py uses it)."""
         dev = self.vfs.dev
         i = 0
         most = param.WRITEBACK_RUN_BYTES // PAGE   # bounded, so no copy holds the interpreter long
@@ -137,5 +140,5 @@ class Writeback:
             j = i + 1
             while j < len(blocks) and j - i < most and blocks[j] == blocks[j - 1] + 1:
                 j += 1
-            dev.write(blocks[i], b"".join(frames[i:j]))
+            dev.write(blocks[i], b"".join(frames[i:j]), phys[i:j])
             i = j

@@ -1,0 +1,184 @@
+"""The warm-cache VMM beneath a kernel's storage stack, in one process (no mounts)."""
+import os
+
+import numpy as np
+import pytest
+
+from kernel import vmm
+from kernel.blockdev import BlockDevice
+from kernel.mkfs import mkfs
+from kernel.physmem import PAGE_DESC, PhysMem, partition_layout
+from kernel.vfs import VFS
+
+PAGE = 4096
+MEM = 64 << 20
+
+
+class Machine:
+    """physmem + disk + the VMM's region; ``boot()`` a kernel beneath the VMM, ``crash()`` it."""
+
+    def __init__(self, tmp, spare=64):
+        self.img = str(tmp / "disk.img")
+        mkfs(self.img, 128 << 20)
+        self.mem = PhysMem(str(tmp / "physmem"), MEM, create=True)
+        self.lay = partition_layout(0, 0, MEM)
+        self.mem.write(0, self.lay.header_bytes())
+        self.rpath = str(tmp / "vmm")
+        self.dev = BlockDevice(self.img, "ssd", delay=False)
+        self.region = vmm.Region.create(self.rpath, self.lay, self.dev.nblocks, spare)
+        self.dev.close()
+        self.dev = None
+
+    def boot(self) -> VFS:
+        self.dev = BlockDevice(self.img, "ssd", delay=False)
+        self.v = vmm.Vmm(self.mem, self.lay, vmm.Region(self.rpath))
+        self.mem.watchers[:] = [self.v.watch]
+        return VFS(self.mem, self.lay, vmm.VmmDisk(self.dev, self.v))
+
+    def crash(self) -> dict:
+        """The kernel dies (nothing written back); the VMM checks what its frames hold."""
+        self.mem.watchers[:] = []
+        self.dev.close()
+        return vmm.preserve(self.region, self.mem, self.lay)
+
+    def frame_of(self, ino: int, idx: int) -> int:
+        d = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.lay.nframes)
+        return int(np.flatnonzero((d["ino"] == ino) & (d["index"] == idx))[0])
+
+    def close(self):
+        self.mem.watchers[:] = []
+        if self.dev is not None:
+            self.dev.close()
+        self.region.close()
+        self.mem.close()
+
+
+@pytest.fixture
+def m(tmp_path):
+    mc = Machine(tmp_path)
+    yield mc
+    mc.close()
+
+
+def synced_file(fs, name: bytes, data: bytes) -> int:
+    ino = fs.create(1, name, 0o100644, 0, 0).ino
+    fs.write(ino, 0, data)
+    fs.fsync(ino)
+    return ino
+
+
+def test_a_written_back_file_is_served_warm_after_the_crash(m):
+    fs = m.boot()
+    data = os.urandom(40 * PAGE)
+    synced_file(fs, b"a", data)
+    got = m.crash()
+    assert got["kept"] >= 40 and got["corrupted"] == 0
+    fs = m.boot()
+    ino = fs.lookup(1, b"a").ino
+    before, modeled = m.v.r.stats(), m.dev.stats["modeled_s"]
+    assert fs.read(ino, 0, 40 * PAGE) == data
+    after = m.v.r.stats()
+    assert after["reused"] - before["reused"] == 40
+    assert m.dev.stats["modeled_s"] - modeled < 40 * 80e-6   # not 40 pages' worth of device time
+    assert fs.read(ino, 0, 40 * PAGE) == data                # then from the new page cache
+    assert m.v.r.stats()["reused"] == after["reused"]
+
+
+def test_a_frame_stored_into_before_the_crash_is_refused(m):
+    fs = m.boot()
+    ino = synced_file(fs, b"b", b"x" * 10 * PAGE)
+    fs.write(ino, 0, b"y" * 4 * PAGE)          # four pages dirty, never written back
+    got = m.crash()
+    assert got["inconsistent"] >= 4
+    fs = m.boot()
+    ino = fs.lookup(1, b"b").ino
+    r0 = m.v.r.stats()["reused"]
+    assert fs.read(ino, 0, 10 * PAGE) == b"x" * 10 * PAGE   # the disk's, not the dirty frames'
+    assert m.v.r.stats()["reused"] - r0 == 6
+
+
+def test_a_frame_corrupted_behind_the_vmm_is_refused_by_its_checksum(m):
+    fs = m.boot()
+    data = os.urandom(10 * PAGE)
+    ino = synced_file(fs, b"c", data)
+    raw = PhysMem(m.mem.path)                  # no watcher: a memory error the VMM cannot see
+    raw.write(m.lay.frame_phys(m.frame_of(ino, 3)) + 100, b"\xff" * 8)
+    raw.close()
+    got = m.crash()
+    assert got["corrupted"] == 1 and len(got["corrupted_frames"]) == 1
+    fs = m.boot()
+    r0 = m.v.r.stats()["reused"]
+    assert fs.read(fs.lookup(1, b"c").ino, 0, 10 * PAGE) == data
+    assert m.v.r.stats()["reused"] - r0 == 9
+
+
+def test_a_block_written_after_the_crash_is_not_served_from_its_old_copy(m):
+    fs = m.boot()
+    synced_file(fs, b"d", b"1" * 4 * PAGE)
+    m.crash()
+    fs = m.boot()
+    ino = fs.lookup(1, b"d").ino
+    blocks = fs.fs.bmap_range(ino, 0, 4)
+    st = m.v.r.stats()
+    fs.dev.write(blocks[0], b"2" * PAGE)       # e.g. journal replay: a new generation of the block
+    assert m.v.r.stats()["refused_inconsistent"] == st["refused_inconsistent"] + 1
+    assert fs.read(ino, 0, PAGE) == b"2" * PAGE
+    assert m.v.r.stats()["reused"] == st["reused"] + 3   # readahead: the three others, still warm
+
+
+def test_a_warm_page_is_moved_aside_when_the_new_kernel_reuses_its_frame(m):
+    fs = m.boot()
+    data = os.urandom(8 * PAGE)
+    ino = synced_file(fs, b"e", data)
+    frame = m.frame_of(ino, 0)
+    m.crash()
+    fs = m.boot()
+    # the new kernel stores into the frame that holds the warm page: it must survive elsewhere
+    m.mem.write(m.lay.frame_phys(frame), b"z" * PAGE)
+    assert m.v.r.stats()["moved_aside"] >= 1
+    r0 = m.v.r.stats()["reused"]
+    assert fs.read(fs.lookup(1, b"e").ino, 0, 8 * PAGE) == data
+    assert m.v.r.stats()["reused"] - r0 == 8
+
+
+def test_without_spare_pages_a_reused_frame_loses_its_warm_page(tmp_path):
+    mc = Machine(tmp_path, spare=0)
+    try:
+        fs = mc.boot()
+        ino = synced_file(fs, b"f", os.urandom(2 * PAGE))
+        frame = mc.frame_of(ino, 0)
+        mc.crash()
+        mc.boot()
+        mc.mem.write(mc.lay.frame_phys(frame), b"z" * PAGE)
+        assert mc.v.r.stats()["dropped"] == 1
+    finally:
+        mc.close()
+
+
+def test_a_region_for_another_guest_is_refused(m, tmp_path):
+    other = partition_layout(0, 0, MEM // 2)
+    with pytest.raises(vmm.VmmError, match="the guest has"):
+        vmm.Vmm(m.mem, other, m.region)
+    open(tmp_path / "junk", "wb").write(bytes(3 * PAGE))
+    with pytest.raises(vmm.VmmError, match="bad magic"):
+        vmm.Region(str(tmp_path / "junk"))
+    with pytest.raises(vmm.VmmError, match="no VMM region"):
+        vmm.Region(str(tmp_path / "absent"))
+
+
+def test_a_torn_table_entry_is_refused_as_corrupted(m):
+    fs = m.boot()
+    ino = synced_file(fs, b"g", os.urandom(2 * PAGE))
+    f = m.frame_of(ino, 1)
+    m.region.ft["gen"][f] += 7                 # a stray store into the VMM's own table
+    got = m.crash()
+    assert got["corrupted"] == 1 and got["corrupted_frames"].tolist() == [f]
+
+
+def test_a_kernel_without_the_vmm_has_no_watcher(tmp_path):
+    from tests.stack import Stack
+    s = Stack(tmp_path)
+    try:
+        assert s.mem.watchers == [] and type(s.dev) is BlockDevice
+    finally:
+        s.close()
