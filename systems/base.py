@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-PHASE_ORDER = ["detect", "fence", "firmware", "device takeover", "boot", "mount + replay",
+PHASE_ORDER = ["detect", "fence", "firmware", "cache check", "device takeover", "boot", "mount + replay",
                "cache migration", "process migration", "app restart", "IP takeover",
                "first service"]
 
@@ -39,6 +39,12 @@ class CacheCounts:
     pages_recovered: int = 0        # adopted by the recovering kernel
     dirty_pages_recovered: int = 0  # of which dirty: unsynced data saved
     pages_rejected: int = 0         # refused as corrupted; never written to disk
+    # warmcache: disk blocks' copies the VMM held at the crash (file data and metadata, one
+    # per block, also pages the kernel had evicted), and what became of them
+    pages_preserved: int = 0        # copies the VMM found at the crash
+    pages_inconsistent: int = 0     # refused: stored into before the crash, or the block was written since
+    pages_corrupted: int = 0        # refused: the content checksum did not match
+    pages_reused: int = 0           # served to reads instead of the device (by the report's time)
 
     @property
     def dirty_pages_lost(self) -> int:
@@ -126,7 +132,8 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
         prev_start = p.start
     c = r.cache
     for name in ("pages_before", "dirty_pages_before", "pages_recovered",
-                 "dirty_pages_recovered", "pages_rejected"):
+                 "dirty_pages_recovered", "pages_rejected", "pages_preserved",
+                 "pages_inconsistent", "pages_corrupted", "pages_reused"):
         if getattr(c, name) < 0:
             raise ReportError(f"{r.scheme}: cache.{name} is negative")
     if c.dirty_pages_before > c.pages_before:
@@ -135,6 +142,8 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
         raise ReportError(f"{r.scheme}: recovered more pages than there were")
     if c.pages_recovered + c.pages_rejected > c.pages_before:
         raise ReportError(f"{r.scheme}: recovered and rejected pages exceed the pages before")
+    if c.pages_inconsistent + c.pages_corrupted + c.pages_reused > c.pages_preserved:
+        raise ReportError(f"{r.scheme}: preserved pages refused and reused exceed the pages preserved")
     if r.processes_recovered > r.processes_before:
         raise ReportError(f"{r.scheme}: recovered more processes than there were")
     if r.recovered and r.service_at is None:
@@ -154,4 +163,5 @@ def registry() -> dict[str, type]:
     from systems.none import NoRecovery
     from systems.orthros import Orthros
     from systems.reboot import Reboot
-    return {"none": NoRecovery, "reboot": Reboot, "orthros": Orthros}
+    from systems.warmcache import WarmCache
+    return {"none": NoRecovery, "reboot": Reboot, "orthros": Orthros, "warmcache": WarmCache}

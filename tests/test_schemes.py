@@ -58,7 +58,7 @@ def test_reboot_keeps_fsynced_data_and_counts_lost_dirty_pages(deployed):
         assert not (mnt / f"u{i}").exists() or (mnt / f"u{i}").read_bytes() != bytes([48 + i]) * 10 * PAGE
 
 
-@pytest.mark.parametrize("deployed", ["reboot"], indirect=True)
+@pytest.mark.parametrize("deployed", ["reboot", "warmcache"], indirect=True)
 def test_reboot_after_a_hang_is_detected_by_heartbeat(deployed):
     host, scheme = deployed
     reply = host.control(0, {"cmd": "inject", "fault": "hang"})

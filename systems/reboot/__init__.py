@@ -29,8 +29,15 @@ class Reboot:
 
     def deploy(self, host, apps=()) -> None:
         self.host, self.apps = host, list(apps)
-        host.boot(0, apps=self.apps)
+        self._boot()
         self.watcher = Watcher(host, 0)
+
+    def _boot(self):
+        """A kernel in partition 0, with the partition's apps (a variant adds its layers)."""
+        return self.host.boot(0, apps=self.apps)
+
+    def _before_boot(self, r: RecoveryReport) -> None:
+        """After the fence, before the new kernel boots: a variant's own phase."""
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
         host = self.host
@@ -45,8 +52,9 @@ class Reboot:
             _wait_until(t + self.firmware_s)
             r.phase("firmware", t, modeled=True)
         before = _count_processes(host)
+        self._before_boot(r)
         t = time.monotonic()
-        kp = host.boot(0, apps=self.apps)   # a rebooted kernel starts its apps afresh
+        kp = self._boot()   # a rebooted kernel starts its apps afresh
         mail = host.mail(0)
         mount_start = mail.mount_start_ns / 1e9
         mount_end = mount_start + mail.mount_ns / 1e9
