@@ -1,0 +1,47 @@
+"""Checkers: functions from a trial's history to its figures (Jepsen's model).
+
+Promises to harness/trial.py, the results and the report: clients record, checkers compute
+— every figure of a trial comes from these functions applied to the merged history (and,
+for the cache and phases, to the scheme's RecoveryReport), each defined exactly in
+docs/METRICS.md. ``check`` returns them all; a figure that cannot be computed is None,
+never a guess.
+"""
+from __future__ import annotations
+
+from harness.checkers.common import crash_times
+from harness.checkers.downtime import downtime
+from harness.checkers.throughput import throughput
+from harness.checkers.writes import writes
+
+CACHE_KEYS = ("pages_before", "dirty_pages_before", "pages_recovered",
+              "dirty_pages_recovered", "pages_rejected")
+
+__all__ = ["check", "cache", "crash_times", "downtime", "throughput", "writes", "CACHE_KEYS"]
+
+
+def check(events: list[dict], report: dict | None = None, bin_s: float = 1.0,
+          warmup_bins: int = 1) -> dict:
+    """{"downtime": downtime(), "writes": writes(), "throughput": throughput(),
+    "cache": cache()} of one trial's history and its RecoveryReport dict (or None)."""
+    return {"downtime": downtime(events), "writes": writes(events),
+            "throughput": throughput(events, bin_s, warmup_bins), "cache": cache(report)}
+
+
+def cache(report: dict | None) -> dict:
+    """The page-cache counts and the recovery phases of a RecoveryReport dict
+    (systems/base.py ``RecoveryReport.to_dict()``): {the CACHE_KEYS…, "dirty_pages_lost",
+    "phases": {name: seconds, summed over repeats}, "modeled_phases": [names]}. Without a
+    report (the trial never got one) every count is None and there are no phases."""
+    if report is None:
+        return {**{k: None for k in CACHE_KEYS}, "dirty_pages_lost": None, "phases": {},
+                "modeled_phases": []}
+    c = report["cache"]
+    counts = {k: int(c[k]) for k in CACHE_KEYS}
+    phases: dict[str, float] = {}
+    for p in report.get("phases", []):
+        phases[p["name"]] = phases.get(p["name"], 0.0) + (p["end"] - p["start"])
+    return {**counts,
+            "dirty_pages_lost": counts["dirty_pages_before"] - counts["dirty_pages_recovered"],
+            "phases": phases,
+            "modeled_phases": sorted({p["name"] for p in report.get("phases", [])
+                                      if p.get("modeled")})}
