@@ -154,3 +154,19 @@ def test_a_second_crash_is_survived_warm_too(warm):
     s0 = scheme.stats()
     assert (mnt(host) / "t").read_bytes() == data
     assert scheme.stats()["reused"] - s0["reused"] >= 16     # and metadata the new kernel read
+
+
+def test_the_warm_counts_round_trip_are_checked_and_old_reports_still_load():
+    from systems.base import CacheCounts, RecoveryReport, ReportError
+    r = RecoveryReport("warmcache", "panic", 10.0, service_at=10.3, recovered=True)
+    r.phase("detect", 10.0, 10.1)
+    r.cache = CacheCounts(pages_before=5, pages_recovered=4, pages_preserved=9,
+                          pages_inconsistent=3, pages_corrupted=1, pages_reused=4)
+    d = check_report(r).to_dict()
+    assert RecoveryReport.from_dict(d).cache == r.cache
+    old = dict(d, cache={k: v for k, v in d["cache"].items() if not k.startswith(
+        ("pages_preserved", "pages_inconsistent", "pages_corrupted", "pages_reused"))})
+    assert RecoveryReport.from_dict(old).cache.pages_preserved == 0
+    r.cache.pages_reused = 6
+    with pytest.raises(ReportError, match="exceed the pages preserved"):
+        check_report(r)
