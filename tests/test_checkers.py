@@ -476,6 +476,15 @@ def test_check_combines_every_figure_from_a_history_file(tmp_path):
     assert none["pages_before"] is None and none["phases"] == {}
 
 
+def test_cache_passes_further_counts_through_and_refuses_a_missing_one():
+    rd = RecoveryReport("warmcache", "panic", 1.0, recovered=True, service_at=2.0).to_dict()
+    rd["cache"]["pages_preserved"] = 7
+    assert checkers.cache(rd)["pages_preserved"] == 7
+    del rd["cache"]["pages_rejected"]
+    with pytest.raises(ValueError, match="pages_rejected"):
+        checkers.cache(rd)
+
+
 # --- confidence intervals ----------------------------------------------------------------
 def test_median_ci_known_ranks_and_small_samples():
     assert stats.median_ranks(100)[:2] == (40, 61)       # the textbook ranks at 95 %

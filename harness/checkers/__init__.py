@@ -30,18 +30,22 @@ def check(events: list[dict], report: dict | None = None, bin_s: float = 1.0,
 def cache(report: dict | None) -> dict:
     """The page-cache counts and the recovery phases of a RecoveryReport dict
     (systems/base.py ``RecoveryReport.to_dict()``): {the CACHE_KEYS…, "dirty_pages_lost",
-    "phases": {name: seconds, summed over repeats}, "modeled_phases": [names]}. Without a
-    report (the trial never got one) every count is None and there are no phases."""
+    any further counts the scheme reports (warmcache's pages_preserved, …) under their own
+    names, "phases": {name: seconds, summed over repeats}, "modeled_phases": [names]}.
+    Without a report (the trial never got one) every count is None and there are no
+    phases."""
     if report is None:
         return {**{k: None for k in CACHE_KEYS}, "dirty_pages_lost": None, "phases": {},
                 "modeled_phases": []}
-    c = report["cache"]
-    counts = {k: int(c[k]) for k in CACHE_KEYS}
+    c = report.get("cache")
+    missing = [k for k in CACHE_KEYS if not isinstance((c or {}).get(k), int)]
+    if missing:
+        raise ValueError(f"recovery report: cache.{missing[0]} is missing or not a count")
+    counts = {k: v for k, v in c.items() if isinstance(v, int) and not isinstance(v, bool)}
+    counts["dirty_pages_lost"] = counts["dirty_pages_before"] - counts["dirty_pages_recovered"]
     phases: dict[str, float] = {}
     for p in report.get("phases", []):
         phases[p["name"]] = phases.get(p["name"], 0.0) + (p["end"] - p["start"])
-    return {**counts,
-            "dirty_pages_lost": counts["dirty_pages_before"] - counts["dirty_pages_recovered"],
-            "phases": phases,
+    return {**counts, "phases": phases,
             "modeled_phases": sorted({p["name"] for p in report.get("phases", [])
                                       if p.get("modeled")})}
