@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from harness.commands import fs, lab, run
+from harness.commands import fs, lab, results, run
 
 app = typer.Typer(
     help="crashbench: compare ways of surviving an operating-system kernel crash.",
@@ -27,6 +27,8 @@ app.command("inspect")(lab.inspect_cmd)
 app.command("down")(lab.down_cmd)
 app.command("run")(run.run_cmd)
 app.command("list")(run.list_cmd)
+app.command("report")(results.report_cmd)
+app.command("compare")(results.compare_cmd)
 
 
 @app.command()

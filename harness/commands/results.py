@@ -1,0 +1,124 @@
+"""CLI commands `report` and `compare`: reading result directories back.
+
+Promises to users and to CI jobs: bad input (a missing directory, an unreadable or invalid
+run.json, a threshold or alpha out of range) is refused with `crashbench: <what>` on stderr
+and exit status 2 before anything is written; `compare` exits 1 when a metric got
+significantly worse and 0 otherwise, printing its table either way.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(msg: str) -> None:
+    err.print(f"crashbench: {msg}", markup=False, highlight=False)
+    raise typer.Exit(2)
+
+
+def _load(path: Path) -> dict:
+    from harness.results import ResultsError, load_run
+    try:
+        return load_run(path)
+    except ResultsError as e:
+        _fail(str(e))
+
+
+def summary_table(rows: list[dict], title: str) -> Table:
+    t = Table(title=title)
+    for i, k in enumerate(rows[0] if rows else []):
+        t.add_column(k, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*(str(v) for v in r.values()))
+    return t
+
+
+def report_cmd(dir: Path = typer.Argument(..., help="a result directory (holding run.json)")):
+    """(Re)write report.md, report.html and the plots of a result directory and print its
+    summary table."""
+    from harness import report
+    run = _load(dir)
+    try:
+        files = report.write_report(dir)
+    except OSError as e:
+        _fail(f"{dir}: cannot write the report: {e}")
+    rows = report.summary_rows(run)
+    console.print(summary_table(rows, f"{run['run_id']}: medians, 95 % CI in brackets"))
+    console.print(report.SUMMARY_NOTE, style="dim", markup=False, highlight=False)
+    console.print(f"report: {files[0]}, {files[1]}")
+    console.print(f"plots: {', '.join(str(f) for f in files[2:])}")
+
+
+def compare_cmd(old: Path = typer.Argument(..., help="the baseline result directory"),
+                new: Path = typer.Argument(..., help="the result directory to judge"),
+                threshold: float = typer.Option(0.10, help="relative change a verdict needs: "
+                                                "worse only when the median ratio new/old "
+                                                "exceeds 1 + THRESHOLD"),
+                alpha: float = typer.Option(0.05, help="significance level of the one-sided "
+                                            "Mann-Whitney U test")):
+    """Compare two runs per scheme and metric (median ratio and a one-sided Mann-Whitney U
+    test); exit 1 when any metric got significantly worse by more than THRESHOLD."""
+    if not (math.isfinite(threshold) and threshold > 0):
+        _fail(f"--threshold: must be a positive fraction (0.10 = 10 %), got {threshold}")
+    if not 0 < alpha < 1:
+        _fail(f"--alpha: must be between 0 and 1, got {alpha}")
+    from harness.compare import compare
+    result = compare(_load(old), _load(new), threshold, alpha)
+    console.print(compare_table(result, old, new))
+    for n in result.notes:
+        console.print(n, markup=False, highlight=False)
+    few = {r.note for r in result.rows if r.note.startswith("too few")}
+    for n in sorted(few):
+        console.print(f"note: {n}", style="yellow", markup=False, highlight=False)
+    worse = result.worse
+    if worse:
+        console.print(f"[red]{len(worse)} metric(s) worse[/] "
+                      f"(p < {alpha:g} and ratio > {1 + threshold:g})")
+    else:
+        console.print("no metric significantly worse")
+    raise typer.Exit(result.exit_code)
+
+
+_STYLE = {"worse": "bold red", "better": "green", "same": "", "n/a": "dim"}
+_METRIC = {"downtime_s": "downtime s", "time_to_90pct_s": "time to 90% s",
+           "lost_bytes": "lost bytes"}
+
+
+def compare_table(result, old: Path, new: Path) -> Table:
+    """One row per (scheme, workload, fault) and metric; workload and fault get columns
+    only when the rows do not all share them (they are in the title then)."""
+    kinds = {(r.workload, r.fault) for r in result.rows}
+    title = f"{old} → {new}: threshold {result.threshold:g}, alpha {result.alpha:g}"
+    if len(kinds) == 1:
+        title += "; workload {}, fault {}".format(*next(iter(kinds)))
+    t = Table(title=title)
+    t.add_column("scheme", no_wrap=True)
+    if len(kinds) > 1:
+        t.add_column("workload")
+        t.add_column("fault")
+    t.add_column("metric", no_wrap=True)
+    for c in ("n old/new", "median old", "median new", "ratio", "p worse"):
+        t.add_column(c, justify="right")
+    t.add_column("verdict", no_wrap=True)
+    for r in result.rows:
+        style = _STYLE[r.verdict]
+        t.add_row(r.scheme, *((r.workload, r.fault) if len(kinds) > 1 else ()),
+                  _METRIC.get(r.metric, r.metric), f"{r.n_old}/{r.n_new}",
+                  _g(r.median_old), _g(r.median_new), _g(r.ratio, "{:.2f}"),
+                  _g(r.p_worse, "{:.3g}"), f"[{style}]{r.verdict}[/]" if style else r.verdict)
+    return t
+
+
+def _g(v, fmt: str = "{:.4g}") -> str:
+    if v is None:
+        return "—"
+    if math.isinf(v):
+        return "∞"
+    return f"{v:.0f}" if abs(v) >= 1000 else fmt.format(v)

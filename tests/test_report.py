@@ -1,0 +1,138 @@
+"""The report of a result directory and `crashbench report`: files, plots, the summary numbers
+(the same as harness.stats gives), a self-contained HTML, and bad input refused."""
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from harness import report, results, stats
+from harness.cli import app
+
+GOLDEN_RUN = Path(__file__).parent / "golden" / "20261123-142501-orthros-reboot-files"
+PNG = b"\x89PNG\r\n\x1a\n"
+FILES = ["report.md", "report.html", "downtime-ecdf.png", "throughput.png", "phases.png"]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("report") / GOLDEN_RUN.name
+    shutil.copytree(GOLDEN_RUN, d)
+    files = report.write_report(d)
+    assert [f.name for f in files] == FILES
+    return d
+
+
+def test_report_files_exist_and_the_plots_are_pngs(written):
+    for name in FILES:
+        assert (written / name).stat().st_size > 0, name
+    for name in FILES[2:]:
+        data = (written / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+
+
+def test_report_html_is_self_contained(written):
+    page = (written / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)      # nothing fetched
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3
+    assert all(base64.b64decode(i).startswith(PNG) for i in images)
+
+
+def test_summary_is_the_numbers_of_harness_stats(written):
+    run = results.load_run(written)
+    rows = {r["scheme"]: r for r in report.summary_rows(run)}
+    assert rows["orthros"]["recovered"] == "3/3"
+    assert rows["orthros"]["downtime s: median [95% CI]"] == "0.412 (no CI: n=3)"
+    assert rows["reboot"]["downtime s: median [95% CI]"] == "2.702 (no CI: n=3)"
+    assert rows["reboot"]["lost bytes: total (median)"] == "49152 (16384)"
+    assert rows["orthros"]["pages recovered: median"] == "2058"
+    assert rows["reboot"]["time to 90% s: median [95% CI]"] == "4.000 (no CI: n=3)"
+    md = (written / "report.md").read_text()
+    for r in rows.values():                       # the table printed is these rows
+        assert "| " + " | ".join(r.values()) + " |" in md
+
+
+def test_modeled_phases_are_labelled(written):
+    for name in ("report.md", "report.html"):
+        text = (written / name).read_text()
+        assert "firmware (modeled)" in text
+        assert "cache migration (modeled)" not in text
+
+
+def test_with_six_trials_the_ci_is_shown_and_matches_stats(tmp_path):
+    run = json.loads((GOLDEN_RUN / "run.json").read_text())
+    extra = []
+    for t in run["trials"]:
+        u = copy.deepcopy(t)
+        u.update(trial=t["trial"] + 3, id=f"{t['scheme']}-files-panic-{t['trial'] + 3}",
+                 downtime_s=round(t["downtime_s"] * 1.1, 4))
+        u["history"] = f"history-{u['id']}.jsonl"
+        extra.append(u)
+    run["trials"] += extra
+    d = tmp_path / "six"
+    d.mkdir()
+    results.write_run(d, run["parameters"], run["environment"], run["trials"])
+    down = [t["downtime_s"] for t in run["trials"] if t["scheme"] == "orthros"]
+    m, lo, hi = stats.median_ci(down)
+    s = next(s for s in report.summarize(results.load_run(d)) if s["label"] == "orthros")
+    assert (s["downtime"]["median"], s["downtime"]["lo"], s["downtime"]["hi"]) == (m, lo, hi)
+    row = report.summary_rows(results.load_run(d))[0]
+    assert row["downtime s: median [95% CI]"] == f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def test_unrecovered_and_failed_trials_are_counted_not_hidden(tmp_path):
+    run = json.loads((GOLDEN_RUN / "run.json").read_text())
+    none = [t for t in run["trials"] if t["scheme"] == "reboot"]
+    none[0].update(recovered=False, downtime_s=None, downtime_max_s=None, lost_bytes=None,
+                   lost_writes=None, corrupted_writes=None, time_to_90pct_s=None)
+    none[1].update(error="DriverError: the server never answered", recovered=False,
+                   downtime_s=None, phases={}, modeled_phases=[])
+    d = tmp_path / "mixed"
+    d.mkdir()
+    results.write_run(d, run["parameters"], run["environment"], run["trials"])
+    files = report.write_report(d)
+    row = {r["scheme"]: r for r in report.summary_rows(results.load_run(d))}["reboot"]
+    assert row["trials"] == "3 (1 failed)" and row["recovered"] == "1/3"
+    assert row["lost bytes: total (median)"] == "16384 (16384), 1 unverified"
+    assert "the server never answered" in (d / "report.md").read_text()
+    assert all(f.stat().st_size > 0 for f in files)
+
+
+runner = CliRunner()
+
+
+def test_report_command_prints_the_summary_and_where_the_files_are(tmp_path):
+    d = tmp_path / "r"
+    shutil.copytree(GOLDEN_RUN, d)
+    r = runner.invoke(app, ["report", str(d)])
+    assert r.exit_code == 0, r.output
+    assert "orthros" in r.stdout and "0.412" in r.stdout and "2.702" in r.stdout
+    assert str(d / "report.html") in r.stdout.replace("\n", "")
+    assert all((d / f).exists() for f in FILES)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "no such result directory"),
+    (lambda d: d.mkdir(), "run.json: missing"),
+    (lambda d: (d.mkdir(), (d / "run.json").write_text("[1, 2")), "run.json: not JSON"),
+    (lambda d: (d.mkdir(), (d / "run.json").mkdir()), "run.json: unreadable"),
+    (lambda d: (d.mkdir(), (d / "run.json").write_text(
+        (GOLDEN_RUN / "run.json").read_text().replace('"recovered": true', '"recovered": 1', 1))),
+     "trials[0].recovered: 1 is not of type 'boolean'"),
+])
+def test_report_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, setup, message):
+    d = tmp_path / "r"
+    setup(d)
+    before = sorted(p.name for p in d.iterdir()) if d.is_dir() else None
+    r = runner.invoke(app, ["report", str(d)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("crashbench: ") and message in r.stderr.replace("\n", " ")
+    assert (sorted(p.name for p in d.iterdir()) if d.is_dir() else None) == before

@@ -1,0 +1,197 @@
+"""Result directories: run.json's schema (pinned by golden files), atomic writes, `latest`,
+the pyperf file as pyperf itself reads it, and clear errors for bad directories."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import results
+from harness.results import ResultsError
+
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_RUN = GOLDEN / "20261123-142501-orthros-reboot-files"
+
+
+def golden() -> dict:
+    return json.loads((GOLDEN_RUN / "run.json").read_text())
+
+
+def write(d: Path, run: dict) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    return results.write_run(d, run["parameters"], run["environment"], run["trials"])
+
+
+def test_golden_run_is_valid_and_the_schema_is_pinned():
+    run = results.load_run(GOLDEN_RUN)
+    assert run["schema_version"] == 1 and run["kind"] == "crashbench run"
+    assert [t["scheme"] for t in run["trials"]].count("orthros") == 3
+    # Changing RUN_SCHEMA means changing this file too, and deciding whether the change
+    # needs schema_version 2 (docs/RESULTS.md, "schema_version").
+    assert results.RUN_SCHEMA == json.loads((GOLDEN / "run-schema-v1.json").read_text())
+
+
+def test_write_run_round_trips_the_golden_run_and_keeps_created(tmp_path):
+    g = golden()
+    d = tmp_path / g["run_id"]
+    write(d, g)
+    first = json.loads((d / "run.json").read_text())
+    assert {k: v for k, v in first.items() if k != "created"} == \
+        {k: v for k, v in g.items() if k != "created"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", first["created"])
+    write(d, g)          # the driver rewrites after every trial
+    assert json.loads((d / "run.json").read_text())["created"] == first["created"]
+    assert sorted(p.name for p in d.iterdir()) == ["run.json"]     # no temporary left
+
+
+@pytest.mark.parametrize("path, field", [
+    (["trials", 1, "downtime_s"], "trials[1].downtime_s"),
+    (["trials", 0, "scheme"], "trials[0].scheme"),
+    (["trials", 4, "cache", "pages_recovered"], "trials[4].cache.pages_recovered"),
+    (["trials", 2, "throughput", "bins"], "trials[2].throughput.bins"),
+])
+def test_schema_rejects_a_record_missing_a_field_naming_it_and_writes_nothing(tmp_path, path,
+                                                                              field):
+    g = golden()
+    obj = g
+    for p in path[:-1]:
+        obj = obj[p]
+    del obj[path[-1]]
+    with pytest.raises(ResultsError) as e:
+        write(tmp_path / "r", g)
+    assert f"{field}: missing" in str(e.value)
+    assert "run.json: not written" in str(e.value)
+    assert not any((tmp_path / "r").iterdir())
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda g: g["trials"][0].update(recovered="yes"), "trials[0].recovered"),
+    (lambda g: g["trials"][3].update(lost_bytes=-1), "trials[3].lost_bytes"),
+    (lambda g: g["trials"][0].update(history="../etc/passwd"), "trials[0].history"),
+    (lambda g: g["parameters"].update(trials=0), "parameters.trials"),
+    (lambda g: g["trials"][1].update(id=g["trials"][0]["id"]), "trials[1].id"),
+])
+def test_schema_names_the_wrong_field(tmp_path, change, field):
+    g = golden()
+    change(g)
+    with pytest.raises(ResultsError, match=re.escape(field)):
+        write(tmp_path / "r", g)
+    assert not (tmp_path / "r" / "run.json").exists()
+
+
+def test_an_existing_run_json_is_kept_when_a_rewrite_is_invalid(tmp_path):
+    g = golden()
+    write(tmp_path / "r", g)
+    before = (tmp_path / "r" / "run.json").read_bytes()
+    bad = copy.deepcopy(g)
+    bad["trials"][0]["recovered"] = None
+    with pytest.raises(ResultsError):
+        write(tmp_path / "r", bad)
+    assert (tmp_path / "r" / "run.json").read_bytes() == before
+
+
+def test_load_run_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(ResultsError, match="no such result directory"):
+        results.load_run(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResultsError, match=r"empty/run.json: missing"):
+        results.load_run(tmp_path / "empty")
+    (tmp_path / "dir" / "run.json").mkdir(parents=True)
+    with pytest.raises(ResultsError, match=r"dir/run.json: unreadable"):
+        results.load_run(tmp_path / "dir")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "run.json").write_text("{not json")
+    with pytest.raises(ResultsError, match=r"text/run.json: not JSON"):
+        results.load_run(tmp_path / "text")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "run.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ResultsError, match=r"bin/run.json: unreadable"):
+        results.load_run(tmp_path / "bin")
+    newer = golden()
+    newer["schema_version"] = 2
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "run.json").write_text(json.dumps(newer))
+    with pytest.raises(ResultsError, match=r"v2/run.json: schema_version 2: .* reads "
+                                           r"schema_version 1 only"):
+        results.load_run(tmp_path / "v2")
+
+
+def test_new_run_dir_names_runs_by_time_schemes_and_workload(tmp_path):
+    d = results.new_run_dir(tmp_path, schemes=["orthros", "reboot"], workload="files")
+    assert d.is_dir() and re.fullmatch(r"\d{8}-\d{6}-orthros-reboot-files", d.name)
+    same = results.new_run_dir(tmp_path, run_id=None, schemes=["x"])
+    again = results.new_run_dir(tmp_path, run_id=None, schemes=["x"])
+    assert same != again and again.is_dir()
+    assert results.new_run_dir(tmp_path, run_id="mine") == tmp_path / "mine"
+    with pytest.raises(ResultsError, match="exists"):
+        results.new_run_dir(tmp_path, run_id="mine")
+
+
+def test_latest_is_a_relative_symlink_replaced_atomically(tmp_path):
+    a, b = results.new_run_dir(tmp_path, "a"), results.new_run_dir(tmp_path, "b")
+    link = results.point_latest(a)
+    assert link == tmp_path / "latest" and os.readlink(link) == "a"
+    results.point_latest(b)
+    assert os.readlink(link) == "b" and link.resolve() == b.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "latest"]
+    shutil.rmtree(tmp_path / "b")
+    link.unlink()
+    (tmp_path / "latest").mkdir()
+    with pytest.raises(ResultsError, match="not a symlink"):
+        results.point_latest(a)
+
+
+def test_environment_records_versions_and_the_machine_size():
+    env = results.environment()
+    for k in ("python", "crashbench", "numpy", "pyfuse3", "kernel_release", "cpu_count",
+              "memory_bytes"):
+        assert k in env
+    assert env["python"].startswith("3.") and env["cpu_count"] >= 1
+    json.dumps(env)      # recordable as it is
+
+
+def pyperf(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyperf", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_pyperf_file_is_read_by_pyperf_stats_and_compare_to(tmp_path):
+    g = golden()
+    old = results.write_pyperf(tmp_path, g["trials"])
+    assert old == tmp_path / "downtime.pyperf.json"
+    p = pyperf("stats", str(old))
+    assert p.returncode == 0, p.stderr
+    assert "downtime-orthros-files-panic" in p.stdout and "downtime-reboot-files-panic" in p.stdout
+    assert "412 ms" in p.stdout          # orthros's median downtime, as in the report
+    slower = copy.deepcopy(g["trials"])
+    for t in slower:
+        t["downtime_s"] *= 3
+    (tmp_path / "new").mkdir()
+    new = results.write_pyperf(tmp_path / "new", slower)
+    p = pyperf("compare_to", str(old), str(new))
+    assert p.returncode == 0, p.stderr
+    assert "3.00x slower" in p.stdout
+
+
+def test_pyperf_counts_recovered_trials_only(tmp_path):
+    trials = golden()["trials"]
+    for t in trials:
+        if t["scheme"] == "reboot":
+            t.update(recovered=False, downtime_s=None)
+    results.write_pyperf(tmp_path, trials)
+    import pyperf as pp
+    suite = pp.BenchmarkSuite.load(str(tmp_path / "downtime.pyperf.json"))
+    assert suite.get_benchmark_names() == ["downtime-orthros-files-panic"]
+    assert sorted(suite.get_benchmark("downtime-orthros-files-panic").get_values()) == \
+        [0.388, 0.412, 0.451]
+    for t in trials:
+        t.update(recovered=False, downtime_s=None)
+    assert results.write_pyperf(tmp_path, trials) is None
+    assert not (tmp_path / "downtime.pyperf.json").exists()
