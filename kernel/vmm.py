@@ -398,9 +398,11 @@ def preserve(region: Region, mem: PhysMem, lay: PartLayout) -> dict:
     ft, st = region.ft, region.st
     fi = np.flatnonzero(ft["state"] != FREE)
     si = np.flatnonzero(st["state"] == WARM)
-    fk, fbad, f_incons = _check(region, ft[fi], [mem.view[lay.frames + f * PAGE:][:PAGE]
-                                                 for f in fi.tolist()])
-    sk, sbad, s_incons = _check(region, st[si], list(region.spare[si]))
+    v = mem.view
+    fk, fbad, f_incons = _check(region, ft[fi], lambda w: [
+        _csum(v[p:p + PAGE]) for p in (lay.frames + fi[w] * PAGE).tolist()])
+    sk, sbad, s_incons = _check(region, st[si], lambda w: [
+        _csum(region.spare[i]) for i in si[w].tolist()])
     keep_f, keep_s = fi[fk], si[sk]
     blocks = np.concatenate([ft["block"][keep_f], st["block"][keep_s]])
     _, first = np.unique(blocks, return_index=True)
@@ -423,15 +425,15 @@ def preserve(region: Region, mem: PhysMem, lay: PartLayout) -> dict:
     return {**counts, "kept_frames": keep_f, "corrupted_frames": fi[fbad]}
 
 
-def _check(region: Region, e: np.ndarray, pages: list) -> tuple[np.ndarray, np.ndarray, int]:
-    """(keep mask, indexes of corrupted, number inconsistent) for entries e and their pages."""
+def _check(region: Region, e: np.ndarray, hashes) -> tuple[np.ndarray, np.ndarray, int]:
+    """(keep mask, indexes of corrupted, number inconsistent) for entries e; hashes(w) is
+    the xxh3 of the pages of entries w, asked only for those whose everything else holds."""
     sealed = (seal_np(e) == e["seal"]) & (e["block"] < region.nblocks) & (e["state"] <= WARM)
     now = region.gens[np.minimum(e["block"], region.nblocks - 1)]
     fresh = sealed & (e["state"] != DIRTIED) & (e["gen"] == now)
     content = np.zeros(len(e), bool)
     which = np.flatnonzero(fresh)
-    content[which] = np.fromiter((_csum(pages[i]) for i in which.tolist()), np.uint64,
-                                 len(which)) == e["csum"][which]
+    content[which] = np.array(hashes(which), np.uint64).reshape(-1) == e["csum"][which]
     corrupted = np.flatnonzero(~sealed | (fresh & ~content))
     return fresh & content, corrupted, int(np.count_nonzero(sealed & ~fresh))
 
