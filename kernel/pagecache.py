@@ -11,7 +11,11 @@ Promises to the VFS and the write-back code:
   to find the dirty file cache in the raw memory of a dead kernel;
 * clean pages are reclaimed in LRU order under memory pressure; dirty pages and metadata
   pages (ino 0, flag META) are never reclaimed;
-* all stores go through PhysMem.write (frames and descriptors alike).
+* all stores go through PhysMem.write (frames and descriptors alike);
+* clean pages adopted from a dead kernel unchecked (``Unchecked``) are checked — descriptor
+  and content checksums — on their first use, before a byte of them is served; one that
+  fails is rejected, counted, its descriptor cleared; one whose page is written, truncated
+  or reclaimed first is dropped unread. ``check_unchecked`` checks the rest in batches.
 
 The generation of a page increases on every store, so write-back can tell whether the
 page changed while it was being written (then it stays dirty).
@@ -26,8 +30,9 @@ import numpy as np
 
 from kernel import param
 from kernel.icache import ICache
-from kernel.physmem import (ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_VALID, PartLayout,
-                            PhysMem, page_csum)
+from kernel.memreader import check_pages, page_problem
+from kernel.physmem import (ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_VALID, CorruptObject,
+                            PartLayout, PhysMem, page_csum)
 
 PAGE = param.PAGE_SIZE
 ZERO_PAGE = bytes(PAGE)
@@ -45,12 +50,39 @@ class Adopted:
     csum: np.ndarray
     dirty: np.ndarray       # bool
     inodes: dict[int, dict] # validated in-core inodes of the dead kernel's dirty inodes
+    unchecked: "Unchecked | None" = None   # clean pages taken over to be checked on first use
 
 
-def _scatter(n: int, where: np.ndarray, values: np.ndarray) -> list[int]:
-    out = np.zeros(n, np.uint64)
-    out[where] = values
-    return out.tolist()
+_KEY_SHIFT = np.uint64(32)
+
+
+class Unchecked:
+    """Clean pages of a dead kernel, taken over in place with their checks still to do: a
+    table of their frames sorted by key (ino << 32 | index; both must fit 32 bits). The
+    page cache checks an entry on its first use; ``left`` entries are still open."""
+
+    def __init__(self, frames: np.ndarray, ino: np.ndarray, index: np.ndarray):
+        keys = (ino.astype(np.uint64) << _KEY_SHIFT) | index.astype(np.uint64)
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.frames = keys[order], frames[order].astype(np.int64)
+        self.open = np.ones(len(keys), bool)
+        self.left = len(keys)
+        self.good = 0                                  # checked, now cached
+        self.dropped = 0                               # written, truncated or reclaimed unread
+        self.rejected: list[CorruptObject] = []
+
+    def find(self, ino: int, idx: int, upto: int | None = None) -> np.ndarray:
+        """Open entries of page (ino, idx), or of pages idx .. upto-1 of ino."""
+        lo = (ino << 32) + idx
+        hi = lo + 1 if upto is None else (ino << 32) + upto
+        a, b = np.searchsorted(self.keys, np.array([lo, hi], np.uint64))
+        return a + np.flatnonzero(self.open[a:b])
+
+    def close(self, pos: np.ndarray) -> np.ndarray:
+        """Take entries out of the table; their frames."""
+        self.open[pos] = False
+        self.left -= len(pos)
+        return self.frames[pos]
 
 
 class PageCache:
@@ -60,7 +92,7 @@ class PageCache:
         self.nframes = n
         self.index: dict[tuple[int, int], int] = {}
         self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # clean data pages
-        self.free = list(range(n - 1, -1, -1))
+        self.free = list(range(n - 1, -1, -1)) if adopt is None else []   # adopt: set there
         self.key: list = [None] * n
         self.flags = [0] * n
         self.gen = [0] * n
@@ -71,6 +103,7 @@ class PageCache:
         self.ndirty = 0
         self.pages_of: dict[int, set[int]] = {}  # ino -> indexes cached
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.unchecked: Unchecked | None = None
         self._view = mem.view
         if adopt is None:
             # zero every descriptor: a frame with no valid descriptor holds nothing
@@ -79,29 +112,31 @@ class PageCache:
             self._adopt(adopt)
 
     def _adopt(self, a: Adopted) -> None:
-        """Take over validated pages in place: frames and descriptors stay where they are;
-        every other descriptor is cleared, in one store. Bulk operations throughout: this
-        runs while the service is down."""
+        """Take over validated pages in place: frames and descriptors stay where they are,
+        and so do those of the unchecked clean pages; every other descriptor that could
+        pass for one is cleared. Bulk operations, and Python work only per adopted page
+        (not per frame): this runs while the service is down."""
         n = self.nframes
-        raw = np.frombuffer(self.mem.mm, np.uint8, n * 64, self.lay.desc).reshape(n, 64)
-        keep = np.zeros((n, 64), np.uint8)
-        keep[a.frames] = raw[a.frames]
-        self.mem.write(self.lay.desc, keep.tobytes())
-        taken = np.zeros(n, bool)
-        taken[a.frames] = True
-        self.free = np.flatnonzero(~taken)[::-1].tolist()
-        frames, inos, idxs = a.frames.tolist(), a.ino.tolist(), a.index.tolist()
-        keys = list(zip(inos, idxs))
+        held = np.zeros(n, bool)
+        held[a.frames] = True
+        if a.unchecked is not None and a.unchecked.left:
+            held[a.unchecked.frames[a.unchecked.open]] = True
+            self.unchecked = a.unchecked
+        head = np.frombuffer(self.mem.mm, np.uint64, n * 8, self.lay.desc)[::8]  # magic, version, flags
+        self._clear_descs(np.flatnonzero((head != 0) & ~held).tolist())
+        self.free = np.flatnonzero(~held)[::-1].tolist()
+        frames = a.frames.tolist()
+        keys = list(zip(a.ino.tolist(), a.index.tolist()))
         self.index = dict(zip(keys, frames))
-        key = self.key
-        for f, k in zip(frames, keys):
-            key[f] = k
-        self.gen = _scatter(n, a.frames, a.gen)       # whole lists at once: a loop per page
-        self.csum = _scatter(n, a.frames, a.csum)     # is what the outage would pay for
-        self.flags = _scatter(n, a.frames, np.where(a.dirty, PG_VALID | PG_UPTODATE | PG_DIRTY,
-                                                    PG_VALID | PG_UPTODATE))
-        for ino in np.unique(a.ino).tolist():
-            self.pages_of[ino] = set(a.index[a.ino == ino].tolist())
+        flags = np.where(a.dirty, PG_VALID | PG_UPTODATE | PG_DIRTY, PG_VALID | PG_UPTODATE).tolist()
+        key, gen, csum, flg = self.key, self.gen, self.csum, self.flags
+        for f, k, g, c, fl in zip(frames, keys, a.gen.tolist(), a.csum.tolist(), flags):
+            key[f], gen[f], csum[f], flg[f] = k, g, c, fl
+        order = np.argsort(a.ino, kind="stable")
+        by_ino, idx_l = a.ino[order], a.index[order].tolist()
+        bounds = np.flatnonzero(np.r_[True, by_ino[1:] != by_ino[:-1], True]).tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:]) if idx_l else ():
+            self.pages_of[int(by_ino[lo])] = set(idx_l[lo:hi])
         clean = ~a.dirty
         self.lru = OrderedDict(zip([keys[i] for i in np.flatnonzero(clean).tolist()],
                                    a.frames[clean].tolist()))
@@ -123,7 +158,7 @@ class PageCache:
         have = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)["next_dirty"][d_frames]
         now = time.monotonic_ns()
         self._next_dirty.update(zip(d_frames.tolist(), want.tolist()))
-        self._dirtied.update((f, now) for f in d_frames.tolist())
+        self._dirtied.update(dict.fromkeys(d_frames.tolist(), now))
         self._write_descs(d_frames[have != want].tolist())
         self.ndirty += len(d_frames)
         bounds = np.flatnonzero(np.r_[True, d_inos[1:] != d_inos[:-1], True])
@@ -160,9 +195,15 @@ class PageCache:
     def _clear_desc(self, frame: int) -> None:
         self.mem.write(self.lay.desc + frame * 64, bytes(64))
 
+    def _clear_descs(self, frames: list[int]) -> None:
+        """Clear many descriptors (sorted frames), one store per run of adjacent ones."""
+        self._store_runs(frames, lambda i, j: bytes((j - i) * 64), self.lay.desc, 64)
+
     # --- lookup and insertion ----------------------------------------------------------
     def lookup(self, ino: int, idx: int) -> int | None:
         f = self.index.get((ino, idx))
+        if f is None and self.unchecked is not None:
+            f = self._first_use(ino, idx)
         if f is not None:
             self.stats["hits"] += 1
             if (ino, idx) in self.lru:
@@ -180,6 +221,8 @@ class PageCache:
     def insert(self, ino: int, idx: int, data, meta: bool = False) -> int:
         """Cache a clean page read from the device (data shorter than a page is zero-filled)."""
         self.stats["misses"] += 1
+        if self.unchecked is not None:
+            self._drop_unchecked(self.unchecked.find(ino, idx))
         f = self._alloc_frame()
         key = (ino, idx)
         p = self.lay.frames + f * PAGE
@@ -200,6 +243,8 @@ class PageCache:
         key = (ino, idx)
         f = self.index.get(key)
         if f is None:
+            if self.unchecked is not None:
+                self._drop_unchecked(self.unchecked.find(ino, idx))
             f = self._alloc_frame()
             self.key[f], self.flags[f] = key, PG_VALID | PG_UPTODATE | (PG_META if meta else 0)
             self.index[key] = f
@@ -225,6 +270,8 @@ class PageCache:
             key = (ino, first + i)
             f = self.index.get(key)
             if f is None:
+                if self.unchecked is not None:
+                    self._drop_unchecked(self.unchecked.find(ino, first + i))
                 f = self._alloc_frame()
                 self.key[f], self.flags[f] = key, PG_VALID | PG_UPTODATE
                 self.index[key] = f
@@ -332,6 +379,8 @@ class PageCache:
 
     def truncate(self, ino: int, first_idx: int) -> int:
         """Drop every page of ino at index >= first_idx, dirty or not; returns dirty dropped."""
+        if self.unchecked is not None:   # and the page before: it may become a partial tail
+            self._drop_unchecked(self.unchecked.find(ino, max(first_idx - 1, 0), 1 << 32))
         idxs = [i for i in self.pages_of.get(ino, ()) if i >= first_idx]
         d = self.dirty.get(ino, {})
         dropped = 0
@@ -357,8 +406,11 @@ class PageCache:
             self._drop_frame(f)
 
     def reclaim(self, n: int) -> int:
-        """Evict up to n clean, unpinned pages, least recently used first."""
+        """Evict up to n clean, unpinned pages, least recently used first (never used:
+        unchecked adopted pages, first)."""
         got = 0
+        if self.unchecked is not None:
+            got = self._drop_unchecked(np.flatnonzero(self.unchecked.open)[:n])
         while got < n and self.lru:
             key, f = self.lru.popitem(last=False)
             self.lru[key] = f  # _drop_frame pops it again
@@ -366,3 +418,66 @@ class PageCache:
             got += 1
         self.stats["evictions"] += got
         return got
+
+    # --- adopted pages still to check ---------------------------------------------------
+    def _first_use(self, ino: int, idx: int) -> int | None:
+        pos = self.unchecked.find(ino, idx)
+        if not len(pos):
+            return None
+        self._check(pos)
+        return self.index.get((ino, idx))
+
+    def check_unchecked(self, n: int) -> int:
+        """Check up to n unchecked pages (the caller holds the kernel lock); how many are left."""
+        if self.unchecked is None:
+            return 0
+        self._check(np.flatnonzero(self.unchecked.open)[:n])
+        return self.unchecked.left if self.unchecked is not None else 0
+
+    def _check(self, pos: np.ndarray) -> None:
+        """Check unchecked pages in bulk: a sound one is cached as a clean page, in place; one
+        that fails is rejected, its descriptor cleared and its frame freed."""
+        u = self.unchecked
+        want = u.keys[pos]
+        frames = u.close(pos)
+        desc_ok, ok = check_pages(self.mem, self.lay, frames)
+        d = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)[frames]
+        same = (((d["ino"] << _KEY_SHIFT) | d["index"]) == want) \
+            & ((d["flags"] & (PG_VALID | PG_DIRTY | PG_META)) == PG_VALID)
+        desc_ok &= same     # still the clean page it was adopted as
+        ok &= same
+        bad = []
+        for f, ino, idx, gen, cs in zip(frames[ok].tolist(), d["ino"][ok].tolist(),
+                                        d["index"][ok].tolist(), d["gen"][ok].tolist(),
+                                        d["content_csum"][ok].tolist()):
+            key = (ino, idx)
+            if key in self.index:
+                u.rejected.append(CorruptObject(PAGE_DESC.kind, self.lay.desc_phys(f), "index",
+                                                f"a second page {idx} of inode {ino}"))
+                bad.append(f)
+                continue
+            self.key[f], self.flags[f], self.gen[f], self.csum[f] = key, PG_VALID | PG_UPTODATE, gen, cs
+            self.index[key] = f
+            self.pages_of.setdefault(ino, set()).add(idx)
+            self.lru[key] = f
+            u.good += 1
+        for f, dok in zip(frames[~ok].tolist(), desc_ok[~ok].tolist()):
+            u.rejected.append(page_problem(self.mem, self.lay, f, dok))
+            bad.append(f)
+        self._release(sorted(bad))
+
+    def _drop_unchecked(self, pos: np.ndarray) -> int:
+        """Unchecked pages whose data is not needed (written, truncated, reclaimed): freed unread."""
+        if not len(pos):
+            return 0
+        self.unchecked.dropped += len(pos)
+        self._release(np.sort(self.unchecked.close(pos)).tolist())
+        return len(pos)
+
+    def _release(self, frames: list[int]) -> None:
+        """Frames of the unchecked table back to the free list, their descriptors cleared:
+        a frame without a valid descriptor holds nothing for a later reader of this memory."""
+        self._clear_descs(frames)
+        self.free.extend(frames)
+        if not self.unchecked.left:
+            self.unchecked = None

@@ -21,6 +21,7 @@ WRITEBACK_INTERVAL_S = 5.0  # the flusher wakes this often (Linux dirty_writebac
 DIRTY_RATIO = 0.40          # writers are throttled above this fraction of frames dirty
 EVICT_BATCH = 256           # frames reclaimed at once under memory pressure
 READAHEAD_PAGES = 32        # pages read from disk at once on a sequential miss
+ADOPT_CHECK_BATCH = 1024    # adopted clean pages checked at once (kernel lock held) after a takeover
 
 # --- journal (kernel/journal.py) ---
 COMMIT_INTERVAL_S = 5.0     # the running transaction is committed at least this often

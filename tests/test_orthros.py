@@ -63,7 +63,8 @@ def test_unsynced_files_survive_failover_and_a_clean_remount(orthros, fault, via
     assert r.cache.dirty_pages_recovered == r.cache.dirty_pages_before > 0
     assert r.cache.pages_rejected == 0 and r.rejected == []
     names = [p.name for p in r.phases]
-    assert names[:5] == ["detect", "fence", "device takeover", "cache migration", "mount + replay"]
+    # the cache migration only reads memory: it runs while the host releases the dead kernel
+    assert names[:5] == ["detect", "fence", "cache migration", "device takeover", "mount + replay"]
     assert names[-1] == "first service"
     assert_files(mnt, files)
     # the adopted dirty pages reach the disk: a clean shutdown, fsck, a fresh kernel reads them
@@ -103,6 +104,19 @@ def test_corrupted_pages_are_rejected_and_never_reach_the_disk(orthros, target, 
     assert len(set(diff)) == 1  # ... in exactly one page, which reads as a hole, not garbage
     page = diff[0]
     assert got[page * PAGE:(page + 1) * PAGE].strip(b"\0") == b""
+
+
+def test_a_corrupted_clean_page_is_rejected_and_read_from_disk(orthros):
+    host, s = orthros
+    mnt = Path(s.mount)
+    data = os.urandom(8 * PAGE)
+    with open(mnt / "synced", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    r = crash(host, s, "wild-write", target="clean-page")
+    assert r.cache.pages_rejected == 1 and r.rejected[0].startswith("page frame"), r.rejected
+    assert (mnt / "synced").read_bytes() == data
 
 
 def test_failover_with_no_dirty_pages(orthros):
@@ -156,3 +170,47 @@ def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
     finally:
         s.teardown()
         shutil.rmtree(wd, ignore_errors=True)
+
+
+# --- adopted clean pages are checked on first use (in one process, no FUSE) -------------
+@pytest.fixture
+def adopted(tmp_path):
+    """A kernel that cached a file's pages (clean, on disk) and died; a new kernel on the same
+    memory and disk that adopted them unchecked. Yields (old vfs, new vfs, ino, data)."""
+    from systems.orthros.adopt import collect
+    from kernel.vfs import VFS
+    from tests.stack import MEM, Stack
+    st = Stack(tmp_path, write_cache=False)
+    ino = st.vfs.create(1, b"f", 0o100644, 0, 0).ino
+    data = os.urandom(8 * PAGE)
+    st.vfs.write(ino, 0, data)
+    st.vfs.fsync(ino)
+    h = collect(st.mem, 0, MEM, 0)
+    assert h.adopted.unchecked.left == 8
+    new = VFS(st.mem, st.lay, st.dev, h.adopted)
+    yield st.vfs, new, ino, data
+    st.close()
+
+
+def test_a_corrupted_unchecked_page_is_never_served(adopted):
+    old, new, ino, data = adopted
+    f = old.pc.index[(ino, 3)]
+    old.mem.write(old.lay.frame_phys(f) + 100, b"wild")   # after the adoption, before any use
+    u = new.pc.unchecked
+    assert new.read(ino, 0, len(data)) == data           # page 3 comes from the disk instead
+    assert len(u.rejected) == 1 and u.rejected[0].kind == "page frame"
+    assert u.good == 3 and u.dropped == 4                 # pages 4.. read ahead from the disk
+    assert new.pc.unchecked is None
+
+
+def test_unchecked_pages_written_or_truncated_first_are_dropped_unread(adopted):
+    old, new, ino, data = adopted
+    u = new.pc.unchecked
+    new.write(ino, 2 * PAGE + 10, b"new")                 # a partial write reads the page first
+    new.setattr(ino, size=5 * PAGE + 7)                   # pages 5.. dropped, page 5 a tail
+    new.write(ino, 6 * PAGE, b"end")                      # the rest of page 5 reads as zeros
+    want = data[:2 * PAGE + 10] + b"new" + data[2 * PAGE + 13:5 * PAGE + 7]
+    want += bytes(6 * PAGE - len(want)) + b"end"
+    assert new.read(ino, 0, 7 * PAGE) == want
+    assert new.pc.check_unchecked(100) == 0
+    assert u.rejected == [] and u.good + u.dropped == 8 and u.dropped >= 4

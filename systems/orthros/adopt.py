@@ -3,10 +3,11 @@
 Promises to the Orthros takeover: ``collect`` walks the dead kernel's superblock, dirty-inode
 list, in-core inodes and page descriptors out of raw memory (kernel/memreader.py: every
 object and pointer checked, lists checked for loops, a broken link costing only its own
-object), checks every page it would keep against its content checksum, and returns the
-pages to adopt — clean and dirty — as arrays, plus the dead kernel's running journal
+object), checks every dirty page (descriptor and content checksums) and returns the pages
+to adopt as arrays — the dirty ones checked, the clean ones as a table to be checked on
+first use (kernel/pagecache.py ``Unchecked``) — plus the dead kernel's running journal
 transaction when it is safe to complete (no file-system operation was in progress). What
-fails a check is counted and described, and never reaches the disk.
+fails a check is counted and described, and never served or written to disk.
 """
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernel.icache import BDEV_INO
-from kernel.memreader import PartitionReader
-from kernel.pagecache import Adopted
-from kernel.physmem import (PAGE_DESC, PG_DIRTY, PG_META, PG_VALID, CorruptObject, PhysMem,
-                            page_csum)
+from kernel.memreader import PartitionReader, check_pages, page_problem
+from kernel.pagecache import Adopted, Unchecked
+from kernel.physmem import PAGE_DESC, PG_DIRTY, PG_META, PG_VALID, CorruptObject, PhysMem
 
 
 @dataclass
@@ -27,7 +27,6 @@ class Harvest:
     meta_blocks: dict[int, bytes]          # the running transaction, to complete; {} if none
     rejected: list[CorruptObject] = field(default_factory=list)
     txn_refused: str = ""                  # why the running transaction was not completed
-    clean_checked: int = 0
     pages_before: int = 0                  # file pages the dead kernel claimed to cache
     dirty_before: int = 0                  # of which dirty
 
@@ -41,13 +40,11 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int) -> Harvest:
     walk = r.walk_dirty(pages=False)        # superblock and dirty in-core inodes, checked
     rejected = list(walk.rejected)
     inodes = {i.icore["ino"]: i.icore for i in walk.inodes if i.icore["ino"] != BDEV_INO}
-    good, bad_meta, dirty_before, checked = _pages(r, set(inodes), rejected)
-    f = good["frame"]
+    good, later, bad_meta, dirty_before, claimed = _pages(r, set(inodes), rejected)
     meta = {}
-    if len(good["meta"]):
-        for fr, idx in zip(good["meta"].tolist(), good["meta_index"].tolist()):
-            p = r.lay.frame_phys(fr)
-            meta[idx] = r.buf[p:p + 4096]
+    for fr, idx in zip(good["meta"].tolist(), good["meta_index"].tolist()):
+        p = r.lay.frame_phys(fr)
+        meta[idx] = r.buf[p:p + 4096]
     refused = ""
     if walk.ksuper is None:
         refused, meta = "kernel superblock corrupted", {}
@@ -56,16 +53,18 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int) -> Harvest:
         meta = {}
     elif bad_meta:
         refused, meta = "a metadata page of the running transaction was corrupted", {}
-    a = Adopted(f, good["ino"], good["index"], good["gen"], good["csum"], good["dirty"],
-                {i: inodes[i] for i in np.unique(good["ino"][good["dirty"]]).tolist()})
-    return Harvest(a, meta, rejected, refused, checked, pages_before=checked,
-                   dirty_before=dirty_before)
+    a = Adopted(good["frame"], good["ino"], good["index"], good["gen"], good["csum"], good["dirty"],
+                {i: inodes[i] for i in np.unique(good["ino"][good["dirty"]]).tolist()}, later)
+    return Harvest(a, meta, rejected, refused, pages_before=claimed, dirty_before=dirty_before)
 
 
-def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list) -> tuple[dict, bool, int, int]:
-    """Every page descriptor that claims a page, chosen in bulk (numpy), each checked with
-    two checksums over the raw bytes (descriptor, then content), with no per-page decoding:
-    the cost of the takeover is per page, so it is kept to two hash calls."""
+def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list):
+    """Every page descriptor that claims a page, chosen in bulk (numpy). Dirty pages (and
+    the rare clean page whose key does not fit the unchecked table) are checked now, in
+    bulk (memreader.check_pages: descriptor and content checksums, no Python frame per
+    page); clean file pages are adopted unchecked, to be checked on first use
+    (kernel/pagecache.py Unchecked): the outage pays only for the pages that must be
+    written back."""
     lay = r.lay
     arr = r.mem.array(PAGE_DESC.dtype, lay.desc, lay.nframes)
     flags = arr["flags"]
@@ -73,28 +72,16 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list) -> tuple[
                           & ((flags & PG_VALID) != 0))
     is_meta = (flags[cand] & PG_META) != 0
     is_dirty = (flags[cand] & PG_DIRTY) != 0
-    ino = arr["ino"][cand]
+    ino, index = arr["ino"][cand], arr["index"][cand]
     # clean metadata pages are not taken: the new kernel reads metadata from the disk
     keep = ~is_meta | is_dirty
-    cand, is_meta, is_dirty, ino = cand[keep], is_meta[keep], is_dirty[keep], ino[keep]
-    view = memoryview(r.buf)
-    ok = np.zeros(len(cand), bool)
-    dcs, ccs = arr["csum"][cand].tolist(), arr["content_csum"][cand].tolist()
-    desc0, frame0, body = lay.desc, lay.frames, PAGE_DESC.size - 8
-    for k, (fr, dc, cc) in enumerate(zip(cand.tolist(), dcs, ccs)):
-        d = desc0 + fr * PAGE_DESC.size
-        if page_csum(view[d:d + body]) != dc:
-            rejected.append(CorruptObject(PAGE_DESC.kind, d, "checksum",
-                                          "bad checksum (object was modified or torn)"))
-            continue
-        p = frame0 + fr * 4096
-        if page_csum(view[p:p + 4096]) != cc:
-            rejected.append(CorruptObject("page frame", p, "content",
-                                          f"content checksum mismatch for inode "
-                                          f"{int(arr['ino'][fr])} page {int(arr['index'][fr])}"))
-            continue
-        ok[k] = True
-    view.release()
+    cand, is_meta, is_dirty, ino, index = cand[keep], is_meta[keep], is_dirty[keep], ino[keep], index[keep]
+    lazy = ~is_dirty & ~is_meta & (ino < 1 << 32) & (index < 1 << 32)
+    later = Unchecked(cand[lazy], ino[lazy], index[lazy])
+    cand, is_meta, is_dirty, ino = cand[~lazy], is_meta[~lazy], is_dirty[~lazy], ino[~lazy]
+    desc_ok, ok = check_pages(r.mem, lay, cand)
+    for fr, dok in zip(cand[~ok].tolist(), desc_ok[~ok].tolist()):
+        rejected.append(page_problem(r.mem, lay, fr, dok))
     file_dirty = is_dirty & ~is_meta
     homeless = ok & file_dirty & ~np.isin(ino, np.fromiter(dirty_inodes, np.int64, len(dirty_inodes)))
     for fr, i in zip(cand[homeless].tolist(), ino[homeless].tolist()):
@@ -107,7 +94,8 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list) -> tuple[
             "dirty": file_dirty[take],
             "meta": cand[ok & is_meta], "meta_index": arr["index"][cand[ok & is_meta]]}
     bad_meta = bool(np.count_nonzero(~ok & is_meta))
-    return good, bad_meta, int(np.count_nonzero(file_dirty)), int(np.count_nonzero(~is_meta))
+    claimed = int(np.count_nonzero(~is_meta)) + later.left
+    return good, later, bad_meta, int(np.count_nonzero(file_dirty)), claimed
 
 
 def complete_transaction(dev, blocks: dict[int, bytes]) -> int:

@@ -6,31 +6,37 @@ systems.orthros.backup --partition P --watch W`` boots a kernel on partition P i
 partition W. When W's kernel dies (dying message on the doorbell) or stops beating, it
 takes over, each step a measured phase of a RecoveryReport:
 
-  detect → fence (W's kernel process group killed, its FUSE connection aborted) → device
-  takeover (the disk's exclusive lock, which only a dead owner releases) → cache migration
-  (walk and validate W's dirty-inode list, page descriptors and pages in raw memory;
-  complete W's running journal transaction when no operation was in progress) → mount +
-  replay (the validated pages adopted in place: W's memory is hot-added, nothing copied)
-  → IP takeover (the NIC moves to P's namespace) → first service (the same mount path
-  answers again).
+  detect → fence (W's kernel killed, every thread of it exiting: it stores nothing more)
+  → cache migration (walk and validate W's dirty-inode list, page descriptors and dirty
+  pages in raw memory, while the host releases W's kernel, its apps and its mount) →
+  device takeover (the disk's exclusive lock, which only a dead owner releases) → mount +
+  replay (W's running journal transaction completed when no operation was in progress;
+  the pages adopted in place: W's memory is hot-added, nothing copied; clean pages are
+  checked on their first use) → IP takeover (the NIC moves to P's namespace) → first
+  service (the same mount path answers again).
 
-It then is the active kernel: it serves, writes back the adopted dirty pages, takes faults
-on its control socket, and writes the report to ``--report``.
+It then is the active kernel: it serves, checks the adopted clean pages no request has
+used yet, writes back the adopted dirty pages, takes faults on its control socket, and
+writes the report to ``--report`` once every adopted page is checked and counted.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from kernel import fuse, mailbox, param
 from kernel import machine as machine_mod
 from kernel.blockdev import BlockDevice, DeviceError
 from kernel.kernel import Kernel, kernel_arguments, notify_ready
+from kernel.pagecache import Unchecked
 from kernel.physmem import CorruptObject, partition_layout
+from kernel.procset import ProcessSet
 from systems.base import RecoveryReport
 from systems.detect import Failure
 from systems.orthros.adopt import collect, complete_transaction
@@ -61,24 +67,62 @@ def watch(k: Kernel, bell: mailbox.Doorbell, wlay, missed: int) -> Failure | Non
         return Failure(how, now, (m.activated_ns or m.panic_ns or m.beat_ns) / 1e9, m)
 
 
-def fence(pid: int, mount: str) -> None:
-    """Make sure the dead kernel is gone: its whole process group, then its connection."""
+PF_EXITING = 0x4   # task flag (field 9 of /proc/<pid>/task/<tid>/stat): in do_exit, never runs again
+
+
+def fence(pid: int) -> None:
+    """Make sure the dead kernel can do nothing more: killed, and every one of its threads
+    exiting (PF_EXITING) or gone. From then on it stores nothing into memory, so its memory
+    can be read; its address space and its disk lock are released later by the host (≈ 40 ms
+    on its own CPU for a kernel with its memory mapped), which the device takeover waits for."""
     for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
         try:
             target()
         except (ProcessLookupError, PermissionError):
             pass
     deadline = time.monotonic() + FENCE_TIMEOUT_S
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while not _exiting(pid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"kernel process {pid} still runs {FENCE_TIMEOUT_S} s after SIGKILL")
+        time.sleep(0.0002)
+
+
+def _exiting(pid: int) -> bool:
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True            # reaped
+    for tid in tids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ", 1)[1].startswith("Z"):
-                    break   # a zombie runs nothing; its parent reaps it
-        except OSError:
-            break
-        time.sleep(0.0005)
-    if fuse.is_mounted(mount):
-        fuse.abort_and_unmount(mount)
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                rest = f.read().rsplit(b") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue           # this thread is gone
+        if rest[0] not in (b"Z", b"X") and not int(rest[6]) & PF_EXITING:
+            return False
+    return True
+
+
+class Background(threading.Thread):
+    """Host work that waits rather than computes (the rest of the fence, the detach of the
+    dead mount), done by a thread while this one migrates the cache; ``wait()`` joins it
+    and raises what it raised, so nothing that depends on it goes ahead after a failure."""
+
+    def __init__(self, fn, *args):
+        super().__init__(name=fn.__name__, daemon=True)
+        self.fn, self.args, self.error = fn, args, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn(*self.args)
+        except BaseException as e:   # handed to wait()
+            self.error = e
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 MADV_POPULATE_READ = 22   # Linux 5.14+: fill the page tables without touching each page
@@ -105,28 +149,29 @@ def take_disk(k: Kernel, names: list[str], delay: bool) -> BlockDevice:
             time.sleep(0.0005)
 
 
-def takeover(k: Kernel, f: Failure, args, net) -> tuple[RecoveryReport, object]:
+def takeover(k: Kernel, f: Failure, args, net) -> tuple[RecoveryReport, object, Unchecked | None]:
     r = RecoveryReport.after("orthros", f)
     dead = f.mail
     t = time.monotonic()
-    fence(dead.pid, args.mount)
-    if args.tag:   # and everything else of the dead partition: its apps and their children
-        from kernel.procset import ProcessSet
-        ProcessSet(args.tag, args.watch).fence()
+    fence(dead.pid)
+    apps = Background(fence_apps, args.tag, args.watch)
+    unmounting = Background(fuse.abort_and_unmount, args.mount)
     r.phase("fence", t)
     t = time.monotonic()
+    zone = k.machine.partition(dead.zone)
+    harvest = collect(k.mem, zone.base, zone.size, zone.id)   # reads memory only
+    r.phase("cache migration", t)
+    t = time.monotonic()
+    apps.wait()
     devices = [d for d in dead.devices.split(",") if d]
     dev = take_disk(k, devices, not args.no_delay)
     r.phase("device takeover", t)
     t = time.monotonic()
-    zone = k.machine.partition(dead.zone)
-    harvest = collect(k.mem, zone.base, zone.size, zone.id)
     txn = complete_transaction(dev, harvest.meta_blocks) if harvest.meta_blocks else 0
-    r.phase("cache migration", t)
-    t = time.monotonic()
     k.lay = partition_layout(zone.id, zone.base, zone.size)   # W's memory, hot-added
     vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=dead.devices)
     lost = drop_orphans(vfs, harvest.adopted.inodes)
+    unmounting.wait()              # the mount point is free for the new mount
     r.phase("mount + replay", t)
     a = harvest.adopted
     r.cache.pages_before, r.cache.dirty_pages_before = harvest.pages_before, harvest.dirty_before
@@ -135,6 +180,8 @@ def takeover(k: Kernel, f: Failure, args, net) -> tuple[RecoveryReport, object]:
     r.cache.pages_rejected = sum(1 for e in harvest.rejected
                                  if e.kind in ("page frame", "page descriptor"))
     r.rejected = [str(e) for e in harvest.rejected]
+    if a.unchecked is not None and a.unchecked.left:
+        r.notes.append(f"{a.unchecked.left} clean pages adopted unchecked, checked on first use")
     if harvest.txn_refused:
         r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
     elif txn:
@@ -145,7 +192,32 @@ def takeover(k: Kernel, f: Failure, args, net) -> tuple[RecoveryReport, object]:
         t = time.monotonic()
         net.move_to(k.part.id)
         r.phase("IP takeover", t)
-    return r, vfs
+    return r, vfs, a.unchecked
+
+
+def check_rest(vfs, r: RecoveryReport, u: Unchecked | None) -> None:
+    """After first service: check the adopted clean pages no request has used yet, a batch at
+    a time under the kernel lock (requests go on between batches), then count them all."""
+    if u is None:
+        return
+    t = time.monotonic()
+    while True:
+        with vfs.lock:
+            if not vfs.pc.check_unchecked(param.ADOPT_CHECK_BATCH):
+                break
+    took = time.monotonic() - t
+    r.cache.pages_recovered += u.good
+    r.cache.pages_rejected += len(u.rejected)
+    r.rejected += [str(e) for e in u.rejected]
+    r.notes.append(f"clean pages checked after first service: {u.good + len(u.rejected)} "
+                   f"(the rest in the background in {took * 1e3:.1f} ms); "
+                   f"{u.dropped} dropped unread (written, truncated or reclaimed first)")
+
+
+def fence_apps(tag: str | None, part: int) -> None:
+    """Everything else of the dead partition (its apps and their children), gone."""
+    if tag:
+        ProcessSet(tag, part).fence()
 
 
 def drop_orphans(vfs, inodes: dict[int, dict]) -> int:
@@ -204,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("partition %d failed (%s): fault %r, last beat %.1f ms before the verdict",
              args.watch, failure.how, failure.mail.fault,
              (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3)
-    report, vfs = takeover(k, failure, args, net)
+    gc.disable()       # the adoption makes many objects and frees none: no collections now
+    report, vfs, unchecked = takeover(k, failure, args, net)
+    gc.freeze()        # ... nor later, over the page cache's tables
+    gc.enable()
     t_serve = time.monotonic()
 
     specs = json.loads(open(args.apps).read()) if args.apps else []
@@ -222,11 +297,19 @@ def main(argv: list[str] | None = None) -> int:
             report.phase("process migration", t)
         report.service_at = time.monotonic()
         report.recovered = True
+        log.info("took over partition %d's work in %.1f ms", args.watch, report.outage_s * 1e3)
+        threading.Thread(target=finish, name="check-rest", daemon=True).start()
+
+    def finish() -> None:
+        try:
+            check_rest(vfs, report, unchecked)
+        except Exception as e:          # the report still says what happened
+            log.exception("checking the adopted clean pages failed")
+            report.notes.append(f"checking the adopted clean pages failed: {e!r}")
         tmp = args.report + ".tmp"
         with open(tmp, "w") as fh:
             json.dump({"partition": args.partition, "pid": os.getpid(), **report.to_dict()}, fh, indent=2)
         os.replace(tmp, args.report)
-        log.info("took over partition %d's work in %.1f ms", args.watch, report.outage_s * 1e3)
 
     k.serve(args.mount, ready=serving)
     return 0
