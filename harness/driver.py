@@ -66,10 +66,11 @@ class Trial:
         try:
             with self.phase("deploy"):
                 self.deploy()
-            until = (time.monotonic() + t["warmup_s"] + t["steady_s"] + t["recovery_timeout_s"]
-                     + t["post_s"] + 10)
+            until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
+                     + t["recovery_timeout_s"] + t["post_s"] + 10)
             with self.phase("warm up"):
                 self.clients = self.workload.start_clients(self.svc, until)
+                self.await_first_answers()
                 self.hold(t["warmup_s"])
             with self.phase("steady state"):
                 self.hold(t["steady_s"])
@@ -105,6 +106,17 @@ class Trial:
         self.scheme.deploy(self.host, apps=self.workload.apps(self.svc))
         self.workload.wait_ready(self.svc, self.spec.timing["ready_timeout_s"])
 
+    def await_first_answers(self) -> None:
+        """Warm-up counts from the moment every client has been answered once: starting
+        an interpreter with its libraries takes a while on a loaded machine."""
+        t0 = time.monotonic()
+        deadline = t0 + self.spec.timing["ready_timeout_s"]
+        while not self.clients.all_ok_after(t0 - 1e-6):
+            if time.monotonic() > deadline:
+                raise DriverError(f"{self.spec.id}: not every client was answered within "
+                                  f"{self.spec.timing['ready_timeout_s']:.0f} s of starting")
+            self.hold(0.02)
+
     def hold(self, seconds: float) -> None:
         """Let the load run; a client that dies early is an error of the trial."""
         end = time.monotonic() + seconds
@@ -133,7 +145,9 @@ class Trial:
         self.nemesis_record()
         if self.report.recovered:
             deadline = time.monotonic() + t["recovery_timeout_s"]
-            while not self.clients.all_ok_after(self.crash_at) and time.monotonic() < deadline:
+            took_effect = max(self.crash_at, self.report.failed_at,   # as checkers.crash_times
+                              reply.get("injected_ns", 0) / 1e9)
+            while not self.clients.all_ok_after(took_effect) and time.monotonic() < deadline:
                 time.sleep(0.01)
         self.hold(t["post_s"])      # load after recovery: the return to full throughput
 

@@ -17,7 +17,7 @@ def record(trial, events: list[dict]) -> dict:
     spec, report = trial.spec, trial.report
     rd = report.to_dict() if report is not None else None
     figs = checkers.check(events, rd, bin_s=spec.timing["bin_s"])
-    down, writes, tput = figs["downtime"], figs["writes"], figs["throughput"]
+    down, writes, tput, cache = figs["downtime"], figs["writes"], figs["throughput"], figs["cache"]
     verified = report is not None and report.recovered
     rec = base(spec)
     rec.update(
@@ -26,19 +26,33 @@ def record(trial, events: list[dict]) -> dict:
         downtime_per_client_s=down["per_client"],
         outage_s=rd["outage_s"] if rd else None,
         detected_by=rd["detected_by"] if rd else None,
-        phases=_phases(rd), modeled_phases=_modeled(rd),
+        phases=cache["phases"], modeled_phases=cache["modeled_phases"],
         acked_writes=writes["acked_writes"],
         lost_writes=writes["lost_writes"] if verified else None,
         corrupted_writes=writes["corrupted_writes"] if verified else None,
         lost_bytes=writes["lost_bytes"] if verified else None,
         unverified_keys=writes["unverified_keys"],
-        cache={k: (rd["cache"][k] if rd else 0) for k in CACHE_KEYS},
+        cache={k: v for k, v in cache.items() if k not in ("phases", "modeled_phases")},
         time_to_90pct_s=tput["time_to_90pct_s"],
         throughput={"bin_s": spec.timing["bin_s"], "bins": tput["bins"],
                     "pre_crash_mean": tput["pre_crash_mean"]},
         driver_phases=_relative(trial.phases, trial.crash_at),
+        machine_tag=trial.host.tag,      # names the trial's namespaces and process sets
         report=rd)
+    _workload_figures(trial, events, rec)
     return rec
+
+
+def _workload_figures(trial, events: list[dict], rec: dict) -> None:
+    """A workload's own phases (added to ``phases``) and checks (``checks``), when it has
+    them (harness/workloads/__init__.py: ``extra_phases``, ``checks``)."""
+    wl, svc = trial.workload, getattr(trial, "svc", None)
+    if svc is None:
+        return
+    if hasattr(wl, "extra_phases"):
+        rec["phases"].update(wl.extra_phases(svc, events))
+    if hasattr(wl, "checks"):
+        rec["checks"] = wl.checks(svc, events)
 
 
 def failed(spec, phases: list[dict], crash_at: float | None, error: str) -> dict:
@@ -55,17 +69,6 @@ def failed(spec, phases: list[dict], crash_at: float | None, error: str) -> dict
 def base(spec) -> dict:
     return {"id": spec.id, "scheme": spec.scheme, "workload": spec.workload, "fault": spec.fault,
             "trial": spec.trial, "seed": spec.seed, "history": f"history-{spec.id}.jsonl"}
-
-
-def _phases(rd: dict | None) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for p in (rd or {}).get("phases", []):
-        out[p["name"]] = out.get(p["name"], 0.0) + p["seconds"]
-    return out
-
-
-def _modeled(rd: dict | None) -> list[str]:
-    return sorted({p["name"] for p in (rd or {}).get("phases", []) if p["modeled"]})
 
 
 def _relative(phases: list[dict], crash_at: float | None) -> list[dict]:

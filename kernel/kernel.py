@@ -161,6 +161,8 @@ class Kernel:
     # --- death ----------------------------------------------------------------------------
     def panic(self, reason: str, site: str) -> None:
         """Dying message, doorbells, death. Never returns."""
+        if self.vfs is not None:   # stop serving first, as panic() stops the other CPUs
+            self.vfs.lock.acquire(timeout=param.PANIC_STOP_WAIT_S)
         log.error("panic at %s: %s", site, reason)
         self.mailbox.dying_message(reason, site)
         for p in [q.id for q in self.machine.partitions if q.id != self.part.id] + [mailbox.WATCHDOG]:

@@ -52,6 +52,9 @@ HEARTBEAT_INTERVAL_S = 0.010
 # sequential-write load the backup saw no beat for 31-34 ms (the kernel shares one CPU and the
 # interpreter lock with its request thread), so 3 missed beats fenced healthy kernels.
 HEARTBEAT_MISSED_BEATS = 10
+# A panicking kernel takes the VFS lock before its dying message, so no request completes
+# after the fault took effect; it waits at most this long for a request in progress.
+PANIC_STOP_WAIT_S = 0.05
 WRITEBACK_RUN_BYTES = 4 << 20        # largest single device write during write-back
 
 # --- the warm-cache VMM (kernel/vmm.py, systems/warmcache) ---

@@ -67,6 +67,10 @@ def _params(pairs: list[str]) -> dict:
     return out
 
 
+OPTION_OF = {"warmup_s": "warmup", "steady_s": "duration", "post_s": "post", "bin_s": "bin",
+             "recovery_timeout_s": "recovery-timeout", "ready_timeout_s": "ready-timeout"}
+
+
 def _check(schemes: list[str], workload: str, fault: str, trials: int, timing: dict,
            params: dict) -> None:
     """Every name and number checked before anything is created."""
@@ -85,7 +89,7 @@ def _check(schemes: list[str], workload: str, fault: str, trials: int, timing: d
     for k, v in timing.items():
         must_be_positive = k in ("steady_s", "bin_s", "recovery_timeout_s", "ready_timeout_s")
         if v < 0 or (must_be_positive and v == 0):
-            _fail(f"--{k.removesuffix('_s').replace('_', '-')}: must be positive, got {v}")
+            _fail(f"--{OPTION_OF.get(k, k)}: must be positive, got {v}")
     from harness.workloads import WorkloadError, registry
     try:
         registry()[workload](**params)

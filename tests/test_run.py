@@ -1,0 +1,127 @@
+"""`crashbench run` end to end: the driver, the `files` workload, results and report.
+
+One short trial of each scheme on `files` with a panic, through the real CLI: WsgiDAV on
+the FUSE mount, httpx clients in the client namespace, the checkers over their history.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import history
+from tests.conftest import needs_root
+
+SHORT = ["--warmup", "0.5", "--duration", "1.5", "--post", "1", "--bin", "0.25",
+         "--param", "clients=2", "--param", "max_kib=64"]
+
+
+def crashbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "r"
+    p = crashbench("run", "--schemes", "none,reboot,orthros", "--workload", "files",
+                   "--fault", "panic", "--trials", "1", *SHORT, "--out", str(out))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out
+
+
+@needs_root
+def test_run_json_is_valid_and_has_every_scheme(run_dir):
+    from harness import results
+    run = results.load_run(run_dir)        # validates against the schema
+    assert run["schema_version"] == 1
+    assert [t["scheme"] for t in run["trials"]] == ["none", "reboot", "orthros"]
+    assert all(not t.get("error") for t in run["trials"]), [t.get("error") for t in run["trials"]]
+
+
+@needs_root
+def test_none_does_not_recover_and_the_others_do(run_dir):
+    from harness import results
+    by = {t["scheme"]: t for t in results.load_run(run_dir)["trials"]}
+    assert by["none"]["recovered"] is False and by["none"]["downtime_s"] is None
+    for s in ("reboot", "orthros"):
+        assert by[s]["recovered"] is True, by[s]
+        assert by[s]["downtime_s"] > 0
+        assert by[s]["acked_writes"] > 0
+
+
+@needs_root
+def test_orthros_loses_no_acknowledged_write(run_dir):
+    from harness import results
+    t = next(t for t in results.load_run(run_dir)["trials"] if t["scheme"] == "orthros")
+    assert t["lost_writes"] == 0 and t["corrupted_writes"] == 0 and t["lost_bytes"] == 0
+    assert t["unverified_keys"] == 0
+    assert t["cache"]["pages_recovered"] > 0
+
+
+@needs_root
+def test_every_trial_has_a_history_with_the_crash(run_dir):
+    from harness import results
+    for t in results.load_run(run_dir)["trials"]:
+        events = history.read(run_dir / t["history"])
+        assert any(e["process"] == history.NEMESIS and e["f"] == "crash" for e in events)
+        assert any(e["type"] == "ok" and e["f"] == "write" for e in events)
+
+
+@needs_root
+def test_report_files_and_plots_are_written(run_dir):
+    for name in ("report.md", "report.html", "downtime.pyperf.json"):
+        assert (run_dir / name).stat().st_size > 0, name
+    pngs = list(run_dir.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+                        for p in pngs)
+
+
+@needs_root
+def test_run_leaves_no_mount_namespace_or_process_behind(run_dir):
+    from harness import results
+    from kernel.procset import ProcError, ProcessSet
+    trials = results.load_run(run_dir)["trials"]
+    mounts = Path("/proc/mounts").read_text()
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for t in trials:
+        tag = t["machine_tag"]
+        assert not [line for line in ns.splitlines() if line.startswith(f"cb{tag}-")]
+        assert not [m for m in mounts.splitlines() if "crashbench-p" in m and tag in m]
+        for part in (0, 1):
+            with pytest.raises(ProcError):       # the partition's process set is gone
+                ProcessSet(tag, part, create=False)
+    ps = subprocess.run(["pgrep", "-f", f"files_client .*--history {run_dir}"],
+                        capture_output=True, text=True).stdout
+    assert ps.strip() == ""
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--schemes", "orthros,warpdrive"], "unknown scheme 'warpdrive'"),
+    (["--workload", "nosuch"], "unknown workload 'nosuch'"),
+    (["--fault", "meteor"], "unknown fault 'meteor'"),
+    (["--trials", "0"], "--trials: must be a positive"),
+    (["--trials", "-2"], "--trials: must be a positive"),
+    (["--duration", "0"], "--duration: must be positive"),
+    (["--param", "clients"], "expected NAME=VALUE"),
+    (["--param", "colour=blue"], "unknown parameter(s) colour"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, names):
+    out = tmp_path / "r"
+    p = crashbench("run", *args, "--out", str(out), timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert names in p.stderr
+    assert not out.exists()
+
+
+def test_list_names_every_scheme_workload_and_fault():
+    p = crashbench("list", "--json", timeout=60)
+    assert p.returncode == 0, p.stderr
+    cat = json.loads(p.stdout)
+    assert {"none", "reboot", "orthros"} <= set(cat["schemes"])
+    assert "files" in cat["workloads"]
+    assert "panic" in cat["faults"]
+    assert all(isinstance(v, str) and v for kind in cat.values() for v in kind.values())
