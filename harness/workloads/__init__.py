@@ -15,6 +15,14 @@ trial and every scheme alike:
 * ``verify(svc, events)`` — after recovery, re-reads everything an acknowledged operation
   promised, recording it as ``verify`` operations of one more history file.
 
+Optional, for figures the generic checkers cannot know (harness/trial.py merges them):
+
+* ``extra_phases(svc, events) -> {name: seconds}`` — phases of the outage the scheme's
+  RecoveryReport cannot see (e.g. a server's own start-up and crash recovery), measured by
+  the workload (from the server's log), added to the trial's ``phases``;
+* ``checks(svc, events) -> {name: dict}`` — the workload's own checkers' figures (e.g.
+  harness/checkers/bank.py), kept in the trial's ``checks``.
+
 ``Idle`` is the no-op workload: no service, no clients; the driver's own tests use it.
 """
 from __future__ import annotations
@@ -85,4 +93,6 @@ class Idle:
 
 def registry() -> dict[str, type]:
     from harness.workloads.files import Files
-    return {"files": Files, "idle": Idle}
+    from harness.workloads.http import Http
+    from harness.workloads.postgres import Postgres
+    return {"files": Files, "postgres": Postgres, "http": Http, "idle": Idle}

@@ -1,0 +1,288 @@
+"""The `postgres` workload's client: a psycopg 3 user of the bank, recording every
+transaction (harness/history.py).
+
+A pgbench-like mix on one connection: with probability ``--read-ratio`` a balance lookup
+of a random account (f ``read``), otherwise a transfer (f ``write``): in one transaction,
+debit one random account, credit another (the lower account id first, so two clients never
+deadlock) and insert the transfer's row into the insert-only ledger. Each transfer attempt
+has its own ledger key ``ledger/c<client>-<seq>``; its value says what was sent: version 1,
+the row's canonical text's byte count and sha256, and src, dst, amount.
+
+Outcomes: ``ok`` when COMMIT was answered with success; ``fail`` when the transaction
+certainly did not commit (no connection, any error before COMMIT was sent, an ERROR
+answered to the COMMIT); ``info`` when the COMMIT was sent and no answer came (the
+connection broke, or the client-side timeout fired) or the answer was a FATAL or PANIC —
+it may or may not have committed.
+Timeouts: connecting is bounded by ``--connect-timeout``, every transaction by
+``--statement-timeout`` (server side through ``statement_timeout``, client side by an
+interval timer, because a dead server answers nothing). After a failed attempt the client
+reconnects with a bounded exponential backoff. Bounded in time (``--until``) and count
+(``--max-ops``); SIGTERM stops it after the operation in flight is recorded.
+
+``verify`` records, for every ledger key named in ``--keys``, a ``verify`` read of the row
+(``{"bytes", "sha256"}`` of its canonical text, or ``{"absent": true}``) and one keyless
+``verify`` of the bank: the number of accounts, their initial balance, the sum of all
+balances and every account whose balance differs from the initial one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import sys
+import time
+
+import numpy as np
+import psycopg
+
+from harness.history import Recorder
+
+
+class ClientTimeout(Exception):
+    """The client-side bound of a connect or a transaction expired."""
+
+
+def _alarm(*_):
+    raise ClientTimeout("client-side timeout")
+
+
+class deadline:
+    """Raise ClientTimeout in this process after `seconds` (SIGALRM interval timer)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def row_text(client: int, seq: int, src: int, dst: int, amount: int) -> bytes:
+    return f"{client},{seq},{src},{dst},{amount}".encode()
+
+
+def digest(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+class Stop:
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, *_):
+        self.requested = True
+
+
+class Bank:
+    def __init__(self, a, rec: Recorder | None, stop: Stop):
+        self.a, self.rec, self.stop = a, rec, stop
+        self.rng = np.random.default_rng([a.seed, a.id, 11])
+        self.conn: psycopg.Connection | None = None
+        self.seq = 0
+        self.ops = 0
+
+    # --- connection ------------------------------------------------------------------------
+    def connect(self) -> psycopg.Connection:
+        if self.conn is None:
+            ms = int(self.a.statement_timeout * 1000)
+            with deadline(self.a.connect_timeout):
+                self.conn = psycopg.connect(
+                    host=self.a.host, port=self.a.port, user="postgres", dbname="postgres",
+                    connect_timeout=max(2, int(self.a.connect_timeout + 1)),
+                    options=f"-c statement_timeout={ms}", application_name=f"crashbench-{self.a.id}")
+        return self.conn
+
+    def drop(self) -> None:
+        c, self.conn = self.conn, None
+        if c is not None:
+            try:
+                with deadline(0.2):
+                    c.close()
+            except Exception:       # noqa: BLE001 - a broken connection is dropped anyway
+                pass
+
+    # --- the load ----------------------------------------------------------------------------
+    def done(self) -> bool:
+        return self.stop.requested or self.ops >= self.a.max_ops or time.monotonic() >= self.a.until
+
+    def run(self) -> None:
+        backoff = self.a.backoff_min
+        while not self.done():
+            if self.rng.random() < self.a.read_ratio:
+                ok = self.read()
+            else:
+                ok = self.transfer()
+            self.ops += 1
+            if ok:
+                backoff = self.a.backoff_min
+            else:
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.a.backoff_max)
+
+    def account(self) -> int:
+        return int(self.rng.integers(1, self.a.accounts + 1))
+
+    def read(self) -> bool:
+        aid = self.account()
+        op = self.rec.invoke("read", f"account/{aid}")
+        try:
+            with deadline(self.a.statement_timeout):
+                conn = self.connect()
+                row = conn.execute("SELECT balance FROM accounts WHERE aid = %s", (aid,)).fetchone()
+                conn.rollback()
+        except (psycopg.Error, ClientTimeout, OSError) as e:
+            self.after_error(e)
+            self.rec.complete("fail", op, error=_why(e))
+            return False
+        self.rec.complete("ok", op, value={"balance": None if row is None else int(row[0])})
+        return True
+
+    def transfer(self) -> bool:
+        self.seq += 1
+        src, dst = self.account(), self.account()
+        while dst == src:
+            dst = self.account()
+        amount = int(self.rng.integers(1, 100))
+        body = row_text(self.a.id, self.seq, src, dst, amount)
+        op = self.rec.invoke("write", f"ledger/c{self.a.id}-{self.seq}",
+                             {"version": 1, "bytes": len(body), "sha256": digest(body),
+                              "src": src, "dst": dst, "amount": amount})
+        committing = False
+        try:
+            with deadline(self.a.statement_timeout):
+                conn = self.connect()
+                # the lower account id first: concurrent transfers lock in one order
+                for aid, delta in sorted(((src, -amount), (dst, amount))):
+                    conn.execute("UPDATE accounts SET balance = balance + %s WHERE aid = %s",
+                                 (delta, aid))
+                conn.execute("INSERT INTO ledger (client, seq, src, dst, amount) "
+                             "VALUES (%s, %s, %s, %s, %s)", (self.a.id, self.seq, src, dst, amount))
+                committing = True
+                conn.commit()
+        except (psycopg.Error, ClientTimeout, OSError) as e:
+            unknown = committing and not rolled_back(e)
+            self.after_error(e)
+            self.rec.complete("info" if unknown else "fail", op, error=_why(e))
+            return False
+        self.rec.complete("ok", op)
+        return True
+
+    def after_error(self, e: Exception) -> None:
+        """Keep a connection that answered with an error (after a rollback); drop one that
+        broke or timed out."""
+        if isinstance(e, psycopg.DatabaseError) and not isinstance(e, psycopg.OperationalError) \
+                and self.conn is not None and not self.conn.broken:
+            try:
+                with deadline(self.a.statement_timeout):
+                    self.conn.rollback()
+                return
+            except (psycopg.Error, ClientTimeout, OSError):
+                pass
+        self.drop()
+
+
+def rolled_back(e: Exception) -> bool:
+    """An error answered to COMMIT with severity ERROR: the server rolled the transaction
+    back. Anything else — no answer (broken connection, timeout), or a FATAL or PANIC (the
+    session or the server died, e.g. a PANIC on the WAL's fdatasync, after which the commit
+    record may well be on disk) — leaves the outcome unknown."""
+    return isinstance(e, psycopg.DatabaseError) and e.diag.severity_nonlocalized == "ERROR"
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def verify(a, rec: Recorder, stop: Stop) -> int:
+    """Read back the ledger rows named in --keys and the bank's balances (retrying the
+    connection until the deadline); 1 if the reads could not be made."""
+    keys = json.loads(open(a.keys).read())
+    b = Bank(a, None, stop)
+    while True:
+        try:
+            with deadline(max(30.0, a.statement_timeout)):
+                conn = b.connect()
+                rows = conn.execute("SELECT client, seq, src, dst, amount FROM ledger").fetchall()
+                total, n = conn.execute("SELECT sum(balance), count(*) FROM accounts").fetchone()
+                changed = conn.execute("SELECT aid, balance FROM accounts WHERE balance <> %s "
+                                       "ORDER BY aid", (a.initial_balance,)).fetchall()
+                conn.rollback()
+            break
+        except (psycopg.Error, ClientTimeout, OSError) as e:
+            b.drop()
+            if stop.requested or time.monotonic() >= a.until:
+                print(f"verify: no answer from the server: {_why(e)}", file=sys.stderr)
+                for k in keys:
+                    rec.complete("fail", rec.invoke("verify", k), error=_why(e))
+                return 1
+            time.sleep(0.1)
+    found = {f"ledger/c{c}-{s}": row_text(c, s, src, dst, amt) for c, s, src, dst, amt in rows}
+    for k in keys:
+        op = rec.invoke("verify", k)
+        body = found.get(k)
+        rec.complete("ok", op, value={"absent": True} if body is None
+                     else {"bytes": len(body), "sha256": digest(body)})
+    op = rec.invoke("verify", value={"check": "bank"})
+    rec.complete("ok", op, value={"check": "bank", "accounts": int(n),
+                                  "initial_balance": a.initial_balance, "sum": int(total),
+                                  "ledger_rows": len(rows),
+                                  "changed": [[int(x), int(y)] for x, y in changed]})
+    b.drop()
+    return 0
+
+
+def ready(a) -> int:
+    """Exit 0 once the server answers a query, 1 at the deadline."""
+    b = Bank(a, None, Stop())
+    while time.monotonic() < a.until:
+        try:
+            with deadline(max(a.connect_timeout, 1.0)):
+                b.connect().execute("SELECT 1").fetchone()
+            b.drop()
+            return 0
+        except (psycopg.Error, ClientTimeout, OSError):
+            b.drop()
+            time.sleep(0.05)
+    return 1
+
+
+def arguments() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m harness.workloads.postgres_client")
+    ap.add_argument("mode", choices=("client", "verify", "ready"))
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--port", type=int, default=5432)
+    ap.add_argument("--until", type=float, required=True, help="CLOCK_MONOTONIC deadline")
+    ap.add_argument("--history")
+    ap.add_argument("--id", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--accounts", type=int, required=True)
+    ap.add_argument("--initial-balance", type=int, default=1000)
+    ap.add_argument("--read-ratio", type=float, default=0.5)
+    ap.add_argument("--max-ops", type=int, default=100_000)
+    ap.add_argument("--connect-timeout", type=float, default=0.5)
+    ap.add_argument("--statement-timeout", type=float, default=2.0)
+    ap.add_argument("--backoff-min", type=float, default=0.005)
+    ap.add_argument("--backoff-max", type=float, default=0.05)
+    ap.add_argument("--keys", help="verify: JSON list of the ledger keys to read back")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = arguments().parse_args(argv)
+    signal.signal(signal.SIGALRM, _alarm)
+    if a.mode == "ready":
+        return ready(a)
+    stop = Stop()
+    with Recorder(a.history, a.id) as rec:
+        if a.mode == "verify":
+            return verify(a, rec, stop)
+        Bank(a, rec, stop).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
