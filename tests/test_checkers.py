@@ -329,6 +329,23 @@ def test_write_verdicts_by_hand():
     assert (w["unverified_keys"], w["unverified_writes"], w["unacked_keys"]) == (1, 1, 1)
 
 
+def test_an_empty_file_is_lost_data_unless_a_write_left_it_empty():
+    h = H()
+    empty = {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+    # a: created with data, found empty after the crash: the data never reached the disk
+    h.write(1, "a", 1, 1.0, 1.1, "ok")
+    h.write(1, "a", 2, 2.0, 2.1, "ok")
+    h.verify("a", 20, "ok", empty)
+    # b: its last acknowledged write was empty: finding it empty is finding it present
+    h.write(2, "b", 1, 1.0, 1.1, "ok")
+    h.write(2, "b", 2, 2.0, 2.1, "ok", body=b"")
+    h.verify("b", 20, "ok", empty)
+    h.crash(10.0)
+    by = {k["key"]: k for k in writes(h.sorted())["keys"]}
+    assert (by["a"]["status"], by["a"]["lost_writes"]) == ("lost", 2)
+    assert by["b"]["status"] == "present"
+
+
 def test_without_a_verify_phase_every_acked_key_is_unverified():
     h = H()
     h.write(1, "a", 1, 1.0, 1.1, "ok")

@@ -84,6 +84,8 @@ def judge(key: str, ws: list[Write], seen: dict | None) -> dict:
               "found_version": None}
     found = None if seen is None or seen.get("absent") else seen["sha256"]
     match = newest_possible(ws, found)
+    if match is None and seen is not None and seen.get("bytes") == 0:
+        found = None   # an empty file no write explains: its data never reached the disk
     if match is not None:
         detail["found_version"] = match.version
     if seen is None:
