@@ -214,3 +214,28 @@ def test_unchecked_pages_written_or_truncated_first_are_dropped_unread(adopted):
     assert new.read(ino, 0, 7 * PAGE) == want
     assert new.pc.check_unchecked(100) == 0
     assert u.rejected == [] and u.good + u.dropped == 8 and u.dropped >= 4
+
+
+def test_the_second_checker_agrees_with_a_check_done_alone(tmp_path):
+    """The backup shares the page checks with a helper process (systems/orthros/checker.py):
+    the same verdict for every page, a corrupted frame and descriptor included."""
+    import numpy as np
+    from kernel.memreader import check_pages
+    from systems.orthros.checker import Checker
+    from tests.stack import Stack
+    st = Stack(tmp_path)
+    ino = st.vfs.create(1, b"f", 0o100644, 0, 0).ino
+    st.vfs.write(ino, 0, os.urandom(1500 * PAGE))
+    pc = st.vfs.pc
+    frames = np.array(sorted(pc.index.values()), np.int64)
+    st.mem.write(st.lay.frame_phys(int(frames[700])) + 9, b"wild")
+    st.mem.write(st.lay.desc_phys(int(frames[1200])) + 20, b"wild")
+    c = Checker.start(st.mem_path)
+    try:
+        alone = check_pages(st.mem, st.lay, frames)
+        shared = c.check(st.mem, st.lay, frames, list(os.sched_getaffinity(0)))
+    finally:
+        c.close()
+        st.close()
+    assert (alone[0] == shared[0]).all() and (alone[1] == shared[1]).all()
+    assert np.flatnonzero(~shared[1]).tolist() == [700, 1200] and np.flatnonzero(~shared[0]).tolist() == [1200]

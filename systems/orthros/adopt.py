@@ -35,12 +35,15 @@ class Harvest:
         return int(np.count_nonzero(self.adopted.dirty))
 
 
-def collect(mem: PhysMem, base: int, size: int, part_id: int) -> Harvest:
+def collect(mem: PhysMem, base: int, size: int, part_id: int, check=None) -> Harvest:
+    """``check(frames) -> (desc_ok, ok)``: memreader.check_pages over this partition, unless
+    the caller shares the work out (systems/orthros/checker.py)."""
     r = PartitionReader(mem, base, size, part_id)
     walk = r.walk_dirty(pages=False)        # superblock and dirty in-core inodes, checked
     rejected = list(walk.rejected)
     inodes = {i.icore["ino"]: i.icore for i in walk.inodes if i.icore["ino"] != BDEV_INO}
-    good, later, bad_meta, dirty_before, claimed = _pages(r, set(inodes), rejected)
+    check = check or (lambda frames: check_pages(mem, r.lay, frames))
+    good, later, bad_meta, dirty_before, claimed = _pages(r, set(inodes), rejected, check)
     meta = {}
     for fr, idx in zip(good["meta"].tolist(), good["meta_index"].tolist()):
         p = r.lay.frame_phys(fr)
@@ -58,7 +61,7 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int) -> Harvest:
     return Harvest(a, meta, rejected, refused, pages_before=claimed, dirty_before=dirty_before)
 
 
-def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list):
+def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check):
     """Every page descriptor that claims a page, chosen in bulk (numpy). Dirty pages (and
     the rare clean page whose key does not fit the unchecked table) are checked now, in
     bulk (memreader.check_pages: descriptor and content checksums, no Python frame per
@@ -67,11 +70,14 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list):
     written back."""
     lay = r.lay
     arr = r.mem.array(PAGE_DESC.dtype, lay.desc, lay.nframes)
-    flags = arr["flags"]
-    cand = np.flatnonzero((arr["magic"] == PAGE_DESC.magic) & (arr["version"] == PAGE_DESC.version)
-                          & ((flags & PG_VALID) != 0))
-    is_meta = (flags[cand] & PG_META) != 0
-    is_dirty = (flags[cand] & PG_DIRTY) != 0
+    # magic, version and flags are the first 8 bytes: one pass over the array, not three
+    head = np.frombuffer(r.mem.mm, np.uint64, lay.nframes * 8, lay.desc)[::8]
+    want = np.uint64(PAGE_DESC.magic | PAGE_DESC.version << 32 | PG_VALID << 48)
+    mask = np.uint64(0xFFFF_FFFF_FFFF | PG_VALID << 48)
+    cand = np.flatnonzero((head & mask) == want)
+    flags = (head[cand] >> np.uint64(48)).astype(np.uint16)
+    is_meta = (flags & PG_META) != 0
+    is_dirty = (flags & PG_DIRTY) != 0
     ino, index = arr["ino"][cand], arr["index"][cand]
     # clean metadata pages are not taken: the new kernel reads metadata from the disk
     keep = ~is_meta | is_dirty
@@ -79,7 +85,7 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list):
     lazy = ~is_dirty & ~is_meta & (ino < 1 << 32) & (index < 1 << 32)
     later = Unchecked(cand[lazy], ino[lazy], index[lazy])
     cand, is_meta, is_dirty, ino = cand[~lazy], is_meta[~lazy], is_dirty[~lazy], ino[~lazy]
-    desc_ok, ok = check_pages(r.mem, lay, cand)
+    desc_ok, ok = check(cand)
     for fr, dok in zip(cand[~ok].tolist(), desc_ok[~ok].tolist()):
         rejected.append(page_problem(r.mem, lay, fr, dok))
     file_dirty = is_dirty & ~is_meta

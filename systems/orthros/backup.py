@@ -40,6 +40,7 @@ from kernel.procset import ProcessSet
 from systems.base import RecoveryReport
 from systems.detect import Failure
 from systems.orthros.adopt import collect, complete_transaction
+from systems.orthros.checker import Checker
 from systems.procmigrate import restart_processes
 
 log = logging.getLogger("backup")
@@ -149,7 +150,8 @@ def take_disk(k: Kernel, names: list[str], delay: bool) -> BlockDevice:
             time.sleep(0.0005)
 
 
-def takeover(k: Kernel, f: Failure, args, net) -> tuple[RecoveryReport, object, Unchecked | None]:
+def takeover(k: Kernel, f: Failure, args, net,
+             checker: Checker) -> tuple[RecoveryReport, object, Unchecked | None]:
     r = RecoveryReport.after("orthros", f)
     dead = f.mail
     t = time.monotonic()
@@ -159,8 +161,12 @@ def takeover(k: Kernel, f: Failure, args, net) -> tuple[RecoveryReport, object, 
     r.phase("fence", t)
     t = time.monotonic()
     zone = k.machine.partition(dead.zone)
-    harvest = collect(k.mem, zone.base, zone.size, zone.id)   # reads memory only
+    lay = partition_layout(zone.id, zone.base, zone.size)
+    cpus = k.machine.partition(args.watch).cpus      # idle now: a second checker runs there
+    harvest = collect(k.mem, zone.base, zone.size, zone.id,   # reads memory only
+                      check=lambda frames: checker.check(k.mem, lay, frames, cpus))
     r.phase("cache migration", t)
+    threading.Thread(target=checker.close, name="checker-close", daemon=True).start()
     t = time.monotonic()
     apps.wait()
     devices = [d for d in dead.devices.split(",") if d]
@@ -168,7 +174,7 @@ def takeover(k: Kernel, f: Failure, args, net) -> tuple[RecoveryReport, object, 
     r.phase("device takeover", t)
     t = time.monotonic()
     txn = complete_transaction(dev, harvest.meta_blocks) if harvest.meta_blocks else 0
-    k.lay = partition_layout(zone.id, zone.base, zone.size)   # W's memory, hot-added
+    k.lay = lay                    # W's memory, hot-added
     vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=dead.devices)
     lost = drop_orphans(vfs, harvest.adopted.inodes)
     unmounting.wait()              # the mount point is free for the new mount
@@ -265,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     bell = mailbox.Doorbell(args.workdir, args.partition)
     w = mach.partition(args.watch)
     prefault(k.mem, mach)
+    checker = Checker.start(args.physmem)
+    if k.pset is not None:
+        k.pset.add(checker.proc.pid)
     net = prepare_nic(k, args.net_tag) if args.net_tag and mach.nics else None
     notify_ready(args.ready_fd)
     failure = watch(k, bell, partition_layout(w.id, w.base, w.size), args.missed)
     bell.close()
     if failure is None:
+        checker.close()
         log.info("partition %d shut down cleanly: nothing to take over", args.watch)
         k.mailbox.set(state=mailbox.SHUTDOWN)
         return 0
@@ -277,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
              args.watch, failure.how, failure.mail.fault,
              (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3)
     gc.disable()       # the adoption makes many objects and frees none: no collections now
-    report, vfs, unchecked = takeover(k, failure, args, net)
+    report, vfs, unchecked = takeover(k, failure, args, net, checker)
     gc.freeze()        # ... nor later, over the page cache's tables
     gc.enable()
     t_serve = time.monotonic()
