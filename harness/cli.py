@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from harness.commands import fs, lab, results, run
+from harness.commands import fs, lab, overhead, results, run
 
 app = typer.Typer(
     help="crashbench: compare ways of surviving an operating-system kernel crash.",
@@ -26,6 +26,7 @@ app.command("crash")(lab.crash_cmd)
 app.command("inspect")(lab.inspect_cmd)
 app.command("down")(lab.down_cmd)
 app.command("run")(run.run_cmd)
+app.command("overhead")(overhead.overhead_cmd)
 app.command("list")(run.list_cmd)
 app.command("report")(results.report_cmd)
 app.command("compare")(results.compare_cmd)

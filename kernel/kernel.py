@@ -59,6 +59,7 @@ class Kernel:
         self.pset = None
         self.procs = None
         self.apps: list = []
+        self.beating = True      # False: no heartbeat thread (the overhead benchmark's vanilla)
 
     def join_partition(self, tag: str | None) -> None:
         """Join the partition's process set (kernel/procset.py), so that fencing the
@@ -93,7 +94,8 @@ class Kernel:
         if role is None:
             role = mailbox.ROLE_ACTIVE if self.part.role == "active" else mailbox.ROLE_BACKUP
         self.mailbox = mailbox.Mailbox(self.mem, self.mlay, role, self.heartbeat_s)
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        if self.beating:
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
 
     def open_disk(self) -> BlockDevice:
         disks = [self.machine.disk(d) for d in self.part.devices
@@ -224,11 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = kernel_arguments("python -m kernel.kernel", __doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault injector's choices")
     ap.add_argument("--vmm", help="VMM region: boot beneath the warm-cache VMM (kernel/vmm.py)")
+    ap.add_argument("--no-heartbeat", action="store_true",
+                    help="no heartbeat: a kernel no scheme watches (crashbench overhead's vanilla)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
     from kernel import fuse  # noqa: F401  (loaded with the kernel: part of boot, not of service)
     mach = machine_mod.load(a.machine)
     k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
+    k.beating = not a.no_heartbeat
     if k.part.cpus:
         os.sched_setaffinity(0, k.part.cpus)
     k.join_partition(a.tag)

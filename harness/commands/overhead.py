@@ -1,0 +1,161 @@
+"""CLI command `overhead`: what each scheme costs while nothing fails (harness/overhead.py)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from harness.commands.run import _fail, catalogue, console, err
+
+
+def _workload_params(pairs: list[str], workloads: list[str]) -> dict[str, dict]:
+    """``NAME=VALUE`` for every workload named, ``WORKLOAD.NAME=VALUE`` for one."""
+    from harness.commands.run import _params
+    out: dict[str, dict] = {w: {} for w in workloads}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        w, dot, name = k.partition(".")
+        if not sep or not k or (dot and not name):
+            _fail(f"--param {p!r}: expected NAME=VALUE or WORKLOAD.NAME=VALUE")
+        if dot and w not in out:
+            _fail(f"--param {p!r}: workload {w!r} is not among --workloads {','.join(workloads)}")
+        parsed = _params([f"{name if dot else k}={v}"])
+        for target in ([w] if dot else workloads):
+            out[target].update(parsed)
+    return out
+
+
+def _check(schemes: list[str], workloads: list[str], rounds: int, duration: float,
+           warmup: float, micro_ops: int, params: dict[str, dict]) -> None:
+    """Every name and number checked before anything is created."""
+    from harness.overhead import VANILLA
+    from harness.workloads import WorkloadError, registry
+    cat = catalogue()
+    for s in schemes:
+        if s == VANILLA:
+            _fail(f"--schemes: {VANILLA} is always run (it is the baseline); name the others")
+        if s not in cat["schemes"]:
+            _fail(f"--schemes: unknown scheme {s!r}; known: {', '.join(cat['schemes'])}")
+    if len(set(schemes)) != len(schemes):
+        _fail(f"--schemes: a scheme is named twice in {','.join(schemes)}")
+    known = [w for w in cat["workloads"] if w != "idle"]
+    for w in workloads:
+        if w not in known:
+            _fail(f"--workloads: unknown workload {w!r}; known: {', '.join(known)}")
+    if len(set(workloads)) != len(workloads):
+        _fail(f"--workloads: a workload is named twice in {','.join(workloads)}")
+    if not workloads and micro_ops == 0:
+        _fail("--workloads is empty and --micro-ops is 0: nothing to measure")
+    if rounds <= 0:
+        _fail(f"--rounds: must be a positive number of rounds, got {rounds}")
+    if not duration > 0:
+        _fail(f"--duration: must be positive, got {duration}")
+    if not warmup >= 0:
+        _fail(f"--warmup: must not be negative, got {warmup}")
+    if micro_ops < 0:
+        _fail(f"--micro-ops: must not be negative, got {micro_ops}")
+    for w, p in params.items():
+        try:
+            registry()[w](**p)
+        except WorkloadError as e:
+            _fail(f"--param: {e}")
+    if os.geteuid() != 0:
+        _fail("overhead needs root: the emulated machine mounts FUSE with allow_other and "
+              "builds network namespaces")
+
+
+def overhead_cmd(
+    schemes: str = typer.Option(",".join(("orthros", "warmcache", "reboot")),
+                                help="comma-separated schemes compared with vanilla"),
+    workloads: Optional[str] = typer.Option(None, help="comma-separated workloads (default: "
+                                            "every workload of `crashbench list`)"),
+    rounds: int = typer.Option(3, help="rounds; each runs every scheme once, order rotated"),
+    duration: float = typer.Option(5.0, help="seconds of steady-state load per run"),
+    warmup: float = typer.Option(2.0, help="seconds of load before the steady state"),
+    micro_ops: int = typer.Option(200, help="FS micro-operations of each kind per run "
+                                  "(0: none)"),
+    seed: int = typer.Option(1, help="seed of round 0 (round r uses seed + r)"),
+    param: list[str] = typer.Option([], help="workload parameter NAME=VALUE or "
+                                    "WORKLOAD.NAME=VALUE (repeatable)"),
+    machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML)"),
+    out: Optional[Path] = typer.Option(None, help="result directory (default: results/<run id>)"),
+):
+    """Run each workload with no crash under vanilla (no scheme machinery) and every
+    scheme, interleaved, plus FS micro-operations through the mount; write overhead.json,
+    one pyperf suite per scheme and report.md; results/latest points at it."""
+    from harness.overhead import DEFAULT_SCHEMES  # noqa: F401  (the default above)
+    names = [s.strip() for s in schemes.split(",") if s.strip()]
+    if workloads is None:
+        wls = [w for w in catalogue()["workloads"] if w != "idle"]
+    else:
+        wls = [w.strip() for w in workloads.split(",") if w.strip()]
+    params = _workload_params(param, wls)
+    _check(names, wls, rounds, duration, warmup, micro_ops, params)
+    if out is not None and out.exists() and any(out.iterdir()):
+        _fail(f"--out: {out} exists and is not empty; results are never written over")
+    from kernel import machine
+    try:
+        mach = machine.load(str(machine_file) if machine_file else None)
+    except machine.MachineError as e:
+        _fail(str(e))
+    from harness import driver, overhead, results
+    timing = {**driver.DEFAULTS, "warmup_s": warmup, "steady_s": duration}
+    mf = str(machine_file) if machine_file else None
+    specs = overhead.plan(names, wls, rounds, seed, timing, params, micro_ops, mf)
+    parameters = {"schemes": names, "workloads": wls, "rounds": rounds, "seed": seed,
+                  "timing": timing, "workload_params": params, "micro_ops": micro_ops,
+                  "machine_file": mf}
+    d = results.new_run_dir(schemes=["overhead"]) if out is None else out
+    d.mkdir(parents=True, exist_ok=True)
+    env = results.environment()
+    runs: list[dict] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=len(specs))
+        for spec in specs:
+            r = overhead.run_one(spec, d, say=lambda m: bar.update(task, description=m))
+            runs.append(r)
+            bar.advance(task)
+            bar.console.print(_line(r))
+    doc = overhead.write(d, parameters, env, mach, runs)
+    overhead.write_report(d, doc)
+    results.point_latest(d)
+    _summary(doc)
+    console.print(f"results: {d}  (report: report.md, overhead.json, "
+                  f"{', '.join(doc['pyperf'].values())})")
+    errors = [r for r in runs if r.get("error")]
+    for r in errors:
+        err.print(f"crashbench: run {r['id']} failed: {r['error']}", markup=False)
+    raise typer.Exit(1 if errors else 0)
+
+
+def _line(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['id']}: [red]error[/] {r['error']}"
+    f = r["figures"]
+    if r["workload"] == "micro":
+        import numpy as np
+        return r["id"] + ": " + ", ".join(f"{op} {np.median(v) * 1e6:.0f} µs"
+                                          for op, v in f.items() if v)
+    p99 = f["latency_s"]["p99"]
+    return (f"{r['id']}: {f['throughput_ops_s']:.1f} ops/s, p99 "
+            f"{'-' if p99 is None else f'{p99 * 1e3:.1f} ms'}")
+
+
+def _summary(doc: dict) -> None:
+    from harness.overhead import _fmt
+    for w, per in doc["figures"]["workloads"].items():
+        t = Table(title=f"{w}: means over rounds; 95 % CI in brackets")
+        for c in ("scheme", "ops/s", "overhead %", "p99 ms"):
+            t.add_column(c)
+        for s, e in per.items():
+            t.add_row(s, _fmt(e["throughput_ops_s"], 1, 1), _fmt(e["overhead_pct"], 1, 1),
+                      _fmt(e["latency_p99_s"], 1e3))
+        console.print(t)
+    for op, per in doc["figures"]["micro"].items():
+        console.print(f"{op}: " + "; ".join(
+            f"{s} {_fmt(e['median_s'], 1e6, 1)} µs" for s, e in per.items()))

@@ -1,0 +1,574 @@
+"""The steady-state overhead benchmark: what each scheme costs while nothing fails.
+
+Promises to `crashbench overhead` and to whoever reads its results (format: docs/RESULTS.md,
+"overhead.json"; figures: docs/METRICS.md, "Steady state"):
+
+* Every scheme and the ``vanilla`` baseline — a kernel with no scheme machinery at all: no
+  heartbeat thread, no backup, no VMM, no watcher — run the same workloads with no crash,
+  through the driver's own deploy, clients and teardown (``SteadyTrial``, a Trial that
+  stops after the steady state). Runs are interleaved: round r runs every scheme once,
+  in an order rotated by r, so drift of a shared machine hits every scheme alike; round r
+  uses seed + r under every scheme.
+* Per run, the figures come from the history (harness/checkers/steady.py) over the window
+  the steady-state phase recorded; per scheme, means over rounds with 95 % intervals from
+  harness.stats; the ratio to vanilla is taken per round (same round, same seed) and then
+  averaged, so it is paired.
+* FS micro-operations (4 KiB write, fsync, create, stat) are timed one by one with
+  ``time.perf_counter_ns`` on the real mount of a deployment with no workload.
+* The result directory holds overhead.json (validated before it is written, atomically),
+  one pyperf suite per scheme (``<scheme>.pyperf.json``: ``python -m pyperf compare_to
+  vanilla.pyperf.json orthros.pyperf.json`` works), the histories, report.md with a table
+  and overhead.png; ``results/latest`` points at it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import jsonschema
+
+from harness import history, results, stats
+from harness.checkers.steady import END, START, steady
+from harness.driver import Trial, TrialSpec
+
+SCHEMA_VERSION = 1
+KIND = "crashbench overhead"
+FILE = "overhead.json"
+VANILLA = "vanilla"
+DEFAULT_SCHEMES = ("orthros", "warmcache", "reboot")
+MICRO = "micro"
+MICRO_OPS = ("write-4k", "fsync", "create", "stat")
+MICRO_BUDGET_S = 30.0       # each micro loop also stops after this long
+STEADY_FAULT = "steady"     # the fault field of a steady run's spec: there is none
+LATENCY_KEYS = ("p50", "p95", "p99")
+
+
+class Vanilla:
+    """No scheme: a kernel without heartbeat (kernel.kernel --no-heartbeat), no watcher."""
+    name = VANILLA
+
+    def deploy(self, host, apps=()) -> None:
+        self.host = host
+        host.boot(0, apps=list(apps), extra=("--no-heartbeat",))
+
+    def teardown(self) -> None:
+        self.host.close()
+
+
+class SteadyTrial(Trial):
+    """Deploy → warm up → steady state → collect → teardown; no fault."""
+
+    def __init__(self, spec: TrialSpec, out: Path, say=lambda msg: None):
+        vanilla = spec.scheme == VANILLA
+        super().__init__(replace(spec, scheme="none") if vanilla else spec, out, say)
+        self.spec = spec
+        if vanilla:
+            self.scheme = Vanilla()
+        self.figures: dict = {}
+        self.reserved_bytes: int | None = None
+
+    def run(self) -> dict:
+        try:
+            with self.phase("deploy"):
+                self.deploy()
+                self._note_region()
+            self.measure()
+        finally:
+            with self.phase("teardown"):
+                self.teardown()
+        return self.record()
+
+    def _note_region(self) -> None:
+        path = getattr(self.scheme, "region_path", None)
+        if path and os.path.exists(path):
+            self.reserved_bytes = os.path.getsize(path)
+
+    def measure(self) -> None:
+        t = self.spec.timing
+        until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"] + 10)
+        with self.phase("warm up"):
+            self.clients = self.workload.start_clients(self.svc, until)
+            self.await_first_answers()
+            self.hold(t["warmup_s"])
+        with self.phase("steady state"):
+            start = time.monotonic()
+            self.hold(t["steady_s"])
+            end = time.monotonic()
+        with self.phase("collect"):
+            self.clients.stop()
+            hd = self.svc.history_dir()
+            with history.Recorder(hd / "nemesis.jsonl", history.NEMESIS) as rec:
+                rec.write(history.event("info", history.NEMESIS, START, time_s=start))
+                rec.write(history.event("info", history.NEMESIS, END, time_s=end))
+            events = history.merge(sorted(hd.glob("*.jsonl")),
+                                   self.out / f"history-{run_id(self.spec)}.jsonl")
+            self.figures = steady(events)
+
+    def record(self) -> dict:
+        s = self.spec
+        return {"id": run_id(s), "scheme": s.scheme, "workload": _workload(s), "round": s.trial,
+                "seed": s.seed, "phases": self.phases, "figures": self.figures,
+                "reserved_bytes": self.reserved_bytes, "error": None}
+
+
+class MicroTrial(SteadyTrial):
+    """Deploy with no workload, then time FS micro-operations on the mount."""
+
+    def measure(self) -> None:
+        with self.phase("micro"):
+            self.figures = micro_ops(Path(self.svc.mount), self.spec.timing["micro_ops"])
+
+
+def micro_ops(mount: Path, n: int, budget_s: float = MICRO_BUDGET_S) -> dict[str, list[float]]:
+    """Seconds each operation took, per kind, in order: ``write-4k`` (pwrite of 4 KiB at the
+    next 4 KiB offset of one open file), ``fsync`` (fsync of a file after an untimed 4 KiB
+    write), ``create`` (open O_CREAT|O_EXCL of a new name + close), ``stat`` (os.stat of a
+    file created earlier, after the host's attribute and entry caches expired, so each one
+    reaches the kernel). At most ``n`` of each, each loop at most ``budget_s`` seconds."""
+    from kernel.fuse import TIMEOUT_S
+    d = mount / "micro"
+    d.mkdir()
+    buf = os.urandom(4096)
+    out: dict[str, list[float]] = {k: [] for k in MICRO_OPS}
+    clock = time.perf_counter_ns
+
+    def loop(kind: str, op) -> None:
+        deadline = time.monotonic() + budget_s
+        for i in range(n):
+            if time.monotonic() > deadline:
+                break
+            t0 = clock()
+            op(i)
+            out[kind].append((clock() - t0) / 1e9)
+
+    fd = os.open(d / "w", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        loop("write-4k", lambda i: os.pwrite(fd, buf, i * 4096))
+    finally:
+        os.close(fd)
+    fd = os.open(d / "s", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        deadline = time.monotonic() + budget_s
+        for i in range(n):
+            if time.monotonic() > deadline:
+                break
+            os.pwrite(fd, buf, i * 4096)
+            t0 = clock()
+            os.fsync(fd)
+            out["fsync"].append((clock() - t0) / 1e9)
+    finally:
+        os.close(fd)
+
+    def create(i: int) -> None:
+        os.close(os.open(d / f"c{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    loop("create", create)
+    created = len(out["create"])
+    time.sleep(TIMEOUT_S + 0.2)   # the host forgets what it learnt of those names
+    if created:
+        loop("stat", lambda i: os.stat(d / f"c{i % created}"))
+    return out
+
+
+# --- the plan and the run ------------------------------------------------------------------
+
+def _workload(spec: TrialSpec) -> str:
+    return MICRO if spec.fault == MICRO else spec.workload
+
+
+def run_id(spec: TrialSpec) -> str:
+    """``<scheme>-<workload>-<round>``; ``<scheme>-micro-<round>`` for the micro-operations."""
+    return f"{spec.scheme}-{_workload(spec)}-{spec.trial}"
+
+def rotated(names: list[str], r: int) -> list[str]:
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def plan(schemes: list[str], workloads: list[str], rounds: int, seed: int, timing: dict,
+         workload_params: dict[str, dict], micro_n: int, machine_file: str | None
+         ) -> list[TrialSpec]:
+    """Round by round; in round r the schemes (vanilla first in round 0) rotated by r;
+    under each scheme every workload, then the micro-operations (when micro_n > 0)."""
+    names = [VANILLA, *schemes]
+    specs = []
+    for r in range(rounds):
+        for s in rotated(names, r):
+            for w in workloads:
+                specs.append(TrialSpec(s, w, STEADY_FAULT, r, seed + r, dict(timing),
+                                       dict(workload_params.get(w, {})), machine_file))
+            if micro_n > 0:
+                specs.append(TrialSpec(s, "idle", MICRO, r, seed + r,
+                                       {**timing, "micro_ops": micro_n}, {}, machine_file))
+    return specs
+
+
+def run_one(spec: TrialSpec, out: Path, say=lambda msg: None) -> dict:
+    """A run's record; an error becomes a record with ``error`` set, not a crash of the
+    benchmark (Ctrl-C still stops it, after the run's teardown)."""
+    cls = MicroTrial if spec.fault == MICRO else SteadyTrial
+    trial = None
+    try:
+        trial = cls(spec, out, say)
+        return trial.run()
+    except Exception as e:      # noqa: BLE001 - recorded in the run, named by the CLI
+        return {"id": run_id(spec), "scheme": spec.scheme, "workload": _workload(spec),
+                "round": spec.trial, "seed": spec.seed,
+                "phases": trial.phases if trial else [], "figures": {},
+                "reserved_bytes": None, "error": f"{type(e).__name__}: {e}"}
+
+
+# --- figures --------------------------------------------------------------------------------
+
+def ci(values: list[float]) -> dict:
+    m, lo, hi = stats.mean_ci(values)
+    return {"mean": m, "lo": lo, "hi": hi, "n": len(values)}
+
+
+def _median(xs: list[float]) -> float:
+    import numpy as np
+    return float(np.median(xs))
+
+
+def per_round(runs: list[dict]) -> dict:
+    """{(scheme, workload): {round: figures}} of the runs that did not fail; micro runs
+    under workload MICRO, their figures {op: median seconds of the round}."""
+    out: dict = {}
+    for r in runs:
+        if r.get("error"):
+            continue
+        if r["workload"] == MICRO:
+            figs = {op: _median(v) for op, v in r["figures"].items() if v}
+            key = (r["scheme"], MICRO)
+        else:
+            f = r["figures"]
+            if not f.get("ok_ops"):
+                continue
+            figs = {"throughput_ops_s": f["throughput_ops_s"],
+                    **{f"latency_{k}_s": f["latency_s"][k] for k in LATENCY_KEYS}}
+            key = (r["scheme"], r["workload"])
+        out.setdefault(key, {})[r["round"]] = figs
+    return out
+
+
+LOWER_IS_BETTER = {"throughput_ops_s": False}
+
+
+def figures(runs: list[dict], schemes: list[str], workloads: list[str]) -> dict:
+    """{"workloads": {w: {scheme: {"rounds", "<figure>": ci, "ratio_to_vanilla":
+    {"<figure>": ci}, "overhead_pct": ci}}}, "micro": {op: {scheme: {"rounds",
+    "median_s": ci, "ratio_to_vanilla": ci, "overhead_pct": ci}}}}.
+
+    Ratios are scheme / vanilla of the same round. overhead_pct is the cost in percent:
+    (1 − throughput ratio)·100 for a workload, (time ratio − 1)·100 for a micro-op."""
+    pr = per_round(runs)
+    names = [VANILLA, *schemes]
+    out: dict = {"workloads": {}, "micro": {}}
+    for w in workloads:
+        base = pr.get((VANILLA, w), {})
+        per: dict = {}
+        for s in names:
+            rounds = pr.get((s, w), {})
+            keys = ["throughput_ops_s", *(f"latency_{k}_s" for k in LATENCY_KEYS)]
+            entry = {"rounds": len(rounds)}
+            for k in keys:
+                entry[k] = ci([f[k] for f in rounds.values()])
+            paired = [r for r in sorted(rounds) if r in base]
+            entry["ratio_to_vanilla"] = {
+                k: ci([rounds[r][k] / base[r][k] for r in paired if base[r][k]]) for k in keys}
+            entry["overhead_pct"] = ci([(1 - rounds[r]["throughput_ops_s"]
+                                         / base[r]["throughput_ops_s"]) * 100 for r in paired])
+            per[s] = entry
+        out["workloads"][w] = per
+    base = pr.get((VANILLA, MICRO), {})
+    for op in MICRO_OPS:
+        per = {}
+        for s in names:
+            rounds = {r: f[op] for r, f in pr.get((s, MICRO), {}).items() if op in f}
+            paired = [r for r in sorted(rounds) if op in base.get(r, {})]
+            if not rounds:
+                continue
+            per[s] = {"rounds": len(rounds), "median_s": ci(list(rounds.values())),
+                      "ratio_to_vanilla": ci([rounds[r] / base[r][op] for r in paired]),
+                      "overhead_pct": ci([(rounds[r] / base[r][op] - 1) * 100 for r in paired])}
+        if per:
+            out["micro"][op] = per
+    return out
+
+
+def resources(machine, schemes: list[str], runs: list[dict]) -> dict:
+    """What each scheme keeps from the workload, from the machine description: orthros
+    the backup partitions (their cores and memory); warmcache the VMM's region (memory,
+    measured as the region's size at deploy; the VMM runs on the kernel's own core);
+    reboot, none and vanilla nothing."""
+    out = {}
+    for s in [VANILLA, *schemes]:
+        if s == "orthros":
+            ps = [p for p in machine.partitions if p.role == "backup"]
+            out[s] = {"cores": sum(len(p.cpus) for p in ps),
+                      "cpus": sorted(c for p in ps for c in p.cpus),
+                      "memory_bytes": sum(p.size for p in ps),
+                      "what": "standby backup kernel: " + ", ".join(
+                          f"partition {p.id} ({p.cmdline()})" for p in ps)}
+        elif s == "warmcache":
+            sizes = [r["reserved_bytes"] for r in runs
+                     if r["scheme"] == s and r.get("reserved_bytes")]
+            out[s] = {"cores": 0, "cpus": [], "memory_bytes": max(sizes) if sizes else None,
+                      "what": "VMM region beneath partition 0 (frame table, block "
+                              "generations, spare pages; allocated as used)"}
+        else:
+            out[s] = {"cores": 0, "cpus": [], "memory_bytes": 0,
+                      "what": "nothing" if s == VANILLA else
+                      "nothing (a heartbeat thread in the kernel, a watcher on the host)"}
+    return out
+
+
+# --- overhead.json --------------------------------------------------------------------------
+
+_CI = {"type": "object", "required": ["mean", "lo", "hi", "n"],
+       "properties": {k: {"type": ["number", "null"]} for k in ("mean", "lo", "hi")}
+       | {"n": {"type": "integer", "minimum": 0}}}
+
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "crashbench overhead.json, schema_version 1",
+    "type": "object",
+    "required": ["schema_version", "kind", "run_id", "created", "parameters", "environment",
+                 "resources", "runs", "figures", "pyperf"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "kind": {"const": KIND},
+        "run_id": {"type": "string", "pattern": r"^[^/\\]+$"},
+        "created": {"type": "string"},
+        "parameters": {"type": "object",
+                       "required": ["schemes", "workloads", "rounds", "seed", "timing",
+                                    "micro_ops"]},
+        "environment": {"type": "object", "required": ["python", "crashbench"]},
+        "resources": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["cores", "memory_bytes"],
+            "properties": {"cores": {"type": "integer", "minimum": 0},
+                           "memory_bytes": {"type": ["integer", "null"], "minimum": 0}}}},
+        "runs": {"type": "array", "items": {
+            "type": "object",
+            "required": ["id", "scheme", "workload", "round", "seed", "phases", "figures", "error"],
+            "properties": {"round": {"type": "integer", "minimum": 0},
+                           "error": {"type": ["string", "null"]}}}},
+        "figures": {"type": "object", "required": ["workloads", "micro"],
+                    "properties": {
+                        "workloads": {"type": "object", "additionalProperties": {
+                            "type": "object", "additionalProperties": {
+                                "type": "object",
+                                "required": ["rounds", "throughput_ops_s", "latency_p50_s",
+                                             "latency_p95_s", "latency_p99_s",
+                                             "ratio_to_vanilla", "overhead_pct"],
+                                "properties": {"throughput_ops_s": _CI, "latency_p50_s": _CI,
+                                               "latency_p95_s": _CI, "latency_p99_s": _CI,
+                                               "overhead_pct": _CI}}}},
+                        "micro": {"type": "object", "additionalProperties": {
+                            "type": "object", "additionalProperties": {
+                                "type": "object",
+                                "required": ["rounds", "median_s", "ratio_to_vanilla",
+                                             "overhead_pct"],
+                                "properties": {"median_s": _CI, "ratio_to_vanilla": _CI,
+                                               "overhead_pct": _CI}}}}}},
+        "pyperf": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def validate(doc: dict) -> None:
+    errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.absolute_path) or "overhead.json"
+        raise results.ResultsError(f"{where}: {e.message}")
+
+
+def load(dir: str | Path) -> dict:
+    p = Path(dir)
+    f = p / FILE if p.is_dir() else p
+    try:
+        doc = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise results.ResultsError(f"{f}: {e}") from None
+    validate(doc)
+    return doc
+
+
+def write(d: Path, parameters: dict, environment: dict, machine, runs: list[dict]) -> dict:
+    """Figures, pyperf suites, overhead.json (validated, atomic); returns the document."""
+    schemes, workloads = parameters["schemes"], parameters["workloads"]
+    suites = write_pyperf(d, [VANILLA, *schemes], runs)
+    slim = [{k: v for k, v in r.items()} | {"figures": _slim(r)} for r in runs]
+    doc = {"schema_version": SCHEMA_VERSION, "kind": KIND, "run_id": d.name,
+           "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+           "parameters": parameters, "environment": environment,
+           "resources": resources(machine, schemes, runs), "runs": slim,
+           "figures": figures(runs, schemes, workloads),
+           "pyperf": {s: p.name for s, p in suites.items()}}
+    validate(doc)
+    results.write_atomic(d / FILE, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    return doc
+
+
+def _slim(r: dict) -> dict:
+    """A run's figures without the raw samples (those are in the history and in pyperf)."""
+    f = r.get("figures") or {}
+    if r["workload"] == MICRO:
+        return {op: {"n": len(v), "median_s": _median(v) if v else None}
+                for op, v in f.items()}
+    return {k: v for k, v in f.items() if k != "latencies_s"}
+
+
+def write_pyperf(d: Path, names: list[str], runs: list[dict]) -> dict[str, Path]:
+    """``<scheme>.pyperf.json`` per scheme: benchmarks ``<workload>-time-per-op`` (seconds
+    per ok operation of the aggregate load = 1 / throughput, one value per round),
+    ``<workload>-latency-p50|p95|p99`` (one value per round) and ``micro-<op>`` (every
+    timed operation, one pyperf run per round). Same names in every suite, so compare_to
+    pairs them."""
+    import pyperf
+    written = {}
+    for s in names:
+        benches: dict[str, list] = {}
+        for r in sorted((r for r in runs if r["scheme"] == s and not r.get("error")),
+                        key=lambda r: r["round"]):
+            f = r["figures"]
+            if r["workload"] == MICRO:
+                for op, v in f.items():
+                    if v and all(x > 0 for x in v):
+                        benches.setdefault(f"micro-{op}", []).append(
+                            _run(f"micro-{op}", v, f"{op} through the mount, round {r['round']}"))
+                continue
+            if not f.get("ok_ops"):
+                continue
+            w = r["workload"]
+            benches.setdefault(f"{w}-time-per-op", []).append(
+                _run(f"{w}-time-per-op", [1 / f["throughput_ops_s"]],
+                     f"seconds per ok operation, round {r['round']}"))
+            for k in LATENCY_KEYS:
+                v = f["latency_s"][k]
+                if v and v > 0:
+                    benches.setdefault(f"{w}-latency-{k}", []).append(
+                        _run(f"{w}-latency-{k}", [v], f"{k} latency, round {r['round']}"))
+        if not benches:
+            continue
+        path = d / f"{s}.pyperf.json"
+        suite = pyperf.BenchmarkSuite([pyperf.Benchmark(rs) for rs in benches.values()])
+        tmp = d / f".{path.name}.tmp"
+        suite.dump(str(tmp), replace=True)
+        os.replace(tmp, path)
+        written[s] = path
+    return written
+
+
+def _run(name: str, values: list[float], description: str):
+    import pyperf
+    meta = {"name": name, "unit": "second", "loops": 1, "description": description}
+    return pyperf.Run([float(v) for v in values], metadata=meta, collect_metadata=False)
+
+
+# --- report.md and the plot -----------------------------------------------------------------
+
+def _fmt(c: dict, scale: float = 1.0, digits: int = 2) -> str:
+    if c is None or c.get("mean") is None:
+        return "-"
+    m = f"{c['mean'] * scale:.{digits}f}"
+    if c["lo"] is None:
+        return f"{m} (no CI, n={c['n']})"
+    return f"{m} [{c['lo'] * scale:.{digits}f}, {c['hi'] * scale:.{digits}f}]"
+
+
+def report_md(doc: dict) -> str:
+    p = doc["parameters"]
+    lines = [f"# Steady-state overhead — {doc['run_id']}", "",
+             f"Schemes {', '.join([VANILLA, *p['schemes']])}; workloads "
+             f"{', '.join(p['workloads']) or '-'}; {p['rounds']} round(s) of "
+             f"{p['timing']['steady_s']:g} s steady state after {p['timing']['warmup_s']:g} s "
+             f"warm-up; {p['micro_ops']} micro-operations of each kind per round. Means over "
+             "rounds with 95 % bootstrap intervals (harness.stats; none below "
+             f"{stats.min_n()} rounds); ratios are scheme / vanilla of the same round. "
+             "Definitions: docs/METRICS.md, \"Steady state\".", ""]
+    for w, per in doc["figures"]["workloads"].items():
+        lines += [f"## Workload `{w}`", "",
+                  "| scheme | rounds | throughput (ops/s) | overhead (%) | p50 (ms) | p95 (ms) "
+                  "| p99 (ms) | p99 ratio |", "|---|---|---|---|---|---|---|---|"]
+        for s, e in per.items():
+            lines.append(f"| {s} | {e['rounds']} | {_fmt(e['throughput_ops_s'], 1, 1)} | "
+                         f"{_fmt(e['overhead_pct'], 1, 1)} | "
+                         f"{_fmt(e['latency_p50_s'], 1e3)} | {_fmt(e['latency_p95_s'], 1e3)} | "
+                         f"{_fmt(e['latency_p99_s'], 1e3)} | "
+                         f"{_fmt(e['ratio_to_vanilla']['latency_p99_s'], 1, 3)} |")
+        lines.append("")
+    if doc["figures"]["micro"]:
+        lines += ["## FS micro-operations through the mount", "",
+                  "Median time of one operation per round, then the mean over rounds.", "",
+                  "| operation | scheme | median (µs) | ratio to vanilla | overhead (%) |",
+                  "|---|---|---|---|---|"]
+        for op, per in doc["figures"]["micro"].items():
+            for s, e in per.items():
+                lines.append(f"| {op} | {s} | {_fmt(e['median_s'], 1e6, 1)} | "
+                             f"{_fmt(e['ratio_to_vanilla'], 1, 3)} | "
+                             f"{_fmt(e['overhead_pct'], 1, 1)} |")
+        lines.append("")
+    lines += ["## Resources each scheme reserves", "", "| scheme | cores | memory | what |",
+              "|---|---|---|---|"]
+    for s, r in doc["resources"].items():
+        mem = "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f} MiB"
+        lines.append(f"| {s} | {r['cores']} | {mem} | {r.get('what', '')} |")
+    errors = [r for r in doc["runs"] if r.get("error")]
+    if errors:
+        lines += ["", "## Failed runs", ""] + [f"- {r['id']}: {r['error']}" for r in errors]
+    lines += ["", "![overhead per scheme](overhead.png)", "",
+              "pyperf suites: " + ", ".join(f"`{f}`" for f in doc["pyperf"].values())
+              + f" (`python -m pyperf compare_to {VANILLA}.pyperf.json <scheme>.pyperf.json`).",
+              ""]
+    return "\n".join(lines)
+
+
+def plot(doc: dict) -> bytes:
+    """Overhead in percent per scheme (vanilla is 0 by definition), one bar per measure,
+    error bars the 95 % intervals of overhead.json (drawn only where one exists)."""
+    from harness.report import _plt, _png
+    plt, sns = _plt()
+    rows = []
+    for w, per in doc["figures"]["workloads"].items():
+        for s, e in per.items():
+            if s != VANILLA:
+                rows.append((s, f"{w} throughput", e["overhead_pct"]))
+    for op, per in doc["figures"]["micro"].items():
+        for s, e in per.items():
+            if s != VANILLA:
+                rows.append((s, op, e["overhead_pct"]))
+    rows = [r for r in rows if r[2]["mean"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if rows:
+        schemes = list(dict.fromkeys(r[0] for r in rows))
+        measures = list(dict.fromkeys(r[1] for r in rows))
+        data = {"scheme": [r[0] for r in rows], "measure": [r[1] for r in rows],
+                "overhead": [r[2]["mean"] for r in rows]}
+        sns.barplot(data=data, x="scheme", y="overhead", hue="measure", order=schemes,
+                    hue_order=measures, errorbar=None, ax=ax, palette="colorblind")
+        for patch_group, m in zip(ax.containers, measures):
+            for bar, s in zip(patch_group, schemes):
+                c = next((r[2] for r in rows if r[0] == s and r[1] == m), None)
+                if c is None or c["lo"] is None:
+                    continue
+                x = bar.get_x() + bar.get_width() / 2
+                ax.errorbar(x, c["mean"], yerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]],
+                            fmt="none", ecolor="black", capsize=3, linewidth=1)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.legend(title=None, fontsize="small")
+    ax.set_xlabel("")
+    ax.set_ylabel("overhead vs vanilla (%)")
+    ax.set_title(f"steady-state overhead (95 % CI where ≥ {stats.min_n()} rounds)")
+    return _png(fig)
+
+
+def write_report(d: Path, doc: dict) -> list[Path]:
+    md = report_md(doc)
+    png = plot(doc)
+    return [results.write_atomic(d / "report.md", md), results.write_atomic(d / "overhead.png", png)]
