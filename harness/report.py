@@ -286,8 +286,8 @@ def downtime_ecdf(summary: list[dict], trials: dict[str, list[dict]]) -> bytes:
         ax.text(0.5, 0.5, "no recovered trials", ha="center", transform=ax.transAxes)
     else:
         ax.legend(loc="lower right")
-    ax.set(xlabel="client-observed downtime (s)", ylabel="fraction of trials",
-           title="Downtime per scheme (dashed: median; band: 95 % CI)")
+    ax.set(xlabel="client-observed downtime (s)", ylabel="fraction of recovered trials",
+           title=f"Downtime per scheme (dashed: median; band: 95 % CI, n ≥ {stats.min_n()})")
     return _png(fig)
 
 
@@ -296,11 +296,12 @@ def throughput_timeline(summary: list[dict], trials: dict[str, list[dict]]) -> b
     fig, ax = plt.subplots(figsize=(8, 4))
     colors = _colors(summary)
     for s in summary:
-        c, by_t = colors[s["label"]], {}
+        c, by_t, n = colors[s["label"]], {}, 0
         for t in trials[s["label"]]:
             tp = t["throughput"]
             xs, ys = _steps(tp["bins"], tp["bin_s"])
             if xs:
+                n += 1
                 ax.plot(xs, ys, drawstyle="steps-post", color=c, alpha=0.25, linewidth=0.8)
             for b in tp["bins"]:
                 by_t.setdefault(b["t"], []).append(b["ops_per_s"])
@@ -308,10 +309,12 @@ def throughput_timeline(summary: list[dict], trials: dict[str, list[dict]]) -> b
             mean = [{"t": k, "ops_per_s": sum(v) / len(v)} for k, v in sorted(by_t.items())]
             xs, ys = _steps(mean, trials[s["label"]][0]["throughput"]["bin_s"])
             ax.plot(xs, ys, drawstyle="steps-post", color=c, linewidth=2.2,
-                    label=f"{s['label']} (mean of {len(trials[s['label']])})")
+                    label=f"{s['label']} (mean of {n} trials)")
         if s["downtime"]["median"] is not None:
             ax.axvline(s["downtime"]["median"], color=c, linestyle="--", linewidth=1.2,
-                       label=f"{s['label']} back: median downtime {s['downtime']['median']:.3f} s")
+                       label=f"{s['label']} back: median downtime {s['downtime']['median']:.3f} s"
+                       + (f" ({s['recovered']}/{s['trials']} recovered)"
+                          if s["recovered"] < s["trials"] else ""))
     ax.axvline(0, color="black", linewidth=1.5, label="crash")
     ax.set(xlabel="time relative to the crash (s)", ylabel="completed operations / s",
            title="Throughput around the crash")
