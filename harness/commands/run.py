@@ -147,7 +147,8 @@ def run_cmd(
 
 def _run_all(specs, parameters: dict, out: Optional[Path]) -> list[dict]:
     from harness import driver, report, results
-    d = results.new_run_dir(run_id=None) if out is None else out
+    d = (results.new_run_dir(schemes=parameters["schemes"], workload=parameters["workload"])
+         if out is None else out)
     d.mkdir(parents=True, exist_ok=True)
     env = results.environment()
     records: list[dict] = []
@@ -172,19 +173,15 @@ def _trial_line(r: dict) -> str:
     if r.get("error"):
         return f"{r['id']}: [red]error[/] {r['error']}"
     dt = "not recovered" if r["downtime_s"] is None else f"downtime {r['downtime_s'] * 1e3:.0f} ms"
-    lost = "-" if r["lost_writes"] is None else r["lost_writes"]
-    return (f"{r['id']}: {dt}, acked writes {r['acked_writes']}, lost {lost}, "
+    lost = ("unverified" if r["lost_writes"] is None
+            else f"{r['lost_writes']} lost, {r['corrupted_writes']} corrupted")
+    return (f"{r['id']}: {dt}, acked writes {r['acked_writes']} ({lost}), "
             f"pages recovered {r['cache']['pages_recovered']}")
 
 
 def _print_summary(report, d: Path) -> None:
     from harness import results
+    from harness.commands.results import summary_table
     rows = report.summary_rows(results.load_run(d))
-    if not rows:
-        return
-    t = Table(title="summary (medians; 95 % CI in brackets)")
-    for k in rows[0]:
-        t.add_column(str(k))
-    for row in rows:
-        t.add_row(*(str(v) for v in row.values()))
-    console.print(t)
+    if rows:
+        console.print(summary_table(rows, "summary (medians; 95 % CI in brackets)"))
