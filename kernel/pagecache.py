@@ -129,9 +129,14 @@ class PageCache:
         keys = list(zip(a.ino.tolist(), a.index.tolist()))
         self.index = dict(zip(keys, frames))
         flags = np.where(a.dirty, PG_VALID | PG_UPTODATE | PG_DIRTY, PG_VALID | PG_UPTODATE).tolist()
-        key, gen, csum, flg = self.key, self.gen, self.csum, self.flags
-        for f, k, g, c, fl in zip(frames, keys, a.gen.tolist(), a.csum.tolist(), flags):
-            key[f], gen[f], csum[f], flg[f] = k, g, c, fl
+        gens, csums = a.gen.tolist(), a.csum.tolist()
+        # the frames come in runs of adjacent ones (a dead kernel allocates them in order):
+        # one slice assignment per run and per list, not four stores per page
+        cut = np.flatnonzero(np.diff(a.frames) != 1) + 1
+        for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(frames)]) if frames else ():
+            f0, f1 = frames[lo], frames[lo] + hi - lo
+            self.key[f0:f1], self.gen[f0:f1] = keys[lo:hi], gens[lo:hi]
+            self.csum[f0:f1], self.flags[f0:f1] = csums[lo:hi], flags[lo:hi]
         order = np.argsort(a.ino, kind="stable")
         by_ino, idx_l = a.ino[order], a.index[order].tolist()
         bounds = np.flatnonzero(np.r_[True, by_ino[1:] != by_ino[:-1], True]).tolist()
@@ -157,8 +162,9 @@ class PageCache:
         want[1:][same[1:]] = phys[:-1][same[1:]]     # oldest (lowest index) first, head = newest
         have = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)["next_dirty"][d_frames]
         now = time.monotonic_ns()
-        self._next_dirty.update(zip(d_frames.tolist(), want.tolist()))
-        self._dirtied.update(dict.fromkeys(d_frames.tolist(), now))
+        fl = d_frames.tolist()
+        self._next_dirty.update(zip(fl, want.tolist()))
+        self._dirtied.update(dict.fromkeys(fl, now))
         self._write_descs(d_frames[have != want].tolist())
         self.ndirty += len(d_frames)
         bounds = np.flatnonzero(np.r_[True, d_inos[1:] != d_inos[:-1], True])
