@@ -74,8 +74,8 @@ PF_EXITING = 0x4   # task flag (field 9 of /proc/<pid>/task/<tid>/stat): in do_e
 def fence(pid: int) -> None:
     """Make sure the dead kernel can do nothing more: killed, and every one of its threads
     exiting (PF_EXITING) or gone. From then on it stores nothing into memory, so its memory
-    can be read; its address space and its disk lock are released later by the host (≈ 40 ms
-    on its own CPU for a kernel with its memory mapped), which the device takeover waits for."""
+    can be read; its address space and its disk lock are released later by the host (tens of
+    ms on its own CPU for a kernel with its memory mapped), which the device takeover waits for."""
     for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
         try:
             target()

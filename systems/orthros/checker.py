@@ -2,7 +2,7 @@
 
 Promises to the Orthros backup kernel (systems/orthros/backup.py): ``Checker.start(physmem)``
 launches, while the backup is in standby, a helper process that maps the machine's memory
-(page tables filled in advance) and waits. ``check(lay, frames, cpus)`` moves the helper
+(page tables filled in advance), and returns once it waits for work. ``check(lay, frames, cpus)`` moves the helper
 onto ``cpus`` — the dead kernel's CPUs, idle once it is fenced — and shares with it the
 work of kernel/memreader.check_pages: the frames are cut into jobs that both take from one
 pipe, so whoever is faster does more (the host is still tearing the dead kernel down on
@@ -33,6 +33,8 @@ _JOB = struct.Struct("<IIQQQ")        # job id, frame count, descriptor area, fr
 _RES = struct.Struct("<II")           # job id, frame count; then desc_ok and ok, a byte each
 _PIPE_BYTES = 1 << 20                 # room for every job and result at once (F_SETPIPE_SZ)
 MADV_POPULATE_READ = 22
+_READY = b"R"
+READY_TIMEOUT_S = 30.0
 
 
 class _Area:
@@ -63,7 +65,16 @@ class Checker:
                                  "--jobs", str(jobs_r), "--results", str(res_w)],
                                 pass_fds=(jobs_r, res_w), stdin=subprocess.DEVNULL)
         os.close(res_w)
-        return cls(proc, jobs_r, jobs_w, res_r, min(room))
+        c = cls(proc, jobs_r, jobs_w, res_r, min(room))
+        c._wait_ready()
+        return c
+
+    def _wait_ready(self) -> None:
+        """Standby is only ready once the helper is: its start (imports, filling its page
+        tables) takes the host's memory locks, which must not stall the active kernel later."""
+        if not select.select([self.res_r], [], [], READY_TIMEOUT_S)[0] or os.read(self.res_r, 1) != _READY:
+            self.close()
+            raise RuntimeError("the second page checker did not start")
 
     def check(self, mem: PhysMem, lay: PartLayout, frames: np.ndarray,
               cpus: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +169,7 @@ def serve(physmem: str, jobs: int, results: int) -> None:
         mem.mm.madvise(MADV_POPULATE_READ)
     except OSError:
         pass
+    os.write(results, _READY)
     while True:
         select.select([jobs], [], [])
         job = _take(jobs)
