@@ -69,7 +69,7 @@ def _check(schemes: list[str], workloads: list[str], rounds: int, duration: floa
 
 
 def overhead_cmd(
-    schemes: str = typer.Option(",".join(("orthros", "warmcache", "reboot")),
+    schemes: str = typer.Option("orthros,warmcache,reboot",
                                 help="comma-separated schemes compared with vanilla"),
     workloads: Optional[str] = typer.Option(None, help="comma-separated workloads (default: "
                                             "every workload of `crashbench list`)"),
@@ -87,7 +87,6 @@ def overhead_cmd(
     """Run each workload with no crash under vanilla (no scheme machinery) and every
     scheme, interleaved, plus FS micro-operations through the mount; write overhead.json,
     one pyperf suite per scheme and report.md; results/latest points at it."""
-    from harness.overhead import DEFAULT_SCHEMES  # noqa: F401  (the default above)
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     if workloads is None:
         wls = [w for w in catalogue()["workloads"] if w != "idle"]
