@@ -22,6 +22,7 @@ DIRTY_RATIO = 0.40          # writers are throttled above this fraction of frame
 EVICT_BATCH = 256           # frames reclaimed at once under memory pressure
 READAHEAD_PAGES = 32        # pages read from disk at once on a sequential miss
 ADOPT_CHECK_BATCH = 1024    # adopted clean pages checked at once (kernel lock held) after a takeover
+BACKUP_HEAP_WARM_BYTES = 64 << 20   # heap a standby backup grows and touches for its takeover's tables
 
 # --- journal (kernel/journal.py) ---
 COMMIT_INTERVAL_S = 5.0     # the running transaction is committed at least this often

@@ -138,6 +138,26 @@ def prefault(mem, mach) -> None:
         log.info("memory not prefaulted (%s): the takeover will fault pages in", e)
 
 
+def warm_heap(nbytes: int) -> None:
+    """Grow this process's heap by nbytes and touch it while in standby, and keep it: the
+    takeover builds tens of MB of tables, and fresh memory costs a page fault per 4 KiB."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_CHUNK)   # blocks this big come from the heap
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes)   # and the heap is not given back
+    except (OSError, AttributeError):                # not glibc: the takeover pays its faults
+        return
+    chunks = [bytearray(HEAP_CHUNK - 4096) for _ in range(nbytes // HEAP_CHUNK)]
+    for c in chunks:
+        memoryview(c)[::4096] = bytes(len(range(0, len(c), 4096)))
+    del chunks
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt parameters
+HEAP_CHUNK = 16 << 20                         # under glibc's largest mmap threshold (32 MiB)
+
+
 def take_disk(k: Kernel, names: list[str], delay: bool) -> BlockDevice:
     disk = next(k.machine.disk(n) for n in names if n in {d.name for d in k.machine.disks})
     deadline = time.monotonic() + FENCE_TIMEOUT_S
@@ -271,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     bell = mailbox.Doorbell(args.workdir, args.partition)
     w = mach.partition(args.watch)
     prefault(k.mem, mach)
+    warm_heap(param.BACKUP_HEAP_WARM_BYTES)
     checker = Checker.start(args.physmem)
     if k.pset is not None:
         k.pset.add(checker.proc.pid)
