@@ -36,8 +36,7 @@ def leftovers() -> dict:
             "socket dirs": glob.glob(str(Path(tempfile.gettempdir()) / "crashbench-pgsock-*")),
             "mounts": [m for m in Path("/proc/mounts").read_text().splitlines()
                        if "crashbench-trial-" in m],
-            "postgres segments": sum(1 for line in ipcs.splitlines() if " postgres " in line),
-            "posix shm": len(glob.glob("/dev/shm/PostgreSQL.*"))}
+            "postgres segments": sum(1 for line in ipcs.splitlines() if " postgres " in line)}
 
 
 def assert_clean(before: dict) -> None:
@@ -45,8 +44,18 @@ def assert_clean(before: dict) -> None:
     assert after["processes"] == [], after["processes"]
     assert after["socket dirs"] == [], after["socket dirs"]
     assert after["mounts"] == [], after["mounts"]
-    assert after["postgres segments"] <= before["postgres segments"]
-    assert after["posix shm"] <= before["posix shm"]
+    # Shared memory is not compared here: other PostgreSQL servers on the machine (other
+    # tests) make and drop segments at any time. Ours cannot leave one: see the next test.
+
+
+def test_postgres_runs_in_its_own_ipc_and_pid_namespaces_with_no_posix_shared_memory(tmp_path):
+    from harness.workloads import Service
+    from harness.workloads.postgres import Postgres
+    svc = Service(mount=str(tmp_path), ip="198.18.0.1", client_netns=None, workdir=tmp_path,
+                  seed=1)
+    argv = Postgres().apps(svc)[0]["argv"]
+    assert argv[:5] == ["unshare", "--ipc", "--pid", "--fork", "--kill-child=SIGKILL"]
+    assert "dynamic_shared_memory_type=sysv" in argv and "unix_socket_directories=" in argv
 
 
 def run_workload(tmp_path_factory, workload: str):
