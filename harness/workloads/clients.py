@@ -40,6 +40,19 @@ def spawn(argv: Sequence[str], log: Path, enter: Callable[[], None] | None) -> s
                                 preexec_fn=_preexec(enter, os.getpid()))
 
 
+def run_to_end(argv: Sequence[str], log: Path, enter: Callable[[], None] | None,
+               timeout: float) -> int:
+    """Run one client (readiness probe, verify pass) to its end; killed past `timeout`,
+    which then reads as exit status -1."""
+    p = spawn(argv, log, enter)
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return -1
+
+
 class ClientGroup:
     def __init__(self, procs: list[subprocess.Popen], histories: list[Path]):
         self.procs, self.histories = procs, histories

@@ -10,13 +10,12 @@ back every file any client wrote.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from harness.workloads import Service, WorkloadError
-from harness.workloads.clients import ClientGroup, spawn
+from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.files_client"
 
@@ -51,13 +50,8 @@ class Files:
     def wait_ready(self, svc: Service, timeout: float) -> None:
         argv = ["-m", CLIENT, "ready", "--url", self.url(svc),
                 "--until", str(time.monotonic() + timeout)]
-        p = spawn(argv, svc.workdir / "logs" / "files-ready.log", svc.client_enter)
-        try:
-            rc = p.wait(timeout + 5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            rc = -1
+        rc = run_to_end(argv, svc.workdir / "logs" / "files-ready.log", svc.client_enter,
+                        timeout + 5)
         if rc != 0:
             raise WorkloadError(f"files: the WebDAV server at {self.url(svc)} did not answer "
                                 f"within {timeout:.0f} s; see logs/wsgidav.log")
@@ -89,10 +83,6 @@ class Files:
         kf.write_text(json.dumps(keys))
         h = svc.history_dir() / "verify.jsonl"
         argv = self._client_argv(svc, "verify", self.p["clients"], time.monotonic() + timeout, h)
-        p = spawn([*argv, "--keys", str(kf)], svc.workdir / "logs" / "verify.log", svc.client_enter)
-        try:
-            p.wait(timeout + 10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        run_to_end([*argv, "--keys", str(kf)], svc.workdir / "logs" / "verify.log",
+                   svc.client_enter, timeout + 10)
         return h

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import numpy as np
 
 from harness.binaries import nginx_bin
 from harness.workloads import Service, WorkloadError
-from harness.workloads.clients import ClientGroup, spawn
+from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.http_client"
 KIB = 1024
@@ -146,14 +145,8 @@ class Http:
                 "--network-timeout", str(p["network_timeout_s"])]
 
     def _run(self, svc: Service, mode: str, timeout: float, log: str, extra=()) -> int:
-        p = spawn([*self._args(svc, mode, time.monotonic() + timeout), *extra],
-                  svc.workdir / "logs" / log, svc.client_enter)
-        try:
-            return p.wait(timeout + 10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            return -1
+        return run_to_end([*self._args(svc, mode, time.monotonic() + timeout), *extra],
+                          svc.workdir / "logs" / log, svc.client_enter, timeout + 10)
 
     def wait_ready(self, svc: Service, timeout: float) -> None:
         if self._run(svc, "ready", timeout, "http-ready.log") != 0:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from harness.binaries import pg_bin
 from harness.workloads import Service, WorkloadError
-from harness.workloads.clients import ClientGroup, spawn
+from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.postgres_client"
 USER = "postgres"
@@ -230,13 +230,8 @@ class Postgres:
 
     def wait_ready(self, svc: Service, timeout: float) -> None:
         argv = self._args(svc, "ready", time.monotonic() + timeout)
-        p = spawn(argv, svc.workdir / "logs" / "postgres-ready.log", svc.client_enter)
-        try:
-            rc = p.wait(timeout + 5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            rc = -1
+        rc = run_to_end(argv, svc.workdir / "logs" / "postgres-ready.log", svc.client_enter,
+                        timeout + 5)
         if rc != 0:
             raise WorkloadError(f"postgres: the server at {svc.ip}:{self.p['port']} did not "
                                 f"answer within {timeout:.0f} s; see logs/postgres.log")
@@ -260,12 +255,7 @@ class Postgres:
         h = svc.history_dir() / "verify.jsonl"
         argv = [*self._args(svc, "verify", time.monotonic() + timeout),
                 "--id", str(self.p["clients"]), "--history", str(h), "--keys", str(kf)]
-        p = spawn(argv, svc.workdir / "logs" / "verify.log", svc.client_enter)
-        try:
-            p.wait(timeout + 10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        run_to_end(argv, svc.workdir / "logs" / "verify.log", svc.client_enter, timeout + 10)
         self._starts = startups(self.log(svc))     # read before teardown removes the log
         return h
 
