@@ -165,11 +165,32 @@ class Kernel:
         """Dying message, doorbells, death. Never returns."""
         if self.vfs is not None:   # stop serving first, as panic() stops the other CPUs
             self.vfs.lock.acquire(timeout=param.PANIC_STOP_WAIT_S)
+        self.stop_apps()
         log.error("panic at %s: %s", site, reason)
         self.mailbox.dying_message(reason, site)
         for p in [q.id for q in self.machine.partitions if q.id != self.part.id] + [mailbox.WATCHDOG]:
             mailbox.ring(self.workdir, p, f"panic {self.part.id}".encode())
         self.die()
+
+    def stop_apps(self) -> None:
+        """SIGSTOP every other process of the partition: with the CPUs halted its apps
+        run no more, so none can send a client a reply it had already read from the
+        socket (or a read answered from its own buffers) after the kernel died. The
+        fence kills them later; SIGKILL needs no SIGCONT."""
+        if self.pset is None:
+            return
+        try:
+            pids = self.pset.pids()
+        except OSError as e:
+            log.error("panic: cannot list the partition's processes to stop them: %s", e)
+            return
+        me = os.getpid()
+        for pid in pids:
+            if pid != me:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
 
     def die(self) -> None:
         os.kill(os.getpid(), signal.SIGKILL)

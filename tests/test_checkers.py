@@ -74,16 +74,17 @@ GARBAGE = {"bytes": 3, "sha256": hashlib.sha256(b"xyz").hexdigest()}
 
 
 # --- downtime: hand-made -----------------------------------------------------------------
-def test_downtime_is_last_ok_before_to_first_ok_after_per_client():
+def test_downtime_is_last_ok_before_to_first_ok_invoked_after_per_client():
     h = H()
     h.op(1, "read", 9.4, 9.5, "ok")
     h.op(1, "read", 9.6, 10.1, "info")         # in flight at the crash
     h.op(1, "read", 10.15, 10.2, "fail")
     h.op(1, "read", 10.25, 10.7, "ok")
     h.op(2, "write", 9.8, 9.9, "ok", key="k", value=wval("k", 1))
-    h.op(2, "write", 9.95, 11.0, "ok", key="k", value=wval("k", 2))   # answered after the crash
+    h.op(2, "write", 9.95, 10.02, "ok", key="k", value=wval("k", 2))  # the dying server's reply
+    h.op(2, "write", 10.5, 11.0, "ok", key="k", value=wval("k", 3))   # invoked after: ends it
     h.crash(10.0)
-    h.verify("k", 20.0, "ok", seen("k", 2))
+    h.verify("k", 20.0, "ok", seen("k", 3))
     d = downtime(h.sorted())
     assert d["crash_at"] == 10.0 and d["clients"] == 2
     assert d["per_client"] == {"1": pytest.approx(1.2), "2": pytest.approx(1.1)}
@@ -183,13 +184,20 @@ def client_histories(draw, outage_forever: bool = False):
 
 
 def oracle_downtime(events: list[dict], crash: float) -> dict[str, float | None]:
-    """Downtime straight from the definition, without the checker's code."""
+    """Downtime straight from the definition, without the checker's code: each client
+    runs one operation at a time, so an ok belongs to the client's latest invoke."""
     out = {}
     for p in sorted({e["process"] for e in events if e["process"] != history.NEMESIS}):
-        oks = [e["time"] for e in events if e["process"] == p and e["type"] == "ok"
-               and e["f"] != "verify"]
-        before = [t for t in oks if t <= crash]
-        after = [t for t in oks if t > crash]
+        oks, invoked = [], None
+        for e in events:
+            if e["process"] != p or e["f"] == "verify":
+                continue
+            if e["type"] == "invoke":
+                invoked = e["time"]
+            elif e["type"] == "ok":
+                oks.append((invoked, e["time"]))
+        before = [t for _, t in oks if t <= crash]
+        after = [t for i, t in oks if i >= crash]
         if before:
             out[str(p)] = min(after) - max(before) if after else None
     return out
@@ -542,3 +550,26 @@ def test_intervals_hold_their_estimate_and_are_reproducible(xs):
     else:
         assert lo <= m <= hi and mlo <= mean + 1e-6 and mean - 1e-6 <= mhi
         assert stats.mean_ci(xs) == (mean, mlo, mhi)      # seeded: the same every time
+
+
+# --- the driver's view of the same definition ----------------------------------------------
+def test_clients_count_as_back_only_with_an_ok_invoked_after_the_crash(tmp_path):
+    """harness.workloads.clients.ClientGroup.all_ok_after, which ends the observe phase,
+    follows the downtime definition: a reply to a request sent before t does not count,
+    and every process in a shared history file (locust users) must be back."""
+    from harness.workloads.clients import ClientGroup
+    h = H()
+    h.op(0, "read", 9.9, 10.05, "ok")            # sent before t = 10.0: the dying server's reply
+    h.op(1, "read", 10.2, 10.3, "ok")
+    path = tmp_path / "shared.jsonl"
+    history.write(h.sorted(), path)
+    group = ClientGroup([], [path])
+    assert group.all_ok_after(10.0) is False
+    h.op(0, "read", 10.4, 10.5, "fail")
+    h.op(0, "verify", 10.6, 10.7, "ok", key="k", result=ABSENT)   # verify is not load
+    history.write(h.sorted(), path)
+    assert group.all_ok_after(10.0) is False
+    h.op(0, "read", 10.8, 10.9, "ok")
+    history.write(h.sorted(), path)
+    assert group.all_ok_after(10.0) is True
+    assert ClientGroup([], [tmp_path / "missing.jsonl"]).all_ok_after(0.0) is False

@@ -4,7 +4,8 @@ and under `reboot` through the real CLI, and a failed trial of each in process.
 """
 from __future__ import annotations
 
-import glob
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,29 +24,42 @@ PARAMS = {"postgres": {"scale": 2, "clients": 3},
 OURS = r"harness\.workloads\.(postgres|http)_client|postgres -D \S*crashbench-trial-|nginx -c \S*crashbench-trial-"
 
 
-def crashbench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def crashbench(*args: str, tmpdir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TMPDIR=str(tmpdir))
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
-def leftovers() -> dict:
-    """What a trial of these workloads could leave behind."""
+def own_tmpdir() -> Path:
+    """A temp directory for one test's trials (TMPDIR of the run), so that what they could
+    leave behind is told apart from other runs on the machine. Mode 755: the servers run
+    as other users and must reach their files under it."""
+    d = Path(tempfile.mkdtemp(prefix="cbtest-"))
+    d.chmod(0o755)
+    return d
+
+
+def leftovers(tmpdir: Path, out: Path) -> dict:
+    """What this test's trials could have left behind: processes of the workloads whose
+    command line names the trials' temp directory or the results directory, socket and
+    trial directories, mounts."""
     ps = subprocess.run(["pgrep", "-af", OURS], capture_output=True, text=True).stdout
-    ipcs = subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout
-    return {"processes": [line for line in ps.splitlines() if line.strip()],
-            "socket dirs": glob.glob(str(Path(tempfile.gettempdir()) / "crashbench-pgsock-*")),
+    ours = (str(tmpdir), str(out))
+    return {"processes": [line for line in ps.splitlines()
+                          if any(x in line for x in ours)],
+            "temp dirs": [str(p) for p in tmpdir.glob("crashbench-*")],
             "mounts": [m for m in Path("/proc/mounts").read_text().splitlines()
-                       if "crashbench-trial-" in m],
-            "postgres segments": sum(1 for line in ipcs.splitlines() if " postgres " in line)}
+                       if "crashbench-trial-" in m and str(tmpdir) in m]}
 
 
-def assert_clean(before: dict) -> None:
-    after = leftovers()
+def assert_clean(tmpdir: Path, out: Path) -> None:
+    after = leftovers(tmpdir, out)
     assert after["processes"] == [], after["processes"]
-    assert after["socket dirs"] == [], after["socket dirs"]
+    assert after["temp dirs"] == [], after["temp dirs"]
     assert after["mounts"] == [], after["mounts"]
-    # Shared memory is not compared here: other PostgreSQL servers on the machine (other
-    # tests) make and drop segments at any time. Ours cannot leave one: see the next test.
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    # Shared memory is not compared: other PostgreSQL servers on the machine make and drop
+    # segments at any time. Ours cannot leave one: see the next test.
 
 
 def test_postgres_runs_in_its_own_ipc_and_pid_namespaces_with_no_posix_shared_memory(tmp_path):
@@ -59,14 +73,15 @@ def test_postgres_runs_in_its_own_ipc_and_pid_namespaces_with_no_posix_shared_me
 
 
 def run_workload(tmp_path_factory, workload: str):
-    before = leftovers()
+    tmpdir = own_tmpdir()
     out = tmp_path_factory.mktemp(workload) / "r"
     params = [x for k, v in PARAMS[workload].items() for x in ("--param", f"{k}={v}")]
     p = crashbench("run", "--schemes", "orthros,reboot", "--workload", workload,
-                   "--fault", "panic", "--trials", "1", *SHORT, *params, "--out", str(out))
+                   "--fault", "panic", "--trials", "1", *SHORT, *params, "--out", str(out),
+                   tmpdir=tmpdir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from harness import results
-    return results.load_run(out), out, before
+    return results.load_run(out), out, tmpdir
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +159,7 @@ def test_postgres_history_records_every_transaction_and_commits_of_unknown_outco
 
 
 def test_postgres_trials_leave_nothing_behind(pg_run):
-    assert_clean(pg_run[2])
+    assert_clean(pg_run[2], pg_run[1])
 
 
 # --- http ------------------------------------------------------------------------------------
@@ -178,7 +193,7 @@ def test_http_working_set_fills_the_cache_before_the_crash(http_run):
 
 
 def test_http_trials_leave_nothing_behind(http_run):
-    assert_clean(http_run[2])
+    assert_clean(http_run[2], http_run[1])
 
 
 # --- failed trials -------------------------------------------------------------------------
@@ -193,9 +208,10 @@ def test_a_failed_trial_leaves_no_server_client_socket_or_temp_dir(workload, tmp
         raise RuntimeError("verify exploded (test)")
 
     monkeypatch.setattr(registry()[workload], "verify", boom)
-    before = leftovers()
+    tmpdir = own_tmpdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
     timing = dict(driver.DEFAULTS, warmup_s=0.3, steady_s=0.5, post_s=0.2, bin_s=0.25)
     spec = driver.TrialSpec("reboot", workload, "panic", 0, 1, timing, dict(PARAMS[workload]))
     rec = driver.run_one(spec, tmp_path)
     assert "verify exploded" in (rec.get("error") or ""), rec.get("error")
-    assert_clean(before)
+    assert_clean(tmpdir, tmp_path)

@@ -53,12 +53,14 @@ def is_load(op: dict) -> bool:
     return op["process"] != NEMESIS and op["f"] != VERIFY
 
 
-def load_oks(events: list[dict]) -> dict[int, list[float]]:
-    """Completion times of every ``ok`` load operation, per client, ascending."""
-    out: dict[int, list[float]] = {}
+def load_oks(events: list[dict]) -> dict[int, list[tuple[float, float]]]:
+    """(invoke time, completion time) of every ``ok`` load operation, per client, in order
+    of completion."""
+    out: dict[int, list[tuple[float, float]]] = {}
     for inv, done in pairs(events):
         if is_load(inv) and done is not None and done["type"] == "ok":
-            out.setdefault(inv["process"], []).append(float(done["time"]))
-    for times in out.values():
-        times.sort()
+            out.setdefault(inv["process"], []).append((float(inv["time"]),
+                                                       float(done["time"])))
+    for spans in out.values():
+        spans.sort(key=lambda span: span[1])
     return out

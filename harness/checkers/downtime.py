@@ -2,15 +2,15 @@
 across the crash.
 
 Promises to harness/trial.py and the report (definitions: docs/METRICS.md, "Downtime"):
-a client's downtime runs from its last ``ok`` completion at or before the crash to its
-first ``ok`` completion after it, so it is never negative; a client with no ``ok`` after
-the crash is not recovered (downtime None); only clients with an ``ok`` before the crash
+a client's downtime runs from its last ``ok`` completion at or before the crash to the
+first ``ok`` completion of an operation it invoked at or after the crash, so it is never
+negative and a reply sent by the dying server to an older request does not end it; a
+client with no such ``ok`` is not recovered (downtime None); only clients with an ``ok`` before the crash
 count (a client that never worked has no downtime to measure). Verify-phase reads are not
 load and are ignored.
 """
 from __future__ import annotations
 
-import bisect
 import math
 
 import numpy as np
@@ -43,13 +43,20 @@ def downtime(events: list[dict]) -> dict:
             "recovered": bool(values) and all(v is not None for v in values)}
 
 
-def ok_window(oks: list[float], crash: float) -> tuple[float, float | None] | None:
-    """(last ok at or before the crash, first ok after it or None); None when the client
-    had no ok before the crash. ``oks`` ascending."""
-    i = bisect.bisect_right(oks, crash)
-    if i == 0:
+def ok_window(oks: list[tuple[float, float]],
+              crash: float) -> tuple[float, float | None] | None:
+    """(last ok completion at or before the crash, first ok completion of an operation
+    invoked at or after it, or None); None when the client had no ok before the crash.
+    ``oks``: (invoke, completion) spans.
+
+    Why the invoke time bounds the end: a server that is dying can still send the reply to
+    a request it had already read (the bytes were in its buffers when the kernel stopped);
+    that reply says nothing about service being back."""
+    before = [done for _, done in oks if done <= crash]
+    if not before:
         return None
-    return oks[i - 1], (oks[i] if i < len(oks) else None)
+    after = [done for invoked, done in oks if invoked >= crash]
+    return max(before), (min(after) if after else None)
 
 
 def aggregate(values: list[float | None]) -> tuple[float | None, float | None]:

@@ -5,7 +5,8 @@ session, entered into the client network namespace before it executes, and kille
 kernel if the driver dies (parent-death signal), so an interrupted run leaves no client
 behind. ``stop()`` asks politely (SIGTERM: a client finishes recording its current
 operation), then kills. ``all_ok_after(t)`` reads the clients' history files — the
-driver's only way to learn that service is back, as the clients saw it.
+driver's only way to learn that service is back, as the clients saw it: every client has
+had an operation invoked at or after t answered ``ok``.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ class ClientGroup:
         return sum(1 for p in self.procs if p.poll() is None)
 
     def all_ok_after(self, t: float) -> bool:
-        """Every client has completed an operation with `ok` after monotonic time t."""
+        """Every client process has had an operation invoked at or after monotonic time t
+        answered ``ok``."""
         return all(_ok_after(h, t) for h in self.histories)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -83,6 +85,10 @@ class ClientGroup:
 
 
 def _ok_after(path: Path, t: float) -> bool:
+    """Every process of the history file has an ``ok`` operation invoked at or after t
+    (a reply to an older request may come from a server that is dying: the definition of
+    downtime in docs/METRICS.md). A process runs one operation at a time, so an ``ok``
+    belongs to that process's latest ``invoke``."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -91,6 +97,22 @@ def _ok_after(path: Path, t: float) -> bool:
             tail = fh.read().split(b"\n")
     except FileNotFoundError:
         return False
+    invoked: dict = {}
+    back: dict = {}
+    for line in tail:
+        try:
+            e = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue                          # the cut first line, or one being written
+        if e.get("f") == "verify":
+            continue
+        p = e.get("process")
+        if e.get("type") == "invoke":
+            invoked[p] = e["time"]
+        elif e.get("type") == "ok" and invoked.get(p, -1.0) >= t:
+            back[p] = True
+        back.setdefault(p, False)
+    return bool(back) and all(back.values())
     for line in reversed(tail):
         if b'"type":"ok"' not in line:
             continue
