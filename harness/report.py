@@ -132,6 +132,43 @@ SUMMARY_NOTE = (f"Medians over the recovered trials (downtime) or the trials tha
                 f"brackets. Definitions: {METRICS_DOC}.")
 
 
+RANKED = (("downtime", "Downtime"), ("time_to_90pct", "Time to 90 %"))
+
+
+def ranking(summary: list[dict]) -> list[str]:
+    """One line per ranked metric: the schemes from the lowest median to the highest (lower
+    is better), those without a median (nothing recovered, never back to 90 %) last; then
+    which neighbours the 95 % CIs separate, so that an order the data cannot support is not
+    read as one. Empty with fewer than two schemes."""
+    if len(summary) < 2:
+        return []
+    lines = []
+    for key, name in RANKED:
+        known = sorted((s for s in summary if s[key]["median"] is not None),
+                       key=lambda s: s[key]["median"])
+        order = [f"{i}. {s['label']} {s[key]['median']:.3f} s" for i, s in
+                 enumerate(known, 1)]
+        order += [f"{s['label']} (no median)" for s in summary if s[key]["median"] is None]
+        lines.append(f"{name}, median, lower is better: {', '.join(order)}. "
+                     f"{_separation(known, key)}")
+    return lines
+
+
+def _separation(known: list[dict], key: str) -> str:
+    pairs = list(zip(known, known[1:]))
+    if not pairs:
+        return ""
+    apart = [f"{a['label']} < {b['label']}" for a, b in pairs
+             if a[key]["hi"] is not None and b[key]["lo"] is not None
+             and a[key]["hi"] < b[key]["lo"]]
+    if apart:
+        return f"Separated by disjoint 95 % CIs: {'; '.join(apart)}."
+    if all(a[key]["hi"] is None or b[key]["lo"] is None for a, b in pairs):
+        return (f"No neighbours are separated: a 95 % CI needs {stats.min_n()} values "
+                f"a scheme.")
+    return "No neighbours are separated by disjoint 95 % CIs."
+
+
 # --- the document, as blocks both renderers share ---------------------------------------------
 
 def _blocks(run: dict, summary: list[dict], images: dict[str, bytes]) -> list[tuple]:
@@ -143,6 +180,9 @@ def _blocks(run: dict, summary: list[dict], images: dict[str, bytes]) -> list[tu
     rows = summary_rows(run)
     b += [("h2", "Summary"), ("table", list(rows[0]) if rows else [],
                               [list(r.values()) for r in rows]), ("p", SUMMARY_NOTE)]
+    ranked = ranking(summary)
+    if ranked:
+        b += [("h2", "Ranking")] + [("p", line) for line in ranked]
     captions = {
         "downtime-ecdf.png": "Client-observed downtime, ECDF per scheme over the recovered "
                              "trials; dashed line: the median, band: its 95 % CI (as in the table).",

@@ -106,6 +106,46 @@ def test_unrecovered_and_failed_trials_are_counted_not_hidden(tmp_path):
     assert all(f.stat().st_size > 0 for f in files)
 
 
+def test_ranking_orders_schemes_and_says_when_the_cis_cannot_back_the_order(written):
+    lines = report.ranking(report.summarize(results.load_run(written)))
+    assert lines == [
+        "Downtime, median, lower is better: 1. orthros 0.412 s, 2. reboot 2.702 s. "
+        f"No neighbours are separated: a 95 % CI needs {stats.min_n()} values a scheme.",
+        "Time to 90 %, median, lower is better: 1. orthros 1.000 s, 2. reboot 4.000 s. "
+        f"No neighbours are separated: a 95 % CI needs {stats.min_n()} values a scheme."]
+    md = (written / "report.md").read_text()
+    assert "## Ranking" in md and all(line in md for line in lines)
+
+
+def _trials_of(template: dict, scheme: str, downtimes: list[float], t90: float | None):
+    out = []
+    for i, d in enumerate(downtimes):
+        t = copy.deepcopy(template)
+        t.update(scheme=scheme, trial=i, id=f"{scheme}-files-panic-{i}", downtime_s=d,
+                 time_to_90pct_s=t90, history=f"history-{scheme}-files-panic-{i}.jsonl")
+        out.append(t)
+    return out
+
+
+def test_ranking_of_three_schemes_names_the_neighbours_the_cis_separate(tmp_path):
+    run = json.loads((GOLDEN_RUN / "run.json").read_text())
+    template = run["trials"][0]
+    trials = (_trials_of(template, "reboot", [2.0 + i / 10 for i in range(6)], 4.0)
+              + _trials_of(template, "orthros", [0.4 + i / 100 for i in range(6)], 1.0)
+              + _trials_of(template, "warmcache", [1.9 + i / 5 for i in range(6)], None))
+    run["parameters"]["schemes"] = ["reboot", "orthros", "warmcache"]
+    d = tmp_path / "three"
+    d.mkdir()
+    results.write_run(d, run["parameters"], run["environment"], trials)
+    down, t90 = report.ranking(report.summarize(results.load_run(d)))
+    assert down.startswith("Downtime, median, lower is better: 1. orthros 0.425 s, "
+                           "2. reboot 2.250 s, 3. warmcache 2.400 s.")
+    assert down.endswith("Separated by disjoint 95 % CIs: orthros < reboot.")
+    assert t90 == ("Time to 90 %, median, lower is better: 1. orthros 1.000 s, "
+                   "2. reboot 4.000 s, warmcache (no median). "
+                   "Separated by disjoint 95 % CIs: orthros < reboot.")
+
+
 runner = CliRunner()
 
 
@@ -117,6 +157,8 @@ def test_report_command_prints_the_summary_and_where_the_files_are(tmp_path):
     assert "orthros" in r.stdout and "0.412" in r.stdout and "2.702" in r.stdout
     assert str(d / "report.html") in r.stdout.replace("\n", "")
     assert all((d / f).exists() for f in FILES)
+    flat = " ".join(r.stdout.split())
+    assert "Downtime, median, lower is better: 1. orthros 0.412 s, 2. reboot 2.702 s." in flat
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -52,6 +52,8 @@ def report_cmd(dir: Path = typer.Argument(..., help="a result directory (holding
     rows = report.summary_rows(run)
     console.print(summary_table(rows, f"{run['run_id']}: medians, 95 % CI in brackets"))
     console.print(report.SUMMARY_NOTE, style="dim", markup=False, highlight=False)
+    for line in report.ranking(report.summarize(run)):
+        console.print(line, markup=False, highlight=False)
     console.print(f"report: {files[0]}, {files[1]}")
     console.print(f"plots: {', '.join(str(f) for f in files[2:])}")
 

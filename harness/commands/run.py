@@ -182,6 +182,9 @@ def _trial_line(r: dict) -> str:
 def _print_summary(report, d: Path) -> None:
     from harness import results
     from harness.commands.results import summary_table
-    rows = report.summary_rows(results.load_run(d))
+    run = results.load_run(d)
+    rows = report.summary_rows(run)
     if rows:
         console.print(summary_table(rows, "summary (medians; 95 % CI in brackets)"))
+    for line in report.ranking(report.summarize(run)):
+        console.print(line, markup=False, highlight=False)
