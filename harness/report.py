@@ -137,7 +137,7 @@ RANKED = (("downtime", "Downtime"), ("time_to_90pct", "Time to 90 %"))
 
 def ranking(summary: list[dict]) -> list[str]:
     """One line per ranked metric: the schemes from the lowest median to the highest (lower
-    is better), those without a median (nothing recovered, never back to 90 %) last; then
+    is better; equal medians share a rank), those without a median (nothing recovered, never back to 90 %) last; then
     which neighbours the 95 % CIs separate, so that an order the data cannot support is not
     read as one. Empty with fewer than two schemes."""
     if len(summary) < 2:
@@ -146,12 +146,18 @@ def ranking(summary: list[dict]) -> list[str]:
     for key, name in RANKED:
         known = sorted((s for s in summary if s[key]["median"] is not None),
                        key=lambda s: s[key]["median"])
-        order = [f"{i}. {s['label']} {s[key]['median']:.3f} s" for i, s in
-                 enumerate(known, 1)]
+        order = [f"{_rank(known, key, i)}. {s['label']} {s[key]['median']:.3f} s"
+                 for i, s in enumerate(known)]
         order += [f"{s['label']} (no median)" for s in summary if s[key]["median"] is None]
         lines.append(f"{name}, median, lower is better: {', '.join(order)}. "
                      f"{_separation(known, key)}")
     return lines
+
+
+def _rank(known: list[dict], key: str, i: int) -> int:
+    """Competition ranking: equal medians share the better rank (1, 1, 3)."""
+    m = known[i][key]["median"]
+    return next(j for j, s in enumerate(known) if s[key]["median"] == m) + 1
 
 
 def _separation(known: list[dict], key: str) -> str:

@@ -146,6 +146,20 @@ def test_ranking_of_three_schemes_names_the_neighbours_the_cis_separate(tmp_path
                    "Separated by disjoint 95 % CIs: orthros < reboot.")
 
 
+def test_equal_medians_share_a_rank(tmp_path):
+    run = json.loads((GOLDEN_RUN / "run.json").read_text())
+    template = run["trials"][0]
+    trials = [t for s in ("orthros", "warmcache", "reboot")
+              for t in _trials_of(template, s, [1.0, 1.5, 2.0], 2.0)]
+    run["parameters"]["schemes"] = ["orthros", "warmcache", "reboot"]
+    d = tmp_path / "ties"
+    d.mkdir()
+    results.write_run(d, run["parameters"], run["environment"], trials)
+    _, t90 = report.ranking(report.summarize(results.load_run(d)))
+    assert t90.startswith("Time to 90 %, median, lower is better: 1. orthros 2.000 s, "
+                          "1. warmcache 2.000 s, 1. reboot 2.000 s.")
+
+
 runner = CliRunner()
 
 
