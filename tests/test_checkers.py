@@ -337,6 +337,51 @@ def test_write_verdicts_by_hand():
     assert (w["unverified_keys"], w["unverified_writes"], w["unacked_keys"]) == (1, 1, 1)
 
 
+def test_a_read_that_saw_an_acked_write_undone_counts_it_lost_even_if_overwritten_later():
+    h = H()
+    # a: v2 acked before the crash; a read after it sees v1; v3 then overwrites → v2 lost
+    h.write(1, "a", 1, 1.0, 1.1, "ok")
+    h.write(1, "a", 2, 2.0, 2.1, "ok")
+    h.op(1, "read", 11.0, 11.1, "ok", key="a", result=seen("a", 1))
+    h.op(1, "read", 11.2, 11.3, "ok", key="a", result=seen("a", 1))   # the same loss, once
+    h.write(1, "a", 3, 12.0, 12.1, "ok")
+    h.verify("a", 20, "ok", seen("a", 3))
+    # b: v1, v2 acked; the read after the crash finds nothing; rewritten → both lost
+    h.write(5, "b", 1, 1.0, 1.1, "ok")
+    h.write(5, "b", 2, 2.0, 2.1, "ok")
+    h.op(5, "read", 11.0, 11.1, "ok", key="b", result=ABSENT)
+    h.write(5, "b", 3, 12.0, 12.1, "ok")
+    h.verify("b", 20, "ok", seen("b", 3))
+    # c: the read sees a write of unknown outcome that took effect → nothing undone
+    h.write(4, "c", 1, 1.0, 1.1, "ok")
+    h.write(4, "c", 2, 9.9, 10.5, "info")
+    h.op(4, "read", 11.0, 11.1, "ok", key="c", result=seen("c", 2))
+    h.verify("c", 20, "ok", seen("c", 2))
+    # d: unexplained content read: corruption, not proof of a loss; a read before any
+    # acked write and a failed read say nothing
+    h.op(2, "read", 0.5, 0.6, "ok", key="d", result=ABSENT)
+    h.write(2, "d", 1, 1.0, 1.1, "ok")
+    h.op(2, "read", 11.0, 11.1, "ok", key="d", result=GARBAGE)
+    h.op(2, "read", 11.2, 11.3, "fail", key="d")
+    h.verify("d", 20, "ok", seen("d", 1))
+    # e: lost, read as lost, and still lost at verify → counted once
+    h.write(3, "e", 1, 1.0, 1.1, "ok")
+    h.write(3, "e", 2, 2.0, 2.1, "ok")
+    h.op(3, "read", 11.0, 11.1, "ok", key="e", result=seen("e", 1))
+    h.verify("e", 20, "ok", seen("e", 1))
+    h.crash(10.0)
+    w = writes(h.sorted())
+    by = {k["key"]: k for k in w["keys"]}
+    assert {k: v["status"] for k, v in by.items()} == {
+        "a": "present", "b": "present", "c": "present", "d": "present", "e": "lost"}
+    assert [by[k]["undone_writes"] for k in "abcde"] == [1, 2, 0, 0, 0]
+    assert [by[k]["lost_writes"] for k in "abcde"] == [1, 2, 0, 0, 1]
+    assert by["a"]["lost_bytes"] == wval("a", 2)["bytes"]
+    assert by["b"]["lost_bytes"] == wval("b", 1)["bytes"] + wval("b", 2)["bytes"]
+    assert by["e"]["lost_bytes"] == wval("e", 2)["bytes"]
+    assert (w["lost_writes"], w["undone_writes"]) == (4, 3)
+
+
 def test_an_empty_file_is_lost_data_unless_a_write_left_it_empty():
     h = H()
     empty = {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}

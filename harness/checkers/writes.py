@@ -7,7 +7,10 @@ allows. A = the key's last acknowledged (``ok``) write. Allowed: A's content, or
 of a later write whose outcome is unknown (``info``, or never completed) — it may have taken
 effect, so finding it is not a loss. A ``fail`` write certainly did not happen and explains
 nothing. Absent, or an older version → lost; content no write explains → corrupted; a key
-the verify phase could not read → unverified, never silently present.
+the verify phase could not read → unverified, never silently present. A write can also be
+lost and then overwritten: a load read that returned an older version (or nothing) where
+only an acknowledged write or later ones were allowed proves that write undone, and it
+counts as lost even if a later write replaced the content before the verify phase.
 """
 from __future__ import annotations
 
@@ -31,11 +34,12 @@ class Write:
 
 def writes(events: list[dict]) -> dict:
     """{"acked_writes", "acked_keys", "present_keys", "lost_keys", "lost_writes",
-    "corrupted_keys", "corrupted_writes", "lost_bytes", "unverified_keys",
+    "undone_writes", "corrupted_keys", "corrupted_writes", "lost_bytes", "unverified_keys",
     "unverified_writes", "unacked_keys", "keys": [per-key detail]}."""
     by_key = writes_by_key(events)
     seen = verified(events)
-    keys = [judge(k, ws, seen.get(k)) for k, ws in sorted(by_key.items())]
+    reads = load_reads(events)
+    keys = [judge(k, ws, seen.get(k), reads.get(k, [])) for k, ws in sorted(by_key.items())]
     return {**totals(keys), "acked_writes": sum(k["acked_writes"] for k in keys), "keys": keys}
 
 
@@ -76,12 +80,59 @@ def verified(events: list[dict]) -> dict[str, dict | None]:
     return out
 
 
-def judge(key: str, ws: list[Write], seen: dict | None) -> dict:
-    """One key's verdict: status, acknowledged and lost writes, lost bytes, and which
-    version was found (None when absent or unexplained)."""
+def load_reads(events: list[dict]) -> dict[str, list[tuple[float, dict]]]:
+    """Per key, (invoke time, value) of every ``ok`` load read that returned a content
+    digest or absence; reads that carry neither (a balance, say) say nothing here."""
+    out: dict[str, list[tuple[float, dict]]] = {}
+    for inv, done in pairs(events):
+        if not (is_load(inv) and inv["f"] != "write" and isinstance(inv.get("key"), str)
+                and done is not None and done["type"] == "ok"):
+            continue
+        v = done.get("value")
+        if isinstance(v, dict) and (v.get("absent") is True or isinstance(v.get("sha256"), str)):
+            out.setdefault(inv["key"], []).append((float(inv["time"]), v))
+    return out
+
+
+def undone(ws: list[Write], reads: list[tuple[float, dict]]) -> list[Write]:
+    """The acknowledged writes that a later read showed undone: the read returned an
+    older version or nothing, where only the last write acknowledged before it was
+    invoked, or a later write of unknown outcome, was allowed. Content no write explains
+    proves nothing lost here (the verify phase judges corruption)."""
+    out: list[Write] = []
+    for t, v in reads:
+        acked = [w for w in ws if w.outcome == "ok" and w.invoked < t]
+        if not acked:
+            continue
+        before = [w for w in ws if w.invoked < t]
+        found = None if v.get("absent") else v["sha256"]
+        if found is not None and found in allowed(before, acked[-1]):
+            continue
+        match = newest_possible(before, found)
+        if found is not None and match is None and v.get("bytes") != 0:
+            continue
+        since = match.invoked if match is not None else float("-inf")
+        out += [w for w in acked if w.invoked > since and w.sha256 != found and w not in out]
+    return out
+
+
+def judge(key: str, ws: list[Write], seen: dict | None,
+          reads: list[tuple[float, dict]] = ()) -> dict:
+    """One key's verdict: status, acknowledged and lost writes (lost in the verify phase,
+    or undone as a load read saw), lost bytes, and which version was found (None when
+    absent or unexplained)."""
+    d = _judge_final(key, ws, seen)
+    lost = d.pop("lost")
+    gone = [w for w in undone(ws, list(reads)) if w not in lost]
+    return {**d, "undone_writes": len(gone), "lost_writes": d["lost_writes"] + len(gone),
+            "lost_bytes": d["lost_bytes"] + sum(w.bytes for w in gone)}
+
+
+def _judge_final(key: str, ws: list[Write], seen: dict | None) -> dict:
+    """The verdict on what the verify phase read; ``lost``: the writes it shows lost."""
     acked = [w for w in ws if w.outcome == "ok"]
     detail = {"key": key, "acked_writes": len(acked), "lost_writes": 0, "lost_bytes": 0,
-              "found_version": None}
+              "found_version": None, "lost": []}
     found = None if seen is None or seen.get("absent") else seen["sha256"]
     match = newest_possible(ws, found)
     if match is None and seen is not None and seen.get("bytes") == 0:
@@ -101,7 +152,8 @@ def judge(key: str, ws: list[Write], seen: dict | None) -> dict:
         return {**detail, "status": CORRUPTED, "lost_bytes": last.bytes}
     since = match.invoked if match is not None else float("-inf")
     lost = [w for w in acked if w.invoked > since and w.sha256 != found]
-    return {**detail, "status": LOST, "lost_writes": len(lost), "lost_bytes": last.bytes}
+    return {**detail, "status": LOST, "lost_writes": len(lost), "lost_bytes": last.bytes,
+            "lost": lost}
 
 
 def allowed(ws: list[Write], last_acked: Write) -> set[str]:
@@ -126,6 +178,7 @@ def totals(keys: list[dict]) -> dict:
     return {"acked_keys": sum(k["acked_writes"] > 0 for k in keys),
             "present_keys": count(PRESENT), "lost_keys": count(LOST),
             "lost_writes": sum(k["lost_writes"] for k in keys),
+            "undone_writes": sum(k["undone_writes"] for k in keys),
             "corrupted_keys": count(CORRUPTED), "corrupted_writes": len(acked_corrupted),
             "lost_bytes": sum(k["lost_bytes"] for k in keys),
             "unverified_keys": count(UNVERIFIED),
