@@ -1,7 +1,8 @@
 """Scheme `reboot`: the crashed partition reboots — what a plain machine does.
 
 Promises: after a failure is detected (watchdog doorbell or heartbeat), the dead kernel is
-fenced (its whole process group killed and its FUSE connection aborted: nothing of it runs
+fenced (its whole process group and every other process of the partition's process set —
+its apps and their children — killed, and its FUSE connection aborted: nothing of it runs
 when its disk is taken again), an optional firmware/POST delay passes (modeled, labelled
 so), a fresh kernel boots in the same partition with a cold page cache, mounts the disk
 and replays the journal; service is back when the mount answers. Only what reached the
@@ -77,12 +78,24 @@ class Reboot:
         kp = host.kernels.get(0)
         if kp is not None:
             host.crash(0)   # SIGKILL to its whole process group, then wait for it
+            _fence_apps(host.tag, 0)
             if fuse.is_mounted(kp.mount):
                 fuse.abort_and_unmount(kp.mount)
 
     def teardown(self) -> None:
         self.watcher.close()
         self.host.close()
+
+
+def _fence_apps(tag: str, part: int) -> None:
+    """The apps of the dead partition (and children that left their group, like nginx's
+    workers), gone before the new kernel starts its own on the same ports."""
+    from kernel.procset import ProcError, ProcessSet
+    try:
+        pset = ProcessSet(tag, part, create=False)
+    except ProcError:
+        return         # no set: the kernel was started without apps
+    pset.fence()
 
 
 def _count_processes(host) -> int:
