@@ -104,13 +104,18 @@ def _num(v) -> str:
     return "—" if v is None else f"{v:g}"
 
 
+def _whole(v) -> str:
+    """A byte count, never in exponent notation (a median of two counts may end in .5)."""
+    return "—" if v is None else f"{v:.0f}" if v == int(v) else f"{v:.1f}"
+
+
 def summary_rows(run: dict) -> list[dict]:
     """The summary table as display strings, one row per (scheme, workload, fault); the
     CLI, report.md and report.html print exactly these."""
     rows = []
     for s in summarize(run):
         lost = "— (unverified)" if s["lost_bytes_total"] is None else \
-            f"{s['lost_bytes_total']} ({_num(s['lost_bytes_median'])})"
+            f"{s['lost_bytes_total']} ({_whole(s['lost_bytes_median'])})"
         if s["unverified"] and s["lost_bytes_total"] is not None:
             lost += f", {s['unverified']} unverified"
         rows.append({
