@@ -85,6 +85,33 @@ class Unchecked:
         return self.frames[pos]
 
 
+class FreeFrames:
+    """The free frames, the lowest handed out first: frames given back (a Python list,
+    last in first out) over an array of the frames free at mount, used from its end. An
+    adopting mount builds one numpy array here instead of a Python int per free frame
+    while the service is down."""
+
+    def __init__(self, at_mount: np.ndarray):
+        self._base, self._n, self._back = at_mount, len(at_mount), []   # base: descending
+
+    def __len__(self) -> int:
+        return self._n + len(self._back)
+
+    def pop(self) -> int:
+        if self._back:
+            return self._back.pop()
+        if not self._n:
+            raise IndexError("no free frame")
+        self._n -= 1
+        return int(self._base[self._n])
+
+    def append(self, frame: int) -> None:
+        self._back.append(frame)
+
+    def extend(self, frames) -> None:
+        self._back.extend(frames)
+
+
 class PageCache:
     def __init__(self, mem: PhysMem, lay: PartLayout, icache: ICache, adopt: Adopted | None = None):
         self.mem, self.lay, self.ic = mem, lay, icache
@@ -92,7 +119,7 @@ class PageCache:
         self.nframes = n
         self.index: dict[tuple[int, int], int] = {}
         self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # clean data pages
-        self.free = list(range(n - 1, -1, -1)) if adopt is None else []   # adopt: set there
+        self.free = FreeFrames(np.arange(n - 1, -1, -1))   # adopt: set there
         self.key: list = [None] * n
         self.flags = [0] * n
         self.gen = [0] * n
@@ -124,7 +151,7 @@ class PageCache:
             self.unchecked = a.unchecked
         head = np.frombuffer(self.mem.mm, np.uint64, n * 8, self.lay.desc)[::8]  # magic, version, flags
         self._clear_descs(np.flatnonzero((head != 0) & ~held).tolist())
-        self.free = np.flatnonzero(~held)[::-1].tolist()
+        self.free = FreeFrames(np.flatnonzero(~held)[::-1])
         frames = a.frames.tolist()
         keys = list(zip(a.ino.tolist(), a.index.tolist()))
         self.index = dict(zip(keys, frames))
