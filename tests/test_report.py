@@ -127,17 +127,24 @@ def _trials_of(template: dict, scheme: str, downtimes: list[float], t90: float |
     return out
 
 
-def test_ranking_of_three_schemes_names_the_neighbours_the_cis_separate(tmp_path):
+def _ranking_of(tmp_path, per_scheme: dict[str, tuple[list[float], float | None]]) -> list[str]:
+    """The ranking lines of a run made of the golden run's first trial, repeated per scheme
+    with the given downtimes and time to 90 %."""
     run = json.loads((GOLDEN_RUN / "run.json").read_text())
-    template = run["trials"][0]
-    trials = (_trials_of(template, "reboot", [2.0 + i / 10 for i in range(6)], 4.0)
-              + _trials_of(template, "orthros", [0.4 + i / 100 for i in range(6)], 1.0)
-              + _trials_of(template, "warmcache", [1.9 + i / 5 for i in range(6)], None))
-    run["parameters"]["schemes"] = ["reboot", "orthros", "warmcache"]
-    d = tmp_path / "three"
+    trials = [t for s, (down, t90) in per_scheme.items()
+              for t in _trials_of(run["trials"][0], s, down, t90)]
+    run["parameters"]["schemes"] = list(per_scheme)
+    d = tmp_path / "ranked"
     d.mkdir()
     results.write_run(d, run["parameters"], run["environment"], trials)
-    down, t90 = report.ranking(report.summarize(results.load_run(d)))
+    return report.ranking(report.summarize(results.load_run(d)))
+
+
+def test_ranking_of_three_schemes_names_the_neighbours_the_cis_separate(tmp_path):
+    down, t90 = _ranking_of(tmp_path, {
+        "reboot": ([2.0 + i / 10 for i in range(6)], 4.0),
+        "orthros": ([0.4 + i / 100 for i in range(6)], 1.0),
+        "warmcache": ([1.9 + i / 5 for i in range(6)], None)})
     assert down.startswith("Downtime, median, lower is better: 1. orthros 0.425 s, "
                            "2. reboot 2.250 s, 3. warmcache 2.400 s.")
     assert down.endswith("Separated by disjoint 95 % CIs: orthros < reboot.")
@@ -147,15 +154,8 @@ def test_ranking_of_three_schemes_names_the_neighbours_the_cis_separate(tmp_path
 
 
 def test_equal_medians_share_a_rank(tmp_path):
-    run = json.loads((GOLDEN_RUN / "run.json").read_text())
-    template = run["trials"][0]
-    trials = [t for s in ("orthros", "warmcache", "reboot")
-              for t in _trials_of(template, s, [1.0, 1.5, 2.0], 2.0)]
-    run["parameters"]["schemes"] = ["orthros", "warmcache", "reboot"]
-    d = tmp_path / "ties"
-    d.mkdir()
-    results.write_run(d, run["parameters"], run["environment"], trials)
-    _, t90 = report.ranking(report.summarize(results.load_run(d)))
+    _, t90 = _ranking_of(tmp_path, {s: ([1.0, 1.5, 2.0], 2.0)
+                                    for s in ("orthros", "warmcache", "reboot")})
     assert t90.startswith("Time to 90 %, median, lower is better: 1. orthros 2.000 s, "
                           "1. warmcache 2.000 s, 1. reboot 2.000 s.")
 
