@@ -169,3 +169,34 @@ def test_apps_of_the_partition_are_gone_after_the_fault(host, fault):
         wait_dead(host)
     assert all(_pid_gone(p) for p in pids), "an app outlived its kernel"
     assert kp.proc.wait(10) is not None
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0]
+    except OSError:
+        return None
+
+
+def test_a_panic_stops_every_process_of_the_partition_until_the_fence(host):
+    """A grandchild that left its app's session outlives the app (no parent-death signal
+    reaches it); the panic must still stop it, as a real panic halts every CPU, so it can
+    answer nobody before the recovery scheme's fence kills it."""
+    from kernel.proc import ProcessSet
+    host.stop(0)
+    pidfile = host.workdir / "grandchild.pid"
+    host.boot(0, apps=[{"name": "forker", "argv": [
+        "sh", "-c", f"setsid sleep 600 & echo $! > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; wait"]}])
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gpid = int(pidfile.read_text())
+    while _state(gpid) != "S" and time.monotonic() < deadline:
+        time.sleep(0.01)                     # exec'ing sleep: running, then asleep
+    assert _state(gpid) == "S"
+    inject(host, "panic")
+    wait_dead(host)
+    assert _state(gpid) == "T", "a process of the partition kept running after the panic"
+    ProcessSet(host.tag, 0).fence()
+    assert _pid_gone(gpid)
