@@ -458,10 +458,7 @@ def write_pyperf(d: Path, names: list[str], runs: list[dict]) -> dict[str, Path]
             continue
         path = d / f"{s}.pyperf.json"
         suite = pyperf.BenchmarkSuite([pyperf.Benchmark(rs) for rs in benches.values()])
-        tmp = d / f".{path.name}.tmp"
-        suite.dump(str(tmp), replace=True)
-        os.replace(tmp, path)
-        written[s] = path
+        written[s] = results.dump_pyperf(path, suite)
     return written
 
 

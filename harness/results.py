@@ -10,6 +10,7 @@ it, and this module then refuses versions it does not read rather than misread t
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -215,16 +216,14 @@ def write_pyperf(dir: str | Path, trials: list[dict]) -> Path | None:
         path.unlink(missing_ok=True)   # an old file would describe other trials
         return None
     benches = [pyperf.Benchmark([_pyperf_run(name, t) for t in ts]) for name, ts in groups.items()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        pyperf.BenchmarkSuite(benches).dump(tmp, replace=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return dump_pyperf(path, pyperf.BenchmarkSuite(benches))
+
+
+def dump_pyperf(path: Path, suite) -> Path:
+    """A pyperf BenchmarkSuite in pyperf's own JSON, written atomically (write_atomic)."""
+    buf = io.StringIO()
+    suite.dump(buf)
+    return write_atomic(path, buf.getvalue())
 
 
 def _pyperf_run(name: str, t: dict):
