@@ -45,6 +45,14 @@ class KernelProc:
         return self.proc.poll() is None
 
 
+def _idle() -> None:
+    """Preexec: this child at SCHED_IDLE (inherited by its threads and children)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        pass
+
+
 def physmem_path_for(workdir: str | Path) -> str:
     tag = hashlib.sha1(str(Path(workdir).resolve()).encode()).hexdigest()[:12]
     return f"/dev/shm/crashbench-{tag}"
@@ -96,9 +104,11 @@ class Host:
     def boot(self, part_id: int = 0, mount: str | Path | None = None, *,
              module: str = "kernel.kernel", extra: tuple[str, ...] = (),
              name: str | None = None, apps: list[dict] | None = None,
-             netns: str | None = None) -> KernelProc:
+             netns: str | None = None, idle: bool = False) -> KernelProc:
         """Launch a kernel process (or another kernel-side program, e.g. a standby backup
-        kernel) for a partition, and return once it says it is ready."""
+        kernel) for a partition, and return once it says it is ready. ``idle``: start it at
+        SCHED_IDLE, so its start-up yields to everything else; the program must raise its
+        threads back itself (systems/orthros/backup.py does, once in standby)."""
         from kernel import fuse
         mnt = str(mount or self.mountpoint(part_id))
         if module == "kernel.kernel" and fuse.is_mounted(mnt):
@@ -123,7 +133,8 @@ class Host:
         t0 = time.monotonic()
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(w,),
-                                    start_new_session=True, stdin=subprocess.DEVNULL)
+                                    start_new_session=True, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_idle if idle else None)
         os.close(w)
         kp = KernelProc(part_id, proc, mnt, log_path)
         self.kernels[part_id] = kp

@@ -239,3 +239,25 @@ def test_the_second_checker_agrees_with_a_check_done_alone(tmp_path):
         st.close()
     assert (alone[0] == shared[0]).all() and (alone[1] == shared[1]).all()
     assert np.flatnonzero(~shared[1]).tolist() == [700, 1200] and np.flatnonzero(~shared[0]).tolist() == [1200]
+
+
+def _policies(pid: int) -> dict[int, int]:
+    """Scheduling policy of every thread of a process (field 41 of its tasks' stat)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[38])
+    return out
+
+
+def test_the_re_paired_backup_stands_by_at_normal_priority(orthros):
+    """The host starts a backup at SCHED_IDLE (its start-up yields to the service); in
+    standby every thread of it and of its checker must be SCHED_OTHER again: an idle
+    heartbeat or takeover would starve under load."""
+    host, s = orthros
+    crash(host, s, "panic")                  # returns with the re-paired backup in standby
+    backup = host.kernels[s.backup].proc.pid
+    checker = [int(c) for c in open(f"/proc/{backup}/task/{backup}/children").read().split()]
+    assert checker, "the backup's checker process is missing"
+    for pid in [backup, *checker]:
+        assert set(_policies(pid).values()) == {os.SCHED_OTHER}, (pid, _policies(pid))

@@ -45,7 +45,7 @@ class Orthros:
         if self.net_tag:
             extra += ["--net-tag", self.net_tag]
         self.host.boot(part, mount=self.mount, module="systems.orthros.backup",
-                       extra=tuple(extra), name="backup", apps=self.apps)
+                       extra=tuple(extra), name="backup", apps=self.apps, idle=True)
         self.backup = part
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
