@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import math
-import signal
 import sys
 import time
 
@@ -26,6 +25,8 @@ import httpx
 import numpy as np
 
 from harness.history import Recorder
+from harness.workloads import client_cli
+from harness.workloads.client_cli import Stop
 
 MAX_FILE = 1 << 20        # appends stop growing a file here; the next write overwrites it
 
@@ -37,15 +38,6 @@ def content(seed: int, client: int, file: int, version: int, n: int) -> bytes:
 
 def digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
-
-
-class Stop:
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._set)
-
-    def _set(self, *_):
-        self.requested = True
 
 
 def classify(exc: Exception | None, status: int | None, is_write: bool) -> tuple[str, str | None]:
@@ -158,35 +150,17 @@ def ready(a) -> int:
 
 
 def arguments() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m harness.workloads.files_client")
-    ap.add_argument("mode", choices=("client", "verify", "ready"))
+    ap = client_cli.arguments("python -m harness.workloads.files_client", connect_timeout=0.2)
     ap.add_argument("--url", required=True)
-    ap.add_argument("--until", type=float, required=True, help="CLOCK_MONOTONIC deadline")
-    ap.add_argument("--history")
-    ap.add_argument("--id", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--max-kib", type=int, default=256)
-    ap.add_argument("--read-ratio", type=float, default=0.5)
-    ap.add_argument("--max-ops", type=int, default=100_000)
-    ap.add_argument("--connect-timeout", type=float, default=0.2)
     ap.add_argument("--read-timeout", type=float, default=2.0)
-    ap.add_argument("--backoff-min", type=float, default=0.005)
-    ap.add_argument("--backoff-max", type=float, default=0.05)
-    ap.add_argument("--keys", help="verify: JSON list of the keys to read back")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = arguments().parse_args(argv)
-    if a.mode == "ready":
-        return ready(a)
-    stop = Stop()
-    with Recorder(a.history, a.id) as rec:
-        if a.mode == "verify":
-            return verify(a, rec, stop)
-        FilesClient(a, rec, stop).run()
-    return 0
+    return client_cli.run(arguments().parse_args(argv), ready, verify,
+                          lambda a, rec, stop: FilesClient(a, rec, stop).run())
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import numpy as np
 import psycopg
 
 from harness.history import Recorder
+from harness.workloads import client_cli
+from harness.workloads.client_cli import Stop
 
 
 class ClientTimeout(Exception):
@@ -66,15 +68,6 @@ def row_text(client: int, seq: int, src: int, dst: int, amount: int) -> bytes:
 
 def digest(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
-
-
-class Stop:
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._set)
-
-    def _set(self, *_):
-        self.requested = True
 
 
 class Bank:
@@ -251,37 +244,19 @@ def ready(a) -> int:
 
 
 def arguments() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m harness.workloads.postgres_client")
-    ap.add_argument("mode", choices=("client", "verify", "ready"))
+    ap = client_cli.arguments("python -m harness.workloads.postgres_client", connect_timeout=0.5)
     ap.add_argument("--host", required=True)
     ap.add_argument("--port", type=int, default=5432)
-    ap.add_argument("--until", type=float, required=True, help="CLOCK_MONOTONIC deadline")
-    ap.add_argument("--history")
-    ap.add_argument("--id", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--accounts", type=int, required=True)
     ap.add_argument("--initial-balance", type=int, default=1000)
-    ap.add_argument("--read-ratio", type=float, default=0.5)
-    ap.add_argument("--max-ops", type=int, default=100_000)
-    ap.add_argument("--connect-timeout", type=float, default=0.5)
     ap.add_argument("--statement-timeout", type=float, default=2.0)
-    ap.add_argument("--backoff-min", type=float, default=0.005)
-    ap.add_argument("--backoff-max", type=float, default=0.05)
-    ap.add_argument("--keys", help="verify: JSON list of the ledger keys to read back")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = arguments().parse_args(argv)
     signal.signal(signal.SIGALRM, _alarm)
-    if a.mode == "ready":
-        return ready(a)
-    stop = Stop()
-    with Recorder(a.history, a.id) as rec:
-        if a.mode == "verify":
-            return verify(a, rec, stop)
-        Bank(a, rec, stop).run()
-    return 0
+    return client_cli.run(arguments().parse_args(argv), ready, verify,
+                          lambda a, rec, stop: Bank(a, rec, stop).run())
 
 
 if __name__ == "__main__":
