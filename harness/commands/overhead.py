@@ -1,7 +1,6 @@
 """CLI command `overhead`: what each scheme costs while nothing fails (harness/overhead.py)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +8,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.commands.run import _fail, catalogue, console, err
+from harness.commands.run import (_fail, catalogue, check_names, check_params, check_root,
+                                   console, err)
 
 
 def _workload_params(pairs: list[str], workloads: list[str]) -> dict[str, dict]:
@@ -33,21 +33,11 @@ def _check(schemes: list[str], workloads: list[str], rounds: int, duration: floa
            warmup: float, micro_ops: int, params: dict[str, dict]) -> None:
     """Every name and number checked before anything is created."""
     from harness.overhead import VANILLA
-    from harness.workloads import WorkloadError, registry
     cat = catalogue()
-    for s in schemes:
-        if s == VANILLA:
-            _fail(f"--schemes: {VANILLA} is always run (it is the baseline); name the others")
-        if s not in cat["schemes"]:
-            _fail(f"--schemes: unknown scheme {s!r}; known: {', '.join(cat['schemes'])}")
-    if len(set(schemes)) != len(schemes):
-        _fail(f"--schemes: a scheme is named twice in {','.join(schemes)}")
-    known = [w for w in cat["workloads"] if w != "idle"]
-    for w in workloads:
-        if w not in known:
-            _fail(f"--workloads: unknown workload {w!r}; known: {', '.join(known)}")
-    if len(set(workloads)) != len(workloads):
-        _fail(f"--workloads: a workload is named twice in {','.join(workloads)}")
+    if VANILLA in schemes:
+        _fail(f"--schemes: {VANILLA} is always run (it is the baseline); name the others")
+    check_names("schemes", "scheme", schemes, cat["schemes"])
+    check_names("workloads", "workload", workloads, [w for w in cat["workloads"] if w != "idle"])
     if not workloads and micro_ops == 0:
         _fail("--workloads is empty and --micro-ops is 0: nothing to measure")
     if rounds <= 0:
@@ -59,13 +49,8 @@ def _check(schemes: list[str], workloads: list[str], rounds: int, duration: floa
     if micro_ops < 0:
         _fail(f"--micro-ops: must not be negative, got {micro_ops}")
     for w, p in params.items():
-        try:
-            registry()[w](**p)
-        except WorkloadError as e:
-            _fail(f"--param: {e}")
-    if os.geteuid() != 0:
-        _fail("overhead needs root: the emulated machine mounts FUSE with allow_other and "
-              "builds network namespaces")
+        check_params(w, p)
+    check_root("overhead")
 
 
 def overhead_cmd(

@@ -71,15 +71,35 @@ OPTION_OF = {"warmup_s": "warmup", "steady_s": "duration", "post_s": "post", "bi
              "recovery_timeout_s": "recovery-timeout", "ready_timeout_s": "ready-timeout"}
 
 
+def check_names(option: str, kind: str, names: list[str], known) -> None:
+    """Each of ``names`` known, none named twice; else exit 2 naming the option."""
+    for n in names:
+        if n not in known:
+            _fail(f"--{option}: unknown {kind} {n!r}; known: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        _fail(f"--{option}: a {kind} is named twice in {','.join(names)}")
+
+
+def check_params(workload: str, params: dict) -> None:
+    """The workload accepts these parameters; else exit 2 with its reason."""
+    from harness.workloads import WorkloadError, registry
+    try:
+        registry()[workload](**params)
+    except WorkloadError as e:
+        _fail(f"--param: {e}")
+
+
+def check_root(command: str) -> None:
+    if os.geteuid() != 0:
+        _fail(f"{command} needs root: the emulated machine mounts FUSE with allow_other and "
+              f"builds network namespaces")
+
+
 def _check(schemes: list[str], workload: str, fault: str, trials: int, timing: dict,
            params: dict) -> None:
     """Every name and number checked before anything is created."""
     cat = catalogue()
-    for s in schemes:
-        if s not in cat["schemes"]:
-            _fail(f"--schemes: unknown scheme {s!r}; known: {', '.join(cat['schemes'])}")
-    if len(set(schemes)) != len(schemes):
-        _fail(f"--schemes: a scheme is named twice in {','.join(schemes)}")
+    check_names("schemes", "scheme", schemes, cat["schemes"])
     if workload not in cat["workloads"]:
         _fail(f"--workload: unknown workload {workload!r}; known: {', '.join(cat['workloads'])}")
     if fault not in cat["faults"]:
@@ -90,14 +110,8 @@ def _check(schemes: list[str], workload: str, fault: str, trials: int, timing: d
         must_be_positive = k in ("steady_s", "bin_s", "recovery_timeout_s", "ready_timeout_s")
         if v < 0 or (must_be_positive and v == 0):
             _fail(f"--{OPTION_OF.get(k, k)}: must be positive, got {v}")
-    from harness.workloads import WorkloadError, registry
-    try:
-        registry()[workload](**params)
-    except WorkloadError as e:
-        _fail(f"--param: {e}")
-    if os.geteuid() != 0:
-        _fail("run needs root: the emulated machine mounts FUSE with allow_other and builds "
-              "network namespaces")
+    check_params(workload, params)
+    check_root("run")
 
 
 def run_cmd(
