@@ -119,7 +119,8 @@ class PageCache:
         self.nframes = n
         self.index: dict[tuple[int, int], int] = {}
         self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # clean data pages
-        self.free = FreeFrames(np.arange(n - 1, -1, -1))   # adopt: set there
+        self.free = FreeFrames(np.arange(n - 1, -1, -1) if adopt is None
+                               else np.empty(0, np.int64))   # adopt: set there
         self.key: list = [None] * n
         self.flags = [0] * n
         self.gen = [0] * n

@@ -33,6 +33,8 @@ the launcher (kernel/proc.py) and to the lab commands:
       grandchild orphaned (its parent exited) after setsid() is not found.
 * ``remove()`` deletes the set (fencing what is still in it); idempotent.
   ``cleanup_stale(tag)`` fences and removes every set of a lab whose controller died.
+* ``fence_partition(tag, part_id)`` fences the partition's set if there is one (a recovery
+  scheme's fence of a dead partition's apps); None when none was made.
 """
 from __future__ import annotations
 
@@ -539,6 +541,19 @@ def _rmdir_quiet(path: str) -> None:
         os.rmdir(path)     # the shared parent goes with its last set; busy otherwise
     except OSError:
         pass
+
+
+def fence_partition(tag: str | None, part_id: int, timeout: float = 5.0) -> FenceReport | None:
+    """Every process of the partition's set gone (the dead kernel's apps, and children that
+    left their group); None when the partition has no set (no tag, or nothing was ever
+    started in it)."""
+    if not tag:
+        return None
+    try:
+        pset = ProcessSet(tag, part_id, create=False)
+    except ProcError:
+        return None
+    return pset.fence(timeout)
 
 
 def cleanup_stale(tag: str, timeout: float = 5.0) -> list[FenceReport]:

@@ -36,7 +36,7 @@ from kernel.blockdev import BlockDevice, DeviceError
 from kernel.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.pagecache import Unchecked
 from kernel.physmem import CorruptObject, partition_layout
-from kernel.procset import ProcessSet
+from kernel.procset import fence_partition
 from systems.base import RecoveryReport
 from systems.detect import Failure
 from systems.orthros.adopt import collect, complete_transaction
@@ -199,7 +199,7 @@ def takeover(k: Kernel, f: Failure, args, net,
     dead = f.mail
     t = time.monotonic()
     fence(dead.pid)
-    apps = Background(fence_apps, args.tag, args.watch)
+    apps = Background(fence_partition, args.tag, args.watch)   # its apps and their children
     unmounting = Background(fuse.abort_and_unmount, args.mount)
     r.phase("fence", t)
     t = time.monotonic()
@@ -261,12 +261,6 @@ def check_rest(vfs, r: RecoveryReport, u: Unchecked | None) -> None:
     r.notes.append(f"clean pages checked after first service: {u.good + len(u.rejected)} "
                    f"(the rest in the background in {took * 1e3:.1f} ms); "
                    f"{u.dropped} dropped unread (written, truncated or reclaimed first)")
-
-
-def fence_apps(tag: str | None, part: int) -> None:
-    """Everything else of the dead partition (its apps and their children), gone."""
-    if tag:
-        ProcessSet(tag, part).fence()
 
 
 def drop_orphans(vfs, inodes: dict[int, dict]) -> int:

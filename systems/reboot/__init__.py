@@ -15,6 +15,7 @@ import time
 
 from kernel import fuse
 from kernel.physmem import PhysMem
+from kernel.procset import fence_partition
 from systems.base import RecoveryReport
 from systems.detect import Watcher
 from systems.survey import survey
@@ -78,24 +79,13 @@ class Reboot:
         kp = host.kernels.get(0)
         if kp is not None:
             host.crash(0)   # SIGKILL to its whole process group, then wait for it
-            _fence_apps(host.tag, 0)
+            fence_partition(host.tag, 0)   # its apps, before the new kernel starts its own
             if fuse.is_mounted(kp.mount):
                 fuse.abort_and_unmount(kp.mount)
 
     def teardown(self) -> None:
         self.watcher.close()
         self.host.close()
-
-
-def _fence_apps(tag: str, part: int) -> None:
-    """The apps of the dead partition (and children that left their group, like nginx's
-    workers), gone before the new kernel starts its own on the same ports."""
-    from kernel.procset import ProcError, ProcessSet
-    try:
-        pset = ProcessSet(tag, part, create=False)
-    except ProcError:
-        return         # no set: the kernel was started without apps
-    pset.fence()
 
 
 def _count_processes(host) -> int:
