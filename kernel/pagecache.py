@@ -12,10 +12,9 @@ Promises to the VFS and the write-back code:
 * clean pages are reclaimed in LRU order under memory pressure; dirty pages and metadata
   pages (ino 0, flag META) are never reclaimed;
 * all stores go through PhysMem.write (frames and descriptors alike);
-* clean pages adopted from a dead kernel unchecked (``Unchecked``) are checked — descriptor
-  and content checksums — on their first use, before a byte of them is served; one that
-  fails is rejected, counted, its descriptor cleared; one whose page is written, truncated
-  or reclaimed first is dropped unread. ``check_unchecked`` checks the rest in batches.
+* pages adopted from a dead kernel, checked or not, are taken over in place
+  (kernel/pageadopt.py says what is promised about the unchecked ones); ``cached`` is the
+  only way to ask whether a page is cached, because it checks an unchecked dirty page.
 
 The generation of a page increases on every store, so write-back can tell whether the
 page changed while it was being written (then it stays dirty).
@@ -24,65 +23,21 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 
 from kernel import param
 from kernel.icache import ICache
-from kernel.memreader import check_pages, page_problem
-from kernel.physmem import (ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_VALID, CorruptObject,
-                            PartLayout, PhysMem, page_csum)
+from kernel.pageadopt import WHOLE_FILE, Adopted, Adoption, Unchecked
+from kernel.physmem import (ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_VALID, PartLayout, PhysMem,
+                            page_csum)
+
+__all__ = ["Adopted", "FreeFrames", "PageCache", "Unchecked"]
 
 PAGE = param.PAGE_SIZE
 ZERO_PAGE = bytes(PAGE)
 _MAGIC, _VERSION = PAGE_DESC.magic, PAGE_DESC.version
 _HEAD = ICORE.index["dirty_pages_head"]
-
-
-@dataclass
-class Adopted:
-    """Pages of a dead kernel, validated, to be taken over in place (systems/orthros)."""
-    frames: np.ndarray      # frame numbers
-    ino: np.ndarray
-    index: np.ndarray
-    gen: np.ndarray
-    csum: np.ndarray
-    dirty: np.ndarray       # bool
-    inodes: dict[int, dict] # validated in-core inodes of the dead kernel's dirty inodes
-    unchecked: "Unchecked | None" = None   # clean pages taken over to be checked on first use
-
-
-_KEY_SHIFT = np.uint64(32)
-
-
-class Unchecked:
-    """Clean pages of a dead kernel, taken over in place with their checks still to do: a
-    table of their frames sorted by key (ino << 32 | index; both must fit 32 bits). The
-    page cache checks an entry on its first use; ``left`` entries are still open."""
-
-    def __init__(self, frames: np.ndarray, ino: np.ndarray, index: np.ndarray):
-        keys = (ino.astype(np.uint64) << _KEY_SHIFT) | index.astype(np.uint64)
-        order = np.argsort(keys, kind="stable")
-        self.keys, self.frames = keys[order], frames[order].astype(np.int64)
-        self.open = np.ones(len(keys), bool)
-        self.left = len(keys)
-        self.good = 0                                  # checked, now cached
-        self.dropped = 0                               # written, truncated or reclaimed unread
-        self.rejected: list[CorruptObject] = []
-
-    def find(self, ino: int, idx: int, upto: int | None = None) -> np.ndarray:
-        """Open entries of page (ino, idx), or of pages idx .. upto-1 of ino."""
-        lo = (ino << 32) + idx
-        hi = lo + 1 if upto is None else (ino << 32) + upto
-        a, b = np.searchsorted(self.keys, np.array([lo, hi], np.uint64))
-        return a + np.flatnonzero(self.open[a:b])
-
-    def close(self, pos: np.ndarray) -> np.ndarray:
-        """Take entries out of the table; their frames."""
-        self.open[pos] = False
-        self.left -= len(pos)
-        return self.frames[pos]
 
 
 class FreeFrames:
@@ -112,15 +67,13 @@ class FreeFrames:
         self._back.extend(frames)
 
 
-class PageCache:
+class PageCache(Adoption):
     def __init__(self, mem: PhysMem, lay: PartLayout, icache: ICache, adopt: Adopted | None = None):
         self.mem, self.lay, self.ic = mem, lay, icache
         n = lay.nframes
         self.nframes = n
         self.index: dict[tuple[int, int], int] = {}
         self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # clean data pages
-        self.free = FreeFrames(np.arange(n - 1, -1, -1) if adopt is None
-                               else np.empty(0, np.int64))   # adopt: set there
         self.key: list = [None] * n
         self.flags = [0] * n
         self.gen = [0] * n
@@ -136,70 +89,9 @@ class PageCache:
         if adopt is None:
             # zero every descriptor: a frame with no valid descriptor holds nothing
             mem.write(lay.desc, bytes(n * PAGE_DESC.size))
+            self.free = FreeFrames(np.arange(n - 1, -1, -1))
         else:
-            self._adopt(adopt)
-
-    def _adopt(self, a: Adopted) -> None:
-        """Take over validated pages in place: frames and descriptors stay where they are,
-        and so do those of the unchecked clean pages; every other descriptor that could
-        pass for one is cleared. Bulk operations, and Python work only per adopted page
-        (not per frame): this runs while the service is down."""
-        n = self.nframes
-        held = np.zeros(n, bool)
-        held[a.frames] = True
-        if a.unchecked is not None and a.unchecked.left:
-            held[a.unchecked.frames[a.unchecked.open]] = True
-            self.unchecked = a.unchecked
-        head = np.frombuffer(self.mem.mm, np.uint64, n * 8, self.lay.desc)[::8]  # magic, version, flags
-        self._clear_descs(np.flatnonzero((head != 0) & ~held).tolist())
-        self.free = FreeFrames(np.flatnonzero(~held)[::-1])
-        frames = a.frames.tolist()
-        keys = list(zip(a.ino.tolist(), a.index.tolist()))
-        self.index = dict(zip(keys, frames))
-        flags = np.where(a.dirty, PG_VALID | PG_UPTODATE | PG_DIRTY, PG_VALID | PG_UPTODATE).tolist()
-        gens, csums = a.gen.tolist(), a.csum.tolist()
-        # the frames come in runs of adjacent ones (a dead kernel allocates them in order):
-        # one slice assignment per run and per list, not four stores per page
-        cut = np.flatnonzero(np.diff(a.frames) != 1) + 1
-        for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(frames)]) if frames else ():
-            f0, f1 = frames[lo], frames[lo] + hi - lo
-            self.key[f0:f1], self.gen[f0:f1] = keys[lo:hi], gens[lo:hi]
-            self.csum[f0:f1], self.flags[f0:f1] = csums[lo:hi], flags[lo:hi]
-        order = np.argsort(a.ino, kind="stable")
-        by_ino, idx_l = a.ino[order], a.index[order].tolist()
-        bounds = np.flatnonzero(np.r_[True, by_ino[1:] != by_ino[:-1], True]).tolist()
-        for lo, hi in zip(bounds[:-1], bounds[1:]) if idx_l else ():
-            self.pages_of[int(by_ino[lo])] = set(idx_l[lo:hi])
-        clean = ~a.dirty
-        self.lru = OrderedDict(zip([keys[i] for i in np.flatnonzero(clean).tolist()],
-                                   a.frames[clean].tolist()))
-        self._adopt_dirty(a)
-
-    def _adopt_dirty(self, a: Adopted) -> None:
-        """Dirty pages stay dirty, chained by index; only descriptors whose link differs
-        from the dead kernel's chain are rewritten."""
-        d_frames, d_inos, d_idx = a.frames[a.dirty], a.ino[a.dirty], a.index[a.dirty]
-        if not len(d_frames):
-            return
-        order = np.lexsort((d_idx, d_inos))
-        d_frames, d_inos, d_idx = d_frames[order], d_inos[order], d_idx[order]
-        phys = self.lay.desc + d_frames * 64
-        want = np.zeros_like(phys)
-        same = np.zeros(len(phys), bool)
-        same[1:] = d_inos[1:] == d_inos[:-1]
-        want[1:][same[1:]] = phys[:-1][same[1:]]     # oldest (lowest index) first, head = newest
-        have = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)["next_dirty"][d_frames]
-        now = time.monotonic_ns()
-        fl = d_frames.tolist()
-        self._next_dirty.update(zip(fl, want.tolist()))
-        self._dirtied.update(dict.fromkeys(fl, now))
-        self._write_descs(d_frames[have != want].tolist())
-        self.ndirty += len(d_frames)
-        bounds = np.flatnonzero(np.r_[True, d_inos[1:] != d_inos[:-1], True])
-        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            ino = int(d_inos[lo])
-            self.dirty[ino] = dict(zip(d_idx[lo:hi].tolist(), d_frames[lo:hi].tolist()))
-            self.ic.set_dirty_pages(ino, int(phys[hi - 1]), hi - lo)
+            self.free = FreeFrames(self._adopt(adopt)[::-1])
 
     # --- frames and descriptors --------------------------------------------------------
     def frame_view(self, frame: int) -> memoryview:
@@ -255,10 +147,12 @@ class PageCache:
     def insert(self, ino: int, idx: int, data, meta: bool = False) -> int:
         """Cache a clean page read from the device (data shorter than a page is zero-filled)."""
         self.stats["misses"] += 1
-        if self.unchecked is not None:
-            self._drop_unchecked(self.unchecked.find(ino, idx))
-        f = self._alloc_frame()
         key = (ino, idx)
+        if self.unchecked is not None:
+            self._settle(ino, idx)
+            if key in self.index:     # an adopted dirty page: newer than the disk
+                return self.index[key]
+        f = self._alloc_frame()
         p = self.lay.frames + f * PAGE
         if len(data) < PAGE:
             data = bytes(data) + bytes(PAGE - len(data))
@@ -276,9 +170,10 @@ class PageCache:
         """Write data into a cached page (the caller filled it first if partial) and dirty it."""
         key = (ino, idx)
         f = self.index.get(key)
+        if f is None and self.unchecked is not None:
+            self._settle(ino, idx)
+            f = self.index.get(key)
         if f is None:
-            if self.unchecked is not None:
-                self._drop_unchecked(self.unchecked.find(ino, idx))
             f = self._alloc_frame()
             self.key[f], self.flags[f] = key, PG_VALID | PG_UPTODATE | (PG_META if meta else 0)
             self.index[key] = f
@@ -303,9 +198,10 @@ class PageCache:
         for i in range(n):
             key = (ino, first + i)
             f = self.index.get(key)
+            if f is None and self.unchecked is not None:
+                self._settle(ino, first + i)
+                f = self.index.get(key)
             if f is None:
-                if self.unchecked is not None:
-                    self._drop_unchecked(self.unchecked.find(ino, first + i))
                 f = self._alloc_frame()
                 self.key[f], self.flags[f] = key, PG_VALID | PG_UPTODATE
                 self.index[key] = f
@@ -358,7 +254,10 @@ class PageCache:
         self.ic.set_dirty_pages(ino, self.lay.desc + f * 64, len(d))
 
     def dirty_pages(self, ino: int) -> list[tuple[int, int, int]]:
-        """(index, frame, generation) of every dirty page of ino, by index."""
+        """(index, frame, generation) of every dirty page of ino, by index; its unchecked
+        adopted dirty pages are checked first (what is written back must be sound)."""
+        if self.unchecked is not None:
+            self._settle(ino, 0, WHOLE_FILE, keep_clean=True)
         d = self.dirty.get(ino, {})
         return sorted((i, f, self.gen[f]) for i, f in d.items())
 
@@ -413,8 +312,10 @@ class PageCache:
 
     def truncate(self, ino: int, first_idx: int) -> int:
         """Drop every page of ino at index >= first_idx, dirty or not; returns dirty dropped."""
-        if self.unchecked is not None:   # and the page before: it may become a partial tail
-            self._drop_unchecked(self.unchecked.find(ino, max(first_idx - 1, 0), 1 << 32))
+        if self.unchecked is not None and first_idx:   # the page before may become a partial tail
+            self._settle(ino, first_idx - 1)
+        if self.unchecked is not None:
+            self._drop_unchecked(self.unchecked.find(ino, first_idx, WHOLE_FILE))
         idxs = [i for i in self.pages_of.get(ino, ()) if i >= first_idx]
         d = self.dirty.get(ino, {})
         dropped = 0
@@ -443,8 +344,9 @@ class PageCache:
         """Evict up to n clean, unpinned pages, least recently used first (never used:
         unchecked adopted pages, first)."""
         got = 0
-        if self.unchecked is not None:
-            got = self._drop_unchecked(np.flatnonzero(self.unchecked.open)[:n])
+        if self.unchecked is not None:   # clean ones only: a dirty page's data is nowhere else
+            u = self.unchecked
+            got = self._drop_unchecked(np.flatnonzero(u.open & ~u.dirty)[:n])
         while got < n and self.lru:
             key, f = self.lru.popitem(last=False)
             self.lru[key] = f  # _drop_frame pops it again
@@ -452,66 +354,3 @@ class PageCache:
             got += 1
         self.stats["evictions"] += got
         return got
-
-    # --- adopted pages still to check ---------------------------------------------------
-    def _first_use(self, ino: int, idx: int) -> int | None:
-        pos = self.unchecked.find(ino, idx)
-        if not len(pos):
-            return None
-        self._check(pos)
-        return self.index.get((ino, idx))
-
-    def check_unchecked(self, n: int) -> int:
-        """Check up to n unchecked pages (the caller holds the kernel lock); how many are left."""
-        if self.unchecked is None:
-            return 0
-        self._check(np.flatnonzero(self.unchecked.open)[:n])
-        return self.unchecked.left if self.unchecked is not None else 0
-
-    def _check(self, pos: np.ndarray) -> None:
-        """Check unchecked pages in bulk: a sound one is cached as a clean page, in place; one
-        that fails is rejected, its descriptor cleared and its frame freed."""
-        u = self.unchecked
-        want = u.keys[pos]
-        frames = u.close(pos)
-        desc_ok, ok = check_pages(self.mem, self.lay, frames)
-        d = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)[frames]
-        same = (((d["ino"] << _KEY_SHIFT) | d["index"]) == want) \
-            & ((d["flags"] & (PG_VALID | PG_DIRTY | PG_META)) == PG_VALID)
-        desc_ok &= same     # still the clean page it was adopted as
-        ok &= same
-        bad = []
-        for f, ino, idx, gen, cs in zip(frames[ok].tolist(), d["ino"][ok].tolist(),
-                                        d["index"][ok].tolist(), d["gen"][ok].tolist(),
-                                        d["content_csum"][ok].tolist()):
-            key = (ino, idx)
-            if key in self.index:
-                u.rejected.append(CorruptObject(PAGE_DESC.kind, self.lay.desc_phys(f), "index",
-                                                f"a second page {idx} of inode {ino}"))
-                bad.append(f)
-                continue
-            self.key[f], self.flags[f], self.gen[f], self.csum[f] = key, PG_VALID | PG_UPTODATE, gen, cs
-            self.index[key] = f
-            self.pages_of.setdefault(ino, set()).add(idx)
-            self.lru[key] = f
-            u.good += 1
-        for f, dok in zip(frames[~ok].tolist(), desc_ok[~ok].tolist()):
-            u.rejected.append(page_problem(self.mem, self.lay, f, dok))
-            bad.append(f)
-        self._release(sorted(bad))
-
-    def _drop_unchecked(self, pos: np.ndarray) -> int:
-        """Unchecked pages whose data is not needed (written, truncated, reclaimed): freed unread."""
-        if not len(pos):
-            return 0
-        self.unchecked.dropped += len(pos)
-        self._release(np.sort(self.unchecked.close(pos)).tolist())
-        return len(pos)
-
-    def _release(self, frames: list[int]) -> None:
-        """Frames of the unchecked table back to the free list, their descriptors cleared:
-        a frame without a valid descriptor holds nothing for a later reader of this memory."""
-        self._clear_descs(frames)
-        self.free.extend(frames)
-        if not self.unchecked.left:
-            self.unchecked = None

@@ -21,7 +21,8 @@ WRITEBACK_INTERVAL_S = 5.0  # the flusher wakes this often (Linux dirty_writebac
 DIRTY_RATIO = 0.40          # writers are throttled above this fraction of frames dirty
 EVICT_BATCH = 256           # frames reclaimed at once under memory pressure
 READAHEAD_PAGES = 32        # pages read from disk at once on a sequential miss
-ADOPT_CHECK_BATCH = 1024    # adopted clean pages checked at once (kernel lock held) after a takeover
+ADOPT_CHECK_BATCH = 1024    # adopted pages settled at once (kernel lock held) after a takeover
+ADOPT_FIRST_USE_PAGES = 32  # adopted pages checked together on a first use: the page and those after it
 BACKUP_HEAP_WARM_BYTES = 64 << 20   # heap a standby backup grows and touches for its takeover's tables
 
 # --- journal (kernel/journal.py) ---

@@ -251,7 +251,7 @@ class VFS:
         self._flush_meta(ino)
         self.pc.truncate(ino, (size + PAGE - 1) // PAGE)
         tail = size % PAGE
-        if tail and (ino, size // PAGE) in self.pc.index:
+        if tail and self.pc.cached(ino, size // PAGE):
             self.pc.store(ino, size // PAGE, tail, bytes(PAGE - tail))
         self.fs.truncate(ino, size)
         self.fs.setattr(ino, mtime_ns=now, ctime_ns=now)
@@ -288,7 +288,7 @@ class VFS:
         last_page = (size - 1) // PAGE
         end = min(last_page, max(last_wanted, idx + param.READAHEAD_PAGES - 1))
         n = 1
-        while idx + n <= end and (ino, idx + n) not in self.pc.index:
+        while idx + n <= end and not self.pc.cached(ino, idx + n):
             n += 1
         blocks = self.fs.bmap_range(ino, idx, n)
         i = 0
@@ -321,7 +321,7 @@ class VFS:
                     self.faults.at("vfs.write")
                     continue
                 chunk = min(PAGE - poff, n - pos)
-                if chunk < PAGE and (ino, idx) not in self.pc.index and idx * PAGE < size:
+                if chunk < PAGE and not self.pc.cached(ino, idx) and idx * PAGE < size:
                     self._fill(ino, idx, idx, size)
                 self.pc.store(ino, idx, poff, mv[pos:pos + chunk])
                 pos += chunk

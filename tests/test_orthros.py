@@ -4,6 +4,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kernel import machine
@@ -199,7 +200,7 @@ def test_a_corrupted_unchecked_page_is_never_served(adopted):
     u = new.pc.unchecked
     assert new.read(ino, 0, len(data)) == data           # page 3 comes from the disk instead
     assert len(u.rejected) == 1 and u.rejected[0].kind == "page frame"
-    assert u.good == 3 and u.dropped == 4                 # pages 4.. read ahead from the disk
+    assert u.good == 7 and u.dropped == 0                 # checked with page 0, as read ahead
     assert new.pc.unchecked is None
 
 
@@ -214,6 +215,78 @@ def test_unchecked_pages_written_or_truncated_first_are_dropped_unread(adopted):
     assert new.read(ino, 0, 7 * PAGE) == want
     assert new.pc.check_unchecked(100) == 0
     assert u.rejected == [] and u.good + u.dropped == 8 and u.dropped >= 4
+
+
+# --- adopted dirty pages: unchecked too, checked before use or write-back -----------------
+@pytest.fixture
+def adopted_dirty(tmp_path):
+    """A kernel that wrote a file (v1, 16 pages, on disk), dropped the clean pages from its
+    cache, then rewrote pages 4-7 (v2, dirty, never synced) and died; a new kernel that
+    adopted them unchecked. Yields (stack, old vfs, new vfs, ino, what the file must read)."""
+    from systems.orthros.adopt import collect
+    from kernel.vfs import VFS
+    from tests.stack import MEM, Stack
+    st = Stack(tmp_path, write_cache=False)
+    ino = st.vfs.create(1, b"f", 0o100644, 0, 0).ino
+    v1, v2 = os.urandom(16 * PAGE), os.urandom(4 * PAGE)
+    st.vfs.write(ino, 0, v1)
+    st.vfs.fsync(ino)
+    st.vfs.pc.reclaim(16)                                 # pages 0-3 and 8-15: only on disk
+    st.vfs.write(ino, 4 * PAGE, v2)
+    h = collect(st.mem, 0, MEM, 0)
+    assert (h.adopted.unchecked.left, h.adopted.unchecked.left_dirty, len(h.adopted.frames)) == (4, 4, 0)
+    new = VFS(st.mem, st.lay, st.dev, h.adopted)
+    yield st, st.vfs, new, ino, v1[:4 * PAGE] + v2 + v1[8 * PAGE:]
+    st.close()
+
+
+def on_disk(st, vfs, ino: int, npages: int) -> bytes:
+    return b"".join(st.dev.read(b) for b in vfs.fs.bmap_range(ino, 0, npages))
+
+
+def test_unchecked_dirty_pages_are_served_and_written_back(adopted_dirty):
+    st, old, new, ino, want = adopted_dirty
+    u = new.pc.unchecked
+    assert new.read(ino, 0, len(want)) == want           # the read-ahead stops at page 4
+    assert (u.good_dirty, new.pc.ndirty) == (4, 4)
+    new.fsync(ino)
+    assert on_disk(st, new, ino, 16) == want and new.pc.ndirty == 0
+
+
+def test_write_back_checks_unchecked_dirty_pages_and_never_writes_a_corrupted_one(adopted_dirty):
+    st, old, new, ino, want = adopted_dirty
+    f = old.pc.index[(ino, 6)]
+    old.mem.write(old.lay.frame_phys(f) + 100, b"wild")   # after the adoption, before any use
+    u = new.pc.unchecked
+    new.fsync(ino)                                        # checks pages 4-7 first
+    assert len(u.rejected) == 1 and u.rejected[0].kind == "page frame" and u.good_dirty == 3
+    disk = on_disk(st, new, ino, 16)
+    assert disk[6 * PAGE:7 * PAGE] != want[6 * PAGE:7 * PAGE]   # v1's page 6, not the wild one
+    assert disk[:6 * PAGE] == want[:6 * PAGE] and disk[7 * PAGE:] == want[7 * PAGE:]
+    assert new.read(ino, 6 * PAGE, PAGE) == disk[6 * PAGE:7 * PAGE]
+
+
+def test_partial_writes_truncation_and_reclaim_keep_unchecked_dirty_data(adopted_dirty):
+    st, old, new, ino, want = adopted_dirty
+    u = new.pc.unchecked
+    assert new.pc.reclaim(100) == 0 and u.left_dirty == 4  # a dirty page's data is nowhere else
+    new.write(ino, 5 * PAGE + 10, b"new")                # the rest of page 5 stays v2
+    new.setattr(ino, size=7 * PAGE + 7)                  # page 7 becomes a tail of v2
+    want = want[:5 * PAGE + 10] + b"new" + want[5 * PAGE + 13:7 * PAGE + 7]
+    assert new.read(ino, 0, 8 * PAGE) == want
+    assert u.rejected == [] and u.good_dirty == 4 and new.pc.unchecked is None
+
+
+def test_verdicts_computed_without_the_lock_skip_pages_used_meanwhile(adopted_dirty):
+    from kernel.memreader import check_pages
+    st, old, new, ino, want = adopted_dirty
+    u = new.pc.unchecked
+    pos = np.flatnonzero(u.open)
+    desc_ok, ok = check_pages(new.mem, new.lay, u.frames[pos])
+    assert new.read(ino, 5 * PAGE, 10) == want[5 * PAGE:5 * PAGE + 10]   # page 5 checked on use
+    new.pc.settle_checked(pos, desc_ok, ok)
+    assert u.rejected == [] and u.good_dirty == 4 and new.pc.ndirty == 4
+    assert new.read(ino, 0, len(want)) == want
 
 
 def test_the_second_checker_agrees_with_a_check_done_alone(tmp_path):

@@ -7,17 +7,19 @@ partition W. When W's kernel dies (dying message on the doorbell) or stops beati
 takes over, each step a measured phase of a RecoveryReport:
 
   detect → fence (W's kernel killed, every thread of it exiting: it stores nothing more)
-  → cache migration (walk and validate W's dirty-inode list, page descriptors and dirty
-  pages in raw memory, while the host releases W's kernel, its apps and its mount) →
-  device takeover (the disk's exclusive lock, which only a dead owner releases) → mount +
-  replay (W's running journal transaction completed when no operation was in progress;
-  the pages adopted in place: W's memory is hot-added, nothing copied; clean pages are
-  checked on their first use) → IP takeover (the NIC moves to P's namespace) → first
-  service (the same mount path answers again).
+  → cache migration (walk and validate W's superblock, dirty-inode list and in-core
+  inodes in raw memory, choose the pages to adopt from its page descriptors, while the
+  host releases W's kernel, its apps and its mount) → device takeover (the disk's
+  exclusive lock, which only a dead owner releases) → mount + replay (W's running journal
+  transaction completed when no operation was in progress; the pages adopted in place:
+  W's memory is hot-added, nothing copied; each page, clean or dirty, is checked before
+  it is used or written back — kernel/pageadopt.py) → IP takeover (the NIC moves to P's
+  namespace) → first service (the same mount path answers again).
 
-It then is the active kernel: it serves, checks the adopted clean pages no request has
-used yet, writes back the adopted dirty pages, takes faults on its control socket, and
-writes the report to ``--report`` once every adopted page is checked and counted.
+It then is the active kernel: it serves, checks the adopted pages no request has used yet
+(with the checker on W's CPU), writes back the adopted dirty pages, takes faults on its
+control socket, and writes the report to ``--report`` once every adopted page is checked
+and counted.
 """
 from __future__ import annotations
 
@@ -30,11 +32,13 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 from kernel import fuse, mailbox, param
 from kernel import machine as machine_mod
 from kernel.blockdev import BlockDevice, DeviceError
 from kernel.kernel import Kernel, kernel_arguments, notify_ready
-from kernel.pagecache import Unchecked
+from kernel.pageadopt import WHOLE_FILE, Unchecked
 from kernel.physmem import CorruptObject, partition_layout
 from kernel.procset import fence_partition
 from systems.base import RecoveryReport
@@ -45,6 +49,7 @@ from systems.procmigrate import restart_processes
 
 log = logging.getLogger("backup")
 FENCE_TIMEOUT_S = 5.0
+CHECK_ROUND = 16384    # adopted pages checked at once after first service (fits the checker's pipes)
 
 
 def watch(k: Kernel, bell: mailbox.Doorbell, wlay, missed: int) -> Failure | None:
@@ -209,7 +214,6 @@ def takeover(k: Kernel, f: Failure, args, net,
     harvest = collect(k.mem, zone.base, zone.size, zone.id,   # reads memory only
                       check=lambda frames: checker.check(k.mem, lay, frames, cpus))
     r.phase("cache migration", t)
-    threading.Thread(target=checker.close, name="checker-close", daemon=True).start()
     t = time.monotonic()
     apps.wait()
     devices = [d for d in dead.devices.split(",") if d]
@@ -219,7 +223,7 @@ def takeover(k: Kernel, f: Failure, args, net,
     txn = complete_transaction(dev, harvest.meta_blocks) if harvest.meta_blocks else 0
     k.lay = lay                    # W's memory, hot-added
     vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=dead.devices)
-    lost = drop_orphans(vfs, harvest.adopted.inodes)
+    lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
     unmounting.wait()              # the mount point is free for the new mount
     r.phase("mount + replay", t)
     a = harvest.adopted
@@ -230,13 +234,15 @@ def takeover(k: Kernel, f: Failure, args, net,
                                  if e.kind in ("page frame", "page descriptor"))
     r.rejected = [str(e) for e in harvest.rejected]
     if a.unchecked is not None and a.unchecked.left:
-        r.notes.append(f"{a.unchecked.left} clean pages adopted unchecked, checked on first use")
+        r.notes.append(f"{a.unchecked.left} pages ({a.unchecked.left_dirty} dirty) adopted unchecked, "
+                       "each checked on first use or after first service")
     if harvest.txn_refused:
         r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
     elif txn:
         r.notes.append(f"completed the dead kernel's running transaction ({txn} metadata blocks)")
-    if lost:
-        r.notes.append(f"{lost} dirty pages belonged to files whose creation was never committed")
+    if lost + lost_unchecked:
+        r.notes.append(f"{lost + lost_unchecked} dirty pages belonged to files "
+                       "whose creation was never committed")
     if net is not None:
         t = time.monotonic()
         net.move_to(k.part.id)
@@ -244,29 +250,41 @@ def takeover(k: Kernel, f: Failure, args, net,
     return r, vfs, a.unchecked
 
 
-def check_rest(vfs, r: RecoveryReport, u: Unchecked | None) -> None:
-    """After first service: check the adopted clean pages no request has used yet, a batch at
-    a time under the kernel lock (requests go on between batches), then count them all."""
+def check_rest(vfs, r: RecoveryReport, u: Unchecked | None, check) -> None:
+    """After first service: check the adopted pages no request has used yet, then count
+    them all. The checksums are computed without the kernel lock by ``check(frames)``
+    (shared with the helper on the dead kernel's CPU, idle by now); the verdicts are
+    applied a batch at a time under the lock, so requests go on between batches."""
     if u is None:
         return
     t = time.monotonic()
-    while True:
-        with vfs.lock:
-            if not vfs.pc.check_unchecked(param.ADOPT_CHECK_BATCH):
-                break
+    with vfs.lock:
+        pos = np.flatnonzero(u.open)
+        frames = u.frames[pos]
+    for lo in range(0, len(pos), CHECK_ROUND):
+        desc_ok, ok = check(frames[lo:lo + CHECK_ROUND])
+        for i in range(0, len(ok), param.ADOPT_CHECK_BATCH):
+            j = i + param.ADOPT_CHECK_BATCH
+            with vfs.lock:
+                vfs.pc.settle_checked(pos[lo + i:lo + j], desc_ok[i:j], ok[i:j])
+    if u.left:                 # every entry open at the snapshot was settled, and none opens later
+        raise RuntimeError(f"{u.left} adopted pages left unchecked")
     took = time.monotonic() - t
     r.cache.pages_recovered += u.good
+    r.cache.dirty_pages_recovered += u.good_dirty
     r.cache.pages_rejected += len(u.rejected)
     r.rejected += [str(e) for e in u.rejected]
-    r.notes.append(f"clean pages checked after first service: {u.good + len(u.rejected)} "
+    r.notes.append(f"pages checked after first service: {u.good + len(u.rejected)} "
                    f"(the rest in the background in {took * 1e3:.1f} ms); "
                    f"{u.dropped} dropped unread (written, truncated or reclaimed first)")
 
 
-def drop_orphans(vfs, inodes: dict[int, dict]) -> int:
+def drop_orphans(vfs, inodes: dict[int, dict]) -> tuple[int, int]:
     """Adopted dirty pages of an inode the disk does not have (its creation was in a running
-    transaction that could not be completed) have no home: they are dropped and counted."""
-    lost = 0
+    transaction that could not be completed) have no home: they are dropped and counted,
+    checked and unchecked ones apart."""
+    lost = lost_unchecked = 0
+    u = vfs.pc.unchecked
     with vfs.lock:
         for ino, i in inodes.items():
             try:
@@ -275,9 +293,12 @@ def drop_orphans(vfs, inodes: dict[int, dict]) -> int:
                 ok = False
             if not ok:
                 lost += len(vfs.pc.dirty.get(ino, ()))
+                if u is not None:
+                    pos = u.find(ino, 0, WHOLE_FILE)
+                    lost_unchecked += int(np.count_nonzero(u.dirty[pos]))
                 vfs.pc.truncate(ino, 0)
                 vfs.ic.drop(ino)
-    return lost
+    return lost, lost_unchecked
 
 
 def prepare_nic(k: Kernel, tag: str):
@@ -326,10 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("partition %d failed (%s): fault %r, last beat %.1f ms before the verdict",
              args.watch, failure.how, failure.mail.fault,
              (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3)
-    gc.disable()       # the adoption makes many objects and frees none: no collections now
-    report, vfs, unchecked = takeover(k, failure, args, net, checker)
-    gc.freeze()        # ... nor later, over the page cache's tables
-    gc.enable()
+    gc.disable()       # the adoption makes many objects and frees none: no collections
+    report, vfs, unchecked = takeover(k, failure, args, net, checker)   # until all are checked
     t_serve = time.monotonic()
 
     specs = json.loads(open(args.apps).read()) if args.apps else []
@@ -351,11 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=finish, name="check-rest", daemon=True).start()
 
     def finish() -> None:
+        cpus = mach.partition(args.watch).cpus
         try:
-            check_rest(vfs, report, unchecked)
+            check_rest(vfs, report, unchecked, lambda frames: checker.check(k.mem, k.lay, frames, cpus))
         except Exception as e:          # the report still says what happened
-            log.exception("checking the adopted clean pages failed")
-            report.notes.append(f"checking the adopted clean pages failed: {e!r}")
+            log.exception("checking the adopted pages failed")
+            report.notes.append(f"checking the adopted pages failed: {e!r}")
+        finally:
+            checker.close()
+            gc.freeze()     # no collection ever walks the page cache's tables
+            gc.enable()
         tmp = args.report + ".tmp"
         with open(tmp, "w") as fh:
             json.dump({"partition": args.partition, "pid": os.getpid(), **report.to_dict()}, fh, indent=2)

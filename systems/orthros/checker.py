@@ -5,9 +5,9 @@ launches, while the backup is in standby, a helper process that maps the machine
 (page tables filled in advance), and returns once it waits for work. ``check(lay, frames, cpus)`` moves the helper
 onto ``cpus`` — the dead kernel's CPUs, idle once it is fenced — and shares with it the
 work of kernel/memreader.check_pages: the frames are cut into jobs that both take from one
-pipe, so whoever is faster does more (the host is still tearing the dead kernel down on
-those CPUs at first). It returns exactly what check_pages would; a job the helper does not
-answer (it died) is checked here. ``close()`` ends the helper; so does the backup's death
+pipe, so whoever is faster does more. It returns exactly what check_pages would; a job the
+helper does not answer (it died) is checked here. The backup uses it for the adopted pages
+it checks after first service, and for the few it must check during the takeover. ``close()`` ends the helper; so does the backup's death
 (the job pipe reaches end of file).
 
 Run as ``python -m systems.orthros.checker --physmem PATH --jobs FD --results FD`` with
