@@ -4,7 +4,9 @@ Promises to every kernel layer and to any process that reads a (possibly dead) k
 
 * ``PhysMem`` maps the whole machine's memory. ``write()`` is the ONE accessor through which
   every write to a kernel object or a page frame goes: watchers registered on it (the
-  warm-cache VMM, the TxIPC undo log, the fault injector) see every store before it lands.
+  warm-cache VMM, the TxIPC undo log, the fault injector) see every store that touches
+  ``watch_span`` (the whole memory unless narrowed: the VMM watches only the page frames)
+  before it lands.
 * Kernel objects are fixed binary layouts (``Layout``) addressed by physical offset; a
   pointer is a physical offset and 0 means null. Every object carries a magic, a version and
   a checksum (xxh3-64 of all bytes before it), so a foreign kernel can reject what is
@@ -240,13 +242,14 @@ class PhysMem:
             os.close(fd)
         self.view = memoryview(self.mm)
         self.watchers: list[Watcher] = []
+        self.watch_span = (0, self.size)   # [lo, hi): stores outside it call no watcher
 
     # The one write accessor.  Watchers see (phys, data) before the store lands.
     def write(self, phys: int, data) -> None:
         n = len(data)
         if phys < 0 or phys + n > self.size:
             raise ValueError(f"physmem write {phys:#x}+{n} outside memory of {self.size:#x} bytes")
-        if self.watchers:
+        if self.watchers and phys < self.watch_span[1] and phys + n > self.watch_span[0]:
             for w in self.watchers:
                 w(phys, data)
         self.mm[phys:phys + n] = data
