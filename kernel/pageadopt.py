@@ -119,14 +119,13 @@ class Adoption:
             f0, f1 = fl[lo], fl[lo] + hi - lo
             self.key[f0:f1], self.gen[f0:f1] = keys[lo:hi], gens[lo:hi]
             self.csum[f0:f1], self.flags[f0:f1] = csums[lo:hi], flags[lo:hi]
-        order = np.argsort(ino, kind="stable")
+        order = np.lexsort((index, ino))            # by inode, then index
         by_ino, idx_l = ino[order], index[order].tolist()
         bounds = np.flatnonzero(np.r_[True, by_ino[1:] != by_ino[:-1], True]).tolist()
         for lo, hi in zip(bounds[:-1], bounds[1:]) if idx_l else ():
             self.pages_of.setdefault(int(by_ino[lo]), set()).update(idx_l[lo:hi])
         clean = ~dirty
         self.lru.update(zip([keys[i] for i in np.flatnonzero(clean).tolist()], frames[clean].tolist()))
-        order = np.lexsort((index, ino))
         order = order[dirty[order]]
         self._chain(ino[order], index[order], frames[order], links[order], dirtied[order])
 

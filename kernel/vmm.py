@@ -190,19 +190,17 @@ class Vmm:
         self.mem, self.lay, self.r = mem, lay, region
         self.f0, self.flen, self.nframes = lay.frames, lay.nframes * PAGE, lay.nframes
         ft = region.ft
-        self.block, self.csum, self.gen = ft["block"], ft["csum"], ft["gen"]
-        self.state, self.seal = ft["state"], ft["seal"]
-        self.ctr = region.counters
+        self.block = ft["block"]
         mv = memoryview(region.mm)
-        self._ctr = mv[PAGE:PAGE + 8 * len(COUNTERS)].cast("Q")          # the same, for scalars
+        self._ctr = mv[PAGE:PAGE + 8 * len(COUNTERS)].cast("Q")          # region.counters, for scalars
         h = region.hdr
-        self._gens = mv[h["gens"]:h["gens"] + 4 * region.nblocks].cast("I")  # likewise
+        self._gens = mv[h["gens"]:h["gens"] + 4 * region.nblocks].cast("I")  # region.gens, likewise
         self._mm, self._ft = region.mm, h["ftab"]
         words = ENTRY.itemsize // 2
         self._state = mv[h["ftab"]:h["ftab"] + ENTRY.itemsize * region.nframes].cast("H")[_STATE_AT // 2::words]
         self.pending: tuple | None = None   # (first block, gens, data, next) of the last read
         self.warm: dict[int, int] = {}      # block -> frame, or -(spare slot + 1)
-        wf = np.flatnonzero(self.state == WARM)
+        wf = np.flatnonzero(ft["state"] == WARM)
         ws = np.flatnonzero(region.st["state"] == WARM)
         self.warm.update(zip(ft["block"][wf].tolist(), wf.tolist()))
         self.warm.update(zip(region.st["block"][ws].tolist(), (-1 - ws).tolist()))
