@@ -161,9 +161,9 @@ class Adoption:
 
     def _check_from(self, ino: int, idx: int) -> None:
         """Check page (ino, idx) with the unchecked pages after it, as read-ahead would read
-        them: a check has a fixed cost (≈ 250 µs for one page in `crashbench bench
-        failover`'s cache, ≈ 2 µs a page more) that a file read page by page would pay
-        for every page."""
+        them: a check has a fixed cost (≈ 250 µs, and ≈ 2 µs a page more, timed in one
+        process on a cache built like `crashbench bench failover`'s) that a file read page
+        by page would pay for every page."""
         self._check(self.unchecked.find(ino, idx, idx + param.ADOPT_FIRST_USE_PAGES))
 
     def cached(self, ino: int, idx: int) -> bool:
@@ -205,7 +205,7 @@ class Adoption:
         if self.unchecked is None:
             return
         still = self.unchecked.open[pos]
-        self._check(pos[still], (desc_ok[still].copy(), ok[still].copy()))
+        self._check(pos[still], (desc_ok[still], ok[still]))   # masks copy: the caller's stay
 
     def _check(self, pos: np.ndarray, verdict: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Check unchecked pages in bulk (unless ``verdict`` is known): a sound one is cached
