@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jsonschema
 
-from harness import history, results, stats
+from harness import cpuuse, history, results, stats
 from harness.checkers.steady import END, START, steady
 from harness.driver import Trial, TrialSpec
 
@@ -70,6 +70,7 @@ class SteadyTrial(Trial):
             self.scheme = Vanilla()
         self.figures: dict = {}
         self.reserved_bytes: int | None = None
+        self.cpu: dict[str, float] | None = None      # cores per role in the measured window
 
     def run(self) -> dict:
         try:
@@ -95,9 +96,12 @@ class SteadyTrial(Trial):
             self.await_first_answers()
             self.hold(t["warmup_s"])
         with self.phase("steady state"):
+            rs = self.cpu_roles(self.clients.procs)
+            cpu0 = cpuuse.sample(rs)
             start = time.monotonic()
             self.hold(t["steady_s"])
             end = time.monotonic()
+            self.cpu = cpuuse.cores(cpu0, cpuuse.sample(rs), end - start)
         with self.phase("collect"):
             self.clients.stop()
             hd = self.svc.history_dir()
@@ -108,11 +112,15 @@ class SteadyTrial(Trial):
                                    self.out / f"history-{run_id(self.spec)}.jsonl")
             self.figures = steady(events)
 
+    def cpu_roles(self, clients) -> dict[str, list[int]]:
+        return cpuuse.roles(self.host, getattr(self.scheme, "active", 0),
+                            [p.pid for p in clients])
+
     def record(self) -> dict:
         s = self.spec
         return {"id": run_id(s), "scheme": s.scheme, "workload": _workload(s), "round": s.trial,
                 "seed": s.seed, "phases": self.phases, "figures": self.figures,
-                "reserved_bytes": self.reserved_bytes, "error": None}
+                "reserved_bytes": self.reserved_bytes, "cpu_cores": self.cpu, "error": None}
 
 
 class MicroTrial(SteadyTrial):
@@ -120,7 +128,10 @@ class MicroTrial(SteadyTrial):
 
     def measure(self) -> None:
         with self.phase("micro"):
+            rs = self.cpu_roles([])
+            cpu0, t0 = cpuuse.sample(rs), time.monotonic()
             self.figures = micro_ops(Path(self.svc.mount), self.spec.timing["micro_ops"])
+            self.cpu = cpuuse.cores(cpu0, cpuuse.sample(rs), time.monotonic() - t0)
 
 
 def micro_ops(mount: Path, n: int, budget_s: float = MICRO_BUDGET_S) -> dict[str, list[float]]:
@@ -218,7 +229,7 @@ def run_one(spec: TrialSpec, out: Path, say=lambda msg: None) -> dict:
         return {"id": run_id(spec), "scheme": spec.scheme, "workload": _workload(spec),
                 "round": spec.trial, "seed": spec.seed,
                 "phases": trial.phases if trial else [], "figures": {},
-                "reserved_bytes": None, "error": f"{type(e).__name__}: {e}"}
+                "reserved_bytes": None, "cpu_cores": None, "error": f"{type(e).__name__}: {e}"}
 
 
 # --- figures --------------------------------------------------------------------------------
@@ -250,8 +261,21 @@ def per_round(runs: list[dict]) -> dict:
             figs = {"throughput_ops_s": f["throughput_ops_s"],
                     **{f"latency_{k}_s": f["latency_s"][k] for k in LATENCY_KEYS}}
             key = (r["scheme"], r["workload"])
+        if r.get("cpu_cores"):
+            figs["cpu"] = r["cpu_cores"]
         out.setdefault(key, {})[r["round"]] = figs
     return out
+
+
+def cpu_figures(rounds: dict) -> dict:
+    """{"cpu_cores": {role: ci}, "machinery_share_pct": ci} over the rounds that measured
+    CPU: cores per role, and the share of the active partition's CPU time that the
+    scheme's machinery took (heartbeat / kernel + heartbeat + apps, in percent)."""
+    cpus = [f["cpu"] for f in rounds.values() if "cpu" in f]
+    share = [100 * c[cpuuse.HEARTBEAT] / active for c in cpus
+             if (active := sum(c[r] for r in cpuuse.ACTIVE)) > 0]
+    return {"cpu_cores": {r: ci([c[r] for c in cpus]) for r in cpuuse.ROLES},
+            "machinery_share_pct": ci(share)}
 
 
 LOWER_IS_BETTER = {"throughput_ops_s": False}
@@ -263,7 +287,9 @@ def figures(runs: list[dict], schemes: list[str], workloads: list[str]) -> dict:
     "median_s": ci, "ratio_to_vanilla": ci, "overhead_pct": ci}}}}.
 
     Ratios are scheme / vanilla of the same round. overhead_pct is the cost in percent:
-    (1 − throughput ratio)·100 for a workload, (time ratio − 1)·100 for a micro-op."""
+    (1 − throughput ratio)·100 for a workload, (time ratio − 1)·100 for a micro-op. Each
+    workload's entry also has ``cpu_figures`` of its rounds; "micro_cpu" has them per
+    scheme for the micro-operation runs."""
     pr = per_round(runs)
     names = [VANILLA, *schemes]
     out: dict = {"workloads": {}, "micro": {}}
@@ -281,7 +307,7 @@ def figures(runs: list[dict], schemes: list[str], workloads: list[str]) -> dict:
                 k: ci([rounds[r][k] / base[r][k] for r in paired if base[r][k]]) for k in keys}
             entry["overhead_pct"] = ci([(1 - rounds[r]["throughput_ops_s"]
                                          / base[r]["throughput_ops_s"]) * 100 for r in paired])
-            per[s] = entry
+            per[s] = entry | cpu_figures(rounds)
         out["workloads"][w] = per
     base = pr.get((VANILLA, MICRO), {})
     for op in MICRO_OPS:
@@ -296,6 +322,7 @@ def figures(runs: list[dict], schemes: list[str], workloads: list[str]) -> dict:
                       "overhead_pct": ci([(rounds[r] / base[r][op] - 1) * 100 for r in paired])}
         if per:
             out["micro"][op] = per
+    out["micro_cpu"] = {s: cpu_figures(pr[(s, MICRO)]) for s in names if (s, MICRO) in pr}
     return out
 
 
@@ -332,6 +359,11 @@ _CI = {"type": "object", "required": ["mean", "lo", "hi", "n"],
        "properties": {k: {"type": ["number", "null"]} for k in ("mean", "lo", "hi")}
        | {"n": {"type": "integer", "minimum": 0}}}
 
+# CPU by role (harness/cpuuse.py); optional: files written before it was measured lack it.
+_CPU = {"cpu_cores": {"type": "object", "required": list(cpuuse.ROLES),
+                      "additionalProperties": _CI},
+        "machinery_share_pct": _CI}
+
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "crashbench overhead.json, schema_version 1",
@@ -355,7 +387,9 @@ SCHEMA = {
             "type": "object",
             "required": ["id", "scheme", "workload", "round", "seed", "phases", "figures", "error"],
             "properties": {"round": {"type": "integer", "minimum": 0},
-                           "error": {"type": ["string", "null"]}}}},
+                           "error": {"type": ["string", "null"]},
+                           "cpu_cores": {"type": ["object", "null"], "additionalProperties": {
+                               "type": "number", "minimum": 0}}}}},
         "figures": {"type": "object", "required": ["workloads", "micro"],
                     "properties": {
                         "workloads": {"type": "object", "additionalProperties": {
@@ -366,14 +400,16 @@ SCHEMA = {
                                              "ratio_to_vanilla", "overhead_pct"],
                                 "properties": {"throughput_ops_s": _CI, "latency_p50_s": _CI,
                                                "latency_p95_s": _CI, "latency_p99_s": _CI,
-                                               "overhead_pct": _CI}}}},
+                                               "overhead_pct": _CI} | _CPU}}},
                         "micro": {"type": "object", "additionalProperties": {
                             "type": "object", "additionalProperties": {
                                 "type": "object",
                                 "required": ["rounds", "median_s", "ratio_to_vanilla",
                                              "overhead_pct"],
                                 "properties": {"median_s": _CI, "ratio_to_vanilla": _CI,
-                                               "overhead_pct": _CI}}}}}},
+                                               "overhead_pct": _CI}}}},
+                        "micro_cpu": {"type": "object", "additionalProperties": {
+                            "type": "object", "required": list(_CPU), "properties": _CPU}}}},
         "pyperf": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }
@@ -466,106 +502,3 @@ def _run(name: str, values: list[float], description: str):
     import pyperf
     meta = {"name": name, "unit": "second", "loops": 1, "description": description}
     return pyperf.Run([float(v) for v in values], metadata=meta, collect_metadata=False)
-
-
-# --- report.md and the plot -----------------------------------------------------------------
-
-def _fmt(c: dict, scale: float = 1.0, digits: int = 2) -> str:
-    if c is None or c.get("mean") is None:
-        return "-"
-    m = f"{c['mean'] * scale:.{digits}f}"
-    if c["lo"] is None:
-        return f"{m} (no CI, n={c['n']})"
-    return f"{m} [{c['lo'] * scale:.{digits}f}, {c['hi'] * scale:.{digits}f}]"
-
-
-def report_md(doc: dict) -> str:
-    p = doc["parameters"]
-    lines = [f"# Steady-state overhead — {doc['run_id']}", "",
-             f"Schemes {', '.join([VANILLA, *p['schemes']])}; workloads "
-             f"{', '.join(p['workloads']) or '-'}; {p['rounds']} round(s) of "
-             f"{p['timing']['steady_s']:g} s steady state after {p['timing']['warmup_s']:g} s "
-             f"warm-up; {p['micro_ops']} micro-operations of each kind per round. Means over "
-             "rounds with 95 % bootstrap intervals (harness.stats; none below "
-             f"{stats.min_n()} rounds); ratios are scheme / vanilla of the same round. "
-             "Definitions: docs/METRICS.md, \"Steady state\".", ""]
-    for w, per in doc["figures"]["workloads"].items():
-        lines += [f"## Workload `{w}`", "",
-                  "| scheme | rounds | throughput (ops/s) | overhead (%) | p50 (ms) | p95 (ms) "
-                  "| p99 (ms) | p99 ratio |", "|---|---|---|---|---|---|---|---|"]
-        for s, e in per.items():
-            lines.append(f"| {s} | {e['rounds']} | {_fmt(e['throughput_ops_s'], 1, 1)} | "
-                         f"{_fmt(e['overhead_pct'], 1, 1)} | "
-                         f"{_fmt(e['latency_p50_s'], 1e3)} | {_fmt(e['latency_p95_s'], 1e3)} | "
-                         f"{_fmt(e['latency_p99_s'], 1e3)} | "
-                         f"{_fmt(e['ratio_to_vanilla']['latency_p99_s'], 1, 3)} |")
-        lines.append("")
-    if doc["figures"]["micro"]:
-        lines += ["## FS micro-operations through the mount", "",
-                  "Median time of one operation per round, then the mean over rounds.", "",
-                  "| operation | scheme | median (µs) | ratio to vanilla | overhead (%) |",
-                  "|---|---|---|---|---|"]
-        for op, per in doc["figures"]["micro"].items():
-            for s, e in per.items():
-                lines.append(f"| {op} | {s} | {_fmt(e['median_s'], 1e6, 1)} | "
-                             f"{_fmt(e['ratio_to_vanilla'], 1, 3)} | "
-                             f"{_fmt(e['overhead_pct'], 1, 1)} |")
-        lines.append("")
-    lines += ["## Resources each scheme reserves", "", "| scheme | cores | memory | what |",
-              "|---|---|---|---|"]
-    for s, r in doc["resources"].items():
-        mem = "-" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.1f} MiB"
-        lines.append(f"| {s} | {r['cores']} | {mem} | {r.get('what', '')} |")
-    errors = [r for r in doc["runs"] if r.get("error")]
-    if errors:
-        lines += ["", "## Failed runs", ""] + [f"- {r['id']}: {r['error']}" for r in errors]
-    lines += ["", "![overhead per scheme](overhead.png)", "",
-              "pyperf suites: " + ", ".join(f"`{f}`" for f in doc["pyperf"].values())
-              + f" (`python -m pyperf compare_to {VANILLA}.pyperf.json <scheme>.pyperf.json`).",
-              ""]
-    return "\n".join(lines)
-
-
-def plot(doc: dict) -> bytes:
-    """Overhead in percent per scheme (vanilla is 0 by definition), one bar per measure,
-    error bars the 95 % intervals of overhead.json (drawn only where one exists)."""
-    from harness.report import _plt, _png
-    plt, sns = _plt()
-    rows = []
-    for w, per in doc["figures"]["workloads"].items():
-        for s, e in per.items():
-            if s != VANILLA:
-                rows.append((s, f"{w} throughput", e["overhead_pct"]))
-    for op, per in doc["figures"]["micro"].items():
-        for s, e in per.items():
-            if s != VANILLA:
-                rows.append((s, op, e["overhead_pct"]))
-    rows = [r for r in rows if r[2]["mean"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    if rows:
-        schemes = list(dict.fromkeys(r[0] for r in rows))
-        measures = list(dict.fromkeys(r[1] for r in rows))
-        data = {"scheme": [r[0] for r in rows], "measure": [r[1] for r in rows],
-                "overhead": [r[2]["mean"] for r in rows]}
-        sns.barplot(data=data, x="scheme", y="overhead", hue="measure", order=schemes,
-                    hue_order=measures, errorbar=None, ax=ax, palette="colorblind")
-        for patch_group, m in zip(ax.containers, measures):
-            for bar, s in zip(patch_group, schemes):
-                c = next((r[2] for r in rows if r[0] == s and r[1] == m), None)
-                if c is None or c["lo"] is None:
-                    continue
-                x = bar.get_x() + bar.get_width() / 2
-                ax.errorbar(x, c["mean"], yerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]],
-                            fmt="none", ecolor="black", capsize=3, linewidth=1)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.legend(title=None, fontsize="small")
-    ax.set_xlabel("")
-    ax.set_ylabel("overhead vs vanilla (%)")
-    ax.set_title(f"steady-state overhead (95 % CI where ≥ {stats.min_n()} rounds)")
-    return _png(fig)
-
-
-def write_report(d: Path, doc: dict) -> list[Path]:
-    md = report_md(doc)
-    png = plot(doc)
-    return [results.write_atomic(d / "report.md", md), results.write_atomic(d / "overhead.png", png)]

@@ -134,6 +134,55 @@ def test_vanilla_kernel_has_no_heartbeat():
         shutil.rmtree(wd, ignore_errors=True)
 
 
+SPINNER = """
+import sys, threading, time
+from kernel.kernel import HEARTBEAT_THREAD
+from kernel.proc import name_thread
+
+def spin():
+    name_thread(HEARTBEAT_THREAD)
+    sys.stdin.readline()
+    t = time.thread_time()
+    while time.thread_time() - t < 0.3:
+        pass
+    print("spun", flush=True)
+    sys.stdin.readline()
+
+th = threading.Thread(target=spin)
+th.start()
+print("ready", flush=True)
+th.join()
+"""
+
+
+def test_cpu_sample_tells_the_heartbeat_thread_from_the_kernel():
+    """A thread named like the heartbeat that runs 0.3 s of CPU is counted as heartbeat,
+    to the nanosecond clock the thread itself reads; its idle main thread as kernel."""
+    from harness import cpuuse
+    p = subprocess.Popen([sys.executable, "-c", SPINNER], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        roles = {cpuuse.KERNEL: [p.pid]}
+        before = cpuuse.sample(roles)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == "spun\n"
+        after = cpuuse.sample(roles)
+        p.stdin.write("end\n")
+        p.stdin.flush()
+        assert p.wait(10) == 0
+    finally:
+        p.kill()
+    spent = {r: after[r] - before[r] for r in cpuuse.ROLES}
+    assert spent[cpuuse.HEARTBEAT] >= 0.3e9
+    assert spent[cpuuse.KERNEL] < 0.05e9
+    assert spent[cpuuse.STANDBY] == spent[cpuuse.APPS] == spent[cpuuse.CLIENTS] == 0
+    assert cpuuse.cores(before, after, 2.0)[cpuuse.HEARTBEAT] == spent[cpuuse.HEARTBEAT] / 2e9
+    with pytest.raises(ValueError, match="must be positive"):
+        cpuuse.cores(before, after, 0.0)
+
+
 def crashbench(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -173,11 +222,34 @@ def test_overhead_json_is_valid_and_complete(overhead_dir):
     assert doc["resources"]["vanilla"] == {**doc["resources"]["vanilla"], "cores": 0,
                                            "memory_bytes": 0}
     assert (overhead_dir / "report.md").read_text().count("| orthros |") >= 1
+    assert doc["parameters"]["warmup_runs"] == 1
     assert (overhead_dir / "overhead.png").read_bytes()[:4] == b"\x89PNG"
     assert (overhead_dir.parent / "latest").resolve() == overhead_dir.resolve()
     for r in doc["runs"]:
         if r["workload"] == "files":
             assert (overhead_dir / f"history-{r['id']}.jsonl").exists()
+
+
+@needs_root
+def test_cpu_by_role_tells_the_machinery_apart(overhead_dir):
+    """Vanilla has no heartbeat thread and no standby: exactly zero; orthros's heartbeat
+    and standby kept a CPU busy for a measurable time, and so did the kernel serving the
+    load and the clients making it."""
+    from harness import cpuuse, overhead
+    doc = overhead.load(overhead_dir)
+    runs = {r["id"]: r["cpu_cores"] for r in doc["runs"]}
+    assert set(runs["vanilla-files-0"]) == set(cpuuse.ROLES)
+    assert runs["vanilla-files-0"]["heartbeat"] == 0 == runs["vanilla-files-0"]["standby"]
+    assert runs["vanilla-micro-0"]["heartbeat"] == 0 == runs["vanilla-micro-0"]["standby"]
+    for r in ("orthros-files-0", "orthros-micro-0"):
+        assert runs[r]["heartbeat"] > 0 and runs[r]["standby"] > 0
+    for r in ("vanilla-files-0", "orthros-files-0"):
+        assert runs[r]["kernel"] > 0 and runs[r]["apps"] > 0 and runs[r]["clients"] > 0
+    files = doc["figures"]["workloads"]["files"]
+    assert files["vanilla"]["machinery_share_pct"]["mean"] == 0
+    assert 0 < files["orthros"]["machinery_share_pct"]["mean"] < 100
+    assert set(doc["figures"]["micro_cpu"]) == {"vanilla", "orthros"}
+    assert "## CPU by role" in (overhead_dir / "report.md").read_text()
 
 
 @needs_root
@@ -205,6 +277,7 @@ def test_pyperf_reads_and_compares_the_suites(overhead_dir):
     (["--duration", "0"], "--duration"),
     (["--warmup", "-1"], "--warmup"),
     (["--micro-ops", "-5"], "--micro-ops"),
+    (["--warmup-runs", "-1"], "--warmup-runs"),
     (["--param", "nosuch=1", "--workloads", "files"], "--param"),
     (["--param", "postgres.clients=1", "--workloads", "files"], "not among --workloads"),
 ])

@@ -30,7 +30,7 @@ def _workload_params(pairs: list[str], workloads: list[str]) -> dict[str, dict]:
 
 
 def _check(schemes: list[str], workloads: list[str], rounds: int, duration: float,
-           warmup: float, micro_ops: int, params: dict[str, dict]) -> None:
+           warmup: float, micro_ops: int, params: dict[str, dict], warmup_runs: int) -> None:
     """Every name and number checked before anything is created."""
     from harness.overhead import VANILLA
     cat = catalogue()
@@ -48,6 +48,8 @@ def _check(schemes: list[str], workloads: list[str], rounds: int, duration: floa
         _fail(f"--warmup: must not be negative, got {warmup}")
     if micro_ops < 0:
         _fail(f"--micro-ops: must not be negative, got {micro_ops}")
+    if warmup_runs < 0:
+        _fail(f"--warmup-runs: must not be negative, got {warmup_runs}")
     for w, p in params.items():
         check_params(w, p)
     check_root("overhead")
@@ -64,6 +66,8 @@ def overhead_cmd(
     micro_ops: int = typer.Option(200, help="FS micro-operations of each kind per run "
                                   "(0: none)"),
     seed: int = typer.Option(1, help="seed of round 0 (round r uses seed + r)"),
+    warmup_runs: int = typer.Option(1, help="runs before round 0 whose figures are "
+                                    "discarded (the first deployment pays cold caches)"),
     param: list[str] = typer.Option([], help="workload parameter NAME=VALUE or "
                                     "WORKLOAD.NAME=VALUE (repeatable)"),
     machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML)"),
@@ -78,7 +82,7 @@ def overhead_cmd(
     else:
         wls = [w.strip() for w in workloads.split(",") if w.strip()]
     params = _workload_params(param, wls)
-    _check(names, wls, rounds, duration, warmup, micro_ops, params)
+    _check(names, wls, rounds, duration, warmup, micro_ops, params, warmup_runs)
     if out is not None and out.exists() and any(out.iterdir()):
         _fail(f"--out: {out} exists and is not empty; results are never written over")
     from kernel import machine
@@ -86,27 +90,31 @@ def overhead_cmd(
         mach = machine.load(str(machine_file) if machine_file else None)
     except machine.MachineError as e:
         _fail(str(e))
-    from harness import driver, overhead, results
+    from harness import driver, overhead, overheadreport, results
     timing = {**driver.DEFAULTS, "warmup_s": warmup, "steady_s": duration}
     mf = str(machine_file) if machine_file else None
     specs = overhead.plan(names, wls, rounds, seed, timing, params, micro_ops, mf)
     parameters = {"schemes": names, "workloads": wls, "rounds": rounds, "seed": seed,
                   "timing": timing, "workload_params": params, "micro_ops": micro_ops,
-                  "machine_file": mf}
+                  "machine_file": mf, "warmup_runs": warmup_runs}
     d = results.new_run_dir(schemes=["overhead"]) if out is None else out
     d.mkdir(parents=True, exist_ok=True)
     env = results.environment()
     runs: list[dict] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("starting", total=len(specs))
+        task = bar.add_task("starting", total=len(specs) + warmup_runs)
+        for _ in range(warmup_runs):
+            r = _discarded_run(specs[0], lambda m: bar.update(task, description=m))
+            bar.advance(task)
+            bar.console.print(f"warm-up, discarded: {_line(r)}")
         for spec in specs:
             r = overhead.run_one(spec, d, say=lambda m: bar.update(task, description=m))
             runs.append(r)
             bar.advance(task)
             bar.console.print(_line(r))
     doc = overhead.write(d, parameters, env, mach, runs)
-    overhead.write_report(d, doc)
+    overheadreport.write_report(d, doc)
     results.point_latest(d)
     _summary(doc)
     console.print(f"results: {d}  (report: report.md, overhead.json, "
@@ -115,6 +123,18 @@ def overhead_cmd(
     for r in errors:
         err.print(f"crashbench: run {r['id']} failed: {r['error']}", markup=False)
     raise typer.Exit(1 if errors else 0)
+
+
+def _discarded_run(spec, say) -> dict:
+    """One run whose figures and files are thrown away (logs, histories included)."""
+    import shutil
+    import tempfile
+    from harness import overhead
+    scratch = Path(tempfile.mkdtemp(prefix="crashbench-warmup-"))
+    try:
+        return overhead.run_one(spec, scratch, say=say)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _line(r: dict) -> str:
@@ -131,14 +151,14 @@ def _line(r: dict) -> str:
 
 
 def _summary(doc: dict) -> None:
-    from harness.overhead import _fmt
+    from harness.overheadreport import _fmt
     for w, per in doc["figures"]["workloads"].items():
         t = Table(title=f"{w}: means over rounds; 95 % CI in brackets")
-        for c in ("scheme", "ops/s", "overhead %", "p99 ms"):
+        for c in ("scheme", "ops/s", "overhead %", "p99 ms", "machinery % of active CPU"):
             t.add_column(c)
         for s, e in per.items():
             t.add_row(s, _fmt(e["throughput_ops_s"], 1, 1), _fmt(e["overhead_pct"], 1, 1),
-                      _fmt(e["latency_p99_s"], 1e3))
+                      _fmt(e["latency_p99_s"], 1e3), _fmt(e.get("machinery_share_pct"), 1, 2))
         console.print(t)
     for op, per in doc["figures"]["micro"].items():
         console.print(f"{op}: " + "; ".join(

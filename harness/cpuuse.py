@@ -1,0 +1,108 @@
+"""Where a deployment's CPU time went during a window, by role.
+
+Promises to harness/overhead.py (definitions: docs/METRICS.md, "CPU by role"): ``roles(host,
+active, clients)`` names the processes of a running deployment — the active kernel (its
+heartbeat thread apart, found by its name kernel.kernel.HEARTBEAT_THREAD), the apps of
+the active partition (every other member of its process set), every other partition's
+processes (a standby backup kernel and its helpers), and the workload's clients with their
+descendants. ``sample(roles)`` reads the time each of their threads has run on a CPU —
+the scheduler's own accounting in /proc/<pid>/task/<tid>/schedstat, nanoseconds, the
+clock behind CLOCK_THREAD_CPUTIME_ID — and sums it per role. ``cores(before, after,
+seconds)`` is CPU-seconds per second of the window: 1.0 is one core kept busy.
+
+What it cannot see: a thread or process that ends inside the window takes its time with
+it (undercounted); work the host kernel does outside these threads (interrupts, the FUSE
+device's queues) is nobody's. A scheme's machinery that runs inline on the kernel's own
+threads (warmcache's VMM) is counted as the kernel's.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from kernel.kernel import HEARTBEAT_THREAD
+
+KERNEL, HEARTBEAT, APPS, STANDBY, CLIENTS = "kernel", "heartbeat", "apps", "standby", "clients"
+ROLES = (KERNEL, HEARTBEAT, APPS, STANDBY, CLIENTS)
+MACHINERY = (HEARTBEAT, STANDBY)     # what exists only because of a scheme
+ACTIVE = (KERNEL, HEARTBEAT, APPS)   # what runs on the active partition's CPUs
+
+
+def roles(host, active: int, clients: Iterable[int]) -> dict[str, list[int]]:
+    """{role: pids} of a deployment; the KERNEL role is the active kernel's pid alone
+    (its HEARTBEAT thread is told apart by ``sample``)."""
+    from kernel.procset import ProcError, ProcessSet
+    out: dict[str, list[int]] = {r: [] for r in ROLES}
+    for part, kp in host.kernels.items():
+        try:
+            members = ProcessSet(host.tag, part, create=False).pids()
+        except ProcError:
+            members = []
+        pids = sorted({kp.pid, *members})
+        if part == active:
+            out[KERNEL].append(kp.pid)
+            out[APPS] += [p for p in pids if p != kp.pid]
+        else:
+            out[STANDBY] += pids
+    out[CLIENTS] = sorted(_with_descendants(clients))
+    return out
+
+
+def sample(rs: dict[str, list[int]]) -> dict[str, int]:
+    """{role: nanoseconds on a CPU so far} of every thread of the roles' processes; the
+    active kernel's heartbeat thread counts as HEARTBEAT."""
+    out = {r: 0 for r in ROLES}
+    for role, pids in rs.items():
+        for pid in pids:
+            for comm, ns in _threads(pid):
+                out[HEARTBEAT if role == KERNEL and comm == HEARTBEAT_THREAD else role] += ns
+    return out
+
+
+def cores(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, float]:
+    """CPU-seconds per second of the window, per role (never below zero: a process that
+    ended took its time with it)."""
+    if not seconds > 0:
+        raise ValueError(f"cpu window of {seconds!r} s: must be positive")
+    return {r: max(0, after.get(r, 0) - before.get(r, 0)) / 1e9 / seconds for r in ROLES}
+
+
+def _threads(pid: int) -> list[tuple[str, int]]:
+    """(name, ns run) of each thread of a process; [] once it is gone."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/comm", "rb") as f:
+                comm = f.read().strip().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue                  # the thread ended between listing and reading
+        out.append((comm, ns))
+    return out
+
+
+def _with_descendants(roots: Iterable[int]) -> set[int]:
+    parent: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        ppid = int(raw[raw.rfind(b")") + 2:].split()[1])
+        parent.setdefault(ppid, []).append(int(name))
+    seen: set[int] = set()
+    todo = [p for p in roots]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo += parent.get(p, [])
+    return seen
