@@ -96,12 +96,12 @@ class SteadyTrial(Trial):
             self.await_first_answers()
             self.hold(t["warmup_s"])
         with self.phase("steady state"):
-            rs = self.cpu_roles(self.clients.procs)
-            cpu0 = cpuuse.sample(rs)
+            rs, vr = self.cpu_roles(self.clients.procs), self.vmm_region()
+            cpu0 = cpuuse.sample(rs, vr)
             start = time.monotonic()
             self.hold(t["steady_s"])
             end = time.monotonic()
-            self.cpu = cpuuse.cores(cpu0, cpuuse.sample(rs), end - start)
+            self.cpu = cpuuse.cores(cpu0, cpuuse.sample(rs, vr), end - start)
         with self.phase("collect"):
             self.clients.stop()
             hd = self.svc.history_dir()
@@ -116,6 +116,10 @@ class SteadyTrial(Trial):
         return cpuuse.roles(self.host, getattr(self.scheme, "active", 0),
                             [p.pid for p in clients])
 
+    def vmm_region(self) -> str | None:
+        path = getattr(self.scheme, "region_path", None)
+        return path if path and os.path.exists(path) else None
+
     def record(self) -> dict:
         s = self.spec
         return {"id": run_id(s), "scheme": s.scheme, "workload": _workload(s), "round": s.trial,
@@ -128,10 +132,10 @@ class MicroTrial(SteadyTrial):
 
     def measure(self) -> None:
         with self.phase("micro"):
-            rs = self.cpu_roles([])
-            cpu0, t0 = cpuuse.sample(rs), time.monotonic()
+            rs, vr = self.cpu_roles([]), self.vmm_region()
+            cpu0, t0 = cpuuse.sample(rs, vr), time.monotonic()
             self.figures = micro_ops(Path(self.svc.mount), self.spec.timing["micro_ops"])
-            self.cpu = cpuuse.cores(cpu0, cpuuse.sample(rs), time.monotonic() - t0)
+            self.cpu = cpuuse.cores(cpu0, cpuuse.sample(rs, vr), time.monotonic() - t0)
 
 
 def micro_ops(mount: Path, n: int, budget_s: float = MICRO_BUDGET_S) -> dict[str, list[float]]:
@@ -270,9 +274,10 @@ def per_round(runs: list[dict]) -> dict:
 def cpu_figures(rounds: dict) -> dict:
     """{"cpu_cores": {role: ci}, "machinery_share_pct": ci} over the rounds that measured
     CPU: cores per role, and the share of the active partition's CPU time that the
-    scheme's machinery took (heartbeat / kernel + heartbeat + apps, in percent)."""
+    scheme's machinery took there ((heartbeat + vmm) / (kernel + heartbeat + vmm + apps),
+    in percent)."""
     cpus = [f["cpu"] for f in rounds.values() if "cpu" in f]
-    share = [100 * c[cpuuse.HEARTBEAT] / active for c in cpus
+    share = [100 * sum(c[r] for r in cpuuse.ON_ACTIVE) / active for c in cpus
              if (active := sum(c[r] for r in cpuuse.ACTIVE)) > 0]
     return {"cpu_cores": {r: ci([c[r] for c in cpus]) for r in cpuuse.ROLES},
             "machinery_share_pct": ci(share)}

@@ -2,8 +2,8 @@
 
 Promises to the CLI (and to whoever rewrites a report from a kept overhead.json): the
 tables show every figure of the document's "figures" with its 95 % interval, or says
-there is none; the CPU tables say which roles are a scheme's machinery and that a VMM
-running inline is counted as the kernel's; the plot's error bars are the same intervals.
+there is none; the CPU tables say which roles are a scheme's machinery and how a VMM
+running inline is told from the kernel; the plot's error bars are the same intervals.
 """
 from __future__ import annotations
 
@@ -83,10 +83,11 @@ def cpu_md(figs: dict) -> list[str]:
     lines = ["## CPU by role", "",
              "Cores kept busy (CPU-seconds per second, from the scheduler's per-thread "
              "accounting) by each role. The scheme's machinery is "
-             f"{' and '.join(cpuuse.MACHINERY)}; its share is heartbeat / ("
+             f"{', '.join(cpuuse.MACHINERY)}; its share is ({' + '.join(cpuuse.ON_ACTIVE)}) / ("
              f"{' + '.join(cpuuse.ACTIVE)}), the part of the active partition's CPU time it "
-             "took. A VMM runs inline on the kernel's threads and is counted as the "
-             "kernel's. Definitions: docs/METRICS.md, \"CPU by role\".", ""]
+             "took there. The VMM's figure is the wall time its entry points counted (an "
+             "upper bound), taken out of the kernel's. Definitions: docs/METRICS.md, "
+             "\"CPU by role\".", ""]
     head = " | ".join(cpuuse.ROLES)
     for title, per in tables:
         lines += [f"During {title}:", "",

@@ -178,9 +178,27 @@ def test_cpu_sample_tells_the_heartbeat_thread_from_the_kernel():
     assert spent[cpuuse.HEARTBEAT] >= 0.3e9
     assert spent[cpuuse.KERNEL] < 0.05e9
     assert spent[cpuuse.STANDBY] == spent[cpuuse.APPS] == spent[cpuuse.CLIENTS] == 0
+    assert spent[cpuuse.VMM] == 0
     assert cpuuse.cores(before, after, 2.0)[cpuuse.HEARTBEAT] == spent[cpuuse.HEARTBEAT] / 2e9
     with pytest.raises(ValueError, match="must be positive"):
         cpuuse.cores(before, after, 0.0)
+
+
+def test_cpu_sample_moves_the_vmm_time_from_the_kernel_to_the_vmm(tmp_path):
+    """The VMM runs on the kernel's threads: what its region counted is the VMM's, and the
+    kernel's figure is what its threads ran less that."""
+    from harness import cpuuse
+    from kernel import vmm
+    from kernel.physmem import partition_layout
+    region = vmm.Region.create(str(tmp_path / "vmm"), partition_layout(0, 0, 64 << 20), 64)
+    region.counters[vmm.COUNTERS.index("busy_ns")] = 12_345
+    region.close()
+    rs = {cpuuse.KERNEL: [os.getpid()]}
+    raw0 = cpuuse.sample(rs)
+    got = cpuuse.sample(rs, str(tmp_path / "vmm"))
+    raw1 = cpuuse.sample(rs)
+    assert got[cpuuse.VMM] == 12_345 and raw0[cpuuse.VMM] == 0
+    assert raw0[cpuuse.KERNEL] - 12_345 <= got[cpuuse.KERNEL] <= raw1[cpuuse.KERNEL] - 12_345
 
 
 def crashbench(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -240,6 +258,7 @@ def test_cpu_by_role_tells_the_machinery_apart(overhead_dir):
     runs = {r["id"]: r["cpu_cores"] for r in doc["runs"]}
     assert set(runs["vanilla-files-0"]) == set(cpuuse.ROLES)
     assert runs["vanilla-files-0"]["heartbeat"] == 0 == runs["vanilla-files-0"]["standby"]
+    assert runs["vanilla-files-0"]["vmm"] == 0 == runs["orthros-files-0"]["vmm"]
     assert runs["vanilla-micro-0"]["heartbeat"] == 0 == runs["vanilla-micro-0"]["standby"]
     for r in ("orthros-files-0", "orthros-micro-0"):
         assert runs[r]["heartbeat"] > 0 and runs[r]["standby"] > 0
