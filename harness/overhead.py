@@ -15,6 +15,9 @@ Promises to `crashbench overhead` and to whoever reads its results (format: docs
   averaged, so it is paired.
 * FS micro-operations (4 KiB write, fsync, create, stat) are timed one by one with
   ``time.perf_counter_ns`` on the real mount of a deployment with no workload.
+* The load — the clients, and the loop that times the micro-operations — runs on the
+  same CPUs under every scheme: those the active partition does not own (``load_cpus``).
+* Around each measured window, CPU time is split by role (harness/cpuuse.py).
 * The result directory holds overhead.json (validated before it is written, atomically),
   one pyperf suite per scheme (``<scheme>.pyperf.json``: ``python -m pyperf compare_to
   vanilla.pyperf.json orthros.pyperf.json`` works), the histories, report.md with a table
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -77,7 +81,8 @@ class SteadyTrial(Trial):
             with self.phase("deploy"):
                 self.deploy()
                 self._note_region()
-            self.measure()
+            with on_load_cpus(self.host.machine, getattr(self.scheme, "active", 0)):
+                self.measure()
         finally:
             with self.phase("teardown"):
                 self.teardown()
@@ -125,6 +130,29 @@ class SteadyTrial(Trial):
         return {"id": run_id(s), "scheme": s.scheme, "workload": _workload(s), "round": s.trial,
                 "seed": s.seed, "phases": self.phases, "figures": self.figures,
                 "reserved_bytes": self.reserved_bytes, "cpu_cores": self.cpu, "error": None}
+
+
+def load_cpus(machine, active: int) -> set[int]:
+    """The CPUs the load runs on: those this process may use that the active partition
+    does not own (all of them when it owns every one)."""
+    mine = os.sched_getaffinity(0)
+    return (mine - set(machine.partition(active).cpus)) or mine
+
+
+@contextmanager
+def on_load_cpus(machine, active: int):
+    """The calling thread, and the clients it starts, on ``load_cpus``: the same CPUs
+    under every scheme. Left to the scheduler, a client or the micro-operations' timing
+    loop lands beside the pinned kernel more often under one scheme than another (a 4 KiB
+    write then costs ≈ 35 µs more), and that placement moved the figures by more than
+    the schemes did. Under orthros the load shares its CPUs with the standby: that is
+    what the standby costs on this machine."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, load_cpus(machine, active))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class MicroTrial(SteadyTrial):

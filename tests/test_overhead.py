@@ -201,6 +201,21 @@ def test_cpu_sample_moves_the_vmm_time_from_the_kernel_to_the_vmm(tmp_path):
     assert raw0[cpuuse.KERNEL] - 12_345 <= got[cpuuse.KERNEL] <= raw1[cpuuse.KERNEL] - 12_345
 
 
+def test_the_load_runs_beside_the_active_partition_and_the_driver_returns():
+    """A client started inside ``on_load_cpus`` runs on the CPUs partition 0 does not
+    own; the driver's own CPUs are given back afterwards."""
+    from harness.overhead import on_load_cpus
+    from kernel import machine
+    m = machine.load()
+    mine = os.sched_getaffinity(0)
+    with on_load_cpus(m, 0):
+        out = subprocess.run([sys.executable, "-c",
+                              "import os; print(sorted(os.sched_getaffinity(0)))"],
+                             capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == sorted((mine - set(m.partition(0).cpus)) or mine)
+    assert os.sched_getaffinity(0) == mine
+
+
 def crashbench(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -241,6 +256,8 @@ def test_overhead_json_is_valid_and_complete(overhead_dir):
                                            "memory_bytes": 0}
     assert (overhead_dir / "report.md").read_text().count("| orthros |") >= 1
     assert doc["parameters"]["warmup_runs"] == 1
+    mine = os.sched_getaffinity(0)
+    assert doc["parameters"]["load_cpus"] == sorted((mine - {0}) or mine)
     assert (overhead_dir / "overhead.png").read_bytes()[:4] == b"\x89PNG"
     assert (overhead_dir.parent / "latest").resolve() == overhead_dir.resolve()
     for r in doc["runs"]:

@@ -96,7 +96,8 @@ def overhead_cmd(
     specs = overhead.plan(names, wls, rounds, seed, timing, params, micro_ops, mf)
     parameters = {"schemes": names, "workloads": wls, "rounds": rounds, "seed": seed,
                   "timing": timing, "workload_params": params, "micro_ops": micro_ops,
-                  "machine_file": mf, "warmup_runs": warmup_runs}
+                  "machine_file": mf, "warmup_runs": warmup_runs,
+                  "load_cpus": sorted(overhead.load_cpus(mach, 0))}
     d = results.new_run_dir(schemes=["overhead"]) if out is None else out
     d.mkdir(parents=True, exist_ok=True)
     env = results.environment()
