@@ -1,6 +1,7 @@
 """The `crashbench` command line: one typer app; each command lives in the layer it drives."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
@@ -49,7 +50,14 @@ def demo(workdir: Path = typer.Option(Path(".crashbench-demo"), help="scratch di
 
 
 def main() -> None:
+    # `kill`, or a CI job's timeout, stops a run the way Ctrl-C does: through its teardown,
+    # which leaves no mount, namespace, process or memory file behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ the FUSE mount, httpx clients in the client namespace, the checkers over their h
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,39 @@ def test_list_names_every_scheme_workload_and_fault():
     assert "files" in cat["workloads"]
     assert "panic" in cat["faults"]
     assert all(isinstance(v, str) and v for kind in cat.values() for v in kind.values())
+
+
+def _leftovers() -> set[str]:
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    shm = {f"shm {p.name}" for p in Path("/dev/shm").glob("crashbench-*")}
+    mounts = {f"mount {m.split()[1]}" for m in Path("/proc/mounts").read_text().splitlines()
+              if m.split()[0].startswith("crashbench-p")}
+    return {f"netns {line.split()[0]}" for line in ns.splitlines() if line.startswith("cb")} \
+        | shm | mounts
+
+
+@needs_root
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
+    """Stopped in its steady state by Ctrl-C or a polite kill, `crashbench run` tears the
+    trial down: no namespace, memory file or mount of its machine stays."""
+    before = _leftovers()
+    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
+                          "--workload", "files", "--fault", "panic", "--trials", "1",
+                          "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
+                          "--out", str(tmp_path / "r")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(x.startswith("mount") for x in _leftovers() - before):
+            assert p.poll() is None, p.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never mounted its machine"
+            time.sleep(0.2)
+        time.sleep(3)                              # into the warm-up and steady state
+        p.send_signal(sig)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        p.kill()
+    assert p.returncode != 0, out[-3000:]
+    assert _leftovers() - before == set(), out[-3000:]
