@@ -202,12 +202,15 @@ class Host:
     def close(self) -> None:
         """Tear everything down: kernels, their process groups, mounts, the memory file."""
         from kernel import fuse
-        for pid in list(self.kernels):
-            kp = self.kernels.pop(pid)
+        kps = [self.kernels.pop(p) for p in list(self.kernels)]
+        # every kernel before waiting for any: an active kernel's exit can take longer than
+        # a heartbeat verdict, and a standby still alive then takes over during the teardown
+        for kp in kps:
             try:
                 os.killpg(kp.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for kp in kps:
             kp.proc.wait()
         for m in self.workdir.glob("mnt-p*"):
             if fuse.is_mounted(str(m)):
