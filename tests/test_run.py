@@ -138,6 +138,12 @@ def _leftovers() -> set[str]:
         | shm | mounts
 
 
+def _as_from_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored, and the run would inherit that
+    (a test suite started in the background): give it the terminal's default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_root
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
@@ -149,7 +155,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
                           "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
                           "--out", str(tmp_path / "r")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, preexec_fn=_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not any(x.startswith("mount") for x in _leftovers() - before):
