@@ -116,7 +116,7 @@ def _with_descendants(roots: Iterable[int]) -> set[int]:
         ppid = int(raw[raw.rfind(b")") + 2:].split()[1])
         parent.setdefault(ppid, []).append(int(name))
     seen: set[int] = set()
-    todo = [p for p in roots]
+    todo = list(roots)
     while todo:
         p = todo.pop()
         if p not in seen:

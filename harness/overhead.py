@@ -100,13 +100,10 @@ class SteadyTrial(Trial):
             self.clients = self.workload.start_clients(self.svc, until)
             self.await_first_answers()
             self.hold(t["warmup_s"])
-        with self.phase("steady state"):
-            rs, vr = self.cpu_roles(self.clients.procs), self.vmm_region()
-            cpu0 = cpuuse.sample(rs, vr)
+        with self.phase("steady state"), self.cpu_window(self.clients.procs):
             start = time.monotonic()
             self.hold(t["steady_s"])
             end = time.monotonic()
-            self.cpu = cpuuse.cores(cpu0, cpuuse.sample(rs, vr), end - start)
         with self.phase("collect"):
             self.clients.stop()
             hd = self.svc.history_dir()
@@ -117,13 +114,16 @@ class SteadyTrial(Trial):
                                    self.out / f"history-{run_id(self.spec)}.jsonl")
             self.figures = steady(events)
 
-    def cpu_roles(self, clients) -> dict[str, list[int]]:
-        return cpuuse.roles(self.host, getattr(self.scheme, "active", 0),
-                            [p.pid for p in clients])
-
-    def vmm_region(self) -> str | None:
+    @contextmanager
+    def cpu_window(self, clients):
+        """``self.cpu``: the cores each role kept busy while the block ran."""
+        rs = cpuuse.roles(self.host, getattr(self.scheme, "active", 0), [p.pid for p in clients])
         path = getattr(self.scheme, "region_path", None)
-        return path if path and os.path.exists(path) else None
+        vr = path if path and os.path.exists(path) else None
+        before, t0 = cpuuse.sample(rs, vr), time.monotonic()
+        yield
+        t1 = time.monotonic()
+        self.cpu = cpuuse.cores(before, cpuuse.sample(rs, vr), t1 - t0)
 
     def record(self) -> dict:
         s = self.spec
@@ -159,11 +159,8 @@ class MicroTrial(SteadyTrial):
     """Deploy with no workload, then time FS micro-operations on the mount."""
 
     def measure(self) -> None:
-        with self.phase("micro"):
-            rs, vr = self.cpu_roles([]), self.vmm_region()
-            cpu0, t0 = cpuuse.sample(rs, vr), time.monotonic()
+        with self.phase("micro"), self.cpu_window([]):
             self.figures = micro_ops(Path(self.svc.mount), self.spec.timing["micro_ops"])
-            self.cpu = cpuuse.cores(cpu0, cpuuse.sample(rs, vr), time.monotonic() - t0)
 
 
 def micro_ops(mount: Path, n: int, budget_s: float = MICRO_BUDGET_S) -> dict[str, list[float]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from harness import cpuuse, results, stats
 from harness.overhead import VANILLA
 
+
 def _fmt(c: dict, scale: float = 1.0, digits: int = 2) -> str:
     if c is None or c.get("mean") is None:
         return "-"
