@@ -6,7 +6,9 @@ Promises to every kernel layer and to any process that reads a (possibly dead) k
   every write to a kernel object or a page frame goes: watchers registered on it (the
   warm-cache VMM, the TxIPC undo log, the fault injector) see every store that touches
   ``watch_span`` (the whole memory unless narrowed: the VMM watches only the page frames)
-  before it lands.
+  before it lands. A watcher may narrow it further to the pages it write-protects, as a
+  VMM does with the MMU: ``watch_pages``, one byte per page of the span, 1 where a store
+  must reach the watchers (None: every page).
 * Kernel objects are fixed binary layouts (``Layout``) addressed by physical offset; a
   pointer is a physical offset and 0 means null. Every object carries a magic, a version and
   a checksum (xxh3-64 of all bytes before it), so a foreign kernel can reject what is
@@ -40,6 +42,7 @@ import xxhash
 from kernel import param
 
 PAGE = param.PAGE_SIZE
+_SHIFT = PAGE.bit_length() - 1
 _csum = xxhash.xxh3_64_intdigest
 
 
@@ -243,15 +246,21 @@ class PhysMem:
         self.view = memoryview(self.mm)
         self.watchers: list[Watcher] = []
         self.watch_span = (0, self.size)   # [lo, hi): stores outside it call no watcher
+        self.watch_pages: bytearray | None = None   # per page of the span: 0 = not protected
 
     # The one write accessor.  Watchers see (phys, data) before the store lands.
     def write(self, phys: int, data) -> None:
         n = len(data)
         if phys < 0 or phys + n > self.size:
             raise ValueError(f"physmem write {phys:#x}+{n} outside memory of {self.size:#x} bytes")
-        if self.watchers and phys < self.watch_span[1] and phys + n > self.watch_span[0]:
-            for w in self.watchers:
-                w(phys, data)
+        if self.watchers:
+            lo, hi = self.watch_span
+            wp = self.watch_pages
+            # inline, not a helper: it runs for every store beneath a VMM
+            if phys < hi and phys + n > lo and (wp is None or wp.find(
+                    1, max(phys - lo, 0) >> _SHIFT, ((min(phys + n, hi) - lo - 1) >> _SHIFT) + 1) >= 0):
+                for w in self.watchers:
+                    w(phys, data)
         self.mm[phys:phys + n] = data
 
     def read(self, phys: int, n: int) -> bytes:

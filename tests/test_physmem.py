@@ -56,6 +56,26 @@ def test_single_write_accessor_sees_every_store(part):
     assert any(lay.icore <= p < lay.desc for p, _ in seen)      # in-core inode
 
 
+def test_watch_pages_narrow_the_watchers_to_protected_pages(part):
+    mem, lay, _, _ = part
+    seen = []
+    mem.watchers.append(lambda phys, data: seen.append(phys))
+    mem.watch_span = (lay.frames, lay.frames + 8 * PAGE)
+    mem.watch_pages = bytearray(8)
+    mem.watch_pages[3] = 1
+    f = lay.frames
+    mem.write(f + 2 * PAGE, b"a" * PAGE)            # unprotected: no watcher
+    mem.write(f + 3 * PAGE + 100, b"b")             # inside the protected page
+    mem.write(f + 2 * PAGE + 10, b"c" * PAGE)       # straddles into it
+    mem.write(f + 4 * PAGE, b"d" * 2 * PAGE)        # a run after it
+    mem.write(f - 10, b"e" * 20)                    # from before the span into page 0
+    assert seen == [f + 3 * PAGE + 100, f + 2 * PAGE + 10]
+    assert mem.read(f + 2 * PAGE, 1) == b"a" and mem.read(f + 4 * PAGE, 1) == b"d"  # all landed
+    mem.watch_pages = None                          # every page of the span
+    mem.write(f + 5 * PAGE, b"g")
+    assert seen[-1] == f + 5 * PAGE
+
+
 def test_reader_finds_every_dirty_page_from_another_mapping(part, tmp_path):
     mem, lay, ic, pc = part
     dirty_file(ic, pc, 5, 3, 10)

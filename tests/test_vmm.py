@@ -32,7 +32,8 @@ class Machine:
     def boot(self) -> VFS:
         self.dev = BlockDevice(self.img, "ssd", delay=False)
         self.v = vmm.Vmm(self.mem, self.lay, vmm.Region(self.rpath))
-        self.mem.watchers[:] = [self.v.watch]
+        self.mem.watchers[:] = []
+        self.v.install()
         return VFS(self.mem, self.lay, vmm.VmmDisk(self.dev, self.v))
 
     def crash(self) -> dict:
@@ -153,6 +154,31 @@ def test_without_spare_pages_a_reused_frame_loses_its_warm_page(tmp_path):
         assert mc.v.r.stats()["dropped"] == 1
     finally:
         mc.close()
+
+
+def test_only_the_first_store_into_a_frame_with_a_copy_reaches_the_vmm(m):
+    """Write protection: a CLEAN frame traps once, is invalidated, and then stores freely;
+    a frame without a copy never traps; a read landing in one is seen all the same."""
+    fs = m.boot()
+    ino = synced_file(fs, b"w", os.urandom(4 * PAGE))
+    seen = []
+    m.mem.watchers.append(lambda phys, data: seen.append(phys))   # sees what the VMM sees
+    frames = [m.frame_of(ino, i) for i in range(4)]
+    p = m.lay.frame_phys(frames[1])
+    free = int(np.flatnonzero(m.v.r.ft["state"] == vmm.FREE)[-1])
+    inv = m.v.r.stats()["invalidated"]
+    m.mem.write(p + 10, b"x")
+    m.mem.write(p + 20, b"y")
+    m.mem.write(m.lay.frame_phys(free), b"z")
+    assert seen == [p + 10]
+    assert m.v.r.stats()["invalidated"] == inv + 1
+    got = m.crash()
+    assert set(got["kept_frames"].tolist()) & set(frames) == {frames[0], frames[2], frames[3]}
+    fs = m.boot()
+    reg = m.v.r.stats()["registered"]
+    fs.read(fs.lookup(1, b"w").ino, 0, 4 * PAGE)    # lands in frames that were not protected
+    assert m.v.r.stats()["registered"] - reg >= 4
+    assert all(m.v.wp[m.frame_of(fs.lookup(1, b"w").ino, i)] for i in range(4))
 
 
 def test_a_region_for_another_guest_is_refused(m, tmp_path):
