@@ -38,6 +38,7 @@ import jsonschema
 from harness import cpuuse, history, results, stats
 from harness.checkers.steady import END, START, steady
 from harness.driver import Trial, TrialSpec
+from harness.workloads import registry
 
 SCHEMA_VERSION = 1
 KIND = "crashbench overhead"
@@ -228,17 +229,28 @@ def rotated(names: list[str], r: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def warmups(workloads: list[str], warmup_s: float | None, default_s: float) -> dict[str, float]:
+    """Seconds of load before each workload's steady state: ``warmup_s`` when given, else
+    the workload's own (the time its caches take to fill), else ``default_s``."""
+    reg = registry()
+    return {w: warmup_s if warmup_s is not None else getattr(reg[w], "warmup_s", default_s)
+            for w in workloads}
+
+
 def plan(schemes: list[str], workloads: list[str], rounds: int, seed: int, timing: dict,
-         workload_params: dict[str, dict], micro_n: int, machine_file: str | None
-         ) -> list[TrialSpec]:
+         workload_params: dict[str, dict], micro_n: int, machine_file: str | None,
+         warmup_s: dict[str, float] | None = None) -> list[TrialSpec]:
     """Round by round; in round r the schemes (vanilla first in round 0) rotated by r;
-    under each scheme every workload, then the micro-operations (when micro_n > 0)."""
+    under each scheme every workload (with its warm-up from ``warmup_s``, else timing's),
+    then the micro-operations (when micro_n > 0)."""
     names = [VANILLA, *schemes]
+    warm = warmup_s or {}
     specs = []
     for r in range(rounds):
         for s in rotated(names, r):
             for w in workloads:
-                specs.append(TrialSpec(s, w, STEADY_FAULT, r, seed + r, dict(timing),
+                t = {**timing, "warmup_s": warm[w]} if w in warm else dict(timing)
+                specs.append(TrialSpec(s, w, STEADY_FAULT, r, seed + r, t,
                                        dict(workload_params.get(w, {})), machine_file))
             if micro_n > 0:
                 specs.append(TrialSpec(s, "idle", MICRO, r, seed + r,

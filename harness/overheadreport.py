@@ -22,12 +22,20 @@ def _fmt(c: dict, scale: float = 1.0, digits: int = 2) -> str:
     return f"{m} [{c['lo'] * scale:.{digits}f}, {c['hi'] * scale:.{digits}f}]"
 
 
+def _warmups(p: dict) -> str:
+    """'2 s' or '2 s (files), 15 s (postgres)': results before per-workload warm-ups have one."""
+    per = p.get("warmup_s") or {}
+    if len(set(per.values())) <= 1:
+        return f"{next(iter(per.values()), p['timing']['warmup_s']):g} s"
+    return ", ".join(f"{s:g} s ({w})" for w, s in per.items())
+
+
 def report_md(doc: dict) -> str:
     p = doc["parameters"]
     lines = [f"# Steady-state overhead — {doc['run_id']}", "",
              f"Schemes {', '.join([VANILLA, *p['schemes']])}; workloads "
              f"{', '.join(p['workloads']) or '-'}; {p['rounds']} round(s) of "
-             f"{p['timing']['steady_s']:g} s steady state after {p['timing']['warmup_s']:g} s "
+             f"{p['timing']['steady_s']:g} s steady state after {_warmups(p)} of "
              f"warm-up; {p['micro_ops']} micro-operations of each kind per round. Means over "
              "rounds with 95 % bootstrap intervals (harness.stats; none below "
              f"{stats.min_n()} rounds); ratios are scheme / vanilla of the same round. "

@@ -114,6 +114,20 @@ def test_plan_interleaves_and_rotates():
     assert {s.seed for s in specs if s.trial == 2} == {9}
 
 
+def test_each_workload_warms_up_for_its_own_time_unless_one_is_given():
+    """postgres fills its page cache from the disk first: its own warm-up; files has none
+    of its own and gets the default; --warmup overrides every workload's."""
+    from harness import overhead
+    from harness.workloads.postgres import Postgres
+    assert overhead.warmups(["files", "postgres"], None, 2.0) == {"files": 2.0,
+                                                                  "postgres": Postgres.warmup_s}
+    assert overhead.warmups(["files", "postgres"], 0.5, 2.0) == {"files": 0.5, "postgres": 0.5}
+    specs = overhead.plan(["reboot"], ["files", "postgres"], 1, 1, {"warmup_s": 2.0}, {}, 5,
+                          None, {"files": 2.0, "postgres": 15.0})
+    assert [(s.workload, s.timing["warmup_s"]) for s in specs] == [
+        ("files", 2.0), ("postgres", 15.0), ("idle", 2.0)] * 2
+
+
 @needs_root
 def test_vanilla_kernel_has_no_heartbeat():
     from kernel import machine
@@ -256,6 +270,7 @@ def test_overhead_json_is_valid_and_complete(overhead_dir):
                                            "memory_bytes": 0}
     assert (overhead_dir / "report.md").read_text().count("| orthros |") >= 1
     assert doc["parameters"]["warmup_runs"] == 1
+    assert doc["parameters"]["warmup_s"] == {"files": 0.5}
     mine = os.sched_getaffinity(0)
     assert doc["parameters"]["load_cpus"] == sorted((mine - {0}) or mine)
     assert (overhead_dir / "overhead.png").read_bytes()[:4] == b"\x89PNG"

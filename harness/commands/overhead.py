@@ -30,7 +30,7 @@ def _workload_params(pairs: list[str], workloads: list[str]) -> dict[str, dict]:
 
 
 def _check(schemes: list[str], workloads: list[str], rounds: int, duration: float,
-           warmup: float, micro_ops: int, params: dict[str, dict], warmup_runs: int) -> None:
+           warmup: float | None, micro_ops: int, params: dict[str, dict], warmup_runs: int) -> None:
     """Every name and number checked before anything is created."""
     from harness.overhead import VANILLA
     cat = catalogue()
@@ -44,7 +44,7 @@ def _check(schemes: list[str], workloads: list[str], rounds: int, duration: floa
         _fail(f"--rounds: must be a positive number of rounds, got {rounds}")
     if not duration > 0:
         _fail(f"--duration: must be positive, got {duration}")
-    if not warmup >= 0:
+    if warmup is not None and not warmup >= 0:
         _fail(f"--warmup: must not be negative, got {warmup}")
     if micro_ops < 0:
         _fail(f"--micro-ops: must not be negative, got {micro_ops}")
@@ -62,7 +62,9 @@ def overhead_cmd(
                                             "every workload of `crashbench list`)"),
     rounds: int = typer.Option(3, help="rounds; each runs every scheme once, order rotated"),
     duration: float = typer.Option(5.0, help="seconds of steady-state load per run"),
-    warmup: float = typer.Option(2.0, help="seconds of load before the steady state"),
+    warmup: Optional[float] = typer.Option(
+        None, help="seconds of load before the steady state (default: each workload's own "
+        "- postgres 15, its page cache filling from the disk first - else 2)"),
     micro_ops: int = typer.Option(200, help="FS micro-operations of each kind per run "
                                   "(0: none)"),
     seed: int = typer.Option(1, help="seed of round 0 (round r uses seed + r)"),
@@ -91,11 +93,15 @@ def overhead_cmd(
     except machine.MachineError as e:
         _fail(str(e))
     from harness import driver, overhead, overheadreport, results
-    timing = {**driver.DEFAULTS, "warmup_s": warmup, "steady_s": duration}
+    timing = {**driver.DEFAULTS, "steady_s": duration}
+    if warmup is not None:
+        timing["warmup_s"] = warmup
+    warm = overhead.warmups(wls, warmup, timing["warmup_s"])
     mf = str(machine_file) if machine_file else None
-    specs = overhead.plan(names, wls, rounds, seed, timing, params, micro_ops, mf)
+    specs = overhead.plan(names, wls, rounds, seed, timing, params, micro_ops, mf, warm)
     parameters = {"schemes": names, "workloads": wls, "rounds": rounds, "seed": seed,
-                  "timing": timing, "workload_params": params, "micro_ops": micro_ops,
+                  "timing": timing, "warmup_s": warm, "workload_params": params,
+                  "micro_ops": micro_ops,
                   "machine_file": mf, "warmup_runs": warmup_runs,
                   "load_cpus": sorted(overhead.load_cpus(mach, 0))}
     d = results.new_run_dir(schemes=["overhead"]) if out is None else out

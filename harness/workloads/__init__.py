@@ -21,7 +21,9 @@ Optional, for figures the generic checkers cannot know (harness/trial.py merges 
   RecoveryReport cannot see (e.g. a server's own start-up and crash recovery), measured by
   the workload (from the server's log), added to the trial's ``phases``;
 * ``checks(svc, events) -> {name: dict}`` — the workload's own checkers' figures (e.g.
-  harness/checkers/bank.py), kept in the trial's ``checks``.
+  harness/checkers/bank.py), kept in the trial's ``checks``;
+* ``warmup_s`` — seconds of load the workload needs before it is steady (its caches
+  filled from the disk): `crashbench overhead`'s warm-up unless --warmup is given.
 
 ``Idle`` is the no-op workload: no service, no clients; the driver's own tests use it.
 """
