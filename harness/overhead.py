@@ -89,9 +89,14 @@ class SteadyTrial(Trial):
                 self.teardown()
         return self.record()
 
-    def _note_region(self) -> None:
+    def _vmm_region(self) -> str | None:
+        """The path of the scheme's VMM region, if it has one and it exists."""
         path = getattr(self.scheme, "region_path", None)
-        if path and os.path.exists(path):
+        return path if path and os.path.exists(path) else None
+
+    def _note_region(self) -> None:
+        path = self._vmm_region()
+        if path:
             self.reserved_bytes = os.path.getsize(path)
 
     def measure(self) -> None:
@@ -119,8 +124,7 @@ class SteadyTrial(Trial):
     def cpu_window(self, clients):
         """``self.cpu``: the cores each role kept busy while the block ran."""
         rs = cpuuse.roles(self.host, getattr(self.scheme, "active", 0), [p.pid for p in clients])
-        path = getattr(self.scheme, "region_path", None)
-        vr = path if path and os.path.exists(path) else None
+        vr = self._vmm_region()
         before, t0 = cpuuse.sample(rs, vr), time.monotonic()
         yield
         t1 = time.monotonic()

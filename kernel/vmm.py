@@ -349,14 +349,15 @@ class Vmm:
         """A write-back landed: each source frame holds its block as of the new generation."""
         t0 = _clock()
         if len(src) == 1:             # most write-backs of a database: one page, hashed whole
-            self._registered(src[0], first, data)
+            self._register_src(src[0], first, data)
         else:
             mv = memoryview(data).cast("B")
             for k, p in enumerate(src):
-                self._registered(p, first + k, mv[k * PAGE:(k + 1) * PAGE])
+                self._register_src(p, first + k, mv[k * PAGE:(k + 1) * PAGE])
         self._ctr[_BUSY] += _clock() - t0
 
-    def _registered(self, p: int, block: int, page) -> None:
+    def _register_src(self, p: int, block: int, page) -> None:
+        """The frame at physical address p (a write's source) holds block: register it."""
         lo = p - self.f0
         if 0 <= lo < self.flen and not lo & (PAGE - 1):
             self._register(lo >> _SHIFT, block, self._gens[block], _csum(page))
