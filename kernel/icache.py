@@ -4,7 +4,10 @@ Promises to the VFS and page cache: one in-core inode object (physmem.ICORE) per
 use, in a slot of the partition's in-core inode table, mirrored in Python for speed but
 always written through to physical memory. Every inode with dirty pages or dirty metadata
 is on the **dirty-inode list**, a doubly linked list of in-core inodes whose head is in the
-kernel superblock (physmem.KSUPER) — the list a backup kernel walks after a crash.
+kernel superblock (physmem.KSUPER) — the list a backup kernel walks after a crash. An
+inode records when it joined the list (``dirtied_ns``, CLOCK_MONOTONIC, which every process
+of the machine shares); an inode a dead kernel had dirtied keeps that time when adopted
+(``mark_meta_dirty(since=)``), so the flusher writes it back on the dead kernel's schedule.
 Slot 0 is the block device's inode (ino 0): its dirty pages are the metadata blocks of the
 running journal transaction.
 
@@ -144,13 +147,15 @@ class ICache:
         else:
             self._write(ino)
 
-    def mark_meta_dirty(self, ino: int) -> None:
+    def mark_meta_dirty(self, ino: int, since: int = 0) -> None:
+        """``since``: when the inode became dirty (CLOCK_MONOTONIC ns), for an inode a dead
+        kernel had dirtied, so write-back keeps its schedule; 0 means now."""
         vals = self.v[ino]
         if vals[2] & I_DIRTY_META:
             return
         vals[2] |= I_DIRTY_META
         if not vals[2] & I_ON_DIRTY_LIST:
-            self._link_dirty(ino)
+            self._link_dirty(ino, since)
         else:
             self._write(ino)
 
@@ -175,11 +180,12 @@ class ICache:
         return self.v[ino][F["dirtied_ns"]]
 
     # --- the dirty-inode list (head in the kernel superblock) --------------------------
-    def _link_dirty(self, ino: int) -> None:
+    def _link_dirty(self, ino: int, since: int = 0) -> None:
         vals = self.v[ino]
         old = self.dirty_head
         vals[2] |= I_ON_DIRTY_LIST
-        vals[F["dirtied_ns"]] = time.monotonic_ns()
+        now = time.monotonic_ns()
+        vals[F["dirtied_ns"]] = min(since, now) if since else now   # never in the future
         vals[F["prev_dirty"]] = 0
         vals[F["next_dirty"]] = self.phys(old) if old != -1 else 0
         self._write(ino)

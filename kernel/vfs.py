@@ -59,10 +59,12 @@ class VFS:
         self.mem, self.lay, self.dev = mem, lay, dev
         self.ks = KSuper(mem, lay, dev.nblocks)
         self.ic = ICache(mem, lay, self.ks)
-        for ino, i in (adopt.inodes.items() if adopt else ()):
+        # oldest first, so the dirty-inode list's tail stays the oldest (writeback.balance);
+        # each keeps the time the dead kernel dirtied it: a takeover restarts no clock
+        for ino, i in sorted(adopt.inodes.items() if adopt else (), key=lambda e: e[1]["dirtied_ns"]):
             self.ic.load(ino, i["mode"], i["uid"], i["gid"], i["nlink"], i["size"],
                          i["atime_ns"], i["mtime_ns"], i["ctime_ns"])
-            self.ic.mark_meta_dirty(ino)
+            self.ic.mark_meta_dirty(ino, since=i["dirtied_ns"])
         self.pc = PageCache(mem, lay, self.ic, adopt)
         self.bufs = PageCacheBuffers(self.pc, dev)
         self.fs = FileSystem(dev, self.bufs, on_txn_state=self._txn_state)

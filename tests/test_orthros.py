@@ -334,3 +334,32 @@ def test_the_re_paired_backup_stands_by_at_normal_priority(orthros):
     assert checker, "the backup's checker process is missing"
     for pid in [backup, *checker]:
         assert set(_policies(pid).values()) == {os.SCHED_OTHER}, (pid, _policies(pid))
+
+
+def test_adopted_dirty_inodes_keep_their_age_and_are_written_back_on_schedule(tmp_path):
+    """A takeover does not restart the dirty-age clock: an inode the dead kernel dirtied
+    longer than DIRTY_EXPIRE_S ago is written back by the new kernel's first flusher pass,
+    without an fsync; one dirtied just now is not."""
+    from kernel import param
+    from kernel.icache import F
+    from kernel.vfs import VFS
+    from systems.orthros.adopt import collect
+    from tests.stack import MEM, Stack
+    st = Stack(tmp_path, write_cache=False)
+    old_ino = st.vfs.create(1, b"old", 0o100644, 0, 0).ino
+    new_ino = st.vfs.create(1, b"new", 0o100644, 0, 0).ino
+    st.vfs.fsyncdir(1)
+    old_data, new_data = os.urandom(6 * PAGE), os.urandom(3 * PAGE)
+    st.vfs.write(old_ino, 0, old_data)
+    st.vfs.write(new_ino, 0, new_data)
+    # the dead kernel dirtied "old" long ago (its own write-through keeps the checksum sound)
+    st.vfs.ic.v[old_ino][F["dirtied_ns"]] -= int((param.DIRTY_EXPIRE_S + 5) * 1e9)
+    st.vfs.ic._write(old_ino)
+    h = collect(st.mem, 0, MEM, 0)
+    new = VFS(st.mem, st.lay, st.dev, h.adopted)
+    assert new.ic.dirty_inodes()[-1] == old_ino            # the list's tail is the oldest
+    new.writeback.flush_expired()
+    assert on_disk(st, new, old_ino, 6) == old_data and not new.pc.dirty.get(old_ino)
+    assert new.fs.iget(old_ino).size == len(old_data)
+    assert new_ino in new.ic.dirty_inodes() and len(new.pc.dirty_pages(new_ino)) == 3   # young
+    st.close()
