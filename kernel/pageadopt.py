@@ -19,10 +19,20 @@ it to a backup kernel (systems/orthros):
 
 Until an entry is checked, its frame is not free and its descriptor is the dead kernel's,
 so a second crash in that window finds it as the first did.
+
+* A rejected dirty page's data is lost: it is recorded in ``Lost`` (like Linux's hwpoison),
+  so it reads as EIO, never as the disk's stale data or a hole. A page is lost when its
+  descriptor is sound and its frame is not (the descriptor names it); when the descriptor
+  itself is unsound its (inode, index) cannot be trusted, and the inode it claims loses its
+  whole file (``Lost.files``), as does an inode whose in-core object was lost with dirty
+  pages or which counted more dirty pages than were found (systems/orthros/adopt.py).
+  A lost page reads as EIO until a write covers it whole or a truncation drops it; a write
+  into part of it is EIO too. A lost file reads as EIO, and a write needing a page from the
+  disk is EIO, until it is truncated to size 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +43,54 @@ from kernel.physmem import ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_
 _HEAD = ICORE.index["dirty_pages_head"]
 _KEY_SHIFT = np.uint64(32)
 WHOLE_FILE = 1 << 32
+
+
+class Lost:
+    """Dirty pages of a dead kernel that could not be adopted: ``pages`` (ino -> indexes)
+    read as EIO until overwritten whole or truncated; ``files``, whose lost pages are not
+    known, read as EIO until truncated to 0. ``why``: one line per loss, for the report."""
+
+    def __init__(self):
+        self.pages: dict[int, set[int]] = {}
+        self.files: set[int] = set()
+        self.why: list[str] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.pages or self.files)
+
+    def page(self, ino: int, idx: int, why: str) -> None:
+        self.pages.setdefault(ino, set()).add(idx)
+        self.why.append(f"inode {ino} page {idx}: {why}")
+
+    def file(self, ino: int, why: str) -> None:
+        if ino not in self.files:
+            self.files.add(ino)
+            self.why.append(f"inode {ino} (the whole file): {why}")
+
+    def any_page(self, ino: int, first: int, last: int) -> bool:
+        """Whether the file is lost or a page first..last of it is."""
+        if ino in self.files:
+            return True
+        s = self.pages.get(ino)
+        return bool(s) and any(first <= i <= last for i in s)
+
+    def overwritten(self, ino: int, first: int, n: int = 1) -> None:
+        """Pages first .. first+n-1 were written whole: they hold data again."""
+        s = self.pages.get(ino)
+        if s:
+            s.difference_update(range(first, first + n))
+            if not s:
+                del self.pages[ino]
+
+    def truncated(self, ino: int, first: int) -> None:
+        """Pages from ``first`` on are gone; at 0 the whole file is."""
+        s = self.pages.get(ino)
+        if s:
+            s.difference_update([i for i in s if i >= first])
+            if not s:
+                del self.pages[ino]
+        if not first:
+            self.files.discard(ino)
 
 
 @dataclass
@@ -46,6 +104,7 @@ class Adopted:
     dirty: np.ndarray       # bool
     inodes: dict[int, dict] # validated in-core inodes of the dead kernel's dirty inodes
     unchecked: "Unchecked | None" = None   # pages taken over to be checked on first use
+    lost: Lost = field(default_factory=Lost)   # dirty pages found lost while collecting
 
 
 class Unchecked:
@@ -190,6 +249,11 @@ class Adoption:
         if not keep_clean and not dirty.all():
             self._drop_unchecked(pos[~dirty])
 
+    def settle_dirty(self, ino: int) -> None:
+        """Check every unchecked dirty page of ino: before a page of it comes from the disk,
+        for one adopted under a corrupted index may be the page wanted (then it is lost)."""
+        self._settle(ino, 0, WHOLE_FILE, keep_clean=True)
+
     def check_unchecked(self, n: int) -> int:
         """Check up to n unchecked pages (the caller holds the kernel lock); how many are left."""
         if self.unchecked is None:
@@ -220,8 +284,12 @@ class Adoption:
             & ((d["flags"] & (PG_VALID | PG_DIRTY | PG_META)) == np.where(dirty, PG_VALID | PG_DIRTY, PG_VALID))
         desc_ok &= same     # still the page it was adopted as
         ok &= same
-        for f, dok in zip(frames[~ok].tolist(), desc_ok[~ok].tolist()):
-            u.rejected.append(page_problem(self.mem, self.lay, f, dok))
+        for f, dok, key, drt in zip(frames[~ok].tolist(), desc_ok[~ok].tolist(),
+                                    want[~ok].tolist(), dirty[~ok].tolist()):
+            e = page_problem(self.mem, self.lay, f, dok)
+            u.rejected.append(e)
+            if drt:
+                self._lose(key >> 32, key & 0xFFFF_FFFF, dok, e)
         bad = frames[~ok].tolist()
         d, frames, dirty, want = d[ok], frames[ok], dirty[ok], want[ok]
         keys = zip(d["ino"].tolist(), d["index"].tolist())
@@ -237,6 +305,15 @@ class Adoption:
         u.good += len(d)
         u.good_dirty += int(np.count_nonzero(dirty[take]))
         self._release(sorted(frames[twice].tolist() + bad))
+
+    def _lose(self, ino: int, idx: int, desc_ok: bool, e: CorruptObject) -> None:
+        """A rejected dirty page: lost. Only a sound descriptor (and still the page it was
+        adopted as) says which page; otherwise the inode it was adopted for loses its file."""
+        if desc_ok:
+            self.lost.page(ino, idx, f"dirty page rejected ({e})")
+        else:
+            self.lost.file(ino, f"a dirty page adopted as its page {idx}, which no sound "
+                                f"descriptor names, was rejected ({e})")
 
     def _drop_unchecked(self, pos: np.ndarray) -> int:
         """Unchecked pages whose data is not needed (written, truncated, reclaimed): freed unread."""

@@ -14,7 +14,9 @@ Promises to the VFS and the write-back code:
 * all stores go through PhysMem.write (frames and descriptors alike);
 * pages adopted from a dead kernel, checked or not, are taken over in place
   (kernel/pageadopt.py says what is promised about the unchecked ones); ``cached`` is the
-  only way to ask whether a page is cached, because it checks an unchecked dirty page.
+  only way to ask whether a page is cached, because it checks an unchecked dirty page;
+* ``lost`` holds the dirty pages of a dead kernel that could not be adopted: a write that
+  covers one whole, or a truncation, ends its loss (the VFS answers EIO for the rest).
 
 The generation of a page increases on every store, so write-back can tell whether the
 page changed while it was being written (then it stays dirty).
@@ -28,11 +30,11 @@ import numpy as np
 
 from kernel import param
 from kernel.icache import ICache
-from kernel.pageadopt import WHOLE_FILE, Adopted, Adoption, Unchecked
+from kernel.pageadopt import WHOLE_FILE, Adopted, Adoption, Lost, Unchecked
 from kernel.physmem import (ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_VALID, PartLayout, PhysMem,
                             page_csum)
 
-__all__ = ["Adopted", "FreeFrames", "PageCache", "Unchecked"]
+__all__ = ["Adopted", "FreeFrames", "Lost", "PageCache", "Unchecked"]
 
 PAGE = param.PAGE_SIZE
 ZERO_PAGE = bytes(PAGE)
@@ -85,6 +87,7 @@ class PageCache(Adoption):
         self.pages_of: dict[int, set[int]] = {}  # ino -> indexes cached
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
         self.unchecked: Unchecked | None = None
+        self.lost = adopt.lost if adopt is not None else Lost()   # read as EIO (kernel/pageadopt.py)
         self._view = mem.view
         if adopt is None:
             # zero every descriptor: a frame with no valid descriptor holds nothing
@@ -184,6 +187,8 @@ class PageCache(Adoption):
         self.mem.write(p, data)
         self.gen[f] += 1
         csum = page_csum(data) if len(data) == PAGE else None
+        if self.lost and csum is not None:
+            self.lost.overwritten(ino, idx)
         if not self.flags[f] & PG_DIRTY:
             self._make_dirty(ino, idx, f, csum)
         else:
@@ -208,6 +213,8 @@ class PageCache(Adoption):
                 self.pages_of.setdefault(ino, set()).add(first + i)
             frames.append(f)
         self._store_runs(frames, lambda i, j: data[i * PAGE:j * PAGE], self.lay.frames, PAGE)
+        if self.lost:
+            self.lost.overwritten(ino, first, n)
         d = self.dirty.setdefault(ino, {})
         head = self.ic.get(ino)[_HEAD] if d else 0
         now = time.monotonic_ns()
@@ -316,6 +323,8 @@ class PageCache(Adoption):
             self._settle(ino, first_idx - 1)
         if self.unchecked is not None:
             self._drop_unchecked(self.unchecked.find(ino, first_idx, WHOLE_FILE))
+        if self.lost:
+            self.lost.truncated(ino, first_idx)
         idxs = [i for i in self.pages_of.get(ino, ()) if i >= first_idx]
         d = self.dirty.get(ino, {})
         dropped = 0

@@ -10,7 +10,11 @@ Promises to the FUSE adapter (kernel/fuse.py) and to tests that drive the kernel
 * ``fsync`` returns only when the file's pages, its inode and the journal are on the
   device; ``fsyncdir`` when the journal is;
 * an inode whose last name is gone is freed only once no open file and no FUSE lookup
-  reference holds it.
+  reference holds it;
+* a page a crash lost (pagecache ``lost``: adopted dirty data that failed its checks) is
+  never read from the disk instead: reading it, or writing part of it, is EIO until a
+  write covers it whole or a truncation drops it; a file whose lost pages are unknown
+  reads as EIO until it is truncated to 0.
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ from kernel.writeback import Writeback
 PAGE = param.PAGE_SIZE
 _FLAGS, _MODE, _UID, _GID, _NLINK, _SIZE = (F[k] for k in ("flags", "mode", "uid", "gid", "nlink", "size"))
 _ATIME, _MTIME, _CTIME = F["atime_ns"], F["mtime_ns"], F["ctime_ns"]
+
+
+def _lost(ino: int, idx: int | None = None) -> OSError:
+    what = f"page {idx} of inode {ino}" if idx is not None else f"inode {ino}"
+    return OSError(errno.EIO, f"{what}: unsynced data lost in a crash (see the recovery report)")
 
 
 @dataclass
@@ -114,6 +123,7 @@ class VFS:
     def create(self, parent, name, mode, uid, gid) -> Attr:
         with self.lock:
             ino = self.fs.create(parent, name, mode, uid, gid)
+            self.pc.lost.truncated(ino, 0)      # a reused number carries no loss
             self.faults.at("vfs.create")
             self._touch_dir(parent)
             return self._attr(ino)
@@ -121,12 +131,14 @@ class VFS:
     def mkdir(self, parent, name, mode, uid, gid) -> Attr:
         with self.lock:
             ino = self.fs.mkdir(parent, name, mode, uid, gid)
+            self.pc.lost.truncated(ino, 0)      # a reused number carries no loss
             self._touch_dir(parent)
             return self._attr(ino)
 
     def symlink(self, parent, name, target: bytes, uid, gid) -> Attr:
         with self.lock:
             ino = self.fs.symlink(parent, name, target, uid, gid)
+            self.pc.lost.truncated(ino, 0)
             self._touch_dir(parent)
             return self._attr(ino)
 
@@ -271,6 +283,8 @@ class VFS:
     def read(self, ino: int, off: int, size: int) -> bytes:
         with self.lock:
             v = self._icore(ino)
+            if self.pc.lost.files and ino in self.pc.lost.files:
+                raise _lost(ino)
             end = min(off + size, v[_SIZE])
             if off >= end:
                 return b""
@@ -279,6 +293,7 @@ class VFS:
             for idx in range(first, last + 1):
                 f = self.pc.lookup(ino, idx)
                 if f is None:
+                    self._not_lost(ino, idx)
                     f = self._fill(ino, idx, last, v[_SIZE])
                 parts.append(self.pc.frame_view(f))
             data = b"".join(parts)
@@ -290,7 +305,8 @@ class VFS:
         last_page = (size - 1) // PAGE
         end = min(last_page, max(last_wanted, idx + param.READAHEAD_PAGES - 1))
         n = 1
-        while idx + n <= end and not self.pc.cached(ino, idx + n):
+        lost = self.pc.lost.pages.get(ino, ())   # never read ahead into a lost page
+        while idx + n <= end and not self.pc.cached(ino, idx + n) and idx + n not in lost:
             n += 1
         blocks = self.fs.bmap_range(ino, idx, n)
         i = 0
@@ -323,8 +339,10 @@ class VFS:
                     self.faults.at("vfs.write")
                     continue
                 chunk = min(PAGE - poff, n - pos)
-                if chunk < PAGE and not self.pc.cached(ino, idx) and idx * PAGE < size:
-                    self._fill(ino, idx, idx, size)
+                if chunk < PAGE and not self.pc.cached(ino, idx):
+                    self._not_lost(ino, idx)     # nothing sound to merge a part into
+                    if idx * PAGE < size:
+                        self._fill(ino, idx, idx, size)
                 self.pc.store(ino, idx, poff, mv[pos:pos + chunk])
                 pos += chunk
                 self.faults.at("vfs.write")
@@ -334,6 +352,14 @@ class VFS:
         if self.pc.ndirty > param.DIRTY_RATIO * self.pc.nframes:
             self.writeback.balance()
         return n
+
+    def _not_lost(self, ino: int, idx: int) -> None:
+        """Before page idx of ino comes from the disk: EIO if a crash lost it (or the file)."""
+        pc = self.pc
+        if pc.unchecked is not None:
+            pc.settle_dirty(ino)
+        if pc.lost and pc.lost.any_page(ino, idx, idx):
+            raise _lost(ino, idx)
 
     def fsync(self, ino: int, datasync: bool = False) -> None:
         self.writeback.sync_inode(ino)

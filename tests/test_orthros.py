@@ -1,4 +1,5 @@
 """Orthros: the backup kernel takes over the crashed kernel's disk, file cache and mount."""
+import errno
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ import pytest
 from kernel import machine
 from kernel.fsck import fsck
 from kernel.host import Host
+from kernel.physmem import ICORE
 from systems.base import check_report
 from systems.orthros import Orthros
 from tests.conftest import needs_root
@@ -88,23 +90,49 @@ def test_two_crashes_in_a_row_are_survived(orthros):
     assert_files(mnt, first | second)
 
 
+@pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
 @pytest.mark.parametrize("target,kind", [("dirty-page", "page frame"),
                                          ("page-descriptor", "page descriptor")])
-def test_corrupted_pages_are_rejected_and_never_reach_the_disk(orthros, target, kind):
+def test_corrupted_pages_are_rejected_and_read_as_eio_not_zeros(orthros, fault, target, kind):
+    import errno
+    import re
     host, s = orthros
     mnt = Path(s.mount)
     files = write_unsynced(mnt, "w")
-    r = crash(host, s, "wild-write", target=target)
-    assert r.cache.pages_rejected == 1, r.rejected
-    assert len(r.rejected) == 1 and r.rejected[0].startswith(kind)
+    reply = host.control(s.active, {"cmd": "inject", "fault": fault, "target": target})
+    assert reply["ok"], reply
+    ino, page = map(int, re.match(r"inode (\d+) page (\d+):", reply["detail"]).groups())
+    r = check_report(s.on_crash(reply, timeout=30))
+    assert r.cache.pages_rejected == 1 and r.rejected[0].startswith(kind), r.rejected
     assert r.cache.dirty_pages_recovered == r.cache.dirty_pages_before - 1
-    bad = [n for n, d in files.items() if (mnt / n).read_bytes() != d]
-    assert len(bad) == 1       # exactly the file of the rejected page differs ...
-    got = (mnt / bad[0]).read_bytes()
-    diff = [i // PAGE for i in range(len(got)) if got[i] != files[bad[0]][i]]
-    assert len(set(diff)) == 1  # ... in exactly one page, which reads as a hole, not garbage
-    page = diff[0]
-    assert got[page * PAGE:(page + 1) * PAGE].strip(b"\0") == b""
+    lost = [n for n in r.notes if n.startswith("lost")]
+    name = next(n for n in files if os.stat(mnt / n).st_ino == ino)
+    for n, data in files.items():               # never zeros nor stale data: the data or EIO
+        try:
+            assert (mnt / n).read_bytes() == data, f"{n} differs after failover"
+        except OSError as e:
+            assert e.errno == errno.EIO, e
+            assert any(f"inode {os.stat(mnt / n).st_ino} " in w for w in lost), (n, lost)
+        else:
+            assert n != name, f"{name} lost page {page} yet read without an error"
+    if target == "dirty-page":                  # its descriptor names the page: only it is lost
+        assert any(f"inode {ino} page {page}: dirty page rejected" in w for w in lost), lost
+        with open(mnt / name, "r+b") as f:
+            f.seek(page * PAGE)
+            with pytest.raises(OSError) as e:
+                f.read(PAGE)
+            assert e.value.errno == errno.EIO
+            rest = files[name][(page + 1) * PAGE:]
+            assert os.pread(f.fileno(), len(rest), (page + 1) * PAGE) == rest
+            new = os.urandom(PAGE)
+            os.pwrite(f.fileno(), new, page * PAGE)   # overwritten whole: data again
+        want = files[name][:page * PAGE] + new + files[name][(page + 1) * PAGE:]
+        assert (mnt / name).read_bytes() == want
+    else:                                       # which page is unknown: the whole file
+        assert any(f"inode {ino} (the whole file)" in w for w in lost), lost
+        with open(mnt / name, "r+b") as f:
+            f.truncate(0)                       # truncated to 0: a file again
+        assert (mnt / name).read_bytes() == b""
 
 
 def test_a_corrupted_clean_page_is_rejected_and_read_from_disk(orthros):
@@ -263,7 +291,59 @@ def test_write_back_checks_unchecked_dirty_pages_and_never_writes_a_corrupted_on
     disk = on_disk(st, new, ino, 16)
     assert disk[6 * PAGE:7 * PAGE] != want[6 * PAGE:7 * PAGE]   # v1's page 6, not the wild one
     assert disk[:6 * PAGE] == want[:6 * PAGE] and disk[7 * PAGE:] == want[7 * PAGE:]
-    assert new.read(ino, 6 * PAGE, PAGE) == disk[6 * PAGE:7 * PAGE]
+    with pytest.raises(OSError) as e:                     # lost: EIO, not v1's stale page 6
+        new.read(ino, 6 * PAGE, PAGE)
+    assert e.value.errno == errno.EIO and new.pc.lost.pages == {ino: {6}}
+    assert any(w.startswith(f"inode {ino} page 6: dirty page rejected") for w in new.pc.lost.why)
+
+
+def test_a_lost_page_is_eio_until_overwritten_whole_or_truncated(adopted_dirty):
+    st, old, new, ino, want = adopted_dirty
+    for p in (5, 6):
+        f = old.pc.index[(ino, p)]
+        old.mem.write(old.lay.frame_phys(f) + 100, b"wild")
+    for off, n in ((0, 16 * PAGE), (6 * PAGE + 1, 1), (3 * PAGE, 3 * PAGE)):
+        with pytest.raises(OSError) as e:
+            new.read(ino, off, n)
+        assert e.value.errno == errno.EIO
+    assert new.pc.lost.pages == {ino: {5, 6}}
+    assert new.read(ino, 0, 5 * PAGE) == want[:5 * PAGE]        # read-ahead stopped short of 5
+    with pytest.raises(OSError):
+        new.write(ino, 5 * PAGE + 10, b"part")                  # nothing sound to merge into
+    new.write(ino, 5 * PAGE, b"w" * PAGE)                       # whole: page 5 is data again
+    assert new.read(ino, 5 * PAGE, PAGE) == b"w" * PAGE
+    new.setattr(ino, size=6 * PAGE + 10)                        # page 6 stays lost (a tail)
+    with pytest.raises(OSError):
+        new.read(ino, 6 * PAGE, 10)
+    new.setattr(ino, size=6 * PAGE)                             # truncated away
+    assert new.pc.lost.pages == {} and new.read(ino, 0, 7 * PAGE) == want[:5 * PAGE] + b"w" * PAGE
+
+
+def test_a_lost_in_core_inode_with_dirty_pages_reads_as_eio_not_size_0(tmp_path):
+    """The in-core inode of a file with unsynced data is corrupted (its dirty-inode list
+    links): its pages are homeless and its size unknown; the file reads as EIO, named."""
+    from kernel.icache import F
+    from kernel.vfs import VFS
+    from systems.orthros.adopt import collect
+    from tests.stack import MEM, Stack
+    st = Stack(tmp_path, write_cache=False)
+    a = st.vfs.create(1, b"a", 0o100644, 0, 0).ino
+    b = st.vfs.create(1, b"b", 0o100644, 0, 0).ino
+    st.vfs.fsyncdir(1)                                          # both exist on disk, size 0
+    st.vfs.write(a, 0, b"a" * 3 * PAGE)
+    st.vfs.write(b, 0, b"b" * 2 * PAGE)
+    links = st.vfs.ic.phys(a) + ICORE.dtype.fields["next_dirty"][1]
+    st.mem.write(links, os.urandom(16))                         # a wild write, checksum stale
+    h = collect(st.mem, 0, MEM, 0)
+    new = VFS(st.mem, st.lay, st.dev, h.adopted)
+    with pytest.raises(OSError) as e:
+        new.read(a, 0, PAGE)
+    assert e.value.errno == errno.EIO
+    assert new.read(b, 0, 2 * PAGE) == b"b" * 2 * PAGE
+    why = "\n".join(new.pc.lost.why)
+    assert f"inode {a} (the whole file): its in-core inode" in why and f"inode {a} page 2:" in why
+    new.setattr(a, size=0)                                      # truncated to 0: a file again
+    assert new.read(a, 0, PAGE) == b""
 
 
 def test_partial_writes_truncation_and_reclaim_keep_unchecked_dirty_data(adopted_dirty):

@@ -8,7 +8,9 @@ use or in the background (kernel/pageadopt.py ``Unchecked``: descriptor and cont
 checksums, before a byte is served or written back), the few that do not fit that table
 checked now — plus the dead kernel's running journal transaction when it is safe to
 complete (no file-system operation was in progress; its metadata pages checked now). What
-fails a check is counted and described, and never served or written to disk.
+fails a check is counted and described, and never served or written to disk; a dirty page
+that fails, or whose inode is lost, is recorded as lost (kernel/pageadopt.py ``Lost``) so it
+reads as EIO, never as stale data.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from kernel.icache import BDEV_INO
 from kernel.memreader import PartitionReader, check_pages, page_problem
-from kernel.pageadopt import Adopted, Unchecked
+from kernel.pageadopt import Adopted, Lost, Unchecked
 from kernel.physmem import PAGE_DESC, PG_DIRTY, PG_META, PG_VALID, CorruptObject, PhysMem
 
 
@@ -44,7 +46,8 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int, check=None) -> Har
     rejected = list(walk.rejected)
     inodes = {i.icore["ino"]: i.icore for i in walk.inodes if i.icore["ino"] != BDEV_INO}
     check = check or (lambda frames: check_pages(mem, r.lay, frames))
-    good, later, bad_meta, dirty_before, claimed = _pages(r, set(inodes), rejected, check)
+    lost = Lost()
+    good, later, bad_meta, dirty_before, claimed, claims = _pages(r, set(inodes), rejected, check, lost)
     meta = {}
     for fr, idx in zip(good["meta"].tolist(), good["meta_index"].tolist()):
         p = r.lay.frame_phys(fr)
@@ -58,20 +61,29 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int, check=None) -> Har
     elif bad_meta:
         refused, meta = "a metadata page of the running transaction was corrupted", {}
     lazy_owners = (later.keys[later.dirty] >> np.uint64(32)).astype(np.int64)
-    owners = np.unique(np.r_[good["ino"][good["dirty"]], lazy_owners]).tolist()
+    owners, n = np.unique(np.r_[claims, lazy_owners], return_counts=True)
+    found = dict(zip(owners.tolist(), n.tolist()))   # dirty pages claiming each inode
+    for i, ic in inodes.items():
+        if ic["n_dirty"] > found.get(i, 0):   # the rest lost their descriptors: which, unknown
+            lost.file(i, f"{ic['n_dirty'] - found.get(i, 0)} of its {ic['n_dirty']} dirty pages "
+                         "were found by no sound descriptor")
+            found.setdefault(i, 0)
     a = Adopted(good["frame"], good["ino"], good["index"], good["gen"], good["csum"], good["dirty"],
-                {i: inodes[i] for i in owners}, later)
+                {i: inodes[i] for i in found if i in inodes}, later, lost)
     return Harvest(a, meta, rejected, refused, pages_before=claimed, dirty_before=dirty_before)
 
 
-def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check):
+def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check, lost: Lost):
     """Every page descriptor that claims a page, chosen in bulk (numpy). File pages, clean
     and dirty, are adopted unchecked (kernel/pageadopt.py Unchecked), to be checked on
     first use or after first service: checking the 32,768 dirty pages of `crashbench bench
     failover` now took ≈ 50 ms and putting them in the page cache's tables ≈ 38 ms, two
     thirds of the outage. Checked now, in bulk (memreader.check_pages), are the metadata
     pages of the running transaction and what does not fit the table: a key over 32 bits,
-    or a dirty page whose inode is on no valid dirty-inode list (homeless, if sound)."""
+    or a dirty page whose inode is on no valid dirty-inode list (homeless, if sound). A dirty
+    page rejected here, or homeless, is recorded in ``lost``; so is, whole, a dirty inode
+    whose in-core object was lost or a rejected descriptor claims (its index is unsure).
+    Also returns the inode each dirty file page checked here claims."""
     lay = r.lay
     arr = r.mem.array(PAGE_DESC.dtype, lay.desc, lay.nframes)
     # magic, version and flags are the first 8 bytes: one pass over the array, not three
@@ -89,15 +101,24 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check):
     owned = np.isin(ino, np.fromiter(dirty_inodes, np.int64, len(dirty_inodes)))
     lazy = ~is_meta & (ino < 1 << 32) & (index < 1 << 32) & (~is_dirty | owned)
     later = Unchecked(cand[lazy], ino[lazy], index[lazy], is_dirty[lazy])
-    cand, is_meta, is_dirty, ino, owned = cand[~lazy], is_meta[~lazy], is_dirty[~lazy], ino[~lazy], owned[~lazy]
+    cand, is_meta, is_dirty, ino, index, owned = (cand[~lazy], is_meta[~lazy], is_dirty[~lazy],
+                                                  ino[~lazy], index[~lazy], owned[~lazy])
     desc_ok, ok = check(cand)
-    for fr, dok in zip(cand[~ok].tolist(), desc_ok[~ok].tolist()):
-        rejected.append(page_problem(r.mem, lay, fr, dok))
     file_dirty = is_dirty & ~is_meta
+    for fr, dok, fd, i, x in zip(cand[~ok].tolist(), desc_ok[~ok].tolist(), file_dirty[~ok].tolist(),
+                                 ino[~ok].tolist(), index[~ok].tolist()):
+        e = page_problem(r.mem, lay, fr, dok)
+        rejected.append(e)
+        if fd and dok:
+            lost.page(i, x, f"dirty page rejected ({e})")
+        elif fd and i in dirty_inodes:
+            lost.file(i, f"a dirty page claiming it, which no sound descriptor names, was rejected ({e})")
     homeless = ok & file_dirty & ~owned
-    for fr, i in zip(cand[homeless].tolist(), ino[homeless].tolist()):
+    for fr, i, x in zip(cand[homeless].tolist(), ino[homeless].tolist(), index[homeless].tolist()):
         rejected.append(CorruptObject(PAGE_DESC.kind, lay.desc_phys(fr), "ino",
                                       f"dirty page of inode {i}, which is on no valid dirty-inode list"))
+        lost.page(i, x, "dirty page of an in-core inode that was lost")
+        lost.file(i, "its in-core inode (unsynced size and times) was lost with dirty pages")
     take = ok & ~is_meta & ~homeless
     f = cand[take]
     good = {"frame": f, "ino": arr["ino"][f].astype(np.int64), "index": arr["index"][f].astype(np.int64),
@@ -106,7 +127,8 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check):
             "meta": cand[ok & is_meta], "meta_index": arr["index"][cand[ok & is_meta]]}
     bad_meta = bool(np.count_nonzero(~ok & is_meta))
     claimed = int(np.count_nonzero(~is_meta)) + later.left
-    return good, later, bad_meta, int(np.count_nonzero(file_dirty)) + later.left_dirty, claimed
+    return (good, later, bad_meta, int(np.count_nonzero(file_dirty)) + later.left_dirty, claimed,
+            ino[file_dirty].astype(np.int64))
 
 
 def complete_transaction(dev, blocks: dict[int, bytes]) -> int:

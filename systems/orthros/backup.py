@@ -19,7 +19,8 @@ takes over, each step a measured phase of a RecoveryReport:
 It then is the active kernel: it serves, checks the adopted pages no request has used yet
 (with the checker on W's CPU), writes back the adopted dirty pages, takes faults on its
 control socket, and writes the report to ``--report`` once every adopted page is checked
-and counted.
+and counted; the report names each dirty page (or file) whose data was lost, which reads
+as EIO from then on (kernel/pageadopt.py ``Lost``).
 """
 from __future__ import annotations
 
@@ -279,6 +280,14 @@ def check_rest(vfs, r: RecoveryReport, u: Unchecked | None, check) -> None:
                    f"{u.dropped} dropped unread (written, truncated or reclaimed first)")
 
 
+def report_lost(vfs, r: RecoveryReport) -> None:
+    """Name in the report every page (or file) whose unsynced data was lost and now reads
+    as EIO (kernel/pageadopt.py ``Lost``), once every adopted page has been checked."""
+    with vfs.lock:
+        why = list(vfs.pc.lost.why)
+    r.notes += [f"lost, reads fail with EIO until overwritten or truncated: {w}" for w in why]
+
+
 def drop_orphans(vfs, inodes: dict[int, dict]) -> tuple[int, int]:
     """Adopted dirty pages of an inode the disk does not have (its creation was in a running
     transaction that could not be completed) have no home: they are dropped and counted,
@@ -377,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("checking the adopted pages failed")
             report.notes.append(f"checking the adopted pages failed: {e!r}")
         finally:
+            report_lost(vfs, report)
             checker.close()
             gc.freeze()     # no collection ever walks the page cache's tables
             gc.enable()
