@@ -148,7 +148,8 @@ def _as_from_a_terminal() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     """Stopped in its steady state by Ctrl-C or a polite kill, `crashbench run` tears the
-    trial down: no namespace, memory file or mount of its machine stays."""
+    trial down: no namespace, memory file or mount of its machine stays; its run.json says
+    the run is incomplete, why, and how many of the planned trials ran."""
     before = _leftovers()
     p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
                           "--workload", "files", "--fault", "panic", "--trials", "1",
@@ -169,3 +170,8 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
         p.kill()
     assert p.returncode != 0, out[-3000:]
     assert _leftovers() - before == set(), out[-3000:]
+    from harness import results
+    run = results.load_run(tmp_path / "r")      # what ran is kept, and marked incomplete
+    assert run["incomplete"] == {"reason": f"interrupted by {sig.name}", "trials_run": 0,
+                                 "trials_planned": 1}, out[-3000:]
+    assert run["trials"] == []

@@ -15,6 +15,15 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal other than SIGINT (harness/cli.py raises it on SIGTERM);
+    a plain KeyboardInterrupt is SIGINT."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 def _fail(msg: str) -> None:
     err.print(f"crashbench: {msg}", markup=False, highlight=False)
     raise typer.Exit(2)
@@ -169,12 +178,21 @@ def _run_all(specs, parameters: dict, out: Optional[Path]) -> list[dict]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("starting", total=len(specs))
-        for spec in specs:
-            rec = driver.run_one(spec, d, say=lambda m: bar.update(task, description=m))
-            records.append(rec)
-            results.write_run(d, parameters, env, records)   # a run stopped halfway keeps its trials
-            bar.advance(task)
-            bar.console.print(_trial_line(rec))
+        try:
+            for spec in specs:
+                rec = driver.run_one(spec, d, say=lambda m: bar.update(task, description=m))
+                records.append(rec)
+                results.write_run(d, parameters, env, records)   # a run stopped halfway keeps its trials
+                bar.advance(task)
+                bar.console.print(_trial_line(rec))
+        except KeyboardInterrupt as e:
+            name = e.signal_name if isinstance(e, Stopped) else "SIGINT"
+            results.write_run(d, parameters, env, records,
+                              incomplete=results.stopped(name, len(records), len(specs)))
+            err.print(f"crashbench: run stopped by {name} after {len(records)} of {len(specs)} "
+                      f"trials; {d / results.RUN_FILE} is marked incomplete "
+                      f"(`crashbench report {d}` writes its report)", markup=False)
+            raise
     results.write_pyperf(d, records)
     results.point_latest(d)
     files = report.write_report(d)
