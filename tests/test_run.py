@@ -6,6 +6,7 @@ the FUSE mount, httpx clients in the client namespace, the checkers over their h
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -169,9 +170,70 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     finally:
         p.kill()
     assert p.returncode != 0, out[-3000:]
-    assert _leftovers() - before == set(), out[-3000:]
     from harness import results
     run = results.load_run(tmp_path / "r")      # what ran is kept, and marked incomplete
     assert run["incomplete"] == {"reason": f"interrupted by {sig.name}", "trials_run": 0,
                                  "trials_planned": 1}, out[-3000:]
     assert run["trials"] == []
+    assert _leftovers() - before == set(), out[-3000:]
+
+
+def _machine_of(pid: int):
+    from harness import owners
+    return next((r for r in owners.records() if r.data and r.data["owner"]["pid"] == pid), None)
+
+
+def _what_is_left(rec) -> list[str]:
+    from kernel import fuse
+    from kernel.procset import ProcError, ProcessSet
+    tag, wd = rec.data["tag"], rec.data["workdir"]
+    left = []
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    left += [f"netns {line.split()[0]}" for line in ns.splitlines() if line.startswith(f"cb{tag}-")]
+    left += [f"mount {m}" for m in Path(wd).glob("mnt-p*") if fuse.is_mounted(str(m))]
+    left += [f"memory {rec.data['physmem']}"] if Path(rec.data["physmem"]).exists() else []
+    for part in (0, 1):
+        try:
+            left.append(f"procset {ProcessSet(tag, part, create=False)}")
+        except ProcError:
+            pass
+    ps = subprocess.run(["pgrep", "-f", wd], capture_output=True, text=True).stdout.split()
+    left += [f"process {p}" for p in ps if int(p) != os.getpid()]
+    left += [f"work directory {wd}"] if Path(wd).exists() else []
+    return left
+
+
+@needs_root
+def test_a_killed_run_is_reported_and_down_all_removes_what_it_left(tmp_path):
+    """SIGKILL of `crashbench run` in its steady state leaves its machine running; the next
+    `run` names it, and `down --all` removes its processes, mounts, namespaces, process
+    sets, memory file and work directory."""
+    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
+                          "--workload", "files", "--fault", "panic", "--trials", "1",
+                          "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
+                          "--out", str(tmp_path / "r")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((rec := _machine_of(p.pid)) and any(x.startswith("mount") for x in _what_is_left(rec))):
+            assert p.poll() is None, p.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never mounted its machine"
+            time.sleep(0.2)
+        time.sleep(3)                              # into the warm-up and steady state
+    finally:
+        p.kill()
+        p.communicate(timeout=60)
+    tag = rec.data["tag"]
+    kinds = {x.split(" ")[0] for x in _what_is_left(rec)}    # the kill really left them
+    assert {"mount", "memory", "procset", "netns", "process", "work"} <= kinds
+    nxt = crashbench("run", "--trials", "0", timeout=60)        # refused, but names the orphan
+    assert nxt.returncode == 2
+    assert f"run machine {tag} in {rec.data['workdir']}" in nxt.stderr
+    assert "crashbench down --all" in nxt.stderr
+    down = crashbench("down", "--all", timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"unmounted {rec.data['workdir']}/mnt-p0" in down.stdout
+    assert _what_is_left(rec) == [], down.stdout
+    assert _machine_of(p.pid) is None
+    assert f"machine {tag}" not in crashbench("run", "--trials", "0", timeout=60).stderr

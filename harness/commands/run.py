@@ -142,6 +142,8 @@ def run_cmd(
     """Run WORKLOAD under every scheme, inject FAULT in each trial, and write the results
     (run.json, histories, pyperf JSON, report.md/html with plots); results/latest points
     at the newest run."""
+    from harness.commands.lab import warn_orphans
+    warn_orphans("run")       # reported, not removed: `crashbench down --all` is explicit
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     timing = {"warmup_s": warmup, "steady_s": duration, "post_s": post,
               "recovery_timeout_s": recovery_timeout, "ready_timeout_s": 30.0, "bin_s": bin_s}
