@@ -79,7 +79,10 @@ def claim(kind: str, workdir: Path, tag: str, physmem: str, *, workdir_made: boo
 
 
 def hand_over(tag: str, pid: int) -> None:
-    """The machine's owner is now ``pid`` (a lab's supervisor, once it serves)."""
+    """The machine's owner is now ``pid`` (a lab's supervisor, once it serves); when that
+    process is already gone the record keeps its owner, which is about to exit."""
+    if _start_time(pid) is None:
+        return
     p = owners_dir() / f"{tag}.json"
     rec = json.loads(p.read_text())
     rec["owner"] = _owner(pid)
