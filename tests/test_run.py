@@ -130,15 +130,6 @@ def test_list_names_every_scheme_workload_and_fault():
     assert all(isinstance(v, str) and v for kind in cat.values() for v in kind.values())
 
 
-def _leftovers() -> set[str]:
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    shm = {f"shm {p.name}" for p in Path("/dev/shm").glob("crashbench-*")}
-    mounts = {f"mount {m.split()[1]}" for m in Path("/proc/mounts").read_text().splitlines()
-              if m.split()[0].startswith("crashbench-p")}
-    return {f"netns {line.split()[0]}" for line in ns.splitlines() if line.startswith("cb")} \
-        | shm | mounts
-
-
 def _as_from_a_terminal() -> None:
     """A shell starts background jobs with SIGINT ignored, and the run would inherit that
     (a test suite started in the background): give it the terminal's default."""
@@ -149,9 +140,10 @@ def _as_from_a_terminal() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     """Stopped in its steady state by Ctrl-C or a polite kill, `crashbench run` tears the
-    trial down: no namespace, memory file or mount of its machine stays; its run.json says
-    the run is incomplete, why, and how many of the planned trials ran."""
-    before = _leftovers()
+    trial down: no namespace, memory file, mount, process set or process of its machine
+    stays, nor its ownership record; its run.json says the run is incomplete, why, and how
+    many of the planned trials ran. (Only this run's machine is looked at: other runs may
+    share the host.)"""
     p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
                           "--workload", "files", "--fault", "panic", "--trials", "1",
                           "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
@@ -160,7 +152,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
                          stdin=subprocess.DEVNULL, preexec_fn=_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 120
-        while not any(x.startswith("mount") for x in _leftovers() - before):
+        while not ((rec := _machine_of(p.pid)) and any(x.startswith("mount") for x in _what_is_left(rec))):
             assert p.poll() is None, p.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the run never mounted its machine"
             time.sleep(0.2)
@@ -175,7 +167,8 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     assert run["incomplete"] == {"reason": f"interrupted by {sig.name}", "trials_run": 0,
                                  "trials_planned": 1}, out[-3000:]
     assert run["trials"] == []
-    assert _leftovers() - before == set(), out[-3000:]
+    assert _what_is_left(rec) == [], out[-3000:]
+    assert _machine_of(p.pid) is None, out[-3000:]
 
 
 def _machine_of(pid: int):
