@@ -57,7 +57,7 @@ def main() -> None:
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise run.Stopped(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ above 1 + threshold, "better" in the mirror case (p < alpha the other way and ra
 1 − threshold), "same" otherwise, and "n/a" when a side has no values. ``exit_code`` is 1
 when any verdict is "worse". A test needs enough trials to be able to reach alpha at all:
 ``min_p`` says the smallest p-value the sample sizes allow (1/C(n+m, n)); with 3 trials a
-side that is 0.05, so nothing can be "worse" at alpha 0.05 — such rows carry a note.
+side that is 0.05, so nothing can be "worse" at alpha 0.05 — such rows carry a note. A
+side that is an incomplete run (stopped before its last trial) gets a note too; it does not
+change the exit code by itself (its fewer trials already weigh less in the test).
 docs/RESULTS.md, "Compare", is the reference.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from harness import stats
+from harness import results, stats
 from harness.report import groups
 
 METRICS = ("downtime_s", "time_to_90pct_s", "lost_bytes")
@@ -89,6 +91,9 @@ def compare(old_run: dict, new_run: dict, threshold: float = 0.10,
         raise ValueError(f"alpha must be between 0 and 1, not {alpha!r}")
     old, new = groups(old_run), groups(new_run)
     result = Comparison(threshold, alpha)
+    for side, run in (("old", old_run), ("new", new_run)):
+        if results.incomplete_line(run):
+            result.notes.append(f"{side} side: {results.incomplete_line(run)}")
     for key in old.keys() | new.keys():
         if key not in new or key not in old:
             side = "old" if key in old else "new"

@@ -3,7 +3,9 @@
 Promises to the CLI and to whoever reads a run: a trial is deploy → warm up → steady state
 → inject → observe recovery → verify → teardown, each phase's start and end recorded on
 CLOCK_MONOTONIC; the seed and every parameter are recorded; teardown always runs (also on
-an error or Ctrl-C), leaving no kernel, mount, namespace or client process behind. The
+an error or Ctrl-C), leaving no kernel, mount, namespace or client process behind; each
+trial's machine is recorded in harness/owners.py from before it exists until its teardown
+has succeeded, so what a killed run leaves is found by the next command. The
 driver measures nothing itself beyond phase boundaries: figures come from the clients'
 history (harness/checkers) and the scheme's RecoveryReport. Waiting through warm-up and
 steady state is load running, not a stand-in for a result.
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import history
+from harness import history, owners
 from harness.workloads import Service, registry as workloads
 from kernel import machine as machine_mod
 from kernel.host import Host
@@ -92,6 +94,7 @@ class Trial:
         os.chmod(wd, 0o755)       # servers on the mount may run as other users
         m = machine_mod.load(self.spec.machine_file)
         self.host = Host(wd, m, machine_file=self.spec.machine_file)
+        owners.claim("run", wd, self.host.tag, self.host.physmem, workdir_made=True)
         self.host.create_memory()
         self.host.format_disks()
         self.net = _network_up(self.host)
@@ -184,6 +187,8 @@ class Trial:
                 if self.host is not None:
                     _keep_logs(self.host.workdir, self.out / f"logs-{self.spec.id}")
                     shutil.rmtree(self.host.workdir, ignore_errors=True)
+        if self.host is not None:     # only a machine fully torn down is forgotten
+            owners.release(self.host.tag)
 
 
 class _Phase:

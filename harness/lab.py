@@ -4,7 +4,9 @@ Promises to `crashbench up/status/crash/down` (and to teachers running OS labs):
 boots the machine in the background and returns once partition 0's file system serves;
 everything the lab made is named in ``lab.json`` in its work directory, so ``down`` — from
 another process, after a crash of anything — removes all of it: kernel processes, FUSE
-mounts, network namespaces, the physical-memory file. Several labs coexist in different
+mounts, process sets, network namespaces, the physical-memory file; a failed ``up`` leaves
+none of them. The lab is recorded in harness/owners.py (owner: the ``up`` process, then the
+supervisor), so a lab whose supervisor was killed is an orphan ``down --all`` finds. Several labs coexist in different
 work directories; a second ``up`` in a directory whose lab runs is refused.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import owners
 from kernel import control, fuse, machine as machine_mod, mailbox
 from kernel.host import physmem_path_for
 from kernel.physmem import PhysMem
@@ -53,6 +56,14 @@ def _alive(pid: int) -> bool:
         return False
     return not zombie and (b"kernel.kernel" in cmd or b"systems.orthros.backup" in cmd)
 
+
+
+def forget(workdir: Path) -> None:
+    """Remove the lab's state files (its disk image and logs stay)."""
+    for sock in workdir.glob("*.sock"):
+        sock.unlink()
+    (workdir / "supervisor.json").unlink(missing_ok=True)
+    (workdir / STATE).unlink(missing_ok=True)
 
 
 @dataclass
@@ -101,6 +112,7 @@ class Lab:
                             "tag": lab_tag(workdir), "physmem": physmem_path_for(workdir),
                             "supervisor": None, "network": None, "started": time.time()})
         lab.save()   # written first, so `down` can clean up after a failed `up`
+        owners.claim("lab", workdir, lab.state["tag"], lab.state["physmem"], workdir_made=False)
         for old_report in (workdir / "reports").glob("*.json"):
             old_report.unlink()
         try:
@@ -109,6 +121,7 @@ class Lab:
         except BaseException:
             lab.down()
             raise
+        owners.hand_over(lab.state["tag"], lab.state["supervisor"])   # it keeps the lab now
         return lab
 
     def _start_supervisor(self) -> None:
@@ -255,16 +268,16 @@ class Lab:
             if fuse.is_mounted(k["mount"]):
                 fuse.abort_and_unmount(k["mount"])
                 done.append(f"unmounted {k['mount']}")
+        from kernel.procset import cleanup_stale as procsets_cleanup
+        done += [f"removed process set {r.name}" for r in procsets_cleanup(self.state["tag"])]
         if self.state.get("network"):
             from kernel.net import cleanup_stale
             done += [f"removed {x}" for x in cleanup_stale(self.state["tag"])]
         if os.path.exists(self.state.get("physmem", "")):
             PhysMem.unlink(self.state["physmem"])
             done.append(f"removed {self.state['physmem']}")
-        for sock in self.workdir.glob("*.sock"):
-            sock.unlink()
-        (self.workdir / "supervisor.json").unlink(missing_ok=True)
-        (self.workdir / STATE).unlink(missing_ok=True)
+        forget(self.workdir)
+        owners.release(self.state["tag"])
         return done
 
     def _hung(self, part_id: int) -> bool:

@@ -3,7 +3,8 @@
 Promises to the CLI and to readers: everything comes from run.json (validated by
 harness.results) and nothing else; every median and interval is computed once, in
 ``summarize`` through harness.stats, and the tables and the plots draw those same numbers;
-phases that are modeled hardware time are labelled "(modeled)" wherever they appear;
+phases that are modeled hardware time are labelled "(modeled)" wherever they appear; an
+incomplete run (stopped before its last trial) says so above everything else;
 report.html embeds its images and loads nothing. The files are rendered in memory first
 and each is replaced atomically, so an invalid run writes nothing.
 """
@@ -184,8 +185,10 @@ def _separation(known: list[dict], key: str) -> str:
 
 def _blocks(run: dict, summary: list[dict], images: dict[str, bytes]) -> list[tuple]:
     p = run["parameters"]
-    b: list[tuple] = [("h1", f"crashbench run {run['run_id']}"),
-                      ("p", f"Created {run['created']}. Workload {p['workload']}, fault "
+    b: list[tuple] = [("h1", f"crashbench run {run['run_id']}")]
+    if results.incomplete_line(run):
+        b.append(("alert", results.incomplete_line(run)))
+    b += [("p", f"Created {run['created']}. Workload {p['workload']}, fault "
                             f"{p['fault']}, schemes {', '.join(p['schemes'])}, {p['trials']} "
                             f"trials each, seed {p['seed']}.")]
     rows = summary_rows(run)
@@ -249,6 +252,8 @@ def render_md(blocks: list[tuple]) -> str:
             out.append(("#" if kind == "h1" else "##") + " " + b[1])
         elif kind == "p":
             out.append(b[1])
+        elif kind == "alert":
+            out.append(f"> **{b[1]}**")
         elif kind == "pre":
             out.append("```\n" + b[1] + "\n```")
         elif kind == "img":
@@ -265,7 +270,8 @@ def render_md(blocks: list[tuple]) -> str:
 _CSS = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
         "padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%}pre{background:#f4f4f4;padding:.6em;overflow:auto}")
+        "img{max-width:100%}pre{background:#f4f4f4;padding:.6em;overflow:auto}"
+        ".alert{background:#fde8e8;border-left:.4em solid #c00;padding:.6em}")
 
 
 def render_html(blocks: list[tuple]) -> str:
@@ -275,6 +281,8 @@ def render_html(blocks: list[tuple]) -> str:
         kind = b[0]
         if kind in ("h1", "h2", "p"):
             body.append(f"<{kind}>{e(b[1])}</{kind}>")
+        elif kind == "alert":
+            body.append(f'<p class="alert"><strong>{e(b[1])}</strong></p>')
         elif kind == "pre":
             body.append(f"<pre>{e(b[1])}</pre>")
         elif kind == "img":

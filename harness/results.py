@@ -7,6 +7,7 @@ part; an invalid run is refused with a ``ResultsError`` naming the file and the 
 nothing is written. ``schema_version`` is 1: fields may be added without a bump (readers
 ignore what they do not know); removing, renaming or changing the meaning of a field bumps
 it, and this module then refuses versions it does not read rather than misread them.
+A run stopped before its last trial carries ``incomplete`` (why, trials run and planned).
 """
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ RUN_SCHEMA = {
                                       "seed": {"type": "integer"}}},
         "environment": {"type": "object", "required": ["python", "crashbench"]},
         "trials": {"type": "array", "items": TRIAL_SCHEMA},
+        # present only when the run was stopped before its last trial (absent: complete)
+        "incomplete": {"type": "object", "required": ["reason", "trials_run", "trials_planned"],
+                       "properties": {"reason": _NAME, "trials_run": _COUNT,
+                                      "trials_planned": _COUNT}},
     },
 }
 
@@ -159,18 +164,36 @@ def new_run_dir(root: str | Path = "results", run_id: str | None = None,
     raise ResultsError(f"{root}: no free run id after {base}-999")
 
 
-def write_run(dir: str | Path, parameters: dict, environment: dict, trials: list[dict]) -> Path:
+def write_run(dir: str | Path, parameters: dict, environment: dict, trials: list[dict],
+              incomplete: dict | None = None) -> Path:
     """Validate, then atomically (re)write ``dir/run.json``; return its path. Rewriting
-    keeps the first write's ``created`` (the driver rewrites after every trial)."""
+    keeps the first write's ``created`` (the driver rewrites after every trial).
+    ``incomplete`` (see ``stopped``) marks a run stopped before its last trial."""
     d = Path(dir)
     run = {"schema_version": SCHEMA_VERSION, "kind": KIND, "run_id": d.name,
            "created": _created(d / RUN_FILE), "parameters": parameters,
-           "environment": environment, "trials": trials}
+           "environment": environment, "trials": trials,
+           **({"incomplete": incomplete} if incomplete else {})}
     try:
         validate(run)
     except ResultsError as e:
         raise ResultsError(f"{d / RUN_FILE}: not written: {e}") from None
     return write_atomic(d / RUN_FILE, json.dumps(run, indent=2, allow_nan=False) + "\n")
+
+
+def stopped(signal_name: str, trials_run: int, trials_planned: int) -> dict:
+    """The ``incomplete`` marker of a run stopped by a signal after ``trials_run`` trials."""
+    return {"reason": f"interrupted by {signal_name}", "trials_run": trials_run,
+            "trials_planned": trials_planned}
+
+
+def incomplete_line(run: dict) -> str | None:
+    """One line saying the run is incomplete and why; None for a complete run."""
+    inc = run.get("incomplete")
+    if not inc:
+        return None
+    return (f"INCOMPLETE run {run['run_id']}: {inc['reason']} after {inc['trials_run']} of "
+            f"{inc['trials_planned']} planned trials; its figures rest on those only")
 
 
 def _created(path: Path) -> str:

@@ -4,7 +4,8 @@ Promises to the lab (harness/lab.py): ``python -m systems.supervisor`` deploys t
 on the lab's machine, writes ``ready`` on the fd it was given, then waits for failures;
 after each one it writes the scheme's RecoveryReport to ``reports/NNN.json`` and the kernels
 that now run to ``supervisor.json``. SIGTERM stops every kernel it started (cleanly when
-it still beats, at once when it does not) and removes their mounts.
+it still beats, at once when it does not) and removes their mounts; whatever happened
+(a failed boot, a failed teardown), the host's processes, process sets and memory go too.
 """
 from __future__ import annotations
 
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             if not report.recovered:
                 signal.pause()   # nothing more will come; wait to be stopped
     finally:
-        stop_all(host, scheme)
+        try:
+            stop_all(host, scheme)
+        finally:
+            host.close()    # also when the scheme's teardown failed (a boot that failed)
     return 0
 
 

@@ -138,3 +138,20 @@ def test_an_unreadable_result_dir_exits_2_naming_it(tmp_path):
     r = runner.invoke(app, ["compare", str(tmp_path / "gone"), str(good)])
     assert r.exit_code == 2 and "no such result directory" in r.stderr
     assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["run.json"]
+
+
+def test_an_incomplete_side_is_named_and_does_not_change_the_exit_code(tmp_path):
+    stopped = synthetic(5)
+    stopped["incomplete"] = results.stopped("SIGTERM", 10, 12)
+    old = save(tmp_path, "old", synthetic(5))
+    new = tmp_path / "new"
+    new.mkdir()
+    results.write_run(new, stopped["parameters"], stopped["environment"], stopped["trials"],
+                      incomplete=stopped["incomplete"])
+    c = compare.compare(results.load_run(old), results.load_run(new))
+    assert [n for n in c.notes if "INCOMPLETE" in n] == \
+        ["new side: INCOMPLETE run new: interrupted by SIGTERM after 10 of 12 planned trials; "
+         "its figures rest on those only"]
+    r = runner.invoke(app, ["compare", str(old), str(new)])
+    assert r.exit_code == 0, r.output
+    assert "new side: INCOMPLETE run new" in " ".join(r.stdout.split())

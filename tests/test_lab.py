@@ -147,3 +147,21 @@ def test_demo_writes_its_results(workdir):
     assert o["cache"]["dirty_pages_lost"] == 0 and o["verdict"] == "recovered"
     assert b["cache"]["dirty_pages_lost"] == b["cache"]["dirty_pages_before"] > 0
     assert leftovers(workdir / "scratch") == []
+
+
+def test_a_failed_boot_leaves_no_process_set_or_anything_else(workdir):
+    """The kernel joins its process set before it mounts; a boot that fails there (a disk
+    image that is no crashbench file system) must not leave the set behind."""
+    from harness import owners
+    from harness.lab import lab_tag
+    from kernel.procset import ProcError, ProcessSet
+    with open(workdir / "disk0.img", "wb") as f:
+        f.write(b"\xa5" * (1 << 20))
+    r = cb("up", "--workdir", str(workdir), check=False)
+    assert r.returncode == 2 and "did not come up" in r.stderr, r.stdout + r.stderr
+    for part in (0, 1):
+        with pytest.raises(ProcError):
+            ProcessSet(lab_tag(workdir), part, create=False)
+    assert leftovers(workdir) == []
+    assert not (workdir / "lab.json").exists()
+    assert not any(x.tag == lab_tag(workdir) for x in owners.records())

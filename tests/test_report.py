@@ -192,3 +192,18 @@ def test_report_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, se
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("crashbench: ") and message in r.stderr.replace("\n", " ")
     assert (sorted(p.name for p in d.iterdir()) if d.is_dir() else None) == before
+
+
+def test_an_incomplete_run_says_so_first_in_both_reports_and_on_the_console(tmp_path):
+    d = tmp_path / "r"
+    shutil.copytree(GOLDEN_RUN, d)
+    run = json.loads((d / "run.json").read_text())
+    run["incomplete"] = results.stopped("SIGINT", len(run["trials"]), 9)
+    (d / "run.json").write_text(json.dumps(run))
+    r = runner.invoke(app, ["report", str(d)])
+    assert r.exit_code == 0, r.output
+    line = f"INCOMPLETE run {run['run_id']}: interrupted by SIGINT after 6 of 9 planned trials"
+    assert line in " ".join(r.stdout.split())
+    md = (d / "report.md").read_text()
+    assert md.splitlines()[2].startswith(f"> **{line}")           # right under the title
+    assert f'<p class="alert"><strong>{line}' in (d / "report.html").read_text()

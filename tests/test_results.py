@@ -195,3 +195,21 @@ def test_pyperf_counts_recovered_trials_only(tmp_path):
         t.update(recovered=False, downtime_s=None)
     assert results.write_pyperf(tmp_path, trials) is None
     assert not (tmp_path / "downtime.pyperf.json").exists()
+
+
+def test_an_incomplete_run_is_marked_and_old_files_without_the_mark_still_load(tmp_path):
+    g = golden()
+    d = tmp_path / "r"
+    d.mkdir()
+    results.write_run(d, g["parameters"], g["environment"], g["trials"][:2],
+                      incomplete=results.stopped("SIGTERM", 2, 6))
+    run = results.load_run(d)
+    assert run["incomplete"] == {"reason": "interrupted by SIGTERM", "trials_run": 2,
+                                 "trials_planned": 6}
+    assert "INCOMPLETE" in results.incomplete_line(run) and "2 of 6" in results.incomplete_line(run)
+    assert "incomplete" not in results.load_run(GOLDEN_RUN)       # schema_version 1 unchanged
+    assert results.incomplete_line(results.load_run(GOLDEN_RUN)) is None
+    bad = dict(g, incomplete={"reason": "interrupted by SIGINT", "trials_run": -1,
+                              "trials_planned": 6})
+    with pytest.raises(ResultsError, match=re.escape("incomplete.trials_run")):
+        results.validate(bad)

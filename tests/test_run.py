@@ -6,6 +6,7 @@ the FUSE mount, httpx clients in the client namespace, the checkers over their h
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -129,15 +130,6 @@ def test_list_names_every_scheme_workload_and_fault():
     assert all(isinstance(v, str) and v for kind in cat.values() for v in kind.values())
 
 
-def _leftovers() -> set[str]:
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    shm = {f"shm {p.name}" for p in Path("/dev/shm").glob("crashbench-*")}
-    mounts = {f"mount {m.split()[1]}" for m in Path("/proc/mounts").read_text().splitlines()
-              if m.split()[0].startswith("crashbench-p")}
-    return {f"netns {line.split()[0]}" for line in ns.splitlines() if line.startswith("cb")} \
-        | shm | mounts
-
-
 def _as_from_a_terminal() -> None:
     """A shell starts background jobs with SIGINT ignored, and the run would inherit that
     (a test suite started in the background): give it the terminal's default."""
@@ -148,8 +140,10 @@ def _as_from_a_terminal() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     """Stopped in its steady state by Ctrl-C or a polite kill, `crashbench run` tears the
-    trial down: no namespace, memory file or mount of its machine stays."""
-    before = _leftovers()
+    trial down: no namespace, memory file, mount, process set or process of its machine
+    stays, nor its ownership record; its run.json says the run is incomplete, why, and how
+    many of the planned trials ran. (Only this run's machine is looked at: other runs may
+    share the host.)"""
     p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
                           "--workload", "files", "--fault", "panic", "--trials", "1",
                           "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
@@ -158,7 +152,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
                          stdin=subprocess.DEVNULL, preexec_fn=_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 120
-        while not any(x.startswith("mount") for x in _leftovers() - before):
+        while not ((rec := _machine_of(p.pid)) and any(x.startswith("mount") for x in _what_is_left(rec))):
             assert p.poll() is None, p.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the run never mounted its machine"
             time.sleep(0.2)
@@ -168,4 +162,71 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     finally:
         p.kill()
     assert p.returncode != 0, out[-3000:]
-    assert _leftovers() - before == set(), out[-3000:]
+    from harness import results
+    run = results.load_run(tmp_path / "r")      # what ran is kept, and marked incomplete
+    assert run["incomplete"] == {"reason": f"interrupted by {sig.name}", "trials_run": 0,
+                                 "trials_planned": 1}, out[-3000:]
+    assert run["trials"] == []
+    assert _what_is_left(rec) == [], out[-3000:]
+    assert _machine_of(p.pid) is None, out[-3000:]
+
+
+def _machine_of(pid: int):
+    from harness import owners
+    return next((r for r in owners.records() if r.data and r.data["owner"]["pid"] == pid), None)
+
+
+def _what_is_left(rec) -> list[str]:
+    from kernel import fuse
+    from kernel.procset import ProcError, ProcessSet
+    tag, wd = rec.data["tag"], rec.data["workdir"]
+    left = []
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    left += [f"netns {line.split()[0]}" for line in ns.splitlines() if line.startswith(f"cb{tag}-")]
+    left += [f"mount {m}" for m in Path(wd).glob("mnt-p*") if fuse.is_mounted(str(m))]
+    left += [f"memory {rec.data['physmem']}"] if Path(rec.data["physmem"]).exists() else []
+    for part in (0, 1):
+        try:
+            left.append(f"procset {ProcessSet(tag, part, create=False)}")
+        except ProcError:
+            pass
+    ps = subprocess.run(["pgrep", "-f", wd], capture_output=True, text=True).stdout.split()
+    left += [f"process {p}" for p in ps if int(p) != os.getpid()]
+    left += [f"work directory {wd}"] if Path(wd).exists() else []
+    return left
+
+
+@needs_root
+def test_a_killed_run_is_reported_and_down_all_removes_what_it_left(tmp_path):
+    """SIGKILL of `crashbench run` in its steady state leaves its machine running; the next
+    `run` names it, and `down --all` removes its processes, mounts, namespaces, process
+    sets, memory file and work directory."""
+    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
+                          "--workload", "files", "--fault", "panic", "--trials", "1",
+                          "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
+                          "--out", str(tmp_path / "r")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((rec := _machine_of(p.pid)) and any(x.startswith("mount") for x in _what_is_left(rec))):
+            assert p.poll() is None, p.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never mounted its machine"
+            time.sleep(0.2)
+        time.sleep(3)                              # into the warm-up and steady state
+    finally:
+        p.kill()
+        p.communicate(timeout=60)
+    tag = rec.data["tag"]
+    kinds = {x.split(" ")[0] for x in _what_is_left(rec)}    # the kill really left them
+    assert {"mount", "memory", "procset", "netns", "process", "work"} <= kinds
+    nxt = crashbench("run", "--trials", "0", timeout=60)        # refused, but names the orphan
+    assert nxt.returncode == 2
+    assert f"run machine {tag} in {rec.data['workdir']}" in nxt.stderr
+    assert "crashbench down --all" in nxt.stderr
+    down = crashbench("down", "--all", timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"unmounted {rec.data['workdir']}/mnt-p0" in down.stdout
+    assert _what_is_left(rec) == [], down.stdout
+    assert _machine_of(p.pid) is None
+    assert f"machine {tag}" not in crashbench("run", "--trials", "0", timeout=60).stderr

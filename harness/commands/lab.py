@@ -130,6 +130,7 @@ def up_cmd(machine_file: Optional[Path] = typer.Option(None, "--machine", help="
     """Boot the machine in the background; return once its file system serves."""
     from harness.lab import Lab, LabError
     from kernel.machine import MachineError
+    warn_orphans("up")
     try:
         lab = Lab.up(workdir, str(machine_file) if machine_file else None, scheme)
     except (LabError, MachineError) as e:
@@ -233,8 +234,43 @@ def render_report(r: dict) -> None:
         console.print(f"note: {n}")
 
 
-def down_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's work directory")):
+def down_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's work directory"),
+             all_: bool = typer.Option(False, "--all", help="instead: remove every machine "
+                                       "left by a killed run or lab (one whose owner is gone)")):
     """Stop everything: no process, mount, namespace or memory file of the lab remains."""
+    if all_:
+        raise typer.Exit(down_orphans())
     for line in _lab(workdir).down():
         console.print(line)
     console.print("lab is down")
+
+
+def warn_orphans(command: str) -> None:
+    """One line on stderr naming the machines killed runs or labs left, if any."""
+    from harness import owners
+    line = owners.warning(command)
+    if line:
+        err.print(line, markup=False, highlight=False)
+
+
+def down_orphans() -> int:
+    """Remove every orphan, print what went; 1 when one could not be removed entirely."""
+    from harness import owners
+    status = 0
+    found = owners.orphans()
+    for r in found:
+        console.print(f"{r.describe()}:", markup=False, highlight=False)
+        try:
+            for line in owners.clean(r):
+                console.print(f"  {line}", markup=False, highlight=False)
+        except Exception as e:      # noqa: BLE001 - named, and the next orphan still cleaned
+            err.print(f"crashbench down: {r.describe()}: {type(e).__name__}: {e}",
+                      markup=False, highlight=False)
+            status = 1
+    live = len(owners.records()) - len(found)
+    console.print(f"{len(found)} orphan(s) removed" if found else "no orphans",
+                  markup=False, highlight=False)
+    if live:
+        console.print(f"left alone: {live} machine(s) whose owner is alive", markup=False,
+                      highlight=False)
+    return status

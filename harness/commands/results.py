@@ -3,7 +3,8 @@
 Promises to users and to CI jobs: bad input (a missing directory, an unreadable or invalid
 run.json, a threshold or alpha out of range) is refused with `crashbench: <what>` on stderr
 and exit status 2 before anything is written; `compare` exits 1 when a metric got
-significantly worse and 0 otherwise, printing its table either way.
+significantly worse and 0 otherwise, printing its table either way. Both say so when a run
+is incomplete (stopped before its last trial); that alone does not change the exit status.
 """
 from __future__ import annotations
 
@@ -43,13 +44,15 @@ def summary_table(rows: list[dict], title: str) -> Table:
 def report_cmd(dir: Path = typer.Argument(..., help="a result directory (holding run.json)")):
     """(Re)write report.md, report.html and the plots of a result directory and print its
     summary table."""
-    from harness import report
+    from harness import report, results
     run = _load(dir)
     try:
         files = report.write_report(dir)
     except OSError as e:
         _fail(f"{dir}: cannot write the report: {e}")
     rows = report.summary_rows(run)
+    if results.incomplete_line(run):
+        console.print(results.incomplete_line(run), style="bold red", markup=False, highlight=False)
     console.print(summary_table(rows, f"{run['run_id']}: medians, 95 % CI in brackets"))
     console.print(report.SUMMARY_NOTE, style="dim", markup=False, highlight=False)
     for line in report.ranking(report.summarize(run)):

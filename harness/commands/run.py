@@ -15,6 +15,15 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal other than SIGINT (harness/cli.py raises it on SIGTERM);
+    a plain KeyboardInterrupt is SIGINT."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 def _fail(msg: str) -> None:
     err.print(f"crashbench: {msg}", markup=False, highlight=False)
     raise typer.Exit(2)
@@ -133,6 +142,8 @@ def run_cmd(
     """Run WORKLOAD under every scheme, inject FAULT in each trial, and write the results
     (run.json, histories, pyperf JSON, report.md/html with plots); results/latest points
     at the newest run."""
+    from harness.commands.lab import warn_orphans
+    warn_orphans("run")       # reported, not removed: `crashbench down --all` is explicit
     names = [s.strip() for s in schemes.split(",") if s.strip()]
     timing = {"warmup_s": warmup, "steady_s": duration, "post_s": post,
               "recovery_timeout_s": recovery_timeout, "ready_timeout_s": 30.0, "bin_s": bin_s}
@@ -169,12 +180,21 @@ def _run_all(specs, parameters: dict, out: Optional[Path]) -> list[dict]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("starting", total=len(specs))
-        for spec in specs:
-            rec = driver.run_one(spec, d, say=lambda m: bar.update(task, description=m))
-            records.append(rec)
-            results.write_run(d, parameters, env, records)   # a run stopped halfway keeps its trials
-            bar.advance(task)
-            bar.console.print(_trial_line(rec))
+        try:
+            for spec in specs:
+                rec = driver.run_one(spec, d, say=lambda m: bar.update(task, description=m))
+                records.append(rec)
+                results.write_run(d, parameters, env, records)   # a run stopped halfway keeps its trials
+                bar.advance(task)
+                bar.console.print(_trial_line(rec))
+        except KeyboardInterrupt as e:
+            name = e.signal_name if isinstance(e, Stopped) else "SIGINT"
+            results.write_run(d, parameters, env, records,
+                              incomplete=results.stopped(name, len(records), len(specs)))
+            err.print(f"crashbench: run stopped by {name} after {len(records)} of {len(specs)} "
+                      f"trials; {d / results.RUN_FILE} is marked incomplete "
+                      f"(`crashbench report {d}` writes its report)", markup=False)
+            raise
     results.write_pyperf(d, records)
     results.point_latest(d)
     files = report.write_report(d)
