@@ -173,7 +173,8 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             finally:
                 self._handles -= 1
                 self._notify()
-                if not self._handles:
+                if not self._handles:          # after _notify: a crash in between is outside
+                    self.bufs.end_op()         # any operation, so the undo record is not used
                     self._trim_dircache()
 
     def _notify(self) -> None:

@@ -220,7 +220,7 @@ def takeover(k: Kernel, f: Failure, args, net,
     dev = take_disk(k, devices, not args.no_delay)
     r.phase("device takeover", t)
     t = time.monotonic()
-    txn = complete_transaction(dev, harvest.meta_blocks) if harvest.meta_blocks else 0
+    txn = complete_transaction(dev, harvest.meta_blocks)
     k.lay = lay                    # W's memory, hot-added
     vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=dead.devices)
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
@@ -238,8 +238,7 @@ def takeover(k: Kernel, f: Failure, args, net,
                        "each checked on first use or after first service")
     if harvest.txn_refused:
         r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
-    elif txn:
-        r.notes.append(f"completed the dead kernel's running transaction ({txn} metadata blocks)")
+    report_transaction(r, txn, harvest.undone)
     if lost + lost_unchecked:
         r.notes.append(f"{lost + lost_unchecked} dirty pages belonged to files "
                        "whose creation was never committed")
@@ -248,6 +247,23 @@ def takeover(k: Kernel, f: Failure, args, net,
         net.move_to(k.part.id)
         r.phase("IP takeover", t)
     return r, vfs, a.unchecked
+
+
+def report_transaction(r: RecoveryReport, txn, undone: int) -> None:
+    """What became of the dead kernel's running transaction, in the report: what fsck
+    would have rejected is counted and each reason listed, as any refused object is."""
+    r.cache.metadata_rejected += txn.rejected_blocks
+    r.rejected += [f"running transaction: {p}" for p in txn.refused]
+    if undone:
+        r.notes.append(f"the kernel died inside a file-system operation: its {undone} metadata "
+                       "blocks put back as before it, from its undo record")
+    if txn.reverted:
+        r.notes.append(f"inodes {', '.join(map(str, txn.reverted))} of the running transaction "
+                       "put back as on the disk: the rest passed the check")
+    if txn.committed:
+        r.notes.append(f"completed the dead kernel's running transaction ({txn.committed} metadata blocks)")
+    elif txn.refused:
+        r.notes.append("running transaction not completed: fsck would reject it")
 
 
 def check_rest(vfs, r: RecoveryReport, u: Unchecked | None, check) -> None:
