@@ -6,9 +6,11 @@ object and pointer checked, lists checked for loops, a broken link costing only 
 object) and returns the pages to adopt: the file pages as a table to be checked on first
 use or in the background (kernel/pageadopt.py ``Unchecked``: descriptor and content
 checksums, before a byte is served or written back), the few that do not fit that table
-checked now — plus the dead kernel's running journal transaction when it is safe to
-complete (no file-system operation was in progress; its metadata pages checked now). What
-fails a check is counted and described, and never served or written to disk.
+checked now — plus the dead kernel's running journal transaction (its metadata pages
+checked now), with the operation in progress undone from its undo record
+(kernel/bufcache.py). ``complete_transaction`` commits it only if fsck would accept the
+result (kernel/txncheck.py), an inode that explains a problem put back as on the disk.
+What fails a check is counted and described, and never served or written to disk.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ takes over, each step a measured phase of a RecoveryReport:
   inodes in raw memory, choose the pages to adopt from its page descriptors, while the
   host releases W's kernel, its apps and its mount) → device takeover (the disk's
   exclusive lock, which only a dead owner releases) → mount + replay (W's running journal
-  transaction completed when no operation was in progress; the pages adopted in place:
+  transaction completed, the operation in progress undone and what fsck would reject
+refused; the pages adopted in place:
   W's memory is hot-added, nothing copied; each page, clean or dirty, is checked before
   it is used or written back — kernel/pageadopt.py) → IP takeover (the NIC moves to P's
   namespace) → first service (the same mount path answers again).
