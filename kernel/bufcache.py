@@ -11,11 +11,14 @@ from __future__ import annotations
 from kernel.icache import BDEV_INO
 from kernel.pagecache import PageCache
 
+UNDO_INO = 0xFFFF_FFFF    # above every on-disk inode number; its pages: the undo record
+
 
 class PageCacheBuffers:
     def __init__(self, pc: PageCache, dev):
         self.pc, self.dev = pc, dev
         self._taken: list[tuple[int, int, int]] = []
+        self._undo: set[int] = set()       # blocks with a copy in the undo record
 
     def read(self, blockno: int) -> memoryview:
         f = self.pc.index.get((BDEV_INO, blockno))
@@ -24,11 +27,27 @@ class PageCacheBuffers:
         return self.pc.frame_view(f).toreadonly()
 
     def write(self, blockno: int, offset: int, data) -> None:
-        if (BDEV_INO, blockno) not in self.pc.index:
+        f = self.pc.index.get((BDEV_INO, blockno))
+        if f is None:
             self.read(blockno)
+            f = self.pc.index[(BDEV_INO, blockno)]
+        if blockno not in self._undo:
+            self._keep_undo(blockno, f)
         self.pc.store(BDEV_INO, blockno, offset, data, meta=True)
 
+    def _keep_undo(self, blockno: int, f: int) -> None:
+        """The block as it was before the operation, kept before the operation changes it."""
+        self.pc.insert(UNDO_INO, blockno, self.pc.frame_view(f), meta=True)
+        self._undo.add(blockno)
+
+    def end_op(self) -> None:
+        """The operation is complete (the kernel superblock says so already): drop its undo record."""
+        for b in self._undo:
+            self.pc.truncate_one(UNDO_INO, b)
+        self._undo.clear()
+
     def take_dirty(self) -> dict[int, bytes]:
+        self.end_op()        # at a consistent point: what is taken is committed whole
         self.settle()
         pages = self.pc.dirty_pages(BDEV_INO)
         self._taken = pages
@@ -41,7 +60,10 @@ class PageCacheBuffers:
             self._taken = []
 
     def forget(self, blockno: int) -> None:
-        if (BDEV_INO, blockno) in self.pc.index:
+        f = self.pc.index.get((BDEV_INO, blockno))
+        if f is not None:
+            if blockno not in self._undo:
+                self._keep_undo(blockno, f)
             self.pc.truncate_one(BDEV_INO, blockno)
 
     def ndirty(self) -> int:

@@ -14,6 +14,9 @@ Promises between the file system (kernel/fs.py) and whoever keeps its metadata i
   after the journal committed the blocks of the last ``take_dirty`` (an implementation
   that keeps them marked dirty until they are journaled, like PageCacheBuffers, marks them
   clean there; ``ndirty`` should not count them afterwards);
+* ``end_op()``: the file-system operation that wrote blocks since the last ``end_op`` or
+  ``take_dirty`` is complete (an implementation that keeps an undo record of the
+  operation in progress, like PageCacheBuffers, drops it here);
 * a block once read stays until ``forget`` (the block was freed): the journal checkpoints
   from its own copies, so the device's home copy may be older than the buffer until then;
   an implementation must never evict a block and re-read it from the device while the
@@ -32,6 +35,7 @@ class MetaBuffers(Protocol):
     def take_dirty(self) -> dict[int, bytes]: ...
     def forget(self, blockno: int) -> None: ...
     def ndirty(self) -> int: ...
+    def end_op(self) -> None: ...
 
 
 class MemBuffers:
@@ -70,3 +74,6 @@ class MemBuffers:
 
     def ndirty(self) -> int:
         return len(self.dirty)
+
+    def end_op(self) -> None:
+        pass

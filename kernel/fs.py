@@ -23,7 +23,8 @@ Promises to the VFS (kernel/vfs.py), write-back (kernel/writeback.py), mkfs/fsck
 * ``unlink``/``rmdir``/``rename`` drop a link; the inode is freed by ``release_inode`` once
   the caller no longer uses it. Inodes with nlink 0 found at mount (orphans of a crash)
   are freed at mount;
-* ``on_txn_state(running_tid, handles_open)`` is called whenever either changes.
+* ``on_txn_state(running_tid, handles_open)`` is called whenever either changes; when the
+  outermost handle closes, the buffers' ``end_op()`` is called after it.
 
 The pieces: namei.py (name space), dir.py (directory blocks), bmap.py (block map,
 truncation), balloc.py (allocators), disklayout.py (structures), journal.py, buffers.py.
@@ -173,7 +174,8 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             finally:
                 self._handles -= 1
                 self._notify()
-                if not self._handles:
+                if not self._handles:          # after _notify: a crash in between is outside
+                    self.bufs.end_op()         # any operation, so the undo record is not used
                     self._trim_dircache()
 
     def _notify(self) -> None:

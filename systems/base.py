@@ -39,6 +39,7 @@ class CacheCounts:
     pages_recovered: int = 0        # adopted by the recovering kernel
     dirty_pages_recovered: int = 0  # of which dirty: unsynced data saved
     pages_rejected: int = 0         # refused as corrupted; never written to disk
+    metadata_rejected: int = 0      # metadata blocks of a running transaction not committed as found (inconsistent)
     # warmcache: disk blocks' copies the VMM held at the crash (file data and metadata, one
     # per block, also pages the kernel had evicted), and what became of them
     pages_preserved: int = 0        # copies the VMM found at the crash
@@ -78,7 +79,8 @@ class RecoveryReport:
     def verdict(self) -> str:
         if not self.recovered:
             return "not recovered"
-        lost = self.cache.dirty_pages_lost > 0 or self.cache.pages_rejected > 0
+        c = self.cache
+        lost = c.dirty_pages_lost > 0 or c.pages_rejected > 0 or c.metadata_rejected > 0
         return "recovered with loss" if lost else "recovered"
 
     @classmethod
@@ -133,7 +135,7 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
     c = r.cache
     for name in ("pages_before", "dirty_pages_before", "pages_recovered",
                  "dirty_pages_recovered", "pages_rejected", "pages_preserved",
-                 "pages_inconsistent", "pages_corrupted", "pages_reused"):
+                 "pages_inconsistent", "pages_corrupted", "pages_reused", "metadata_rejected"):
         if getattr(c, name) < 0:
             raise ReportError(f"{r.scheme}: cache.{name} is negative")
     if c.dirty_pages_before > c.pages_before:

@@ -227,7 +227,8 @@ def render_report(r: dict) -> None:
     console.print(f"detected by {r['detected_by']}; file cache: {c['pages_before']} pages before "
                   f"({c['dirty_pages_before']} dirty), {c['pages_recovered']} recovered "
                   f"({c['dirty_pages_recovered']} dirty), {c['pages_rejected']} rejected, "
-                  f"{c['dirty_pages_lost']} dirty pages lost")
+                  f"{c['dirty_pages_lost']} dirty pages lost"
+                  + (f", {c['metadata_rejected']} metadata blocks refused" if c.get("metadata_rejected") else ""))
     if r["modeled_s"]:
         console.print(f"includes {r['modeled_s'] * 1000:.1f} ms of modeled hardware time")
     for n in r.get("notes", []):

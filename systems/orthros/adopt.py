@@ -6,11 +6,13 @@ object and pointer checked, lists checked for loops, a broken link costing only 
 object) and returns the pages to adopt: the file pages as a table to be checked on first
 use or in the background (kernel/pageadopt.py ``Unchecked``: descriptor and content
 checksums, before a byte is served or written back), the few that do not fit that table
-checked now — plus the dead kernel's running journal transaction when it is safe to
-complete (no file-system operation was in progress; its metadata pages checked now). What
-fails a check is counted and described, and never served or written to disk; a dirty page
-that fails, or whose inode is lost, is recorded as lost (kernel/pageadopt.py ``Lost``) so it
-reads as EIO, never as stale data.
+checked now — plus the dead kernel's running journal transaction (its metadata pages
+checked now), with the operation in progress undone from its undo record
+(kernel/bufcache.py). ``complete_transaction`` commits it only if fsck would accept the
+result (kernel/txncheck.py), an inode that explains a problem put back as on the disk.
+What fails a check is counted and described, and never served or written to disk; a dirty
+page that fails, or whose inode is lost, is recorded as lost (kernel/pageadopt.py ``Lost``)
+so it reads as EIO, never as stale data.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kernel.bufcache import UNDO_INO
 from kernel.icache import BDEV_INO
 from kernel.memreader import PartitionReader, check_pages, page_problem
 from kernel.pageadopt import Adopted, Lost, Unchecked
 from kernel.physmem import PAGE_DESC, PG_DIRTY, PG_META, PG_VALID, CorruptObject, PhysMem
+from kernel.txncheck import check_transaction
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Harvest:
     txn_refused: str = ""                  # why the running transaction was not completed
     pages_before: int = 0                  # file pages the dead kernel claimed to cache
     dirty_before: int = 0                  # of which dirty
+    undone: int = 0                        # blocks put back as before the operation in progress
 
     @property
     def n_dirty(self) -> int:
@@ -47,19 +52,20 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int, check=None) -> Har
     inodes = {i.icore["ino"]: i.icore for i in walk.inodes if i.icore["ino"] != BDEV_INO}
     check = check or (lambda frames: check_pages(mem, r.lay, frames))
     lost = Lost()
-    good, later, bad_meta, dirty_before, claimed, claims = _pages(r, set(inodes), rejected, check, lost)
-    meta = {}
-    for fr, idx in zip(good["meta"].tolist(), good["meta_index"].tolist()):
-        p = r.lay.frame_phys(fr)
-        meta[idx] = r.buf[p:p + 4096]
-    refused = ""
+    good, later, bad_meta, bad_undo, dirty_before, claimed, claims = _pages(r, set(inodes), rejected,
+                                                                            check, lost)
+    meta, undo = _blocks(r, good["meta"], good["meta_index"]), _blocks(r, good["undo"], good["undo_index"])
+    refused, undone = "", 0
     if walk.ksuper is None:
         refused, meta = "kernel superblock corrupted", {}
-    elif walk.ksuper["handles_open"]:
-        refused = f"the kernel died inside a file-system operation ({walk.ksuper['handles_open']} open)"
-        meta = {}
     elif bad_meta:
         refused, meta = "a metadata page of the running transaction was corrupted", {}
+    elif walk.ksuper["handles_open"] and bad_undo:
+        refused, meta = ("the kernel died inside a file-system operation whose undo record "
+                         "was corrupted"), {}
+    elif walk.ksuper["handles_open"]:
+        meta.update(undo)          # the operation in progress, undone: its blocks as before it
+        undone = len(undo)
     lazy_owners = (later.keys[later.dirty] >> np.uint64(32)).astype(np.int64)
     owners, n = np.unique(np.r_[claims, lazy_owners], return_counts=True)
     found = dict(zip(owners.tolist(), n.tolist()))   # dirty pages claiming each inode
@@ -70,7 +76,16 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int, check=None) -> Har
             found.setdefault(i, 0)
     a = Adopted(good["frame"], good["ino"], good["index"], good["gen"], good["csum"], good["dirty"],
                 {i: inodes[i] for i in found if i in inodes}, later, lost)
-    return Harvest(a, meta, rejected, refused, pages_before=claimed, dirty_before=dirty_before)
+    return Harvest(a, meta, rejected, refused, pages_before=claimed, dirty_before=dirty_before,
+                   undone=undone)
+
+
+def _blocks(r: PartitionReader, frames: np.ndarray, index: np.ndarray) -> dict[int, bytes]:
+    out = {}
+    for fr, idx in zip(frames.tolist(), index.tolist()):
+        p = r.lay.frame_phys(fr)
+        out[idx] = r.buf[p:p + 4096]
+    return out
 
 
 def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check, lost: Lost):
@@ -95,16 +110,20 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check, lo
     is_meta = (flags & PG_META) != 0
     is_dirty = (flags & PG_DIRTY) != 0
     ino, index = arr["ino"][cand], arr["index"][cand]
-    # clean metadata pages are not taken: the new kernel reads metadata from the disk
-    keep = ~is_meta | is_dirty
+    is_undo = ino == UNDO_INO
+    # clean metadata pages are not taken (the new kernel reads metadata from the disk),
+    # but the undo record is (kernel/bufcache.py)
+    keep = ~is_meta | is_dirty | is_undo
     cand, is_meta, is_dirty, ino, index = cand[keep], is_meta[keep], is_dirty[keep], ino[keep], index[keep]
+    is_undo = is_undo[keep]
     owned = np.isin(ino, np.fromiter(dirty_inodes, np.int64, len(dirty_inodes)))
-    lazy = ~is_meta & (ino < 1 << 32) & (index < 1 << 32) & (~is_dirty | owned)
+    lazy = ~is_meta & ~is_undo & (ino < 1 << 32) & (index < 1 << 32) & (~is_dirty | owned)
     later = Unchecked(cand[lazy], ino[lazy], index[lazy], is_dirty[lazy])
     cand, is_meta, is_dirty, ino, index, owned = (cand[~lazy], is_meta[~lazy], is_dirty[~lazy],
                                                   ino[~lazy], index[~lazy], owned[~lazy])
+    is_undo = is_undo[~lazy]
     desc_ok, ok = check(cand)
-    file_dirty = is_dirty & ~is_meta
+    file_dirty = is_dirty & ~is_meta & ~is_undo
     for fr, dok, fd, i, x in zip(cand[~ok].tolist(), desc_ok[~ok].tolist(), file_dirty[~ok].tolist(),
                                  ino[~ok].tolist(), index[~ok].tolist()):
         e = page_problem(r.mem, lay, fr, dok)
@@ -119,35 +138,78 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check, lo
                                       f"dirty page of inode {i}, which is on no valid dirty-inode list"))
         lost.page(i, x, "dirty page of an in-core inode that was lost")
         lost.file(i, "its in-core inode (unsynced size and times) was lost with dirty pages")
-    take = ok & ~is_meta & ~homeless
+    take = ok & ~is_meta & ~is_undo & ~homeless
     f = cand[take]
     good = {"frame": f, "ino": arr["ino"][f].astype(np.int64), "index": arr["index"][f].astype(np.int64),
             "gen": arr["gen"][f].astype(np.int64), "csum": arr["content_csum"][f],
             "dirty": file_dirty[take],
-            "meta": cand[ok & is_meta], "meta_index": arr["index"][cand[ok & is_meta]]}
-    bad_meta = bool(np.count_nonzero(~ok & is_meta))
+            "meta": cand[ok & is_meta & ~is_undo], "meta_index": arr["index"][cand[ok & is_meta & ~is_undo]],
+            "undo": cand[ok & is_undo], "undo_index": arr["index"][cand[ok & is_undo]]}
+    bad_meta = bool(np.count_nonzero(~ok & is_meta & ~is_undo))
+    bad_undo = bool(np.count_nonzero(~ok & is_undo))
     claimed = int(np.count_nonzero(~is_meta)) + later.left
-    return (good, later, bad_meta, int(np.count_nonzero(file_dirty)) + later.left_dirty, claimed,
-            ino[file_dirty].astype(np.int64))
+    return (good, later, bad_meta, bad_undo, int(np.count_nonzero(file_dirty)) + later.left_dirty,
+            claimed, ino[file_dirty].astype(np.int64))
 
 
-def complete_transaction(dev, blocks: dict[int, bytes]) -> int:
+@dataclass
+class Completion:
+    """What became of the dead kernel's running transaction."""
+    committed: int = 0                                    # metadata blocks committed
+    refused: list[str] = field(default_factory=list)      # what fsck would have rejected
+    reverted: list[int] = field(default_factory=list)     # inodes put back as on the disk
+    rejected_blocks: int = 0                              # blocks not committed as adopted
+
+
+def complete_transaction(dev, blocks: dict[int, bytes]) -> Completion:
     """Commit the dead kernel's running transaction on its disk, as the dead kernel would
     have at its next commit, before the file system is mounted: replay what the log holds,
-    commit the adopted metadata blocks as one more transaction, write it home."""
+    check the adopted metadata blocks against the disk (kernel/txncheck.py), commit them as
+    one more transaction if fsck would accept the result, write it home. When what fsck
+    would reject comes from changed inodes only, those inodes are put back as the disk
+    has them and the rest is committed if it then passes; otherwise nothing is."""
     from kernel.disklayout import SB_BLOCK, Superblock
     from kernel.journal import Journal
     if not blocks:
-        return 0
+        return Completion()
     sb = Superblock.unpack(dev.read(SB_BLOCK), dev.path)
     js, jl = sb.journal_start, sb.journal_len
     j = Journal(dev, js, jl, sb.csum_seed,
                 home_ok=lambda b: 0 < b < sb.nblocks and not js <= b < js + jl)
     j.replay()
-    for b in blocks:
-        if not (0 < b < sb.nblocks) or js <= b < js + jl:
-            raise CorruptObject("metadata page", 0, "index",
-                                f"block {b} of the running transaction is outside the file system")
-    j.commit(dict(blocks))
+    outside = [b for b in blocks if not (0 < b < sb.nblocks) or js <= b < js + jl]
+    if outside:
+        return Completion(refused=[f"block {outside[0]} of the running transaction is outside "
+                                   "the file system"], rejected_blocks=len(blocks))
+    blocks = dict(blocks)
+    problems = check_transaction(dev.read, dev.nblocks, blocks)
+    done = Completion(refused=[str(p) for p in problems])
+    if problems and all(p.ino for p in problems):
+        done.reverted = sorted({p.ino for p in problems})
+        done.rejected_blocks = _revert_inodes(dev, sb, blocks, done.reverted)
+        if check_transaction(dev.read, dev.nblocks, blocks):
+            done.rejected_blocks, done.reverted = len(blocks), []
+            return done
+    elif problems:
+        done.rejected_blocks = len(blocks)
+        return done
+    j.commit(blocks)
     j.checkpoint()
-    return len(blocks)
+    done.committed = len(blocks)
+    return done
+
+
+def _revert_inodes(dev, sb, blocks: dict[int, bytes], inos: list[int]) -> int:
+    """Put inodes back in the transaction's inode-table blocks as the disk has them; the
+    number of blocks changed."""
+    from kernel.disklayout import INODES_PER_BLOCK
+    from kernel.param import INODE_SIZE as size
+    touched = set()
+    for ino in inos:
+        b, off = sb.inode_start + ino // INODES_PER_BLOCK, (ino % INODES_PER_BLOCK) * size
+        if b in blocks:
+            buf = bytearray(blocks[b])
+            buf[off:off + size] = dev.read(b)[off:off + size]
+            blocks[b] = bytes(buf)
+            touched.add(b)
+    return len(touched)

@@ -11,7 +11,8 @@ takes over, each step a measured phase of a RecoveryReport:
   inodes in raw memory, choose the pages to adopt from its page descriptors, while the
   host releases W's kernel, its apps and its mount) → device takeover (the disk's
   exclusive lock, which only a dead owner releases) → mount + replay (W's running journal
-  transaction completed when no operation was in progress; the pages adopted in place:
+  transaction completed, the operation in progress undone and what fsck would reject
+refused; the pages adopted in place:
   W's memory is hot-added, nothing copied; each page, clean or dirty, is checked before
   it is used or written back — kernel/pageadopt.py) → IP takeover (the NIC moves to P's
   namespace) → first service (the same mount path answers again).
@@ -221,7 +222,7 @@ def takeover(k: Kernel, f: Failure, args, net,
     dev = take_disk(k, devices, not args.no_delay)
     r.phase("device takeover", t)
     t = time.monotonic()
-    txn = complete_transaction(dev, harvest.meta_blocks) if harvest.meta_blocks else 0
+    txn = complete_transaction(dev, harvest.meta_blocks)
     k.lay = lay                    # W's memory, hot-added
     vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=dead.devices)
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
@@ -239,8 +240,7 @@ def takeover(k: Kernel, f: Failure, args, net,
                        "each checked on first use or after first service")
     if harvest.txn_refused:
         r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
-    elif txn:
-        r.notes.append(f"completed the dead kernel's running transaction ({txn} metadata blocks)")
+    report_transaction(r, txn, harvest.undone)
     if lost + lost_unchecked:
         r.notes.append(f"{lost + lost_unchecked} dirty pages belonged to files "
                        "whose creation was never committed")
@@ -249,6 +249,23 @@ def takeover(k: Kernel, f: Failure, args, net,
         net.move_to(k.part.id)
         r.phase("IP takeover", t)
     return r, vfs, a.unchecked
+
+
+def report_transaction(r: RecoveryReport, txn, undone: int) -> None:
+    """What became of the dead kernel's running transaction, in the report: what fsck
+    would have rejected is counted and each reason listed, as any refused object is."""
+    r.cache.metadata_rejected += txn.rejected_blocks
+    r.rejected += [f"running transaction: {p}" for p in txn.refused]
+    if undone:
+        r.notes.append(f"the kernel died inside a file-system operation: its {undone} metadata "
+                       "blocks put back as before it, from its undo record")
+    if txn.reverted:
+        r.notes.append(f"inodes {', '.join(map(str, txn.reverted))} of the running transaction "
+                       "put back as on the disk: the rest passed the check")
+    if txn.committed:
+        r.notes.append(f"completed the dead kernel's running transaction ({txn.committed} metadata blocks)")
+    elif txn.refused:
+        r.notes.append("running transaction not completed: fsck would reject it")
 
 
 def check_rest(vfs, r: RecoveryReport, u: Unchecked | None, check) -> None:

@@ -1,0 +1,152 @@
+"""The dead kernel's running journal transaction: checked before a backup commits it, and
+the operation in progress undone so that the completed ones survive (in one process)."""
+import hashlib
+import os
+import random
+
+import pytest
+
+from kernel.fsck import fsck
+from kernel.vfs import VFS
+from systems.base import RecoveryReport
+from systems.orthros.adopt import collect, complete_transaction
+from systems.orthros.backup import report_transaction
+from tests.stack import MEM, Stack
+
+PAGE = 4096
+
+
+class Died(BaseException):
+    """The kernel died here: nothing after this point runs (a test catches it)."""
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_files(st: Stack, tag: str, n: int, sync: bool) -> dict[int, bytes]:
+    out = {}
+    for k in range(n):
+        ino = st.vfs.create(1, f"{tag}{k}".encode(), 0o100644, 0, 0).ino
+        data = os.urandom(3 * PAGE * (k + 1) + k)
+        st.vfs.write(ino, 0, data)
+        if sync:
+            st.vfs.fsync(ino)
+        out[ino] = data
+    return out
+
+
+def take_over(st: Stack, h):
+    """What the backup does after collect: complete the transaction, mount on the adopted pages."""
+    done = complete_transaction(st.dev, h.meta_blocks)
+    r = RecoveryReport("orthros", "test", 0.0)
+    r.recovered = True
+    report_transaction(r, done, h.undone)
+    return done, r, VFS(st.mem, st.lay, st.dev, h.adopted)
+
+
+def assert_clean_after_writeback(st: Stack, new: VFS, files: dict[int, bytes]) -> None:
+    for ino, data in files.items():
+        assert sha(new.read(ino, 0, len(data) + 1)) == sha(data), f"inode {ino} differs"
+    new.writeback.sync_all()
+    res = fsck(st.img)
+    assert res.exit_code == 0, res.problems
+
+
+def test_a_bad_block_pointer_in_the_running_transaction_never_reaches_the_disk(tmp_path):
+    st = Stack(tmp_path)
+    synced = write_files(st, "s", 3, sync=True)
+    unsynced = write_files(st, "u", 3, sync=False)     # created in the running transaction
+    what = st.vfs.fs.inject_bad_pointer(random.Random(1))
+    victim = int(what.split()[1].rstrip(":"))
+    assert victim in synced                            # an inode with blocks: one on the disk
+    h = collect(st.mem, 0, MEM, 0)
+    assert h.meta_blocks and not h.txn_refused
+    done, r, new = take_over(st, h)
+    assert_clean_after_writeback(st, new, synced | unsynced)
+    assert any(f"inode {victim}: block pointer" in p and "out of range" in p for p in done.refused)
+    assert any(f"inode {victim}: block pointer" in x for x in r.rejected), r.rejected
+    assert r.cache.metadata_rejected > 0 and r.verdict == "recovered with loss"
+    assert done.reverted == [victim] and done.committed    # only the bad inode put back
+    st.close()
+
+
+def test_an_inconsistent_transaction_is_refused_whole_when_no_inode_explains_it(tmp_path):
+    st = Stack(tmp_path)
+    write_files(st, "s", 2, sync=True)
+    write_files(st, "u", 2, sync=False)
+    h = collect(st.mem, 0, MEM, 0)
+    sb = st.vfs.fs.sb
+    bm = bytearray(h.meta_blocks.get(sb.bitmap_start) or st.dev.read(sb.bitmap_start))
+    bm[-1] |= 0x80                                     # a block marked in use that nothing references
+    h.meta_blocks[sb.bitmap_start] = bytes(bm)
+    done, r, _ = take_over(st, h)
+    assert not done.committed and done.rejected_blocks == len(h.meta_blocks)
+    assert any("leaked" in p for p in done.refused), done.refused
+    assert r.verdict == "recovered with loss"
+    assert fsck(st.img).exit_code == 0
+    st.close()
+
+
+def test_a_consistent_transaction_is_committed_as_before(tmp_path):
+    st = Stack(tmp_path)
+    files = write_files(st, "u", 4, sync=False)
+    st.vfs.mkdir(1, b"d", 0o755, 0, 0)
+    h = collect(st.mem, 0, MEM, 0)
+    done, r, new = take_over(st, h)
+    assert done.refused == [] and done.committed == len(h.meta_blocks) and r.verdict == "recovered"
+    assert_clean_after_writeback(st, new, files)
+    st.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_completed_operations_survive_a_death_inside_writeback(tmp_path, seed):
+    """Files created and written (not synced) survive a death inside write-back of
+    another file (the fault site `writeback`, inside its file-system operation)."""
+    st = Stack(tmp_path)
+    rng = random.Random(seed)
+    files = write_files(st, "u", 1 + rng.randrange(4), sync=False)
+    victim = st.vfs.create(1, b"v", 0o100644, 0, 0).ino
+    files[victim] = os.urandom(rng.randrange(1, 3000) * PAGE // 100)
+    st.vfs.write(victim, 0, files[victim])
+    harvest = []
+
+    class DieAt:
+        def at(self, site):
+            if site == "writeback":
+                harvest.append(collect(st.mem, 0, MEM, 0))
+                raise Died(site)
+    st.vfs.faults = DieAt()
+    with pytest.raises(Died):
+        st.vfs.fsync(victim)
+    h = harvest[0]
+    assert h.txn_refused == "" and h.undone > 0
+    done, r, new = take_over(st, h)
+    assert done.refused == [] and done.committed, done.refused
+    assert r.verdict == "recovered" and any("undo record" in n for n in r.notes)
+    assert_clean_after_writeback(st, new, files)
+    st.close()
+
+
+def test_a_corrupted_undo_record_refuses_the_transaction(tmp_path):
+    from kernel.bufcache import UNDO_INO
+    st = Stack(tmp_path)
+    write_files(st, "u", 2, sync=False)
+    victim = st.vfs.create(1, b"v", 0o100644, 0, 0).ino
+    st.vfs.write(victim, 0, os.urandom(5 * PAGE))
+    harvest = []
+
+    class DieAt:
+        def at(self, site):
+            pc = st.vfs.pc
+            f = next(f for (ino, _), f in pc.index.items() if ino == UNDO_INO)
+            st.mem.write(st.lay.frame_phys(f) + 7, b"wild")
+            harvest.append(collect(st.mem, 0, MEM, 0))
+            raise Died(site)
+    st.vfs.faults = DieAt()
+    with pytest.raises(Died):
+        st.vfs.fsync(victim)
+    h = harvest[0]
+    assert "undo record was corrupted" in h.txn_refused and h.meta_blocks == {}
+    assert any(e.kind == "page frame" for e in h.rejected)
+    st.close()
