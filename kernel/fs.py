@@ -76,7 +76,7 @@ import numpy as np
 
 from kernel import param
 from kernel.balloc import BlockAlloc, InodeAlloc
-from kernel.bmap import MAX_FBLOCKS, BlockMapMixin
+from kernel.bmap import MAX_FBLOCKS, BlockMapMixin, _root_of
 from kernel.dir import DirMixin
 from kernel.disklayout import (INODE_DTYPE, INODES_PER_BLOCK, ROOT_INO, SB_BLOCK, STATE_CLEAN,
                                STATE_MOUNTED, FsError, Inode, Superblock, corrupt, pack_inode,
@@ -184,7 +184,8 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         """The transaction is close to the journal's limit, or so many blocks wait for their
         free to commit that the free space is short (ext4 commits to retry an allocation)."""
         ba = self.balloc
-        return self.bufs.ndirty() >= self._soft_limit or (ba.npending and ba.nfree < ba.npending)
+        return self.bufs.ndirty() >= self._soft_limit or \
+            (ba.npending and ba.nfree < max(ba.npending, OP_RESERVE))
 
     def _make_room(self) -> None:
         if self._must_commit():
@@ -363,6 +364,15 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
                     self._iput(i)
             return blocks.tolist()
 
+    def has_leaf(self, ino: int, fblock: int) -> bool:
+        """Whether the block map already has the indirect blocks that map file block fblock."""
+        with self._lock:
+            i = self._reg(ino)
+            if fblock < param.NDIRECT:
+                return True
+            slot, depth, base = _root_of(fblock)
+            return self._leaf(i, slot, depth, fblock - base, False, 0) != 0
+
     def truncate(self, ino: int, size: int) -> None:
         """Free the blocks past `size` and set the size (growing leaves a hole)."""
         with self.handle():
@@ -384,7 +394,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
 
     def statfs(self) -> dict:
         with self._lock:
-            free = self.balloc.nfree + self.balloc.npending
+            free = max(0, self.balloc.available())     # net of blocks promised to dirty pages
             return {"bsize": BSIZE, "frsize": BSIZE, "blocks": self.sb.nblocks, "bfree": free,
                     "bavail": free, "files": self.sb.ninodes - 1, "ffree": self.ialloc.nfree,
                     "namemax": param.NAME_MAX}
