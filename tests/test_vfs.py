@@ -4,6 +4,8 @@ import os
 import stat
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as stt
 
 from kernel import param
 from kernel.fsck import fsck
@@ -204,3 +206,50 @@ def test_truncate_and_unlink_give_reserved_space_back(tmp_path):
     st.vfs.unlink(ROOT, b"a")
     assert st.vfs.statfs()["bfree"] == free
     st.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=stt.lists(stt.tuples(stt.sampled_from(["write", "write", "write", "truncate", "unlink", "sync"]),
+                                stt.integers(0, 2),
+                                stt.sampled_from([0, 100, PAGE, 5 * PAGE - 1, 1 << 20, 3 << 20]),
+                                stt.sampled_from([1, PAGE - 1, PAGE, 3 * PAGE + 5, 1 << 20, 3 << 20])),
+                     min_size=4, max_size=25))
+def test_on_a_tiny_device_what_was_acknowledged_is_on_disk_after_sync(tmp_path_factory, ops):
+    st = Stack(tmp_path_factory.mktemp("tiny"), disk=6 << 20, journal_blocks=256)
+    model: dict[bytes, bytearray] = {}
+    try:
+        for k, (op, f, off, n) in enumerate(ops):
+            name = b"f%d" % f
+            if op == "write":
+                if name not in model:
+                    create(st, name)
+                    model[name] = bytearray()
+                ino = st.path_ino(name.decode())
+                data = bytes([k % 251 + 1]) * n
+                try:
+                    st.vfs.write(ino, off, data)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                else:
+                    m = model[name]
+                    m.extend(bytes(max(0, off + n - len(m))))
+                    m[off:off + n] = data
+                assert st.vfs.getattr(ino).size == len(model[name])
+            elif op == "truncate" and name in model:
+                st.vfs.setattr(st.path_ino(name.decode()), size=off)
+                m = model[name]
+                del m[off:]
+                m.extend(bytes(off - len(m)))
+            elif op == "unlink" and name in model:
+                st.vfs.unlink(ROOT, name)
+                del model[name]
+            elif op == "sync":
+                st.vfs.writeback.sync_all()
+    finally:
+        st2 = st.remount()
+    try:
+        for name, m in model.items():
+            ino = st2.path_ino(name.decode())
+            assert st2.vfs.read(ino, 0, len(m) + 1) == bytes(m), name
+    finally:
+        st2.close()
