@@ -11,7 +11,8 @@ Promises to the VFS (kernel/vfs.py), write-back (kernel/writeback.py), mkfs/fsck
   read and written only through the MetaBuffers given at mount (kernel/buffers.py) and
   reaches the disk only through the journal: ``commit()`` hands every block written since
   the last commit to the journal. File data is not cached here: the kernel's page cache
-  asks ``bmap_range`` where blocks are and writes them itself (``read_data``/``write_data``
+  asks ``bmap_range`` where blocks are (``has_leaf``: whether the indirect blocks mapping
+  one exist) and writes them itself (``read_data``/``write_data``
   are the uncached path for tools and tests). Ordered mode: data blocks are written before
   the commit that makes their allocation durable;
 * a transaction never outgrows the journal's limit: at the start of every handle, and at
@@ -23,6 +24,8 @@ Promises to the VFS (kernel/vfs.py), write-back (kernel/writeback.py), mkfs/fsck
 * ``unlink``/``rmdir``/``rename`` drop a link; the inode is freed by ``release_inode`` once
   the caller no longer uses it. Inodes with nlink 0 found at mount (orphans of a crash)
   are freed at mount;
+* ``statfs`` reports free blocks net of those the allocator has promised to dirty pages
+  (kernel/reserve.py), and no allocation here takes a promised block;
 * ``on_txn_state(running_tid, handles_open)`` is called whenever either changes.
 
 The pieces: namei.py (name space), dir.py (directory blocks), bmap.py (block map,
