@@ -12,6 +12,10 @@ Promises to the file system (kernel/fs.py):
   free is not durable must not receive another file's data (ordered mode), nor could a
   stale journal copy of it land on new data;
 * freeing a block that is not in use is corruption (FsError EUCLEAN), never ignored;
+* ``reserved`` blocks are promised to dirty pages that have no block yet (kernel/reserve.py
+  keeps the promises): ``available()`` is the free blocks, those whose free is pending
+  included, minus them; ``reserve`` fails with ENOSPC rather than promise more, and
+  ``alloc`` never hands out a promised block (write-back gives its promise back first);
 * ``InodeAlloc``: free inodes are those whose mode is 0 in the inode table; inode 0 is
   never handed out.
 """
@@ -35,18 +39,40 @@ class BlockAlloc:
         self.nfree = int(sb.nblocks - sb.data_start - np.count_nonzero(self.busy[sb.data_start:]))
         self.pending: list[np.ndarray] = []
         self.npending = 0
+        self.reserved = 0
         self.rotor = sb.data_start
 
     @staticmethod
     def unpack_bitmap(raw: bytes, nblocks: int) -> np.ndarray:
         return np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[:nblocks]
 
+    def available(self) -> int:
+        """Blocks free, or free once their free commits, and promised to nobody."""
+        return self.nfree + self.npending - self.reserved
+
+    def reserve(self, n: int, force: bool = False) -> int:
+        """Promise n blocks; ENOSPC if fewer are available, unless ``force`` (pages already
+        acknowledged must keep their promise): then returns how many were over-committed."""
+        over = max(0, n - max(0, self.available()))
+        if over and not force:
+            raise FsError(errno.ENOSPC, f"no space left on the device: {n} blocks wanted, "
+                                        f"{max(0, self.available())} available")
+        self.reserved += n
+        return over
+
+    def unreserve(self, n: int) -> None:
+        if n > self.reserved:
+            raise RuntimeError(f"block allocator: giving back {n} reserved blocks of {self.reserved}")
+        self.reserved -= n
+
     def alloc(self, n: int, goal: int | None = None, max_bm: int = 8) -> np.ndarray:
         sb = self.sb
-        if self.nfree <= 0:
-            raise FsError(errno.ENOSPC, "no free blocks left on the device")
+        grant = min(n, self.nfree, self.available())
+        if grant <= 0:
+            raise FsError(errno.ENOSPC, f"no free blocks left on the device "
+                                        f"({self.reserved} promised to dirty pages)")
         goal = self.rotor if goal is None or not sb.data_start <= goal < sb.nblocks else int(goal)
-        n = min(n, self.nfree)
+        n = grant
         found, total = [], 0
         for lo, hi in ((goal, sb.nblocks), (sb.data_start, goal)):
             p = lo

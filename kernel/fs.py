@@ -11,7 +11,8 @@ Promises to the VFS (kernel/vfs.py), write-back (kernel/writeback.py), mkfs/fsck
   read and written only through the MetaBuffers given at mount (kernel/buffers.py) and
   reaches the disk only through the journal: ``commit()`` hands every block written since
   the last commit to the journal. File data is not cached here: the kernel's page cache
-  asks ``bmap_range`` where blocks are and writes them itself (``read_data``/``write_data``
+  asks ``bmap_range`` where blocks are (``has_leaf``: whether the indirect blocks mapping
+  one exist) and writes them itself (``read_data``/``write_data``
   are the uncached path for tools and tests). Ordered mode: data blocks are written before
   the commit that makes their allocation durable;
 * a transaction never outgrows the journal's limit: at the start of every handle, and at
@@ -23,6 +24,8 @@ Promises to the VFS (kernel/vfs.py), write-back (kernel/writeback.py), mkfs/fsck
 * ``unlink``/``rmdir``/``rename`` drop a link; the inode is freed by ``release_inode`` once
   the caller no longer uses it. Inodes with nlink 0 found at mount (orphans of a crash)
   are freed at mount;
+* ``statfs`` reports free blocks net of those the allocator has promised to dirty pages
+  (kernel/reserve.py), and no allocation here takes a promised block;
 * ``on_txn_state(running_tid, handles_open)`` is called whenever either changes; when the
   outermost handle closes, the buffers' ``end_op()`` is called after it.
 
@@ -77,7 +80,7 @@ import numpy as np
 
 from kernel import param
 from kernel.balloc import BlockAlloc, InodeAlloc
-from kernel.bmap import MAX_FBLOCKS, BlockMapMixin
+from kernel.bmap import MAX_FBLOCKS, BlockMapMixin, _root_of
 from kernel.dir import DirMixin
 from kernel.disklayout import (INODE_DTYPE, INODES_PER_BLOCK, ROOT_INO, SB_BLOCK, STATE_CLEAN,
                                STATE_MOUNTED, FsError, Inode, Superblock, corrupt, pack_inode,
@@ -186,7 +189,8 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         """The transaction is close to the journal's limit, or so many blocks wait for their
         free to commit that the free space is short (ext4 commits to retry an allocation)."""
         ba = self.balloc
-        return self.bufs.ndirty() >= self._soft_limit or (ba.npending and ba.nfree < ba.npending)
+        return self.bufs.ndirty() >= self._soft_limit or \
+            (ba.npending and ba.nfree < max(ba.npending, OP_RESERVE))
 
     def _make_room(self) -> None:
         if self._must_commit():
@@ -365,6 +369,15 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
                     self._iput(i)
             return blocks.tolist()
 
+    def has_leaf(self, ino: int, fblock: int) -> bool:
+        """Whether the block map already has the indirect blocks that map file block fblock."""
+        with self._lock:
+            i = self._reg(ino)
+            if fblock < param.NDIRECT:
+                return True
+            slot, depth, base = _root_of(fblock)
+            return self._leaf(i, slot, depth, fblock - base, False, 0) != 0
+
     def truncate(self, ino: int, size: int) -> None:
         """Free the blocks past `size` and set the size (growing leaves a hole)."""
         with self.handle():
@@ -386,7 +399,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
 
     def statfs(self) -> dict:
         with self._lock:
-            free = self.balloc.nfree + self.balloc.npending
+            free = max(0, self.balloc.available())     # net of blocks promised to dirty pages
             return {"bsize": BSIZE, "frsize": BSIZE, "blocks": self.sb.nblocks, "bfree": free,
                     "bavail": free, "files": self.sb.ninodes - 1, "ffree": self.ialloc.nfree,
                     "namemax": param.NAME_MAX}

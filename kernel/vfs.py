@@ -7,6 +7,10 @@ Promises to the FUSE adapter (kernel/fuse.py) and to tests that drive the kernel
 * file data lives in the page cache (kernel/pagecache.py) and reaches the disk only by
   write-back (kernel/writeback.py): delayed allocation, so a dirty page has no disk block
   until it is written back, and the on-disk size follows the written-back data;
+* a write is promised its blocks before a byte of it is applied (kernel/reserve.py): one
+  that does not fit fails ENOSPC and changes nothing, an overwrite of pages that have a
+  block succeeds on a full device, and what a write acknowledged reaches the disk at
+  write-back; ``statfs`` counts promised blocks as used;
 * ``fsync`` returns only when the file's pages, its inode and the journal are on the
   device; ``fsyncdir`` when the journal is;
 * an inode whose last name is gone is freed only once no open file and no FUSE lookup
@@ -24,6 +28,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from kernel import param
 from kernel.bufcache import PageCacheBuffers
 from kernel.faults import NoFaults
@@ -31,6 +37,7 @@ from kernel.fs import FileSystem
 from kernel.icache import F, ICache, KSuper
 from kernel.pagecache import Adopted, PageCache
 from kernel.physmem import I_DIRTY_META, PartLayout, PhysMem
+from kernel.reserve import Reservations
 from kernel.writeback import Writeback
 
 PAGE = param.PAGE_SIZE
@@ -77,11 +84,23 @@ class VFS:
         self.pc = PageCache(mem, lay, self.ic, adopt)
         self.bufs = PageCacheBuffers(self.pc, dev)
         self.fs = FileSystem(dev, self.bufs, on_txn_state=self._txn_state)
+        self.resv = Reservations(self.fs, self.pc)
+        if adopt is not None:
+            self._adopt_reservations(adopt)
         self.refs: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.orphans: set[int] = set()
         self.faults = NoFaults()     # a running kernel replaces it with its FaultInjector
         self.writeback = Writeback(self)
+
+    def _adopt_reservations(self, a: Adopted) -> None:
+        ino, idx = a.ino[a.dirty], a.index[a.dirty]
+        u = a.unchecked
+        if u is not None and u.left_dirty:
+            keys = u.keys[u.open & u.dirty]
+            ino = np.concatenate([ino, (keys >> np.uint64(32)).astype(np.int64)])
+            idx = np.concatenate([idx, (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)])
+        self.resv.adopt(ino, idx)
 
     def _txn_state(self, running_tid: int, handles_open: int) -> None:
         self.ks.set(running_tid=running_tid, handles_open=handles_open)
@@ -230,6 +249,7 @@ class VFS:
         if ino in self.orphans and not self.refs.get(ino) and not self.opens.get(ino):
             self.orphans.discard(ino)
             self.pc.truncate(ino, 0)
+            self.resv.release(ino)
             self.ic.drop(ino)
             self.fs.release_inode(ino)
 
@@ -265,11 +285,24 @@ class VFS:
         self._flush_meta(ino)
         self.pc.truncate(ino, (size + PAGE - 1) // PAGE)
         tail = size % PAGE
-        if tail and self.pc.cached(ino, size // PAGE):
+        if tail and self.pc.cached(ino, size // PAGE) and self._may_zero(ino, size // PAGE, v[_SIZE]):
             self.pc.store(ino, size // PAGE, tail, bytes(PAGE - tail))
         self.fs.truncate(ino, size)
+        if self.resv.tracks(ino):     # pages gone, indirect blocks freed: count again
+            self.resv.recount(ino)
         self.fs.setattr(ino, mtime_ns=now, ctime_ns=now)
         self.ic.set(ino, size=size, mtime_ns=now, ctime_ns=now)
+
+    def _may_zero(self, ino: int, idx: int, size: int) -> bool:
+        """Whether a truncate may zero the tail of cached page idx. On a full device a clean
+        page with no block is not dirtied: it reads as zeros already."""
+        try:
+            self.resv.for_write(ino, idx, idx, size)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            return False
+        return True
 
     def _flush_meta(self, ino: int) -> None:
         """Write the in-core size and times into the on-disk inode (in the running transaction)."""
@@ -329,6 +362,12 @@ class VFS:
             size = v[_SIZE]
             mv = memoryview(data)
             n = len(mv)
+            if off < 0 or off + n > param.MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG if off >= 0 else errno.EINVAL,
+                              f"write of {n} bytes at {off}: outside 0..MAX_FILE_BYTES")
+            if not n:
+                return 0
+            self.resv.for_write(ino, off // PAGE, (off + n - 1) // PAGE, size)
             pos = 0
             while pos < n:
                 idx, poff = divmod(off + pos, PAGE)
@@ -369,6 +408,4 @@ class VFS:
 
     def statfs(self) -> dict:
         with self.lock:
-            s = dict(self.fs.statfs())
-            s.setdefault("bavail", s["bfree"])
-            return s
+            return dict(self.fs.statfs())

@@ -5,7 +5,9 @@ size and times, and the journal are on the device; the flusher thread writes bac
 dirty for longer than DIRTY_EXPIRE_S every WRITEBACK_INTERVAL_S and commits the journal at
 least every COMMIT_INTERVAL_S; writers over DIRTY_RATIO write back themselves.
 
-Blocks are allocated here (delayed allocation), data is written and flushed, and only then
+Blocks are allocated here (delayed allocation) — an inode's reservation (kernel/reserve.py)
+is given back just before its blocks are allocated, so they come out of what was promised
+and write-back does not run out of space —, data is written and flushed, and only then
 is the transaction holding the allocation and the new size committed (ordered mode). A page
 is marked clean only after that commit, so a page whose allocation is not durable yet is
 still on its dirty chain for a backup kernel to find.
@@ -95,18 +97,26 @@ class Writeback:
     def _write_inodes(self, inos: list[int]) -> None:
         vfs = self.vfs
         done = []
-        with vfs.fs.handle():
-            for ino in inos:
-                v = vfs.ic.get(ino)
-                if v is None:
-                    continue
-                pages = vfs.pc.dirty_pages(ino)
-                if pages:
-                    self._write_pages(ino, pages)
-                vfs.fs.setattr(ino, size=v[_SIZE], atime_ns=v[_ATIME],
-                               mtime_ns=v[_MTIME], ctime_ns=v[_CTIME])
-                done.append((ino, pages))
-            vfs.faults.at("writeback")
+        promised = []
+        try:
+            with vfs.fs.handle():
+                for ino in inos:
+                    v = vfs.ic.get(ino)
+                    if v is None:
+                        continue
+                    pages = vfs.pc.dirty_pages(ino)
+                    if pages:
+                        promised.append(ino)
+                        vfs.resv.release(ino)
+                        self._write_pages(ino, pages)
+                    vfs.fs.setattr(ino, size=v[_SIZE], atime_ns=v[_ATIME],
+                                   mtime_ns=v[_MTIME], ctime_ns=v[_CTIME])
+                    done.append((ino, pages))
+                vfs.faults.at("writeback")
+        except BaseException:
+            for ino in promised:     # its pages are still dirty, some maybe without a block
+                vfs.resv.recount(ino)
+            raise
         vfs.dev.flush()            # ordered mode: data on the device before the commit
         if vfs.fs.commit() is not None:
             self.stats["commits"] += 1

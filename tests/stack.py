@@ -15,11 +15,12 @@ DISK = 256 << 20
 class Stack:
     """physmem + disk + VFS; `crash()` drops the kernel and the disk's volatile cache."""
 
-    def __init__(self, tmp: Path, *, write_cache: bool = True, fresh: bool = True, mem: int = MEM):
+    def __init__(self, tmp: Path, *, write_cache: bool = True, fresh: bool = True, mem: int = MEM,
+                 disk: int = DISK, journal_blocks: int | None = None):
         self.tmp = tmp
         self.img = str(tmp / "disk.img")
         if fresh:
-            mkfs(self.img, DISK)
+            mkfs(self.img, disk, **({"journal_blocks": journal_blocks} if journal_blocks else {}))
         self.mem_path = str(tmp / "physmem")
         PhysMem.unlink(self.mem_path)
         self.mem = PhysMem(self.mem_path, mem, create=True)

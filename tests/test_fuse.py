@@ -54,7 +54,7 @@ class TestPanic(faults.KernelPanic):
     def __init__(self):
         BaseException.__init__(self, "injected panic")
 
-st = Stack(Path(sys.argv[1]))
+st = Stack(Path(sys.argv[1]), **({"disk": int(sys.argv[3]), "journal_blocks": 256} if len(sys.argv) > 3 else {}))
 vfs = st.vfs
 real_lookup = vfs.lookup
 
@@ -101,11 +101,12 @@ def errno_of(fn, *args) -> int:
 
 
 class Daemon:
-    def __init__(self, work: Path, mnt: Path):
+    def __init__(self, work: Path, mnt: Path, disk: int | None = None):
         self.work, self.mnt = work, mnt
         self.log = work / "daemon.log"
         self.logf = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", DAEMON, str(work), str(mnt)],
+        self.proc = subprocess.Popen([sys.executable, "-c", DAEMON, str(work), str(mnt),
+                                      *([str(disk)] if disk else [])],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=self.logf,
                                      stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
@@ -527,3 +528,39 @@ def test_is_mounted_and_abort_on_plain_directories(tmp_path):
     assert fuse.abort_and_unmount(str(tmp_path)) is False
     assert not fuse.is_mounted("/proc")                        # mounted, but not FUSE
     assert fuse.abort_and_unmount("/proc") is False and os.path.exists("/proc/self")
+
+
+def test_full_device_keeps_acknowledged_writes_and_refuses_the_rest(tmp_path, mountdir):
+    """A write the device cannot hold fails ENOSPC and changes nothing; every write that
+    returned reads back after fsync; overwrites of written blocks still succeed."""
+    d = Daemon(tmp_path, mountdir, disk=8 << 20)
+    try:
+        p = d.path("f")
+        acked = bytearray()
+
+        def fill():
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                for k in range(4000):
+                    piece = bytes([k % 251 + 1]) * (64 << 10)
+                    try:
+                        os.pwrite(fd, piece, len(acked))
+                    except OSError as e:
+                        assert e.errno == errno.ENOSPC
+                        assert os.fstat(fd).st_size == len(acked)
+                        break
+                    acked.extend(piece)
+                else:
+                    raise AssertionError("no ENOSPC")
+                os.fsync(fd)
+                os.pwrite(fd, b"over" * 1000, 3 * 4096)     # blocks on the device: no space needed
+                acked[3 * 4096:3 * 4096 + 4000] = b"over" * 1000
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return p.read_bytes()
+        assert within(120, fill) == bytes(acked)
+        assert len(acked) > 4 << 20
+    finally:
+        d.teardown()
+    assert "Traceback" not in d.log.read_text()

@@ -4,6 +4,8 @@ import os
 import stat
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as stt
 
 from kernel import param
 from kernel.fsck import fsck
@@ -141,3 +143,113 @@ def test_memory_pressure_evicts_clean_pages(tmp_path):
         assert s.vfs.pc.stats["evictions"] > 0
     finally:
         s.close()
+
+
+# --- a full device (delayed allocation with reservation) ---------------------------------
+def _fill(st, ino, chunk, acked, limit=4000):
+    """Write `chunk`-byte pieces at the end of ino until ENOSPC; each failed write must
+    leave the file as it was. Appends what was acknowledged to `acked`."""
+    for k in range(limit):
+        piece = bytes([k % 251 + 1]) * chunk
+        before = st.vfs.getattr(ino).size
+        try:
+            st.vfs.write(ino, len(acked), piece)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+            assert st.vfs.getattr(ino).size == before == len(acked)
+            assert st.vfs.read(ino, 0, len(acked) + chunk) == bytes(acked)
+            return
+        acked += piece
+    raise AssertionError(f"no ENOSPC after {limit} writes")
+
+
+def test_full_device_fails_writes_cleanly_and_keeps_every_acknowledged_byte(tmp_path, caplog):
+    st = Stack(tmp_path, disk=8 << 20, journal_blocks=256)
+    a = create(st, b"a")
+    acked = bytearray()
+    for chunk in (64 << 10, PAGE, 1):       # with nothing written back, then after each sync
+        _fill(st, a, chunk, acked)
+        st.vfs.writeback.sync_all()
+    assert st.vfs.statfs()["bfree"] == 0
+    b = create(st, b"b")
+    assert st.vfs.getattr(b).size == 0 and st.vfs.read(b, 0, 10) == b""
+    with pytest.raises(OSError) as ei:
+        st.vfs.write(b, 0, b"x" * (3 * PAGE))
+    assert ei.value.errno == errno.ENOSPC
+    assert st.vfs.getattr(b).size == 0 and st.vfs.read(b, 0, 10) == b""
+    with pytest.raises(OSError) as ei:
+        st.vfs.mkdir(ROOT, b"d", 0o755, 0, 0)
+    assert ei.value.errno == errno.ENOSPC
+    st.vfs.write(a, 5 * PAGE + 7, b"over" * 3000)     # allocated blocks: no space needed
+    acked[5 * PAGE + 7:5 * PAGE + 7 + 12000] = b"over" * 3000
+    st.vfs.fsync(a)
+    st2 = st.remount()
+    try:
+        ia = st2.path_ino("a")
+        assert st2.vfs.getattr(ia).size == len(acked)
+        assert st2.vfs.read(ia, 0, len(acked) + 1) == bytes(acked)
+        st2.vfs.fs.unmount()
+        res = fsck(st2.img)
+        assert res.exit_code == 0, res.problems
+    finally:
+        st2.close()
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+
+
+def test_truncate_and_unlink_give_reserved_space_back(tmp_path):
+    st = Stack(tmp_path, disk=8 << 20, journal_blocks=256)
+    free = st.vfs.statfs()["bfree"]
+    a = create(st, b"a", b"a" * (200 * PAGE))
+    assert st.vfs.statfs()["bfree"] <= free - 200       # promised before anything is written back
+    st.vfs.setattr(a, size=10 * PAGE + 1)
+    assert free - 200 < st.vfs.statfs()["bfree"] <= free - 11
+    st.vfs.unlink(ROOT, b"a")
+    assert st.vfs.statfs()["bfree"] == free
+    st.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=stt.lists(stt.tuples(stt.sampled_from(["write", "write", "write", "truncate", "unlink", "sync"]),
+                                stt.integers(0, 2),
+                                stt.sampled_from([0, 100, PAGE, 5 * PAGE - 1, 1 << 20, 3 << 20]),
+                                stt.sampled_from([1, PAGE - 1, PAGE, 3 * PAGE + 5, 1 << 20, 3 << 20])),
+                     min_size=4, max_size=25))
+def test_on_a_tiny_device_what_was_acknowledged_is_on_disk_after_sync(tmp_path_factory, ops):
+    st = Stack(tmp_path_factory.mktemp("tiny"), disk=6 << 20, journal_blocks=256)
+    model: dict[bytes, bytearray] = {}
+    try:
+        for k, (op, f, off, n) in enumerate(ops):
+            name = b"f%d" % f
+            if op == "write":
+                if name not in model:
+                    create(st, name)
+                    model[name] = bytearray()
+                ino = st.path_ino(name.decode())
+                data = bytes([k % 251 + 1]) * n
+                try:
+                    st.vfs.write(ino, off, data)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                else:
+                    m = model[name]
+                    m.extend(bytes(max(0, off + n - len(m))))
+                    m[off:off + n] = data
+                assert st.vfs.getattr(ino).size == len(model[name])
+            elif op == "truncate" and name in model:
+                st.vfs.setattr(st.path_ino(name.decode()), size=off)
+                m = model[name]
+                del m[off:]
+                m.extend(bytes(off - len(m)))
+            elif op == "unlink" and name in model:
+                st.vfs.unlink(ROOT, name)
+                del model[name]
+            elif op == "sync":
+                st.vfs.writeback.sync_all()
+    finally:
+        st2 = st.remount()
+    try:
+        for name, m in model.items():
+            ino = st2.path_ino(name.decode())
+            assert st2.vfs.read(ino, 0, len(m) + 1) == bytes(m), name
+    finally:
+        st2.close()
