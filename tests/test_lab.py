@@ -14,9 +14,9 @@ from tests.conftest import needs_root
 pytestmark = [needs_root]
 
 
-def cb(*args, check=True):
+def cb(*args, check=True, cwd=None):
     r = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+                       text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=cwd)
     if check and r.returncode != 0:
         raise AssertionError(f"crashbench {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
     return r
@@ -147,3 +147,29 @@ def test_demo_writes_its_results(workdir):
     assert o["cache"]["dirty_pages_lost"] == 0 and o["verdict"] == "recovered"
     assert b["cache"]["dirty_pages_lost"] == b["cache"]["dirty_pages_before"] > 0
     assert leftovers(workdir / "scratch") == []
+
+
+def test_a_boot_failure_shows_its_real_cause_in_one_line(workdir):
+    with open(workdir / "disk0.img", "wb") as f:
+        f.truncate(20 << 20)               # an image of zeros: not a crashbench file system
+    r = cb("up", "--workdir", str(workdir), check=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "not a crashbench file system" in lines[0] and "watcher" not in r.stderr
+    assert not (workdir / "lab.json").exists()
+    assert leftovers(workdir) == []
+
+
+def test_status_from_another_directory_finds_a_machine_named_relatively(workdir):
+    from importlib import resources
+    home, lab = workdir / "home", workdir / "lab"
+    home.mkdir()
+    (home / "m.toml").write_text(resources.files("kernel.machines").joinpath("default.toml").read_text())
+    try:
+        cb("up", "--machine", "m.toml", "--workdir", str(lab), cwd=home)
+        st = json.loads(cb("status", "--json", "--workdir", str(lab), cwd=workdir).stdout)
+        assert st["partitions"][0]["kernel"]["alive"]
+    finally:
+        if (lab / "lab.json").exists():
+            cb("down", "--workdir", str(lab), check=False)
+    assert leftovers(lab) == []
