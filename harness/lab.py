@@ -6,8 +6,12 @@ everything the lab made is named in ``lab.json`` in its work directory, so ``dow
 another process, after a crash of anything — removes all of it: kernel processes, FUSE
 mounts, process sets, network namespaces, the physical-memory file; a failed ``up`` leaves
 none of them. The lab is recorded in harness/owners.py (owner: the ``up`` process, then the
-supervisor), so a lab whose supervisor was killed is an orphan ``down --all`` finds. Several labs coexist in different
-work directories; a second ``up`` in a directory whose lab runs is refused.
+supervisor), so a lab whose supervisor was killed is an orphan ``down --all`` finds. Several
+labs coexist in different work directories; a second ``up`` in a directory whose lab runs is
+refused. ``lab.json`` names the machine description by its absolute path, so every command
+finds it from any directory. Bad input — a work directory that is a file or cannot be
+written, a damaged ``lab.json``, a machine that does not boot — is a one-line LabError naming
+the cause.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from kernel.host import physmem_path_for
 from kernel.physmem import PhysMem
 
 STATE = "lab.json"
+STATE_KEYS = {"machine_file": (str, type(None)), "scheme": str, "tag": str, "physmem": str}
 
 
 class LabError(RuntimeError):
@@ -57,13 +62,23 @@ def _alive(pid: int) -> bool:
     return not zombie and (b"kernel.kernel" in cmd or b"systems.orthros.backup" in cmd)
 
 
-
 def forget(workdir: Path) -> None:
     """Remove the lab's state files (its disk image and logs stay)."""
     for sock in workdir.glob("*.sock"):
         sock.unlink()
     (workdir / "supervisor.json").unlink(missing_ok=True)
     (workdir / STATE).unlink(missing_ok=True)
+
+
+def _check_state(state, path: Path) -> None:
+    """lab.json as ``up`` wrote it, or a one-line LabError naming what is wrong."""
+    if not isinstance(state, dict):
+        raise LabError(f"{path}: damaged lab state (expected a JSON object, got "
+                       f"{type(state).__name__}); remove it once nothing of the lab runs")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise LabError(f"{path}: damaged lab state ({key!r} is missing or of the wrong "
+                           f"type); remove it once nothing of the lab runs")
 
 
 @dataclass
@@ -78,9 +93,13 @@ class Lab:
         if not p.exists():
             raise LabError(f"no lab in {workdir} (start one with `crashbench up --workdir {workdir}`)")
         try:
-            return cls(Path(workdir).resolve(), json.loads(p.read_text()))
+            state = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise LabError(f"{p}: damaged lab state ({e}); `crashbench down` removes what it can") from None
+            raise LabError(f"{p}: damaged lab state ({e}); remove it once nothing of the lab runs") from None
+        except OSError as e:
+            raise LabError(f"{p}: cannot read the lab's state: {e.strerror}") from None
+        _check_state(state, p)
+        return cls(Path(workdir).resolve(), state)
 
     def save(self) -> None:
         tmp = self.workdir / (STATE + ".tmp")
@@ -96,6 +115,8 @@ class Lab:
     def up(cls, workdir: Path, machine_file: str | None = None, scheme: str = "none",
            delay: bool = True) -> "Lab":
         workdir = Path(workdir)
+        if workdir.exists() and not workdir.is_dir():
+            raise LabError(f"--workdir {workdir}: exists and is not a directory")
         if (workdir / STATE).exists():
             old = cls.open(workdir)
             if _alive_pid(old.state.get("supervisor")) or any(_alive(k["pid"]) for k in old.kernels.values()):
@@ -106,12 +127,19 @@ class Lab:
         if scheme not in registry():
             raise LabError(f"unknown scheme {scheme!r} (known: {', '.join(registry())})")
         m = machine_mod.load(machine_file)
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LabError(f"--workdir {workdir}: cannot create it: {e.strerror}") from None
         workdir = workdir.resolve()
-        lab = cls(workdir, {"machine_file": machine_file, "scheme": scheme,
-                            "tag": lab_tag(workdir), "physmem": physmem_path_for(workdir),
+        lab = cls(workdir, {"machine_file": str(Path(machine_file).resolve()) if machine_file else None,
+                            "scheme": scheme, "tag": lab_tag(workdir),
+                            "physmem": physmem_path_for(workdir),
                             "supervisor": None, "network": None, "started": time.time()})
-        lab.save()   # written first, so `down` can clean up after a failed `up`
+        try:
+            lab.save()   # written first, so `down` can clean up after a failed `up`
+        except OSError as e:
+            raise LabError(f"--workdir {workdir}: cannot write the lab's state: {e.strerror}") from None
         owners.claim("lab", workdir, lab.state["tag"], lab.state["physmem"], workdir_made=False)
         for old_report in (workdir / "reports").glob("*.json"):
             old_report.unlink()
@@ -142,13 +170,16 @@ class Lab:
         os.close(w)
         self.state["supervisor"] = proc.pid
         self.save()
+        log = self.workdir / "logs" / "supervisor.log"
         try:
             ready, _, _ = select.select([r], [], [], 60.0)
-            if not ready or not os.read(r, 16).startswith(b"ready"):
-                tail = (self.workdir / "logs" / "supervisor.log").read_text(errors="replace")[-2000:]
-                raise LabError(f"the machine did not come up; the supervisor's log ends:\n{tail}")
+            said = os.read(r, 4096).decode(errors="replace").strip() if ready else ""
         finally:
             os.close(r)
+        if said.startswith("failed: "):
+            raise LabError(f"the machine did not come up: {said[len('failed: '):]} (more in {log})")
+        if not said.startswith("ready"):
+            raise LabError(f"the machine did not come up within 60 s; see {log}")
 
     def _supervisor_state(self) -> dict:
         p = self.workdir / "supervisor.json"

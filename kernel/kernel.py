@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
     from kernel import fuse  # noqa: F401  (loaded with the kernel: part of boot, not of service)
-    mach = machine_mod.load(a.machine)
+    mach = machine_mod.load(a.machine, shape_checked=True)   # checked by whoever started it
     k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
     k.beating = not a.no_heartbeat
     if k.part.cpus:

@@ -2,19 +2,25 @@
 
 Promises to every other layer: a validated, immutable description of the machine — total
 physical memory, partitions (CPUs, a physical-memory range, the devices each owns at boot),
-disks (image, size, device model) and NICs — loaded from TOML. Any bad field is refused with
-a MachineError naming the field and why. A partition renders as the kernel command line it
-boots with, e.g. ``cpus=0 mem=0x0-0x38000000 devs=disk0,nic0``.
+disks (image, size, device model) and NICs — loaded from TOML. The description is checked
+against kernel/machines/machine.schema.json (no unknown key, every field of its type), then
+for sense: sizes, memory no larger than this host's RAM, partitions inside the machine's
+memory and apart, devices that exist and have one owner, disk images as relative paths
+that stay inside the work directory. Any bad field is refused with a one-line MachineError
+naming the field and why. A partition renders as the kernel command line it boots with,
+e.g. ``cpus=0 mem=0x0-0x38000000 devs=disk0,nic0``.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
+import json
 import os
 import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kernel import param
 
@@ -138,7 +144,24 @@ def _parse_disk(t: dict, i: int) -> Disk:
     size = parse_size(_require(t, "size", where), f"{where}.size")
     if size < 16 << 20:
         raise MachineError(f"{where}.size: a disk must hold at least 16 MiB")
-    return Disk(name, size, model, t.get("image", f"{name}.img"))
+    if size // param.BLOCK_SIZE >= param.MAX_DISK_BLOCKS:
+        raise MachineError(f"{where}.size: {value_of(t['size'])} is more than the file system "
+                           f"can address ({param.MAX_DISK_BLOCKS} blocks of {param.BLOCK_SIZE})")
+    image = t.get("image", f"{name}.img")
+    _check_image_path(image, f"{where}.image")
+    return Disk(name, size, model, image)
+
+
+def value_of(v) -> str:
+    return v if isinstance(v, str) else f"{v} bytes"
+
+
+def _check_image_path(image: str, field: str) -> None:
+    """Images live in the lab's or the run's work directory, never elsewhere."""
+    p = PurePosixPath(image)
+    if p.is_absolute() or ".." in p.parts or not p.parts or "\0" in image:
+        raise MachineError(f"{field}: {image!r} must be a relative path inside the work "
+                           f"directory (no leading '/', no '..')")
 
 
 def _parse_nic(t: dict, i: int) -> Nic:
@@ -177,9 +200,54 @@ def _check_layout(m: Machine) -> None:
             owner[dev] = p.id
 
 
+@functools.cache
+def _schema_validator():
+    import jsonschema   # imported here: kernels booting a checked description never pay for it
+    text = resources.files("kernel.machines").joinpath("machine.schema.json").read_text()
+    return jsonschema.Draft202012Validator(json.loads(text))
+
+
+def _field(path) -> str:
+    out = ""
+    for k in path:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out or "(top level)"
+
+
+def check_shape(doc: dict) -> None:
+    """The description against the schema: the first problem, as one line naming the field."""
+    errors = sorted(_schema_validator().iter_errors(doc), key=lambda e: list(map(str, e.path)))
+    if not errors:
+        return
+    e = errors[0]
+    where = _field(e.absolute_path)
+    if e.validator == "additionalProperties":
+        extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+        known = ", ".join(e.schema.get("properties", {}))
+        sep = "." if e.absolute_path else ""
+        prefix = "" if not e.absolute_path else where
+        raise MachineError(f"{prefix}{sep}{extra[0]}: unknown key (known here: {known})")
+    if e.validator == "type":
+        want = e.validator_value if isinstance(e.validator_value, str) else " or ".join(e.validator_value)
+        raise MachineError(f"{where}: expected {_TYPE_WORDS.get(want, want)}, got {e.instance!r}")
+    raise MachineError(f"{where}: {e.message}")
+
+
+_TYPE_WORDS = {"object": "a table", "array": "a list", "integer": "an integer",
+               "string": "a string", "integer or string": "a size (bytes or e.g. '896MiB')"}
+
+
+def host_memory() -> int:
+    """Bytes of RAM this host has: the most a machine's memory file can be backed by."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def from_dict(doc: dict) -> Machine:
     top = doc.get("machine", {})
     memory = parse_size(_require(top, "memory", "machine"), "machine.memory")
+    if memory > host_memory():
+        raise MachineError(f"machine.memory: {value_of(top['memory'])} is more than this "
+                           f"host's RAM ({host_memory() >> 20} MiB)")
     ncpu = os.cpu_count() or 1
     parts = doc.get("partition", [])
     if not parts:
@@ -195,8 +263,10 @@ def from_dict(doc: dict) -> Machine:
     return m
 
 
-def load(path: str | Path | None = None) -> Machine:
-    """Load a machine description; None means the shipped default machine."""
+def load(path: str | Path | None = None, *, shape_checked: bool = False) -> Machine:
+    """Load a machine description; None means the shipped default machine. ``shape_checked``:
+    the caller (a kernel the harness started) was handed a description the harness already
+    checked against the schema; the checks for sense still run."""
     if path is None:
         text = resources.files("kernel.machines").joinpath("default.toml").read_text()
         where = "default.toml"
@@ -210,4 +280,6 @@ def load(path: str | Path | None = None) -> Machine:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise MachineError(f"{where}: not valid TOML: {e}") from None
+    if not shape_checked:
+        check_shape(doc)
     return from_dict(doc)

@@ -6,7 +6,8 @@ holding the layout drawn in kernel/fs.py: superblock, an empty journal, an inode
 INODES_PER_MIB inodes per MiB (or `inodes`), the block bitmap and a root directory
 (inode 1, mode 0o40755, uid/gid 0). Only the blocks with content are written. An image
 owned by a running kernel (flock held) is refused with DeviceError; a size or journal that
-cannot hold the layout is refused with ValueError naming the figure. The journal takes at
+cannot hold the layout (or a journal shorter than MIN_JOURNAL_BLOCKS) is refused with
+ValueError naming the figure, before the image is touched. The journal takes at
 most a quarter of the disk: a larger journal_blocks is reduced to that.
 """
 from __future__ import annotations
@@ -38,6 +39,9 @@ def mkfs(path: str, size_bytes: int, *, journal_blocks: int = param.JOURNAL_BLOC
          inodes: int | None = None) -> None:
     path = str(path)
     nblocks = int(size_bytes) // BSIZE
+    if journal_blocks < MIN_JOURNAL_BLOCKS:
+        raise ValueError(f"mkfs: a journal of {journal_blocks} blocks is too short; at least "
+                         f"{MIN_JOURNAL_BLOCKS} are needed")
     journal_blocks = min(int(journal_blocks), nblocks // 4)
     if journal_blocks < MIN_JOURNAL_BLOCKS:
         raise ValueError(f"mkfs: size {size_bytes} bytes leaves a journal of {journal_blocks} "
@@ -55,8 +59,8 @@ def mkfs(path: str, size_bytes: int, *, journal_blocks: int = param.JOURNAL_BLOC
         raise ValueError(f"mkfs: size {size_bytes} bytes is too small for {ninodes} inodes and a "
                          f"journal of {journal_blocks} blocks (need at least "
                          f"{(ds + MIN_DATA_BLOCKS) * BSIZE} bytes)")
-    if nblocks >= 1 << 32:
-        raise ValueError(f"mkfs: size {size_bytes} bytes exceeds 2^32 blocks")
+    if nblocks >= param.MAX_DISK_BLOCKS:
+        raise ValueError(f"mkfs: size {size_bytes} bytes exceeds {param.MAX_DISK_BLOCKS} blocks")
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

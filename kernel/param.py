@@ -36,6 +36,7 @@ INODE_SIZE = 128            # bytes of one on-disk inode
 INODES_PER_MIB = 16         # inodes created by mkfs per MiB of disk
 NAME_MAX = 255
 MAX_FILE_BYTES = 1 << 42    # 4 TiB: what triple indirection reaches, rounded down
+MAX_DISK_BLOCKS = 1 << 32   # block numbers are 32-bit: a disk holds fewer blocks than this
 
 # --- device models (kernel/blockdev.py): modeled time, always reported as "modeled" ---
 # name: (per-request latency in seconds, bandwidth in bytes/s)

@@ -7,6 +7,8 @@ from systems.detect import Watcher
 
 class NoRecovery:
     name = "none"
+    host = None                       # set by deploy; teardown closes what a failed deploy left
+    watcher: Watcher | None = None
 
     def deploy(self, host, apps=()) -> None:
         self.host = host
@@ -20,5 +22,7 @@ class NoRecovery:
         return r
 
     def teardown(self) -> None:
-        self.watcher.close()
-        self.host.close()
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.host is not None:
+            self.host.close()

@@ -1,7 +1,9 @@
 """The lab's supervisor: one process that deploys a scheme and runs it, crash after crash.
 
 Promises to the lab (harness/lab.py): ``python -m systems.supervisor`` deploys the scheme
-on the lab's machine, writes ``ready`` on the fd it was given, then waits for failures;
+on the lab's machine, writes ``ready`` on the fd it was given (or, when the machine does not
+come up, ``failed: `` and the cause in one line, e.g. the exception a kernel's boot ended
+with), then waits for failures;
 after each one it writes the scheme's RecoveryReport to ``reports/NNN.json`` and the kernels
 that now run to ``supervisor.json``. SIGTERM stops every kernel it started (cleanly when
 it still beats, at once when it does not) and removes their mounts; whatever happened
@@ -52,6 +54,16 @@ def stop_all(host: Host, scheme) -> None:
     scheme.teardown()
 
 
+def tell_failure(fd: int | None, e: Exception) -> None:
+    """The cause of a failed deploy, one line, to whoever waits for ``ready``. A BootError
+    carries the end of the kernel's log, whose last line is the exception it died of."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    cause = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+    if fd is not None:
+        os.write(fd, f"failed: {cause}\n".encode()[:4096])
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m systems.supervisor")
     ap.add_argument("--workdir", required=True)
@@ -69,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     scheme = cls(net_tag=a.net_tag) if wants_net and a.net_tag else cls()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        host.create_memory()
-        host.format_disks()
-        scheme.deploy(host)
+        try:
+            host.create_memory()
+            host.format_disks()
+            scheme.deploy(host)
+        except Exception as e:
+            tell_failure(a.ready_fd, e)
+            raise
         publish(host, workdir, scheme)
         notify_ready(a.ready_fd)
         n = len(list(reports.glob("*.json")))

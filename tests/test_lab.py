@@ -14,9 +14,9 @@ from tests.conftest import needs_root
 pytestmark = [needs_root]
 
 
-def cb(*args, check=True):
+def cb(*args, check=True, cwd=None):
     r = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+                       text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=cwd)
     if check and r.returncode != 0:
         raise AssertionError(f"crashbench {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
     return r
@@ -165,3 +165,29 @@ def test_a_failed_boot_leaves_no_process_set_or_anything_else(workdir):
     assert leftovers(workdir) == []
     assert not (workdir / "lab.json").exists()
     assert not any(x.tag == lab_tag(workdir) for x in owners.records())
+
+
+def test_a_boot_failure_shows_its_real_cause_in_one_line(workdir):
+    with open(workdir / "disk0.img", "wb") as f:
+        f.truncate(20 << 20)               # an image of zeros: not a crashbench file system
+    r = cb("up", "--workdir", str(workdir), check=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "not a crashbench file system" in lines[0] and "watcher" not in r.stderr
+    assert not (workdir / "lab.json").exists()
+    assert leftovers(workdir) == []
+
+
+def test_status_from_another_directory_finds_a_machine_named_relatively(workdir):
+    from importlib import resources
+    home, lab = workdir / "home", workdir / "lab"
+    home.mkdir()
+    (home / "m.toml").write_text(resources.files("kernel.machines").joinpath("default.toml").read_text())
+    try:
+        cb("up", "--machine", "m.toml", "--workdir", str(lab), cwd=home)
+        st = json.loads(cb("status", "--json", "--workdir", str(lab), cwd=workdir).stdout)
+        assert st["partitions"][0]["kernel"]["alive"]
+    finally:
+        if (lab / "lab.json").exists():
+            cb("down", "--workdir", str(lab), check=False)
+    assert leftovers(lab) == []

@@ -21,14 +21,30 @@ def mkfs_cmd(image: Path = typer.Argument(..., help="disk image to create or ove
              journal_blocks: Optional[int] = typer.Option(None, help="journal length in 4 KiB blocks")):
     """Create an empty crashbench file system in IMAGE (a sparse file)."""
     from kernel import param
-    from kernel.mkfs import mkfs
+    from kernel.mkfs import MIN_JOURNAL_BLOCKS, mkfs
     try:
         nbytes = parse_size(size, "--size")
     except MachineError as e:
-        err.print(f"crashbench mkfs: {e}")
-        raise typer.Exit(2)
-    mkfs(str(image), nbytes, journal_blocks=journal_blocks or param.JOURNAL_BLOCKS)
+        _mkfs_fail(str(e))
+    if journal_blocks is not None and journal_blocks < MIN_JOURNAL_BLOCKS:
+        _mkfs_fail(f"--journal-blocks: at least {MIN_JOURNAL_BLOCKS}, got {journal_blocks}")
+    if image.is_dir():
+        _mkfs_fail(f"{image}: is a directory, not a disk image")
+    if not image.absolute().parent.is_dir():
+        _mkfs_fail(f"{image}: its directory {image.absolute().parent} does not exist")
+    try:   # mkfs checks the size against the layout before it touches the image
+        mkfs(str(image), nbytes,
+             journal_blocks=param.JOURNAL_BLOCKS if journal_blocks is None else journal_blocks)
+    except ValueError as e:
+        _mkfs_fail(f"--size {size}: {str(e).removeprefix('mkfs: ')}")
+    except OSError as e:
+        _mkfs_fail(f"{image}: {e.strerror or e}")
     console.print(f"{image}: {nbytes} bytes, crashbench file system created")
+
+
+def _mkfs_fail(msg: str):
+    err.print(f"crashbench mkfs: {msg}", markup=False, highlight=False)
+    raise typer.Exit(2)
 
 
 def fsck_cmd(image: Path = typer.Argument(..., help="disk image to check (never modified)"),

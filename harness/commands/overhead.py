@@ -1,6 +1,7 @@
 """CLI command `overhead`: what each scheme costs while nothing fails (harness/overhead.py)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -8,8 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.commands.run import (_fail, catalogue, check_names, check_params, check_root,
-                                   console, err)
+from harness.commands.run import (_fail, catalogue, check_names, check_out, check_params,
+                                   check_root, console, err)
 
 
 def _workload_params(pairs: list[str], workloads: list[str]) -> dict[str, dict]:
@@ -42,10 +43,10 @@ def _check(schemes: list[str], workloads: list[str], rounds: int, duration: floa
         _fail("--workloads is empty and --micro-ops is 0: nothing to measure")
     if rounds <= 0:
         _fail(f"--rounds: must be a positive number of rounds, got {rounds}")
-    if not duration > 0:
-        _fail(f"--duration: must be positive, got {duration}")
-    if warmup is not None and not warmup >= 0:
-        _fail(f"--warmup: must not be negative, got {warmup}")
+    if not (math.isfinite(duration) and duration > 0):
+        _fail(f"--duration: must be a finite positive number of seconds, got {duration}")
+    if warmup is not None and not (math.isfinite(warmup) and warmup >= 0):
+        _fail(f"--warmup: must be a finite number of seconds, not negative, got {warmup}")
     if micro_ops < 0:
         _fail(f"--micro-ops: must not be negative, got {micro_ops}")
     if warmup_runs < 0:
@@ -85,8 +86,7 @@ def overhead_cmd(
         wls = [w.strip() for w in workloads.split(",") if w.strip()]
     params = _workload_params(param, wls)
     _check(names, wls, rounds, duration, warmup, micro_ops, params, warmup_runs)
-    if out is not None and out.exists() and any(out.iterdir()):
-        _fail(f"--out: {out} exists and is not empty; results are never written over")
+    check_out(out)
     from kernel import machine
     try:
         mach = machine.load(str(machine_file) if machine_file else None)

@@ -1,6 +1,7 @@
 """CLI commands `run` and `list`: the harness as users run it."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -90,12 +91,28 @@ def check_names(option: str, kind: str, names: list[str], known) -> None:
 
 
 def check_params(workload: str, params: dict) -> None:
-    """The workload accepts these parameters; else exit 2 with its reason."""
+    """The workload accepts these parameters, each of the type of its default (a number
+    finite and not negative); else exit 2 with the reason."""
     from harness.workloads import WorkloadError, registry
+    cls = registry()[workload]
+    for k, v in params.items():
+        if k in cls.defaults:
+            _check_param_value(workload, k, v, cls.defaults[k])
     try:
-        registry()[workload](**params)
+        cls(**params)
     except WorkloadError as e:
         _fail(f"--param: {e}")
+
+
+_KIND = {int: "an integer", float: "a number", str: "a word"}
+
+
+def _check_param_value(workload: str, name: str, value, default) -> None:
+    want = type(default)
+    if not (isinstance(value, want) or (want is float and isinstance(value, int))):
+        _fail(f"--param {name}: {workload} expects {_KIND.get(want, want.__name__)}, got {value!r}")
+    if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+        _fail(f"--param {name}: must be a finite number, not negative, got {value!r}")
 
 
 def check_root(command: str) -> None:
@@ -108,6 +125,8 @@ def _check(schemes: list[str], workload: str, fault: str, trials: int, timing: d
            params: dict) -> None:
     """Every name and number checked before anything is created."""
     cat = catalogue()
+    if not schemes:
+        _fail("--schemes: names no scheme (e.g. --schemes orthros,reboot)")
     check_names("schemes", "scheme", schemes, cat["schemes"])
     if workload not in cat["workloads"]:
         _fail(f"--workload: unknown workload {workload!r}; known: {', '.join(cat['workloads'])}")
@@ -117,10 +136,37 @@ def _check(schemes: list[str], workload: str, fault: str, trials: int, timing: d
         _fail(f"--trials: must be a positive number of trials, got {trials}")
     for k, v in timing.items():
         must_be_positive = k in ("steady_s", "bin_s", "recovery_timeout_s", "ready_timeout_s")
+        if not math.isfinite(v):
+            _fail(f"--{OPTION_OF.get(k, k)}: must be a finite number of seconds, got {v}")
         if v < 0 or (must_be_positive and v == 0):
             _fail(f"--{OPTION_OF.get(k, k)}: must be positive, got {v}")
     check_params(workload, params)
     check_root("run")
+
+
+def check_out(out: Optional[Path], default_root: Path = Path("results")) -> None:
+    """OUT (or the default results directory) can take a new run: an empty directory, or a
+    path whose nearest existing ancestor is a directory this process may write in."""
+    if out is None:
+        if default_root.exists() and not default_root.is_dir():
+            _fail(f"results directory {default_root}: exists and is not a directory")
+        target = default_root
+    elif out.exists():
+        if not out.is_dir():
+            _fail(f"--out: {out} exists and is not a directory")
+        if any(out.iterdir()):
+            _fail(f"--out: {out} exists and is not empty; results are never written over")
+        target = out
+    else:
+        target = out
+    anc = target.absolute()
+    while not anc.exists():
+        anc = anc.parent
+    option = "--out" if out is not None else "results directory"
+    if not anc.is_dir():
+        _fail(f"{option} {target}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        _fail(f"{option} {target}: {anc} is not writable")
 
 
 def run_cmd(
@@ -149,8 +195,7 @@ def run_cmd(
               "recovery_timeout_s": recovery_timeout, "ready_timeout_s": 30.0, "bin_s": bin_s}
     params = _params(param)
     _check(names, workload, fault, trials, timing, params)
-    if out is not None and out.exists() and any(out.iterdir()):
-        _fail(f"--out: {out} exists and is not empty; results are never written over")
+    check_out(out)
     if machine_file is not None:
         from kernel import machine
         try:

@@ -20,6 +20,7 @@ from systems.base import RecoveryReport
 
 class Orthros:
     name = "orthros"
+    host = None                       # set by deploy; teardown closes what a failed deploy left
 
     def __init__(self, net_tag: str | None = None, missed_beats: int = param.HEARTBEAT_MISSED_BEATS):
         self.net_tag, self.missed = net_tag, missed_beats
@@ -69,4 +70,5 @@ class Orthros:
         return report
 
     def teardown(self) -> None:
-        self.host.close()
+        if self.host is not None:
+            self.host.close()

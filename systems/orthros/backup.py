@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--net-tag", help="the lab's network tag, to take the NIC over")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s backup[%(process)d] %(message)s")
-    mach = machine_mod.load(args.machine)
+    mach = machine_mod.load(args.machine, shape_checked=True)   # checked by whoever started it
     k = Kernel(mach, args.partition, args.physmem, args.workdir, delay=not args.no_delay)
     os.sched_setaffinity(0, k.part.cpus)
     k.join_partition(args.tag)

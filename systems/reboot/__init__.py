@@ -23,6 +23,8 @@ from systems.survey import survey
 
 class Reboot:
     name = "reboot"
+    host = None                       # set by deploy; teardown closes what a failed deploy left
+    watcher: Watcher | None = None
 
     def __init__(self, firmware_s: float = 0.0):
         if firmware_s < 0:
@@ -84,8 +86,10 @@ class Reboot:
                 fuse.abort_and_unmount(kp.mount)
 
     def teardown(self) -> None:
-        self.watcher.close()
-        self.host.close()
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.host is not None:
+            self.host.close()
 
 
 def _count_processes(host) -> int:
