@@ -16,7 +16,9 @@ Part of FileSystem (kernel/fs.py, a mixin). Promises to the rest of the file sys
   lookup is a dict access and an insert parses one block. The truth stays in the metadata
   buffers: the cache can be dropped at any time (``drop_caches``);
 * a malformed entry is corruption: FsError(EUCLEAN) "directory inode D block B offset O:
-  bad entry (rec_len R, name_len N)".
+  bad entry (rec_len R, name_len N)"; so is a size of more blocks than the file system has
+  ("directory inode D: size S is more than the file system's N data blocks"), refused
+  before anything is sized by it.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class DirState:
 
 
 class DirMixin:
-    # provided by FileSystem: bufs, _map, _iput, _dirs (OrderedDict), _handles
+    # provided by FileSystem: sb, bufs, _map, _iput, _dirs (OrderedDict), _handles
 
     def _dir_state(self, d: Inode) -> DirState:
         ds = self._dirs.get(d.ino)
@@ -83,6 +85,10 @@ class DirMixin:
             return ds
         ds = DirState()
         nb = d.size // BSIZE
+        limit = self.sb.nblocks - self.sb.data_start      # a size read from disk sizes no buffer
+        if nb > limit:
+            raise corrupt(f"directory inode {d.ino}: size {d.size} is more than the file "
+                          f"system's {limit} data blocks")
         blocks, _ = self._map(d, 0, nb) if nb else ([], None)
         for fb, b in enumerate(int(x) for x in blocks):
             if b == 0:

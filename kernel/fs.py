@@ -39,7 +39,8 @@ Mount refuses, having written nothing:
   JournalDamaged   "journal block B (commit of transaction T): …" (see journal.py)
 At run time: FsError(EUCLEAN) "inode N: bad checksum (stored …, computed …)",
   "inode N: block pointer P out of range (data blocks D..E)", "directory inode D block B
-  offset O: bad entry (rec_len R, name_len L)"; FsError(EIO) "<image>: file system is not
+  offset O: bad entry (rec_len R, name_len L)", "directory inode D: size S is more than the
+  file system's N data blocks"; FsError(EIO) "<image>: file system is not
   mounted" after unmount or after a failed commit (the journal is then aborted).
 
 On-disk format (BLOCK_SIZE = 4096; all integers little-endian; layouts in disklayout.py):

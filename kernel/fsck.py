@@ -15,7 +15,12 @@ Promises to the CLI (``crashbench fsck``), tests and recovery schemes:
   bitmap against the references (used but marked free, marked used but unreferenced =
   leaked, the metadata area marked used); directory entries (well-formed, pointing at an
   in-use inode of the type they claim, "." and ".." right); nlink against the directory
-  entries; inodes unreachable from the root.
+  entries; inodes unreachable from the root;
+* bounded on any input: each block is claimed by the first pointer met and never followed
+  again (a loop or a block used twice is an error), a pointer outside the data area is
+  never followed, so the walks of all inodes read each block at most once; a directory's or
+  symlink's size counts for at most the file system's data blocks; per inode, MAX_LISTED
+  problems of a kind are listed and the rest counted, and at most MAX_PROBLEMS in all.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernel import param
+from kernel.bmap import ROOTS
 from kernel.dir import parse_block
 from kernel.disklayout import (FT_NAMES, NPTR, ROOT_INO, SB_BLOCK, STATE_CLEAN, SYMLINK_MAX, FsError,
                                Superblock, ftype_of, unpack_inode)
@@ -34,9 +40,45 @@ from kernel.journal import JournalDamaged, scan_log
 
 BSIZE = param.BLOCK_SIZE
 ND = param.NDIRECT
-MAX_LISTED = 20           # blocks listed one by one per kind of bitmap problem
+MAX_LISTED = 20           # blocks listed one by one per kind of bitmap problem, and per inode
+MAX_PROBLEMS = 2000       # problems listed in all; the rest are counted
 _TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK,
           stat.S_IFCHR, stat.S_IFBLK}
+
+
+class _Walk:
+    """What the walk of one inode's block tree gathers: which of its first `nb` file blocks
+    are mapped, the data blocks it claimed among them, problems past MAX_LISTED per kind."""
+
+    def __init__(self, ino: int, nb: int):
+        self.ino = ino
+        self.have = np.zeros(nb, dtype=bool)
+        self.data: list[tuple[np.ndarray, np.ndarray]] = []   # (file blocks, disk blocks)
+        self.listed: dict[str, int] = {}
+        self.unlisted: dict[str, int] = {}
+
+    def mapped(self, fblocks: np.ndarray, fresh_fblocks: np.ndarray, fresh: np.ndarray) -> None:
+        nb = self.have.size
+        if nb:
+            self.have[fblocks[fblocks < nb]] = True
+            keep = fresh_fblocks < nb
+            self.data.append((fresh_fblocks[keep], fresh[keep]))
+
+    def in_order(self) -> list[int]:
+        """The claimed data blocks in file order (a block used twice is checked once)."""
+        if not self.data:
+            return []
+        fbs = np.concatenate([f for f, _ in self.data])
+        blocks = np.concatenate([b for _, b in self.data])
+        return blocks[np.argsort(fbs, kind="stable")].tolist()
+
+    def report(self, check: "_Check", kind: str, msg: str) -> None:
+        n = self.listed.get(kind, 0)
+        if n < MAX_LISTED:
+            self.listed[kind] = n + 1
+            check.problem(msg)
+        else:
+            self.unlisted[kind] = self.unlisted.get(kind, 0) + 1
 
 
 @dataclass
@@ -71,6 +113,7 @@ class _Check:
         self.fd, self.path, self.res = fd, path, res
         self.dev_blocks = os.fstat(fd).st_size // BSIZE
         self.overlay: dict[int, bytes] = {}
+        self.unlisted = 0             # problems past MAX_PROBLEMS, counted only
 
     def raw(self, b: int, n: int = 1) -> bytes:
         if b < 0 or b + n > self.dev_blocks:
@@ -89,7 +132,10 @@ class _Check:
         return data
 
     def problem(self, msg: str) -> None:
-        self.res.problems.append(msg)
+        if len(self.res.problems) < MAX_PROBLEMS:
+            self.res.problems.append(msg)
+        else:
+            self.unlisted += 1
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -129,7 +175,9 @@ class _Check:
         self.check_blocks()
         self.check_dirs()
         self.check_links()
-        res.counts["problems"] = len(res.problems)
+        res.counts["problems"] = len(res.problems) + self.unlisted
+        if self.unlisted:
+            res.problems.append(f"... and {self.unlisted} more problems")
         res.exit_code = 4 if res.problems else 0
 
     # --- inodes and their blocks --------------------------------------------------------
@@ -157,7 +205,7 @@ class _Check:
         root = self.inodes.get(ROOT_INO)
         if root is None or not root.is_dir:
             self.problem(f"root inode {ROOT_INO} is not an in-use directory")
-        self.owner = np.full(sb.nblocks, -1, dtype=np.int64)
+        self.owner = np.full(sb.nblocks, -1, dtype=np.int32)    # inode claiming each block
         self.dir_blocks: dict[int, list[int]] = {}
         self.res.counts.update(inodes_used=len(self.inodes),
                                directories=sum(i.is_dir for i in self.inodes.values()),
@@ -169,72 +217,73 @@ class _Check:
                     self.problem(f"inode {ino}: symlink of {i.size} bytes")
                 if i.inline:
                     continue
-            self.claim(ino, self.tree(i))
+            self.tree(i)
 
-    def ptr_ok(self, ino: int, p: int) -> bool:
-        if self.sb.data_start <= p < self.sb.nblocks:
-            return True
-        self.problem(f"inode {ino}: block pointer {p} out of range "
-                     f"(data blocks {self.sb.data_start}..{self.sb.nblocks - 1})")
-        return False
-
-    def tree(self, i) -> list[int]:
-        """Every block of inode i (indirect and data); a directory's are kept in order."""
-        out: list[int] = []
-        # (file block, disk block) of the data blocks: only directories and symlinks need them
-        order: list[tuple[int, int]] | None = [] if i.is_dir or i.is_symlink else None
-        for k in range(ND):
-            p = i.addrs[k]
-            if p and self.ptr_ok(i.ino, p):
-                out.append(p)
-                if order is not None:
-                    order.append((k, p))
-        base = ND
-        for depth, slot in ((1, ND), (2, ND + 1), (3, ND + 2)):
-            p = i.addrs[slot]
-            if p and self.ptr_ok(i.ino, p):
-                self.walk(i.ino, p, depth, base, out, order)
-            base += NPTR ** depth
-        if order is not None:
-            nb = max(1, -(-i.size // BSIZE)) if i.is_symlink else i.size // BSIZE
-            if i.is_dir and i.size % BSIZE:
-                self.problem(f"directory inode {i.ino}: size {i.size} is not whole blocks")
-            have = dict(order)
-            missing = [f for f in range(nb) if f not in have]
-            if missing:
+    def tree(self, i) -> None:
+        """Claim every block of inode i (indirect and data), each block once; a directory's
+        data blocks are kept in order for check_dirs."""
+        w = _Walk(i.ino, self.blocks_that_matter(i))
+        self.take(w, np.asarray(i.addrs[:ND], dtype=np.int64), 0, 1, 0)
+        for slot, depth, base in ROOTS:
+            self.take(w, np.asarray(i.addrs[slot:slot + 1], dtype=np.int64), base,
+                      NPTR ** depth, depth)
+        for kind, n in w.unlisted.items():
+            self.problem(f"inode {i.ino}: ... and {n} more {kind}")
+        if w.have.size:
+            holes = np.flatnonzero(~w.have)
+            if holes.size:
                 self.problem(f"inode {i.ino}: {'directory' if i.is_dir else 'symlink'} block "
-                             f"{missing[0]} is a hole")
-            if i.is_dir:
-                self.dir_blocks[i.ino] = [have[f] for f in range(nb) if f in have]
-        return out
+                             f"{int(holes[0])} is a hole")
+        if i.is_dir:
+            self.dir_blocks[i.ino] = w.in_order()
 
-    def walk(self, ino: int, blk: int, depth: int, base: int, out: list, order) -> None:
-        out.append(blk)
-        ptrs = np.frombuffer(self.read(blk), "<u4")
-        nz = np.flatnonzero(ptrs)
-        span = NPTR ** (depth - 1)
-        for k in nz.tolist():
-            p = int(ptrs[k])
-            if not self.ptr_ok(ino, p):
-                continue
-            if depth == 1:
-                out.append(p)
-                if order is not None:
-                    order.append((base + k, p))
-            else:
-                self.walk(ino, p, depth - 1, base + k * span, out, order)
+    def blocks_that_matter(self, i) -> int:
+        """How many file blocks of a directory or symlink its size covers, never more than the
+        file system has (so no size read from disk sizes a buffer); 0 for other files."""
+        if not (i.is_dir or i.is_symlink):
+            return 0
+        limit = self.sb.nblocks - self.sb.data_start
+        nb = max(1, -(-i.size // BSIZE)) if i.is_symlink else i.size // BSIZE
+        if i.is_dir and i.size % BSIZE:
+            self.problem(f"directory inode {i.ino}: size {i.size} is not whole blocks")
+        if nb > limit:
+            self.problem(f"{'directory' if i.is_dir else 'symlink'} inode {i.ino}: size {i.size} "
+                         f"is more than the file system's {limit} data blocks")
+            nb = limit
+        return nb
 
-    def claim(self, ino: int, blocks: list[int]) -> None:
-        if not blocks:
+    def take(self, w: "_Walk", ptrs: np.ndarray, base: int, span: int, depth: int) -> None:
+        """Claim the blocks `ptrs` point at (entry k maps file blocks base + k*span on) and,
+        if they are `depth` > 0 levels of indirection above the data, walk the ones met for
+        the first time. A pointer outside the data area or to a block already claimed is not
+        followed, so all walks together read each block of the disk at most once."""
+        sb = self.sb
+        idx = np.flatnonzero(ptrs)
+        p = ptrs[idx]
+        bad = (p < sb.data_start) | (p >= sb.nblocks)
+        for b in p[bad].tolist():
+            w.report(self, "block pointers out of range",
+                     f"inode {w.ino}: block pointer {b} out of range "
+                     f"(data blocks {sb.data_start}..{sb.nblocks - 1})")
+        idx, p = idx[~bad], p[~bad]
+        if not p.size:
             return
-        arr = np.asarray(blocks, dtype=np.int64)
-        uniq, counts = np.unique(arr, return_counts=True)
-        for b in uniq[counts > 1].tolist():
-            self.problem(f"block {b} used twice (both times by inode {ino})")
-        prev = self.owner[uniq]
-        for b, o in zip(uniq[prev >= 0].tolist(), prev[prev >= 0].tolist()):
-            self.problem(f"block {b} used twice (by inode {o} and inode {ino})")
-        self.owner[uniq[prev < 0]] = ino
+        uniq, first, counts = np.unique(p, return_index=True, return_counts=True)
+        owner = self.owner[uniq]
+        again = (counts > 1) | (owner >= 0)
+        for b, o in zip(uniq[again].tolist(), owner[again].tolist()):
+            by = f"by inode {o} and inode {w.ino}" if 0 <= o != w.ino else f"both times by inode {w.ino}"
+            w.report(self, "blocks used twice", f"block {b} used twice ({by})" +
+                     (": an indirect block met again, not followed" if depth else ""))
+        fresh = owner < 0
+        blocks, fblocks = uniq[fresh], base + idx[first[fresh]] * span
+        self.owner[blocks] = w.ino
+        if depth == 0:
+            w.mapped(base + idx * span, fblocks, blocks)
+            return
+        for b, fb in zip(blocks.tolist(), fblocks.tolist()):
+            self.take(w, np.frombuffer(self.read(b), "<u4").astype(np.int64), fb,
+                      span // NPTR, depth - 1)
 
     # --- bitmap ----------------------------------------------------------------------------
     def check_blocks(self) -> None:

@@ -569,6 +569,19 @@ def test_inject_bad_pointer_is_caught(m):
     assert any(p.startswith(f"inode {victim}: block pointer {bad} out of range") for p in res.problems)
 
 
+def test_directory_larger_than_the_file_system_is_corruption_not_an_allocation(m):
+    sub = m.fs.mkdir(ROOT, b"sub", 0o755, 0, 0)
+    with m.fs.handle():                      # a size from disk, checksum right (a kernel bug)
+        i = m.fs._iget(sub)
+        i.size = 1 << 60
+        m.fs._iput(i)
+    m.fs.drop_caches()
+    with pytest.raises(FsError, match=f"directory inode {sub}: size {1 << 60} is more than the "
+                                      f"file system's") as ei:
+        m.fs.readdir(sub)
+    assert ei.value.errno == errno.EUCLEAN
+
+
 # --- crash consistency, property-based ---------------------------------------------------------
 NAMES = [b"a", b"b", b"c", b"d"]
 DIRS = [(), (b"d1",), (b"d1", b"d2"), (b"d3",)]

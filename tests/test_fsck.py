@@ -1,13 +1,23 @@
-"""fsck: clean images pass; each kind of damage is reported with its own message; read-only."""
+"""fsck: clean images pass; each kind of damage is reported with its own message; read-only;
+on any input it keeps its 0/4/8 contract within bounded memory."""
 import hashlib
+import json
 import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kernel import param
 from kernel.blockdev import BlockDevice
 from kernel.buffers import MemBuffers
-from kernel.disklayout import (DIRENT, INODES_PER_BLOCK, SB_BLOCK, Inode, Superblock,
+from kernel.disklayout import (DIRENT, INODES_PER_BLOCK, NPTR, SB_BLOCK, Inode, Superblock,
                                pack_inode, unpack_inode)
 from kernel.fs import FileSystem
 from kernel.fsck import fsck
@@ -276,3 +286,139 @@ def test_orphan_is_a_note_not_an_error(im):
     assert res.exit_code == 0, res.problems
     assert res.counts["orphans"] == 1
     assert f"inode {im.g}: orphan (nlink 0), freed at the next mount" in res.notes
+
+
+# --- any input: bounded memory and time, exit 0/4/8 ------------------------------------------
+FSCK_HEADROOM = 256 << 20     # address space fsck may grow by, beyond what its imports took
+FSCK_TIMEOUT_S = 120          # generous: the machine is shared; a runaway takes far longer
+_BOUNDED_FSCK = """
+import json, resource, sys
+from kernel.fsck import fsck
+vm = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + %d, vm + %d))
+res = fsck(sys.argv[1])
+print(json.dumps({"exit_code": res.exit_code, "problems": res.problems}))
+""" % (FSCK_HEADROOM, FSCK_HEADROOM)
+
+
+def bounded_fsck(path) -> dict:
+    """fsck in a child whose address space may grow by FSCK_HEADROOM only: a MemoryError
+    or any traceback fails the test, as does running past FSCK_TIMEOUT_S."""
+    p = subprocess.run([sys.executable, "-c", _BOUNDED_FSCK, str(path)], capture_output=True,
+                       text=True, timeout=FSCK_TIMEOUT_S,
+                       env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout)
+    assert res["exit_code"] in (0, 4, 8)
+    assert (res["exit_code"] == 0) == (not res["problems"]), res
+    return res
+
+
+def test_random_bytes_over_an_inode_table_block(im):
+    im.put(im.sb.inode_start, random.Random(0).randbytes(B))     # inodes 0..31: root, f, g, ...
+    res = bounded_fsck(im.path)
+    assert res["exit_code"] == 4
+    assert any(p.startswith(f"inode {ROOT}: bad checksum") for p in res["problems"])
+
+
+def test_directory_of_size_2_to_the_60(im):
+    si = im.inode(im.sub)
+    si.size = 1 << 60
+    im.put_inode(si)
+    res = bounded_fsck(im.path)
+    assert res["exit_code"] == 4
+    assert any(p.startswith(f"directory inode {im.sub}: size {1 << 60} is more than")
+               for p in res["problems"]), res["problems"]
+
+
+def test_triple_indirect_block_pointing_at_itself(im):
+    loop = im.sb.nblocks - 7                       # a free data block, marked used
+    im.put(loop, loop.to_bytes(4, "little") * NPTR)
+    im.set_bit(loop, True)
+    gi = im.inode(im.g)
+    gi.addrs[param.NDIRECT + 2] = loop
+    im.put_inode(gi)
+    res = bounded_fsck(im.path)
+    assert res["exit_code"] == 4
+    assert f"block {loop} used twice (both times by inode {im.g}): an indirect block met again, not followed" \
+        in res["problems"], res["problems"]
+
+
+@pytest.fixture(scope="module")
+def metadata_image():
+    """An image with every kind of metadata block: (path, metadata block numbers, inodes in use)."""
+    d = tempfile.mkdtemp(prefix="cb-fsck-")
+    path = os.path.join(d, "meta.img")
+    mkfs(path, 32 << 20)
+    dev = BlockDevice(path, "none", delay=False)
+    fs = FileSystem(dev, MemBuffers(dev))
+    sub = fs.mkdir(ROOT, b"sub", 0o755, 0, 0)
+    for k in range(40):                             # a second directory block
+        fs.create(sub, b"name-%03d-" % k + b"x" * 80, REG, 0, 0)
+    big = fs.create(ROOT, b"big", REG, 0, 0)
+    for fb in (0, param.NDIRECT, param.NDIRECT + NPTR, param.NDIRECT + NPTR + NPTR ** 2):
+        fs.write_data(big, fb * B, b"D" * B)        # direct, single, double, triple indirect
+    fs.symlink(ROOT, b"long", b"t" * 200, 0, 0)
+    sb = fs.sb
+    meta = [SB_BLOCK, sb.journal_start, sb.inode_start, sb.bitmap_start]
+    inos = fs.ialloc.in_use().tolist()
+    for ino in inos:
+        i = fs.iget(ino)
+        for depth, p in enumerate(i.addrs[param.NDIRECT:], 1):     # the indirect blocks
+            while p:
+                meta.append(p)
+                p = fs._ptrs(p)[np.flatnonzero(fs._ptrs(p))[0]] if depth > 1 else 0
+                depth -= 1
+        if not i.is_reg:
+            meta += [a for a in i.addrs[:param.NDIRECT] if a]
+    fs.unmount()
+    dev.close()
+    yield path, sorted(set(int(b) for b in meta)), inos
+    shutil.rmtree(d, ignore_errors=True)
+
+
+NBLOCKS = (32 << 20) // B
+# damage: random bytes anywhere in a metadata block; a block number (in the disk or just
+# past it) over a pointer of an indirect or directory block; an inode's size or block
+# pointer set to a number, its checksum left stale or made right (a bug rather than rot)
+HITS = st.one_of(
+    st.tuples(st.just("bytes"), st.integers(0, 1 << 20), st.integers(0, B - 1), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("pointer"), st.integers(0, 1 << 20), st.integers(0, NPTR - 1),
+              st.integers(0, NBLOCKS + 16)),
+    st.tuples(st.just("size"), st.integers(0, 1 << 20), st.booleans(), st.integers(0, 63)),
+    st.tuples(st.just("addr"), st.integers(0, 1 << 20), st.booleans(),
+              st.tuples(st.integers(0, 14), st.integers(0, NBLOCKS + 16))))
+
+
+def _apply(path, sb, meta, inos, hit) -> None:
+    kind, which, where, what = hit
+    with open(path, "r+b") as fh:
+        if kind in ("bytes", "pointer"):
+            fh.seek(meta[which % len(meta)] * B + (where if kind == "bytes" else 4 * where))
+            fh.write(what[:B - where] if kind == "bytes" else what.to_bytes(4, "little"))
+            return
+        ino = inos[which % len(inos)]
+        blk = sb.inode_start + ino // INODES_PER_BLOCK
+        off = (ino % INODES_PER_BLOCK) * ISZ
+        fh.seek(blk * B + off)
+        i = unpack_inode(ino, fh.read(ISZ), sb.csum_seed, verify=False)
+        if kind == "size":
+            i.size = 1 << what
+        else:
+            i.addrs[what[0]] = what[1]
+        raw = pack_inode(i, sb.csum_seed if where else sb.csum_seed + 1)
+        fh.seek(blk * B + off)
+        fh.write(raw)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(HITS, min_size=1, max_size=4))
+def test_fsck_on_randomly_damaged_metadata_keeps_its_contract(metadata_image, tmp_path, hits):
+    src, meta, inos = metadata_image
+    path = str(tmp_path / "damaged.img")
+    shutil.copyfile(src, path)
+    with open(src, "rb") as fh:
+        sb = Superblock.unpack(fh.read(2 * B)[B:], src)
+    for hit in hits:
+        _apply(path, sb, meta, inos, hit)
+    bounded_fsck(path)
