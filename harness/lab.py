@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel import control, fuse, machine as machine_mod, mailbox
-from kernel.host import physmem_path_for
+from kernel.host import make_workdir, physmem_path_for
 from kernel.physmem import PhysMem
 
 STATE = "lab.json"
@@ -95,8 +95,7 @@ class Lab:
         if scheme not in registry():
             raise LabError(f"unknown scheme {scheme!r} (known: {', '.join(registry())})")
         m = machine_mod.load(machine_file)
-        workdir.mkdir(parents=True, exist_ok=True)
-        workdir = workdir.resolve()
+        workdir = make_workdir(workdir)
         lab = cls(workdir, {"machine_file": machine_file, "scheme": scheme,
                             "tag": lab_tag(workdir), "physmem": physmem_path_for(workdir),
                             "supervisor": None, "network": None, "started": time.time()})
