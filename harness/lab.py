@@ -25,7 +25,7 @@ from pathlib import Path
 
 from harness import owners
 from kernel import control, fuse, machine as machine_mod, mailbox
-from kernel.host import physmem_path_for
+from kernel.host import make_workdir, physmem_path_for
 from kernel.physmem import PhysMem
 
 STATE = "lab.json"
@@ -128,10 +128,9 @@ class Lab:
             raise LabError(f"unknown scheme {scheme!r} (known: {', '.join(registry())})")
         m = machine_mod.load(machine_file)
         try:
-            workdir.mkdir(parents=True, exist_ok=True)
+            workdir = make_workdir(workdir)
         except OSError as e:
             raise LabError(f"--workdir {workdir}: cannot create it: {e.strerror}") from None
-        workdir = workdir.resolve()
         lab = cls(workdir, {"machine_file": str(Path(machine_file).resolve()) if machine_file else None,
                             "scheme": scheme, "tag": lab_tag(workdir),
                             "physmem": physmem_path_for(workdir),

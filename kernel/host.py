@@ -5,6 +5,12 @@ physical-memory file in /dev/shm and its disk images (formatted on first use), l
 kernel daemons as real processes (own session, so a crash can take their whole process
 group), waits until they serve, crashes them (SIGKILL) or stops them cleanly, and
 ``close()`` removes every mount, process and memory file it made — also after a failure.
+
+What holds the machine's data is its owner's only (param.OWNER_ONLY_MODE, set explicitly
+whatever the umask): the memory file, the disk images (also those formatted before), the
+VMM's region, the control and doorbell sockets. The work directory it makes stays
+traversable (param.WORKDIR_MODE, ``make_workdir``), because the partitions' servers run as
+other users on the mount beneath it.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernel import machine as machine_mod
+from kernel import machine as machine_mod, param
 from kernel.mkfs import mkfs
 from kernel.physmem import PhysMem
 
@@ -53,6 +59,16 @@ def _idle() -> None:
         pass
 
 
+def make_workdir(path: str | Path) -> Path:
+    """The work directory and its logs; those made here get WORKDIR_MODE, not the umask's."""
+    path = Path(path)
+    for d in (path, path / "logs"):
+        if not d.is_dir():
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, param.WORKDIR_MODE)
+    return path.resolve()
+
+
 def physmem_path_for(workdir: str | Path) -> str:
     tag = hashlib.sha1(str(Path(workdir).resolve()).encode()).hexdigest()[:12]
     return f"/dev/shm/crashbench-{tag}"
@@ -68,9 +84,7 @@ class Host:
     net: object | None = None         # the machine's kernel.net.Network, when it has one up
 
     def __post_init__(self):
-        self.workdir = Path(self.workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "logs").mkdir(exist_ok=True)
+        self.workdir = make_workdir(self.workdir)
         self.physmem = physmem_path_for(self.workdir)
 
     # --- resources -----------------------------------------------------------------------
@@ -86,6 +100,8 @@ class Host:
             img = self.workdir / d.image
             if force or not img.exists():
                 mkfs(str(img), d.size)
+            else:
+                os.chmod(img, param.OWNER_ONLY_MODE)   # formatted when images were 0644
 
     def mountpoint(self, part_id: int) -> Path:
         from kernel import fuse

@@ -8,7 +8,13 @@ Promises to a backup kernel watching an active one (and to `crashbench status/in
 * a kernel that panics writes a **dying message** (reason, site, time) into its mailbox
   before it dies, then rings the doorbell of every partition whose mailbox says it listens;
 * a doorbell is a Unix datagram socket per partition (the stand-in for an IPI): ringing it
-  wakes the listener at once instead of at its next poll.
+  wakes the listener at once instead of at its next poll. Only root and the machine's owner
+  can ring one: the socket file is owner-only (param.OWNER_ONLY_MODE, set before ``bind``),
+  so another user's ``sendto`` fails with EACCES. The mode, not a per-datagram credential
+  check (SO_PASSCRED), is the guard on purpose: a check at the listener would still let
+  another user fill the socket's queue, so a dying kernel's ring could be lost, and it
+  would add a credential message to every wake-up on the failover path; the mode costs
+  nothing once the socket exists.
 
 A kernel that hangs or is killed writes nothing: a watcher notices the beat stop.
 """
@@ -20,6 +26,7 @@ from pathlib import Path
 import time
 from dataclasses import dataclass
 
+from kernel import param
 from kernel.physmem import CorruptObject, Layout, PartLayout, PhysMem
 
 MAILBOX = Layout("heartbeat mailbox", "MBOX", 1, [
@@ -130,14 +137,26 @@ def doorbell_path(workdir: str, part_id: int | str) -> str:
     return os.path.join(workdir, f"doorbell-{name}.sock")
 
 
+def owner_only_socket(kind: int, path: str) -> socket.socket:
+    """A Unix socket bound at ``path`` with OWNER_ONLY_MODE: Linux gives the new file the
+    mode of the socket's inode (less the umask), so it is never open, not even briefly."""
+    s = socket.socket(socket.AF_UNIX, kind)
+    try:
+        os.fchmod(s.fileno(), param.OWNER_ONLY_MODE)
+        s.bind(path)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 class Doorbell:
     """The listening end: a datagram socket a dying kernel rings."""
 
     def __init__(self, workdir: str, part_id: int | str):
         self.path = doorbell_path(workdir, part_id)
         Path(self.path).unlink(missing_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
+        self.sock = owner_only_socket(socket.SOCK_DGRAM, self.path)
 
     def wait(self, timeout: float) -> bytes | None:
         self.sock.settimeout(timeout)

@@ -1,8 +1,9 @@
 """mkfs: write an empty crashbench file system into a (sparse) disk image.
 
 Promises to the host (kernel/host.py), the CLI and tests: ``mkfs(path, size_bytes)``
-creates or overwrites `path` as a sparse file of size_bytes (rounded down to whole blocks)
-holding the layout drawn in kernel/fs.py: superblock, an empty journal, an inode table of
+creates or overwrites `path` as a sparse file of size_bytes (rounded down to whole blocks),
+readable and writable by its owner only (param.OWNER_ONLY_MODE, whatever the umask or the
+old file's mode: the image holds every file's content), holding the layout drawn in kernel/fs.py: superblock, an empty journal, an inode table of
 INODES_PER_MIB inodes per MiB (or `inodes`), the block bitmap and a root directory
 (inode 1, mode 0o40755, uid/gid 0). Only the blocks with content are written. An image
 owned by a running kernel (flock held) is refused with DeviceError; a size or journal that
@@ -62,8 +63,9 @@ def mkfs(path: str, size_bytes: int, *, journal_blocks: int = param.JOURNAL_BLOC
     if nblocks >= param.MAX_DISK_BLOCKS:
         raise ValueError(f"mkfs: size {size_bytes} bytes exceeds {param.MAX_DISK_BLOCKS} blocks")
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, param.OWNER_ONLY_MODE)
     try:
+        os.fchmod(fd, param.OWNER_ONLY_MODE)   # an existing image keeps its mode through O_CREAT
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -62,3 +62,7 @@ WRITEBACK_RUN_BYTES = 4 << 20        # largest single device write during write-
 
 # --- the warm-cache VMM (kernel/vmm.py, systems/warmcache) ---
 VMM_SPARE_PAGES = 16384     # preserved pages the VMM can move out of a rebooted kernel's way (64 MiB)
+
+# --- the machine's files on the host (kernel/host.py, mkfs, physmem, vmm, control, mailbox) ---
+OWNER_ONLY_MODE = 0o600     # disk images, memory and VMM region files, control and doorbell sockets
+WORKDIR_MODE = 0o755        # the work directory: traversable by the servers' own users (postgres, www-data)

@@ -2,13 +2,14 @@
 
 Promises to every kernel layer and to any process that reads a (possibly dead) kernel:
 
-* ``PhysMem`` maps the whole machine's memory. ``write()`` is the ONE accessor through which
-  every write to a kernel object or a page frame goes: watchers registered on it (the
-  warm-cache VMM, the TxIPC undo log, the fault injector) see every store that touches
-  ``watch_span`` (the whole memory unless narrowed: the VMM watches only the page frames)
-  before it lands. A watcher may narrow it further to the pages it write-protects, as a
-  VMM does with the MMU: ``watch_pages``, one byte per page of the span, 1 where a store
-  must reach the watchers (None: every page).
+* ``PhysMem`` maps the whole machine's memory; the file it creates is its owner's only
+  (param.OWNER_ONLY_MODE, set explicitly: every page of every file lives there).
+  ``write()`` is the ONE accessor through which every write to a kernel object or a page
+  frame goes: watchers registered on it (the warm-cache VMM, the TxIPC undo log, the fault
+  injector) see every store that touches ``watch_span`` (the whole memory unless narrowed:
+  the VMM watches only the page frames) before it lands. A watcher may narrow it further
+  to the pages it write-protects, as a VMM does with the MMU: ``watch_pages``, one byte
+  per page of the span, 1 where a store must reach the watchers (None: every page).
 * Kernel objects are fixed binary layouts (``Layout``) addressed by physical offset; a
   pointer is a physical offset and 0 means null. Every object carries a magic, a version and
   a checksum (xxh3-64 of all bytes before it), so a foreign kernel can reject what is
@@ -230,11 +231,12 @@ class PhysMem:
         self.path, self.readonly = path, readonly
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
-            fd = os.open(path, flags, 0o600)
+            fd = os.open(path, flags, param.OWNER_ONLY_MODE)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no physical-memory file (is the machine up?)") from None
         try:
             if create:
+                os.fchmod(fd, param.OWNER_ONLY_MODE)   # explicit, not left to the umask
                 os.ftruncate(fd, size)
             self.size = os.fstat(fd).st_size
             if size is not None and self.size != size:

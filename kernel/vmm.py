@@ -10,7 +10,8 @@ Promises to the warm-cache scheme (systems/warmcache; Kourai, VEE'11):
   write-protects every frame it holds a CLEAN or WARM copy in, so the first store into one
   reaches it; it then lifts the protection, as a VMM does through the MMU;
 * its tables live in a region of its own (a file beside the machine's memory) that the guest
-  partition does not own, so they outlive the guest;
+  partition does not own, so they outlive the guest; the file is its owner's only
+  (param.OWNER_ONLY_MODE, also when an older region is overwritten): it holds guest pages;
 * after the guest died, ``preserve()`` checks every frame it tracked — its entry's seal, its
   block's generation, its content checksum — and keeps the consistent ones WARM, one per block;
 * beneath the next kernel, a read of a block with a WARM copy is served from memory without
@@ -160,8 +161,9 @@ class Region:
         gens = _align(stab + nspare * ENTRY.itemsize)
         spare = _align(gens + nblocks * 4)
         size = spare + nspare * PAGE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, param.OWNER_ONLY_MODE)
         try:
+            os.fchmod(fd, param.OWNER_ONLY_MODE)   # a region left by an older run keeps its mode
             os.ftruncate(fd, size)   # sparse: untouched tables and spare pages cost nothing
             os.pwrite(fd, HEADER.encode(nframes=lay.nframes, frames_phys=lay.frames,
                                         nblocks=nblocks, nspare=nspare, ftab=ftab, stab=stab,
