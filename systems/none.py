@@ -1,12 +1,14 @@
 """Scheme `none`: no recovery. The failure is detected and recorded; nothing comes back."""
 from __future__ import annotations
 
-from systems.base import RecoveryReport
+from systems.base import Capabilities, RecoveryReport, RecoveryScheme
 from systems.detect import Watcher
 
 
-class NoRecovery:
+class NoRecovery(RecoveryScheme):
     name = "none"
+    capabilities = Capabilities(recovers=False)
+    watcher = None
 
     def deploy(self, host, apps=()) -> None:
         self.host = host
@@ -20,5 +22,6 @@ class NoRecovery:
         return r
 
     def teardown(self) -> None:
-        self.watcher.close()
-        self.host.close()
+        if self.watcher is not None:
+            self.watcher.close()
+        super().teardown()

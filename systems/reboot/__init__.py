@@ -16,13 +16,14 @@ import time
 from kernel import fuse
 from kernel.physmem import PhysMem
 from kernel.procset import fence_partition
-from systems.base import RecoveryReport
+from systems.base import RecoveryReport, RecoveryScheme
 from systems.detect import Watcher
 from systems.survey import survey
 
 
-class Reboot:
+class Reboot(RecoveryScheme):
     name = "reboot"
+    watcher = None
 
     def __init__(self, firmware_s: float = 0.0):
         if firmware_s < 0:
@@ -84,8 +85,9 @@ class Reboot:
                 fuse.abort_and_unmount(kp.mount)
 
     def teardown(self) -> None:
-        self.watcher.close()
-        self.host.close()
+        if self.watcher is not None:
+            self.watcher.close()
+        super().teardown()
 
 
 def _count_processes(host) -> int:
