@@ -1,12 +1,13 @@
-"""`crashbench bench failover`: crash-to-service per phase, orthros beside reboot.
+"""`crashbench bench failover`: crash-to-service per phase, one scheme beside another.
 
 Each crash runs on a freshly deployed machine whose active kernel holds CACHE_MIB of file
 cache, half of it dirty (written, never fsynced) and half clean (written and fsynced), as
 the Orthros paper's experiment does. The fault is a panic, so detection is by dying
 message. The cache-migration rate is of the bytes adopted over the time spent checking
 them: the cache-migration phase plus the check, after first service, of the clean pages
-no request had used (orthros checks those lazily; ``migration_rate_outage`` leaves that
-time out). It is set beside a memcpy of the same number of bytes measured in the same run
+no request had used (a scheme may check those lazily and say so in a note;
+``migration_rate_outage`` leaves that time out); only a scheme that declares
+``migrates_cache`` has these figures. It is set beside a memcpy of the same number of bytes measured in the same run
 (numpy copy between two buffers), because the machine is shared.
 Device time of the `ssd` model is modeled and waited for.
 """
@@ -27,6 +28,7 @@ from kernel.host import Host
 from systems.base import check_report, registry
 
 CHUNK = 1 << 20
+DEFAULT_SCHEMES = ("orthros", "reboot")   # what `crashbench bench failover` compares
 
 
 def fill_cache(mnt: Path, mib: int) -> None:
@@ -52,7 +54,7 @@ def memcpy_rate(nbytes: int) -> float:
 
 
 def late_check_s(notes: list[str]) -> float:
-    """The time orthros spent checking adopted clean pages after first service (its note),
+    """The time spent checking adopted clean pages after first service (the scheme's note),
     which the cache-migration rate counts: the rate is of pages adopted *and* checked."""
     for n in notes:
         m = re.search(r"in the background in ([0-9.]+) ms", n)
@@ -65,16 +67,17 @@ def one_crash(scheme_name: str, mib: int) -> dict:
     wd = tempfile.mkdtemp(prefix="crashbench-failover-")
     os.chmod(wd, 0o755)
     host = Host(Path(wd), machine.load())
-    scheme = registry()[scheme_name]()
+    cls = registry()[scheme_name]
+    scheme = cls()
     try:
         host.create_memory()
         host.format_disks()
         scheme.deploy(host)
         fill_cache(Path(host.kernels[0].mount), mib)
-        reply = host.control(0, {"cmd": "inject", "fault": "panic"})
+        reply = scheme.inject("panic")
         r = check_report(scheme.on_crash(reply, timeout=120))
         out = r.to_dict()
-        if scheme_name == "orthros":
+        if cls.capabilities.migrates_cache:
             mig = next(p["seconds"] for p in out["phases"] if p["name"] == "cache migration")
             late = late_check_s(r.notes)
             out["migration_rate"] = r.cache.pages_recovered * 4096 / (mig + late)
@@ -87,7 +90,7 @@ def one_crash(scheme_name: str, mib: int) -> dict:
         shutil.rmtree(wd, ignore_errors=True)
 
 
-def run(crashes: int, mib: int, schemes=("orthros", "reboot"), progress=None) -> dict[str, list[dict]]:
+def run(crashes: int, mib: int, schemes=DEFAULT_SCHEMES, progress=None) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {s: [] for s in schemes}
     for i in range(crashes):           # interleaved, so drift on the machine hits both alike
         for s in schemes:
@@ -112,13 +115,19 @@ def summarize(results: dict[str, list[dict]]) -> dict:
                  "dirty_pages_before": statistics.median(r["cache"]["dirty_pages_before"] for r in runs),
                  "dirty_pages_lost": statistics.median(r["cache"]["dirty_pages_lost"] for r in runs),
                  "pages_recovered": statistics.median(r["cache"]["pages_recovered"] for r in runs)}
-        if s == "orthros":
+        if all("migration_rate" in r for r in runs):
             entry["migration_rate_median"] = statistics.median(r["migration_rate"] for r in runs)
             entry["migration_rate_outage_median"] = statistics.median(r["migration_rate_outage"] for r in runs)
             entry["late_check_median_s"] = statistics.median(r["late_check_s"] for r in runs)
             entry["memcpy_rate_median"] = statistics.median(r["memcpy_rate"] for r in runs)
         out[s] = entry
-    if "orthros" in out and "reboot" in out:
-        out["orthros_over_reboot"] = (out["orthros"]["crash_to_service_median_s"]
-                                      / out["reboot"]["crash_to_service_median_s"])
+    if len(out) == 2:
+        a, b = out
+        out[ratio_key(a, b)] = (out[a]["crash_to_service_median_s"]
+                                / out[b]["crash_to_service_median_s"])
     return out
+
+
+def ratio_key(a: str, b: str) -> str:
+    """The summary's key of the first scheme's crash-to-service over the second's."""
+    return f"{a}_over_{b}"

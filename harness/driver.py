@@ -56,9 +56,12 @@ class Trial:
         self.spec, self.out, self.say = spec, out, say
         self.phases: list[dict] = []
         self.workload = workloads()[spec.workload](**spec.workload_params)
-        self.scheme = schemes()[spec.scheme]()
-        self.host = self.net = self.clients = self.report = None
+        self.scheme = self.make_scheme(spec.scheme)
+        self.host = self.net = self.svc = self.clients = self.report = None
         self.crash_at: float | None = None
+
+    def make_scheme(self, name: str):
+        return schemes()[name]()
 
     def phase(self, name: str):
         return _Phase(self, name)
@@ -102,7 +105,7 @@ class Trial:
                            ip=self.net.service_ip if self.net else "127.0.0.1",
                            client_netns=self.net.client_netns() if self.net else None,
                            workdir=wd, seed=self.spec.seed)
-        if getattr(self.workload, "prepares", False):
+        if self.workload.prepares:
             self.host.boot(0, mount=self.svc.mount)
             self.workload.prepare(self.svc)
             self.host.stop(0)
@@ -130,11 +133,10 @@ class Trial:
                 raise DriverError(f"{self.spec.id}: {dead[0]}; see its log")
 
     def inject(self) -> dict:
-        active = getattr(self.scheme, "active", 0)
         with history.Recorder(self.svc.history_dir() / "nemesis.jsonl", history.NEMESIS) as rec:
-            op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": active})
+            op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": self.scheme.active})
             self.crash_at = op["time"]
-            reply = self.host.control(active, {"cmd": "inject", "fault": self.spec.fault})
+            reply = self.scheme.inject(self.spec.fault)
             rec.complete("info", op, value={"fault": self.spec.fault, "reply": reply})
         return reply
 
@@ -179,8 +181,8 @@ class Trial:
                 self.clients.stop()
         finally:
             try:
-                if self.host is not None:
-                    self.scheme.teardown() if hasattr(self.scheme, "host") else self.host.close()
+                if self.host is not None:   # a scheme not (fully) deployed leaves the host to us
+                    self.scheme.teardown() if self.scheme.host is not None else self.host.close()
             finally:
                 if self.net is not None:
                     self.net.down()

@@ -51,7 +51,7 @@ def _alive_pid(pid: int | None) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    """A kernel process of the lab (an active kernel or an Orthros backup) is running."""
+    """A kernel process of the lab (one running a module a scheme declares) is running."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read()
@@ -59,7 +59,8 @@ def _alive(pid: int) -> bool:
             zombie = f.read().split(") ", 1)[1].startswith("Z")
     except OSError:
         return False
-    return not zombie and (b"kernel.kernel" in cmd or b"systems.orthros.backup" in cmd)
+    from systems.base import kernel_modules
+    return not zombie and any(m.encode() in cmd for m in kernel_modules())
 
 
 def forget(workdir: Path) -> None:

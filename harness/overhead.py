@@ -29,7 +29,6 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from harness import cpuuse, history, results, stats
 from harness.checkers.steady import END, START, steady
 from harness.driver import Trial, TrialSpec
 from harness.workloads import registry
+from systems.base import RecoveryScheme, Reservation, registry as schemes_registry
 
 SCHEMA_VERSION = 1
 KIND = "crashbench overhead"
@@ -52,7 +52,7 @@ STEADY_FAULT = "steady"     # the fault field of a steady run's spec: there is n
 LATENCY_KEYS = ("p50", "p95", "p99")
 
 
-class Vanilla:
+class Vanilla(RecoveryScheme):
     """No scheme: a kernel without heartbeat (kernel.kernel --no-heartbeat), no watcher."""
     name = VANILLA
 
@@ -60,19 +60,22 @@ class Vanilla:
         self.host = host
         host.boot(0, apps=list(apps), extra=("--no-heartbeat",))
 
-    def teardown(self) -> None:
-        self.host.close()
+    def on_crash(self, fault: dict | None = None, timeout: float = 60.0):
+        raise NotImplementedError("vanilla: no scheme, so nothing detects or recovers a crash")
+
+    @classmethod
+    def reservation(cls, machine) -> Reservation:
+        return Reservation(what="nothing")
 
 
 class SteadyTrial(Trial):
     """Deploy → warm up → steady state → collect → teardown; no fault."""
 
+    def make_scheme(self, name: str):
+        return Vanilla() if name == VANILLA else super().make_scheme(name)
+
     def __init__(self, spec: TrialSpec, out: Path, say=lambda msg: None):
-        vanilla = spec.scheme == VANILLA
-        super().__init__(replace(spec, scheme="none") if vanilla else spec, out, say)
-        self.spec = spec
-        if vanilla:
-            self.scheme = Vanilla()
+        super().__init__(spec, out, say)
         self.figures: dict = {}
         self.reserved_bytes: int | None = None
         self.cpu: dict[str, float] | None = None      # cores per role in the measured window
@@ -81,23 +84,13 @@ class SteadyTrial(Trial):
         try:
             with self.phase("deploy"):
                 self.deploy()
-                self._note_region()
-            with on_load_cpus(self.host.machine, getattr(self.scheme, "active", 0)):
+                self.reserved_bytes = self.scheme.reserved_bytes()
+            with on_load_cpus(self.host.machine, self.scheme.active):
                 self.measure()
         finally:
             with self.phase("teardown"):
                 self.teardown()
         return self.record()
-
-    def _vmm_region(self) -> str | None:
-        """The path of the scheme's VMM region, if it has one and it exists."""
-        path = getattr(self.scheme, "region_path", None)
-        return path if path and os.path.exists(path) else None
-
-    def _note_region(self) -> None:
-        path = self._vmm_region()
-        if path:
-            self.reserved_bytes = os.path.getsize(path)
 
     def measure(self) -> None:
         t = self.spec.timing
@@ -123,8 +116,8 @@ class SteadyTrial(Trial):
     @contextmanager
     def cpu_window(self, clients):
         """``self.cpu``: the cores each role kept busy while the block ran."""
-        rs = cpuuse.roles(self.host, getattr(self.scheme, "active", 0), [p.pid for p in clients])
-        vr = self._vmm_region()
+        rs = cpuuse.roles(self.host, self.scheme.active, [p.pid for p in clients])
+        vr = self.scheme.vmm_region()
         before, t0 = cpuuse.sample(rs, vr), time.monotonic()
         yield
         t1 = time.monotonic()
@@ -237,8 +230,8 @@ def warmups(workloads: list[str], warmup_s: float | None, default_s: float) -> d
     """Seconds of load before each workload's steady state: ``warmup_s`` when given, else
     the workload's own (the time its caches take to fill), else ``default_s``."""
     reg = registry()
-    return {w: warmup_s if warmup_s is not None else getattr(reg[w], "warmup_s", default_s)
-            for w in workloads}
+    return {w: warmup_s if warmup_s is not None else
+            reg[w].warmup_s if reg[w].warmup_s is not None else default_s for w in workloads}
 
 
 def plan(schemes: list[str], workloads: list[str], rounds: int, seed: int, timing: dict,
@@ -373,29 +366,21 @@ def figures(runs: list[dict], schemes: list[str], workloads: list[str]) -> dict:
 
 
 def resources(machine, schemes: list[str], runs: list[dict]) -> dict:
-    """What each scheme keeps from the workload, from the machine description: orthros
-    the backup partitions (their cores and memory); warmcache the VMM's region (memory,
-    measured as the region's size at deploy; the VMM runs on the kernel's own core);
-    reboot, none and vanilla nothing."""
+    """What each scheme keeps from the workload: its declared ``reservation`` on this
+    machine (e.g. a standby's partitions, their cores and memory); memory it measures per
+    deploy (a VMM's region; the VMM runs on the kernel's own core) is the largest its
+    runs measured."""
+    reg = {VANILLA: Vanilla, **schemes_registry()}
     out = {}
     for s in [VANILLA, *schemes]:
-        if s == "orthros":
-            ps = [p for p in machine.partitions if p.role == "backup"]
-            out[s] = {"cores": sum(len(p.cpus) for p in ps),
-                      "cpus": sorted(c for p in ps for c in p.cpus),
-                      "memory_bytes": sum(p.size for p in ps),
-                      "what": "standby backup kernel: " + ", ".join(
-                          f"partition {p.id} ({p.cmdline()})" for p in ps)}
-        elif s == "warmcache":
+        res = reg[s].reservation(machine)
+        memory = res.memory_bytes
+        if memory is None:
             sizes = [r["reserved_bytes"] for r in runs
                      if r["scheme"] == s and r.get("reserved_bytes")]
-            out[s] = {"cores": 0, "cpus": [], "memory_bytes": max(sizes) if sizes else None,
-                      "what": "VMM region beneath partition 0 (frame table, block "
-                              "generations, spare pages; allocated as used)"}
-        else:
-            out[s] = {"cores": 0, "cpus": [], "memory_bytes": 0,
-                      "what": "nothing" if s == VANILLA else
-                      "nothing (a heartbeat thread in the kernel, a watcher on the host)"}
+            memory = max(sizes) if sizes else None
+        out[s] = {"cores": res.cores, "cpus": list(res.cpus), "memory_bytes": memory,
+                  "what": res.what}
     return out
 
 

@@ -44,15 +44,15 @@ def record(trial, events: list[dict]) -> dict:
 
 
 def _workload_figures(trial, events: list[dict], rec: dict) -> None:
-    """A workload's own phases (added to ``phases``) and checks (``checks``), when it has
-    them (harness/workloads/__init__.py: ``extra_phases``, ``checks``)."""
-    wl, svc = trial.workload, getattr(trial, "svc", None)
+    """A workload's own phases (added to ``phases``) and checks (``checks``, only when it
+    has some) (harness/workloads/__init__.py: ``extra_phases``, ``checks``)."""
+    wl, svc = trial.workload, trial.svc
     if svc is None:
         return
-    if hasattr(wl, "extra_phases"):
-        rec["phases"].update(wl.extra_phases(svc, events))
-    if hasattr(wl, "checks"):
-        rec["checks"] = wl.checks(svc, events)
+    rec["phases"].update(wl.extra_phases(svc, events))
+    checks = wl.checks(svc, events)
+    if checks is not None:
+        rec["checks"] = checks
 
 
 def failed(spec, phases: list[dict], crash_at: float | None, error: str) -> dict:

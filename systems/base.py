@@ -1,23 +1,29 @@
-"""The recovery-scheme protocol, its report, the report checker, and the registry.
+"""The recovery-scheme contract, its report, the report checker, and the registry.
 
-Promises to the harness and the lab: every scheme is a ``RecoveryScheme`` — ``deploy``
-boots its kernels on a Host, ``on_crash`` detects the failure, recovers (or not) and returns
-a ``RecoveryReport``, ``teardown`` leaves nothing behind. A report's phases carry measured
-start and end times on CLOCK_MONOTONIC (seconds); a phase that is modeled hardware time
-(firmware, a device) says so. ``check_report`` is the validating wrapper the tests apply to
-every scheme: phases ordered, non-negative, inside the outage, counts consistent.
-``SCHEMES`` names every scheme; ``NoRecovery`` ("none") records the outage and recovers
-nothing — the null scheme every harness test can use.
+Promises to the harness, the lab and the benchmarks: every scheme is a subclass of
+``RecoveryScheme``, and everything they use of one is declared there — ``deploy`` boots its
+kernels on a Host, ``inject`` puts a fault into its ``active`` partition, ``on_crash``
+detects the failure, recovers (or not) and returns a ``RecoveryReport``, ``teardown`` leaves
+nothing behind (also after a failed or no deploy); its ``capabilities`` (what it claims to
+keep) and ``reservation`` (what it keeps from the workload) are data, and ``kernel_modules``
+names the programs its kernel processes run. A report's phases carry measured start and end
+times on CLOCK_MONOTONIC (seconds); a phase that is modeled hardware time (firmware, a
+device) says so. ``check_report`` is the validating wrapper the tests apply to every scheme:
+phases ordered, non-negative, inside the outage, counts consistent. ``registry()`` finds
+the schemes through the ``crashbench.schemes`` entry points, so a scheme may live in
+another package; ``none`` (systems/none.py) records the outage and recovers nothing — the
+null scheme every harness test can use.
 """
 from __future__ import annotations
 
+import functools
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from importlib.metadata import entry_points
+from typing import ClassVar
 
-PHASE_ORDER = ["detect", "fence", "firmware", "cache check", "device takeover", "boot", "mount + replay",
-               "cache migration", "process migration", "app restart", "IP takeover",
-               "first service"]
+SCHEME_GROUP = "crashbench.schemes"
 
 
 @dataclass
@@ -153,17 +159,95 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
     return r
 
 
-class RecoveryScheme(Protocol):
-    name: str
+@dataclass(frozen=True)
+class Capabilities:
+    """What a scheme claims to survive; the conformance suite holds it to each claim."""
+    recovers: bool = True            # service comes back after a crash
+    keeps_cache: bool = False        # clean file pages of the dead kernel are recovered (or kept warm)
+    keeps_dirty_cache: bool = False  # its dirty (never written back) pages are recovered
+    keeps_processes: bool = False    # runtime-aware processes keep their state
+    migrates_cache: bool = False     # adopts the cache in a "cache migration" phase of the outage
+    partitions_needed: int = 1       # partitions of the machine it deploys on (a standby's too)
 
+
+@dataclass(frozen=True)
+class Reservation:
+    """What a scheme keeps from the workload while nothing fails (overhead accounting)."""
+    cores: int = 0
+    cpus: tuple[int, ...] = ()
+    memory_bytes: int | None = 0     # None: measured per deploy (``reserved_bytes``)
+    what: str = "nothing (a heartbeat thread in the kernel, a watcher on the host)"
+
+
+class RecoveryScheme(ABC):
+    """The contract between a scheme and the harness, the lab and the benchmarks."""
+    name: ClassVar[str]
+    description: ClassVar[str] = ""  # `crashbench list`'s line; "": its module docstring's first
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    kernel_modules: ClassVar[tuple[str, ...]] = ("kernel.kernel",)  # what its kernels run
+    host = None                      # the Host it deployed on; None before deploy
+    active: int = 0                  # the partition whose kernel serves (faults go there)
+    net_tag: str | None = None       # the network a scheme that moves the NIC takes over
+
+    @abstractmethod
     def deploy(self, host, apps=()) -> None: ...
+
+    @abstractmethod
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport: ...
-    def teardown(self) -> None: ...
+
+    def inject(self, fault: str, **where) -> dict:
+        """Put ``fault`` into the active kernel; its control socket's reply."""
+        return self.host.control(self.active, {"cmd": "inject", "fault": fault, **where})
+
+    def teardown(self) -> None:
+        """Stop and remove everything deploy made; safe after a failed or no deploy."""
+        if self.host is not None:
+            self.host.close()
+
+    @classmethod
+    def reservation(cls, machine) -> Reservation:
+        return Reservation()
+
+    def vmm_region(self) -> str | None:
+        """The file of a VMM beneath the active kernel, whose CPU time counts as the VMM's."""
+        return None
+
+    def reserved_bytes(self) -> int | None:
+        """Memory this deployment keeps beyond the partitions, measured (None: none)."""
+        return None
 
 
-def registry() -> dict[str, type]:
-    from systems.none import NoRecovery
-    from systems.orthros import Orthros
-    from systems.reboot import Reboot
-    from systems.warmcache import WarmCache
-    return {"none": NoRecovery, "reboot": Reboot, "orthros": Orthros, "warmcache": WarmCache}
+class RegistryError(RuntimeError):
+    """A registered scheme or workload could not be loaded; the message names it."""
+
+
+def load_group(group: str) -> dict[str, type]:
+    """{name: class} of the entry points of ``group``, each checked to carry its own name."""
+    out: dict[str, type] = {}
+    for ep in entry_points(group=group):
+        try:
+            cls = ep.load()
+        except Exception as e:   # noqa: BLE001 - any import error of a plug-in, named
+            raise RegistryError(f"{group} entry point {ep.name!r} ({ep.value}) failed to load: "
+                                f"{type(e).__name__}: {e}") from None
+        if getattr(cls, "name", None) != ep.name:
+            raise RegistryError(f"{group} entry point {ep.name!r} ({ep.value}) is named "
+                                f"{getattr(cls, 'name', None)!r}, not {ep.name!r}")
+        out[ep.name] = cls
+    if not out:
+        raise RegistryError(f"no {group} entry points: install the project (pip install -e .)")
+    return out
+
+
+def registry() -> dict[str, type[RecoveryScheme]]:
+    reg = load_group(SCHEME_GROUP)
+    for name, cls in reg.items():
+        if not (isinstance(cls, type) and issubclass(cls, RecoveryScheme)):
+            raise RegistryError(f"{SCHEME_GROUP} entry point {name!r} is not a RecoveryScheme")
+    return reg
+
+
+@functools.cache
+def kernel_modules() -> frozenset[str]:
+    """The programs any registered scheme's kernel processes run (the lab's liveness test)."""
+    return frozenset(m for cls in registry().values() for m in cls.kernel_modules)

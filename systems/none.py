@@ -1,14 +1,14 @@
 """Scheme `none`: no recovery. The failure is detected and recorded; nothing comes back."""
 from __future__ import annotations
 
-from systems.base import RecoveryReport
+from systems.base import Capabilities, RecoveryReport, RecoveryScheme
 from systems.detect import Watcher
 
 
-class NoRecovery:
+class NoRecovery(RecoveryScheme):
     name = "none"
-    host = None                       # set by deploy; teardown closes what a failed deploy left
-    watcher: Watcher | None = None
+    capabilities = Capabilities(recovers=False)
+    watcher = None
 
     def deploy(self, host, apps=()) -> None:
         self.host = host
@@ -24,5 +24,4 @@ class NoRecovery:
     def teardown(self) -> None:
         if self.watcher is not None:
             self.watcher.close()
-        if self.host is not None:
-            self.host.close()
+        super().teardown()

@@ -12,7 +12,6 @@ it still beats, at once when it does not) and removes their mounts; whatever hap
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ def write_json(path: Path, obj) -> None:
 
 def publish(host: Host, workdir: Path, scheme) -> None:
     write_json(workdir / STATE, {
-        "pid": os.getpid(), "scheme": scheme.name, "active": getattr(scheme, "active", 0),
+        "pid": os.getpid(), "scheme": scheme.name, "active": scheme.active,
         "kernels": {str(p): {"pid": k.pid, "mount": k.mount, "boot_wall_s": k.boot_wall_s}
                     for p, k in host.kernels.items()}})
 
@@ -76,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     reports = workdir / "reports"
     reports.mkdir(exist_ok=True)
     host = Host(workdir, machine_mod.load(a.machine), machine_file=a.machine)
-    cls = registry()[a.scheme]
-    wants_net = "net_tag" in inspect.signature(cls).parameters
-    scheme = cls(net_tag=a.net_tag) if wants_net and a.net_tag else cls()
+    scheme = registry()[a.scheme]()
+    if a.net_tag:
+        scheme.net_tag = a.net_tag
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         try:

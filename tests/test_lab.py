@@ -29,6 +29,8 @@ def leftovers(workdir: Path) -> list[str]:
         left.append("mount")
     if os.path.exists(physmem_path_for(workdir)):
         left.append("physmem")
+    if os.path.exists(physmem_path_for(workdir) + "-vmm"):
+        left.append("vmm region")
     ps = subprocess.run(["pgrep", "-f", f"(kernel.kernel|orthros.backup|supervisor).*{workdir}"],
                         capture_output=True, text=True)
     if ps.stdout.strip():
@@ -133,6 +135,25 @@ def test_orthros_lab_fails_over_twice_with_the_nic(workdir):
             assert net["service_ip"] in ns      # the address moved with the service
     for n in range(2):
         assert Path(mnt, f"notes{n}.txt").read_text() == f"unsaved {n}\n" * 1000
+    cb("down", *w)
+    assert leftovers(workdir) == []
+
+
+def test_warmcache_lab_keeps_the_cache_warm_through_a_crash(workdir):
+    w = ["--workdir", str(workdir)]
+    out = cb("up", "--scheme", "warmcache", *w).stdout
+    assert "scheme: warmcache" in out
+    mnt = json.loads(cb("status", *w, "--json").stdout)["partitions"][0]["kernel"]["mount"]
+    data = os.urandom(64 * 4096)
+    with open(Path(mnt, "kept"), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    r = json.loads(cb("crash", "--fault", "panic", "--wait", "--json", *w).stdout)["report"]
+    assert r["scheme"] == "warmcache" and r["verdict"] == "recovered"
+    assert "cache check" in [p["name"] for p in r["phases"]]
+    assert r["cache"]["pages_recovered"] >= 64
+    assert Path(mnt, "kept").read_bytes() == data
     cb("down", *w)
     assert leftovers(workdir) == []
 

@@ -58,25 +58,6 @@ def test_reboot_keeps_fsynced_data_and_counts_lost_dirty_pages(deployed):
         assert not (mnt / f"u{i}").exists() or (mnt / f"u{i}").read_bytes() != bytes([48 + i]) * 10 * PAGE
 
 
-@pytest.mark.parametrize("deployed", ["reboot", "warmcache"], indirect=True)
-def test_reboot_after_a_hang_is_detected_by_heartbeat(deployed):
-    host, scheme = deployed
-    reply = host.control(0, {"cmd": "inject", "fault": "hang"})
-    r = check_report(scheme.on_crash(reply))
-    assert r.recovered and r.detected_by == "heartbeat"
-    assert os.listdir(host.kernels[0].mount) == []
-
-
-@pytest.mark.parametrize("deployed", ["none"], indirect=True)
-def test_none_records_the_outage_and_recovers_nothing(deployed):
-    host, scheme = deployed
-    write_files(host, synced=False)
-    reply = host.control(0, {"cmd": "inject", "fault": "kill"})
-    r = check_report(scheme.on_crash(reply))
-    assert not r.recovered and r.service_at is None and r.verdict == "not recovered"
-    assert r.detected_by == "heartbeat"
-
-
 def test_the_validating_wrapper_rejects_broken_reports():
     def rep(**kw):
         r = RecoveryReport("x", "panic", 10.0)

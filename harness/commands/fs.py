@@ -124,14 +124,14 @@ def bench_failover_cmd(crashes: int = typer.Option(10, min=1, help="crashes per 
                        json_out: bool = typer.Option(False, "--json")):
     """Crash-to-service per phase for orthros beside reboot, with the active kernel holding
     CACHE_MIB of file cache (half dirty); the cache-migration rate beside a memcpy."""
-    from harness.benchfailover import run, summarize
+    from harness.benchfailover import DEFAULT_SCHEMES, ratio_key, run, summarize
     with console.status("crashing machines…") as st:
         res = run(crashes, cache_mib, progress=lambda s, i, n: st.update(f"{s}: crash {i}/{n}"))
     summary = summarize(res)
     if json_out:
         print(json.dumps({"summary": summary, "runs": res}, indent=2))
         return
-    for name in ("orthros", "reboot"):
+    for name in DEFAULT_SCHEMES:
         e = summary[name]
         t = Table(title=f"{name}: {e['crashes']} panics, {cache_mib} MiB cache (medians)")
         t.add_column("phase")
@@ -144,7 +144,11 @@ def bench_failover_cmd(crashes: int = typer.Option(10, min=1, help="crashes per 
         console.print(t)
         console.print(f"dirty pages before {e['dirty_pages_before']:.0f}, lost {e['dirty_pages_lost']:.0f}; "
                       f"pages recovered {e['pages_recovered']:.0f}")
-    o = summary["orthros"]
-    console.print(f"cache migration {o['migration_rate_median'] / 1e9:.2f} GB/s of cache adopted; "
-                  f"memcpy of the same bytes {o['memcpy_rate_median'] / 1e9:.2f} GB/s (same run)")
-    console.print(f"orthros crash-to-service / reboot's: {summary['orthros_over_reboot']:.3f}")
+    for name in DEFAULT_SCHEMES:
+        o = summary[name]
+        if "migration_rate_median" in o:
+            console.print(f"{name} cache migration {o['migration_rate_median'] / 1e9:.2f} GB/s of "
+                          f"cache adopted; memcpy of the same bytes "
+                          f"{o['memcpy_rate_median'] / 1e9:.2f} GB/s (same run)")
+    a, b = DEFAULT_SCHEMES
+    console.print(f"{a} crash-to-service / {b}'s: {summary[ratio_key(a, b)]:.3f}")

@@ -104,9 +104,9 @@ def demo_storage(workdir: Path) -> dict:
 
 def demo_failover(cache_mib: int = 32) -> dict:
     """One panic under each scheme with the same file cache, as recovery reports."""
-    from harness.benchfailover import one_crash
+    from harness.benchfailover import DEFAULT_SCHEMES, one_crash
     out = {}
-    for name in ("orthros", "reboot"):
+    for name in DEFAULT_SCHEMES:
         console.print(f"\n[bold]{name}[/]: {cache_mib} MiB of file cache (half never fsynced), then a panic")
         out[name] = one_crash(name, cache_mib)
         render_report(out[name])
@@ -125,7 +125,7 @@ def _lab(workdir: Path):
 
 
 def up_cmd(machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML); default: the shipped one"),
-           scheme: str = typer.Option("none", help="recovery scheme: none (record the outage, recover nothing), reboot, or orthros"),
+           scheme: str = typer.Option("none", help="recovery scheme: none (record the outage, recover nothing), reboot, warmcache or orthros (see `crashbench list`)"),
            workdir: Path = typer.Option(DEFAULT_WORKDIR, help="where the lab keeps memory, disk, mount, logs, state")):
     """Boot the machine in the background; return once its file system serves."""
     from harness.lab import Lab, LabError

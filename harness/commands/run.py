@@ -32,7 +32,7 @@ def _fail(msg: str) -> None:
 
 def _one_line(cls) -> str:
     doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
-    line = getattr(cls, "description", None) or doc.strip().splitlines()[0]
+    line = cls.description or doc.strip().splitlines()[0]
     return line.split(": ", 1)[1] if line.startswith("Scheme `") else line
 
 

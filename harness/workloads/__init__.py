@@ -15,15 +15,22 @@ trial and every scheme alike:
 * ``verify(svc, events)`` — after recovery, re-reads everything an acknowledged operation
   promised, recording it as ``verify`` operations of one more history file.
 
-Optional, for figures the generic checkers cannot know (harness/trial.py merges them):
+Declared on ``Workload``, with defaults for a workload that has none of these (every
+workload subclasses it; the registry finds them through the ``crashbench.workloads`` entry
+points):
+
+* ``prepares`` — whether the driver boots a kernel for ``prepare`` (default False);
+
+For figures the generic checkers cannot know (harness/trial.py merges them):
 
 * ``extra_phases(svc, events) -> {name: seconds}`` — phases of the outage the scheme's
   RecoveryReport cannot see (e.g. a server's own start-up and crash recovery), measured by
   the workload (from the server's log), added to the trial's ``phases``;
 * ``checks(svc, events) -> {name: dict}`` — the workload's own checkers' figures (e.g.
-  harness/checkers/bank.py), kept in the trial's ``checks``;
+  harness/checkers/bank.py), kept in the trial's ``checks`` (default None: no ``checks``);
 * ``warmup_s`` — seconds of load the workload needs before it is steady (its caches
-  filled from the disk): `crashbench overhead`'s warm-up unless --warmup is given.
+  filled from the disk): `crashbench overhead`'s warm-up unless --warmup is given
+  (default None: the benchmark's own).
 
 ``Idle`` is the no-op workload: no service, no clients; the driver's own tests use it.
 """
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, ClassVar
 
 
 class WorkloadError(RuntimeError):
@@ -59,10 +66,13 @@ class Service:
         return d
 
 
-class Workload(Protocol):
-    name: str
-    description: str
-    defaults: dict
+class Workload:
+    """What the driver, the trial record and the overhead benchmark use of a workload."""
+    name: ClassVar[str]
+    description: ClassVar[str]
+    defaults: ClassVar[dict]
+    prepares: ClassVar[bool] = False
+    warmup_s: ClassVar[float | None] = None
 
     def prepare(self, svc: Service) -> None: ...
     def apps(self, svc: Service) -> list[dict]: ...
@@ -70,8 +80,14 @@ class Workload(Protocol):
     def start_clients(self, svc: Service, until: float): ...
     def verify(self, svc: Service, events: list[dict]) -> Path | None: ...
 
+    def extra_phases(self, svc: Service, events: list[dict]) -> dict[str, float]:
+        return {}
 
-class Idle:
+    def checks(self, svc: Service, events: list[dict]) -> dict | None:
+        return None
+
+
+class Idle(Workload):
     name = "idle"
     description = "no service and no clients: the driver's null workload"
     defaults: dict = {}
@@ -93,8 +109,13 @@ class Idle:
         return None
 
 
-def registry() -> dict[str, type]:
-    from harness.workloads.files import Files
-    from harness.workloads.http import Http
-    from harness.workloads.postgres import Postgres
-    return {"files": Files, "postgres": Postgres, "http": Http, "idle": Idle}
+WORKLOAD_GROUP = "crashbench.workloads"
+
+
+def registry() -> dict[str, type[Workload]]:
+    from systems.base import RegistryError, load_group
+    reg = load_group(WORKLOAD_GROUP)
+    for name, cls in reg.items():
+        if not (isinstance(cls, type) and issubclass(cls, Workload)):
+            raise RegistryError(f"{WORKLOAD_GROUP} entry point {name!r} is not a Workload")
+    return reg

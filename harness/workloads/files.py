@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from harness.workloads import Service, WorkloadError
+from harness.workloads import Service, Workload, WorkloadError
 from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.files_client"
 
 
-class Files:
+class Files(Workload):
     name = "files"
     description = "WsgiDAV file server; clients create, overwrite, append to and read files"
     defaults = {"clients": 4, "files_per_client": 16, "max_kib": 256, "read_ratio": 0.5,

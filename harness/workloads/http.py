@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.binaries import nginx_bin
-from harness.workloads import Service, WorkloadError
+from harness.workloads import Service, Workload, WorkloadError
 from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.http_client"
@@ -69,7 +69,7 @@ def file_path(i: int) -> str:
     return f"/d{i // FILES_PER_DIR:03d}/f{i:05d}.bin"
 
 
-class Http:
+class Http(Workload):
     name = "http"
     description = "nginx serving static files from the emulated FS; locust users fetch them"
     prepares = True

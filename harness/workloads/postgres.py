@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.binaries import pg_bin
-from harness.workloads import Service, WorkloadError
+from harness.workloads import Service, Workload, WorkloadError
 from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.postgres_client"
@@ -96,7 +96,7 @@ def _settings(d: dict) -> list[str]:
     return out
 
 
-class Postgres:
+class Postgres(Workload):
     name = "postgres"
     description = ("PostgreSQL (data directory on the emulated FS); psycopg clients transfer "
                    "money between accounts and insert ledger rows")

@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 from kernel import param
-from systems.base import RecoveryReport
+from systems.base import Capabilities, RecoveryReport, RecoveryScheme, Reservation
 
 
-class Orthros:
+class Orthros(RecoveryScheme):
     name = "orthros"
-    host = None                       # set by deploy; teardown closes what a failed deploy left
+    capabilities = Capabilities(keeps_cache=True, keeps_dirty_cache=True, keeps_processes=True,
+                                migrates_cache=True, partitions_needed=2)
+    kernel_modules = ("kernel.kernel", "systems.orthros.backup")
 
     def __init__(self, net_tag: str | None = None, missed_beats: int = param.HEARTBEAT_MISSED_BEATS):
         self.net_tag, self.missed = net_tag, missed_beats
@@ -28,7 +30,7 @@ class Orthros:
 
     def deploy(self, host, apps=()) -> None:
         self.host, self.apps = host, list(apps)
-        net = getattr(host, "net", None)
+        net = host.net
         if self.net_tag is None and net is not None and net.mode == "netns":
             self.net_tag = net.tag        # the backup takes the NIC over at takeover
         kp = host.boot(0, apps=self.apps)
@@ -69,6 +71,11 @@ class Orthros:
         self._boot_backup(old, watch=self.active)   # re-pairing in the freed partition
         return report
 
-    def teardown(self) -> None:
-        if self.host is not None:
-            self.host.close()
+    @classmethod
+    def reservation(cls, machine) -> Reservation:
+        ps = [p for p in machine.partitions if p.role == "backup"]
+        return Reservation(cores=sum(len(p.cpus) for p in ps),
+                           cpus=tuple(sorted(c for p in ps for c in p.cpus)),
+                           memory_bytes=sum(p.size for p in ps),
+                           what="standby backup kernel: " + ", ".join(
+                               f"partition {p.id} ({p.cmdline()})" for p in ps))

@@ -16,15 +16,14 @@ import time
 from kernel import fuse
 from kernel.physmem import PhysMem
 from kernel.procset import fence_partition
-from systems.base import RecoveryReport
+from systems.base import RecoveryReport, RecoveryScheme
 from systems.detect import Watcher
 from systems.survey import survey
 
 
-class Reboot:
+class Reboot(RecoveryScheme):
     name = "reboot"
-    host = None                       # set by deploy; teardown closes what a failed deploy left
-    watcher: Watcher | None = None
+    watcher = None
 
     def __init__(self, firmware_s: float = 0.0):
         if firmware_s < 0:
@@ -88,8 +87,7 @@ class Reboot:
     def teardown(self) -> None:
         if self.watcher is not None:
             self.watcher.close()
-        if self.host is not None:
-            self.host.close()
+        super().teardown()
 
 
 def _count_processes(host) -> int:

@@ -28,12 +28,14 @@ import numpy as np
 
 from kernel import param, vmm
 from kernel.physmem import PhysMem, partition_layout
-from systems.base import RecoveryReport
+from systems.base import Capabilities, RecoveryReport, Reservation
 from systems.reboot import Reboot
 
 
 class WarmCache(Reboot):
     name = "warmcache"
+    capabilities = Capabilities(keeps_cache=True)
+    region_path: str | None = None
 
     def __init__(self, firmware_s: float = 0.0, spare_pages: int = param.VMM_SPARE_PAGES):
         super().__init__(firmware_s)
@@ -89,6 +91,18 @@ class WarmCache(Reboot):
         c.pages_reused = s["reused"]
         return r
 
+    @classmethod
+    def reservation(cls, machine) -> Reservation:
+        return Reservation(memory_bytes=None, what="VMM region beneath partition 0 (frame table, "
+                           "block generations, spare pages; allocated as used)")
+
+    def vmm_region(self) -> str | None:
+        return self.region_path if self.region_path and os.path.exists(self.region_path) else None
+
+    def reserved_bytes(self) -> int | None:
+        path = self.vmm_region()
+        return os.path.getsize(path) if path else None
+
     def stats(self) -> dict[str, int]:
         """The VMM's counters (kernel/vmm.py COUNTERS)."""
         return self.region.stats()
@@ -100,5 +114,5 @@ class WarmCache(Reboot):
             if self.region is not None:
                 self.region.close()
                 self.region = None
-            if getattr(self, "region_path", None):
+            if self.region_path:
                 vmm.Region.unlink(self.region_path)
