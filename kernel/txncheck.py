@@ -57,6 +57,7 @@ class _Disk(_Check):
         self.path, self.res = "transaction", FsckResult()
         self.dir_blocks: dict[int, list[int]] = {}
         self.owner_of: dict[int, np.ndarray] = {}     # changed inode -> its blocks after
+        self.unlisted = 0                              # fsck's problems past its cap
 
     def raw(self, b: int, n: int = 1) -> bytes:
         if b < 0 or b + n > self.dev_blocks:
@@ -67,6 +68,12 @@ class _Disk(_Check):
         if n == 1 and b in self.overlay:       # no device request for what the overlay has
             return self.overlay[b]
         return super().read(b, n)
+
+    def blocks_of(self, i) -> np.ndarray:
+        """The blocks (indirect and data) fsck's walk claims for inode i; one claimed before
+        by another inode is reported as used twice by the walk, not listed again."""
+        self.tree(i)
+        return np.flatnonzero(self.owner == i.ino).astype(np.int64)
 
     def inode(self, ino: int, verify: bool = True):
         sb = self.sb
@@ -104,6 +111,8 @@ def check_transaction(read, dev_blocks: int, blocks: dict[int, bytes]) -> list[P
         new.sb = sb = Superblock.unpack(new.read(SB_BLOCK), "the transaction")
     except FsError as e:
         return [Problem(e.strerror)]
+    for d in (old, new):       # fsck's walk claims each block for one inode, once
+        d.owner = np.full(d.sb.nblocks, -1, dtype=np.int32)
     geometry = ("nblocks", "ninodes", "inode_start", "inode_len", "bitmap_start", "bitmap_len",
                 "data_start", "journal_start", "journal_len", "csum_seed")
     if any(getattr(old.sb, k) != getattr(sb, k) for k in geometry):
@@ -123,7 +132,7 @@ def check_transaction(read, dev_blocks: int, blocks: dict[int, bytes]) -> list[P
         old.problem = lambda msg: None            # the disk before is presumed consistent
         oi = old.inode(ino, verify=False)
         if oi.mode and not (oi.is_symlink and oi.inline):
-            old.owner_of[ino] = np.asarray(old.tree(oi), np.int64)
+            old.owner_of[ino] = old.blocks_of(oi)
             trees_old.append(old.owner_of[ino])
         if not i.mode:
             continue
@@ -134,7 +143,7 @@ def check_transaction(read, dev_blocks: int, blocks: dict[int, bytes]) -> list[P
             report(f"inode {ino}: symlink of {i.size} bytes")
         live[ino] = i
         if not (i.is_symlink and i.inline):
-            new.owner_of[ino] = np.asarray(new.tree(i), np.int64)
+            new.owner_of[ino] = new.blocks_of(i)
             trees_new.append(new.owner_of[ino])
     in_data = np.array([b for b in blocks if b >= sb.data_start], np.int64)
     ref_new = np.concatenate(trees_new) if trees_new else np.zeros(0, np.int64)
