@@ -177,8 +177,9 @@ class Reservations:
         ino = np.asarray(ino, np.int64)
         inos, pages = np.unique(ino, return_counts=True)
         at, keys = _page_keys(idx)
-        rows = np.unique(np.stack([ino[at], keys], 1), axis=0)
-        extra = dict(zip(*(a.tolist() for a in np.unique(rows[:, 0], return_counts=True))))
+        # one int64 per (inode, node): a 1-D unique, several times faster than rows
+        rows = np.unique(ino[at] << 32 | keys)
+        extra = dict(zip(*(a.tolist() for a in np.unique(rows >> 32, return_counts=True))))
         total = int(pages.sum()) + sum(extra.values())
         self._keep(total, 0, "adopted dirty pages")
         for i, n in zip(inos.tolist(), pages.tolist()):
