@@ -40,12 +40,16 @@ class Deployment:
 
     def __init__(self, name: str):
         self.wd = Path(tempfile.mkdtemp(prefix="crashbench-conform-"))
-        os.chmod(self.wd, 0o755)
-        self.fifo, self.log = self.wd / "editor.fifo", self.wd / "editor.log"
-        m = machine.load()
-        self.host = Host(self.wd, m, delay=False)
-        self.net = Network(self.host.tag, m.nics[0], [p.id for p in m.partitions])
-        self.scheme = registry()[name]()
+        try:
+            os.chmod(self.wd, 0o755)
+            self.fifo, self.log = self.wd / "editor.fifo", self.wd / "editor.log"
+            m = machine.load()
+            self.host = Host(self.wd, m, delay=False)
+            self.net = Network(self.host.tag, m.nics[0], [p.id for p in m.partitions])
+            self.scheme = registry()[name]()
+        except BaseException:      # nothing to close yet but the directory
+            shutil.rmtree(self.wd, ignore_errors=True)
+            raise
 
     def deploy(self) -> None:
         m = self.host.machine
@@ -121,8 +125,8 @@ def write_files(mnt: Path, prefix: str, synced: bool) -> dict[str, bytes]:
 def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
     d = Deployment(name)
     caps = d.scheme.capabilities
-    assert len(d.host.machine.partitions) >= caps.partitions_needed
     try:
+        assert len(d.host.machine.partitions) >= caps.partitions_needed
         d.deploy()
         d.wait_log(lambda: d.loaded(), "the editor did not start")
         fd = os.open(d.fifo, os.O_WRONLY)
