@@ -221,8 +221,9 @@ class RegistryError(RuntimeError):
     """A registered scheme or workload could not be loaded; the message names it."""
 
 
-def load_group(group: str) -> dict[str, type]:
-    """{name: class} of the entry points of ``group``, each checked to carry its own name."""
+def load_group(group: str, base: type) -> dict[str, type]:
+    """{name: class} of the entry points of ``group``, each checked to be a ``base`` and to
+    carry its own name."""
     out: dict[str, type] = {}
     for ep in entry_points(group=group):
         try:
@@ -233,6 +234,8 @@ def load_group(group: str) -> dict[str, type]:
         if getattr(cls, "name", None) != ep.name:
             raise RegistryError(f"{group} entry point {ep.name!r} ({ep.value}) is named "
                                 f"{getattr(cls, 'name', None)!r}, not {ep.name!r}")
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise RegistryError(f"{group} entry point {ep.name!r} is not a {base.__name__}")
         out[ep.name] = cls
     if not out:
         raise RegistryError(f"no {group} entry points: install the project (pip install -e .)")
@@ -240,11 +243,7 @@ def load_group(group: str) -> dict[str, type]:
 
 
 def registry() -> dict[str, type[RecoveryScheme]]:
-    reg = load_group(SCHEME_GROUP)
-    for name, cls in reg.items():
-        if not (isinstance(cls, type) and issubclass(cls, RecoveryScheme)):
-            raise RegistryError(f"{SCHEME_GROUP} entry point {name!r} is not a RecoveryScheme")
-    return reg
+    return load_group(SCHEME_GROUP, RecoveryScheme)
 
 
 @functools.cache
