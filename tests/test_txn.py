@@ -53,6 +53,23 @@ def assert_clean_after_writeback(st: Stack, new: VFS, files: dict[int, bytes]) -
     assert res.exit_code == 0, res.problems
 
 
+def harvest_at_death_in_fsync(st: Stack, victim: int, site: str | None = None, before=lambda: None):
+    """fsync `victim` and let the kernel die at fault site `site` (None: the first one met),
+    after `before()`; what a backup collects from its memory at that moment."""
+    harvest = []
+
+    class DieAt:
+        def at(self, s):
+            if site is None or s == site:
+                before()
+                harvest.append(collect(st.mem, 0, MEM, 0))
+                raise Died(s)
+    st.vfs.faults = DieAt()
+    with pytest.raises(Died):
+        st.vfs.fsync(victim)
+    return harvest[0]
+
+
 def test_a_bad_block_pointer_in_the_running_transaction_never_reaches_the_disk(tmp_path):
     st = Stack(tmp_path)
     synced = write_files(st, "s", 3, sync=True)
@@ -109,17 +126,7 @@ def test_completed_operations_survive_a_death_inside_writeback(tmp_path, seed):
     victim = st.vfs.create(1, b"v", 0o100644, 0, 0).ino
     files[victim] = os.urandom(rng.randrange(1, 3000) * PAGE // 100)
     st.vfs.write(victim, 0, files[victim])
-    harvest = []
-
-    class DieAt:
-        def at(self, site):
-            if site == "writeback":
-                harvest.append(collect(st.mem, 0, MEM, 0))
-                raise Died(site)
-    st.vfs.faults = DieAt()
-    with pytest.raises(Died):
-        st.vfs.fsync(victim)
-    h = harvest[0]
+    h = harvest_at_death_in_fsync(st, victim, "writeback")
     assert h.txn_refused == "" and h.undone > 0
     done, r, new = take_over(st, h)
     assert done.refused == [] and done.committed, done.refused
@@ -134,19 +141,11 @@ def test_a_corrupted_undo_record_refuses_the_transaction(tmp_path):
     write_files(st, "u", 2, sync=False)
     victim = st.vfs.create(1, b"v", 0o100644, 0, 0).ino
     st.vfs.write(victim, 0, os.urandom(5 * PAGE))
-    harvest = []
 
-    class DieAt:
-        def at(self, site):
-            pc = st.vfs.pc
-            f = next(f for (ino, _), f in pc.index.items() if ino == UNDO_INO)
-            st.mem.write(st.lay.frame_phys(f) + 7, b"wild")
-            harvest.append(collect(st.mem, 0, MEM, 0))
-            raise Died(site)
-    st.vfs.faults = DieAt()
-    with pytest.raises(Died):
-        st.vfs.fsync(victim)
-    h = harvest[0]
+    def wild_write_into_the_undo_record():
+        f = next(f for (ino, _), f in st.vfs.pc.index.items() if ino == UNDO_INO)
+        st.mem.write(st.lay.frame_phys(f) + 7, b"wild")
+    h = harvest_at_death_in_fsync(st, victim, before=wild_write_into_the_undo_record)
     assert "undo record was corrupted" in h.txn_refused and h.meta_blocks == {}
     assert any(e.kind == "page frame" for e in h.rejected)
     st.close()
