@@ -9,12 +9,11 @@ kernel in its mailbox) to the watcher's verdict.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from kernel import machine, mailbox, param
+from kernel import mailbox, param
+from harness.testbed import Testbed
 from kernel.host import Host
 from kernel.physmem import CorruptObject, PhysMem, partition_layout
 
@@ -82,19 +81,13 @@ def one_trial(host: Host, fault: str, missed: int) -> float:
 def run(trials: int, faults=("panic", "hang", "kill"), missed: int = param.HEARTBEAT_MISSED_BEATS,
         progress=None) -> list[Detection]:
     out = []
-    with tempfile.TemporaryDirectory(prefix="crashbench-detect-") as wd:
-        host = Host(Path(wd), machine.load())
-        try:
-            host.create_memory()
-            host.format_disks()
-            for fault in faults:
-                d = Detection(fault, "doorbell (dying message)" if fault == "panic"
-                              else f"heartbeat ({missed} missed beats)")
-                for i in range(trials):
-                    d.latencies_s.append(one_trial(host, fault, missed))
-                    if progress:
-                        progress(fault, i + 1, trials)
-                out.append(d)
-        finally:
-            host.close()
+    with Testbed(kind="bench") as bed:
+        for fault in faults:
+            d = Detection(fault, "doorbell (dying message)" if fault == "panic"
+                          else f"heartbeat ({missed} missed beats)")
+            for i in range(trials):
+                d.latencies_s.append(one_trial(bed.host, fault, missed))
+                if progress:
+                    progress(fault, i + 1, trials)
+            out.append(d)
     return out

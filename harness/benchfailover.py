@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from kernel import machine
-from kernel.host import Host
+from harness.testbed import Testbed
 from systems.base import check_report, registry
 
 CHUNK = 1 << 20
@@ -64,15 +61,11 @@ def late_check_s(notes: list[str]) -> float:
 
 
 def one_crash(scheme_name: str, mib: int) -> dict:
-    wd = tempfile.mkdtemp(prefix="crashbench-failover-")
-    os.chmod(wd, 0o755)
-    host = Host(Path(wd), machine.load())
     cls = registry()[scheme_name]
     scheme = cls()
-    try:
-        host.create_memory()
-        host.format_disks()
-        scheme.deploy(host)
+    with Testbed(kind="bench") as bed:
+        bed.deploy(scheme)
+        host = bed.host
         fill_cache(Path(host.kernels[0].mount), mib)
         reply = scheme.inject("panic")
         r = check_report(scheme.on_crash(reply, timeout=120))
@@ -85,9 +78,6 @@ def one_crash(scheme_name: str, mib: int) -> dict:
             out["late_check_s"] = late
             out["memcpy_rate"] = memcpy_rate(r.cache.pages_recovered * 4096)
         return out
-    finally:
-        scheme.teardown()
-        shutil.rmtree(wd, ignore_errors=True)
 
 
 def run(crashes: int, mib: int, schemes=DEFAULT_SCHEMES, progress=None) -> dict[str, list[dict]]:

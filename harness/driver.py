@@ -3,26 +3,24 @@
 Promises to the CLI and to whoever reads a run: a trial is deploy → warm up → steady state
 → inject → observe recovery → verify → teardown, each phase's start and end recorded on
 CLOCK_MONOTONIC; the seed and every parameter are recorded; teardown always runs (also on
-an error or Ctrl-C), leaving no kernel, mount, namespace or client process behind; each
-trial's machine is recorded in harness/owners.py from before it exists until its teardown
-has succeeded, so what a killed run leaves is found by the next command. The
+an error, Ctrl-C or SIGTERM), leaving no kernel, mount, namespace or client process behind.
+The machine is a harness/testbed.py ``Testbed`` (recorded in harness/owners.py from before
+it exists until its teardown has succeeded, so what a killed run leaves is found by the next
+command). ``Trial.run`` is the one pipeline of every trial: deploy, the kind's ``measure``,
+teardown, ``record``; the overhead benchmark's steady-state trials are kinds of it. The
 driver measures nothing itself beyond phase boundaries: figures come from the clients'
 history (harness/checkers) and the scheme's RecoveryReport. Waiting through warm-up and
 steady state is load running, not a stand-in for a result.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import history, owners
+from harness import history
+from harness.testbed import Testbed
 from harness.workloads import Service, registry as workloads
-from kernel import machine as machine_mod
-from kernel.host import Host
 from systems.base import check_report, registry as schemes
 
 DEFAULTS = {"warmup_s": 2.0, "steady_s": 5.0, "post_s": 5.0, "recovery_timeout_s": 30.0,
@@ -57,7 +55,8 @@ class Trial:
         self.phases: list[dict] = []
         self.workload = workloads()[spec.workload](**spec.workload_params)
         self.scheme = self.make_scheme(spec.scheme)
-        self.host = self.net = self.svc = self.clients = self.report = None
+        self.bed = self.host = self.net = self.svc = self.clients = self.report = None
+        self.events: list[dict] = []
         self.crash_at: float | None = None
 
     def make_scheme(self, name: str):
@@ -67,40 +66,51 @@ class Trial:
         return _Phase(self, name)
 
     def run(self) -> dict:
-        t = self.spec.timing
+        """The one pipeline of every trial: deploy, the kind's own measured phases, teardown
+        (always), then the trial's record."""
         try:
             with self.phase("deploy"):
                 self.deploy()
-            until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
-                     + t["recovery_timeout_s"] + t["post_s"] + 10)
-            with self.phase("warm up"):
-                self.clients = self.workload.start_clients(self.svc, until)
-                self.await_first_answers()
-                self.hold(t["warmup_s"])
-            with self.phase("steady state"):
-                self.hold(t["steady_s"])
-            with self.phase("inject"):
-                reply = self.inject()
-            with self.phase("observe recovery"):
-                self.observe(reply)
-            with self.phase("verify"):
-                events = self.verify()
+            self.measure()
         finally:
             with self.phase("teardown"):
                 self.teardown()
+        return self.record()
+
+    def measure(self) -> None:
+        """A crash trial: load, a fault, the recovery, and what the clients saw."""
+        t = self.spec.timing
+        until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
+                 + t["recovery_timeout_s"] + t["post_s"] + 10)
+        with self.phase("warm up"):
+            self.clients = self.workload.start_clients(self.svc, until)
+            self.await_first_answers()
+            self.hold(t["warmup_s"])
+        with self.phase("steady state"):
+            self.hold(t["steady_s"])
+        with self.phase("inject"):
+            reply = self.inject()
+        with self.phase("observe recovery"):
+            self.observe(reply)
+        with self.phase("verify"):
+            self.events = self.verify()
+
+    def record(self) -> dict:
         from harness.trial import record
-        return record(self, events)
+        return record(self, self.events)
+
+    @classmethod
+    def failed_record(cls, spec: TrialSpec, trial: "Trial | None", error: str) -> dict:
+        from harness.trial import failed
+        return failed(spec, trial.phases if trial else [], trial.crash_at if trial else None, error)
 
     # --- phases ----------------------------------------------------------------------------
     def deploy(self) -> None:
-        wd = Path(tempfile.mkdtemp(prefix="crashbench-trial-"))
-        os.chmod(wd, 0o755)       # servers on the mount may run as other users
-        m = machine_mod.load(self.spec.machine_file)
-        self.host = Host(wd, m, machine_file=self.spec.machine_file)
-        owners.claim("run", wd, self.host.tag, self.host.physmem, workdir_made=True)
-        self.host.create_memory()
-        self.host.format_disks()
-        self.net = _network_up(self.host)
+        bed = Testbed(kind="run", machine_file=self.spec.machine_file, network=True,
+                      keep_logs=self.out / f"logs-{self.spec.id}")
+        bed.up()
+        self.bed, self.host, self.net = bed, bed.host, bed.net
+        wd = bed.workdir
         self.svc = Service(mount=str(self.host.mountpoint(0)),
                            ip=self.net.service_ip if self.net else "127.0.0.1",
                            client_netns=self.net.client_netns() if self.net else None,
@@ -109,7 +119,7 @@ class Trial:
             self.host.boot(0, mount=self.svc.mount)
             self.workload.prepare(self.svc)
             self.host.stop(0)
-        self.scheme.deploy(self.host, apps=self.workload.apps(self.svc))
+        self.bed.deploy(self.scheme, apps=self.workload.apps(self.svc))
         self.workload.wait_ready(self.svc, self.spec.timing["ready_timeout_s"])
 
     def await_first_answers(self) -> None:
@@ -180,17 +190,8 @@ class Trial:
             if self.clients is not None:
                 self.clients.stop()
         finally:
-            try:
-                if self.host is not None:   # a scheme not (fully) deployed leaves the host to us
-                    self.scheme.teardown() if self.scheme.host is not None else self.host.close()
-            finally:
-                if self.net is not None:
-                    self.net.down()
-                if self.host is not None:
-                    _keep_logs(self.host.workdir, self.out / f"logs-{self.spec.id}")
-                    shutil.rmtree(self.host.workdir, ignore_errors=True)
-        if self.host is not None:     # only a machine fully torn down is forgotten
-            owners.release(self.host.tag)
+            if self.bed is not None:
+                self.bed.down()
 
 
 class _Phase:
@@ -206,24 +207,6 @@ class _Phase:
                                   **({"error": f"{exc_type.__name__}: {exc}"} if exc else {})})
 
 
-def _network_up(host: Host):
-    from kernel.net import Network
-    m = host.machine
-    if not m.nics:
-        return None
-    net = Network(host.tag, m.nics[0], [p.id for p in m.partitions])
-    net.up(next((p.id for p in m.partitions if m.nics[0].name in p.devices), 0))
-    host.net = net
-    return net
-
-
-def _keep_logs(workdir: Path, dest: Path) -> None:
-    """The kernels', the server's and the clients' logs outlive the trial's scratch dir."""
-    src = workdir / "logs"
-    if src.is_dir():
-        shutil.copytree(src, dest, dirs_exist_ok=True)
-
-
 def plan(schemes_: list[str], workload: str, fault: str, trials: int, seed: int,
          timing: dict, workload_params: dict, machine_file: str | None) -> list[TrialSpec]:
     """Trials interleaved across schemes (trial 0 of each, then trial 1, ...), so drift of
@@ -233,15 +216,12 @@ def plan(schemes_: list[str], workload: str, fault: str, trials: int, seed: int,
             for i in range(trials) for s in schemes_]
 
 
-def run_one(spec: TrialSpec, out: Path, say=lambda msg: None) -> dict:
+def run_one(spec: TrialSpec, out: Path, say=lambda msg: None, kind: type[Trial] = Trial) -> dict:
     """A trial's record; an error inside the trial becomes a failed record, not a crash of
     the run (Ctrl-C still stops the run, after the trial's teardown)."""
-    from harness.trial import failed
     trial = None
     try:
-        trial = Trial(spec, out, say)
+        trial = kind(spec, out, say)
         return trial.run()
     except Exception as e:       # noqa: BLE001 - recorded in the trial, named in the run
-        phases = trial.phases if trial else []
-        crash_at = trial.crash_at if trial else None
-        return failed(spec, phases, crash_at, f"{type(e).__name__}: {e}")
+        return kind.failed_record(spec, trial, f"{type(e).__name__}: {e}")

@@ -45,7 +45,7 @@ def _alive_pid(pid: int | None) -> bool:
         return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"systems.supervisor" in f.read()
+            return b"harness.supervisor" in f.read()
     except OSError:
         return False
 
@@ -157,7 +157,7 @@ class Lab:
         import subprocess
         import sys
         r, w = os.pipe()
-        cmd = [sys.executable, "-m", "systems.supervisor", "--workdir", str(self.workdir),
+        cmd = [sys.executable, "-m", "harness.supervisor", "--workdir", str(self.workdir),
                "--scheme", self.state["scheme"], "--ready-fd", str(w)]
         if self.state["machine_file"]:
             cmd += ["--machine", self.state["machine_file"]]

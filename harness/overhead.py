@@ -5,8 +5,8 @@ Promises to `crashbench overhead` and to whoever reads its results (format: docs
 
 * Every scheme and the ``vanilla`` baseline — a kernel with no scheme machinery at all: no
   heartbeat thread, no backup, no VMM, no watcher — run the same workloads with no crash,
-  through the driver's own deploy, clients and teardown (``SteadyTrial``, a Trial that
-  stops after the steady state). Runs are interleaved: round r runs every scheme once,
+  through the driver's one trial pipeline (``SteadyTrial``, a Trial whose measured phases
+  end with the steady state) on the same testbed. Runs are interleaved: round r runs every scheme once,
   in an order rotated by r, so drift of a shared machine hits every scheme alike; round r
   uses seed + r under every scheme.
 * Per run, the figures come from the history (harness/checkers/steady.py) over the window
@@ -36,6 +36,7 @@ import jsonschema
 
 from harness import cpuuse, history, results, stats
 from harness.checkers.steady import END, START, steady
+from harness import driver
 from harness.driver import Trial, TrialSpec
 from harness.workloads import registry
 from systems.base import RecoveryScheme, Reservation, registry as schemes_registry
@@ -80,19 +81,15 @@ class SteadyTrial(Trial):
         self.reserved_bytes: int | None = None
         self.cpu: dict[str, float] | None = None      # cores per role in the measured window
 
-    def run(self) -> dict:
-        try:
-            with self.phase("deploy"):
-                self.deploy()
-                self.reserved_bytes = self.scheme.reserved_bytes()
-            with on_load_cpus(self.host.machine, self.scheme.active):
-                self.measure()
-        finally:
-            with self.phase("teardown"):
-                self.teardown()
-        return self.record()
+    def deploy(self) -> None:
+        super().deploy()
+        self.reserved_bytes = self.scheme.reserved_bytes()
 
     def measure(self) -> None:
+        with on_load_cpus(self.host.machine, self.scheme.active):
+            self.measure_load()
+
+    def measure_load(self) -> None:
         t = self.spec.timing
         until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"] + 10)
         with self.phase("warm up"):
@@ -129,6 +126,13 @@ class SteadyTrial(Trial):
                 "seed": s.seed, "phases": self.phases, "figures": self.figures,
                 "reserved_bytes": self.reserved_bytes, "cpu_cores": self.cpu, "error": None}
 
+    @classmethod
+    def failed_record(cls, spec: TrialSpec, trial: Trial | None, error: str) -> dict:
+        return {"id": run_id(spec), "scheme": spec.scheme, "workload": _workload(spec),
+                "round": spec.trial, "seed": spec.seed,
+                "phases": trial.phases if trial else [], "figures": {},
+                "reserved_bytes": None, "cpu_cores": None, "error": error}
+
 
 def load_cpus(machine, active: int) -> set[int]:
     """The CPUs the load runs on: those this process may use that the active partition
@@ -156,7 +160,7 @@ def on_load_cpus(machine, active: int):
 class MicroTrial(SteadyTrial):
     """Deploy with no workload, then time FS micro-operations on the mount."""
 
-    def measure(self) -> None:
+    def measure_load(self) -> None:
         with self.phase("micro"), self.cpu_window([]):
             self.figures = micro_ops(Path(self.svc.mount), self.spec.timing["micro_ops"])
 
@@ -256,18 +260,10 @@ def plan(schemes: list[str], workloads: list[str], rounds: int, seed: int, timin
 
 
 def run_one(spec: TrialSpec, out: Path, say=lambda msg: None) -> dict:
-    """A run's record; an error becomes a record with ``error`` set, not a crash of the
-    benchmark (Ctrl-C still stops it, after the run's teardown)."""
-    cls = MicroTrial if spec.fault == MICRO else SteadyTrial
-    trial = None
-    try:
-        trial = cls(spec, out, say)
-        return trial.run()
-    except Exception as e:      # noqa: BLE001 - recorded in the run, named by the CLI
-        return {"id": run_id(spec), "scheme": spec.scheme, "workload": _workload(spec),
-                "round": spec.trial, "seed": spec.seed,
-                "phases": trial.phases if trial else [], "figures": {},
-                "reserved_bytes": None, "cpu_cores": None, "error": f"{type(e).__name__}: {e}"}
+    """A run's record, through the driver's one trial pipeline; an error becomes a record
+    with ``error`` set, not a crash of the benchmark (Ctrl-C still stops it, after the
+    run's teardown)."""
+    return driver.run_one(spec, out, say, kind=MicroTrial if spec.fault == MICRO else SteadyTrial)
 
 
 # --- figures --------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ Promises to the driver (harness/driver.py), the lab (harness/lab.py) and `crashb
 run/up/down`: every machine a trial or a lab makes has a record in ``OWNERS_DIR``, one JSON
 file per machine named by its tag, written atomically before the machine has anything.
 The record names its owner (pid and start time, so a reused pid is not mistaken for it),
-its kind (``run`` or ``lab``), its work directory, tag and memory file; everything the
-machine holds is found from those: its kernel-side processes name the work directory on
-their command line, its FUSE mounts are the work directory's ``mnt-p*``, its process sets
+its kind (``run``, ``lab``, ``bench`` or ``test``: every harness/testbed.py machine), its
+work directory, tag and memory file; everything the machine holds is found from those: its
+kernel-side processes name the work directory on their command line, its FUSE mounts are the work directory's ``mnt-p*``, its process sets
 and network namespaces carry the tag. The owner removes the record when it has torn the
 machine down; a machine whose owner is gone is an orphan. ``orphans()`` lists them;
 ``clean(record)`` removes everything of one and returns what it removed; a machine whose
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("run", "lab")
+KINDS = ("run", "lab", "bench", "test")
 KILL_WAIT_S = 10.0         # how long clean() waits for an orphan's processes to exit
 
 

@@ -200,9 +200,11 @@ class RecoveryScheme(ABC):
         return self.host.control(self.active, {"cmd": "inject", "fault": fault, **where})
 
     def teardown(self) -> None:
-        """Stop and remove everything deploy made; safe after a failed or no deploy."""
-        if self.host is not None:
-            self.host.close()
+        """Stop and remove everything deploy made; safe after a failed or no deploy, and
+        when called again (``host`` is None once torn down)."""
+        host, self.host = self.host, None
+        if host is not None:
+            host.close()
 
     @classmethod
     def reservation(cls, machine) -> Reservation:

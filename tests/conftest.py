@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from kernel import machine
-from kernel.host import Host
+from harness.testbed import Testbed
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="FUSE with allow_other and real servers need root")
@@ -21,14 +17,6 @@ def host():
 
     The work directory is world-traversable (not under pytest's root-only tmp dir) because
     servers on the mount run as other users (postgres, nginx's workers)."""
-    wd = tempfile.mkdtemp(prefix="crashbench-test-")
-    os.chmod(wd, 0o755)
-    h = Host(Path(wd), machine.load(), delay=False)
-    try:
-        h.create_memory()
-        h.format_disks()
-        h.boot(0)
-        yield h
-    finally:
-        h.close()
-        shutil.rmtree(wd, ignore_errors=True)
+    with Testbed(kind="test", delay=False) as bed:
+        bed.host.boot(0)
+        yield bed.host

@@ -11,18 +11,15 @@ without it restarts it empty. After ``teardown`` nothing of the deployment remai
 kernel or application process, process set, mount, memory or VMM file, namespace.
 """
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from kernel import machine
-from kernel.host import Host
-from kernel.net import Network
+from harness.testbed import Testbed
 from kernel.procset import ProcError, ProcessSet
 from systems import base
 from systems.base import RegistryError, check_report, registry
@@ -39,27 +36,16 @@ class Deployment:
     """A scheme deployed on a fresh machine with its network and one runtime-aware editor."""
 
     def __init__(self, name: str):
-        self.wd = Path(tempfile.mkdtemp(prefix="crashbench-conform-"))
-        try:
-            os.chmod(self.wd, 0o755)
-            self.fifo, self.log = self.wd / "editor.fifo", self.wd / "editor.log"
-            m = machine.load()
-            self.host = Host(self.wd, m, delay=False)
-            self.net = Network(self.host.tag, m.nics[0], [p.id for p in m.partitions])
-            self.scheme = registry()[name]()
-        except BaseException:      # nothing to close yet but the directory
-            shutil.rmtree(self.wd, ignore_errors=True)
-            raise
+        self.bed = Testbed(kind="test", delay=False, network=True)
+        self.scheme = registry()[name]()
 
     def deploy(self) -> None:
-        m = self.host.machine
-        self.host.create_memory()
-        self.host.format_disks()
-        self.net.up(next((p.id for p in m.partitions if m.nics[0].name in p.devices), 0))
-        self.host.net = self.net
+        self.bed.up()
+        self.host, self.net, self.wd = self.bed.host, self.bed.net, self.bed.workdir
+        self.fifo, self.log = self.wd / "editor.fifo", self.wd / "editor.log"
         apps = [{"name": "editor", "runtime_aware": True, "log": str(self.log),
                  "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", str(self.fifo)]}]
-        self.scheme.deploy(self.host, apps)
+        self.bed.deploy(self.scheme, apps)
 
     @property
     def mount(self) -> Path:
@@ -78,7 +64,9 @@ class Deployment:
             time.sleep(0.05)
 
     def teardown(self) -> list[str]:
-        """The scheme's teardown (and the network's, which the harness owns); what remains."""
+        """The scheme's own teardown (and the network's, which the harness owns); what remains."""
+        if self.bed.host is None:
+            return []
         try:
             self.scheme.teardown()
         finally:
@@ -86,8 +74,7 @@ class Deployment:
         return self.leftovers()
 
     def close(self) -> None:
-        self.host.close()         # whatever a failed deploy or teardown left; idempotent
-        shutil.rmtree(self.wd, ignore_errors=True)
+        self.bed.down()           # whatever a failed deploy or teardown left
 
     def leftovers(self) -> list[str]:
         left = []
@@ -126,7 +113,7 @@ def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
     d = Deployment(name)
     caps = d.scheme.capabilities
     try:
-        assert len(d.host.machine.partitions) >= caps.partitions_needed
+        assert len(machine.load().partitions) >= caps.partitions_needed
         d.deploy()
         d.wait_log(lambda: d.loaded(), "the editor did not start")
         fd = os.open(d.fifo, os.O_WRONLY)

@@ -1,16 +1,13 @@
 """Orthros: the backup kernel takes over the crashed kernel's disk, file cache and mount."""
 import errno
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kernel import machine
+from harness.testbed import Testbed
 from kernel.fsck import fsck
-from kernel.host import Host
 from kernel.physmem import ICORE
 from systems.base import check_report
 from systems.orthros import Orthros
@@ -22,19 +19,10 @@ PAGE = 4096
 
 @pytest.fixture
 def orthros():
-    wd = tempfile.mkdtemp(prefix="crashbench-orthros-")
-    os.chmod(wd, 0o755)
-    host = Host(Path(wd), machine.load(), delay=False)
-    host.create_memory()
-    host.format_disks()
-    s = Orthros()
-    try:
-        s.deploy(host)
-        yield host, s
-    finally:
-        s.teardown()
-        if not os.environ.get("KEEP"):
-            shutil.rmtree(wd, ignore_errors=True)
+    with Testbed(kind="test", delay=False) as bed:
+        s = Orthros()
+        bed.deploy(s)
+        yield bed.host, s
 
 
 def write_unsynced(mnt: Path, tag: str, n=5) -> dict[str, bytes]:
@@ -163,15 +151,6 @@ def test_failover_with_no_dirty_pages(orthros):
 def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
     import sys
     import time
-    wd = tempfile.mkdtemp(prefix="crashbench-orthros-")
-    os.chmod(wd, 0o755)
-    fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
-    apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", fifo],
-             "runtime_aware": True, "log": log},
-            {"name": "sleeper", "argv": ["sleep", "600"]}]
-    host = Host(Path(wd), machine.load(), delay=False)
-    host.create_memory()
-    host.format_disks()
     s = Orthros()
 
     def wait_log(text: str, timeout: float = 20.0) -> None:
@@ -182,8 +161,14 @@ def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
             time.sleep(0.05)
         raise AssertionError(f"{text!r} never appeared in the editor's log:\n"
                              + (Path(log).read_text() if os.path.exists(log) else "(no log)"))
-    try:
-        s.deploy(host, apps)
+
+    with Testbed(kind="test", delay=False) as bed:
+        host, wd = bed.host, bed.workdir
+        fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
+        apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", fifo],
+                 "runtime_aware": True, "log": log},
+                {"name": "sleeper", "argv": ["sleep", "600"]}]
+        bed.deploy(s, apps)
         wait_log("loaded seq=0 lines=0")
         fd = os.open(fifo, os.O_WRONLY)
         os.write(fd, b"first line\nsecond line\nthird line\n")
@@ -196,9 +181,6 @@ def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
         wait_log("loaded seq=")                     # the resurrected editor ...
         loaded = [ln for ln in Path(log).read_text().splitlines() if ln.startswith("loaded")]
         assert loaded[-1].split()[2] == "lines=3"   # ... continues with its unsaved buffer
-    finally:
-        s.teardown()
-        shutil.rmtree(wd, ignore_errors=True)
 
 
 # --- adopted clean pages are checked on first use (in one process, no FUSE) -------------
@@ -322,7 +304,6 @@ def test_a_lost_page_is_eio_until_overwritten_whole_or_truncated(adopted_dirty):
 def test_a_lost_in_core_inode_with_dirty_pages_reads_as_eio_not_size_0(tmp_path):
     """The in-core inode of a file with unsynced data is corrupted (its dirty-inode list
     links): its pages are homeless and its size unknown; the file reads as EIO, named."""
-    from kernel.icache import F
     from kernel.vfs import VFS
     from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack

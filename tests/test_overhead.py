@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -130,22 +128,14 @@ def test_each_workload_warms_up_for_its_own_time_unless_one_is_given():
 
 @needs_root
 def test_vanilla_kernel_has_no_heartbeat():
-    from kernel import machine
-    from kernel.host import Host
-    wd = tempfile.mkdtemp(prefix="crashbench-test-")
-    os.chmod(wd, 0o755)
-    h = Host(Path(wd), machine.load(), delay=False)
-    try:
-        h.create_memory()
-        h.format_disks()
+    from harness.testbed import Testbed
+    with Testbed(kind="test", delay=False) as bed:
+        h = bed.host
         h.boot(0, extra=("--no-heartbeat",))
         before = h.mail(0).beat
         time.sleep(0.3)
         assert h.mail(0).beat == before
         assert os.path.ismount(h.kernels[0].mount)
-    finally:
-        h.close()
-        shutil.rmtree(wd, ignore_errors=True)
 
 
 SPINNER = """

@@ -1,13 +1,10 @@
 """Recovery schemes on a live machine; every report passes the validating wrapper."""
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from kernel import machine
-from kernel.host import Host
+from harness.testbed import Testbed
 from systems.base import CacheCounts, RecoveryReport, ReportError, check_report, registry
 from tests.conftest import needs_root
 
@@ -17,18 +14,10 @@ PAGE = 4096
 
 @pytest.fixture
 def deployed(request):
-    wd = tempfile.mkdtemp(prefix="crashbench-scheme-")
-    os.chmod(wd, 0o755)
-    host = Host(Path(wd), machine.load(), delay=False)
-    host.create_memory()
-    host.format_disks()
-    scheme = registry()[request.param]()
-    try:
-        scheme.deploy(host)
-        yield host, scheme
-    finally:
-        scheme.teardown()
-        shutil.rmtree(wd, ignore_errors=True)
+    with Testbed(kind="test", delay=False) as bed:
+        scheme = registry()[request.param]()
+        bed.deploy(scheme)
+        yield bed.host, scheme
 
 
 def write_files(host, synced: bool, n=3, size=10 * PAGE, prefix="f"):
@@ -87,17 +76,13 @@ def test_the_validating_wrapper_rejects_broken_reports():
 def test_reboot_restarts_apps_without_their_state(tmp_path):
     import sys
     import time
-    wd = tempfile.mkdtemp(prefix="crashbench-scheme-")
-    os.chmod(wd, 0o755)
-    fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
-    apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", fifo],
-             "runtime_aware": True, "log": log}]
-    host = Host(Path(wd), machine.load(), delay=False)
-    host.create_memory()
-    host.format_disks()
     scheme = registry()["reboot"]()
-    try:
-        scheme.deploy(host, apps)
+    with Testbed(kind="test", delay=False) as bed:
+        host, wd = bed.host, bed.workdir
+        fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
+        apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", fifo],
+                 "runtime_aware": True, "log": log}]
+        bed.deploy(scheme, apps)
         deadline = time.monotonic() + 20
         while not (os.path.exists(log) and "loaded" in Path(log).read_text()):
             assert time.monotonic() < deadline, "the editor did not start"
@@ -115,6 +100,3 @@ def test_reboot_restarts_apps_without_their_state(tmp_path):
             time.sleep(0.05)
         last = [ln for ln in Path(log).read_text().splitlines() if ln.startswith("loaded")][-1]
         assert "lines=0" in last            # a reboot keeps no process state
-    finally:
-        scheme.teardown()
-        shutil.rmtree(wd, ignore_errors=True)

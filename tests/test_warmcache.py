@@ -1,14 +1,11 @@
 """Scheme warmcache on a live machine: the page cache survives the reboot beneath the VMM."""
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kernel import machine
-from kernel.host import Host
+from harness.testbed import Testbed
 from kernel.physmem import PAGE_DESC, PhysMem, partition_layout
 from systems.base import check_report, registry
 from tests.conftest import needs_root
@@ -19,18 +16,10 @@ PAGE = 4096
 
 @pytest.fixture
 def warm():
-    wd = tempfile.mkdtemp(prefix="crashbench-warm-")
-    os.chmod(wd, 0o755)
-    host = Host(Path(wd), machine.load(), delay=False)
-    host.create_memory()
-    host.format_disks()
     scheme = registry()["warmcache"]()
-    try:
-        scheme.deploy(host)
-        yield host, scheme
-    finally:
-        scheme.teardown()
-        shutil.rmtree(wd, ignore_errors=True)
+    with Testbed(kind="test", delay=False) as bed:
+        bed.deploy(scheme)
+        yield bed.host, scheme
     assert not os.path.exists(scheme.region_path)
 
 

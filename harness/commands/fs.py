@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -73,20 +72,13 @@ def bench_fs_cmd(mib: int = typer.Option(256, help="MiB written and read sequent
     """Sequential write, cached read and small-file creates through the emulated kernel's
     mount, each beside the same work on tmpfs in the same run."""
     from harness.benchfs import run_all
-    from kernel import machine
-    from kernel.host import Host
-    with tempfile.TemporaryDirectory(prefix="crashbench-bench-") as wd:
-        host = Host(Path(wd), machine.load())
-        try:
-            host.create_memory()
-            host.format_disks()
-            kp = host.boot(0)
-            with console.status("measuring…") as st:
-                figs = run_all(Path(kp.mount), mib=mib, files=files, runs=runs,
-                               progress=lambda i, n: st.update(f"measuring… run {i}/{n} done"))
-            host.stop(0)
-        finally:
-            host.close()
+    from harness.testbed import Testbed
+    with Testbed(kind="bench") as bed:
+        kp = bed.host.boot(0)
+        with console.status("measuring…") as st:
+            figs = run_all(Path(kp.mount), mib=mib, files=files, runs=runs,
+                           progress=lambda i, n: st.update(f"measuring… run {i}/{n} done"))
+        bed.host.stop(0)
     if json_out:
         print(json.dumps([f.as_dict() for f in figs], indent=2))
         return

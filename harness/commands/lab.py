@@ -81,13 +81,9 @@ def inspect_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's wo
 def demo_storage(workdir: Path) -> dict:
     """Boot a machine, write files through its mount, crash it, inspect the dead kernel."""
     from harness.inspect import inspect_partition
-    from kernel import machine
-    from kernel.host import Host
-    m = machine.load()
-    host = Host(workdir, m)
-    try:
-        host.create_memory()
-        host.format_disks(force=True)
+    from harness.testbed import Testbed
+    with Testbed(kind="bench", workdir=workdir, reformat=True) as bed:
+        host, m = bed.host, bed.machine
         kp = host.boot(0)
         console.print(f"booted partition 0 ({m.partition(0).cmdline()}) in {kp.boot_wall_s:.3f} s; "
                       f"file system mounted at {kp.mount}")
@@ -98,8 +94,6 @@ def demo_storage(workdir: Path) -> dict:
         info = inspect_partition(host.physmem, m, 0)
         render_inspect(info)
         return info
-    finally:
-        host.close()
 
 
 def demo_failover(cache_mib: int = 32) -> dict:

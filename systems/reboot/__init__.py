@@ -87,6 +87,7 @@ class Reboot(RecoveryScheme):
     def teardown(self) -> None:
         if self.watcher is not None:
             self.watcher.close()
+            self.watcher = None
         super().teardown()
 
 

@@ -1,7 +1,8 @@
 """The lab's supervisor: one process that deploys a scheme and runs it, crash after crash.
 
-Promises to the lab (harness/lab.py): ``python -m systems.supervisor`` deploys the scheme
-on the lab's machine, writes ``ready`` on the fd it was given (or, when the machine does not
+Promises to the lab (harness/lab.py): ``python -m harness.supervisor`` deploys the scheme
+on the lab's machine (a harness/testbed.py ``Testbed`` in the lab's work directory, whose
+ownership record the lab keeps), writes ``ready`` on the fd it was given (or, when the machine does not
 come up, ``failed: `` and the cause in one line, e.g. the exception a kernel's boot ended
 with), then waits for failures;
 after each one it writes the scheme's RecoveryReport to ``reports/NNN.json`` and the kernels
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from kernel import machine as machine_mod
+from harness.testbed import Testbed
 from kernel.host import Host
 from kernel.kernel import notify_ready
 from systems.base import check_report, registry
@@ -40,8 +41,8 @@ def publish(host: Host, workdir: Path, scheme) -> None:
                     for p, k in host.kernels.items()}})
 
 
-def stop_all(host: Host, scheme) -> None:
-    """Clean shutdown of every kernel still beating; the scheme's teardown kills the rest."""
+def stop_beating(host: Host) -> None:
+    """Clean shutdown of every kernel still beating; the testbed's teardown kills the rest."""
     for p in list(host.kernels):
         try:
             m = host.mail(p)
@@ -50,7 +51,6 @@ def stop_all(host: Host, scheme) -> None:
             beating = False
         if beating and host.kernels[p].alive():
             host.stop(p, timeout=30.0)
-    scheme.teardown()
 
 
 def tell_failure(fd: int | None, e: Exception) -> None:
@@ -63,8 +63,25 @@ def tell_failure(fd: int | None, e: Exception) -> None:
         os.close(fd)
 
 
+def serve(host: Host, workdir: Path, scheme, reports: Path, ready_fd: int | None) -> None:
+    """Report ready, then one report per failure until stopped."""
+    publish(host, workdir, scheme)
+    notify_ready(ready_fd)
+    n = len(list(reports.glob("*.json")))
+    while True:
+        try:
+            report = check_report(scheme.on_crash(timeout=3600))
+        except TimeoutError:
+            continue
+        n += 1
+        write_json(reports / f"{n:03d}.json", report.to_dict())
+        publish(host, workdir, scheme)
+        if not report.recovered:
+            signal.pause()   # nothing more will come; wait to be stopped
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m systems.supervisor")
+    ap = argparse.ArgumentParser(prog="python -m harness.supervisor")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--scheme", required=True)
     ap.add_argument("--machine")
@@ -74,37 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(a.workdir)
     reports = workdir / "reports"
     reports.mkdir(exist_ok=True)
-    host = Host(workdir, machine_mod.load(a.machine), machine_file=a.machine)
     scheme = registry()[a.scheme]()
     if a.net_tag:
         scheme.net_tag = a.net_tag
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    bed = Testbed(kind="lab", machine_file=a.machine, workdir=workdir, owned=False)
     try:
         try:
-            host.create_memory()
-            host.format_disks()
-            scheme.deploy(host)
-        except Exception as e:
+            bed.up()
+            bed.deploy(scheme)
+        except BaseException as e:
             tell_failure(a.ready_fd, e)
             raise
-        publish(host, workdir, scheme)
-        notify_ready(a.ready_fd)
-        n = len(list(reports.glob("*.json")))
-        while True:
-            try:
-                report = check_report(scheme.on_crash(timeout=3600))
-            except TimeoutError:
-                continue
-            n += 1
-            write_json(reports / f"{n:03d}.json", report.to_dict())
-            publish(host, workdir, scheme)
-            if not report.recovered:
-                signal.pause()   # nothing more will come; wait to be stopped
-    finally:
         try:
-            stop_all(host, scheme)
+            serve(bed.host, workdir, scheme, reports, a.ready_fd)
         finally:
-            host.close()    # also when the scheme's teardown failed (a boot that failed)
+            stop_beating(bed.host)
+    finally:
+        bed.down()     # the scheme's teardown, then the host's: also after a failed boot
     return 0
 
 
