@@ -29,6 +29,7 @@ from pathlib import Path
 from harness import owners
 from kernel import machine as machine_mod
 from kernel.host import Host
+from kernel.mkfs import format_disks
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Testbed:
             owners.claim(self.kind, self.workdir, self.host.tag, self.host.physmem,
                          workdir_made=self._made)
         self.host.create_memory()
-        self.host.format_disks(force=self.reformat)
+        format_disks(m, self.workdir, force=self.reformat)
         if self.network:
             self.net = network_up(self.host)
 

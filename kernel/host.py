@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernel import machine as machine_mod, param
-from kernel.mkfs import mkfs
 from kernel.physmem import PhysMem
 
 READY_TIMEOUT_S = 30.0
@@ -94,14 +93,6 @@ class Host:
 
     def disk_image(self, name: str = "disk0") -> Path:
         return self.workdir / self.machine.disk(name).image
-
-    def format_disks(self, force: bool = False) -> None:
-        for d in self.machine.disks:
-            img = self.workdir / d.image
-            if force or not img.exists():
-                mkfs(str(img), d.size)
-            else:
-                os.chmod(img, param.OWNER_ONLY_MODE)   # formatted when images were 0644
 
     def mountpoint(self, part_id: int) -> Path:
         from kernel import fuse

@@ -1,15 +1,17 @@
 """mkfs: write an empty crashbench file system into a (sparse) disk image.
 
-Promises to the host (kernel/host.py), the CLI and tests: ``mkfs(path, size_bytes)``
-creates or overwrites `path` as a sparse file of size_bytes (rounded down to whole blocks),
-readable and writable by its owner only (param.OWNER_ONLY_MODE, whatever the umask or the
-old file's mode: the image holds every file's content), holding the layout drawn in kernel/fs.py: superblock, an empty journal, an inode table of
-INODES_PER_MIB inodes per MiB (or `inodes`), the block bitmap and a root directory
-(inode 1, mode 0o40755, uid/gid 0). Only the blocks with content are written. An image
-owned by a running kernel (flock held) is refused with DeviceError; a size or journal that
-cannot hold the layout (or a journal shorter than MIN_JOURNAL_BLOCKS) is refused with
-ValueError naming the figure, before the image is touched. The journal takes at
-most a quarter of the disk: a larger journal_blocks is reduced to that.
+Promises to the testbed (harness/testbed.py), the CLI and tests: ``format_disks(machine,
+workdir)`` gives every disk of a machine its image (kept when it exists, made owner-only).
+``mkfs(path, size_bytes)`` creates or overwrites `path` as a sparse file of size_bytes
+(rounded down to whole blocks), readable and writable by its owner only
+(param.OWNER_ONLY_MODE, whatever the umask or the old file's mode: the image holds every
+file's content), holding the layout drawn in kernel/fs.py: superblock, an empty journal, an
+inode table of INODES_PER_MIB inodes per MiB (or `inodes`), the block bitmap and a root
+directory (inode 1, mode 0o40755, uid/gid 0). Only the blocks with content are written. An
+image owned by a running kernel (flock held) is refused with DeviceError; a size or journal
+that cannot hold the layout (or a journal shorter than MIN_JOURNAL_BLOCKS) is refused with
+ValueError naming the figure, before the image is touched. The journal takes at most a
+quarter of the disk: a larger journal_blocks is reduced to that.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import math
 import os
 import stat
 import time
+from pathlib import Path
 
 import numpy as np
 import xxhash
@@ -34,6 +37,18 @@ BSIZE = param.BLOCK_SIZE
 MIN_JOURNAL_BLOCKS = 256  # tunable candidate: smallest journal mkfs accepts (1 MiB)
 MIN_INODES = 64
 MIN_DATA_BLOCKS = 16
+
+
+def format_disks(machine, workdir: str | Path, force: bool = False) -> None:
+    """Every disk of ``machine`` as an image in ``workdir``: formatted when it has none (or
+    when ``force``); an existing image is kept, made owner-only (formatted when images were
+    0644)."""
+    for d in machine.disks:
+        img = Path(workdir) / d.image
+        if force or not img.exists():
+            mkfs(str(img), d.size)
+        else:
+            os.chmod(img, param.OWNER_ONLY_MODE)
 
 
 def mkfs(path: str, size_bytes: int, *, journal_blocks: int = param.JOURNAL_BLOCKS,

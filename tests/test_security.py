@@ -13,6 +13,7 @@ import pytest
 from kernel import machine, mailbox, vmm
 from kernel.control import ctl_path
 from kernel.host import Host
+from kernel.mkfs import format_disks
 from kernel.physmem import partition_layout
 from tests.conftest import needs_root
 
@@ -37,7 +38,7 @@ def open_host():
         h.create_memory()
         h.disk_image().write_bytes(b"")  # an image left world-readable by an older mkfs
         os.chmod(h.disk_image(), 0o644)
-        h.format_disks(force=True)
+        format_disks(h.machine, h.workdir, force=True)
         h.boot(0)
         bell = mailbox.Doorbell(str(wd), mailbox.WATCHDOG)
         yield h, bell
@@ -55,7 +56,7 @@ def test_images_memory_region_and_sockets_are_owner_only_under_umask_000(open_ho
     assert mode(wd) == 0o755                          # servers on the mount run as other users
     assert mode(h.disk_image()) == 0o600
     os.chmod(h.disk_image(), 0o644)                   # formatted before images were owner-only
-    h.format_disks()                                  # kept, not formatted again
+    format_disks(h.machine, wd)                       # kept, not formatted again
     assert mode(h.disk_image()) == 0o600
     assert mode(h.physmem) == 0o600
     assert mode(ctl_path(str(wd), 0)) == 0o600
