@@ -4,13 +4,22 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test deps sysdeps venv clean bench
+.PHONY: demo test lint format deps sysdeps venv clean bench
 
 demo: $(STAMP)
 	$(VPY) -m harness.cli run --schemes orthros,reboot --workload files --fault panic --trials 3
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+# ruff, configured in pyproject.toml: the checks, and that the tree is formatted
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
 	$(VPY) -m harness.cli bench fs

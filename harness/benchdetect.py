@@ -12,10 +12,11 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from kernel import mailbox, param
+from kernel import param
+from kernel.hw import mailbox
 from harness.testbed import Testbed
-from kernel.host import Host
-from kernel.physmem import CorruptObject, PhysMem, partition_layout
+from kernel.hw.host import Host
+from kernel.hw.physmem import CorruptObject, PhysMem, partition_layout
 
 
 @dataclass

@@ -2,14 +2,14 @@
 
 Promises to harness/overhead.py (definitions: docs/METRICS.md, "CPU by role"): ``roles(host,
 active, clients)`` names the processes of a running deployment — the active kernel (its
-heartbeat thread apart, found by its name kernel.kernel.HEARTBEAT_THREAD), the apps of
+heartbeat thread apart, found by its name kernel.core.kernel.HEARTBEAT_THREAD), the apps of
 the active partition (every other member of its process set), every other partition's
 processes (a standby backup kernel and its helpers), and the workload's clients with their
 descendants. ``sample(roles, vmm_region)`` reads the time each of their threads has run on
 a CPU — the scheduler's own accounting in /proc/<pid>/task/<tid>/schedstat, nanoseconds,
 the clock behind CLOCK_THREAD_CPUTIME_ID — and sums it per role; a warm-cache VMM runs
 inline on the kernel's threads, so the wall time its entry points counted in its region
-(kernel/vmm.py, ``busy_ns``) moves from the kernel's role to VMM. ``cores(before, after,
+(kernel/hw/vmm.py, ``busy_ns``) moves from the kernel's role to VMM. ``cores(before, after,
 seconds)`` is CPU-seconds per second of the window: 1.0 is one core kept busy.
 
 What it cannot see: a thread or process that ends inside the window takes its time with
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from kernel.kernel import HEARTBEAT_THREAD
+from kernel.core.kernel import HEARTBEAT_THREAD
 
 KERNEL, HEARTBEAT, VMM, APPS, STANDBY, CLIENTS = (
     "kernel", "heartbeat", "vmm", "apps", "standby", "clients")
@@ -35,7 +35,7 @@ ACTIVE = (KERNEL, HEARTBEAT, VMM, APPS)   # what runs on the active partition's 
 def roles(host, active: int, clients: Iterable[int]) -> dict[str, list[int]]:
     """{role: pids} of a deployment; the KERNEL role is the active kernel's pid alone
     (its HEARTBEAT thread is told apart by ``sample``)."""
-    from kernel.procset import ProcError, ProcessSet
+    from kernel.hw.procset import ProcError, ProcessSet
     out: dict[str, list[int]] = {r: [] for r in ROLES}
     for part, kp in host.kernels.items():
         try:
@@ -68,7 +68,7 @@ def sample(rs: dict[str, list[int]], vmm_region: str | None = None) -> dict[str,
 
 
 def _vmm_busy(path: str) -> int:
-    from kernel import vmm
+    from kernel.hw import vmm
     r = vmm.Region(path)
     try:
         return r.stats()["busy_ns"]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernel.machine import Machine
-from kernel.memreader import PartitionReader
-from kernel.physmem import PAGE_DESC, PG_DIRTY, PG_META, CorruptObject, PhysMem
+from kernel.hw.machine import Machine
+from kernel.core.memreader import PartitionReader
+from kernel.hw.physmem import PAGE_DESC, PG_DIRTY, PG_META, CorruptObject, PhysMem
 
 
 def _rejected(e: CorruptObject) -> dict:
@@ -55,7 +55,7 @@ def inspect_partition(physmem_path: str, machine: Machine, part_id: int) -> dict
 
 
 def _mailbox(mem: PhysMem, lay, rejected: list) -> dict | None:
-    from kernel.mailbox import read_mail
+    from kernel.hw.mailbox import read_mail
     try:
         m = read_mail(mem, lay)
     except CorruptObject as e:
@@ -69,7 +69,7 @@ def _mailbox(mem: PhysMem, lay, rejected: list) -> dict | None:
 
 
 def _processes(mem: PhysMem, lay, rejected: list) -> list[dict]:
-    from kernel.proc import read_proc_table
+    from kernel.core.proc import read_proc_table
     entries, bad = read_proc_table(mem, lay)
     rejected += [_rejected(e) for e in bad]
     return [{"pid": e["pid"], "name": e["name"], "runtime_aware": e["runtime_aware"],

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import owners
-from kernel import control, fuse, machine as machine_mod, mailbox
-from kernel.host import make_workdir, physmem_path_for
-from kernel.physmem import PhysMem
+from kernel.hw import fusedev
+from kernel.hw import control, machine as machine_mod, mailbox
+from kernel.hw.host import make_workdir, physmem_path_for
+from kernel.hw.physmem import PhysMem
 
 STATE = "lab.json"
 STATE_KEYS = {"machine_file": (str, type(None)), "scheme": str, "tag": str, "physmem": str}
@@ -202,7 +203,7 @@ class Lab:
     def _network_up(self, m: machine_mod.Machine) -> None:
         if not m.nics:
             return
-        from kernel.net import Network
+        from kernel.hw.net import Network
         net = Network(self.state["tag"], m.nics[0], [p.id for p in m.partitions])
         owner = next((p.id for p in m.partitions if m.nics[0].name in p.devices), 0)
         net.up(owner)
@@ -228,7 +229,7 @@ class Lab:
                 if k:
                     entry["kernel"] = {"pid": k["pid"], "alive": _alive(k["pid"]),
                                        "mount": k["mount"],
-                                       "mounted": fuse.is_mounted(k["mount"])}
+                                       "mounted": fusedev.is_mounted(k["mount"])}
                     if mem is not None:
                         entry["kernel"].update(self._mail(mem, p))
                 out["partitions"].append(entry)
@@ -239,7 +240,7 @@ class Lab:
 
     @staticmethod
     def _mail(mem: PhysMem, p) -> dict:
-        from kernel.physmem import CorruptObject, partition_layout
+        from kernel.hw.physmem import CorruptObject, partition_layout
         try:
             mail = mailbox.read_mail(mem, partition_layout(p.id, p.base, p.size))
         except CorruptObject as e:
@@ -296,13 +297,13 @@ class Lab:
             if _alive(k["pid"]):
                 self._stop_kernel(k["pid"], timeout=0.0 if self._hung(int(pid_s)) else 30.0)
                 done.append(f"stopped kernel {k['pid']} of partition {pid_s}")
-            if fuse.is_mounted(k["mount"]):
-                fuse.abort_and_unmount(k["mount"])
+            if fusedev.is_mounted(k["mount"]):
+                fusedev.abort_and_unmount(k["mount"])
                 done.append(f"unmounted {k['mount']}")
-        from kernel.procset import cleanup_stale as procsets_cleanup
+        from kernel.hw.procset import cleanup_stale as procsets_cleanup
         done += [f"removed process set {r.name}" for r in procsets_cleanup(self.state["tag"])]
         if self.state.get("network"):
-            from kernel.net import cleanup_stale
+            from kernel.hw.net import cleanup_stale
             done += [f"removed {x}" for x in cleanup_stale(self.state["tag"])]
         if os.path.exists(self.state.get("physmem", "")):
             PhysMem.unlink(self.state["physmem"])
@@ -318,7 +319,7 @@ class Lab:
         except FileNotFoundError:
             return False
         p = self.machine.partition(part_id)
-        from kernel.physmem import CorruptObject, partition_layout
+        from kernel.hw.physmem import CorruptObject, partition_layout
         try:
             mail = mailbox.read_mail(mem, partition_layout(part_id, p.base, p.size))
         except CorruptObject:

@@ -54,7 +54,7 @@ LATENCY_KEYS = ("p50", "p95", "p99")
 
 
 class Vanilla(RecoveryScheme):
-    """No scheme: a kernel without heartbeat (kernel.kernel --no-heartbeat), no watcher."""
+    """No scheme: a kernel without heartbeat (kernel.core.kernel --no-heartbeat), no watcher."""
     name = VANILLA
 
     def deploy(self, host, apps=()) -> None:
@@ -171,7 +171,7 @@ def micro_ops(mount: Path, n: int, budget_s: float = MICRO_BUDGET_S) -> dict[str
     write), ``create`` (open O_CREAT|O_EXCL of a new name + close), ``stat`` (os.stat of a
     file created earlier, after the host's attribute and entry caches expired, so each one
     reaches the kernel). At most ``n`` of each, each loop at most ``budget_s`` seconds."""
-    from kernel.fuse import TIMEOUT_S
+    from kernel.core.fuse import TIMEOUT_S
     d = mount / "micro"
     d.mkdir()
     buf = os.urandom(4096)

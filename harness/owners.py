@@ -163,11 +163,11 @@ def clean(r: Record) -> list[str]:
     wd = Path(d["workdir"])
     done = [f"killed {x}" for x in _kill_processes_of(wd)]
     done += _unmount_under(wd)
-    from kernel.procset import cleanup_stale as procsets_cleanup
+    from kernel.hw.procset import cleanup_stale as procsets_cleanup
     done += [f"removed process set {x.name} ({x.mode})" for x in procsets_cleanup(d["tag"])]
-    from kernel.net import cleanup_stale as net_cleanup
+    from kernel.hw.net import cleanup_stale as net_cleanup
     done += [f"removed {x}" for x in net_cleanup(d["tag"])]
-    from kernel.vmm import region_path
+    from kernel.hw.vmm import region_path
     for f in (d["physmem"], region_path(d["physmem"])):
         if os.path.exists(f):
             os.unlink(f)
@@ -214,9 +214,9 @@ def _kill_processes_of(wd: Path) -> list[str]:
 
 
 def _unmount_under(wd: Path) -> list[str]:
-    from kernel import fuse
+    from kernel.hw import fusedev
     out = []
     for m in sorted(wd.glob("mnt-p*")):
-        if fuse.abort_and_unmount(str(m)):
+        if fusedev.abort_and_unmount(str(m)):
             out.append(f"unmounted {m}")
     return out

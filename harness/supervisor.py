@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from harness.testbed import Testbed
-from kernel.host import Host
-from kernel.kernel import notify_ready
+from kernel.hw.host import Host
+from kernel.core.kernel import notify_ready
 from systems.base import check_report, registry
 
 STATE = "supervisor.json"

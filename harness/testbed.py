@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import owners
-from kernel import machine as machine_mod
-from kernel.host import Host
-from kernel.mkfs import format_disks
+from kernel.hw import machine as machine_mod
+from kernel.hw.host import Host
+from kernel.tools.mkfs import format_disks
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Testbed:
 
 def network_up(host: Host):
     """The machine's first NIC up in its own namespaces, on the partition that owns it."""
-    from kernel.net import Network
+    from kernel.hw.net import Network
     m = host.machine
     if not m.nics:
         return None

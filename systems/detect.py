@@ -3,7 +3,7 @@
 Promises to the schemes: ``Watcher.wait()`` returns when the watched kernel is known to
 have failed — at once when its doorbell rings with a dying message, otherwise when its
 heartbeat has not moved for MISSED beat intervals of the watcher's own observation (hang,
-kill, or a death with no message; kernel/mailbox.py BeatMonitor) — with the time
+kill, or a death with no message; kernel/hw/mailbox.py BeatMonitor) — with the time
 of the verdict and the failure time the dying kernel recorded in its mailbox.
 """
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kernel import mailbox, param
-from kernel.physmem import CorruptObject, PhysMem, partition_layout
+from kernel import param
+from kernel.hw import mailbox
+from kernel.hw.physmem import CorruptObject, PhysMem, partition_layout
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Bringing a dead kernel's processes back: restart, or migration with their state.
 
 Promises to the recovery schemes: ``restart_processes`` reads the dead kernel's process
-table out of raw memory (kernel/proc.py ``read_proc_table``: every entry validated, what
+table out of raw memory (kernel/core/proc.py ``read_proc_table``: every entry validated, what
 fails is rejected), finds each process's application among the deployment's specs by its
 argv hash, and launches it again on the recovering kernel. A runtime-aware process gets
-its state segment back (kernel/rtaware.py ``read_state``: a torn or corrupted segment is
+its state segment back (kernel/core/rtaware.py ``read_state``: a torn or corrupted segment is
 rejected, and the process restarts without it); an unmodified one simply restarts.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kernel import param
-from kernel.physmem import CorruptObject, partition_layout
-from kernel.proc import AppSpec, argv_hash, read_proc_table
-from kernel.rtaware import read_state
+from kernel.hw.physmem import CorruptObject, partition_layout
+from kernel.core.proc import AppSpec, argv_hash, read_proc_table
+from kernel.core.rtaware import read_state
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Restarted:
 
 def restart_processes(k, dead_part: int, specs: list[dict], *, with_state: bool,
                       netns: str | None = None) -> Restarted:
-    from kernel.net import enter_netns
+    from kernel.hw.net import enter_netns
     p = k.machine.partition(dead_part)
     lay = partition_layout(p.id, p.base, p.size)
     entries, bad = read_proc_table(k.mem, lay)

@@ -1,6 +1,6 @@
 """What a crashed kernel's memory held: the "before" side of every recovery report.
 
-Read from raw memory with the same distrust as everything else (kernel/memreader.py):
+Read from raw memory with the same distrust as everything else (kernel/core/memreader.py):
 valid file-page descriptors are counted as cached pages, dirty pages found by the
 dirty-inode walk (completed by the bulk scan) as dirty; metadata pages (inode 0) are not
 file cache and are not counted.
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernel.memreader import DirtyWalk, PartitionReader
-from kernel.physmem import PAGE_DESC, PG_VALID, PhysMem
+from kernel.core.memreader import DirtyWalk, PartitionReader
+from kernel.hw.physmem import PAGE_DESC, PG_VALID, PhysMem
 from systems.base import CacheCounts
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernel.blockdev import BlockDevice
-from kernel.mkfs import mkfs
-from kernel.physmem import PhysMem, partition_layout
-from kernel.vfs import VFS
+from kernel.hw.blockdev import BlockDevice
+from kernel.tools.mkfs import mkfs
+from kernel.hw.physmem import PhysMem, partition_layout
+from kernel.core.vfs import VFS
 
 MEM = 96 << 20
 DISK = 256 << 20

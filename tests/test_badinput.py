@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from harness.lab import lab_tag
-from kernel.host import physmem_path_for
+from kernel.hw.host import physmem_path_for
 from tests.conftest import needs_root
 
-DEFAULT_TOML = (Path(__file__).parents[1] / "kernel" / "machines" / "default.toml").read_text()
+DEFAULT_TOML = (Path(__file__).parents[1] / "kernel" / "hw" / "machines" / "default.toml").read_text()
 
 
 def cb(*args: str, cwd: Path) -> subprocess.CompletedProcess:

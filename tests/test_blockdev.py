@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from kernel import param
-from kernel.blockdev import BlockDevice, DeviceError
+from kernel.hw.blockdev import BlockDevice, DeviceError
 
 B = param.BLOCK_SIZE
 NBLOCKS = 64
@@ -127,7 +127,7 @@ def test_non_exclusive_opens_do_not_lock(img):
 
 
 def test_dead_owner_process_releases_the_disk(img):
-    code = ("import sys, time; from kernel.blockdev import BlockDevice; "
+    code = ("import sys, time; from kernel.hw.blockdev import BlockDevice; "
             "d = BlockDevice(sys.argv[1], 'none', delay=False); print('ready', flush=True); "
             "time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, img], stdout=subprocess.PIPE, text=True,

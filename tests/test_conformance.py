@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from kernel import machine
+from kernel.hw import machine
 from harness.testbed import Testbed
-from kernel.procset import ProcError, ProcessSet
+from kernel.hw.procset import ProcError, ProcessSet
 from systems import base
 from systems.base import RegistryError, check_report, registry
 from tests.conftest import needs_root
@@ -44,7 +44,7 @@ class Deployment:
         self.host, self.net, self.wd = self.bed.host, self.bed.net, self.bed.workdir
         self.fifo, self.log = self.wd / "editor.fifo", self.wd / "editor.log"
         apps = [{"name": "editor", "runtime_aware": True, "log": str(self.log),
-                 "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", str(self.fifo)]}]
+                 "argv": [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", str(self.fifo)]}]
         self.bed.deploy(self.scheme, apps)
 
     @property
@@ -197,7 +197,7 @@ def test_a_bad_entry_point_is_refused_naming_it(monkeypatch, value, says):
 class LabOnly(base.RecoveryScheme):
     """A scheme registered only by the tests above (never deployed)."""
     name = "lab-only"
-    kernel_modules = ("kernel.kernel", "tests.lab_only_kernel")
+    kernel_modules = ("kernel.core.kernel", "tests.lab_only_kernel")
 
     def deploy(self, host, apps=()) -> None:
         raise NotImplementedError

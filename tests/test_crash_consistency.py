@@ -13,7 +13,7 @@ from hypothesis import strategies as stt
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kernel import param
-from kernel.fsck import fsck
+from kernel.tools.fsck import fsck
 from tests.stack import Stack
 
 NAMES = stt.sampled_from([b"a", b"b", b"c", b"d", b"e"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.inspect import inspect_partition
-from kernel import mailbox
+from kernel.hw import mailbox
 from tests.conftest import needs_root
 
 pytestmark = [needs_root]
@@ -147,8 +147,8 @@ def _pid_gone(pid: int, timeout: float = 10.0) -> bool:
 
 @pytest.mark.parametrize("fault", ["panic", "kill", "hang"])
 def test_apps_of_the_partition_are_gone_after_the_fault(host, fault):
-    from kernel.proc import ProcessSet, read_proc_table
-    from kernel.physmem import PhysMem, partition_layout
+    from kernel.core.proc import ProcessSet, read_proc_table
+    from kernel.hw.physmem import PhysMem, partition_layout
     host.stop(0)
     kp = host.boot(0, apps=[{"name": "sleeper", "argv": ["sleep", "600"]},
                             {"name": "sleeper2", "argv": ["sleep", "601"]}])
@@ -183,7 +183,7 @@ def test_a_panic_stops_every_process_of_the_partition_until_the_fence(host):
     """A grandchild that left its app's session outlives the app (no parent-death signal
     reaches it); the panic must still stop it, as a real panic halts every CPU, so it can
     answer nobody before the recovery scheme's fence kills it."""
-    from kernel.proc import ProcessSet
+    from kernel.core.proc import ProcessSet
     host.stop(0)
     pidfile = host.workdir / "grandchild.pid"
     host.boot(0, apps=[{"name": "forker", "argv": [

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kernel import param
-from kernel.blockdev import BlockDevice
-from kernel.buffers import MemBuffers
-from kernel.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, FileSystem, FsError, JournalDamaged
-from kernel.fsck import fsck
-from kernel.mkfs import mkfs
+from kernel.hw.blockdev import BlockDevice
+from kernel.core.buffers import MemBuffers
+from kernel.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, FileSystem, FsError, JournalDamaged
+from kernel.tools.fsck import fsck
+from kernel.tools.mkfs import mkfs
 
 B = param.BLOCK_SIZE
 ROOT = 1

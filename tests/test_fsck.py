@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernel import param
-from kernel.blockdev import BlockDevice
-from kernel.buffers import MemBuffers
-from kernel.disklayout import (DIRENT, INODES_PER_BLOCK, NPTR, SB_BLOCK, Inode, Superblock,
+from kernel.hw.blockdev import BlockDevice
+from kernel.core.buffers import MemBuffers
+from kernel.core.disklayout import (DIRENT, INODES_PER_BLOCK, NPTR, SB_BLOCK, Inode, Superblock,
                                pack_inode, unpack_inode)
-from kernel.fs import FileSystem
-from kernel.fsck import fsck
-from kernel.mkfs import mkfs
+from kernel.core.fs import FileSystem
+from kernel.tools.fsck import fsck
+from kernel.tools.mkfs import mkfs
 
 B = param.BLOCK_SIZE
 ISZ = param.INODE_SIZE
@@ -293,7 +293,7 @@ FSCK_HEADROOM = 256 << 20     # address space fsck may grow by, beyond what its 
 FSCK_TIMEOUT_S = 120          # generous: the machine is shared; a runaway takes far longer
 _BOUNDED_FSCK = """
 import json, resource, sys
-from kernel.fsck import fsck
+from kernel.tools.fsck import fsck
 vm = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + %d, vm + %d))
 res = fsck(sys.argv[1])

@@ -1,6 +1,6 @@
-"""The FUSE adapter (kernel/fuse.py): the emulated kernel's VFS used by ordinary os.* calls.
+"""The FUSE adapter (kernel/core/fuse.py): the emulated kernel's VFS used by ordinary os.* calls.
 
-Each test mounts a fresh VFS (tests/stack.py) served by kernel.fuse in a child process, and
+Each test mounts a fresh VFS (tests/stack.py) served by kernel.core.fuse in a child process, and
 the fixture always takes the mount down again: clean stop, else SIGKILL, then
 abort_and_unmount if anything is still mounted. Anything that could block on a dead or
 hung mount runs in a thread with a deadline; a teardown abort releases it.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel import fuse
+from kernel.hw import fusedev
 from tests.conftest import needs_root
 
 pytestmark = [needs_root]
@@ -36,11 +36,11 @@ DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
 
 # The daemon: a fresh Stack (physical memory + disk + VFS) served on a mount point. Two
 # names make the VFS fail as only a broken kernel would: "__bug__" raises a plain bug,
-# "__panic__" the fault layer's KernelPanic (defined here if kernel.faults has none yet).
+# "__panic__" the fault layer's KernelPanic (defined here if kernel.core.faults has none yet).
 DAEMON = r"""
 import logging, signal, sys
 from pathlib import Path
-from kernel import faults, fuse
+from kernel.core import faults, fuse
 from tests.stack import Stack
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -142,8 +142,8 @@ class Daemon:
                 except subprocess.TimeoutExpired:
                     self.kill()
         finally:
-            if fuse.is_mounted(str(self.mnt)):
-                fuse.abort_and_unmount(str(self.mnt))
+            if fusedev.is_mounted(str(self.mnt)):
+                fusedev.abort_and_unmount(str(self.mnt))
             self.proc.stdout.close()
             self.logf.close()
 
@@ -156,8 +156,8 @@ def mountdir():
     mnt = top / "mnt point"          # a space: mountinfo escapes it
     mnt.mkdir()
     yield mnt
-    if fuse.is_mounted(str(mnt)):     # belt and braces: never leave a mount behind
-        fuse.abort_and_unmount(str(mnt))
+    if fusedev.is_mounted(str(mnt)):     # belt and braces: never leave a mount behind
+        fusedev.abort_and_unmount(str(mnt))
     shutil.rmtree(top, ignore_errors=True)
 
 
@@ -168,13 +168,13 @@ def daemon(tmp_path, mountdir):
         yield d
     finally:
         d.teardown()
-    assert not fuse.is_mounted(str(mountdir))
+    assert not fusedev.is_mounted(str(mountdir))
 
 
 # --- files ------------------------------------------------------------------------------
 def test_mount_is_listed_with_its_options(daemon):
-    assert fuse.is_mounted(str(daemon.mnt))
-    [m] = fuse.mounts_at(str(daemon.mnt))
+    assert fusedev.is_mounted(str(daemon.mnt))
+    [m] = fusedev.mounts_at(str(daemon.mnt))
     assert m["fstype"] == "fuse.crashbench" and m["source"] == "crashbench-test"
     dev = f" {m['major']}:{m['minor']} "
     opts = next(line for line in open("/proc/self/mountinfo") if dev in line)
@@ -468,10 +468,10 @@ def test_kernel_panic_propagates_and_leaves_a_dead_mount(daemon):
     assert within(10, errno_of, os.stat, daemon.path("__panic__")) in DEAD
     assert daemon.proc.wait(10) != 0
     assert "injected panic" in daemon.log.read_text()
-    assert fuse.is_mounted(str(daemon.mnt))                 # dead, as a crash leaves it
+    assert fusedev.is_mounted(str(daemon.mnt))                 # dead, as a crash leaves it
     assert within(10, errno_of, os.stat, daemon.path("f")) == errno.ENOTCONN
-    assert within(20, fuse.abort_and_unmount, str(daemon.mnt)) is True
-    assert not fuse.is_mounted(str(daemon.mnt))
+    assert within(20, fusedev.abort_and_unmount, str(daemon.mnt)) is True
+    assert not fusedev.is_mounted(str(daemon.mnt))
 
 
 def test_sigkill_leaves_a_dead_mount_that_abort_and_unmount_cleans(daemon):
@@ -480,15 +480,15 @@ def test_sigkill_leaves_a_dead_mount_that_abort_and_unmount_cleans(daemon):
     fd = os.open(p, os.O_RDONLY)
     try:
         daemon.kill()
-        assert fuse.is_mounted(str(daemon.mnt))
+        assert fusedev.is_mounted(str(daemon.mnt))
         assert within(10, errno_of, os.stat, daemon.path("x")) == errno.ENOTCONN
-        assert within(20, fuse.abort_and_unmount, str(daemon.mnt)) is True
-        assert not fuse.is_mounted(str(daemon.mnt))
+        assert within(20, fusedev.abort_and_unmount, str(daemon.mnt)) is True
+        assert not fusedev.is_mounted(str(daemon.mnt))
         assert within(10, errno_of, os.pread, fd, 4, 0) == errno.ENOTCONN
     finally:
         os.close(fd)
     assert within(10, os.listdir, daemon.mnt) == []          # the bare directory again
-    assert within(10, fuse.abort_and_unmount, str(daemon.mnt)) is False
+    assert within(10, fusedev.abort_and_unmount, str(daemon.mnt)) is False
 
 
 def test_hung_daemon_is_aborted_without_hanging(daemon):
@@ -507,10 +507,10 @@ def test_hung_daemon_is_aborted_without_hanging(daemon):
         t.start()
         t.join(0.5)
         assert t.is_alive()                                    # really stuck on the mount
-        assert within(20, fuse.abort_and_unmount, str(daemon.mnt)) is True
+        assert within(20, fusedev.abort_and_unmount, str(daemon.mnt)) is True
         t.join(10)
         assert not t.is_alive() and res["errno"] in DEAD
-        assert not fuse.is_mounted(str(daemon.mnt))
+        assert not fusedev.is_mounted(str(daemon.mnt))
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
         daemon.kill()
@@ -520,14 +520,14 @@ def test_stop_unmounts_cleanly(daemon):
     daemon.path("f").write_bytes(b"x")
     assert daemon.stop() == 0
     assert daemon.proc.stdout.read().strip() == b"stopped"
-    assert not fuse.is_mounted(str(daemon.mnt))
+    assert not fusedev.is_mounted(str(daemon.mnt))
 
 
 def test_is_mounted_and_abort_on_plain_directories(tmp_path):
-    assert not fuse.is_mounted(str(tmp_path))
-    assert fuse.abort_and_unmount(str(tmp_path)) is False
-    assert not fuse.is_mounted("/proc")                        # mounted, but not FUSE
-    assert fuse.abort_and_unmount("/proc") is False and os.path.exists("/proc/self")
+    assert not fusedev.is_mounted(str(tmp_path))
+    assert fusedev.abort_and_unmount(str(tmp_path)) is False
+    assert not fusedev.is_mounted("/proc")                        # mounted, but not FUSE
+    assert fusedev.abort_and_unmount("/proc") is False and os.path.exists("/proc/self")
 
 
 def test_full_device_keeps_acknowledged_writes_and_refuses_the_rest(tmp_path, mountdir):

@@ -4,8 +4,8 @@ import hashlib
 import pytest
 
 from kernel import param
-from kernel.blockdev import BlockDevice
-from kernel.journal import Journal, JournalDamaged, JournalError, format_journal
+from kernel.hw.blockdev import BlockDevice
+from kernel.core.journal import Journal, JournalDamaged, JournalError, format_journal
 
 B = param.BLOCK_SIZE
 NBLOCKS = 400

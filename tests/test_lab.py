@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel.host import physmem_path_for
+from kernel.hw.host import physmem_path_for
 from tests.conftest import needs_root
 
 pytestmark = [needs_root]
@@ -31,7 +31,7 @@ def leftovers(workdir: Path) -> list[str]:
         left.append("physmem")
     if os.path.exists(physmem_path_for(workdir) + "-vmm"):
         left.append("vmm region")
-    ps = subprocess.run(["pgrep", "-f", f"(kernel.kernel|orthros.backup|supervisor).*{workdir}"],
+    ps = subprocess.run(["pgrep", "-f", f"(kernel.core.kernel|orthros.backup|supervisor).*{workdir}"],
                         capture_output=True, text=True)
     if ps.stdout.strip():
         left.append("process")
@@ -175,7 +175,7 @@ def test_a_failed_boot_leaves_no_process_set_or_anything_else(workdir):
     image that is no crashbench file system) must not leave the set behind."""
     from harness import owners
     from harness.lab import lab_tag
-    from kernel.procset import ProcError, ProcessSet
+    from kernel.hw.procset import ProcError, ProcessSet
     with open(workdir / "disk0.img", "wb") as f:
         f.write(b"\xa5" * (1 << 20))
     r = cb("up", "--workdir", str(workdir), check=False)
@@ -203,7 +203,7 @@ def test_status_from_another_directory_finds_a_machine_named_relatively(workdir)
     from importlib import resources
     home, lab = workdir / "home", workdir / "lab"
     home.mkdir()
-    (home / "m.toml").write_text(resources.files("kernel.machines").joinpath("default.toml").read_text())
+    (home / "m.toml").write_text(resources.files("kernel.hw.machines").joinpath("default.toml").read_text())
     try:
         cb("up", "--machine", "m.toml", "--workdir", str(lab), cwd=home)
         st = json.loads(cb("status", "--json", "--workdir", str(lab), cwd=workdir).stdout)

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from kernel import machine
-from kernel.machine import MachineError
+from kernel.hw import machine
+from kernel.hw.machine import MachineError
 
 GOOD = """
 [machine]

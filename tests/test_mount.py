@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from kernel import param
-from kernel.fsck import fsck
+from kernel.tools.fsck import fsck
 from tests.conftest import needs_root
 
 PAGE = param.PAGE_SIZE
@@ -20,9 +20,9 @@ pytestmark = [needs_root]
 
 DECODE = r"""
 import hashlib, json, sys
-from kernel import machine
-from kernel.memreader import PartitionReader
-from kernel.physmem import PhysMem
+from kernel.hw import machine
+from kernel.core.memreader import PartitionReader
+from kernel.hw.physmem import PhysMem
 m = machine.load(); p = m.partition(0)
 r = PartitionReader(PhysMem(sys.argv[1], readonly=True), p.base, p.size, 0)
 walk = r.walk_dirty()
@@ -89,12 +89,12 @@ def test_bench_detect_reports_every_fault_kind():
 
 
 def test_cleanup_of_a_dead_mount_leaves_no_control_mount_behind(host):
-    from kernel import fuse
+    from kernel.hw import fusedev
     ctl = "/sys/fs/fuse/connections"
     if " fusectl " in Path("/proc/mounts").read_text():
         subprocess.run(["umount", ctl], check=True)
     mnt = host.kernels[0].mount
     host.crash(0)
-    assert fuse.abort_and_unmount(mnt)
-    assert not fuse.is_mounted(mnt)
+    assert fusedev.abort_and_unmount(mnt)
+    assert not fusedev.is_mounted(mnt)
     assert " fusectl " not in Path("/proc/mounts").read_text()

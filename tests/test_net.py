@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from kernel.machine import Nic
-from kernel.net import MoveReport, NetError, Network, cleanup_stale, socket_in
+from kernel.hw.machine import Nic
+from kernel.hw.net import MoveReport, NetError, Network, cleanup_stale, socket_in
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0,
                                reason="needs root: network namespaces, veth pairs, setns")
@@ -336,8 +336,8 @@ def test_cleanup_stale_after_the_lab_process_was_killed(lab):
     tag = new_tag()
     code = textwrap.dedent(f"""
         import time
-        from kernel.machine import Nic
-        from kernel.net import Network
+        from kernel.hw.machine import Nic
+        from kernel.hw.net import Network
         Network({tag!r}, Nic("nic0", {ADDR!r}), [0, 1, 2]).up(1)
         print("up", flush=True)
         time.sleep(60)
@@ -467,7 +467,7 @@ def test_bad_calls_are_refused(lab):
 
 
 def test_automatic_mode_falls_back_to_loopback_when_not_root(monkeypatch):
-    import kernel.net as net_mod
+    import kernel.hw.net as net_mod
     monkeypatch.setattr(net_mod, "_probe", None)        # forget the cached probe
     monkeypatch.setattr(net_mod.os, "geteuid", lambda: 1000)
     net = Network("auto", Nic("nic0", ADDR), [0, 1])

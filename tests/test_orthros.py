@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from harness.testbed import Testbed
-from kernel.fsck import fsck
-from kernel.physmem import ICORE
+from kernel.tools.fsck import fsck
+from kernel.hw.physmem import ICORE
 from systems.base import check_report
 from systems.orthros import Orthros
 from tests.conftest import needs_root
@@ -165,7 +165,7 @@ def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
     with Testbed(kind="test", delay=False) as bed:
         host, wd = bed.host, bed.workdir
         fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
-        apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", fifo],
+        apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", fifo],
                  "runtime_aware": True, "log": log},
                 {"name": "sleeper", "argv": ["sleep", "600"]}]
         bed.deploy(s, apps)
@@ -189,7 +189,7 @@ def adopted(tmp_path):
     """A kernel that cached a file's pages (clean, on disk) and died; a new kernel on the same
     memory and disk that adopted them unchecked. Yields (old vfs, new vfs, ino, data)."""
     from systems.orthros.adopt import collect
-    from kernel.vfs import VFS
+    from kernel.core.vfs import VFS
     from tests.stack import MEM, Stack
     st = Stack(tmp_path, write_cache=False)
     ino = st.vfs.create(1, b"f", 0o100644, 0, 0).ino
@@ -234,7 +234,7 @@ def adopted_dirty(tmp_path):
     cache, then rewrote pages 4-7 (v2, dirty, never synced) and died; a new kernel that
     adopted them unchecked. Yields (stack, old vfs, new vfs, ino, what the file must read)."""
     from systems.orthros.adopt import collect
-    from kernel.vfs import VFS
+    from kernel.core.vfs import VFS
     from tests.stack import MEM, Stack
     st = Stack(tmp_path, write_cache=False)
     ino = st.vfs.create(1, b"f", 0o100644, 0, 0).ino
@@ -304,7 +304,7 @@ def test_a_lost_page_is_eio_until_overwritten_whole_or_truncated(adopted_dirty):
 def test_a_lost_in_core_inode_with_dirty_pages_reads_as_eio_not_size_0(tmp_path):
     """The in-core inode of a file with unsynced data is corrupted (its dirty-inode list
     links): its pages are homeless and its size unknown; the file reads as EIO, named."""
-    from kernel.vfs import VFS
+    from kernel.core.vfs import VFS
     from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
     st = Stack(tmp_path, write_cache=False)
@@ -339,7 +339,7 @@ def test_partial_writes_truncation_and_reclaim_keep_unchecked_dirty_data(adopted
 
 
 def test_verdicts_computed_without_the_lock_skip_pages_used_meanwhile(adopted_dirty):
-    from kernel.memreader import check_pages
+    from kernel.core.memreader import check_pages
     st, old, new, ino, want = adopted_dirty
     u = new.pc.unchecked
     pos = np.flatnonzero(u.open)
@@ -354,7 +354,7 @@ def test_the_second_checker_agrees_with_a_check_done_alone(tmp_path):
     """The backup shares the page checks with a helper process (systems/orthros/checker.py):
     the same verdict for every page, a corrupted frame and descriptor included."""
     import numpy as np
-    from kernel.memreader import check_pages
+    from kernel.core.memreader import check_pages
     from systems.orthros.checker import Checker
     from tests.stack import Stack
     st = Stack(tmp_path)
@@ -402,8 +402,8 @@ def test_adopted_dirty_inodes_keep_their_age_and_are_written_back_on_schedule(tm
     longer than DIRTY_EXPIRE_S ago is written back by the new kernel's first flusher pass,
     without an fsync; one dirtied just now is not."""
     from kernel import param
-    from kernel.icache import F
-    from kernel.vfs import VFS
+    from kernel.core.icache import F
+    from kernel.core.vfs import VFS
     from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
     st = Stack(tmp_path, write_cache=False)

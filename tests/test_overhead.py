@@ -140,8 +140,8 @@ def test_vanilla_kernel_has_no_heartbeat():
 
 SPINNER = """
 import sys, threading, time
-from kernel.kernel import HEARTBEAT_THREAD
-from kernel.proc import name_thread
+from kernel.core.kernel import HEARTBEAT_THREAD
+from kernel.core.proc import name_thread
 
 def spin():
     name_thread(HEARTBEAT_THREAD)
@@ -192,8 +192,8 @@ def test_cpu_sample_moves_the_vmm_time_from_the_kernel_to_the_vmm(tmp_path):
     """The VMM runs on the kernel's threads: what its region counted is the VMM's, and the
     kernel's figure is what its threads ran less that."""
     from harness import cpuuse
-    from kernel import vmm
-    from kernel.physmem import partition_layout
+    from kernel.hw import vmm
+    from kernel.hw.physmem import partition_layout
     region = vmm.Region.create(str(tmp_path / "vmm"), partition_layout(0, 0, 64 << 20), 64)
     region.counters[vmm.COUNTERS.index("busy_ns")] = 12_345
     region.close()
@@ -209,7 +209,7 @@ def test_the_load_runs_beside_the_active_partition_and_the_driver_returns():
     """A client started inside ``on_load_cpus`` runs on the CPUs partition 0 does not
     own; the driver's own CPUs are given back afterwards."""
     from harness.overhead import on_load_cpus
-    from kernel import machine
+    from kernel.hw import machine
     m = machine.load()
     mine = os.sched_getaffinity(0)
     with on_load_cpus(m, 0):

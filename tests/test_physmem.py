@@ -7,10 +7,10 @@ match its descriptor.
 import pytest
 
 from kernel import param
-from kernel.icache import ICache, KSuper
-from kernel.memreader import PartitionReader
-from kernel.pagecache import PageCache
-from kernel.physmem import (ICORE, KSUPER, PAGE_DESC, PG_DIRTY, CorruptObject, PhysMem, partition_layout)
+from kernel.core.icache import ICache, KSuper
+from kernel.core.memreader import PartitionReader
+from kernel.core.pagecache import PageCache
+from kernel.hw.physmem import (ICORE, KSUPER, PAGE_DESC, PG_DIRTY, CorruptObject, PhysMem, partition_layout)
 
 SIZE = 64 << 20
 PAGE = param.PAGE_SIZE

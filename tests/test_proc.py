@@ -22,9 +22,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from kernel import param, procset, rtaware
-from kernel.physmem import CorruptObject, PhysMem, partition_layout
-from kernel.proc import (MODES, PF_FILES_OVERFLOW, PF_RUNTIME_AWARE, PF_USED, PROC_ENTRY,
+from kernel import param
+from kernel.core import rtaware
+from kernel.hw import procset
+from kernel.hw.physmem import CorruptObject, PhysMem, partition_layout
+from kernel.core.proc import (MODES, PF_FILES_OVERFLOW, PF_RUNTIME_AWARE, PF_USED, PROC_ENTRY,
                          PROC_FILES, App, AppSpec, LaunchError, ProcError, ProcessSet, ProcTable,
                          cleanup_stale, launch, read_proc_table)
 
@@ -277,7 +279,7 @@ _CLONE_NEWNET = 0x40000000
 def test_netns_enter_runs_in_the_child_before_the_user_switch(lab):
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
-    def enter():  # what kernel/net.py's Network.enter does, into a fresh namespace
+    def enter():  # what kernel/hw/net.py's Network.enter does, into a fresh namespace
         if libc.unshare(_CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), "unshare")
 
@@ -370,7 +372,7 @@ def test_fence_kills_orphaned_setsid_grandchildren(cg_lab, tmp_path):
 
 KERNEL_STANDIN = """
 import os, sys, threading, time
-from kernel.proc import AppSpec, ProcessSet, launch
+from kernel.core.proc import AppSpec, ProcessSet, launch
 ps = ProcessSet({tag!r}, 0, {mode!r}, create=False)
 if {join}:
     ps.add(os.getpid())
@@ -422,7 +424,7 @@ def test_app_dies_with_its_kernel_not_with_the_launching_thread(lab):
 def test_a_process_never_fences_its_own_set(lab):
     k = lab.popen(f"""
         import os
-        from kernel.proc import ProcessSet, ProcError
+        from kernel.core.proc import ProcessSet, ProcError
         ps = ProcessSet({lab.tag!r}, 0, {lab.pset.mode!r}, create=False)
         ps.add(os.getpid())
         try:
@@ -714,7 +716,7 @@ def test_editor_survives_its_crash_through_its_state_segment(lab, mem, tmp_path)
     lay1 = partition_layout(1, SIZE // 2, SIZE // 2)
     tab0 = ProcTable(mem, lay0)
     fifo, log = tmp_path / "editor.fifo", tmp_path / "editor.log"
-    spec = AppSpec("editor", [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", str(fifo)],
+    spec = AppSpec("editor", [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", str(fifo)],
                    cwd=REPO, log=str(log), runtime_aware=True)
     app = tab0.launch(spec, lab.pset, cpus=(0,))
     lab.apps.append(app)

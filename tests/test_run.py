@@ -86,7 +86,7 @@ def test_report_files_and_plots_are_written(run_dir):
 @needs_root
 def test_run_leaves_no_mount_namespace_or_process_behind(run_dir):
     from harness import results
-    from kernel.procset import ProcError, ProcessSet
+    from kernel.hw.procset import ProcError, ProcessSet
     trials = results.load_run(run_dir)["trials"]
     mounts = Path("/proc/mounts").read_text()
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -177,13 +177,13 @@ def _machine_of(pid: int):
 
 
 def _what_is_left(rec) -> list[str]:
-    from kernel import fuse
-    from kernel.procset import ProcError, ProcessSet
+    from kernel.hw import fusedev
+    from kernel.hw.procset import ProcError, ProcessSet
     tag, wd = rec.data["tag"], rec.data["workdir"]
     left = []
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     left += [f"netns {line.split()[0]}" for line in ns.splitlines() if line.startswith(f"cb{tag}-")]
-    left += [f"mount {m}" for m in Path(wd).glob("mnt-p*") if fuse.is_mounted(str(m))]
+    left += [f"mount {m}" for m in Path(wd).glob("mnt-p*") if fusedev.is_mounted(str(m))]
     left += [f"memory {rec.data['physmem']}"] if Path(rec.data["physmem"]).exists() else []
     for part in (0, 1):
         try:

@@ -80,7 +80,7 @@ def test_reboot_restarts_apps_without_their_state(tmp_path):
     with Testbed(kind="test", delay=False) as bed:
         host, wd = bed.host, bed.workdir
         fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
-        apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.rtaware_editor", "--fifo", fifo],
+        apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", fifo],
                  "runtime_aware": True, "log": log}]
         bed.deploy(scheme, apps)
         deadline = time.monotonic() + 20

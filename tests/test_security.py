@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kernel import machine, mailbox, vmm
-from kernel.control import ctl_path
-from kernel.host import Host
-from kernel.mkfs import format_disks
-from kernel.physmem import partition_layout
+from kernel.hw import machine, mailbox, vmm
+from kernel.hw.control import ctl_path
+from kernel.hw.host import Host
+from kernel.tools.mkfs import format_disks
+from kernel.hw.physmem import partition_layout
 from tests.conftest import needs_root
 
 pytestmark = [needs_root, pytest.mark.root]

@@ -16,7 +16,7 @@ import pytest
 
 from harness import owners
 from harness.testbed import Testbed
-from kernel.machine import MachineError
+from kernel.hw.machine import MachineError
 from systems.base import RecoveryScheme
 from tests.conftest import needs_root
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from kernel.fsck import fsck
-from kernel.vfs import VFS
+from kernel.tools.fsck import fsck
+from kernel.core.vfs import VFS
 from systems.base import RecoveryReport
 from systems.orthros.adopt import collect, complete_transaction
 from systems.orthros.backup import report_transaction
@@ -136,7 +136,7 @@ def test_completed_operations_survive_a_death_inside_writeback(tmp_path, seed):
 
 
 def test_a_corrupted_undo_record_refuses_the_transaction(tmp_path):
-    from kernel.bufcache import UNDO_INO
+    from kernel.core.bufcache import UNDO_INO
     st = Stack(tmp_path)
     write_files(st, "u", 2, sync=False)
     victim = st.vfs.create(1, b"v", 0o100644, 0, 0).ino

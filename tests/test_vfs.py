@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as stt
 
 from kernel import param
-from kernel.fsck import fsck
-from kernel.memreader import PartitionReader
-from kernel.physmem import PhysMem
+from kernel.tools.fsck import fsck
+from kernel.core.memreader import PartitionReader
+from kernel.hw.physmem import PhysMem
 from tests.stack import MEM, Stack
 
 PAGE = param.PAGE_SIZE

@@ -4,11 +4,11 @@ import os
 import numpy as np
 import pytest
 
-from kernel import vmm
-from kernel.blockdev import BlockDevice
-from kernel.mkfs import mkfs
-from kernel.physmem import PAGE_DESC, PhysMem, partition_layout
-from kernel.vfs import VFS
+from kernel.hw import vmm
+from kernel.hw.blockdev import BlockDevice
+from kernel.tools.mkfs import mkfs
+from kernel.hw.physmem import PAGE_DESC, PhysMem, partition_layout
+from kernel.core.vfs import VFS
 
 PAGE = 4096
 MEM = 64 << 20

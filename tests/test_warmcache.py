@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from harness.testbed import Testbed
-from kernel.physmem import PAGE_DESC, PhysMem, partition_layout
+from kernel.hw.physmem import PAGE_DESC, PhysMem, partition_layout
 from systems.base import check_report, registry
 from tests.conftest import needs_root
 

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kernel.machine import MachineError, parse_size
+from kernel.hw.machine import MachineError, parse_size
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -20,7 +20,7 @@ def mkfs_cmd(image: Path = typer.Argument(..., help="disk image to create or ove
              journal_blocks: Optional[int] = typer.Option(None, help="journal length in 4 KiB blocks")):
     """Create an empty crashbench file system in IMAGE (a sparse file)."""
     from kernel import param
-    from kernel.mkfs import MIN_JOURNAL_BLOCKS, mkfs
+    from kernel.tools.mkfs import MIN_JOURNAL_BLOCKS, mkfs
     try:
         nbytes = parse_size(size, "--size")
     except MachineError as e:
@@ -49,7 +49,7 @@ def _mkfs_fail(msg: str):
 def fsck_cmd(image: Path = typer.Argument(..., help="disk image to check (never modified)"),
              json_out: bool = typer.Option(False, "--json", help="machine-readable result")):
     """Check IMAGE read-only. Exit status as e2fsck: 0 clean, 4 errors left, 8 operational error."""
-    from kernel.fsck import fsck
+    from kernel.tools.fsck import fsck
     res = fsck(str(image))
     if json_out:
         print(json.dumps({"image": str(image), "exit_code": res.exit_code,

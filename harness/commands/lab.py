@@ -15,7 +15,7 @@ DEFAULT_WORKDIR = Path(".crashbench-lab")
 
 
 def _machine(path: Optional[Path]):
-    from kernel import machine
+    from kernel.hw import machine
     try:
         return machine.load(path)
     except machine.MachineError as e:
@@ -61,8 +61,8 @@ def inspect_cmd(workdir: Path = typer.Option(DEFAULT_WORKDIR, help="the lab's wo
     """Decode a partition's kernel objects from raw physical memory (also of a dead kernel)."""
     from harness.inspect import inspect_partition
     from harness.lab import STATE
-    from kernel.host import physmem_path_for
-    from kernel.machine import MachineError
+    from kernel.hw.host import physmem_path_for
+    from kernel.hw.machine import MachineError
     if machine_file is None and (workdir / STATE).exists():
         saved = json.loads((workdir / STATE).read_text()).get("machine_file")
         machine_file = Path(saved) if saved else None
@@ -123,7 +123,7 @@ def up_cmd(machine_file: Optional[Path] = typer.Option(None, "--machine", help="
            workdir: Path = typer.Option(DEFAULT_WORKDIR, help="where the lab keeps memory, disk, mount, logs, state")):
     """Boot the machine in the background; return once its file system serves."""
     from harness.lab import Lab, LabError
-    from kernel.machine import MachineError
+    from kernel.hw.machine import MachineError
     warn_orphans("up")
     try:
         lab = Lab.up(workdir, str(machine_file) if machine_file else None, scheme)
@@ -182,7 +182,7 @@ def crash_cmd(fault: str = typer.Option(..., help="panic, hang, kill, wild-write
               json_out: bool = typer.Option(False, "--json")):
     """Inject a fault into the active kernel."""
     from harness.lab import LabError
-    from kernel.faults import FaultError, validate
+    from kernel.core.faults import FaultError, validate
     try:
         validate(fault, target, site)
     except FaultError as e:

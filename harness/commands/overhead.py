@@ -87,7 +87,7 @@ def overhead_cmd(
     params = _workload_params(param, wls)
     _check(names, wls, rounds, duration, warmup, micro_ops, params, warmup_runs)
     check_out(out)
-    from kernel import machine
+    from kernel.hw import machine
     try:
         mach = machine.load(str(machine_file) if machine_file else None)
     except machine.MachineError as e:

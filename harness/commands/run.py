@@ -38,7 +38,7 @@ def _one_line(cls) -> str:
 
 def catalogue() -> dict[str, dict[str, str]]:
     from harness.workloads import registry as workloads
-    from kernel.faults import FAULTS
+    from kernel.core.faults import FAULTS
     from systems.base import registry as schemes
     return {"schemes": {n: _one_line(c) for n, c in schemes().items()},
             "workloads": {n: c.description for n, c in workloads().items()},
@@ -197,7 +197,7 @@ def run_cmd(
     _check(names, workload, fault, trials, timing, params)
     check_out(out)
     if machine_file is not None:
-        from kernel import machine
+        from kernel.hw import machine
         try:
             machine.load(machine_file)
         except machine.MachineError as e:

@@ -5,7 +5,7 @@ trial and every scheme alike:
 
 * ``prepare(svc)`` — optional data set, written through a kernel booted only for it and
   shut down cleanly before the scheme deploys (so every scheme starts from the same disk);
-* ``apps(svc)`` — the applications of the active partition (kernel.proc.AppSpec fields):
+* ``apps(svc)`` — the applications of the active partition (kernel.core.proc.AppSpec fields):
   what a recovering kernel restarts or migrates;
 * ``wait_ready(svc, timeout)`` — returns once the service answers a client in the client
   namespace, or raises ``WorkloadError``;
@@ -57,7 +57,7 @@ class Service:
 
     @property
     def client_enter(self) -> Callable[[], None] | None:
-        from kernel.net import enter_netns
+        from kernel.hw.net import enter_netns
         return enter_netns(self.client_netns) if self.client_netns else None
 
     def history_dir(self) -> Path:

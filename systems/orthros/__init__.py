@@ -22,7 +22,7 @@ class Orthros(RecoveryScheme):
     name = "orthros"
     capabilities = Capabilities(keeps_cache=True, keeps_dirty_cache=True, keeps_processes=True,
                                 migrates_cache=True, partitions_needed=2)
-    kernel_modules = ("kernel.kernel", "systems.orthros.backup")
+    kernel_modules = ("kernel.core.kernel", "systems.orthros.backup")
 
     def __init__(self, net_tag: str | None = None, missed_beats: int = param.HEARTBEAT_MISSED_BEATS):
         self.net_tag, self.missed = net_tag, missed_beats

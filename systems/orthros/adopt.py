@@ -1,17 +1,17 @@
 """File-cache migration: what a backup kernel takes from a dead kernel's memory.
 
 Promises to the Orthros takeover: ``collect`` walks the dead kernel's superblock, dirty-inode
-list, in-core inodes and page descriptors out of raw memory (kernel/memreader.py: every
+list, in-core inodes and page descriptors out of raw memory (kernel/core/memreader.py: every
 object and pointer checked, lists checked for loops, a broken link costing only its own
 object) and returns the pages to adopt: the file pages as a table to be checked on first
-use or in the background (kernel/pageadopt.py ``Unchecked``: descriptor and content
+use or in the background (kernel/core/pageadopt.py ``Unchecked``: descriptor and content
 checksums, before a byte is served or written back), the few that do not fit that table
 checked now — plus the dead kernel's running journal transaction (its metadata pages
 checked now), with the operation in progress undone from its undo record
-(kernel/bufcache.py). ``complete_transaction`` commits it only if fsck would accept the
-result (kernel/txncheck.py), an inode that explains a problem put back as on the disk.
+(kernel/core/bufcache.py). ``complete_transaction`` commits it only if fsck would accept the
+result (kernel/tools/txncheck.py), an inode that explains a problem put back as on the disk.
 What fails a check is counted and described, and never served or written to disk; a dirty
-page that fails, or whose inode is lost, is recorded as lost (kernel/pageadopt.py ``Lost``)
+page that fails, or whose inode is lost, is recorded as lost (kernel/core/pageadopt.py ``Lost``)
 so it reads as EIO, never as stale data.
 """
 from __future__ import annotations
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernel.bufcache import UNDO_INO
-from kernel.icache import BDEV_INO
-from kernel.memreader import PartitionReader, check_pages, page_problem
-from kernel.pageadopt import Adopted, Lost, Unchecked
-from kernel.physmem import PAGE_DESC, PG_DIRTY, PG_META, PG_VALID, CorruptObject, PhysMem
-from kernel.txncheck import check_transaction
+from kernel.core.bufcache import UNDO_INO
+from kernel.core.icache import BDEV_INO
+from kernel.core.memreader import PartitionReader, check_pages, page_problem
+from kernel.core.pageadopt import Adopted, Lost, Unchecked
+from kernel.hw.physmem import PAGE_DESC, PG_DIRTY, PG_META, PG_VALID, CorruptObject, PhysMem
+from kernel.tools.txncheck import check_transaction
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _blocks(r: PartitionReader, frames: np.ndarray, index: np.ndarray) -> dict[i
 
 def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check, lost: Lost):
     """Every page descriptor that claims a page, chosen in bulk (numpy). File pages, clean
-    and dirty, are adopted unchecked (kernel/pageadopt.py Unchecked), to be checked on
+    and dirty, are adopted unchecked (kernel/core/pageadopt.py Unchecked), to be checked on
     first use or after first service: checking the 32,768 dirty pages of `crashbench bench
     failover` now took ≈ 50 ms and putting them in the page cache's tables ≈ 38 ms, two
     thirds of the outage. Checked now, in bulk (memreader.check_pages), are the metadata
@@ -112,7 +112,7 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check, lo
     ino, index = arr["ino"][cand], arr["index"][cand]
     is_undo = ino == UNDO_INO
     # clean metadata pages are not taken (the new kernel reads metadata from the disk),
-    # but the undo record is (kernel/bufcache.py)
+    # but the undo record is (kernel/core/bufcache.py)
     keep = ~is_meta | is_dirty | is_undo
     cand, is_meta, is_dirty, ino, index = cand[keep], is_meta[keep], is_dirty[keep], ino[keep], index[keep]
     is_undo = is_undo[keep]
@@ -164,12 +164,12 @@ class Completion:
 def complete_transaction(dev, blocks: dict[int, bytes]) -> Completion:
     """Commit the dead kernel's running transaction on its disk, as the dead kernel would
     have at its next commit, before the file system is mounted: replay what the log holds,
-    check the adopted metadata blocks against the disk (kernel/txncheck.py), commit them as
+    check the adopted metadata blocks against the disk (kernel/tools/txncheck.py), commit them as
     one more transaction if fsck would accept the result, write it home. When what fsck
     would reject comes from changed inodes only, those inodes are put back as the disk
     has them and the rest is committed if it then passes; otherwise nothing is."""
-    from kernel.disklayout import SB_BLOCK, Superblock
-    from kernel.journal import Journal
+    from kernel.core.disklayout import SB_BLOCK, Superblock
+    from kernel.core.journal import Journal
     if not blocks:
         return Completion()
     sb = Superblock.unpack(dev.read(SB_BLOCK), dev.path)
@@ -202,7 +202,7 @@ def complete_transaction(dev, blocks: dict[int, bytes]) -> Completion:
 def _revert_inodes(dev, sb, blocks: dict[int, bytes], inos: list[int]) -> int:
     """Put inodes back in the transaction's inode-table blocks as the disk has them; the
     number of blocks changed."""
-    from kernel.disklayout import INODES_PER_BLOCK
+    from kernel.core.disklayout import INODES_PER_BLOCK
     from kernel.param import INODE_SIZE as size
     touched = set()
     for ino in inos:

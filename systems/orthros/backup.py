@@ -14,14 +14,14 @@ takes over, each step a measured phase of a RecoveryReport:
   transaction completed, the operation in progress undone and what fsck would reject
 refused; the pages adopted in place:
   W's memory is hot-added, nothing copied; each page, clean or dirty, is checked before
-  it is used or written back — kernel/pageadopt.py) → IP takeover (the NIC moves to P's
+  it is used or written back — kernel/core/pageadopt.py) → IP takeover (the NIC moves to P's
   namespace) → first service (the same mount path answers again).
 
 It then is the active kernel: it serves, checks the adopted pages no request has used yet
 (with the checker on W's CPU), writes back the adopted dirty pages, takes faults on its
 control socket, and writes the report to ``--report`` once every adopted page is checked
 and counted; the report names each dirty page (or file) whose data was lost, which reads
-as EIO from then on (kernel/pageadopt.py ``Lost``).
+as EIO from then on (kernel/core/pageadopt.py ``Lost``).
 """
 from __future__ import annotations
 
@@ -36,13 +36,15 @@ import time
 
 import numpy as np
 
-from kernel import fuse, mailbox, param
-from kernel import machine as machine_mod
-from kernel.blockdev import BlockDevice, DeviceError
-from kernel.kernel import Kernel, kernel_arguments, notify_ready
-from kernel.pageadopt import WHOLE_FILE, Unchecked
-from kernel.physmem import CorruptObject, partition_layout
-from kernel.procset import fence_partition
+from kernel import param
+from kernel.hw import fusedev
+from kernel.hw import mailbox
+from kernel.hw import machine as machine_mod
+from kernel.hw.blockdev import BlockDevice, DeviceError
+from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
+from kernel.core.pageadopt import WHOLE_FILE, Unchecked
+from kernel.hw.physmem import CorruptObject, partition_layout
+from kernel.hw.procset import fence_partition
 from systems.base import RecoveryReport
 from systems.detect import Failure
 from systems.orthros.adopt import collect, complete_transaction
@@ -163,7 +165,7 @@ def warm_heap(nbytes: int) -> None:
 
 def normal_priority(*pids: int) -> None:
     """Every thread of this process, and the checker, back to SCHED_OTHER once in standby.
-    The host starts a backup at SCHED_IDLE (kernel/host.py ``boot(idle=True)``): booted for
+    The host starts a backup at SCHED_IDLE (kernel/hw/host.py ``boot(idle=True)``): booted for
     re-pairing right after a failover, at normal priority its start-up took CPU from the
     service — three `files` trials: time to 90 % 2, 3 and 5 s, against 2, 2 and 2 s without
     re-pairing and 2, 2 and 2 s (twice) with an idle start-up. Threads inherit the policy,
@@ -207,7 +209,7 @@ def takeover(k: Kernel, f: Failure, args, net,
     t = time.monotonic()
     fence(dead.pid)
     apps = Background(fence_partition, args.tag, args.watch)   # its apps and their children
-    unmounting = Background(fuse.abort_and_unmount, args.mount)
+    unmounting = Background(fusedev.abort_and_unmount, args.mount)
     r.phase("fence", t)
     t = time.monotonic()
     zone = k.machine.partition(dead.zone)
@@ -299,7 +301,7 @@ def check_rest(vfs, r: RecoveryReport, u: Unchecked | None, check) -> None:
 
 def report_lost(vfs, r: RecoveryReport) -> None:
     """Name in the report every page (or file) whose unsynced data was lost and now reads
-    as EIO (kernel/pageadopt.py ``Lost``), once every adopted page has been checked."""
+    as EIO (kernel/core/pageadopt.py ``Lost``), once every adopted page has been checked."""
     with vfs.lock:
         why = list(vfs.pc.lost.why)
     r.notes += [f"lost, reads fail with EIO until overwritten or truncated: {w}" for w in why]
@@ -330,7 +332,7 @@ def drop_orphans(vfs, inodes: dict[int, dict]) -> tuple[int, int]:
 def prepare_nic(k: Kernel, tag: str):
     """Everything the NIC takeover needs (netlink sockets and namespace handles), opened
     while in standby: attaching at takeover time cost ≈ 200 ms (measured in the lab)."""
-    from kernel.net import Network
+    from kernel.hw.net import Network
     net = Network(tag, k.machine.nics[0], [p.id for p in k.machine.partitions])
     if net.mode == "netns":
         net.attach()

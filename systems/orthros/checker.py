@@ -25,8 +25,8 @@ import sys
 
 import numpy as np
 
-from kernel.memreader import check_pages
-from kernel.physmem import PartLayout, PhysMem
+from kernel.core.memreader import check_pages
+from kernel.hw.physmem import PartLayout, PhysMem
 
 JOB_PAGES = 256                       # frames per job: a job is one atomic pipe write
 _JOB = struct.Struct("<IIQQQ")        # job id, frame count, descriptor area, frame area, nframes

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import time
 
-from kernel import fuse
-from kernel.physmem import PhysMem
-from kernel.procset import fence_partition
+from kernel.hw import fusedev
+from kernel.hw.physmem import PhysMem
+from kernel.hw.procset import fence_partition
 from systems.base import RecoveryReport, RecoveryScheme
 from systems.detect import Watcher
 from systems.survey import survey
@@ -81,8 +81,8 @@ class Reboot(RecoveryScheme):
         if kp is not None:
             host.crash(0)   # SIGKILL to its whole process group, then wait for it
             fence_partition(host.tag, 0)   # its apps, before the new kernel starts its own
-            if fuse.is_mounted(kp.mount):
-                fuse.abort_and_unmount(kp.mount)
+            if fusedev.is_mounted(kp.mount):
+                fusedev.abort_and_unmount(kp.mount)
 
     def teardown(self) -> None:
         if self.watcher is not None:
@@ -93,8 +93,8 @@ class Reboot(RecoveryScheme):
 
 def _count_processes(host) -> int:
     """Processes in the dead kernel's table (before the new kernel clears it)."""
-    from kernel.physmem import partition_layout
-    from kernel.proc import read_proc_table
+    from kernel.hw.physmem import partition_layout
+    from kernel.core.proc import read_proc_table
     p = host.machine.partition(0)
     mem = PhysMem(host.physmem, readonly=True)
     try:

@@ -1,6 +1,6 @@
 """Scheme `warmcache`: a reboot beneath a VMM that keeps the page cache warm (Kourai, VEE'11).
 
-Promises: at deploy the VMM's region is made (kernel/vmm.py) and the kernel of partition 0
+Promises: at deploy the VMM's region is made (kernel/hw/vmm.py) and the kernel of partition 0
 boots beneath the VMM, which from then on tracks which frame holds which disk block at
 which write generation and invalidates a frame when the kernel stores into it. On a
 failure it goes as `reboot` does — detect, fence (nothing of the dead kernel runs), optional
@@ -26,8 +26,9 @@ import time
 
 import numpy as np
 
-from kernel import param, vmm
-from kernel.physmem import PhysMem, partition_layout
+from kernel import param
+from kernel.hw import vmm
+from kernel.hw.physmem import PhysMem, partition_layout
 from systems.base import Capabilities, RecoveryReport, Reservation
 from systems.reboot import Reboot
 
@@ -104,7 +105,7 @@ class WarmCache(Reboot):
         return os.path.getsize(path) if path else None
 
     def stats(self) -> dict[str, int]:
-        """The VMM's counters (kernel/vmm.py COUNTERS)."""
+        """The VMM's counters (kernel/hw/vmm.py COUNTERS)."""
         return self.region.stats()
 
     def teardown(self) -> None:

@@ -1,0 +1,1 @@
+"""Programs that run on a partition: the reference runtime-aware application (rtaware_editor)."""

@@ -1,0 +1,186 @@
+"""Fault injection at named sites, in the SWIFI / lkdtm vocabulary.
+
+Promises to the lab commands, the harness and the recovery schemes:
+
+* ``FAULTS``: panic (BUG/oops), hang (a lock never released: the heartbeat really stops),
+  kill (SIGKILL, no dying message), wild-write and bit-flip (into a chosen ``TARGETS``
+  object, or a random one), fs-corrupt (a bad block pointer written into file-system
+  metadata), exception-in-request (an error in the middle of a file operation, after part
+  of its updates);
+* a fault is *injected* (armed, and for memory faults the corruption done) and later
+  *activated* when execution reaches its site (``SITES``; "now" activates at once); both
+  times and the site are written into the kernel's mailbox, which outlives the kernel;
+* corruption goes through PhysMem.write like any store, but around the kernel's
+  bookkeeping: checksums are NOT updated, exactly as a wild pointer would leave them;
+* ``NoFaults`` is the no-op injector every kernel has until a fault is armed.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+from kernel.core.icache import BDEV_INO
+from kernel.hw.physmem import ICORE, PG_DIRTY
+
+ICORE_LINKS = ICORE.dtype.fields["next_dirty"][1]
+
+FAULTS = {
+    "panic": "BUG/oops: the kernel writes a dying message and dies",
+    "hang": "a lock is never released: requests and the heartbeat stop, the process lives",
+    "kill": "the kernel process is killed (SIGKILL): no dying message",
+    "wild-write": "64 random bytes written into a kernel object or page, then an oops",
+    "bit-flip": "one bit flipped in a kernel object or page, then an oops",
+    "fs-corrupt": "a bad block pointer written into file-system metadata; the kernel trips on it",
+    "exception-in-request": "an error in the middle of a file operation, after part of its updates",
+}
+TARGETS = {
+    "dirty-page": "the frame of a dirty file page",
+    "clean-page": "the frame of a clean file page",
+    "page-descriptor": "the descriptor of a dirty file page",
+    "dirty-inode-list": "the link of an in-core inode on the dirty-inode list",
+    "inode": "an in-core inode's fields",
+    "superblock": "the kernel superblock",
+}
+SITES = {
+    "now": "at once, from the control thread",
+    "vfs.write": "inside a write request, after its first page was stored",
+    "vfs.create": "inside a create request, after the name was added",
+    "writeback": "inside write-back, after the data blocks were written",
+}
+
+
+class FaultError(ValueError):
+    """A fault request names an unknown fault, target or site, or cannot be carried out."""
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str | None
+    site: str
+    injected_ns: int = 0
+    activated_ns: int = 0
+    detail: str = ""
+
+
+def validate(kind: str, target: str | None, site: str | None) -> None:
+    if kind not in FAULTS:
+        raise FaultError(f"unknown fault {kind!r} (known: {', '.join(FAULTS)})")
+    if target is not None and target not in TARGETS:
+        raise FaultError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    if target is not None and kind not in ("wild-write", "bit-flip"):
+        raise FaultError(f"fault {kind!r} takes no target")
+    if site is not None and site not in SITES:
+        raise FaultError(f"unknown site {site!r} (known: {', '.join(SITES)})")
+
+
+class NoFaults:
+    armed = None
+
+    def at(self, site: str) -> None:
+        pass
+
+
+class FaultInjector(NoFaults):
+    """Arms one fault at a time in a running kernel (see kernel/core/kernel.py)."""
+
+    def __init__(self, kernel, seed: int = 0):
+        self.k = kernel
+        self.rng = random.Random(seed)
+        self.armed: Fault | None = None
+        self.history: list[Fault] = []
+
+    def inject(self, kind: str, target: str | None = None, site: str | None = None) -> Fault:
+        """Arm a fault (and do its corruption). A fault at site "now" is activated by the
+        caller with ``at("now")``, after it has answered whoever asked for it."""
+        validate(kind, target, site)
+        default_site = "vfs.write" if kind == "exception-in-request" else "now"
+        f = Fault(kind, target, site or default_site, injected_ns=time.monotonic_ns())
+        if kind in ("wild-write", "bit-flip"):
+            f.target = target or self.rng.choice(list(TARGETS))
+            f.detail = self._corrupt(f)
+        elif kind == "fs-corrupt":
+            f.detail = self._corrupt_fs()
+        self.history.append(f)
+        self.k.mailbox.set(fault=kind.encode(), fault_target=(f.target or "").encode(),
+                           fault_site=f.site.encode(), injected_ns=f.injected_ns)
+        self.armed = f
+        return f
+
+    def at(self, site: str) -> None:
+        f = self.armed
+        if f is None or f.site != site:
+            return
+        self.armed = None
+        f.activated_ns = time.monotonic_ns()
+        self.k.mailbox.set(activated_ns=f.activated_ns)
+        self._activate(f, site)
+
+    def _activate(self, f: Fault, site: str) -> None:
+        if f.kind == "kill":
+            self.k.die()
+        elif f.kind == "hang":
+            self._hang()
+        elif f.kind == "exception-in-request":
+            self.k.request_exception(site)
+        else:
+            what = {"panic": "BUG: injected panic",
+                    "fs-corrupt": f"fs: {f.detail}",
+                    }.get(f.kind, f"Oops: {f.kind} into {f.target} ({f.detail})")
+            self.k.panic(what, site)
+
+    def _hang(self) -> None:
+        # Take the big kernel lock and the heartbeat's lock, and never let go: every request
+        # and the heartbeat block behind them, as on a real lock-up.
+        self.k.vfs.lock.acquire()
+        self.k.cpu_lock.acquire()
+        threading.Event().wait()
+
+    # --- corruption, around the kernel's bookkeeping ---------------------------------------
+    def _bytes(self, f: Fault, phys: int, length: int) -> str:
+        """Corrupt [phys, phys+length): 64 random bytes (fewer if the span is smaller) or a bit."""
+        mem = self.k.mem
+        if f.kind == "wild-write":
+            n = min(64, length)
+            off = phys + self.rng.randrange(length - n + 1)
+            mem.write(off, self.rng.randbytes(n))
+            return f"{n} bytes at {off:#x}"
+        off = phys + self.rng.randrange(length)
+        old = mem.read(off, 1)[0]
+        mem.write(off, bytes([old ^ (1 << self.rng.randrange(8))]))
+        return f"one bit at {off:#x}"
+
+    def _corrupt(self, f: Fault) -> str:
+        vfs, lay = self.k.vfs, self.k.lay
+        with vfs.lock:
+            pc = vfs.pc
+            if f.target in ("dirty-page", "clean-page", "page-descriptor"):
+                want_dirty = f.target != "clean-page"
+                frames = [fr for (ino, _), fr in pc.index.items()
+                          if ino != BDEV_INO and bool(pc.flags[fr] & PG_DIRTY) == want_dirty]
+                if not frames:
+                    raise FaultError(f"no {'dirty' if want_dirty else 'clean'} file page to corrupt")
+                fr = self.rng.choice(frames)
+                ino, idx = pc.key[fr]
+                if f.target == "page-descriptor":
+                    where = self._bytes(f, lay.desc_phys(fr) + 8, 48)
+                else:
+                    where = self._bytes(f, lay.frame_phys(fr), 4096)
+                return f"inode {ino} page {idx}: {where}"
+            if f.target in ("dirty-inode-list", "inode"):
+                inos = [i for i in vfs.ic.dirty_inodes() if i != BDEV_INO] \
+                    if f.target == "dirty-inode-list" else [i for i in vfs.ic.slot if i != BDEV_INO]
+                if not inos:
+                    raise FaultError(f"no in-core inode to corrupt for target {f.target}")
+                ino = self.rng.choice(inos)
+                # the list links (next_dirty, prev_dirty), or the inode's fields
+                start, length = (ICORE_LINKS, 16) if f.target == "dirty-inode-list" else (8, 112)
+                return f"inode {ino}: {self._bytes(f, vfs.ic.phys(ino) + start, length)}"
+            return f"kernel superblock: {self._bytes(f, lay.ksuper + 8, 112)}"
+
+    def _corrupt_fs(self) -> str:
+        vfs = self.k.vfs
+        with vfs.lock:
+            return vfs.fs.inject_bad_pointer(self.rng)

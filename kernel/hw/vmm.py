@@ -1,0 +1,522 @@
+"""The warm-cache VMM: a layer beneath a guest kernel that owns its memory and its disk.
+
+Promises to the warm-cache scheme (systems/warmcache; Kourai, VEE'11):
+
+* it learns which page frame of the guest holds which disk block at which write generation:
+  from the block layer (what each read returned; which frames each write-back came from, as a
+  paravirtual request's scatter list names them) and from the one physmem write accessor
+  (where the data of a read landed);
+* it invalidates a frame the moment the guest stores into it (write tracking): it
+  write-protects every frame it holds a CLEAN or WARM copy in, so the first store into one
+  reaches it; it then lifts the protection, as a VMM does through the MMU;
+* its tables live in a region of its own (a file beside the machine's memory) that the guest
+  partition does not own, so they outlive the guest; the file is its owner's only
+  (param.OWNER_ONLY_MODE, also when an older region is overwritten): it holds guest pages;
+* after the guest died, ``preserve()`` checks every frame it tracked — its entry's seal, its
+  block's generation, its content checksum — and keeps the consistent ones WARM, one per block;
+* beneath the next kernel, a read of a block with a WARM copy is served from memory without
+  the device model's delay, checked again first (same block, same generation, same content);
+  every other read goes to the disk. A WARM page whose frame the new kernel stores into is
+  first moved aside into the region's spare pages (what a VMM does by swapping machine frames).
+
+Cost: a kernel without this layer pays nothing (no watcher, the plain device). With it, a
+store into a protected frame pays one call and a table look-up (every other store only
+PhysMem's look-up in the protection map, the MMU's work, charged to the kernel), a landed
+read two xxh3 hashes per page, a write a generation bump per block and, per page written
+back, one hash and one 32-byte entry. Those paths use struct and memoryview on the region,
+not numpy scalars. Protection matters most: on a PostgreSQL-like loop in one process (an
+8 KiB page write, a WAL append and its fsync per operation) the guest stored into frames 36
+times per operation, 2 of them into frames with a copy; with protection, and a seal that
+leaves the state out, the VMM's share of that loop's time went from 9.3 % to 5.4 %. Each entry
+point (watch, read_done, write_begin, write_done, take) adds its own wall time to the
+counter ``busy_ns`` — two clock reads a call, counted in it — so the harness tells the VMM's
+time from the kernel's without a profiler (harness/cpuuse.py).
+
+Region layout (one file; areas page-aligned)::
+
+    +0      header       1 page          magic VMMR, geometry, area offsets, xxh3 checksum
+    +4K     counters     1 page          u64 statistics (never trusted for a decision)
+    +8K     frame table  nframes x 32 B  one entry per guest frame
+    ...     spare table  nspare x 32 B   one entry per spare page
+    ...     generations  nblocks x u32   write generation of every disk block
+    ...     spare pages  nspare x 4 KiB  WARM pages moved out of the new kernel's way
+
+An entry::
+
+    0 block u64 | 8 csum u64 (xxh3 of the page) | 16 gen u32 | 20 state u16 | 22 pad | 24 seal u64
+
+The seal is a multiplicative mix of block, csum and gen, checkable in bulk with numpy: a torn
+or stray entry is refused. The state is left out of it, so that invalidating a frame is one
+2-byte store: a stray state cannot serve a wrong page, since only CLEAN and WARM copies are
+ever used, and only after their content matches csum. States: FREE; CLEAN (the frame holds
+the block as of gen); DIRTIED (it did, then the guest stored into it); WARM (kept across a
+crash for the next kernel).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+
+import numpy as np
+import xxhash
+
+from kernel import param
+from kernel.hw.physmem import PAGE_DESC, PG_VALID, Layout, PartLayout, PhysMem
+
+PAGE = param.PAGE_SIZE
+_SHIFT = PAGE.bit_length() - 1
+_csum = xxhash.xxh3_64_intdigest
+FREE, CLEAN, DIRTIED, WARM = 0, 1, 2, 3
+
+ENTRY = np.dtype([("block", "<u8"), ("csum", "<u8"), ("gen", "<u4"), ("state", "<u2"),
+                  ("pad", "<u2"), ("seal", "<u8")])
+# a whole entry by struct, a state through a strided memoryview: on the paths that run for
+# every write of a running kernel, a numpy scalar access costs more
+_ENTRY = struct.Struct("<QQIHHQ")
+_STATE_AT = 20
+HEADER = Layout("VMM region header", "VMMR", 2, [   # 2: the seal leaves the state out
+    ("nframes", "Q"), ("frames_phys", "Q"), ("nblocks", "Q"), ("nspare", "Q"),
+    ("ftab", "Q"), ("stab", "Q"), ("gens", "Q"), ("spare", "Q"), ("size", "Q"),
+], 128)
+COUNTERS = (
+    # live, beneath a running kernel
+    "registered", "invalidated", "device_blocks", "reused", "refused_inconsistent",
+    "refused_corrupted", "moved_aside", "dropped",
+    "busy_ns",   # wall time inside the VMM's entry points beneath a running kernel
+    # the last preserve(), after a crash
+    "preserved", "inconsistent", "corrupted", "duplicates", "kept",
+)
+_C = {n: i for i, n in enumerate(COUNTERS)}
+_BUSY, _REGISTERED, _INVALIDATED = _C["busy_ns"], _C["registered"], _C["invalidated"]
+_clock = time.perf_counter_ns
+_LIVE = COUNTERS.index("reused")   # counters from here on start afresh at every preserve()
+
+_M = (1 << 64) - 1
+_K = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5)
+_KU = tuple(np.uint64(k) for k in _K)
+
+
+class VmmError(RuntimeError):
+    """The VMM region is missing, corrupted or made for another machine."""
+
+
+def seal(block: int, csum: int, gen: int) -> int:
+    return ((block ^ _K[0]) * _K[1] + (csum ^ _K[2]) * _K[3] + (gen ^ _K[1]) * _K[0]) & _M
+
+
+def seal_np(e: np.ndarray) -> np.ndarray:
+    """The same mix over many entries (uint64 arithmetic wraps, as the & does above)."""
+    return ((e["block"] ^ _KU[0]) * _KU[1] + (e["csum"] ^ _KU[2]) * _KU[3]
+            + (e["gen"].astype(np.uint64) ^ _KU[1]) * _KU[0])
+
+
+def region_path(physmem_path: str) -> str:
+    """The VMM's region lives beside the machine's memory, in a file of its own."""
+    return physmem_path + "-vmm"
+
+
+def _align(n: int) -> int:
+    return (n + PAGE - 1) // PAGE * PAGE
+
+
+class Region:
+    """The VMM's own memory, mapped shared: tables, generations, counters, spare pages."""
+
+    def __init__(self, path: str):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise VmmError(f"{path}: no VMM region (is the machine deployed under warmcache?)") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < 2 * PAGE:
+                raise VmmError(f"{path}: VMM region of {size} bytes is too small")
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.path = path
+        try:
+            self.hdr = HEADER.decode(self.mm, 0)
+        except Exception as e:
+            raise VmmError(f"{path}: {e}") from None
+        h = self.hdr
+        if h["size"] != size:
+            raise VmmError(f"{path}: header says {h['size']} bytes, the region has {size}")
+        self.nframes, self.nblocks, self.nspare = h["nframes"], h["nblocks"], h["nspare"]
+        self.frames_phys = h["frames_phys"]
+        self.counters = np.frombuffer(self.mm, np.uint64, len(COUNTERS), PAGE)
+        self.ft = np.frombuffer(self.mm, ENTRY, self.nframes, h["ftab"])
+        self.st = np.frombuffer(self.mm, ENTRY, self.nspare, h["stab"])
+        self.gens = np.frombuffer(self.mm, np.uint32, self.nblocks, h["gens"])
+        self.spare = np.frombuffer(self.mm, np.uint8, self.nspare * PAGE, h["spare"]).reshape(-1, PAGE)
+
+    @classmethod
+    def create(cls, path: str, lay: PartLayout, nblocks: int,
+               nspare: int = param.VMM_SPARE_PAGES) -> "Region":
+        """A fresh region for the guest whose page frames ``lay`` describes (all FREE)."""
+        ftab = 2 * PAGE
+        stab = _align(ftab + lay.nframes * ENTRY.itemsize)
+        gens = _align(stab + nspare * ENTRY.itemsize)
+        spare = _align(gens + nblocks * 4)
+        size = spare + nspare * PAGE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, param.OWNER_ONLY_MODE)
+        try:
+            os.fchmod(fd, param.OWNER_ONLY_MODE)   # a region left by an older run keeps its mode
+            os.ftruncate(fd, size)   # sparse: untouched tables and spare pages cost nothing
+            os.pwrite(fd, HEADER.encode(nframes=lay.nframes, frames_phys=lay.frames,
+                                        nblocks=nblocks, nspare=nspare, ftab=ftab, stab=stab,
+                                        gens=gens, spare=spare, size=size), 0)
+        finally:
+            os.close(fd)
+        return cls(path)
+
+    def stats(self) -> dict[str, int]:
+        return dict(zip(COUNTERS, self.counters.tolist()))
+
+    def close(self) -> None:
+        for a in ("counters", "ft", "st", "gens", "spare"):
+            setattr(self, a, None)
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a view is still alive; the mapping goes with the process
+
+    @staticmethod
+    def unlink(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+# --- beneath a running kernel -------------------------------------------------------------
+
+class Vmm:
+    """Write tracking and warm reads for one guest partition (runs beneath its kernel)."""
+
+    def __init__(self, mem: PhysMem, lay: PartLayout, region: Region):
+        if (region.nframes, region.frames_phys) != (lay.nframes, lay.frames):
+            raise VmmError(f"{region.path}: made for {region.nframes} frames at "
+                           f"{region.frames_phys:#x}, the guest has {lay.nframes} at {lay.frames:#x}")
+        self.mem, self.lay, self.r = mem, lay, region
+        self.f0, self.flen, self.nframes = lay.frames, lay.nframes * PAGE, lay.nframes
+        ft = region.ft
+        self.block = ft["block"]
+        mv = memoryview(region.mm)
+        self._ctr = mv[PAGE:PAGE + 8 * len(COUNTERS)].cast("Q")          # region.counters, for scalars
+        h = region.hdr
+        self._gens = mv[h["gens"]:h["gens"] + 4 * region.nblocks].cast("I")  # region.gens, likewise
+        self._mm, self._ft = region.mm, h["ftab"]
+        words = ENTRY.itemsize // 2
+        self._state = mv[h["ftab"]:h["ftab"] + ENTRY.itemsize * region.nframes].cast("H")[_STATE_AT // 2::words]
+        self.pending: tuple | None = None   # (first block, gens, data, next) of the last read
+        self.warm: dict[int, int] = {}      # block -> frame, or -(spare slot + 1)
+        wf = np.flatnonzero(ft["state"] == WARM)
+        ws = np.flatnonzero(region.st["state"] == WARM)
+        self.warm.update(zip(ft["block"][wf].tolist(), wf.tolist()))
+        self.warm.update(zip(region.st["block"][ws].tolist(), (-1 - ws).tolist()))
+        self.free_spare = np.flatnonzero(region.st["state"] == FREE)[::-1].tolist()
+        # write protection, one byte a frame: a store into a frame with a copy must reach watch()
+        self.wp = bytearray(np.isin(ft["state"], (CLEAN, WARM)).astype(np.uint8).tobytes())
+
+    def install(self) -> None:
+        """Watch the guest's stores: those into a protected frame, or all while a read lands."""
+        mem = self.mem
+        mem.watchers.append(self.watch)
+        mem.watch_span = (self.f0, self.f0 + self.flen)  # descriptors, inodes: not the VMM's business
+        mem.watch_pages = self.wp
+
+    def _expect(self, pending: tuple | None) -> None:
+        """A read's pages land in the next stores, wherever they go: watch every frame till then."""
+        self.pending = pending
+        self.mem.watch_pages = None if pending is not None else self.wp
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._ctr[_C[name]] += n
+
+    def _timed(self, t0: int) -> None:
+        """(watch, write_begin and write_done have this inline: they run for every write.)"""
+        self._ctr[_BUSY] += _clock() - t0
+
+    # --- the physmem watcher: sees every store into a protected frame before it lands ----
+    def watch(self, phys: int, data) -> None:
+        t0 = _clock()
+        self._watch(phys, data)
+        self._ctr[_BUSY] += _clock() - t0
+
+    def _watch(self, phys: int, data) -> None:
+        lo = phys - self.f0
+        if lo < 0 or lo >= self.flen:
+            return
+        n = len(data)
+        f = lo >> _SHIFT
+        last = min((lo + n - 1) >> _SHIFT, self.nframes - 1)
+        if f != last:
+            self._stores(f, last + 1)
+            return
+        s = self._state[f]
+        if s == WARM:
+            self._move_aside(f)
+            s = FREE
+        if self.pending is not None:
+            if n == PAGE and not lo & (PAGE - 1) and self._landed(f, data):
+                return
+            self._expect(None)   # a read's data lands in the very next frame stores, or never
+        if s == CLEAN:
+            self._invalidate(f)
+
+    def _stores(self, lo: int, hi: int) -> None:
+        """A store over several frames (a run of whole pages): invalidate them all. Runs are
+        short (PostgreSQL writes 8 KiB pages), so per frame in Python, not numpy, whose
+        calls cost more than two frames do."""
+        if self.pending is not None:
+            self._expect(None)
+        states = self._state[lo:hi].tolist()
+        if WARM in states or CLEAN in states:
+            for f, s in enumerate(states, lo):
+                if s == WARM:
+                    self._move_aside(f)
+                elif s == CLEAN:
+                    self._invalidate(f)
+
+    def _landed(self, f: int, data) -> bool:
+        """Is this store the next page of the last read? Then the frame holds that block."""
+        first, gens, got, k = self.pending
+        h = _csum(data)
+        if h != _csum(got[k * PAGE:(k + 1) * PAGE]):
+            return False
+        self._expect((first, gens, got, k + 1) if k + 1 < len(gens) else None)
+        self._register(f, first + k, gens[k], h)
+        return True
+
+    def _register(self, f: int, block: int, gen: int, h: int) -> None:
+        if self._state[f] == WARM:
+            self._move_aside(f)
+        # one 32-byte store; a torn one (the kernel killed inside it) breaks the seal
+        _ENTRY.pack_into(self._mm, self._ft + f * ENTRY.itemsize, block, h, gen, CLEAN, 0,
+                         seal(block, h, gen))
+        self.wp[f] = 1
+        self._ctr[_REGISTERED] += 1
+
+    def _invalidate(self, f: int) -> None:
+        """The guest stored into a CLEAN frame: mark it DIRTIED and stop watching it."""
+        self._state[f] = DIRTIED
+        self.wp[f] = 0
+        self._ctr[_INVALIDATED] += 1
+
+    def _move_aside(self, f: int) -> None:
+        """The new kernel reuses a frame holding a WARM page: keep the page elsewhere."""
+        block = int(self.block[f])
+        if self.warm.get(block) == f:
+            if self.free_spare:
+                slot = self.free_spare.pop()
+                p = self.f0 + f * PAGE
+                self.r.spare[slot] = np.frombuffer(self.mem.view[p:p + PAGE], np.uint8)
+                self.r.st[slot] = self.r.ft[f]
+                self.warm[block] = -1 - slot
+                self._count("moved_aside")
+            else:
+                del self.warm[block]
+                self._count("dropped")
+        self.r.ft[f] = 0
+        self.wp[f] = 0
+
+    # --- the block layer ----------------------------------------------------------------
+    def read_done(self, first: int, count: int, data) -> None:
+        """A read returned: its pages may land in frames next (hashed only if they do)."""
+        t0 = _clock()
+        self._expect((first, self._gens[first:first + count].tolist(), memoryview(data), 0))
+        self._timed(t0)
+
+    def write_begin(self, first: int, count: int) -> None:
+        """Before a write lands: every copy of these blocks is out of date from now on."""
+        t0 = _clock()
+        if count <= 16:               # a numpy call costs more than a few blocks do
+            g = self._gens
+            for b in range(first, first + count):
+                g[b] = (g[b] + 1) & 0xFFFF_FFFF   # wraps, as the numpy array does
+        else:
+            self.r.gens[first:first + count] += 1
+        if self.warm:
+            for b in range(first, first + count):
+                loc = self.warm.pop(b, None)
+                if loc is not None:
+                    self._free(loc)
+                    self._count("refused_inconsistent")
+        self._ctr[_BUSY] += _clock() - t0
+
+    def write_done(self, first: int, data, src: list[int]) -> None:
+        """A write-back landed: each source frame holds its block as of the new generation."""
+        t0 = _clock()
+        if len(src) == 1:             # most write-backs of a database: one page, hashed whole
+            self._register_src(src[0], first, data)
+        else:
+            mv = memoryview(data).cast("B")
+            for k, p in enumerate(src):
+                self._register_src(p, first + k, mv[k * PAGE:(k + 1) * PAGE])
+        self._ctr[_BUSY] += _clock() - t0
+
+    def _register_src(self, p: int, block: int, page) -> None:
+        """The frame at physical address p (a write's source) holds block: register it."""
+        lo = p - self.f0
+        if 0 <= lo < self.flen and not lo & (PAGE - 1):
+            self._register(lo >> _SHIFT, block, self._gens[block], _csum(page))
+
+    def take(self, block: int) -> bytes | None:
+        """The block's WARM page, if it is still exactly the disk's block; consumed either way."""
+        t0 = _clock()
+        data = self._take(block)
+        self._timed(t0)
+        return data
+
+    def _take(self, block: int) -> bytes | None:
+        loc = self.warm.pop(block, None)
+        if loc is None:
+            return None
+        if loc >= 0:
+            e, p = self.r.ft[loc], self.f0 + loc * PAGE
+            page = self.mem.view[p:p + PAGE]
+        else:
+            e, page = self.r.st[-1 - loc], self.r.spare[-1 - loc]
+        blk, h, gen, state = int(e["block"]), int(e["csum"]), int(e["gen"]), int(e["state"])
+        if state != WARM or blk != block or int(e["seal"]) != seal(blk, h, gen) \
+                or _csum(page) != h:
+            why = "refused_corrupted"
+        elif gen != int(self.r.gens[block]):
+            why = "refused_inconsistent"
+        else:
+            why = None
+            data = bytes(page)
+        self._free(loc)
+        if why:
+            self._count(why)
+            return None
+        self._count("reused")
+        return data
+
+    def _free(self, loc: int) -> None:
+        if loc >= 0:
+            self.r.ft[loc] = 0
+            self.wp[loc] = 0
+        else:
+            self.r.st[-1 - loc] = 0
+            self.free_spare.append(-1 - loc)
+
+
+class VmmDisk:
+    """The guest's disk as the VMM presents it: the real device, with warm reads and tracking."""
+
+    def __init__(self, dev, vmm: Vmm):
+        self.dev, self.vmm = dev, vmm
+
+    def __getattr__(self, name):
+        return getattr(self.dev, name)   # nblocks, flush, stats, close, path, ...
+
+    def read(self, blockno: int, count: int = 1) -> bytes:
+        v = self.vmm
+        if not v.warm:
+            data = self.dev.read(blockno, count)
+            v._count("device_blocks", count)
+        else:
+            data = self._read_warm(blockno, count)
+        v.read_done(blockno, count, data)
+        return data
+
+    def _read_warm(self, blockno: int, count: int) -> bytes:
+        """Warm pages from memory (no modeled delay); the runs in between from the device."""
+        self.dev._check(blockno, count)
+        pages = [self.vmm.take(b) for b in range(blockno, blockno + count)]
+        if all(p is None for p in pages):
+            self.vmm._count("device_blocks", count)
+            return self.dev.read(blockno, count)
+        out = bytearray(count * PAGE)
+        i = 0
+        while i < count:
+            j = i + 1
+            if pages[i] is not None:
+                out[i * PAGE:j * PAGE] = pages[i]
+            else:
+                while j < count and pages[j] is None:
+                    j += 1
+                out[i * PAGE:j * PAGE] = self.dev.read(blockno + i, j - i)
+                self.vmm._count("device_blocks", j - i)
+            i = j
+        return bytes(out)
+
+    def write(self, blockno: int, data, src: list[int] | None = None) -> None:
+        count = memoryview(data).nbytes // PAGE
+        self.vmm.write_begin(blockno, count)
+        self.dev.write(blockno, data, src)
+        if src:
+            self.vmm.write_done(blockno, data, src)
+
+
+def attach(kernel, path: str) -> VmmDisk:
+    """Put the VMM beneath a kernel before it boots: watch its stores, wrap its disk."""
+    v = Vmm(kernel.mem, kernel.lay, Region(path))
+    dev = kernel.open_disk()
+    if dev.nblocks != v.r.nblocks:
+        dev.close()
+        raise VmmError(f"{path}: made for a disk of {v.r.nblocks} blocks, the guest's has {dev.nblocks}")
+    v.install()
+    kernel.vmm = v
+    return VmmDisk(dev, v)
+
+
+# --- after the guest died ---------------------------------------------------------------
+
+def preserve(region: Region, mem: PhysMem, lay: PartLayout) -> dict:
+    """Check what the dead guest's frames still hold; keep the consistent pages WARM.
+
+    Run with the guest fenced (nothing of it runs). An entry is *inconsistent* if its frame
+    was stored into since (DIRTIED) or its block was written since (generation), *corrupted*
+    if its seal or the page's content checksum does not match. Of several consistent copies
+    of one block one is kept. Returns the counts and the frames kept and found corrupted."""
+    ft, st = region.ft, region.st
+    fi = np.flatnonzero(ft["state"] != FREE)
+    si = np.flatnonzero(st["state"] == WARM)
+    v = mem.view
+    fk, fbad, f_incons = _check(region, ft[fi], lambda w: [
+        _csum(v[p:p + PAGE]) for p in (lay.frames + fi[w] * PAGE).tolist()])
+    sk, sbad, s_incons = _check(region, st[si], lambda w: [
+        _csum(region.spare[i]) for i in si[w].tolist()])
+    keep_f, keep_s = fi[fk], si[sk]
+    blocks = np.concatenate([ft["block"][keep_f], st["block"][keep_s]])
+    _, first = np.unique(blocks, return_index=True)
+    unique = np.zeros(len(blocks), bool)
+    unique[first] = True
+    dup = len(blocks) - len(first)
+    keep_f, keep_s = keep_f[unique[:len(keep_f)]], keep_s[unique[len(keep_f):]]
+    kept_f, kept_s = ft[keep_f], st[keep_s]       # copies, before the tables are cleared
+    ft[fi], st[si] = 0, 0
+    for tab, idx, e in ((ft, keep_f, kept_f), (st, keep_s, kept_s)):
+        e["state"] = WARM
+        tab[idx] = e
+    counts = {"preserved": len(fi) + len(si) - dup, "inconsistent": f_incons + s_incons,
+              "corrupted": int(len(fbad) + len(sbad)), "duplicates": dup,
+              "kept": len(keep_f) + len(keep_s)}
+    region.counters[_LIVE:] = 0
+    for k, n in counts.items():
+        region.counters[_C[k]] = n
+    return {**counts, "kept_frames": keep_f, "corrupted_frames": fi[fbad]}
+
+
+def _check(region: Region, e: np.ndarray, hashes) -> tuple[np.ndarray, np.ndarray, int]:
+    """(keep mask, indexes of corrupted, number inconsistent) for entries e; hashes(w) is
+    the xxh3 of the pages of entries w, asked only for those whose everything else holds."""
+    sealed = (seal_np(e) == e["seal"]) & (e["block"] < region.nblocks) & (e["state"] <= WARM)
+    now = region.gens[np.minimum(e["block"], region.nblocks - 1)]
+    fresh = sealed & (e["state"] != DIRTIED) & (e["gen"] == now)
+    content = np.zeros(len(e), bool)
+    which = np.flatnonzero(fresh)
+    content[which] = np.array(hashes(which), np.uint64).reshape(-1) == e["csum"][which]
+    corrupted = np.flatnonzero(~sealed | (fresh & ~content))
+    return fresh & content, corrupted, int(np.count_nonzero(sealed & ~fresh))
+
+
+def file_pages(mem: PhysMem, lay: PartLayout) -> np.ndarray:
+    """Frames the dead kernel's descriptors call file pages (for the report's file-cache counts)."""
+    d = mem.array(PAGE_DESC.dtype, lay.desc, lay.nframes)
+    return (d["magic"] == PAGE_DESC.magic) & ((d["flags"] & PG_VALID) != 0) & (d["ino"] != 0)
