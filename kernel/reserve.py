@@ -90,14 +90,11 @@ class Reservations:
         d = self.pc.dirty.get(ino, ())
         inside = [i for i in range(first, min(last + 1, eof)) if i not in d]
         holes = self._holes(ino, inside) if inside else []
-        beyond = np.arange(max(first, eof), last + 1, dtype=np.int64)
-        want = len(holes) + beyond.size
+        beyond = max(first, eof)
+        want = len(holes) + max(0, last + 1 - beyond)
         if not want:
             return
-        keys = node_keys(np.concatenate([np.array(holes, np.int64), beyond]))
-        have = self.nodes.get(ino, set())
-        new = {k for k in keys.tolist() if k not in have}
-        mapped = self._mapped(ino, new) if new else set()
+        new, mapped = self._new_nodes(ino, holes, beyond, last) if last >= ND else ((), ())
         need = want + len(new) - len(mapped)
         try:
             self.ba.reserve(need)
@@ -116,6 +113,16 @@ class Reservations:
         if new:
             self.meta[ino] = self.meta.get(ino, 0) + len(new) - len(mapped)
             self.nodes.setdefault(ino, set()).update(new)
+
+    def _new_nodes(self, ino: int, holes: list[int], beyond: int, last: int) -> tuple[set[int], set[int]]:
+        """The node keys on the paths of pages ``holes`` and beyond..last that the inode was
+        not promised yet, and those of them the block map has. Only for a write that
+        reaches past the direct pointers: the small-file path needs no numpy call."""
+        keys = node_keys(np.concatenate([np.array(holes, np.int64),
+                                         np.arange(beyond, last + 1, dtype=np.int64)]))
+        have = self.nodes.get(ino, set())
+        new = {k for k in keys.tolist() if k not in have}
+        return new, (self._mapped(ino, new) if new else set())
 
     def _mapped(self, ino: int, keys: set[int]) -> set[int]:
         """Those of node keys that the block map has: for each leaf it has, the leaf and

@@ -208,6 +208,31 @@ def test_truncate_and_unlink_give_reserved_space_back(tmp_path):
     st.close()
 
 
+
+def test_a_write_within_the_direct_pointers_promises_its_pages_and_looks_for_no_indirect_block(
+        tmp_path, monkeypatch):
+    """No page before NDIRECT needs an indirect block, so the small-file path promises one
+    block a page and computes no node keys (bulk numpy: costly on a 1 KiB write); past the
+    direct pointers the leaf is promised too."""
+    from kernel import reserve
+    st = Stack(tmp_path, disk=8 << 20, journal_blocks=256)
+    real = reserve.node_keys
+
+    def no_nodes(idx):
+        raise AssertionError(f"node keys asked for pages {list(idx)}")
+    monkeypatch.setattr(reserve, "node_keys", no_nodes)
+    a = create(st, b"a")
+    free = st.vfs.statfs()["bfree"]
+    st.vfs.write(a, 0, b"x" * 1024)
+    st.vfs.write(a, 3 * PAGE + 5, b"y" * ((param.NDIRECT - 3) * PAGE - 5))   # to the last direct page
+    assert st.vfs.statfs()["bfree"] == free - (1 + param.NDIRECT - 3)
+    monkeypatch.setattr(reserve, "node_keys", real)
+    st.vfs.write(a, param.NDIRECT * PAGE, b"z")                                # one page and its leaf
+    assert st.vfs.statfs()["bfree"] == free - (1 + param.NDIRECT - 3) - 2
+    st.vfs.fsync(a)
+    assert st.vfs.read(a, 0, 1025) == b"x" * 1024 + bytes(1)
+    st.close()
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=stt.lists(stt.tuples(stt.sampled_from(["write", "write", "write", "truncate", "unlink", "sync"]),
                                 stt.integers(0, 2),
