@@ -197,3 +197,25 @@ def test_the_undo_record_is_lent_frames_cleared_at_the_end_of_each_operation(tmp
         assert undo_descriptors() == 0 and not st.vfs.bufs.undo_frames()
     assert lent == []
     st.close()
+
+
+def test_the_transaction_check_asks_the_device_for_each_extent_once(tmp_path):
+    """Each device request is modeled time during the takeover: the disk before the
+    transaction and the disk after it read what is not overlaid through one view, and
+    the verdict is the same as through the device itself."""
+    from kernel.txncheck import check_transaction
+    st = Stack(tmp_path)
+    write_files(st, "s", 2, sync=True)
+    write_files(st, "u", 3, sync=False)
+    st.vfs.mkdir(1, b"d", 0o755, 0, 0)
+    h = collect(st.mem, 0, MEM, 0)
+    assert h.meta_blocks
+    asked = []
+
+    def read(b, n=1):
+        asked.append((b, n))
+        return st.dev.read(b, n)
+    verdict = check_transaction(read, st.dev.nblocks, h.meta_blocks)
+    assert asked and len(asked) == len(set(asked)), sorted(asked)
+    assert [str(p) for p in verdict] == [str(p) for p in check_transaction(st.dev.read, st.dev.nblocks, h.meta_blocks)]
+    st.close()
