@@ -24,6 +24,7 @@ READAHEAD_PAGES = 32        # pages read from disk at once on a sequential miss
 ADOPT_CHECK_BATCH = 1024    # adopted pages settled at once (kernel lock held) after a takeover
 ADOPT_FIRST_USE_PAGES = 32  # adopted pages checked together on a first use: the page and those after it
 BACKUP_HEAP_WARM_BYTES = 64 << 20   # heap a standby backup grows and touches for its takeover's tables
+UNDO_KEEP_FRAMES = 16       # frames the undo record keeps between operations (kernel/core/bufcache.py)
 
 # --- journal (kernel/core/journal.py) ---
 COMMIT_INTERVAL_S = 5.0     # the running transaction is committed at least this often

@@ -208,6 +208,51 @@ def test_truncate_and_unlink_give_reserved_space_back(tmp_path):
     st.close()
 
 
+
+def test_a_write_within_the_direct_pointers_promises_its_pages_and_looks_for_no_indirect_block(
+        tmp_path, monkeypatch):
+    """No page before NDIRECT needs an indirect block, so the small-file path promises one
+    block a page and computes no node keys (bulk numpy: costly on a 1 KiB write); past the
+    direct pointers the leaf is promised too."""
+    from kernel.core import reserve
+    st = Stack(tmp_path, disk=8 << 20, journal_blocks=256)
+    real = reserve.node_keys
+
+    def no_nodes(idx):
+        raise AssertionError(f"node keys asked for pages {list(idx)}")
+    monkeypatch.setattr(reserve, "node_keys", no_nodes)
+    a = create(st, b"a")
+    free = st.vfs.statfs()["bfree"]
+    st.vfs.write(a, 0, b"x" * 1024)
+    st.vfs.write(a, 3 * PAGE + 5, b"y" * ((param.NDIRECT - 3) * PAGE - 5))   # to the last direct page
+    assert st.vfs.statfs()["bfree"] == free - (1 + param.NDIRECT - 3)
+    monkeypatch.setattr(reserve, "node_keys", real)
+    st.vfs.write(a, param.NDIRECT * PAGE, b"z")                                # one page and its leaf
+    assert st.vfs.statfs()["bfree"] == free - (1 + param.NDIRECT - 3) - 2
+    st.vfs.fsync(a)
+    assert st.vfs.read(a, 0, 1025) == b"x" * 1024 + bytes(1)
+    st.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pages=stt.lists(stt.tuples(stt.integers(2, 5), stt.one_of(stt.integers(0, 40), stt.integers(0, 1 << 21))),
+                       max_size=300))
+def test_adopted_dirty_pages_are_promised_each_a_block_and_the_nodes_on_their_paths(st, pages):
+    """Adoption's promise, computed from the distinct leaves in bulk, is per inode its pages
+    plus the distinct indirect blocks any of its pages' paths holds."""
+    import numpy as np
+
+    from kernel.core.reserve import node_keys
+    r = st.vfs.resv
+    for i in list(r.pages):
+        r.release(i)
+    r.adopt(np.array([i for i, _ in pages], np.int64), np.array([x for _, x in pages], np.int64))
+    for i in {i for i, _ in pages}:
+        mine = [x for j, x in pages if j == i]
+        assert r.pages[i] == len(mine)
+        assert r.meta[i] == len(node_keys(np.array(mine, np.int64)))
+    assert r.ba.reserved == sum(r.held(i) for i in r.pages)
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=stt.lists(stt.tuples(stt.sampled_from(["write", "write", "write", "truncate", "unlink", "sync"]),
                                 stt.integers(0, 2),

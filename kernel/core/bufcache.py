@@ -5,20 +5,33 @@ bitmaps, indirect and directory blocks) are pages of the block device's inode (i
 the partition's page cache, flagged META and never reclaimed. A block written during an
 operation is dirty — on the block device inode's dirty chain, so a backup kernel can find the
 running transaction in raw memory — until the journal has committed it (``settle``).
+
+Promises to a backup kernel (systems/orthros/adopt.py): while an operation is in progress
+(the kernel superblock's ``handles_open``), every metadata block it has written or freed
+has its content from before the operation in the **undo record**: a frame lent by the page
+cache whose descriptor names (UNDO_INO, block), META, with the copy's checksum. The first
+write of a block in an operation takes the copy; ``end_op`` clears those descriptors, so a
+copy is never found outside its operation. The lent frames are kept for the next
+operations (up to ``param.UNDO_KEEP_FRAMES``): a small operation costs a page copy and a
+descriptor store per block, and one store to clear them.
 """
 from __future__ import annotations
 
+from kernel import param
 from kernel.core.icache import BDEV_INO
 from kernel.core.pagecache import PageCache
+from kernel.hw.physmem import PG_META, PG_UPTODATE, PG_VALID
 
 UNDO_INO = 0xFFFF_FFFF    # above every on-disk inode number; its pages: the undo record
+_UNDO_FLAGS = PG_VALID | PG_UPTODATE | PG_META
 
 
 class PageCacheBuffers:
     def __init__(self, pc: PageCache, dev):
         self.pc, self.dev = pc, dev
         self._taken: list[tuple[int, int, int]] = []
-        self._undo: set[int] = set()       # blocks with a copy in the undo record
+        self._undo: dict[int, int] = {}    # block -> the lent frame holding its copy
+        self._spare: list[int] = []        # lent frames kept for the next operations
 
     def read(self, blockno: int) -> memoryview:
         f = self.pc.index.get((BDEV_INO, blockno))
@@ -37,14 +50,25 @@ class PageCacheBuffers:
 
     def _keep_undo(self, blockno: int, f: int) -> None:
         """The block as it was before the operation, kept before the operation changes it."""
-        self.pc.insert(UNDO_INO, blockno, self.pc.frame_view(f), meta=True)
-        self._undo.add(blockno)
+        u = self._spare.pop() if self._spare else self.pc.lend_frame()
+        self.pc.describe_lent(u, UNDO_INO, blockno, self.pc.frame_view(f), _UNDO_FLAGS)
+        self._undo[blockno] = u
 
     def end_op(self) -> None:
         """The operation is complete (the kernel superblock says so already): drop its undo record."""
-        for b in self._undo:
-            self.pc.truncate_one(UNDO_INO, b)
+        if not self._undo:
+            return
+        frames = sorted(self._undo.values())
         self._undo.clear()
+        self.pc.blank_lent(frames)
+        keep = max(0, param.UNDO_KEEP_FRAMES - len(self._spare))
+        self._spare += frames[:keep]
+        if frames[keep:]:
+            self.pc.take_back(frames[keep:])
+
+    def undo_frames(self) -> dict[int, int]:
+        """The undo record of the operation in progress: block -> frame of its copy."""
+        return dict(self._undo)
 
     def take_dirty(self) -> dict[int, bytes]:
         self.end_op()        # at a consistent point: what is taken is committed whole

@@ -16,7 +16,10 @@ Promises to the VFS and the write-back code:
   (kernel/core/pageadopt.py says what is promised about the unchecked ones); ``cached`` is the
   only way to ask whether a page is cached, because it checks an unchecked dirty page;
 * ``lost`` holds the dirty pages of a dead kernel that could not be adopted: a write that
-  covers one whole, or a truncation, ends its loss (the VFS answers EIO for the rest).
+  covers one whole, or a truncation, ends its loss (the VFS answers EIO for the rest);
+* a frame lent to another layer (``lend_frame``, the undo record of kernel/core/bufcache.py) is
+  never looked up, reclaimed or written back; what ``describe_lent`` stores in it carries a
+  descriptor like any page's, so a reader of raw memory can check it, until ``blank_lent``.
 
 The generation of a page increases on every store, so write-back can tell whether the
 page changed while it was being written (then it stays dirty).
@@ -245,6 +248,25 @@ class PageCache(Adoption):
                 j += 1
             self.mem.write(area + frames[i] * size, chunk(i, j))
             i = j
+
+    # --- frames lent to another layer ---------------------------------------------------
+    def lend_frame(self) -> int:
+        """A frame out of the cache until given back with ``take_back``."""
+        return self._alloc_frame()
+
+    def describe_lent(self, f: int, ino: int, idx: int, page, flags: int) -> None:
+        """Store a whole page into lent frame f and its descriptor: one store each."""
+        self.mem.write(self.lay.frames + f * PAGE, page)
+        self.gen[f] += 1
+        self.mem.write(self.lay.desc + f * 64, PAGE_DESC.encode_tuple(
+            (_MAGIC, _VERSION, flags, ino, idx, self.gen[f], page_csum(page), 0, 0)))
+
+    def blank_lent(self, frames: list[int]) -> None:
+        """Clear the descriptors of lent frames (sorted): one store per run of adjacent ones."""
+        self._clear_descs(frames)
+
+    def take_back(self, frames: list[int]) -> None:
+        self.free.extend(frames)
 
     # --- the dirty-page chain ---------------------------------------------------------
 

@@ -6,7 +6,7 @@ completing a dead kernel's running transaction, systems/orthros/adopt.py):
 journal replay) with the disk as it would be with ``blocks`` overlaid and returns one
 ``Problem`` per thing fsck (kernel/tools/fsck.py, whose checks it reuses) would reject — an empty
 list when the transaction may be committed. It reads nothing but the transaction's inodes,
-their block trees, the bitmap and the touched directory blocks: the disk is presumed
+their block trees, the bitmap and the touched directory blocks, each once: the disk is presumed
 consistent before the transaction (every committed transaction was checked or written by
 a live kernel), so only what the transaction changes is checked, in bulk (numpy):
 
@@ -105,7 +105,8 @@ class _InUse:
 
 def check_transaction(read, dev_blocks: int, blocks: dict[int, bytes]) -> list[Problem]:
     """What fsck would reject in the disk read by ``read(b, n)`` once ``blocks`` are on it."""
-    old, new = _Disk(read, dev_blocks, {}), _Disk(read, dev_blocks, blocks)
+    once = _read_once(read)      # the disk before and after share what is not overlaid
+    old, new = _Disk(once, dev_blocks, {}), _Disk(once, dev_blocks, blocks)
     try:
         old.sb = Superblock.unpack(old.read(SB_BLOCK), "the disk")
         new.sb = sb = Superblock.unpack(new.read(SB_BLOCK), "the transaction")
@@ -153,6 +154,20 @@ def check_transaction(read, dev_blocks: int, blocks: dict[int, bytes]) -> list[P
     problems += _bitmap(old, new, ref_new, ref_old)
     problems += _directories(new, blocks, live)
     return problems
+
+
+def _read_once(read):
+    """``read`` with each extent asked of the device once: the two views of the disk read
+    the same superblock, inode-table, bitmap and indirect blocks, each a device request
+    (modeled time) during the takeover. Holds only what the delta check reads."""
+    got: dict[tuple[int, int], bytes] = {}
+
+    def cached(b: int, n: int = 1) -> bytes:
+        k = (b, n)
+        if k not in got:
+            got[k] = bytes(read(b, n))
+        return got[k]
+    return cached
 
 
 def _changed_inodes(old: _Disk, new: _Disk, blocks: dict[int, bytes]) -> list[int]:
