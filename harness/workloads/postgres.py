@@ -6,12 +6,11 @@ Promises to the driver (harness/workloads/__init__.py):
 * ``prepare`` (``prepares = True``: on a kernel booted only for it) runs initdb as the
   ``postgres`` user into ``<mount>/pgdata`` (mode 700, with data checksums, so a page
   corrupted on its way through the file system is an error, not a wrong answer), starts a
-  temporary server on a
-  unix socket in a temporary directory (fsync off, WAL minimal: the kernel is shut down
-  cleanly afterwards, which writes everything back), loads ``scale`` × 100,000 accounts
-  of ``initial_balance`` each and an empty ledger, installs the ``amcheck`` extension,
-  vacuums, and stops the server cleanly.
-  The temporary directory is removed and the server killed whatever happens.
+  temporary server on a unix socket in a temporary directory (fsync off, WAL minimal: the
+  kernel is shut down cleanly afterwards, which writes everything back), loads
+  ``scale`` × 100,000 accounts of ``initial_balance`` each and an empty ledger, installs
+  the ``amcheck`` extension, vacuums, and stops the server cleanly. The temporary
+  directory is removed and the server killed whatever happens.
 * ``apps`` is the machine's own PostgreSQL server, unmodified, with PGDATA on the mount,
   listening only on the service address (no unix socket), run as ``postgres`` through
   ``setpriv`` inside its own IPC and PID namespaces (``unshare --ipc --pid --fork``): a
@@ -63,7 +62,7 @@ from harness.workloads.clients import ClientGroup, run_to_end, spawn
 CLIENT = "harness.workloads.postgres_client"
 USER = "postgres"
 ROWS_PER_SCALE = 100_000
-AMCHECK_TIMEOUT_S = 120.0     # pg_amcheck's bound in the verify phase (a cold scale-10 check: seconds)
+AMCHECK_TIMEOUT_S = 120.0     # pg_amcheck's bound in the verify phase (scale 10: ≈ 6 s measured)
 
 # Settings of the server the schemes run (durability at PostgreSQL's defaults).
 SERVER_SETTINGS = {
