@@ -214,9 +214,26 @@ def _blocks(run: dict, summary: list[dict], images: dict[str, bytes]) -> list[tu
     errs = [f"{t['id']}: {t['error']}" for t in run["trials"] if t.get("error")]
     if errs:
         b += [("h2", "Failed trials"), ("pre", "\n".join(errs))]
+    found = verify_findings(run)
+    if found:
+        b += [("h2", "Verify findings"), ("pre", "\n".join(found))]
     b += [("h2", "Parameters"), ("pre", json.dumps(p, indent=2)),
           ("h2", "Environment"), ("pre", json.dumps(run["environment"], indent=2))]
     return b
+
+
+def verify_findings(run: dict) -> list[str]:
+    """One line per finding of a trial's own checkers that failed its verify (a
+    ``checks.<name>`` whose ``ok`` is false, e.g. pg_amcheck's): each finding as the
+    checker named it, or the checker's figures when it names none."""
+    out = []
+    for t in run["trials"]:
+        for name, c in (t.get("checks") or {}).items():
+            if not (isinstance(c, dict) and c.get("ok") is False):
+                continue
+            found = c.get("findings") or [json.dumps({k: v for k, v in c.items() if k != "ok"})]
+            out += [f"{t['id']}: {name}: {f}" for f in found]
+    return out
 
 
 def _phase_table(summary: list[dict]) -> tuple:

@@ -13,6 +13,14 @@ done
 if ! have_cmd initdb && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     need="$need postgresql"
 fi
+# The postgres workload's verify phase runs pg_amcheck (PostgreSQL >= 14, beside the server)
+# with the amcheck extension (contrib).
+if ! ls /usr/lib/postgresql/*/bin/pg_amcheck >/dev/null 2>&1 && ! have_cmd pg_amcheck; then
+    need="$need postgresql postgresql-client"
+fi
+if ! ls /usr/share/postgresql/*/extension/amcheck.control >/dev/null 2>&1; then
+    need="$need postgresql-contrib"
+fi
 [ -z "$need" ] && exit 0
 
 if [ "$(id -u)" != 0 ]; then

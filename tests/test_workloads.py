@@ -123,6 +123,13 @@ def test_postgres_money_is_conserved_and_no_transaction_is_half_applied(pg_run):
         assert bank["ok"] is True, (scheme, bank)
 
 
+def test_postgres_recovered_database_passes_pg_amcheck_under_both_schemes(pg_run):
+    run, _, _ = pg_run
+    for scheme, t in by_scheme(run).items():
+        a = t["checks"]["amcheck"]
+        assert a["checked"] is True and a["ok"] is True, (scheme, a)
+
+
 def test_postgres_start_up_is_its_own_phase_and_ran_crash_recovery(pg_run):
     run, _, _ = pg_run
     for scheme, t in by_scheme(run).items():

@@ -28,6 +28,8 @@ For figures the generic checkers cannot know (harness/trial.py merges them):
   the workload (from the server's log), added to the trial's ``phases``;
 * ``checks(svc, events) -> {name: dict}`` — the workload's own checkers' figures (e.g.
   harness/checkers/bank.py), kept in the trial's ``checks`` (default None: no ``checks``);
+  a check whose ``ok`` is False failed the trial's verify (the report lists its
+  ``findings``), None: it could not judge;
 * ``warmup_s`` — seconds of load the workload needs before it is steady (its caches
   filled from the disk): `crashbench overhead`'s warm-up unless --warmup is given
   (default None: the benchmark's own).

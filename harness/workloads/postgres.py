@@ -4,11 +4,13 @@ psycopg clients moving money between accounts.
 Promises to the driver (harness/workloads/__init__.py):
 
 * ``prepare`` (``prepares = True``: on a kernel booted only for it) runs initdb as the
-  ``postgres`` user into ``<mount>/pgdata`` (mode 700), starts a temporary server on a
-  unix socket in a temporary directory (fsync off, WAL minimal: the kernel is shut down
-  cleanly afterwards, which writes everything back), loads ``scale`` × 100,000 accounts
-  of ``initial_balance`` each and an empty ledger, vacuums, and stops the server cleanly.
-  The temporary directory is removed and the server killed whatever happens.
+  ``postgres`` user into ``<mount>/pgdata`` (mode 700, with data checksums, so a page
+  corrupted on its way through the file system is an error, not a wrong answer), starts a
+  temporary server on a unix socket in a temporary directory (fsync off, WAL minimal: the
+  kernel is shut down cleanly afterwards, which writes everything back), loads
+  ``scale`` × 100,000 accounts of ``initial_balance`` each and an empty ledger, installs
+  the ``amcheck`` extension, vacuums, and stops the server cleanly. The temporary
+  directory is removed and the server killed whatever happens.
 * ``apps`` is the machine's own PostgreSQL server, unmodified, with PGDATA on the mount,
   listening only on the service address (no unix socket), run as ``postgres`` through
   ``setpriv`` inside its own IPC and PID namespaces (``unshare --ipc --pid --fork``): a
@@ -22,11 +24,15 @@ Promises to the driver (harness/workloads/__init__.py):
   after a reboot at scale 2, measured while building this). Durability settings are PostgreSQL's defaults (fsync on, synchronous commit), so an
   acknowledged COMMIT has been fsynced through the emulated kernel; after every failover
   the restarted server runs its own crash recovery (WAL replay).
-* clients (harness/workloads/postgres_client.py) run in the client namespace; ``verify``
-  reads back every ledger row any client tried to insert and the accounts' balances.
+* clients (harness/workloads/postgres_client.py) run in the client namespace; their
+  reads are uniform over the accounts, or skewed with ``read_skew`` (a power law over
+  ranks scattered through the table, so the hot set is not a hot few pages); ``verify``
+  reads back every ledger row any client tried to insert and the accounts' balances, then
+  runs pg_amcheck (heap and B-tree index checks) on the database, whatever the scheme.
 * ``extra_phases`` measures the server's start-up after the crash (``postgres start-up``:
   from its "starting PostgreSQL" log line to "ready to accept connections", both stamped
-  by the server); ``checks`` applies harness/checkers/bank.py.
+  by the server); ``checks`` applies harness/checkers/bank.py and
+  harness/checkers/amcheck.py (any pg_amcheck finding makes ``checks.amcheck.ok`` false).
 
 How a transaction enters the history: a transfer is an f ``write`` whose key is its ledger
 row (``ledger/c<client>-<seq>``, a fresh key per attempt) and whose value carries the
@@ -37,6 +43,7 @@ the bank checker adds the invariants (money conserved, no half transaction).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pwd
 import re
@@ -48,13 +55,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.binaries import pg_bin
+from harness.binaries import pg_bin, pg_tool
 from harness.workloads import Service, Workload, WorkloadError
 from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.postgres_client"
 USER = "postgres"
 ROWS_PER_SCALE = 100_000
+AMCHECK_TIMEOUT_S = 120.0     # pg_amcheck's bound in the verify phase (scale 10: ≈ 6 s measured)
 
 # Settings of the server the schemes run (durability at PostgreSQL's defaults).
 SERVER_SETTINGS = {
@@ -108,7 +116,7 @@ class Postgres(Workload):
     defaults = {"clients": 4, "scale": 10, "initial_balance": 1000, "read_ratio": 0.5,
                 "port": 5432, "shared_buffers_mb": 16, "connect_timeout_s": 0.5,
                 "statement_timeout_s": 2.0, "max_ops_per_client": 100_000,
-                "recovery_sync": "syncfs", "prepare_timeout_s": 600}
+                "recovery_sync": "syncfs", "prepare_timeout_s": 600, "read_skew": 0.0}
 
     def __init__(self, **params):
         unknown = set(params) - set(self.defaults)
@@ -124,6 +132,11 @@ class Postgres(Workload):
                                 f"got {self.p['recovery_sync']!r}")
         if not 0 <= self.p["read_ratio"] < 1:
             raise WorkloadError(f"postgres: read_ratio must be in [0, 1), got {self.p['read_ratio']!r}")
+        skew = self.p["read_skew"]
+        if isinstance(skew, bool) or not isinstance(skew, (int, float)) \
+                or not (math.isfinite(skew) and skew >= 0):
+            raise WorkloadError(f"postgres: read_skew must be a number >= 0 (0: uniform), "
+                                f"got {skew!r}")
 
     @property
     def accounts(self) -> int:
@@ -138,6 +151,7 @@ class Postgres(Workload):
     # --- prepare: initdb and the data set, on a kernel booted only for it ------------------
     def prepare(self, svc: Service) -> None:
         pw = _pw()
+        pg_tool("pg_amcheck")           # the verify phase needs it: say so before loading
         pgdata = self.pgdata(svc)
         pgdata.mkdir(mode=0o700)
         os.chown(pgdata, pw.pw_uid, pw.pw_gid)
@@ -147,8 +161,8 @@ class Postgres(Workload):
         deadline = time.monotonic() + self.p["prepare_timeout_s"]
         with open(log, "ab") as fh:
             r = subprocess.run(_as_postgres([pg_bin("initdb"), "-D", str(pgdata), "--no-sync",
-                                             "-A", "trust", "-U", USER, "-E", "UTF8",
-                                             "--locale=C"]),
+                                             "--data-checksums", "-A", "trust", "-U", USER,
+                                             "-E", "UTF8", "--locale=C"]),
                                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                timeout=self.p["prepare_timeout_s"])
         if r.returncode != 0:
@@ -207,6 +221,7 @@ class Postgres(Workload):
                 conn.execute("CREATE TABLE ledger (client integer NOT NULL, seq integer NOT NULL, "
                              "src integer NOT NULL, dst integer NOT NULL, amount integer NOT NULL, "
                              "PRIMARY KEY (client, seq))")
+                conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")    # for pg_amcheck
             conn.execute("VACUUM (ANALYZE, FREEZE) accounts")
             conn.execute("CHECKPOINT")
 
@@ -228,7 +243,8 @@ class Postgres(Workload):
         return ["-m", CLIENT, mode, "--host", svc.ip, "--port", str(p["port"]),
                 "--until", repr(until), "--seed", str(svc.seed),
                 "--accounts", str(self.accounts), "--initial-balance", str(p["initial_balance"]),
-                "--read-ratio", str(p["read_ratio"]), "--max-ops", str(p["max_ops_per_client"]),
+                "--read-ratio", str(p["read_ratio"]), "--read-skew", str(p["read_skew"]),
+                "--max-ops", str(p["max_ops_per_client"]),
                 "--connect-timeout", str(p["connect_timeout_s"]),
                 "--statement-timeout", str(p["statement_timeout_s"])]
 
@@ -258,8 +274,10 @@ class Postgres(Workload):
         kf.write_text(json.dumps(keys))
         h = svc.history_dir() / "verify.jsonl"
         argv = [*self._args(svc, "verify", time.monotonic() + timeout),
-                "--id", str(self.p["clients"]), "--history", str(h), "--keys", str(kf)]
-        run_to_end(argv, svc.workdir / "logs" / "verify.log", svc.client_enter, timeout + 10)
+                "--id", str(self.p["clients"]), "--history", str(h), "--keys", str(kf),
+                "--amcheck", pg_tool("pg_amcheck"), "--amcheck-timeout", str(AMCHECK_TIMEOUT_S)]
+        run_to_end(argv, svc.workdir / "logs" / "verify.log", svc.client_enter,
+                   timeout + AMCHECK_TIMEOUT_S + 10)
         self._starts = startups(self.log(svc))     # read before teardown removes the log
         return h
 
@@ -284,10 +302,13 @@ class Postgres(Workload):
         return {"postgres start-up": after[0]["ready"] - after[0]["start"]}
 
     def checks(self, svc: Service, events: list[dict]) -> dict:
-        """{"bank": the bank invariants (harness/checkers/bank.py), "server_starts": every
-        start of the server as its log tells it (wall-clock times, WAL replay seconds)}."""
+        """{"bank": the bank invariants (harness/checkers/bank.py), "amcheck": what
+        pg_amcheck found (harness/checkers/amcheck.py), "server_starts": every start of the
+        server as its log tells it (wall-clock times, WAL replay seconds)}."""
+        from harness.checkers.amcheck import amcheck
         from harness.checkers.bank import bank
-        return {"bank": bank(events), "server_starts": self._server_starts(svc)}
+        return {"bank": bank(events), "amcheck": amcheck(events),
+                "server_starts": self._server_starts(svc)}
 
 
 def _pdeathsig() -> None:

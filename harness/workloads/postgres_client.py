@@ -2,7 +2,9 @@
 transaction (harness/history.py).
 
 A pgbench-like mix on one connection: with probability ``--read-ratio`` a balance lookup
-of a random account (f ``read``), otherwise a transfer (f ``write``): in one transaction,
+of an account (f ``read``; uniform over the accounts, or with ``--read-skew`` s > 0 drawn
+from a power law of exponent s over ranks, the ranks scattered over the whole table: see
+``skewed_account``), otherwise a transfer (f ``write``): in one transaction,
 debit one random account, credit another (the lower account id first, so two clients never
 deadlock) and insert the transfer's row into the insert-only ledger. Each transfer attempt
 has its own ledger key ``ledger/c<client>-<seq>``; its value says what was sent: version 1,
@@ -22,14 +24,23 @@ reconnects with a bounded exponential backoff. Bounded in time (``--until``) and
 ``verify`` records, for every ledger key named in ``--keys``, a ``verify`` read of the row
 (``{"bytes", "sha256"}`` of its canonical text, or ``{"absent": true}``) and one keyless
 ``verify`` of the bank: the number of accounts, their initial balance, the sum of all
-balances and every account whose balance differs from the initial one.
+balances and every account whose balance differs from the initial one. A corrupted
+database (an error of SQLSTATE class XX, e.g. a page whose checksum fails) is not retried:
+the reads that met it are recorded ``fail`` with the server's error. With ``--amcheck``
+(the path of pg_amcheck) it then runs PostgreSQL's own checker on the database (heap
+tables, B-tree indexes with ``--heapallindexed``) and records one keyless ``verify`` of
+``{"check": "amcheck"}``: ``ok`` with pg_amcheck's exit status and its findings (each a
+"relation: message" line, as pg_amcheck printed them) when it checked (status 0: none;
+2: corruption found), ``fail`` with its error when it could not check.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -68,6 +79,24 @@ def row_text(client: int, seq: int, src: int, dst: int, amount: int) -> bytes:
 
 def digest(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
+
+
+# A prime larger than any int4 account id: rank -> (rank * SCATTER) mod n is a permutation
+# of the accounts that puts neighbouring ranks far apart, so the hot keys of a skewed mix
+# are spread over the whole table, not packed into its first few pages.
+SCATTER = 2_147_483_659
+
+
+def skewed_account(u: float, n: int, s: float) -> int:
+    """The account id (1..n) of a uniform draw u in [0, 1) under a power law of exponent s
+    over ranks 1..n (rank r has probability ~ r^-s: the continuous law's inverse CDF, cut
+    to whole ranks), the ranks scattered by SCATTER."""
+    if s == 1.0:
+        x = (n + 1.0) ** u
+    else:
+        x = (1.0 + u * ((n + 1.0) ** (1.0 - s) - 1.0)) ** (1.0 / (1.0 - s))
+    rank = min(max(int(x), 1), n)
+    return (rank - 1) * SCATTER % n + 1
 
 
 class Bank:
@@ -119,8 +148,13 @@ class Bank:
     def account(self) -> int:
         return int(self.rng.integers(1, self.a.accounts + 1))
 
+    def read_account(self) -> int:
+        if self.a.read_skew == 0:
+            return self.account()           # the uniform mix, draw for draw as before
+        return skewed_account(float(self.rng.random()), self.a.accounts, self.a.read_skew)
+
     def read(self) -> bool:
-        aid = self.account()
+        aid = self.read_account()
         op = self.rec.invoke("read", f"account/{aid}")
         try:
             with deadline(self.a.statement_timeout):
@@ -191,6 +225,21 @@ def _why(e: Exception) -> str:
 
 
 def verify(a, rec: Recorder, stop: Stop) -> int:
+    """The bank's read-back, then (with --amcheck) PostgreSQL's own checker; 1 if either
+    could not be made or found the database corrupted."""
+    status = verify_bank(a, rec, stop)
+    if a.amcheck:
+        status = max(status, verify_amcheck(a, rec))
+    return status
+
+
+def corrupted(e: Exception) -> bool:
+    """An error of SQLSTATE class XX (data_corrupted, index_corrupted, internal_error): the
+    database itself is at fault, so asking again will not help."""
+    return isinstance(e, psycopg.Error) and (e.sqlstate or "").startswith("XX")
+
+
+def verify_bank(a, rec: Recorder, stop: Stop) -> int:
     """Read back the ledger rows named in --keys and the bank's balances (retrying the
     connection until the deadline); 1 if the reads could not be made."""
     keys = json.loads(open(a.keys).read())
@@ -207,10 +256,12 @@ def verify(a, rec: Recorder, stop: Stop) -> int:
             break
         except (psycopg.Error, ClientTimeout, OSError) as e:
             b.drop()
-            if stop.requested or time.monotonic() >= a.until:
-                print(f"verify: no answer from the server: {_why(e)}", file=sys.stderr)
+            if stop.requested or time.monotonic() >= a.until or corrupted(e):
+                what = "the database is corrupted" if corrupted(e) else "no answer from the server"
+                print(f"verify: {what}: {_why(e)}", file=sys.stderr)
                 for k in keys:
                     rec.complete("fail", rec.invoke("verify", k), error=_why(e))
+                rec.complete("fail", rec.invoke("verify", value={"check": "bank"}), error=_why(e))
                 return 1
             time.sleep(0.1)
     found = {f"ledger/c{c}-{s}": row_text(c, s, src, dst, amt) for c, s, src, dst, amt in rows}
@@ -226,6 +277,45 @@ def verify(a, rec: Recorder, stop: Stop) -> int:
                                   "changed": [[int(x), int(y)] for x, y in changed]})
     b.drop()
     return 0
+
+
+def verify_amcheck(a, rec: Recorder) -> int:
+    """pg_amcheck on the database (see the module docstring); 1 unless it found nothing."""
+    op = rec.invoke("verify", value={"check": "amcheck"})
+    argv = [a.amcheck, "--host", a.host, "--port", str(a.port), "--username", "postgres",
+            "--no-password", "--database", "postgres", "--heapallindexed"]
+    env = dict(os.environ, PGCONNECT_TIMEOUT=str(max(2, int(a.connect_timeout + 1))),
+               PGAPPNAME="crashbench-amcheck")
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, errors="replace", env=env,
+                           stdin=subprocess.DEVNULL, timeout=a.amcheck_timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        rec.complete("fail", op, error=_why(e))
+        return 1
+    if p.returncode not in (0, 2):          # 1: it could not check (no server, no extension)
+        said = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()
+        rec.complete("fail", op, error=f"pg_amcheck exited with status {p.returncode}: "
+                                       + " / ".join(said[:3])[:300])
+        return 1
+    found = amcheck_findings(p.stdout)
+    if p.returncode == 2 and not found:     # corruption reported in a shape not parsed above
+        found = [f"pg_amcheck exited with status 2: {p.stdout.strip()[:300]!r}"]
+    rec.complete("ok", op, value={"check": "amcheck", "status": p.returncode, "findings": found})
+    return 0 if p.returncode == 0 else 1
+
+
+def amcheck_findings(out: str, limit: int = 100) -> list[str]:
+    """pg_amcheck's report, one finding per "relation…:" header with its indented message
+    lines joined: 'heap table "postgres.public.accounts", block 3, offset 7: <message>'."""
+    found: list[str] = []
+    for line in out.splitlines():
+        if not line.strip():
+            continue
+        if line[:1].isspace() and found:
+            found[-1] += (" " if found[-1].endswith(":") else " / ") + " ".join(line.split())
+        else:
+            found.append(line.strip())
+    return found[:limit]
 
 
 def ready(a) -> int:
@@ -250,6 +340,9 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--accounts", type=int, required=True)
     ap.add_argument("--initial-balance", type=int, default=1000)
     ap.add_argument("--statement-timeout", type=float, default=2.0)
+    ap.add_argument("--read-skew", type=float, default=0.0)
+    ap.add_argument("--amcheck", help="verify: pg_amcheck's path (run it after the read-back)")
+    ap.add_argument("--amcheck-timeout", type=float, default=300.0)
     return ap
 
 
