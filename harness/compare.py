@@ -5,11 +5,14 @@ both runs and every metric in ``METRICS`` (all lower-is-better), the medians (th
 harness.stats), their ratio new/old and a one-sided Mann-Whitney U test; the verdict is
 "worse" only when the new values are significantly larger (p < alpha) AND the ratio is
 above 1 + threshold, "better" in the mirror case (p < alpha the other way and ratio below
-1 − threshold), "same" otherwise, and "n/a" when a side has no values. ``exit_code`` is 1
-when any verdict is "worse". A test needs enough trials to be able to reach alpha at all:
-``min_p`` says the smallest p-value the sample sizes allow (1/C(n+m, n)); with 3 trials a
-side that is 0.05, so nothing can be "worse" at alpha 0.05 — such rows carry a note. A
-side that is an incomplete run (stopped before its last trial) gets a note too; it does not
+1 − threshold), "same" otherwise, and "n/a" when a side has no values. A test needs enough
+trials to be able to reach alpha at all: ``min_p`` says the smallest p-value the sample
+sizes allow (1/C(n+m, n)); with 3 trials a side that is 0.05, so no timing can be judged
+at alpha 0.05 — such rows say "too few", never "same". Categorical regressions need no
+test and are judged at any trial count (``compare_counts``): a smaller share of trials
+recovered, acknowledged writes lost or corrupted where the old run had none, a checker
+finding where the old run had none. ``exit_code`` is 1 when any verdict, of either kind, is "worse". A
+side that is an incomplete run (stopped before its last trial) gets a note; it does not
 change the exit code by itself (its fewer trials already weigh less in the test).
 docs/RESULTS.md, "Compare", is the reference.
 """
@@ -43,6 +46,21 @@ class Row:
     p_worse: float | None        # one-sided: new values stochastically larger
     p_better: float | None
     min_p: float | None
+    verdict: str                 # worse | better | same | too few | n/a
+    note: str = ""
+
+
+@dataclass
+class Categorical:
+    """A count that must not get worse at all: ``old``/``new`` are {"count", "of"}
+    (trials recovered of trials run, writes lost over the verified trials, trials with a
+    checker finding of the trials checked)."""
+    scheme: str
+    workload: str
+    fault: str
+    check: str                   # recovered | lost_writes | corrupted_writes | checks.<name>
+    old: dict
+    new: dict
     verdict: str                 # worse | better | same | n/a
     note: str = ""
 
@@ -52,6 +70,7 @@ class Comparison:
     threshold: float
     alpha: float
     rows: list[Row] = field(default_factory=list)
+    categorical: list[Categorical] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -59,8 +78,12 @@ class Comparison:
         return [r for r in self.rows if r.verdict == "worse"]
 
     @property
+    def regressions(self) -> list[Categorical]:
+        return [c for c in self.categorical if c.verdict == "worse"]
+
+    @property
     def exit_code(self) -> int:
-        return 1 if self.worse else 0
+        return 1 if self.worse or self.regressions else 0
 
 
 def metric_values(trials: list[dict], metric: str) -> list[float]:
@@ -102,6 +125,7 @@ def compare(old_run: dict, new_run: dict, threshold: float = 0.10,
         for metric in METRICS:
             result.rows.append(compare_metric(key, metric, metric_values(old[key], metric),
                                               metric_values(new[key], metric), threshold, alpha))
+        result.categorical += compare_counts(key, old[key], new[key])
     return result
 
 
@@ -121,9 +145,81 @@ def compare_metric(key: tuple[str, str, str], metric: str, old: list[float], new
         row.verdict = "better"
     else:
         row.verdict = "same"
-    if row.min_p >= alpha:
-        row.note = (f"too few trials for a test at alpha {alpha:g}: the smallest possible "
-                    f"p is {row.min_p:.3g}")
+    if row.min_p >= alpha:       # not "same": the sample cannot tell
+        n = f"{len(old)}" if len(old) == len(new) else f"{len(old)}/{len(new)}"
+        what = "lost bytes" if metric == "lost_bytes" else "timing"
+        row.verdict = "too few"
+        row.note = (f"{n} trials: too few to judge {what} at p < {alpha:g} (the smallest "
+                    f"possible p is {row.min_p:.3g})")
+    return row
+
+
+# --- categorical regressions: counts that must not get worse, whatever the trial count -------
+
+def compare_counts(key: tuple[str, str, str], old: list[dict], new: list[dict]) -> list[Categorical]:
+    """The recovered share, the acknowledged writes lost and corrupted, and each workload
+    checker's findings, old against new (trials with an ``error`` left out)."""
+    old = [t for t in old if not t.get("error")]
+    new = [t for t in new if not t.get("error")]
+    rows = [_share(key, "recovered", _recovered(old), _recovered(new))]
+    for f in ("lost_writes", "corrupted_writes"):
+        rows.append(_none_to_some(key, f, _writes(old, f), _writes(new, f)))
+    for name in sorted(_check_names(old) | _check_names(new)):
+        rows.append(_none_to_some(key, f"checks.{name}", _findings(old, name),
+                                  _findings(new, name)))
+    return rows
+
+
+def _recovered(trials: list[dict]) -> dict:
+    return {"count": sum(1 for t in trials if t["recovered"]), "of": len(trials)}
+
+
+def _writes(trials: list[dict], f: str) -> dict:
+    """Acknowledged writes lost (or corrupted) over the trials that were verified."""
+    verified = [t[f] for t in trials if t[f] is not None]
+    return {"count": sum(verified), "of": len(verified)}
+
+
+def _check_names(trials: list[dict]) -> set[str]:
+    """The workload checkers with a verdict (``ok``) in these trials' ``checks``."""
+    return {n for t in trials for n, c in (t.get("checks") or {}).items()
+            if isinstance(c, dict) and "ok" in c}
+
+
+def _findings(trials: list[dict], name: str) -> dict:
+    """Trials whose checker ``name`` found a violation, of the trials it judged."""
+    oks = [c["ok"] for t in trials if isinstance(c := (t.get("checks") or {}).get(name), dict)
+           and c.get("ok") is not None]
+    return {"count": sum(1 for ok in oks if ok is False), "of": len(oks)}
+
+
+def _share(key, check: str, old: dict, new: dict) -> Categorical:
+    """Worse when a smaller share of the trials recovered."""
+    row = Categorical(*key, check, old, new, "n/a")
+    if not old["of"] or not new["of"]:
+        row.note = f"no trials in the {'old' if not old['of'] else 'new'} run"
+        return row
+    a, b = old["count"] * new["of"], new["count"] * old["of"]    # the shares, cross-multiplied
+    row.verdict = "worse" if b < a else "better" if b > a else "same"
+    if row.verdict == "worse":
+        row.note = (f"fewer trials {check}: {old['count']}/{old['of']} before, "
+                    f"{new['count']}/{new['of']} now")
+    return row
+
+
+def _none_to_some(key, check: str, old: dict, new: dict) -> Categorical:
+    """Worse when the old run had none (of at least one judged trial) and the new has some."""
+    row = Categorical(*key, check, old, new, "n/a")
+    if not old["of"] or not new["of"]:
+        row.note = f"nothing judged in the {'old' if not old['of'] else 'new'} run"
+        return row
+    if old["count"] == 0 and new["count"] > 0:
+        row.verdict = "worse"
+        row.note = f"{check.replace('_', ' ')}: none before, {new['count']} now"
+    elif old["count"] > 0 and new["count"] == 0:
+        row.verdict = "better"
+    else:
+        row.verdict = "same"
     return row
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 from harness import results, stats
@@ -105,9 +106,18 @@ def _num(v) -> str:
     return "—" if v is None else f"{v:g}"
 
 
-def _whole(v) -> str:
-    """A byte count, never in exponent notation (a median of two counts may end in .5)."""
-    return "—" if v is None else f"{v:.0f}" if v == int(v) else f"{v:.1f}"
+MIB = 2 ** 20
+
+
+def mib(v) -> str:
+    """A byte count in MiB for people (the column says "MiB"): three significant digits
+    below 1 MiB, two decimals above, never in exponent notation. JSON keeps the bytes."""
+    if v is None:
+        return "—"
+    m = v / MIB
+    if m == 0 or abs(m) >= 1:
+        return f"{m:.2f}" if m else "0"
+    return f"{m:.{2 - math.floor(math.log10(abs(m)))}f}"
 
 
 def summary_rows(run: dict) -> list[dict]:
@@ -116,7 +126,7 @@ def summary_rows(run: dict) -> list[dict]:
     rows = []
     for s in summarize(run):
         lost = "— (unverified)" if s["lost_bytes_total"] is None else \
-            f"{s['lost_bytes_total']} ({_whole(s['lost_bytes_median'])})"
+            f"{mib(s['lost_bytes_total'])} ({mib(s['lost_bytes_median'])})"
         if s["unverified"] and s["lost_bytes_total"] is not None:
             lost += f", {s['unverified']} unverified"
         rows.append({
@@ -125,7 +135,7 @@ def summary_rows(run: dict) -> list[dict]:
             "recovered": f"{s['recovered']}/{s['trials']}",
             "downtime s: median [95% CI]": fmt_ci(s["downtime"]),
             "time to 90% s: median [95% CI]": fmt_ci(s["time_to_90pct"]),
-            "lost bytes: total (median)": lost,
+            "lost MiB: total (median)": lost,
             "pages recovered: median": _num(s["pages_recovered_median"])})
     return rows
 
@@ -134,8 +144,9 @@ SUMMARY_NOTE = (f"Medians over the recovered trials (downtime) or the trials tha
                 f"90 % of the pre-crash throughput (time to 90 %). 95 % CIs are distribution-free "
                 f"order-statistic intervals for the median (harness/stats.py); \"{NO_CI}\" means "
                 f"fewer than {stats.min_n()} values, with which no such interval reaches 95 %. "
-                f"Lost bytes: the sum over the verified trials, the per-trial median in "
-                f"brackets. Definitions: {METRICS_DOC}.")
+                f"Lost MiB (2^20 bytes; run.json and trials.csv keep the bytes): the sum over "
+                f"the verified trials, the per-trial median in brackets. Definitions: "
+                f"{METRICS_DOC}.")
 
 
 RANKED = (("downtime", "Downtime"), ("time_to_90pct", "Time to 90 %"))
@@ -251,11 +262,11 @@ def _fmt_s(v) -> str:
 
 def _trial_table(run: dict) -> tuple:
     head = ["trial", "seed", "recovered", "downtime s", "max s", "scheme outage s",
-            "acked writes", "lost writes", "corrupted", "lost bytes", "pages recovered",
+            "acked writes", "lost writes", "corrupted", "lost MiB", "pages recovered",
             "time to 90% s"]
     rows = [[t["id"], t["seed"], "yes" if t["recovered"] else "no", _fmt_s(t["downtime_s"]),
              _fmt_s(t["downtime_max_s"]), _fmt_s(t["outage_s"]), _num(t["acked_writes"]),
-             _num(t["lost_writes"]), _num(t["corrupted_writes"]), _num(t["lost_bytes"]),
+             _num(t["lost_writes"]), _num(t["corrupted_writes"]), mib(t["lost_bytes"]),
              _num(t["cache"]["pages_recovered"]), _fmt_s(t["time_to_90pct_s"])]
             for ts in groups(run).values() for t in ts]
     return ("table", head, [[str(c) for c in r] for r in rows])

@@ -8,9 +8,12 @@ nothing is written. ``schema_version`` is 1: fields may be added without a bump 
 ignore what they do not know); removing, renaming or changing the meaning of a field bumps
 it, and this module then refuses versions it does not read rather than misread them.
 A run stopped before its last trial carries ``incomplete`` (why, trials run and planned).
+Beside every run.json written, ``trials.csv`` holds the per-trial figures (``CSV_COLUMNS``)
+for spreadsheets and CI logs; run.json stays the only file read back.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -28,6 +31,7 @@ SCHEMA_VERSION = 1
 KIND = "crashbench run"
 RUN_FILE = "run.json"
 PYPERF_FILE = "downtime.pyperf.json"
+CSV_FILE = "trials.csv"
 LATEST = "latest"
 
 
@@ -178,7 +182,50 @@ def write_run(dir: str | Path, parameters: dict, environment: dict, trials: list
         validate(run)
     except ResultsError as e:
         raise ResultsError(f"{d / RUN_FILE}: not written: {e}") from None
-    return write_atomic(d / RUN_FILE, json.dumps(run, indent=2, allow_nan=False) + "\n")
+    path = write_atomic(d / RUN_FILE, json.dumps(run, indent=2, allow_nan=False) + "\n")
+    write_csv(d, trials)
+    return path
+
+
+# The per-trial CSV's columns: (column, path of the field in the trial record). A column
+# may be added; docs/RESULTS.md, "trials.csv", lists them.
+CSV_COLUMNS = (
+    ("id", "id"), ("scheme", "scheme"), ("workload", "workload"), ("fault", "fault"),
+    ("trial", "trial"), ("seed", "seed"), ("recovered", "recovered"), ("error", "error"),
+    ("downtime_s", "downtime_s"), ("downtime_max_s", "downtime_max_s"),
+    ("outage_s", "outage_s"), ("detected_by", "detected_by"),
+    ("time_to_90pct_s", "time_to_90pct_s"), ("acked_writes", "acked_writes"),
+    ("lost_writes", "lost_writes"), ("corrupted_writes", "corrupted_writes"),
+    ("lost_bytes", "lost_bytes"), ("unverified_keys", "unverified_keys"),
+    *((k, f"cache.{k}") for k in CACHE_KEYS),
+    ("pre_crash_ops_per_s", "throughput.pre_crash_mean"), ("bin_s", "throughput.bin_s"),
+    ("history", "history"))
+
+
+def write_csv(dir: str | Path, trials: list[dict]) -> Path:
+    """Atomically (re)write ``dir/trials.csv``: a header of ``CSV_COLUMNS``, then one line
+    per trial in run order. Empty: null (or absent); ``true``/``false``: booleans; numbers
+    as Python writes them, so a float reads back exactly."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(name for name, _ in CSV_COLUMNS)
+    for t in trials:
+        w.writerow(_csv_cell(_field_at(t, path)) for _, path in CSV_COLUMNS)
+    return write_atomic(Path(dir) / CSV_FILE, buf.getvalue())
+
+
+def _field_at(record: dict, path: str):
+    for part in path.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
+def _csv_cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, float) else str(v)
 
 
 def stopped(signal_name: str, trials_run: int, trials_planned: int) -> dict:

@@ -1,5 +1,7 @@
 """`compare` and `crashbench compare`: worse only when significantly worse AND beyond the
-threshold; exit 1 on a slower result set, 0 on identical ones, 2 on bad input."""
+threshold; exit 1 on a slower result set, and on a categorical regression (fewer trials
+recovered, writes lost or corrupted, a checker finding) at any trial count; 0 on
+identical ones, 2 on bad input."""
 from __future__ import annotations
 
 import copy
@@ -75,12 +77,19 @@ def test_identical_runs_are_the_same_and_exit_0(tmp_path):
     assert "no metric significantly worse" in r.stdout
 
 
-def test_three_trials_cannot_be_significant_and_say_so():
+def test_three_trials_cannot_be_significant_and_say_so_not_same(tmp_path):
     c = compare.compare(synthetic(3), synthetic(3, 3.0))
     row = next(r for r in c.rows if r.metric == "downtime_s")
     assert row.ratio > 2.9 and row.min_p == pytest.approx(0.05)
-    assert row.verdict == "same" and "too few trials" in row.note
+    assert row.verdict == "too few"
+    assert row.note.startswith("3 trials: too few to judge timing at p < 0.05")
     assert c.exit_code == 0
+    old, new = save(tmp_path, "old", synthetic(3)), save(tmp_path, "new", synthetic(3, 3.0))
+    r = runner.invoke(app, ["compare", str(old), str(new)])
+    assert r.exit_code == 0, r.output
+    assert "3 trials: too few to judge timing at p < 0.05" in " ".join(r.stdout.split())
+    timing = [line for line in r.stdout.splitlines() if "downtime s" in line or "time to 90" in line]
+    assert len(timing) == 4 and all("too few" in line and "same" not in line for line in timing)
 
 
 def test_significant_but_within_the_threshold_is_the_same():
@@ -155,3 +164,75 @@ def test_an_incomplete_side_is_named_and_does_not_change_the_exit_code(tmp_path)
     r = runner.invoke(app, ["compare", str(old), str(new)])
     assert r.exit_code == 0, r.output
     assert "new side: INCOMPLETE run new" in " ".join(r.stdout.split())
+
+
+# --- categorical regressions: judged whatever the number of trials ---------------------------
+
+def _copy_of_golden(tmp_path: Path, name: str) -> tuple[Path, dict]:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "run.json").write_text((GOLDEN_RUN / "run.json").read_text())
+    return d, json.loads((d / "run.json").read_text())
+
+
+def _rewrite(d: Path, run: dict) -> Path:
+    results.write_run(d, run["parameters"], run["environment"], run["trials"])
+    return d
+
+
+def test_one_trial_not_recovered_exits_1_at_three_trials(tmp_path):
+    old, _ = _copy_of_golden(tmp_path, "old")
+    new, run = _copy_of_golden(tmp_path, "new")
+    t = next(t for t in run["trials"] if t["scheme"] == "orthros")
+    t.update(recovered=False, downtime_s=None, downtime_max_s=None, time_to_90pct_s=None,
+             lost_writes=None, corrupted_writes=None, lost_bytes=None)
+    _rewrite(new, run)
+    r = runner.invoke(app, ["compare", str(old), str(new)])
+    assert r.exit_code == 1, r.output
+    assert ("regression orthros/files/panic: fewer trials recovered: 3/3 before, 2/3 now"
+            in " ".join(r.stdout.split()))
+    c = compare.compare(results.load_run(old), results.load_run(new))
+    assert [(x.scheme, x.check) for x in c.regressions] == [("orthros", "recovered")]
+    assert not c.worse                           # no timing can be judged at 3 trials
+    assert runner.invoke(app, ["compare", str(new), str(old)]).exit_code == 0   # better
+
+
+@pytest.mark.parametrize("field", ["lost_writes", "corrupted_writes"])
+def test_acknowledged_writes_lost_or_corrupted_where_there_were_none_exit_1(tmp_path, field):
+    old, _ = _copy_of_golden(tmp_path, "old")
+    new, run = _copy_of_golden(tmp_path, "new")
+    next(t for t in run["trials"] if t["scheme"] == "orthros")[field] = 1
+    _rewrite(new, run)
+    r = runner.invoke(app, ["compare", str(old), str(new)])
+    assert r.exit_code == 1, r.output
+    assert f"{field.replace('_', ' ')}: none before, 1 now" in r.stdout
+    # reboot loses writes in both runs by design: more of them is not categorical
+    assert [c.check for c in compare.compare(results.load_run(old), results.load_run(new))
+            .regressions] == [field]
+
+
+def test_a_checker_finding_where_there_was_none_exits_1(tmp_path):
+    old, run = _copy_of_golden(tmp_path, "old")
+    for t in run["trials"]:
+        t["checks"] = {"bodies": {"served": 10, "mismatched": 0, "ok": True}}
+    _rewrite(old, run)
+    new, _ = _copy_of_golden(tmp_path, "new")
+    run["trials"][4]["checks"]["bodies"].update(mismatched=1, ok=False)
+    _rewrite(new, run)
+    r = runner.invoke(app, ["compare", str(old), str(new)])
+    assert r.exit_code == 1, r.output
+    assert "checks.bodies: none before, 1 now" in r.stdout
+    assert runner.invoke(app, ["compare", str(new), str(new)]).exit_code == 0   # had one before
+
+
+def test_a_checker_without_a_verdict_is_not_a_finding(tmp_path):
+    """A check that could not judge (ok null: nothing verified) counts neither way."""
+    old = synthetic(3)
+    new = copy.deepcopy(old)
+    for t in new["trials"]:
+        t["checks"] = {"bank": {"ok": None}}
+    c = compare.compare(old, new)
+    assert c.exit_code == 0
+    bank = [x for x in c.categorical if x.check.startswith("checks.")]
+    assert [(x.scheme, x.check, x.verdict) for x in bank] == \
+        [("orthros", "checks.bank", "n/a"), ("reboot", "checks.bank", "n/a")]

@@ -52,7 +52,7 @@ def test_summary_is_the_numbers_of_harness_stats(written):
     assert rows["orthros"]["recovered"] == "3/3"
     assert rows["orthros"]["downtime s: median [95% CI]"] == "0.412 (no CI: n=3)"
     assert rows["reboot"]["downtime s: median [95% CI]"] == "2.702 (no CI: n=3)"
-    assert rows["reboot"]["lost bytes: total (median)"] == "49152 (16384)"
+    assert rows["reboot"]["lost MiB: total (median)"] == "0.0469 (0.0156)"   # 49152 (16384) B
     assert rows["orthros"]["pages recovered: median"] == "2058"
     assert rows["reboot"]["time to 90% s: median [95% CI]"] == "4.000 (no CI: n=3)"
     md = (written / "report.md").read_text()
@@ -101,7 +101,7 @@ def test_unrecovered_and_failed_trials_are_counted_not_hidden(tmp_path):
     files = report.write_report(d)
     row = {r["scheme"]: r for r in report.summary_rows(results.load_run(d))}["reboot"]
     assert row["trials"] == "3 (1 failed)" and row["recovered"] == "1/3"
-    assert row["lost bytes: total (median)"] == "16384 (16384), 1 unverified"
+    assert row["lost MiB: total (median)"] == "0.0156 (0.0156), 1 unverified"
     assert "the server never answered" in (d / "report.md").read_text()
     assert all(f.stat().st_size > 0 for f in files)
 
@@ -207,3 +207,45 @@ def test_an_incomplete_run_says_so_first_in_both_reports_and_on_the_console(tmp_
     md = (d / "report.md").read_text()
     assert md.splitlines()[2].startswith(f"> **{line}")           # right under the title
     assert f'<p class="alert"><strong>{line}' in (d / "report.html").read_text()
+
+
+def _piped(*args: str) -> str:
+    """The command's stdout as a pipe gets it: no terminal, whatever COLUMNS says."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "COLUMNS": "60"}
+    env.pop("FORCE_COLOR", None)
+    p = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
+    assert p.returncode in (0, 1), p.stderr
+    return p.stdout
+
+
+def test_piped_tables_keep_every_figure_whole(tmp_path):
+    """Without a terminal nothing is cut ("0.41…") or wrapped: every cell of the summary
+    and of compare's tables is whole on one line."""
+    d = tmp_path / "r"
+    shutil.copytree(GOLDEN_RUN, d)
+    lines = _piped("report", str(d)).splitlines()
+    for row in report.summary_rows(results.load_run(d)):
+        for cell in row.values():
+            assert any(cell in line for line in lines), cell
+    out = _piped("compare", str(GOLDEN_RUN), str(d))
+    assert "…" not in out
+    from harness.commands.results import _g, _mib
+    from harness.compare import compare
+    c = compare(results.load_run(GOLDEN_RUN), results.load_run(d))
+    for r in c.rows:
+        fmt = _mib if r.metric == "lost_bytes" else _g
+        cells = [r.scheme, fmt(r.median_old), fmt(r.median_new), _g(r.p_worse, "{:.3g}"),
+                 r.verdict]
+        assert any(all(c in line for c in cells) for line in out.splitlines()), cells
+
+
+def test_byte_counts_are_shown_in_mib_with_the_unit(written):
+    md = (written / "report.md").read_text()
+    assert "lost MiB: total (median)" in md and "| lost MiB |" in md
+    assert "lost bytes" not in md and "49152" not in md        # run.json keeps the bytes
+    reboot = next(line for line in md.splitlines() if line.startswith("| reboot-files-panic-0 "))
+    assert "| 0.0117 |" in reboot                                 # 12288 bytes

@@ -48,7 +48,7 @@ def test_write_run_round_trips_the_golden_run_and_keeps_created(tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", first["created"])
     write(d, g)          # the driver rewrites after every trial
     assert json.loads((d / "run.json").read_text())["created"] == first["created"]
-    assert sorted(p.name for p in d.iterdir()) == ["run.json"]     # no temporary left
+    assert sorted(p.name for p in d.iterdir()) == ["run.json", "trials.csv"]   # no temporary
 
 
 @pytest.mark.parametrize("path, field", [
@@ -213,3 +213,156 @@ def test_an_incomplete_run_is_marked_and_old_files_without_the_mark_still_load(t
                               "trials_planned": 6})
     with pytest.raises(ResultsError, match=re.escape("incomplete.trials_run")):
         results.validate(bad)
+
+
+# --- trials.csv: the per-trial figures beside run.json ---------------------------------------
+
+def _columns_documented() -> list[str]:
+    """The column names of docs/RESULTS.md's trials.csv table, in order."""
+    doc = (Path(__file__).parent.parent / "docs" / "RESULTS.md").read_text()
+    section = doc.split("### trials.csv", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M)
+
+
+def _same(cell: str, value) -> bool:
+    """A CSV cell read back as the run.json value it was written from."""
+    if value is None:
+        return cell == ""
+    if isinstance(value, bool):
+        return cell == ("true" if value else "false")
+    if isinstance(value, (int, float)):
+        return type(value)(cell) == value
+    return cell == value
+
+
+def test_trials_csv_reads_back_as_run_json(tmp_path):
+    import csv
+    g = golden()
+    g["trials"][1].update(recovered=False, downtime_s=None, lost_bytes=None,
+                          error="DriverError: a, \"quoted\"\nand a second line")
+    write(tmp_path / "r", g)
+    run = results.load_run(tmp_path / "r")
+    with open(tmp_path / "r" / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [c for c, _ in results.CSV_COLUMNS] == _columns_documented()
+    assert [r["id"] for r in rows] == [t["id"] for t in run["trials"]]
+    for row, t in zip(rows, run["trials"]):
+        for column, path in results.CSV_COLUMNS:
+            value = t
+            for part in path.split("."):
+                value = value.get(part)
+            assert _same(row[column], value), (t["id"], column, row[column], value)
+    assert rows[1]["error"].endswith("second line") and rows[1]["recovered"] == "false"
+    assert rows[0]["pages_recovered"] == "2048" and rows[0]["lost_bytes"] == "0"
+
+
+def test_report_writes_the_csv_of_an_existing_run(tmp_path):
+    from typer.testing import CliRunner
+    from harness.cli import app
+    d = tmp_path / "r"
+    shutil.copytree(GOLDEN_RUN, d)
+    assert not (d / "trials.csv").exists()
+    r = CliRunner().invoke(app, ["report", str(d)])
+    assert r.exit_code == 0, r.output
+    lines = (d / "trials.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(golden()["trials"])
+
+
+# --- command output as JSON (--json): one document on stdout, pinned by golden files ----------
+
+OUTPUT = GOLDEN / "json-output"
+GOLDEN_OVERHEAD = GOLDEN / "20261205-124500-overhead"
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+    from harness.cli import app
+    return CliRunner().invoke(app, list(args))
+
+
+def _one_document(stdout: str) -> dict:
+    """stdout must be one JSON document and nothing else (json.loads refuses trailing text)."""
+    doc = json.loads(stdout)
+    assert stdout.lstrip().startswith("{") and stdout.rstrip().endswith("}")
+    return doc
+
+
+def _matches_golden(name: str, doc: dict) -> None:
+    """``doc`` equals tests/golden/json-output/<name>.json (CRASHBENCH_WRITE_GOLDEN=1
+    rewrites it: then review the diff — a changed shape may need a schema_version bump)."""
+    path = OUTPUT / f"{name}.json"
+    if os.environ.get("CRASHBENCH_WRITE_GOLDEN") == "1":
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    assert doc == json.loads(path.read_text())
+
+
+def test_json_output_schemas_are_pinned():
+    from harness.commands import output
+    # Changing a schema means changing this file too, and deciding on a version bump.
+    assert output.SCHEMAS == json.loads((GOLDEN / "json-output-schemas-v1.json").read_text())
+    assert set(output.SCHEMAS) == {"list", "run", "report", "compare", "overhead"}
+
+
+def test_list_json_is_one_versioned_document_naming_what_it_always_named():
+    r = _cli("list", "--json")
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    doc = _one_document(r.stdout)
+    golden_doc = json.loads((OUTPUT / "list.json").read_text())
+    assert {k: doc[k] for k in ("schema_version", "kind")} == \
+        {"schema_version": 1, "kind": "crashbench list --json"}
+    for section in ("schemes", "workloads", "faults"):   # names may be added, never lost
+        assert set(golden_doc[section]) <= set(doc[section]), section
+        assert all(isinstance(v, str) and v for v in doc[section].values())
+
+
+def test_report_json_matches_the_golden_file(tmp_path):
+    d = tmp_path / GOLDEN_RUN.name
+    shutil.copytree(GOLDEN_RUN, d)
+    r = _cli("report", str(d), "--json")
+    assert r.exit_code == 0, r.output
+    doc = _one_document(r.stdout)
+    assert doc["dir"] == str(d) and all((d / f).is_file() for f in doc["files"])
+    _matches_golden("report", {**doc, "dir": "DIR"})
+
+
+def test_compare_json_matches_the_golden_file_and_keeps_its_exit_status(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(GOLDEN_RUN, old)
+    g = golden()
+    for t in [t for t in g["trials"] if t["scheme"] == "orthros"][:2]:   # its median: infinite
+        t.update(recovered=False, downtime_s=None, downtime_max_s=None, time_to_90pct_s=None,
+                 lost_writes=None, corrupted_writes=None, lost_bytes=None)
+    write(new, g)
+    r = _cli("compare", str(old), str(new), "--json")
+    assert r.exit_code == 1, r.output
+    doc = _one_document(r.stdout)
+    assert doc["exit_code"] == 1
+    assert doc["rows"][0]["median_new"] == doc["rows"][0]["ratio"] == "inf"   # JSON has no ∞
+    assert doc["categorical"][0]["new"] == {"count": 1, "of": 3}
+    _matches_golden("compare", {**doc, "old": "OLD", "new": "NEW"})
+
+
+def test_run_and_overhead_json_match_their_golden_files(tmp_path, capsys):
+    """The documents `run --json` and `overhead --json` print, built from the golden result
+    directories as the commands build them (the commands themselves need root: their
+    end-to-end tests are in test_run.py and test_overhead.py)."""
+    from harness import overhead, report
+    from harness.commands import output
+    d = tmp_path / GOLDEN_RUN.name
+    shutil.copytree(GOLDEN_RUN, d)
+    run = results.load_run(d)
+    files = report.write_report(d) + [results.write_csv(d, run["trials"])]
+    output.emit("run", {**output.summary_body(d, run, files), "exit_code": 0,
+                        "failed_trials": []})
+    _matches_golden("run", {**_one_document(capsys.readouterr().out), "dir": "DIR"})
+    doc = overhead.load(GOLDEN_OVERHEAD)
+    output.emit("overhead", output.overhead_body(GOLDEN_OVERHEAD, doc, ["overhead.json"], 0))
+    _matches_golden("overhead", {**_one_document(capsys.readouterr().out), "dir": "DIR"})
+
+
+def test_a_document_that_does_not_match_its_schema_is_never_printed(capsys):
+    from harness.commands import output
+    with pytest.raises(ValueError, match="exit_code"):
+        output.emit("compare", {"old": "a", "new": "b", "threshold": 0.1, "alpha": 0.05,
+                                "exit_code": 3, "rows": [], "categorical": [], "notes": []})
+    assert capsys.readouterr().out == ""

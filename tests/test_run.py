@@ -28,12 +28,17 @@ def crashbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_out(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("run") / "r"
     p = crashbench("run", "--schemes", "none,reboot,orthros", "--workload", "files",
-                   "--fault", "panic", "--trials", "1", *SHORT, "--out", str(out))
+                   "--fault", "panic", "--trials", "1", *SHORT, "--out", str(out), "--json")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out
+    return out, p.stdout
+
+
+@pytest.fixture(scope="module")
+def run_dir(run_out) -> Path:
+    return run_out[0]
 
 
 @needs_root
@@ -43,6 +48,21 @@ def test_run_json_is_valid_and_has_every_scheme(run_dir):
     assert run["schema_version"] == 1
     assert [t["scheme"] for t in run["trials"]] == ["none", "reboot", "orthros"]
     assert all(not t.get("error") for t in run["trials"]), [t.get("error") for t in run["trials"]]
+
+
+@needs_root
+def test_run_json_prints_one_document_and_the_progress_on_stderr(run_out):
+    import csv
+    from harness import results
+    out, stdout = run_out
+    doc = json.loads(stdout)               # nothing but the document on stdout
+    assert doc["kind"] == "crashbench run --json" and doc["exit_code"] == 0
+    assert doc["dir"] == str(out) and doc["failed_trials"] == []
+    assert [g["scheme"] for g in doc["groups"]] == ["none", "reboot", "orthros"]
+    assert all((out / f).is_file() for f in doc["files"]) and "trials.csv" in doc["files"]
+    with open(out / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == [t["id"] for t in results.load_run(out)["trials"]]
 
 
 @needs_root
@@ -124,6 +144,7 @@ def test_list_names_every_scheme_workload_and_fault():
     p = crashbench("list", "--json", timeout=60)
     assert p.returncode == 0, p.stderr
     cat = json.loads(p.stdout)
+    assert cat.pop("schema_version") == 1 and cat.pop("kind") == "crashbench list --json"
     assert {"none", "reboot", "orthros"} <= set(cat["schemes"])
     assert "files" in cat["workloads"]
     assert "panic" in cat["faults"]

@@ -9,8 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.commands.run import (_fail, catalogue, check_names, check_out, check_params,
-                                   check_root, console, err)
+from harness.commands.run import (JSON_HELP, _fail, catalogue, check_names, check_out,
+                                   check_params, check_root, console, err)
 
 
 def _workload_params(pairs: list[str], workloads: list[str]) -> dict[str, dict]:
@@ -75,6 +75,7 @@ def overhead_cmd(
                                     "WORKLOAD.NAME=VALUE (repeatable)"),
     machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML)"),
     out: Optional[Path] = typer.Option(None, help="result directory (default: results/<run id>)"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Run each workload with no crash under vanilla (no scheme machinery) and every
     scheme, interleaved, plus FS micro-operations through the mount; write overhead.json,
@@ -108,8 +109,9 @@ def overhead_cmd(
     d.mkdir(parents=True, exist_ok=True)
     env = results.environment()
     runs: list[dict] = []
+    show = err if json_out else console     # with --json, stdout holds the document only
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
+                  TimeElapsedColumn(), console=show, transient=False) as bar:
         task = bar.add_task("starting", total=len(specs) + warmup_runs)
         for _ in range(warmup_runs):
             r = _discarded_run(specs[0], lambda m: bar.update(task, description=m))
@@ -121,14 +123,18 @@ def overhead_cmd(
             bar.advance(task)
             bar.console.print(_line(r))
     doc = overhead.write(d, parameters, env, mach, runs)
-    overheadreport.write_report(d, doc)
+    written = overheadreport.write_report(d, doc)
     results.point_latest(d)
-    _summary(doc)
-    console.print(f"results: {d}  (report: report.md, overhead.json, "
-                  f"{', '.join(doc['pyperf'].values())})")
+    _summary(doc, show)
+    show.print(f"results: {d}  (report: report.md, overhead.json, "
+               f"{', '.join(doc['pyperf'].values())})")
     errors = [r for r in runs if r.get("error")]
     for r in errors:
         err.print(f"crashbench: run {r['id']} failed: {r['error']}", markup=False)
+    if json_out:
+        from harness.commands import output
+        files = [overhead.FILE, *doc["pyperf"].values(), *(p.name for p in written)]
+        output.emit("overhead", output.overhead_body(d, doc, files, 1 if errors else 0))
     raise typer.Exit(1 if errors else 0)
 
 
@@ -157,7 +163,7 @@ def _line(r: dict) -> str:
             f"{'-' if p99 is None else f'{p99 * 1e3:.1f} ms'}")
 
 
-def _summary(doc: dict) -> None:
+def _summary(doc: dict, show) -> None:
     from harness.overheadreport import _fmt
     for w, per in doc["figures"]["workloads"].items():
         t = Table(title=f"{w}: means over rounds; 95 % CI in brackets")
@@ -166,7 +172,7 @@ def _summary(doc: dict) -> None:
         for s, e in per.items():
             t.add_row(s, _fmt(e["throughput_ops_s"], 1, 1), _fmt(e["overhead_pct"], 1, 1),
                       _fmt(e["latency_p99_s"], 1e3), _fmt(e.get("machinery_share_pct"), 1, 2))
-        console.print(t)
+        show.print(t)
     for op, per in doc["figures"]["micro"].items():
-        console.print(f"{op}: " + "; ".join(
+        show.print(f"{op}: " + "; ".join(
             f"{s} {_fmt(e['median_s'], 1e6, 1)} µs" for s, e in per.items()))

@@ -1,4 +1,9 @@
-"""CLI commands `run` and `list`: the harness as users run it."""
+"""CLI commands `run` and `list`: the harness as users run it.
+
+Promises to users and CI jobs: bad input exits 2 with `crashbench: <what>` on stderr before
+anything is created; with --json each prints one JSON document on stdout and its progress
+and messages on stderr (harness/commands/output.py); tables piped or logged are never cut.
+"""
 from __future__ import annotations
 
 import math
@@ -12,8 +17,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+from harness.commands.output import Output
+
+console = Output()
 err = Console(stderr=True, soft_wrap=True)
+JSON_HELP = "print one JSON document on stdout (docs/RESULTS.md), messages on stderr"
 
 
 class Stopped(KeyboardInterrupt):
@@ -45,12 +53,12 @@ def catalogue() -> dict[str, dict[str, str]]:
             "faults": dict(FAULTS)}
 
 
-def list_cmd(json_out: bool = typer.Option(False, "--json", help="print JSON for programs")):
+def list_cmd(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """List the schemes, workloads and faults a run can name, one line each."""
     cat = catalogue()
     if json_out:
-        import json
-        print(json.dumps(cat, indent=2))
+        from harness.commands import output
+        output.emit("list", cat)
         return
     for kind, items in cat.items():
         t = Table(title=kind, show_header=False, title_justify="left")
@@ -184,10 +192,11 @@ def run_cmd(
     param: list[str] = typer.Option([], help="workload parameter NAME=VALUE (repeatable)"),
     machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML)"),
     out: Optional[Path] = typer.Option(None, help="result directory (default: results/<run id>)"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Run WORKLOAD under every scheme, inject FAULT in each trial, and write the results
-    (run.json, histories, pyperf JSON, report.md/html with plots); results/latest points
-    at the newest run."""
+    (run.json, trials.csv, histories, pyperf JSON, report.md/html with plots);
+    results/latest points at the newest run."""
     from harness.commands.lab import warn_orphans
     warn_orphans("run")       # reported, not removed: `crashbench down --all` is explicit
     names = [s.strip() for s in schemes.split(",") if s.strip()]
@@ -208,14 +217,24 @@ def run_cmd(
     parameters = {"schemes": names, "workload": workload, "fault": fault, "trials": trials,
                   "seed": seed, "timing": timing, "workload_params": params,
                   "machine_file": str(machine_file) if machine_file else None}
-    records = _run_all(specs, parameters, out)
+    show = err if json_out else console     # with --json, stdout holds the document only
+    d, records, files = _run_all(specs, parameters, out, show)
     errors = [r for r in records if r.get("error")]
     for r in errors:
         err.print(f"crashbench: trial {r['id']} failed: {r['error']}", markup=False)
-    raise typer.Exit(1 if errors else 0)
+    code = 1 if errors else 0
+    if json_out:
+        from harness import results
+        from harness.commands import output
+        output.emit("run", {**output.summary_body(d, results.load_run(d), files),
+                            "exit_code": code,
+                            "failed_trials": [{"id": r["id"], "error": r["error"]}
+                                              for r in errors]})
+    raise typer.Exit(code)
 
 
-def _run_all(specs, parameters: dict, out: Optional[Path]) -> list[dict]:
+def _run_all(specs, parameters: dict, out: Optional[Path],
+             show: Console) -> tuple[Path, list[dict], list[Path]]:
     from harness import driver, report, results
     d = (results.new_run_dir(schemes=parameters["schemes"], workload=parameters["workload"])
          if out is None else out)
@@ -223,7 +242,7 @@ def _run_all(specs, parameters: dict, out: Optional[Path]) -> list[dict]:
     env = results.environment()
     records: list[dict] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
+                  TimeElapsedColumn(), console=show, transient=False) as bar:
         task = bar.add_task("starting", total=len(specs))
         try:
             for spec in specs:
@@ -242,10 +261,11 @@ def _run_all(specs, parameters: dict, out: Optional[Path]) -> list[dict]:
             raise
     results.write_pyperf(d, records)
     results.point_latest(d)
-    files = report.write_report(d)
-    _print_summary(report, d)
-    console.print(f"results: {d}  (report: {', '.join(str(f.name) for f in files[:2])})")
-    return records
+    files = report.write_report(d) + [d / results.CSV_FILE]
+    _print_summary(report, d, show)
+    show.print(f"results: {d}  (report: {', '.join(str(f.name) for f in files[:2])}; "
+               f"per-trial figures: {results.CSV_FILE})")
+    return d, records, files
 
 
 def _trial_line(r: dict) -> str:
@@ -258,12 +278,12 @@ def _trial_line(r: dict) -> str:
             f"pages recovered {r['cache']['pages_recovered']}")
 
 
-def _print_summary(report, d: Path) -> None:
+def _print_summary(report, d: Path, show: Console) -> None:
     from harness import results
     from harness.commands.results import summary_table
     run = results.load_run(d)
     rows = report.summary_rows(run)
     if rows:
-        console.print(summary_table(rows, "summary (medians; 95 % CI in brackets)"))
+        show.print(summary_table(rows, "summary (medians; 95 % CI in brackets)"))
     for line in report.ranking(report.summarize(run)):
-        console.print(line, markup=False, highlight=False)
+        show.print(line, markup=False, highlight=False)
