@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import history, owners
+from harness.kcounters import CounterSampler
 from harness.workloads import Service, registry as workloads
 from kernel import machine as machine_mod
 from kernel.host import Host
@@ -57,7 +58,7 @@ class Trial:
         self.phases: list[dict] = []
         self.workload = workloads()[spec.workload](**spec.workload_params)
         self.scheme = self.make_scheme(spec.scheme)
-        self.host = self.net = self.svc = self.clients = self.report = None
+        self.host = self.net = self.svc = self.clients = self.report = self.sampler = None
         self.crash_at: float | None = None
 
     def make_scheme(self, name: str):
@@ -74,6 +75,8 @@ class Trial:
             until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
                      + t["recovery_timeout_s"] + t["post_s"] + 10)
             with self.phase("warm up"):
+                self.sampler = CounterSampler(self.host, self.scheme,
+                                              self.svc.history_dir() / "kernel-counters.jsonl").start()
                 self.clients = self.workload.start_clients(self.svc, until)
                 self.await_first_answers()
                 self.hold(t["warmup_s"])
@@ -133,6 +136,7 @@ class Trial:
                 raise DriverError(f"{self.spec.id}: {dead[0]}; see its log")
 
     def inject(self) -> dict:
+        self.sampler.pause()        # no request to a kernel while it dies and is recovered
         with history.Recorder(self.svc.history_dir() / "nemesis.jsonl", history.NEMESIS) as rec:
             op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": self.scheme.active})
             self.crash_at = op["time"]
@@ -148,6 +152,7 @@ class Trial:
             self.say(f"{self.spec.id}: {e}")
             return
         self.nemesis_record()
+        self.sampler.resume()
         if self.report.recovered:
             deadline = time.monotonic() + t["recovery_timeout_s"]
             took_effect = max(self.crash_at, self.report.failed_at,   # as checkers.crash_times
@@ -168,6 +173,7 @@ class Trial:
                                         value={"outage_s": r.outage_s}))
 
     def verify(self) -> list[dict]:
+        self.sampler.stop()
         self.clients.stop()
         hd = self.svc.history_dir()
         events = history.merge(sorted(hd.glob("*.jsonl")), self.svc.workdir / "merged.jsonl")
@@ -176,6 +182,8 @@ class Trial:
         return history.merge(sorted(hd.glob("*.jsonl")), self.out / f"history-{self.spec.id}.jsonl")
 
     def teardown(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
         try:
             if self.clients is not None:
                 self.clients.stop()

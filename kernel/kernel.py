@@ -212,7 +212,8 @@ class Kernel:
         if cmd == "status":
             return {"ok": True, "pid": os.getpid(), "partition": self.part.id,
                     "boot_s": self.boot_s, "dirty_pages": self.vfs.pc.ndirty,
-                    "pages": len(self.vfs.pc.index), "armed": bool(self.faults.armed),
+                    "pages": len(self.vfs.pc.index), "cache": dict(self.vfs.pc.stats),
+                    "armed": bool(self.faults.armed),
                     "refused_peers": self.ctl.refused}
         if cmd == "sync":
             self.vfs.writeback.sync_all()

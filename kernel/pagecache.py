@@ -16,7 +16,11 @@ Promises to the VFS and the write-back code:
   (kernel/pageadopt.py says what is promised about the unchecked ones); ``cached`` is the
   only way to ask whether a page is cached, because it checks an unchecked dirty page;
 * ``lost`` holds the dirty pages of a dead kernel that could not be adopted: a write that
-  covers one whole, or a truncation, ends its loss (the VFS answers EIO for the rest).
+  covers one whole, or a truncation, ends its loss (the VFS answers EIO for the rest);
+* ``stats`` counts, since this kernel mounted, every ``lookup`` (a file page a read wants)
+  as a hit (cached, adopted pages included) or a miss (to be read from the device), and
+  the pages evicted; the kernel's ``status`` reply carries them (docs/METRICS.md, "Cache
+  hit ratio").
 
 The generation of a page increases on every store, so write-back can tell whether the
 page changed while it was being written (then it stays dirty).
@@ -133,10 +137,12 @@ class PageCache(Adoption):
         f = self.index.get((ino, idx))
         if f is None and self.unchecked is not None:
             f = self._first_use(ino, idx)
-        if f is not None:
-            self.stats["hits"] += 1
-            if (ino, idx) in self.lru:
-                self.lru.move_to_end((ino, idx))
+        if f is None:
+            self.stats["misses"] += 1
+            return None
+        self.stats["hits"] += 1
+        if (ino, idx) in self.lru:
+            self.lru.move_to_end((ino, idx))
         return f
 
     def _alloc_frame(self) -> int:
@@ -149,7 +155,6 @@ class PageCache(Adoption):
 
     def insert(self, ino: int, idx: int, data, meta: bool = False) -> int:
         """Cache a clean page read from the device (data shorter than a page is zero-filled)."""
-        self.stats["misses"] += 1
         key = (ino, idx)
         if self.unchecked is not None:
             self._settle(ino, idx)
