@@ -45,7 +45,8 @@ class CounterSampler:
     def stop(self) -> None:
         self._stop.set()
         self._running.set()
-        self._thread.join(timeout=TIMEOUT_S * 4)
+        if self._thread.is_alive():
+            self._thread.join(timeout=TIMEOUT_S * 4)
         self._rec.close()
 
     def _loop(self) -> None:
