@@ -7,7 +7,9 @@ an error or Ctrl-C), leaving no kernel, mount, namespace or client process behin
 trial's machine is recorded in harness/owners.py from before it exists until its teardown
 has succeeded, so what a killed run leaves is found by the next command. The
 driver measures nothing itself beyond phase boundaries: figures come from the clients'
-history (harness/checkers) and the scheme's RecoveryReport. Waiting through warm-up and
+history (harness/checkers), the scheme's RecoveryReport and the kernel's own counters,
+sampled into the history (harness/kcounters.py) except from the injection to the
+scheme's report. Waiting through warm-up and
 steady state is load running, not a stand-in for a result.
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.test_results import golden
 from harness import compare, results
 from harness.cli import app
 
@@ -20,7 +21,7 @@ runner = CliRunner()
 def synthetic(n: int, factor: float = 1.0, lost_factor: float = 1.0) -> dict:
     """The golden run stretched to ``n`` trials a scheme, with a little spread, its
     downtime and time to 90 % multiplied by ``factor``, its lost bytes by ``lost_factor``."""
-    g = json.loads((GOLDEN_RUN / "run.json").read_text())
+    g = golden()
     trials = []
     for scheme in ("orthros", "reboot"):
         base = [t for t in g["trials"] if t["scheme"] == scheme]
