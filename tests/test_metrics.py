@@ -138,6 +138,15 @@ def test_hit_ratio_over_time_from_counter_samples_of_two_kernels():
     # nothing sampled during the outage: those bins are not full and have no ratio
     outage = [b for b in h["bins"] if 0 <= b["t"] < 0.5]
     assert outage and all(not b["full"] and b["ratio"] is None for b in outage)
+    # with the scheme's end of outage recorded, the new kernel counts from 0 there: its
+    # cold start (all misses before its first sample) is not lost
+    cold = [nem("info", "recovered", CRASH + 0.5)] + [
+        nem("info", SAMPLE, CRASH + 0.6, {"partition": 1, "pid": 300, "hits": 0, "misses": 40}),
+        nem("info", SAMPLE, CRASH + 1.1, {"partition": 1, "pid": 300, "hits": 40, "misses": 40})]
+    h = hit_ratio(sorted([nem("invoke", "crash", CRASH)] + cold, key=lambda e: e["time"]))
+    assert h["after"] == pytest.approx(0.5)
+    assert [(b["t"], b["full"], b["ratio"]) for b in h["bins"]] == [(0.5, True, 0.0),
+                                                                     (1.0, False, None)]
 
 
 def test_the_page_cache_counts_a_lookup_as_a_hit_or_a_miss(tmp_path):

@@ -4,7 +4,10 @@ Promises to harness/trial.py and the report (definitions: docs/METRICS.md, "Cach
 ratio"): the samples are the nemesis's ``info`` events of f SAMPLE (harness/kcounters.py
 writes them), each the running kernel's cumulative ``hits`` and ``misses`` since it
 mounted, with its ``pid``; only the difference between two samples of the same kernel
-counts, so a new kernel's counters starting again at 0 never read as a negative change;
+counts, so a new kernel's counters starting again at 0 never read as a negative change —
+except that a kernel first sampled after the crash, when the scheme recorded its end of
+outage, counts from 0 at that moment (a kernel looks no page up before it serves), so the
+cold start right after a recovery is not lost;
 each difference goes to the bin holding its later sample; a bin is ``full`` only when
 samples of one kernel cover it whole, and a bin that is not full, or saw no lookup, has
 no ratio.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from harness.checkers.common import crash_times
+from harness.checkers.common import crash_times, nemesis_time
 from harness.history import NEMESIS
 
 SAMPLE = "kernel-counters"
@@ -43,7 +46,9 @@ def hit_ratio(events: list[dict], bin_s: float = BIN_S) -> dict:
     ss = samples(events)
     crash = crash_times(events)["crash_at"]
     origin = crash if crash is not None else (ss[0]["time"] if ss else None)
-    deltas, spans = _deltas(ss)
+    back = nemesis_time(events, "info", "recovered")
+    deltas, spans = _deltas(ss, back if crash is not None and back is not None and back > crash
+                            else None)
     if origin is None or not deltas:
         return {"bin_s": bin_s, "samples": len(ss), "bins": [], "before": None, "after": None}
     first = math.floor((min(s[0] for s in spans) - origin) / bin_s)
@@ -65,14 +70,19 @@ def hit_ratio(events: list[dict], bin_s: float = BIN_S) -> dict:
             "after": side(lambda t: crash is not None and t > crash)}
 
 
-def _deltas(ss: list[dict]) -> tuple[list[tuple[float, int, int]], list[tuple[float, float]]]:
+def _deltas(ss: list[dict], back: float | None
+            ) -> tuple[list[tuple[float, int, int]], list[tuple[float, float]]]:
     """(time of the later sample, Δhits, Δmisses) of consecutive samples of one kernel, and
-    each kernel's (first, last) sample time."""
+    each kernel's (first, last) sample time; a kernel first sampled after ``back`` (the
+    scheme's end of outage after the crash) starts from zero counts at ``back``."""
     prev: dict[int, dict] = {}
     spans: dict[int, list[float]] = {}
     out = []
     for s in ss:
         p = prev.get(s["pid"])
+        if p is None and back is not None and s["time"] >= back:
+            p = {"hits": 0, "misses": 0}
+            spans[s["pid"]] = [back, back]
         if p is not None and s["hits"] >= p["hits"] and s["misses"] >= p["misses"]:
             out.append((s["time"], s["hits"] - p["hits"], s["misses"] - p["misses"]))
         prev[s["pid"]] = s
