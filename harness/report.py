@@ -167,7 +167,7 @@ def ranking(summary: list[dict]) -> list[str]:
         order += [f"{s['label']} (no median)" for s in summary if s[key]["median"] is None]
         tie = f" (equal medians: by {then})" if then else ""
         lines.append(f"{name}, median, lower is better{tie}: {', '.join(order)}. "
-                     f"{_separation(known, key)}")
+                     f"{_separation(known, key)}".rstrip())
     return lines
 
 

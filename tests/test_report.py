@@ -117,7 +117,7 @@ def test_ranking_orders_schemes_and_says_when_the_cis_cannot_back_the_order(writ
     lines = report.ranking(report.summarize(results.load_run(written)))
     assert lines == [        # a schema_version 1 run has no work lost
         "Work lost (seconds of service), median, lower is better (equal medians: by "
-        "downtime): orthros (no median), reboot (no median). ",
+        "downtime): orthros (no median), reboot (no median).",
         "Downtime, median, lower is better: 1. orthros 0.412 s, 2. reboot 2.702 s. "
         f"No neighbours are separated: a 95 % CI needs {stats.min_n()} values a scheme."]
     md = (written / "report.md").read_text()
