@@ -25,12 +25,12 @@ GAP = "clients' gap"
 PRE_S = 2.0                         # seconds before the crash the timelines show
 
 
-def _plt():
+def _plt(context: str = "paper", font_scale: float = 0.8):
     import matplotlib
     matplotlib.use("Agg")           # no display: reports are written on servers and in CI
     import matplotlib.pyplot as plt
     import seaborn as sns
-    sns.set_theme(style="whitegrid", context="paper", font_scale=0.8)
+    sns.set_theme(style="whitegrid", context=context, font_scale=font_scale)
     plt.rcParams.update({"svg.fonttype": "none", "pdf.fonttype": 42, "hatch.linewidth": 0.5})
     return plt, sns
 
@@ -46,6 +46,16 @@ def render(fig) -> dict[str, bytes]:
         out[fmt] = buf.getvalue()
     plt.close(fig)
     return out
+
+
+def png_only(fig, dpi: int = 110) -> bytes:
+    """The figure as PNG alone (the overhead report's plot, which the HTML-less report.md
+    links)."""
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _styles(summary: list[dict]) -> dict[str, dict]:

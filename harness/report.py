@@ -46,7 +46,6 @@ def summarize(run: dict) -> list[dict]:
         ok = [t for t in ts if not t.get("error")]
         down = [t["downtime_s"] for t in ok if t["recovered"] and t["downtime_s"] is not None]
         t90 = [t["time_to_90pct_s"] for t in ok if t["time_to_90pct_s"] is not None]
-        known = lambda k: [t[k] for t in ok if t.get(k) is not None]      # noqa: E731
         lost = [t["lost_bytes"] for t in ok if t["lost_bytes"] is not None]
         pages = [t["cache"]["pages_recovered"] for t in ok
                  if t["cache"]["pages_recovered"] is not None]
@@ -56,13 +55,19 @@ def summarize(run: dict) -> list[dict]:
             "trials": len(ts), "failed": len(ts) - len(ok),
             "recovered": sum(1 for t in ok if t["recovered"]),
             "downtime": _ci(down), "time_to_90pct": _ci(t90),
-            "time_to_99pct": _ci(known("time_to_99pct_s")),
-            "lost_service": _ci(known("lost_service_s")), "client_gap": _ci(known("client_gap_s")),
+            "time_to_99pct": _ci(_known(ok, "time_to_99pct_s")),
+            "lost_service": _ci(_known(ok, "lost_service_s")),
+            "client_gap": _ci(_known(ok, "client_gap_s")),
             "lost_bytes_total": sum(lost) if lost else None,
             "lost_bytes_median": stats.median_ci(lost)[0], "unverified": len(ok) - len(lost),
             "pages_recovered_median": stats.median_ci(pages)[0],
             "phases": _phase_medians(ok), "modeled": _modeled(ok)})
     return out
+
+
+def _known(trials: list[dict], key: str) -> list[float]:
+    """A figure of the trials that have it (schema_version 1 trials have no recovery figures)."""
+    return [t[key] for t in trials if t.get(key) is not None]
 
 
 def _ci(values: list[float]) -> dict:
@@ -138,7 +143,9 @@ def summary_rows(run: dict) -> list[dict]:
 
 
 SUMMARY_NOTE = (f"Medians over the recovered trials (downtime) or the trials that returned to "
-                f"90 % of the pre-crash throughput (time to 90 %). 95 % CIs are distribution-free "
+                f"90 % (99 %) of the pre-crash throughput in 0.1 s bins (time to 90 %, 99 %, "
+                f"work lost: the service the crash cost until the return to 90 %, in seconds "
+                f"at the pre-crash rate). 95 % CIs are distribution-free "
                 f"order-statistic intervals for the median (harness/stats.py); \"{NO_CI}\" means "
                 f"fewer than {stats.min_n()} values, with which no such interval reaches 95 %. "
                 f"Lost bytes: the sum over the verified trials, the per-trial median in "
