@@ -9,7 +9,9 @@ it exists until its teardown has succeeded, so what a killed run leaves is found
 command). ``Trial.run`` is the one pipeline of every trial: deploy, the kind's ``measure``,
 teardown, ``record``; the overhead benchmark's steady-state trials are kinds of it. The
 driver measures nothing itself beyond phase boundaries: figures come from the clients'
-history (harness/checkers) and the scheme's RecoveryReport. Waiting through warm-up and
+history (harness/checkers), the scheme's RecoveryReport and the kernel's own counters,
+sampled into the history (harness/kcounters.py) except from the injection to the
+scheme's report. Waiting through warm-up and
 steady state is load running, not a stand-in for a result.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import history
+from harness.kcounters import CounterSampler
 from harness.testbed import Testbed
 from harness.workloads import Service, registry as workloads
 from systems.base import check_report, registry as schemes
@@ -56,6 +59,7 @@ class Trial:
         self.workload = workloads()[spec.workload](**spec.workload_params)
         self.scheme = self.make_scheme(spec.scheme)
         self.bed = self.host = self.net = self.svc = self.clients = self.report = None
+        self.sampler = None
         self.events: list[dict] = []
         self.crash_at: float | None = None
 
@@ -83,6 +87,8 @@ class Trial:
         until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
                  + t["recovery_timeout_s"] + t["post_s"] + 10)
         with self.phase("warm up"):
+            self.sampler = CounterSampler(self.host, self.scheme,
+                                          self.svc.history_dir() / "kernel-counters.jsonl").start()
             self.clients = self.workload.start_clients(self.svc, until)
             self.await_first_answers()
             self.hold(t["warmup_s"])
@@ -143,6 +149,7 @@ class Trial:
                 raise DriverError(f"{self.spec.id}: {dead[0]}; see its log")
 
     def inject(self) -> dict:
+        self.sampler.pause()        # no request to a kernel while it dies and is recovered
         with history.Recorder(self.svc.history_dir() / "nemesis.jsonl", history.NEMESIS) as rec:
             op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": self.scheme.active})
             self.crash_at = op["time"]
@@ -158,6 +165,7 @@ class Trial:
             self.say(f"{self.spec.id}: {e}")
             return
         self.nemesis_record()
+        self.sampler.resume()
         if self.report.recovered:
             deadline = time.monotonic() + t["recovery_timeout_s"]
             took_effect = max(self.crash_at, self.report.failed_at,   # as checkers.crash_times
@@ -178,6 +186,7 @@ class Trial:
                                         value={"outage_s": r.outage_s}))
 
     def verify(self) -> list[dict]:
+        self.sampler.stop()
         self.clients.stop()
         hd = self.svc.history_dir()
         events = history.merge(sorted(hd.glob("*.jsonl")), self.svc.workdir / "merged.jsonl")
@@ -186,6 +195,8 @@ class Trial:
         return history.merge(sorted(hd.glob("*.jsonl")), self.out / f"history-{self.spec.id}.jsonl")
 
     def teardown(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
         try:
             if self.clients is not None:
                 self.clients.stop()

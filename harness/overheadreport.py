@@ -114,8 +114,8 @@ def cpu_md(figs: dict) -> list[str]:
 def plot(doc: dict) -> bytes:
     """Overhead in percent per scheme (vanilla is 0 by definition), one bar per measure,
     error bars the 95 % intervals of overhead.json (drawn only where one exists)."""
-    from harness.report import _plt, _png
-    plt, sns = _plt()
+    from harness.plots import _plt, png_only
+    plt, sns = _plt("notebook", 1.0)
     rows = []
     for w, per in doc["figures"]["workloads"].items():
         for s, e in per.items():
@@ -147,7 +147,7 @@ def plot(doc: dict) -> bytes:
     ax.set_xlabel("")
     ax.set_ylabel("overhead vs vanilla (%)")
     ax.set_title(f"steady-state overhead (95 % CI where ≥ {stats.min_n()} rounds)")
-    return _png(fig)
+    return png_only(fig)
 
 
 def write_report(d: Path, doc: dict) -> list[Path]:

@@ -1,11 +1,13 @@
-"""The report of a result directory: report.md, a self-contained report.html and PNG plots.
+"""The report of a result directory: report.md, a self-contained report.html and its figures.
 
 Promises to the CLI and to readers: everything comes from run.json (validated by
 harness.results) and nothing else; every median and interval is computed once, in
 ``summarize`` through harness.stats, and the tables and the plots draw those same numbers;
 phases that are modeled hardware time are labelled "(modeled)" wherever they appear; an
 incomplete run (stopped before its last trial) says so above everything else;
-report.html embeds its images and loads nothing. The files are rendered in memory first
+report.html embeds its images and loads nothing; the figures (harness/plots.py) are
+written as PNG, SVG and PDF; the ranking orders schemes by the work the crash cost, then
+by downtime. The files are rendered in memory first
 and each is replaced atomically, so an invalid run writes nothing.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from harness import results, stats
+from harness import plots, results, stats
 
 METRICS_DOC = "docs/METRICS.md"
 NO_CI = "no CI"
@@ -54,11 +56,19 @@ def summarize(run: dict) -> list[dict]:
             "trials": len(ts), "failed": len(ts) - len(ok),
             "recovered": sum(1 for t in ok if t["recovered"]),
             "downtime": _ci(down), "time_to_90pct": _ci(t90),
+            "time_to_99pct": _ci(_known(ok, "time_to_99pct_s")),
+            "lost_service": _ci(_known(ok, "lost_service_s")),
+            "client_gap": _ci(_known(ok, "client_gap_s")),
             "lost_bytes_total": sum(lost) if lost else None,
             "lost_bytes_median": stats.median_ci(lost)[0], "unverified": len(ok) - len(lost),
             "pages_recovered_median": stats.median_ci(pages)[0],
             "phases": _phase_medians(ok), "modeled": _modeled(ok)})
     return out
+
+
+def _known(trials: list[dict], key: str) -> list[float]:
+    """A figure of the trials that have it (schema_version 1 trials have no recovery figures)."""
+    return [t[key] for t in trials if t.get(key) is not None]
 
 
 def _ci(values: list[float]) -> dict:
@@ -135,13 +145,17 @@ def summary_rows(run: dict) -> list[dict]:
             "recovered": f"{s['recovered']}/{s['trials']}",
             "downtime s: median [95% CI]": fmt_ci(s["downtime"]),
             "time to 90% s: median [95% CI]": fmt_ci(s["time_to_90pct"]),
+            "time to 99% s: median [95% CI]": fmt_ci(s["time_to_99pct"]),
+            "work lost s of service: median [95% CI]": fmt_ci(s["lost_service"]),
             "lost MiB: total (median)": lost,
             "pages recovered: median": _num(s["pages_recovered_median"])})
     return rows
 
 
 SUMMARY_NOTE = (f"Medians over the recovered trials (downtime) or the trials that returned to "
-                f"90 % of the pre-crash throughput (time to 90 %). 95 % CIs are distribution-free "
+                f"90 % (99 %) of the pre-crash throughput in 0.1 s bins (time to 90 %, 99 %, "
+                f"work lost: the service the crash cost until the return to 90 %, in seconds "
+                f"at the pre-crash rate). 95 % CIs are distribution-free "
                 f"order-statistic intervals for the median (harness/stats.py); \"{NO_CI}\" means "
                 f"fewer than {stats.min_n()} values, with which no such interval reaches 95 %. "
                 f"Lost MiB (2^20 bytes; run.json and trials.csv keep the bytes): the sum over "
@@ -149,32 +163,40 @@ SUMMARY_NOTE = (f"Medians over the recovered trials (downtime) or the trials tha
                 f"{METRICS_DOC}.")
 
 
-RANKED = (("downtime", "Downtime"), ("time_to_90pct", "Time to 90 %"))
+RANKED = (("lost_service", "Work lost (seconds of service)", "downtime"),
+          ("downtime", "Downtime", None))
 
 
 def ranking(summary: list[dict]) -> list[str]:
     """One line per ranked metric: the schemes from the lowest median to the highest (lower
-    is better; equal medians share a rank), those without a median (nothing recovered, never back to 90 %) last; then
-    which neighbours the 95 % CIs separate, so that an order the data cannot support is not
-    read as one. Empty with fewer than two schemes."""
+    is better), an equal median broken by the next metric's (work lost, then downtime),
+    so only schemes equal in both share a rank; those without a median (nothing
+    recovered, never back to 90 %) last; then which neighbours the 95 % CIs separate, so
+    that an order the data cannot support is not read as one. Empty with fewer than two
+    schemes."""
     if len(summary) < 2:
         return []
     lines = []
-    for key, name in RANKED:
-        known = sorted((s for s in summary if s[key]["median"] is not None),
-                       key=lambda s: s[key]["median"])
-        order = [f"{_rank(known, key, i)}. {s['label']} {s[key]['median']:.3f} s"
+    for key, name, then in RANKED:
+        order_key = (lambda s: (s[key]["median"], _or_inf(s[then]["median"]) if then else 0))
+        known = sorted((s for s in summary if s[key]["median"] is not None), key=order_key)
+        order = [f"{_rank(known, order_key, i)}. {s['label']} {s[key]['median']:.3f} s"
                  for i, s in enumerate(known)]
         order += [f"{s['label']} (no median)" for s in summary if s[key]["median"] is None]
-        lines.append(f"{name}, median, lower is better: {', '.join(order)}. "
-                     f"{_separation(known, key)}")
+        tie = f" (equal medians: by {then})" if then else ""
+        lines.append(f"{name}, median, lower is better{tie}: {', '.join(order)}. "
+                     f"{_separation(known, key)}".rstrip())
     return lines
 
 
-def _rank(known: list[dict], key: str, i: int) -> int:
-    """Competition ranking: equal medians share the better rank (1, 1, 3)."""
-    m = known[i][key]["median"]
-    return next(j for j, s in enumerate(known) if s[key]["median"] == m) + 1
+def _or_inf(v):
+    return float("inf") if v is None else v
+
+
+def _rank(known: list[dict], order_key, i: int) -> int:
+    """Competition ranking: schemes equal in every key share the better rank (1, 1, 3)."""
+    k = order_key(known[i])
+    return next(j for j, s in enumerate(known) if order_key(s) == k) + 1
 
 
 def _separation(known: list[dict], key: str) -> str:
@@ -194,7 +216,23 @@ def _separation(known: list[dict], key: str) -> str:
 
 # --- the document, as blocks both renderers share ---------------------------------------------
 
-def _blocks(run: dict, summary: list[dict], images: dict[str, bytes]) -> list[tuple]:
+CAPTIONS = {
+    "throughput": "Completed operations per second around the crash (t = 0), mean over the "
+                  "trials of each scheme, in the recovery bins (0.1 s); bins the load did not "
+                  "run through whole are not drawn.",
+    "cache-hits": "The page cache's hit ratio over time, from the kernel's own counters "
+                  "sampled during the run (0.5 s bins, mean over trials); no line during "
+                  "the outage, when no kernel answers.",
+    "downtime": "Client-observed downtime per scheme: each recovered trial (open markers), "
+                "the median (filled) and its 95 % CI (bar; none below "
+                f"{stats.min_n()} trials), the numbers of the summary table.",
+    "phases": "Recovery phases: the median seconds of each phase over the trials, then the "
+              "clients' gap (from the scheme's end of outage to the first acknowledged "
+              "request, median); hatched // : modeled hardware time. A stack is a sum of "
+              "medians, not the median of the totals."}
+
+
+def _blocks(run: dict, summary: list[dict], images: dict[str, dict]) -> list[tuple]:
     p = run["parameters"]
     b: list[tuple] = [("h1", f"crashbench run {run['run_id']}")]
     if results.incomplete_line(run):
@@ -208,18 +246,10 @@ def _blocks(run: dict, summary: list[dict], images: dict[str, bytes]) -> list[tu
     ranked = ranking(summary)
     if ranked:
         b += [("h2", "Ranking")] + [("p", line) for line in ranked]
-    captions = {
-        "downtime-ecdf.png": "Client-observed downtime, ECDF per scheme over the recovered "
-                             "trials; dashed line: the median, band: its 95 % CI (as in the table).",
-        "throughput.png": "Completed operations per second relative to the crash (t = 0): "
-                          "each trial faint, the mean over trials bold; dashed: each scheme's "
-                          "median downtime.",
-        "phases.png": "Recovery phases: the median seconds of each phase over the trials; "
-                      "hatched phases are modeled hardware time. A stack is a sum of medians, "
-                      "not the median of the totals."}
     b.append(("h2", "Plots"))
-    for name, png in images.items():
-        b += [("img", name, png, name.removesuffix(".png")), ("p", captions[name])]
+    for name, formats in images.items():
+        b += [("img", f"{name}.png", formats["png"], name),
+              ("p", f"{CAPTIONS[name]} Also as {name}.svg and {name}.pdf.")]
     b += [("h2", "Recovery phases (median seconds)"), _phase_table(summary)]
     b += [("h2", "Trials"), _trial_table(run)]
     errs = [f"{t['id']}: {t['error']}" for t in run["trials"] if t.get("error")]
@@ -253,6 +283,8 @@ def _phase_table(summary: list[dict]) -> tuple:
     head = ["phase"] + [s["label"] for s in summary]
     rows = [[n + (" (modeled)" if n in modeled else "")]
             + [_fmt_s(s["phases"].get(n)) for s in summary] for n in names]
+    rows.append([f"{plots.GAP} (first ack − scheme's outage end)"]
+                + [_fmt_s(s["client_gap"]["median"]) for s in summary])
     return ("table", head, rows)
 
 
@@ -262,14 +294,36 @@ def _fmt_s(v) -> str:
 
 def _trial_table(run: dict) -> tuple:
     head = ["trial", "seed", "recovered", "downtime s", "max s", "scheme outage s",
-            "acked writes", "lost writes", "corrupted", "lost MiB", "pages recovered",
-            "time to 90% s"]
+            "clients' gap s", "acked writes", "lost writes", "corrupted", "lost MiB",
+            "pages recovered", "time to 90% s", "time to 99% s", "work lost ops",
+            "work lost s", "p50/p99 before s", "p50/p99 after s", "hit ratio before/after"]
     rows = [[t["id"], t["seed"], "yes" if t["recovered"] else "no", _fmt_s(t["downtime_s"]),
-             _fmt_s(t["downtime_max_s"]), _fmt_s(t["outage_s"]), _num(t["acked_writes"]),
-             _num(t["lost_writes"]), _num(t["corrupted_writes"]), mib(t["lost_bytes"]),
-             _num(t["cache"]["pages_recovered"]), _fmt_s(t["time_to_90pct_s"])]
+             _fmt_s(t["downtime_max_s"]), _fmt_s(t["outage_s"]), _fmt_s(t.get("client_gap_s")),
+             _num(t["acked_writes"]), _num(t["lost_writes"]), _num(t["corrupted_writes"]),
+             mib(t["lost_bytes"]), _num(t["cache"]["pages_recovered"]),
+             _fmt_s(t["time_to_90pct_s"]), _fmt_s(t.get("time_to_99pct_s")),
+             _fmt_n(t.get("lost_ops")), _fmt_s(t.get("lost_service_s")),
+             _latency(t, "before"), _latency(t, "after"), _hit_ratios(t)]
             for ts in groups(run).values() for t in ts]
     return ("table", head, [[str(c) for c in r] for r in rows])
+
+
+def _fmt_n(v) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def _latency(t: dict, side: str) -> str:
+    lat = (t.get("latency") or {}).get(side)
+    if not lat or lat["p50_s"] is None:
+        return "—"
+    return f"{lat['p50_s']:.3f}/{lat['p99_s']:.3f}"
+
+
+def _hit_ratios(t: dict) -> str:
+    h = t.get("cache_hits")
+    if not h:
+        return "—"
+    return "/".join("—" if h[k] is None else f"{h[k]:.2f}" for k in ("before", "after"))
 
 
 def render_md(blocks: list[tuple]) -> str:
@@ -327,143 +381,26 @@ def render_html(blocks: list[tuple]) -> str:
             + "\n</body></html>\n")
 
 
-# --- plots (seaborn, rendered to PNG bytes with the non-interactive Agg backend) -------------
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")         # no display: reports are written on servers and in CI
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-    sns.set_theme(style="whitegrid", context="notebook")
-    return plt, sns
-
-
-def _png(fig) -> bytes:
-    import io
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    fig.clf()
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _colors(summary: list[dict]) -> dict[str, tuple]:
-    _, sns = _plt()
-    pal = sns.color_palette("colorblind", max(len(summary), 1))
-    return {s["label"]: pal[i] for i, s in enumerate(summary)}
-
-
-def downtime_ecdf(summary: list[dict], trials: dict[str, list[dict]]) -> bytes:
-    plt, sns = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = _colors(summary)
-    for s in summary:
-        c, values = colors[s["label"]], [t["downtime_s"] for t in trials[s["label"]]
-                                         if t["recovered"] and t["downtime_s"] is not None]
-        if not values:
-            continue
-        sns.ecdfplot(x=values, ax=ax, color=c, linewidth=2,
-                     label=f"{s['label']} ({s['recovered']}/{s['trials']} recovered)")
-        d = s["downtime"]
-        ax.axvline(d["median"], color=c, linestyle="--", linewidth=1)
-        if d["lo"] is not None:
-            ax.axvspan(d["lo"], d["hi"], color=c, alpha=0.15, linewidth=0)
-    if not ax.lines:
-        ax.text(0.5, 0.5, "no recovered trials", ha="center", transform=ax.transAxes)
-    else:
-        ax.legend(loc="lower right")
-    ax.set(xlabel="client-observed downtime (s)", ylabel="fraction of recovered trials",
-           title=f"Downtime per scheme (dashed: median; band: 95 % CI, n ≥ {stats.min_n()})")
-    return _png(fig)
-
-
-def throughput_timeline(summary: list[dict], trials: dict[str, list[dict]]) -> bytes:
-    plt, _ = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    colors = _colors(summary)
-    for s in summary:
-        c, by_t, n = colors[s["label"]], {}, 0
-        for t in trials[s["label"]]:
-            tp = t["throughput"]
-            xs, ys = _steps(tp["bins"], tp["bin_s"])
-            if xs:
-                n += 1
-                ax.plot(xs, ys, drawstyle="steps-post", color=c, alpha=0.25, linewidth=0.8)
-            for b in tp["bins"]:
-                by_t.setdefault(b["t"], []).append(b["ops_per_s"])
-        if by_t:
-            mean = [{"t": k, "ops_per_s": sum(v) / len(v)} for k, v in sorted(by_t.items())]
-            xs, ys = _steps(mean, trials[s["label"]][0]["throughput"]["bin_s"])
-            ax.plot(xs, ys, drawstyle="steps-post", color=c, linewidth=2.2,
-                    label=f"{s['label']} (mean of {n} trials)")
-        if s["downtime"]["median"] is not None:
-            ax.axvline(s["downtime"]["median"], color=c, linestyle="--", linewidth=1.2,
-                       label=f"{s['label']} back: median downtime {s['downtime']['median']:.3f} s"
-                       + (f" ({s['recovered']}/{s['trials']} recovered)"
-                          if s["recovered"] < s["trials"] else ""))
-    ax.axvline(0, color="black", linewidth=1.5, label="crash")
-    ax.set(xlabel="time relative to the crash (s)", ylabel="completed operations / s",
-           title="Throughput around the crash")
-    ax.set_ylim(bottom=0)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    return _png(fig)
-
-
-def _steps(bins: list[dict], bin_s: float) -> tuple[list[float], list[float]]:
-    """Bin starts plus the last bin's end, so a step plot shows every bin's full width."""
-    if not bins:
-        return [], []
-    xs = [b["t"] for b in bins] + [bins[-1]["t"] + bin_s]
-    ys = [b["ops_per_s"] for b in bins] + [bins[-1]["ops_per_s"]]
-    return xs, ys
-
-
-def phase_breakdown(summary: list[dict]) -> bytes:
-    plt, sns = _plt()
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * max(len(summary), 1)))
-    names = phase_order(s["phases"] for s in summary)
-    modeled = set().union(*(s["modeled"] for s in summary)) if summary else set()
-    pal = dict(zip(names, sns.color_palette("Set2" if len(names) <= 8 else "tab20",
-                                            max(len(names), 1))))
-    labels = [s["label"] for s in summary]
-    left = [0.0] * len(summary)
-    for n in names:
-        widths = [s["phases"].get(n) or 0.0 for s in summary]
-        ax.barh(labels, widths, left=left, color=pal[n], edgecolor="black", linewidth=0.5,
-                hatch="//" if n in modeled else None,
-                label=n + (" (modeled)" if n in modeled else ""))
-        left = [a + w for a, w in zip(left, widths)]
-    for i, total in enumerate(left):
-        if total:
-            ax.text(total, i, f" {total:.3f} s", va="center", fontsize="small")
-    if not names:
-        ax.text(0.5, 0.5, "no recovery phases reported", ha="center", transform=ax.transAxes)
-    else:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(summary) < 3 else -0.2),
-                  ncol=4, fontsize="small")
-    ax.invert_yaxis()
-    ax.set(xlabel="seconds (median of each phase; hatched: modeled hardware time)",
-           title="Recovery phases per scheme")
-    return _png(fig)
-
-
 # --- writing ---------------------------------------------------------------------------------
 
 def write_report(dir: str | Path) -> list[Path]:
-    """Write report.md, report.html and the PNGs of a result directory; return their paths
-    (report.md and report.html first). A ResultsError, and nothing written, when the
-    directory's run.json is missing or invalid."""
+    """Write report.md, report.html and each figure as PNG, SVG and PDF into a result
+    directory; return their paths (report.md and report.html first). A ResultsError, and
+    nothing written, when the directory's run.json is missing or invalid."""
     d = Path(dir)
     run = results.load_run(d)
     summary = summarize(run)
     gs = groups(run)
     trials_by_label = {s["label"]: gs[s["key"]] for s in summary}
-    images = {"downtime-ecdf.png": downtime_ecdf(summary, trials_by_label),
-              "throughput.png": throughput_timeline(summary, trials_by_label),
-              "phases.png": phase_breakdown(summary)}
+    modeled = set().union(*(s["modeled"] for s in summary)) if summary else set()
+    images = {"throughput": plots.throughput_timeline(summary, trials_by_label),
+              "cache-hits": plots.hit_ratio_timeline(summary, trials_by_label),
+              "downtime": plots.downtime_cis(summary, trials_by_label),
+              "phases": plots.phase_breakdown(summary, phase_order(s["phases"] for s in summary),
+                                              modeled)}
     blocks = _blocks(run, summary, images)
     files = [results.write_atomic(d / "report.md", render_md(blocks)),
              results.write_atomic(d / "report.html", render_html(blocks))]
-    files += [results.write_atomic(d / name, png) for name, png in images.items()]
+    files += [results.write_atomic(d / f"{name}.{fmt}", data)
+              for name, formats in images.items() for fmt, data in formats.items()]
     return files

@@ -4,9 +4,11 @@ Promises to the driver, the report, compare and anyone who parses a run: run.jso
 validated against ``RUN_SCHEMA`` before it is written and again when it is read, and is
 replaced atomically, so a reader sees the previous complete file or the new one, never a
 part; an invalid run is refused with a ``ResultsError`` naming the file and the field, and
-nothing is written. ``schema_version`` is 1: fields may be added without a bump (readers
-ignore what they do not know); removing, renaming or changing the meaning of a field bumps
-it, and this module then refuses versions it does not read rather than misread them.
+nothing is written. ``schema_version`` is 2 (``time_to_90pct_s`` at a finer resolution,
+the recovery figures required); version 1 runs are still read, and their trials lack the
+figures added in 2 (V2_FIELDS). Fields may be added without a bump (readers ignore what
+they do not know); removing, renaming or changing the meaning of a field bumps it, and
+this module then refuses versions it does not read rather than misread them.
 A run stopped before its last trial carries ``incomplete`` (why, trials run and planned).
 Beside every run.json written, ``trials.csv`` holds the per-trial figures (``CSV_COLUMNS``)
 for spreadsheets and CI logs; run.json stays the only file read back.
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import jsonschema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS = (1, 2)
 KIND = "crashbench run"
 RUN_FILE = "run.json"
 PYPERF_FILE = "downtime.pyperf.json"
@@ -45,6 +48,7 @@ _COUNT = {"type": "integer", "minimum": 0}
 _COUNT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
 _SECONDS_OR_NULL = {"type": ["number", "null"], "minimum": 0}
 _NAME = {"type": "string", "minLength": 1}
+_RATIO_OR_NULL = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
 
 CACHE_KEYS = ("pages_before", "dirty_pages_before", "pages_recovered",
               "dirty_pages_recovered", "pages_rejected")
@@ -78,17 +82,48 @@ TRIAL_SCHEMA = {
                 "pre_crash_mean": {"type": ["number", "null"], "minimum": 0}}},
         "history": {"type": "string", "pattern": r"^history-[^/\\]+\.jsonl$"},
         "error": {"type": ["string", "null"]},
+        # added in schema_version 2 (harness/checkers/recovery.py, cachehits.py)
+        "time_to_99pct_s": _SECONDS_OR_NULL,
+        "lost_ops": _NUM_OR_NULL, "lost_service_s": _NUM_OR_NULL, "client_gap_s": _NUM_OR_NULL,
+        "latency": {"type": "object", "required": ["before", "after"],
+                    "additionalProperties": {
+                        "type": "object", "required": ["n", "p50_s", "p99_s"],
+                        "properties": {"n": _COUNT, "p50_s": _SECONDS_OR_NULL,
+                                       "p99_s": _SECONDS_OR_NULL}}},
+        "recovery": {
+            "type": "object",
+            "required": ["bin_s", "bins", "pre_crash_mean", "recovered_at", "first_ok_after_s"],
+            "properties": {
+                "bin_s": {"type": "number", "exclusiveMinimum": 0},
+                "bins": {"type": "array", "items": {
+                    "type": "object", "required": ["t", "ops", "ops_per_s", "full"],
+                    "properties": {"t": _NUM, "ops": _COUNT,
+                                   "ops_per_s": {"type": "number", "minimum": 0},
+                                   "full": {"type": "boolean"}}}},
+                "pre_crash_mean": {"type": ["number", "null"], "minimum": 0},
+                "recovered_at": _NUM_OR_NULL, "first_ok_after_s": _NUM_OR_NULL}},
+        "cache_hits": {
+            "type": "object", "required": ["bin_s", "bins", "before", "after"],
+            "properties": {
+                "bin_s": {"type": "number", "exclusiveMinimum": 0},
+                "bins": {"type": "array", "items": {
+                    "type": "object", "required": ["t", "hits", "misses", "ratio", "full"],
+                    "properties": {"t": _NUM, "hits": _COUNT, "misses": _COUNT,
+                                   "ratio": _RATIO_OR_NULL, "full": {"type": "boolean"}}}},
+                "before": _RATIO_OR_NULL, "after": _RATIO_OR_NULL}},
     },
 }
+V2_FIELDS = ["time_to_99pct_s", "lost_ops", "lost_service_s", "client_gap_s", "latency",
+             "recovery", "cache_hits"]
 
 RUN_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "crashbench run.json, schema_version 1",
+    "title": "crashbench run.json, schema_version 2 (reads 1)",
     "type": "object",
     "required": ["schema_version", "kind", "run_id", "created", "parameters", "environment",
                  "trials"],
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"enum": list(READS)},
         "kind": {"const": KIND},
         "run_id": {"type": "string", "pattern": r"^[^/\\]+$"},
         "created": {"type": "string", "format": "date-time"},
@@ -105,6 +140,8 @@ RUN_SCHEMA = {
                        "properties": {"reason": _NAME, "trials_run": _COUNT,
                                       "trials_planned": _COUNT}},
     },
+    "if": {"properties": {"schema_version": {"const": 2}}},
+    "then": {"properties": {"trials": {"items": {"required": V2_FIELDS}}}},
 }
 
 
@@ -113,9 +150,9 @@ RUN_SCHEMA = {
 def validate(run: dict) -> None:
     """Raise ResultsError naming the first offending field (as a path like
     ``trials[2].cache``) when ``run`` does not match RUN_SCHEMA or two trials share an id."""
-    if isinstance(run, dict) and run.get("schema_version") not in (None, SCHEMA_VERSION):
+    if isinstance(run, dict) and run.get("schema_version") not in (None, *READS):
         raise ResultsError(f"schema_version {run['schema_version']!r}: this crashbench reads "
-                           f"schema_version {SCHEMA_VERSION} only")
+                           f"schema_version {' and '.join(map(str, READS))} only")
     errors = sorted(jsonschema.Draft202012Validator(RUN_SCHEMA).iter_errors(run),
                     key=lambda e: list(e.absolute_path))
     if errors:
@@ -194,7 +231,13 @@ CSV_COLUMNS = (
     ("trial", "trial"), ("seed", "seed"), ("recovered", "recovered"), ("error", "error"),
     ("downtime_s", "downtime_s"), ("downtime_max_s", "downtime_max_s"),
     ("outage_s", "outage_s"), ("detected_by", "detected_by"),
-    ("time_to_90pct_s", "time_to_90pct_s"), ("acked_writes", "acked_writes"),
+    ("time_to_90pct_s", "time_to_90pct_s"), ("time_to_99pct_s", "time_to_99pct_s"),
+    ("lost_ops", "lost_ops"), ("lost_service_s", "lost_service_s"),
+    ("client_gap_s", "client_gap_s"),
+    ("p50_before_s", "latency.before.p50_s"), ("p99_before_s", "latency.before.p99_s"),
+    ("p50_after_s", "latency.after.p50_s"), ("p99_after_s", "latency.after.p99_s"),
+    ("hit_ratio_before", "cache_hits.before"), ("hit_ratio_after", "cache_hits.after"),
+    ("acked_writes", "acked_writes"),
     ("lost_writes", "lost_writes"), ("corrupted_writes", "corrupted_writes"),
     ("lost_bytes", "lost_bytes"), ("unverified_keys", "unverified_keys"),
     *((k, f"cache.{k}") for k in CACHE_KEYS),

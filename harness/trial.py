@@ -33,14 +33,23 @@ def record(trial, events: list[dict]) -> dict:
         lost_bytes=writes["lost_bytes"] if verified else None,
         unverified_keys=writes["unverified_keys"],
         cache={k: v for k, v in cache.items() if k not in ("phases", "modeled_phases")},
-        time_to_90pct_s=tput["time_to_90pct_s"],
         throughput={"bin_s": spec.timing["bin_s"], "bins": tput["bins"],
                     "pre_crash_mean": tput["pre_crash_mean"]},
+        **recovery_fields(figs["recovery"]), cache_hits=figs["cache_hits"],
         driver_phases=_relative(trial.phases, trial.crash_at),
         machine_tag=trial.host.tag,      # names the trial's namespaces and process sets
         report=rd)
     _workload_figures(trial, events, rec)
     return rec
+
+
+def recovery_fields(r: dict) -> dict:
+    """The recovery figures (harness/checkers/recovery.py) as run.json keeps them."""
+    return {"time_to_90pct_s": r["time_to_90pct_s"], "time_to_99pct_s": r["time_to_99pct_s"],
+            "lost_ops": r["lost_ops"], "lost_service_s": r["lost_service_s"],
+            "client_gap_s": r["client_gap_s"], "latency": r["latency"],
+            "recovery": {k: r[k] for k in ("bin_s", "bins", "pre_crash_mean", "recovered_at",
+                                           "first_ok_after_s")}}
 
 
 def _workload_figures(trial, events: list[dict], rec: dict) -> None:
@@ -60,8 +69,9 @@ def failed(spec, phases: list[dict], crash_at: float | None, error: str) -> dict
     rec.update(recovered=False, downtime_s=None, downtime_max_s=None, downtime_per_client_s={},
                outage_s=None, detected_by=None, phases={}, modeled_phases=[],
                acked_writes=None, lost_writes=None, corrupted_writes=None, lost_bytes=None,
-               unverified_keys=None, cache={k: 0 for k in CACHE_KEYS}, time_to_90pct_s=None,
+               unverified_keys=None, cache={k: 0 for k in CACHE_KEYS},
                throughput={"bin_s": spec.timing["bin_s"], "bins": [], "pre_crash_mean": None},
+               **recovery_fields(checkers.recovery([])), cache_hits=checkers.hit_ratio([]),
                driver_phases=_relative(phases, crash_at), report=None, error=error)
     return rec
 

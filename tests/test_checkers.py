@@ -532,7 +532,8 @@ def test_check_combines_every_figure_from_a_history_file(tmp_path):
                              Phase("detect", 10.3, 10.31)],
                             CacheCounts(100, 40, 90, 38, 2), recovered=True, service_at=11.0)
     figs = checkers.check(history.read(path), report.to_dict(), bin_s=0.5)
-    assert set(figs) == {"downtime", "writes", "throughput", "cache"}
+    assert set(figs) == {"downtime", "writes", "throughput", "recovery", "cache_hits", "cache"}
+    assert figs["recovery"]["bin_s"] == 0.1 and figs["cache_hits"]["samples"] == 0
     assert figs["downtime"]["per_client"] == {"1": pytest.approx(1.6)}
     assert figs["writes"]["lost_writes"] == 1 and figs["writes"]["acked_writes"] == 3
     assert figs["throughput"]["bin_s"] == 0.5

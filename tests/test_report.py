@@ -17,7 +17,14 @@ from harness.cli import app
 
 GOLDEN_RUN = Path(__file__).parent / "golden" / "20261123-142501-orthros-reboot-files"
 PNG = b"\x89PNG\r\n\x1a\n"
-FILES = ["report.md", "report.html", "downtime-ecdf.png", "throughput.png", "phases.png"]
+FIGURES = ["throughput", "cache-hits", "downtime", "phases"]
+FILES = ["report.md", "report.html"] + [f"{n}.{x}" for n in FIGURES for x in ("png", "svg", "pdf")]
+
+
+def golden_run() -> dict:
+    """The golden run (schema_version 1) as a version 2 run, so its trials can be written."""
+    from tests.test_results import golden
+    return golden()
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +39,8 @@ def written(tmp_path_factory) -> Path:
 def test_report_files_exist_and_the_plots_are_pngs(written):
     for name in FILES:
         assert (written / name).stat().st_size > 0, name
-    for name in FILES[2:]:
-        data = (written / name).read_bytes()
+    for name in FIGURES:
+        data = (written / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
 
 
@@ -42,7 +49,7 @@ def test_report_html_is_self_contained(written):
     assert not re.search(r"""(src|href)=["'](?!data:)""", page)      # nothing fetched
     assert "<script" not in page and "<link" not in page and "@import" not in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 3
+    assert len(images) == len(FIGURES)
     assert all(base64.b64decode(i).startswith(PNG) for i in images)
 
 
@@ -68,7 +75,7 @@ def test_modeled_phases_are_labelled(written):
 
 
 def test_with_six_trials_the_ci_is_shown_and_matches_stats(tmp_path):
-    run = json.loads((GOLDEN_RUN / "run.json").read_text())
+    run = golden_run()
     extra = []
     for t in run["trials"]:
         u = copy.deepcopy(t)
@@ -89,7 +96,7 @@ def test_with_six_trials_the_ci_is_shown_and_matches_stats(tmp_path):
 
 
 def test_unrecovered_and_failed_trials_are_counted_not_hidden(tmp_path):
-    run = json.loads((GOLDEN_RUN / "run.json").read_text())
+    run = golden_run()
     none = [t for t in run["trials"] if t["scheme"] == "reboot"]
     none[0].update(recovered=False, downtime_s=None, downtime_max_s=None, lost_bytes=None,
                    lost_writes=None, corrupted_writes=None, time_to_90pct_s=None)
@@ -108,31 +115,33 @@ def test_unrecovered_and_failed_trials_are_counted_not_hidden(tmp_path):
 
 def test_ranking_orders_schemes_and_says_when_the_cis_cannot_back_the_order(written):
     lines = report.ranking(report.summarize(results.load_run(written)))
-    assert lines == [
+    assert lines == [        # a schema_version 1 run has no work lost
+        "Work lost (seconds of service), median, lower is better (equal medians: by "
+        "downtime): orthros (no median), reboot (no median).",
         "Downtime, median, lower is better: 1. orthros 0.412 s, 2. reboot 2.702 s. "
-        f"No neighbours are separated: a 95 % CI needs {stats.min_n()} values a scheme.",
-        "Time to 90 %, median, lower is better: 1. orthros 1.000 s, 2. reboot 4.000 s. "
         f"No neighbours are separated: a 95 % CI needs {stats.min_n()} values a scheme."]
     md = (written / "report.md").read_text()
     assert "## Ranking" in md and all(line in md for line in lines)
 
 
-def _trials_of(template: dict, scheme: str, downtimes: list[float], t90: float | None):
+def _trials_of(template: dict, scheme: str, downtimes: list[float], lost: list[float] | None):
     out = []
     for i, d in enumerate(downtimes):
         t = copy.deepcopy(template)
         t.update(scheme=scheme, trial=i, id=f"{scheme}-files-panic-{i}", downtime_s=d,
-                 time_to_90pct_s=t90, history=f"history-{scheme}-files-panic-{i}.jsonl")
+                 lost_service_s=None if lost is None else lost[i],
+                 history=f"history-{scheme}-files-panic-{i}.jsonl")
         out.append(t)
     return out
 
 
-def _ranking_of(tmp_path, per_scheme: dict[str, tuple[list[float], float | None]]) -> list[str]:
+def _ranking_of(tmp_path, per_scheme: dict[str, tuple[list[float], list[float] | None]]
+                ) -> list[str]:
     """The ranking lines of a run made of the golden run's first trial, repeated per scheme
-    with the given downtimes and time to 90 %."""
-    run = json.loads((GOLDEN_RUN / "run.json").read_text())
-    trials = [t for s, (down, t90) in per_scheme.items()
-              for t in _trials_of(run["trials"][0], s, down, t90)]
+    with the given downtimes and work lost."""
+    run = golden_run()
+    trials = [t for s, (down, lost) in per_scheme.items()
+              for t in _trials_of(run["trials"][0], s, down, lost)]
     run["parameters"]["schemes"] = list(per_scheme)
     d = tmp_path / "ranked"
     d.mkdir()
@@ -141,23 +150,24 @@ def _ranking_of(tmp_path, per_scheme: dict[str, tuple[list[float], float | None]
 
 
 def test_ranking_of_three_schemes_names_the_neighbours_the_cis_separate(tmp_path):
-    down, t90 = _ranking_of(tmp_path, {
-        "reboot": ([2.0 + i / 10 for i in range(6)], 4.0),
-        "orthros": ([0.4 + i / 100 for i in range(6)], 1.0),
+    lost, down = _ranking_of(tmp_path, {
+        "reboot": ([2.0 + i / 10 for i in range(6)], [3.0 + i / 10 for i in range(6)]),
+        "orthros": ([0.4 + i / 100 for i in range(6)], [0.1 + i / 100 for i in range(6)]),
         "warmcache": ([1.9 + i / 5 for i in range(6)], None)})
     assert down.startswith("Downtime, median, lower is better: 1. orthros 0.425 s, "
                            "2. reboot 2.250 s, 3. warmcache 2.400 s.")
     assert down.endswith("Separated by disjoint 95 % CIs: orthros < reboot.")
-    assert t90 == ("Time to 90 %, median, lower is better: 1. orthros 1.000 s, "
-                   "2. reboot 4.000 s, warmcache (no median). "
-                   "Separated by disjoint 95 % CIs: orthros < reboot.")
+    assert lost == ("Work lost (seconds of service), median, lower is better (equal medians: "
+                    "by downtime): 1. orthros 0.125 s, 2. reboot 3.250 s, warmcache (no "
+                    "median). Separated by disjoint 95 % CIs: orthros < reboot.")
 
 
-def test_equal_medians_share_a_rank(tmp_path):
-    _, t90 = _ranking_of(tmp_path, {s: ([1.0, 1.5, 2.0], 2.0)
-                                    for s in ("orthros", "warmcache", "reboot")})
-    assert t90.startswith("Time to 90 %, median, lower is better: 1. orthros 2.000 s, "
-                          "1. warmcache 2.000 s, 1. reboot 2.000 s.")
+def test_equal_work_lost_is_ranked_by_downtime_and_shares_a_rank_only_when_both_are_equal(
+        tmp_path):
+    lost, _ = _ranking_of(tmp_path, {"orthros": ([1.0, 1.5, 2.0], [2.0] * 3),
+                                     "warmcache": ([1.0, 1.2, 2.0], [2.0] * 3),
+                                     "reboot": ([1.0, 1.5, 2.0], [2.0] * 3)})
+    assert "1. warmcache 2.000 s, 2. orthros 2.000 s, 2. reboot 2.000 s." in lost
 
 
 runner = CliRunner()
@@ -249,3 +259,29 @@ def test_byte_counts_are_shown_in_mib_with_the_unit(written):
     assert "lost bytes" not in md and "49152" not in md        # run.json keeps the bytes
     reboot = next(line for line in md.splitlines() if line.startswith("| reboot-files-panic-0 "))
     assert "| 0.0117 |" in reboot                                 # 12288 bytes
+
+
+SMALL_RUN = Path(__file__).parent / "golden" / "20261205-130000-orthros-warmcache-reboot-files"
+
+
+def test_figures_of_a_stored_run_are_svg_and_pdf_a_paper_can_use(tmp_path):
+    """A small real run (schema_version 2, one trial a scheme): each figure opens as SVG
+    (XML) and as a PDF with a page, one column wide; the clients' gap is in the phase plot
+    and in the per-trial table."""
+    import xml.etree.ElementTree as ET
+    d = tmp_path / SMALL_RUN.name
+    shutil.copytree(SMALL_RUN, d)
+    report.write_report(d)
+    for name in FIGURES:
+        svg = ET.parse(d / f"{name}.svg").getroot()
+        assert svg.tag == "{http://www.w3.org/2000/svg}svg", name
+        assert 3.0 * 72 <= float(svg.get("width").removesuffix("pt")) <= 4.2 * 72, name
+        pdf = (d / f"{name}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF"), name
+        assert re.search(rb"/Type\s*/Pages\b.*?/Count\s+1\b", pdf, re.S), name
+        assert re.search(rb"/Type\s*/Page\b", pdf), name
+    assert "clients' gap" in ET.tostring(ET.parse(d / "phases.svg").getroot(), encoding="unicode")
+    run = results.load_run(d)
+    md = (d / "report.md").read_text()
+    for t in run["trials"]:
+        assert t["client_gap_s"] is not None and f" {t['client_gap_s']:.3f} |" in md

@@ -21,7 +21,17 @@ GOLDEN_RUN = GOLDEN / "20261123-142501-orthros-reboot-files"
 
 
 def golden() -> dict:
-    return json.loads((GOLDEN_RUN / "run.json").read_text())
+    """The golden run, stored as schema_version 1, as a version 2 run: the figures version
+    2 adds are unknown (null, or no bins)."""
+    run = json.loads((GOLDEN_RUN / "run.json").read_text())
+    run["schema_version"] = 2
+    for t in run["trials"]:
+        t.update(time_to_99pct_s=None, lost_ops=None, lost_service_s=None, client_gap_s=None,
+                 latency={k: {"n": 0, "p50_s": None, "p99_s": None} for k in ("before", "after")},
+                 recovery={"bin_s": 0.1, "bins": [], "pre_crash_mean": None,
+                           "recovered_at": None, "first_ok_after_s": None},
+                 cache_hits={"bin_s": 0.5, "bins": [], "before": None, "after": None})
+    return run
 
 
 def write(d: Path, run: dict) -> Path:
@@ -34,8 +44,17 @@ def test_golden_run_is_valid_and_the_schema_is_pinned():
     assert run["schema_version"] == 1 and run["kind"] == "crashbench run"
     assert [t["scheme"] for t in run["trials"]].count("orthros") == 3
     # Changing RUN_SCHEMA means changing this file too, and deciding whether the change
-    # needs schema_version 2 (docs/RESULTS.md, "schema_version").
-    assert results.RUN_SCHEMA == json.loads((GOLDEN / "run-schema-v1.json").read_text())
+    # needs schema_version 3 (docs/RESULTS.md, "schema_version").
+    assert results.RUN_SCHEMA == json.loads((GOLDEN / "run-schema-v2.json").read_text())
+
+
+def test_version_2_requires_the_recovery_figures_and_version_1_runs_still_load(tmp_path):
+    assert results.load_run(GOLDEN_RUN)["schema_version"] == 1       # has none of them
+    v2 = golden()
+    del v2["trials"][2]["lost_service_s"]
+    with pytest.raises(ResultsError, match=r"trials\[2\]\.lost_service_s: missing"):
+        write(tmp_path / "r", v2)
+    assert not (tmp_path / "r" / "run.json").exists()
 
 
 def test_write_run_round_trips_the_golden_run_and_keeps_created(tmp_path):
@@ -115,12 +134,12 @@ def test_load_run_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(ResultsError, match=r"bin/run.json: unreadable"):
         results.load_run(tmp_path / "bin")
     newer = golden()
-    newer["schema_version"] = 2
-    (tmp_path / "v2").mkdir()
-    (tmp_path / "v2" / "run.json").write_text(json.dumps(newer))
-    with pytest.raises(ResultsError, match=r"v2/run.json: schema_version 2: .* reads "
-                                           r"schema_version 1 only"):
-        results.load_run(tmp_path / "v2")
+    newer["schema_version"] = 3
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "run.json").write_text(json.dumps(newer))
+    with pytest.raises(ResultsError, match=r"v3/run.json: schema_version 3: .* reads "
+                                           r"schema_version 1 and 2 only"):
+        results.load_run(tmp_path / "v3")
 
 
 def test_new_run_dir_names_runs_by_time_schemes_and_workload(tmp_path):

@@ -45,7 +45,7 @@ def run_dir(run_out) -> Path:
 def test_run_json_is_valid_and_has_every_scheme(run_dir):
     from harness import results
     run = results.load_run(run_dir)        # validates against the schema
-    assert run["schema_version"] == 1
+    assert run["schema_version"] == 2
     assert [t["scheme"] for t in run["trials"]] == ["none", "reboot", "orthros"]
     assert all(not t.get("error") for t in run["trials"]), [t.get("error") for t in run["trials"]]
 
@@ -83,6 +83,23 @@ def test_orthros_loses_no_acknowledged_write(run_dir):
     assert t["lost_writes"] == 0 and t["corrupted_writes"] == 0 and t["lost_bytes"] == 0
     assert t["unverified_keys"] == 0
     assert t["cache"]["pages_recovered"] > 0
+
+
+@needs_root
+def test_the_recovery_is_resolved_and_the_kernel_counters_were_sampled(run_dir):
+    """The outage shows as empty 0.1 s bins after the crash, the clients' gap and the hit
+    ratio before and after come from the run itself (the kernel's counters were asked)."""
+    from harness import results
+    by = {t["scheme"]: t for t in results.load_run(run_dir)["trials"]}
+    for s in ("reboot", "orthros"):
+        t = by[s]
+        assert t["recovery"]["bin_s"] == 0.1
+        after = [b["ops"] for b in t["recovery"]["bins"] if b["t"] >= 0 and b["full"]]
+        assert 0 in after[:10], after[:10]      # an outage of at least one bin, near the crash
+        assert t["client_gap_s"] is not None and t["recovery"]["first_ok_after_s"] > 0
+        assert t["latency"]["before"]["n"] > 0 and t["latency"]["after"]["n"] > 0
+        assert t["cache_hits"]["samples"] > 0
+        assert t["cache_hits"]["before"] is not None and t["cache_hits"]["after"] is not None
 
 
 @needs_root

@@ -8,23 +8,28 @@ never a guess.
 """
 from __future__ import annotations
 
+from harness.checkers.cachehits import hit_ratio
 from harness.checkers.common import crash_times
 from harness.checkers.downtime import downtime
+from harness.checkers.recovery import recovery
 from harness.checkers.throughput import throughput
 from harness.checkers.writes import writes
 
 CACHE_KEYS = ("pages_before", "dirty_pages_before", "pages_recovered",
               "dirty_pages_recovered", "pages_rejected")
 
-__all__ = ["check", "cache", "crash_times", "downtime", "throughput", "writes", "CACHE_KEYS"]
+__all__ = ["check", "cache", "crash_times", "downtime", "hit_ratio", "recovery", "throughput",
+           "writes", "CACHE_KEYS"]
 
 
 def check(events: list[dict], report: dict | None = None, bin_s: float = 1.0,
           warmup_bins: int = 1) -> dict:
     """{"downtime": downtime(), "writes": writes(), "throughput": throughput(),
-    "cache": cache()} of one trial's history and its RecoveryReport dict (or None)."""
+    "recovery": recovery(), "cache_hits": hit_ratio(), "cache": cache()} of one trial's
+    history and its RecoveryReport dict (or None)."""
     return {"downtime": downtime(events), "writes": writes(events),
-            "throughput": throughput(events, bin_s, warmup_bins), "cache": cache(report)}
+            "throughput": throughput(events, bin_s, warmup_bins), "recovery": recovery(events),
+            "cache_hits": hit_ratio(events), "cache": cache(report)}
 
 
 def cache(report: dict | None) -> dict:

@@ -22,15 +22,16 @@ def crash_times(events: list[dict]) -> dict:
     back to the kernel's last heartbeat when the kernel wrote no activation time, which may
     precede the injection; an operation answered between the injection request and the
     activation was served by the still-running kernel and belongs before the crash."""
-    injected = _first_time(events, "invoke", "crash")
+    injected = nemesis_time(events, "invoke", "crash")
     delivered = _delivery(events)
-    activated = _first_time(events, "info", "activated")
+    activated = nemesis_time(events, "info", "activated")
     known = [t for t in (injected, delivered, activated) if t is not None]
     return {"crash_at": max(known) if known else None, "injected_at": injected,
             "delivered_at": delivered, "activated_at": activated}
 
 
-def _first_time(events: list[dict], type_: str, f: str) -> float | None:
+def nemesis_time(events: list[dict], type_: str, f: str) -> float | None:
+    """The time of the nemesis's first event of this type and f (None: there is none)."""
     return next((float(e["time"]) for e in events
                  if e["process"] == NEMESIS and e["type"] == type_ and e["f"] == f), None)
 

@@ -12,6 +12,8 @@ is serving. The measured boot time is recorded in the mailbox.
 * ``panic(reason, site)`` writes a dying message into the mailbox, rings the doorbell of
   every partition listening, and the process dies (SIGKILL to itself): nothing is written
   back, physical memory keeps the dead kernel's state for whoever reads it next.
+* The control socket's ``status`` reply carries the page cache's hit and miss counters
+  (``cache``), which the harness samples during a trial (harness/kcounters.py).
 * The heartbeat beats every HEARTBEAT_INTERVAL_S under ``cpu_lock``, which only a hung
   kernel holds: a hang really stops it. Its thread is named HEARTBEAT_THREAD in /proc, so
   the CPU it costs is measured apart from the kernel's (harness/cpuuse.py).
@@ -213,7 +215,8 @@ class Kernel:
         if cmd == "status":
             return {"ok": True, "pid": os.getpid(), "partition": self.part.id,
                     "boot_s": self.boot_s, "dirty_pages": self.vfs.pc.ndirty,
-                    "pages": len(self.vfs.pc.index), "armed": bool(self.faults.armed),
+                    "pages": len(self.vfs.pc.index), "cache": dict(self.vfs.pc.stats),
+                    "armed": bool(self.faults.armed),
                     "refused_peers": self.ctl.refused}
         if cmd == "sync":
             self.vfs.writeback.sync_all()

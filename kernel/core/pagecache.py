@@ -20,6 +20,10 @@ Promises to the VFS and the write-back code:
 * a frame lent to another layer (``lend_frame``, the undo record of kernel/core/bufcache.py) is
   never looked up, reclaimed or written back; what ``describe_lent`` stores in it carries a
   descriptor like any page's, so a reader of raw memory can check it, until ``blank_lent``.
+* ``stats`` counts, since this kernel mounted, every ``lookup`` (a file page a read wants)
+  as a hit (cached, adopted pages included) or a miss (to be read from the device), and
+  the pages evicted; the kernel's ``status`` reply carries them (docs/METRICS.md, "Cache
+  hit ratio").
 
 The generation of a page increases on every store, so write-back can tell whether the
 page changed while it was being written (then it stays dirty).
@@ -136,10 +140,12 @@ class PageCache(Adoption):
         f = self.index.get((ino, idx))
         if f is None and self.unchecked is not None:
             f = self._first_use(ino, idx)
-        if f is not None:
-            self.stats["hits"] += 1
-            if (ino, idx) in self.lru:
-                self.lru.move_to_end((ino, idx))
+        if f is None:
+            self.stats["misses"] += 1
+            return None
+        self.stats["hits"] += 1
+        if (ino, idx) in self.lru:
+            self.lru.move_to_end((ino, idx))
         return f
 
     def _alloc_frame(self) -> int:
@@ -152,7 +158,6 @@ class PageCache(Adoption):
 
     def insert(self, ino: int, idx: int, data, meta: bool = False) -> int:
         """Cache a clean page read from the device (data shorter than a page is zero-filled)."""
-        self.stats["misses"] += 1
         key = (ino, idx)
         if self.unchecked is not None:
             self._settle(ino, idx)
