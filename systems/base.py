@@ -6,7 +6,8 @@ kernels on a Host, ``inject`` puts a fault into its ``active`` partition, ``on_c
 detects the failure, recovers (or not) and returns a ``RecoveryReport``, ``teardown`` leaves
 nothing behind (also after a failed or no deploy); its ``capabilities`` (what it claims to
 keep) and ``reservation`` (what it keeps from the workload) are data, and ``kernel_modules``
-names the programs its kernel processes run. A report's phases carry measured start and end
+names the programs its kernel processes run; ``refresh`` brings a report's later counts
+(pages reused after recovery) up to date. A report's phases carry measured start and end
 times on CLOCK_MONOTONIC (seconds); a phase that is modeled hardware time (firmware, a
 device) says so. ``check_report`` is the validating wrapper the tests apply to every scheme:
 phases ordered, non-negative, inside the outage, counts consistent. ``registry()`` finds
@@ -215,6 +216,12 @@ class RecoveryScheme(ABC):
     def reserved_bytes(self) -> int | None:
         """Memory this deployment keeps beyond the partitions, measured (None: none)."""
         return None
+
+    def refresh(self, report: RecoveryReport) -> RecoveryReport:
+        """``report`` with the counts that go on changing after service is back brought up
+        to date (warmcache: pages reused); the driver calls it once the load after
+        recovery has run. Most schemes have none."""
+        return report
 
 
 class RegistryError(RuntimeError):

@@ -30,7 +30,10 @@ For figures the generic checkers cannot know (harness/trial.py merges them):
   harness/checkers/bank.py), kept in the trial's ``checks`` (default None: no ``checks``);
 * ``warmup_s`` — seconds of load the workload needs before it is steady (its caches
   filled from the disk): `crashbench overhead`'s warm-up unless --warmup is given
-  (default None: the benchmark's own).
+  (default None: the benchmark's own, and a crash run's --warmup default);
+* ``cache_pages(svc)`` — pages of file data the workload's working set fills: the
+  driver's warm-up goes on until the active kernel caches that many (bounded in time;
+  default None: no cache to fill).
 
 ``Idle`` is the no-op workload: no service, no clients; the driver's own tests use it.
 """
@@ -84,6 +87,9 @@ class Workload:
         return {}
 
     def checks(self, svc: Service, events: list[dict]) -> dict | None:
+        return None
+
+    def cache_pages(self, svc: Service) -> int | None:
         return None
 
 
