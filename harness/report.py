@@ -235,11 +235,12 @@ def _fmt_s(v) -> str:
 def _trial_table(run: dict) -> tuple:
     head = ["trial", "seed", "recovered", "downtime s", "max s", "scheme outage s",
             "acked writes", "lost writes", "corrupted", "lost bytes", "pages recovered",
-            "time to 90% s"]
+            "pages reused", "time to 90% s"]
     rows = [[t["id"], t["seed"], "yes" if t["recovered"] else "no", _fmt_s(t["downtime_s"]),
              _fmt_s(t["downtime_max_s"]), _fmt_s(t["outage_s"]), _num(t["acked_writes"]),
              _num(t["lost_writes"]), _num(t["corrupted_writes"]), _num(t["lost_bytes"]),
-             _num(t["cache"]["pages_recovered"]), _fmt_s(t["time_to_90pct_s"])]
+             _num(t["cache"]["pages_recovered"]), _num(t["cache"].get("pages_reused")),
+             _fmt_s(t["time_to_90pct_s"])]
             for ts in groups(run).values() for t in ts]
     return ("table", head, [[str(c) for c in r] for r in rows])
 

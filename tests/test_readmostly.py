@@ -21,6 +21,7 @@ from harness import history
 from harness.workloads import WorkloadError, tree
 from harness.workloads.files import Files
 from harness.workloads.http import Http
+from tests.conftest import needs_root
 
 
 def free_port() -> int:
@@ -127,3 +128,60 @@ def test_defaults_make_the_cache_matter():
     reread_s = sum(-(-n // chunk) * lat + n / bw for n in sizes)
     assert reread_s > 1.0, reread_s
     assert Http.defaults["loop"] == "closed"
+
+
+# --- on the emulated machine ------------------------------------------------------------------
+
+SHORT_TIMING = {"warmup_s": 0.5, "steady_s": 1.5, "post_s": 2.0, "recovery_timeout_s": 30.0,
+                "ready_timeout_s": 30.0, "bin_s": 0.25, "cache_timeout_s": 60.0}
+CORPUS = {"clients": 2, "max_kib": 64, "corpus_mib": 16, "write_share": 0.1}
+
+
+@pytest.fixture(scope="module")
+def warm_trial(tmp_path_factory):
+    """One short `files` trial under warmcache, the VMM's own count of reused pages read
+    when the driver takes the report's (after the load that follows recovery)."""
+    if os.geteuid() != 0:
+        pytest.skip("FUSE with allow_other and real servers need root")
+    from harness import driver, results
+
+    class Probe(driver.Trial):
+        def verify(self):
+            self.vmm_reused = self.scheme.stats()["reused"]
+            self.corpus_pages = self.workload.cache_pages(self.svc)
+            return super().verify()
+
+    out = tmp_path_factory.mktemp("warm") / "r"
+    out.mkdir()
+    spec = driver.TrialSpec("warmcache", "files", "panic", 0, 3, dict(SHORT_TIMING), dict(CORPUS))
+    trial = Probe(spec, out)
+    rec = trial.run()
+    params = {"schemes": ["warmcache"], "workload": "files", "fault": "panic", "trials": 1,
+              "seed": 3, "timing": SHORT_TIMING, "workload_params": CORPUS}
+    results.write_run(out, params, results.environment(), [rec])
+    return trial, rec, out
+
+
+@needs_root
+def test_after_the_warm_up_the_page_cache_holds_the_corpus(warm_trial):
+    trial, rec, _ = warm_trial
+    assert not rec.get("error"), rec.get("error")
+    fill = rec["cache_fill"]
+    assert fill["target_pages"] == trial.corpus_pages > 0
+    assert fill["full"] is True and fill["pages"] >= fill["target_pages"]    # the kernel's status
+    # and the dead kernel's memory, read raw after the crash, held at least as much
+    assert rec["cache"]["pages_before"] >= fill["target_pages"]
+
+
+@needs_root
+def test_warmcache_reuses_pages_and_the_report_shows_the_vmms_count(warm_trial):
+    trial, rec, out = warm_trial
+    assert rec["recovered"] is True
+    reused = rec["cache"]["pages_reused"]
+    assert reused > 0 and reused == trial.vmm_reused
+    from harness import report
+    report.write_report(out)
+    rows = [ln for ln in (out / "report.md").read_text().splitlines()
+            if ln.startswith(f"| {rec['id']} |")]
+    assert len(rows) == 1 and f"| {reused} |" in rows[0], rows
+    assert rec["checks"]["corpus"]["served"] > 0 and rec["checks"]["corpus"]["mismatched"] == 0
