@@ -101,6 +101,19 @@ def fmt_ci(c: dict, digits: int = 3) -> str:
     return f"{m} [{c['lo']:.{digits}f}, {c['hi']:.{digits}f}]"
 
 
+def modeled_line(hw: dict) -> str:
+    """The machine's modeled hardware time (run.json ``parameters.modeled_hardware``), in
+    one line that says it is modeled."""
+    parts = [f"{name}: {d['model']}, {d['latency_s'] * 1e6:g} µs per request + "
+             + (f"{d['bandwidth_bytes_s'] / 1e6:g} MB/s" if d["bandwidth_bytes_s"] else
+                "unlimited bandwidth") + " (modeled)" for name, d in hw["disks"].items()]
+    r = hw.get("reboot")
+    if r:
+        parts.append(f"reboot: firmware/POST {r['firmware_s']:g} s + kernel boot "
+                     f"{r['kernel_boot_s']:g} s (modeled; {r['description']})")
+    return "Modeled hardware time — " + "; ".join(parts) + "."
+
+
 def _num(v) -> str:
     return "—" if v is None else f"{v:g}"
 
@@ -191,6 +204,8 @@ def _blocks(run: dict, summary: list[dict], images: dict[str, bytes]) -> list[tu
     b += [("p", f"Created {run['created']}. Workload {p['workload']}, fault "
                             f"{p['fault']}, schemes {', '.join(p['schemes'])}, {p['trials']} "
                             f"trials each, seed {p['seed']}.")]
+    if p.get("modeled_hardware"):
+        b.append(("p", modeled_line(p["modeled_hardware"])))
     rows = summary_rows(run)
     b += [("h2", "Summary"), ("table", list(rows[0]) if rows else [],
                               [list(r.values()) for r in rows]), ("p", SUMMARY_NOTE)]

@@ -330,7 +330,7 @@ def check_shape(doc: dict) -> None:
     raise MachineError(f"{where}: {e.message}")
 
 
-_TYPE_WORDS = {"object": "a table", "array": "a list", "integer": "an integer",
+_TYPE_WORDS = {"object": "a table", "array": "a list", "integer": "an integer", "number": "a number",
                "string": "a string", "integer or string": "a size (bytes or e.g. '896MiB')"}
 
 
