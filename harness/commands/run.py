@@ -260,8 +260,10 @@ def _trial_line(r: dict) -> str:
     dt = "not recovered" if r["downtime_s"] is None else f"downtime {r['downtime_s'] * 1e3:.0f} ms"
     lost = ("unverified" if r["lost_writes"] is None
             else f"{r['lost_writes']} lost, {r['corrupted_writes']} corrupted")
+    reused = r["cache"].get("pages_reused")
     return (f"{r['id']}: {dt}, acked writes {r['acked_writes']} ({lost}), "
-            f"pages recovered {r['cache']['pages_recovered']}")
+            f"pages recovered {r['cache']['pages_recovered']}"
+            + (f", reused {reused}" if reused else ""))
 
 
 def _print_summary(report, d: Path) -> None:
@@ -273,3 +275,6 @@ def _print_summary(report, d: Path) -> None:
         console.print(summary_table(rows, "summary (medians; 95 % CI in brackets)"))
     for line in report.ranking(report.summarize(run)):
         console.print(line, markup=False, highlight=False)
+    hw = run["parameters"].get("modeled_hardware")
+    if hw:
+        console.print(report.modeled_line(hw), markup=False, highlight=False)
