@@ -379,6 +379,15 @@ def _is_shipped(path) -> bool:
     return "/" not in s and not Path(s).exists() and s.removesuffix(".toml") in shipped()
 
 
+def resolve(path: str | Path) -> str:
+    """The file a description names: a shipped one's own path for its bare name, so that
+    every process handed it reads the same file wherever it runs."""
+    if _is_shipped(path):
+        return str(resources.files("kernel.machines").joinpath(
+            str(path).removesuffix(".toml") + ".toml"))
+    return str(path)
+
+
 def load(path: str | Path | None = None, *, shape_checked: bool = False) -> Machine:
     """Load a machine description; None means the shipped default machine, a bare name
     (``paper``) another shipped one. ``shape_checked``:

@@ -143,3 +143,10 @@ def test_a_bad_modeled_hardware_field_is_named(tmp_path, old, new, message):
     with pytest.raises(MachineError) as e:
         machine.load(p)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_shipped_description_is_named_by_its_file_for_every_process():
+    path = machine.resolve("paper")
+    assert path.endswith("paper.toml") and os.path.isfile(path)
+    assert machine.load(path) == machine.load("paper")
+    assert machine.resolve("mine.toml") == "mine.toml"

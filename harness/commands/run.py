@@ -203,6 +203,8 @@ def run_cmd(
     timing["warmup_s"] = warmup_for(workload, warmup, 2.0)
     check_out(out)
     from kernel import machine
+    if machine_file is not None:
+        machine_file = Path(machine.resolve(machine_file))
     try:
         m = machine.load(machine_file)
     except machine.MachineError as e:
