@@ -52,7 +52,7 @@ class CacheCounts:
     pages_preserved: int = 0        # copies the VMM found at the crash
     pages_inconsistent: int = 0     # refused: stored into before the crash, or the block was written since
     pages_corrupted: int = 0        # refused: the content checksum did not match
-    pages_reused: int = 0           # served to reads instead of the device (by the report's time)
+    pages_reused: int = 0           # served to reads instead of the device (by the report's time; ``refresh``)
 
     @property
     def dirty_pages_lost(self) -> int:
