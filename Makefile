@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 .PHONY: demo test lint format deps sysdeps venv clean bench
 
 demo: $(STAMP)
-	$(VPY) -m harness.cli run --schemes orthros,reboot --workload files --fault panic --trials 3
+	$(VPY) -m harness.cli run --schemes orthros,warmcache,reboot --workload files --fault panic --trials 3
 
 test: $(STAMP)
 	$(VPY) -m pytest -q

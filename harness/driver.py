@@ -2,7 +2,10 @@
 
 Promises to the CLI and to whoever reads a run: a trial is deploy → warm up → steady state
 → inject → observe recovery → verify → teardown, each phase's start and end recorded on
-CLOCK_MONOTONIC; the seed and every parameter are recorded; teardown always runs (also on
+CLOCK_MONOTONIC; the warm-up goes on until the active kernel's page cache holds the
+workload's working set (its own counter, bounded in time: ``cache_fill``), and the
+scheme's report is refreshed after the load that follows recovery (pages reused then); the
+seed and every parameter are recorded; teardown always runs (also on
 an error, Ctrl-C or SIGTERM), leaving no kernel, mount, namespace or client process behind.
 The machine is a harness/testbed.py ``Testbed`` (recorded in harness/owners.py from before
 it exists until its teardown has succeeded, so what a killed run leaves is found by the next
@@ -24,10 +27,15 @@ from harness import history
 from harness.kcounters import CounterSampler
 from harness.testbed import Testbed
 from harness.workloads import Service, registry as workloads
+from kernel.hw.physmem import partition_layout
 from systems.base import check_report, registry as schemes
 
 DEFAULTS = {"warmup_s": 2.0, "steady_s": 5.0, "post_s": 5.0, "recovery_timeout_s": 30.0,
-            "ready_timeout_s": 30.0, "bin_s": 1.0}
+            "ready_timeout_s": 30.0, "bin_s": 1.0, "cache_timeout_s": 120.0}
+# The warm-up's cache is full once the kernel caches the workload's working set, or this
+# share of the partition's frames when the working set is larger (clean pages are
+# reclaimed before the frames run out, so the page count never reaches every frame).
+CACHE_FULL_FRACTION = 0.9
 
 
 class DriverError(RuntimeError):
@@ -62,6 +70,7 @@ class Trial:
         self.sampler = None
         self.events: list[dict] = []
         self.crash_at: float | None = None
+        self.cache_fill: dict | None = None
 
     def make_scheme(self, name: str):
         return schemes()[name]()
@@ -85,13 +94,12 @@ class Trial:
         """A crash trial: load, a fault, the recovery, and what the clients saw."""
         t = self.spec.timing
         until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
-                 + t["recovery_timeout_s"] + t["post_s"] + 10)
+                 + _cache_timeout(t) + t["recovery_timeout_s"] + t["post_s"]
+                 + _modeled_reboot_s(self.host.machine) + 10)
         with self.phase("warm up"):
             self.sampler = CounterSampler(self.host, self.scheme,
                                           self.svc.history_dir() / "kernel-counters.jsonl").start()
-            self.clients = self.workload.start_clients(self.svc, until)
-            self.await_first_answers()
-            self.hold(t["warmup_s"])
+            self.warm_up(until)
         with self.phase("steady state"):
             self.hold(t["steady_s"])
         with self.phase("inject"):
@@ -127,6 +135,41 @@ class Trial:
             self.host.stop(0)
         self.bed.deploy(self.scheme, apps=self.workload.apps(self.svc))
         self.workload.wait_ready(self.svc, self.spec.timing["ready_timeout_s"])
+
+    def warm_up(self, until: float) -> None:
+        """The load until steady: clients started (running until ``until``), every one
+        answered once, ``warmup_s`` of load, then on until the cache is full."""
+        self.clients = self.workload.start_clients(self.svc, until)
+        self.await_first_answers()
+        self.hold(self.spec.timing["warmup_s"])
+        self.fill_cache()
+
+    def fill_cache(self) -> None:
+        """Hold the load until the active kernel caches the workload's working set
+        (``Workload.cache_pages``; at most CACHE_FULL_FRACTION of the partition's frames),
+        as its own page-cache counter says, for at most ``cache_timeout_s``. What was
+        reached is ``cache_fill``; a cache not full by then is recorded, not an error."""
+        target = self.workload.cache_pages(self.svc)
+        if not target:
+            return
+        p = self.host.machine.partition(self.scheme.active)
+        frames = partition_layout(p.id, p.base, p.size).nframes
+        want = min(target, int(CACHE_FULL_FRACTION * frames))
+        t0 = time.monotonic()
+        deadline = t0 + _cache_timeout(self.spec.timing)
+        pages = self.cached_pages()
+        while pages < want and time.monotonic() < deadline:
+            self.hold(0.2)
+            pages = self.cached_pages()
+        self.cache_fill = {"target_pages": want, "pages": pages, "full": pages >= want,
+                           "waited_s": time.monotonic() - t0}
+        if pages < want:
+            self.say(f"{self.spec.id}: the cache held {pages} of {want} pages after "
+                     f"{self.cache_fill['waited_s']:.0f} s of warm-up")
+
+    def cached_pages(self) -> int:
+        """Pages in the active kernel's page cache (its status reply)."""
+        return int(self.host.control(self.scheme.active, {"cmd": "status"})["pages"])
 
     def await_first_answers(self) -> None:
         """Warm-up counts from the moment every client has been answered once: starting
@@ -173,6 +216,7 @@ class Trial:
             while not self.clients.all_ok_after(took_effect) and time.monotonic() < deadline:
                 time.sleep(0.01)
         self.hold(t["post_s"])      # load after recovery: the return to full throughput
+        self.report = check_report(self.scheme.refresh(self.report))   # what that load reused
 
     def nemesis_record(self) -> None:
         """When the fault took effect (the dying kernel's own record, which the injection
@@ -216,6 +260,22 @@ class _Phase:
     def __exit__(self, exc_type, exc, tb):
         self.trial.phases.append({"name": self.name, "start": self.start, "end": time.monotonic(),
                                   **({"error": f"{exc_type.__name__}: {exc}"} if exc else {})})
+
+
+def _cache_timeout(timing: dict) -> float:
+    return timing.get("cache_timeout_s", DEFAULTS["cache_timeout_s"])
+
+
+def _modeled_reboot_s(m) -> float:
+    """The longest a scheme may spend in modeled reboot time: the clients outlast it."""
+    return 0.0 if m.reboot is None else m.reboot.firmware_s + m.reboot.kernel_boot_s
+
+
+def warmup_for(workload: str, warmup_s: float | None, default_s: float) -> float:
+    """Seconds of load before the steady state: ``warmup_s`` when given, else the
+    workload's own (the time its caches take to fill), else ``default_s``."""
+    own = workloads()[workload].warmup_s
+    return warmup_s if warmup_s is not None else own if own is not None else default_s
 
 
 def plan(schemes_: list[str], workload: str, fault: str, trials: int, seed: int,

@@ -6,7 +6,8 @@ Promises to `crashbench overhead` and to whoever reads its results (format: docs
 * Every scheme and the ``vanilla`` baseline — a kernel with no scheme machinery at all: no
   heartbeat thread, no backup, no VMM, no watcher — run the same workloads with no crash,
   through the driver's one trial pipeline (``SteadyTrial``, a Trial whose measured phases
-  end with the steady state) on the same testbed. Runs are interleaved: round r runs every scheme once,
+  end with the steady state) on the same testbed, with the same warm-up (until the
+  workload's cache is full). Runs are interleaved: round r runs every scheme once,
   in an order rotated by r, so drift of a shared machine hits every scheme alike; round r
   uses seed + r under every scheme.
 * Per run, the figures come from the history (harness/checkers/steady.py) over the window
@@ -37,8 +38,7 @@ import jsonschema
 from harness import cpuuse, history, results, stats
 from harness.checkers.steady import END, START, steady
 from harness import driver
-from harness.driver import Trial, TrialSpec
-from harness.workloads import registry
+from harness.driver import DEFAULTS, Trial, TrialSpec, warmup_for
 from systems.base import RecoveryScheme, Reservation, registry as schemes_registry
 
 SCHEMA_VERSION = 1
@@ -91,11 +91,10 @@ class SteadyTrial(Trial):
 
     def measure_load(self) -> None:
         t = self.spec.timing
-        until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"] + 10)
+        until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
+                 + t.get("cache_timeout_s", DEFAULTS["cache_timeout_s"]) + 10)
         with self.phase("warm up"):
-            self.clients = self.workload.start_clients(self.svc, until)
-            self.await_first_answers()
-            self.hold(t["warmup_s"])
+            self.warm_up(until)
         with self.phase("steady state"), self.cpu_window(self.clients.procs):
             start = time.monotonic()
             self.hold(t["steady_s"])
@@ -124,7 +123,8 @@ class SteadyTrial(Trial):
         s = self.spec
         return {"id": run_id(s), "scheme": s.scheme, "workload": _workload(s), "round": s.trial,
                 "seed": s.seed, "phases": self.phases, "figures": self.figures,
-                "reserved_bytes": self.reserved_bytes, "cpu_cores": self.cpu, "error": None}
+                "reserved_bytes": self.reserved_bytes, "cpu_cores": self.cpu,
+                "cache_fill": self.cache_fill, "error": None}
 
     @classmethod
     def failed_record(cls, spec: TrialSpec, trial: Trial | None, error: str) -> dict:
@@ -233,9 +233,7 @@ def rotated(names: list[str], r: int) -> list[str]:
 def warmups(workloads: list[str], warmup_s: float | None, default_s: float) -> dict[str, float]:
     """Seconds of load before each workload's steady state: ``warmup_s`` when given, else
     the workload's own (the time its caches take to fill), else ``default_s``."""
-    reg = registry()
-    return {w: warmup_s if warmup_s is not None else
-            reg[w].warmup_s if reg[w].warmup_s is not None else default_s for w in workloads}
+    return {w: warmup_for(w, warmup_s, default_s) for w in workloads}
 
 
 def plan(schemes: list[str], workloads: list[str], rounds: int, seed: int, timing: dict,

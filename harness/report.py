@@ -112,6 +112,19 @@ def fmt_ci(c: dict, digits: int = 3) -> str:
     return f"{m} [{c['lo']:.{digits}f}, {c['hi']:.{digits}f}]"
 
 
+def modeled_line(hw: dict) -> str:
+    """The machine's modeled hardware time (run.json ``parameters.modeled_hardware``), in
+    one line that says it is modeled."""
+    parts = [f"{name}: {d['model']}, {d['latency_s'] * 1e6:g} µs per request + "
+             + (f"{d['bandwidth_bytes_s'] / 1e6:g} MB/s" if d["bandwidth_bytes_s"] else
+                "unlimited bandwidth") + " (modeled)" for name, d in hw["disks"].items()]
+    r = hw.get("reboot")
+    if r:
+        parts.append(f"reboot: firmware/POST {r['firmware_s']:g} s + kernel boot "
+                     f"{r['kernel_boot_s']:g} s (modeled; {r['description']})")
+    return "Modeled hardware time — " + "; ".join(parts) + "."
+
+
 def _num(v) -> str:
     return "—" if v is None else f"{v:g}"
 
@@ -240,6 +253,8 @@ def _blocks(run: dict, summary: list[dict], images: dict[str, dict]) -> list[tup
     b += [("p", f"Created {run['created']}. Workload {p['workload']}, fault "
                             f"{p['fault']}, schemes {', '.join(p['schemes'])}, {p['trials']} "
                             f"trials each, seed {p['seed']}.")]
+    if p.get("modeled_hardware"):
+        b.append(("p", modeled_line(p["modeled_hardware"])))
     rows = summary_rows(run)
     b += [("h2", "Summary"), ("table", list(rows[0]) if rows else [],
                               [list(r.values()) for r in rows]), ("p", SUMMARY_NOTE)]
@@ -295,12 +310,13 @@ def _fmt_s(v) -> str:
 def _trial_table(run: dict) -> tuple:
     head = ["trial", "seed", "recovered", "downtime s", "max s", "scheme outage s",
             "clients' gap s", "acked writes", "lost writes", "corrupted", "lost MiB",
-            "pages recovered", "time to 90% s", "time to 99% s", "work lost ops",
+            "pages recovered", "pages reused", "time to 90% s", "time to 99% s", "work lost ops",
             "work lost s", "p50/p99 before s", "p50/p99 after s", "hit ratio before/after"]
     rows = [[t["id"], t["seed"], "yes" if t["recovered"] else "no", _fmt_s(t["downtime_s"]),
              _fmt_s(t["downtime_max_s"]), _fmt_s(t["outage_s"]), _fmt_s(t.get("client_gap_s")),
              _num(t["acked_writes"]), _num(t["lost_writes"]), _num(t["corrupted_writes"]),
              mib(t["lost_bytes"]), _num(t["cache"]["pages_recovered"]),
+             _num(t["cache"].get("pages_reused")),
              _fmt_s(t["time_to_90pct_s"]), _fmt_s(t.get("time_to_99pct_s")),
              _fmt_n(t.get("lost_ops")), _fmt_s(t.get("lost_service_s")),
              _latency(t, "before"), _latency(t, "after"), _hit_ratios(t)]

@@ -39,6 +39,8 @@ def record(trial, events: list[dict]) -> dict:
         driver_phases=_relative(trial.phases, trial.crash_at),
         machine_tag=trial.host.tag,      # names the trial's namespaces and process sets
         report=rd)
+    if trial.cache_fill is not None:
+        rec["cache_fill"] = trial.cache_fill
     _workload_figures(trial, events, rec)
     return rec
 

@@ -6,7 +6,8 @@ kernels on a Host, ``inject`` puts a fault into its ``active`` partition, ``on_c
 detects the failure, recovers (or not) and returns a ``RecoveryReport``, ``teardown`` leaves
 nothing behind (also after a failed or no deploy); its ``capabilities`` (what it claims to
 keep) and ``reservation`` (what it keeps from the workload) are data, and ``kernel_modules``
-names the programs its kernel processes run. A report's phases carry measured start and end
+names the programs its kernel processes run; ``refresh`` brings a report's later counts
+(pages reused after recovery) up to date. A report's phases carry measured start and end
 times on CLOCK_MONOTONIC (seconds); a phase that is modeled hardware time (firmware, a
 device) says so. ``check_report`` is the validating wrapper the tests apply to every scheme:
 phases ordered, non-negative, inside the outage, counts consistent. ``registry()`` finds
@@ -51,7 +52,7 @@ class CacheCounts:
     pages_preserved: int = 0        # copies the VMM found at the crash
     pages_inconsistent: int = 0     # refused: stored into before the crash, or the block was written since
     pages_corrupted: int = 0        # refused: the content checksum did not match
-    pages_reused: int = 0           # served to reads instead of the device (by the report's time)
+    pages_reused: int = 0           # served to reads instead of the device (by the report's time; ``refresh``)
 
     @property
     def dirty_pages_lost(self) -> int:
@@ -217,6 +218,12 @@ class RecoveryScheme(ABC):
     def reserved_bytes(self) -> int | None:
         """Memory this deployment keeps beyond the partitions, measured (None: none)."""
         return None
+
+    def refresh(self, report: RecoveryReport) -> RecoveryReport:
+        """``report`` with the counts that go on changing after service is back brought up
+        to date (warmcache: pages reused); the driver calls it once the load after
+        recovery has run. Most schemes have none."""
+        return report
 
 
 class RegistryError(RuntimeError):

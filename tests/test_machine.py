@@ -75,3 +75,78 @@ def test_unreadable_and_malformed_files(tmp_path):
     p.write_text("[machine\n")
     with pytest.raises(MachineError, match="not valid TOML"):
         machine.load(p)
+
+
+# --- modeled hardware: disk models and the reboot profile ------------------------------------
+
+PROFILE = GOOD.replace('model = "ssd"', 'model = "slow"') + """
+[[disk_model]]
+name = "slow"
+latency_us = 2500
+bandwidth_mb_s = 100
+description = "a made-up disk for this test"
+[reboot]
+firmware_s = 1.5
+kernel_boot_s = 2
+description = "made-up figures for this test"
+"""
+
+
+def test_the_paper_profile_is_shipped_with_cited_datasheet_models():
+    m = machine.load("paper")                  # a shipped description, by name
+    d = m.disk("disk0")
+    assert (d.model, d.timing) == ("ssd-860evo", (pytest.approx(92.6e-6), 550e6))
+    models = {dm.name: dm for dm in m.disk_models}
+    assert models["hdd-st1000dm003"].timing == (pytest.approx(12.66e-3), 210e6)
+    assert "860 EVO" in models["ssd-860evo"].description
+    assert "ST1000DM003" in models["hdd-st1000dm003"].description
+    assert (m.reboot.firmware_s, m.reboot.kernel_boot_s) == (25, 22)
+    assert "Kato" in m.reboot.description
+    hw = m.modeled()
+    assert hw["disks"]["disk0"]["modeled"] is True and hw["reboot"]["modeled"] is True
+
+
+def test_the_default_machine_stays_fast():
+    m = machine.load()
+    assert m.reboot is None and m.disk_models == ()
+    assert m.disk("disk0").timing == machine.param.DEVICE_MODELS["ssd"]
+
+
+def test_a_disk_is_modeled_with_its_profiles_figures(tmp_path):
+    from kernel.hw.blockdev import BlockDevice
+    m = machine.load(write(tmp_path, PROFILE))
+    d = m.disk("disk0")
+    assert d.timing == (pytest.approx(2.5e-3), 100e6)
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    with BlockDevice(str(img), d.model, delay=False, timing=d.timing) as dev:
+        dev.read(0, 4)
+        assert dev.stats["modeled_s"] == pytest.approx(2.5e-3 + 4 * 4096 / 100e6)
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("firmware_s = 1.5", "firmware_s = -1", "reboot.firmware_s: -1 is less than the minimum of 0"),
+    ("firmware_s = 1.5", 'firmware_s = "long"', "reboot.firmware_s: expected a number, got 'long'"),
+    ("kernel_boot_s = 2", "kernel_boot_s = 1e6", "reboot.kernel_boot_s: 1e+06 s is more than 600 s"),
+    ("kernel_boot_s = 2", "kernel_boot_s = 2\nkexec_s = 1", "reboot.kexec_s: unknown key"),
+    ('description = "made-up figures for this test"', "", "reboot: 'description' is a required"),
+    ("latency_us = 2500", "latency_us = 2e6", "disk_model[0].latency_us: 2e+06 µs is more than 1000 ms"),
+    ("bandwidth_mb_s = 100", "bandwidth_mb_s = 0", "disk_model[0].bandwidth_mb_s: 0 is less than or equal"),
+    ('name = "slow"', 'name = "ssd"', "disk_model[0].name: 'ssd' is a built-in device model"),
+    ('model = "slow"', 'model = "slower"', "disk[0].model: unknown device model 'slower'"),
+])
+def test_a_bad_modeled_hardware_field_is_named(tmp_path, old, new, message):
+    text = PROFILE % {"cpu1": 1 if (os.cpu_count() or 1) > 1 else 0}
+    assert old in text
+    p = tmp_path / "m.toml"
+    p.write_text(text.replace(old, new, 1))
+    with pytest.raises(MachineError) as e:
+        machine.load(p)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_shipped_description_is_named_by_its_file_for_every_process():
+    path = machine.resolve("paper")
+    assert path.endswith("paper.toml") and os.path.isfile(path)
+    assert machine.load(path) == machine.load("paper")
+    assert machine.resolve("mine.toml") == "mine.toml"

@@ -235,7 +235,8 @@ def overhead_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("overhead") / "o"
     p = crashbench("overhead", "--schemes", "orthros", "--workloads", "files", "--rounds", "1",
                    "--duration", "1", "--warmup", "0.5", "--micro-ops", "10",
-                   "--param", "clients=2", "--param", "max_kib=64", "--out", str(out), "--json")
+                    "--param", "clients=2", "--param", "max_kib=64", "--param", "corpus_mib=8",
+                    "--out", str(out), "--json")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = json.loads(p.stdout)            # --json: one document on stdout, nothing else
     assert doc["kind"] == "crashbench overhead --json" and doc["dir"] == str(out)

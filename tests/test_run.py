@@ -19,7 +19,7 @@ from harness import history
 from tests.conftest import needs_root
 
 SHORT = ["--warmup", "0.5", "--duration", "1.5", "--post", "1", "--bin", "0.25",
-         "--param", "clients=2", "--param", "max_kib=64"]
+         "--param", "clients=2", "--param", "max_kib=64", "--param", "corpus_mib=8"]
 
 
 def crashbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -185,6 +185,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
                           "--workload", "files", "--fault", "panic", "--trials", "1",
                           "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
+                          "--param", "corpus_mib=8",
                           "--out", str(tmp_path / "r")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          stdin=subprocess.DEVNULL, preexec_fn=_as_from_a_terminal)
@@ -242,6 +243,7 @@ def test_a_killed_run_is_reported_and_down_all_removes_what_it_left(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
                           "--workload", "files", "--fault", "panic", "--trials", "1",
                           "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
+                          "--param", "corpus_mib=8",
                           "--out", str(tmp_path / "r")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          stdin=subprocess.DEVNULL)

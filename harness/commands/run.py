@@ -183,14 +183,17 @@ def run_cmd(
     fault: str = typer.Option("panic", help="the fault injected into the active kernel"),
     trials: int = typer.Option(3, help="trials per scheme (interleaved across schemes)"),
     duration: float = typer.Option(5.0, help="seconds of steady-state load before the crash"),
-    warmup: float = typer.Option(2.0, help="seconds of load before steady state"),
+    warmup: Optional[float] = typer.Option(None, help="seconds of load before steady state "
+                                           "(default: the workload's own, else 2), after "
+                                           "which the load goes on until the cache is full"),
     post: float = typer.Option(5.0, help="seconds of load after recovery (for time to 90 %)"),
     recovery_timeout: float = typer.Option(30.0, help="seconds to wait for recovery before "
                                            "the trial counts as not recovered"),
     bin_s: float = typer.Option(1.0, "--bin", help="throughput bin width in seconds"),
     seed: int = typer.Option(1, help="seed of trial 0 (trial i uses seed + i)"),
     param: list[str] = typer.Option([], help="workload parameter NAME=VALUE (repeatable)"),
-    machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML)"),
+    machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description "
+                                                "(TOML), or a shipped one by name: paper"),
     out: Optional[Path] = typer.Option(None, help="result directory (default: results/<run id>)"),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
@@ -200,23 +203,28 @@ def run_cmd(
     from harness.commands.lab import warn_orphans
     warn_orphans("run")       # reported, not removed: `crashbench down --all` is explicit
     names = [s.strip() for s in schemes.split(",") if s.strip()]
-    timing = {"warmup_s": warmup, "steady_s": duration, "post_s": post,
-              "recovery_timeout_s": recovery_timeout, "ready_timeout_s": 30.0, "bin_s": bin_s}
+    timing = {"warmup_s": 2.0 if warmup is None else warmup, "steady_s": duration,
+              "post_s": post, "recovery_timeout_s": recovery_timeout, "ready_timeout_s": 30.0,
+              "bin_s": bin_s, "cache_timeout_s": 120.0}
     params = _params(param)
     _check(names, workload, fault, trials, timing, params)
+    from harness.driver import warmup_for
+    timing["warmup_s"] = warmup_for(workload, warmup, 2.0)
     check_out(out)
+    from kernel.hw import machine
     if machine_file is not None:
-        from kernel.hw import machine
-        try:
-            machine.load(machine_file)
-        except machine.MachineError as e:
-            _fail(str(e))
+        machine_file = Path(machine.resolve(machine_file))
+    try:
+        m = machine.load(machine_file)
+    except machine.MachineError as e:
+        _fail(str(e))
     from harness import driver
     specs = driver.plan(names, workload, fault, trials, seed, timing, params,
                         str(machine_file) if machine_file else None)
     parameters = {"schemes": names, "workload": workload, "fault": fault, "trials": trials,
                   "seed": seed, "timing": timing, "workload_params": params,
-                  "machine_file": str(machine_file) if machine_file else None}
+                  "machine_file": str(machine_file) if machine_file else None,
+                  "modeled_hardware": m.modeled()}
     show = err if json_out else console     # with --json, stdout holds the document only
     d, records, files = _run_all(specs, parameters, out, show)
     errors = [r for r in records if r.get("error")]
@@ -274,8 +282,10 @@ def _trial_line(r: dict) -> str:
     dt = "not recovered" if r["downtime_s"] is None else f"downtime {r['downtime_s'] * 1e3:.0f} ms"
     lost = ("unverified" if r["lost_writes"] is None
             else f"{r['lost_writes']} lost, {r['corrupted_writes']} corrupted")
+    reused = r["cache"].get("pages_reused")
     return (f"{r['id']}: {dt}, acked writes {r['acked_writes']} ({lost}), "
-            f"pages recovered {r['cache']['pages_recovered']}")
+            f"pages recovered {r['cache']['pages_recovered']}"
+            + (f", reused {reused}" if reused else ""))
 
 
 def _print_summary(report, d: Path, show: Console) -> None:
@@ -287,3 +297,6 @@ def _print_summary(report, d: Path, show: Console) -> None:
         show.print(summary_table(rows, "summary (medians; 95 % CI in brackets)"))
     for line in report.ranking(report.summarize(run)):
         show.print(line, markup=False, highlight=False)
+    hw = run["parameters"].get("modeled_hardware")
+    if hw:
+        show.print(report.modeled_line(hw), markup=False, highlight=False)

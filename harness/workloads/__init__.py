@@ -32,7 +32,10 @@ For figures the generic checkers cannot know (harness/trial.py merges them):
   ``findings``), None: it could not judge;
 * ``warmup_s`` — seconds of load the workload needs before it is steady (its caches
   filled from the disk): `crashbench overhead`'s warm-up unless --warmup is given
-  (default None: the benchmark's own).
+  (default None: the benchmark's own, and a crash run's --warmup default);
+* ``cache_pages(svc)`` — pages of file data the workload's working set fills: the
+  driver's warm-up goes on until the active kernel caches that many (bounded in time;
+  default None: no cache to fill).
 
 ``Idle`` is the no-op workload: no service, no clients; the driver's own tests use it.
 """
@@ -86,6 +89,9 @@ class Workload:
         return {}
 
     def checks(self, svc: Service, events: list[dict]) -> dict | None:
+        return None
+
+    def cache_pages(self, svc: Service) -> int | None:
         return None
 
 

@@ -6,39 +6,94 @@ clients (harness/workloads/files_client.py) are separate processes in the client
 namespace. Nothing of the server fsyncs, so what an acknowledged PUT leaves behind sits in
 the page cache as dirty pages: exactly what a crash puts at risk. The verify phase reads
 back every file any client wrote.
+
+Read-mostly (``corpus_mib`` > 0, the default): ``prepare`` (on a kernel booted only for
+it) writes a corpus of ``corpus_mib`` MiB under ``<mount>/corpus`` (harness/workloads/
+tree.py; by default more than the default disk model re-reads in a second) and
+``wait_ready`` reads it once through the mount (``warm``), so the crash finds it cached;
+``cache_pages`` is its size in pages. Each client operation is then a write of the
+client's own files with probability ``write_share``, else a read of a corpus file drawn
+by popularity (Zipf with exponent ``zipf_s`` over a seeded ranking of the files, the same
+for every client); a corpus read's invoke names the digest it expects, and
+``checks.corpus`` counts the bodies served that differ from it. With ``corpus_mib`` = 0
+the clients only use their own files, a share ``read_ratio`` of operations reading one.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
-from harness.workloads import Service, Workload, WorkloadError
+from harness.workloads import Service, Workload, WorkloadError, tree
 from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.files_client"
+WARM_TIMEOUT_S = 600.0
+WARM_PAUSE_S = 0.002
 
 
 class Files(Workload):
     name = "files"
-    description = "WsgiDAV file server; clients create, overwrite, append to and read files"
+    description = ("WsgiDAV file server; clients read a corpus with a skew and create, "
+                   "overwrite, append to their own files")
+    prepares = True
     defaults = {"clients": 4, "files_per_client": 16, "max_kib": 256, "read_ratio": 0.5,
+                "corpus_mib": 384, "write_share": 0.1, "zipf_s": 1.0, "warm": 1,
                 "port": 8080, "connect_timeout_s": 0.2, "read_timeout_s": 2.0,
                 "max_ops_per_client": 100_000}
+    POSITIVE_INTS = ("clients", "files_per_client", "max_kib", "port", "max_ops_per_client")
+    SHARES = ("read_ratio", "write_share")
 
     def __init__(self, **params):
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise WorkloadError(f"files: unknown parameter(s) {', '.join(sorted(unknown))}; "
                                 f"known: {', '.join(self.defaults)}")
-        self.p = {**self.defaults, **params}
+        self.p = p = {**self.defaults, **params}
+        for k in self.POSITIVE_INTS:
+            if not _is_int(p[k]) or p[k] <= 0:
+                raise WorkloadError(f"files: {k} must be a positive integer, got {p[k]!r}")
+        for k in ("corpus_mib", "warm"):
+            if not _is_int(p[k]) or p[k] < 0:
+                raise WorkloadError(f"files: {k} must be an integer, 0 or more, got {p[k]!r}")
+        for k in self.SHARES:
+            if not _is_number(p[k]) or not 0 <= p[k] <= 1:
+                raise WorkloadError(f"files: {k} must be a share between 0 and 1, got {p[k]!r}")
+        for k in ("zipf_s", "connect_timeout_s", "read_timeout_s"):
+            positive = k != "zipf_s"
+            if not _is_number(p[k]) or p[k] < 0 or (positive and p[k] == 0):
+                raise WorkloadError(f"files: {k} must be a {'positive' if positive else 'non-negative'} "
+                                    f"number, got {p[k]!r}")
 
     def url(self, svc: Service) -> str:
         return f"http://{svc.ip}:{self.p['port']}"
 
+    # --- the corpus (read-mostly) --------------------------------------------------------
+    def manifest(self, svc: Service) -> Path:
+        return svc.workdir / "files-corpus.json"
+
     def prepare(self, svc: Service) -> None:
-        pass
+        if self.p["corpus_mib"]:
+            files = tree.write_tree(Path(svc.mount) / "corpus", svc.seed,
+                                    self.p["corpus_mib"] << 20)
+            self.manifest(svc).write_text(json.dumps(
+                [{**f, "path": "/corpus" + f["path"]} for f in files]))
+
+    def cache_pages(self, svc: Service) -> int | None:
+        if not self.p["corpus_mib"]:
+            return None
+        return tree.pages(json.loads(self.manifest(svc).read_text()))
+
+    def checks(self, svc: Service, events: list[dict]) -> dict | None:
+        """The corpus bodies served by the load, each against the digest it asked for."""
+        if not self.p["corpus_mib"]:
+            return None
+        from harness.checkers.bodies import bodies
+        b = bodies(events)
+        return {"corpus": {k: b[k] for k in ("served", "identical", "mismatched",
+                                             "mismatched_keys")}}
 
     def apps(self, svc: Service) -> list[dict]:
         dav = str(Path(sys.executable).with_name("wsgidav"))
@@ -55,6 +110,23 @@ class Files(Workload):
         if rc != 0:
             raise WorkloadError(f"files: the WebDAV server at {self.url(svc)} did not answer "
                                 f"within {timeout:.0f} s; see logs/wsgidav.log")
+        if self.p["corpus_mib"] and self.p["warm"]:
+            self.warm(svc, time.monotonic() + WARM_TIMEOUT_S)
+
+    def warm(self, svc: Service, deadline: float) -> None:
+        """Read every corpus file once through the mount, so the crash finds the corpus
+        in the active kernel's page cache (the kernel serves these reads as it serves
+        the server's; nothing is recorded: this is deployment, not load)."""
+        for f in json.loads(self.manifest(svc).read_text()):
+            with open(Path(svc.mount) / f["path"].lstrip("/"), "rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+            # a breath between files: back to back, these reads kept a kernel on a busy
+            # CPU from beating for > 100 ms, and orthros's backup took it for dead
+            time.sleep(WARM_PAUSE_S)
+            if time.monotonic() > deadline:
+                raise WorkloadError(f"files: reading the corpus once took more than "
+                                    f"{WARM_TIMEOUT_S:.0f} s")
 
     def _client_argv(self, svc: Service, mode: str, cid: int, until: float, history: Path) -> list[str]:
         p = self.p
@@ -62,6 +134,8 @@ class Files(Workload):
                 "--history", str(history), "--id", str(cid), "--seed", str(svc.seed),
                 "--files", str(p["files_per_client"]), "--max-kib", str(p["max_kib"]),
                 "--read-ratio", str(p["read_ratio"]), "--max-ops", str(p["max_ops_per_client"]),
+                "--write-share", str(p["write_share"]), "--zipf-s", str(p["zipf_s"]),
+                *(["--manifest", str(self.manifest(svc))] if p["corpus_mib"] else []),
                 "--connect-timeout", str(p["connect_timeout_s"]),
                 "--read-timeout", str(p["read_timeout_s"])]
 
@@ -86,3 +160,11 @@ class Files(Workload):
         run_to_end([*argv, "--keys", str(kf)], svc.workdir / "logs" / "verify.log",
                    svc.client_enter, timeout + 10)
         return h
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))

@@ -1,5 +1,10 @@
 """The `files` workload's client: a WebDAV user that creates, overwrites, appends to and
-reads its own files, recording every operation (harness/history.py).
+reads its own files, recording every operation (harness/history.py). Given a corpus
+(``--manifest``: the read-mostly mode) it writes its own files with probability
+``--write-share`` and otherwise reads a corpus file drawn by popularity: Zipf with
+exponent ``--zipf-s`` over a ranking of the files seeded by the trial's seed alone, so
+every client favours the same files; such a read's invoke carries the file's ``bytes``
+and ``sha256`` from the manifest (what was asked for).
 
 Promises to the checkers: a write's value is what was sent (version, kind, byte count,
 sha256 of the body); a read's value is what came back. Content is a pure function of
@@ -61,19 +66,29 @@ class FilesClient:
             a.read_timeout, connect=a.connect_timeout, pool=a.connect_timeout))
         self.files: dict[int, tuple[int, bytes]] = {}   # file -> (acked version, its body)
         self.ops = 0
+        self.corpus = json.loads(open(a.manifest).read()) if a.manifest else []
+        if self.corpus:
+            self.popular = popularity(a.seed, len(self.corpus), a.zipf_s)
 
     def key(self, f: int) -> str:
         return f"c{self.a.id}-f{f}.bin"
 
     def run(self) -> None:
         while not self._done():
+            if self.corpus and self.rng.random() >= self.a.write_share:
+                c = self.corpus[self.popular.draw(self.rng)]
+                self.retry(lambda: self.read(c["path"], "read", want=c))
+                continue
             f = int(self.rng.integers(self.a.files))
-            if f in self.files and self.rng.random() < self.a.read_ratio:
+            if not self.corpus and f in self.files and self.rng.random() < self.a.read_ratio:
                 self.retry(lambda: self.read(self.key(f), "read"))
             else:
-                body, version, kind = self.next_version(f)
-                if self.retry(lambda: self.write(f, body, version, kind)):
-                    self.files[f] = (version, body)
+                self.write_next(f)
+
+    def write_next(self, f: int) -> None:
+        body, version, kind = self.next_version(f)
+        if self.retry(lambda: self.write(f, body, version, kind)):
+            self.files[f] = (version, body)
 
     def _done(self) -> bool:
         return self.stop.requested or self.ops >= self.a.max_ops or time.monotonic() >= self.a.until
@@ -108,11 +123,14 @@ class FilesClient:
             exc = e
         return self._complete(op, *classify(exc, status, True))
 
-    def read(self, key: str, f: str) -> bool:
-        op = self.rec.invoke(f, key)
+    def read(self, key: str, f: str, want: dict | None = None) -> bool:
+        """GET ``key`` (a path relative to the server's root, or a name at its root);
+        ``want``: the corpus file asked for, whose bytes and sha256 the invoke carries."""
+        op = self.rec.invoke(f, key, None if want is None else
+                             {"bytes": want["bytes"], "sha256": want["sha256"]})
         exc = status = None
         try:
-            r = self.http.get("/" + key)
+            r = self.http.get(key if key.startswith("/") else "/" + key)
             status = r.status_code
         except httpx.HTTPError as e:
             exc = e
@@ -127,6 +145,25 @@ class FilesClient:
         self.ops += 1
         self.rec.complete(type_, op, value=value, error=err)
         return type_ == "ok"
+
+
+class Popularity:
+    """Zipf over n files: the file of rank r (1 = most popular) is drawn with probability
+    proportional to 1 / r**s; which file has which rank is a permutation seeded by the
+    trial's seed alone (s = 0: uniform)."""
+
+    def __init__(self, order: np.ndarray, cdf: np.ndarray):
+        self.order, self.cdf = order, cdf
+
+    def draw(self, rng: np.random.Generator) -> int:
+        r = int(np.searchsorted(self.cdf, rng.random(), side="right"))
+        return int(self.order[min(r, len(self.order) - 1)])
+
+
+def popularity(seed: int, n: int, s: float) -> Popularity:
+    w = 1.0 / np.arange(1, n + 1, dtype=float) ** s
+    cdf = np.cumsum(w) / w.sum()
+    return Popularity(np.random.default_rng([seed, 83]).permutation(n), cdf)
 
 
 def verify(a, rec: Recorder, stop: Stop) -> int:
@@ -155,6 +192,10 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--max-kib", type=int, default=256)
     ap.add_argument("--read-timeout", type=float, default=2.0)
+    ap.add_argument("--manifest", help="the corpus (JSON list of {path, bytes, sha256}): "
+                                       "the read-mostly mode")
+    ap.add_argument("--write-share", type=float, default=0.1)
+    ap.add_argument("--zipf-s", type=float, default=1.0)
     return ap
 
 

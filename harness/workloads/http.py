@@ -4,8 +4,7 @@ locust users fetching them.
 Promises to the driver (harness/workloads/__init__.py):
 
 * ``prepare`` (``prepares = True``: on a kernel booted only for it) writes ``<mount>/www``:
-  files of a web-like size mix (60 % 1–16 KiB, 30 % 16–256 KiB, 10 % 256 KiB–4 MiB,
-  log-uniform within each class) until ``total_mib`` is reached — by default more than the
+  files of a web-like size mix (harness/workloads/tree.py) until ``total_mib`` is reached — by default more than the
   backup partition's own 128 MiB, so a scheme that keeps the cache has more to keep than
   the backup's memory would hold. Content is a pure function of (seed, file number); the
   manifest (path, bytes, sha256 of every file) is kept in the trial's scratch directory.
@@ -18,63 +17,38 @@ Promises to the driver (harness/workloads/__init__.py):
 * ``wait_ready`` waits for nginx to serve a file, then (``warm = 1``) reads the whole tree
   once through nginx, so the crash finds the working set in the file cache.
 * clients (harness/workloads/http_client.py): one locust process in the client namespace,
-  ``users`` FastHttpUsers with explicit connect and network timeouts and constant pacing,
-  bounded in users, rate (``users / pacing_s``), requests (``max_requests``) and time; a
+  ``users`` FastHttpUsers with explicit connect and network timeouts, in a closed loop
+  (``loop = "closed"``, the default: each user sends its next request as soon as the last
+  is answered, so together they saturate the server) or at constant pacing (``"paced"``:
+  at most ``users / pacing_s`` requests per second), bounded in users, requests
+  (``max_requests``) and time; a
   request listener records every request in the history. A read's invoke carries the
   digest of the file it asks for, its ``ok`` the digest of the body served, so
   harness/checkers/bodies.py can tell whether every served body was byte-identical.
 * ``verify`` reads every file of the tree back through nginx the same way.
+* ``cache_pages`` is the tree's size in pages: the driver's warm-up waits for the cache
+  to hold it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from harness.binaries import nginx_bin
-from harness.workloads import Service, Workload, WorkloadError
+from harness.workloads import Service, Workload, WorkloadError, tree
 from harness.workloads.clients import ClientGroup, run_to_end, spawn
 
 CLIENT = "harness.workloads.http_client"
-KIB = 1024
-SIZE_CLASSES = ((0.6, 1 * KIB, 16 * KIB), (0.3, 16 * KIB, 256 * KIB), (0.1, 256 * KIB, 4096 * KIB))
-FILES_PER_DIR = 100
-
-
-def file_sizes(seed: int, total: int) -> list[int]:
-    """Sizes of the tree's files, in order, until their sum reaches `total` bytes."""
-    rng = np.random.default_rng([seed, 80])
-    p = np.array([c[0] for c in SIZE_CLASSES])
-    sizes: list[int] = []
-    left = total
-    while left > 0:
-        _, lo, hi = SIZE_CLASSES[int(rng.choice(len(SIZE_CLASSES), p=p))]
-        n = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        n = min(n, left)
-        sizes.append(n)
-        left -= n
-    return sizes
-
-
-def content(seed: int, i: int, n: int) -> bytes:
-    return np.random.default_rng([seed, 81, i]).bytes(n)
-
-
-def file_path(i: int) -> str:
-    return f"/d{i // FILES_PER_DIR:03d}/f{i:05d}.bin"
+LOOPS = ("closed", "paced")
 
 
 class Http(Workload):
     name = "http"
     description = "nginx serving static files from the emulated FS; locust users fetch them"
     prepares = True
-    defaults = {"total_mib": 160, "users": 4, "pacing_s": 0.02, "port": 8080,
-                "connect_timeout_s": 0.2, "network_timeout_s": 2.0,
+    defaults = {"total_mib": 160, "users": 4, "loop": "closed", "pacing_s": 0.02,
+                "port": 8080, "connect_timeout_s": 0.2, "network_timeout_s": 2.0,
                 "max_requests": 200_000, "warm": 1}
 
     def __init__(self, **params):
@@ -89,6 +63,9 @@ class Http(Workload):
         for k in ("pacing_s", "connect_timeout_s", "network_timeout_s"):
             if not isinstance(self.p[k], (int, float)) or self.p[k] <= 0:
                 raise WorkloadError(f"http: {k} must be a positive number, got {self.p[k]!r}")
+        if self.p["loop"] not in LOOPS:
+            raise WorkloadError(f"http: loop must be one of {', '.join(LOOPS)}, "
+                                f"got {self.p['loop']!r}")
 
     def url(self, svc: Service) -> str:
         return f"http://{svc.ip}:{self.p['port']}"
@@ -101,19 +78,11 @@ class Http(Workload):
 
     # --- prepare: the tree of files -----------------------------------------------------
     def prepare(self, svc: Service) -> None:
-        root = self.root(svc)
-        root.mkdir(mode=0o755)
-        files = []
-        for i, n in enumerate(file_sizes(svc.seed, self.p["total_mib"] << 20)):
-            rel = file_path(i)
-            path = root / rel.lstrip("/")
-            if i % FILES_PER_DIR == 0:
-                path.parent.mkdir(mode=0o755)
-            body = content(svc.seed, i, n)
-            path.write_bytes(body)
-            os.chmod(path, 0o644)
-            files.append({"path": rel, "bytes": n, "sha256": hashlib.sha256(body).hexdigest()})
+        files = tree.write_tree(self.root(svc), svc.seed, self.p["total_mib"] << 20)
         self.manifest(svc).write_text(json.dumps(files))
+
+    def cache_pages(self, svc: Service) -> int:
+        return tree.pages(json.loads(self.manifest(svc).read_text()))
 
     # --- the service ---------------------------------------------------------------------
     def run_dir(self, svc: Service) -> Path:
@@ -139,7 +108,7 @@ class Http(Workload):
         p = self.p
         return ["-m", CLIENT, mode, "--url", self.url(svc), "--until", repr(until),
                 "--manifest", str(self.manifest(svc)), "--seed", str(svc.seed),
-                "--users", str(p["users"]), "--pacing", str(p["pacing_s"]),
+                "--users", str(p["users"]), "--loop", p["loop"], "--pacing", str(p["pacing_s"]),
                 "--max-requests", str(p["max_requests"]),
                 "--connect-timeout", str(p["connect_timeout_s"]),
                 "--network-timeout", str(p["network_timeout_s"])]

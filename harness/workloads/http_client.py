@@ -2,8 +2,9 @@
 cache warm-up, verify).
 
 ``load`` runs locust as a library in this process: ``--users`` FastHttpUsers, each
-fetching a uniformly chosen file of the manifest every ``--pacing`` seconds (constant
-pacing), with explicit connect and network timeouts and no retries; the run stops by
+fetching a uniformly chosen file of the manifest, in a closed loop (``--loop closed``: the
+next request as soon as the last is answered; after a failure, a back-off of 5 ms
+doubling to 50 ms) or every ``--pacing`` seconds (``paced``), with explicit connect and network timeouts and no retries; the run stops by
 itself at ``--until`` or after ``--max-requests`` requests, and on SIGTERM. A request
 listener writes every request to the history (harness/history.py), one process number per
 user: the invoke (f ``read``, key the path, value the file's bytes and sha256 from the
@@ -26,6 +27,8 @@ import time
 
 from harness.history import Recorder, event
 
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.005, 0.05   # a closed-loop user's wait after a failure
+
 
 def digest(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
@@ -33,7 +36,7 @@ def digest(b: bytes) -> str:
 
 def load(a) -> int:
     import gevent
-    from locust import FastHttpUser, constant_pacing, task
+    from locust import FastHttpUser, constant, constant_pacing, task
     from locust.env import Environment
     from locust.exception import StopUser
     import numpy as np
@@ -44,7 +47,7 @@ def load(a) -> int:
 
     class Reader(FastHttpUser):
         host = a.url
-        wait_time = constant_pacing(a.pacing)
+        wait_time = constant(0) if a.loop == "closed" else constant_pacing(a.pacing)
         connection_timeout = a.connect_timeout
         network_timeout = a.network_timeout
         max_retries = 0
@@ -53,6 +56,7 @@ def load(a) -> int:
             self.uid = Reader.next_uid
             Reader.next_uid += 1
             self.rng = np.random.default_rng([a.seed, self.uid, 82])
+            self.backoff = 0.0
 
         @task
         def fetch(self):
@@ -60,8 +64,14 @@ def load(a) -> int:
                 raise StopUser()
             sent["n"] += 1
             f = files[int(self.rng.integers(len(files)))]
-            self.client.get(f["path"], name="file", headers={"Accept-Encoding": "identity"},
-                            context={"uid": self.uid, "file": f, "t0": time.monotonic()})
+            r = self.client.get(f["path"], name="file", headers={"Accept-Encoding": "identity"},
+                                context={"uid": self.uid, "file": f, "t0": time.monotonic()})
+            # a closed loop backs off after a failure, so an outage is not a flood of
+            # refused requests that spends the request budget
+            self.backoff = 0.0 if r.status_code == 200 else \
+                min(max(2 * self.backoff, BACKOFF_MIN_S), BACKOFF_MAX_S)
+            if self.backoff and a.loop == "closed":
+                gevent.sleep(self.backoff)
 
     Reader.next_uid = 0
 
@@ -178,7 +188,10 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--history")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--users", type=int, default=4)
-    ap.add_argument("--pacing", type=float, default=0.02, help="seconds between a user's requests")
+    ap.add_argument("--loop", choices=("closed", "paced"), default="closed",
+                    help="closed: the next request as soon as the last is answered")
+    ap.add_argument("--pacing", type=float, default=0.02,
+                    help="paced: seconds between a user's requests")
     ap.add_argument("--max-requests", type=int, default=200_000)
     ap.add_argument("--connect-timeout", type=float, default=0.2)
     ap.add_argument("--network-timeout", type=float, default=2.0)

@@ -109,7 +109,8 @@ class Kernel:
                  if d in {x.name for x in self.machine.disks}]
         if not disks:
             raise SystemExit(f"partition {self.part.id} owns no disk: nothing to mount")
-        return BlockDevice(self.disk_path(disks[0]), disks[0].model, delay=self.delay)
+        return BlockDevice(self.disk_path(disks[0]), disks[0].model, delay=self.delay,
+                           timing=disks[0].timing)
 
     def boot(self, dev: BlockDevice | None = None, adopt=None, devices: str | None = None) -> VFS:
         t0 = time.monotonic_ns()

@@ -20,7 +20,8 @@ take a dead kernel's disk over):
   file, so it vanishes with a dead kernel process: that is the fencing signal a backup
   kernel waits for before it takes the disk;
 * modeled time: each request costs the model's latency + bytes/bandwidth
-  (param.DEVICE_MODELS; bandwidth 0 = unlimited), a flush FLUSH_LATENCY_FACTOR latencies;
+  (param.DEVICE_MODELS by name, or ``timing`` = (latency, bandwidth) of a model the
+  machine description defines, kernel/hw/machine.py; bandwidth 0 = unlimited), a flush FLUSH_LATENCY_FACTOR latencies;
   requests queue one at a time (a request starts when the previous one's modeled completion
   time has passed). The modeled time is summed in ``stats["modeled_s"]`` — callers report
   it as *modeled* — and, with ``delay=True``, the call really returns at its modeled
@@ -51,12 +52,16 @@ class DeviceError(OSError):
 
 class BlockDevice:
     def __init__(self, path: str, model: str = param.DEFAULT_DEVICE_MODEL, *,
-                 write_cache: bool = False, delay: bool = True, exclusive: bool = True):
-        if model not in param.DEVICE_MODELS:
-            raise ValueError(f"unknown device model {model!r} (known: {', '.join(param.DEVICE_MODELS)})")
+                 write_cache: bool = False, delay: bool = True, exclusive: bool = True,
+                 timing: tuple[float, float] | None = None):
+        if timing is None:
+            if model not in param.DEVICE_MODELS:
+                raise ValueError(f"unknown device model {model!r} "
+                                 f"(known: {', '.join(param.DEVICE_MODELS)})")
+            timing = param.DEVICE_MODELS[model]
         self.path, self.model = str(path), model
         self.write_cache, self.delay = write_cache, delay
-        self.latency, self.bandwidth = param.DEVICE_MODELS[model]
+        self.latency, self.bandwidth = timing
         self.fd = os.open(self.path, os.O_RDWR)
         if exclusive:
             try:

@@ -9,12 +9,21 @@ memory and apart, devices that exist and have one owner, disk images as relative
 that stay inside the work directory. Any bad field is refused with a one-line MachineError
 naming the field and why. A partition renders as the kernel command line it boots with,
 e.g. ``cpus=0 mem=0x0-0x38000000 devs=disk0,nic0``.
+
+Modeled hardware time, all of it explicit here and reported as *modeled*: a disk's device
+model is a built-in one (param.DEVICE_MODELS) or a ``[[disk_model]]`` of the description
+(per-request latency, bandwidth, and a description citing the datasheet the figures come
+from); every Disk carries the latency and bandwidth it is modeled with. ``[reboot]`` is a
+reboot profile (firmware/POST seconds, kernel boot seconds, and where the figures come
+from) that a rebooting scheme spends where real hardware would; without one a reboot
+costs only what the emulated kernel really takes.
 """
 from __future__ import annotations
 
 import functools
 import ipaddress
 import json
+import math
 import os
 import re
 import tomllib
@@ -25,6 +34,8 @@ from pathlib import Path, PurePosixPath
 from kernel import param
 
 BENCHMARK_NET = ipaddress.ip_network("198.18.0.0/15")
+MAX_MODELED_LATENCY_S = 1.0     # per request: beyond this a figure is a typo, not a disk
+MAX_MODELED_REBOOT_S = 600.0    # each of firmware and kernel boot
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9}
 
@@ -34,11 +45,38 @@ class MachineError(ValueError):
 
 
 @dataclass(frozen=True)
+class DiskModel:
+    name: str
+    latency_s: float      # per request, modeled
+    bandwidth: float      # bytes/s, modeled; 0 = unlimited
+    description: str = ""  # where the figures come from (a datasheet, cited)
+
+    @property
+    def timing(self) -> tuple[float, float]:
+        return self.latency_s, self.bandwidth
+
+
+@dataclass(frozen=True)
 class Disk:
     name: str
     size: int
     model: str
     image: str
+    latency_s: float = 0.0   # the model's, resolved at load
+    bandwidth: float = 0.0
+
+    @property
+    def timing(self) -> tuple[float, float]:
+        """(per-request latency in seconds, bandwidth in bytes/s): the device model."""
+        return self.latency_s, self.bandwidth
+
+
+@dataclass(frozen=True)
+class RebootProfile:
+    """Hardware time of a reboot, modeled: spent by a rebooting scheme, labelled so."""
+    firmware_s: float     # firmware/POST, before any kernel runs
+    kernel_boot_s: float  # a real kernel's boot to the point where it mounts its disk
+    description: str
 
 
 @dataclass(frozen=True)
@@ -69,6 +107,24 @@ class Machine:
     partitions: tuple[Partition, ...]
     disks: tuple[Disk, ...]
     nics: tuple[Nic, ...]
+    disk_models: tuple[DiskModel, ...] = ()
+    reboot: RebootProfile | None = None
+
+    def modeled(self) -> dict:
+        """The modeled hardware of this machine, for a run's record: each disk's model and
+        the reboot profile, every figure labelled modeled."""
+        return {"disks": {d.name: {"model": d.model, "latency_s": d.latency_s,
+                                   "bandwidth_bytes_s": d.bandwidth, "modeled": True,
+                                   "description": self._model_description(d.model)}
+                          for d in self.disks},
+                "reboot": None if self.reboot is None else {
+                    "firmware_s": self.reboot.firmware_s,
+                    "kernel_boot_s": self.reboot.kernel_boot_s, "modeled": True,
+                    "description": self.reboot.description}}
+
+    def _model_description(self, model: str) -> str:
+        own = {m.name: m.description for m in self.disk_models}
+        return own.get(model, f"built-in device model {model!r} (kernel/param.py)")
 
     def partition(self, pid: int) -> Partition:
         for p in self.partitions:
@@ -134,12 +190,12 @@ def _parse_partition(t: dict, i: int, ncpu: int) -> Partition:
     return Partition(t.get("id", i), role, tuple(cpus), base, size, tuple(devices))
 
 
-def _parse_disk(t: dict, i: int) -> Disk:
+def _parse_disk(t: dict, i: int, models: dict[str, tuple[float, float]]) -> Disk:
     where = f"disk[{i}]"
     model = t.get("model", param.DEFAULT_DEVICE_MODEL)
-    if model not in param.DEVICE_MODELS:
+    if model not in models:
         raise MachineError(f"{where}.model: unknown device model {model!r} "
-                           f"(known: {', '.join(param.DEVICE_MODELS)})")
+                           f"(known: {', '.join(models)})")
     name = _require(t, "name", where)
     size = parse_size(_require(t, "size", where), f"{where}.size")
     if size < 16 << 20:
@@ -149,7 +205,48 @@ def _parse_disk(t: dict, i: int) -> Disk:
                            f"can address ({param.MAX_DISK_BLOCKS} blocks of {param.BLOCK_SIZE})")
     image = t.get("image", f"{name}.img")
     _check_image_path(image, f"{where}.image")
-    return Disk(name, size, model, image)
+    return Disk(name, size, model, image, *models[model])
+
+
+def _number(t: dict, key: str, where: str, *, positive: bool = False) -> float:
+    v = _require(t, key, where)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v < 0 or (positive and v == 0):
+        kind = "a positive number" if positive else "a number, 0 or more"
+        raise MachineError(f"{where}.{key}: expected {kind}, got {v!r}")
+    return float(v)
+
+
+def _description(t: dict, where: str) -> str:
+    d = _require(t, "description", where)
+    if not isinstance(d, str) or not d.strip():
+        raise MachineError(f"{where}.description: must say where the figures come from")
+    return d.strip()
+
+
+def _parse_disk_model(t: dict, i: int) -> DiskModel:
+    """A device model of the description: latency in µs, bandwidth in MB/s (10^6 bytes,
+    as datasheets give it)."""
+    where = f"disk_model[{i}]"
+    name = _require(t, "name", where)
+    if name in param.DEVICE_MODELS:
+        raise MachineError(f"{where}.name: {name!r} is a built-in device model; "
+                           f"give this one a name of its own")
+    latency = _number(t, "latency_us", where) * 1e-6
+    if latency > MAX_MODELED_LATENCY_S:
+        raise MachineError(f"{where}.latency_us: {latency * 1e6:g} µs is more than "
+                           f"{MAX_MODELED_LATENCY_S * 1e3:g} ms per request")
+    bandwidth = _number(t, "bandwidth_mb_s", where, positive=True) * 1e6
+    return DiskModel(name, latency, bandwidth, _description(t, where))
+
+
+def _parse_reboot(t: dict) -> RebootProfile:
+    where = "reboot"
+    firmware, boot = _number(t, "firmware_s", where), _number(t, "kernel_boot_s", where)
+    for key, v in (("firmware_s", firmware), ("kernel_boot_s", boot)):
+        if v > MAX_MODELED_REBOOT_S:
+            raise MachineError(f"{where}.{key}: {v:g} s is more than {MAX_MODELED_REBOOT_S:g} s")
+    return RebootProfile(firmware, boot, _description(t, where))
 
 
 def value_of(v) -> str:
@@ -233,7 +330,7 @@ def check_shape(doc: dict) -> None:
     raise MachineError(f"{where}: {e.message}")
 
 
-_TYPE_WORDS = {"object": "a table", "array": "a list", "integer": "an integer",
+_TYPE_WORDS = {"object": "a table", "array": "a list", "integer": "an integer", "number": "a number",
                "string": "a string", "integer or string": "a size (bytes or e.g. '896MiB')"}
 
 
@@ -252,24 +349,54 @@ def from_dict(doc: dict) -> Machine:
     parts = doc.get("partition", [])
     if not parts:
         raise MachineError("partition: a machine needs at least one partition")
+    own = tuple(_parse_disk_model(t, i) for i, t in enumerate(doc.get("disk_model", [])))
+    names = [dm.name for dm in own]
+    if len(set(names)) != len(names):
+        raise MachineError("disk_model.name: two disk models share a name")
+    models = {**param.DEVICE_MODELS, **{dm.name: dm.timing for dm in own}}
     m = Machine(
         name=top.get("name", "machine"),
         memory=memory,
         partitions=tuple(_parse_partition(t, i, ncpu) for i, t in enumerate(parts)),
-        disks=tuple(_parse_disk(t, i) for i, t in enumerate(doc.get("disk", []))),
+        disks=tuple(_parse_disk(t, i, models) for i, t in enumerate(doc.get("disk", []))),
         nics=tuple(_parse_nic(t, i) for i, t in enumerate(doc.get("nic", []))),
+        disk_models=own,
+        reboot=_parse_reboot(doc["reboot"]) if "reboot" in doc else None,
     )
     _check_layout(m)
     return m
 
 
+def shipped() -> list[str]:
+    """Names of the machine descriptions shipped with crashbench (``default``, ``paper``)."""
+    return sorted(p.name[:-5] for p in resources.files("kernel.hw.machines").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def _is_shipped(path) -> bool:
+    """A bare name of a shipped description (``paper``), not a file of that name here."""
+    s = str(path)
+    return "/" not in s and not Path(s).exists() and s.removesuffix(".toml") in shipped()
+
+
+def resolve(path: str | Path) -> str:
+    """The file a description names: a shipped one's own path for its bare name, so that
+    every process handed it reads the same file wherever it runs."""
+    if _is_shipped(path):
+        return str(resources.files("kernel.hw.machines").joinpath(
+            str(path).removesuffix(".toml") + ".toml"))
+    return str(path)
+
+
 def load(path: str | Path | None = None, *, shape_checked: bool = False) -> Machine:
-    """Load a machine description; None means the shipped default machine. ``shape_checked``:
+    """Load a machine description; None means the shipped default machine, a bare name
+    (``paper``) another shipped one. ``shape_checked``:
     the caller (a kernel the harness started) was handed a description the harness already
     checked against the schema; the checks for sense still run."""
-    if path is None:
-        text = resources.files("kernel.hw.machines").joinpath("default.toml").read_text()
-        where = "default.toml"
+    if path is None or _is_shipped(path):
+        where = f"{path or 'default'}.toml" if path is None or not str(path).endswith(".toml") \
+            else str(path)
+        text = resources.files("kernel.hw.machines").joinpath(where).read_text()
     else:
         try:
             text = Path(path).read_text()

@@ -461,7 +461,7 @@ def attach(kernel, path: str) -> VmmDisk:
         dev.close()
         raise VmmError(f"{path}: made for a disk of {v.r.nblocks} blocks, the guest's has {dev.nblocks}")
     v.install()
-    kernel.hw.vmm = v
+    kernel.vmm = v
     return VmmDisk(dev, v)
 
 

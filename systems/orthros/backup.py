@@ -195,7 +195,7 @@ def take_disk(k: Kernel, names: list[str], delay: bool) -> BlockDevice:
     deadline = time.monotonic() + FENCE_TIMEOUT_S
     while True:
         try:
-            return BlockDevice(k.disk_path(disk), disk.model, delay=delay)
+            return BlockDevice(k.disk_path(disk), disk.model, delay=delay, timing=disk.timing)
         except DeviceError:
             if time.monotonic() > deadline:
                 raise

@@ -3,15 +3,22 @@
 Promises: after a failure is detected (watchdog doorbell or heartbeat), the dead kernel is
 fenced (its whole process group and every other process of the partition's process set —
 its apps and their children — killed, and its FUSE connection aborted: nothing of it runs
-when its disk is taken again), an optional firmware/POST delay passes (modeled, labelled
-so), a fresh kernel boots in the same partition with a cold page cache, mounts the disk
-and replays the journal; service is back when the mount answers. Only what reached the
-disk survives: the dirty pages the dead kernel held are counted as lost.
+when its disk is taken again), the machine's modeled reboot time passes where real
+hardware spends it — firmware/POST (phase ``firmware``), then a real kernel's boot up to
+its mount (phase ``kernel boot``), both labelled modeled, from the machine description's
+``[reboot]`` profile (kernel/hw/machine.py; none: no modeled time) — a fresh kernel boots in
+the same partition with a cold page cache, mounts the disk and replays the journal;
+service is back when the mount answers. Only what reached the disk survives: the dirty
+pages the dead kernel held are counted as lost. ``firmware_s`` given to the constructor
+replaces the profile's firmware time. A variant whose reboot does not pass through the
+machine's firmware (``through_firmware`` False: a guest rebooted by its VMM) spends only
+the kernel boot.
 """
 from __future__ import annotations
 
 import os
 import time
+from typing import ClassVar
 
 from kernel.hw import fusedev
 from kernel.hw.physmem import PhysMem
@@ -24,14 +31,20 @@ from systems.survey import survey
 class Reboot(RecoveryScheme):
     name = "reboot"
     watcher = None
+    through_firmware: ClassVar[bool] = True   # a machine reboot: firmware/POST runs first
 
-    def __init__(self, firmware_s: float = 0.0):
-        if firmware_s < 0:
+    def __init__(self, firmware_s: float | None = None):
+        if firmware_s is not None and firmware_s < 0:
             raise ValueError(f"firmware_s: must not be negative, got {firmware_s}")
         self.firmware_s = firmware_s
+        self.kernel_boot_s = 0.0
 
     def deploy(self, host, apps=()) -> None:
         self.host, self.apps = host, list(apps)
+        profile = host.machine.reboot
+        if self.firmware_s is None:
+            self.firmware_s = profile.firmware_s if profile and self.through_firmware else 0.0
+        self.kernel_boot_s = profile.kernel_boot_s if profile else 0.0
         self._boot()
         self.watcher = Watcher(host, 0)
 
@@ -50,12 +63,10 @@ class Reboot(RecoveryScheme):
         self._fence()
         r.phase("fence", t)
         r.cache, _ = survey(host.physmem, host.machine, 0)   # before the new kernel reuses the memory
-        if self.firmware_s:
-            t = time.monotonic()
-            _wait_until(t + self.firmware_s)
-            r.phase("firmware", t, modeled=True)
+        self._modeled(r, "firmware", self.firmware_s)
         before = _count_processes(host)
         self._before_boot(r)
+        self._modeled(r, "kernel boot", self.kernel_boot_s)
         t = time.monotonic()
         kp = self._boot()   # a rebooted kernel starts its apps afresh
         mail = host.mail(0)
@@ -73,6 +84,14 @@ class Reboot(RecoveryScheme):
         r.recovered = True
         r.notes.append(f"{r.cache.dirty_pages_lost} dirty pages of the crashed kernel were lost")
         return r
+
+    @staticmethod
+    def _modeled(r: RecoveryReport, name: str, seconds: float) -> None:
+        """Modeled hardware time, waited for here, where the hardware would spend it."""
+        if seconds:
+            t = time.monotonic()
+            _wait_until(t + seconds)
+            r.phase(name, t, modeled=True)
 
     def _fence(self) -> None:
         """Make sure the dead kernel is gone before its disk is taken again."""

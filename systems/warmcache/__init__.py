@@ -3,8 +3,9 @@
 Promises: at deploy the VMM's region is made (kernel/hw/vmm.py) and the kernel of partition 0
 boots beneath the VMM, which from then on tracks which frame holds which disk block at
 which write generation and invalidates a frame when the kernel stores into it. On a
-failure it goes as `reboot` does — detect, fence (nothing of the dead kernel runs), optional
-firmware delay (modeled), a fresh kernel in the same partition, mount + journal replay,
+failure it goes as `reboot` does — detect, fence (nothing of the dead kernel runs), the
+machine profile's kernel boot time (modeled; not its firmware/POST time: the VMM reboots
+its guest, the machine does not restart), a fresh kernel in the same partition, mount + journal replay,
 applications started afresh — with one more phase before the boot, the **cache check**: the
 VMM checks every frame it tracked (entry seal, block generation, content checksum) and keeps
 the consistent ones. The new kernel boots beneath the VMM too; its reads of a kept block are
@@ -37,8 +38,10 @@ class WarmCache(Reboot):
     name = "warmcache"
     capabilities = Capabilities(keeps_cache=True)
     region_path: str | None = None
+    through_firmware = False   # the VMM reboots its guest: the machine's POST does not run
 
-    def __init__(self, firmware_s: float = 0.0, spare_pages: int = param.VMM_SPARE_PAGES):
+    def __init__(self, firmware_s: float | None = None,
+                 spare_pages: int = param.VMM_SPARE_PAGES):
         super().__init__(firmware_s)
         if spare_pages < 0:
             raise ValueError(f"spare_pages: must not be negative, got {spare_pages}")
