@@ -17,9 +17,10 @@ Promises to the kernel daemon (kernel/kernel.py), the host side (kernel/host.py)
 * ``resume(fd, params, vfs, ready=)`` serves a connection another process initialised:
   ``fd`` is a descriptor of its /dev/fuse (a dup passed over a Unix socket or taken with
   pidfd_getfd), ``params`` its ``ConnParams`` (or their ``as_dict()``); no INIT exchange.
-  Requests are answered from the first one queued; file handles are inode numbers and a
-  directory handle this server never saw lists its directory afresh, so handles the
-  previous server gave out stay valid. Otherwise as ``serve``.
+  Requests are answered from the first one queued; file handles are inode numbers, a
+  directory handle this server never saw lists its directory afresh, and its own
+  directory handles carry its pid, so handles the previous server gave out stay valid and
+  are never reused. Otherwise as ``serve``.
 * ``stop()`` (alias ``request_stop``) may be called from a signal handler or any thread.
 * Every request is one synchronous VFS call made by the one serving thread (the VFS takes
   its big lock itself).
@@ -144,7 +145,8 @@ class Server:
         self.vfs, self.fd, self.params = vfs, fd, params
         self.valid_s, self.valid_ns = _split_s(timeout)
         self._dirs: dict[int, list] = {}      # dir handle -> [ino, snapshot or None]
-        self._dir_fh = itertools.count(1)
+        # the pid in the high half: handles a previous server gave out never collide
+        self._dir_fh = itertools.count((os.getpid() << 32) + 1)
         self._killpriv: set[int] = set()      # regular files with set-ID bits to clear on write
         self.unmounted = False                # the host ended the connection (ENODEV)
         self.destroyed = False
@@ -439,7 +441,7 @@ class Server:
 
     # --- directories -----------------------------------------------------------------------
     def opendir(self, ino, body, uid, gid, pid):
-        fh = next(self._dir_fh)
+        fh = next(self._dir_fh); log.info("DBG opendir %d -> %d", ino, fh)
         self._dirs[fh] = [ino, None]
         return P.OPEN_OUT.pack(fh, 0, 0)
 
@@ -455,7 +457,9 @@ class Server:
         # out stale, and no other entry moves: none is skipped or repeated. A handle this
         # server did not open (a takeover) starts a snapshot of the request's directory.
         fh, start, size = P.READ_IN.unpack_from(body)
-        d = self._dirs.setdefault(fh, [ino, None])
+        d = self._dirs.get(fh)
+        if d is None or d[0] != ino:
+            d = self._dirs[fh] = [ino, None]
         snap = d[1]
         fresh = start == 0 or snap is None
         if fresh:

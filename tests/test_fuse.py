@@ -612,7 +612,7 @@ def test_a_second_process_resumes_the_connection_and_open_files_go_on(tmp_path, 
     host_b, to_b = socket.socketpair()
     a = Daemon(tmp_path, mountdir, script=HANDOFF, args=("serve", str(to_host.fileno())),
                pass_fds=(to_host.fileno(),), log="a.log")
-    b = None
+    b = listing = None
     fd = dup = -1
     try:
         msg, fds, _, _ = socket.recv_fds(from_a, 1 << 16, 1)
@@ -626,6 +626,10 @@ def test_a_second_process_resumes_the_connection_and_open_files_go_on(tmp_path, 
         fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
         os.write(fd, b"before")
         os.fsync(fd)                                   # the second server reads the disk
+        names = _fill_dir(a.path("many"), 600)
+        _fill_dir(a.path("other"), 3)
+        listing = os.scandir(a.path("many"))           # a directory handle of the first server
+        first = next(listing).name                     # one batch of several read through it
         a.kill()
         assert fuse.mounts_at(str(mountdir)) == [conn]  # same connection, still mounted
         waiting: dict = {}
@@ -638,6 +642,16 @@ def test_a_second_process_resumes_the_connection_and_open_files_go_on(tmp_path, 
         b.wait_ready()
         t.join(20)
         assert not t.is_alive() and waiting["e"] == errno.ENOENT
+        # Handles of the second server's own, as many as the first gave out: a server
+        # counting from 1 again would reuse the listing's number for another directory.
+        mine = [os.scandir(a.path("other")) for _ in range(3)]
+        for it in mine:
+            next(it)
+        rest = within(20, lambda: [e.name for e in listing])
+        for it in mine:
+            it.close()
+        listing.close()
+        assert len(rest) + 1 == len(names) and {first, *rest} == names
         assert within(20, os.pwrite, fd, b"after", 6) == 5
         assert within(20, os.pread, fd, 64, 0) == b"beforeafter"
         within(20, os.fsync, fd)
@@ -645,6 +659,8 @@ def test_a_second_process_resumes_the_connection_and_open_files_go_on(tmp_path, 
         assert a.path("new").read_bytes() == b"made by the second server"
         assert b.proc.poll() is None and "Traceback" not in b.log.read_text()
     finally:
+        if listing is not None:
+            listing.close()
         for f in (fd, dup):
             if f >= 0:
                 os.close(f)
@@ -659,3 +675,17 @@ def test_a_second_process_resumes_the_connection_and_open_files_go_on(tmp_path, 
         for s in (from_a, to_host, host_b, to_b):
             s.close()
     assert stopped == 0 and not fuse.is_mounted(str(mountdir))
+
+
+def _fill_dir(d: Path, n: int) -> set[str]:
+    """n empty files with 100-byte names in a new directory, durable on the disk."""
+    d.mkdir()
+    names = {f"{'n' * 100}-{i:04d}" for i in range(n)}
+    for name in names:
+        (d / name).write_bytes(b"")
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return names
