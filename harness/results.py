@@ -397,7 +397,7 @@ def environment() -> dict:
     return {"python": platform.python_version(),
             "python_implementation": platform.python_implementation(),
             "crashbench": _version("crashbench"), "crashbench_commit": _commit(),
-            "numpy": _version("numpy"), "pyfuse3": _version("pyfuse3"),
+            "numpy": _version("numpy"),
             "os": platform.system(), "kernel_release": platform.release(),
             "arch": platform.machine(), "cpu_count": os.cpu_count(),
             "memory_bytes": _memory_bytes()}

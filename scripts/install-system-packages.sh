@@ -6,7 +6,7 @@ need=""
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 
-for p in fuse3 libfuse3-dev pkg-config iproute2 nginx; do
+for p in fuse3 iproute2 nginx; do
     have_pkg "$p" || need="$need $p"
 done
 # PostgreSQL server binaries: any installed major version will do.

@@ -101,14 +101,20 @@ def errno_of(fn, *args) -> int:
 
 
 class Daemon:
-    def __init__(self, work: Path, mnt: Path, disk: int | None = None):
+    def __init__(self, work: Path, mnt: Path, disk: int | None = None, *, script: str = DAEMON,
+                 args: tuple = (), pass_fds: tuple = (), log: str = "daemon.log",
+                 wait: bool = True):
         self.work, self.mnt = work, mnt
-        self.log = work / "daemon.log"
+        self.log = work / log
         self.logf = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", DAEMON, str(work), str(mnt),
-                                      *([str(disk)] if disk else [])],
+        self.proc = subprocess.Popen([sys.executable, "-c", script, str(work), str(mnt),
+                                      *([str(disk)] if disk else []), *args],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=self.logf,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, pass_fds=pass_fds)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + 30
         line = b""
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -564,3 +570,122 @@ def test_full_device_keeps_acknowledged_writes_and_refuses_the_rest(tmp_path, mo
     finally:
         d.teardown()
     assert "Traceback" not in d.log.read_text()
+
+
+# --- a connection served by a second process (the takeover's foundation) --------------------
+# "serve": a fresh Stack, mounted; once INIT is done, the connection's descriptor and
+# parameters go out over the Unix socket whose number is argv[4]. "resume": the same disk
+# (fsynced data only: memory is not adopted here) served on the connection received from it.
+HANDOFF = r"""
+import json, logging, signal, socket, sys
+from pathlib import Path
+from kernel.core import fuse
+from tests.stack import Stack
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+mode, sock = sys.argv[3], socket.socket(fileno=int(sys.argv[4]))
+signal.signal(signal.SIGTERM, lambda *_: fuse.stop())
+
+def hand_over():
+    fd, params = fuse.connection()
+    socket.send_fds(sock, [json.dumps(params.as_dict()).encode()], [fd])
+    print("ready", flush=True)
+
+if mode == "serve":
+    st = Stack(Path(sys.argv[1]))
+    fuse.serve(st.vfs, sys.argv[2], fsname="crashbench-test", ready=hand_over)
+else:
+    msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+    st = Stack(Path(sys.argv[1]), fresh=False)
+    fuse.resume(fds[0], json.loads(msg), st.vfs, ready=lambda: print("ready", flush=True))
+st.close()
+print("stopped", flush=True)
+"""
+
+
+def test_a_second_process_resumes_the_connection_and_open_files_go_on(tmp_path, mountdir):
+    """The first server is SIGKILLed while this process holds a file open on the mount and
+    a duplicate of the connection's descriptor (as the machine will): the connection is
+    not aborted, a request made meanwhile waits, and a second server handed the
+    descriptor over a Unix socket answers it and the open file's next write and read."""
+    from_a, to_host = socket.socketpair()
+    host_b, to_b = socket.socketpair()
+    a = Daemon(tmp_path, mountdir, script=HANDOFF, args=("serve", str(to_host.fileno())),
+               pass_fds=(to_host.fileno(),), log="a.log")
+    b = listing = None
+    fd = dup = -1
+    try:
+        msg, fds, _, _ = socket.recv_fds(from_a, 1 << 16, 1)
+        dup = fds[0]
+        # Started now, it waits for the descriptor: no process may fork (and close its
+        # copy of a file on the mount, a FLUSH) while no server answers.
+        b = Daemon(tmp_path, mountdir, script=HANDOFF, args=("resume", str(to_b.fileno())),
+                   pass_fds=(to_b.fileno(),), log="b.log", wait=False)
+        [conn] = fusedev.mounts_at(str(mountdir))
+        p = a.path("held")
+        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, b"before")
+        os.fsync(fd)                                   # the second server reads the disk
+        names = _fill_dir(a.path("many"), 600)
+        _fill_dir(a.path("other"), 3)
+        listing = os.scandir(a.path("many"))           # a directory handle of the first server
+        first = next(listing).name                     # one batch of several read through it
+        a.kill()
+        assert fusedev.mounts_at(str(mountdir)) == [conn]  # same connection, still mounted
+        waiting: dict = {}
+        t = threading.Thread(target=lambda: waiting.update(e=errno_of(os.stat, a.path("new"))),
+                             daemon=True)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()                            # queued, not ENOTCONN
+        socket.send_fds(host_b, [msg], [dup])
+        b.wait_ready()
+        t.join(20)
+        assert not t.is_alive() and waiting["e"] == errno.ENOENT
+        # Handles of the second server's own, as many as the first gave out: a server
+        # counting from 1 again would reuse the listing's number for another directory.
+        mine = [os.scandir(a.path("other")) for _ in range(3)]
+        for it in mine:
+            next(it)
+        rest = within(20, lambda: [e.name for e in listing])
+        for it in mine:
+            it.close()
+        listing.close()
+        assert len(rest) + 1 == len(names) and {first, *rest} == names
+        assert within(20, os.pwrite, fd, b"after", 6) == 5
+        assert within(20, os.pread, fd, 64, 0) == b"beforeafter"
+        within(20, os.fsync, fd)
+        a.path("new").write_bytes(b"made by the second server")
+        assert a.path("new").read_bytes() == b"made by the second server"
+        assert b.proc.poll() is None and "Traceback" not in b.log.read_text()
+    finally:
+        if listing is not None:
+            listing.close()
+        for f in (fd, dup):
+            if f >= 0:
+                os.close(f)
+        stopped = None
+        if b is not None:
+            try:
+                stopped = b.stop()
+            except subprocess.TimeoutExpired:
+                pass
+            b.teardown()
+        a.teardown()
+        for s in (from_a, to_host, host_b, to_b):
+            s.close()
+    assert stopped == 0 and not fusedev.is_mounted(str(mountdir))
+
+
+def _fill_dir(d: Path, n: int) -> set[str]:
+    """n empty files with 100-byte names in a new directory, durable on the disk."""
+    d.mkdir()
+    names = {f"{'n' * 100}-{i:04d}" for i in range(n)}
+    for name in names:
+        (d / name).write_bytes(b"")
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return names

@@ -169,7 +169,7 @@ def test_latest_is_a_relative_symlink_replaced_atomically(tmp_path):
 
 def test_environment_records_versions_and_the_machine_size():
     env = results.environment()
-    for k in ("python", "crashbench", "numpy", "pyfuse3", "kernel_release", "cpu_count",
+    for k in ("python", "crashbench", "numpy", "kernel_release", "cpu_count",
               "memory_bytes"):
         assert k in env
     assert env["python"].startswith("3.") and env["cpu_count"] >= 1

@@ -96,8 +96,8 @@ def _conn_file(m: dict, name: str) -> str:
 
 
 def _tune(mountpoint: str) -> None:
-    """Raise the host's read-ahead for the mount (libfuse caps it at 128 KiB in INIT;
-    larger windows mean fewer, larger READ requests). Best effort, needs root."""
+    """Raise the host's read-ahead for the mount (the host offers 128 KiB in INIT and a reply
+    can only lower it; larger windows mean fewer, larger READ requests). Best effort, root."""
     for m in mounts_at(mountpoint):
         if m["fstype"].startswith("fuse"):
             bdi = f"/sys/class/bdi/{m['major']}:{m['minor']}/read_ahead_kb"
