@@ -43,6 +43,7 @@ class TrialSpec:
     timing: dict = field(default_factory=lambda: dict(DEFAULTS))
     workload_params: dict = field(default_factory=dict)
     machine_file: str | None = None
+    fault_args: dict = field(default_factory=dict)   # where the fault goes: target, site, seed
 
     @property
     def id(self) -> str:
@@ -134,9 +135,10 @@ class Trial:
 
     def inject(self) -> dict:
         with history.Recorder(self.svc.history_dir() / "nemesis.jsonl", history.NEMESIS) as rec:
-            op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": self.scheme.active})
+            op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": self.scheme.active,
+                                            **self.spec.fault_args})
             self.crash_at = op["time"]
-            reply = self.scheme.inject(self.spec.fault)
+            reply = self.scheme.inject(self.spec.fault, **self.spec.fault_args)
             rec.complete("info", op, value={"fault": self.spec.fault, "reply": reply})
         return reply
 
@@ -187,10 +189,17 @@ class Trial:
                 if self.net is not None:
                     self.net.down()
                 if self.host is not None:
-                    _keep_logs(self.host.workdir, self.out / f"logs-{self.spec.id}")
-                    shutil.rmtree(self.host.workdir, ignore_errors=True)
+                    try:
+                        self.examine()
+                    finally:
+                        _keep_logs(self.host.workdir, self.out / f"logs-{self.spec.id}")
+                        shutil.rmtree(self.host.workdir, ignore_errors=True)
         if self.host is not None:     # only a machine fully torn down is forgotten
             owners.release(self.host.tag)
+
+    def examine(self) -> None:
+        """The stopped machine, before its work directory goes: what a subclass checks
+        there (a campaign runs fsck on the disk image). Nothing here."""
 
 
 class _Phase:
@@ -233,13 +242,14 @@ def plan(schemes_: list[str], workload: str, fault: str, trials: int, seed: int,
             for i in range(trials) for s in schemes_]
 
 
-def run_one(spec: TrialSpec, out: Path, say=lambda msg: None) -> dict:
+def run_one(spec: TrialSpec, out: Path, say=lambda msg: None, trial_cls: type = Trial) -> dict:
     """A trial's record; an error inside the trial becomes a failed record, not a crash of
-    the run (Ctrl-C still stops the run, after the trial's teardown)."""
+    the run (Ctrl-C still stops the run, after the trial's teardown). ``trial_cls``: a
+    subclass of Trial that adds to a phase (harness/campaign)."""
     from harness.trial import failed
     trial = None
     try:
-        trial = Trial(spec, out, say)
+        trial = trial_cls(spec, out, say)
         return trial.run()
     except Exception as e:       # noqa: BLE001 - recorded in the trial, named in the run
         phases = trial.phases if trial else []
