@@ -5,7 +5,7 @@ kind can be put — wild-write and bit-flip into each ``TARGETS`` object (activa
 the other kinds at each ``SITES`` site where they make sense — and ``plan`` draws
 ``per_scheme`` faults per scheme by going round the cells (repetition r of a cell is its
 r-th round), interleaved across schemes so drift of a shared machine hits every scheme
-alike. A fault's id names its scheme, cell and repetition; its seed derives from the
+alike; ``sites`` narrows the cells to faults activated at those sites. A fault's id names its scheme, cell and repetition; its seed derives from the
 campaign seed and the id alone, so the same parameters give the same plan, and any fault
 is replayed alone by its id.
 """
@@ -79,13 +79,31 @@ def kinds_of(faults: str) -> list[str]:
     return names
 
 
-def cells(kinds: list[str]) -> list[Cell]:
+def sites_of(sites: str) -> list[str] | None:
+    """``all`` (None: every site) or a comma-separated list of ``SITES``, checked."""
+    if sites.strip() == "all":
+        return None
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    for n in names:
+        if n not in SITES:
+            raise PlanError(f"--sites: unknown site {n!r}; known: all, {', '.join(SITES)}")
+    if not names:
+        raise PlanError("--sites: names no site (e.g. --sites all or --sites now)")
+    return names
+
+
+def cells(kinds: list[str], sites: list[str] | None = None) -> list[Cell]:
+    """Every cell of these kinds; ``sites``: only cells activated at one of them (memory
+    faults are activated "now")."""
     out = []
     for k in kinds:
         if k in MEMORY_FAULTS:
             out += [Cell(k, target=t, site="now") for t in TARGETS]
         else:
             out += [Cell(k, site=s) for s in SITES_OF.get(k, tuple(SITES))]
+    out = [c for c in out if sites is None or c.site in sites]
+    if not out:
+        raise PlanError(f"no fault of {', '.join(kinds)} is activated at {', '.join(sites or [])}")
     return out
 
 
@@ -94,10 +112,11 @@ def fault_seed(campaign_seed: int, fault_id: str) -> int:
     return int.from_bytes(h[:4], "little")
 
 
-def plan(schemes: list[str], kinds: list[str], per_scheme: int, seed: int) -> list[FaultSpec]:
+def plan(schemes: list[str], kinds: list[str], per_scheme: int, seed: int,
+         sites: list[str] | None = None) -> list[FaultSpec]:
     if per_scheme <= 0:
         raise PlanError(f"--per-scheme: must be a positive number of faults, got {per_scheme}")
-    cs = cells(kinds)
+    cs = cells(kinds, sites)
     out: list[FaultSpec] = []
     for i in range(per_scheme):
         c, rep = cs[i % len(cs)], i // len(cs)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from harness.campaign import executor as executors, store, summary
-from harness.campaign.plan import FaultSpec, kinds_of, plan as make_plan
+from harness.campaign.plan import FaultSpec, kinds_of, plan as make_plan, sites_of
 from harness.campaign.task import scratch_dir
 
 TEARDOWN_WAIT_S = 120.0     # how long the trials of a stopped campaign get to tear down
@@ -25,7 +25,7 @@ TEARDOWN_WAIT_S = 120.0     # how long the trials of a stopped campaign get to t
 
 def plan_of(parameters: dict) -> list[FaultSpec]:
     return make_plan(parameters["schemes"], kinds_of(parameters["faults"]),
-                     parameters["per_scheme"], parameters["seed"])
+                     parameters["per_scheme"], parameters["seed"], sites_of(parameters["sites"]))
 
 
 def open_campaign(d: Path, parameters: dict, environment: dict) -> tuple[dict, list[dict]]:

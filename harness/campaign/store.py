@@ -77,7 +77,7 @@ CAMPAIGN_SCHEMA = {
         "campaign_id": {"type": "string", "pattern": "^[0-9a-f]{10}$"},
         "created": {"type": "string"},
         "parameters": {"type": "object",
-                       "required": ["schemes", "workload", "faults", "per_scheme", "seed",
+                       "required": ["schemes", "workload", "faults", "sites", "per_scheme", "seed",
                                     "timing", "workload_params", "machine_file"]},
         "environment": {"type": "object"},
         "plan": {"type": "array", "items": {"type": "object", "required": ["id", "index", "scheme",

@@ -28,6 +28,8 @@ def campaign_cmd(
     schemes: str = typer.Option("orthros,reboot", help="comma-separated schemes"),
     workload: str = typer.Option("files", help="the workload running while faults are injected"),
     faults: str = typer.Option("all", help="fault kinds: all, or a comma-separated list"),
+    sites: str = typer.Option("all", help="only faults activated at these sites: all, or a "
+                              "comma-separated list (memory faults are activated at now)"),
     per_scheme: Optional[int] = typer.Option(None, help="faults per scheme (default: one per "
                                              "fault cell — kind with its target or site)"),
     seed: int = typer.Option(1, help="the campaign's seed (each fault's seed derives from it)"),
@@ -51,7 +53,7 @@ def campaign_cmd(
     from harness.campaign import plan, store
     from harness.campaign.executor import EXECUTORS
     names = [s.strip() for s in schemes.split(",") if s.strip()]
-    parameters = _checked(names, workload, faults, per_scheme, seed,
+    parameters = _checked(names, workload, faults, sites, per_scheme, seed,
                           {"warmup_s": warmup, "steady_s": duration, "post_s": post,
                            "recovery_timeout_s": recovery_timeout, "ready_timeout_s": 30.0,
                            "bin_s": 1.0}, _params(param), machine_file)
@@ -70,7 +72,7 @@ def campaign_cmd(
     _run(d, parameters)
 
 
-def _checked(names, workload, faults, per_scheme, seed, timing, params, machine_file) -> dict:
+def _checked(names, workload, faults, sites, per_scheme, seed, timing, params, machine_file) -> dict:
     from harness.campaign import plan
     from harness.commands.run import catalogue
     cat = catalogue()
@@ -80,9 +82,9 @@ def _checked(names, workload, faults, per_scheme, seed, timing, params, machine_
     if workload not in cat["workloads"]:
         _fail(f"--workload: unknown workload {workload!r}; known: {', '.join(cat['workloads'])}")
     try:
-        kinds = plan.kinds_of(faults)
-        per = len(plan.cells(kinds)) if per_scheme is None else per_scheme
-        plan.plan(names, kinds, per, seed)
+        kinds, where = plan.kinds_of(faults), plan.sites_of(sites)
+        per = len(plan.cells(kinds, where)) if per_scheme is None else per_scheme
+        plan.plan(names, kinds, per, seed, where)
     except plan.PlanError as e:
         _fail(str(e))
     if seed < 0:
@@ -99,7 +101,8 @@ def _checked(names, workload, faults, per_scheme, seed, timing, params, machine_
         except machine.MachineError as e:
             _fail(str(e))
     check_root("campaign")
-    return {"schemes": names, "workload": workload, "faults": faults.strip(), "per_scheme": per,
+    return {"schemes": names, "workload": workload, "faults": faults.strip(),
+            "sites": sites.strip(), "per_scheme": per,
             "seed": seed, "timing": timing, "workload_params": params,
             "machine_file": str(machine_file) if machine_file else None}
 
