@@ -335,4 +335,6 @@ def test_a_worker_killed_mid_fault_loses_no_result(tmp_path):
     doc = store.load(out)
     assert sorted(r["id"] for r in doc["faults"]) == sorted(f["id"] for f in doc["plan"])
     assert all(r["outcome"] == "not-recovered" for r in doc["faults"]), doc["faults"]
+    # the fault it was running was finished by another worker
+    assert not [r for r in doc["faults"] if r["worker"].endswith(f":{worker}")]
     assert _left_behind(out) == [], text[-3000:]
