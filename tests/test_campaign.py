@@ -338,3 +338,37 @@ def test_a_worker_killed_mid_fault_loses_no_result(tmp_path):
     # the fault it was running was finished by another worker
     assert not [r for r in doc["faults"] if r["worker"].endswith(f":{worker}")]
     assert _left_behind(out) == [], text[-3000:]
+
+
+@needs_root
+def test_fast_faults_go_into_the_recovered_machine_and_redeploy_after_a_failure(tmp_path):
+    """--redeploy-every 3: orthros's three faults share one machine (one deploy, the
+    later faults into the re-paired machine, each judged on its own writes: intact), and
+    so do reboot's (each loses acknowledged writes, none reads back another fault's files
+    as corrupted); none never recovers, so each of its faults gets a fresh machine."""
+    out = tmp_path / "c"
+    p = subprocess.run(_campaign("--schemes", "orthros,reboot,none", "--workload", "files",
+                                 "--faults", "panic,kill", "--sites", "now", "--per-scheme", "3",
+                                 "--redeploy-every", "3", "--executor", "local", *SHORT,
+                                 "--out", str(out)),
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = store.load(out)
+    orthros = sorted((r for r in doc["faults"] if r["scheme"] == "orthros"), key=lambda r: r["index"])
+    assert [r["outcome"] for r in orthros] == ["intact"] * 3, [r["why"] for r in orthros]
+    assert ["deploy" in r["phases"] for r in orthros] == [True, False, False]
+    assert all(r["fsck"]["exit_code"] == 0 and r["acked_writes"] > 0 for r in orthros)
+    reboot = sorted((r for r in doc["faults"] if r["scheme"] == "reboot"), key=lambda r: r["index"])
+    assert [r["outcome"] for r in reboot] == ["loss"] * 3, [r["why"] for r in reboot]
+    assert ["deploy" in r["phases"] for r in reboot] == [True, False, False]
+    nones = [r for r in doc["faults"] if r["scheme"] == "none"]
+    assert all(r["outcome"] == "not-recovered" and "deploy" in r["phases"] for r in nones)
+    assert _left_behind(out) == []
+
+
+def test_a_workload_that_cannot_share_a_machine_is_refused_fast_faults(tmp_path):
+    p = subprocess.run(_campaign("--workload", "postgres", "--redeploy-every", "5",
+                                 "--out", str(tmp_path / "c")),
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and "--redeploy-every: workload postgres" in p.stderr, p.stderr
+    assert not (tmp_path / "c").exists()

@@ -64,11 +64,12 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
     ids = {r["id"] for r in done}
     todo = [f for f in faults if f.id not in ids]
     params = {"campaign_id": doc["campaign_id"], **{k: parameters[k] for k in (
-        "workload", "timing", "workload_params", "machine_file")}}
+        "workload", "timing", "workload_params", "machine_file", "redeploy_every")}}
     wall0, t0, ran = doc["time"]["wall_s"], time.monotonic(), 0
     status, stopped = "stopped", None
     try:
-        for res in executors.results(parameters["executor"], todo, params,
+        for res in executors.results(parameters["executor"],
+                                     batches(todo, parameters["redeploy_every"]), params,
                                      parameters["workers"], parameters["scheduler"]):
             if res["id"] in ids:          # a task Dask ran twice: counted once
                 continue
@@ -98,6 +99,21 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
                        "this_session": {"wall_s": time.monotonic() - t0, "faults_run": ran}}
         store.write(d, doc)
     return doc
+
+
+def batches(todo: list[FaultSpec], every: int) -> list[list[FaultSpec]]:
+    """Consecutive faults of a scheme, ``every`` to a batch (a machine's faults at most),
+    the batches interleaved across schemes as the plan is."""
+    per: dict[str, list[list[FaultSpec]]] = {}
+    for f in todo:
+        bs = per.setdefault(f.scheme, [[]])
+        if len(bs[-1]) >= max(1, every):
+            bs.append([])
+        bs[-1].append(f)
+    out = []
+    for i in range(max((len(b) for b in per.values()), default=0)):
+        out += [bs[i] for bs in per.values() if i < len(bs) and bs[i]]
+    return out
 
 
 def clean_scratch(campaign_id: str, wait_s: float = TEARDOWN_WAIT_S) -> str | None:

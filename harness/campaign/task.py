@@ -1,10 +1,13 @@
 """One fault of a campaign: a driver trial in a process of its own, and its result.
 
-Promises to the executors (executor.py): ``run_task(fault, params)`` runs the fault's
-trial through the driver's ``run_one`` (harness/driver.py) in a fresh Python process
-(``python -m harness.campaign.task``), so that what one trial leaves in an interpreter
-never reaches the next, and returns its result — a dict of ``store.FAULT_SCHEMA`` — or one
-of outcome ``harness-error`` when the process failed. Every trial's work directory is made
+Promises to the executors (executor.py): ``iter_batch(faults, params)`` runs a batch of
+faults of one scheme in a fresh Python process (``python -m harness.campaign.task``), so
+that what one trial leaves in an interpreter never reaches the next, and yields each
+fault's result — a dict of ``store.FAULT_SCHEMA`` — as it completes, or one of outcome
+``harness-error`` for a fault the process did not finish; ``run_batch`` is the same as a
+Dask task, which also puts each result on the campaign's Dask queue. In the process each
+fault is one trial through the driver's ``run_one`` (harness/driver.py), or, with
+``redeploy_every`` > 1, the batch shares machines (session.py). Every trial's work directory is made
 under the campaign's scratch directory for this machine (``scratch_dir``), each in a
 directory of its own, so two workers of one machine never share a work directory, memory
 file, namespace, process set or port (those derive from the work directory). The trial
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from harness import driver
@@ -30,6 +34,7 @@ from harness.campaign.plan import FaultSpec
 
 PARENT_POLL_S = 0.2        # how often a trial process looks whether its starter still lives
 KILL_GRACE_S = 60.0        # a trial process asked to stop gets this long for its teardown
+RESULT_POLL_S = 0.1        # how often the results a trial process wrote are looked for
 
 
 class CampaignTrial(driver.Trial):
@@ -98,38 +103,71 @@ def error_result(fault: FaultSpec, why: str, wall_s: float = 0.0) -> dict:
             "worker": f"{socket.gethostname()}:{os.getpid()}", "error": why}
 
 
-def run_task(fault: dict, params: dict) -> dict:
-    """A fault's result from a trial process of its own (what a Dask task runs)."""
-    f = FaultSpec(**fault)
+def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
+    """The results of a batch of faults (one scheme, in order) from a trial process of its
+    own, each as it completes; a fault the process did not finish gets a harness error."""
+    fs = [FaultSpec(**f) for f in faults]
     scratch = scratch_dir(params["campaign_id"])
     scratch.mkdir(parents=True, exist_ok=True)
     os.chmod(scratch, 0o755)         # servers on a trial's mount run as other users
-    work = Path(tempfile.mkdtemp(prefix=f"fault-{f.index}-", dir=scratch))
+    work = Path(tempfile.mkdtemp(prefix=f"fault-{fs[0].index}-", dir=scratch))
     os.chmod(work, 0o755)
-    result = work / "result.json"
-    limit = trial_limit_s(params["timing"])
+    results = work / "results.jsonl"
+    limit = trial_limit_s(params["timing"]) * len(fs)
     t0 = time.monotonic()
+    proc, seen, done, why = None, 0, set(), None
     try:
         with open(work / "task.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "harness.campaign.task", str(result)],
+            proc = subprocess.Popen([sys.executable, "-m", "harness.campaign.task", str(results)],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                     stderr=log, cwd=work, env={**os.environ, "TMPDIR": str(work)})
-        proc.stdin.write(json.dumps({"fault": fault, "params": params}).encode())
+        proc.stdin.write(json.dumps({"faults": faults, "params": params}).encode())
         proc.stdin.close()
-        try:
-            rc = proc.wait(limit)
-        except subprocess.TimeoutExpired:
-            rc = _stop(proc)
-            return error_result(f, f"the trial took longer than {limit:.0f} s and was stopped",
-                                time.monotonic() - t0)
-        if rc != 0 or not result.exists():
-            tail = (work / "task.log").read_text(errors="replace")[-400:].strip()
-            return error_result(f, f"the trial process exited {rc}: {tail.splitlines()[-1] if tail else ''}",
-                                time.monotonic() - t0)
-        return json.loads(result.read_text())
+        while True:
+            rc = proc.poll()
+            for res in _new_lines(results, seen):
+                seen += 1
+                done.add(res["id"])
+                yield res
+            if rc is not None:
+                break
+            if time.monotonic() - t0 > limit:
+                rc = _stop(proc)
+                why = f"the trial process took longer than {limit:.0f} s and was stopped"
+                break
+            time.sleep(RESULT_POLL_S)
+        if rc is not None and len(done) < len(fs):
+            tail = (work / "task.log").read_text(errors="replace").strip().splitlines()
+            why = why or f"the trial process exited {rc}: {tail[-1] if tail else ''}"
+            for f in fs:
+                if f.id not in done:
+                    yield error_result(f, why, time.monotonic() - t0)
     finally:
+        if proc is not None and proc.poll() is None:
+            _stop(proc)                  # stopped from outside (Ctrl-C): its teardown first
         import shutil
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _new_lines(path: Path, seen: int) -> list[dict]:
+    """Complete lines past the first ``seen`` (the trial process writes one per fault)."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")[:-1]     # the last, unfinished, is not yet a result
+    return [json.loads(x) for x in lines[seen:]]
+
+
+def run_batch(faults: list[dict], params: dict) -> list[dict]:
+    """What a Dask task runs: the batch's results, each also put on the campaign's queue
+    as it completes, so a result outlives a worker that dies later in the batch."""
+    from distributed import Queue
+    q = Queue(params["queue"]) if params.get("queue") else None
+    out = []
+    for res in iter_batch(faults, params):
+        if q is not None:
+            q.put(res)
+        out.append(res)
+    return out
 
 
 def trial_limit_s(timing: dict) -> float:
@@ -168,12 +206,22 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stopped)
     _watch_parent()
     req = json.loads(sys.stdin.read())
-    f, params = FaultSpec(**req["fault"]), req["params"]
-    out = Path(sys.argv[1]).parent / "out"
+    faults, params = [FaultSpec(**f) for f in req["faults"]], req["params"]
+    path = Path(sys.argv[1])
+    out = path.parent / "out"
     out.mkdir(exist_ok=True)
-    res = run_fault(f, params, out)
-    from harness.results import write_atomic
-    write_atomic(Path(sys.argv[1]), json.dumps(res))
+
+    def emit(res: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+    every = params.get("redeploy_every", 1)
+    if every <= 1:
+        for f in faults:
+            emit(run_fault(f, params, out))
+    else:
+        from harness.campaign.session import Session
+        Session(faults[0], params, out).serve(faults, every, emit)
     return 0
 
 

@@ -41,6 +41,11 @@ def campaign_cmd(
     machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description (TOML)"),
     out: Optional[Path] = typer.Option(None, help="campaign directory (default: "
                                        "results/campaign-<id of the parameters>)"),
+    redeploy_every: int = typer.Option(1, help="fast faults: up to N faults of a scheme in "
+                                       "one machine, the next going into the recovered "
+                                       "machine; redeployed after a fault it did not survive "
+                                       "intact or with loss, or after N (1: a fresh machine "
+                                       "per fault)"),
     executor: str = typer.Option("dask", help="dask (a LocalCluster, or --scheduler) or local"),
     workers: int = typer.Option(1, help="Dask workers of the LocalCluster on this machine"),
     scheduler: Optional[str] = typer.Option(None, help="an existing Dask scheduler, tcp://HOST:PORT"),
@@ -63,7 +68,15 @@ def campaign_cmd(
         _fail(f"--workers: must be at least 1, got {workers}")
     if scheduler is not None and (executor != "dask" or not scheduler.startswith("tcp://")):
         _fail(f"--scheduler: expected tcp://HOST:PORT with --executor dask, got {scheduler!r}")
-    parameters.update(executor=executor, workers=workers, scheduler=scheduler)
+    if redeploy_every < 1:
+        _fail(f"--redeploy-every: must be at least 1, got {redeploy_every}")
+    if redeploy_every > 1:
+        from harness.workloads import registry
+        if not registry()[workload].shares_machine:
+            _fail(f"--redeploy-every: workload {workload} cannot run a fault on a machine an "
+                  f"earlier fault ran on; use 1")
+    parameters.update(redeploy_every=redeploy_every, executor=executor, workers=workers,
+                      scheduler=scheduler)
     d = out or Path("results") / f"campaign-{store.campaign_id(parameters)}"
     if d.exists() and not d.is_dir():
         _fail(f"--out: {d} exists and is not a directory")
@@ -148,7 +161,7 @@ def replay_cmd(fault_id: str = typer.Argument(..., help="a fault's id, as campai
     """Run one fault of a campaign alone (same scheme, kind, target or site, and seed) and
     print its outcome; the campaign itself is not changed."""
     from harness.campaign import store
-    from harness.campaign.task import run_task
+    from harness.campaign.task import iter_batch
     try:
         doc = store.load(dir)
     except store.CampaignError as e:
@@ -159,8 +172,9 @@ def replay_cmd(fault_id: str = typer.Argument(..., help="a fault's id, as campai
               f"{doc['plan'][0]['id']!r})")
     check_root("campaign replay")
     p = doc["parameters"]
-    res = run_task(spec, {"campaign_id": doc["campaign_id"] + "-replay",
-                          **{k: p[k] for k in ("workload", "timing", "workload_params", "machine_file")}})
+    res = list(iter_batch([spec], {"campaign_id": doc["campaign_id"] + "-replay",
+                                   **{k: p[k] for k in ("workload", "timing", "workload_params",
+                                                        "machine_file")}}))[0]
     from harness.campaign.run import clean_scratch
     clean_scratch(doc["campaign_id"] + "-replay")
     if json_out:

@@ -28,6 +28,10 @@ For figures the generic checkers cannot know (harness/trial.py merges them):
   the workload (from the server's log), added to the trial's ``phases``;
 * ``checks(svc, events) -> {name: dict}`` — the workload's own checkers' figures (e.g.
   harness/checkers/bank.py), kept in the trial's ``checks`` (default None: no ``checks``);
+* ``shares_machine`` and ``forget(svc, events)`` — whether faults may follow one another
+  on one machine (a campaign's fast faults, harness/campaign/session.py), and what is done
+  between two: forget what the clients wrote, so the next fault's verify judges only its
+  own writes (default False: a fresh machine per fault);
 * ``warmup_s`` — seconds of load the workload needs before it is steady (its caches
   filled from the disk): `crashbench overhead`'s warm-up unless --warmup is given
   (default None: the benchmark's own).
@@ -86,6 +90,12 @@ class Workload:
     def checks(self, svc: Service, events: list[dict]) -> dict | None:
         return None
 
+    shares_machine = False
+
+    def forget(self, svc: Service, events: list[dict]) -> None:
+        raise WorkloadError(f"{self.name}: cannot run a fault on a machine an earlier fault "
+                            f"ran on (shares_machine is False)")
+
 
 class Idle(Workload):
     name = "idle"
@@ -107,6 +117,11 @@ class Idle(Workload):
 
     def verify(self, svc: Service, events: list[dict]) -> Path | None:
         return None
+
+    shares_machine = True
+
+    def forget(self, svc: Service, events: list[dict]) -> None:
+        pass
 
 
 WORKLOAD_GROUP = "crashbench.workloads"

@@ -75,6 +75,15 @@ class Files(Workload):
             paths.append(h)
         return ClientGroup(procs, paths)
 
+    shares_machine = True
+
+    def forget(self, svc: Service, events: list[dict]) -> None:
+        """Remove every file the clients wrote (its key is its path under the mount): the
+        next clients create their files afresh, so a lost write reads as absent or older."""
+        root = Path(svc.mount)
+        for key in sorted({e["key"] for e in events if e["f"] == "write" and e["type"] == "invoke"}):
+            (root / key).unlink(missing_ok=True)
+
     def verify(self, svc: Service, events: list[dict], timeout: float = 30.0) -> Path | None:
         keys = sorted({e["key"] for e in events if e["f"] == "write" and e["type"] == "invoke"})
         if not keys:
