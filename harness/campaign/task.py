@@ -39,7 +39,8 @@ RESULT_POLL_S = 0.1        # how often the results a trial process wrote are loo
 
 class CampaignTrial(driver.Trial):
     """A driver trial that refuses a fault the kernel would not arm (instead of waiting
-    out the recovery timeout) and runs fsck on the disk the machine leaves."""
+    out the recovery timeout), makes the kernel reach the fault's site, and runs fsck on
+    the disk the machine leaves."""
     fsck: dict | None = None
 
     def inject(self) -> dict:
@@ -47,7 +48,29 @@ class CampaignTrial(driver.Trial):
         if not reply.get("ok"):
             raise driver.DriverError(f"{self.spec.id}: the kernel refused the fault: "
                                      f"{reply.get('error', reply)}")
+        self.reach(reply["site"])
         return reply
+
+    def reach(self, site: str) -> None:
+        """Make the kernel reach the armed fault's site soon, where the workload alone
+        may not: a create (the clients create their files only at first) or a write-back
+        (the flusher waits for pages dirty longer than DIRTY_EXPIRE_S). From a thread that
+        may block in the dying kernel until the scheme (or teardown) ends its connection."""
+        if site == "vfs.create":
+            probe = Path(self.svc.mount) / f".campaign-probe-{self.spec.trial}"
+            work = lambda: probe.touch()                                    # noqa: E731
+        elif site == "writeback":
+            work = lambda: self.host.control(self.scheme.active, {"cmd": "sync"},  # noqa: E731
+                                             timeout=self.spec.timing["recovery_timeout_s"])
+        else:
+            return
+
+        def attempt():
+            try:
+                work()
+            except Exception:       # noqa: BLE001 - the kernel may die under it: that is the fault
+                pass
+        threading.Thread(target=attempt, daemon=True, name=f"reach-{site}").start()
 
     def examine(self) -> None:
         from kernel.fsck import fsck
