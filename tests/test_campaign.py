@@ -372,3 +372,25 @@ def test_a_workload_that_cannot_share_a_machine_is_refused_fast_faults(tmp_path)
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode == 2 and "--redeploy-every: workload postgres" in p.stderr, p.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_docker_executor_runs_the_trial_in_a_labelled_container_with_what_it_needs(tmp_path):
+    from harness.campaign import container
+    argv = container.argv({"campaign_id": "abc", "image": "crashbench-worker"}, tmp_path)
+    assert argv[:2] == ["docker", "run"] and argv[-1] == "crashbench-worker"
+    assert "crashbench.campaign=abc" in argv and argv[argv.index("--network") + 1] == "none"
+    assert f"{tmp_path}:{tmp_path}:rw" in argv and f"{sys.prefix}:{sys.prefix}:ro" in argv
+    # privileged, or every capability this host has (a container cannot get more)
+    assert "--privileged" in argv or ("--device" in argv and "/dev/fuse" in argv)
+    for cap in container.missing_caps():
+        assert argv[argv.index(cap) - 1] == "--cap-drop"
+
+
+def test_docker_executor_without_a_usable_image_is_refused_before_anything_runs(tmp_path):
+    p = subprocess.run(_campaign("--executor", "docker", "--image", "no-such-image-here",
+                                 "--out", str(tmp_path / "c")),
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "--executor docker: image 'no-such-image-here' cannot be used" in p.stderr
+    assert not (tmp_path / "c").exists()

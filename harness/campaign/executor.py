@@ -3,7 +3,8 @@
 Promises to the campaign loop (run.py): ``results(executor, batches, params)`` yields one
 result per fault as each completes, whatever happens to a worker (a result may come twice:
 the loop counts it once). A batch is a list of faults of one scheme that may share
-machines (task.py). ``local`` runs the batches one after another here; ``dask`` submits
+machines (task.py). ``local`` runs the batches one after another here, ``docker`` the same with each batch's
+trial process in a container of ``params["image"]`` (container.py); ``dask`` submits
 each batch as a task (``task.run_batch``) to a Dask distributed cluster — a
 ``LocalCluster`` of ``workers`` single-threaded worker processes on this machine, or the
 scheduler at ``scheduler`` (tcp://HOST:PORT), whose workers have crashbench installed —
@@ -22,13 +23,13 @@ from collections.abc import Iterator
 from harness.campaign.plan import FaultSpec
 from harness.campaign.task import error_result, iter_batch, run_batch
 
-EXECUTORS = ("dask", "local")
+EXECUTORS = ("dask", "local", "docker")
 QUEUE_POLL_S = 0.2
 
 
 def results(executor: str, batches: list[list[FaultSpec]], params: dict, workers: int = 1,
             scheduler: str | None = None) -> Iterator[dict]:
-    if executor == "local":
+    if executor in ("local", "docker"):     # docker: params["image"] (task.py, container.py)
         for b in batches:
             yield from iter_batch([f.to_dict() for f in b], params)
     elif executor == "dask":

@@ -64,7 +64,8 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
     ids = {r["id"] for r in done}
     todo = [f for f in faults if f.id not in ids]
     params = {"campaign_id": doc["campaign_id"], **{k: parameters[k] for k in (
-        "workload", "timing", "workload_params", "machine_file", "redeploy_every")}}
+        "workload", "timing", "workload_params", "machine_file", "redeploy_every")},
+        **({"image": parameters["image"]} if parameters["executor"] == "docker" else {})}
     wall0, t0, ran = doc["time"]["wall_s"], time.monotonic(), 0
     status, stopped = "stopped", None
     try:
@@ -84,6 +85,9 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
                    "faults_planned": len(faults)}
         raise
     finally:
+        if parameters["executor"] == "docker":
+            from harness.campaign.container import stop_all
+            stop_all(doc["campaign_id"])
         leftovers = clean_scratch(doc["campaign_id"])
         doc.update(faults=sorted(done, key=lambda r: r["index"]), status=status,
                    summary=summary.summarize(done, parameters["schemes"]))

@@ -27,7 +27,7 @@ SCHEMA_VERSION = 1
 KIND = "crashbench campaign"
 CAMPAIGN_FILE = "campaign.json"
 LOG_FILE = "faults.jsonl"
-NOT_IDENTITY = ("executor", "workers", "scheduler")
+NOT_IDENTITY = ("executor", "workers", "scheduler", "image")
 
 _num = {"type": ["number", "null"]}
 _int = {"type": ["integer", "null"], "minimum": 0}

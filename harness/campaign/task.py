@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from harness import driver
-from harness.campaign import outcome
+from harness.campaign import container, outcome
 from harness.campaign.plan import FaultSpec
 
 PARENT_POLL_S = 0.2        # how often a trial process looks whether its starter still lives
@@ -141,7 +141,9 @@ def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
     proc, seen, done, why = None, 0, set(), None
     try:
         with open(work / "task.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "harness.campaign.task", str(results)],
+            prefix = container.argv(params, work) if params.get("image") else []
+            proc = subprocess.Popen([*prefix, sys.executable, "-m", "harness.campaign.task",
+                                     str(results)],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                     stderr=log, cwd=work, env={**os.environ, "TMPDIR": str(work)})
         proc.stdin.write(json.dumps({"faults": faults, "params": params}).encode())

@@ -46,7 +46,10 @@ def campaign_cmd(
                                        "machine; redeployed after a fault it did not survive "
                                        "intact or with loss, or after N (1: a fresh machine "
                                        "per fault)"),
-    executor: str = typer.Option("dask", help="dask (a LocalCluster, or --scheduler) or local"),
+    executor: str = typer.Option("dask", help="dask (a LocalCluster, or --scheduler), local, "
+                                 "or docker (each machine in a container of --image)"),
+    image: str = typer.Option("crashbench-worker", help="--executor docker: the worker image "
+                              "(a root file system imported with docker import)"),
     workers: int = typer.Option(1, help="Dask workers of the LocalCluster on this machine"),
     scheduler: Optional[str] = typer.Option(None, help="an existing Dask scheduler, tcp://HOST:PORT"),
 ):
@@ -75,8 +78,13 @@ def campaign_cmd(
         if not registry()[workload].shares_machine:
             _fail(f"--redeploy-every: workload {workload} cannot run a fault on a machine an "
                   f"earlier fault ran on; use 1")
+    if executor == "docker":
+        from harness.campaign.container import check
+        why = check(image)
+        if why:
+            _fail(f"--executor docker: image {image!r} cannot be used: {why}")
     parameters.update(redeploy_every=redeploy_every, executor=executor, workers=workers,
-                      scheduler=scheduler)
+                      scheduler=scheduler, image=image)
     d = out or Path("results") / f"campaign-{store.campaign_id(parameters)}"
     if d.exists() and not d.is_dir():
         _fail(f"--out: {d} exists and is not a directory")
