@@ -38,12 +38,16 @@ RESULT_POLL_S = 0.1        # how often the results a trial process wrote are loo
 
 
 class CampaignTrial(driver.Trial):
-    """A driver trial that refuses a fault the kernel would not arm (instead of waiting
-    out the recovery timeout), makes the kernel reach the fault's site, and runs fsck on
-    the disk the machine leaves."""
+    """A driver trial that makes the fault's target exist (clean pages: a sync first),
+    refuses a fault the kernel would not arm (instead of waiting out the recovery
+    timeout), makes the kernel reach the fault's site, and runs fsck on the disk the
+    machine leaves."""
     fsck: dict | None = None
 
     def inject(self) -> dict:
+        if self.spec.fault_args.get("target") == "clean-page":
+            # a short trial's file pages are all dirty: write them back, so clean ones exist
+            self.host.control(self.scheme.active, {"cmd": "sync"}, timeout=60.0)
         reply = super().inject()
         if not reply.get("ok"):
             raise driver.DriverError(f"{self.spec.id}: the kernel refused the fault: "
