@@ -188,7 +188,8 @@ def replay_cmd(fault_id: str = typer.Argument(..., help="a fault's id, as campai
     if json_out:
         print(json.dumps(res, indent=1))
     else:
-        was = next((r["outcome"] for r in doc["faults"] if r["id"] == fault_id), "not run")
+        logged, _ = store.load_log(dir, {f["id"] for f in doc["plan"]})   # also while it runs
+        was = next((r["outcome"] for r in logged if r["id"] == fault_id), "not run")
         console.print(f"{fault_id} (seed {res['seed']}): {res['outcome']} — {res['why']} "
                       f"(in the campaign: {was})", markup=False, highlight=False)
     raise typer.Exit(1 if res["outcome"] == "harness-error" else 0)
