@@ -30,6 +30,9 @@ def classify(rec: dict, fsck: dict | None) -> tuple[str, str]:
         return "harness-error", "no failure was detected within the recovery timeout " \
                                 "(the fault did not activate)"
     if not rec["recovered"]:
+        if rec["report"].get("recovered"):
+            return "not-recovered", "the scheme reported service back, but not every client " \
+                                    "was answered again"
         return "not-recovered", rec["report"].get("verdict", "not recovered")
     if rec.get("corrupted_writes"):
         return "corrupted", f"{rec['corrupted_writes']} acknowledged writes read back corrupted"
