@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from harness.commands import fs, lab, overhead, results, run
+from harness.commands import campaign, fs, lab, overhead, results, run
 
 app = typer.Typer(
     help="crashbench: compare ways of surviving an operating-system kernel crash.",
@@ -29,6 +29,7 @@ app.command("down")(lab.down_cmd)
 app.command("run")(run.run_cmd)
 app.command("overhead")(overhead.overhead_cmd)
 app.command("list")(run.list_cmd)
+app.add_typer(campaign.app, name="campaign")
 app.command("report")(results.report_cmd)
 app.command("compare")(results.compare_cmd)
 

@@ -52,6 +52,7 @@ class TrialSpec:
     timing: dict = field(default_factory=lambda: dict(DEFAULTS))
     workload_params: dict = field(default_factory=dict)
     machine_file: str | None = None
+    fault_args: dict = field(default_factory=dict)   # where the fault goes: target, site, seed
 
     @property
     def id(self) -> str:
@@ -194,9 +195,10 @@ class Trial:
     def inject(self) -> dict:
         self.sampler.pause()        # no request to a kernel while it dies and is recovered
         with history.Recorder(self.svc.history_dir() / "nemesis.jsonl", history.NEMESIS) as rec:
-            op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": self.scheme.active})
+            op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": self.scheme.active,
+                                            **self.spec.fault_args})
             self.crash_at = op["time"]
-            reply = self.scheme.inject(self.spec.fault)
+            reply = self.scheme.inject(self.spec.fault, **self.spec.fault_args)
             rec.complete("info", op, value={"fault": self.spec.fault, "reply": reply})
         return reply
 
@@ -246,7 +248,11 @@ class Trial:
                 self.clients.stop()
         finally:
             if self.bed is not None:
-                self.bed.down()
+                self.bed.down(examine=self.examine)
+
+    def examine(self) -> None:
+        """The stopped machine, before its work directory goes: what a subclass checks
+        there (a campaign runs fsck on the disk image). Nothing here."""
 
 
 class _Phase:
@@ -289,7 +295,8 @@ def plan(schemes_: list[str], workload: str, fault: str, trials: int, seed: int,
 
 def run_one(spec: TrialSpec, out: Path, say=lambda msg: None, kind: type[Trial] = Trial) -> dict:
     """A trial's record; an error inside the trial becomes a failed record, not a crash of
-    the run (Ctrl-C still stops the run, after the trial's teardown)."""
+    the run (Ctrl-C still stops the run, after the trial's teardown). ``kind``: the Trial
+    subclass that runs it (a steady-state trial, a campaign's fault)."""
     trial = None
     try:
         trial = kind(spec, out, say)

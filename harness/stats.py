@@ -5,7 +5,8 @@ distribution-free interval for the population median (order statistics, exact bi
 coverage ≥ the level); ``mean_ci`` gives the mean and a seeded percentile-bootstrap
 interval, the same numbers on every call. Below ``min_n(level)`` values no interval can
 honestly claim the level: the bounds are None (never the sample range dressed up as a
-95 % interval). Values must be finite numbers; the caller decides what an unrecovered
+95 % interval). ``wilson_ci`` gives a proportion (k of n) and its Wilson score interval,
+which stays inside [0, 1] and is honest at 0 or n successes (a campaign's coverage). Values must be finite numbers; the caller decides what an unrecovered
 trial means before it gets here. Definitions: docs/METRICS.md, "Confidence intervals".
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from fractions import Fraction
+from statistics import NormalDist
 
 import numpy as np
 
@@ -80,6 +82,26 @@ def mean_ci(values: Iterable[float], level: float = 0.95,
     means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return mean, float(lo), float(hi)
+
+
+def wilson_ci(k: int, n: int, level: float = 0.95
+              ) -> tuple[float | None, float | None, float | None]:
+    """(k/n, lo, hi): the Wilson score interval, (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) /
+    (1 + z²/n), z the normal quantile of (1+level)/2. (None, None, None) for n = 0."""
+    _check_level(level)
+    for name, v in (("k", k), ("n", n)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} is {v!r}: a proportion needs counts (integers ≥ 0)")
+    if k > n:
+        raise ValueError(f"k = {k} exceeds n = {n}")
+    if n == 0:
+        return None, None, None
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # at k = 0 (k = n) the bound is exactly 0 (1); keep rounding from pushing it past
+    return p, max(0.0, centre - half) if k else 0.0, min(1.0, centre + half) if k < n else 1.0
 
 
 def _checked(values: Iterable[float], level: float) -> np.ndarray:

@@ -25,6 +25,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from harness import owners
 from kernel.hw import machine as machine_mod
@@ -93,20 +94,22 @@ class Testbed:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.down()
 
-    def down(self) -> None:
-        """Take everything down (once); a second SIGTERM does not cut the teardown short."""
+    def down(self, examine: Callable[[], None] | None = None) -> None:
+        """Take everything down (once); a second SIGTERM does not cut the teardown short.
+        ``examine`` sees the stopped machine before its scratch directory goes (a
+        campaign's fsck of the disk image)."""
         if self._is_down:
             return
         self._is_down = True
         _ignore_term()
         try:
-            self._stop_machine()
+            self._stop_machine(examine)
         finally:
             _restore_term(self._old_term)
         if self.host is not None and self.owned:   # only a machine fully torn down is forgotten
             owners.release(self.host.tag)
 
-    def _stop_machine(self) -> None:
+    def _stop_machine(self, examine) -> None:
         try:
             try:
                 if self.scheme is not None and self.scheme.host is not None:
@@ -117,10 +120,14 @@ class Testbed:
         finally:
             if self.net is not None:
                 self.net.down()
-            if self.host is not None:
-                self._keep_logs()
-            if self._made and self.workdir is not None:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            try:
+                if self.host is not None and examine is not None:
+                    examine()
+            finally:
+                if self.host is not None:
+                    self._keep_logs()
+                if self._made and self.workdir is not None:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _keep_logs(self) -> None:
         """The kernels', the servers' and the clients' logs outlive a scratch directory."""

@@ -4,10 +4,11 @@ Promises to users and to CI jobs: bad input (a missing directory, an unreadable 
 run.json, a threshold or alpha out of range) is refused with `crashbench: <what>` on stderr
 and exit status 2 before anything is written; `compare` exits 1 when a metric got
 significantly worse or a count regressed (fewer trials recovered, writes lost or corrupted,
-a checker finding, where there were none) and 0 otherwise, printing its tables either way.
-Both say so when a run is incomplete (stopped before its last trial); that alone does not
-change the exit status. With --json each prints one JSON document on stdout and nothing
-else (harness/commands/output.py); `report` also (re)writes trials.csv.
+a checker finding, where there were none) and 0 otherwise, printing its tables either way;
+given two campaign directories it compares their coverage (harness/campaign/compare.py)
+the same way. Both say so when a run is incomplete (stopped before its last trial); that
+alone does not change the exit status. With --json each prints one JSON document on stdout
+and nothing else (harness/commands/output.py); `report` also (re)writes trials.csv.
 """
 from __future__ import annotations
 
@@ -89,6 +90,16 @@ def compare_cmd(old: Path = typer.Argument(..., help="the baseline result direct
         _fail(f"--threshold: must be a positive fraction (0.10 = 10 %), got {threshold}")
     if not 0 < alpha < 1:
         _fail(f"--alpha: must be between 0 and 1, got {alpha}")
+    from harness.campaign.store import CAMPAIGN_FILE
+    campaigns = [(d / CAMPAIGN_FILE).exists() for d in (old, new)]
+    if any(campaigns):
+        if not all(campaigns):
+            _fail(f"{old if not campaigns[0] else new}: not a campaign directory; a campaign "
+                  f"is compared with a campaign")
+        if json_out:
+            _fail("--json: two campaigns are compared as a table only; their campaign.json "
+                  "files are the documents")
+        _compare_campaigns(old, new)
     from harness.compare import compare
     result = compare(_load(old), _load(new), threshold, alpha)
     if json_out:
@@ -109,6 +120,29 @@ def compare_cmd(old: Path = typer.Argument(..., help="the baseline result direct
                       f"(p < {alpha:g} and ratio > {1 + threshold:g})")
     if not worse and not regressed:
         console.print("no metric significantly worse, no count regressed")
+    raise typer.Exit(result.exit_code)
+
+
+def _compare_campaigns(old: Path, new: Path) -> None:
+    from harness.campaign import compare, store, summary
+    try:
+        a, b = store.load(old), store.load(new)
+    except store.CampaignError as e:
+        _fail(str(e))
+    result = compare.compare(a, b)
+    t = Table(title=f"{old} → {new}: coverage, Wilson 95 % CI")
+    for c in ("scheme", "fault", "old", "new", "corrupted old/new", "verdict", "why"):
+        t.add_column(c)
+    for r in result.rows:
+        cov = lambda g: summary.pct(g["coverage"]) if g else "—"    # noqa: E731
+        cor = lambda g: str(g["counts"]["corrupted"]) if g else "—"  # noqa: E731
+        style = _STYLE[r.verdict]
+        t.add_row(r.scheme, r.fault, cov(r.old), cov(r.new), f"{cor(r.old)}/{cor(r.new)}",
+                  f"[{style}]{r.verdict}[/]" if style else r.verdict, r.why)
+    console.print(t)
+    worse = result.worse
+    console.print(f"[red]{len(worse)} coverage row(s) worse[/]" if worse
+                  else "no coverage significantly worse, no new corruption")
     raise typer.Exit(result.exit_code)
 
 

@@ -30,6 +30,10 @@ For figures the generic checkers cannot know (harness/trial.py merges them):
   harness/checkers/bank.py), kept in the trial's ``checks`` (default None: no ``checks``);
   a check whose ``ok`` is False failed the trial's verify (the report lists its
   ``findings``), None: it could not judge;
+* ``shares_machine`` and ``forget(svc, events)`` — whether faults may follow one another
+  on one machine (a campaign's fast faults, harness/campaign/session.py), and what is done
+  between two: forget what the clients wrote, so the next fault's verify judges only its
+  own writes (default False: a fresh machine per fault);
 * ``warmup_s`` — seconds of load the workload needs before it is steady (its caches
   filled from the disk): `crashbench overhead`'s warm-up unless --warmup is given
   (default None: the benchmark's own, and a crash run's --warmup default);
@@ -59,6 +63,13 @@ class Service:
     workdir: Path                     # the trial's scratch directory (logs/, histories)
     seed: int
     params: dict = field(default_factory=dict)
+    datadir: Path | None = None       # what ``prepare`` left for later clients (default: workdir)
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the prepared data set's description lives: the machine's, shared by the
+        faults a campaign runs on one machine, each with its own ``workdir``."""
+        return self.datadir if self.datadir is not None else self.workdir
 
     @property
     def client_enter(self) -> Callable[[], None] | None:
@@ -94,6 +105,12 @@ class Workload:
     def cache_pages(self, svc: Service) -> int | None:
         return None
 
+    shares_machine = False
+
+    def forget(self, svc: Service, events: list[dict]) -> None:
+        raise WorkloadError(f"{self.name}: cannot run a fault on a machine an earlier fault "
+                            f"ran on (shares_machine is False)")
+
 
 class Idle(Workload):
     name = "idle"
@@ -115,6 +132,11 @@ class Idle(Workload):
 
     def verify(self, svc: Service, events: list[dict]) -> Path | None:
         return None
+
+    shares_machine = True
+
+    def forget(self, svc: Service, events: list[dict]) -> None:
+        pass
 
 
 WORKLOAD_GROUP = "crashbench.workloads"

@@ -72,7 +72,7 @@ class Files(Workload):
 
     # --- the corpus (read-mostly) --------------------------------------------------------
     def manifest(self, svc: Service) -> Path:
-        return svc.workdir / "files-corpus.json"
+        return svc.data_dir / "files-corpus.json"
 
     def prepare(self, svc: Service) -> None:
         if self.p["corpus_mib"]:
@@ -148,6 +148,15 @@ class Files(Workload):
                                svc.workdir / "logs" / f"client-{cid}.log", svc.client_enter))
             paths.append(h)
         return ClientGroup(procs, paths)
+
+    shares_machine = True
+
+    def forget(self, svc: Service, events: list[dict]) -> None:
+        """Remove every file the clients wrote (its key is its path under the mount): the
+        next clients create their files afresh, so a lost write reads as absent or older."""
+        root = Path(svc.mount)
+        for key in sorted({e["key"] for e in events if e["f"] == "write" and e["type"] == "invoke"}):
+            (root / key).unlink(missing_ok=True)
 
     def verify(self, svc: Service, events: list[dict], timeout: float = 30.0) -> Path | None:
         keys = sorted({e["key"] for e in events if e["f"] == "write" and e["type"] == "invoke"})

@@ -71,7 +71,7 @@ class Http(Workload):
         return f"http://{svc.ip}:{self.p['port']}"
 
     def manifest(self, svc: Service) -> Path:
-        return svc.workdir / "http-manifest.json"
+        return svc.data_dir / "http-manifest.json"
 
     def root(self, svc: Service) -> Path:
         return Path(svc.mount) / "www"

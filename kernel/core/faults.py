@@ -65,7 +65,7 @@ class Fault:
     detail: str = ""
 
 
-def validate(kind: str, target: str | None, site: str | None) -> None:
+def validate(kind: str, target: str | None, site: str | None, seed=None) -> None:
     if kind not in FAULTS:
         raise FaultError(f"unknown fault {kind!r} (known: {', '.join(FAULTS)})")
     if target is not None and target not in TARGETS:
@@ -74,6 +74,8 @@ def validate(kind: str, target: str | None, site: str | None) -> None:
         raise FaultError(f"fault {kind!r} takes no target")
     if site is not None and site not in SITES:
         raise FaultError(f"unknown site {site!r} (known: {', '.join(SITES)})")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise FaultError(f"seed {seed!r}: must be a non-negative integer")
 
 
 class NoFaults:
@@ -92,10 +94,13 @@ class FaultInjector(NoFaults):
         self.armed: Fault | None = None
         self.history: list[Fault] = []
 
-    def inject(self, kind: str, target: str | None = None, site: str | None = None) -> Fault:
+    def inject(self, kind: str, target: str | None = None, site: str | None = None,
+               seed: int | None = None) -> Fault:
         """Arm a fault (and do its corruption). A fault at site "now" is activated by the
         caller with ``at("now")``, after it has answered whoever asked for it."""
-        validate(kind, target, site)
+        validate(kind, target, site, seed)
+        if seed is not None:
+            self.rng = random.Random(seed)
         default_site = "vfs.write" if kind == "exception-in-request" else "now"
         f = Fault(kind, target, site or default_site, injected_ns=time.monotonic_ns())
         if kind in ("wild-write", "bit-flip"):

@@ -223,7 +223,8 @@ class Kernel:
             self.vfs.writeback.sync_all()
             return {"ok": True}
         if cmd == "inject":
-            f = self.faults.inject(req["fault"], req.get("target"), req.get("site"))
+            f = self.faults.inject(req["fault"], req.get("target"), req.get("site"),
+                                   seed=req.get("seed"))
             reply = {"ok": True, "fault": f.kind, "target": f.target, "site": f.site,
                      "injected_ns": f.injected_ns, "detail": f.detail}
             if f.site == "now":

@@ -1,0 +1,108 @@
+"""Fast faults: consecutive faults of one scheme on one machine, redeployed only when needed.
+
+Promises to task.py: ``Session.serve(faults, emit)`` runs the faults in order, each as the
+driver's phases from warm-up to verify (harness/driver.py ``Trial``; deploy and teardown
+only when the machine changes): the next fault goes into the machine the scheme recovered
+(orthros's re-paired backup, reboot's new kernel), and the machine is redeployed only after
+a fault it did not come back from intact or with loss (not recovered, corrupted, a harness
+error) or after ``every`` faults. Between two faults on one machine the clients are stopped,
+the workload forgets what its clients wrote (``Workload.forget``), so each fault is judged
+on its own writes, the kernel's dirty data is written back (``sync``: a crash in the next
+fault cannot bring the forgotten files back), and the disk is checked by fsck while
+nothing writes to it. Each result is handed to
+``emit`` as it completes. The machine is torn down on every exit path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from harness import driver
+from harness.campaign.plan import FaultSpec
+from harness.campaign.task import CampaignTrial, result_of
+from harness.trial import failed, record
+
+
+def spec_of(fault: FaultSpec, params: dict) -> driver.TrialSpec:
+    return driver.TrialSpec(fault.scheme, params["workload"], fault.kind, fault.index,
+                            fault.seed, dict(params["timing"]), dict(params["workload_params"]),
+                            params.get("machine_file"), fault_args=fault.fault_args())
+
+
+class Session(CampaignTrial):
+    """One machine, several faults; the Trial's state is the current fault's."""
+
+    def __init__(self, first: FaultSpec, params: dict, out: Path):
+        super().__init__(spec_of(first, params), out)
+        self.params = params
+        self.base_svc = None
+
+    def serve(self, faults: list[FaultSpec], every: int, emit) -> None:
+        on_machine = 0
+        try:
+            for f in faults:
+                t0 = time.monotonic()
+                self.spec, self.phases, self.report, self.crash_at = spec_of(f, self.params), [], None, None
+                self.events, self.cache_fill = [], None
+                self.fsck = None
+                rec = self._one(f)
+                res = result_of(f, rec, self.fsck, time.monotonic() - t0)
+                on_machine += 1
+                if res["outcome"] not in ("intact", "loss") or on_machine >= every:
+                    self._retire()
+                    on_machine = 0
+                emit(res)
+        finally:
+            self._retire()
+
+    def _one(self, f: FaultSpec) -> dict:
+        try:
+            if self.host is None:
+                with self.phase("deploy"):
+                    self.deploy()
+                self.base_svc = self.svc
+            self.svc = self._svc_for(f)
+            self.measure()
+            if self.report is not None and self.report.recovered:
+                with self.phase("check disk"):
+                    self._check_live()
+            return record(self, self.events)
+        except Exception as e:       # noqa: BLE001 - recorded as the fault's harness error
+            self._retire()
+            return failed(self.spec, self.phases, self.crash_at, f"{type(e).__name__}: {e}")
+        finally:
+            if self.clients is not None:
+                self.clients.stop()
+                self.clients = None
+
+    def _svc_for(self, f: FaultSpec):
+        """The fault's own history and logs, and its own client seed."""
+        wd = self.host.workdir / f"fault-{f.index}"
+        (wd / "logs").mkdir(parents=True, exist_ok=True)
+        return dataclasses.replace(self.base_svc, workdir=wd, seed=f.seed,
+                                   datadir=self.base_svc.data_dir)
+
+    def _check_live(self) -> None:
+        """The clients' files forgotten, everything written back (so a crash in the next
+        fault cannot bring them back), then fsck while nothing writes."""
+        from harness import history
+        hd = self.svc.history_dir()
+        self.workload.forget(self.svc, history.merge(sorted(hd.glob("*.jsonl")),
+                                                     self.svc.workdir / "merged.jsonl"))
+        self.host.control(self.scheme.active, {"cmd": "sync"}, timeout=60.0)
+        CampaignTrial.examine(self)
+
+    def _retire(self) -> None:
+        """Tear the machine down (fsck of a machine that failed is left to its record)."""
+        if self.host is None and self.net is None:
+            return
+        try:
+            self.teardown()
+        finally:
+            self.bed = self.host = self.net = self.svc = self.base_svc = None
+            self.scheme = self.make_scheme(self.spec.scheme)
+
+    def examine(self) -> None:
+        """At teardown: nothing (a machine that served is checked after each fault, one
+        that failed is not judged by its disk)."""
