@@ -7,8 +7,18 @@ import pytest
 
 from harness.testbed import Testbed
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="FUSE with allow_other and real servers need root")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one way to mark a root-only test: ``@pytest.mark.root`` (or ``pytestmark``);
+    without root it is skipped, saying why."""
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root: FUSE with allow_other, namespaces, cgroups, "
+                                   "other users, real servers")
+    for item in items:
+        if item.get_closest_marker("root") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import pytest
 
 from harness.lab import lab_tag
 from kernel.hw.host import physmem_path_for
-from tests.conftest import needs_root
 
 DEFAULT_TOML = (Path(__file__).parents[1] / "kernel" / "hw" / "machines" / "default.toml").read_text()
 
@@ -126,7 +125,7 @@ CLI_CASES = {
 }
 
 
-@needs_root
+@pytest.mark.root
 @pytest.mark.parametrize("case", CLI_CASES, ids=list(CLI_CASES))
 def test_bad_cli_input_is_refused_before_anything_starts(place, case):
     argv, words = CLI_CASES[case]

@@ -18,7 +18,6 @@ import pytest
 
 from harness import stats
 from harness.campaign import compare, outcome, plan, store, summary
-from tests.conftest import needs_root
 
 SHORT = ["--warmup", "0.5", "--duration", "0.5", "--post", "0.5",
          "--param", "clients=2", "--param", "max_kib=64", "--param", "corpus_mib=8"]
@@ -72,7 +71,7 @@ def test_plan_refuses_unknown_names():
         plan.sites_of("now,moon")
 
 
-@needs_root
+@pytest.mark.root
 def test_a_fault_seed_drives_the_injectors_choices(host):
     """The same seed picks the same object and bytes in a live kernel: what replay relies
     on. (Armed at a site an idle machine never reaches, so the kernel lives on.)"""
@@ -222,7 +221,7 @@ def _left_behind(campaign_dir: Path) -> list[str]:
     return left
 
 
-@needs_root
+@pytest.mark.root
 def test_a_small_campaign_gives_each_scheme_its_outcome_class(tmp_path):
     """none never recovers, reboot recovers losing acknowledged writes (no fsync in the
     workload), orthros recovers them all; two workers on one machine do not collide, and
@@ -247,7 +246,7 @@ def test_a_small_campaign_gives_each_scheme_its_outcome_class(tmp_path):
     assert _left_behind(out) == []
 
 
-@needs_root
+@pytest.mark.root
 def test_a_campaign_stopped_by_ctrl_c_continues_and_counts_every_fault_once(tmp_path):
     out = tmp_path / "c"
     argv = _campaign("--schemes", "none", "--workload", "files", "--faults", "panic,kill",
@@ -309,7 +308,7 @@ def _task_processes_under(pid: int) -> list[int]:
     return out
 
 
-@needs_root
+@pytest.mark.root
 def test_a_worker_killed_mid_fault_loses_no_result(tmp_path):
     """SIGKILL to the Dask worker running a fault: Dask reruns the task, the campaign
     completes with every fault once, and the killed worker's trial tears itself down."""
@@ -340,7 +339,7 @@ def test_a_worker_killed_mid_fault_loses_no_result(tmp_path):
     assert _left_behind(out) == [], text[-3000:]
 
 
-@needs_root
+@pytest.mark.root
 def test_fast_faults_go_into_the_recovered_machine_and_redeploy_after_a_failure(tmp_path):
     """--redeploy-every 3: orthros's three faults share one machine (one deploy, the
     later faults into the re-paired machine, each judged on its own writes: intact), and

@@ -23,7 +23,6 @@ from harness.testbed import Testbed
 from kernel.hw.procset import ProcError, ProcessSet
 from systems import base
 from systems.base import RegistryError, check_report, registry
-from tests.conftest import needs_root
 
 PAGE = 4096
 FILES, PAGES_EACH = 3, 10
@@ -106,7 +105,7 @@ def write_files(mnt: Path, prefix: str, synced: bool) -> dict[str, bytes]:
     return files
 
 
-@needs_root
+@pytest.mark.root
 @pytest.mark.parametrize("fault", sorted(DETECTED_BY))
 @pytest.mark.parametrize("name", sorted(registry()))
 def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):

@@ -8,9 +8,8 @@ import pytest
 
 from harness.inspect import inspect_partition
 from kernel.hw import mailbox
-from tests.conftest import needs_root
 
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 
 
 def write_some(host, n=4, size=20_000):

@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 
 from kernel.hw import fusedev
-from tests.conftest import needs_root
 
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 REPO = Path(__file__).resolve().parent.parent
 NOBODY, NOGROUP = 65534, 65534
 # An interpreter "nobody" may run (the venv's may live under root's home); stdlib only.

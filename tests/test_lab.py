@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from kernel.hw.host import physmem_path_for
-from tests.conftest import needs_root
 
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 
 
 def cb(*args, check=True, cwd=None):

@@ -4,6 +4,8 @@ Raw-memory read-back: files written through the mount and never fsynced are foun
 page with the right content and checksum, by a separate process that decodes the physical
 memory of the kernel after it was killed.
 """
+import pytest
+
 import hashlib
 import json
 import os
@@ -13,10 +15,9 @@ from pathlib import Path
 
 from kernel import param
 from kernel.tools.fsck import fsck
-from tests.conftest import needs_root
 
 PAGE = param.PAGE_SIZE
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 
 DECODE = r"""
 import hashlib, json, sys

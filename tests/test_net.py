@@ -21,8 +21,6 @@ import pytest
 from kernel.hw.machine import Nic
 from kernel.hw.net import MoveReport, NetError, Network, cleanup_stale, socket_in
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0,
-                               reason="needs root: network namespaces, veth pairs, setns")
 PORT = 7007
 ADDR = "198.18.0.1/24"
 
@@ -171,7 +169,6 @@ def netns_inode() -> int:
 # ---------------------------------------------------------------- takeover
 
 @pytest.mark.root
-@ROOT_ONLY
 def test_takeover_moves_the_service_address(lab):
     home = netns_inode()
     net = lab.make(owner=0)
@@ -210,7 +207,6 @@ def test_takeover_moves_the_service_address(lab):
 
 
 @pytest.mark.root
-@ROOT_ONLY
 def test_takeover_after_the_owner_died(lab):
     """The crashed partition's processes are all gone; the move needs nothing from them."""
     net = lab.make(owner=0, partitions=(0, 1, 2))
@@ -228,7 +224,6 @@ def test_takeover_after_the_owner_died(lab):
 
 
 @pytest.mark.root
-@ROOT_ONLY
 def test_gratuitous_arp_is_announced_to_the_client(lab):
     net = lab.make(owner=0)
     cap = socket_in(net.client_netns(), socket.AF_PACKET, socket.SOCK_RAW,
@@ -264,7 +259,6 @@ def neighbours(net: Network) -> str:
 
 
 @pytest.mark.root
-@ROOT_ONLY
 def test_neighbour_entry_naming_another_mac_is_flushed(lab):
     """A PERMANENT entry survives the client end's carrier loss and ignores ARP: only
     the flush in move_to() can take it away."""
@@ -284,7 +278,6 @@ def test_neighbour_entry_naming_another_mac_is_flushed(lab):
 # ---------------------------------------------------------------- teardown
 
 @pytest.mark.root
-@ROOT_ONLY
 def test_down_leaves_nothing_even_with_processes_inside(lab):
     net = lab.make(owner=0, partitions=(0, 1, 2))
     names = [net.netns(p) for p in (0, 1, 2)] + [net.client_netns()]
@@ -306,7 +299,6 @@ def test_down_leaves_nothing_even_with_processes_inside(lab):
 
 
 @pytest.mark.root
-@ROOT_ONLY
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # the abandoned netlink handles
 def test_cleanup_stale_after_the_object_is_dropped(lab):
     tag = new_tag()
@@ -331,7 +323,6 @@ def test_cleanup_stale_after_the_object_is_dropped(lab):
 
 
 @pytest.mark.root
-@ROOT_ONLY
 def test_cleanup_stale_after_the_lab_process_was_killed(lab):
     tag = new_tag()
     code = textwrap.dedent(f"""
@@ -362,7 +353,6 @@ def test_cleanup_stale_after_the_lab_process_was_killed(lab):
 
 
 @pytest.mark.root
-@ROOT_ONLY
 def test_attach_from_another_object(lab):
     """Another process (here: another object) adopts the lab by its tag and takes over."""
     net = lab.make(owner=0)

@@ -11,9 +11,8 @@ from kernel.tools.fsck import fsck
 from kernel.hw.physmem import ICORE
 from systems.base import check_report
 from systems.orthros import Orthros
-from tests.conftest import needs_root
 
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 PAGE = 4096
 
 

@@ -13,7 +13,6 @@ import pytest
 
 from harness import history
 from harness.checkers.steady import steady, window
-from tests.conftest import needs_root
 
 
 def op(process, f, t0, t1, type_="ok"):
@@ -126,7 +125,7 @@ def test_each_workload_warms_up_for_its_own_time_unless_one_is_given():
         ("files", 2.0), ("postgres", 15.0), ("idle", 2.0)] * 2
 
 
-@needs_root
+@pytest.mark.root
 def test_vanilla_kernel_has_no_heartbeat():
     from harness.testbed import Testbed
     with Testbed(kind="test", delay=False) as bed:
@@ -245,7 +244,7 @@ def overhead_dir(tmp_path_factory) -> Path:
     return out
 
 
-@needs_root
+@pytest.mark.root
 def test_overhead_json_is_valid_and_complete(overhead_dir):
     from harness import overhead
     doc = overhead.load(overhead_dir)            # validates against the schema
@@ -275,7 +274,7 @@ def test_overhead_json_is_valid_and_complete(overhead_dir):
             assert (overhead_dir / f"history-{r['id']}.jsonl").exists()
 
 
-@needs_root
+@pytest.mark.root
 def test_cpu_by_role_tells_the_machinery_apart(overhead_dir):
     """Vanilla has no heartbeat thread and no standby: exactly zero; orthros's heartbeat
     and standby kept a CPU busy for a measurable time, and so did the kernel serving the
@@ -298,7 +297,7 @@ def test_cpu_by_role_tells_the_machinery_apart(overhead_dir):
     assert "## CPU by role" in (overhead_dir / "report.md").read_text()
 
 
-@needs_root
+@pytest.mark.root
 def test_pyperf_reads_and_compares_the_suites(overhead_dir):
     for s in ("vanilla", "orthros"):
         p = pyperf("stats", f"{s}.pyperf.json", cwd=overhead_dir)

@@ -27,7 +27,6 @@ from harness import history, report, results
 from harness.workloads import Service, WorkloadError
 from harness.workloads import postgres_client as client
 from harness.workloads.postgres import Postgres
-from tests.conftest import needs_root
 
 # What pg_amcheck 15 printed for a heap page whose checksum failed (block 3 flipped).
 AMCHECK_OUT = '''btree index "postgres.public.accounts_pkey":
@@ -184,7 +183,7 @@ def _verify(wl: Postgres, svc: Service, work: Path) -> tuple[list[dict], dict]:
     return events, wl.checks(svc, events)
 
 
-@needs_root
+@pytest.mark.root
 @pytest.mark.root
 def test_a_clean_database_passes_pg_amcheck(cluster):
     events, checks = _verify(cluster["wl"], cluster["svc"], cluster["top"] / "verify-clean")
@@ -192,7 +191,7 @@ def test_a_clean_database_passes_pg_amcheck(cluster):
                                  "ok": True}, checks["amcheck"]
 
 
-@needs_root
+@pytest.mark.root
 @pytest.mark.root
 def test_a_heap_page_corrupted_on_disk_fails_the_verify_with_pg_amcheck_finding(cluster):
     import psycopg
@@ -223,7 +222,7 @@ def test_a_heap_page_corrupted_on_disk_fails_the_verify_with_pg_amcheck_finding(
     assert checks["bank"]["ok"] is None
 
 
-@needs_root
+@pytest.mark.root
 @pytest.mark.root
 def test_read_heavy_mix_reads_the_share_asked_over_a_skewed_working_set(cluster):
     wl0, svc = cluster["wl"], cluster["svc"]

@@ -31,7 +31,6 @@ from kernel.core.proc import (MODES, PF_FILES_OVERFLOW, PF_RUNTIME_AWARE, PF_USE
                          cleanup_stale, launch, read_proc_table)
 
 ROOT = os.geteuid() == 0
-ROOT_ONLY = pytest.mark.skipif(not ROOT, reason="needs root: cgroups, other users, namespaces")
 SIZE = 64 << 20
 WAIT_S = 15.0
 LEN = param.PROC_STATE_BYTES
@@ -256,7 +255,7 @@ def test_launch_sets_cpus_set_env_cwd_and_log(lab, tmp_path):
     assert not app.alive() and app.pid not in lab.pset.pids()
 
 
-@ROOT_ONLY
+@pytest.mark.root
 def test_app_started_as_nobody_runs_as_nobody(lab, tmp_path):
     log = tmp_path / "id.log"
     app = lab.launch(AppSpec("nobodyapp", ["sh", "-c", 'id -u; id -g; id -G; echo "$HOME"; exec sleep 1000'],
@@ -275,7 +274,7 @@ def test_app_started_as_nobody_runs_as_nobody(lab, tmp_path):
 _CLONE_NEWNET = 0x40000000
 
 
-@ROOT_ONLY
+@pytest.mark.root
 def test_netns_enter_runs_in_the_child_before_the_user_switch(lab):
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from tests.conftest import needs_root
 from tests.test_machine import PROFILE, write
 
 SHORT = ["--warmup", "0.5", "--duration", "1", "--post", "1", "--bin", "0.25",
@@ -29,7 +28,7 @@ def profiled_run(tmp_path_factory):
     return json.loads((out / "run.json").read_text()), out
 
 
-@needs_root
+@pytest.mark.root
 def test_the_profiles_disk_and_reboot_are_in_run_json_labelled_modeled(profiled_run):
     run, _ = profiled_run
     hw = run["parameters"]["modeled_hardware"]
@@ -47,7 +46,7 @@ def test_the_profiles_disk_and_reboot_are_in_run_json_labelled_modeled(profiled_
     assert t["outage_s"] >= 3.5 and t["phases"]["boot"] > 0
 
 
-@needs_root
+@pytest.mark.root
 def test_the_report_labels_the_modeled_hardware(profiled_run):
     _, out = profiled_run
     md = (out / "report.md").read_text()

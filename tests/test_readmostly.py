@@ -21,7 +21,6 @@ from harness import history
 from harness.workloads import WorkloadError, tree
 from harness.workloads.files import Files
 from harness.workloads.http import Http
-from tests.conftest import needs_root
 
 
 def free_port() -> int:
@@ -162,7 +161,7 @@ def warm_trial(tmp_path_factory):
     return trial, rec, out
 
 
-@needs_root
+@pytest.mark.root
 def test_after_the_warm_up_the_page_cache_holds_the_corpus(warm_trial):
     trial, rec, _ = warm_trial
     assert not rec.get("error"), rec.get("error")
@@ -173,7 +172,7 @@ def test_after_the_warm_up_the_page_cache_holds_the_corpus(warm_trial):
     assert rec["cache"]["pages_before"] >= fill["target_pages"]
 
 
-@needs_root
+@pytest.mark.root
 def test_warmcache_reuses_pages_and_the_report_shows_the_vmms_count(warm_trial):
     trial, rec, out = warm_trial
     assert rec["recovered"] is True

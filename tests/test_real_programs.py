@@ -1,4 +1,6 @@
 """Real, unmodified programs keep their files on the emulated kernel's mount."""
+import pytest
+
 import os
 import pwd
 import shutil
@@ -11,9 +13,8 @@ from pathlib import Path
 import httpx
 
 from harness.binaries import nginx_bin, pg_bin
-from tests.conftest import needs_root
 
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 
 
 def free_port() -> int:

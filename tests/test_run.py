@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from harness import history
-from tests.conftest import needs_root
 
 SHORT = ["--warmup", "0.5", "--duration", "1.5", "--post", "1", "--bin", "0.25",
          "--param", "clients=2", "--param", "max_kib=64", "--param", "corpus_mib=8"]
@@ -41,7 +40,7 @@ def run_dir(run_out) -> Path:
     return run_out[0]
 
 
-@needs_root
+@pytest.mark.root
 def test_run_json_is_valid_and_has_every_scheme(run_dir):
     from harness import results
     run = results.load_run(run_dir)        # validates against the schema
@@ -50,7 +49,7 @@ def test_run_json_is_valid_and_has_every_scheme(run_dir):
     assert all(not t.get("error") for t in run["trials"]), [t.get("error") for t in run["trials"]]
 
 
-@needs_root
+@pytest.mark.root
 def test_run_json_prints_one_document_and_the_progress_on_stderr(run_out):
     import csv
     from harness import results
@@ -65,7 +64,7 @@ def test_run_json_prints_one_document_and_the_progress_on_stderr(run_out):
     assert [r["id"] for r in rows] == [t["id"] for t in results.load_run(out)["trials"]]
 
 
-@needs_root
+@pytest.mark.root
 def test_none_does_not_recover_and_the_others_do(run_dir):
     from harness import results
     by = {t["scheme"]: t for t in results.load_run(run_dir)["trials"]}
@@ -76,7 +75,7 @@ def test_none_does_not_recover_and_the_others_do(run_dir):
         assert by[s]["acked_writes"] > 0
 
 
-@needs_root
+@pytest.mark.root
 def test_orthros_loses_no_acknowledged_write(run_dir):
     from harness import results
     t = next(t for t in results.load_run(run_dir)["trials"] if t["scheme"] == "orthros")
@@ -85,7 +84,7 @@ def test_orthros_loses_no_acknowledged_write(run_dir):
     assert t["cache"]["pages_recovered"] > 0
 
 
-@needs_root
+@pytest.mark.root
 def test_the_recovery_is_resolved_and_the_kernel_counters_were_sampled(run_dir):
     """The outage shows as empty 0.1 s bins after the crash, the clients' gap and the hit
     ratio before and after come from the run itself (the kernel's counters were asked)."""
@@ -102,7 +101,7 @@ def test_the_recovery_is_resolved_and_the_kernel_counters_were_sampled(run_dir):
         assert t["cache_hits"]["before"] is not None and t["cache_hits"]["after"] is not None
 
 
-@needs_root
+@pytest.mark.root
 def test_every_trial_has_a_history_with_the_crash(run_dir):
     from harness import results
     for t in results.load_run(run_dir)["trials"]:
@@ -111,7 +110,7 @@ def test_every_trial_has_a_history_with_the_crash(run_dir):
         assert any(e["type"] == "ok" and e["f"] == "write" for e in events)
 
 
-@needs_root
+@pytest.mark.root
 def test_report_files_and_plots_are_written(run_dir):
     for name in ("report.md", "report.html", "downtime.pyperf.json"):
         assert (run_dir / name).stat().st_size > 0, name
@@ -120,7 +119,7 @@ def test_report_files_and_plots_are_written(run_dir):
                         for p in pngs)
 
 
-@needs_root
+@pytest.mark.root
 def test_run_leaves_no_mount_namespace_or_process_behind(run_dir):
     from harness import results
     from kernel.hw.procset import ProcError, ProcessSet
@@ -174,7 +173,7 @@ def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@needs_root
+@pytest.mark.root
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     """Stopped in its steady state by Ctrl-C or a polite kill, `crashbench run` tears the
@@ -235,7 +234,7 @@ def _what_is_left(rec) -> list[str]:
     return left
 
 
-@needs_root
+@pytest.mark.root
 def test_a_killed_run_is_reported_and_down_all_removes_what_it_left(tmp_path):
     """SIGKILL of `crashbench run` in its steady state leaves its machine running; the next
     `run` names it, and `down --all` removes its processes, mounts, namespaces, process

@@ -6,9 +6,8 @@ import pytest
 
 from harness.testbed import Testbed
 from systems.base import CacheCounts, RecoveryReport, ReportError, check_report, registry
-from tests.conftest import needs_root
 
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 PAGE = 4096
 
 

@@ -15,9 +15,8 @@ from kernel.hw.control import ctl_path
 from kernel.hw.host import Host
 from kernel.tools.mkfs import format_disks
 from kernel.hw.physmem import partition_layout
-from tests.conftest import needs_root
 
-pytestmark = [needs_root, pytest.mark.root]
+pytestmark = [pytest.mark.root]
 
 
 def mode(path) -> int:

@@ -18,7 +18,6 @@ from harness import owners
 from harness.testbed import Testbed
 from kernel.hw.machine import MachineError
 from systems.base import RecoveryScheme
-from tests.conftest import needs_root
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def paths_of(bed: Testbed) -> dict:
     return {"workdir": str(bed.workdir), "memory": bed.host.physmem}
 
 
-@needs_root
+@pytest.mark.root
 def test_an_exception_inside_the_block_still_takes_everything_down(records):
     with pytest.raises(RuntimeError, match="inside"):
         with Testbed(kind="test", delay=False) as bed:
@@ -65,7 +64,7 @@ class BrokenTeardown(RecoveryScheme):
         raise OSError("the scheme could not stop")
 
 
-@needs_root
+@pytest.mark.root
 def test_a_failed_scheme_teardown_still_closes_the_host_and_keeps_the_record(records):
     with pytest.raises(OSError, match="could not stop"):
         with Testbed(kind="test", delay=False) as bed:
@@ -95,7 +94,7 @@ def test_a_testbed_given_a_work_directory_keeps_it(tmp_path, records):
     assert wd.is_dir() and not os.path.exists(mem)
 
 
-@needs_root
+@pytest.mark.root
 def test_sigterm_takes_the_machine_down_like_ctrl_c(tmp_path):
     script = textwrap.dedent("""
         import sys, time

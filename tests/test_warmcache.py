@@ -8,9 +8,8 @@ import pytest
 from harness.testbed import Testbed
 from kernel.hw.physmem import PAGE_DESC, PhysMem, partition_layout
 from systems.base import check_report, registry
-from tests.conftest import needs_root
 
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 PAGE = 4096
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from harness import history
-from tests.conftest import needs_root
 
-pytestmark = [needs_root]
+pytestmark = [pytest.mark.root]
 
 SHORT = ["--warmup", "0.5", "--duration", "1.5", "--post", "1", "--bin", "0.25"]
 PARAMS = {"postgres": {"scale": 2, "clients": 3},
