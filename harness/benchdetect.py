@@ -6,15 +6,16 @@ declares it dead after MISSED beats). Each trial boots a fresh kernel, injects t
 and measures, on CLOCK_MONOTONIC, from the fault's activation (recorded by the dying
 kernel in its mailbox) to the watcher's verdict.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass, field
 
+from harness.testbed import Testbed
 from kernel import param
 from kernel.hw import mailbox
-from harness.testbed import Testbed
 from kernel.hw.host import Host
 from kernel.hw.physmem import CorruptObject, PhysMem, partition_layout
 
@@ -28,10 +29,15 @@ class Detection:
 
     def summary(self) -> dict:
         lat = self.latencies_s
-        return {"fault": self.fault, "detected_by": self.via, "trials": len(lat),
-                "median_ms": statistics.median(lat) * 1e3, "min_ms": min(lat) * 1e3,
-                "max_ms": max(lat) * 1e3,
-                "median_beats": statistics.median(lat) / self.interval_s}
+        return {
+            "fault": self.fault,
+            "detected_by": self.via,
+            "trials": len(lat),
+            "median_ms": statistics.median(lat) * 1e3,
+            "min_ms": min(lat) * 1e3,
+            "max_ms": max(lat) * 1e3,
+            "median_beats": statistics.median(lat) / self.interval_s,
+        }
 
 
 def _watch_heartbeat(mem: PhysMem, lay, missed: int, timeout: float) -> int:
@@ -52,7 +58,7 @@ def _watch_heartbeat(mem: PhysMem, lay, missed: int, timeout: float) -> int:
 def one_trial(host: Host, fault: str, missed: int) -> float:
     part = host.machine.partition(0)
     lay = partition_layout(0, part.base, part.size)
-    bell = mailbox.Doorbell(str(host.workdir), 1)   # listen as partition 1 would
+    bell = mailbox.Doorbell(str(host.workdir), 1)  # listen as partition 1 would
     try:
         host.boot(0)
         host.control(0, {"cmd": "inject", "fault": fault})
@@ -79,13 +85,21 @@ def one_trial(host: Host, fault: str, missed: int) -> float:
         host.crash(0)
 
 
-def run(trials: int, faults=("panic", "hang", "kill"), missed: int = param.HEARTBEAT_MISSED_BEATS,
-        progress=None) -> list[Detection]:
+def run(
+    trials: int,
+    faults=("panic", "hang", "kill"),
+    missed: int = param.HEARTBEAT_MISSED_BEATS,
+    progress=None,
+) -> list[Detection]:
     out = []
     with Testbed(kind="bench") as bed:
         for fault in faults:
-            d = Detection(fault, "doorbell (dying message)" if fault == "panic"
-                          else f"heartbeat ({missed} missed beats)")
+            d = Detection(
+                fault,
+                "doorbell (dying message)"
+                if fault == "panic"
+                else f"heartbeat ({missed} missed beats)",
+            )
             for i in range(trials):
                 d.latencies_s.append(one_trial(bed.host, fault, missed))
                 if progress:

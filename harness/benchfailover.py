@@ -11,6 +11,7 @@ no request had used (a scheme may check those lazily and say so in a note;
 (numpy copy between two buffers), because the machine is shared.
 Device time of the `ssd` model is modeled and waited for.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,7 @@ from harness.testbed import Testbed
 from systems.base import check_report, registry
 
 CHUNK = 1 << 20
-DEFAULT_SCHEMES = ("orthros", "reboot")   # what `crashbench bench failover` compares
+DEFAULT_SCHEMES = ("orthros", "reboot")  # what `crashbench bench failover` compares
 
 
 def fill_cache(mnt: Path, mib: int) -> None:
@@ -44,7 +45,7 @@ def fill_cache(mnt: Path, mib: int) -> None:
 def memcpy_rate(nbytes: int) -> float:
     src = np.frombuffer(os.urandom(1 << 20) * max(1, nbytes >> 20), np.uint8)
     dst = np.zeros_like(src)
-    dst[:] = 1            # touch every page first: the copy is timed, not the page faults
+    dst[:] = 1  # touch every page first: the copy is timed, not the page faults
     t = time.perf_counter()
     np.copyto(dst, src)
     return nbytes / (time.perf_counter() - t)
@@ -82,7 +83,7 @@ def one_crash(scheme_name: str, mib: int) -> dict:
 
 def run(crashes: int, mib: int, schemes=DEFAULT_SCHEMES, progress=None) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {s: [] for s in schemes}
-    for i in range(crashes):           # interleaved, so drift on the machine hits both alike
+    for i in range(crashes):  # interleaved, so drift on the machine hits both alike
         for s in schemes:
             results[s].append(one_crash(s, mib))
             if progress:
@@ -96,25 +97,32 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         phases: dict[str, list[float]] = {}
         for r in runs:
             for p in r["phases"]:
-                phases.setdefault(p["name"] + (" (modeled)" if p["modeled"] else ""), []).append(p["seconds"])
+                phases.setdefault(p["name"] + (" (modeled)" if p["modeled"] else ""), []).append(
+                    p["seconds"]
+                )
         outage = [r["outage_s"] for r in runs]
-        entry = {"crashes": len(runs),
-                 "crash_to_service_median_s": statistics.median(outage),
-                 "crash_to_service_range_s": [min(outage), max(outage)],
-                 "phases_median_s": {k: statistics.median(v) for k, v in phases.items()},
-                 "dirty_pages_before": statistics.median(r["cache"]["dirty_pages_before"] for r in runs),
-                 "dirty_pages_lost": statistics.median(r["cache"]["dirty_pages_lost"] for r in runs),
-                 "pages_recovered": statistics.median(r["cache"]["pages_recovered"] for r in runs)}
+        entry = {
+            "crashes": len(runs),
+            "crash_to_service_median_s": statistics.median(outage),
+            "crash_to_service_range_s": [min(outage), max(outage)],
+            "phases_median_s": {k: statistics.median(v) for k, v in phases.items()},
+            "dirty_pages_before": statistics.median(r["cache"]["dirty_pages_before"] for r in runs),
+            "dirty_pages_lost": statistics.median(r["cache"]["dirty_pages_lost"] for r in runs),
+            "pages_recovered": statistics.median(r["cache"]["pages_recovered"] for r in runs),
+        }
         if all("migration_rate" in r for r in runs):
             entry["migration_rate_median"] = statistics.median(r["migration_rate"] for r in runs)
-            entry["migration_rate_outage_median"] = statistics.median(r["migration_rate_outage"] for r in runs)
+            entry["migration_rate_outage_median"] = statistics.median(
+                r["migration_rate_outage"] for r in runs
+            )
             entry["late_check_median_s"] = statistics.median(r["late_check_s"] for r in runs)
             entry["memcpy_rate_median"] = statistics.median(r["memcpy_rate"] for r in runs)
         out[s] = entry
     if len(out) == 2:
         a, b = out
-        out[ratio_key(a, b)] = (out[a]["crash_to_service_median_s"]
-                                / out[b]["crash_to_service_median_s"])
+        out[ratio_key(a, b)] = (
+            out[a]["crash_to_service_median_s"] / out[b]["crash_to_service_median_s"]
+        )
     return out
 
 

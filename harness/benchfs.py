@@ -4,6 +4,7 @@ Each figure is measured in the same run beside the same work on a tmpfs director
 reported as a ratio to it, because these machines are shared and noisy. Every duration is
 a monotonic clock around the real work.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,9 +30,15 @@ class Figure:
         return statistics.median(self.mount) / statistics.median(self.tmpfs)
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "unit": self.unit, "mount_median": statistics.median(self.mount),
-                "tmpfs_median": statistics.median(self.tmpfs), "ratio_to_tmpfs": self.ratio,
-                "mount_runs": self.mount, "tmpfs_runs": self.tmpfs}
+        return {
+            "name": self.name,
+            "unit": self.unit,
+            "mount_median": statistics.median(self.mount),
+            "tmpfs_median": statistics.median(self.tmpfs),
+            "ratio_to_tmpfs": self.ratio,
+            "mount_runs": self.mount,
+            "tmpfs_runs": self.tmpfs,
+        }
 
 
 def seq_write(d: Path, nbytes: int) -> float:
@@ -79,8 +86,11 @@ def creates(d: Path, n: int, run: int) -> float:
 
 def run_all(mount: Path, *, mib: int, files: int, runs: int, progress=None) -> list[Figure]:
     tmp = Path(tempfile.mkdtemp(prefix="crashbench-tmpfs-", dir="/dev/shm"))
-    figs = [Figure("sequential write", "MB/s", [], []), Figure("cached sequential read", "MB/s", [], []),
-            Figure("small-file creates", "files/s", [], [])]
+    figs = [
+        Figure("sequential write", "MB/s", [], []),
+        Figure("cached sequential read", "MB/s", [], []),
+        Figure("small-file creates", "files/s", [], []),
+    ]
     nbytes = mib * CHUNK
     try:
         for r in range(runs):

@@ -1,4 +1,5 @@
 """Where the real servers' programs are on this machine."""
+
 from __future__ import annotations
 
 import glob
@@ -19,7 +20,9 @@ def pg_bin(program: str = "initdb") -> str:
         p = os.path.join(d, program)
         if os.access(p, os.X_OK):
             return p
-    raise MissingProgram(f"PostgreSQL program {program!r} not found (run `make` as root to install it)")
+    raise MissingProgram(
+        f"PostgreSQL program {program!r} not found (run `make` as root to install it)"
+    )
 
 
 def pg_tool(program: str) -> str:
@@ -30,8 +33,10 @@ def pg_tool(program: str) -> str:
     p = os.path.join(os.path.dirname(os.path.realpath(pg_bin("postgres"))), program)
     if os.access(p, os.X_OK):
         return p
-    raise MissingProgram(f"PostgreSQL program {program!r} not found beside {pg_bin('postgres')} "
-                         f"(it needs PostgreSQL 14 or later; run `make` as root to install it)")
+    raise MissingProgram(
+        f"PostgreSQL program {program!r} not found beside {pg_bin('postgres')} "
+        f"(it needs PostgreSQL 14 or later; run `make` as root to install it)"
+    )
 
 
 def nginx_bin() -> str:

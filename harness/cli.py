@@ -1,4 +1,5 @@
 """The `crashbench` command line: one typer app; each command lives in the layer it drives."""
+
 from __future__ import annotations
 
 import signal
@@ -35,18 +36,30 @@ app.command("compare")(results.compare_cmd)
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(Path(".crashbench-demo"), help="scratch directory"),
-         out: Path = typer.Option(Path("results/demo"), help="where the demo's results go")):
+def demo(
+    workdir: Path = typer.Option(Path(".crashbench-demo"), help="scratch directory"),
+    out: Path = typer.Option(Path("results/demo"), help="where the demo's results go"),
+):
     """Crash a machine and look into the dead kernel's memory; then one panic under orthros
     and under reboot, side by side. Writes OUT/demo.json."""
     import json
     import time
+
     inspected = lab.demo_storage(workdir)
     reports = lab.demo_failover()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(
-        {"schema_version": 1, "kind": "crashbench demo", "time": time.time(),
-         "inspect_after_crash": inspected, "recovery_reports": reports}, indent=2))
+    (out / "demo.json").write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "kind": "crashbench demo",
+                "time": time.time(),
+                "inspect_after_crash": inspected,
+                "recovery_reports": reports,
+            },
+            indent=2,
+        )
+    )
     lab.console.print(f"\nresults written to {out / 'demo.json'}")
 
 

@@ -16,6 +16,7 @@ side that is an incomplete run (stopped before its last trial) gets a note; it d
 change the exit code by itself (its fewer trials already weigh less in the test).
 docs/RESULTS.md, "Compare", is the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,11 +43,11 @@ class Row:
     n_new: int
     median_old: float | None
     median_new: float | None
-    ratio: float | None          # median_new / median_old (1.0 when equal, inf from 0)
-    p_worse: float | None        # one-sided: new values stochastically larger
+    ratio: float | None  # median_new / median_old (1.0 when equal, inf from 0)
+    p_worse: float | None  # one-sided: new values stochastically larger
     p_better: float | None
     min_p: float | None
-    verdict: str                 # worse | better | same | too few | n/a
+    verdict: str  # worse | better | same | too few | n/a
     note: str = ""
 
 
@@ -55,13 +56,14 @@ class Categorical:
     """A count that must not get worse at all: ``old``/``new`` are {"count", "of"}
     (trials recovered of trials run, writes lost over the verified trials, trials with a
     checker finding of the trials checked)."""
+
     scheme: str
     workload: str
     fault: str
-    check: str                   # recovered | lost_writes | corrupted_writes | checks.<name>
+    check: str  # recovered | lost_writes | corrupted_writes | checks.<name>
     old: dict
     new: dict
-    verdict: str                 # worse | better | same | n/a
+    verdict: str  # worse | better | same | n/a
     note: str = ""
 
 
@@ -99,15 +101,20 @@ def metric_values(trials: list[dict], metric: str) -> list[float]:
         v = t[metric]
         if v is None and metric == "downtime_s" and not t["recovered"]:
             v = math.inf
-        elif v is None and metric == "time_to_90pct_s" and (t["throughput"]["pre_crash_mean"] or 0) > 0:
+        elif (
+            v is None
+            and metric == "time_to_90pct_s"
+            and (t["throughput"]["pre_crash_mean"] or 0) > 0
+        ):
             v = math.inf
         if v is not None:
             out.append(float(v))
     return out
 
 
-def compare(old_run: dict, new_run: dict, threshold: float = 0.10,
-            alpha: float = 0.05) -> Comparison:
+def compare(
+    old_run: dict, new_run: dict, threshold: float = 0.10, alpha: float = 0.05
+) -> Comparison:
     if not threshold > 0:
         raise ValueError(f"threshold must be positive, not {threshold!r}")
     if not 0 < alpha < 1:
@@ -123,16 +130,31 @@ def compare(old_run: dict, new_run: dict, threshold: float = 0.10,
             result.notes.append(f"{'/'.join(key)}: only in the {side} run, not compared")
     for key in [k for k in old if k in new]:
         for metric in METRICS:
-            result.rows.append(compare_metric(key, metric, metric_values(old[key], metric),
-                                              metric_values(new[key], metric), threshold, alpha))
+            result.rows.append(
+                compare_metric(
+                    key,
+                    metric,
+                    metric_values(old[key], metric),
+                    metric_values(new[key], metric),
+                    threshold,
+                    alpha,
+                )
+            )
         result.categorical += compare_counts(key, old[key], new[key])
     return result
 
 
-def compare_metric(key: tuple[str, str, str], metric: str, old: list[float], new: list[float],
-                   threshold: float, alpha: float) -> Row:
-    row = Row(*key, metric, len(old), len(new), _median(old), _median(new), None, None, None,
-              None, "n/a")
+def compare_metric(
+    key: tuple[str, str, str],
+    metric: str,
+    old: list[float],
+    new: list[float],
+    threshold: float,
+    alpha: float,
+) -> Row:
+    row = Row(
+        *key, metric, len(old), len(new), _median(old), _median(new), None, None, None, None, "n/a"
+    )
     if not old or not new:
         row.note = f"no values in the {'old' if not old else 'new'} run"
         return row
@@ -145,18 +167,23 @@ def compare_metric(key: tuple[str, str, str], metric: str, old: list[float], new
         row.verdict = "better"
     else:
         row.verdict = "same"
-    if row.min_p >= alpha:       # not "same": the sample cannot tell
+    if row.min_p >= alpha:  # not "same": the sample cannot tell
         n = f"{len(old)}" if len(old) == len(new) else f"{len(old)}/{len(new)}"
         what = "lost bytes" if metric == "lost_bytes" else "timing"
         row.verdict = "too few"
-        row.note = (f"{n} trials: too few to judge {what} at p < {alpha:g} (the smallest "
-                    f"possible p is {row.min_p:.3g})")
+        row.note = (
+            f"{n} trials: too few to judge {what} at p < {alpha:g} (the smallest "
+            f"possible p is {row.min_p:.3g})"
+        )
     return row
 
 
 # --- categorical regressions: counts that must not get worse, whatever the trial count -------
 
-def compare_counts(key: tuple[str, str, str], old: list[dict], new: list[dict]) -> list[Categorical]:
+
+def compare_counts(
+    key: tuple[str, str, str], old: list[dict], new: list[dict]
+) -> list[Categorical]:
     """The recovered share, the acknowledged writes lost and corrupted, and each workload
     checker's findings, old against new (trials with an ``error`` left out)."""
     old = [t for t in old if not t.get("error")]
@@ -165,8 +192,9 @@ def compare_counts(key: tuple[str, str, str], old: list[dict], new: list[dict]) 
     for f in ("lost_writes", "corrupted_writes"):
         rows.append(_none_to_some(key, f, _writes(old, f), _writes(new, f)))
     for name in sorted(_check_names(old) | _check_names(new)):
-        rows.append(_none_to_some(key, f"checks.{name}", _findings(old, name),
-                                  _findings(new, name)))
+        rows.append(
+            _none_to_some(key, f"checks.{name}", _findings(old, name), _findings(new, name))
+        )
     return rows
 
 
@@ -182,14 +210,21 @@ def _writes(trials: list[dict], f: str) -> dict:
 
 def _check_names(trials: list[dict]) -> set[str]:
     """The workload checkers with a verdict (``ok``) in these trials' ``checks``."""
-    return {n for t in trials for n, c in (t.get("checks") or {}).items()
-            if isinstance(c, dict) and "ok" in c}
+    return {
+        n
+        for t in trials
+        for n, c in (t.get("checks") or {}).items()
+        if isinstance(c, dict) and "ok" in c
+    }
 
 
 def _findings(trials: list[dict], name: str) -> dict:
     """Trials whose checker ``name`` found a violation, of the trials it judged."""
-    oks = [c["ok"] for t in trials if isinstance(c := (t.get("checks") or {}).get(name), dict)
-           and c.get("ok") is not None]
+    oks = [
+        c["ok"]
+        for t in trials
+        if isinstance(c := (t.get("checks") or {}).get(name), dict) and c.get("ok") is not None
+    ]
     return {"count": sum(1 for ok in oks if ok is False), "of": len(oks)}
 
 
@@ -199,11 +234,13 @@ def _share(key, check: str, old: dict, new: dict) -> Categorical:
     if not old["of"] or not new["of"]:
         row.note = f"no trials in the {'old' if not old['of'] else 'new'} run"
         return row
-    a, b = old["count"] * new["of"], new["count"] * old["of"]    # the shares, cross-multiplied
+    a, b = old["count"] * new["of"], new["count"] * old["of"]  # the shares, cross-multiplied
     row.verdict = "worse" if b < a else "better" if b > a else "same"
     if row.verdict == "worse":
-        row.note = (f"fewer trials {check}: {old['count']}/{old['of']} before, "
-                    f"{new['count']}/{new['of']} now")
+        row.note = (
+            f"fewer trials {check}: {old['count']}/{old['of']} before, "
+            f"{new['count']}/{new['of']} now"
+        )
     return row
 
 
@@ -245,13 +282,14 @@ def _ratio(old: float, new: float) -> float:
 def _p(new: list[float], old: list[float], alternative: str) -> float:
     """One-sided Mann-Whitney U p-value of ``new`` against ``old``."""
     from scipy.stats import PermutationMethod, mannwhitneyu
+
     if len(set(new) | set(old)) == 1:
-        return 1.0                      # all values equal: no evidence either way
+        return 1.0  # all values equal: no evidence either way
     if math.comb(len(new) + len(old), len(new)) <= EXACT_LIMIT:
         method = PermutationMethod(n_resamples=EXACT_LIMIT)
     else:
         method = "asymptotic"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # infinities among the ranks are fine
+        warnings.simplefilter("ignore", RuntimeWarning)  # infinities among the ranks are fine
         p = mannwhitneyu(new, old, alternative=alternative, method=method).pvalue
     return float(min(max(p, 0.0), 1.0))

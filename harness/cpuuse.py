@@ -17,6 +17,7 @@ it (undercounted); work the host kernel does outside these threads (interrupts, 
 device's queues) is nobody's. The VMM's figure is wall time inside its calls, so a call
 preempted on the way counts the wait too: an upper bound of its CPU time.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,17 +26,24 @@ from typing import Iterable
 from kernel.core.kernel import HEARTBEAT_THREAD
 
 KERNEL, HEARTBEAT, VMM, APPS, STANDBY, CLIENTS = (
-    "kernel", "heartbeat", "vmm", "apps", "standby", "clients")
+    "kernel",
+    "heartbeat",
+    "vmm",
+    "apps",
+    "standby",
+    "clients",
+)
 ROLES = (KERNEL, HEARTBEAT, VMM, APPS, STANDBY, CLIENTS)
-MACHINERY = (HEARTBEAT, VMM, STANDBY)     # what exists only because of a scheme
-ON_ACTIVE = (HEARTBEAT, VMM)              # the machinery that runs on the active partition
-ACTIVE = (KERNEL, HEARTBEAT, VMM, APPS)   # what runs on the active partition's CPUs
+MACHINERY = (HEARTBEAT, VMM, STANDBY)  # what exists only because of a scheme
+ON_ACTIVE = (HEARTBEAT, VMM)  # the machinery that runs on the active partition
+ACTIVE = (KERNEL, HEARTBEAT, VMM, APPS)  # what runs on the active partition's CPUs
 
 
 def roles(host, active: int, clients: Iterable[int]) -> dict[str, list[int]]:
     """{role: pids} of a deployment; the KERNEL role is the active kernel's pid alone
     (its HEARTBEAT thread is told apart by ``sample``)."""
     from kernel.hw.procset import ProcError, ProcessSet
+
     out: dict[str, list[int]] = {r: [] for r in ROLES}
     for part, kp in host.kernels.items():
         try:
@@ -69,6 +77,7 @@ def sample(rs: dict[str, list[int]], vmm_region: str | None = None) -> dict[str,
 
 def _vmm_busy(path: str) -> int:
     from kernel.hw import vmm
+
     r = vmm.Region(path)
     try:
         return r.stats()["busy_ns"]
@@ -98,7 +107,7 @@ def _threads(pid: int) -> list[tuple[str, int]]:
             with open(f"/proc/{pid}/task/{tid}/comm", "rb") as f:
                 comm = f.read().strip().decode(errors="replace")
         except (OSError, ValueError, IndexError):
-            continue                  # the thread ended between listing and reading
+            continue  # the thread ended between listing and reading
         out.append((comm, ns))
     return out
 
@@ -113,7 +122,7 @@ def _with_descendants(roots: Iterable[int]) -> set[int]:
                 raw = f.read()
         except OSError:
             continue
-        ppid = int(raw[raw.rfind(b")") + 2:].split()[1])
+        ppid = int(raw[raw.rfind(b")") + 2 :].split()[1])
         parent.setdefault(ppid, []).append(int(name))
     seen: set[int] = set()
     todo = list(roots)

@@ -17,6 +17,7 @@ sampled into the history (harness/kcounters.py) except from the injection to the
 scheme's report. Waiting through warm-up and
 steady state is load running, not a stand-in for a result.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,12 +27,21 @@ from pathlib import Path
 from harness import history
 from harness.kcounters import CounterSampler
 from harness.testbed import Testbed
-from harness.workloads import Service, registry as workloads
+from harness.workloads import Service
+from harness.workloads import registry as workloads
 from kernel.hw.physmem import partition_layout
-from systems.base import check_report, registry as schemes
+from systems.base import check_report
+from systems.base import registry as schemes
 
-DEFAULTS = {"warmup_s": 2.0, "steady_s": 5.0, "post_s": 5.0, "recovery_timeout_s": 30.0,
-            "ready_timeout_s": 30.0, "bin_s": 1.0, "cache_timeout_s": 120.0}
+DEFAULTS = {
+    "warmup_s": 2.0,
+    "steady_s": 5.0,
+    "post_s": 5.0,
+    "recovery_timeout_s": 30.0,
+    "ready_timeout_s": 30.0,
+    "bin_s": 1.0,
+    "cache_timeout_s": 120.0,
+}
 # The warm-up's cache is full once the kernel caches the workload's working set, or this
 # share of the partition's frames when the working set is larger (clean pages are
 # reclaimed before the frames run out, so the page count never reaches every frame).
@@ -52,7 +62,7 @@ class TrialSpec:
     timing: dict = field(default_factory=lambda: dict(DEFAULTS))
     workload_params: dict = field(default_factory=dict)
     machine_file: str | None = None
-    fault_args: dict = field(default_factory=dict)   # where the fault goes: target, site, seed
+    fault_args: dict = field(default_factory=dict)  # where the fault goes: target, site, seed
 
     @property
     def id(self) -> str:
@@ -94,12 +104,21 @@ class Trial:
     def measure(self) -> None:
         """A crash trial: load, a fault, the recovery, and what the clients saw."""
         t = self.spec.timing
-        until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
-                 + _cache_timeout(t) + t["recovery_timeout_s"] + t["post_s"]
-                 + _modeled_reboot_s(self.host.machine) + 10)
+        until = (
+            time.monotonic()
+            + t["ready_timeout_s"]
+            + t["warmup_s"]
+            + t["steady_s"]
+            + _cache_timeout(t)
+            + t["recovery_timeout_s"]
+            + t["post_s"]
+            + _modeled_reboot_s(self.host.machine)
+            + 10
+        )
         with self.phase("warm up"):
-            self.sampler = CounterSampler(self.host, self.scheme,
-                                          self.svc.history_dir() / "kernel-counters.jsonl").start()
+            self.sampler = CounterSampler(
+                self.host, self.scheme, self.svc.history_dir() / "kernel-counters.jsonl"
+            ).start()
             self.warm_up(until)
         with self.phase("steady state"):
             self.hold(t["steady_s"])
@@ -112,24 +131,33 @@ class Trial:
 
     def record(self) -> dict:
         from harness.trial import record
+
         return record(self, self.events)
 
     @classmethod
     def failed_record(cls, spec: TrialSpec, trial: "Trial | None", error: str) -> dict:
         from harness.trial import failed
+
         return failed(spec, trial.phases if trial else [], trial.crash_at if trial else None, error)
 
     # --- phases ----------------------------------------------------------------------------
     def deploy(self) -> None:
-        bed = Testbed(kind="run", machine_file=self.spec.machine_file, network=True,
-                      keep_logs=self.out / f"logs-{self.spec.id}")
+        bed = Testbed(
+            kind="run",
+            machine_file=self.spec.machine_file,
+            network=True,
+            keep_logs=self.out / f"logs-{self.spec.id}",
+        )
         bed.up()
         self.bed, self.host, self.net = bed, bed.host, bed.net
         wd = bed.workdir
-        self.svc = Service(mount=str(self.host.mountpoint(0)),
-                           ip=self.net.service_ip if self.net else "127.0.0.1",
-                           client_netns=self.net.client_netns() if self.net else None,
-                           workdir=wd, seed=self.spec.seed)
+        self.svc = Service(
+            mount=str(self.host.mountpoint(0)),
+            ip=self.net.service_ip if self.net else "127.0.0.1",
+            client_netns=self.net.client_netns() if self.net else None,
+            workdir=wd,
+            seed=self.spec.seed,
+        )
         if self.workload.prepares:
             self.host.boot(0, mount=self.svc.mount)
             self.workload.prepare(self.svc)
@@ -162,11 +190,17 @@ class Trial:
         while pages < want and time.monotonic() < deadline:
             self.hold(0.2)
             pages = self.cached_pages()
-        self.cache_fill = {"target_pages": want, "pages": pages, "full": pages >= want,
-                           "waited_s": time.monotonic() - t0}
+        self.cache_fill = {
+            "target_pages": want,
+            "pages": pages,
+            "full": pages >= want,
+            "waited_s": time.monotonic() - t0,
+        }
         if pages < want:
-            self.say(f"{self.spec.id}: the cache held {pages} of {want} pages after "
-                     f"{self.cache_fill['waited_s']:.0f} s of warm-up")
+            self.say(
+                f"{self.spec.id}: the cache held {pages} of {want} pages after "
+                f"{self.cache_fill['waited_s']:.0f} s of warm-up"
+            )
 
     def cached_pages(self) -> int:
         """Pages in the active kernel's page cache (its status reply)."""
@@ -179,8 +213,10 @@ class Trial:
         deadline = t0 + self.spec.timing["ready_timeout_s"]
         while not self.clients.all_ok_after(t0 - 1e-6):
             if time.monotonic() > deadline:
-                raise DriverError(f"{self.spec.id}: not every client was answered within "
-                                  f"{self.spec.timing['ready_timeout_s']:.0f} s of starting")
+                raise DriverError(
+                    f"{self.spec.id}: not every client was answered within "
+                    f"{self.spec.timing['ready_timeout_s']:.0f} s of starting"
+                )
             self.hold(0.02)
 
     def hold(self, seconds: float) -> None:
@@ -193,10 +229,16 @@ class Trial:
                 raise DriverError(f"{self.spec.id}: {dead[0]}; see its log")
 
     def inject(self) -> dict:
-        self.sampler.pause()        # no request to a kernel while it dies and is recovered
+        self.sampler.pause()  # no request to a kernel while it dies and is recovered
         with history.Recorder(self.svc.history_dir() / "nemesis.jsonl", history.NEMESIS) as rec:
-            op = rec.invoke("crash", value={"fault": self.spec.fault, "partition": self.scheme.active,
-                                            **self.spec.fault_args})
+            op = rec.invoke(
+                "crash",
+                value={
+                    "fault": self.spec.fault,
+                    "partition": self.scheme.active,
+                    **self.spec.fault_args,
+                },
+            )
             self.crash_at = op["time"]
             reply = self.scheme.inject(self.spec.fault, **self.spec.fault_args)
             rec.complete("info", op, value={"fault": self.spec.fault, "reply": reply})
@@ -213,23 +255,40 @@ class Trial:
         self.sampler.resume()
         if self.report.recovered:
             deadline = time.monotonic() + t["recovery_timeout_s"]
-            took_effect = max(self.crash_at, self.report.failed_at,   # as checkers.crash_times
-                              reply.get("injected_ns", 0) / 1e9)
+            took_effect = max(
+                self.crash_at,
+                self.report.failed_at,  # as checkers.crash_times
+                reply.get("injected_ns", 0) / 1e9,
+            )
             while not self.clients.all_ok_after(took_effect) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        self.hold(t["post_s"])      # load after recovery: the return to full throughput
-        self.report = check_report(self.scheme.refresh(self.report))   # what that load reused
+        self.hold(t["post_s"])  # load after recovery: the return to full throughput
+        self.report = check_report(self.scheme.refresh(self.report))  # what that load reused
 
     def nemesis_record(self) -> None:
         """When the fault took effect (the dying kernel's own record, which the injection
         request precedes by a control round trip) and when the scheme says service is back."""
         r = self.report
         with history.Recorder(self.svc.history_dir() / "nemesis.jsonl", history.NEMESIS) as rec:
-            rec.write(history.event("info", history.NEMESIS, "activated", time_s=r.failed_at,
-                                    value={"fault": r.fault, "detected_by": r.detected_by}))
+            rec.write(
+                history.event(
+                    "info",
+                    history.NEMESIS,
+                    "activated",
+                    time_s=r.failed_at,
+                    value={"fault": r.fault, "detected_by": r.detected_by},
+                )
+            )
             if r.recovered:
-                rec.write(history.event("info", history.NEMESIS, "recovered", time_s=r.service_at,
-                                        value={"outage_s": r.outage_s}))
+                rec.write(
+                    history.event(
+                        "info",
+                        history.NEMESIS,
+                        "recovered",
+                        time_s=r.service_at,
+                        value={"outage_s": r.outage_s},
+                    )
+                )
 
     def verify(self) -> list[dict]:
         self.sampler.stop()
@@ -264,8 +323,14 @@ class _Phase:
         self.trial.say(f"{self.trial.spec.id}: {self.name}")
 
     def __exit__(self, exc_type, exc, tb):
-        self.trial.phases.append({"name": self.name, "start": self.start, "end": time.monotonic(),
-                                  **({"error": f"{exc_type.__name__}: {exc}"} if exc else {})})
+        self.trial.phases.append(
+            {
+                "name": self.name,
+                "start": self.start,
+                "end": time.monotonic(),
+                **({"error": f"{exc_type.__name__}: {exc}"} if exc else {}),
+            }
+        )
 
 
 def _cache_timeout(timing: dict) -> float:
@@ -284,13 +349,25 @@ def warmup_for(workload: str, warmup_s: float | None, default_s: float) -> float
     return warmup_s if warmup_s is not None else own if own is not None else default_s
 
 
-def plan(schemes_: list[str], workload: str, fault: str, trials: int, seed: int,
-         timing: dict, workload_params: dict, machine_file: str | None) -> list[TrialSpec]:
+def plan(
+    schemes_: list[str],
+    workload: str,
+    fault: str,
+    trials: int,
+    seed: int,
+    timing: dict,
+    workload_params: dict,
+    machine_file: str | None,
+) -> list[TrialSpec]:
     """Trials interleaved across schemes (trial 0 of each, then trial 1, ...), so drift of
     a shared machine hits every scheme alike; trial i has the same seed under every scheme."""
-    return [TrialSpec(s, workload, fault, i, seed + i, dict(timing), dict(workload_params),
-                      machine_file)
-            for i in range(trials) for s in schemes_]
+    return [
+        TrialSpec(
+            s, workload, fault, i, seed + i, dict(timing), dict(workload_params), machine_file
+        )
+        for i in range(trials)
+        for s in schemes_
+    ]
 
 
 def run_one(spec: TrialSpec, out: Path, say=lambda msg: None, kind: type[Trial] = Trial) -> dict:
@@ -301,5 +378,5 @@ def run_one(spec: TrialSpec, out: Path, say=lambda msg: None, kind: type[Trial] 
     try:
         trial = kind(spec, out, say)
         return trial.run()
-    except Exception as e:       # noqa: BLE001 - recorded in the trial, named in the run
+    except Exception as e:  # noqa: BLE001 - recorded in the trial, named in the run
         return kind.failed_record(spec, trial, f"{type(e).__name__}: {e}")

@@ -25,6 +25,7 @@ Event shapes (the ``files`` workload; other workloads use the same envelope)::
     {"type":"invoke","process":"nemesis","f":"crash","value":{"fault":"panic"},"time":...}
     {"type":"ok","process":0,"f":"verify","key":"c3/f7","value":{"bytes":8192,"sha256":"..."}}
 """
+
 from __future__ import annotations
 
 import json
@@ -42,10 +43,22 @@ class HistoryError(ValueError):
     """A history file or event that breaks the format above."""
 
 
-def event(type: str, process, f: str, *, key: str | None = None, value: Any = None,
-          error: str | None = None, time_s: float | None = None) -> dict:
-    e: dict[str, Any] = {"type": type, "process": process, "f": f,
-                         "time": time.monotonic() if time_s is None else time_s}
+def event(
+    type: str,
+    process,
+    f: str,
+    *,
+    key: str | None = None,
+    value: Any = None,
+    error: str | None = None,
+    time_s: float | None = None,
+) -> dict:
+    e: dict[str, Any] = {
+        "type": type,
+        "process": process,
+        "f": f,
+        "time": time.monotonic() if time_s is None else time_s,
+    }
     if key is not None:
         e["key"] = key
     if value is not None:
@@ -84,8 +97,9 @@ class Recorder:
 
     def complete(self, type: str, op: dict, value: Any = None, error: str | None = None) -> dict:
         v = op.get("value") if value is None else value
-        return self.write(event(type, self.process, op["f"], key=op.get("key"), value=v,
-                                error=error))
+        return self.write(
+            event(type, self.process, op["f"], key=op.get("key"), value=v, error=error)
+        )
 
     def write(self, e: dict) -> dict:
         self._fh.write(json.dumps(e, separators=(",", ":")) + "\n")

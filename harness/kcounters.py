@@ -8,6 +8,7 @@ answer (dead, not yet serving) is skipped, never waited for beyond TIMEOUT_S. ``
 stops the asking — the driver pauses it from the injection until the scheme's report, so
 no request reaches a kernel while a recovery is under way — and ``resume`` starts again.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,7 +26,7 @@ class CounterSampler:
         self.host, self.scheme = host, scheme
         self._rec = history.Recorder(path, history.NEMESIS)
         self._stop, self._running = threading.Event(), threading.Event()
-        self._asking = threading.Lock()      # held while a request is out
+        self._asking = threading.Lock()  # held while a request is out
         self._thread = threading.Thread(target=self._loop, name="kernel-counters", daemon=True)
 
     def start(self) -> "CounterSampler":
@@ -62,7 +63,7 @@ class CounterSampler:
         try:
             reply = self.host.control(part, {"cmd": "status"}, timeout=TIMEOUT_S)
         except (OSError, ValueError, KeyError):
-            return None          # dead, booting or replaced: the next tick asks again
+            return None  # dead, booting or replaced: the next tick asks again
         c = reply.get("cache") if isinstance(reply, dict) else None
         if not (reply.get("ok") and isinstance(c, dict)):
             return None

@@ -13,6 +13,7 @@ finds it from any directory. Bad input — a work directory that is a file or ca
 written, a damaged ``lab.json``, a machine that does not boot — is a one-line LabError naming
 the cause.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import owners
-from kernel.hw import fusedev
-from kernel.hw import control, machine as machine_mod, mailbox
+from kernel.hw import control, fusedev, mailbox
+from kernel.hw import machine as machine_mod
 from kernel.hw.host import make_workdir, physmem_path_for
 from kernel.hw.physmem import PhysMem
 
@@ -61,6 +62,7 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     from systems.base import kernel_modules
+
     return not zombie and any(m.encode() in cmd for m in kernel_modules())
 
 
@@ -75,12 +77,16 @@ def forget(workdir: Path) -> None:
 def _check_state(state, path: Path) -> None:
     """lab.json as ``up`` wrote it, or a one-line LabError naming what is wrong."""
     if not isinstance(state, dict):
-        raise LabError(f"{path}: damaged lab state (expected a JSON object, got "
-                       f"{type(state).__name__}); remove it once nothing of the lab runs")
+        raise LabError(
+            f"{path}: damaged lab state (expected a JSON object, got "
+            f"{type(state).__name__}); remove it once nothing of the lab runs"
+        )
     for key, kind in STATE_KEYS.items():
         if not isinstance(state.get(key), kind):
-            raise LabError(f"{path}: damaged lab state ({key!r} is missing or of the wrong "
-                           f"type); remove it once nothing of the lab runs")
+            raise LabError(
+                f"{path}: damaged lab state ({key!r} is missing or of the wrong "
+                f"type); remove it once nothing of the lab runs"
+            )
 
 
 @dataclass
@@ -93,11 +99,15 @@ class Lab:
     def open(cls, workdir: Path) -> "Lab":
         p = Path(workdir) / STATE
         if not p.exists():
-            raise LabError(f"no lab in {workdir} (start one with `crashbench up --workdir {workdir}`)")
+            raise LabError(
+                f"no lab in {workdir} (start one with `crashbench up --workdir {workdir}`)"
+            )
         try:
             state = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise LabError(f"{p}: damaged lab state ({e}); remove it once nothing of the lab runs") from None
+            raise LabError(
+                f"{p}: damaged lab state ({e}); remove it once nothing of the lab runs"
+            ) from None
         except OSError as e:
             raise LabError(f"{p}: cannot read the lab's state: {e.strerror}") from None
         _check_state(state, p)
@@ -114,18 +124,28 @@ class Lab:
 
     # --- up ---------------------------------------------------------------------------------
     @classmethod
-    def up(cls, workdir: Path, machine_file: str | None = None, scheme: str = "none",
-           delay: bool = True) -> "Lab":
+    def up(
+        cls,
+        workdir: Path,
+        machine_file: str | None = None,
+        scheme: str = "none",
+        delay: bool = True,
+    ) -> "Lab":
         workdir = Path(workdir)
         if workdir.exists() and not workdir.is_dir():
             raise LabError(f"--workdir {workdir}: exists and is not a directory")
         if (workdir / STATE).exists():
             old = cls.open(workdir)
-            if _alive_pid(old.state.get("supervisor")) or any(_alive(k["pid"]) for k in old.kernels.values()):
-                raise LabError(f"a lab is already running in {workdir} "
-                               f"(`crashbench down --workdir {workdir}` stops it)")
+            if _alive_pid(old.state.get("supervisor")) or any(
+                _alive(k["pid"]) for k in old.kernels.values()
+            ):
+                raise LabError(
+                    f"a lab is already running in {workdir} "
+                    f"(`crashbench down --workdir {workdir}` stops it)"
+                )
             old.down()
         from systems.base import registry
+
         if scheme not in registry():
             raise LabError(f"unknown scheme {scheme!r} (known: {', '.join(registry())})")
         m = machine_mod.load(machine_file)
@@ -133,14 +153,24 @@ class Lab:
             workdir = make_workdir(workdir)
         except OSError as e:
             raise LabError(f"--workdir {workdir}: cannot create it: {e.strerror}") from None
-        lab = cls(workdir, {"machine_file": str(Path(machine_file).resolve()) if machine_file else None,
-                            "scheme": scheme, "tag": lab_tag(workdir),
-                            "physmem": physmem_path_for(workdir),
-                            "supervisor": None, "network": None, "started": time.time()})
+        lab = cls(
+            workdir,
+            {
+                "machine_file": str(Path(machine_file).resolve()) if machine_file else None,
+                "scheme": scheme,
+                "tag": lab_tag(workdir),
+                "physmem": physmem_path_for(workdir),
+                "supervisor": None,
+                "network": None,
+                "started": time.time(),
+            },
+        )
         try:
-            lab.save()   # written first, so `down` can clean up after a failed `up`
+            lab.save()  # written first, so `down` can clean up after a failed `up`
         except OSError as e:
-            raise LabError(f"--workdir {workdir}: cannot write the lab's state: {e.strerror}") from None
+            raise LabError(
+                f"--workdir {workdir}: cannot write the lab's state: {e.strerror}"
+            ) from None
         owners.claim("lab", workdir, lab.state["tag"], lab.state["physmem"], workdir_made=False)
         for old_report in (workdir / "reports").glob("*.json"):
             old_report.unlink()
@@ -150,24 +180,40 @@ class Lab:
         except BaseException:
             lab.down()
             raise
-        owners.hand_over(lab.state["tag"], lab.state["supervisor"])   # it keeps the lab now
+        owners.hand_over(lab.state["tag"], lab.state["supervisor"])  # it keeps the lab now
         return lab
 
     def _start_supervisor(self) -> None:
         import select
         import subprocess
         import sys
+
         r, w = os.pipe()
-        cmd = [sys.executable, "-m", "harness.supervisor", "--workdir", str(self.workdir),
-               "--scheme", self.state["scheme"], "--ready-fd", str(w)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "harness.supervisor",
+            "--workdir",
+            str(self.workdir),
+            "--scheme",
+            self.state["scheme"],
+            "--ready-fd",
+            str(w),
+        ]
         if self.state["machine_file"]:
             cmd += ["--machine", self.state["machine_file"]]
         if self.state.get("network") and self.state["network"]["mode"] == "netns":
             cmd += ["--net-tag", self.state["tag"]]
         (self.workdir / "logs").mkdir(exist_ok=True)
         with open(self.workdir / "logs" / "supervisor.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
-                                    start_new_session=True, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(w,),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
         os.close(w)
         self.state["supervisor"] = proc.pid
         self.save()
@@ -178,7 +224,9 @@ class Lab:
         finally:
             os.close(r)
         if said.startswith("failed: "):
-            raise LabError(f"the machine did not come up: {said[len('failed: '):]} (more in {log})")
+            raise LabError(
+                f"the machine did not come up: {said[len('failed: ') :]} (more in {log})"
+            )
         if not said.startswith("ready"):
             raise LabError(f"the machine did not come up within 60 s; see {log}")
 
@@ -198,38 +246,62 @@ class Lab:
         return self._supervisor_state().get("active", 0)
 
     def reports(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted((self.workdir / "reports").glob("*.json"))]
+        return [
+            json.loads(p.read_text()) for p in sorted((self.workdir / "reports").glob("*.json"))
+        ]
 
     def _network_up(self, m: machine_mod.Machine) -> None:
         if not m.nics:
             return
         from kernel.hw.net import Network
+
         net = Network(self.state["tag"], m.nics[0], [p.id for p in m.partitions])
         owner = next((p.id for p in m.partitions if m.nics[0].name in p.devices), 0)
         net.up(owner)
-        self.state["network"] = {"mode": net.mode, "service_ip": net.service_ip,
-                                 "client_ip": net.client_ip, "owner": owner,
-                                 "netns": {str(p.id): net.netns(p.id) for p in m.partitions},
-                                 "client_netns": net.client_netns()}
+        self.state["network"] = {
+            "mode": net.mode,
+            "service_ip": net.service_ip,
+            "client_ip": net.client_ip,
+            "owner": owner,
+            "netns": {str(p.id): net.netns(p.id) for p in m.partitions},
+            "client_netns": net.client_netns(),
+        }
         self.save()
 
     # --- status -----------------------------------------------------------------------------
     def status(self) -> dict:
         m = self.machine
         reports = self.reports()
-        out = {"workdir": str(self.workdir), "scheme": self.state["scheme"],
-               "network": self.state["network"], "partitions": [], "active": self.active,
-               "last_recovery": reports[-1] if reports else None}
-        mem = PhysMem(self.state["physmem"], readonly=True) if os.path.exists(self.state["physmem"]) else None
+        out = {
+            "workdir": str(self.workdir),
+            "scheme": self.state["scheme"],
+            "network": self.state["network"],
+            "partitions": [],
+            "active": self.active,
+            "last_recovery": reports[-1] if reports else None,
+        }
+        mem = (
+            PhysMem(self.state["physmem"], readonly=True)
+            if os.path.exists(self.state["physmem"])
+            else None
+        )
         try:
             for p in m.partitions:
                 k = self.kernels.get(str(p.id))
-                entry = {"partition": p.id, "role": p.role, "cmdline": p.cmdline(),
-                         "devices": list(p.devices), "kernel": None}
+                entry = {
+                    "partition": p.id,
+                    "role": p.role,
+                    "cmdline": p.cmdline(),
+                    "devices": list(p.devices),
+                    "kernel": None,
+                }
                 if k:
-                    entry["kernel"] = {"pid": k["pid"], "alive": _alive(k["pid"]),
-                                       "mount": k["mount"],
-                                       "mounted": fusedev.is_mounted(k["mount"])}
+                    entry["kernel"] = {
+                        "pid": k["pid"],
+                        "alive": _alive(k["pid"]),
+                        "mount": k["mount"],
+                        "mounted": fusedev.is_mounted(k["mount"]),
+                    }
                     if mem is not None:
                         entry["kernel"].update(self._mail(mem, p))
                 out["partitions"].append(entry)
@@ -241,27 +313,41 @@ class Lab:
     @staticmethod
     def _mail(mem: PhysMem, p) -> dict:
         from kernel.hw.physmem import CorruptObject, partition_layout
+
         try:
             mail = mailbox.read_mail(mem, partition_layout(p.id, p.base, p.size))
         except CorruptObject as e:
             return {"state": "unreadable", "why": str(e)}
-        return {"state": mail.state_name, "heartbeat_age_s": round(mail.age_s(), 4),
-                "role_now": "active" if mail.role == mailbox.ROLE_ACTIVE else "backup",
-                "beats": mail.beat, "boot_s": mail.boot_ns / 1e9,
-                "dying_message": mail.reason or None, "site": mail.site or None,
-                "devices_owned": mail.devices.split(",") if mail.devices else [],
-                "fault": mail.fault or None}
+        return {
+            "state": mail.state_name,
+            "heartbeat_age_s": round(mail.age_s(), 4),
+            "role_now": "active" if mail.role == mailbox.ROLE_ACTIVE else "backup",
+            "beats": mail.beat,
+            "boot_s": mail.boot_ns / 1e9,
+            "dying_message": mail.reason or None,
+            "site": mail.site or None,
+            "devices_owned": mail.devices.split(",") if mail.devices else [],
+            "fault": mail.fault or None,
+        }
 
     # --- crash ------------------------------------------------------------------------------
-    def crash(self, fault: str, target: str | None = None, site: str | None = None,
-              wait: bool = False, timeout: float = 60.0) -> dict:
+    def crash(
+        self,
+        fault: str,
+        target: str | None = None,
+        site: str | None = None,
+        wait: bool = False,
+        timeout: float = 60.0,
+    ) -> dict:
         active = self.active
         k = self.kernels.get(str(active))
         if not k or not _alive(k["pid"]):
             raise LabError("the active kernel is not running (see `crashbench status`)")
         before = len(self.reports())
-        reply = control.request(control.ctl_path(str(self.workdir), active),
-                                {"cmd": "inject", "fault": fault, "target": target, "site": site})
+        reply = control.request(
+            control.ctl_path(str(self.workdir), active),
+            {"cmd": "inject", "fault": fault, "target": target, "site": site},
+        )
         if not reply.get("ok"):
             raise LabError(reply.get("error", "the kernel refused the fault"))
         result = {"injected": reply}
@@ -301,9 +387,11 @@ class Lab:
                 fusedev.abort_and_unmount(k["mount"])
                 done.append(f"unmounted {k['mount']}")
         from kernel.hw.procset import cleanup_stale as procsets_cleanup
+
         done += [f"removed process set {r.name}" for r in procsets_cleanup(self.state["tag"])]
         if self.state.get("network"):
             from kernel.hw.net import cleanup_stale
+
             done += [f"removed {x}" for x in cleanup_stale(self.state["tag"])]
         if os.path.exists(self.state.get("physmem", "")):
             PhysMem.unlink(self.state["physmem"])
@@ -320,6 +408,7 @@ class Lab:
             return False
         p = self.machine.partition(part_id)
         from kernel.hw.physmem import CorruptObject, partition_layout
+
         try:
             mail = mailbox.read_mail(mem, partition_layout(part_id, p.base, p.size))
         except CorruptObject:

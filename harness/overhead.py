@@ -24,6 +24,7 @@ Promises to `crashbench overhead` and to whoever reads its results (format: docs
   vanilla.pyperf.json orthros.pyperf.json`` works), the histories, report.md with a table
   and overhead.png; ``results/latest`` points at it.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,26 +36,27 @@ from pathlib import Path
 
 import jsonschema
 
-from harness import cpuuse, history, results, stats
+from harness import cpuuse, driver, history, results, stats
 from harness.checkers.steady import END, START, steady
-from harness import driver
 from harness.driver import DEFAULTS, Trial, TrialSpec, warmup_for
-from systems.base import RecoveryScheme, Reservation, registry as schemes_registry
+from systems.base import RecoveryScheme, Reservation
+from systems.base import registry as schemes_registry
 
 SCHEMA_VERSION = 1
 KIND = "crashbench overhead"
 FILE = "overhead.json"
 VANILLA = "vanilla"
-DEFAULT_SCHEMES = ("orthros", "warmcache", "reboot")   # `crashbench overhead`'s --schemes default
+DEFAULT_SCHEMES = ("orthros", "warmcache", "reboot")  # `crashbench overhead`'s --schemes default
 MICRO = "micro"
 MICRO_OPS = ("write-4k", "fsync", "create", "stat")
-MICRO_BUDGET_S = 30.0       # each micro loop also stops after this long
-STEADY_FAULT = "steady"     # the fault field of a steady run's spec: there is none
+MICRO_BUDGET_S = 30.0  # each micro loop also stops after this long
+STEADY_FAULT = "steady"  # the fault field of a steady run's spec: there is none
 LATENCY_KEYS = ("p50", "p95", "p99")
 
 
 class Vanilla(RecoveryScheme):
     """No scheme: a kernel without heartbeat (kernel.core.kernel --no-heartbeat), no watcher."""
+
     name = VANILLA
 
     def deploy(self, host, apps=()) -> None:
@@ -79,7 +81,7 @@ class SteadyTrial(Trial):
         super().__init__(spec, out, say)
         self.figures: dict = {}
         self.reserved_bytes: int | None = None
-        self.cpu: dict[str, float] | None = None      # cores per role in the measured window
+        self.cpu: dict[str, float] | None = None  # cores per role in the measured window
 
     def deploy(self) -> None:
         super().deploy()
@@ -91,8 +93,14 @@ class SteadyTrial(Trial):
 
     def measure_load(self) -> None:
         t = self.spec.timing
-        until = (time.monotonic() + t["ready_timeout_s"] + t["warmup_s"] + t["steady_s"]
-                 + t.get("cache_timeout_s", DEFAULTS["cache_timeout_s"]) + 10)
+        until = (
+            time.monotonic()
+            + t["ready_timeout_s"]
+            + t["warmup_s"]
+            + t["steady_s"]
+            + t.get("cache_timeout_s", DEFAULTS["cache_timeout_s"])
+            + 10
+        )
         with self.phase("warm up"):
             self.warm_up(until)
         with self.phase("steady state"), self.cpu_window(self.clients.procs):
@@ -105,8 +113,9 @@ class SteadyTrial(Trial):
             with history.Recorder(hd / "nemesis.jsonl", history.NEMESIS) as rec:
                 rec.write(history.event("info", history.NEMESIS, START, time_s=start))
                 rec.write(history.event("info", history.NEMESIS, END, time_s=end))
-            events = history.merge(sorted(hd.glob("*.jsonl")),
-                                   self.out / f"history-{run_id(self.spec)}.jsonl")
+            events = history.merge(
+                sorted(hd.glob("*.jsonl")), self.out / f"history-{run_id(self.spec)}.jsonl"
+            )
             self.figures = steady(events)
 
     @contextmanager
@@ -121,17 +130,34 @@ class SteadyTrial(Trial):
 
     def record(self) -> dict:
         s = self.spec
-        return {"id": run_id(s), "scheme": s.scheme, "workload": _workload(s), "round": s.trial,
-                "seed": s.seed, "phases": self.phases, "figures": self.figures,
-                "reserved_bytes": self.reserved_bytes, "cpu_cores": self.cpu,
-                "cache_fill": self.cache_fill, "error": None}
+        return {
+            "id": run_id(s),
+            "scheme": s.scheme,
+            "workload": _workload(s),
+            "round": s.trial,
+            "seed": s.seed,
+            "phases": self.phases,
+            "figures": self.figures,
+            "reserved_bytes": self.reserved_bytes,
+            "cpu_cores": self.cpu,
+            "cache_fill": self.cache_fill,
+            "error": None,
+        }
 
     @classmethod
     def failed_record(cls, spec: TrialSpec, trial: Trial | None, error: str) -> dict:
-        return {"id": run_id(spec), "scheme": spec.scheme, "workload": _workload(spec),
-                "round": spec.trial, "seed": spec.seed,
-                "phases": trial.phases if trial else [], "figures": {},
-                "reserved_bytes": None, "cpu_cores": None, "error": error}
+        return {
+            "id": run_id(spec),
+            "scheme": spec.scheme,
+            "workload": _workload(spec),
+            "round": spec.trial,
+            "seed": spec.seed,
+            "phases": trial.phases if trial else [],
+            "figures": {},
+            "reserved_bytes": None,
+            "cpu_cores": None,
+            "error": error,
+        }
 
 
 def load_cpus(machine, active: int) -> set[int]:
@@ -172,6 +198,7 @@ def micro_ops(mount: Path, n: int, budget_s: float = MICRO_BUDGET_S) -> dict[str
     file created earlier, after the host's attribute and entry caches expired, so each one
     reaches the kernel). At most ``n`` of each, each loop at most ``budget_s`` seconds."""
     from kernel.core.fuse import TIMEOUT_S
+
     d = mount / "micro"
     d.mkdir()
     buf = os.urandom(4096)
@@ -207,15 +234,17 @@ def micro_ops(mount: Path, n: int, budget_s: float = MICRO_BUDGET_S) -> dict[str
 
     def create(i: int) -> None:
         os.close(os.open(d / f"c{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+
     loop("create", create)
     created = len(out["create"])
-    time.sleep(TIMEOUT_S + 0.2)   # the host forgets what it learnt of those names
+    time.sleep(TIMEOUT_S + 0.2)  # the host forgets what it learnt of those names
     if created:
         loop("stat", lambda i: os.stat(d / f"c{i % created}"))
     return out
 
 
 # --- the plan and the run ------------------------------------------------------------------
+
 
 def _workload(spec: TrialSpec) -> str:
     return MICRO if spec.fault == MICRO else spec.workload
@@ -224,6 +253,7 @@ def _workload(spec: TrialSpec) -> str:
 def run_id(spec: TrialSpec) -> str:
     """``<scheme>-<workload>-<round>``; ``<scheme>-micro-<round>`` for the micro-operations."""
     return f"{spec.scheme}-{_workload(spec)}-{spec.trial}"
+
 
 def rotated(names: list[str], r: int) -> list[str]:
     k = r % len(names)
@@ -236,9 +266,17 @@ def warmups(workloads: list[str], warmup_s: float | None, default_s: float) -> d
     return {w: warmup_for(w, warmup_s, default_s) for w in workloads}
 
 
-def plan(schemes: list[str], workloads: list[str], rounds: int, seed: int, timing: dict,
-         workload_params: dict[str, dict], micro_n: int, machine_file: str | None,
-         warmup_s: dict[str, float] | None = None) -> list[TrialSpec]:
+def plan(
+    schemes: list[str],
+    workloads: list[str],
+    rounds: int,
+    seed: int,
+    timing: dict,
+    workload_params: dict[str, dict],
+    micro_n: int,
+    machine_file: str | None,
+    warmup_s: dict[str, float] | None = None,
+) -> list[TrialSpec]:
     """Round by round; in round r the schemes (vanilla first in round 0) rotated by r;
     under each scheme every workload (with its warm-up from ``warmup_s``, else timing's),
     then the micro-operations (when micro_n > 0)."""
@@ -249,11 +287,31 @@ def plan(schemes: list[str], workloads: list[str], rounds: int, seed: int, timin
         for s in rotated(names, r):
             for w in workloads:
                 t = {**timing, "warmup_s": warm[w]} if w in warm else dict(timing)
-                specs.append(TrialSpec(s, w, STEADY_FAULT, r, seed + r, t,
-                                       dict(workload_params.get(w, {})), machine_file))
+                specs.append(
+                    TrialSpec(
+                        s,
+                        w,
+                        STEADY_FAULT,
+                        r,
+                        seed + r,
+                        t,
+                        dict(workload_params.get(w, {})),
+                        machine_file,
+                    )
+                )
             if micro_n > 0:
-                specs.append(TrialSpec(s, "idle", MICRO, r, seed + r,
-                                       {**timing, "micro_ops": micro_n}, {}, machine_file))
+                specs.append(
+                    TrialSpec(
+                        s,
+                        "idle",
+                        MICRO,
+                        r,
+                        seed + r,
+                        {**timing, "micro_ops": micro_n},
+                        {},
+                        machine_file,
+                    )
+                )
     return specs
 
 
@@ -266,6 +324,7 @@ def run_one(spec: TrialSpec, out: Path, say=lambda msg: None) -> dict:
 
 # --- figures --------------------------------------------------------------------------------
 
+
 def ci(values: list[float]) -> dict:
     m, lo, hi = stats.mean_ci(values)
     return {"mean": m, "lo": lo, "hi": hi, "n": len(values)}
@@ -273,6 +332,7 @@ def ci(values: list[float]) -> dict:
 
 def _median(xs: list[float]) -> float:
     import numpy as np
+
     return float(np.median(xs))
 
 
@@ -290,8 +350,10 @@ def per_round(runs: list[dict]) -> dict:
             f = r["figures"]
             if not f.get("ok_ops"):
                 continue
-            figs = {"throughput_ops_s": f["throughput_ops_s"],
-                    **{f"latency_{k}_s": f["latency_s"][k] for k in LATENCY_KEYS}}
+            figs = {
+                "throughput_ops_s": f["throughput_ops_s"],
+                **{f"latency_{k}_s": f["latency_s"][k] for k in LATENCY_KEYS},
+            }
             key = (r["scheme"], r["workload"])
         if r.get("cpu_cores"):
             figs["cpu"] = r["cpu_cores"]
@@ -305,10 +367,15 @@ def cpu_figures(rounds: dict) -> dict:
     scheme's machinery took there ((heartbeat + vmm) / (kernel + heartbeat + vmm + apps),
     in percent)."""
     cpus = [f["cpu"] for f in rounds.values() if "cpu" in f]
-    share = [100 * sum(c[r] for r in cpuuse.ON_ACTIVE) / active for c in cpus
-             if (active := sum(c[r] for r in cpuuse.ACTIVE)) > 0]
-    return {"cpu_cores": {r: ci([c[r] for c in cpus]) for r in cpuuse.ROLES},
-            "machinery_share_pct": ci(share)}
+    share = [
+        100 * sum(c[r] for r in cpuuse.ON_ACTIVE) / active
+        for c in cpus
+        if (active := sum(c[r] for r in cpuuse.ACTIVE)) > 0
+    ]
+    return {
+        "cpu_cores": {r: ci([c[r] for c in cpus]) for r in cpuuse.ROLES},
+        "machinery_share_pct": ci(share),
+    }
 
 
 LOWER_IS_BETTER = {"throughput_ops_s": False}
@@ -337,9 +404,14 @@ def figures(runs: list[dict], schemes: list[str], workloads: list[str]) -> dict:
                 entry[k] = ci([f[k] for f in rounds.values()])
             paired = [r for r in sorted(rounds) if r in base]
             entry["ratio_to_vanilla"] = {
-                k: ci([rounds[r][k] / base[r][k] for r in paired if base[r][k]]) for k in keys}
-            entry["overhead_pct"] = ci([(1 - rounds[r]["throughput_ops_s"]
-                                         / base[r]["throughput_ops_s"]) * 100 for r in paired])
+                k: ci([rounds[r][k] / base[r][k] for r in paired if base[r][k]]) for k in keys
+            }
+            entry["overhead_pct"] = ci(
+                [
+                    (1 - rounds[r]["throughput_ops_s"] / base[r]["throughput_ops_s"]) * 100
+                    for r in paired
+                ]
+            )
             per[s] = entry | cpu_figures(rounds)
         out["workloads"][w] = per
     base = pr.get((VANILLA, MICRO), {})
@@ -350,9 +422,12 @@ def figures(runs: list[dict], schemes: list[str], workloads: list[str]) -> dict:
             paired = [r for r in sorted(rounds) if op in base.get(r, {})]
             if not rounds:
                 continue
-            per[s] = {"rounds": len(rounds), "median_s": ci(list(rounds.values())),
-                      "ratio_to_vanilla": ci([rounds[r] / base[r][op] for r in paired]),
-                      "overhead_pct": ci([(rounds[r] / base[r][op] - 1) * 100 for r in paired])}
+            per[s] = {
+                "rounds": len(rounds),
+                "median_s": ci(list(rounds.values())),
+                "ratio_to_vanilla": ci([rounds[r] / base[r][op] for r in paired]),
+                "overhead_pct": ci([(rounds[r] / base[r][op] - 1) * 100 for r in paired]),
+            }
         if per:
             out["micro"][op] = per
     out["micro_cpu"] = {s: cpu_figures(pr[(s, MICRO)]) for s in names if (s, MICRO) in pr}
@@ -370,79 +445,160 @@ def resources(machine, schemes: list[str], runs: list[dict]) -> dict:
         res = reg[s].reservation(machine)
         memory = res.memory_bytes
         if memory is None:
-            sizes = [r["reserved_bytes"] for r in runs
-                     if r["scheme"] == s and r.get("reserved_bytes")]
+            sizes = [
+                r["reserved_bytes"] for r in runs if r["scheme"] == s and r.get("reserved_bytes")
+            ]
             memory = max(sizes) if sizes else None
-        out[s] = {"cores": res.cores, "cpus": list(res.cpus), "memory_bytes": memory,
-                  "what": res.what}
+        out[s] = {
+            "cores": res.cores,
+            "cpus": list(res.cpus),
+            "memory_bytes": memory,
+            "what": res.what,
+        }
     return out
 
 
 # --- overhead.json --------------------------------------------------------------------------
 
-_CI = {"type": "object", "required": ["mean", "lo", "hi", "n"],
-       "properties": {k: {"type": ["number", "null"]} for k in ("mean", "lo", "hi")}
-       | {"n": {"type": "integer", "minimum": 0}}}
+_CI = {
+    "type": "object",
+    "required": ["mean", "lo", "hi", "n"],
+    "properties": {k: {"type": ["number", "null"]} for k in ("mean", "lo", "hi")}
+    | {"n": {"type": "integer", "minimum": 0}},
+}
 
 # CPU by role (harness/cpuuse.py); optional: files written before it was measured lack it.
-_CPU = {"cpu_cores": {"type": "object", "required": list(cpuuse.ROLES),
-                      "additionalProperties": _CI},
-        "machinery_share_pct": _CI}
+_CPU = {
+    "cpu_cores": {"type": "object", "required": list(cpuuse.ROLES), "additionalProperties": _CI},
+    "machinery_share_pct": _CI,
+}
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "crashbench overhead.json, schema_version 1",
     "type": "object",
-    "required": ["schema_version", "kind", "run_id", "created", "parameters", "environment",
-                 "resources", "runs", "figures", "pyperf"],
+    "required": [
+        "schema_version",
+        "kind",
+        "run_id",
+        "created",
+        "parameters",
+        "environment",
+        "resources",
+        "runs",
+        "figures",
+        "pyperf",
+    ],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "kind": {"const": KIND},
         "run_id": {"type": "string", "pattern": r"^[^/\\]+$"},
         "created": {"type": "string"},
-        "parameters": {"type": "object",
-                       "required": ["schemes", "workloads", "rounds", "seed", "timing",
-                                    "micro_ops"]},
-        "environment": {"type": "object", "required": ["python", "crashbench"]},
-        "resources": {"type": "object", "additionalProperties": {
-            "type": "object", "required": ["cores", "memory_bytes"],
-            "properties": {"cores": {"type": "integer", "minimum": 0},
-                           "memory_bytes": {"type": ["integer", "null"], "minimum": 0}}}},
-        "runs": {"type": "array", "items": {
+        "parameters": {
             "type": "object",
-            "required": ["id", "scheme", "workload", "round", "seed", "phases", "figures", "error"],
-            "properties": {"round": {"type": "integer", "minimum": 0},
-                           "error": {"type": ["string", "null"]},
-                           "cpu_cores": {"type": ["object", "null"], "additionalProperties": {
-                               "type": "number", "minimum": 0}}}}},
-        "figures": {"type": "object", "required": ["workloads", "micro"],
-                    "properties": {
-                        "workloads": {"type": "object", "additionalProperties": {
-                            "type": "object", "additionalProperties": {
-                                "type": "object",
-                                "required": ["rounds", "throughput_ops_s", "latency_p50_s",
-                                             "latency_p95_s", "latency_p99_s",
-                                             "ratio_to_vanilla", "overhead_pct"],
-                                "properties": {"throughput_ops_s": _CI, "latency_p50_s": _CI,
-                                               "latency_p95_s": _CI, "latency_p99_s": _CI,
-                                               "overhead_pct": _CI} | _CPU}}},
-                        "micro": {"type": "object", "additionalProperties": {
-                            "type": "object", "additionalProperties": {
-                                "type": "object",
-                                "required": ["rounds", "median_s", "ratio_to_vanilla",
-                                             "overhead_pct"],
-                                "properties": {"median_s": _CI, "ratio_to_vanilla": _CI,
-                                               "overhead_pct": _CI}}}},
-                        "micro_cpu": {"type": "object", "additionalProperties": {
-                            "type": "object", "required": list(_CPU), "properties": _CPU}}}},
+            "required": ["schemes", "workloads", "rounds", "seed", "timing", "micro_ops"],
+        },
+        "environment": {"type": "object", "required": ["python", "crashbench"]},
+        "resources": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["cores", "memory_bytes"],
+                "properties": {
+                    "cores": {"type": "integer", "minimum": 0},
+                    "memory_bytes": {"type": ["integer", "null"], "minimum": 0},
+                },
+            },
+        },
+        "runs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": [
+                    "id",
+                    "scheme",
+                    "workload",
+                    "round",
+                    "seed",
+                    "phases",
+                    "figures",
+                    "error",
+                ],
+                "properties": {
+                    "round": {"type": "integer", "minimum": 0},
+                    "error": {"type": ["string", "null"]},
+                    "cpu_cores": {
+                        "type": ["object", "null"],
+                        "additionalProperties": {"type": "number", "minimum": 0},
+                    },
+                },
+            },
+        },
+        "figures": {
+            "type": "object",
+            "required": ["workloads", "micro"],
+            "properties": {
+                "workloads": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": [
+                                "rounds",
+                                "throughput_ops_s",
+                                "latency_p50_s",
+                                "latency_p95_s",
+                                "latency_p99_s",
+                                "ratio_to_vanilla",
+                                "overhead_pct",
+                            ],
+                            "properties": {
+                                "throughput_ops_s": _CI,
+                                "latency_p50_s": _CI,
+                                "latency_p95_s": _CI,
+                                "latency_p99_s": _CI,
+                                "overhead_pct": _CI,
+                            }
+                            | _CPU,
+                        },
+                    },
+                },
+                "micro": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["rounds", "median_s", "ratio_to_vanilla", "overhead_pct"],
+                            "properties": {
+                                "median_s": _CI,
+                                "ratio_to_vanilla": _CI,
+                                "overhead_pct": _CI,
+                            },
+                        },
+                    },
+                },
+                "micro_cpu": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": list(_CPU),
+                        "properties": _CPU,
+                    },
+                },
+            },
+        },
         "pyperf": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }
 
 
 def validate(doc: dict) -> None:
-    errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc),
-                    key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc),
+        key=lambda e: list(e.absolute_path),
+    )
     if errors:
         e = errors[0]
         where = ".".join(str(p) for p in e.absolute_path) or "overhead.json"
@@ -465,12 +621,18 @@ def write(d: Path, parameters: dict, environment: dict, machine, runs: list[dict
     schemes, workloads = parameters["schemes"], parameters["workloads"]
     suites = write_pyperf(d, [VANILLA, *schemes], runs)
     slim = [{k: v for k, v in r.items()} | {"figures": _slim(r)} for r in runs]
-    doc = {"schema_version": SCHEMA_VERSION, "kind": KIND, "run_id": d.name,
-           "created": datetime.now().astimezone().isoformat(timespec="seconds"),
-           "parameters": parameters, "environment": environment,
-           "resources": resources(machine, schemes, runs), "runs": slim,
-           "figures": figures(runs, schemes, workloads),
-           "pyperf": {s: p.name for s, p in suites.items()}}
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "run_id": d.name,
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "parameters": parameters,
+        "environment": environment,
+        "resources": resources(machine, schemes, runs),
+        "runs": slim,
+        "figures": figures(runs, schemes, workloads),
+        "pyperf": {s: p.name for s, p in suites.items()},
+    }
     validate(doc)
     results.write_atomic(d / FILE, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return doc
@@ -480,8 +642,7 @@ def _slim(r: dict) -> dict:
     """A run's figures without the raw samples (those are in the history and in pyperf)."""
     f = r.get("figures") or {}
     if r["workload"] == MICRO:
-        return {op: {"n": len(v), "median_s": _median(v) if v else None}
-                for op, v in f.items()}
+        return {op: {"n": len(v), "median_s": _median(v) if v else None} for op, v in f.items()}
     return {k: v for k, v in f.items() if k != "latencies_s"}
 
 
@@ -492,29 +653,37 @@ def write_pyperf(d: Path, names: list[str], runs: list[dict]) -> dict[str, Path]
     timed operation, one pyperf run per round). Same names in every suite, so compare_to
     pairs them."""
     import pyperf
+
     written = {}
     for s in names:
         benches: dict[str, list] = {}
-        for r in sorted((r for r in runs if r["scheme"] == s and not r.get("error")),
-                        key=lambda r: r["round"]):
+        for r in sorted(
+            (r for r in runs if r["scheme"] == s and not r.get("error")), key=lambda r: r["round"]
+        ):
             f = r["figures"]
             if r["workload"] == MICRO:
                 for op, v in f.items():
                     if v and all(x > 0 for x in v):
                         benches.setdefault(f"micro-{op}", []).append(
-                            _run(f"micro-{op}", v, f"{op} through the mount, round {r['round']}"))
+                            _run(f"micro-{op}", v, f"{op} through the mount, round {r['round']}")
+                        )
                 continue
             if not f.get("ok_ops"):
                 continue
             w = r["workload"]
             benches.setdefault(f"{w}-time-per-op", []).append(
-                _run(f"{w}-time-per-op", [1 / f["throughput_ops_s"]],
-                     f"seconds per ok operation, round {r['round']}"))
+                _run(
+                    f"{w}-time-per-op",
+                    [1 / f["throughput_ops_s"]],
+                    f"seconds per ok operation, round {r['round']}",
+                )
+            )
             for k in LATENCY_KEYS:
                 v = f["latency_s"][k]
                 if v and v > 0:
                     benches.setdefault(f"{w}-latency-{k}", []).append(
-                        _run(f"{w}-latency-{k}", [v], f"{k} latency, round {r['round']}"))
+                        _run(f"{w}-latency-{k}", [v], f"{k} latency, round {r['round']}")
+                    )
         if not benches:
             continue
         path = d / f"{s}.pyperf.json"
@@ -525,5 +694,6 @@ def write_pyperf(d: Path, names: list[str], runs: list[dict]) -> dict[str, Path]
 
 def _run(name: str, values: list[float], description: str):
     import pyperf
+
     meta = {"name": name, "unit": "second", "loops": 1, "description": description}
     return pyperf.Run([float(v) for v in values], metadata=meta, collect_metadata=False)

@@ -13,6 +13,7 @@ machine down; a machine whose owner is gone is an orphan. ``orphans()`` lists th
 owner is alive is never touched. A damaged record is reported, never trusted: ``clean``
 removes the file only.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("run", "lab", "bench", "test")
-KILL_WAIT_S = 10.0         # how long clean() waits for an orphan's processes to exit
+KILL_WAIT_S = 10.0  # how long clean() waits for an orphan's processes to exit
 
 
 def owners_dir() -> Path:
@@ -47,7 +48,7 @@ def _start_time(pid: int) -> int | None:
 @dataclass
 class Record:
     path: Path
-    data: dict | None          # None: the file is damaged
+    data: dict | None  # None: the file is damaged
     problem: str = ""
 
     @property
@@ -62,19 +63,28 @@ class Record:
         if self.data is None:
             return f"damaged record {self.path} ({self.problem})"
         d = self.data
-        return f"{d['kind']} machine {d['tag']} in {d['workdir']} (owner pid {d['owner']['pid']} gone)"
+        return (
+            f"{d['kind']} machine {d['tag']} in {d['workdir']} (owner pid {d['owner']['pid']} gone)"
+        )
 
 
 # --- the owner's side ---------------------------------------------------------------------------
+
 
 def claim(kind: str, workdir: Path, tag: str, physmem: str, *, workdir_made: bool) -> Path:
     """Record that this process owns the machine ``tag``; before it creates anything.
     ``workdir_made``: the project made the work directory, so cleaning removes it."""
     if kind not in KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
-    rec = {"kind": kind, "tag": tag, "workdir": str(Path(workdir).resolve()),
-           "workdir_made": workdir_made, "physmem": physmem, "created": time.time(),
-           "owner": _owner(os.getpid())}
+    rec = {
+        "kind": kind,
+        "tag": tag,
+        "workdir": str(Path(workdir).resolve()),
+        "workdir_made": workdir_made,
+        "physmem": physmem,
+        "created": time.time(),
+        "owner": _owner(os.getpid()),
+    }
     return _write(tag, rec)
 
 
@@ -113,6 +123,7 @@ def _write(tag: str, rec: dict) -> Path:
 
 # --- finding and removing orphans --------------------------------------------------------------
 
+
 def records() -> list[Record]:
     try:
         paths = sorted(owners_dir().glob("*.json"))
@@ -124,11 +135,16 @@ def records() -> list[Record]:
 def _read(p: Path) -> Record:
     try:
         data = json.loads(p.read_text())
-        if not (isinstance(data, dict) and data.get("kind") in KINDS
-                and data.get("tag") == p.stem and isinstance(data.get("workdir"), str)
-                and os.path.isabs(data["workdir"]) and isinstance(data.get("physmem"), str)
-                and isinstance(data.get("owner", {}).get("pid"), int)
-                and isinstance(data["owner"].get("start"), int)):
+        if not (
+            isinstance(data, dict)
+            and data.get("kind") in KINDS
+            and data.get("tag") == p.stem
+            and isinstance(data.get("workdir"), str)
+            and os.path.isabs(data["workdir"])
+            and isinstance(data.get("physmem"), str)
+            and isinstance(data.get("owner", {}).get("pid"), int)
+            and isinstance(data["owner"].get("start"), int)
+        ):
             return Record(p, None, "fields missing or of the wrong type")
         return Record(p, data)
     except (OSError, ValueError) as e:
@@ -146,9 +162,11 @@ def warning(command: str) -> str | None:
     found = orphans()
     if not found:
         return None
-    return (f"crashbench {command}: {len(found)} machine(s) left by killed runs or labs: "
-            + "; ".join(r.describe() for r in found)
-            + " — `crashbench down --all` removes them")
+    return (
+        f"crashbench {command}: {len(found)} machine(s) left by killed runs or labs: "
+        + "; ".join(r.describe() for r in found)
+        + " — `crashbench down --all` removes them"
+    )
 
 
 def clean(r: Record) -> list[str]:
@@ -164,10 +182,13 @@ def clean(r: Record) -> list[str]:
     done = [f"killed {x}" for x in _kill_processes_of(wd)]
     done += _unmount_under(wd)
     from kernel.hw.procset import cleanup_stale as procsets_cleanup
+
     done += [f"removed process set {x.name} ({x.mode})" for x in procsets_cleanup(d["tag"])]
     from kernel.hw.net import cleanup_stale as net_cleanup
+
     done += [f"removed {x}" for x in net_cleanup(d["tag"])]
     from kernel.hw.vmm import region_path
+
     for f in (d["physmem"], region_path(d["physmem"])):
         if os.path.exists(f):
             os.unlink(f)
@@ -177,6 +198,7 @@ def clean(r: Record) -> list[str]:
         done.append(f"removed {wd}")
     elif d["kind"] == "lab":
         from harness.lab import forget
+
         forget(wd)
     release(d["tag"])
     return done
@@ -204,7 +226,9 @@ def _kill_processes_of(wd: Path) -> list[str]:
             found[int(entry)] = b" ".join(argv[:3]).decode(errors="replace")
     for pid in found:
         try:
-            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(
+                pid, signal.SIGKILL
+            )
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + KILL_WAIT_S
@@ -215,6 +239,7 @@ def _kill_processes_of(wd: Path) -> list[str]:
 
 def _unmount_under(wd: Path) -> list[str]:
     from kernel.hw import fusedev
+
     out = []
     for m in sorted(wd.glob("mnt-p*")):
         if fusedev.abort_and_unmount(str(m)):

@@ -7,29 +7,38 @@ WIDTH_IN wide; schemes differ by line style and marker and phases by hatch, neve
 colour alone; a bin that is not ``full`` is never drawn; a figure with nothing to draw
 says so in its axes instead of failing. Rendering uses the non-interactive Agg backend.
 """
+
 from __future__ import annotations
 
 import io
 
 from harness import stats
 
-WIDTH_IN = 3.5                      # one column of a two-column paper
+WIDTH_IN = 3.5  # one column of a two-column paper
 FORMATS = ("png", "svg", "pdf")
 PNG_DPI = 300
-STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"),
-          ((0, (1, 3)), "P")]
+STYLES = [
+    ("-", "o"),
+    ("--", "s"),
+    (":", "^"),
+    ("-.", "D"),
+    ((0, (5, 1, 1, 1)), "v"),
+    ((0, (1, 3)), "P"),
+]
 HATCHES = ["", "..", "\\\\\\", "||", "--", "++", "oo", "**", "OO", ".."]
 MODELED_HATCH = "////"
 GAP_HATCH = "xxx"
 GAP = "clients' gap"
-PRE_S = 2.0                         # seconds before the crash the timelines show
+PRE_S = 2.0  # seconds before the crash the timelines show
 
 
 def _plt(context: str = "paper", font_scale: float = 0.8):
     import matplotlib
-    matplotlib.use("Agg")           # no display: reports are written on servers and in CI
+
+    matplotlib.use("Agg")  # no display: reports are written on servers and in CI
     import matplotlib.pyplot as plt
     import seaborn as sns
+
     sns.set_theme(style="whitegrid", context=context, font_scale=font_scale)
     plt.rcParams.update({"svg.fonttype": "none", "pdf.fonttype": 42, "hatch.linewidth": 0.5})
     return plt, sns
@@ -38,6 +47,7 @@ def _plt(context: str = "paper", font_scale: float = 0.8):
 def render(fig) -> dict[str, bytes]:
     """The figure in every format of FORMATS, without a date, so reruns give equal files."""
     import matplotlib.pyplot as plt
+
     out = {}
     meta = {"png": {}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
     for fmt in FORMATS:
@@ -52,6 +62,7 @@ def png_only(fig, dpi: int = 110) -> bytes:
     """The figure as PNG alone (the overhead report's plot, which the HTML-less report.md
     links)."""
     import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
@@ -61,8 +72,14 @@ def png_only(fig, dpi: int = 110) -> bytes:
 def _styles(summary: list[dict]) -> dict[str, dict]:
     _, sns = _plt()
     pal = sns.color_palette("colorblind", max(len(summary), 1))
-    return {s["label"]: {"color": pal[i], "linestyle": STYLES[i % len(STYLES)][0],
-                         "marker": STYLES[i % len(STYLES)][1]} for i, s in enumerate(summary)}
+    return {
+        s["label"]: {
+            "color": pal[i],
+            "linestyle": STYLES[i % len(STYLES)][0],
+            "marker": STYLES[i % len(STYLES)][1],
+        }
+        for i, s in enumerate(summary)
+    }
 
 
 def _empty(ax, text: str) -> None:
@@ -102,12 +119,24 @@ def throughput_timeline(summary: list[dict], trials: dict[str, list[dict]]) -> d
         keep = [(x, y) for x, y in zip(xs, ys) if x >= -PRE_S]
         if keep:
             drawn += 1
-            ax.step([x for x, _ in keep], [y for _, y in keep], where="post", linewidth=1.1,
-                    color=st[s["label"]]["color"], linestyle=st[s["label"]]["linestyle"],
-                    label=f"{s['label']} (mean of {len(series)})")
+            ax.step(
+                [x for x, _ in keep],
+                [y for _, y in keep],
+                where="post",
+                linewidth=1.1,
+                color=st[s["label"]]["color"],
+                linestyle=st[s["label"]]["linestyle"],
+                label=f"{s['label']} (mean of {len(series)})",
+            )
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.annotate("crash", (0, 1), xycoords=("data", "axes fraction"), xytext=(2, -8),
-                textcoords="offset points", fontsize="small")
+    ax.annotate(
+        "crash",
+        (0, 1),
+        xycoords=("data", "axes fraction"),
+        xytext=(2, -8),
+        textcoords="offset points",
+        fontsize="small",
+    )
     if not drawn:
         _empty(ax, "no throughput recorded")
     else:
@@ -123,17 +152,25 @@ def hit_ratio_timeline(summary: list[dict], trials: dict[str, list[dict]]) -> di
     st = _styles(summary)
     drawn = 0
     for s in summary:
-        hs = [t["cache_hits"] for t in trials[s["label"]] if t.get("cache_hits")
-              and t["cache_hits"]["bins"]]
+        hs = [
+            t["cache_hits"]
+            for t in trials[s["label"]]
+            if t.get("cache_hits") and t["cache_hits"]["bins"]
+        ]
         if not hs:
             continue
         xs, ys = _mean_by_bin([h["bins"] for h in hs], "ratio", hs[0]["bin_s"])
         keep = [(x, y) for x, y in zip(xs, ys) if x >= -PRE_S]
         if keep:
             drawn += 1
-            ax.plot([x + hs[0]["bin_s"] / 2 for x, _ in keep], [y for _, y in keep],
-                    markersize=2.5, linewidth=1, **st[s["label"]],
-                    label=f"{s['label']} (mean of {len(hs)})")
+            ax.plot(
+                [x + hs[0]["bin_s"] / 2 for x, _ in keep],
+                [y for _, y in keep],
+                markersize=2.5,
+                linewidth=1,
+                **st[s["label"]],
+                label=f"{s['label']} (mean of {len(hs)})",
+            )
     ax.axvline(0, color="black", linewidth=0.8)
     if not drawn:
         _empty(ax, "no kernel counter samples in this run")
@@ -148,20 +185,44 @@ def downtime_cis(summary: list[dict], trials: dict[str, list[dict]]) -> dict[str
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 0.7 + 0.35 * max(len(summary), 1)))
     st = _styles(summary)
     for i, s in enumerate(summary):
-        values = [t["downtime_s"] for t in trials[s["label"]]
-                  if t["recovered"] and t["downtime_s"] is not None]
+        values = [
+            t["downtime_s"]
+            for t in trials[s["label"]]
+            if t["recovered"] and t["downtime_s"] is not None
+        ]
         c, d = st[s["label"]], s["downtime"]
-        ax.plot(values, [i] * len(values), linestyle="none", marker=c["marker"], markersize=3,
-                markerfacecolor="none", color=c["color"], alpha=0.8)
+        ax.plot(
+            values,
+            [i] * len(values),
+            linestyle="none",
+            marker=c["marker"],
+            markersize=3,
+            markerfacecolor="none",
+            color=c["color"],
+            alpha=0.8,
+        )
         if d["median"] is None:
             ax.annotate("nothing recovered", (0, i), fontsize="x-small", va="center")
             continue
         lo, hi = (d["lo"], d["hi"]) if d["lo"] is not None else (d["median"], d["median"])
-        ax.errorbar([d["median"]], [i], xerr=[[d["median"] - lo], [hi - d["median"]]],
-                    marker=c["marker"], color="black", markersize=5, capsize=3, linewidth=1)
+        ax.errorbar(
+            [d["median"]],
+            [i],
+            xerr=[[d["median"] - lo], [hi - d["median"]]],
+            marker=c["marker"],
+            color="black",
+            markersize=5,
+            capsize=3,
+            linewidth=1,
+        )
         if d["lo"] is None:
-            ax.annotate(f" no CI (n={d['n']})", (d["median"], i), xytext=(4, 4),
-                        textcoords="offset points", fontsize="x-small")
+            ax.annotate(
+                f" no CI (n={d['n']})",
+                (d["median"], i),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize="x-small",
+            )
     ax.set_yticks(range(len(summary)), [s["label"] for s in summary])
     ax.set_ylim(len(summary) - 0.5, -0.5)
     if not summary:
@@ -181,11 +242,23 @@ def phase_breakdown(summary: list[dict], names: list[str], modeled: set[str]) ->
     labels = [s["label"] for s in summary]
     left = [0.0] * len(summary)
     for j, n in enumerate(segs):
-        widths = [max(0.0, s["client_gap"]["median"] or 0.0) if n == GAP
-                  else s["phases"].get(n) or 0.0 for s in summary]
-        hatch = GAP_HATCH if n == GAP else MODELED_HATCH if n in modeled else HATCHES[j % len(HATCHES)]
-        ax.barh(labels, widths, left=left, color=greys[j], edgecolor="black", linewidth=0.4,
-                hatch=hatch, label=n + (" (modeled)" if n in modeled else ""))
+        widths = [
+            max(0.0, s["client_gap"]["median"] or 0.0) if n == GAP else s["phases"].get(n) or 0.0
+            for s in summary
+        ]
+        hatch = (
+            GAP_HATCH if n == GAP else MODELED_HATCH if n in modeled else HATCHES[j % len(HATCHES)]
+        )
+        ax.barh(
+            labels,
+            widths,
+            left=left,
+            color=greys[j],
+            edgecolor="black",
+            linewidth=0.4,
+            hatch=hatch,
+            label=n + (" (modeled)" if n in modeled else ""),
+        )
         left = [a + w for a, w in zip(left, widths)]
     for i, total in enumerate(left):
         if total:
@@ -193,8 +266,13 @@ def phase_breakdown(summary: list[dict], names: list[str], modeled: set[str]) ->
     if not names and not any(left):
         _empty(ax, "no recovery phases reported")
     else:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.03 * len(summary)),
-                  ncol=2, fontsize="x-small", frameon=False)
+        ax.legend(
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.25 - 0.03 * len(summary)),
+            ncol=2,
+            fontsize="x-small",
+            frameon=False,
+        )
     ax.invert_yaxis()
     ax.set(xlabel="seconds (medians; hatched //: modeled)")
     return render(fig)

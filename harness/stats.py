@@ -9,6 +9,7 @@ honestly claim the level: the bounds are None (never the sample range dressed up
 which stays inside [0, 1] and is honest at 0 or n successes (a campaign's coverage). Values must be finite numbers; the caller decides what an unrecovered
 trial means before it gets here. Definitions: docs/METRICS.md, "Confidence intervals".
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 
 
-def median_ci(values: Iterable[float], level: float = 0.95
-              ) -> tuple[float | None, float | None, float | None]:
+def median_ci(
+    values: Iterable[float], level: float = 0.95
+) -> tuple[float | None, float | None, float | None]:
     """(median, lo, hi): lo = x(j), hi = x(n+1-j) of the sorted values, j the largest rank
     whose interval still covers the population median with probability ≥ level
     (Binomial(n, ½)). (None, None, None) for no values; lo, hi None below min_n(level)."""
@@ -44,15 +46,15 @@ def median_ranks(n: int, level: float = 0.95) -> tuple[int, int, float] | None:
     Binomial(n, ½), is ≥ level; None when even [x(1), x(n)] falls short."""
     _check_level(level)
     # Exact arithmetic: 2·P(B ≤ j−1) ≤ 1 − level  ⇔  2·Σ C(n,i) ≤ (1 − level)·2ⁿ.
-    budget = (1 - Fraction(level)) * 2 ** n
-    tail, c, j = 0, 1, 0          # tail = Σ_{i<j} C(n, i); c = C(n, j)
+    budget = (1 - Fraction(level)) * 2**n
+    tail, c, j = 0, 1, 0  # tail = Σ_{i<j} C(n, i); c = C(n, j)
     while j < (n + 1) // 2 and 2 * (tail + c) <= budget:
         tail += c
         j += 1
         c = c * (n - j + 1) // j
     if j == 0:
         return None
-    coverage = 1 - float(Fraction(2 * tail, 2 ** n))
+    coverage = 1 - float(Fraction(2 * tail, 2**n))
     return j, n + 1 - j, coverage
 
 
@@ -65,9 +67,12 @@ def min_n(level: float = 0.95) -> int:
     return n
 
 
-def mean_ci(values: Iterable[float], level: float = 0.95,
-            resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
-            ) -> tuple[float | None, float | None, float | None]:
+def mean_ci(
+    values: Iterable[float],
+    level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float | None, float | None, float | None]:
     """(mean, lo, hi): the percentile bootstrap — the (1−level)/2 and (1+level)/2
     quantiles of the means of ``resamples`` resamples drawn with a fixed seed.
     (None, None, None) for no values; lo, hi None below min_n(level), where resampling a
@@ -84,8 +89,9 @@ def mean_ci(values: Iterable[float], level: float = 0.95,
     return mean, float(lo), float(hi)
 
 
-def wilson_ci(k: int, n: int, level: float = 0.95
-              ) -> tuple[float | None, float | None, float | None]:
+def wilson_ci(
+    k: int, n: int, level: float = 0.95
+) -> tuple[float | None, float | None, float | None]:
     """(k/n, lo, hi): the Wilson score interval, (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) /
     (1 + z²/n), z the normal quantile of (1+level)/2. (None, None, None) for n = 0."""
     _check_level(level)
@@ -108,8 +114,11 @@ def _checked(values: Iterable[float], level: float) -> np.ndarray:
     _check_level(level)
     vals = list(values)
     for i, v in enumerate(vals):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(v):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float, np.integer, np.floating))
+            or not math.isfinite(v)
+        ):
             raise ValueError(f"value {i} is {v!r}: confidence intervals need finite numbers")
     return np.sort(np.asarray(vals, dtype=float))
 

@@ -10,6 +10,7 @@ that now run to ``supervisor.json``. SIGTERM stops every kernel it started (clea
 it still beats, at once when it does not) and removes their mounts; whatever happened
 (a failed boot, a failed teardown), the host's processes, process sets and memory go too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 
 from harness.testbed import Testbed
-from kernel.hw.host import Host
 from kernel.core.kernel import notify_ready
+from kernel.hw.host import Host
 from systems.base import check_report, registry
 
 STATE = "supervisor.json"
@@ -35,10 +36,18 @@ def write_json(path: Path, obj) -> None:
 
 
 def publish(host: Host, workdir: Path, scheme) -> None:
-    write_json(workdir / STATE, {
-        "pid": os.getpid(), "scheme": scheme.name, "active": scheme.active,
-        "kernels": {str(p): {"pid": k.pid, "mount": k.mount, "boot_wall_s": k.boot_wall_s}
-                    for p, k in host.kernels.items()}})
+    write_json(
+        workdir / STATE,
+        {
+            "pid": os.getpid(),
+            "scheme": scheme.name,
+            "active": scheme.active,
+            "kernels": {
+                str(p): {"pid": k.pid, "mount": k.mount, "boot_wall_s": k.boot_wall_s}
+                for p, k in host.kernels.items()
+            },
+        },
+    )
 
 
 def stop_beating(host: Host) -> None:
@@ -77,7 +86,7 @@ def serve(host: Host, workdir: Path, scheme, reports: Path, ready_fd: int | None
         write_json(reports / f"{n:03d}.json", report.to_dict())
         publish(host, workdir, scheme)
         if not report.recovered:
-            signal.pause()   # nothing more will come; wait to be stopped
+            signal.pause()  # nothing more will come; wait to be stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_beating(bed.host)
     finally:
-        bed.down()     # the scheme's teardown, then the host's: also after a failed boot
+        bed.down()  # the scheme's teardown, then the host's: also after a failed boot
     return 0
 
 

@@ -15,6 +15,7 @@ handler of its own, like the CLI's, which is kept), so the teardown runs for a t
 process as it does for Ctrl-C; a second SIGTERM does not cut the teardown short; the
 previous handler is put back afterwards.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,19 +36,19 @@ from kernel.tools.mkfs import format_disks
 
 @dataclass
 class Testbed:
-    __test__ = False                   # a fixture of the tests, not a test class
-    kind: str = "run"                  # the ownership record's kind (owners.KINDS)
-    machine_file: str | None = None    # None: the shipped default machine
-    workdir: Path | None = None        # None: a fresh scratch directory, removed at the end
-    network: bool = False              # bring the machine's NIC up (when it has one)
-    delay: bool = True                 # modeled device time is waited for
-    reformat: bool = False             # format the disks even when their images exist
-    owned: bool = True                 # False: another process (a lab) holds the record
-    keep_logs: Path | None = None      # copy the machine's logs here at teardown
+    __test__ = False  # a fixture of the tests, not a test class
+    kind: str = "run"  # the ownership record's kind (owners.KINDS)
+    machine_file: str | None = None  # None: the shipped default machine
+    workdir: Path | None = None  # None: a fresh scratch directory, removed at the end
+    network: bool = False  # bring the machine's NIC up (when it has one)
+    delay: bool = True  # modeled device time is waited for
+    reformat: bool = False  # format the disks even when their images exist
+    owned: bool = True  # False: another process (a lab) holds the record
+    keep_logs: Path | None = None  # copy the machine's logs here at teardown
     host: Host | None = field(default=None, init=False)
     net: object | None = field(default=None, init=False)
     scheme: object | None = field(default=None, init=False)
-    _is_down: bool = field(default=True, init=False)        # nothing up yet: nothing to take down
+    _is_down: bool = field(default=True, init=False)  # nothing up yet: nothing to take down
     _made: bool = field(default=False, init=False)
     _old_term: object = field(default=None, init=False)
 
@@ -69,13 +70,14 @@ class Testbed:
     def _up(self) -> None:
         if self._made:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"crashbench-{self.kind}-"))
-            os.chmod(self.workdir, 0o755)      # servers on the mount may run as other users
+            os.chmod(self.workdir, 0o755)  # servers on the mount may run as other users
         m = machine_mod.load(self.machine_file)
         self.host = Host(Path(self.workdir), m, delay=self.delay, machine_file=self.machine_file)
         self.workdir = self.host.workdir
         if self.owned:
-            owners.claim(self.kind, self.workdir, self.host.tag, self.host.physmem,
-                         workdir_made=self._made)
+            owners.claim(
+                self.kind, self.workdir, self.host.tag, self.host.physmem, workdir_made=self._made
+            )
         self.host.create_memory()
         format_disks(m, self.workdir, force=self.reformat)
         if self.network:
@@ -106,7 +108,7 @@ class Testbed:
             self._stop_machine(examine)
         finally:
             _restore_term(self._old_term)
-        if self.host is not None and self.owned:   # only a machine fully torn down is forgotten
+        if self.host is not None and self.owned:  # only a machine fully torn down is forgotten
             owners.release(self.host.tag)
 
     def _stop_machine(self, examine) -> None:
@@ -116,7 +118,7 @@ class Testbed:
                     self.scheme.teardown()
             finally:
                 if self.host is not None:
-                    self.host.close()      # also after a scheme's failed teardown
+                    self.host.close()  # also after a scheme's failed teardown
         finally:
             if self.net is not None:
                 self.net.down()
@@ -139,6 +141,7 @@ class Testbed:
 def network_up(host: Host):
     """The machine's first NIC up in its own namespaces, on the partition that owns it."""
     from kernel.hw.net import Network
+
     m = host.machine
     if not m.nics:
         return None
@@ -148,7 +151,7 @@ def network_up(host: Host):
     return net
 
 
-_NOT_MAIN = object()     # set up outside the main thread: no handler was changed
+_NOT_MAIN = object()  # set up outside the main thread: no handler was changed
 
 
 def _terminate_as_exit():
@@ -157,7 +160,7 @@ def _terminate_as_exit():
     if threading.current_thread() is not threading.main_thread():
         return _NOT_MAIN
     old = signal.getsignal(signal.SIGTERM)
-    if old is signal.SIG_DFL:      # a caller's own handler (the CLI's interrupt) is kept
+    if old is signal.SIG_DFL:  # a caller's own handler (the CLI's interrupt) is kept
         signal.signal(signal.SIGTERM, _exit_on_term)
     return old
 

@@ -15,6 +15,7 @@ the schemes through the ``crashbench.schemes`` entry points, so a scheme may liv
 another package; ``none`` (systems/none.py) records the outage and recovers nothing — the
 null scheme every harness test can use.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,7 @@ SCHEME_GROUP = "crashbench.schemes"
 @dataclass
 class Phase:
     name: str
-    start: float          # CLOCK_MONOTONIC seconds
+    start: float  # CLOCK_MONOTONIC seconds
     end: float
     modeled: bool = False  # modeled hardware time, waited for but not measured work
 
@@ -41,18 +42,24 @@ class Phase:
 
 @dataclass
 class CacheCounts:
-    pages_before: int = 0           # file pages cached by the crashed kernel (valid descriptors)
-    dirty_pages_before: int = 0     # of which dirty (not yet on disk)
-    pages_recovered: int = 0        # adopted by the recovering kernel
+    pages_before: int = 0  # file pages cached by the crashed kernel (valid descriptors)
+    dirty_pages_before: int = 0  # of which dirty (not yet on disk)
+    pages_recovered: int = 0  # adopted by the recovering kernel
     dirty_pages_recovered: int = 0  # of which dirty: unsynced data saved
-    pages_rejected: int = 0         # refused as corrupted; never written to disk
-    metadata_rejected: int = 0      # metadata blocks of a running transaction not committed as found (inconsistent)
+    pages_rejected: int = 0  # refused as corrupted; never written to disk
+    metadata_rejected: int = (
+        0  # metadata blocks of a running transaction not committed as found (inconsistent)
+    )
     # warmcache: disk blocks' copies the VMM held at the crash (file data and metadata, one
     # per block, also pages the kernel had evicted), and what became of them
-    pages_preserved: int = 0        # copies the VMM found at the crash
-    pages_inconsistent: int = 0     # refused: stored into before the crash, or the block was written since
-    pages_corrupted: int = 0        # refused: the content checksum did not match
-    pages_reused: int = 0           # served to reads instead of the device (by the report's time; ``refresh``)
+    pages_preserved: int = 0  # copies the VMM found at the crash
+    pages_inconsistent: int = (
+        0  # refused: stored into before the crash, or the block was written since
+    )
+    pages_corrupted: int = 0  # refused: the content checksum did not match
+    pages_reused: int = (
+        0  # served to reads instead of the device (by the report's time; ``refresh``)
+    )
 
     @property
     def dirty_pages_lost(self) -> int:
@@ -63,8 +70,8 @@ class CacheCounts:
 class RecoveryReport:
     scheme: str
     fault: str | None
-    failed_at: float                 # when the fault activated (the dying kernel's record), or injected
-    detected_by: str = ""            # "dying message", "heartbeat", "process exit", ...
+    failed_at: float  # when the fault activated (the dying kernel's record), or injected
+    detected_by: str = ""  # "dying message", "heartbeat", "process exit", ...
     phases: list[Phase] = field(default_factory=list)
     cache: CacheCounts = field(default_factory=CacheCounts)
     processes_before: int = 0
@@ -98,18 +105,29 @@ class RecoveryReport:
         r.phase("detect", failure.failed_at, failure.detected_at)
         return r
 
-    def phase(self, name: str, start: float, end: float | None = None, modeled: bool = False) -> Phase:
+    def phase(
+        self, name: str, start: float, end: float | None = None, modeled: bool = False
+    ) -> Phase:
         p = Phase(name, start, time.monotonic() if end is None else end, modeled)
         self.phases.append(p)
         return p
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecoveryReport":
-        r = cls(d["scheme"], d["fault"], d["failed_at"], d["detected_by"],
-                [Phase(p["name"], p["start"], p["end"], p["modeled"]) for p in d["phases"]],
-                CacheCounts(**{k: v for k, v in d["cache"].items() if k != "dirty_pages_lost"}),
-                d["processes_before"], d["processes_recovered"], list(d["rejected"]),
-                d["recovered"], d["service_at"], list(d["notes"]))
+        r = cls(
+            d["scheme"],
+            d["fault"],
+            d["failed_at"],
+            d["detected_by"],
+            [Phase(p["name"], p["start"], p["end"], p["modeled"]) for p in d["phases"]],
+            CacheCounts(**{k: v for k, v in d["cache"].items() if k != "dirty_pages_lost"}),
+            d["processes_before"],
+            d["processes_recovered"],
+            list(d["rejected"]),
+            d["recovered"],
+            d["service_at"],
+            list(d["notes"]),
+        )
         return r
 
     def to_dict(self) -> dict:
@@ -140,9 +158,18 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
             raise ReportError(f"{r.scheme}: phase {p.name!r} ends after service was back")
         prev_start = p.start
     c = r.cache
-    for name in ("pages_before", "dirty_pages_before", "pages_recovered",
-                 "dirty_pages_recovered", "pages_rejected", "pages_preserved",
-                 "pages_inconsistent", "pages_corrupted", "pages_reused", "metadata_rejected"):
+    for name in (
+        "pages_before",
+        "dirty_pages_before",
+        "pages_recovered",
+        "dirty_pages_recovered",
+        "pages_rejected",
+        "pages_preserved",
+        "pages_inconsistent",
+        "pages_corrupted",
+        "pages_reused",
+        "metadata_rejected",
+    ):
         if getattr(c, name) < 0:
             raise ReportError(f"{r.scheme}: cache.{name} is negative")
     if c.dirty_pages_before > c.pages_before:
@@ -152,7 +179,9 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
     if c.pages_recovered + c.pages_rejected > c.pages_before:
         raise ReportError(f"{r.scheme}: recovered and rejected pages exceed the pages before")
     if c.pages_inconsistent + c.pages_corrupted + c.pages_reused > c.pages_preserved:
-        raise ReportError(f"{r.scheme}: preserved pages refused and reused exceed the pages preserved")
+        raise ReportError(
+            f"{r.scheme}: preserved pages refused and reused exceed the pages preserved"
+        )
     if r.processes_recovered > r.processes_before:
         raise ReportError(f"{r.scheme}: recovered more processes than there were")
     if r.recovered and r.service_at is None:
@@ -163,32 +192,35 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
 @dataclass(frozen=True)
 class Capabilities:
     """What a scheme claims to survive; the conformance suite holds it to each claim."""
-    recovers: bool = True            # service comes back after a crash
-    keeps_cache: bool = False        # clean file pages of the dead kernel are recovered (or kept warm)
+
+    recovers: bool = True  # service comes back after a crash
+    keeps_cache: bool = False  # clean file pages of the dead kernel are recovered (or kept warm)
     keeps_dirty_cache: bool = False  # its dirty (never written back) pages are recovered
-    keeps_processes: bool = False    # runtime-aware processes keep their state
-    migrates_cache: bool = False     # adopts the cache in a "cache migration" phase of the outage
-    partitions_needed: int = 1       # partitions of the machine it deploys on (a standby's too)
+    keeps_processes: bool = False  # runtime-aware processes keep their state
+    migrates_cache: bool = False  # adopts the cache in a "cache migration" phase of the outage
+    partitions_needed: int = 1  # partitions of the machine it deploys on (a standby's too)
 
 
 @dataclass(frozen=True)
 class Reservation:
     """What a scheme keeps from the workload while nothing fails (overhead accounting)."""
+
     cores: int = 0
     cpus: tuple[int, ...] = ()
-    memory_bytes: int | None = 0     # None: measured per deploy (``reserved_bytes``)
+    memory_bytes: int | None = 0  # None: measured per deploy (``reserved_bytes``)
     what: str = "nothing (a heartbeat thread in the kernel, a watcher on the host)"
 
 
 class RecoveryScheme(ABC):
     """The contract between a scheme and the harness, the lab and the benchmarks."""
+
     name: ClassVar[str]
     description: ClassVar[str] = ""  # `crashbench list`'s line; "": its module docstring's first
     capabilities: ClassVar[Capabilities] = Capabilities()
     kernel_modules: ClassVar[tuple[str, ...]] = ("kernel.core.kernel",)  # what its kernels run
-    host = None                      # the Host it deployed on; None before deploy
-    active: int = 0                  # the partition whose kernel serves (faults go there)
-    net_tag: str | None = None       # the network a scheme that moves the NIC takes over
+    host = None  # the Host it deployed on; None before deploy
+    active: int = 0  # the partition whose kernel serves (faults go there)
+    net_tag: str | None = None  # the network a scheme that moves the NIC takes over
 
     @abstractmethod
     def deploy(self, host, apps=()) -> None: ...
@@ -237,12 +269,16 @@ def load_group(group: str, base: type) -> dict[str, type]:
     for ep in entry_points(group=group):
         try:
             cls = ep.load()
-        except Exception as e:   # noqa: BLE001 - any import error of a plug-in, named
-            raise RegistryError(f"{group} entry point {ep.name!r} ({ep.value}) failed to load: "
-                                f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any import error of a plug-in, named
+            raise RegistryError(
+                f"{group} entry point {ep.name!r} ({ep.value}) failed to load: "
+                f"{type(e).__name__}: {e}"
+            ) from None
         if getattr(cls, "name", None) != ep.name:
-            raise RegistryError(f"{group} entry point {ep.name!r} ({ep.value}) is named "
-                                f"{getattr(cls, 'name', None)!r}, not {ep.name!r}")
+            raise RegistryError(
+                f"{group} entry point {ep.name!r} ({ep.value}) is named "
+                f"{getattr(cls, 'name', None)!r}, not {ep.name!r}"
+            )
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise RegistryError(f"{group} entry point {ep.name!r} is not a {base.__name__}")
         out[ep.name] = cls

@@ -6,6 +6,7 @@ heartbeat has not moved for MISSED beat intervals of the watcher's own observati
 kill, or a death with no message; kernel/hw/mailbox.py BeatMonitor) — with the time
 of the verdict and the failure time the dying kernel recorded in its mailbox.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,15 +19,20 @@ from kernel.hw.physmem import CorruptObject, PhysMem, partition_layout
 
 @dataclass
 class Failure:
-    how: str            # "dying message" or "heartbeat"
+    how: str  # "dying message" or "heartbeat"
     detected_at: float  # CLOCK_MONOTONIC seconds
-    failed_at: float    # fault activation recorded by the kernel (or last beat, if none)
+    failed_at: float  # fault activation recorded by the kernel (or last beat, if none)
     mail: mailbox.Mail
 
 
 class Watcher:
-    def __init__(self, host, part_id: int, listen_as: int | str = mailbox.WATCHDOG,
-                 missed: int = param.HEARTBEAT_MISSED_BEATS):
+    def __init__(
+        self,
+        host,
+        part_id: int,
+        listen_as: int | str = mailbox.WATCHDOG,
+        missed: int = param.HEARTBEAT_MISSED_BEATS,
+    ):
         p = host.machine.partition(part_id)
         self.lay = partition_layout(part_id, p.base, p.size)
         self.mem = PhysMem(host.physmem, readonly=True)

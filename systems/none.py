@@ -1,4 +1,5 @@
 """Scheme `none`: no recovery. The failure is detected and recorded; nothing comes back."""
+
 from __future__ import annotations
 
 from systems.base import Capabilities, RecoveryReport, RecoveryScheme
@@ -12,7 +13,7 @@ class NoRecovery(RecoveryScheme):
 
     def deploy(self, host, apps=()) -> None:
         self.host = host
-        host.boot(0, apps=list(apps))   # its apps run until the crash, never after
+        host.boot(0, apps=list(apps))  # its apps run until the crash, never after
         self.watcher = Watcher(host, 0)
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:

@@ -1,4 +1,5 @@
 """Shared fixtures: a booted emulated machine whose teardown leaves nothing behind."""
+
 from __future__ import annotations
 
 import os
@@ -8,14 +9,14 @@ import pytest
 from harness.testbed import Testbed
 
 
-
 def pytest_collection_modifyitems(config, items):
     """The one way to mark a root-only test: ``@pytest.mark.root`` (or ``pytestmark``);
     without root it is skipped, saying why."""
     if os.geteuid() == 0:
         return
-    skip = pytest.mark.skip(reason="needs root: FUSE with allow_other, namespaces, cgroups, "
-                                   "other users, real servers")
+    skip = pytest.mark.skip(
+        reason="needs root: FUSE with allow_other, namespaces, cgroups, other users, real servers"
+    )
     for item in items:
         if item.get_closest_marker("root") is not None:
             item.add_marker(skip)

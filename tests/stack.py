@@ -1,12 +1,13 @@
 """Test helpers: an emulated kernel's storage stack in one process, on files in tmp_path."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from kernel.hw.blockdev import BlockDevice
-from kernel.tools.mkfs import mkfs
-from kernel.hw.physmem import PhysMem, partition_layout
 from kernel.core.vfs import VFS
+from kernel.hw.blockdev import BlockDevice
+from kernel.hw.physmem import PhysMem, partition_layout
+from kernel.tools.mkfs import mkfs
 
 MEM = 96 << 20
 DISK = 256 << 20
@@ -15,8 +16,16 @@ DISK = 256 << 20
 class Stack:
     """physmem + disk + VFS; `crash()` drops the kernel and the disk's volatile cache."""
 
-    def __init__(self, tmp: Path, *, write_cache: bool = True, fresh: bool = True, mem: int = MEM,
-                 disk: int = DISK, journal_blocks: int | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        write_cache: bool = True,
+        fresh: bool = True,
+        mem: int = MEM,
+        disk: int = DISK,
+        journal_blocks: int | None = None,
+    ):
         self.tmp = tmp
         self.img = str(tmp / "disk.img")
         if fresh:

@@ -1,6 +1,7 @@
 """Bad input through the real CLI: one line on stderr naming the problem, exit status 2, no
 traceback, and nothing started or created — no work or result directory, no `latest`, no
 lab state, no memory file, no namespace. None of these cases may get as far as a run."""
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,20 @@ import pytest
 from harness.lab import lab_tag
 from kernel.hw.host import physmem_path_for
 
-DEFAULT_TOML = (Path(__file__).parents[1] / "kernel" / "hw" / "machines" / "default.toml").read_text()
+DEFAULT_TOML = (
+    Path(__file__).parents[1] / "kernel" / "hw" / "machines" / "default.toml"
+).read_text()
 
 
 def cb(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                          text=True, timeout=180, stdin=subprocess.DEVNULL, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
 
 
 def tree(d: Path) -> set[str]:
@@ -53,24 +62,38 @@ def toml(old: str, new: str, top: str = "") -> str:
 
 
 MACHINE_HEAD = '[machine]\nname = "default"\nmemory = "1GiB"\n'
-PARTITIONS = DEFAULT_TOML[DEFAULT_TOML.index("[[partition]]"):DEFAULT_TOML.index("[[disk]]")]
+PARTITIONS = DEFAULT_TOML[DEFAULT_TOML.index("[[partition]]") : DEFAULT_TOML.index("[[disk]]")]
 
 MACHINE_CASES = {
-    "machine is a number": (toml(MACHINE_HEAD, "", top="machine = 5\n"),
-                            "machine: expected a table, got 5"),
-    "partition is a list of numbers": (toml(PARTITIONS, "", top="partition = [1, 2]\n"),
-                                       "partition[0]: expected a table, got 1"),
+    "machine is a number": (
+        toml(MACHINE_HEAD, "", top="machine = 5\n"),
+        "machine: expected a table, got 5",
+    ),
+    "partition is a list of numbers": (
+        toml(PARTITIONS, "", top="partition = [1, 2]\n"),
+        "partition[0]: expected a table, got 1",
+    ),
     "id is a word": (toml("id = 0", 'id = "one"'), "partition[0].id: expected an integer"),
-    "devices misspelt": (toml('devices = ["disk0"', 'devics = ["disk0"'),
-                         "partition[0].devics: unknown key"),
-    "unknown key colour": (toml('name = "default"', 'name = "default"\ncolour = "red"'),
-                           "machine.colour: unknown key"),
-    "64 TiB of memory": (toml('memory = "1GiB"', 'memory = "64TiB"'),
-                         "machine.memory: 64TiB is more than this host's RAM"),
-    "image outside the work directory": (toml('image = "disk0.img"', 'image = "../../x.img"'),
-                                         "disk[0].image: '../../x.img' must be a relative path"),
-    "absolute image": (toml('image = "disk0.img"', 'image = "/x.img"'),
-                       "disk[0].image: '/x.img' must be a relative path"),
+    "devices misspelt": (
+        toml('devices = ["disk0"', 'devics = ["disk0"'),
+        "partition[0].devics: unknown key",
+    ),
+    "unknown key colour": (
+        toml('name = "default"', 'name = "default"\ncolour = "red"'),
+        "machine.colour: unknown key",
+    ),
+    "64 TiB of memory": (
+        toml('memory = "1GiB"', 'memory = "64TiB"'),
+        "machine.memory: 64TiB is more than this host's RAM",
+    ),
+    "image outside the work directory": (
+        toml('image = "disk0.img"', 'image = "../../x.img"'),
+        "disk[0].image: '../../x.img' must be a relative path",
+    ),
+    "absolute image": (
+        toml('image = "disk0.img"', 'image = "/x.img"'),
+        "disk[0].image: '/x.img' must be a relative path",
+    ),
 }
 
 
@@ -89,39 +112,57 @@ def test_bad_machine_description_is_refused_before_anything_starts(place, case):
 def _ro_mount(place: Path) -> Path:
     ro = place / "ro"
     ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "crashbench-ro", str(ro)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "crashbench-ro", str(ro)], check=True
+    )
     return ro
 
 
 CLI_CASES = {
     "workdir is a file": (lambda p: ["up", "--workdir", str(p / "f")], "not a directory"),
-    "workdir read-only": (lambda p: ["up", "--workdir", str(_ro_mount(p) / "lab")],
-                          "Read-only file system"),
-    "lab.json holds []": (lambda p: ["status", "--workdir", str(p / "old")],
-                          "damaged lab state (expected a JSON object"),
-    "up over lab.json []": (lambda p: ["up", "--workdir", str(p / "old")],
-                            "damaged lab state (expected a JSON object"),
-    "run --out FILE": (lambda p: ["run", "--schemes", "none", "--out", str(p / "f")],
-                       "--out: "),
-    "run --out under a file": (lambda p: ["run", "--schemes", "none", "--out", str(p / "f" / "r")],
-                               "is not a directory"),
+    "workdir read-only": (
+        lambda p: ["up", "--workdir", str(_ro_mount(p) / "lab")],
+        "Read-only file system",
+    ),
+    "lab.json holds []": (
+        lambda p: ["status", "--workdir", str(p / "old")],
+        "damaged lab state (expected a JSON object",
+    ),
+    "up over lab.json []": (
+        lambda p: ["up", "--workdir", str(p / "old")],
+        "damaged lab state (expected a JSON object",
+    ),
+    "run --out FILE": (lambda p: ["run", "--schemes", "none", "--out", str(p / "f")], "--out: "),
+    "run --out under a file": (
+        lambda p: ["run", "--schemes", "none", "--out", str(p / "f" / "r")],
+        "is not a directory",
+    ),
     "run --schemes ,": (lambda p: ["run", "--schemes", ","], "--schemes: names no scheme"),
-    "run --duration nan": (lambda p: ["run", "--schemes", "none", "--duration", "nan"],
-                           "--duration: must be a finite number"),
-    "run --param clients=abc": (lambda p: ["run", "--schemes", "none", "--param", "clients=abc"],
-                                "--param clients: files expects an integer, got 'abc'"),
-    "run --param read_ratio=inf": (lambda p: ["run", "--schemes", "none", "--param",
-                                              "read_ratio=inf"], "--param read_ratio: must be"),
+    "run --duration nan": (
+        lambda p: ["run", "--schemes", "none", "--duration", "nan"],
+        "--duration: must be a finite number",
+    ),
+    "run --param clients=abc": (
+        lambda p: ["run", "--schemes", "none", "--param", "clients=abc"],
+        "--param clients: files expects an integer, got 'abc'",
+    ),
+    "run --param read_ratio=inf": (
+        lambda p: ["run", "--schemes", "none", "--param", "read_ratio=inf"],
+        "--param read_ratio: must be",
+    ),
     "mkfs size 0": (lambda p: ["mkfs", str(p / "d.img"), "--size", "0"], "--size 0: "),
     "mkfs size 4096": (lambda p: ["mkfs", str(p / "d.img"), "--size", "4096"], "--size 4096: "),
     "mkfs size 1MiB": (lambda p: ["mkfs", str(p / "d.img"), "--size", "1MiB"], "--size 1MiB: "),
-    "mkfs size 100TiB": (lambda p: ["mkfs", str(p / "d.img"), "--size", "100TiB"],
-                         "--size 100TiB: "),
+    "mkfs size 100TiB": (
+        lambda p: ["mkfs", str(p / "d.img"), "--size", "100TiB"],
+        "--size 100TiB: ",
+    ),
     "mkfs on a directory": (lambda p: ["mkfs", str(p / "old")], "is a directory"),
     "mkfs missing parent": (lambda p: ["mkfs", str(p / "nowhere" / "d.img")], "does not exist"),
-    "mkfs journal -5": (lambda p: ["mkfs", str(p / "d.img"), "--journal-blocks", "-5"],
-                        "--journal-blocks: at least 256, got -5"),
+    "mkfs journal -5": (
+        lambda p: ["mkfs", str(p / "d.img"), "--journal-blocks", "-5"],
+        "--journal-blocks: at least 256, got -5",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """The block device: model accounting, volatile write cache, exclusive ownership, ranges."""
+
 import os
 import signal
 import subprocess
@@ -79,8 +80,8 @@ def test_unknown_model_is_refused(img):
 def test_without_write_cache_writes_reach_the_image_at_once(img):
     with BlockDevice(img, "none", delay=False) as dev:
         dev.write(4, blk(9))
-        assert file_block(img, 4) == blk(9)      # before any flush
-        dev.crash()                              # nothing volatile to lose
+        assert file_block(img, 4) == blk(9)  # before any flush
+        dev.crash()  # nothing volatile to lose
         assert dev.read(4) == blk(9)
 
 
@@ -89,9 +90,9 @@ def test_write_cache_crash_drops_exactly_the_unflushed_writes(img):
     dev.write(1, blk(1))
     dev.write(2, blk(2))
     dev.flush()
-    dev.write(2, blk(22))                        # overwrite of a flushed block
-    dev.write(3, blk(3, 2))                      # two new blocks
-    assert dev.read(1, 4) == blk(1) + blk(22) + blk(3, 2)   # reads see the cache
+    dev.write(2, blk(22))  # overwrite of a flushed block
+    dev.write(3, blk(3, 2))  # two new blocks
+    assert dev.read(1, 4) == blk(1) + blk(22) + blk(3, 2)  # reads see the cache
     assert file_block(img, 2) == blk(2) and file_block(img, 3) == bytes(B)
     assert dev.unflushed == 3
     dev.crash()
@@ -116,7 +117,7 @@ def test_second_open_is_refused_while_the_first_holds_the_disk(img):
         BlockDevice(img, "none", delay=False)
     assert img in str(ei.value)
     first.close()
-    BlockDevice(img, "none", delay=False).close()   # free again once closed
+    BlockDevice(img, "none", delay=False).close()  # free again once closed
 
 
 def test_non_exclusive_opens_do_not_lock(img):
@@ -127,25 +128,33 @@ def test_non_exclusive_opens_do_not_lock(img):
 
 
 def test_dead_owner_process_releases_the_disk(img):
-    code = ("import sys, time; from kernel.hw.blockdev import BlockDevice; "
-            "d = BlockDevice(sys.argv[1], 'none', delay=False); print('ready', flush=True); "
-            "time.sleep(60)")
-    p = subprocess.Popen([sys.executable, "-c", code, img], stdout=subprocess.PIPE, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys, time; from kernel.hw.blockdev import BlockDevice; "
+        "d = BlockDevice(sys.argv[1], 'none', delay=False); print('ready', flush=True); "
+        "time.sleep(60)"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, img],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     try:
         assert p.stdout.readline().strip() == "ready"
         with pytest.raises(DeviceError, match="owned by another kernel"):
             BlockDevice(img, "none", delay=False)
-        p.send_signal(signal.SIGKILL)             # the owning kernel dies
+        p.send_signal(signal.SIGKILL)  # the owning kernel dies
         p.wait(timeout=10)
-        BlockDevice(img, "none", delay=False).close()   # the lock died with it: takeover works
+        BlockDevice(img, "none", delay=False).close()  # the lock died with it: takeover works
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
 
 
-@pytest.mark.parametrize("op", ["read_past_end", "read_run_past_end", "write_negative", "write_past_end"])
+@pytest.mark.parametrize(
+    "op", ["read_past_end", "read_run_past_end", "write_negative", "write_past_end"]
+)
 def test_out_of_range_blocks_are_refused(img, op):
     with BlockDevice(img, "none", delay=False) as dev:
         with pytest.raises(DeviceError) as ei:
@@ -158,10 +167,14 @@ def test_out_of_range_blocks_are_refused(img, op):
             else:
                 dev.write(NBLOCKS - 1, blk(0, 2))
         msg = str(ei.value)
-        bad = {"read_past_end": NBLOCKS, "read_run_past_end": NBLOCKS, "write_negative": -1,
-               "write_past_end": NBLOCKS}[op]
+        bad = {
+            "read_past_end": NBLOCKS,
+            "read_run_past_end": NBLOCKS,
+            "write_negative": -1,
+            "write_past_end": NBLOCKS,
+        }[op]
         assert f"block {bad} out of range (device has {NBLOCKS} blocks)" in msg
-        assert dev.stats["requests"] == 0        # a refused request costs nothing
+        assert dev.stats["requests"] == 0  # a refused request costs nothing
 
 
 def test_misaligned_write_is_refused(img):

@@ -4,6 +4,7 @@ resume after Ctrl-C with every fault counted once, and a Dask worker killed mid-
 The end-to-end tests run small campaigns (a handful of faults, the `none`, `reboot` and
 `orthros` schemes) through the real CLI on a LocalCluster.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,19 +20,35 @@ import pytest
 from harness import stats
 from harness.campaign import compare, outcome, plan, store, summary
 
-SHORT = ["--warmup", "0.5", "--duration", "0.5", "--post", "0.5",
-         "--param", "clients=2", "--param", "max_kib=64", "--param", "corpus_mib=8"]
+SHORT = [
+    "--warmup",
+    "0.5",
+    "--duration",
+    "0.5",
+    "--post",
+    "0.5",
+    "--param",
+    "clients=2",
+    "--param",
+    "max_kib=64",
+    "--param",
+    "corpus_mib=8",
+]
 
 
 # --- statistics ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("k, n, lo, hi", [
-    (8, 10, 0.4902, 0.9433),        # the textbook example
-    (81, 263, 0.2553, 0.3662),      # Newcombe (1998), method 3
-    (0, 10, 0.0, 0.2775),
-    (10, 10, 0.7225, 1.0),
-    (5, 10, 0.2366, 0.7634),
-])
+
+@pytest.mark.parametrize(
+    "k, n, lo, hi",
+    [
+        (8, 10, 0.4902, 0.9433),  # the textbook example
+        (81, 263, 0.2553, 0.3662),  # Newcombe (1998), method 3
+        (0, 10, 0.0, 0.2775),
+        (10, 10, 0.7225, 1.0),
+        (5, 10, 0.2366, 0.7634),
+    ],
+)
 def test_wilson_interval_matches_published_values(k, n, lo, hi):
     share, a, b = stats.wilson_ci(k, n)
     assert share == pytest.approx(k / n)
@@ -47,10 +64,12 @@ def test_wilson_refuses_what_is_not_a_proportion():
 
 # --- the plan -----------------------------------------------------------------------------
 
+
 def test_plan_covers_every_target_and_site_and_is_the_same_for_the_same_parameters():
     kinds = plan.kinds_of("all")
     cells = plan.cells(kinds)
     from kernel.core.faults import FAULTS, SITES, TARGETS
+
     assert {c.kind for c in cells} == set(FAULTS)
     assert {c.target for c in cells if c.kind == "bit-flip"} == set(TARGETS)
     assert {c.site for c in cells if c.kind == "panic"} == set(SITES)
@@ -75,11 +94,21 @@ def test_plan_refuses_unknown_names():
 def test_a_fault_seed_drives_the_injectors_choices(host):
     """The same seed picks the same object and bytes in a live kernel: what replay relies
     on. (Armed at a site an idle machine never reaches, so the kernel lives on.)"""
+
     def inject(seed):
-        r = host.control(0, {"cmd": "inject", "fault": "wild-write", "site": "vfs.create",
-                             "target": "superblock", "seed": seed})
+        r = host.control(
+            0,
+            {
+                "cmd": "inject",
+                "fault": "wild-write",
+                "site": "vfs.create",
+                "target": "superblock",
+                "seed": seed,
+            },
+        )
         assert r["ok"], r
         return r["detail"]
+
     assert inject(5) == inject(5)
     assert len({inject(s) for s in (5, 6, 7, 8)}) > 1
     r = host.control(0, {"cmd": "inject", "fault": "panic", "seed": -1})
@@ -88,24 +117,34 @@ def test_a_fault_seed_drives_the_injectors_choices(host):
 
 # --- outcome classes ----------------------------------------------------------------------
 
+
 def _rec(**kw):
-    base = {"error": None, "report": {"verdict": "recovered", "rejected": [], "cache": {}},
-            "recovered": True, "corrupted_writes": 0, "lost_writes": 0, "lost_bytes": 0}
+    base = {
+        "error": None,
+        "report": {"verdict": "recovered", "rejected": [], "cache": {}},
+        "recovered": True,
+        "corrupted_writes": 0,
+        "lost_writes": 0,
+        "lost_bytes": 0,
+    }
     return {**base, **kw}
 
 
 CLEAN = {"exit_code": 0, "problems": []}
 
 
-@pytest.mark.parametrize("rec, fsck, want", [
-    (_rec(error="DriverError: deploy failed"), None, "harness-error"),
-    (_rec(report=None, recovered=False), CLEAN, "harness-error"),
-    (_rec(recovered=False, report={"verdict": "not recovered"}), CLEAN, "not-recovered"),
-    (_rec(corrupted_writes=2), CLEAN, "corrupted"),
-    (_rec(), {"exit_code": 4, "problems": ["inode 12: block 99 used twice"]}, "corrupted"),
-    (_rec(lost_writes=3, lost_bytes=4096), CLEAN, "loss"),
-    (_rec(), CLEAN, "intact"),
-])
+@pytest.mark.parametrize(
+    "rec, fsck, want",
+    [
+        (_rec(error="DriverError: deploy failed"), None, "harness-error"),
+        (_rec(report=None, recovered=False), CLEAN, "harness-error"),
+        (_rec(recovered=False, report={"verdict": "not recovered"}), CLEAN, "not-recovered"),
+        (_rec(corrupted_writes=2), CLEAN, "corrupted"),
+        (_rec(), {"exit_code": 4, "problems": ["inode 12: block 99 used twice"]}, "corrupted"),
+        (_rec(lost_writes=3, lost_bytes=4096), CLEAN, "loss"),
+        (_rec(), CLEAN, "intact"),
+    ],
+)
 def test_each_fault_gets_exactly_one_class(rec, fsck, want):
     cls, why = outcome.classify(rec, fsck)
     assert cls == want and why
@@ -113,8 +152,10 @@ def test_each_fault_gets_exactly_one_class(rec, fsck, want):
 
 # --- the log and campaign.json ------------------------------------------------------------
 
+
 def _result(fid: str, index: int, cls: str = "intact", scheme: str = "orthros") -> dict:
     from harness.campaign.task import error_result
+
     r = error_result(plan.FaultSpec(fid, index, scheme, "panic", None, "now", 0, 1), "x")
     return {**r, "outcome": cls, "error": None if cls != "harness-error" else "x"}
 
@@ -122,23 +163,27 @@ def _result(fid: str, index: int, cls: str = "intact", scheme: str = "orthros") 
 def test_log_counts_every_fault_once_and_rejects_what_is_damaged(tmp_path):
     store.append(tmp_path, _result("a", 0))
     store.append(tmp_path, _result("b", 1, "loss"))
-    store.append(tmp_path, _result("a", 0, "corrupted"))         # a task run twice
+    store.append(tmp_path, _result("a", 0, "corrupted"))  # a task run twice
     with open(tmp_path / store.LOG_FILE, "a") as f:
-        f.write('{"id": "c", "outcome": "intact"}\n')               # not a result
-        f.write(json.dumps(_result("zz", 9)) + "\n")                # not in the plan
-        f.write('{"id": "c", "index": 2, "sch')                     # torn by a kill
+        f.write('{"id": "c", "outcome": "intact"}\n')  # not a result
+        f.write(json.dumps(_result("zz", 9)) + "\n")  # not in the plan
+        f.write('{"id": "c", "index": 2, "sch')  # torn by a kill
     got, info = store.load_log(tmp_path, {"a", "b", "c"}, repair=True)
     assert [(r["id"], r["outcome"]) for r in got] == [("a", "intact"), ("b", "loss")]
     assert info["duplicates"] == 1 and info["rejected_lines"] == 3
-    assert (tmp_path / store.LOG_FILE).read_bytes().endswith(b"\n")   # the torn line cut off
+    assert (tmp_path / store.LOG_FILE).read_bytes().endswith(b"\n")  # the torn line cut off
     store.append(tmp_path, _result("c", 2))
     got, info = store.load_log(tmp_path, {"a", "b", "c"})
     assert [r["id"] for r in got] == ["a", "b", "c"] and info["rejected_lines"] == 2
 
 
 def test_summary_counts_classes_and_keeps_harness_errors_apart():
-    rs = [_result(str(i), i, c) for i, c in enumerate(
-        ["intact"] * 6 + ["loss"] * 2 + ["corrupted", "not-recovered", "harness-error"])]
+    rs = [
+        _result(str(i), i, c)
+        for i, c in enumerate(
+            ["intact"] * 6 + ["loss"] * 2 + ["corrupted", "not-recovered", "harness-error"]
+        )
+    ]
     g = summary.summarize(rs, ["orthros"])["schemes"]["orthros"]["all"]
     assert g["n"] == 10 and g["harness_errors"] == 1
     assert g["coverage"]["k"] == 8
@@ -156,7 +201,7 @@ def test_compare_flags_a_coverage_drop_beyond_the_intervals_and_new_corruption()
     bad = _doc([_result(str(i), i, "not-recovered" if i < 20 else "intact") for i in range(40)])
     corrupt = _doc([_result(str(i), i, "corrupted" if i == 0 else "intact") for i in range(40)])
     assert compare.compare(good, good).exit_code == 0
-    assert compare.compare(good, slightly).exit_code == 0      # inside the intervals
+    assert compare.compare(good, slightly).exit_code == 0  # inside the intervals
     assert compare.compare(good, bad).exit_code == 1
     assert compare.compare(bad, good).rows[-1].verdict == "better"
     c = compare.compare(good, corrupt)
@@ -165,9 +210,21 @@ def test_compare_flags_a_coverage_drop_beyond_the_intervals_and_new_corruption()
 
 def test_campaign_json_refuses_a_broken_field(tmp_path):
     from harness.campaign.run import open_campaign
-    params = {"schemes": ["orthros"], "workload": "files", "faults": "panic", "sites": "now",
-              "per_scheme": 2, "seed": 1, "timing": {}, "workload_params": {},
-              "machine_file": None, "executor": "local", "workers": 1, "scheduler": None}
+
+    params = {
+        "schemes": ["orthros"],
+        "workload": "files",
+        "faults": "panic",
+        "sites": "now",
+        "per_scheme": 2,
+        "seed": 1,
+        "timing": {},
+        "workload_params": {},
+        "machine_file": None,
+        "executor": "local",
+        "workers": 1,
+        "scheduler": None,
+    }
     doc, done = open_campaign(tmp_path, params, {})
     assert done == [] and store.load(tmp_path)["plan"] == doc["plan"]
     bad = json.loads((tmp_path / store.CAMPAIGN_FILE).read_text())
@@ -183,9 +240,21 @@ def test_campaign_json_refuses_a_broken_field(tmp_path):
 
 def test_other_parameters_in_the_same_directory_are_refused(tmp_path):
     from harness.campaign.run import open_campaign
-    params = {"schemes": ["orthros"], "workload": "files", "faults": "panic", "sites": "now",
-              "per_scheme": 2, "seed": 1, "timing": {}, "workload_params": {},
-              "machine_file": None, "executor": "local", "workers": 1, "scheduler": None}
+
+    params = {
+        "schemes": ["orthros"],
+        "workload": "files",
+        "faults": "panic",
+        "sites": "now",
+        "per_scheme": 2,
+        "seed": 1,
+        "timing": {},
+        "workload_params": {},
+        "machine_file": None,
+        "executor": "local",
+        "workers": 1,
+        "scheduler": None,
+    }
     open_campaign(tmp_path, params, {})
     open_campaign(tmp_path, {**params, "workers": 4, "executor": "dask"}, {})  # same campaign
     with pytest.raises(store.CampaignError, match="seed = 1, not 2"):
@@ -193,6 +262,7 @@ def test_other_parameters_in_the_same_directory_are_refused(tmp_path):
 
 
 # --- end to end ---------------------------------------------------------------------------
+
 
 def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -207,10 +277,14 @@ def _left_behind(campaign_dir: Path) -> list[str]:
     it, an ownership record of a machine under it."""
     from harness import owners
     from harness.campaign.task import scratch_dir
+
     root = scratch_dir(store.load(campaign_dir)["campaign_id"])
     left = [f"scratch {root}"] if root.exists() else []
-    left += [f"machine {r.data['tag']}" for r in owners.records()
-             if r.data and r.data["workdir"].startswith(str(root))]
+    left += [
+        f"machine {r.data['tag']}"
+        for r in owners.records()
+        if r.data and r.data["workdir"].startswith(str(root))
+    ]
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
@@ -227,12 +301,31 @@ def test_a_small_campaign_gives_each_scheme_its_outcome_class(tmp_path):
     workload), orthros recovers them all; two workers on one machine do not collide, and
     nothing is left behind."""
     out = tmp_path / "c"
-    p = subprocess.run(_campaign("--schemes", "none,reboot,orthros", "--workload", "files",
-                                 "--faults", "panic", "--sites", "now", "--per-scheme", "1",
-                                 "--workers", "2", *SHORT, "--out", str(out)),
-                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        _campaign(
+            "--schemes",
+            "none,reboot,orthros",
+            "--workload",
+            "files",
+            "--faults",
+            "panic",
+            "--sites",
+            "now",
+            "--per-scheme",
+            "1",
+            "--workers",
+            "2",
+            *SHORT,
+            "--out",
+            str(out),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    doc = store.load(out)                                     # validated against the schema
+    doc = store.load(out)  # validated against the schema
     by = {r["scheme"]: r for r in doc["faults"]}
     assert by["none"]["outcome"] == "not-recovered"
     assert by["reboot"]["outcome"] == "loss" and by["reboot"]["lost_bytes"] > 0
@@ -249,10 +342,29 @@ def test_a_small_campaign_gives_each_scheme_its_outcome_class(tmp_path):
 @pytest.mark.root
 def test_a_campaign_stopped_by_ctrl_c_continues_and_counts_every_fault_once(tmp_path):
     out = tmp_path / "c"
-    argv = _campaign("--schemes", "none", "--workload", "files", "--faults", "panic,kill",
-                     "--sites", "now", "--per-scheme", "4", *SHORT, "--out", str(out))
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         stdin=subprocess.DEVNULL, preexec_fn=_as_from_a_terminal)
+    argv = _campaign(
+        "--schemes",
+        "none",
+        "--workload",
+        "files",
+        "--faults",
+        "panic,kill",
+        "--sites",
+        "now",
+        "--per-scheme",
+        "4",
+        *SHORT,
+        "--out",
+        str(out),
+    )
+    p = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_as_from_a_terminal,
+    )
     try:
         deadline = time.monotonic() + 180
         log = out / store.LOG_FILE
@@ -269,14 +381,15 @@ def test_a_campaign_stopped_by_ctrl_c_continues_and_counts_every_fault_once(tmp_
     assert doc["status"] == "stopped" and doc["stopped"]["signal"] == "SIGINT"
     assert 1 <= len(doc["faults"]) < 4
     assert _left_behind(out) == [], first[-3000:]
-    again = subprocess.run(argv, capture_output=True, text=True, timeout=300,
-                           stdin=subprocess.DEVNULL)
+    again = subprocess.run(
+        argv, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     doc = store.load(out)
     ids = [r["id"] for r in doc["faults"]]
     assert doc["status"] == "complete" and sorted(ids) == sorted(f["id"] for f in doc["plan"])
     logged = [json.loads(line)["id"] for line in (out / store.LOG_FILE).read_text().splitlines()]
-    assert sorted(logged) == sorted(ids)                      # none run twice, none lost
+    assert sorted(logged) == sorted(ids)  # none run twice, none lost
     assert doc["summary"]["schemes"]["none"]["all"]["n"] == 4
     assert _left_behind(out) == []
 
@@ -313,18 +426,37 @@ def test_a_worker_killed_mid_fault_loses_no_result(tmp_path):
     """SIGKILL to the Dask worker running a fault: Dask reruns the task, the campaign
     completes with every fault once, and the killed worker's trial tears itself down."""
     out = tmp_path / "c"
-    p = subprocess.Popen(_campaign("--schemes", "none", "--workload", "files", "--faults",
-                                   "panic,kill", "--sites", "now", "--per-scheme", "3",
-                                   "--workers", "2", *SHORT, "--out", str(out)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         stdin=subprocess.DEVNULL, preexec_fn=_as_from_a_terminal)
+    p = subprocess.Popen(
+        _campaign(
+            "--schemes",
+            "none",
+            "--workload",
+            "files",
+            "--faults",
+            "panic,kill",
+            "--sites",
+            "now",
+            "--per-scheme",
+            "3",
+            "--workers",
+            "2",
+            *SHORT,
+            "--out",
+            str(out),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_as_from_a_terminal,
+    )
     try:
         deadline = time.monotonic() + 180
         while not (tasks := _task_processes_under(p.pid)):
             assert p.poll() is None, p.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no fault started"
             time.sleep(0.1)
-        time.sleep(2)                                   # into the trial's deploy or load
+        time.sleep(2)  # into the trial's deploy or load
         worker = int(Path(f"/proc/{tasks[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
         os.kill(worker, signal.SIGKILL)
         text = p.communicate(timeout=300)[0]
@@ -346,14 +478,36 @@ def test_fast_faults_go_into_the_recovered_machine_and_redeploy_after_a_failure(
     so do reboot's (each loses acknowledged writes, none reads back another fault's files
     as corrupted); none never recovers, so each of its faults gets a fresh machine."""
     out = tmp_path / "c"
-    p = subprocess.run(_campaign("--schemes", "orthros,reboot,none", "--workload", "files",
-                                 "--faults", "panic,kill", "--sites", "now", "--per-scheme", "3",
-                                 "--redeploy-every", "3", "--executor", "local", *SHORT,
-                                 "--out", str(out)),
-                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        _campaign(
+            "--schemes",
+            "orthros,reboot,none",
+            "--workload",
+            "files",
+            "--faults",
+            "panic,kill",
+            "--sites",
+            "now",
+            "--per-scheme",
+            "3",
+            "--redeploy-every",
+            "3",
+            "--executor",
+            "local",
+            *SHORT,
+            "--out",
+            str(out),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = store.load(out)
-    orthros = sorted((r for r in doc["faults"] if r["scheme"] == "orthros"), key=lambda r: r["index"])
+    orthros = sorted(
+        (r for r in doc["faults"] if r["scheme"] == "orthros"), key=lambda r: r["index"]
+    )
     assert [r["outcome"] for r in orthros] == ["intact"] * 3, [r["why"] for r in orthros]
     assert ["deploy" in r["phases"] for r in orthros] == [True, False, False]
     assert all(r["fsck"]["exit_code"] == 0 and r["acked_writes"] > 0 for r in orthros)
@@ -366,15 +520,20 @@ def test_fast_faults_go_into_the_recovered_machine_and_redeploy_after_a_failure(
 
 
 def test_a_workload_that_cannot_share_a_machine_is_refused_fast_faults(tmp_path):
-    p = subprocess.run(_campaign("--workload", "postgres", "--redeploy-every", "5",
-                                 "--out", str(tmp_path / "c")),
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        _campaign("--workload", "postgres", "--redeploy-every", "5", "--out", str(tmp_path / "c")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 2 and "--redeploy-every: workload postgres" in p.stderr, p.stderr
     assert not (tmp_path / "c").exists()
 
 
 def test_docker_executor_runs_the_trial_in_a_labelled_container_with_what_it_needs(tmp_path):
     from harness.campaign import container
+
     argv = container.argv({"campaign_id": "abc", "image": "crashbench-worker"}, tmp_path)
     assert argv[:2] == ["docker", "run"] and argv[-1] == "crashbench-worker"
     assert "crashbench.campaign=abc" in argv and argv[argv.index("--network") + 1] == "none"
@@ -386,10 +545,16 @@ def test_docker_executor_runs_the_trial_in_a_labelled_container_with_what_it_nee
 
 
 def test_docker_executor_without_a_usable_image_is_refused_before_anything_runs(tmp_path):
-    p = subprocess.run(_campaign("--executor", "docker", "--image", "no-such-image-here",
-                                 "--out", str(tmp_path / "c")),
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
+    p = subprocess.run(
+        _campaign(
+            "--executor", "docker", "--image", "no-such-image-here", "--out", str(tmp_path / "c")
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/none.sock"},
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert "--executor docker: image 'no-such-image-here' cannot be used" in p.stderr
     assert not (tmp_path / "c").exists()

@@ -1,6 +1,7 @@
 """The checkers (harness/checkers) and the confidence intervals (harness/stats) on
 synthetic histories: properties under hypothesis, and hand-made histories with known
 answers. Every figure asserted here is defined in docs/METRICS.md."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,8 @@ import math
 import statistics
 
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from harness import checkers, history, stats
 from harness.checkers import downtime, throughput, writes
@@ -23,26 +25,57 @@ class H:
         self.events: list[dict] = []
         self.verify_clock = 0.0
 
-    def op(self, p, f: str, t0: float, t1: float | None, outcome: str | None, key=None,
-           value=None, result=None) -> None:
+    def op(
+        self,
+        p,
+        f: str,
+        t0: float,
+        t1: float | None,
+        outcome: str | None,
+        key=None,
+        value=None,
+        result=None,
+    ) -> None:
         self.events.append(history.event("invoke", p, f, key=key, value=value, time_s=t0))
         if outcome is not None:
-            self.events.append(history.event(outcome, p, f, key=key,
-                                             value=value if result is None else result,
-                                             time_s=t1))
+            self.events.append(
+                history.event(
+                    outcome, p, f, key=key, value=value if result is None else result, time_s=t1
+                )
+            )
 
-    def crash(self, t: float, activated: float | None = None,
-              delivered: float | None = None) -> None:
-        reply = {"ok": True} if delivered is None else {"ok": True,
-                                                         "injected_ns": round(delivered * 1e9)}
-        self.op(history.NEMESIS, "crash", t, t + 0.02, "info", value={"fault": "panic"},
-                result={"fault": "panic", "reply": reply})
+    def crash(
+        self, t: float, activated: float | None = None, delivered: float | None = None
+    ) -> None:
+        reply = (
+            {"ok": True}
+            if delivered is None
+            else {"ok": True, "injected_ns": round(delivered * 1e9)}
+        )
+        self.op(
+            history.NEMESIS,
+            "crash",
+            t,
+            t + 0.02,
+            "info",
+            value={"fault": "panic"},
+            result={"fault": "panic", "reply": reply},
+        )
         if activated is not None:
-            self.events.append(history.event("info", history.NEMESIS, "activated",
-                                             time_s=activated))
+            self.events.append(
+                history.event("info", history.NEMESIS, "activated", time_s=activated)
+            )
 
-    def write(self, p, key: str, version: int, t0: float, t1: float, outcome: str | None,
-              body: bytes | None = None) -> None:
+    def write(
+        self,
+        p,
+        key: str,
+        version: int,
+        t0: float,
+        t1: float,
+        outcome: str | None,
+        body: bytes | None = None,
+    ) -> None:
         self.op(p, "write", t0, t1, outcome, key=key, value=wval(key, version, body))
 
     def verify(self, key: str, t: float, outcome: str, result: dict | None) -> None:
@@ -52,7 +85,7 @@ class H:
         self.op(99, "verify", t, t + 0.01, outcome, key=key, result=result)
 
     def sorted(self) -> list[dict]:
-        return sorted(self.events, key=lambda e: e["time"])   # stable, like history.merge
+        return sorted(self.events, key=lambda e: e["time"])  # stable, like history.merge
 
 
 def body_of(key: str, version: int) -> bytes:
@@ -77,12 +110,12 @@ GARBAGE = {"bytes": 3, "sha256": hashlib.sha256(b"xyz").hexdigest()}
 def test_downtime_is_last_ok_before_to_first_ok_invoked_after_per_client():
     h = H()
     h.op(1, "read", 9.4, 9.5, "ok")
-    h.op(1, "read", 9.6, 10.1, "info")         # in flight at the crash
+    h.op(1, "read", 9.6, 10.1, "info")  # in flight at the crash
     h.op(1, "read", 10.15, 10.2, "fail")
     h.op(1, "read", 10.25, 10.7, "ok")
     h.op(2, "write", 9.8, 9.9, "ok", key="k", value=wval("k", 1))
     h.op(2, "write", 9.95, 10.02, "ok", key="k", value=wval("k", 2))  # the dying server's reply
-    h.op(2, "write", 10.5, 11.0, "ok", key="k", value=wval("k", 3))   # invoked after: ends it
+    h.op(2, "write", 10.5, 11.0, "ok", key="k", value=wval("k", 3))  # invoked after: ends it
     h.crash(10.0)
     h.verify("k", 20.0, "ok", seen("k", 3))
     d = downtime(h.sorted())
@@ -99,13 +132,13 @@ def test_a_client_with_no_ok_after_the_crash_is_not_recovered_and_verify_does_no
     h.op(1, "read", 10.5, 12.5, "info")
     h.op(2, "read", 9.0, 9.2, "ok")
     h.op(2, "read", 10.5, 10.6, "ok")
-    h.op(3, "read", 10.5, 10.6, "ok")          # no ok before the crash: not counted
+    h.op(3, "read", 10.5, 10.6, "ok")  # no ok before the crash: not counted
     h.crash(10.0)
     h.op(1, "verify", 30.0, 30.1, "ok", key="k", result=ABSENT)
     d = downtime(h.sorted())
     assert d["per_client"] == {"1": None, "2": pytest.approx(1.4)}
     assert d["recovered"] is False and d["recovered_clients"] == 1
-    assert d["median_s"] is None and d["max_s"] is None   # median of (1.4, ∞) is unbounded
+    assert d["median_s"] is None and d["max_s"] is None  # median of (1.4, ∞) is unbounded
 
 
 def test_median_survives_a_minority_of_unrecovered_clients():
@@ -116,23 +149,23 @@ def test_median_survives_a_minority_of_unrecovered_clients():
             h.op(p, "read", back - 0.01, back, "ok")
     h.crash(10.0)
     d = downtime(h.sorted())
-    assert d["median_s"] == pytest.approx(1.51) and d["max_s"] is None   # (1.01 + 2.01) / 2
+    assert d["median_s"] == pytest.approx(1.51) and d["max_s"] is None  # (1.01 + 2.01) / 2
     assert d["recovered"] is False
 
 
 def test_crash_time_is_the_later_of_injection_and_activation():
     h = H()
     h.op(1, "read", 9.0, 9.5, "ok")
-    h.op(1, "read", 10.0, 10.004, "ok")        # served between injection and activation
+    h.op(1, "read", 10.0, 10.004, "ok")  # served between injection and activation
     h.op(1, "read", 10.01, 11.0, "ok")
     h.crash(10.0, activated=10.005)
     d = downtime(h.sorted())
     assert d["crash_at"] == 10.005 and d["injected_at"] == 10.0
     assert d["per_client"]["1"] == pytest.approx(0.996)
     h2 = H()
-    h2.op(1, "read", 9.0, 9.99, "ok")          # before the injection, after the last beat
+    h2.op(1, "read", 9.0, 9.99, "ok")  # before the injection, after the last beat
     h2.op(1, "read", 10.0, 11.0, "ok")
-    h2.crash(10.0, activated=9.9)              # no activation recorded: the last heartbeat
+    h2.crash(10.0, activated=9.9)  # no activation recorded: the last heartbeat
     assert downtime(h2.sorted())["crash_at"] == 10.0
     assert downtime(h2.sorted())["per_client"]["1"] == pytest.approx(1.01)
 
@@ -140,7 +173,7 @@ def test_crash_time_is_the_later_of_injection_and_activation():
 def test_without_an_activation_record_the_kernels_receipt_of_the_fault_bounds_the_crash():
     h = H()
     h.op(1, "read", 9.0, 9.5, "ok")
-    h.op(1, "read", 9.995, 10.003, "ok")       # answered before the kernel got the fault
+    h.op(1, "read", 9.995, 10.003, "ok")  # answered before the kernel got the fault
     h.op(1, "read", 10.004, 10.6, "ok")
     h.crash(10.0, delivered=10.004)
     d = downtime(h.sorted())
@@ -177,8 +210,15 @@ def client_histories(draw, outage_forever: bool = False):
             outcome = draw(st.sampled_from(["ok", "ok", "ok", "fail", "info", None]))
             if crash <= t1 < crash + outage and outcome == "ok":
                 outcome = draw(st.sampled_from(["fail", "info"]))
-            h.op(p, draw(st.sampled_from(["read", "write"])), t0, t1, outcome, key=f"c{p}",
-                 value=wval(f"c{p}", 1))
+            h.op(
+                p,
+                draw(st.sampled_from(["read", "write"])),
+                t0,
+                t1,
+                outcome,
+                key=f"c{p}",
+                value=wval(f"c{p}", 1),
+            )
             t = t1
     return h.sorted(), crash
 
@@ -210,8 +250,9 @@ def test_downtime_is_never_negative_and_matches_its_definition(hc):
     d = downtime(events)
     assert d["per_client"] == oracle_downtime(events, crash)
     assert all(v >= 0 for v in d["per_client"].values() if v is not None)
-    assert d["recovered"] == (bool(d["per_client"])
-                              and all(v is not None for v in d["per_client"].values()))
+    assert d["recovered"] == (
+        bool(d["per_client"]) and all(v is not None for v in d["per_client"].values())
+    )
     if d["max_s"] is not None:
         assert 0 <= d["median_s"] <= d["max_s"]
 
@@ -229,22 +270,30 @@ def test_an_outage_with_no_ok_after_it_is_not_recovered(hc):
 # --- throughput --------------------------------------------------------------------------
 def test_throughput_bins_pre_crash_mean_and_time_to_90_percent():
     h = H()
-    h.op(1, "read", 6.5, 6.6, "ok")                             # partial first bin [6, 7)
+    h.op(1, "read", 6.5, 6.6, "ok")  # partial first bin [6, 7)
     for second, n in ((7, 10), (8, 4), (9, 6), (10, 0), (11, 3), (12, 5), (13, 4)):
         for i in range(n):
             t = second + (i + 0.5) / n
             h.op(1, "read", t - 0.01, t, "ok")
     h.op(1, "read", 10.2, 10.9, "fail")
-    h.op(1, "read", 13.95, 13.99, "info")                       # load ends at 13.99
+    h.op(1, "read", 13.95, 13.99, "info")  # load ends at 13.99
     h.crash(10.0)
-    h.verify("x", 30.0, "ok", ABSENT)                           # not load
+    h.verify("x", 30.0, "ok", ABSENT)  # not load
     r = throughput(h.sorted(), bin_s=1.0, warmup_bins=1)
     assert [(b["t"], b["ops"]) for b in r["bins"]] == [
-        (-4.0, 1), (-3.0, 10), (-2.0, 4), (-1.0, 6), (0.0, 0), (1.0, 3), (2.0, 5), (3.0, 4)]
+        (-4.0, 1),
+        (-3.0, 10),
+        (-2.0, 4),
+        (-1.0, 6),
+        (0.0, 0),
+        (1.0, 3),
+        (2.0, 5),
+        (3.0, 4),
+    ]
     assert [b["full"] for b in r["bins"]] == [False, True, True, True, True, True, True, False]
     assert r["pre_crash_bins"] == 2 and r["pre_crash_mean"] == pytest.approx(5.0)
     assert r["threshold"] == pytest.approx(4.5)
-    assert r["time_to_90pct_s"] == pytest.approx(3.0)           # end of bin [2, 3)
+    assert r["time_to_90pct_s"] == pytest.approx(3.0)  # end of bin [2, 3)
     assert r["ok_ops"] == 33
 
 
@@ -275,11 +324,12 @@ def test_throughput_bins_count_every_ok_op_once_aligned_at_the_crash(hc, bin_s, 
     assert sum(b["ops"] for b in r["bins"]) == len(oks) == r["ok_ops"]
     for b in r["bins"]:
         k = b["t"] / bin_s
-        assert k == pytest.approx(round(k))           # edges at crash + k·bin_s
+        assert k == pytest.approx(round(k))  # edges at crash + k·bin_s
         assert b["ops_per_s"] == pytest.approx(b["ops"] / bin_s)
         lo = crash + b["t"]
-        assert b["ops"] == sum(lo <= e["time"] < lo + bin_s for e in oks) or \
-            any(abs(e["time"] - lo) < 1e-9 or abs(e["time"] - lo - bin_s) < 1e-9 for e in oks)
+        assert b["ops"] == sum(lo <= e["time"] < lo + bin_s for e in oks) or any(
+            abs(e["time"] - lo) < 1e-9 or abs(e["time"] - lo - bin_s) < 1e-9 for e in oks
+        )
     t90 = r["time_to_90pct_s"]
     if t90 is not None:
         assert t90 > 0 and (t90 / bin_s) == pytest.approx(round(t90 / bin_s))
@@ -322,8 +372,16 @@ def test_write_verdicts_by_hand():
     h.crash(10.0)
     w = writes(h.sorted())
     status = {k["key"]: k["status"] for k in w["keys"]}
-    assert status == {"a": "present", "b": "lost", "c": "lost", "d": "corrupted",
-                      "e": "unverified", "f": "present", "g": "unacked", "i": "corrupted"}
+    assert status == {
+        "a": "present",
+        "b": "lost",
+        "c": "lost",
+        "d": "corrupted",
+        "e": "unverified",
+        "f": "present",
+        "g": "unacked",
+        "i": "corrupted",
+    }
     by = {k["key"]: k for k in w["keys"]}
     assert by["a"]["found_version"] == 3 and by["b"]["found_version"] == 1
     assert (by["b"]["lost_writes"], by["b"]["lost_bytes"]) == (1, wval("b", 2)["bytes"])
@@ -332,8 +390,9 @@ def test_write_verdicts_by_hand():
     assert w["acked_writes"] == 10 and w["acked_keys"] == 7
     assert (w["present_keys"], w["lost_keys"], w["lost_writes"]) == (2, 2, 3)
     assert (w["corrupted_keys"], w["corrupted_writes"]) == (2, 2)
-    assert w["lost_bytes"] == sum(wval(*kv)["bytes"] for kv in
-                                  (("b", 2), ("c", 2), ("d", 1), ("i", 1)))
+    assert w["lost_bytes"] == sum(
+        wval(*kv)["bytes"] for kv in (("b", 2), ("c", 2), ("d", 1), ("i", 1))
+    )
     assert (w["unverified_keys"], w["unverified_writes"], w["unacked_keys"]) == (1, 1, 1)
 
 
@@ -343,7 +402,7 @@ def test_a_read_that_saw_an_acked_write_undone_counts_it_lost_even_if_overwritte
     h.write(1, "a", 1, 1.0, 1.1, "ok")
     h.write(1, "a", 2, 2.0, 2.1, "ok")
     h.op(1, "read", 11.0, 11.1, "ok", key="a", result=seen("a", 1))
-    h.op(1, "read", 11.2, 11.3, "ok", key="a", result=seen("a", 1))   # the same loss, once
+    h.op(1, "read", 11.2, 11.3, "ok", key="a", result=seen("a", 1))  # the same loss, once
     h.write(1, "a", 3, 12.0, 12.1, "ok")
     h.verify("a", 20, "ok", seen("a", 3))
     # b: v1, v2 acked; the read after the crash finds nothing; rewritten → both lost
@@ -373,7 +432,12 @@ def test_a_read_that_saw_an_acked_write_undone_counts_it_lost_even_if_overwritte
     w = writes(h.sorted())
     by = {k["key"]: k for k in w["keys"]}
     assert {k: v["status"] for k, v in by.items()} == {
-        "a": "present", "b": "present", "c": "present", "d": "present", "e": "lost"}
+        "a": "present",
+        "b": "present",
+        "c": "present",
+        "d": "present",
+        "e": "lost",
+    }
     assert [by[k]["undone_writes"] for k in "abcde"] == [1, 2, 0, 0, 0]
     assert [by[k]["lost_writes"] for k in "abcde"] == [1, 2, 0, 0, 1]
     assert by["a"]["lost_bytes"] == wval("a", 2)["bytes"]
@@ -450,13 +514,13 @@ def key_histories(draw):
     a = acked[-1] if acked else None
     # Versions that may have taken effect after A: indeterminate attempts invoked after it.
     a_at = max((i for i, (v, o) in enumerate(attempts) if o == "ok"), default=-1)
-    maybe = sorted({v for v, o in attempts[a_at + 1:] if o in ("info", None)})
+    maybe = sorted({v for v, o in attempts[a_at + 1 :] if o in ("info", None)})
     choice = draw(st.sampled_from(["A", "maybe", "older", "absent", "garbage", "unverified"]))
     if choice == "A" and a is not None:
         h.verify("k", 50, "ok", seen("k", a))
         expect = ("present", 0)
     elif choice == "maybe" and a is not None and maybe:
-        h.verify("k", 50, "ok", seen("k", draw(st.sampled_from(maybe))))   # info took effect
+        h.verify("k", 50, "ok", seen("k", draw(st.sampled_from(maybe))))  # info took effect
         expect = ("present", 0)
     elif choice == "older" and a is not None and any(v < a for v in acked):
         old = draw(st.sampled_from([v for v in set(acked) if v < a]))
@@ -488,7 +552,7 @@ def test_write_verdict_matches_what_was_found(kh):
     assert w["acked_writes"] == len(acked) == k["acked_writes"]
     assert k["lost_writes"] == w["lost_writes"] == lost
     if status in ("lost", "corrupted"):
-        assert w["lost_bytes"] == wval("k", a)["bytes"]         # the newest acked version's size
+        assert w["lost_bytes"] == wval("k", a)["bytes"]  # the newest acked version's size
     else:
         assert w["lost_bytes"] == 0
     assert w["corrupted_writes"] == (status == "corrupted")
@@ -496,15 +560,18 @@ def test_write_verdict_matches_what_was_found(kh):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 5), st.lists(st.sampled_from(["info", None, "fail"]), min_size=1,
-                                   max_size=5), st.data())
+@given(
+    st.integers(1, 5),
+    st.lists(st.sampled_from(["info", None, "fail"]), min_size=1, max_size=5),
+    st.data(),
+)
 def test_an_info_write_that_took_effect_is_not_lost(n_acked, tail, data):
     h = H()
     t = 1.0
     for v in range(1, n_acked + 1):
         h.write(1, "k", v, t, t + 0.05, "ok")
         t += 0.1
-    for i, outcome in enumerate(tail):        # later writes: their outcome unknown or failed
+    for i, outcome in enumerate(tail):  # later writes: their outcome unknown or failed
         h.write(1, "k", n_acked + 1 + i, t, t + 0.05, outcome)
         t += 0.1
     h.crash(t - 0.05)
@@ -527,10 +594,20 @@ def test_check_combines_every_figure_from_a_history_file(tmp_path):
     h.verify("a", 20.0, "ok", seen("a", 2))
     path = tmp_path / "history.jsonl"
     history.write(h.sorted(), path)
-    report = RecoveryReport("orthros", "panic", 10.0, "dying message",
-                            [Phase("detect", 10.0, 10.01), Phase("firmware", 10.01, 10.21, True),
-                             Phase("detect", 10.3, 10.31)],
-                            CacheCounts(100, 40, 90, 38, 2), recovered=True, service_at=11.0)
+    report = RecoveryReport(
+        "orthros",
+        "panic",
+        10.0,
+        "dying message",
+        [
+            Phase("detect", 10.0, 10.01),
+            Phase("firmware", 10.01, 10.21, True),
+            Phase("detect", 10.3, 10.31),
+        ],
+        CacheCounts(100, 40, 90, 38, 2),
+        recovered=True,
+        service_at=11.0,
+    )
     figs = checkers.check(history.read(path), report.to_dict(), bin_s=0.5)
     assert set(figs) == {"downtime", "writes", "throughput", "recovery", "cache_hits", "cache"}
     assert figs["recovery"]["bin_s"] == 0.1 and figs["cache_hits"]["samples"] == 0
@@ -538,9 +615,14 @@ def test_check_combines_every_figure_from_a_history_file(tmp_path):
     assert figs["writes"]["lost_writes"] == 1 and figs["writes"]["acked_writes"] == 3
     assert figs["throughput"]["bin_s"] == 0.5
     c = figs["cache"]
-    assert (c["pages_before"], c["dirty_pages_before"], c["pages_recovered"],
-            c["dirty_pages_recovered"], c["pages_rejected"], c["dirty_pages_lost"]) == \
-        (100, 40, 90, 38, 2, 2)
+    assert (
+        c["pages_before"],
+        c["dirty_pages_before"],
+        c["pages_recovered"],
+        c["dirty_pages_recovered"],
+        c["pages_rejected"],
+        c["dirty_pages_lost"],
+    ) == (100, 40, 90, 38, 2, 2)
     assert c["phases"] == {"detect": pytest.approx(0.02), "firmware": pytest.approx(0.2)}
     assert c["modeled_phases"] == ["firmware"]
     none = checkers.cache(None)
@@ -558,10 +640,10 @@ def test_cache_passes_further_counts_through_and_refuses_a_missing_one():
 
 # --- confidence intervals ----------------------------------------------------------------
 def test_median_ci_known_ranks_and_small_samples():
-    assert stats.median_ranks(100)[:2] == (40, 61)       # the textbook ranks at 95 %
+    assert stats.median_ranks(100)[:2] == (40, 61)  # the textbook ranks at 95 %
     assert stats.min_n(0.95) == 6 and stats.min_n(0.99) == 8
     assert stats.median_ci(range(1, 11)) == (5.5, 2.0, 9.0)
-    assert stats.median_ci([3.0, 1.0, 2.0]) == (2.0, None, None)   # no interval at n < 6
+    assert stats.median_ci([3.0, 1.0, 2.0]) == (2.0, None, None)  # no interval at n < 6
     assert stats.median_ci([]) == (None, None, None)
     with pytest.raises(ValueError, match="value 1"):
         stats.median_ci([1.0, None, 2.0])
@@ -574,13 +656,14 @@ def test_median_ci_known_ranks_and_small_samples():
 def test_median_ranks_reach_the_level_and_are_the_narrowest_that_do(n, level):
     r = stats.median_ranks(n, level)
     if r is None:
-        assert 1 - 2 * 0.5 ** n < level
+        assert 1 - 2 * 0.5**n < level
         return
     j, k, coverage = r
     assert 1 <= j <= k == n + 1 - j and coverage >= level
 
     def cover(j):
-        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
+
     assert cover(j) == pytest.approx(coverage)
     assert j + 1 > (n + 1) // 2 or cover(j + 1) < level
 
@@ -595,7 +678,7 @@ def test_intervals_hold_their_estimate_and_are_reproducible(xs):
         assert lo is hi is None and mlo is mhi is None
     else:
         assert lo <= m <= hi and mlo <= mean + 1e-6 and mean - 1e-6 <= mhi
-        assert stats.mean_ci(xs) == (mean, mlo, mhi)      # seeded: the same every time
+        assert stats.mean_ci(xs) == (mean, mlo, mhi)  # seeded: the same every time
 
 
 # --- the driver's view of the same definition ----------------------------------------------
@@ -604,15 +687,16 @@ def test_clients_count_as_back_only_with_an_ok_invoked_after_the_crash(tmp_path)
     follows the downtime definition: a reply to a request sent before t does not count,
     and every process in a shared history file (locust users) must be back."""
     from harness.workloads.clients import ClientGroup
+
     h = H()
-    h.op(0, "read", 9.9, 10.05, "ok")            # sent before t = 10.0: the dying server's reply
+    h.op(0, "read", 9.9, 10.05, "ok")  # sent before t = 10.0: the dying server's reply
     h.op(1, "read", 10.2, 10.3, "ok")
     path = tmp_path / "shared.jsonl"
     history.write(h.sorted(), path)
     group = ClientGroup([], [path])
     assert group.all_ok_after(10.0) is False
     h.op(0, "read", 10.4, 10.5, "fail")
-    h.op(0, "verify", 10.6, 10.7, "ok", key="k", result=ABSENT)   # verify is not load
+    h.op(0, "verify", 10.6, 10.7, "ok", key="k", result=ABSENT)  # verify is not load
     history.write(h.sorted(), path)
     assert group.all_ok_after(10.0) is False
     h.op(0, "read", 10.8, 10.9, "ok")

@@ -2,6 +2,7 @@
 threshold; exit 1 on a slower result set, and on a categorical regression (fewer trials
 recovered, writes lost or corrupted, a checker finding) at any trial count; 0 on
 identical ones, 2 on bad input."""
+
 from __future__ import annotations
 
 import copy
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.test_results import golden
 from harness import compare, results
 from harness.cli import app
+from tests.test_results import golden
 
 GOLDEN_RUN = Path(__file__).parent / "golden" / "20261123-142501-orthros-reboot-files"
 runner = CliRunner()
@@ -30,11 +31,15 @@ def synthetic(n: int, factor: float = 1.0, lost_factor: float = 1.0) -> dict:
         for i in range(n):
             t = copy.deepcopy(base[i % len(base)])
             spread = 1 + 0.01 * i
-            t.update(trial=i, seed=1 + i, id=f"{scheme}-files-panic-{i}",
-                     history=f"history-{scheme}-files-panic-{i}.jsonl",
-                     downtime_s=round(t["downtime_s"] * spread * factor, 6),
-                     time_to_90pct_s=t["time_to_90pct_s"] * factor,
-                     lost_bytes=int(t["lost_bytes"] * lost_factor))
+            t.update(
+                trial=i,
+                seed=1 + i,
+                id=f"{scheme}-files-panic-{i}",
+                history=f"history-{scheme}-files-panic-{i}.jsonl",
+                downtime_s=round(t["downtime_s"] * spread * factor, 6),
+                time_to_90pct_s=t["time_to_90pct_s"] * factor,
+                lost_bytes=int(t["lost_bytes"] * lost_factor),
+            )
             trials.append(t)
     g["parameters"]["trials"] = n
     g["trials"] = trials
@@ -58,12 +63,12 @@ def test_three_times_slower_with_five_trials_is_worse_and_exits_1(tmp_path):
     v = verdicts(c)
     assert v[("orthros", "downtime_s")] == v[("reboot", "downtime_s")] == "worse"
     assert v[("orthros", "time_to_90pct_s")] == "worse"
-    assert v[("orthros", "lost_bytes")] == "same"        # 0 before, 0 after
+    assert v[("orthros", "lost_bytes")] == "same"  # 0 before, 0 after
     assert c.exit_code == 1
     r = runner.invoke(app, ["compare", str(old), str(new)])
     assert r.exit_code == 1, r.output
     assert "worse" in r.stdout and "orthros" in r.stdout
-    back = runner.invoke(app, ["compare", str(new), str(old)])     # the other way: better
+    back = runner.invoke(app, ["compare", str(new), str(old)])  # the other way: better
     assert back.exit_code == 0, back.output
     assert "better" in back.stdout
 
@@ -89,7 +94,9 @@ def test_three_trials_cannot_be_significant_and_say_so_not_same(tmp_path):
     r = runner.invoke(app, ["compare", str(old), str(new)])
     assert r.exit_code == 0, r.output
     assert "3 trials: too few to judge timing at p < 0.05" in " ".join(r.stdout.split())
-    timing = [line for line in r.stdout.splitlines() if "downtime s" in line or "time to 90" in line]
+    timing = [
+        line for line in r.stdout.splitlines() if "downtime s" in line or "time to 90" in line
+    ]
     assert len(timing) == 4 and all("too few" in line and "same" not in line for line in timing)
 
 
@@ -105,8 +112,11 @@ def test_more_lost_bytes_from_zero_is_worse():
     old, new = synthetic(6), synthetic(6)
     for t in new["trials"]:
         t["lost_bytes"] = 4096 + t["trial"]
-    row = next(r for r in compare.compare(old, new).rows
-               if (r.scheme, r.metric) == ("orthros", "lost_bytes"))
+    row = next(
+        r
+        for r in compare.compare(old, new).rows
+        if (r.scheme, r.metric) == ("orthros", "lost_bytes")
+    )
     assert row.median_old == 0 and math.isinf(row.ratio) and row.verdict == "worse"
 
 
@@ -127,11 +137,14 @@ def test_groups_in_one_run_only_are_noted_not_compared():
     assert c.notes == ["reboot/files/panic: only in the old run, not compared"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--threshold", "0"], "--threshold: must be a positive"),
-    (["--threshold", "-0.1"], "--threshold: must be a positive"),
-    (["--alpha", "1"], "--alpha: must be between 0 and 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--threshold", "0"], "--threshold: must be a positive"),
+        (["--threshold", "-0.1"], "--threshold: must be a positive"),
+        (["--alpha", "1"], "--alpha: must be between 0 and 1"),
+    ],
+)
 def test_bad_options_exit_2(tmp_path, args, message):
     d = save(tmp_path, "a", synthetic(3))
     r = runner.invoke(app, ["compare", str(d), str(d), *args])
@@ -156,18 +169,25 @@ def test_an_incomplete_side_is_named_and_does_not_change_the_exit_code(tmp_path)
     old = save(tmp_path, "old", synthetic(5))
     new = tmp_path / "new"
     new.mkdir()
-    results.write_run(new, stopped["parameters"], stopped["environment"], stopped["trials"],
-                      incomplete=stopped["incomplete"])
+    results.write_run(
+        new,
+        stopped["parameters"],
+        stopped["environment"],
+        stopped["trials"],
+        incomplete=stopped["incomplete"],
+    )
     c = compare.compare(results.load_run(old), results.load_run(new))
-    assert [n for n in c.notes if "INCOMPLETE" in n] == \
-        ["new side: INCOMPLETE run new: interrupted by SIGTERM after 10 of 12 planned trials; "
-         "its figures rest on those only"]
+    assert [n for n in c.notes if "INCOMPLETE" in n] == [
+        "new side: INCOMPLETE run new: interrupted by SIGTERM after 10 of 12 planned trials; "
+        "its figures rest on those only"
+    ]
     r = runner.invoke(app, ["compare", str(old), str(new)])
     assert r.exit_code == 0, r.output
     assert "new side: INCOMPLETE run new" in " ".join(r.stdout.split())
 
 
 # --- categorical regressions: judged whatever the number of trials ---------------------------
+
 
 def _copy_of_golden(tmp_path: Path, name: str) -> tuple[Path, dict]:
     d = tmp_path / name
@@ -186,17 +206,26 @@ def test_one_trial_not_recovered_exits_1_at_three_trials(tmp_path):
     old, _ = _copy_of_golden(tmp_path, "old")
     new, run = _copy_of_golden(tmp_path, "new")
     t = next(t for t in run["trials"] if t["scheme"] == "orthros")
-    t.update(recovered=False, downtime_s=None, downtime_max_s=None, time_to_90pct_s=None,
-             lost_writes=None, corrupted_writes=None, lost_bytes=None)
+    t.update(
+        recovered=False,
+        downtime_s=None,
+        downtime_max_s=None,
+        time_to_90pct_s=None,
+        lost_writes=None,
+        corrupted_writes=None,
+        lost_bytes=None,
+    )
     _rewrite(new, run)
     r = runner.invoke(app, ["compare", str(old), str(new)])
     assert r.exit_code == 1, r.output
-    assert ("regression orthros/files/panic: fewer trials recovered: 3/3 before, 2/3 now"
-            in " ".join(r.stdout.split()))
+    assert (
+        "regression orthros/files/panic: fewer trials recovered: 3/3 before, 2/3 now"
+        in " ".join(r.stdout.split())
+    )
     c = compare.compare(results.load_run(old), results.load_run(new))
     assert [(x.scheme, x.check) for x in c.regressions] == [("orthros", "recovered")]
-    assert not c.worse                           # no timing can be judged at 3 trials
-    assert runner.invoke(app, ["compare", str(new), str(old)]).exit_code == 0   # better
+    assert not c.worse  # no timing can be judged at 3 trials
+    assert runner.invoke(app, ["compare", str(new), str(old)]).exit_code == 0  # better
 
 
 @pytest.mark.parametrize("field", ["lost_writes", "corrupted_writes"])
@@ -209,8 +238,9 @@ def test_acknowledged_writes_lost_or_corrupted_where_there_were_none_exit_1(tmp_
     assert r.exit_code == 1, r.output
     assert f"{field.replace('_', ' ')}: none before, 1 now" in r.stdout
     # reboot loses writes in both runs by design: more of them is not categorical
-    assert [c.check for c in compare.compare(results.load_run(old), results.load_run(new))
-            .regressions] == [field]
+    assert [
+        c.check for c in compare.compare(results.load_run(old), results.load_run(new)).regressions
+    ] == [field]
 
 
 def test_a_checker_finding_where_there_was_none_exits_1(tmp_path):
@@ -224,7 +254,7 @@ def test_a_checker_finding_where_there_was_none_exits_1(tmp_path):
     r = runner.invoke(app, ["compare", str(old), str(new)])
     assert r.exit_code == 1, r.output
     assert "checks.bodies: none before, 1 now" in r.stdout
-    assert runner.invoke(app, ["compare", str(new), str(new)]).exit_code == 0   # had one before
+    assert runner.invoke(app, ["compare", str(new), str(new)]).exit_code == 0  # had one before
 
 
 def test_a_checker_without_a_verdict_is_not_a_finding(tmp_path):
@@ -236,5 +266,7 @@ def test_a_checker_without_a_verdict_is_not_a_finding(tmp_path):
     c = compare.compare(old, new)
     assert c.exit_code == 0
     bank = [x for x in c.categorical if x.check.startswith("checks.")]
-    assert [(x.scheme, x.check, x.verdict) for x in bank] == \
-        [("orthros", "checks.bank", "n/a"), ("reboot", "checks.bank", "n/a")]
+    assert [(x.scheme, x.check, x.verdict) for x in bank] == [
+        ("orthros", "checks.bank", "n/a"),
+        ("reboot", "checks.bank", "n/a"),
+    ]

@@ -10,6 +10,7 @@ one that keeps processes resumes the application with its unsaved state, one tha
 without it restarts it empty. After ``teardown`` nothing of the deployment remains: no
 kernel or application process, process set, mount, memory or VMM file, namespace.
 """
+
 import os
 import subprocess
 import sys
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel.hw import machine
 from harness.testbed import Testbed
+from kernel.hw import machine
 from kernel.hw.procset import ProcError, ProcessSet
 from systems import base
 from systems.base import RegistryError, check_report, registry
@@ -27,7 +28,7 @@ from systems.base import RegistryError, check_report, registry
 PAGE = 4096
 FILES, PAGES_EACH = 3, 10
 DETECTED_BY = {"panic": "dying message", "kill": "heartbeat", "hang": "heartbeat"}
-LINES = b"first line\nsecond line\n"   # the editor's unsaved buffer at the crash
+LINES = b"first line\nsecond line\n"  # the editor's unsaved buffer at the crash
 N_LINES = 2
 
 
@@ -42,8 +43,20 @@ class Deployment:
         self.bed.up()
         self.host, self.net, self.wd = self.bed.host, self.bed.net, self.bed.workdir
         self.fifo, self.log = self.wd / "editor.fifo", self.wd / "editor.log"
-        apps = [{"name": "editor", "runtime_aware": True, "log": str(self.log),
-                 "argv": [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", str(self.fifo)]}]
+        apps = [
+            {
+                "name": "editor",
+                "runtime_aware": True,
+                "log": str(self.log),
+                "argv": [
+                    sys.executable,
+                    "-m",
+                    "kernel.apps.rtaware_editor",
+                    "--fifo",
+                    str(self.fifo),
+                ],
+            }
+        ]
         self.bed.deploy(self.scheme, apps)
 
     @property
@@ -73,14 +86,17 @@ class Deployment:
         return self.leftovers()
 
     def close(self) -> None:
-        self.bed.down()           # whatever a failed deploy or teardown left
+        self.bed.down()  # whatever a failed deploy or teardown left
 
     def leftovers(self) -> list[str]:
         left = []
         if str(self.wd) in Path("/proc/mounts").read_text():
             left.append("mount")
-        left += [f"/dev/shm/{f}" for f in os.listdir("/dev/shm")
-                 if f"/dev/shm/{f}".startswith(self.host.physmem)]
+        left += [
+            f"/dev/shm/{f}"
+            for f in os.listdir("/dev/shm")
+            if f"/dev/shm/{f}".startswith(self.host.physmem)
+        ]
         ps = subprocess.run(["pgrep", "-f", str(self.wd)], capture_output=True, text=True).stdout
         left += [f"process {pid}" for pid in ps.split()]
         for p in self.host.machine.partitions:
@@ -118,8 +134,9 @@ def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
         fd = os.open(d.fifo, os.O_WRONLY)
         os.write(fd, LINES)
         os.close(fd)
-        d.wait_log(lambda: f"lines={N_LINES}" in d.log.read_text(),
-                   "the editor did not take its lines")
+        d.wait_log(
+            lambda: f"lines={N_LINES}" in d.log.read_text(), "the editor did not take its lines"
+        )
         synced = write_files(d.mount, "s", synced=True)
         unsynced = write_files(d.mount, "u", synced=False)
 
@@ -130,13 +147,13 @@ def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
         assert (r.scheme, r.fault, r.detected_by) == (name, fault, DETECTED_BY[fault])
         assert r.recovered == caps.recovers
         c = r.cache
-        if caps.recovers:         # a scheme that recovers counts what the dead kernel held
+        if caps.recovers:  # a scheme that recovers counts what the dead kernel held
             assert c.dirty_pages_before == FILES * PAGES_EACH
         if caps.keeps_dirty_cache:
             assert c.dirty_pages_recovered == c.dirty_pages_before and c.dirty_pages_lost == 0
         else:
             assert c.dirty_pages_recovered == 0 and c.dirty_pages_lost == c.dirty_pages_before
-        if caps.keeps_cache:      # the fsynced files' pages were clean in the cache
+        if caps.keeps_cache:  # the fsynced files' pages were clean in the cache
             assert c.pages_recovered - c.dirty_pages_recovered >= FILES * PAGES_EACH
         else:
             assert c.pages_recovered == 0 and c.pages_preserved == 0
@@ -167,6 +184,7 @@ def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
 
 def _with_entry_points(monkeypatch, *eps: tuple[str, str]) -> None:
     from importlib.metadata import EntryPoint
+
     real = base.entry_points
     extra = [EntryPoint(n, v, base.SCHEME_GROUP) for n, v in eps]
     monkeypatch.setattr(base, "entry_points", lambda group: [*real(group=group), *extra])
@@ -179,13 +197,22 @@ def test_the_registry_finds_a_scheme_from_another_package_by_its_entry_point(mon
     assert "tests.lab_only_kernel" in base.kernel_modules.__wrapped__()
 
 
-@pytest.mark.parametrize("value, says", [
-    ("systems.no_such_scheme:Gone", "crashbench.schemes entry point 'broken' "
-     "(systems.no_such_scheme:Gone) failed to load: ModuleNotFoundError"),
-    ("tests.test_conformance:LabOnly", "entry point 'broken' (tests.test_conformance:LabOnly) "
-     "is named 'lab-only', not 'broken'"),
-    ("tests.test_conformance:NotAScheme", "entry point 'broken' is not a RecoveryScheme"),
-])
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        (
+            "systems.no_such_scheme:Gone",
+            "crashbench.schemes entry point 'broken' "
+            "(systems.no_such_scheme:Gone) failed to load: ModuleNotFoundError",
+        ),
+        (
+            "tests.test_conformance:LabOnly",
+            "entry point 'broken' (tests.test_conformance:LabOnly) "
+            "is named 'lab-only', not 'broken'",
+        ),
+        ("tests.test_conformance:NotAScheme", "entry point 'broken' is not a RecoveryScheme"),
+    ],
+)
 def test_a_bad_entry_point_is_refused_naming_it(monkeypatch, value, says):
     _with_entry_points(monkeypatch, ("broken", value))
     with pytest.raises(RegistryError) as e:
@@ -195,6 +222,7 @@ def test_a_bad_entry_point_is_refused_naming_it(monkeypatch, value, says):
 
 class LabOnly(base.RecoveryScheme):
     """A scheme registered only by the tests above (never deployed)."""
+
     name = "lab-only"
     kernel_modules = ("kernel.core.kernel", "tests.lab_only_kernel")
 

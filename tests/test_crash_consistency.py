@@ -4,6 +4,7 @@ Random operations, a power loss at a random point (the disk drops every write it
 told to flush), a new kernel mounts the disk: fsck finds nothing wrong, and every file that
 was fsynced (and not touched since) reads back byte for byte.
 """
+
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,8 +30,8 @@ class CrashMachine(RuleBasedStateMachine):
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="cb-crash-"))
         self.st = Stack(self.tmp)
-        self.files: dict[bytes, bytearray] = {}     # what the running kernel shows
-        self.durable: dict[bytes, bytes] = {}       # what must survive a crash
+        self.files: dict[bytes, bytearray] = {}  # what the running kernel shows
+        self.durable: dict[bytes, bytes] = {}  # what must survive a crash
 
     def teardown(self):
         self.st.close()
@@ -57,7 +58,7 @@ class CrashMachine(RuleBasedStateMachine):
         self.st.vfs.write(self.ino(name), off, payload)
         if off > len(cur):
             cur.extend(bytes(off - len(cur)))
-        cur[off:off + n] = payload
+        cur[off : off + n] = payload
         self.durable.pop(name, None)
 
     @precondition(lambda self: self.files)
@@ -108,8 +109,10 @@ class CrashMachine(RuleBasedStateMachine):
             got = self.st.vfs.read(self.ino(name), 0, len(want) + PAGE)
             assert got == want, f"fsynced file {name!r} came back different after the crash"
         # the new kernel's view is the truth from here on
-        self.files = {n: bytearray(self.st.vfs.read(self.st.vfs.lookup(1, n).ino, 0, 1 << 20))
-                      for n, _ in self.st.vfs.fs.readdir(1)}
+        self.files = {
+            n: bytearray(self.st.vfs.read(self.st.vfs.lookup(1, n).ino, 0, 1 << 20))
+            for n, _ in self.st.vfs.fs.readdir(1)
+        }
         self.durable = {n: bytes(v) for n, v in self.files.items()}
         self.st.vfs.writeback.sync_all()
         result = fsck(img)
@@ -122,6 +125,9 @@ class CrashMachine(RuleBasedStateMachine):
 
 
 CrashMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=25, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 TestCrashConsistency = CrashMachine.TestCase

@@ -1,4 +1,5 @@
 """Fault injection into a running kernel: each fault kills or hangs it as named."""
+
 import subprocess
 import sys
 import time
@@ -64,17 +65,18 @@ def test_hang_stops_the_heartbeat_and_a_monitor_notices(host):
             break
         time.sleep(interval / 4)
     assert detected is not None, "the heartbeat kept beating after a hang"
-    assert (detected - t_inject) / 1e9 < 2.0          # generous: 3 beats plus scheduling noise
+    assert (detected - t_inject) / 1e9 < 2.0  # generous: 3 beats plus scheduling noise
     beat = host.mail(0).beat
     time.sleep(10 * interval)
-    assert host.mail(0).beat == beat                  # really stopped, not slowed
-    assert host.kernels[0].alive()                    # a hang is not a death
+    assert host.mail(0).beat == beat  # really stopped, not slowed
+    assert host.kernels[0].alive()  # a hang is not a death
     m = host.mail(0)
     assert m.state == mailbox.RUNNING and m.reason == ""
 
 
-@pytest.mark.parametrize("target,kind", [("dirty-page", "page frame"),
-                                         ("page-descriptor", "page descriptor")])
+@pytest.mark.parametrize(
+    "target,kind", [("dirty-page", "page frame"), ("page-descriptor", "page descriptor")]
+)
 def test_wild_write_is_rejected_by_the_reader(host, target, kind):
     write_some(host)
     reply = inject(host, "wild-write", target=target)
@@ -98,16 +100,19 @@ def test_bit_flip_in_the_dirty_inode_list_is_rejected(host):
     assert [r["field"] for r in inodes] == ["checksum"]
     assert len(orphans) == 5 and all("no valid dirty-inode list" in r["why"] for r in orphans)
     good = sum(d["dirty_pages"] for d in info["dirty_inodes"] if d["ino"])
-    assert good == 3 * 5                     # the other three files lose nothing
+    assert good == 3 * 5  # the other three files lose nothing
 
 
 def test_exception_in_request_panics_inside_a_write(host):
     inject(host, "exception-in-request", site="vfs.write")
-    assert host.kernels[0].alive()            # armed, not yet activated
+    assert host.kernels[0].alive()  # armed, not yet activated
     target = Path(host.kernels[0].mount) / "victim"
-    r = subprocess.run([sys.executable, "-c", f"open({str(target)!r}, 'wb').write(b'x' * 9000)"],
-                       capture_output=True, timeout=30)
-    assert r.returncode != 0                  # the writer saw its kernel die
+    r = subprocess.run(
+        [sys.executable, "-c", f"open({str(target)!r}, 'wb').write(b'x' * 9000)"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert r.returncode != 0  # the writer saw its kernel die
     wait_dead(host)
     mail = host.mail(0)
     assert mail.state == mailbox.PANICKED and mail.site == "vfs.write"
@@ -148,9 +153,15 @@ def _pid_gone(pid: int, timeout: float = 10.0) -> bool:
 def test_apps_of_the_partition_are_gone_after_the_fault(host, fault):
     from kernel.core.proc import ProcessSet, read_proc_table
     from kernel.hw.physmem import PhysMem, partition_layout
+
     host.stop(0)
-    kp = host.boot(0, apps=[{"name": "sleeper", "argv": ["sleep", "600"]},
-                            {"name": "sleeper2", "argv": ["sleep", "601"]}])
+    kp = host.boot(
+        0,
+        apps=[
+            {"name": "sleeper", "argv": ["sleep", "600"]},
+            {"name": "sleeper2", "argv": ["sleep", "601"]},
+        ],
+    )
     mem = PhysMem(host.physmem, readonly=True)
     try:
         p = host.machine.partition(0)
@@ -162,8 +173,8 @@ def test_apps_of_the_partition_are_gone_after_the_fault(host, fault):
     inject(host, fault)
     if fault == "hang":
         assert host.kernels[0].alive() and not any(_pid_gone(p, 0.2) for p in pids)
-        report = ProcessSet(host.tag, 0).fence()   # what a recovery scheme does to a hung kernel
-        assert report.killed >= 3                  # the kernel and both apps
+        report = ProcessSet(host.tag, 0).fence()  # what a recovery scheme does to a hung kernel
+        assert report.killed >= 3  # the kernel and both apps
     else:
         wait_dead(host)
     assert all(_pid_gone(p) for p in pids), "an app outlived its kernel"
@@ -183,16 +194,28 @@ def test_a_panic_stops_every_process_of_the_partition_until_the_fence(host):
     reaches it); the panic must still stop it, as a real panic halts every CPU, so it can
     answer nobody before the recovery scheme's fence kills it."""
     from kernel.core.proc import ProcessSet
+
     host.stop(0)
     pidfile = host.workdir / "grandchild.pid"
-    host.boot(0, apps=[{"name": "forker", "argv": [
-        "sh", "-c", f"setsid sleep 600 & echo $! > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; wait"]}])
+    host.boot(
+        0,
+        apps=[
+            {
+                "name": "forker",
+                "argv": [
+                    "sh",
+                    "-c",
+                    f"setsid sleep 600 & echo $! > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; wait",
+                ],
+            }
+        ],
+    )
     deadline = time.monotonic() + 10
     while not pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     gpid = int(pidfile.read_text())
     while _state(gpid) != "S" and time.monotonic() < deadline:
-        time.sleep(0.01)                     # exec'ing sleep: running, then asleep
+        time.sleep(0.01)  # exec'ing sleep: running, then asleep
     assert _state(gpid) == "S"
     inject(host, "panic")
     wait_dead(host)

@@ -1,4 +1,5 @@
 """The file system over MemBuffers: every operation, remounts, crashes, limits."""
+
 import errno
 import hashlib
 import os
@@ -14,9 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kernel import param
-from kernel.hw.blockdev import BlockDevice
 from kernel.core.buffers import MemBuffers
 from kernel.core.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, FileSystem, FsError, JournalDamaged
+from kernel.hw.blockdev import BlockDevice
 from kernel.tools.fsck import fsck
 from kernel.tools.mkfs import mkfs
 
@@ -101,7 +102,7 @@ def test_create_lookup_readdir_iget(m):
     assert errno_of(fs.create, ROOT, b"alpha", REG, 0, 0) == errno.EEXIST
     assert errno_of(fs.lookup, ROOT, b"gamma") == errno.ENOENT
     assert errno_of(fs.create, ROOT, b"x" * (param.NAME_MAX + 1), REG, 0, 0) == errno.ENAMETOOLONG
-    fs.create(ROOT, b"y" * param.NAME_MAX, REG, 0, 0)      # exactly NAME_MAX is fine
+    fs.create(ROOT, b"y" * param.NAME_MAX, REG, 0, 0)  # exactly NAME_MAX is fine
     assert errno_of(fs.lookup, a, b"x") == errno.ENOTDIR
     assert errno_of(fs.create, a, b"x", REG, 0, 0) == errno.ENOTDIR
     assert errno_of(fs.create, ROOT, b"a/b", REG, 0, 0) == errno.EINVAL
@@ -115,8 +116,14 @@ def test_setattr_keeps_file_type_and_persists(m):
         m.fs.setattr(a, colour=1)
     m2 = m.remount()
     i = m2.fs.iget(a)
-    assert (i.mode, i.uid, i.gid, i.atime_ns, i.mtime_ns, i.ctime_ns) == \
-        (stat.S_IFREG | 0o4600, 7, 8, 1, 2, 3)
+    assert (i.mode, i.uid, i.gid, i.atime_ns, i.mtime_ns, i.ctime_ns) == (
+        stat.S_IFREG | 0o4600,
+        7,
+        8,
+        1,
+        2,
+        3,
+    )
     m2.close()
 
 
@@ -139,7 +146,7 @@ def test_mkdir_rmdir_and_link_counts(m):
     free = fs.statfs()["ffree"]
     assert fs.rmdir(d, b"e") == e
     assert fs.iget(e).nlink == 0 and fs.iget(d).nlink == 2
-    assert errno_of(fs.create, e, b"late", REG, 0, 0) == errno.ENOENT   # removed directory
+    assert errno_of(fs.create, e, b"late", REG, 0, 0) == errno.ENOENT  # removed directory
     fs.release_inode(e)
     assert fs.statfs()["ffree"] == free + 1
     assert errno_of(fs.iget, e) == errno.ESTALE
@@ -150,11 +157,11 @@ def test_big_directory_survives_remount_and_removals(m):
     d = fs.mkdir(ROOT, b"big", 0o755, 0, 0)
     names = [b"file-%05d-%s" % (i, b"x" * (i % 40)) for i in range(600)]
     inos = {n: fs.create(d, n, REG, 0, 0) for n in names}
-    assert fs.iget(d).size > 3 * B                  # grew over several blocks
+    assert fs.iget(d).size > 3 * B  # grew over several blocks
     for n in names[::3]:
         fs.release_inode(fs.unlink(d, n))
         del inos[n]
-    for k in range(100):                              # reuse the holes
+    for k in range(100):  # reuse the holes
         n = b"again-%03d" % k
         inos[n] = fs.create(d, n, REG, 0, 0)
     m2 = m.remount()
@@ -189,14 +196,14 @@ def test_symlinks_short_long_and_limits(m):
     s1 = fs.symlink(ROOT, b"s", short, 0, 0)
     free = fs.statfs()["bfree"]
     s2 = fs.symlink(ROOT, b"l", long, 0, 0)
-    assert fs.statfs()["bfree"] == free - 1          # the long one takes a block
+    assert fs.statfs()["bfree"] == free - 1  # the long one takes a block
     assert stat.S_ISLNK(fs.iget(s1).mode) and fs.iget(s1).size == len(short)
     assert fs.readlink(s1) == short and fs.readlink(s2) == long
     assert errno_of(fs.symlink, ROOT, b"x", b"q" * B, 0, 0) == errno.ENAMETOOLONG
     assert errno_of(fs.symlink, ROOT, b"x", b"", 0, 0) == errno.ENOENT
     assert errno_of(fs.readlink, ROOT) == errno.EINVAL
-    fs.symlink(ROOT, b"edge", b"e" * 60, 0, 0)        # the longest inline target
-    fs.symlink(ROOT, b"edge1", b"e" * 61, 0, 0)       # the shortest in a block
+    fs.symlink(ROOT, b"edge", b"e" * 60, 0, 0)  # the longest inline target
+    fs.symlink(ROOT, b"edge1", b"e" * 61, 0, 0)  # the shortest in a block
     m2 = m.remount()
     fs = m2.fs
     assert fs.readlink(fs.lookup(ROOT, b"s")) == short
@@ -220,7 +227,7 @@ def test_rename_simple_and_over_an_existing_file(m):
     b = mkfile(fs, b"b", b"old contents")
     assert fs.rename(ROOT, b"a", ROOT, b"c") is None
     assert fs.lookup(ROOT, b"c") == a and errno_of(fs.lookup, ROOT, b"a") == errno.ENOENT
-    assert fs.rename(ROOT, b"c", ROOT, b"b") == b       # replaced: its nlink dropped
+    assert fs.rename(ROOT, b"c", ROOT, b"b") == b  # replaced: its nlink dropped
     assert fs.iget(b).nlink == 0 and fs.lookup(ROOT, b"b") == a
     assert fs.read_data(a, 0, 100) == b"new contents"
     fs.release_inode(b)
@@ -256,7 +263,7 @@ def test_rename_directory_across_parents_fixes_dotdot_and_nlink(m):
     d = fs.mkdir(a, b"d", 0o755, 0, 0)
     mkfile(fs, b"inner", b"i", parent=d)
     empty = fs.mkdir(b, b"empty", 0o755, 0, 0)
-    assert fs.rename(a, b"d", b, b"empty") == empty      # over an empty directory
+    assert fs.rename(a, b"d", b, b"empty") == empty  # over an empty directory
     assert fs.iget(empty).nlink == 0
     fs.release_inode(empty)
     assert fs.lookup(d, b"..") == b and fs.lookup(b, b"empty") == d
@@ -287,7 +294,7 @@ def test_write_read_round_trip_across_indirection(m, off):
     fs.write_data(a, off, data)
     assert fs.iget(a).size == off + len(data)
     assert fs.read_data(a, off, len(data)) == data
-    assert fs.read_data(a, 0, off) == bytes(off)          # the hole before reads as zeros
+    assert fs.read_data(a, 0, off) == bytes(off)  # the hole before reads as zeros
     fs.write_data(a, off + 10, b"PATCH")
     want = data[:10] + b"PATCH" + data[15:]
     m2 = m.remount()
@@ -315,7 +322,7 @@ def test_truncate_down_and_up(m):
     fs.truncate(a, 5000)
     fs.commit()
     assert fs.iget(a).size == 5000
-    assert fs.statfs()["bfree"] == free + 41 - 2 + 1     # 41 data blocks - 2 kept + 1 indirect
+    assert fs.statfs()["bfree"] == free + 41 - 2 + 1  # 41 data blocks - 2 kept + 1 indirect
     assert fs.read_data(a, 0, 10 * B) == data[:5000]
     fs.truncate(a, 20000)
     assert fs.read_data(a, 0, 10 * B) == data[:5000] + bytes(15000)
@@ -339,18 +346,18 @@ def test_sparse_file_of_several_gib(tmp_path):
     free = fs.statfs()["bfree"]
     fs.write_data(a, 5 << 30, b"!")
     assert fs.iget(a).size == (5 << 30) + 1
-    assert free - fs.statfs()["bfree"] == 4               # data + triple/double/single indirect
+    assert free - fs.statfs()["bfree"] == 4  # data + triple/double/single indirect
     assert fs.read_data(a, (5 << 30) - 3, 10) == b"\0\0\0!"
     assert fs.read_data(a, 1 << 30, 8) == bytes(8)
     assert fs.bmap(a, (1 << 30) // B) == 0
     assert fs.bmap(a, (5 << 30) // B) != 0
     mm2 = mm.remount()
     assert mm2.fs.read_data(a, 5 << 30, 1) == b"!"
-    mm2.fs.truncate(a, (5 << 30) - B)                     # frees the whole indirect chain
+    mm2.fs.truncate(a, (5 << 30) - B)  # frees the whole indirect chain
     assert mm2.fs.statfs()["bfree"] == free
     mm2.fs.unmount()
     mm2.close()
-    assert os.stat(img).st_blocks * 512 < 64 << 20        # the image stayed sparse
+    assert os.stat(img).st_blocks * 512 < 64 << 20  # the image stayed sparse
     assert fsck(img).exit_code == 0
 
 
@@ -370,11 +377,11 @@ def test_running_out_of_space_leaves_a_consistent_file_system(tmp_path):
         fs.write_data(a, 0, b"w" * (16 << 20))
     assert ei.value.errno == errno.ENOSPC
     assert fs.statfs()["bfree"] == 0
-    assert fs.read_data(a, 0, 10) in (b"", bytes(10))   # allocated, zeroed, size unchanged
+    assert fs.read_data(a, 0, 10) in (b"", bytes(10))  # allocated, zeroed, size unchanged
     assert errno_of(fs.mkdir, ROOT, b"d", 0o755, 0, 0) == errno.ENOSPC
-    assert errno_of(fs.lookup, ROOT, b"d") == errno.ENOENT   # nothing half made
+    assert errno_of(fs.lookup, ROOT, b"d") == errno.ENOENT  # nothing half made
     fs.truncate(a, 0)
-    b = mkfile(fs, b"b", b"fits" * 1000)                     # the space came back
+    b = mkfile(fs, b"b", b"fits" * 1000)  # the space came back
     assert fs.read_data(b, 0, 4) == b"fits"
     fs.unmount()
     mm.close()
@@ -386,7 +393,7 @@ def test_statfs(m):
     s = m.fs.statfs()
     assert s["bsize"] == B and s["namemax"] == param.NAME_MAX
     assert s["blocks"] == (64 << 20) // B and 0 < s["bfree"] < s["blocks"]
-    assert s["files"] == s["ffree"] + 1                  # only the root is in use
+    assert s["files"] == s["ffree"] + 1  # only the root is in use
     a = mkfile(m.fs, b"f", b"x" * (2 * B))
     t = m.fs.statfs()
     assert t["ffree"] == s["ffree"] - 1 and t["bfree"] == s["bfree"] - 2
@@ -400,24 +407,24 @@ def test_freed_blocks_are_not_reused_before_the_free_commits(m):
     a = mkfile(fs, b"a", b"A" * B)
     fs.commit()
     old = fs.bmap(a, 0)
-    fs.truncate(a, 0)                       # frees `old` in the running transaction
+    fs.truncate(a, 0)  # frees `old` in the running transaction
     b = mkfile(fs, b"b", b"B" * B)
-    assert fs.bmap(b, 0) != old             # ... so it must not get another file's data yet
+    assert fs.bmap(b, 0) != old  # ... so it must not get another file's data yet
 
 
 def test_replay_never_writes_a_freed_indirect_block_over_new_data(m):
     fs = m.fs
     a = mkfile(fs, b"a")
-    fs.write_data(a, 20 * B, b"a")                 # needs the single indirect block
+    fs.write_data(a, 20 * B, b"a")  # needs the single indirect block
     m.sync()
     ind = fs.iget(a).addrs[param.NDIRECT]
-    fs.truncate(a, 0)                              # frees it (and revokes its journal copy)
+    fs.truncate(a, 0)  # frees it (and revokes its journal copy)
     m.sync()
-    fs.balloc.rotor = ind                          # hand exactly that block out next
+    fs.balloc.rotor = ind  # hand exactly that block out next
     b = mkfile(fs, b"b", b"new data" * 512)
     assert fs.bmap(b, 0) == ind
     m.sync()
-    m2 = m.crash()                                 # the journal still holds the old copy
+    m2 = m.crash()  # the journal still holds the old copy
     assert m2.fs.read_data(b, 0, B) == b"new data" * 512
     m2.close()
 
@@ -469,7 +476,7 @@ def test_committed_operations_survive_power_loss_and_the_rest_is_gone(m):
     m2 = m.crash()
     fs = m2.fs
     assert fs.replayed["transactions"] >= 1
-    assert fs.lookup(ROOT, b"durable") == a and fs.read_data(a, 0, 10 ** 6) == b"D" * 5000
+    assert fs.lookup(ROOT, b"durable") == a and fs.read_data(a, 0, 10**6) == b"D" * 5000
     assert errno_of(fs.lookup, ROOT, b"volatile") == errno.ENOENT
     assert fs.readdir(d) == []
     m2.close()
@@ -479,7 +486,7 @@ def test_committed_operations_survive_power_loss_and_the_rest_is_gone(m):
 def test_orphans_are_freed_at_mount(m):
     fs = m.fs
     a = mkfile(fs, b"open-then-unlinked", b"z" * (3 * B))
-    fs.unlink(ROOT, b"open-then-unlinked")        # still open: release_inode not called
+    fs.unlink(ROOT, b"open-then-unlinked")  # still open: release_inode not called
     m.sync()
     ffree = fs.statfs()["ffree"]
     bfree = fs.statfs()["bfree"]
@@ -511,7 +518,7 @@ def test_txn_state_is_reported(img):
             fs.commit()
     assert fs.commit() == tid0
     assert seen[-1] == (tid0 + 1, 0)
-    assert fs.commit() is None                      # nothing new: empty transactions are not written
+    assert fs.commit() is None  # nothing new: empty transactions are not written
     mm.close()
 
 
@@ -528,18 +535,19 @@ def test_small_journal_many_operations_never_overflow(tmp_path):
         nonlocal biggest
         biggest = max(biggest, len(blocks))
         return real_commit(blocks, revoked)
+
     fs.journal.commit = watch
     d = fs.mkdir(ROOT, b"d", 0o755, 0, 0)
     big = mkfile(fs, b"big")
     rounds = 0
-    while fs.journal.stats["checkpoints"] < 2:       # no explicit commit at all
+    while fs.journal.stats["checkpoints"] < 2:  # no explicit commit at all
         assert rounds < 20, "the journal never filled up"
         names = [b"n%02d-%05d" % (rounds, k) for k in range(300)]
         for n in names:
             fs.create(d, n, REG, 0, 0)
         for n in names[::2]:
             fs.release_inode(fs.unlink(d, n))
-        fs.write_data(big, 0, b"q" * (40 << 20))     # 40 MiB: 10240 blocks, 10 leaves
+        fs.write_data(big, 0, b"q" * (40 << 20))  # 40 MiB: 10240 blocks, 10 leaves
         fs.truncate(big, 3)
         rounds += 1
     assert 0 < biggest <= limit
@@ -552,8 +560,11 @@ def test_small_journal_many_operations_never_overflow(tmp_path):
 def test_inject_bad_pointer_is_caught(m):
     a = mkfile(m.fs, b"victim", b"v" * (2 * B))
     what = m.fs.inject_bad_pointer(random.Random(3))
-    match = re.fullmatch(r"inode (\d+): block pointer (\d+) set to (\d+) \(the device has "
-                         r"(\d+) blocks\)", what)
+    match = re.fullmatch(
+        r"inode (\d+): block pointer (\d+) set to (\d+) \(the device has "
+        r"(\d+) blocks\)",
+        what,
+    )
     assert match, what
     victim, bad = int(match[1]), int(match[3])
     assert victim in (a, ROOT) and bad >= m.fs.sb.nblocks
@@ -566,18 +577,21 @@ def test_inject_bad_pointer_is_caught(m):
     m.sync()
     res = fsck(m.img)
     assert res.exit_code == 4
-    assert any(p.startswith(f"inode {victim}: block pointer {bad} out of range") for p in res.problems)
+    assert any(
+        p.startswith(f"inode {victim}: block pointer {bad} out of range") for p in res.problems
+    )
 
 
 def test_directory_larger_than_the_file_system_is_corruption_not_an_allocation(m):
     sub = m.fs.mkdir(ROOT, b"sub", 0o755, 0, 0)
-    with m.fs.handle():                      # a size from disk, checksum right (a kernel bug)
+    with m.fs.handle():  # a size from disk, checksum right (a kernel bug)
         i = m.fs._iget(sub)
         i.size = 1 << 60
         m.fs._iput(i)
     m.fs.drop_caches()
-    with pytest.raises(FsError, match=f"directory inode {sub}: size {1 << 60} is more than the "
-                                      f"file system's") as ei:
+    with pytest.raises(
+        FsError, match=f"directory inode {sub}: size {1 << 60} is more than the file system's"
+    ) as ei:
         m.fs.readdir(sub)
     assert ei.value.errno == errno.EUCLEAN
 
@@ -602,6 +616,7 @@ def snapshot(tree):
         if id(node) not in memo:
             memo[id(node)] = MFile(node.data)
         return memo[id(node)]
+
     return cp(tree)
 
 
@@ -629,13 +644,16 @@ class CrashMachine(RuleBasedStateMachine):
         mkfs(self.img, 24 << 20, journal_blocks=256, inodes=512)
         self.m = Mounted(self.img)
         fs = self.m.fs
-        d1 = fs.mkdir(ROOT, b"d1", 0o755, 0, 0)          # a durable starting point
+        d1 = fs.mkdir(ROOT, b"d1", 0o755, 0, 0)  # a durable starting point
         mkfile(fs, b"a", b"A" * 5000)
         mkfile(fs, b"b", b"B" * (13 * B + 1))
         mkfile(fs, b"c", b"C" * 10, parent=d1)
         self.m.sync()
-        self.tree = {b"d1": {b"c": MFile(b"C" * 10)}, b"a": MFile(b"A" * 5000),
-                     b"b": MFile(b"B" * (13 * B + 1))}
+        self.tree = {
+            b"d1": {b"c": MFile(b"C" * 10)},
+            b"a": MFile(b"A" * 5000),
+            b"b": MFile(b"B" * (13 * B + 1)),
+        }
         self.durable = snapshot(self.tree)
         self.touched: set = set()
         self.open_orphans = []
@@ -701,8 +719,12 @@ class CrashMachine(RuleBasedStateMachine):
         self.touch(d + (name,))
 
     @precondition(lambda self: self.existing_files())
-    @rule(data=st.data(), off=st.sampled_from([0, 100, B - 1, 3 * B, 12 * B + 5, (12 + 1024) * B]),
-          size=st.sampled_from([1, 50, B, 2 * B + 7]), fill=st.integers(1, 255))
+    @rule(
+        data=st.data(),
+        off=st.sampled_from([0, 100, B - 1, 3 * B, 12 * B + 5, (12 + 1024) * B]),
+        size=st.sampled_from([1, 50, B, 2 * B + 7]),
+        fill=st.integers(1, 255),
+    )
     def write(self, data, off, size, fill):
         path = data.draw(st.sampled_from(self.existing_files()))
         f = self.node(path)
@@ -710,7 +732,7 @@ class CrashMachine(RuleBasedStateMachine):
         self.m.fs.write_data(self.ino(path), off, payload)
         if len(f.data) < off:
             f.data.extend(bytes(off - len(f.data)))
-        f.data[off:off + size] = payload
+        f.data[off : off + size] = payload
         self.touch(*self.paths_of(f))
 
     @precondition(lambda self: self.existing_files())
@@ -725,16 +747,27 @@ class CrashMachine(RuleBasedStateMachine):
             f.data.extend(bytes(size - len(f.data)))
         self.touch(*self.paths_of(f))
 
-    @rule(src=st.sampled_from(DIRS), sname=st.sampled_from(NAMES + [b"d2"]),
-          dst=st.sampled_from(DIRS), dname=st.sampled_from(NAMES + [b"d2"]))
+    @rule(
+        src=st.sampled_from(DIRS),
+        sname=st.sampled_from(NAMES + [b"d2"]),
+        dst=st.sampled_from(DIRS),
+        dname=st.sampled_from(NAMES + [b"d2"]),
+    )
     def rename(self, src, sname, dst, dname):
         sp, dp = self.node(src), self.node(dst)
         if not isinstance(sp, dict) or not isinstance(dp, dict) or sname not in sp:
             return
         s, t = sp[sname], dp.get(dname)
         sd = isinstance(s, dict)
-        if sd and (dst + (dname,))[:len(src) + 1] == src + (sname,) and (src, sname) != (dst, dname):
-            assert errno_of(self.m.fs.rename, self.ino(src), sname, self.ino(dst), dname) == errno.EINVAL
+        if (
+            sd
+            and (dst + (dname,))[: len(src) + 1] == src + (sname,)
+            and (src, sname) != (dst, dname)
+        ):
+            assert (
+                errno_of(self.m.fs.rename, self.ino(src), sname, self.ino(dst), dname)
+                == errno.EINVAL
+            )
             return
         if t is not None and t is not s:
             if sd and not isinstance(t, dict):
@@ -746,13 +779,19 @@ class CrashMachine(RuleBasedStateMachine):
             else:
                 expect = 0
             if expect:
-                assert errno_of(self.m.fs.rename, self.ino(src), sname, self.ino(dst), dname) == expect
+                assert (
+                    errno_of(self.m.fs.rename, self.ino(src), sname, self.ino(dst), dname) == expect
+                )
                 return
         replaced = self.m.fs.rename(self.ino(src), sname, self.ino(dst), dname)
         if t is s:
             assert replaced is None
             return
-        self.touch(src + (sname,), dst + (dname,), *(self.paths_of(t) if t is not None and not isinstance(t, dict) else ()))
+        self.touch(
+            src + (sname,),
+            dst + (dname,),
+            *(self.paths_of(t) if t is not None and not isinstance(t, dict) else ()),
+        )
         del sp[sname]
         dp[dname] = s
         if replaced is not None:
@@ -763,7 +802,7 @@ class CrashMachine(RuleBasedStateMachine):
             if random.Random(ino).random() < 0.5:
                 self.m.fs.release_inode(ino)
             else:
-                self.open_orphans.append(ino)   # still "open": freed later or at mount
+                self.open_orphans.append(ino)  # still "open": freed later or at mount
 
     @precondition(lambda self: self.existing_files())
     @rule(data=st.data())
@@ -832,6 +871,7 @@ class CrashMachine(RuleBasedStateMachine):
 
         def untouched(p):
             return not any(p[:k] in self.touched for k in range(1, len(p) + 1))
+
         checked = 0
         for p, v in want.items():
             if untouched(p):
@@ -878,5 +918,9 @@ class CrashMachine(RuleBasedStateMachine):
 
 
 TestCrashConsistency = CrashMachine.TestCase
-TestCrashConsistency.settings = settings(max_examples=150, stateful_step_count=50, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
+TestCrashConsistency.settings = settings(
+    max_examples=150,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)

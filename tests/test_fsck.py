@@ -1,5 +1,6 @@
 """fsck: clean images pass; each kind of damage is reported with its own message; read-only;
 on any input it keeps its 0/4/8 contract within bounded memory."""
+
 import hashlib
 import json
 import os
@@ -15,11 +16,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernel import param
-from kernel.hw.blockdev import BlockDevice
 from kernel.core.buffers import MemBuffers
-from kernel.core.disklayout import (DIRENT, INODES_PER_BLOCK, NPTR, SB_BLOCK, Inode, Superblock,
-                               pack_inode, unpack_inode)
+from kernel.core.disklayout import (
+    DIRENT,
+    INODES_PER_BLOCK,
+    NPTR,
+    SB_BLOCK,
+    Inode,
+    Superblock,
+    pack_inode,
+    unpack_inode,
+)
 from kernel.core.fs import FileSystem
+from kernel.hw.blockdev import BlockDevice
 from kernel.tools.fsck import fsck
 from kernel.tools.mkfs import mkfs
 
@@ -50,7 +59,7 @@ class Image:
         self.other = fs.mkdir(ROOT, b"other", 0o755, 0, 0)
         self.h = fs.create(self.sub, b"h", REG, 0, 0)
         fs.symlink(self.sub, b"long", b"t" * 200, 0, 0)
-        self.free_ino = fs.ialloc.alloc()         # a number that is certainly free on disk
+        self.free_ino = fs.ialloc.alloc()  # a number that is certainly free on disk
         fs.unmount()
         dev.close()
         with open(path, "rb") as fh:
@@ -69,14 +78,14 @@ class Image:
     def inode(self, ino) -> Inode:
         blk = self.block(self.sb.inode_start + ino // INODES_PER_BLOCK)
         off = (ino % INODES_PER_BLOCK) * ISZ
-        return unpack_inode(ino, blk[off:off + ISZ], self.sb.csum_seed)
+        return unpack_inode(ino, blk[off : off + ISZ], self.sb.csum_seed)
 
     def put_inode(self, i: Inode) -> None:
         """Write an inode with a valid checksum (a logic error, not a bit flip)."""
         b = self.sb.inode_start + i.ino // INODES_PER_BLOCK
         blk = self.block(b)
         off = (i.ino % INODES_PER_BLOCK) * ISZ
-        blk[off:off + ISZ] = pack_inode(i, self.sb.csum_seed)
+        blk[off : off + ISZ] = pack_inode(i, self.sb.csum_seed)
         self.put(b, blk)
 
     def set_bit(self, blockno, value) -> None:
@@ -92,7 +101,7 @@ class Image:
         off = 0
         while off < B:
             ino, rec_len, nl, ft = DIRENT.unpack_from(blk, off)
-            if ino and bytes(blk[off + 8:off + 8 + nl]) == name:
+            if ino and bytes(blk[off + 8 : off + 8 + nl]) == name:
                 return b, off
             off += rec_len
         raise KeyError(name)
@@ -140,7 +149,7 @@ def test_crashed_image_is_checked_with_its_journal_and_never_written(tmp_path):
     fs.commit()
     dev.flush()
     dev.crash()
-    dev.close()                         # committed, never checkpointed: only the log has it
+    dev.close()  # committed, never checkpointed: only the log has it
     before = digest(path)
     res = fsck(path)
     assert res.exit_code == 0, res.problems
@@ -160,19 +169,20 @@ def test_damaged_journal_is_reported(tmp_path):
     js = fs.sb.journal_start
     dev.crash()
     dev.close()
-    with open(path, "r+b") as fh:       # a copy of the second transaction (descriptor at +4)
+    with open(path, "r+b") as fh:  # a copy of the second transaction (descriptor at +4)
         fh.seek((js + 5) * B + 77)
         fh.write(b"\xee")
     res = fsck(path)
     assert res.exit_code == 4
-    assert any(p.startswith("journal: ") and "do not match the commit checksum" in p
-               for p in res.problems)
+    assert any(
+        p.startswith("journal: ") and "do not match the commit checksum" in p for p in res.problems
+    )
 
 
 def test_corrupted_inode_checksum(im):
     b = im.sb.inode_start + im.f // INODES_PER_BLOCK
     blk = im.block(b)
-    blk[(im.f % INODES_PER_BLOCK) * ISZ + 20] ^= 0x10          # a bit of the size field
+    blk[(im.f % INODES_PER_BLOCK) * ISZ + 20] ^= 0x10  # a bit of the size field
     im.put(b, blk)
     res = fsck(im.path)
     assert res.exit_code == 4
@@ -196,8 +206,10 @@ def test_block_pointer_out_of_range(im):
     im.put_inode(gi)
     res = fsck(im.path)
     assert res.exit_code == 4
-    assert any(p.startswith(f"inode {im.g}: block pointer {im.sb.nblocks + 5} out of range")
-               for p in res.problems)
+    assert any(
+        p.startswith(f"inode {im.g}: block pointer {im.sb.nblocks + 5} out of range")
+        for p in res.problems
+    )
 
 
 def test_bitmap_disagreeing_with_the_references(im):
@@ -214,18 +226,20 @@ def test_bitmap_disagreeing_with_the_references(im):
 def test_bad_directory_entry_rec_len(im):
     b, off = im.dir_entry_offset(ROOT, b"g")
     blk = im.block(b)
-    blk[off + 4:off + 6] = (3).to_bytes(2, "little")
+    blk[off + 4 : off + 6] = (3).to_bytes(2, "little")
     im.put(b, blk)
     res = fsck(im.path)
     assert res.exit_code == 4
-    assert f"directory inode {ROOT} block {b} offset {off}: bad entry (rec_len 3, name_len 1)" \
+    assert (
+        f"directory inode {ROOT} block {b} offset {off}: bad entry (rec_len 3, name_len 1)"
         in res.problems
+    )
 
 
 def test_directory_entry_pointing_at_a_free_inode(im):
     b, off = im.dir_entry_offset(ROOT, b"g")
     blk = im.block(b)
-    blk[off:off + 4] = im.free_ino.to_bytes(4, "little")
+    blk[off : off + 4] = im.free_ino.to_bytes(4, "little")
     im.put(b, blk)
     res = fsck(im.path)
     assert f"directory inode {ROOT}: entry b'g' points at free inode {im.free_ino}" in res.problems
@@ -235,11 +249,13 @@ def test_directory_entry_pointing_at_a_free_inode(im):
 def test_directory_entry_with_the_wrong_type(im):
     b, off = im.dir_entry_offset(ROOT, b"g")
     blk = im.block(b)
-    blk[off + 7] = 2                                  # claims a directory
+    blk[off + 7] = 2  # claims a directory
     im.put(b, blk)
     res = fsck(im.path)
-    assert f"directory inode {ROOT}: entry b'g' has type directory but inode {im.g} is a file" \
+    assert (
+        f"directory inode {ROOT}: entry b'g' has type directory but inode {im.g} is a file"
         in res.problems
+    )
 
 
 def test_nlink_disagreeing_with_the_entries(im):
@@ -253,11 +269,12 @@ def test_nlink_disagreeing_with_the_entries(im):
 def test_wrong_dotdot(im):
     b, off = im.dir_entry_offset(im.sub, b"..")
     blk = im.block(b)
-    blk[off:off + 4] = im.other.to_bytes(4, "little")
+    blk[off : off + 4] = im.other.to_bytes(4, "little")
     im.put(b, blk)
     res = fsck(im.path)
-    assert (f"directory inode {im.sub}: '..' points at inode {im.other}, but its parent is "
-            f"inode {ROOT}") in res.problems
+    assert (
+        f"directory inode {im.sub}: '..' points at inode {im.other}, but its parent is inode {ROOT}"
+    ) in res.problems
 
 
 def test_unreachable_inode(im):
@@ -269,7 +286,7 @@ def test_unreachable_inode(im):
 
 def test_orphan_is_a_note_not_an_error(im):
     gi = im.inode(im.g)
-    b, off = im.dir_entry_offset(ROOT, b"g")     # unlink by hand: merge into the predecessor
+    b, off = im.dir_entry_offset(ROOT, b"g")  # unlink by hand: merge into the predecessor
     blk = im.block(b)
     prev = 0
     while True:
@@ -278,7 +295,7 @@ def test_orphan_is_a_note_not_an_error(im):
             break
         prev += rec_len
     g_len = DIRENT.unpack_from(blk, off)[1]
-    blk[prev + 4:prev + 6] = (rec_len + g_len).to_bytes(2, "little")
+    blk[prev + 4 : prev + 6] = (rec_len + g_len).to_bytes(2, "little")
     im.put(b, blk)
     gi.nlink = 0
     im.put_inode(gi)
@@ -289,8 +306,8 @@ def test_orphan_is_a_note_not_an_error(im):
 
 
 # --- any input: bounded memory and time, exit 0/4/8 ------------------------------------------
-FSCK_HEADROOM = 256 << 20     # address space fsck may grow by, beyond what its imports took
-FSCK_TIMEOUT_S = 120          # generous: the machine is shared; a runaway takes far longer
+FSCK_HEADROOM = 256 << 20  # address space fsck may grow by, beyond what its imports took
+FSCK_TIMEOUT_S = 120  # generous: the machine is shared; a runaway takes far longer
 _BOUNDED_FSCK = """
 import json, resource, sys
 from kernel.tools.fsck import fsck
@@ -304,9 +321,13 @@ print(json.dumps({"exit_code": res.exit_code, "problems": res.problems}))
 def bounded_fsck(path) -> dict:
     """fsck in a child whose address space may grow by FSCK_HEADROOM only: a MemoryError
     or any traceback fails the test, as does running past FSCK_TIMEOUT_S."""
-    p = subprocess.run([sys.executable, "-c", _BOUNDED_FSCK, str(path)], capture_output=True,
-                       text=True, timeout=FSCK_TIMEOUT_S,
-                       env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [sys.executable, "-c", _BOUNDED_FSCK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=FSCK_TIMEOUT_S,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout)
     assert res["exit_code"] in (0, 4, 8)
@@ -315,7 +336,7 @@ def bounded_fsck(path) -> dict:
 
 
 def test_random_bytes_over_an_inode_table_block(im):
-    im.put(im.sb.inode_start, random.Random(0).randbytes(B))     # inodes 0..31: root, f, g, ...
+    im.put(im.sb.inode_start, random.Random(0).randbytes(B))  # inodes 0..31: root, f, g, ...
     res = bounded_fsck(im.path)
     assert res["exit_code"] == 4
     assert any(p.startswith(f"inode {ROOT}: bad checksum") for p in res["problems"])
@@ -327,12 +348,14 @@ def test_directory_of_size_2_to_the_60(im):
     im.put_inode(si)
     res = bounded_fsck(im.path)
     assert res["exit_code"] == 4
-    assert any(p.startswith(f"directory inode {im.sub}: size {1 << 60} is more than")
-               for p in res["problems"]), res["problems"]
+    assert any(
+        p.startswith(f"directory inode {im.sub}: size {1 << 60} is more than")
+        for p in res["problems"]
+    ), res["problems"]
 
 
 def test_triple_indirect_block_pointing_at_itself(im):
-    loop = im.sb.nblocks - 7                       # a free data block, marked used
+    loop = im.sb.nblocks - 7  # a free data block, marked used
     im.put(loop, loop.to_bytes(4, "little") * NPTR)
     im.set_bit(loop, True)
     gi = im.inode(im.g)
@@ -340,8 +363,10 @@ def test_triple_indirect_block_pointing_at_itself(im):
     im.put_inode(gi)
     res = bounded_fsck(im.path)
     assert res["exit_code"] == 4
-    assert f"block {loop} used twice (both times by inode {im.g}): an indirect block met again, not followed" \
-        in res["problems"], res["problems"]
+    assert (
+        f"block {loop} used twice (both times by inode {im.g}): an indirect block met again, not followed"
+        in res["problems"]
+    ), res["problems"]
 
 
 @pytest.fixture(scope="module")
@@ -353,24 +378,24 @@ def metadata_image():
     dev = BlockDevice(path, "none", delay=False)
     fs = FileSystem(dev, MemBuffers(dev))
     sub = fs.mkdir(ROOT, b"sub", 0o755, 0, 0)
-    for k in range(40):                             # a second directory block
+    for k in range(40):  # a second directory block
         fs.create(sub, b"name-%03d-" % k + b"x" * 80, REG, 0, 0)
     big = fs.create(ROOT, b"big", REG, 0, 0)
-    for fb in (0, param.NDIRECT, param.NDIRECT + NPTR, param.NDIRECT + NPTR + NPTR ** 2):
-        fs.write_data(big, fb * B, b"D" * B)        # direct, single, double, triple indirect
+    for fb in (0, param.NDIRECT, param.NDIRECT + NPTR, param.NDIRECT + NPTR + NPTR**2):
+        fs.write_data(big, fb * B, b"D" * B)  # direct, single, double, triple indirect
     fs.symlink(ROOT, b"long", b"t" * 200, 0, 0)
     sb = fs.sb
     meta = [SB_BLOCK, sb.journal_start, sb.inode_start, sb.bitmap_start]
     inos = fs.ialloc.in_use().tolist()
     for ino in inos:
         i = fs.iget(ino)
-        for depth, p in enumerate(i.addrs[param.NDIRECT:], 1):     # the indirect blocks
+        for depth, p in enumerate(i.addrs[param.NDIRECT :], 1):  # the indirect blocks
             while p:
                 meta.append(p)
                 p = fs._ptrs(p)[np.flatnonzero(fs._ptrs(p))[0]] if depth > 1 else 0
                 depth -= 1
         if not i.is_reg:
-            meta += [a for a in i.addrs[:param.NDIRECT] if a]
+            meta += [a for a in i.addrs[: param.NDIRECT] if a]
     fs.unmount()
     dev.close()
     yield path, sorted(set(int(b) for b in meta)), inos
@@ -382,12 +407,26 @@ NBLOCKS = (32 << 20) // B
 # past it) over a pointer of an indirect or directory block; an inode's size or block
 # pointer set to a number, its checksum left stale or made right (a bug rather than rot)
 HITS = st.one_of(
-    st.tuples(st.just("bytes"), st.integers(0, 1 << 20), st.integers(0, B - 1), st.binary(min_size=1, max_size=64)),
-    st.tuples(st.just("pointer"), st.integers(0, 1 << 20), st.integers(0, NPTR - 1),
-              st.integers(0, NBLOCKS + 16)),
+    st.tuples(
+        st.just("bytes"),
+        st.integers(0, 1 << 20),
+        st.integers(0, B - 1),
+        st.binary(min_size=1, max_size=64),
+    ),
+    st.tuples(
+        st.just("pointer"),
+        st.integers(0, 1 << 20),
+        st.integers(0, NPTR - 1),
+        st.integers(0, NBLOCKS + 16),
+    ),
     st.tuples(st.just("size"), st.integers(0, 1 << 20), st.booleans(), st.integers(0, 63)),
-    st.tuples(st.just("addr"), st.integers(0, 1 << 20), st.booleans(),
-              st.tuples(st.integers(0, 14), st.integers(0, NBLOCKS + 16))))
+    st.tuples(
+        st.just("addr"),
+        st.integers(0, 1 << 20),
+        st.booleans(),
+        st.tuples(st.integers(0, 14), st.integers(0, NBLOCKS + 16)),
+    ),
+)
 
 
 def _apply(path, sb, meta, inos, hit) -> None:
@@ -395,7 +434,7 @@ def _apply(path, sb, meta, inos, hit) -> None:
     with open(path, "r+b") as fh:
         if kind in ("bytes", "pointer"):
             fh.seek(meta[which % len(meta)] * B + (where if kind == "bytes" else 4 * where))
-            fh.write(what[:B - where] if kind == "bytes" else what.to_bytes(4, "little"))
+            fh.write(what[: B - where] if kind == "bytes" else what.to_bytes(4, "little"))
             return
         ino = inos[which % len(inos)]
         blk = sb.inode_start + ino // INODES_PER_BLOCK
@@ -411,7 +450,9 @@ def _apply(path, sb, meta, inos, hit) -> None:
         fh.write(raw)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(HITS, min_size=1, max_size=4))
 def test_fsck_on_randomly_damaged_metadata_keeps_its_contract(metadata_image, tmp_path, hits):
     src, meta, inos = metadata_image

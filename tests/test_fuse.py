@@ -5,6 +5,7 @@ the fixture always takes the mount down again: clean stop, else SIGKILL, then
 abort_and_unmount if anything is still mounted. Anything that could block on a dead or
 hung mount runs in a thread with a deadline; a teardown abort releases it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -82,6 +83,7 @@ def within(seconds: float, fn, *args):
             out["value"] = fn(*args)
         except BaseException as e:  # handed to the test below
             out["error"] = e
+
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(seconds)
@@ -100,16 +102,37 @@ def errno_of(fn, *args) -> int:
 
 
 class Daemon:
-    def __init__(self, work: Path, mnt: Path, disk: int | None = None, *, script: str = DAEMON,
-                 args: tuple = (), pass_fds: tuple = (), log: str = "daemon.log",
-                 wait: bool = True):
+    def __init__(
+        self,
+        work: Path,
+        mnt: Path,
+        disk: int | None = None,
+        *,
+        script: str = DAEMON,
+        args: tuple = (),
+        pass_fds: tuple = (),
+        log: str = "daemon.log",
+        wait: bool = True,
+    ):
         self.work, self.mnt = work, mnt
         self.log = work / log
         self.logf = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", script, str(work), str(mnt),
-                                      *([str(disk)] if disk else []), *args],
-                                     cwd=REPO, stdout=subprocess.PIPE, stderr=self.logf,
-                                     stdin=subprocess.DEVNULL, pass_fds=pass_fds)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(work),
+                str(mnt),
+                *([str(disk)] if disk else []),
+                *args,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=self.logf,
+            stdin=subprocess.DEVNULL,
+            pass_fds=pass_fds,
+        )
         if wait:
             self.wait_ready()
 
@@ -158,10 +181,10 @@ def mountdir():
     """A mount point everyone can reach (pytest's tmp_path is mode 700), removed after."""
     top = Path(tempfile.mkdtemp(prefix="crashbench-fuse-", dir="/tmp"))
     top.chmod(0o755)
-    mnt = top / "mnt point"          # a space: mountinfo escapes it
+    mnt = top / "mnt point"  # a space: mountinfo escapes it
     mnt.mkdir()
     yield mnt
-    if fusedev.is_mounted(str(mnt)):     # belt and braces: never leave a mount behind
+    if fusedev.is_mounted(str(mnt)):  # belt and braces: never leave a mount behind
         fusedev.abort_and_unmount(str(mnt))
     shutil.rmtree(top, ignore_errors=True)
 
@@ -193,15 +216,15 @@ def test_create_write_read_append_truncate(daemon):
     p.write_bytes(data)
     assert p.read_bytes() == data
     assert os.stat(p).st_size == len(data)
-    with open(p, "r+b") as f:                      # overwrite in the middle, pread
+    with open(p, "r+b") as f:  # overwrite in the middle, pread
         f.seek(5000)
         f.write(b"X" * 10)
         f.flush()
         assert os.pread(f.fileno(), 20, 4995) == data[4995:5000] + b"X" * 10 + data[5010:5015]
-    with open(p, "ab") as f:                       # O_APPEND
+    with open(p, "ab") as f:  # O_APPEND
         f.write(b"tail")
     assert os.stat(p).st_size == len(data) + 4
-    fd1 = os.open(p, os.O_WRONLY | os.O_APPEND)    # two appenders interleave, nothing lost
+    fd1 = os.open(p, os.O_WRONLY | os.O_APPEND)  # two appenders interleave, nothing lost
     fd2 = os.open(p, os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd1, b"1")
@@ -211,12 +234,12 @@ def test_create_write_read_append_truncate(daemon):
         os.close(fd1)
         os.close(fd2)
     assert p.read_bytes()[-7:] == b"tail123"
-    os.truncate(p, 100)                            # truncate(2) by path
+    os.truncate(p, 100)  # truncate(2) by path
     assert p.read_bytes() == data[:100]
-    with open(p, "r+b") as f:                      # ftruncate(2): grows with zeros
+    with open(p, "r+b") as f:  # ftruncate(2): grows with zeros
         os.ftruncate(f.fileno(), 8192)
     assert p.read_bytes() == data[:100] + bytes(8092)
-    with open(p, "wb") as f:                       # O_TRUNC at open
+    with open(p, "wb") as f:  # O_TRUNC at open
         f.write(b"new")
     assert p.read_bytes() == b"new"
 
@@ -255,9 +278,9 @@ def test_namespace_operations(daemon):
     assert os.stat(d).st_nlink == 2
     os.mkdir(d / "sub")
     assert os.stat(d).st_nlink == 3
-    os.rename(d / "a", d / "sub" / "a2")           # across directories
+    os.rename(d / "a", d / "sub" / "a2")  # across directories
     assert (d / "sub" / "a2").read_bytes() == b"A" and not (d / "a").exists()
-    os.rename(d / "b", d / "sub" / "a2")           # over an existing file
+    os.rename(d / "b", d / "sub" / "a2")  # over an existing file
     assert (d / "sub" / "a2").read_bytes() == b"B" and not (d / "b").exists()
     assert errno_of(os.rmdir, d / "sub") == errno.ENOTEMPTY
     os.symlink("sub/a2", d / "ln")
@@ -269,16 +292,16 @@ def test_namespace_operations(daemon):
     assert s1.st_ino == s2.st_ino and s1.st_nlink == 2
     os.unlink(d / "sub" / "a2")
     assert os.stat(d / "hard").st_nlink == 1 and (d / "hard").read_bytes() == b"B"
-    os.rename(d / "sub", d / "sub2")               # a directory
+    os.rename(d / "sub", d / "sub2")  # a directory
     os.rmdir(d / "sub2")
     assert sorted(os.listdir(d)) == ["hard", "ln"]
     assert errno_of(os.stat, d / "nothing") == errno.ENOENT
     assert errno_of(os.mkdir, d / "hard") == errno.EEXIST
     assert errno_of(os.rmdir, d / "hard") == errno.ENOTDIR
     assert errno_of(os.unlink, d / "nothing") == errno.ENOENT
-    (d / "hard").write_bytes(b"")                  # the name was looked up negative before
+    (d / "hard").write_bytes(b"")  # the name was looked up negative before
     assert errno_of(os.stat, d / "gone") == errno.ENOENT
-    (d / "gone").write_bytes(b"now here")          # a cached negative entry does not hide it
+    (d / "gone").write_bytes(b"now here")  # a cached negative entry does not hide it
     assert (d / "gone").read_bytes() == b"now here"
 
 
@@ -293,7 +316,7 @@ def test_attributes_and_fsync(daemon):
     os.utime(p, ns=(1_000_000_123, 2_000_000_456))
     s = os.stat(p)
     assert (s.st_atime_ns, s.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
-    os.utime(p)                                    # UTIME_NOW
+    os.utime(p)  # UTIME_NOW
     assert abs(os.stat(p).st_mtime - time.time()) < 5
     assert os.stat(p).st_blocks * 512 >= 5000
     fd = os.open(p, os.O_RDWR)
@@ -336,7 +359,7 @@ def test_special_files(daemon):
     dev = stat.S_IFCHR | 0o666
     assert errno_of(os.mknod, daemon.path("null"), dev, os.makedev(1, 3)) == errno.EPERM
     with socket.socket(socket.AF_UNIX) as srv, socket.socket(socket.AF_UNIX) as cli:
-        srv.bind(str(daemon.path("sock")))          # a server's socket on the mount
+        srv.bind(str(daemon.path("sock")))  # a server's socket on the mount
         srv.listen()
         cli.connect(str(daemon.path("sock")))
         conn, _ = srv.accept()
@@ -350,7 +373,7 @@ def test_xattrs_are_unsupported_without_hanging(daemon):
     p = daemon.path("x")
     p.write_bytes(b"")
     unsupported = {errno.EOPNOTSUPP, errno.ENOSYS}
-    for _ in range(2):                             # the second round is answered by the host
+    for _ in range(2):  # the second round is answered by the host
         assert within(10, errno_of, os.getxattr, p, "user.a") in unsupported
         assert within(10, errno_of, os.setxattr, p, "user.a", b"1") in unsupported
         assert within(10, errno_of, os.removexattr, p, "user.a") in unsupported
@@ -360,7 +383,7 @@ def test_xattrs_are_unsupported_without_hanging(daemon):
 def test_large_directory_listing_and_removal_while_listing(daemon):
     d = daemon.path("many")
     d.mkdir()
-    names = {f"{'n' * 100}-{i:04d}" for i in range(600)}   # several READDIRPLUS batches
+    names = {f"{'n' * 100}-{i:04d}" for i in range(600)}  # several READDIRPLUS batches
     for n in names:
         (d / n).write_bytes(b"")
     assert set(os.listdir(d)) == names
@@ -368,12 +391,12 @@ def test_large_directory_listing_and_removal_while_listing(daemon):
     with os.scandir(d) as it:
         for i, e in enumerate(it):
             seen.append(e.name)
-            if i % 3 == 0:                                # remove ones not listed yet
+            if i % 3 == 0:  # remove ones not listed yet
                 for n in sorted(names - set(seen) - removed)[:2]:
                     os.unlink(d / n)
                     removed.add(n)
-    assert len(seen) == len(set(seen))                     # nothing listed twice
-    assert names - removed <= set(seen)                    # nothing still there was skipped
+    assert len(seen) == len(set(seen))  # nothing listed twice
+    assert names - removed <= set(seen)  # nothing still there was skipped
     assert not set(seen) & (removed - set(seen))
     assert set(os.listdir(d)) == names - removed
 
@@ -394,10 +417,10 @@ def test_unlinked_open_file_stays_readable_until_closed(daemon):
         assert os.statvfs(daemon.mnt).f_ffree == base - 1  # held by the open file
     finally:
         os.close(fd)
-    deadline = time.monotonic() + 10                       # RELEASE and FORGET are async
+    deadline = time.monotonic() + 10  # RELEASE and FORGET are async
     while os.statvfs(daemon.mnt).f_ffree != base and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert os.statvfs(daemon.mnt).f_ffree == base          # freed once closed and forgotten
+    assert os.statvfs(daemon.mnt).f_ffree == base  # freed once closed and forgotten
 
 
 def test_file_renamed_over_while_open_stays_readable(daemon):
@@ -414,7 +437,7 @@ def test_file_renamed_over_while_open_stays_readable(daemon):
     deadline = time.monotonic() + 10
     while os.statvfs(daemon.mnt).f_ffree != base - 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert os.statvfs(daemon.mnt).f_ffree == base - 1       # only "victim" (new) is left
+    assert os.statvfs(daemon.mnt).f_ffree == base - 1  # only "victim" (new) is left
 
 
 # --- permissions (default_permissions, allow_other) ---------------------------------------
@@ -447,13 +470,29 @@ def test_non_root_user_is_allowed_in_its_dir_and_refused_elsewhere(daemon):
     (theirs / "keep").write_bytes(b"k")
     (theirs / "secret").write_bytes(b"s")
     os.chmod(theirs / "secret", 0o600)
-    out = subprocess.run([PLAIN_PYTHON, "-c", AS_NOBODY, str(daemon.mnt)], user=NOBODY,
-                         group=NOGROUP, extra_groups=[], capture_output=True, text=True,
-                         timeout=60, cwd="/")
+    out = subprocess.run(
+        [PLAIN_PYTHON, "-c", AS_NOBODY, str(daemon.mnt)],
+        user=NOBODY,
+        group=NOGROUP,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.splitlines()
-    assert first.split() == ["ok", "ok", "ok", "EACCES", "EACCES", "EACCES", "EACCES",
-                             "EPERM", "EPERM"]
+    assert first.split() == [
+        "ok",
+        "ok",
+        "ok",
+        "EACCES",
+        "EACCES",
+        "EACCES",
+        "EACCES",
+        "EPERM",
+        "EPERM",
+    ]
     assert second.split() == [str(NOBODY), str(NOGROUP)]
     assert (mine / "f").read_bytes() == b"mine"
 
@@ -473,7 +512,7 @@ def test_kernel_panic_propagates_and_leaves_a_dead_mount(daemon):
     assert within(10, errno_of, os.stat, daemon.path("__panic__")) in DEAD
     assert daemon.proc.wait(10) != 0
     assert "injected panic" in daemon.log.read_text()
-    assert fusedev.is_mounted(str(daemon.mnt))                 # dead, as a crash leaves it
+    assert fusedev.is_mounted(str(daemon.mnt))  # dead, as a crash leaves it
     assert within(10, errno_of, os.stat, daemon.path("f")) == errno.ENOTCONN
     assert within(20, fusedev.abort_and_unmount, str(daemon.mnt)) is True
     assert not fusedev.is_mounted(str(daemon.mnt))
@@ -492,7 +531,7 @@ def test_sigkill_leaves_a_dead_mount_that_abort_and_unmount_cleans(daemon):
         assert within(10, errno_of, os.pread, fd, 4, 0) == errno.ENOTCONN
     finally:
         os.close(fd)
-    assert within(10, os.listdir, daemon.mnt) == []          # the bare directory again
+    assert within(10, os.listdir, daemon.mnt) == []  # the bare directory again
     assert within(10, fusedev.abort_and_unmount, str(daemon.mnt)) is False
 
 
@@ -508,10 +547,11 @@ def test_hung_daemon_is_aborted_without_hanging(daemon):
                 os.stat(daemon.path("never-seen"))
             except OSError as e:
                 res["errno"] = e.errno
+
         t = threading.Thread(target=client, daemon=True)
         t.start()
         t.join(0.5)
-        assert t.is_alive()                                    # really stuck on the mount
+        assert t.is_alive()  # really stuck on the mount
         assert within(20, fusedev.abort_and_unmount, str(daemon.mnt)) is True
         t.join(10)
         assert not t.is_alive() and res["errno"] in DEAD
@@ -531,7 +571,7 @@ def test_stop_unmounts_cleanly(daemon):
 def test_is_mounted_and_abort_on_plain_directories(tmp_path):
     assert not fusedev.is_mounted(str(tmp_path))
     assert fusedev.abort_and_unmount(str(tmp_path)) is False
-    assert not fusedev.is_mounted("/proc")                        # mounted, but not FUSE
+    assert not fusedev.is_mounted("/proc")  # mounted, but not FUSE
     assert fusedev.abort_and_unmount("/proc") is False and os.path.exists("/proc/self")
 
 
@@ -558,12 +598,13 @@ def test_full_device_keeps_acknowledged_writes_and_refuses_the_rest(tmp_path, mo
                 else:
                     raise AssertionError("no ENOSPC")
                 os.fsync(fd)
-                os.pwrite(fd, b"over" * 1000, 3 * 4096)     # blocks on the device: no space needed
-                acked[3 * 4096:3 * 4096 + 4000] = b"over" * 1000
+                os.pwrite(fd, b"over" * 1000, 3 * 4096)  # blocks on the device: no space needed
+                acked[3 * 4096 : 3 * 4096 + 4000] = b"over" * 1000
                 os.fsync(fd)
             finally:
                 os.close(fd)
             return p.read_bytes()
+
         assert within(120, fill) == bytes(acked)
         assert len(acked) > 4 << 20
     finally:
@@ -609,8 +650,14 @@ def test_a_second_process_resumes_the_connection_and_open_files_go_on(tmp_path, 
     descriptor over a Unix socket answers it and the open file's next write and read."""
     from_a, to_host = socket.socketpair()
     host_b, to_b = socket.socketpair()
-    a = Daemon(tmp_path, mountdir, script=HANDOFF, args=("serve", str(to_host.fileno())),
-               pass_fds=(to_host.fileno(),), log="a.log")
+    a = Daemon(
+        tmp_path,
+        mountdir,
+        script=HANDOFF,
+        args=("serve", str(to_host.fileno())),
+        pass_fds=(to_host.fileno(),),
+        log="a.log",
+    )
     b = listing = None
     fd = dup = -1
     try:
@@ -618,25 +665,33 @@ def test_a_second_process_resumes_the_connection_and_open_files_go_on(tmp_path, 
         dup = fds[0]
         # Started now, it waits for the descriptor: no process may fork (and close its
         # copy of a file on the mount, a FLUSH) while no server answers.
-        b = Daemon(tmp_path, mountdir, script=HANDOFF, args=("resume", str(to_b.fileno())),
-                   pass_fds=(to_b.fileno(),), log="b.log", wait=False)
+        b = Daemon(
+            tmp_path,
+            mountdir,
+            script=HANDOFF,
+            args=("resume", str(to_b.fileno())),
+            pass_fds=(to_b.fileno(),),
+            log="b.log",
+            wait=False,
+        )
         [conn] = fusedev.mounts_at(str(mountdir))
         p = a.path("held")
         fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
         os.write(fd, b"before")
-        os.fsync(fd)                                   # the second server reads the disk
+        os.fsync(fd)  # the second server reads the disk
         names = _fill_dir(a.path("many"), 600)
         _fill_dir(a.path("other"), 3)
-        listing = os.scandir(a.path("many"))           # a directory handle of the first server
-        first = next(listing).name                     # one batch of several read through it
+        listing = os.scandir(a.path("many"))  # a directory handle of the first server
+        first = next(listing).name  # one batch of several read through it
         a.kill()
         assert fusedev.mounts_at(str(mountdir)) == [conn]  # same connection, still mounted
         waiting: dict = {}
-        t = threading.Thread(target=lambda: waiting.update(e=errno_of(os.stat, a.path("new"))),
-                             daemon=True)
+        t = threading.Thread(
+            target=lambda: waiting.update(e=errno_of(os.stat, a.path("new"))), daemon=True
+        )
         t.start()
         t.join(0.5)
-        assert t.is_alive()                            # queued, not ENOTCONN
+        assert t.is_alive()  # queued, not ENOTCONN
         socket.send_fds(host_b, [msg], [dup])
         b.wait_ready()
         t.join(20)

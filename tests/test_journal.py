@@ -1,11 +1,12 @@
 """The metadata journal: commit/replay, incomplete and damaged transactions, checkpoints, revokes."""
+
 import hashlib
 
 import pytest
 
 from kernel import param
-from kernel.hw.blockdev import BlockDevice
 from kernel.core.journal import Journal, JournalDamaged, JournalError, format_journal
+from kernel.hw.blockdev import BlockDevice
 
 B = param.BLOCK_SIZE
 NBLOCKS = 400
@@ -64,17 +65,17 @@ def test_commit_then_replay_after_power_loss(img):
     t1 = j.commit({100: blk(1), 101: blk(2)})
     t2 = j.commit({100: blk(3), 150: blk(4)})
     assert t2 == t1 + 1
-    power_loss(dev)                           # committed, never checkpointed
-    assert file_block(img, 100) == bytes(B)   # home locations untouched so far
+    power_loss(dev)  # committed, never checkpointed
+    assert file_block(img, 100) == bytes(B)  # home locations untouched so far
     dev, j = open_journal(img)
     scan = j.replay()
     assert scan.transactions == 2 and set(scan.blocks) == {100, 101, 150}
     assert [dev.read(b) for b in (100, 101, 150)] == [blk(3), blk(2), blk(4)]
     assert j.next_tid == t2 + 1
     power_loss(dev)
-    assert file_block(img, 100) == blk(3)     # replay flushed its writes
+    assert file_block(img, 100) == blk(3)  # replay flushed its writes
     dev, j = open_journal(img)
-    assert j.replay().transactions == 0       # the log was reset after replay
+    assert j.replay().transactions == 0  # the log was reset after replay
     assert j.commit({120: blk(5)}) == t2 + 1  # tids keep increasing across mounts
     dev.close()
 
@@ -88,13 +89,14 @@ def test_transaction_without_commit_block_is_discarded(img):
 
     def crash_before_commit_block(b, data):
         writes.append(b)
-        if len(writes) == 2:                  # 1: descriptor + copies, 2: the commit block
+        if len(writes) == 2:  # 1: descriptor + copies, 2: the commit block
             raise Crash()
         real_write(b, data)
+
     dev.write = crash_before_commit_block
     with pytest.raises(Crash):
         j.commit({100: blk(2), 200: blk(3)})
-    power_loss(dev)                           # descriptor + copies were flushed, no commit
+    power_loss(dev)  # descriptor + copies were flushed, no commit
     dev, j = open_journal(img)
     scan = j.replay()
     assert scan.transactions == 1
@@ -106,10 +108,10 @@ def test_transaction_without_commit_block_is_discarded(img):
 def test_commit_block_with_another_tid_ends_the_log(img):
     dev, j = open_journal(img)
     j.replay()
-    j.commit({100: blk(1)})                   # descriptor @1, copy @2, commit @3
-    j.commit({100: blk(2)})                   # descriptor @4, copy @5, commit @6
+    j.commit({100: blk(1)})  # descriptor @1, copy @2, commit @3
+    j.commit({100: blk(2)})  # descriptor @4, copy @5, commit @6
     power_loss(dev)
-    poke(img, JSTART + 6, 0, file_block(img, JSTART + 3))   # transaction 1's commit block
+    poke(img, JSTART + 6, 0, file_block(img, JSTART + 3))  # transaction 1's commit block
     dev, j = open_journal(img)
     scan = j.replay()
     assert scan.transactions == 1 and dev.read(100) == blk(1)
@@ -120,11 +122,14 @@ def test_commit_block_with_another_tid_ends_the_log(img):
 def test_damaged_committed_transaction_is_refused_and_nothing_written(img, where):
     dev, j = open_journal(img)
     j.replay()
-    j.commit({100: blk(1), 101: blk(2)})      # desc @1, copies @2-3, commit @4
-    j.commit({102: blk(3)})                   # desc @5, copy @6, commit @7
+    j.commit({100: blk(1), 101: blk(2)})  # desc @1, copies @2-3, commit @4
+    j.commit({102: blk(3)})  # desc @5, copy @6, commit @7
     power_loss(dev)
-    target = {"copy_of_last": JSTART + 6, "copy_of_first": JSTART + 3,
-              "descriptor_entry": JSTART + 5}[where]
+    target = {
+        "copy_of_last": JSTART + 6,
+        "copy_of_first": JSTART + 3,
+        "descriptor_entry": JSTART + 5,
+    }[where]
     offset = 32 if where == "descriptor_entry" else 1000
     old = file_block(img, target)[offset]
     poke(img, target, offset, bytes([old ^ 0x40]))
@@ -139,11 +144,13 @@ def test_damaged_committed_transaction_is_refused_and_nothing_written(img, where
         commit = JSTART + (7 if where == "copy_of_last" else 4)
         assert f"journal block {commit}" in msg and "do not match the commit checksum" in msg
     power_loss(dev)
-    assert digest(img) == before              # validated first: not one block was applied
+    assert digest(img) == before  # validated first: not one block was applied
     assert file_block(img, 100) == bytes(B)
 
 
-@pytest.mark.parametrize("damage,words", [("magic", "bad magic"), ("sequence", "checksum mismatch")])
+@pytest.mark.parametrize(
+    "damage,words", [("magic", "bad magic"), ("sequence", "checksum mismatch")]
+)
 def test_bad_journal_superblock_is_refused(img, damage, words):
     dev, j = open_journal(img)
     j.replay()
@@ -170,7 +177,7 @@ def test_checkpoint_when_full_writes_home_and_restarts_the_log(img):
     j.replay()
     assert j.capacity_blocks == JLEN - 1 and j.max_txn_blocks == int(param.MAX_TXN_FRACTION * 63)
     want = {}
-    for t in range(12):                       # 12 x (1 + 10 + 1) blocks: far more than 63
+    for t in range(12):  # 12 x (1 + 10 + 1) blocks: far more than 63
         blocks = {200 + (t * 7 + k) % 40: blk(1000 * t + k) for k in range(10)}
         j.commit(blocks)
         want.update(blocks)
@@ -206,7 +213,7 @@ def test_oversized_transaction_is_never_built(img):
     with pytest.raises(JournalError, match="exceeds the journal's limit"):
         j.commit(too_many)
     assert j.used_blocks == 0
-    j.commit({200 + k: blk(k) for k in range(j.max_txn_entries)})   # the limit itself fits
+    j.commit({200 + k: blk(k) for k in range(j.max_txn_entries)})  # the limit itself fits
     assert j.used_blocks <= j.max_txn_blocks
     dev.close()
 
@@ -224,7 +231,7 @@ def test_journal_refuses_its_own_region_and_block_zero(img):
 def test_revoke_keeps_replay_off_a_reused_block(img, revoke):
     dev, j = open_journal(img)
     j.replay()
-    j.commit({300: blk(7), 301: blk(8)})      # 300 is an indirect block, say
+    j.commit({300: blk(7), 301: blk(8)})  # 300 is an indirect block, say
     # 300 is freed (a revoke record if asked), then reused as file data, written in place
     j.commit({301: blk(9)}, revoked=[300] if revoke else [])
     dev.write(300, blk(0xDA7A))

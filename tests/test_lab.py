@@ -1,4 +1,5 @@
 """The lab commands as a new user runs them: up, status, crash, inspect, down — and nothing left."""
+
 import json
 import os
 import subprocess
@@ -14,10 +15,18 @@ pytestmark = [pytest.mark.root]
 
 
 def cb(*args, check=True, cwd=None):
-    r = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=cwd)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"crashbench {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+        raise AssertionError(
+            f"crashbench {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+        )
     return r
 
 
@@ -30,11 +39,15 @@ def leftovers(workdir: Path) -> list[str]:
         left.append("physmem")
     if os.path.exists(physmem_path_for(workdir) + "-vmm"):
         left.append("vmm region")
-    ps = subprocess.run(["pgrep", "-f", f"(kernel.core.kernel|orthros.backup|supervisor).*{workdir}"],
-                        capture_output=True, text=True)
+    ps = subprocess.run(
+        ["pgrep", "-f", f"(kernel.core.kernel|orthros.backup|supervisor).*{workdir}"],
+        capture_output=True,
+        text=True,
+    )
     if ps.stdout.strip():
         left.append("process")
     from harness.lab import lab_tag
+
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     if f"cb{lab_tag(workdir)}" in ns:
         left.append("netns")
@@ -93,7 +106,9 @@ def test_bad_input_is_refused_with_exit_2(workdir):
     r = cb("status", *w, check=False)
     assert r.returncode == 2 and "no lab in" in r.stderr
     bad = workdir / "m.toml"
-    bad.write_text('[machine]\nmemory = "1GiB"\n[[partition]]\ncpus = [0]\nmemory = { base = "0", size = "2GiB" }\n')
+    bad.write_text(
+        '[machine]\nmemory = "1GiB"\n[[partition]]\ncpus = [0]\nmemory = { base = "0", size = "2GiB" }\n'
+    )
     r = cb("up", "--machine", str(bad), *w, check=False)
     assert r.returncode == 2 and "beyond the machine's memory" in r.stderr
 
@@ -129,9 +144,12 @@ def test_orthros_lab_fails_over_twice_with_the_nic(workdir):
         assert st["active"] == (1 if n == 0 else 0)
         net = st["network"]
         if net["mode"] == "netns":
-            ns = subprocess.run(["ip", "-n", net["netns"][str(st["active"])], "-o", "addr"],
-                                capture_output=True, text=True).stdout
-            assert net["service_ip"] in ns      # the address moved with the service
+            ns = subprocess.run(
+                ["ip", "-n", net["netns"][str(st["active"])], "-o", "addr"],
+                capture_output=True,
+                text=True,
+            ).stdout
+            assert net["service_ip"] in ns  # the address moved with the service
     for n in range(2):
         assert Path(mnt, f"notes{n}.txt").read_text() == f"unsaved {n}\n" * 1000
     cb("down", *w)
@@ -175,6 +193,7 @@ def test_a_failed_boot_leaves_no_process_set_or_anything_else(workdir):
     from harness import owners
     from harness.lab import lab_tag
     from kernel.hw.procset import ProcError, ProcessSet
+
     with open(workdir / "disk0.img", "wb") as f:
         f.write(b"\xa5" * (1 << 20))
     r = cb("up", "--workdir", str(workdir), check=False)
@@ -189,7 +208,7 @@ def test_a_failed_boot_leaves_no_process_set_or_anything_else(workdir):
 
 def test_a_boot_failure_shows_its_real_cause_in_one_line(workdir):
     with open(workdir / "disk0.img", "wb") as f:
-        f.truncate(20 << 20)               # an image of zeros: not a crashbench file system
+        f.truncate(20 << 20)  # an image of zeros: not a crashbench file system
     r = cb("up", "--workdir", str(workdir), check=False)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
@@ -200,9 +219,12 @@ def test_a_boot_failure_shows_its_real_cause_in_one_line(workdir):
 
 def test_status_from_another_directory_finds_a_machine_named_relatively(workdir):
     from importlib import resources
+
     home, lab = workdir / "home", workdir / "lab"
     home.mkdir()
-    (home / "m.toml").write_text(resources.files("kernel.hw.machines").joinpath("default.toml").read_text())
+    (home / "m.toml").write_text(
+        resources.files("kernel.hw.machines").joinpath("default.toml").read_text()
+    )
     try:
         cb("up", "--machine", "m.toml", "--workdir", str(lab), cwd=home)
         st = json.loads(cb("status", "--json", "--workdir", str(lab), cwd=workdir).stdout)

@@ -6,13 +6,14 @@
 imports the harness or the schemes. Read from the source with ``ast``, lazy imports
 inside functions included.
 """
+
 import ast
 from pathlib import Path
 
 import pytest
 
 KERNEL = Path(__file__).resolve().parent.parent / "kernel"
-ALLOWED = {           # a layer's modules may import these layers of kernel/
+ALLOWED = {  # a layer's modules may import these layers of kernel/
     "hw": {"hw", "param"},
     "core": {"hw", "core", "param"},
     "tools": {"hw", "core", "tools", "param"},

@@ -1,4 +1,5 @@
 """The machine description: the default machine, and every kind of bad field named."""
+
 import os
 
 import pytest
@@ -28,7 +29,9 @@ address = "198.18.0.1/24"
 
 def write(tmp_path, text, **kw):
     p = tmp_path / "m.toml"
-    p.write_text(text % {"cpu1": 1 if (os.cpu_count() or 1) > 1 else 0, **kw} if "%(" in text else text)
+    p.write_text(
+        text % {"cpu1": 1 if (os.cpu_count() or 1) > 1 else 0, **kw} if "%(" in text else text
+    )
     return p
 
 
@@ -47,18 +50,24 @@ def test_good_file_loads(tmp_path):
     assert [p.id for p in m.partitions] == [0, 1]
 
 
-@pytest.mark.parametrize("old,new,message", [
-    ('size = "128MiB"', 'size = "256MiB"', "beyond the machine's memory"),
-    ('base = "896MiB"', 'base = "512MiB"', "overlaps partition[0]"),
-    ("cpus = [0]", "cpus = [4096]", "CPU 4096 does not exist"),
-    ('devices = ["disk0", "nic0"]\n[[partition]]\ncpus', 'devices = ["disk0", "nic0"]\n[[partition]]\ndevices = ["disk0"]\ncpus',
-     "'disk0' is already in partition[0]"),
-    ('size = "2GiB"', 'size = "-2GiB"', "disk[0].size: size must not be negative"),
-    ('model = "ssd"', 'model = "floppy"', "unknown device model 'floppy'"),
-    ('address = "198.18.0.1/24"', 'address = "10.0.0.1/24"', "outside the benchmark range"),
-    ('memory = "1GiB"', 'memory = "lots"', "machine.memory: cannot read 'lots'"),
-    ('devices = ["disk0", "nic0"]', 'devices = ["disk9"]', "unknown device 'disk9'"),
-])
+@pytest.mark.parametrize(
+    "old,new,message",
+    [
+        ('size = "128MiB"', 'size = "256MiB"', "beyond the machine's memory"),
+        ('base = "896MiB"', 'base = "512MiB"', "overlaps partition[0]"),
+        ("cpus = [0]", "cpus = [4096]", "CPU 4096 does not exist"),
+        (
+            'devices = ["disk0", "nic0"]\n[[partition]]\ncpus',
+            'devices = ["disk0", "nic0"]\n[[partition]]\ndevices = ["disk0"]\ncpus',
+            "'disk0' is already in partition[0]",
+        ),
+        ('size = "2GiB"', 'size = "-2GiB"', "disk[0].size: size must not be negative"),
+        ('model = "ssd"', 'model = "floppy"', "unknown device model 'floppy'"),
+        ('address = "198.18.0.1/24"', 'address = "10.0.0.1/24"', "outside the benchmark range"),
+        ('memory = "1GiB"', 'memory = "lots"', "machine.memory: cannot read 'lots'"),
+        ('devices = ["disk0", "nic0"]', 'devices = ["disk9"]', "unknown device 'disk9'"),
+    ],
+)
 def test_bad_field_is_named(tmp_path, old, new, message):
     text = GOOD % {"cpu1": 1 if (os.cpu_count() or 1) > 1 else 0}
     assert old in text
@@ -79,7 +88,9 @@ def test_unreadable_and_malformed_files(tmp_path):
 
 # --- modeled hardware: disk models and the reboot profile ------------------------------------
 
-PROFILE = GOOD.replace('model = "ssd"', 'model = "slow"') + """
+PROFILE = (
+    GOOD.replace('model = "ssd"', 'model = "slow"')
+    + """
 [[disk_model]]
 name = "slow"
 latency_us = 2500
@@ -90,10 +101,11 @@ firmware_s = 1.5
 kernel_boot_s = 2
 description = "made-up figures for this test"
 """
+)
 
 
 def test_the_paper_profile_is_shipped_with_cited_datasheet_models():
-    m = machine.load("paper")                  # a shipped description, by name
+    m = machine.load("paper")  # a shipped description, by name
     d = m.disk("disk0")
     assert (d.model, d.timing) == ("ssd-860evo", (pytest.approx(92.6e-6), 550e6))
     models = {dm.name: dm for dm in m.disk_models}
@@ -114,6 +126,7 @@ def test_the_default_machine_stays_fast():
 
 def test_a_disk_is_modeled_with_its_profiles_figures(tmp_path):
     from kernel.hw.blockdev import BlockDevice
+
     m = machine.load(write(tmp_path, PROFILE))
     d = m.disk("disk0")
     assert d.timing == (pytest.approx(2.5e-3), 100e6)
@@ -124,17 +137,44 @@ def test_a_disk_is_modeled_with_its_profiles_figures(tmp_path):
         assert dev.stats["modeled_s"] == pytest.approx(2.5e-3 + 4 * 4096 / 100e6)
 
 
-@pytest.mark.parametrize("old,new,message", [
-    ("firmware_s = 1.5", "firmware_s = -1", "reboot.firmware_s: -1 is less than the minimum of 0"),
-    ("firmware_s = 1.5", 'firmware_s = "long"', "reboot.firmware_s: expected a number, got 'long'"),
-    ("kernel_boot_s = 2", "kernel_boot_s = 1e6", "reboot.kernel_boot_s: 1e+06 s is more than 600 s"),
-    ("kernel_boot_s = 2", "kernel_boot_s = 2\nkexec_s = 1", "reboot.kexec_s: unknown key"),
-    ('description = "made-up figures for this test"', "", "reboot: 'description' is a required"),
-    ("latency_us = 2500", "latency_us = 2e6", "disk_model[0].latency_us: 2e+06 µs is more than 1000 ms"),
-    ("bandwidth_mb_s = 100", "bandwidth_mb_s = 0", "disk_model[0].bandwidth_mb_s: 0 is less than or equal"),
-    ('name = "slow"', 'name = "ssd"', "disk_model[0].name: 'ssd' is a built-in device model"),
-    ('model = "slow"', 'model = "slower"', "disk[0].model: unknown device model 'slower'"),
-])
+@pytest.mark.parametrize(
+    "old,new,message",
+    [
+        (
+            "firmware_s = 1.5",
+            "firmware_s = -1",
+            "reboot.firmware_s: -1 is less than the minimum of 0",
+        ),
+        (
+            "firmware_s = 1.5",
+            'firmware_s = "long"',
+            "reboot.firmware_s: expected a number, got 'long'",
+        ),
+        (
+            "kernel_boot_s = 2",
+            "kernel_boot_s = 1e6",
+            "reboot.kernel_boot_s: 1e+06 s is more than 600 s",
+        ),
+        ("kernel_boot_s = 2", "kernel_boot_s = 2\nkexec_s = 1", "reboot.kexec_s: unknown key"),
+        (
+            'description = "made-up figures for this test"',
+            "",
+            "reboot: 'description' is a required",
+        ),
+        (
+            "latency_us = 2500",
+            "latency_us = 2e6",
+            "disk_model[0].latency_us: 2e+06 µs is more than 1000 ms",
+        ),
+        (
+            "bandwidth_mb_s = 100",
+            "bandwidth_mb_s = 0",
+            "disk_model[0].bandwidth_mb_s: 0 is less than or equal",
+        ),
+        ('name = "slow"', 'name = "ssd"', "disk_model[0].name: 'ssd' is a built-in device model"),
+        ('model = "slow"', 'model = "slower"', "disk[0].model: unknown device model 'slower'"),
+    ],
+)
 def test_a_bad_modeled_hardware_field_is_named(tmp_path, old, new, message):
     text = PROFILE % {"cpu1": 1 if (os.cpu_count() or 1) > 1 else 0}
     assert old in text

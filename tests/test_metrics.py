@@ -2,6 +2,7 @@
 page cache's hit ratio from the kernel's own counters (harness/checkers/cachehits.py,
 harness/kcounters.py), and the ranking by work lost: synthetic histories with a known outage
 give the known figures, and partial bins never enter a figure."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,13 +16,15 @@ from kernel import param
 from tests.stack import Stack
 
 CRASH = 100.0
-RATE = 100            # ops/s: one client, one op every 10 ms, each taking LAT s
+RATE = 100  # ops/s: one client, one op every 10 ms, each taking LAT s
 LAT = 0.004
 
 
 def op(t_done: float, lat: float = LAT, process: int = 0, f: str = "read") -> list[dict]:
-    return [{"type": "invoke", "process": process, "f": f, "time": t_done - lat},
-            {"type": "ok", "process": process, "f": f, "time": t_done}]
+    return [
+        {"type": "invoke", "process": process, "f": f, "time": t_done - lat},
+        {"type": "ok", "process": process, "f": f, "time": t_done},
+    ]
 
 
 def nem(type_: str, f: str, t: float, value=None) -> dict:
@@ -31,9 +34,14 @@ def nem(type_: str, f: str, t: float, value=None) -> dict:
     return e
 
 
-def history(pre_s: float = 5.0, outage_s: float = 0.5, ramp: tuple[float, float] = (0.0, 1.0),
-            post_s: float = 4.0, recovered_after: float | None = None,
-            slow_after: float = LAT) -> list[dict]:
+def history(
+    pre_s: float = 5.0,
+    outage_s: float = 0.5,
+    ramp: tuple[float, float] = (0.0, 1.0),
+    post_s: float = 4.0,
+    recovered_after: float | None = None,
+    slow_after: float = LAT,
+) -> list[dict]:
     """A steady load of RATE ops/s from CRASH − pre_s, nothing completed during
     [CRASH, CRASH + outage_s), then ``ramp`` = (seconds, fraction of RATE), then RATE
     again until CRASH + post_s. Completions sit mid-way between bin edges."""
@@ -60,9 +68,9 @@ def test_a_known_outage_gives_the_known_figures_at_a_tenth_of_a_second():
     assert r["pre_crash_mean"] == pytest.approx(RATE)
     by_t = {round(b["t"], 1): b for b in r["bins"]}
     assert [by_t[k / 10]["ops"] for k in range(0, 7)] == [0, 0, 0, 0, 0, 10, 10]
-    assert r["time_to_90pct_s"] == pytest.approx(0.6)     # the end of the first bin back
+    assert r["time_to_90pct_s"] == pytest.approx(0.6)  # the end of the first bin back
     assert r["time_to_99pct_s"] == pytest.approx(0.6)
-    assert r["lost_ops"] == pytest.approx(0.5 * RATE)     # half a second of service
+    assert r["lost_ops"] == pytest.approx(0.5 * RATE)  # half a second of service
     assert r["lost_service_s"] == pytest.approx(0.5)
 
 
@@ -93,9 +101,14 @@ def test_partial_bins_enter_no_figure():
 
 
 def test_never_back_and_no_crash_have_no_figures():
-    failing = [e for k in range(50) for e in
-               ({"type": "invoke", "process": 0, "f": "read", "time": CRASH + 0.1 * k + 0.01},
-                {"type": "fail", "process": 0, "f": "read", "time": CRASH + 0.1 * k + 0.02})]
+    failing = [
+        e
+        for k in range(50)
+        for e in (
+            {"type": "invoke", "process": 0, "f": "read", "time": CRASH + 0.1 * k + 0.01},
+            {"type": "fail", "process": 0, "f": "read", "time": CRASH + 0.1 * k + 0.02},
+        )
+    ]
     r = recovery(sorted(history(outage_s=10.0, post_s=9.0) + failing, key=lambda e: e["time"]))
     assert [b["ops"] for b in r["bins"] if b["t"] >= 0 and b["full"]] == [0] * 49
     assert r["time_to_90pct_s"] is None and r["lost_service_s"] is None
@@ -115,11 +128,12 @@ def test_latency_before_and_after_and_the_clients_gap():
     assert r["first_ok_after_s"] == pytest.approx(0.505)
     assert r["recovered_at"] == pytest.approx(0.45)
     assert r["client_gap_s"] == pytest.approx(0.055)
-    assert recovery(history())["client_gap_s"] is None    # no end of outage recorded
+    assert recovery(history())["client_gap_s"] is None  # no end of outage recorded
 
 
-def samples(pid: int, start: float, end: float, hits_per: int, misses_per: int,
-            every: float = 0.1) -> list[dict]:
+def samples(
+    pid: int, start: float, end: float, hits_per: int, misses_per: int, every: float = 0.1
+) -> list[dict]:
     out, h, m, t = [], 0, 0, start
     while t <= end + 1e-9:
         out.append(nem("info", SAMPLE, t, {"partition": 0, "pid": pid, "hits": h, "misses": m}))
@@ -129,8 +143,8 @@ def samples(pid: int, start: float, end: float, hits_per: int, misses_per: int,
 
 def test_hit_ratio_over_time_from_counter_samples_of_two_kernels():
     ev = [nem("invoke", "crash", CRASH)]
-    ev += samples(100, CRASH - 3.0, CRASH - 0.05, 9, 1)        # old kernel: 90 %
-    ev += samples(200, CRASH + 0.6, CRASH + 3.0, 1, 1)         # new kernel from 0: 50 %
+    ev += samples(100, CRASH - 3.0, CRASH - 0.05, 9, 1)  # old kernel: 90 %
+    ev += samples(200, CRASH + 0.6, CRASH + 3.0, 1, 1)  # new kernel from 0: 50 %
     h = hit_ratio(sorted(ev, key=lambda e: e["time"]))
     assert h["before"] == pytest.approx(0.9) and h["after"] == pytest.approx(0.5)
     full = {round(b["t"], 1): b["ratio"] for b in h["bins"] if b["full"]}
@@ -142,11 +156,14 @@ def test_hit_ratio_over_time_from_counter_samples_of_two_kernels():
     # cold start (all misses before its first sample) is not lost
     cold = [nem("info", "recovered", CRASH + 0.5)] + [
         nem("info", SAMPLE, CRASH + 0.6, {"partition": 1, "pid": 300, "hits": 0, "misses": 40}),
-        nem("info", SAMPLE, CRASH + 1.1, {"partition": 1, "pid": 300, "hits": 40, "misses": 40})]
+        nem("info", SAMPLE, CRASH + 1.1, {"partition": 1, "pid": 300, "hits": 40, "misses": 40}),
+    ]
     h = hit_ratio(sorted([nem("invoke", "crash", CRASH)] + cold, key=lambda e: e["time"]))
     assert h["after"] == pytest.approx(0.5)
-    assert [(b["t"], b["full"], b["ratio"]) for b in h["bins"]] == [(0.5, True, 0.0),
-                                                                     (1.0, False, None)]
+    assert [(b["t"], b["full"], b["ratio"]) for b in h["bins"]] == [
+        (0.5, True, 0.0),
+        (1.0, False, None),
+    ]
 
 
 def test_the_page_cache_counts_a_lookup_as_a_hit_or_a_miss(tmp_path):
@@ -192,17 +209,27 @@ def test_the_sampler_records_the_active_kernel_and_skips_one_that_does_not_answe
     assert s.sample() is None
     s.stop()
     from harness.history import read
+
     assert [e["value"]["hits"] for e in read(tmp_path / "k.jsonl")] == [1]
 
 
 def _s(label: str, lost: float | None, down: float | None) -> dict:
-    ci = (lambda m: {"median": m, "lo": None, "hi": None, "n": 3})
+    def ci(m):
+        return {"median": m, "lo": None, "hi": None, "n": 3}
+
     return {"label": label, "lost_service": ci(lost), "downtime": ci(down)}
 
 
 def test_the_ranking_is_by_work_lost_then_downtime_and_ties_only_when_both_are_equal():
-    lines = report.ranking([_s("a", 0.5, 0.3), _s("b", 0.2, 0.9), _s("c", 0.5, 0.1),
-                            _s("d", None, 0.2), _s("e", 0.5, 0.1)])
+    lines = report.ranking(
+        [
+            _s("a", 0.5, 0.3),
+            _s("b", 0.2, 0.9),
+            _s("c", 0.5, 0.1),
+            _s("d", None, 0.2),
+            _s("e", 0.5, 0.1),
+        ]
+    )
     assert lines[0].startswith("Work lost (seconds of service)")
     assert "1. b 0.200 s, 2. c 0.500 s, 2. e 0.500 s, 4. a 0.500 s, d (no median)" in lines[0]
     assert "1. c 0.100 s, 1. e 0.100 s, 3. d 0.200 s, 4. a 0.300 s, 5. b 0.900 s" in lines[1]

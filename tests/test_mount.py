@@ -4,7 +4,6 @@ Raw-memory read-back: files written through the mount and never fsynced are foun
 page with the right content and checksum, by a separate process that decodes the physical
 memory of the kernel after it was killed.
 """
-import pytest
 
 import hashlib
 import json
@@ -12,6 +11,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from kernel import param
 from kernel.tools.fsck import fsck
@@ -36,26 +37,37 @@ print(json.dumps(out))
 
 
 def pages_of(data: bytes) -> list[str]:
-    return [hashlib.sha256(data[i:i + PAGE].ljust(PAGE, b"\0")).hexdigest()
-            for i in range(0, len(data), PAGE)]
+    return [
+        hashlib.sha256(data[i : i + PAGE].ljust(PAGE, b"\0")).hexdigest()
+        for i in range(0, len(data), PAGE)
+    ]
 
 
 def test_dirty_pages_read_back_from_a_dead_kernels_memory(host):
     mnt = Path(host.kernels[0].mount)
-    files = {f"f{i}": os.urandom(n) for i, n in enumerate([1, PAGE, PAGE + 1, 10 * PAGE + 7, 300_000])}
+    files = {
+        f"f{i}": os.urandom(n) for i, n in enumerate([1, PAGE, PAGE + 1, 10 * PAGE + 7, 300_000])
+    }
     inos = {}
     for name, data in files.items():
         (mnt / name).write_bytes(data)
         inos[name] = os.stat(mnt / name).st_ino
     host.crash(0)
-    out = subprocess.run([sys.executable, "-c", DECODE, host.physmem], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", DECODE, host.physmem],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
     found = json.loads(out.stdout)
     assert found["rejected"] == 0
     want = {f"{inos[n]}:{i}": h for n, d in files.items() for i, h in enumerate(pages_of(d))}
     assert {k: v for k, v in found["pages"].items() if k in want} == want
     others = {k for k in set(found["pages"]) - set(want) if not k.startswith("0:")}
-    assert others == set()   # no other file page was dirty (ino 0: metadata of the running transaction)
+    assert (
+        others == set()
+    )  # no other file page was dirty (ino 0: metadata of the running transaction)
 
 
 def test_clean_shutdown_persists_and_fsck_is_clean(host):
@@ -83,6 +95,7 @@ def test_fsynced_file_survives_a_crash(host):
 
 def test_bench_detect_reports_every_fault_kind():
     from harness.benchdetect import run
+
     rows = [d.summary() for d in run(1)]
     assert [r["fault"] for r in rows] == ["panic", "hang", "kill"]
     assert rows[0]["detected_by"].startswith("doorbell")
@@ -91,6 +104,7 @@ def test_bench_detect_reports_every_fault_kind():
 
 def test_cleanup_of_a_dead_mount_leaves_no_control_mount_behind(host):
     from kernel.hw import fusedev
+
     ctl = "/sys/fs/fuse/connections"
     if " fusectl " in Path("/proc/mounts").read_text():
         subprocess.run(["umount", ctl], check=True)

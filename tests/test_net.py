@@ -5,6 +5,7 @@ only inside this lab's own namespaces (client_ip, service_ip in 198.18.0.0/15) o
 loopback, so a bug that left a socket in the host's namespace fails to bind instead of
 sending anything. Every wait is bounded.
 """
+
 import os
 import secrets
 import select
@@ -96,9 +97,12 @@ class Lab:
 
     def serve(self, net: Network, partition: int, port: int = PORT) -> subprocess.Popen:
         """Start the server for `partition` in its namespace; wait (bounded) until ready."""
-        p = subprocess.Popen([sys.executable, "-c", SERVER, net.service_ip, str(port),
-                              f"p{partition}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             preexec_fn=net.enter(net.netns(partition)))
+        p = subprocess.Popen(
+            [sys.executable, "-c", SERVER, net.service_ip, str(port), f"p{partition}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=net.enter(net.netns(partition)),
+        )
         self.procs.append(p)
         ready, _, _ = select.select([p.stdout], [], [], 10)
         line = p.stdout.readline() if ready else b""
@@ -140,7 +144,7 @@ def ask(net: Network, port: int = PORT, timeout: float = 3.0) -> str:
     c = socket_in(net.client_netns())
     try:
         c.settimeout(timeout)
-        c.bind((net.client_ip, 0))         # fails outside the lab's client namespace
+        c.bind((net.client_ip, 0))  # fails outside the lab's client namespace
         c.connect((net.service_ip, port))
         c.sendall(b"ping")
         return c.recv(256).decode()
@@ -168,6 +172,7 @@ def netns_inode() -> int:
 
 # ---------------------------------------------------------------- takeover
 
+
 @pytest.mark.root
 def test_takeover_moves_the_service_address(lab):
     home = netns_inode()
@@ -177,9 +182,13 @@ def test_takeover_moves_the_service_address(lab):
     p0 = lab.serve(net, 0)
     assert ask(net) == "p0 ping"
     # the same, from a client process started in the client namespace with enter()
-    out = subprocess.run([sys.executable, "-c", CLIENT, net.client_ip, net.service_ip, str(PORT)],
-                         capture_output=True, text=True, timeout=20,
-                         preexec_fn=net.enter(net.client_netns()))
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT, net.client_ip, net.service_ip, str(PORT)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        preexec_fn=net.enter(net.client_netns()),
+    )
     assert (out.returncode, out.stdout) == (0, "p0 ping"), out.stderr
 
     rep = net.move_to(1)
@@ -195,8 +204,10 @@ def test_takeover_moves_the_service_address(lab):
 
     # the address is gone from partition 0's namespace, present in partition 1's
     def addrs(ns):
-        return subprocess.run(["ip", "-n", ns, "-o", "-4", "addr"], capture_output=True,
-                              text=True, timeout=10).stdout
+        return subprocess.run(
+            ["ip", "-n", ns, "-o", "-4", "addr"], capture_output=True, text=True, timeout=10
+        ).stdout
+
     assert net.service_ip not in addrs(net.netns(0))
     assert f"{net.service_ip}/24" in addrs(net.netns(1))
 
@@ -226,8 +237,7 @@ def test_takeover_after_the_owner_died(lab):
 @pytest.mark.root
 def test_gratuitous_arp_is_announced_to_the_client(lab):
     net = lab.make(owner=0)
-    cap = socket_in(net.client_netns(), socket.AF_PACKET, socket.SOCK_RAW,
-                    socket.htons(0x0806))
+    cap = socket_in(net.client_netns(), socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
     try:
         cap.bind((f"cb{net.tag}-cl", 0x0806))
         net.move_to(1)
@@ -235,7 +245,7 @@ def test_gratuitous_arp_is_announced_to_the_client(lab):
         mac = bytes.fromhex(net.status()["nic_mac"].replace(":", ""))
         found = None
         end = time.monotonic() + 3
-        for _ in range(100):                      # bounded: frames and time
+        for _ in range(100):  # bounded: frames and time
             left = end - time.monotonic()
             if left <= 0:
                 break
@@ -254,8 +264,12 @@ def test_gratuitous_arp_is_announced_to_the_client(lab):
 
 
 def neighbours(net: Network) -> str:
-    return subprocess.run(["ip", "-n", net.client_netns(), "-4", "neigh", "show", net.service_ip],
-                          capture_output=True, text=True, timeout=10).stdout
+    return subprocess.run(
+        ["ip", "-n", net.client_netns(), "-4", "neigh", "show", net.service_ip],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
 
 
 @pytest.mark.root
@@ -264,9 +278,24 @@ def test_neighbour_entry_naming_another_mac_is_flushed(lab):
     the flush in move_to() can take it away."""
     net = lab.make(owner=0)
     bogus = "02:00:5e:00:00:99"
-    subprocess.run(["ip", "-n", net.client_netns(), "neigh", "replace", net.service_ip,
-                    "lladdr", bogus, "dev", f"cb{net.tag}-cl", "nud", "permanent"],
-                   check=True, timeout=10)
+    subprocess.run(
+        [
+            "ip",
+            "-n",
+            net.client_netns(),
+            "neigh",
+            "replace",
+            net.service_ip,
+            "lladdr",
+            bogus,
+            "dev",
+            f"cb{net.tag}-cl",
+            "nud",
+            "permanent",
+        ],
+        check=True,
+        timeout=10,
+    )
     assert bogus in neighbours(net)
     net.move_to(1)
     assert bogus not in neighbours(net)
@@ -277,14 +306,16 @@ def test_neighbour_entry_naming_another_mac_is_flushed(lab):
 
 # ---------------------------------------------------------------- teardown
 
+
 @pytest.mark.root
 def test_down_leaves_nothing_even_with_processes_inside(lab):
     net = lab.make(owner=0, partitions=(0, 1, 2))
     names = [net.netns(p) for p in (0, 1, 2)] + [net.client_netns()]
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                            timeout=10).stdout
+    listed = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, timeout=10
+    ).stdout
     assert all(n in listed for n in names)
-    server = lab.serve(net, 0)               # keeps partition 0's namespace alive
+    server = lab.serve(net, 0)  # keeps partition 0's namespace alive
     net.down()
     assert leftovers(net.tag) == []
     # the namespace lives on in the server, but without the veth or the address
@@ -292,7 +323,7 @@ def test_down_leaves_nothing_even_with_processes_inside(lab):
         assert f"cb{net.tag}" not in f.read()
     with open(f"/proc/{server.pid}/net/fib_trie") as f:
         assert net.service_ip not in f.read()
-    net.down()                                 # idempotent
+    net.down()  # idempotent
     with pytest.raises(NetError):
         net.owner()
     assert net.status()["up"] is False
@@ -305,7 +336,7 @@ def test_cleanup_stale_after_the_object_is_dropped(lab):
     net = Network(tag, Nic("nic0", ADDR), [0, 1])
     try:
         net.up(0)
-        del net                                # no down(): the lab "crashed"
+        del net  # no down(): the lab "crashed"
         assert len(leftovers(tag)) >= 3
         again = Network(tag, Nic("nic0", ADDR), [0, 1])
         with pytest.raises(NetError, match="cleanup_stale"):
@@ -314,8 +345,8 @@ def test_cleanup_stale_after_the_object_is_dropped(lab):
         assert {f"netns cb{tag}-p0", f"netns cb{tag}-p1", f"netns cb{tag}-cl"} <= set(removed)
         assert any(r.startswith(f"link cb{tag}-") for r in removed)
         assert leftovers(tag) == []
-        assert cleanup_stale(tag) == []        # nothing left to remove
-        lab.nets.append(again)                 # and the tag is usable again
+        assert cleanup_stale(tag) == []  # nothing left to remove
+        lab.nets.append(again)  # and the tag is usable again
         again.up(1)
         assert again.owner() == 1
     finally:
@@ -333,8 +364,12 @@ def test_cleanup_stale_after_the_lab_process_was_killed(lab):
         print("up", flush=True)
         time.sleep(60)
     """)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(__file__)))
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     try:
         ready, _, _ = select.select([p.stdout], [], [], 30)
         assert ready and p.stdout.readline().strip() == b"up", p.stderr.read1(4096)
@@ -367,6 +402,7 @@ def test_attach_from_another_object(lab):
 
 # ---------------------------------------------------------------- loopback mode
 
+
 def test_loopback_mode_when_forced(lab):
     net = lab.make(owner=None, mode="loopback")
     assert net.mode == "loopback" and net.client_ip is None
@@ -377,7 +413,7 @@ def test_loopback_mode_when_forced(lab):
     probe.bind((net.service_ip, 0))
     port = probe.getsockname()[1]
     probe.close()
-    p0 = lab.serve(net, 0, port=port)          # enter(None) is a no-op preexec_fn
+    p0 = lab.serve(net, 0, port=port)  # enter(None) is a no-op preexec_fn
 
     def ask_lo():
         with socket.create_connection((net.service_ip, port), timeout=3) as c:
@@ -385,7 +421,7 @@ def test_loopback_mode_when_forced(lab):
             return c.recv(256).decode()
 
     assert ask_lo() == "p0 ping"
-    p0.kill()                                   # the crash
+    p0.kill()  # the crash
     p0.wait(timeout=10)
     rep = net.move_to(1)
     assert rep.to_partition == 1 and net.owner() == 1 and rep.total_s >= 0
@@ -406,31 +442,38 @@ def test_loopback_addresses_differ_by_tag_and_nic():
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("address, words", [
-    ("10.0.0.1/24", "10.0.0.1/24"),            # private range
-    ("192.0.2.1/24", "192.0.2.1/24"),          # documentation range
-    ("8.8.8.8/32", "8.8.8.8/32"),              # public
-    ("198.20.0.1/24", "198.20.0.1/24"),        # just past 198.18.0.0/15
-    ("198.18.0.1/8", "198.0.0.0/8"),           # the address is inside, its subnet is not
-    ("198.18.0.1/32", "198.18.0.1/32"),        # no room for the client end
-    ("198.18.0.255/24", "198.18.0.255/24"),    # broadcast address
-    ("not-an-address", "not-an-address"),
-])
+
+@pytest.mark.parametrize(
+    "address, words",
+    [
+        ("10.0.0.1/24", "10.0.0.1/24"),  # private range
+        ("192.0.2.1/24", "192.0.2.1/24"),  # documentation range
+        ("8.8.8.8/32", "8.8.8.8/32"),  # public
+        ("198.20.0.1/24", "198.20.0.1/24"),  # just past 198.18.0.0/15
+        ("198.18.0.1/8", "198.0.0.0/8"),  # the address is inside, its subnet is not
+        ("198.18.0.1/32", "198.18.0.1/32"),  # no room for the client end
+        ("198.18.0.255/24", "198.18.0.255/24"),  # broadcast address
+        ("not-an-address", "not-an-address"),
+    ],
+)
 def test_nic_address_outside_the_benchmark_range_is_refused(address, words):
     for mode in ("loopback", None):
         with pytest.raises(NetError, match=words.replace(".", r"\.")):
             Network("bad", Nic("nic0", address), [0, 1], mode=mode)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"tag": "Bad-Tag"}, "tag"),
-    ({"tag": "toolongtag"}, "tag"),
-    ({"tag": ""}, "tag"),
-    ({"partitions": []}, "partitions"),
-    ({"partitions": [0, 0]}, "partitions"),
-    ({"partitions": [0, -1]}, "partitions"),
-    ({"mode": "bridge"}, "mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"tag": "Bad-Tag"}, "tag"),
+        ({"tag": "toolongtag"}, "tag"),
+        ({"tag": ""}, "tag"),
+        ({"partitions": []}, "partitions"),
+        ({"partitions": [0, 0]}, "partitions"),
+        ({"partitions": [0, -1]}, "partitions"),
+        ({"mode": "bridge"}, "mode"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, words):
     args = {"tag": "ok", "partitions": [0, 1], "mode": "loopback"} | kwargs
     with pytest.raises(NetError, match=words):
@@ -458,7 +501,8 @@ def test_bad_calls_are_refused(lab):
 
 def test_automatic_mode_falls_back_to_loopback_when_not_root(monkeypatch):
     import kernel.hw.net as net_mod
-    monkeypatch.setattr(net_mod, "_probe", None)        # forget the cached probe
+
+    monkeypatch.setattr(net_mod, "_probe", None)  # forget the cached probe
     monkeypatch.setattr(net_mod.os, "geteuid", lambda: 1000)
     net = Network("auto", Nic("nic0", ADDR), [0, 1])
     assert net.mode == "loopback" and net.service_ip.startswith("127.")

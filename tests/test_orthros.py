@@ -1,4 +1,5 @@
 """Orthros: the backup kernel takes over the crashed kernel's disk, file cache and mount."""
+
 import errno
 import os
 from pathlib import Path
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 
 from harness.testbed import Testbed
-from kernel.tools.fsck import fsck
 from kernel.hw.physmem import ICORE
+from kernel.tools.fsck import fsck
 from systems.base import check_report
 from systems.orthros import Orthros
 
@@ -42,8 +43,9 @@ def assert_files(mnt: Path, files: dict[str, bytes]) -> None:
         assert (mnt / name).read_bytes() == data, f"{name} differs after failover"
 
 
-@pytest.mark.parametrize("fault,via", [("panic", "dying message"), ("kill", "heartbeat"),
-                                       ("hang", "heartbeat")])
+@pytest.mark.parametrize(
+    "fault,via", [("panic", "dying message"), ("kill", "heartbeat"), ("hang", "heartbeat")]
+)
 def test_unsynced_files_survive_failover_and_a_clean_remount(orthros, fault, via):
     host, s = orthros
     mnt = Path(s.mount)
@@ -58,7 +60,7 @@ def test_unsynced_files_survive_failover_and_a_clean_remount(orthros, fault, via
     assert names[-1] == "first service"
     assert_files(mnt, files)
     # the adopted dirty pages reach the disk: a clean shutdown, fsck, a fresh kernel reads them
-    assert host.stop(s.active) == 0             # the backup sees a shutdown, not a crash
+    assert host.stop(s.active) == 0  # the backup sees a shutdown, not a crash
     assert host.kernels.pop(s.backup).proc.wait(10) == 0
     assert fsck(str(host.disk_image())).exit_code == 0
     kp = host.boot(0)
@@ -78,11 +80,13 @@ def test_two_crashes_in_a_row_are_survived(orthros):
 
 
 @pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
-@pytest.mark.parametrize("target,kind", [("dirty-page", "page frame"),
-                                         ("page-descriptor", "page descriptor")])
+@pytest.mark.parametrize(
+    "target,kind", [("dirty-page", "page frame"), ("page-descriptor", "page descriptor")]
+)
 def test_corrupted_pages_are_rejected_and_read_as_eio_not_zeros(orthros, fault, target, kind):
     import errno
     import re
+
     host, s = orthros
     mnt = Path(s.mount)
     files = write_unsynced(mnt, "w")
@@ -94,7 +98,7 @@ def test_corrupted_pages_are_rejected_and_read_as_eio_not_zeros(orthros, fault, 
     assert r.cache.dirty_pages_recovered == r.cache.dirty_pages_before - 1
     lost = [n for n in r.notes if n.startswith("lost")]
     name = next(n for n in files if os.stat(mnt / n).st_ino == ino)
-    for n, data in files.items():               # never zeros nor stale data: the data or EIO
+    for n, data in files.items():  # never zeros nor stale data: the data or EIO
         try:
             assert (mnt / n).read_bytes() == data, f"{n} differs after failover"
         except OSError as e:
@@ -102,23 +106,23 @@ def test_corrupted_pages_are_rejected_and_read_as_eio_not_zeros(orthros, fault, 
             assert any(f"inode {os.stat(mnt / n).st_ino} " in w for w in lost), (n, lost)
         else:
             assert n != name, f"{name} lost page {page} yet read without an error"
-    if target == "dirty-page":                  # its descriptor names the page: only it is lost
+    if target == "dirty-page":  # its descriptor names the page: only it is lost
         assert any(f"inode {ino} page {page}: dirty page rejected" in w for w in lost), lost
         with open(mnt / name, "r+b") as f:
             f.seek(page * PAGE)
             with pytest.raises(OSError) as e:
                 f.read(PAGE)
             assert e.value.errno == errno.EIO
-            rest = files[name][(page + 1) * PAGE:]
+            rest = files[name][(page + 1) * PAGE :]
             assert os.pread(f.fileno(), len(rest), (page + 1) * PAGE) == rest
             new = os.urandom(PAGE)
-            os.pwrite(f.fileno(), new, page * PAGE)   # overwritten whole: data again
-        want = files[name][:page * PAGE] + new + files[name][(page + 1) * PAGE:]
+            os.pwrite(f.fileno(), new, page * PAGE)  # overwritten whole: data again
+        want = files[name][: page * PAGE] + new + files[name][(page + 1) * PAGE :]
         assert (mnt / name).read_bytes() == want
-    else:                                       # which page is unknown: the whole file
+    else:  # which page is unknown: the whole file
         assert any(f"inode {ino} (the whole file)" in w for w in lost), lost
         with open(mnt / name, "r+b") as f:
-            f.truncate(0)                       # truncated to 0: a file again
+            f.truncate(0)  # truncated to 0: a file again
         assert (mnt / name).read_bytes() == b""
 
 
@@ -150,6 +154,7 @@ def test_failover_with_no_dirty_pages(orthros):
 def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
     import sys
     import time
+
     s = Orthros()
 
     def wait_log(text: str, timeout: float = 20.0) -> None:
@@ -158,15 +163,23 @@ def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
             if os.path.exists(log) and text in Path(log).read_text():
                 return
             time.sleep(0.05)
-        raise AssertionError(f"{text!r} never appeared in the editor's log:\n"
-                             + (Path(log).read_text() if os.path.exists(log) else "(no log)"))
+        raise AssertionError(
+            f"{text!r} never appeared in the editor's log:\n"
+            + (Path(log).read_text() if os.path.exists(log) else "(no log)")
+        )
 
     with Testbed(kind="test", delay=False) as bed:
         host, wd = bed.host, bed.workdir
         fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
-        apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", fifo],
-                 "runtime_aware": True, "log": log},
-                {"name": "sleeper", "argv": ["sleep", "600"]}]
+        apps = [
+            {
+                "name": "editor",
+                "argv": [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", fifo],
+                "runtime_aware": True,
+                "log": log,
+            },
+            {"name": "sleeper", "argv": ["sleep", "600"]},
+        ]
         bed.deploy(s, apps)
         wait_log("loaded seq=0 lines=0")
         fd = os.open(fifo, os.O_WRONLY)
@@ -177,9 +190,9 @@ def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
         assert r.processes_before == 2 and r.processes_recovered == 2
         assert "process migration" in [p.name for p in r.phases]
         assert any("1 processes migrated with their state, 1 restarted" in n for n in r.notes)
-        wait_log("loaded seq=")                     # the resurrected editor ...
+        wait_log("loaded seq=")  # the resurrected editor ...
         loaded = [ln for ln in Path(log).read_text().splitlines() if ln.startswith("loaded")]
-        assert loaded[-1].split()[2] == "lines=3"   # ... continues with its unsaved buffer
+        assert loaded[-1].split()[2] == "lines=3"  # ... continues with its unsaved buffer
 
 
 # --- adopted clean pages are checked on first use (in one process, no FUSE) -------------
@@ -187,9 +200,10 @@ def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
 def adopted(tmp_path):
     """A kernel that cached a file's pages (clean, on disk) and died; a new kernel on the same
     memory and disk that adopted them unchecked. Yields (old vfs, new vfs, ino, data)."""
-    from systems.orthros.adopt import collect
     from kernel.core.vfs import VFS
+    from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
+
     st = Stack(tmp_path, write_cache=False)
     ino = st.vfs.create(1, b"f", 0o100644, 0, 0).ino
     data = os.urandom(8 * PAGE)
@@ -205,21 +219,21 @@ def adopted(tmp_path):
 def test_a_corrupted_unchecked_page_is_never_served(adopted):
     old, new, ino, data = adopted
     f = old.pc.index[(ino, 3)]
-    old.mem.write(old.lay.frame_phys(f) + 100, b"wild")   # after the adoption, before any use
+    old.mem.write(old.lay.frame_phys(f) + 100, b"wild")  # after the adoption, before any use
     u = new.pc.unchecked
-    assert new.read(ino, 0, len(data)) == data           # page 3 comes from the disk instead
+    assert new.read(ino, 0, len(data)) == data  # page 3 comes from the disk instead
     assert len(u.rejected) == 1 and u.rejected[0].kind == "page frame"
-    assert u.good == 7 and u.dropped == 0                 # checked with page 0, as read ahead
+    assert u.good == 7 and u.dropped == 0  # checked with page 0, as read ahead
     assert new.pc.unchecked is None
 
 
 def test_unchecked_pages_written_or_truncated_first_are_dropped_unread(adopted):
     old, new, ino, data = adopted
     u = new.pc.unchecked
-    new.write(ino, 2 * PAGE + 10, b"new")                 # a partial write reads the page first
-    new.setattr(ino, size=5 * PAGE + 7)                   # pages 5.. dropped, page 5 a tail
-    new.write(ino, 6 * PAGE, b"end")                      # the rest of page 5 reads as zeros
-    want = data[:2 * PAGE + 10] + b"new" + data[2 * PAGE + 13:5 * PAGE + 7]
+    new.write(ino, 2 * PAGE + 10, b"new")  # a partial write reads the page first
+    new.setattr(ino, size=5 * PAGE + 7)  # pages 5.. dropped, page 5 a tail
+    new.write(ino, 6 * PAGE, b"end")  # the rest of page 5 reads as zeros
+    want = data[: 2 * PAGE + 10] + b"new" + data[2 * PAGE + 13 : 5 * PAGE + 7]
     want += bytes(6 * PAGE - len(want)) + b"end"
     assert new.read(ino, 0, 7 * PAGE) == want
     assert new.pc.check_unchecked(100) == 0
@@ -232,20 +246,25 @@ def adopted_dirty(tmp_path):
     """A kernel that wrote a file (v1, 16 pages, on disk), dropped the clean pages from its
     cache, then rewrote pages 4-7 (v2, dirty, never synced) and died; a new kernel that
     adopted them unchecked. Yields (stack, old vfs, new vfs, ino, what the file must read)."""
-    from systems.orthros.adopt import collect
     from kernel.core.vfs import VFS
+    from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
+
     st = Stack(tmp_path, write_cache=False)
     ino = st.vfs.create(1, b"f", 0o100644, 0, 0).ino
     v1, v2 = os.urandom(16 * PAGE), os.urandom(4 * PAGE)
     st.vfs.write(ino, 0, v1)
     st.vfs.fsync(ino)
-    st.vfs.pc.reclaim(16)                                 # pages 0-3 and 8-15: only on disk
+    st.vfs.pc.reclaim(16)  # pages 0-3 and 8-15: only on disk
     st.vfs.write(ino, 4 * PAGE, v2)
     h = collect(st.mem, 0, MEM, 0)
-    assert (h.adopted.unchecked.left, h.adopted.unchecked.left_dirty, len(h.adopted.frames)) == (4, 4, 0)
+    assert (h.adopted.unchecked.left, h.adopted.unchecked.left_dirty, len(h.adopted.frames)) == (
+        4,
+        4,
+        0,
+    )
     new = VFS(st.mem, st.lay, st.dev, h.adopted)
-    yield st, st.vfs, new, ino, v1[:4 * PAGE] + v2 + v1[8 * PAGE:]
+    yield st, st.vfs, new, ino, v1[: 4 * PAGE] + v2 + v1[8 * PAGE :]
     st.close()
 
 
@@ -256,7 +275,7 @@ def on_disk(st, vfs, ino: int, npages: int) -> bytes:
 def test_unchecked_dirty_pages_are_served_and_written_back(adopted_dirty):
     st, old, new, ino, want = adopted_dirty
     u = new.pc.unchecked
-    assert new.read(ino, 0, len(want)) == want           # the read-ahead stops at page 4
+    assert new.read(ino, 0, len(want)) == want  # the read-ahead stops at page 4
     assert (u.good_dirty, new.pc.ndirty) == (4, 4)
     new.fsync(ino)
     assert on_disk(st, new, ino, 16) == want and new.pc.ndirty == 0
@@ -265,14 +284,14 @@ def test_unchecked_dirty_pages_are_served_and_written_back(adopted_dirty):
 def test_write_back_checks_unchecked_dirty_pages_and_never_writes_a_corrupted_one(adopted_dirty):
     st, old, new, ino, want = adopted_dirty
     f = old.pc.index[(ino, 6)]
-    old.mem.write(old.lay.frame_phys(f) + 100, b"wild")   # after the adoption, before any use
+    old.mem.write(old.lay.frame_phys(f) + 100, b"wild")  # after the adoption, before any use
     u = new.pc.unchecked
-    new.fsync(ino)                                        # checks pages 4-7 first
+    new.fsync(ino)  # checks pages 4-7 first
     assert len(u.rejected) == 1 and u.rejected[0].kind == "page frame" and u.good_dirty == 3
     disk = on_disk(st, new, ino, 16)
-    assert disk[6 * PAGE:7 * PAGE] != want[6 * PAGE:7 * PAGE]   # v1's page 6, not the wild one
-    assert disk[:6 * PAGE] == want[:6 * PAGE] and disk[7 * PAGE:] == want[7 * PAGE:]
-    with pytest.raises(OSError) as e:                     # lost: EIO, not v1's stale page 6
+    assert disk[6 * PAGE : 7 * PAGE] != want[6 * PAGE : 7 * PAGE]  # v1's page 6, not the wild one
+    assert disk[: 6 * PAGE] == want[: 6 * PAGE] and disk[7 * PAGE :] == want[7 * PAGE :]
+    with pytest.raises(OSError) as e:  # lost: EIO, not v1's stale page 6
         new.read(ino, 6 * PAGE, PAGE)
     assert e.value.errno == errno.EIO and new.pc.lost.pages == {ino: {6}}
     assert any(w.startswith(f"inode {ino} page 6: dirty page rejected") for w in new.pc.lost.why)
@@ -288,16 +307,16 @@ def test_a_lost_page_is_eio_until_overwritten_whole_or_truncated(adopted_dirty):
             new.read(ino, off, n)
         assert e.value.errno == errno.EIO
     assert new.pc.lost.pages == {ino: {5, 6}}
-    assert new.read(ino, 0, 5 * PAGE) == want[:5 * PAGE]        # read-ahead stopped short of 5
+    assert new.read(ino, 0, 5 * PAGE) == want[: 5 * PAGE]  # read-ahead stopped short of 5
     with pytest.raises(OSError):
-        new.write(ino, 5 * PAGE + 10, b"part")                  # nothing sound to merge into
-    new.write(ino, 5 * PAGE, b"w" * PAGE)                       # whole: page 5 is data again
+        new.write(ino, 5 * PAGE + 10, b"part")  # nothing sound to merge into
+    new.write(ino, 5 * PAGE, b"w" * PAGE)  # whole: page 5 is data again
     assert new.read(ino, 5 * PAGE, PAGE) == b"w" * PAGE
-    new.setattr(ino, size=6 * PAGE + 10)                        # page 6 stays lost (a tail)
+    new.setattr(ino, size=6 * PAGE + 10)  # page 6 stays lost (a tail)
     with pytest.raises(OSError):
         new.read(ino, 6 * PAGE, 10)
-    new.setattr(ino, size=6 * PAGE)                             # truncated away
-    assert new.pc.lost.pages == {} and new.read(ino, 0, 7 * PAGE) == want[:5 * PAGE] + b"w" * PAGE
+    new.setattr(ino, size=6 * PAGE)  # truncated away
+    assert new.pc.lost.pages == {} and new.read(ino, 0, 7 * PAGE) == want[: 5 * PAGE] + b"w" * PAGE
 
 
 def test_a_lost_in_core_inode_with_dirty_pages_reads_as_eio_not_size_0(tmp_path):
@@ -306,14 +325,15 @@ def test_a_lost_in_core_inode_with_dirty_pages_reads_as_eio_not_size_0(tmp_path)
     from kernel.core.vfs import VFS
     from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
+
     st = Stack(tmp_path, write_cache=False)
     a = st.vfs.create(1, b"a", 0o100644, 0, 0).ino
     b = st.vfs.create(1, b"b", 0o100644, 0, 0).ino
-    st.vfs.fsyncdir(1)                                          # both exist on disk, size 0
+    st.vfs.fsyncdir(1)  # both exist on disk, size 0
     st.vfs.write(a, 0, b"a" * 3 * PAGE)
     st.vfs.write(b, 0, b"b" * 2 * PAGE)
     links = st.vfs.ic.phys(a) + ICORE.dtype.fields["next_dirty"][1]
-    st.mem.write(links, os.urandom(16))                         # a wild write, checksum stale
+    st.mem.write(links, os.urandom(16))  # a wild write, checksum stale
     h = collect(st.mem, 0, MEM, 0)
     new = VFS(st.mem, st.lay, st.dev, h.adopted)
     with pytest.raises(OSError) as e:
@@ -322,7 +342,7 @@ def test_a_lost_in_core_inode_with_dirty_pages_reads_as_eio_not_size_0(tmp_path)
     assert new.read(b, 0, 2 * PAGE) == b"b" * 2 * PAGE
     why = "\n".join(new.pc.lost.why)
     assert f"inode {a} (the whole file): its in-core inode" in why and f"inode {a} page 2:" in why
-    new.setattr(a, size=0)                                      # truncated to 0: a file again
+    new.setattr(a, size=0)  # truncated to 0: a file again
     assert new.read(a, 0, PAGE) == b""
 
 
@@ -330,20 +350,21 @@ def test_partial_writes_truncation_and_reclaim_keep_unchecked_dirty_data(adopted
     st, old, new, ino, want = adopted_dirty
     u = new.pc.unchecked
     assert new.pc.reclaim(100) == 0 and u.left_dirty == 4  # a dirty page's data is nowhere else
-    new.write(ino, 5 * PAGE + 10, b"new")                # the rest of page 5 stays v2
-    new.setattr(ino, size=7 * PAGE + 7)                  # page 7 becomes a tail of v2
-    want = want[:5 * PAGE + 10] + b"new" + want[5 * PAGE + 13:7 * PAGE + 7]
+    new.write(ino, 5 * PAGE + 10, b"new")  # the rest of page 5 stays v2
+    new.setattr(ino, size=7 * PAGE + 7)  # page 7 becomes a tail of v2
+    want = want[: 5 * PAGE + 10] + b"new" + want[5 * PAGE + 13 : 7 * PAGE + 7]
     assert new.read(ino, 0, 8 * PAGE) == want
     assert u.rejected == [] and u.good_dirty == 4 and new.pc.unchecked is None
 
 
 def test_verdicts_computed_without_the_lock_skip_pages_used_meanwhile(adopted_dirty):
     from kernel.core.memreader import check_pages
+
     st, old, new, ino, want = adopted_dirty
     u = new.pc.unchecked
     pos = np.flatnonzero(u.open)
     desc_ok, ok = check_pages(new.mem, new.lay, u.frames[pos])
-    assert new.read(ino, 5 * PAGE, 10) == want[5 * PAGE:5 * PAGE + 10]   # page 5 checked on use
+    assert new.read(ino, 5 * PAGE, 10) == want[5 * PAGE : 5 * PAGE + 10]  # page 5 checked on use
     new.pc.settle_checked(pos, desc_ok, ok)
     assert u.rejected == [] and u.good_dirty == 4 and new.pc.ndirty == 4
     assert new.read(ino, 0, len(want)) == want
@@ -353,9 +374,11 @@ def test_the_second_checker_agrees_with_a_check_done_alone(tmp_path):
     """The backup shares the page checks with a helper process (systems/orthros/checker.py):
     the same verdict for every page, a corrupted frame and descriptor included."""
     import numpy as np
+
     from kernel.core.memreader import check_pages
     from systems.orthros.checker import Checker
     from tests.stack import Stack
+
     st = Stack(tmp_path)
     ino = st.vfs.create(1, b"f", 0o100644, 0, 0).ino
     st.vfs.write(ino, 0, os.urandom(1500 * PAGE))
@@ -371,7 +394,9 @@ def test_the_second_checker_agrees_with_a_check_done_alone(tmp_path):
         c.close()
         st.close()
     assert (alone[0] == shared[0]).all() and (alone[1] == shared[1]).all()
-    assert np.flatnonzero(~shared[1]).tolist() == [700, 1200] and np.flatnonzero(~shared[0]).tolist() == [1200]
+    assert np.flatnonzero(~shared[1]).tolist() == [700, 1200] and np.flatnonzero(
+        ~shared[0]
+    ).tolist() == [1200]
 
 
 def _policies(pid: int) -> dict[int, int]:
@@ -388,7 +413,7 @@ def test_the_re_paired_backup_stands_by_at_normal_priority(orthros):
     standby every thread of it and of its checker must be SCHED_OTHER again: an idle
     heartbeat or takeover would starve under load."""
     host, s = orthros
-    crash(host, s, "panic")                  # returns with the re-paired backup in standby
+    crash(host, s, "panic")  # returns with the re-paired backup in standby
     backup = host.kernels[s.backup].proc.pid
     checker = [int(c) for c in open(f"/proc/{backup}/task/{backup}/children").read().split()]
     assert checker, "the backup's checker process is missing"
@@ -405,6 +430,7 @@ def test_adopted_dirty_inodes_keep_their_age_and_are_written_back_on_schedule(tm
     from kernel.core.vfs import VFS
     from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
+
     st = Stack(tmp_path, write_cache=False)
     old_ino = st.vfs.create(1, b"old", 0o100644, 0, 0).ino
     new_ino = st.vfs.create(1, b"new", 0o100644, 0, 0).ino
@@ -417,18 +443,18 @@ def test_adopted_dirty_inodes_keep_their_age_and_are_written_back_on_schedule(tm
     st.vfs.ic._write(old_ino)
     h = collect(st.mem, 0, MEM, 0)
     new = VFS(st.mem, st.lay, st.dev, h.adopted)
-    assert new.ic.dirty_inodes()[-1] == old_ino            # the list's tail is the oldest
+    assert new.ic.dirty_inodes()[-1] == old_ino  # the list's tail is the oldest
     new.writeback.flush_expired()
     assert on_disk(st, new, old_ino, 6) == old_data and not new.pc.dirty.get(old_ino)
     assert new.fs.iget(old_ino).size == len(old_data)
-    assert new_ino in new.ic.dirty_inodes() and len(new.pc.dirty_pages(new_ino)) == 3   # young
+    assert new_ino in new.ic.dirty_inodes() and len(new.pc.dirty_pages(new_ino)) == 3  # young
     st.close()
 
 
 def test_fs_corrupt_in_the_running_transaction_never_reaches_the_disk(orthros):
     host, s = orthros
     mnt = Path(s.mount)
-    with open(mnt / "synced", "wb") as f:          # an inode with blocks for the fault to hit
+    with open(mnt / "synced", "wb") as f:  # an inode with blocks for the fault to hit
         f.write(os.urandom(20 * PAGE))
         f.flush()
         os.fsync(f.fileno())
@@ -449,16 +475,22 @@ def test_acknowledged_files_survive_a_crash_inside_a_file_system_operation(orthr
     import hashlib
     import subprocess
     import sys
+
     host, s = orthros
     mnt = Path(s.mount)
     files = write_unsynced(mnt, "u")
     (mnt / "fsynced").write_bytes(os.urandom(7 * PAGE))
     reply = host.control(s.active, {"cmd": "inject", "fault": "panic", "site": "writeback"})
     assert reply["ok"], reply
-    code = ("import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); "
-            "os.write(fd, b'x' * 9000); os.fsync(fd)")
-    syncer = subprocess.Popen([sys.executable, "-c", code, str(mnt / "fsynced")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        "import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); "
+        "os.write(fd, b'x' * 9000); os.fsync(fd)"
+    )
+    syncer = subprocess.Popen(
+        [sys.executable, "-c", code, str(mnt / "fsynced")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         r = check_report(s.on_crash(reply, timeout=30))
     finally:

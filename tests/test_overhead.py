@@ -1,5 +1,6 @@
 """`crashbench overhead`: the steady-state checker, the paired figures, vanilla's kernel,
 one tiny end-to-end run through the CLI, and bad input refused. No timing goals here."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ from harness.checkers.steady import steady, window
 
 
 def op(process, f, t0, t1, type_="ok"):
-    return [history.event("invoke", process, f, time_s=t0),
-            history.event(type_, process, f, time_s=t1)]
+    return [
+        history.event("invoke", process, f, time_s=t0),
+        history.event(type_, process, f, time_s=t1),
+    ]
 
 
 def hand_made() -> list[dict]:
@@ -26,11 +29,11 @@ def hand_made() -> list[dict]:
     ev = []
     for i, lat in enumerate([0.1, 0.2, 0.3, 0.4, 0.5]):
         ev += op(i % 2, "write" if i % 2 else "read", 12.0 + i - lat, 12.0 + i)
-    ev += op(0, "read", 9.0, 9.5)            # before the window
-    ev += op(1, "read", 19.9, 20.0)          # completes at its end: outside [10, 20)
+    ev += op(0, "read", 9.0, 9.5)  # before the window
+    ev += op(1, "read", 19.9, 20.0)  # completes at its end: outside [10, 20)
     ev += op(2, "write", 13.0, 13.1, "fail")
     ev += op(3, "write", 14.0, 16.0, "info")
-    ev += op(history.NEMESIS, "crash", 11.0, 11.0, "info")   # not load
+    ev += op(history.NEMESIS, "crash", 11.0, 11.0, "info")  # not load
     ev.append(history.event("info", history.NEMESIS, "steady-start", time_s=10.0))
     ev.append(history.event("info", history.NEMESIS, "steady-end", time_s=20.0))
     return sorted(ev, key=lambda e: e["time"])
@@ -53,7 +56,7 @@ def test_steady_throughput_and_percentiles_are_exact():
 def test_steady_window_given_overrides_and_an_empty_window_has_no_latency():
     ev = hand_made()
     assert window(ev) == (10.0, 20.0)
-    s = steady(ev, 11.5, 12.5)              # only the op completing at 12.0
+    s = steady(ev, 11.5, 12.5)  # only the op completing at 12.0
     assert s["ok_ops"] == 1 and s["throughput_ops_s"] == pytest.approx(1.0)
     assert s["latency_s"]["p50"] == pytest.approx(0.1)
     empty = steady(ev, 100.0, 101.0)
@@ -71,28 +74,51 @@ def test_steady_refuses_a_history_without_a_window():
 
 def _run(scheme, rnd, thr, p50, micro=None):
     if micro is not None:
-        return {"id": f"{scheme}-micro-{rnd}", "scheme": scheme, "workload": "micro",
-                "round": rnd, "seed": 1 + rnd, "phases": [], "figures": micro, "error": None}
-    return {"id": f"{scheme}-files-{rnd}", "scheme": scheme, "workload": "files", "round": rnd,
-            "seed": 1 + rnd, "phases": [], "error": None,
-            "figures": {"ok_ops": 10, "throughput_ops_s": thr,
-                        "latency_s": {"p50": p50, "p95": 2 * p50, "p99": 3 * p50}}}
+        return {
+            "id": f"{scheme}-micro-{rnd}",
+            "scheme": scheme,
+            "workload": "micro",
+            "round": rnd,
+            "seed": 1 + rnd,
+            "phases": [],
+            "figures": micro,
+            "error": None,
+        }
+    return {
+        "id": f"{scheme}-files-{rnd}",
+        "scheme": scheme,
+        "workload": "files",
+        "round": rnd,
+        "seed": 1 + rnd,
+        "phases": [],
+        "error": None,
+        "figures": {
+            "ok_ops": 10,
+            "throughput_ops_s": thr,
+            "latency_s": {"p50": p50, "p95": 2 * p50, "p99": 3 * p50},
+        },
+    }
 
 
 def test_figures_pair_rounds_with_vanilla():
     from harness import overhead
-    runs = [_run("vanilla", 0, 100.0, 0.010), _run("orthros", 0, 99.0, 0.011),
-            _run("vanilla", 1, 50.0, 0.020), _run("orthros", 1, 48.0, 0.020),
-            _run("vanilla", 0, 0, 0, micro={"stat": [1e-4, 2e-4, 3e-4]}),
-            _run("orthros", 0, 0, 0, micro={"stat": [3e-4, 4e-4, 5e-4]})]
-    runs.append({**_run("orthros", 2, 1.0, 1.0), "error": "DriverError: x"})   # ignored
+
+    runs = [
+        _run("vanilla", 0, 100.0, 0.010),
+        _run("orthros", 0, 99.0, 0.011),
+        _run("vanilla", 1, 50.0, 0.020),
+        _run("orthros", 1, 48.0, 0.020),
+        _run("vanilla", 0, 0, 0, micro={"stat": [1e-4, 2e-4, 3e-4]}),
+        _run("orthros", 0, 0, 0, micro={"stat": [3e-4, 4e-4, 5e-4]}),
+    ]
+    runs.append({**_run("orthros", 2, 1.0, 1.0), "error": "DriverError: x"})  # ignored
     f = overhead.figures(runs, ["orthros"], ["files"])
     o = f["workloads"]["files"]["orthros"]
     assert o["rounds"] == 2
     assert o["throughput_ops_s"]["mean"] == pytest.approx(73.5)
     assert o["ratio_to_vanilla"]["throughput_ops_s"]["mean"] == pytest.approx((0.99 + 0.96) / 2)
     assert o["overhead_pct"]["mean"] == pytest.approx((1 + 4) / 2)
-    assert o["overhead_pct"]["lo"] is None          # 2 rounds: no honest 95 % interval
+    assert o["overhead_pct"]["lo"] is None  # 2 rounds: no honest 95 % interval
     assert f["workloads"]["files"]["vanilla"]["overhead_pct"]["mean"] == 0
     m = f["micro"]["stat"]["orthros"]
     assert m["median_s"]["mean"] == pytest.approx(4e-4)
@@ -102,12 +128,22 @@ def test_figures_pair_rounds_with_vanilla():
 
 def test_plan_interleaves_and_rotates():
     from harness import overhead
+
     specs = overhead.plan(["orthros", "reboot"], ["files"], 3, 7, {}, {}, 5, None)
     order = [(overhead.run_id(s)) for s in specs]
-    assert order[:6] == ["vanilla-files-0", "vanilla-micro-0", "orthros-files-0",
-                         "orthros-micro-0", "reboot-files-0", "reboot-micro-0"]
-    assert [overhead.run_id(s) for s in specs[6:12:2]] == ["orthros-files-1", "reboot-files-1",
-                                                           "vanilla-files-1"]
+    assert order[:6] == [
+        "vanilla-files-0",
+        "vanilla-micro-0",
+        "orthros-files-0",
+        "orthros-micro-0",
+        "reboot-files-0",
+        "reboot-micro-0",
+    ]
+    assert [overhead.run_id(s) for s in specs[6:12:2]] == [
+        "orthros-files-1",
+        "reboot-files-1",
+        "vanilla-files-1",
+    ]
     assert {s.seed for s in specs if s.trial == 2} == {9}
 
 
@@ -116,18 +152,34 @@ def test_each_workload_warms_up_for_its_own_time_unless_one_is_given():
     of its own and gets the default; --warmup overrides every workload's."""
     from harness import overhead
     from harness.workloads.postgres import Postgres
-    assert overhead.warmups(["files", "postgres"], None, 2.0) == {"files": 2.0,
-                                                                  "postgres": Postgres.warmup_s}
+
+    assert overhead.warmups(["files", "postgres"], None, 2.0) == {
+        "files": 2.0,
+        "postgres": Postgres.warmup_s,
+    }
     assert overhead.warmups(["files", "postgres"], 0.5, 2.0) == {"files": 0.5, "postgres": 0.5}
-    specs = overhead.plan(["reboot"], ["files", "postgres"], 1, 1, {"warmup_s": 2.0}, {}, 5,
-                          None, {"files": 2.0, "postgres": 15.0})
+    specs = overhead.plan(
+        ["reboot"],
+        ["files", "postgres"],
+        1,
+        1,
+        {"warmup_s": 2.0},
+        {},
+        5,
+        None,
+        {"files": 2.0, "postgres": 15.0},
+    )
     assert [(s.workload, s.timing["warmup_s"]) for s in specs] == [
-        ("files", 2.0), ("postgres", 15.0), ("idle", 2.0)] * 2
+        ("files", 2.0),
+        ("postgres", 15.0),
+        ("idle", 2.0),
+    ] * 2
 
 
 @pytest.mark.root
 def test_vanilla_kernel_has_no_heartbeat():
     from harness.testbed import Testbed
+
     with Testbed(kind="test", delay=False) as bed:
         h = bed.host
         h.boot(0, extra=("--no-heartbeat",))
@@ -162,8 +214,14 @@ def test_cpu_sample_tells_the_heartbeat_thread_from_the_kernel():
     """A thread named like the heartbeat that runs 0.3 s of CPU is counted as heartbeat,
     to the nanosecond clock the thread itself reads; its idle main thread as kernel."""
     from harness import cpuuse
-    p = subprocess.Popen([sys.executable, "-c", SPINNER], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+
+    p = subprocess.Popen(
+        [sys.executable, "-c", SPINNER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
     try:
         assert p.stdout.readline() == "ready\n"
         roles = {cpuuse.KERNEL: [p.pid]}
@@ -193,6 +251,7 @@ def test_cpu_sample_moves_the_vmm_time_from_the_kernel_to_the_vmm(tmp_path):
     from harness import cpuuse
     from kernel.hw import vmm
     from kernel.hw.physmem import partition_layout
+
     region = vmm.Region.create(str(tmp_path / "vmm"), partition_layout(0, 0, 64 << 20), 64)
     region.counters[vmm.COUNTERS.index("busy_ns")] = 12_345
     region.close()
@@ -209,35 +268,70 @@ def test_the_load_runs_beside_the_active_partition_and_the_driver_returns():
     own; the driver's own CPUs are given back afterwards."""
     from harness.overhead import on_load_cpus
     from kernel.hw import machine
+
     m = machine.load()
     mine = os.sched_getaffinity(0)
     with on_load_cpus(m, 0):
-        out = subprocess.run([sys.executable, "-c",
-                              "import os; print(sorted(os.sched_getaffinity(0)))"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     assert json.loads(out) == sorted((mine - set(m.partition(0).cpus)) or mine)
     assert os.sched_getaffinity(0) == mine
 
 
 def crashbench(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def pyperf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyperf", *args], capture_output=True,
-                          text=True, timeout=60, cwd=cwd, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "pyperf", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="module")
 def overhead_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("overhead") / "o"
-    p = crashbench("overhead", "--schemes", "orthros", "--workloads", "files", "--rounds", "1",
-                   "--duration", "1", "--warmup", "0.5", "--micro-ops", "10",
-                    "--param", "clients=2", "--param", "max_kib=64", "--param", "corpus_mib=8",
-                    "--out", str(out), "--json")
+    p = crashbench(
+        "overhead",
+        "--schemes",
+        "orthros",
+        "--workloads",
+        "files",
+        "--rounds",
+        "1",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--micro-ops",
+        "10",
+        "--param",
+        "clients=2",
+        "--param",
+        "max_kib=64",
+        "--param",
+        "corpus_mib=8",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    doc = json.loads(p.stdout)            # --json: one document on stdout, nothing else
+    doc = json.loads(p.stdout)  # --json: one document on stdout, nothing else
     assert doc["kind"] == "crashbench overhead --json" and doc["dir"] == str(out)
     assert doc["figures"] == json.loads((out / "overhead.json").read_text())["figures"]
     assert all((out / f).is_file() for f in doc["files"])
@@ -247,10 +341,15 @@ def overhead_dir(tmp_path_factory) -> Path:
 @pytest.mark.root
 def test_overhead_json_is_valid_and_complete(overhead_dir):
     from harness import overhead
-    doc = overhead.load(overhead_dir)            # validates against the schema
+
+    doc = overhead.load(overhead_dir)  # validates against the schema
     assert doc["schema_version"] == 1 and doc["kind"] == "crashbench overhead"
-    assert [r["id"] for r in doc["runs"]] == ["vanilla-files-0", "vanilla-micro-0",
-                                              "orthros-files-0", "orthros-micro-0"]
+    assert [r["id"] for r in doc["runs"]] == [
+        "vanilla-files-0",
+        "vanilla-micro-0",
+        "orthros-files-0",
+        "orthros-micro-0",
+    ]
     assert all(r["error"] is None for r in doc["runs"])
     files = doc["figures"]["workloads"]["files"]
     for s in ("vanilla", "orthros"):
@@ -260,8 +359,11 @@ def test_overhead_json_is_valid_and_complete(overhead_dir):
     assert set(doc["figures"]["micro"]) == {"write-4k", "fsync", "create", "stat"}
     assert doc["resources"]["orthros"]["cores"] == 1
     assert doc["resources"]["orthros"]["memory_bytes"] > 0
-    assert doc["resources"]["vanilla"] == {**doc["resources"]["vanilla"], "cores": 0,
-                                           "memory_bytes": 0}
+    assert doc["resources"]["vanilla"] == {
+        **doc["resources"]["vanilla"],
+        "cores": 0,
+        "memory_bytes": 0,
+    }
     assert (overhead_dir / "report.md").read_text().count("| orthros |") >= 1
     assert doc["parameters"]["warmup_runs"] == 1
     assert doc["parameters"]["warmup_s"] == {"files": 0.5}
@@ -280,6 +382,7 @@ def test_cpu_by_role_tells_the_machinery_apart(overhead_dir):
     and standby kept a CPU busy for a measurable time, and so did the kernel serving the
     load and the clients making it."""
     from harness import cpuuse, overhead
+
     doc = overhead.load(overhead_dir)
     runs = {r["id"]: r["cpu_cores"] for r in doc["runs"]}
     assert set(runs["vanilla-files-0"]) == set(cpuuse.ROLES)
@@ -303,29 +406,37 @@ def test_pyperf_reads_and_compares_the_suites(overhead_dir):
         p = pyperf("stats", f"{s}.pyperf.json", cwd=overhead_dir)
         assert p.returncode == 0, p.stderr
         assert "micro-fsync" in p.stdout and "files-time-per-op" in p.stdout
-    p = pyperf("compare_to", "vanilla.pyperf.json", "orthros.pyperf.json", "--table",
-               cwd=overhead_dir)
+    p = pyperf(
+        "compare_to", "vanilla.pyperf.json", "orthros.pyperf.json", "--table", cwd=overhead_dir
+    )
     assert p.returncode == 0, p.stderr
     assert "files-latency-p99" in p.stdout
-    names = {json.loads((overhead_dir / f"{s}.pyperf.json").read_text())["benchmarks"][0]
-             ["metadata"]["name"] for s in ("vanilla", "orthros")}
+    names = {
+        json.loads((overhead_dir / f"{s}.pyperf.json").read_text())["benchmarks"][0]["metadata"][
+            "name"
+        ]
+        for s in ("vanilla", "orthros")
+    }
     assert len(names) == 1
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--schemes", "orthros,nosuch"], "unknown scheme 'nosuch'"),
-    (["--schemes", "vanilla"], "always run"),
-    (["--schemes", "reboot,reboot"], "named twice"),
-    (["--workloads", "nosuch"], "unknown workload 'nosuch'"),
-    (["--workloads", "idle"], "unknown workload 'idle'"),
-    (["--rounds", "0"], "--rounds"),
-    (["--duration", "0"], "--duration"),
-    (["--warmup", "-1"], "--warmup"),
-    (["--micro-ops", "-5"], "--micro-ops"),
-    (["--warmup-runs", "-1"], "--warmup-runs"),
-    (["--param", "nosuch=1", "--workloads", "files"], "--param"),
-    (["--param", "postgres.clients=1", "--workloads", "files"], "not among --workloads"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--schemes", "orthros,nosuch"], "unknown scheme 'nosuch'"),
+        (["--schemes", "vanilla"], "always run"),
+        (["--schemes", "reboot,reboot"], "named twice"),
+        (["--workloads", "nosuch"], "unknown workload 'nosuch'"),
+        (["--workloads", "idle"], "unknown workload 'idle'"),
+        (["--rounds", "0"], "--rounds"),
+        (["--duration", "0"], "--duration"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--micro-ops", "-5"], "--micro-ops"),
+        (["--warmup-runs", "-1"], "--warmup-runs"),
+        (["--param", "nosuch=1", "--workloads", "files"], "--param"),
+        (["--param", "postgres.clients=1", "--workloads", "files"], "not among --workloads"),
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, says):
     out = tmp_path / "o"
     p = crashbench("overhead", *args, "--out", str(out), timeout=60)

@@ -1,6 +1,7 @@
 """Ownership records (harness/owners.py): a machine whose owner lives is never an orphan nor
 touched; one whose owner died, or whose pid now names another process, is; a damaged
 record is reported, never trusted."""
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,13 @@ def test_a_living_owner_is_no_orphan_and_its_machine_is_not_touched(tmp_path, re
 
 
 def test_a_dead_or_reused_owner_makes_an_orphan_that_clean_removes(tmp_path, registry):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    for tag, owner in (("d0d0d0", {"pid": int(dead), "start": 1}),
-                       ("e0e0e0", {"pid": os.getpid(), "start": 1})):   # pid reused
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    for tag, owner in (
+        ("d0d0d0", {"pid": int(dead), "start": 1}),
+        ("e0e0e0", {"pid": os.getpid(), "start": 1}),
+    ):  # pid reused
         wd = _scratch(tmp_path, tag)
         mem = tmp_path / f"mem-{tag}"
         mem.write_bytes(b"\0" * 4096)

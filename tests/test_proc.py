@@ -6,6 +6,7 @@ Every process a test starts is in a process set that the fixture fences and remo
 physical memory is a file in the test's tmp_path. Waits are bounded (WAIT_S) and never
 stand in for a result: what a test asserts is observed in /proc, a cgroup or memory.
 """
+
 import ctypes
 import ctypes.util
 import os
@@ -24,11 +25,25 @@ import pytest
 
 from kernel import param
 from kernel.core import rtaware
+from kernel.core.proc import (
+    MODES,
+    PF_FILES_OVERFLOW,
+    PF_RUNTIME_AWARE,
+    PF_USED,
+    PROC_ENTRY,
+    PROC_FILES,
+    App,
+    AppSpec,
+    LaunchError,
+    ProcError,
+    ProcessSet,
+    ProcTable,
+    cleanup_stale,
+    launch,
+    read_proc_table,
+)
 from kernel.hw import procset
 from kernel.hw.physmem import CorruptObject, PhysMem, partition_layout
-from kernel.core.proc import (MODES, PF_FILES_OVERFLOW, PF_RUNTIME_AWARE, PF_USED, PROC_ENTRY,
-                         PROC_FILES, App, AppSpec, LaunchError, ProcError, ProcessSet, ProcTable,
-                         cleanup_stale, launch, read_proc_table)
 
 ROOT = os.geteuid() == 0
 SIZE = 64 << 20
@@ -93,7 +108,7 @@ class Lab:
         self.pset = ProcessSet(self.tag, 0, mode)
         self.apps: list[App] = []
         self.others: list[subprocess.Popen] = []
-        self.strays: list[tuple[int, str | None]] = []   # (pid, start time): teardown kills
+        self.strays: list[tuple[int, str | None]] = []  # (pid, start time): teardown kills
 
     def launch(self, spec: AppSpec, **kw) -> App:
         kw.setdefault("cpus", (0,))
@@ -102,8 +117,13 @@ class Lab:
         return app
 
     def popen(self, code: str, **kw) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
-                             stdout=subprocess.PIPE, text=True, **kw)
+        p = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            **kw,
+        )
         self.others.append(p)
         return p
 
@@ -119,7 +139,7 @@ class Lab:
             for pid, start in self.strays:
                 if start is not None and _start(pid) == start:
                     os.kill(pid, signal.SIGKILL)
-            for a in self.apps:      # apps are in the set; this only reaps (or kills strays)
+            for a in self.apps:  # apps are in the set; this only reaps (or kills strays)
                 if a.alive():
                     a.popen.kill()
                 a.popen.wait()
@@ -145,8 +165,11 @@ def _kill_tree(registry: str) -> None:
         except (OSError, ValueError):
             pass
     with open(registry) as f:
-        todo = [int(x.split()[0]) for x in f if x[0].isdigit()
-                and procs.get(int(x.split()[0]), (0, None))[1] == x.split()[1]]
+        todo = [
+            int(x.split()[0])
+            for x in f
+            if x[0].isdigit() and procs.get(int(x.split()[0]), (0, None))[1] == x.split()[1]
+        ]
     seen = set()
     while todo:
         p = todo.pop()
@@ -165,8 +188,11 @@ def force_cleanup(t: str) -> None:
     still holds and remove it, so a failing test leaves nothing behind either."""
     for mode, path in procset._locations(f"{t}-p0").items():
         parent = os.path.dirname(path)
-        names = [n for n in (os.listdir(parent) if os.path.isdir(parent) else [])
-                 if n.startswith(f"{t}-p")]
+        names = [
+            n
+            for n in (os.listdir(parent) if os.path.isdir(parent) else [])
+            if n.startswith(f"{t}-p")
+        ]
         for n in names:
             d = os.path.join(parent, n)
             if mode == "pids":
@@ -235,11 +261,20 @@ def second_mapping(tmp_path) -> PhysMem:
 
 # ---------------------------------------------------------------- launching
 
+
 def test_launch_sets_cpus_set_env_cwd_and_log(lab, tmp_path):
     cpu = NCPU - 1
     log = tmp_path / "logs" / "app.log"
-    app = lab.launch(AppSpec("envapp", ["sh", "-c", 'echo "foo=$FOO"; pwd; exec sleep 1000'],
-                             cwd=str(tmp_path), env={"FOO": "bar baz"}, log=str(log)), cpus=(cpu,))
+    app = lab.launch(
+        AppSpec(
+            "envapp",
+            ["sh", "-c", 'echo "foo=$FOO"; pwd; exec sleep 1000'],
+            cwd=str(tmp_path),
+            env={"FOO": "bar baz"},
+            log=str(log),
+        ),
+        cpus=(cpu,),
+    )
     wait_for(lambda: log.exists() and str(tmp_path) in log.read_text(), "the app's log")
     wait_for(lambda: cmdline(app.pid) == [b"sleep", b"1000"], "the exec of sleep")  # exec settled
     st = status(app.pid)
@@ -249,7 +284,7 @@ def test_launch_sets_cpus_set_env_cwd_and_log(lab, tmp_path):
     with open(f"/proc/{app.pid}/environ", "rb") as f:
         assert b"FOO=bar baz" in f.read().split(b"\0")
     assert log.read_text().splitlines() == ["foo=bar baz", str(tmp_path)]
-    assert os.getpgid(app.pid) == app.pid           # its own process group
+    assert os.getpgid(app.pid) == app.pid  # its own process group
     assert app.alive()
     assert app.stop(timeout=WAIT_S) == -signal.SIGTERM
     assert not app.alive() and app.pid not in lab.pset.pids()
@@ -258,15 +293,22 @@ def test_launch_sets_cpus_set_env_cwd_and_log(lab, tmp_path):
 @pytest.mark.root
 def test_app_started_as_nobody_runs_as_nobody(lab, tmp_path):
     log = tmp_path / "id.log"
-    app = lab.launch(AppSpec("nobodyapp", ["sh", "-c", 'id -u; id -g; id -G; echo "$HOME"; exec sleep 1000'],
-                             cwd="/", user="nobody", log=str(log)))
+    app = lab.launch(
+        AppSpec(
+            "nobodyapp",
+            ["sh", "-c", 'id -u; id -g; id -G; echo "$HOME"; exec sleep 1000'],
+            cwd="/",
+            user="nobody",
+            log=str(log),
+        )
+    )
     wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 4, "the app's id output")
     wait_for(lambda: cmdline(app.pid) == [b"sleep", b"1000"], "the exec of sleep")
     nobody = __import__("pwd").getpwnam("nobody")
     uid, gid = str(nobody.pw_uid), str(nobody.pw_gid)
     st = status(app.pid)
     assert st["Uid"].split() == [uid] * 4 and st["Gid"].split() == [gid] * 4
-    assert st["Groups"].split() == [gid]            # root's supplementary groups dropped
+    assert st["Groups"].split() == [gid]  # root's supplementary groups dropped
     assert log.read_text().splitlines() == [uid, gid, gid, nobody.pw_dir]
     assert app.pid in lab.pset.pids()
 
@@ -336,11 +378,14 @@ def _spawn_family(lab, tmp_path, orphan: bool):
     """app -> child (setsid) -> grandchild; with `orphan` the child exits at once, so the
     grandchild is reparented away from the app: only a cgroup still knows it."""
     out = tmp_path / "grandchild.pid"
-    app = lab.launch(AppSpec("family", [sys.executable, "-c", GRANDCHILD, str(out),
-                                        "orphan" if orphan else "stay"]))
+    app = lab.launch(
+        AppSpec(
+            "family", [sys.executable, "-c", GRANDCHILD, str(out), "orphan" if orphan else "stay"]
+        )
+    )
     gpid = int(wait_for(lambda: out.exists() and out.read_text(), "the grandchild"))
     cpid = int((tmp_path / "grandchild.pid.child").read_text())
-    lab.strays += [(p, _start(p)) for p in (app.pid, cpid, gpid)]   # for teardown only
+    lab.strays += [(p, _start(p)) for p in (app.pid, cpid, gpid)]  # for teardown only
     n = 2 if orphan else 3
     wait_for(lambda: len(lab.pset.pids()) == n, f"{n} processes in the set")
     st = status(gpid)
@@ -362,7 +407,7 @@ def test_fence_kills_setsid_descendants(lab, tmp_path):
 def test_fence_kills_orphaned_setsid_grandchildren(cg_lab, tmp_path):
     lab = cg_lab
     app, gpid = _spawn_family(lab, tmp_path, orphan=True)
-    assert int(status(gpid)["PPid"]) != app.pid       # orphaned: outside the app's tree
+    assert int(status(gpid)["PPid"]) != app.pid  # orphaned: outside the app's tree
     rep = lab.pset.fence()
     assert rep.killed == 2 and set(rep.pids) == {app.pid, gpid}
     assert dead(app.pid) and dead(gpid)
@@ -415,7 +460,7 @@ def test_app_dies_with_its_kernel_not_with_the_launching_thread(lab):
     k, (app,) = _standin(lab, 1, join=False)
     # The thread that called launch() has exited; the app must not have been signalled.
     assert not doomed_or_dead(app)
-    os.kill(k.pid, signal.SIGKILL)                  # the kernel alone (not the set)
+    os.kill(k.pid, signal.SIGKILL)  # the kernel alone (not the set)
     k.wait()
     wait_for(lambda: dead(app), "the app to die with its kernel (PR_SET_PDEATHSIG)")
 
@@ -438,20 +483,24 @@ def test_a_process_never_fences_its_own_set(lab):
 
 # ---------------------------------------------------------------- set life cycle and modes
 
+
 def test_sets_attach_across_processes_and_cleanup_stale_removes_everything(lab, monkeypatch):
     monkeypatch.delenv(procset.MODE_ENV, raising=False)
-    other = ProcessSet(lab.tag, 0)                   # auto mode: attaches to the existing set
+    other = ProcessSet(lab.tag, 0)  # auto mode: attaches to the existing set
     assert (other.mode, other.path) == (lab.pset.mode, lab.pset.path)
     ps1 = ProcessSet(lab.tag, 1, lab.pset.mode)
     a0 = lab.launch(AppSpec("s0", ["sleep", "1000"]))
     a1 = launch(AppSpec("s1", ["sleep", "1000"]), ps1, cpus=(0,))
     lab.apps.append(a1)
     reports = cleanup_stale(lab.tag)
-    assert sorted((r.name, r.killed) for r in reports) == [(f"{lab.tag}-p0", 1), (f"{lab.tag}-p1", 1)]
+    assert sorted((r.name, r.killed) for r in reports) == [
+        (f"{lab.tag}-p0", 1),
+        (f"{lab.tag}-p1", 1),
+    ]
     assert dead(a0.pid) and dead(a1.pid)
     assert not lab.pset.exists() and not ps1.exists()
-    lab.pset.remove()                                # idempotent
-    assert lab.pset.fence().killed == 0              # a fence of a set that is gone is a no-op
+    lab.pset.remove()  # idempotent
+    assert lab.pset.fence().killed == 0  # a fence of a set that is gone is a no-op
     with pytest.raises(ProcError, match="does not exist"):
         ProcessSet(lab.tag, 0, create=False)
 
@@ -459,7 +508,7 @@ def test_sets_attach_across_processes_and_cleanup_stale_removes_everything(lab, 
 def test_unusable_cgroups_degrade_to_the_pids_registry(tmp_path, monkeypatch):
     fake = {"cgroup2": str(tmp_path / "v2"), "freezer": str(tmp_path / "v1")}
     for p in fake.values():
-        os.mkdir(p)                                  # plain directories, not cgroups
+        os.mkdir(p)  # plain directories, not cgroups
     monkeypatch.setattr(procset, "_cgroup_mounts", lambda: fake)
     monkeypatch.delenv(procset.MODE_ENV, raising=False)
     t = tag()
@@ -477,6 +526,7 @@ def test_unusable_cgroups_degrade_to_the_pids_registry(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the process table
 
+
 def fake_app(pid: int, name: str, argv=("prog", "--x"), runtime_aware=False, uid=0) -> App:
     popen = SimpleNamespace(pid=pid, poll=lambda: None)
     return App(AppSpec(name, list(argv), runtime_aware=runtime_aware), popen, (0,), uid)
@@ -493,12 +543,12 @@ def test_proc_table_round_trip_from_a_second_mapping(mem, tmp_path):
     s_editor = tab.register(editor, state_slot=ss)
     s_web = tab.register(web)
     assert tab.record_open(4242, 17, os.O_RDWR)
-    assert tab.record_open(4242, 17, os.O_RDWR)     # same file twice: two references
+    assert tab.record_open(4242, 17, os.O_RDWR)  # same file twice: two references
     assert tab.record_open(4242, 18, os.O_RDONLY)
     assert tab.record_open(4343, 99, os.O_WRONLY | os.O_APPEND)
     assert tab.record_close(4242, 18)
-    assert not tab.record_open(999999, 5, 0)       # not a registered app
-    assert not tab.record_close(4343, 12345)        # never opened
+    assert not tab.record_open(999999, 5, 0)  # not a registered app
+    assert not tab.record_close(4343, 12345)  # never opened
     table = range(lay.proc, lay.proc + lay.n_proc * PROC_ENTRY.size)
     assert len(seen) == 7 and all(p in table and p + n - 1 in table for p, n in seen)
 
@@ -519,7 +569,9 @@ def test_proc_table_round_trip_from_a_second_mapping(mem, tmp_path):
     w = by["web"]
     assert (w["slot"], w["state_slot"], w["runtime_aware"]) == (s_web, None, False)
     assert w["files"] == [{"ino": 99, "oflags": os.O_WRONLY | os.O_APPEND, "refs": 1}]
-    assert sorted(tab.entries(), key=lambda x: x["slot"]) == sorted(entries, key=lambda x: x["slot"])
+    assert sorted(tab.entries(), key=lambda x: x["slot"]) == sorted(
+        entries, key=lambda x: x["slot"]
+    )
 
     assert tab.unregister(4343) and not tab.unregister(4343)
     entries, rejected = read_proc_table(mem, lay)
@@ -562,15 +614,19 @@ def test_read_proc_table_rejects_each_corruption_with_its_own_message(mem, tmp_p
     tab = ProcTable(mem, lay)
     slots = [tab.register(fake_app(100 + i, f"app{i}")) for i in range(5)]
     phys = [tab.phys(s) for s in slots]
-    mem.write(phys[0], b"XXXX")                                          # bad magic
+    mem.write(phys[0], b"XXXX")  # bad magic
     raw = bytearray(mem.read(phys[1], PROC_ENTRY.size))
-    raw[40] ^= 0x01                                                      # a bit of the name
+    raw[40] ^= 0x01  # a bit of the name
     mem.write(phys[1], bytes(raw))
-    mem.write(phys[2], PROC_ENTRY.encode(flags=PF_USED | PF_RUNTIME_AWARE, pid=102, state_slot=999,
-                                         name=b"app2"))                  # valid, but out of bounds
-    for p, pid in ((phys[3], 103), (phys[4], 104)):                      # one segment, two owners
-        mem.write(p, PROC_ENTRY.encode(flags=PF_USED | PF_RUNTIME_AWARE, pid=pid, state_slot=3,
-                                       name=b"dup"))
+    mem.write(
+        phys[2],
+        PROC_ENTRY.encode(flags=PF_USED | PF_RUNTIME_AWARE, pid=102, state_slot=999, name=b"app2"),
+    )  # valid, but out of bounds
+    for p, pid in ((phys[3], 103), (phys[4], 104)):  # one segment, two owners
+        mem.write(
+            p,
+            PROC_ENTRY.encode(flags=PF_USED | PF_RUNTIME_AWARE, pid=pid, state_slot=3, name=b"dup"),
+        )
     r = second_mapping(tmp_path)
     try:
         entries, rejected = read_proc_table(r, lay)
@@ -589,14 +645,19 @@ def test_read_proc_table_rejects_each_corruption_with_its_own_message(mem, tmp_p
 
 # ---------------------------------------------------------------- runtime-aware state
 
+
 @pytest.fixture
 def seg(mem, tmp_path):
     lay = partition_layout(0, 0, SIZE)
     phys = lay.state_phys(2)
     rtaware.clear_state(mem, phys, LEN)
-    s = rtaware.StateSegment.from_env({rtaware.ENV_PHYSMEM: str(tmp_path / "physmem"),
-                                       rtaware.ENV_STATE_PHYS: str(phys),
-                                       rtaware.ENV_STATE_LEN: str(LEN)})
+    s = rtaware.StateSegment.from_env(
+        {
+            rtaware.ENV_PHYSMEM: str(tmp_path / "physmem"),
+            rtaware.ENV_STATE_PHYS: str(phys),
+            rtaware.ENV_STATE_LEN: str(LEN),
+        }
+    )
     try:
         yield s
     finally:
@@ -624,22 +685,23 @@ def _torn(seg, new: bytes, cut: int) -> None:
     _, stores = seg.plan(new)
     for off, data in stores:
         n = min(len(data), max(0, cut))
-        seg.mm[off:off + n] = data[:n]
+        seg.mm[off : off + n] = data[:n]
         cut -= len(data)
 
 
-@pytest.mark.parametrize("prior,new", [(b"older", b"A" * 1000),
-                                       (b"old state", b"old state+more"),
-                                       (b"older", os.urandom(5000))],
-                         ids=["other", "extends-old", "random"])
+@pytest.mark.parametrize(
+    "prior,new",
+    [(b"older", b"A" * 1000), (b"old state", b"old state+more"), (b"older", os.urandom(5000))],
+    ids=["other", "extends-old", "random"],
+)
 def test_a_torn_save_keeps_the_previous_valid_state(seg, tmp_path, prior, new):
     old = b"old state"
-    seg.save(prior)         # the half the next save overwrites
+    seg.save(prior)  # the half the next save overwrites
     seg.save(old)
     _, stores = seg.plan(new)
     total = sum(len(d) for _, d in stores)
     plen = len(stores[0][1])
-    cuts = sorted({0, 1, plen // 2, plen - 1, plen, *range(plen, total)})   # every header byte
+    cuts = sorted({0, 1, plen // 2, plen - 1, plen, *range(plen, total)})  # every header byte
     base = bytes(seg.mm[:])
     r = second_mapping(tmp_path)
     try:
@@ -649,21 +711,21 @@ def test_a_torn_save_keeps_the_previous_valid_state(seg, tmp_path, prior, new):
             assert seg.load() == old, f"crash after {cut} of {total} bytes"
             assert rtaware.read_state(r, seg.phys, LEN) == old
         seg.mm[:] = base
-        _torn(seg, new, total)                       # the save completed
+        _torn(seg, new, total)  # the save completed
         assert seg.load() == new and rtaware.read_state(r, seg.phys, LEN) == new
     finally:
         r.close()
 
 
 def test_a_torn_first_save_leaves_no_state(seg, tmp_path):
-    _torn(seg, b"x" * 100, 100)                      # payload written, header not yet
+    _torn(seg, b"x" * 100, 100)  # payload written, header not yet
     assert seg.load() is None
-    _torn(seg, b"x" * 100, 130)                      # header half written
+    _torn(seg, b"x" * 100, 130)  # header half written
     assert seg.load() is None and seg.last_scan.rejected
     r = second_mapping(tmp_path)
     try:
         with pytest.raises(CorruptObject, match="checksum"):
-            rtaware.read_state(r, seg.phys, LEN)     # something is there and nothing validates
+            rtaware.read_state(r, seg.phys, LEN)  # something is there and nothing validates
     finally:
         r.close()
 
@@ -672,22 +734,22 @@ def test_a_corrupted_segment_is_rejected(seg, mem, tmp_path):
     seg.save(b"only state")
     half = None
     for h in (0, 1):
-        if bytes(seg.mm[h * LEN // 2:h * LEN // 2 + 4]) == b"RTST":
+        if bytes(seg.mm[h * LEN // 2 : h * LEN // 2 + 4]) == b"RTST":
             half = h * LEN // 2
     r = second_mapping(tmp_path)
     try:
-        seg.mm[half + 64] ^= 0x40                    # a bit of the payload
+        seg.mm[half + 64] ^= 0x40  # a bit of the payload
         with pytest.raises(CorruptObject, match="payload checksum mismatch") as e:
             rtaware.read_state(r, seg.phys, LEN)
         assert e.value.field == "payload"
         seg.mm[half + 64] ^= 0x40
-        seg.mm[half:half + 4] = b"JUNK"              # the header's magic
+        seg.mm[half : half + 4] = b"JUNK"  # the header's magic
         with pytest.raises(CorruptObject, match="bad magic") as e:
             rtaware.read_state(r, seg.phys, LEN)
         assert e.value.field == "magic"
         mem.write(seg.phys + half, rtaware.STATE_HEADER.encode(seq=9, length=LEN, payload_csum=0))
         with pytest.raises(CorruptObject, match="beyond the half") as e:
-            rtaware.read_state(r, seg.phys, LEN)     # a checksummed header that lies
+            rtaware.read_state(r, seg.phys, LEN)  # a checksummed header that lies
         assert e.value.field == "length"
         # Two records: the newest corrupted, the previous one is returned and the
         # rejection is reported, not hidden.
@@ -704,10 +766,11 @@ def test_a_corrupted_segment_is_rejected(seg, mem, tmp_path):
 
 # ---------------------------------------------------------------- the demo editor
 
+
 def _log_lines(path: Path) -> list[str]:
     """The complete lines of a log another process is writing."""
     text = path.read_text() if path.exists() else ""
-    return text[:text.rfind("\n") + 1].splitlines()
+    return text[: text.rfind("\n") + 1].splitlines()
 
 
 def test_editor_survives_its_crash_through_its_state_segment(lab, mem, tmp_path):
@@ -715,11 +778,18 @@ def test_editor_survives_its_crash_through_its_state_segment(lab, mem, tmp_path)
     lay1 = partition_layout(1, SIZE // 2, SIZE // 2)
     tab0 = ProcTable(mem, lay0)
     fifo, log = tmp_path / "editor.fifo", tmp_path / "editor.log"
-    spec = AppSpec("editor", [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", str(fifo)],
-                   cwd=REPO, log=str(log), runtime_aware=True)
+    spec = AppSpec(
+        "editor",
+        [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", str(fifo)],
+        cwd=REPO,
+        log=str(log),
+        runtime_aware=True,
+    )
     app = tab0.launch(spec, lab.pset, cpus=(0,))
     lab.apps.append(app)
-    wait_for(lambda: fifo.exists() and any(x.startswith("loaded") for x in _log_lines(log)), "the editor")
+    wait_for(
+        lambda: fifo.exists() and any(x.startswith("loaded") for x in _log_lines(log)), "the editor"
+    )
     assert _log_lines(log)[0].startswith("loaded seq=0 lines=0")
     with open(fifo, "w") as f:
         f.write("hello\nworld\n")
@@ -728,7 +798,7 @@ def test_editor_survives_its_crash_through_its_state_segment(lab, mem, tmp_path)
     wait_for(lambda: any("lines=3" in x for x in _log_lines(log)), "the signal line")
     acked = _log_lines(log)[-1]
 
-    lab.pset.fence()                                # the crash: the editor gets no warning
+    lab.pset.fence()  # the crash: the editor gets no warning
     app.wait()
     r = second_mapping(tmp_path)
     try:
@@ -751,8 +821,12 @@ def test_editor_survives_its_crash_through_its_state_segment(lab, mem, tmp_path)
     assert first.startswith("loaded seq=1 lines=3") and first.split()[-1] == acked.split()[-1]
     with open(fifo, "w") as f:
         f.write("again\n")
-    wait_for(lambda: any("lines=4" in x for x in _log_lines(log)), "the resurrected editor to go on")
-    assert rtaware.read_state(mem, lay1.state_phys(app2.state_slot), LEN) == \
-        b"hello\nworld\nsignal 1\nagain\n"
+    wait_for(
+        lambda: any("lines=4" in x for x in _log_lines(log)), "the resurrected editor to go on"
+    )
+    assert (
+        rtaware.read_state(mem, lay1.state_phys(app2.state_slot), LEN)
+        == b"hello\nworld\nsignal 1\nagain\n"
+    )
     app2.stop(WAIT_S)
     assert [a.name for a in tab1.reap()] == ["editor"] and read_proc_table(mem, lay1) == ([], [])

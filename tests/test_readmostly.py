@@ -4,6 +4,7 @@ closed loop, their parameters, and the driver's warm-up until the cache is full.
 The client tests run the real `files` client against a real WsgiDAV on loopback over a
 plain directory: no emulated machine, no root.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,23 @@ def dav(tmp_path_factory):
     manifest.write_text(json.dumps([{**f, "path": "/corpus" + f["path"]} for f in files]))
     port = free_port()
     dav = str(Path(sys.executable).with_name("wsgidav"))
-    p = subprocess.Popen([dav, "--host", "127.0.0.1", "--port", str(port), "--root", str(root),
-                          "--auth", "anonymous", "--no-config", "-q"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            dav,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--root",
+            str(root),
+            "--auth",
+            "anonymous",
+            "--no-config",
+            "-q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         rc = run_client("ready", url, manifest, root.parent / "ready.jsonl", 30)
@@ -52,37 +67,83 @@ def dav(tmp_path_factory):
 
 
 def run_client(mode: str, url: str, manifest: Path, hist: Path, timeout: float, *extra: str) -> int:
-    argv = [sys.executable, "-m", "harness.workloads.files_client", mode, "--url", url,
-            "--until", repr(time.monotonic() + timeout), "--history", str(hist),
-            "--manifest", str(manifest), "--seed", "3", "--max-kib", "16", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "harness.workloads.files_client",
+        mode,
+        "--url",
+        url,
+        "--until",
+        repr(time.monotonic() + timeout),
+        "--history",
+        str(hist),
+        "--manifest",
+        str(manifest),
+        "--seed",
+        "3",
+        "--max-kib",
+        "16",
+        *extra,
+    ]
     return subprocess.run(argv, timeout=timeout + 30, stdin=subprocess.DEVNULL).returncode
 
 
 def test_the_read_mostly_write_share_is_what_was_asked(dav):
     url, manifest, files, d = dav
     h = d / "mix.jsonl"
-    assert run_client("client", url, manifest, h, 120, "--write-share", "0.25",
-                      "--max-ops", "400", "--zipf-s", "1.0") == 0
+    assert (
+        run_client(
+            "client",
+            url,
+            manifest,
+            h,
+            120,
+            "--write-share",
+            "0.25",
+            "--max-ops",
+            "400",
+            "--zipf-s",
+            "1.0",
+        )
+        == 0
+    )
     events = history.read(h)
     invokes = [e for e in events if e["type"] == "invoke"]
     kinds = Counter(e["f"] for e in invokes)
     assert kinds["read"] + kinds["write"] == len(invokes) == 400, kinds
     share = kinds["write"] / len(invokes)
-    assert abs(share - 0.25) < 0.1, share        # 400 seeded draws: ≈ 0.25 ± 0.02
+    assert abs(share - 0.25) < 0.1, share  # 400 seeded draws: ≈ 0.25 ± 0.02
     reads = [e for e in invokes if e["f"] == "read"]
     assert all(e["key"].startswith("/corpus/") for e in reads)
     assert all(e["key"].startswith("c0-") for e in invokes if e["f"] == "write")
     # every corpus read asked for the manifest's digest and was served exactly that
     want = {f["path"]: f["sha256"] for f in json.loads(manifest.read_text())}
-    oks = {(e["key"], e["value"]["sha256"]) for e in events if e["type"] == "ok" and e["f"] == "read"}
+    oks = {
+        (e["key"], e["value"]["sha256"]) for e in events if e["type"] == "ok" and e["f"] == "read"
+    }
     assert oks and all(want[k] == sha for k, sha in oks)
 
 
 def test_corpus_reads_are_skewed_towards_the_same_files(dav):
     url, manifest, files, d = dav
     h = d / "skew.jsonl"
-    assert run_client("client", url, manifest, h, 120, "--write-share", "0",
-                      "--max-ops", "300", "--zipf-s", "1.2") == 0
+    assert (
+        run_client(
+            "client",
+            url,
+            manifest,
+            h,
+            120,
+            "--write-share",
+            "0",
+            "--max-ops",
+            "300",
+            "--zipf-s",
+            "1.2",
+        )
+        == 0
+    )
     reads = Counter(e["key"] for e in history.read(h) if e["type"] == "invoke")
     assert sum(reads.values()) == 300
     top, n = reads.most_common(1)[0]
@@ -90,16 +151,18 @@ def test_corpus_reads_are_skewed_towards_the_same_files(dav):
     assert n > 3 * 300 / len(files), (n, len(files))
 
 
-
-@pytest.mark.parametrize("cls,params,name", [
-    (Files, {"write_share": 1.5}, "write_share"),
-    (Files, {"write_share": "x"}, "write_share"),
-    (Files, {"corpus_mib": -1}, "corpus_mib"),
-    (Files, {"zipf_s": -0.5}, "zipf_s"),
-    (Files, {"clients": 0}, "clients"),
-    (Files, {"read_ratio": 2}, "read_ratio"),
-    (Http, {"loop": "open"}, "loop"),
-])
+@pytest.mark.parametrize(
+    "cls,params,name",
+    [
+        (Files, {"write_share": 1.5}, "write_share"),
+        (Files, {"write_share": "x"}, "write_share"),
+        (Files, {"corpus_mib": -1}, "corpus_mib"),
+        (Files, {"zipf_s": -0.5}, "zipf_s"),
+        (Files, {"clients": 0}, "clients"),
+        (Files, {"read_ratio": 2}, "read_ratio"),
+        (Http, {"loop": "open"}, "loop"),
+    ],
+)
 def test_a_bad_workload_parameter_is_a_one_line_error_naming_it(cls, params, name):
     with pytest.raises(WorkloadError) as e:
         cls(**params)
@@ -108,12 +171,26 @@ def test_a_bad_workload_parameter_is_a_one_line_error_naming_it(cls, params, nam
 
 
 def test_the_cli_refuses_a_bad_share_naming_the_parameter():
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--workload", "files",
-                        "--param", "write_share=1.5"], capture_output=True, text=True,
-                       timeout=120, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            "--workload",
+            "files",
+            "--param",
+            "write_share=1.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "crashbench: --param: files: write_share must be a share between 0 and 1, got 1.5"]
+        "crashbench: --param: files: write_share must be a share between 0 and 1, got 1.5"
+    ]
 
 
 def test_defaults_make_the_cache_matter():
@@ -121,6 +198,7 @@ def test_defaults_make_the_cache_matter():
     back (each file in readahead-sized requests, each request its latency plus its
     transfer); `http` users run in a closed loop."""
     from kernel import param
+
     lat, bw = param.DEVICE_MODELS[param.DEFAULT_DEVICE_MODEL]
     sizes = tree.file_sizes(1, Files.defaults["corpus_mib"] << 20)
     chunk = param.READAHEAD_PAGES * param.PAGE_SIZE
@@ -131,8 +209,15 @@ def test_defaults_make_the_cache_matter():
 
 # --- on the emulated machine ------------------------------------------------------------------
 
-SHORT_TIMING = {"warmup_s": 0.5, "steady_s": 1.5, "post_s": 2.0, "recovery_timeout_s": 30.0,
-                "ready_timeout_s": 30.0, "bin_s": 0.25, "cache_timeout_s": 60.0}
+SHORT_TIMING = {
+    "warmup_s": 0.5,
+    "steady_s": 1.5,
+    "post_s": 2.0,
+    "recovery_timeout_s": 30.0,
+    "ready_timeout_s": 30.0,
+    "bin_s": 0.25,
+    "cache_timeout_s": 60.0,
+}
 CORPUS = {"clients": 2, "max_kib": 64, "corpus_mib": 16, "write_share": 0.1}
 
 
@@ -155,8 +240,15 @@ def warm_trial(tmp_path_factory):
     spec = driver.TrialSpec("warmcache", "files", "panic", 0, 3, dict(SHORT_TIMING), dict(CORPUS))
     trial = Probe(spec, out)
     rec = trial.run()
-    params = {"schemes": ["warmcache"], "workload": "files", "fault": "panic", "trials": 1,
-              "seed": 3, "timing": SHORT_TIMING, "workload_params": CORPUS}
+    params = {
+        "schemes": ["warmcache"],
+        "workload": "files",
+        "fault": "panic",
+        "trials": 1,
+        "seed": 3,
+        "timing": SHORT_TIMING,
+        "workload_params": CORPUS,
+    }
     results.write_run(out, params, results.environment(), [rec])
     return trial, rec, out
 
@@ -167,7 +259,7 @@ def test_after_the_warm_up_the_page_cache_holds_the_corpus(warm_trial):
     assert not rec.get("error"), rec.get("error")
     fill = rec["cache_fill"]
     assert fill["target_pages"] == trial.corpus_pages > 0
-    assert fill["full"] is True and fill["pages"] >= fill["target_pages"]    # the kernel's status
+    assert fill["full"] is True and fill["pages"] >= fill["target_pages"]  # the kernel's status
     # and the dead kernel's memory, read raw after the crash, held at least as much
     assert rec["cache"]["pages_before"] >= fill["target_pages"]
 
@@ -179,8 +271,12 @@ def test_warmcache_reuses_pages_and_the_report_shows_the_vmms_count(warm_trial):
     reused = rec["cache"]["pages_reused"]
     assert reused > 0 and reused == trial.vmm_reused
     from harness import report
+
     report.write_report(out)
-    rows = [ln for ln in (out / "report.md").read_text().splitlines()
-            if ln.startswith(f"| {rec['id']} |")]
+    rows = [
+        ln
+        for ln in (out / "report.md").read_text().splitlines()
+        if ln.startswith(f"| {rec['id']} |")
+    ]
     assert len(rows) == 1 and f"| {reused} |" in rows[0], rows
     assert rec["checks"]["corpus"]["served"] > 0 and rec["checks"]["corpus"]["mismatched"] == 0

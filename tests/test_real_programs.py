@@ -1,5 +1,4 @@
 """Real, unmodified programs keep their files on the emulated kernel's mount."""
-import pytest
 
 import os
 import pwd
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from harness.binaries import nginx_bin, pg_bin
 
@@ -24,8 +24,14 @@ def free_port() -> int:
 
 
 def as_postgres(argv, **kw):
-    return subprocess.run(["runuser", "-u", "postgres", "--"] + argv, check=True,
-                          capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        ["runuser", "-u", "postgres", "--"] + argv,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def test_postgresql_runs_pgbench_on_the_mount(host):
@@ -39,20 +45,43 @@ def test_postgresql_runs_pgbench_on_the_mount(host):
     port = str(free_port())
     server = None
     try:
-        as_postgres([pg_bin("initdb"), "-D", str(pgdata), "--no-sync", "-A", "trust", "-U", "postgres"])
+        as_postgres(
+            [pg_bin("initdb"), "-D", str(pgdata), "--no-sync", "-A", "trust", "-U", "postgres"]
+        )
         server = subprocess.Popen(
-            ["runuser", "-u", "postgres", "--", pg_bin("postgres"), "-D", str(pgdata),
-             "-k", sockdir, "-p", port, "-c", "listen_addresses="],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                pg_bin("postgres"),
+                "-D",
+                str(pgdata),
+                "-k",
+                sockdir,
+                "-p",
+                port,
+                "-c",
+                "listen_addresses=",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
-        while subprocess.run([pg_bin("pg_isready"), "-h", sockdir, "-p", port],
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run(
+                [pg_bin("pg_isready"), "-h", sockdir, "-p", port], capture_output=True
+            ).returncode
+            != 0
+        ):
             assert time.monotonic() < deadline, "PostgreSQL did not start on the mount"
             assert server.poll() is None, "PostgreSQL exited during start-up"
             time.sleep(0.2)
         as_postgres([pg_bin("pgbench"), "-h", sockdir, "-p", port, "-i", "-s", "1", "postgres"])
-        out = as_postgres([pg_bin("pgbench"), "-h", sockdir, "-p", port, "-c", "2", "-t", "100",
-                           "postgres"])
+        out = as_postgres(
+            [pg_bin("pgbench"), "-h", sockdir, "-p", port, "-c", "2", "-t", "100", "postgres"]
+        )
         assert "number of transactions actually processed: 200/200" in out.stdout
     finally:
         if server is not None:
@@ -91,8 +120,12 @@ http {{
     server {{ listen 127.0.0.1:{port}; root {www}; }}
 }}
 """)
-    proc = subprocess.Popen([nginx_bin(), "-c", str(conf), "-p", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [nginx_bin(), "-c", str(conf), "-p", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -1,5 +1,6 @@
 """The report of a result directory and `crashbench report`: files, plots, the summary numbers
 (the same as harness.stats gives), a self-contained HTML, and bad input refused."""
+
 from __future__ import annotations
 
 import base64
@@ -24,6 +25,7 @@ FILES = ["report.md", "report.html"] + [f"{n}.{x}" for n in FIGURES for x in ("p
 def golden_run() -> dict:
     """The golden run (schema_version 1) as a version 2 run, so its trials can be written."""
     from tests.test_results import golden
+
     return golden()
 
 
@@ -46,7 +48,7 @@ def test_report_files_exist_and_the_plots_are_pngs(written):
 
 def test_report_html_is_self_contained(written):
     page = (written / "report.html").read_text()
-    assert not re.search(r"""(src|href)=["'](?!data:)""", page)      # nothing fetched
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing fetched
     assert "<script" not in page and "<link" not in page and "@import" not in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == len(FIGURES)
@@ -59,11 +61,11 @@ def test_summary_is_the_numbers_of_harness_stats(written):
     assert rows["orthros"]["recovered"] == "3/3"
     assert rows["orthros"]["downtime s: median [95% CI]"] == "0.412 (no CI: n=3)"
     assert rows["reboot"]["downtime s: median [95% CI]"] == "2.702 (no CI: n=3)"
-    assert rows["reboot"]["lost MiB: total (median)"] == "0.0469 (0.0156)"   # 49152 (16384) B
+    assert rows["reboot"]["lost MiB: total (median)"] == "0.0469 (0.0156)"  # 49152 (16384) B
     assert rows["orthros"]["pages recovered: median"] == "2058"
     assert rows["reboot"]["time to 90% s: median [95% CI]"] == "4.000 (no CI: n=3)"
     md = (written / "report.md").read_text()
-    for r in rows.values():                       # the table printed is these rows
+    for r in rows.values():  # the table printed is these rows
         assert "| " + " | ".join(r.values()) + " |" in md
 
 
@@ -79,8 +81,11 @@ def test_with_six_trials_the_ci_is_shown_and_matches_stats(tmp_path):
     extra = []
     for t in run["trials"]:
         u = copy.deepcopy(t)
-        u.update(trial=t["trial"] + 3, id=f"{t['scheme']}-files-panic-{t['trial'] + 3}",
-                 downtime_s=round(t["downtime_s"] * 1.1, 4))
+        u.update(
+            trial=t["trial"] + 3,
+            id=f"{t['scheme']}-files-panic-{t['trial'] + 3}",
+            downtime_s=round(t["downtime_s"] * 1.1, 4),
+        )
         u["history"] = f"history-{u['id']}.jsonl"
         extra.append(u)
     run["trials"] += extra
@@ -98,10 +103,22 @@ def test_with_six_trials_the_ci_is_shown_and_matches_stats(tmp_path):
 def test_unrecovered_and_failed_trials_are_counted_not_hidden(tmp_path):
     run = golden_run()
     none = [t for t in run["trials"] if t["scheme"] == "reboot"]
-    none[0].update(recovered=False, downtime_s=None, downtime_max_s=None, lost_bytes=None,
-                   lost_writes=None, corrupted_writes=None, time_to_90pct_s=None)
-    none[1].update(error="DriverError: the server never answered", recovered=False,
-                   downtime_s=None, phases={}, modeled_phases=[])
+    none[0].update(
+        recovered=False,
+        downtime_s=None,
+        downtime_max_s=None,
+        lost_bytes=None,
+        lost_writes=None,
+        corrupted_writes=None,
+        time_to_90pct_s=None,
+    )
+    none[1].update(
+        error="DriverError: the server never answered",
+        recovered=False,
+        downtime_s=None,
+        phases={},
+        modeled_phases=[],
+    )
     d = tmp_path / "mixed"
     d.mkdir()
     results.write_run(d, run["parameters"], run["environment"], run["trials"])
@@ -115,11 +132,12 @@ def test_unrecovered_and_failed_trials_are_counted_not_hidden(tmp_path):
 
 def test_ranking_orders_schemes_and_says_when_the_cis_cannot_back_the_order(written):
     lines = report.ranking(report.summarize(results.load_run(written)))
-    assert lines == [        # a schema_version 1 run has no work lost
+    assert lines == [  # a schema_version 1 run has no work lost
         "Work lost (seconds of service), median, lower is better (equal medians: by "
         "downtime): orthros (no median), reboot (no median).",
         "Downtime, median, lower is better: 1. orthros 0.412 s, 2. reboot 2.702 s. "
-        f"No neighbours are separated: a 95 % CI needs {stats.min_n()} values a scheme."]
+        f"No neighbours are separated: a 95 % CI needs {stats.min_n()} values a scheme.",
+    ]
     md = (written / "report.md").read_text()
     assert "## Ranking" in md and all(line in md for line in lines)
 
@@ -128,20 +146,29 @@ def _trials_of(template: dict, scheme: str, downtimes: list[float], lost: list[f
     out = []
     for i, d in enumerate(downtimes):
         t = copy.deepcopy(template)
-        t.update(scheme=scheme, trial=i, id=f"{scheme}-files-panic-{i}", downtime_s=d,
-                 lost_service_s=None if lost is None else lost[i],
-                 history=f"history-{scheme}-files-panic-{i}.jsonl")
+        t.update(
+            scheme=scheme,
+            trial=i,
+            id=f"{scheme}-files-panic-{i}",
+            downtime_s=d,
+            lost_service_s=None if lost is None else lost[i],
+            history=f"history-{scheme}-files-panic-{i}.jsonl",
+        )
         out.append(t)
     return out
 
 
-def _ranking_of(tmp_path, per_scheme: dict[str, tuple[list[float], list[float] | None]]
-                ) -> list[str]:
+def _ranking_of(
+    tmp_path, per_scheme: dict[str, tuple[list[float], list[float] | None]]
+) -> list[str]:
     """The ranking lines of a run made of the golden run's first trial, repeated per scheme
     with the given downtimes and work lost."""
     run = golden_run()
-    trials = [t for s, (down, lost) in per_scheme.items()
-              for t in _trials_of(run["trials"][0], s, down, lost)]
+    trials = [
+        t
+        for s, (down, lost) in per_scheme.items()
+        for t in _trials_of(run["trials"][0], s, down, lost)
+    ]
     run["parameters"]["schemes"] = list(per_scheme)
     d = tmp_path / "ranked"
     d.mkdir()
@@ -150,23 +177,35 @@ def _ranking_of(tmp_path, per_scheme: dict[str, tuple[list[float], list[float] |
 
 
 def test_ranking_of_three_schemes_names_the_neighbours_the_cis_separate(tmp_path):
-    lost, down = _ranking_of(tmp_path, {
-        "reboot": ([2.0 + i / 10 for i in range(6)], [3.0 + i / 10 for i in range(6)]),
-        "orthros": ([0.4 + i / 100 for i in range(6)], [0.1 + i / 100 for i in range(6)]),
-        "warmcache": ([1.9 + i / 5 for i in range(6)], None)})
-    assert down.startswith("Downtime, median, lower is better: 1. orthros 0.425 s, "
-                           "2. reboot 2.250 s, 3. warmcache 2.400 s.")
+    lost, down = _ranking_of(
+        tmp_path,
+        {
+            "reboot": ([2.0 + i / 10 for i in range(6)], [3.0 + i / 10 for i in range(6)]),
+            "orthros": ([0.4 + i / 100 for i in range(6)], [0.1 + i / 100 for i in range(6)]),
+            "warmcache": ([1.9 + i / 5 for i in range(6)], None),
+        },
+    )
+    assert down.startswith(
+        "Downtime, median, lower is better: 1. orthros 0.425 s, "
+        "2. reboot 2.250 s, 3. warmcache 2.400 s."
+    )
     assert down.endswith("Separated by disjoint 95 % CIs: orthros < reboot.")
-    assert lost == ("Work lost (seconds of service), median, lower is better (equal medians: "
-                    "by downtime): 1. orthros 0.125 s, 2. reboot 3.250 s, warmcache (no "
-                    "median). Separated by disjoint 95 % CIs: orthros < reboot.")
+    assert lost == (
+        "Work lost (seconds of service), median, lower is better (equal medians: "
+        "by downtime): 1. orthros 0.125 s, 2. reboot 3.250 s, warmcache (no "
+        "median). Separated by disjoint 95 % CIs: orthros < reboot."
+    )
 
 
-def test_equal_work_lost_is_ranked_by_downtime_and_shares_a_rank_only_when_both_are_equal(
-        tmp_path):
-    lost, _ = _ranking_of(tmp_path, {"orthros": ([1.0, 1.5, 2.0], [2.0] * 3),
-                                     "warmcache": ([1.0, 1.2, 2.0], [2.0] * 3),
-                                     "reboot": ([1.0, 1.5, 2.0], [2.0] * 3)})
+def test_equal_work_lost_is_ranked_by_downtime_and_shares_a_rank_only_when_both_are_equal(tmp_path):
+    lost, _ = _ranking_of(
+        tmp_path,
+        {
+            "orthros": ([1.0, 1.5, 2.0], [2.0] * 3),
+            "warmcache": ([1.0, 1.2, 2.0], [2.0] * 3),
+            "reboot": ([1.0, 1.5, 2.0], [2.0] * 3),
+        },
+    )
     assert "1. warmcache 2.000 s, 2. orthros 2.000 s, 2. reboot 2.000 s." in lost
 
 
@@ -185,15 +224,26 @@ def test_report_command_prints_the_summary_and_where_the_files_are(tmp_path):
     assert "Downtime, median, lower is better: 1. orthros 0.412 s, 2. reboot 2.702 s." in flat
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda d: None, "no such result directory"),
-    (lambda d: d.mkdir(), "run.json: missing"),
-    (lambda d: (d.mkdir(), (d / "run.json").write_text("[1, 2")), "run.json: not JSON"),
-    (lambda d: (d.mkdir(), (d / "run.json").mkdir()), "run.json: unreadable"),
-    (lambda d: (d.mkdir(), (d / "run.json").write_text(
-        (GOLDEN_RUN / "run.json").read_text().replace('"recovered": true', '"recovered": 1', 1))),
-     "trials[0].recovered: 1 is not of type 'boolean'"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "no such result directory"),
+        (lambda d: d.mkdir(), "run.json: missing"),
+        (lambda d: (d.mkdir(), (d / "run.json").write_text("[1, 2")), "run.json: not JSON"),
+        (lambda d: (d.mkdir(), (d / "run.json").mkdir()), "run.json: unreadable"),
+        (
+            lambda d: (
+                d.mkdir(),
+                (d / "run.json").write_text(
+                    (GOLDEN_RUN / "run.json")
+                    .read_text()
+                    .replace('"recovered": true', '"recovered": 1', 1)
+                ),
+            ),
+            "trials[0].recovered: 1 is not of type 'boolean'",
+        ),
+    ],
+)
 def test_report_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, setup, message):
     d = tmp_path / "r"
     setup(d)
@@ -215,7 +265,7 @@ def test_an_incomplete_run_says_so_first_in_both_reports_and_on_the_console(tmp_
     line = f"INCOMPLETE run {run['run_id']}: interrupted by SIGINT after 6 of 9 planned trials"
     assert line in " ".join(r.stdout.split())
     md = (d / "report.md").read_text()
-    assert md.splitlines()[2].startswith(f"> **{line}")           # right under the title
+    assert md.splitlines()[2].startswith(f"> **{line}")  # right under the title
     assert f'<p class="alert"><strong>{line}' in (d / "report.html").read_text()
 
 
@@ -224,10 +274,17 @@ def _piped(*args: str) -> str:
     import os
     import subprocess
     import sys
+
     env = {**os.environ, "COLUMNS": "60"}
     env.pop("FORCE_COLOR", None)
-    p = subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
     assert p.returncode in (0, 1), p.stderr
     return p.stdout
 
@@ -245,20 +302,20 @@ def test_piped_tables_keep_every_figure_whole(tmp_path):
     assert "…" not in out
     from harness.commands.results import _g, _mib
     from harness.compare import compare
+
     c = compare(results.load_run(GOLDEN_RUN), results.load_run(d))
     for r in c.rows:
         fmt = _mib if r.metric == "lost_bytes" else _g
-        cells = [r.scheme, fmt(r.median_old), fmt(r.median_new), _g(r.p_worse, "{:.3g}"),
-                 r.verdict]
+        cells = [r.scheme, fmt(r.median_old), fmt(r.median_new), _g(r.p_worse, "{:.3g}"), r.verdict]
         assert any(all(c in line for c in cells) for line in out.splitlines()), cells
 
 
 def test_byte_counts_are_shown_in_mib_with_the_unit(written):
     md = (written / "report.md").read_text()
     assert "lost MiB: total (median)" in md and "| lost MiB |" in md
-    assert "lost bytes" not in md and "49152" not in md        # run.json keeps the bytes
+    assert "lost bytes" not in md and "49152" not in md  # run.json keeps the bytes
     reboot = next(line for line in md.splitlines() if line.startswith("| reboot-files-panic-0 "))
-    assert "| 0.0117 |" in reboot                                 # 12288 bytes
+    assert "| 0.0117 |" in reboot  # 12288 bytes
 
 
 SMALL_RUN = Path(__file__).parent / "golden" / "20261205-130000-orthros-warmcache-reboot-files"
@@ -269,6 +326,7 @@ def test_figures_of_a_stored_run_are_svg_and_pdf_a_paper_can_use(tmp_path):
     (XML) and as a PDF with a page, one column wide; the clients' gap is in the phase plot
     and in the per-trial table."""
     import xml.etree.ElementTree as ET
+
     d = tmp_path / SMALL_RUN.name
     shutil.copytree(SMALL_RUN, d)
     report.write_report(d)

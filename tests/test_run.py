@@ -3,6 +3,7 @@
 One short trial of each scheme on `files` with a panic, through the real CLI: WsgiDAV on
 the FUSE mount, httpx clients in the client namespace, the checkers over their history.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,20 +18,52 @@ import pytest
 
 from harness import history
 
-SHORT = ["--warmup", "0.5", "--duration", "1.5", "--post", "1", "--bin", "0.25",
-         "--param", "clients=2", "--param", "max_kib=64", "--param", "corpus_mib=8"]
+SHORT = [
+    "--warmup",
+    "0.5",
+    "--duration",
+    "1.5",
+    "--post",
+    "1",
+    "--bin",
+    "0.25",
+    "--param",
+    "clients=2",
+    "--param",
+    "max_kib=64",
+    "--param",
+    "corpus_mib=8",
+]
 
 
 def crashbench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="module")
 def run_out(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("run") / "r"
-    p = crashbench("run", "--schemes", "none,reboot,orthros", "--workload", "files",
-                   "--fault", "panic", "--trials", "1", *SHORT, "--out", str(out), "--json")
+    p = crashbench(
+        "run",
+        "--schemes",
+        "none,reboot,orthros",
+        "--workload",
+        "files",
+        "--fault",
+        "panic",
+        "--trials",
+        "1",
+        *SHORT,
+        "--out",
+        str(out),
+        "--json",
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out, p.stdout
 
@@ -43,7 +76,8 @@ def run_dir(run_out) -> Path:
 @pytest.mark.root
 def test_run_json_is_valid_and_has_every_scheme(run_dir):
     from harness import results
-    run = results.load_run(run_dir)        # validates against the schema
+
+    run = results.load_run(run_dir)  # validates against the schema
     assert run["schema_version"] == 2
     assert [t["scheme"] for t in run["trials"]] == ["none", "reboot", "orthros"]
     assert all(not t.get("error") for t in run["trials"]), [t.get("error") for t in run["trials"]]
@@ -52,9 +86,11 @@ def test_run_json_is_valid_and_has_every_scheme(run_dir):
 @pytest.mark.root
 def test_run_json_prints_one_document_and_the_progress_on_stderr(run_out):
     import csv
+
     from harness import results
+
     out, stdout = run_out
-    doc = json.loads(stdout)               # nothing but the document on stdout
+    doc = json.loads(stdout)  # nothing but the document on stdout
     assert doc["kind"] == "crashbench run --json" and doc["exit_code"] == 0
     assert doc["dir"] == str(out) and doc["failed_trials"] == []
     assert [g["scheme"] for g in doc["groups"]] == ["none", "reboot", "orthros"]
@@ -67,6 +103,7 @@ def test_run_json_prints_one_document_and_the_progress_on_stderr(run_out):
 @pytest.mark.root
 def test_none_does_not_recover_and_the_others_do(run_dir):
     from harness import results
+
     by = {t["scheme"]: t for t in results.load_run(run_dir)["trials"]}
     assert by["none"]["recovered"] is False and by["none"]["downtime_s"] is None
     for s in ("reboot", "orthros"):
@@ -78,6 +115,7 @@ def test_none_does_not_recover_and_the_others_do(run_dir):
 @pytest.mark.root
 def test_orthros_loses_no_acknowledged_write(run_dir):
     from harness import results
+
     t = next(t for t in results.load_run(run_dir)["trials"] if t["scheme"] == "orthros")
     assert t["lost_writes"] == 0 and t["corrupted_writes"] == 0 and t["lost_bytes"] == 0
     assert t["unverified_keys"] == 0
@@ -89,12 +127,13 @@ def test_the_recovery_is_resolved_and_the_kernel_counters_were_sampled(run_dir):
     """The outage shows as empty 0.1 s bins after the crash, the clients' gap and the hit
     ratio before and after come from the run itself (the kernel's counters were asked)."""
     from harness import results
+
     by = {t["scheme"]: t for t in results.load_run(run_dir)["trials"]}
     for s in ("reboot", "orthros"):
         t = by[s]
         assert t["recovery"]["bin_s"] == 0.1
         after = [b["ops"] for b in t["recovery"]["bins"] if b["t"] >= 0 and b["full"]]
-        assert 0 in after[:10], after[:10]      # an outage of at least one bin, near the crash
+        assert 0 in after[:10], after[:10]  # an outage of at least one bin, near the crash
         assert t["client_gap_s"] is not None and t["recovery"]["first_ok_after_s"] > 0
         assert t["latency"]["before"]["n"] > 0 and t["latency"]["after"]["n"] > 0
         assert t["cache_hits"]["samples"] > 0
@@ -104,6 +143,7 @@ def test_the_recovery_is_resolved_and_the_kernel_counters_were_sampled(run_dir):
 @pytest.mark.root
 def test_every_trial_has_a_history_with_the_crash(run_dir):
     from harness import results
+
     for t in results.load_run(run_dir)["trials"]:
         events = history.read(run_dir / t["history"])
         assert any(e["process"] == history.NEMESIS and e["f"] == "crash" for e in events)
@@ -115,14 +155,16 @@ def test_report_files_and_plots_are_written(run_dir):
     for name in ("report.md", "report.html", "downtime.pyperf.json"):
         assert (run_dir / name).stat().st_size > 0, name
     pngs = list(run_dir.glob("*.png"))
-    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
-                        for p in pngs)
+    assert pngs and all(
+        p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000 for p in pngs
+    )
 
 
 @pytest.mark.root
 def test_run_leaves_no_mount_namespace_or_process_behind(run_dir):
     from harness import results
     from kernel.hw.procset import ProcError, ProcessSet
+
     trials = results.load_run(run_dir)["trials"]
     mounts = Path("/proc/mounts").read_text()
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -131,23 +173,27 @@ def test_run_leaves_no_mount_namespace_or_process_behind(run_dir):
         assert not [line for line in ns.splitlines() if line.startswith(f"cb{tag}-")]
         assert not [m for m in mounts.splitlines() if "crashbench-p" in m and tag in m]
         for part in (0, 1):
-            with pytest.raises(ProcError):       # the partition's process set is gone
+            with pytest.raises(ProcError):  # the partition's process set is gone
                 ProcessSet(tag, part, create=False)
-    ps = subprocess.run(["pgrep", "-f", f"files_client .*--history {run_dir}"],
-                        capture_output=True, text=True).stdout
+    ps = subprocess.run(
+        ["pgrep", "-f", f"files_client .*--history {run_dir}"], capture_output=True, text=True
+    ).stdout
     assert ps.strip() == ""
 
 
-@pytest.mark.parametrize("args, names", [
-    (["--schemes", "orthros,warpdrive"], "unknown scheme 'warpdrive'"),
-    (["--workload", "nosuch"], "unknown workload 'nosuch'"),
-    (["--fault", "meteor"], "unknown fault 'meteor'"),
-    (["--trials", "0"], "--trials: must be a positive"),
-    (["--trials", "-2"], "--trials: must be a positive"),
-    (["--duration", "0"], "--duration: must be positive"),
-    (["--param", "clients"], "expected NAME=VALUE"),
-    (["--param", "colour=blue"], "unknown parameter(s) colour"),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--schemes", "orthros,warpdrive"], "unknown scheme 'warpdrive'"),
+        (["--workload", "nosuch"], "unknown workload 'nosuch'"),
+        (["--fault", "meteor"], "unknown fault 'meteor'"),
+        (["--trials", "0"], "--trials: must be a positive"),
+        (["--trials", "-2"], "--trials: must be a positive"),
+        (["--duration", "0"], "--duration: must be positive"),
+        (["--param", "clients"], "expected NAME=VALUE"),
+        (["--param", "colour=blue"], "unknown parameter(s) colour"),
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, names):
     out = tmp_path / "r"
     p = crashbench("run", *args, "--out", str(out), timeout=60)
@@ -181,29 +227,59 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     stays, nor its ownership record; its run.json says the run is incomplete, why, and how
     many of the planned trials ran. (Only this run's machine is looked at: other runs may
     share the host.)"""
-    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
-                          "--workload", "files", "--fault", "panic", "--trials", "1",
-                          "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
-                          "--param", "corpus_mib=8",
-                          "--out", str(tmp_path / "r")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         stdin=subprocess.DEVNULL, preexec_fn=_as_from_a_terminal)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            "--schemes",
+            "orthros",
+            "--workload",
+            "files",
+            "--fault",
+            "panic",
+            "--trials",
+            "1",
+            "--warmup",
+            "0.5",
+            "--duration",
+            "60",
+            "--param",
+            "clients=2",
+            "--param",
+            "corpus_mib=8",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_as_from_a_terminal,
+    )
     try:
         deadline = time.monotonic() + 120
-        while not ((rec := _machine_of(p.pid)) and any(x.startswith("mount") for x in _what_is_left(rec))):
+        while not (
+            (rec := _machine_of(p.pid)) and any(x.startswith("mount") for x in _what_is_left(rec))
+        ):
             assert p.poll() is None, p.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the run never mounted its machine"
             time.sleep(0.2)
-        time.sleep(3)                              # into the warm-up and steady state
+        time.sleep(3)  # into the warm-up and steady state
         p.send_signal(sig)
         out = p.communicate(timeout=60)[0]
     finally:
         p.kill()
     assert p.returncode != 0, out[-3000:]
     from harness import results
-    run = results.load_run(tmp_path / "r")      # what ran is kept, and marked incomplete
-    assert run["incomplete"] == {"reason": f"interrupted by {sig.name}", "trials_run": 0,
-                                 "trials_planned": 1}, out[-3000:]
+
+    run = results.load_run(tmp_path / "r")  # what ran is kept, and marked incomplete
+    assert run["incomplete"] == {
+        "reason": f"interrupted by {sig.name}",
+        "trials_run": 0,
+        "trials_planned": 1,
+    }, out[-3000:]
     assert run["trials"] == []
     assert _what_is_left(rec) == [], out[-3000:]
     assert _machine_of(p.pid) is None, out[-3000:]
@@ -211,12 +287,14 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
 
 def _machine_of(pid: int):
     from harness import owners
+
     return next((r for r in owners.records() if r.data and r.data["owner"]["pid"] == pid), None)
 
 
 def _what_is_left(rec) -> list[str]:
     from kernel.hw import fusedev
     from kernel.hw.procset import ProcError, ProcessSet
+
     tag, wd = rec.data["tag"], rec.data["workdir"]
     left = []
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -239,27 +317,52 @@ def test_a_killed_run_is_reported_and_down_all_removes_what_it_left(tmp_path):
     """SIGKILL of `crashbench run` in its steady state leaves its machine running; the next
     `run` names it, and `down --all` removes its processes, mounts, namespaces, process
     sets, memory file and work directory."""
-    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--schemes", "orthros",
-                          "--workload", "files", "--fault", "panic", "--trials", "1",
-                          "--warmup", "0.5", "--duration", "60", "--param", "clients=2",
-                          "--param", "corpus_mib=8",
-                          "--out", str(tmp_path / "r")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            "--schemes",
+            "orthros",
+            "--workload",
+            "files",
+            "--fault",
+            "panic",
+            "--trials",
+            "1",
+            "--warmup",
+            "0.5",
+            "--duration",
+            "60",
+            "--param",
+            "clients=2",
+            "--param",
+            "corpus_mib=8",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
-        while not ((rec := _machine_of(p.pid)) and any(x.startswith("mount") for x in _what_is_left(rec))):
+        while not (
+            (rec := _machine_of(p.pid)) and any(x.startswith("mount") for x in _what_is_left(rec))
+        ):
             assert p.poll() is None, p.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the run never mounted its machine"
             time.sleep(0.2)
-        time.sleep(3)                              # into the warm-up and steady state
+        time.sleep(3)  # into the warm-up and steady state
     finally:
         p.kill()
         p.communicate(timeout=60)
     tag = rec.data["tag"]
-    kinds = {x.split(" ")[0] for x in _what_is_left(rec)}    # the kill really left them
+    kinds = {x.split(" ")[0] for x in _what_is_left(rec)}  # the kill really left them
     assert {"mount", "memory", "procset", "netns", "process", "work"} <= kinds
-    nxt = crashbench("run", "--trials", "0", timeout=60)        # refused, but names the orphan
+    nxt = crashbench("run", "--trials", "0", timeout=60)  # refused, but names the orphan
     assert nxt.returncode == 2
     assert f"run machine {tag} in {rec.data['workdir']}" in nxt.stderr
     assert "crashbench down --all" in nxt.stderr

@@ -1,4 +1,5 @@
 """Recovery schemes on a live machine; every report passes the validating wrapper."""
+
 import os
 from pathlib import Path
 
@@ -39,11 +40,20 @@ def test_reboot_keeps_fsynced_data_and_counts_lost_dirty_pages(deployed):
     assert r.recovered and r.detected_by == "dying message"
     assert r.cache.dirty_pages_before == 3 * 10 and r.cache.dirty_pages_lost == 3 * 10
     assert r.cache.pages_recovered == 0
-    assert [p.name for p in r.phases] == ["detect", "fence", "boot", "mount + replay", "first service"]
+    assert [p.name for p in r.phases] == [
+        "detect",
+        "fence",
+        "boot",
+        "mount + replay",
+        "first service",
+    ]
     mnt = Path(host.kernels[0].mount)
     for i in range(3):
         assert (mnt / f"s{i}").read_bytes() == bytes([48 + i]) * 10 * PAGE
-        assert not (mnt / f"u{i}").exists() or (mnt / f"u{i}").read_bytes() != bytes([48 + i]) * 10 * PAGE
+        assert (
+            not (mnt / f"u{i}").exists()
+            or (mnt / f"u{i}").read_bytes() != bytes([48 + i]) * 10 * PAGE
+        )
 
 
 def test_the_validating_wrapper_rejects_broken_reports():
@@ -55,6 +65,7 @@ def test_the_validating_wrapper_rejects_broken_reports():
         for k, v in kw.items():
             setattr(r, k, v)
         return r
+
     check_report(rep())
     r = rep()
     r.phases[1].end = 10.05
@@ -67,7 +78,9 @@ def test_the_validating_wrapper_rejects_broken_reports():
     with pytest.raises(ReportError, match="ends after service was back"):
         check_report(rep(service_at=10.15))
     with pytest.raises(ReportError, match="recovered more pages than there were"):
-        check_report(rep(cache=CacheCounts(pages_before=1, dirty_pages_before=1, dirty_pages_recovered=2)))
+        check_report(
+            rep(cache=CacheCounts(pages_before=1, dirty_pages_before=1, dirty_pages_recovered=2))
+        )
     with pytest.raises(ReportError, match="no time of first service"):
         check_report(rep(service_at=None))
 
@@ -75,12 +88,19 @@ def test_the_validating_wrapper_rejects_broken_reports():
 def test_reboot_restarts_apps_without_their_state(tmp_path):
     import sys
     import time
+
     scheme = registry()["reboot"]()
     with Testbed(kind="test", delay=False) as bed:
         host, wd = bed.host, bed.workdir
         fifo, log = os.path.join(wd, "editor.fifo"), os.path.join(wd, "editor.log")
-        apps = [{"name": "editor", "argv": [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", fifo],
-                 "runtime_aware": True, "log": log}]
+        apps = [
+            {
+                "name": "editor",
+                "argv": [sys.executable, "-m", "kernel.apps.rtaware_editor", "--fifo", fifo],
+                "runtime_aware": True,
+                "log": log,
+            }
+        ]
         bed.deploy(scheme, apps)
         deadline = time.monotonic() + 20
         while not (os.path.exists(log) and "loaded" in Path(log).read_text()):
@@ -98,4 +118,4 @@ def test_reboot_restarts_apps_without_their_state(tmp_path):
             assert time.monotonic() < deadline + 20, "the editor was not restarted"
             time.sleep(0.05)
         last = [ln for ln in Path(log).read_text().splitlines() if ln.startswith("loaded")][-1]
-        assert "lines=0" in last            # a reboot keeps no process state
+        assert "lines=0" in last  # a reboot keeps no process state

@@ -1,4 +1,5 @@
 """The machine's files and sockets belong to its owner: another user reads, panics and rings nothing."""
+
 import json
 import os
 import pwd
@@ -13,8 +14,8 @@ import pytest
 from kernel.hw import machine, mailbox, vmm
 from kernel.hw.control import ctl_path
 from kernel.hw.host import Host
-from kernel.tools.mkfs import format_disks
 from kernel.hw.physmem import partition_layout
+from kernel.tools.mkfs import format_disks
 
 pytestmark = [pytest.mark.root]
 
@@ -28,9 +29,9 @@ def open_host():
     """Partition 0 booted and the watchdog's doorbell listening, all made under ``umask 000``,
     where nothing but an explicit mode keeps the files and sockets owner-only."""
     base = tempfile.mkdtemp(prefix="crashbench-sec-")
-    os.chmod(base, 0o755)                # traversable, as a lab's parent directory is
+    os.chmod(base, 0o755)  # traversable, as a lab's parent directory is
     old = os.umask(0)
-    wd = Path(base) / "machine"          # made by the Host itself
+    wd = Path(base) / "machine"  # made by the Host itself
     h = Host(wd, machine.load(), delay=False)
     bell = None
     try:
@@ -52,17 +53,17 @@ def open_host():
 def test_images_memory_region_and_sockets_are_owner_only_under_umask_000(open_host, tmp_path):
     h, bell = open_host
     wd = h.workdir
-    assert mode(wd) == 0o755                          # servers on the mount run as other users
+    assert mode(wd) == 0o755  # servers on the mount run as other users
     assert mode(h.disk_image()) == 0o600
-    os.chmod(h.disk_image(), 0o644)                   # formatted before images were owner-only
-    format_disks(h.machine, wd)                       # kept, not formatted again
+    os.chmod(h.disk_image(), 0o644)  # formatted before images were owner-only
+    format_disks(h.machine, wd)  # kept, not formatted again
     assert mode(h.disk_image()) == 0o600
     assert mode(h.physmem) == 0o600
     assert mode(ctl_path(str(wd), 0)) == 0o600
     assert mode(bell.path) == 0o600
     region = tmp_path / "vmm"
     region.write_bytes(b"")
-    os.chmod(region, 0o644)                           # a region file left by an older run
+    os.chmod(region, 0o644)  # a region file left by an older run
     old = os.umask(0)
     try:
         p = h.machine.partition(0)
@@ -89,9 +90,11 @@ def attempts(image: str, memory: str, ctl: str, bell: str) -> dict:
         out["control"] = type(e).__name__
     else:
         try:
-            s.sendall(json.dumps({"cmd": "inject", "fault": "panic", "site": "now"}).encode() + b"\n")
+            s.sendall(
+                json.dumps({"cmd": "inject", "fault": "panic", "site": "now"}).encode() + b"\n"
+            )
             reply = s.recv(4096)
-        except (BrokenPipeError, ConnectionResetError):   # closed before the request was read
+        except (BrokenPipeError, ConnectionResetError):  # closed before the request was read
             reply = b""
         out["control"] = f"answered {reply!r}"
     d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -126,7 +129,7 @@ def as_nobody(h, bell) -> dict:
 
 
 def still_running(h, bell) -> None:
-    assert bell.wait(0.5) is None                     # no doorbell reached the watchdog
+    assert bell.wait(0.5) is None  # no doorbell reached the watchdog
     assert h.kernels[0].alive()
     assert h.mail(0).state_name == "running"
     assert h.control(0, {"cmd": "status"})["ok"]
@@ -135,16 +138,20 @@ def still_running(h, bell) -> None:
 def test_another_user_reads_panics_and_rings_nothing(open_host):
     h, bell = open_host
     got = as_nobody(h, bell)
-    assert got == {"image": "PermissionError", "memory": "PermissionError",
-                   "control": "PermissionError", "doorbell": "PermissionError"}
+    assert got == {
+        "image": "PermissionError",
+        "memory": "PermissionError",
+        "control": "PermissionError",
+        "doorbell": "PermissionError",
+    }
     still_running(h, bell)
 
 
 def test_control_socket_checks_the_peer_even_when_its_mode_lets_everyone_in(open_host):
     h, bell = open_host
-    os.chmod(ctl_path(str(h.workdir), 0), 0o777)      # the file's mode is not the only guard
+    os.chmod(ctl_path(str(h.workdir), 0), 0o777)  # the file's mode is not the only guard
     got = as_nobody(h, bell)
-    assert got["control"] == "answered b''"           # closed unanswered, nothing injected
+    assert got["control"] == "answered b''"  # closed unanswered, nothing injected
     still_running(h, bell)
     st = h.control(0, {"cmd": "status"})
     assert st["refused_peers"] == 1 and st["armed"] is False

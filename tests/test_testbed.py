@@ -4,6 +4,7 @@ Normal exit, an exception, SIGTERM, a failed bring-up and a failed scheme teardo
 leave no kernel, mount, memory file or scratch directory; the ownership record lives exactly
 as long as the machine (and outlives a teardown that failed, so `down --all` finds it).
 """
+
 import os
 import signal
 import subprocess
@@ -70,12 +71,13 @@ def test_a_failed_scheme_teardown_still_closes_the_host_and_keeps_the_record(rec
         with Testbed(kind="test", delay=False) as bed:
             bed.deploy(BrokenTeardown())
             seen = paths_of(bed)
-    assert gone(seen) == []                        # kernel, mount, memory, scratch dir
-    assert [r.tag for r in owners.records()] == [bed.host.tag]   # `down --all` finds it
+    assert gone(seen) == []  # kernel, mount, memory, scratch dir
+    assert [r.tag for r in owners.records()] == [bed.host.tag]  # `down --all` finds it
 
 
 def test_a_failed_bring_up_removes_the_scratch_directory_it_made(tmp_path, records, monkeypatch):
     import tempfile
+
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -104,8 +106,12 @@ def test_sigterm_takes_the_machine_down_like_ctrl_c(tmp_path):
             print(bed.workdir, bed.host.physmem, bed.host.tag, flush=True)
             time.sleep(120)
     """)
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+    p = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     try:
         workdir, memory, tag = p.stdout.readline().split()
         assert os.path.ismount(f"{workdir}/mnt-p0")

@@ -1,5 +1,6 @@
 """The dead kernel's running journal transaction: checked before a backup commits it, and
 the operation in progress undone so that the completed ones survive (in one process)."""
+
 import hashlib
 import os
 import random
@@ -7,8 +8,8 @@ import random
 import pytest
 
 from kernel.core.faults import NoFaults
-from kernel.tools.fsck import fsck
 from kernel.core.vfs import VFS
+from kernel.tools.fsck import fsck
 from systems.base import RecoveryReport
 from systems.orthros.adopt import collect, complete_transaction
 from systems.orthros.backup import report_transaction
@@ -65,6 +66,7 @@ def harvest_at_death_in_fsync(st: Stack, victim: int, site: str | None = None, b
                 before()
                 harvest.append(collect(st.mem, 0, MEM, 0))
                 raise Died(s)
+
     st.vfs.faults = DieAt()
     with pytest.raises(Died):
         st.vfs.fsync(victim)
@@ -74,10 +76,10 @@ def harvest_at_death_in_fsync(st: Stack, victim: int, site: str | None = None, b
 def test_a_bad_block_pointer_in_the_running_transaction_never_reaches_the_disk(tmp_path):
     st = Stack(tmp_path)
     synced = write_files(st, "s", 3, sync=True)
-    unsynced = write_files(st, "u", 3, sync=False)     # created in the running transaction
+    unsynced = write_files(st, "u", 3, sync=False)  # created in the running transaction
     what = st.vfs.fs.inject_bad_pointer(random.Random(1))
     victim = int(what.split()[1].rstrip(":"))
-    assert victim in synced                            # an inode with blocks: one on the disk
+    assert victim in synced  # an inode with blocks: one on the disk
     h = collect(st.mem, 0, MEM, 0)
     assert h.meta_blocks and not h.txn_refused
     done, r, new = take_over(st, h)
@@ -85,7 +87,7 @@ def test_a_bad_block_pointer_in_the_running_transaction_never_reaches_the_disk(t
     assert any(f"inode {victim}: block pointer" in p and "out of range" in p for p in done.refused)
     assert any(f"inode {victim}: block pointer" in x for x in r.rejected), r.rejected
     assert r.cache.metadata_rejected > 0 and r.verdict == "recovered with loss"
-    assert done.reverted == [victim] and done.committed    # only the bad inode put back
+    assert done.reverted == [victim] and done.committed  # only the bad inode put back
     st.close()
 
 
@@ -96,7 +98,7 @@ def test_an_inconsistent_transaction_is_refused_whole_when_no_inode_explains_it(
     h = collect(st.mem, 0, MEM, 0)
     sb = st.vfs.fs.sb
     bm = bytearray(h.meta_blocks.get(sb.bitmap_start) or st.dev.read(sb.bitmap_start))
-    bm[-1] |= 0x80                                     # a block marked in use that nothing references
+    bm[-1] |= 0x80  # a block marked in use that nothing references
     h.meta_blocks[sb.bitmap_start] = bytes(bm)
     done, r, _ = take_over(st, h)
     assert not done.committed and done.rejected_blocks == len(h.meta_blocks)
@@ -145,11 +147,11 @@ def test_a_corrupted_undo_record_refuses_the_transaction(tmp_path):
     def wild_write_into_the_undo_record():
         f = next(iter(st.vfs.bufs.undo_frames().values()))
         st.mem.write(st.lay.frame_phys(f) + 7, b"wild")
+
     h = harvest_at_death_in_fsync(st, victim, before=wild_write_into_the_undo_record)
     assert "undo record was corrupted" in h.txn_refused and h.meta_blocks == {}
     assert any(e.kind == "page frame" for e in h.rejected)
     st.close()
-
 
 
 def test_the_undo_record_is_lent_frames_cleared_at_the_end_of_each_operation(tmp_path):
@@ -162,23 +164,27 @@ def test_the_undo_record_is_lent_frames_cleared_at_the_end_of_each_operation(tmp
 
     from kernel.core.bufcache import UNDO_INO
     from kernel.hw.physmem import PAGE_DESC, page_csum
+
     st = Stack(tmp_path)
     write_files(st, "u", 2, sync=False)
     victim = st.vfs.create(1, b"v", 0o100644, 0, 0).ino
     st.vfs.write(victim, 0, os.urandom(5 * PAGE))
-    before = {b: bytes(st.vfs.pc.frame_view(f)) for (ino, b), f in st.vfs.pc.index.items() if ino == 0}
+    before = {
+        b: bytes(st.vfs.pc.frame_view(f)) for (ino, b), f in st.vfs.pc.index.items() if ino == 0
+    }
     seen = {}
 
     def look():
-        if seen:                            # the death's unwinding meets a fault site again
+        if seen:  # the death's unwinding meets a fault site again
             return
         seen.update(st.vfs.bufs.undo_frames())
         assert not [k for k in st.vfs.pc.index if k[0] == UNDO_INO]
-        for b in set(seen) - set(before):   # first read inside the operation: the disk's copy
-            before[b] = st.dev.read(b)       # (nothing is committed before the death)
+        for b in set(seen) - set(before):  # first read inside the operation: the disk's copy
+            before[b] = st.dev.read(b)  # (nothing is committed before the death)
         for b, f in seen.items():
             d = PAGE_DESC.decode(st.mem.mm, st.lay.desc_phys(f))
             assert (d["ino"], d["index"], d["content_csum"]) == (UNDO_INO, b, page_csum(before[b]))
+
     h = harvest_at_death_in_fsync(st, victim, before=look)
     assert seen and h.undone == len(seen)
     for b, f in seen.items():
@@ -187,7 +193,8 @@ def test_the_undo_record_is_lent_frames_cleared_at_the_end_of_each_operation(tmp
     def undo_descriptors() -> int:
         arr = st.mem.array(PAGE_DESC.dtype, st.lay.desc, st.lay.nframes)
         return int(np.count_nonzero(arr["ino"] == UNDO_INO))
-    assert undo_descriptors() == 0          # the interrupted operation was unwound here
+
+    assert undo_descriptors() == 0  # the interrupted operation was unwound here
     st.vfs.faults = NoFaults()
     lent = []
     lend = st.vfs.pc.lend_frame
@@ -204,6 +211,7 @@ def test_the_transaction_check_asks_the_device_for_each_extent_once(tmp_path):
     transaction and the disk after it read what is not overlaid through one view, and
     the verdict is the same as through the device itself."""
     from kernel.tools.txncheck import check_transaction
+
     st = Stack(tmp_path)
     write_files(st, "s", 2, sync=True)
     write_files(st, "u", 3, sync=False)
@@ -215,7 +223,10 @@ def test_the_transaction_check_asks_the_device_for_each_extent_once(tmp_path):
     def read(b, n=1):
         asked.append((b, n))
         return st.dev.read(b, n)
+
     verdict = check_transaction(read, st.dev.nblocks, h.meta_blocks)
     assert asked and len(asked) == len(set(asked)), sorted(asked)
-    assert [str(p) for p in verdict] == [str(p) for p in check_transaction(st.dev.read, st.dev.nblocks, h.meta_blocks)]
+    assert [str(p) for p in verdict] == [
+        str(p) for p in check_transaction(st.dev.read, st.dev.nblocks, h.meta_blocks)
+    ]
     st.close()

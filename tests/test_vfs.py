@@ -1,4 +1,5 @@
 """The VFS over the page cache and the file system, in one process (no FUSE)."""
+
 import errno
 import os
 import stat
@@ -8,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as stt
 
 from kernel import param
-from kernel.tools.fsck import fsck
 from kernel.core.memreader import PartitionReader
 from kernel.hw.physmem import PhysMem
+from kernel.tools.fsck import fsck
 from tests.stack import MEM, Stack
 
 PAGE = param.PAGE_SIZE
@@ -55,7 +56,7 @@ def test_fsync_makes_data_durable_and_the_rest_is_lost(st):
     a = create(st, b"a", b"durable" * 1000)
     st.vfs.fsync(a)
     create(st, b"b", b"volatile" * 1000)
-    st.vfs.fsyncdir(ROOT)            # b's name is durable, its data is not
+    st.vfs.fsyncdir(ROOT)  # b's name is durable, its data is not
     st2 = st.crash()
     try:
         ia = st2.path_ino("a")
@@ -121,7 +122,7 @@ def test_flusher_writes_back_expired_inodes(st):
     ino = create(st, b"f", b"q" * PAGE)
     st.vfs.writeback.flush_expired(expire_s=0.0)
     assert st.vfs.pc.dirty_pages(ino) == []
-    st2 = st.crash()                  # everything written back was flushed and committed
+    st2 = st.crash()  # everything written back was flushed and committed
     try:
         assert st2.vfs.read(st2.path_ino("f"), 0, PAGE) == b"q" * PAGE
     finally:
@@ -167,7 +168,7 @@ def test_full_device_fails_writes_cleanly_and_keeps_every_acknowledged_byte(tmp_
     st = Stack(tmp_path, disk=8 << 20, journal_blocks=256)
     a = create(st, b"a")
     acked = bytearray()
-    for chunk in (64 << 10, PAGE, 1):       # with nothing written back, then after each sync
+    for chunk in (64 << 10, PAGE, 1):  # with nothing written back, then after each sync
         _fill(st, a, chunk, acked)
         st.vfs.writeback.sync_all()
     assert st.vfs.statfs()["bfree"] == 0
@@ -180,8 +181,8 @@ def test_full_device_fails_writes_cleanly_and_keeps_every_acknowledged_byte(tmp_
     with pytest.raises(OSError) as ei:
         st.vfs.mkdir(ROOT, b"d", 0o755, 0, 0)
     assert ei.value.errno == errno.ENOSPC
-    st.vfs.write(a, 5 * PAGE + 7, b"over" * 3000)     # allocated blocks: no space needed
-    acked[5 * PAGE + 7:5 * PAGE + 7 + 12000] = b"over" * 3000
+    st.vfs.write(a, 5 * PAGE + 7, b"over" * 3000)  # allocated blocks: no space needed
+    acked[5 * PAGE + 7 : 5 * PAGE + 7 + 12000] = b"over" * 3000
     st.vfs.fsync(a)
     st2 = st.remount()
     try:
@@ -200,7 +201,7 @@ def test_truncate_and_unlink_give_reserved_space_back(tmp_path):
     st = Stack(tmp_path, disk=8 << 20, journal_blocks=256)
     free = st.vfs.statfs()["bfree"]
     a = create(st, b"a", b"a" * (200 * PAGE))
-    assert st.vfs.statfs()["bfree"] <= free - 200       # promised before anything is written back
+    assert st.vfs.statfs()["bfree"] <= free - 200  # promised before anything is written back
     st.vfs.setattr(a, size=10 * PAGE + 1)
     assert free - 200 < st.vfs.statfs()["bfree"] <= free - 11
     st.vfs.unlink(ROOT, b"a")
@@ -208,41 +209,52 @@ def test_truncate_and_unlink_give_reserved_space_back(tmp_path):
     st.close()
 
 
-
 def test_a_write_within_the_direct_pointers_promises_its_pages_and_looks_for_no_indirect_block(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """No page before NDIRECT needs an indirect block, so the small-file path promises one
     block a page and computes no node keys (bulk numpy: costly on a 1 KiB write); past the
     direct pointers the leaf is promised too."""
     from kernel.core import reserve
+
     st = Stack(tmp_path, disk=8 << 20, journal_blocks=256)
     real = reserve.node_keys
 
     def no_nodes(idx):
         raise AssertionError(f"node keys asked for pages {list(idx)}")
+
     monkeypatch.setattr(reserve, "node_keys", no_nodes)
     a = create(st, b"a")
     free = st.vfs.statfs()["bfree"]
     st.vfs.write(a, 0, b"x" * 1024)
-    st.vfs.write(a, 3 * PAGE + 5, b"y" * ((param.NDIRECT - 3) * PAGE - 5))   # to the last direct page
+    st.vfs.write(
+        a, 3 * PAGE + 5, b"y" * ((param.NDIRECT - 3) * PAGE - 5)
+    )  # to the last direct page
     assert st.vfs.statfs()["bfree"] == free - (1 + param.NDIRECT - 3)
     monkeypatch.setattr(reserve, "node_keys", real)
-    st.vfs.write(a, param.NDIRECT * PAGE, b"z")                                # one page and its leaf
+    st.vfs.write(a, param.NDIRECT * PAGE, b"z")  # one page and its leaf
     assert st.vfs.statfs()["bfree"] == free - (1 + param.NDIRECT - 3) - 2
     st.vfs.fsync(a)
     assert st.vfs.read(a, 0, 1025) == b"x" * 1024 + bytes(1)
     st.close()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pages=stt.lists(stt.tuples(stt.integers(2, 5), stt.one_of(stt.integers(0, 40), stt.integers(0, 1 << 21))),
-                       max_size=300))
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pages=stt.lists(
+        stt.tuples(stt.integers(2, 5), stt.one_of(stt.integers(0, 40), stt.integers(0, 1 << 21))),
+        max_size=300,
+    )
+)
 def test_adopted_dirty_pages_are_promised_each_a_block_and_the_nodes_on_their_paths(st, pages):
     """Adoption's promise, computed from the distinct leaves in bulk, is per inode its pages
     plus the distinct indirect blocks any of its pages' paths holds."""
     import numpy as np
 
     from kernel.core.reserve import node_keys
+
     r = st.vfs.resv
     for i in list(r.pages):
         r.release(i)
@@ -253,12 +265,22 @@ def test_adopted_dirty_pages_are_promised_each_a_block_and_the_nodes_on_their_pa
         assert r.meta[i] == len(node_keys(np.array(mine, np.int64)))
     assert r.ba.reserved == sum(r.held(i) for i in r.pages)
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=stt.lists(stt.tuples(stt.sampled_from(["write", "write", "write", "truncate", "unlink", "sync"]),
-                                stt.integers(0, 2),
-                                stt.sampled_from([0, 100, PAGE, 5 * PAGE - 1, 1 << 20, 3 << 20]),
-                                stt.sampled_from([1, PAGE - 1, PAGE, 3 * PAGE + 5, 1 << 20, 3 << 20])),
-                     min_size=4, max_size=25))
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=stt.lists(
+        stt.tuples(
+            stt.sampled_from(["write", "write", "write", "truncate", "unlink", "sync"]),
+            stt.integers(0, 2),
+            stt.sampled_from([0, 100, PAGE, 5 * PAGE - 1, 1 << 20, 3 << 20]),
+            stt.sampled_from([1, PAGE - 1, PAGE, 3 * PAGE + 5, 1 << 20, 3 << 20]),
+        ),
+        min_size=4,
+        max_size=25,
+    )
+)
 def test_on_a_tiny_device_what_was_acknowledged_is_on_disk_after_sync(tmp_path_factory, ops):
     st = Stack(tmp_path_factory.mktemp("tiny"), disk=6 << 20, journal_blocks=256)
     model: dict[bytes, bytearray] = {}
@@ -278,7 +300,7 @@ def test_on_a_tiny_device_what_was_acknowledged_is_on_disk_after_sync(tmp_path_f
                 else:
                     m = model[name]
                     m.extend(bytes(max(0, off + n - len(m))))
-                    m[off:off + n] = data
+                    m[off : off + n] = data
                 assert st.vfs.getattr(ino).size == len(model[name])
             elif op == "truncate" and name in model:
                 st.vfs.setattr(st.path_ino(name.decode()), size=off)

@@ -1,14 +1,15 @@
 """The warm-cache VMM beneath a kernel's storage stack, in one process (no mounts)."""
+
 import os
 
 import numpy as np
 import pytest
 
+from kernel.core.vfs import VFS
 from kernel.hw import vmm
 from kernel.hw.blockdev import BlockDevice
-from kernel.tools.mkfs import mkfs
 from kernel.hw.physmem import PAGE_DESC, PhysMem, partition_layout
-from kernel.core.vfs import VFS
+from kernel.tools.mkfs import mkfs
 
 PAGE = 4096
 MEM = 64 << 20
@@ -80,21 +81,21 @@ def test_a_written_back_file_is_served_warm_after_the_crash(m):
     assert fs.read(ino, 0, 40 * PAGE) == data
     after = m.v.r.stats()
     assert after["reused"] - before["reused"] == 40
-    assert m.dev.stats["modeled_s"] - modeled < 40 * 80e-6   # not 40 pages' worth of device time
-    assert fs.read(ino, 0, 40 * PAGE) == data                # then from the new page cache
+    assert m.dev.stats["modeled_s"] - modeled < 40 * 80e-6  # not 40 pages' worth of device time
+    assert fs.read(ino, 0, 40 * PAGE) == data  # then from the new page cache
     assert m.v.r.stats()["reused"] == after["reused"]
 
 
 def test_a_frame_stored_into_before_the_crash_is_refused(m):
     fs = m.boot()
     ino = synced_file(fs, b"b", b"x" * 10 * PAGE)
-    fs.write(ino, 0, b"y" * 4 * PAGE)          # four pages dirty, never written back
+    fs.write(ino, 0, b"y" * 4 * PAGE)  # four pages dirty, never written back
     got = m.crash()
     assert got["inconsistent"] >= 4
     fs = m.boot()
     ino = fs.lookup(1, b"b").ino
     r0 = m.v.r.stats()["reused"]
-    assert fs.read(ino, 0, 10 * PAGE) == b"x" * 10 * PAGE   # the disk's, not the dirty frames'
+    assert fs.read(ino, 0, 10 * PAGE) == b"x" * 10 * PAGE  # the disk's, not the dirty frames'
     assert m.v.r.stats()["reused"] - r0 == 6
 
 
@@ -102,7 +103,7 @@ def test_a_frame_corrupted_behind_the_vmm_is_refused_by_its_checksum(m):
     fs = m.boot()
     data = os.urandom(10 * PAGE)
     ino = synced_file(fs, b"c", data)
-    raw = PhysMem(m.mem.path)                  # no watcher: a memory error the VMM cannot see
+    raw = PhysMem(m.mem.path)  # no watcher: a memory error the VMM cannot see
     raw.write(m.lay.frame_phys(m.frame_of(ino, 3)) + 100, b"\xff" * 8)
     raw.close()
     got = m.crash()
@@ -121,10 +122,10 @@ def test_a_block_written_after_the_crash_is_not_served_from_its_old_copy(m):
     ino = fs.lookup(1, b"d").ino
     blocks = fs.fs.bmap_range(ino, 0, 4)
     st = m.v.r.stats()
-    fs.dev.write(blocks[0], b"2" * PAGE)       # e.g. journal replay: a new generation of the block
+    fs.dev.write(blocks[0], b"2" * PAGE)  # e.g. journal replay: a new generation of the block
     assert m.v.r.stats()["refused_inconsistent"] == st["refused_inconsistent"] + 1
     assert fs.read(ino, 0, PAGE) == b"2" * PAGE
-    assert m.v.r.stats()["reused"] == st["reused"] + 3   # readahead: the three others, still warm
+    assert m.v.r.stats()["reused"] == st["reused"] + 3  # readahead: the three others, still warm
 
 
 def test_a_warm_page_is_moved_aside_when_the_new_kernel_reuses_its_frame(m):
@@ -162,7 +163,7 @@ def test_only_the_first_store_into_a_frame_with_a_copy_reaches_the_vmm(m):
     fs = m.boot()
     ino = synced_file(fs, b"w", os.urandom(4 * PAGE))
     seen = []
-    m.mem.watchers.append(lambda phys, data: seen.append(phys))   # sees what the VMM sees
+    m.mem.watchers.append(lambda phys, data: seen.append(phys))  # sees what the VMM sees
     frames = [m.frame_of(ino, i) for i in range(4)]
     p = m.lay.frame_phys(frames[1])
     free = int(np.flatnonzero(m.v.r.ft["state"] == vmm.FREE)[-1])
@@ -176,7 +177,7 @@ def test_only_the_first_store_into_a_frame_with_a_copy_reaches_the_vmm(m):
     assert set(got["kept_frames"].tolist()) & set(frames) == {frames[0], frames[2], frames[3]}
     fs = m.boot()
     reg = m.v.r.stats()["registered"]
-    fs.read(fs.lookup(1, b"w").ino, 0, 4 * PAGE)    # lands in frames that were not protected
+    fs.read(fs.lookup(1, b"w").ino, 0, 4 * PAGE)  # lands in frames that were not protected
     assert m.v.r.stats()["registered"] - reg >= 4
     assert all(m.v.wp[m.frame_of(fs.lookup(1, b"w").ino, i)] for i in range(4))
 
@@ -196,13 +197,14 @@ def test_a_torn_table_entry_is_refused_as_corrupted(m):
     fs = m.boot()
     ino = synced_file(fs, b"g", os.urandom(2 * PAGE))
     f = m.frame_of(ino, 1)
-    m.region.ft["gen"][f] += 7                 # a stray store into the VMM's own table
+    m.region.ft["gen"][f] += 7  # a stray store into the VMM's own table
     got = m.crash()
     assert got["corrupted"] == 1 and got["corrupted_frames"].tolist() == [f]
 
 
 def test_a_kernel_without_the_vmm_has_no_watcher(tmp_path):
     from tests.stack import Stack
+
     s = Stack(tmp_path)
     try:
         assert s.mem.watchers == [] and type(s.dev) is BlockDevice
@@ -214,6 +216,7 @@ def test_the_vmm_counts_the_time_inside_its_entry_points(m):
     """busy_ns grows with the VMM's work beneath a kernel, and never by more than the wall
     time of the operations that made it (harness/cpuuse.py reads it as the VMM's CPU)."""
     import time
+
     fs = m.boot()
     before = m.v.r.stats()["busy_ns"]
     t0 = time.perf_counter_ns()

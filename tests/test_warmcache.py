@@ -1,4 +1,5 @@
 """Scheme warmcache on a live machine: the page cache survives the reboot beneath the VMM."""
+
 import os
 from pathlib import Path
 
@@ -44,17 +45,23 @@ def test_a_file_read_twice_is_served_first_from_the_preserved_frames(warm):
     write(mnt(host) / "a", data)
     r = panic(host, scheme)
     assert r.recovered and r.verdict == "recovered"
-    assert [p.name for p in r.phases] == ["detect", "fence", "cache check", "boot",
-                                          "mount + replay", "first service"]
+    assert [p.name for p in r.phases] == [
+        "detect",
+        "fence",
+        "cache check",
+        "boot",
+        "mount + replay",
+        "first service",
+    ]
     assert r.cache.pages_before == 40 and r.cache.pages_recovered == 40
     assert r.cache.pages_preserved >= 40 and r.cache.pages_corrupted == 0
     s0 = scheme.stats()
-    assert (mnt(host) / "a").read_bytes() == data            # what fsync put on the disk
+    assert (mnt(host) / "a").read_bytes() == data  # what fsync put on the disk
     s1 = scheme.stats()
-    assert s1["reused"] - s0["reused"] == 40                  # every data page from memory;
-    assert s1["device_blocks"] - s0["device_blocks"] <= 2     # metadata the dead kernel dirtied
+    assert s1["reused"] - s0["reused"] == 40  # every data page from memory;
+    assert s1["device_blocks"] - s0["device_blocks"] <= 2  # metadata the dead kernel dirtied
     assert (mnt(host) / "a").read_bytes() == data
-    s2 = scheme.stats()                                       # then from the new page cache
+    s2 = scheme.stats()  # then from the new page cache
     assert (s2["reused"], s2["device_blocks"]) == (s1["reused"], s1["device_blocks"])
     r = check_report(scheme.refresh(r))
     assert r.cache.pages_reused >= 40
@@ -63,7 +70,7 @@ def test_a_file_read_twice_is_served_first_from_the_preserved_frames(warm):
 def test_a_frame_dirtied_before_the_crash_is_not_reused(warm):
     host, scheme = warm
     write(mnt(host) / "b", b"x" * 10 * PAGE)
-    with open(mnt(host) / "b", "r+b") as f:                  # four pages dirtied, not synced
+    with open(mnt(host) / "b", "r+b") as f:  # four pages dirtied, not synced
         f.write(b"y" * 4 * PAGE)
     r = panic(host, scheme)
     assert r.cache.dirty_pages_before == 4 and r.cache.dirty_pages_lost == 4
@@ -98,7 +105,7 @@ def test_a_frame_whose_content_was_corrupted_is_not_reused(warm):
     assert r.cache.pages_corrupted == 1 and r.cache.pages_rejected == 1
     assert r.cache.pages_recovered == 9 and r.verdict == "recovered with loss"
     s0 = scheme.stats()
-    assert (mnt(host) / "c").read_bytes() == data             # the corrupted page from the disk
+    assert (mnt(host) / "c").read_bytes() == data  # the corrupted page from the disk
     s1 = scheme.stats()
     assert s1["reused"] - s0["reused"] == 9 and s1["device_blocks"] > s0["device_blocks"]
 
@@ -136,24 +143,39 @@ def test_a_second_crash_is_survived_warm_too(warm):
     data = os.urandom(16 * PAGE)
     write(mnt(host) / "t", data)
     panic(host, scheme)
-    assert (mnt(host) / "t").read_bytes() == data             # lands in the new kernel's frames
+    assert (mnt(host) / "t").read_bytes() == data  # lands in the new kernel's frames
     r = panic(host, scheme)
     assert r.cache.pages_recovered == 16
     s0 = scheme.stats()
     assert (mnt(host) / "t").read_bytes() == data
-    assert scheme.stats()["reused"] - s0["reused"] >= 16     # and metadata the new kernel read
+    assert scheme.stats()["reused"] - s0["reused"] >= 16  # and metadata the new kernel read
 
 
 def test_the_warm_counts_round_trip_are_checked_and_old_reports_still_load():
     from systems.base import CacheCounts, RecoveryReport, ReportError
+
     r = RecoveryReport("warmcache", "panic", 10.0, service_at=10.3, recovered=True)
     r.phase("detect", 10.0, 10.1)
-    r.cache = CacheCounts(pages_before=5, pages_recovered=4, pages_preserved=9,
-                          pages_inconsistent=3, pages_corrupted=1, pages_reused=4)
+    r.cache = CacheCounts(
+        pages_before=5,
+        pages_recovered=4,
+        pages_preserved=9,
+        pages_inconsistent=3,
+        pages_corrupted=1,
+        pages_reused=4,
+    )
     d = check_report(r).to_dict()
     assert RecoveryReport.from_dict(d).cache == r.cache
-    old = dict(d, cache={k: v for k, v in d["cache"].items() if not k.startswith(
-        ("pages_preserved", "pages_inconsistent", "pages_corrupted", "pages_reused"))})
+    old = dict(
+        d,
+        cache={
+            k: v
+            for k, v in d["cache"].items()
+            if not k.startswith(
+                ("pages_preserved", "pages_inconsistent", "pages_corrupted", "pages_reused")
+            )
+        },
+    )
     assert RecoveryReport.from_dict(old).cache.pages_preserved == 0
     r.cache.pages_reused = 6
     with pytest.raises(ReportError, match="exceed the pages preserved"):

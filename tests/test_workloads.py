@@ -2,6 +2,7 @@
 mount, psycopg and locust clients in the client namespace, one short trial under `orthros`
 and under `reboot` through the real CLI, and a failed trial of each in process.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,15 +19,20 @@ from harness import history
 pytestmark = [pytest.mark.root]
 
 SHORT = ["--warmup", "0.5", "--duration", "1.5", "--post", "1", "--bin", "0.25"]
-PARAMS = {"postgres": {"scale": 2, "clients": 3},
-          "http": {"total_mib": 48, "users": 3}}
+PARAMS = {"postgres": {"scale": 2, "clients": 3}, "http": {"total_mib": 48, "users": 3}}
 OURS = r"harness\.workloads\.(postgres|http)_client|postgres -D \S*crashbench-trial-|nginx -c \S*crashbench-trial-"
 
 
 def crashbench(*args: str, tmpdir: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, TMPDIR=str(tmpdir))
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 def own_tmpdir() -> Path:
@@ -44,11 +50,15 @@ def leftovers(tmpdir: Path, out: Path) -> dict:
     trial directories, mounts."""
     ps = subprocess.run(["pgrep", "-af", OURS], capture_output=True, text=True).stdout
     ours = (str(tmpdir), str(out))
-    return {"processes": [line for line in ps.splitlines()
-                          if any(x in line for x in ours)],
-            "temp dirs": [str(p) for p in tmpdir.glob("crashbench-*")],
-            "mounts": [m for m in Path("/proc/mounts").read_text().splitlines()
-                       if "crashbench-trial-" in m and str(tmpdir) in m]}
+    return {
+        "processes": [line for line in ps.splitlines() if any(x in line for x in ours)],
+        "temp dirs": [str(p) for p in tmpdir.glob("crashbench-*")],
+        "mounts": [
+            m
+            for m in Path("/proc/mounts").read_text().splitlines()
+            if "crashbench-trial-" in m and str(tmpdir) in m
+        ],
+    }
 
 
 def assert_clean(tmpdir: Path, out: Path) -> None:
@@ -64,8 +74,8 @@ def assert_clean(tmpdir: Path, out: Path) -> None:
 def test_postgres_runs_in_its_own_ipc_and_pid_namespaces_with_no_posix_shared_memory(tmp_path):
     from harness.workloads import Service
     from harness.workloads.postgres import Postgres
-    svc = Service(mount=str(tmp_path), ip="198.18.0.1", client_netns=None, workdir=tmp_path,
-                  seed=1)
+
+    svc = Service(mount=str(tmp_path), ip="198.18.0.1", client_netns=None, workdir=tmp_path, seed=1)
     argv = Postgres().apps(svc)[0]["argv"]
     assert argv[:5] == ["unshare", "--ipc", "--pid", "--fork", "--kill-child=SIGKILL"]
     assert "dynamic_shared_memory_type=sysv" in argv and "unix_socket_directories=" in argv
@@ -75,11 +85,25 @@ def run_workload(tmp_path_factory, workload: str):
     tmpdir = own_tmpdir()
     out = tmp_path_factory.mktemp(workload) / "r"
     params = [x for k, v in PARAMS[workload].items() for x in ("--param", f"{k}={v}")]
-    p = crashbench("run", "--schemes", "orthros,reboot", "--workload", workload,
-                   "--fault", "panic", "--trials", "1", *SHORT, *params, "--out", str(out),
-                   tmpdir=tmpdir)
+    p = crashbench(
+        "run",
+        "--schemes",
+        "orthros,reboot",
+        "--workload",
+        workload,
+        "--fault",
+        "panic",
+        "--trials",
+        "1",
+        *SHORT,
+        *params,
+        "--out",
+        str(out),
+        tmpdir=tmpdir,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     from harness import results
+
     return results.load_run(out), out, tmpdir
 
 
@@ -98,6 +122,7 @@ def by_scheme(run: dict) -> dict:
 
 
 # --- postgres ------------------------------------------------------------------------------
+
 
 def test_postgres_recovers_under_both_schemes_and_loses_no_committed_row(pg_run):
     run, _, _ = pg_run
@@ -136,6 +161,7 @@ def test_postgres_start_up_is_its_own_phase_and_ran_crash_recovery(pg_run):
         starts = t["checks"]["server_starts"]
         assert len(starts) == 2 and starts[1]["recovery"] is True, (scheme, starts)
 
+
 def test_postgres_clients_waited_through_the_server_start_up(pg_run):
     """Some client went longer than the server's start-up without an answer across the crash
     (per-client downtime itself may be short: a reply to a request in flight at the crash
@@ -143,8 +169,11 @@ def test_postgres_clients_waited_through_the_server_start_up(pg_run):
     run, out, _ = pg_run
     for scheme, t in by_scheme(run).items():
         events = history.read(out / t["history"])
-        crash = max(e["time"] for e in events
-                    if e["process"] == history.NEMESIS and e["f"] in ("crash", "activated"))
+        crash = max(
+            e["time"]
+            for e in events
+            if e["process"] == history.NEMESIS and e["f"] in ("crash", "activated")
+        )
         gaps = []
         for c in range(PARAMS["postgres"]["clients"]):
             oks = sorted(e["time"] for e in events if e["process"] == c and e["type"] == "ok")
@@ -160,8 +189,8 @@ def test_postgres_history_records_every_transaction_and_commits_of_unknown_outco
         invokes = [e for e in writes if e["type"] == "invoke"]
         assert invokes and all(e["key"].startswith("ledger/") for e in invokes)
         done = [e for e in writes if e["type"] != "invoke"]
-        assert len(done) >= len(invokes) - PARAMS["postgres"]["clients"]   # stopped mid-op
-        assert any(e["type"] == "fail" for e in done)      # the outage was seen
+        assert len(done) >= len(invokes) - PARAMS["postgres"]["clients"]  # stopped mid-op
+        assert any(e["type"] == "fail" for e in done)  # the outage was seen
 
 
 def test_postgres_trials_leave_nothing_behind(pg_run):
@@ -169,6 +198,7 @@ def test_postgres_trials_leave_nothing_behind(pg_run):
 
 
 # --- http ------------------------------------------------------------------------------------
+
 
 def test_http_recovers_and_every_served_body_is_byte_identical(http_run):
     run, _, _ = http_run
@@ -193,7 +223,7 @@ def test_http_history_has_one_process_per_locust_user(http_run):
 def test_http_working_set_fills_the_cache_before_the_crash(http_run):
     run, _, _ = http_run
     t = by_scheme(run)["orthros"]
-    pages = PARAMS["http"]["total_mib"] << 8           # 4 KiB pages
+    pages = PARAMS["http"]["total_mib"] << 8  # 4 KiB pages
     assert t["cache"]["pages_before"] >= 0.9 * pages
     assert t["cache"]["pages_recovered"] >= 0.9 * pages
 
@@ -204,9 +234,9 @@ def test_http_trials_leave_nothing_behind(http_run):
 
 # --- failed trials -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("workload", ["postgres", "http"])
-def test_a_failed_trial_leaves_no_server_client_socket_or_temp_dir(workload, tmp_path,
-                                                                  monkeypatch):
+def test_a_failed_trial_leaves_no_server_client_socket_or_temp_dir(workload, tmp_path, monkeypatch):
     from harness import driver
     from harness.workloads import registry
 

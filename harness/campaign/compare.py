@@ -7,6 +7,7 @@ or when the new campaign has a corrupted outcome where the old had none; "better
 mirror case of coverage; "same" otherwise; "n/a" when a side has no faults there.
 ``exit_code`` is 1 when any verdict is "worse".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from dataclasses import dataclass, field
 @dataclass
 class Row:
     scheme: str
-    fault: str           # a fault kind, or "all"
-    old: dict | None     # the group of summary.py
+    fault: str  # a fault kind, or "all"
+    old: dict | None  # the group of summary.py
     new: dict | None
     verdict: str
     why: str = ""

@@ -12,21 +12,24 @@ trial's teardown), for a worker that died and left one. The image is the worker 
 root file system imported with ``docker import`` (docs/HARNESS.md says how): nothing is
 pulled.
 """
+
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
 
-SHM_SIZE = "4g"              # the machine's memory file lives in the container's /dev/shm
-STOP_GRACE_S = 60            # a stopped container's trial gets this long for its teardown
+SHM_SIZE = "4g"  # the machine's memory file lives in the container's /dev/shm
+STOP_GRACE_S = 60  # a stopped container's trial gets this long for its teardown
 # capability numbers (linux/capability.h), to name what this host cannot hand on
-CAPS = ("CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
-        "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
-        "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
-        "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
-        "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
-        "CHECKPOINT_RESTORE").split()
+CAPS = (
+    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
+    "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
+    "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
+    "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
+    "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
+    "CHECKPOINT_RESTORE"
+).split()
 
 
 def missing_caps() -> list[str]:
@@ -40,13 +43,24 @@ def privilege() -> list[str]:
     missing = missing_caps()
     if not missing:
         return ["--privileged"]
-    return ["--cap-add", "ALL", *(x for c in missing for x in ("--cap-drop", c)),
-            "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
-            "--device", "/dev/fuse", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"]
+    return [
+        "--cap-add",
+        "ALL",
+        *(x for c in missing for x in ("--cap-drop", c)),
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+        "--device",
+        "/dev/fuse",
+        "-v",
+        "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+    ]
 
 
 def mounts(work: Path) -> list[str]:
     import harness
+
     src = Path(harness.__file__).resolve().parent.parent
     paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), src}
     out = []
@@ -56,16 +70,33 @@ def mounts(work: Path) -> list[str]:
 
 
 def argv(params: dict, work: Path) -> list[str]:
-    return ["docker", "run", "--rm", "-i", "--network", "none", "--shm-size", SHM_SIZE,
-            "--label", f"crashbench.campaign={params['campaign_id']}", "-w", str(work),
-            "-e", f"TMPDIR={work}", *privilege(), *mounts(work), params["image"]]
+    return [
+        "docker",
+        "run",
+        "--rm",
+        "-i",
+        "--network",
+        "none",
+        "--shm-size",
+        SHM_SIZE,
+        "--label",
+        f"crashbench.campaign={params['campaign_id']}",
+        "-w",
+        str(work),
+        "-e",
+        f"TMPDIR={work}",
+        *privilege(),
+        *mounts(work),
+        params["image"],
+    ]
 
 
 def check(image: str) -> str | None:
     """Why ``image`` cannot be used here (no docker, no daemon, no such image), or None."""
     try:
-        p = subprocess.run(["docker", "image", "inspect", image], capture_output=True,
-                           text=True, timeout=60)
+        p = subprocess.run(
+            ["docker", "image", "inspect", image], capture_output=True, text=True, timeout=60
+        )
     except FileNotFoundError:
         return "no docker command on this machine"
     except subprocess.TimeoutExpired:
@@ -76,8 +107,15 @@ def check(image: str) -> str | None:
 
 
 def stop_all(campaign_id: str) -> None:
-    ids = subprocess.run(["docker", "ps", "-q", "--filter", f"label=crashbench.campaign={campaign_id}"],
-                         capture_output=True, text=True, timeout=60).stdout.split()
+    ids = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label=crashbench.campaign={campaign_id}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
     if ids:
-        subprocess.run(["docker", "stop", "-t", str(STOP_GRACE_S), *ids], capture_output=True,
-                       timeout=STOP_GRACE_S + 60)
+        subprocess.run(
+            ["docker", "stop", "-t", str(STOP_GRACE_S), *ids],
+            capture_output=True,
+            timeout=STOP_GRACE_S + 60,
+        )

@@ -15,11 +15,12 @@ Promises to the campaign's statistics and report: every fault ends in exactly on
 Coverage is the share of ``intact`` + ``loss`` among the faults that are not harness
 errors. The objects a recovering kernel rejected, and why, are kept beside the class.
 """
+
 from __future__ import annotations
 
 CLASSES = ("intact", "loss", "corrupted", "not-recovered", "harness-error")
 COVERED = ("intact", "loss")
-REJECTED_KEPT = 20          # reasons kept per fault; the rest are counted
+REJECTED_KEPT = 20  # reasons kept per fault; the rest are counted
 
 
 def classify(rec: dict, fsck: dict | None) -> tuple[str, str]:
@@ -27,12 +28,16 @@ def classify(rec: dict, fsck: dict | None) -> tuple[str, str]:
     if rec.get("error"):
         return "harness-error", rec["error"]
     if rec.get("report") is None:
-        return "harness-error", "no failure was detected within the recovery timeout " \
-                                "(the fault did not activate)"
+        return (
+            "harness-error",
+            "no failure was detected within the recovery timeout (the fault did not activate)",
+        )
     if not rec["recovered"]:
         if rec["report"].get("recovered"):
-            return "not-recovered", "the scheme reported service back, but not every client " \
-                                    "was answered again"
+            return (
+                "not-recovered",
+                "the scheme reported service back, but not every client was answered again",
+            )
         return "not-recovered", rec["report"].get("verdict", "not recovered")
     if rec.get("corrupted_writes"):
         return "corrupted", f"{rec['corrupted_writes']} acknowledged writes read back corrupted"
@@ -48,7 +53,9 @@ def rejected_of(rec: dict) -> dict:
     r = rec.get("report") or {}
     reasons = list(r.get("rejected") or [])
     cache = r.get("cache") or {}
-    return {"pages": cache.get("pages_rejected", 0),
-            "metadata_blocks": cache.get("metadata_rejected", 0),
-            "reasons": reasons[:REJECTED_KEPT],
-            "reasons_not_kept": max(0, len(reasons) - REJECTED_KEPT)}
+    return {
+        "pages": cache.get("pages_rejected", 0),
+        "metadata_blocks": cache.get("metadata_rejected", 0),
+        "reasons": reasons[:REJECTED_KEPT],
+        "reasons_not_kept": max(0, len(reasons) - REJECTED_KEPT),
+    }

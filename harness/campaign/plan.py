@@ -9,6 +9,7 @@ alike; ``sites`` narrows the cells to faults activated at those sites. A fault's
 campaign seed and the id alone, so the same parameters give the same plan, and any fault
 is replayed alone by its id.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,7 @@ class Cell:
 @dataclass(frozen=True)
 class FaultSpec:
     id: str
-    index: int            # position in the plan
+    index: int  # position in the plan
     scheme: str
     kind: str
     target: str | None
@@ -112,8 +113,9 @@ def fault_seed(campaign_seed: int, fault_id: str) -> int:
     return int.from_bytes(h[:4], "little")
 
 
-def plan(schemes: list[str], kinds: list[str], per_scheme: int, seed: int,
-         sites: list[str] | None = None) -> list[FaultSpec]:
+def plan(
+    schemes: list[str], kinds: list[str], per_scheme: int, seed: int, sites: list[str] | None = None
+) -> list[FaultSpec]:
     if per_scheme <= 0:
         raise PlanError(f"--per-scheme: must be a positive number of faults, got {per_scheme}")
     cs = cells(kinds, sites)
@@ -122,6 +124,16 @@ def plan(schemes: list[str], kinds: list[str], per_scheme: int, seed: int,
         c, rep = cs[i % len(cs)], i // len(cs)
         for s in schemes:
             fid = f"{s}:{c.name}:{rep}"
-            out.append(FaultSpec(fid, len(out), s, c.kind, c.target,
-                                 None if c.target else c.site, rep, fault_seed(seed, fid)))
+            out.append(
+                FaultSpec(
+                    fid,
+                    len(out),
+                    s,
+                    c.kind,
+                    c.target,
+                    None if c.target else c.site,
+                    rep,
+                    fault_seed(seed, fid),
+                )
+            )
     return out

@@ -5,6 +5,7 @@ summary.py's ``table_rows`` (the numbers of campaign.json), the plot shows cover
 fault kind per scheme with its Wilson interval as error bars, and the files are written
 atomically, rendered as the run report renders (harness/report.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from harness import plots
 from harness import report as run_report
-from harness.campaign import store, summary as summ
+from harness.campaign import store
+from harness.campaign import summary as summ
 from harness.results import write_atomic
 
 
@@ -44,34 +46,75 @@ def blocks(doc: dict, png: bytes) -> list[tuple]:
     p, t = doc["parameters"], doc["time"]
     b: list[tuple] = [("h1", f"crashbench campaign {doc['campaign_id']}")]
     if doc["status"] != "complete":
-        b.append(("alert", f"campaign {doc['status']}: {len(doc['faults'])} of "
-                           f"{len(doc['plan'])} faults done"))
+        b.append(
+            (
+                "alert",
+                f"campaign {doc['status']}: {len(doc['faults'])} of {len(doc['plan'])} faults done",
+            )
+        )
     per = "—" if t["per_fault_s"] is None else f"{t['per_fault_s']:.2f} s"
-    b += [("p", f"Created {doc['created']}. Workload {p['workload']}, faults {p['faults']}, "
-                f"schemes {', '.join(p['schemes'])}, {p['per_scheme']} faults each, seed "
-                f"{p['seed']}. {t['faults_run']} faults run in {t['wall_s']:.0f} s: {per} "
-                f"a fault (wall clock, executor {p.get('executor')}, workers {p.get('workers')}).")]
+    b += [
+        (
+            "p",
+            f"Created {doc['created']}. Workload {p['workload']}, faults {p['faults']}, "
+            f"schemes {', '.join(p['schemes'])}, {p['per_scheme']} faults each, seed "
+            f"{p['seed']}. {t['faults_run']} faults run in {t['wall_s']:.0f} s: {per} "
+            f"a fault (wall clock, executor {p.get('executor')}, workers {p.get('workers')}).",
+        )
+    ]
     rows = summ.table_rows(doc["summary"])
-    b += [("h2", "Coverage"), ("table", list(rows[0]) if rows else [],
-                               [list(r.values()) for r in rows]), ("p", summ.NOTE)]
-    b += [("h2", "Coverage per fault kind"), ("img", "coverage.png", png, "coverage"),
-          ("p", "Bars: coverage per fault kind and scheme; whiskers: Wilson 95 % interval.")]
-    cells = [[sc, c, g["n"], *g["counts"].values(), summ.pct(g["coverage"])]
-             for sc, sg in doc["summary"]["schemes"].items() for c, g in sg["cells"].items()]
-    b += [("h2", "Per target and site"),
-          ("table", ["scheme", "cell", "faults", *next(iter(doc["summary"]["schemes"].values()))
-                     ["all"]["counts"], "coverage"] if cells else [], cells)]
-    bad = [f"{r['id']} ({r['outcome']}, seed {r['seed']}): {r['why']}" for r in doc["faults"]
-           if r["outcome"] in ("corrupted", "not-recovered", "harness-error")]
+    b += [
+        ("h2", "Coverage"),
+        ("table", list(rows[0]) if rows else [], [list(r.values()) for r in rows]),
+        ("p", summ.NOTE),
+    ]
+    b += [
+        ("h2", "Coverage per fault kind"),
+        ("img", "coverage.png", png, "coverage"),
+        ("p", "Bars: coverage per fault kind and scheme; whiskers: Wilson 95 % interval."),
+    ]
+    cells = [
+        [sc, c, g["n"], *g["counts"].values(), summ.pct(g["coverage"])]
+        for sc, sg in doc["summary"]["schemes"].items()
+        for c, g in sg["cells"].items()
+    ]
+    b += [
+        ("h2", "Per target and site"),
+        (
+            "table",
+            [
+                "scheme",
+                "cell",
+                "faults",
+                *next(iter(doc["summary"]["schemes"].values()))["all"]["counts"],
+                "coverage",
+            ]
+            if cells
+            else [],
+            cells,
+        ),
+    ]
+    bad = [
+        f"{r['id']} ({r['outcome']}, seed {r['seed']}): {r['why']}"
+        for r in doc["faults"]
+        if r["outcome"] in ("corrupted", "not-recovered", "harness-error")
+    ]
     if bad:
         b += [("h2", "Faults not recovered intact or with loss"), ("pre", "\n".join(bad))]
-    rej = [f"{r['id']}: {r['rejected']['pages']} pages, {r['rejected']['metadata_blocks']} "
-           f"metadata blocks: " + "; ".join(r["rejected"]["reasons"][:3])
-           for r in doc["faults"] if r["rejected"]["pages"] or r["rejected"]["metadata_blocks"]]
+    rej = [
+        f"{r['id']}: {r['rejected']['pages']} pages, {r['rejected']['metadata_blocks']} "
+        f"metadata blocks: " + "; ".join(r["rejected"]["reasons"][:3])
+        for r in doc["faults"]
+        if r["rejected"]["pages"] or r["rejected"]["metadata_blocks"]
+    ]
     if rej:
         b += [("h2", "Rejected objects"), ("pre", "\n".join(rej))]
-    b += [("h2", "Parameters"), ("pre", json.dumps(p, indent=2)),
-          ("h2", "Environment"), ("pre", json.dumps(doc["environment"], indent=2))]
+    b += [
+        ("h2", "Parameters"),
+        ("pre", json.dumps(p, indent=2)),
+        ("h2", "Environment"),
+        ("pre", json.dumps(doc["environment"], indent=2)),
+    ]
     return b
 
 
@@ -79,6 +122,8 @@ def write_report(d: Path, doc: dict | None = None) -> list[Path]:
     doc = doc if doc is not None else store.load(d)
     png = coverage_plot(doc["summary"])
     bl = blocks(doc, png)
-    return [write_atomic(d / "report.md", run_report.render_md(bl)),
-            write_atomic(d / "report.html", run_report.render_html(bl)),
-            write_atomic(d / "coverage.png", png)]
+    return [
+        write_atomic(d / "report.md", run_report.render_md(bl)),
+        write_atomic(d / "report.html", run_report.render_html(bl)),
+        write_atomic(d / "coverage.png", png),
+    ]

@@ -9,6 +9,7 @@ is stopped (Ctrl-C, SIGTERM), with the summary of every fault done so far. On ev
 the trials' scratch directory of this machine is left empty: the loop waits for each trial
 process (found by its working directory) to finish its teardown, then removes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,16 +17,23 @@ import shutil
 import time
 from pathlib import Path
 
-from harness.campaign import executor as executors, store, summary
-from harness.campaign.plan import FaultSpec, kinds_of, plan as make_plan, sites_of
+from harness.campaign import executor as executors
+from harness.campaign import store, summary
+from harness.campaign.plan import FaultSpec, kinds_of, sites_of
+from harness.campaign.plan import plan as make_plan
 from harness.campaign.task import scratch_dir
 
-TEARDOWN_WAIT_S = 120.0     # how long the trials of a stopped campaign get to tear down
+TEARDOWN_WAIT_S = 120.0  # how long the trials of a stopped campaign get to tear down
 
 
 def plan_of(parameters: dict) -> list[FaultSpec]:
-    return make_plan(parameters["schemes"], kinds_of(parameters["faults"]),
-                     parameters["per_scheme"], parameters["seed"], sites_of(parameters["sites"]))
+    return make_plan(
+        parameters["schemes"],
+        kinds_of(parameters["faults"]),
+        parameters["per_scheme"],
+        parameters["seed"],
+        sites_of(parameters["sites"]),
+    )
 
 
 def open_campaign(d: Path, parameters: dict, environment: dict) -> tuple[dict, list[dict]]:
@@ -40,17 +48,27 @@ def open_campaign(d: Path, parameters: dict, environment: dict) -> tuple[dict, l
             if old.get(k) != new.get(k):
                 raise store.CampaignError(
                     f"{d}: holds campaign {doc['campaign_id']} with {k} = {old.get(k)!r}, not "
-                    f"{new.get(k)!r}; use another --out to run a different campaign")
+                    f"{new.get(k)!r}; use another --out to run a different campaign"
+                )
         doc["parameters"] = parameters
     else:
         from harness.results import _created
+
         d.mkdir(parents=True, exist_ok=True)
-        doc = {"schema_version": store.SCHEMA_VERSION, "kind": store.KIND, "campaign_id": cid,
-               "created": _created(d), "parameters": parameters, "environment": environment,
-               "plan": [f.to_dict() for f in faults], "faults": [],
-               "log": {"rejected_lines": 0, "duplicates": 0},
-               "summary": summary.summarize([], parameters["schemes"]), "status": "running",
-               "time": {"wall_s": 0.0, "faults_run": 0, "per_fault_s": None}}
+        doc = {
+            "schema_version": store.SCHEMA_VERSION,
+            "kind": store.KIND,
+            "campaign_id": cid,
+            "created": _created(d),
+            "parameters": parameters,
+            "environment": environment,
+            "plan": [f.to_dict() for f in faults],
+            "faults": [],
+            "log": {"rejected_lines": 0, "duplicates": 0},
+            "summary": summary.summarize([], parameters["schemes"]),
+            "status": "running",
+            "time": {"wall_s": 0.0, "faults_run": 0, "per_fault_s": None},
+        }
         store.write(d, doc)
     done, info = store.load_log(d, {f.id for f in faults}, repair=True)
     doc["log"] = info
@@ -63,16 +81,25 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
     faults = plan_of(parameters)
     ids = {r["id"] for r in done}
     todo = [f for f in faults if f.id not in ids]
-    params = {"campaign_id": doc["campaign_id"], **{k: parameters[k] for k in (
-        "workload", "timing", "workload_params", "machine_file", "redeploy_every")},
-        **({"image": parameters["image"]} if parameters["executor"] == "docker" else {})}
+    params = {
+        "campaign_id": doc["campaign_id"],
+        **{
+            k: parameters[k]
+            for k in ("workload", "timing", "workload_params", "machine_file", "redeploy_every")
+        },
+        **({"image": parameters["image"]} if parameters["executor"] == "docker" else {}),
+    }
     wall0, t0, ran = doc["time"]["wall_s"], time.monotonic(), 0
     status, stopped = "stopped", None
     try:
-        for res in executors.results(parameters["executor"],
-                                     batches(todo, parameters["redeploy_every"]), params,
-                                     parameters["workers"], parameters["scheduler"]):
-            if res["id"] in ids:          # a task Dask ran twice: counted once
+        for res in executors.results(
+            parameters["executor"],
+            batches(todo, parameters["redeploy_every"]),
+            params,
+            parameters["workers"],
+            parameters["scheduler"],
+        ):
+            if res["id"] in ids:  # a task Dask ran twice: counted once
                 continue
             store.append(d, res)
             ids.add(res["id"])
@@ -81,16 +108,23 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
             say(res, len(done), len(faults))
         status = "complete"
     except KeyboardInterrupt as e:
-        stopped = {"signal": getattr(e, "signal_name", "SIGINT"), "faults_done": len(done),
-                   "faults_planned": len(faults)}
+        stopped = {
+            "signal": getattr(e, "signal_name", "SIGINT"),
+            "faults_done": len(done),
+            "faults_planned": len(faults),
+        }
         raise
     finally:
         if parameters["executor"] == "docker":
             from harness.campaign.container import stop_all
+
             stop_all(doc["campaign_id"])
         leftovers = clean_scratch(doc["campaign_id"])
-        doc.update(faults=sorted(done, key=lambda r: r["index"]), status=status,
-                   summary=summary.summarize(done, parameters["schemes"]))
+        doc.update(
+            faults=sorted(done, key=lambda r: r["index"]),
+            status=status,
+            summary=summary.summarize(done, parameters["schemes"]),
+        )
         if stopped:
             doc["stopped"] = stopped
         else:
@@ -98,9 +132,12 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
         if leftovers:
             doc.setdefault("notes", []).append(leftovers)
         wall = wall0 + time.monotonic() - t0
-        doc["time"] = {"wall_s": wall, "faults_run": len(done),
-                       "per_fault_s": wall / len(done) if done else None,
-                       "this_session": {"wall_s": time.monotonic() - t0, "faults_run": ran}}
+        doc["time"] = {
+            "wall_s": wall,
+            "faults_run": len(done),
+            "per_fault_s": wall / len(done) if done else None,
+            "this_session": {"wall_s": time.monotonic() - t0, "faults_run": ran},
+        }
         store.write(d, doc)
     return doc
 
@@ -132,8 +169,10 @@ def clean_scratch(campaign_id: str, wait_s: float = TEARDOWN_WAIT_S) -> str | No
         time.sleep(0.2)
     mounts = _mounts_under(root)
     if busy or mounts:
-        return (f"{root}: {len(busy)} trial processes and {len(mounts)} mounts still there after "
-                f"{wait_s:.0f} s; `crashbench down --all` removes what their owners left")
+        return (
+            f"{root}: {len(busy)} trial processes and {len(mounts)} mounts still there after "
+            f"{wait_s:.0f} s; `crashbench down --all` removes what their owners left"
+        )
     shutil.rmtree(root, ignore_errors=True)
     return None
 

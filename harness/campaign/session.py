@@ -12,6 +12,7 @@ fault cannot bring the forgotten files back), and the disk is checked by fsck wh
 nothing writes to it. Each result is handed to
 ``emit`` as it completes. The machine is torn down on every exit path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,17 @@ from harness.trial import failed, record
 
 
 def spec_of(fault: FaultSpec, params: dict) -> driver.TrialSpec:
-    return driver.TrialSpec(fault.scheme, params["workload"], fault.kind, fault.index,
-                            fault.seed, dict(params["timing"]), dict(params["workload_params"]),
-                            params.get("machine_file"), fault_args=fault.fault_args())
+    return driver.TrialSpec(
+        fault.scheme,
+        params["workload"],
+        fault.kind,
+        fault.index,
+        fault.seed,
+        dict(params["timing"]),
+        dict(params["workload_params"]),
+        params.get("machine_file"),
+        fault_args=fault.fault_args(),
+    )
 
 
 class Session(CampaignTrial):
@@ -43,7 +52,12 @@ class Session(CampaignTrial):
         try:
             for f in faults:
                 t0 = time.monotonic()
-                self.spec, self.phases, self.report, self.crash_at = spec_of(f, self.params), [], None, None
+                self.spec, self.phases, self.report, self.crash_at = (
+                    spec_of(f, self.params),
+                    [],
+                    None,
+                    None,
+                )
                 self.events, self.cache_fill = [], None
                 self.fsck = None
                 rec = self._one(f)
@@ -68,7 +82,7 @@ class Session(CampaignTrial):
                 with self.phase("check disk"):
                     self._check_live()
             return record(self, self.events)
-        except Exception as e:       # noqa: BLE001 - recorded as the fault's harness error
+        except Exception as e:  # noqa: BLE001 - recorded as the fault's harness error
             self._retire()
             return failed(self.spec, self.phases, self.crash_at, f"{type(e).__name__}: {e}")
         finally:
@@ -80,16 +94,19 @@ class Session(CampaignTrial):
         """The fault's own history and logs, and its own client seed."""
         wd = self.host.workdir / f"fault-{f.index}"
         (wd / "logs").mkdir(parents=True, exist_ok=True)
-        return dataclasses.replace(self.base_svc, workdir=wd, seed=f.seed,
-                                   datadir=self.base_svc.data_dir)
+        return dataclasses.replace(
+            self.base_svc, workdir=wd, seed=f.seed, datadir=self.base_svc.data_dir
+        )
 
     def _check_live(self) -> None:
         """The clients' files forgotten, everything written back (so a crash in the next
         fault cannot bring them back), then fsck while nothing writes."""
         from harness import history
+
         hd = self.svc.history_dir()
-        self.workload.forget(self.svc, history.merge(sorted(hd.glob("*.jsonl")),
-                                                     self.svc.workdir / "merged.jsonl"))
+        self.workload.forget(
+            self.svc, history.merge(sorted(hd.glob("*.jsonl")), self.svc.workdir / "merged.jsonl")
+        )
         self.host.control(self.scheme.active, {"cmd": "sync"}, timeout=60.0)
         CampaignTrial.examine(self)
 

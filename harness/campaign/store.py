@@ -12,6 +12,7 @@ results and their summary; it is validated before it is written (atomically) and
 is read. ``identity`` is what makes two commands the same campaign: the parameters without
 where and how wide it runs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,68 +35,162 @@ _int = {"type": ["integer", "null"], "minimum": 0}
 _str = {"type": ["string", "null"]}
 FAULT_SCHEMA = {
     "type": "object",
-    "required": ["id", "index", "scheme", "kind", "target", "site", "repetition", "seed",
-                 "outcome", "why", "rejected", "downtime_s", "outage_s", "acked_writes",
-                 "lost_writes", "lost_bytes", "corrupted_writes", "cache", "fsck", "phases",
-                 "wall_s", "finished", "worker", "error"],
+    "required": [
+        "id",
+        "index",
+        "scheme",
+        "kind",
+        "target",
+        "site",
+        "repetition",
+        "seed",
+        "outcome",
+        "why",
+        "rejected",
+        "downtime_s",
+        "outage_s",
+        "acked_writes",
+        "lost_writes",
+        "lost_bytes",
+        "corrupted_writes",
+        "cache",
+        "fsck",
+        "phases",
+        "wall_s",
+        "finished",
+        "worker",
+        "error",
+    ],
     "properties": {
-        "id": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
-        "scheme": {"type": "string"}, "kind": {"type": "string"}, "target": _str, "site": _str,
+        "id": {"type": "string"},
+        "index": {"type": "integer", "minimum": 0},
+        "scheme": {"type": "string"},
+        "kind": {"type": "string"},
+        "target": _str,
+        "site": _str,
         "repetition": {"type": "integer", "minimum": 0},
         "seed": {"type": "integer", "minimum": 0},
-        "outcome": {"enum": list(CLASSES)}, "why": {"type": "string"},
-        "rejected": {"type": "object", "required": ["pages", "metadata_blocks", "reasons"],
-                     "properties": {"pages": {"type": "integer", "minimum": 0},
-                                    "metadata_blocks": {"type": "integer", "minimum": 0},
-                                    "reasons": {"type": "array", "items": {"type": "string"}}}},
-        "downtime_s": _num, "outage_s": _num, "acked_writes": _int, "lost_writes": _int,
-        "lost_bytes": _int, "corrupted_writes": _int, "cache": {"type": "object"},
+        "outcome": {"enum": list(CLASSES)},
+        "why": {"type": "string"},
+        "rejected": {
+            "type": "object",
+            "required": ["pages", "metadata_blocks", "reasons"],
+            "properties": {
+                "pages": {"type": "integer", "minimum": 0},
+                "metadata_blocks": {"type": "integer", "minimum": 0},
+                "reasons": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "downtime_s": _num,
+        "outage_s": _num,
+        "acked_writes": _int,
+        "lost_writes": _int,
+        "lost_bytes": _int,
+        "corrupted_writes": _int,
+        "cache": {"type": "object"},
         "fsck": {"type": ["object", "null"], "required": ["exit_code", "problems"]},
         "phases": {"type": "object", "additionalProperties": {"type": "number"}},
-        "wall_s": {"type": "number", "minimum": 0}, "finished": {"type": "number"},
-        "worker": {"type": "string"}, "error": _str,
+        "wall_s": {"type": "number", "minimum": 0},
+        "finished": {"type": "number"},
+        "worker": {"type": "string"},
+        "error": _str,
     },
 }
 _count = {"type": "integer", "minimum": 0}
 _share = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
-_interval = {"type": "object", "required": ["k", "n", "share", "lo", "hi"],
-             "properties": {"k": _count, "n": _count, "share": _share, "lo": _share, "hi": _share}}
-_group = {"type": "object", "required": ["n", "harness_errors", "counts", "coverage", "corrupted"],
-          "properties": {"n": _count, "harness_errors": _count,
-                         "counts": {"type": "object", "required": list(CLASSES),
-                                    "additionalProperties": _count},
-                         "coverage": _interval, "corrupted": _interval}}
+_interval = {
+    "type": "object",
+    "required": ["k", "n", "share", "lo", "hi"],
+    "properties": {"k": _count, "n": _count, "share": _share, "lo": _share, "hi": _share},
+}
+_group = {
+    "type": "object",
+    "required": ["n", "harness_errors", "counts", "coverage", "corrupted"],
+    "properties": {
+        "n": _count,
+        "harness_errors": _count,
+        "counts": {"type": "object", "required": list(CLASSES), "additionalProperties": _count},
+        "coverage": _interval,
+        "corrupted": _interval,
+    },
+}
 CAMPAIGN_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "crashbench campaign.json, schema_version 1",
     "type": "object",
-    "required": ["schema_version", "kind", "campaign_id", "created", "parameters",
-                 "environment", "plan", "faults", "log", "summary", "status", "time"],
+    "required": [
+        "schema_version",
+        "kind",
+        "campaign_id",
+        "created",
+        "parameters",
+        "environment",
+        "plan",
+        "faults",
+        "log",
+        "summary",
+        "status",
+        "time",
+    ],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "kind": {"const": KIND},
         "campaign_id": {"type": "string", "pattern": "^[0-9a-f]{10}$"},
         "created": {"type": "string"},
-        "parameters": {"type": "object",
-                       "required": ["schemes", "workload", "faults", "sites", "per_scheme", "seed",
-                                    "timing", "workload_params", "machine_file"]},
+        "parameters": {
+            "type": "object",
+            "required": [
+                "schemes",
+                "workload",
+                "faults",
+                "sites",
+                "per_scheme",
+                "seed",
+                "timing",
+                "workload_params",
+                "machine_file",
+            ],
+        },
         "environment": {"type": "object"},
-        "plan": {"type": "array", "items": {"type": "object", "required": ["id", "index", "scheme",
-                                                                          "kind", "seed"]}},
+        "plan": {
+            "type": "array",
+            "items": {"type": "object", "required": ["id", "index", "scheme", "kind", "seed"]},
+        },
         "faults": {"type": "array", "items": FAULT_SCHEMA},
-        "log": {"type": "object", "required": ["rejected_lines", "duplicates"],
-                "properties": {"rejected_lines": _count, "duplicates": _count}},
-        "summary": {"type": "object", "required": ["level", "schemes"],
-                    "properties": {"schemes": {"type": "object", "additionalProperties": {
-                        "type": "object", "required": ["all", "kinds", "cells"],
-                        "properties": {"all": _group,
-                                       "kinds": {"type": "object", "additionalProperties": _group},
-                                       "cells": {"type": "object", "additionalProperties": _group}}}}}},
+        "log": {
+            "type": "object",
+            "required": ["rejected_lines", "duplicates"],
+            "properties": {"rejected_lines": _count, "duplicates": _count},
+        },
+        "summary": {
+            "type": "object",
+            "required": ["level", "schemes"],
+            "properties": {
+                "schemes": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["all", "kinds", "cells"],
+                        "properties": {
+                            "all": _group,
+                            "kinds": {"type": "object", "additionalProperties": _group},
+                            "cells": {"type": "object", "additionalProperties": _group},
+                        },
+                    },
+                }
+            },
+        },
         "status": {"enum": ["running", "stopped", "complete"]},
         "stopped": {"type": "object"},
-        "time": {"type": "object", "required": ["wall_s", "faults_run", "per_fault_s"],
-                 "properties": {"wall_s": {"type": "number", "minimum": 0},
-                                "faults_run": _count, "per_fault_s": _num}},
+        "time": {
+            "type": "object",
+            "required": ["wall_s", "faults_run", "per_fault_s"],
+            "properties": {
+                "wall_s": {"type": "number", "minimum": 0},
+                "faults_run": _count,
+                "per_fault_s": _num,
+            },
+        },
     },
 }
 
@@ -109,15 +204,20 @@ def identity(parameters: dict) -> dict:
 
 
 def campaign_id(parameters: dict) -> str:
-    return hashlib.sha256(json.dumps(identity(parameters), sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps(identity(parameters), sort_keys=True).encode()).hexdigest()[
+        :10
+    ]
 
 
 def validate(doc: dict, where: str = CAMPAIGN_FILE) -> None:
     if isinstance(doc, dict) and doc.get("schema_version") not in (None, SCHEMA_VERSION):
-        raise CampaignError(f"{where}: schema_version {doc['schema_version']!r}: this crashbench "
-                            f"reads schema_version {SCHEMA_VERSION} only")
+        raise CampaignError(
+            f"{where}: schema_version {doc['schema_version']!r}: this crashbench "
+            f"reads schema_version {SCHEMA_VERSION} only"
+        )
     err = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(CAMPAIGN_SCHEMA).iter_errors(doc))
+        jsonschema.Draft202012Validator(CAMPAIGN_SCHEMA).iter_errors(doc)
+    )
     if err is not None:
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
         raise CampaignError(f"{where}: {path.lstrip('.') or 'top level'}: {err.message}")
@@ -125,6 +225,7 @@ def validate(doc: dict, where: str = CAMPAIGN_FILE) -> None:
 
 def write(d: Path, doc: dict) -> Path:
     from harness.results import write_atomic
+
     validate(doc)
     return write_atomic(d / CAMPAIGN_FILE, json.dumps(doc, indent=1))
 

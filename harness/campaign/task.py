@@ -14,6 +14,7 @@ file, namespace, process set or port (those derive from the work directory). The
 process tears its machine down on every exit path: an error, SIGINT, SIGTERM, and the
 death of the process that started it (a killed worker), which it watches.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,9 @@ from harness import driver
 from harness.campaign import container, outcome
 from harness.campaign.plan import FaultSpec
 
-PARENT_POLL_S = 0.2        # how often a trial process looks whether its starter still lives
-KILL_GRACE_S = 60.0        # a trial process asked to stop gets this long for its teardown
-RESULT_POLL_S = 0.1        # how often the results a trial process wrote are looked for
+PARENT_POLL_S = 0.2  # how often a trial process looks whether its starter still lives
+KILL_GRACE_S = 60.0  # a trial process asked to stop gets this long for its teardown
+RESULT_POLL_S = 0.1  # how often the results a trial process wrote are looked for
 
 
 class CampaignTrial(driver.Trial):
@@ -42,6 +43,7 @@ class CampaignTrial(driver.Trial):
     refuses a fault the kernel would not arm (instead of waiting out the recovery
     timeout), makes the kernel reach the fault's site, and runs fsck on the disk the
     machine leaves."""
+
     fsck: dict | None = None
 
     def inject(self) -> dict:
@@ -50,8 +52,9 @@ class CampaignTrial(driver.Trial):
             self.host.control(self.scheme.active, {"cmd": "sync"}, timeout=60.0)
         reply = super().inject()
         if not reply.get("ok"):
-            raise driver.DriverError(f"{self.spec.id}: the kernel refused the fault: "
-                                     f"{reply.get('error', reply)}")
+            raise driver.DriverError(
+                f"{self.spec.id}: the kernel refused the fault: {reply.get('error', reply)}"
+            )
         self.reach(reply["site"])
         return reply
 
@@ -62,27 +65,37 @@ class CampaignTrial(driver.Trial):
         may block in the dying kernel until the scheme (or teardown) ends its connection."""
         if site == "vfs.create":
             probe = Path(self.svc.mount) / f".campaign-probe-{self.spec.trial}"
-            work = lambda: probe.touch()                                    # noqa: E731
+            work = probe.touch
         elif site == "writeback":
-            work = lambda: self.host.control(self.scheme.active, {"cmd": "sync"},  # noqa: E731
-                                             timeout=self.spec.timing["recovery_timeout_s"])
+
+            def work():
+                self.host.control(
+                    self.scheme.active,
+                    {"cmd": "sync"},
+                    timeout=self.spec.timing["recovery_timeout_s"],
+                )
         else:
             return
 
         def attempt():
             try:
                 work()
-            except Exception:       # noqa: BLE001 - the kernel may die under it: that is the fault
+            except Exception:  # noqa: BLE001 - the kernel may die under it: that is the fault
                 pass
+
         threading.Thread(target=attempt, daemon=True, name=f"reach-{site}").start()
 
     def examine(self) -> None:
         from kernel.tools.fsck import fsck
+
         img = self.host.disk_image()
         if img.exists():
             r = fsck(str(img))
-            self.fsck = {"exit_code": r.exit_code, "problems": r.problems[:10],
-                         "problems_not_kept": max(0, len(r.problems) - 10)}
+            self.fsck = {
+                "exit_code": r.exit_code,
+                "problems": r.problems[:10],
+                "problems_not_kept": max(0, len(r.problems) - 10),
+            }
 
 
 def scratch_dir(campaign_id: str) -> Path:
@@ -92,9 +105,17 @@ def scratch_dir(campaign_id: str) -> Path:
 
 def run_fault(fault: FaultSpec, params: dict, out: Path) -> dict:
     """Run one fault in this process; its result."""
-    spec = driver.TrialSpec(fault.scheme, params["workload"], fault.kind, fault.index,
-                            fault.seed, dict(params["timing"]), dict(params["workload_params"]),
-                            params.get("machine_file"), fault_args=fault.fault_args())
+    spec = driver.TrialSpec(
+        fault.scheme,
+        params["workload"],
+        fault.kind,
+        fault.index,
+        fault.seed,
+        dict(params["timing"]),
+        dict(params["workload_params"]),
+        params.get("machine_file"),
+        fault_args=fault.fault_args(),
+    )
     holder: dict = {}
 
     class _Trial(CampaignTrial):
@@ -109,25 +130,49 @@ def run_fault(fault: FaultSpec, params: dict, out: Path) -> dict:
 
 def result_of(fault: FaultSpec, rec: dict, fsck: dict | None, wall_s: float) -> dict:
     cls, why = outcome.classify(rec, fsck)
-    return {**fault.to_dict(), "outcome": cls, "why": why,
-            "rejected": outcome.rejected_of(rec),
-            "downtime_s": rec.get("downtime_s"), "outage_s": rec.get("outage_s"),
-            "detected_by": rec.get("detected_by"), "acked_writes": rec.get("acked_writes"),
-            "lost_writes": rec.get("lost_writes"), "lost_bytes": rec.get("lost_bytes"),
-            "corrupted_writes": rec.get("corrupted_writes"),
-            "cache": rec.get("cache") or {}, "fsck": fsck,
-            "phases": {p["name"]: p["seconds"] for p in rec.get("driver_phases", [])},
-            "wall_s": wall_s, "finished": time.time(),
-            "worker": f"{socket.gethostname()}:{os.getppid()}", "error": rec.get("error")}
+    return {
+        **fault.to_dict(),
+        "outcome": cls,
+        "why": why,
+        "rejected": outcome.rejected_of(rec),
+        "downtime_s": rec.get("downtime_s"),
+        "outage_s": rec.get("outage_s"),
+        "detected_by": rec.get("detected_by"),
+        "acked_writes": rec.get("acked_writes"),
+        "lost_writes": rec.get("lost_writes"),
+        "lost_bytes": rec.get("lost_bytes"),
+        "corrupted_writes": rec.get("corrupted_writes"),
+        "cache": rec.get("cache") or {},
+        "fsck": fsck,
+        "phases": {p["name"]: p["seconds"] for p in rec.get("driver_phases", [])},
+        "wall_s": wall_s,
+        "finished": time.time(),
+        "worker": f"{socket.gethostname()}:{os.getppid()}",
+        "error": rec.get("error"),
+    }
 
 
 def error_result(fault: FaultSpec, why: str, wall_s: float = 0.0) -> dict:
-    return {**fault.to_dict(), "outcome": "harness-error", "why": why,
-            "rejected": {"pages": 0, "metadata_blocks": 0, "reasons": [], "reasons_not_kept": 0},
-            "downtime_s": None, "outage_s": None, "detected_by": None, "acked_writes": None,
-            "lost_writes": None, "lost_bytes": None, "corrupted_writes": None, "cache": {},
-            "fsck": None, "phases": {}, "wall_s": wall_s, "finished": time.time(),
-            "worker": f"{socket.gethostname()}:{os.getpid()}", "error": why}
+    return {
+        **fault.to_dict(),
+        "outcome": "harness-error",
+        "why": why,
+        "rejected": {"pages": 0, "metadata_blocks": 0, "reasons": [], "reasons_not_kept": 0},
+        "downtime_s": None,
+        "outage_s": None,
+        "detected_by": None,
+        "acked_writes": None,
+        "lost_writes": None,
+        "lost_bytes": None,
+        "corrupted_writes": None,
+        "cache": {},
+        "fsck": None,
+        "phases": {},
+        "wall_s": wall_s,
+        "finished": time.time(),
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "error": why,
+    }
 
 
 def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
@@ -136,7 +181,7 @@ def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
     fs = [FaultSpec(**f) for f in faults]
     scratch = scratch_dir(params["campaign_id"])
     scratch.mkdir(parents=True, exist_ok=True)
-    os.chmod(scratch, 0o755)         # servers on a trial's mount run as other users
+    os.chmod(scratch, 0o755)  # servers on a trial's mount run as other users
     work = Path(tempfile.mkdtemp(prefix=f"fault-{fs[0].index}-", dir=scratch))
     os.chmod(work, 0o755)
     results = work / "results.jsonl"
@@ -146,10 +191,14 @@ def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
     try:
         with open(work / "task.log", "wb") as log:
             prefix = container.argv(params, work) if params.get("image") else []
-            proc = subprocess.Popen([*prefix, sys.executable, "-m", "harness.campaign.task",
-                                     str(results)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=log, cwd=work, env={**os.environ, "TMPDIR": str(work)})
+            proc = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "harness.campaign.task", str(results)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=work,
+                env={**os.environ, "TMPDIR": str(work)},
+            )
         proc.stdin.write(json.dumps({"faults": faults, "params": params}).encode())
         proc.stdin.close()
         while True:
@@ -173,8 +222,9 @@ def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
                     yield error_result(f, why, time.monotonic() - t0)
     finally:
         if proc is not None and proc.poll() is None:
-            _stop(proc)                  # stopped from outside (Ctrl-C): its teardown first
+            _stop(proc)  # stopped from outside (Ctrl-C): its teardown first
         import shutil
+
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -182,7 +232,7 @@ def _new_lines(path: Path, seen: int) -> list[dict]:
     """Complete lines past the first ``seen`` (the trial process writes one per fault)."""
     if not path.exists():
         return []
-    lines = path.read_bytes().split(b"\n")[:-1]     # the last, unfinished, is not yet a result
+    lines = path.read_bytes().split(b"\n")[:-1]  # the last, unfinished, is not yet a result
     return [json.loads(x) for x in lines[seen:]]
 
 
@@ -190,6 +240,7 @@ def run_batch(faults: list[dict], params: dict) -> list[dict]:
     """What a Dask task runs: the batch's results, each also put on the campaign's queue
     as it completes, so a result outlives a worker that dies later in the batch."""
     from distributed import Queue
+
     q = Queue(params["queue"]) if params.get("queue") else None
     out = []
     for res in iter_batch(faults, params):
@@ -201,8 +252,14 @@ def run_batch(faults: list[dict], params: dict) -> list[dict]:
 
 def trial_limit_s(timing: dict) -> float:
     """Beyond this a trial process is stuck: every phase's own bound, and slack."""
-    return (2 * timing["ready_timeout_s"] + timing["warmup_s"] + timing["steady_s"]
-            + 2 * timing["recovery_timeout_s"] + timing["post_s"] + 180)
+    return (
+        2 * timing["ready_timeout_s"]
+        + timing["warmup_s"]
+        + timing["steady_s"]
+        + 2 * timing["recovery_timeout_s"]
+        + timing["post_s"]
+        + 180
+    )
 
 
 def _stop(proc: subprocess.Popen) -> int:
@@ -228,6 +285,7 @@ def _watch_parent() -> None:
 
 def _stopped(signum, frame):
     from harness.commands.run import Stopped
+
     raise Stopped(signal.Signals(signum).name)
 
 
@@ -250,6 +308,7 @@ def main() -> int:
             emit(run_fault(f, params, out))
     else:
         from harness.campaign.session import Session
+
         Session(faults[0], params, out).serve(faults, every, emit)
     return 0
 

@@ -9,6 +9,7 @@ when it checked and found nothing, False when it found anything (each finding ke
 pg_amcheck named it), and None — never a guess — when it did not check (no verify phase,
 no server, no extension).
 """
+
 from __future__ import annotations
 
 from harness.checkers.common import VERIFY
@@ -23,12 +24,22 @@ def amcheck(events: list[dict]) -> dict:
         if inv["f"] != VERIFY or "key" in inv or (inv.get("value") or {}).get("check") != "amcheck":
             continue
         if done is None or done["type"] != "ok":
-            out = {"checked": False, "status": None, "findings": [],
-                   "error": (done or {}).get("error") or "pg_amcheck did not finish", "ok": None}
+            out = {
+                "checked": False,
+                "status": None,
+                "findings": [],
+                "error": (done or {}).get("error") or "pg_amcheck did not finish",
+                "ok": None,
+            }
             continue
         v = done.get("value") or {}
         found = [str(f) for f in v.get("findings") or []]
         status = v.get("status")
-        out = {"checked": True, "status": status, "findings": found, "error": None,
-               "ok": status == 0 and not found}
+        out = {
+            "checked": True,
+            "status": status,
+            "findings": found,
+            "error": None,
+            "ok": status == 0 and not found,
+        }
     return out

@@ -19,6 +19,7 @@ balances, every account whose balance differs from the initial one). From these 
 Without the bank's verify record (the scheme did not recover, or the verify client got no
 answer) every figure but the counts of transfers is None, never a guess.
 """
+
 from __future__ import annotations
 
 from harness.checkers.common import VERIFY, is_load
@@ -35,18 +36,34 @@ def bank(events: list[dict]) -> dict:
         v = inv.get("value")
         if is_load(inv) and inv["f"] == "write" and isinstance(v, dict) and "amount" in v:
             transfers[inv["key"]] = ("info" if done is None else done["type"], v)
-    out = {"committed": sum(o == "ok" for o, _ in transfers.values()),
-           "info": sum(o == "info" for o, _ in transfers.values()),
-           "failed": sum(o == "fail" for o, _ in transfers.values())}
+    out = {
+        "committed": sum(o == "ok" for o, _ in transfers.values()),
+        "info": sum(o == "info" for o, _ in transfers.values()),
+        "failed": sum(o == "fail" for o, _ in transfers.values()),
+    }
     state = _bank_state(events)
-    nulls = ("present", "lost", "info_present", "info_absent", "failed_present", "unverified",
-             "ledger_rows", "unexplained_rows", "accounts", "sum", "expected_sum", "conserved",
-             "accounts_inconsistent", "ok")
+    nulls = (
+        "present",
+        "lost",
+        "info_present",
+        "info_absent",
+        "failed_present",
+        "unverified",
+        "ledger_rows",
+        "unexplained_rows",
+        "accounts",
+        "sum",
+        "expected_sum",
+        "conserved",
+        "accounts_inconsistent",
+        "ok",
+    )
     if state is None:
         return {**out, **{k: None for k in nulls}}
     seen = verified(events)
-    counts = dict.fromkeys(("present", "lost", "info_present", "info_absent", "failed_present",
-                            "unverified"), 0)
+    counts = dict.fromkeys(
+        ("present", "lost", "info_present", "info_absent", "failed_present", "unverified"), 0
+    )
     balance_delta: dict[int, int] = {}
     for key, (outcome, v) in transfers.items():
         found = seen.get(key)
@@ -67,16 +84,27 @@ def bank(events: list[dict]) -> dict:
     b0, n = state["initial_balance"], state["accounts"]
     actual = {int(aid): int(bal) for aid, bal in state["changed"]}
     inconsistent = sum(actual.get(aid, b0) != b0 + d for aid, d in balance_delta.items())
-    inconsistent += sum(1 for aid, bal in actual.items()
-                        if aid not in balance_delta and bal != b0)
+    inconsistent += sum(1 for aid, bal in actual.items() if aid not in balance_delta and bal != b0)
     expected_sum = n * b0
-    res = {**out, **counts, "ledger_rows": state["ledger_rows"],
-           "unexplained_rows": state["ledger_rows"] - counts["present"],
-           "accounts": n, "sum": state["sum"], "expected_sum": expected_sum,
-           "conserved": state["sum"] == expected_sum, "accounts_inconsistent": inconsistent}
-    res["ok"] = (res["conserved"] and not inconsistent and not counts["lost"]
-                 and not counts["failed_present"] and not counts["unverified"]
-                 and not res["unexplained_rows"])
+    res = {
+        **out,
+        **counts,
+        "ledger_rows": state["ledger_rows"],
+        "unexplained_rows": state["ledger_rows"] - counts["present"],
+        "accounts": n,
+        "sum": state["sum"],
+        "expected_sum": expected_sum,
+        "conserved": state["sum"] == expected_sum,
+        "accounts_inconsistent": inconsistent,
+    }
+    res["ok"] = (
+        res["conserved"]
+        and not inconsistent
+        and not counts["lost"]
+        and not counts["failed_present"]
+        and not counts["unverified"]
+        and not res["unexplained_rows"]
+    )
     return res
 
 

@@ -7,6 +7,7 @@ Every ``ok`` read of the load and of the verify phase whose invoke names a diges
 compared; a body that differs is counted and its key listed (the first 20). A file the
 verify phase never got a 200 for is ``unverified``.
 """
+
 from __future__ import annotations
 
 from harness.checkers.common import VERIFY, is_load
@@ -18,7 +19,7 @@ def bodies(events: list[dict]) -> dict:
     "verify_mismatched", "unverified_files", "ok"}."""
     served = identical = 0
     bad: list[str] = []
-    files: dict[str, bool | None] = {}       # verify: key -> identical, None if never answered
+    files: dict[str, bool | None] = {}  # verify: key -> identical, None if never answered
     for inv, done in pairs(events):
         want = inv.get("value")
         if not (isinstance(want, dict) and isinstance(want.get("sha256"), str)):
@@ -41,7 +42,13 @@ def bodies(events: list[dict]) -> dict:
             bad.append(inv["key"])
     verify_bad = sum(v is False for v in files.values())
     unverified = sum(v is None for v in files.values())
-    return {"served": served, "identical": identical, "mismatched": served - identical,
-            "mismatched_keys": bad, "verified_files": sum(v is True for v in files.values()),
-            "verify_mismatched": verify_bad, "unverified_files": unverified,
-            "ok": served == identical and not verify_bad and not unverified and bool(files)}
+    return {
+        "served": served,
+        "identical": identical,
+        "mismatched": served - identical,
+        "mismatched_keys": bad,
+        "verified_files": sum(v is True for v in files.values()),
+        "verify_mismatched": verify_bad,
+        "unverified_files": unverified,
+        "ok": served == identical and not verify_bad and not unverified and bool(files),
+    }

@@ -12,6 +12,7 @@ each difference goes to the bin holding its later sample; a bin is ``full`` only
 samples of one kernel cover it whole, and a bin that is not full, or saw no lookup, has
 no ratio.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,10 +29,21 @@ def samples(events: list[dict]) -> list[dict]:
     out = []
     for e in events:
         v = e.get("value")
-        if e["process"] == NEMESIS and e["type"] == "info" and e["f"] == SAMPLE \
-                and isinstance(v, dict) and all(_count(v.get(k)) for k in ("pid", "hits", "misses")):
-            out.append({"time": float(e["time"]), "pid": v["pid"], "hits": v["hits"],
-                        "misses": v["misses"]})
+        if (
+            e["process"] == NEMESIS
+            and e["type"] == "info"
+            and e["f"] == SAMPLE
+            and isinstance(v, dict)
+            and all(_count(v.get(k)) for k in ("pid", "hits", "misses"))
+        ):
+            out.append(
+                {
+                    "time": float(e["time"]),
+                    "pid": v["pid"],
+                    "hits": v["hits"],
+                    "misses": v["misses"],
+                }
+            )
     return sorted(out, key=lambda s: s["time"])
 
 
@@ -47,8 +59,9 @@ def hit_ratio(events: list[dict], bin_s: float = BIN_S) -> dict:
     crash = crash_times(events)["crash_at"]
     origin = crash if crash is not None else (ss[0]["time"] if ss else None)
     back = nemesis_time(events, "info", "recovered")
-    deltas, spans = _deltas(ss, back if crash is not None and back is not None and back > crash
-                            else None)
+    deltas, spans = _deltas(
+        ss, back if crash is not None and back is not None and back > crash else None
+    )
     if origin is None or not deltas:
         return {"bin_s": bin_s, "samples": len(ss), "bins": [], "before": None, "after": None}
     first = math.floor((min(s[0] for s in spans) - origin) / bin_s)
@@ -62,16 +75,31 @@ def hit_ratio(events: list[dict], bin_s: float = BIN_S) -> dict:
     for k, (h, m) in sorted(counts.items()):
         lo, hi = origin + k * bin_s, origin + (k + 1) * bin_s
         full = any(a <= lo and hi <= b for a, b in spans)
-        bins.append({"t": k * bin_s, "hits": h, "misses": m, "full": full,
-                     "ratio": h / (h + m) if full and h + m else None})
-    side = (lambda pick: _ratio([(h, m) for t, h, m in deltas if pick(t)]))
-    return {"bin_s": bin_s, "samples": len(ss), "bins": bins,
-            "before": side(lambda t: crash is not None and t <= crash),
-            "after": side(lambda t: crash is not None and t > crash)}
+        bins.append(
+            {
+                "t": k * bin_s,
+                "hits": h,
+                "misses": m,
+                "full": full,
+                "ratio": h / (h + m) if full and h + m else None,
+            }
+        )
+
+    def side(pick):
+        return _ratio([(h, m) for t, h, m in deltas if pick(t)])
+
+    return {
+        "bin_s": bin_s,
+        "samples": len(ss),
+        "bins": bins,
+        "before": side(lambda t: crash is not None and t <= crash),
+        "after": side(lambda t: crash is not None and t > crash),
+    }
 
 
-def _deltas(ss: list[dict], back: float | None
-            ) -> tuple[list[tuple[float, int, int]], list[tuple[float, float]]]:
+def _deltas(
+    ss: list[dict], back: float | None
+) -> tuple[list[tuple[float, int, int]], list[tuple[float, float]]]:
     """(time of the later sample, Δhits, Δmisses) of consecutive samples of one kernel, and
     each kernel's (first, last) sample time; a kernel first sampled after ``back`` (the
     scheme's end of outage after the crash) starts from zero counts at ``back``."""

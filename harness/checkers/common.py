@@ -4,6 +4,7 @@ Promises to the checkers in this package: one definition of when the crash happe
 which operations are the clients' load (not the nemesis's records, not the verify phase's
 reads), so that downtime, throughput and write loss all split a history at the same moment.
 """
+
 from __future__ import annotations
 
 from harness.history import NEMESIS, pairs
@@ -26,14 +27,24 @@ def crash_times(events: list[dict]) -> dict:
     delivered = _delivery(events)
     activated = nemesis_time(events, "info", "activated")
     known = [t for t in (injected, delivered, activated) if t is not None]
-    return {"crash_at": max(known) if known else None, "injected_at": injected,
-            "delivered_at": delivered, "activated_at": activated}
+    return {
+        "crash_at": max(known) if known else None,
+        "injected_at": injected,
+        "delivered_at": delivered,
+        "activated_at": activated,
+    }
 
 
 def nemesis_time(events: list[dict], type_: str, f: str) -> float | None:
     """The time of the nemesis's first event of this type and f (None: there is none)."""
-    return next((float(e["time"]) for e in events
-                 if e["process"] == NEMESIS and e["type"] == type_ and e["f"] == f), None)
+    return next(
+        (
+            float(e["time"])
+            for e in events
+            if e["process"] == NEMESIS and e["type"] == type_ and e["f"] == f
+        ),
+        None,
+    )
 
 
 def _delivery(events: list[dict]) -> float | None:
@@ -60,8 +71,7 @@ def load_oks(events: list[dict]) -> dict[int, list[tuple[float, float]]]:
     out: dict[int, list[tuple[float, float]]] = {}
     for inv, done in pairs(events):
         if is_load(inv) and done is not None and done["type"] == "ok":
-            out.setdefault(inv["process"], []).append((float(inv["time"]),
-                                                       float(done["time"])))
+            out.setdefault(inv["process"], []).append((float(inv["time"]), float(done["time"])))
     for spans in out.values():
         spans.sort(key=lambda span: span[1])
     return out

@@ -9,6 +9,7 @@ client with no such ``ok`` is not recovered (downtime None); only clients with a
 count (a client that never worked has no downtime to measure). Verify-phase reads are not
 load and are ignored.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,14 +38,19 @@ def downtime(events: list[dict]) -> dict:
             windows[str(pid)] = [before - crash, None if after is None else after - crash]
     values = list(per_client.values())
     median, worst = aggregate(values)
-    return {**times, "clients": len(values),
-            "recovered_clients": sum(v is not None for v in values),
-            "per_client": per_client, "windows": windows, "median_s": median, "max_s": worst,
-            "recovered": bool(values) and all(v is not None for v in values)}
+    return {
+        **times,
+        "clients": len(values),
+        "recovered_clients": sum(v is not None for v in values),
+        "per_client": per_client,
+        "windows": windows,
+        "median_s": median,
+        "max_s": worst,
+        "recovered": bool(values) and all(v is not None for v in values),
+    }
 
 
-def ok_window(oks: list[tuple[float, float]],
-              crash: float) -> tuple[float, float | None] | None:
+def ok_window(oks: list[tuple[float, float]], crash: float) -> tuple[float, float | None] | None:
     """(last ok completion at or before the crash, first ok completion of an operation
     invoked at or after it, or None); None when the client had no ok before the crash.
     ``oks``: (invoke, completion) spans.

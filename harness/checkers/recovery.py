@@ -8,6 +8,7 @@ bins are FINE_BIN_S wide and aligned at the crash like harness/checkers/throughp
 through whole (``full`` false) enters no figure; every figure that cannot be computed is
 None, never a guess.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,9 +16,9 @@ import numpy as np
 from harness.checkers.common import crash_times, load_oks, nemesis_time
 from harness.checkers.throughput import binned, load_span
 
-FINE_BIN_S = 0.1          # fine enough to see an outage of a few hundred ms
-PRE_SKIP_S = 1.0          # the first second of full bins before the crash: clients warming up
-SUSTAIN_S = 1.0           # a return must hold on average over this long, not be one burst
+FINE_BIN_S = 0.1  # fine enough to see an outage of a few hundred ms
+PRE_SKIP_S = 1.0  # the first second of full bins before the crash: clients warming up
+SUSTAIN_S = 1.0  # a return must hold on average over this long, not be one burst
 FRACTIONS = (0.9, 0.99)
 
 
@@ -33,10 +34,16 @@ def recovery(events: list[dict], bin_s: float = FINE_BIN_S) -> dict:
     pre = float(np.mean([b["ops_per_s"] for b in pre_bins])) if pre_bins else None
     back = {p: back_to(bins, pre, p, bin_s) for p in FRACTIONS}
     lost = lost_work(bins, pre, back[0.9], bin_s)
-    out = {"bin_s": bin_s, "bins": bins, "pre_crash_mean": pre,
-           "time_to_90pct_s": back[0.9], "time_to_99pct_s": back[0.99],
-           "lost_ops": lost, "lost_service_s": None if lost is None else lost / pre,
-           "latency": latency(events, crash, pre_bins, bin_s)}
+    out = {
+        "bin_s": bin_s,
+        "bins": bins,
+        "pre_crash_mean": pre,
+        "time_to_90pct_s": back[0.9],
+        "time_to_99pct_s": back[0.99],
+        "lost_ops": lost,
+        "lost_service_s": None if lost is None else lost / pre,
+        "latency": latency(events, crash, pre_bins, bin_s),
+    }
     out.update(client_gap(events, crash))
     return out
 
@@ -44,7 +51,7 @@ def recovery(events: list[dict], bin_s: float = FINE_BIN_S) -> dict:
 def _pre_window(bins: list[dict], bin_s: float) -> list[dict]:
     """The full bins before the crash, less the first PRE_SKIP_S of them."""
     full = [b for b in bins if b["t"] < 0 and b["full"]]
-    return full[int(round(PRE_SKIP_S / bin_s)):]
+    return full[int(round(PRE_SKIP_S / bin_s)) :]
 
 
 def back_to(bins: list[dict], pre: float | None, fraction: float, bin_s: float) -> float | None:
@@ -65,8 +72,9 @@ def back_to(bins: list[dict], pre: float | None, fraction: float, bin_s: float) 
     return None
 
 
-def lost_work(bins: list[dict], pre: float | None, back: float | None,
-              bin_s: float) -> float | None:
+def lost_work(
+    bins: list[dict], pre: float | None, back: float | None, bin_s: float
+) -> float | None:
     """Operations the crash cost: Σ (pre-crash rate − observed rate) · bin_s over the bins
     from the crash to ``back`` (the return to 90 %). None when there is no such return."""
     if back is None or not pre:
@@ -77,8 +85,7 @@ def lost_work(bins: list[dict], pre: float | None, back: float | None,
     return float(sum((pre - b["ops_per_s"]) * bin_s for b in span))
 
 
-def latency(events: list[dict], crash: float | None, pre_bins: list[dict],
-            bin_s: float) -> dict:
+def latency(events: list[dict], crash: float | None, pre_bins: list[dict], bin_s: float) -> dict:
     """p50/p99 (and n) of the ``ok`` load operations' latencies (completion − invoke):
     ``before`` those completed inside the pre-crash window, ``after`` those invoked at or
     after the crash."""
@@ -110,6 +117,12 @@ def client_gap(events: list[dict], crash: float | None) -> dict:
     if crash is not None:
         done = [d for spans in load_oks(events).values() for inv, d in spans if inv >= crash]
         first = min(done) if done else None
-    rel = (lambda t: None if t is None or crash is None else t - crash)
-    return {"recovered_at": rel(back), "first_ok_after_s": rel(first),
-            "client_gap_s": None if back is None or first is None else first - back}
+
+    def rel(t):
+        return None if t is None or crash is None else t - crash
+
+    return {
+        "recovered_at": rel(back),
+        "first_ok_after_s": rel(first),
+        "client_gap_s": None if back is None or first is None else first - back,
+    }

@@ -9,6 +9,7 @@ percentiles interpolate linearly between order statistics (numpy's default, Hynd
 type 7). ``fail`` and ``info`` completions are counted, never timed. Nothing is None
 except the latencies of a window without an ``ok`` operation.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,17 @@ START, END = "steady-start", "steady-end"
 
 def window(events: list[dict]) -> tuple[float | None, float | None]:
     """(start, end) of the steady state as the nemesis recorded it, or Nones."""
+
     def first(f: str) -> float | None:
-        return next((float(e["time"]) for e in events
-                     if e["process"] == NEMESIS and e["type"] == "info" and e["f"] == f), None)
+        return next(
+            (
+                float(e["time"])
+                for e in events
+                if e["process"] == NEMESIS and e["type"] == "info" and e["f"] == f
+            ),
+            None,
+        )
+
     return first(START), first(END)
 
 
@@ -39,8 +48,10 @@ def steady(events: list[dict], start: float | None = None, end: float | None = N
         start = ws if start is None else start
         end = we if end is None else end
     if start is None or end is None:
-        raise ValueError("steady: no window given and the history records none "
-                         f"(nemesis info {START!r} / {END!r})")
+        raise ValueError(
+            "steady: no window given and the history records none "
+            f"(nemesis info {START!r} / {END!r})"
+        )
     if not (math.isfinite(start) and math.isfinite(end) and end > start):
         raise ValueError(f"steady: the window [{start!r}, {end!r}) is empty or not finite")
     lat, failed, info = [], 0, 0
@@ -60,10 +71,21 @@ def steady(events: list[dict], start: float | None = None, end: float | None = N
     duration = end - start
     if x.size:
         pct = np.percentile(x, PERCENTILES)
-        latency = {**{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)},
-                   "mean": float(x.mean()), "max": float(x[-1])}
+        latency = {
+            **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)},
+            "mean": float(x.mean()),
+            "max": float(x[-1]),
+        }
     else:
         latency = {**{f"p{p}": None for p in PERCENTILES}, "mean": None, "max": None}
-    return {"start": start, "end": end, "duration_s": duration, "ok_ops": int(x.size),
-            "failed_ops": failed, "info_ops": info, "throughput_ops_s": x.size / duration,
-            "latency_s": latency, "latencies_s": x.tolist()}
+    return {
+        "start": start,
+        "end": end,
+        "duration_s": duration,
+        "ok_ops": int(x.size),
+        "failed_ops": failed,
+        "info_ops": info,
+        "throughput_ops_s": x.size / duration,
+        "latency_s": latency,
+        "latencies_s": x.tolist(),
+    }

@@ -6,6 +6,7 @@ Promises to harness/trial.py and the report's timeline plot (definitions: docs/M
 time; bin k covers [crash + k·bin_s, crash + (k+1)·bin_s), so no bin straddles the crash;
 rates are ops per second of a whole bin. Verify-phase reads are not load.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,17 @@ def throughput(events: list[dict], bin_s: float = 1.0, warmup_bins: int = 1) -> 
     if before and crash is not None:
         mean = float(np.mean([b["ops_per_s"] for b in before]))
     threshold = None if mean is None else RECOVERY_FRACTION * mean
-    return {"bin_s": bin_s, "crash_at": crash, "origin": origin, "ok_ops": len(oks),
-            "bins": bins, "pre_crash_mean": mean, "pre_crash_bins": len(before),
-            "threshold": threshold, "time_to_90pct_s": back_to(bins, threshold, bin_s)}
+    return {
+        "bin_s": bin_s,
+        "crash_at": crash,
+        "origin": origin,
+        "ok_ops": len(oks),
+        "bins": bins,
+        "pre_crash_mean": mean,
+        "pre_crash_bins": len(before),
+        "threshold": threshold,
+        "time_to_90pct_s": back_to(bins, threshold, bin_s),
+    }
 
 
 def load_span(events: list[dict]) -> tuple[np.ndarray, float | None, float | None]:
@@ -60,8 +69,9 @@ def load_span(events: list[dict]) -> tuple[np.ndarray, float | None, float | Non
     return np.asarray(oks, dtype=float), start, end
 
 
-def binned(oks: np.ndarray, start: float | None, end: float | None, origin: float,
-           bin_s: float) -> list[dict]:
+def binned(
+    oks: np.ndarray, start: float | None, end: float | None, origin: float, bin_s: float
+) -> list[dict]:
     """Bins from the one holding the load's start to the one holding its end (or the
     origin, whichever is further), each with its count of ok completions."""
     if start is None:
@@ -76,8 +86,14 @@ def binned(oks: np.ndarray, start: float | None, end: float | None, origin: floa
     for i, n in enumerate(counts.tolist()):
         k = first + i
         lo, hi = origin + k * bin_s, origin + (k + 1) * bin_s
-        out.append({"t": k * bin_s, "ops": int(n), "ops_per_s": n / bin_s,
-                    "full": bool(start <= lo and hi <= end)})
+        out.append(
+            {
+                "t": k * bin_s,
+                "ops": int(n),
+                "ops_per_s": n / bin_s,
+                "full": bool(start <= lo and hi <= end),
+            }
+        )
     return out
 
 

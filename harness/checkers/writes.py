@@ -12,6 +12,7 @@ lost and then overwritten: a load read that returned an older version (or nothin
 only an acknowledged write or later ones were allowed proves that write undone, and it
 counts as lost even if a later write replaced the content before the verify phase.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,13 +21,18 @@ from harness.checkers.common import VERIFY, is_load
 from harness.history import HistoryError, pairs
 
 PRESENT, LOST, CORRUPTED, UNVERIFIED, UNACKED = (
-    "present", "lost", "corrupted", "unverified", "unacked")
+    "present",
+    "lost",
+    "corrupted",
+    "unverified",
+    "unacked",
+)
 
 
 @dataclass
 class Write:
     invoked: float
-    outcome: str          # "ok", "fail", "info", or "info" for an invoke never completed
+    outcome: str  # "ok", "fail", "info", or "info" for an invoke never completed
     version: int | None
     bytes: int
     sha256: str
@@ -53,12 +59,16 @@ def writes_by_key(events: list[dict]) -> dict[str, list[Write]]:
         where = f"write by client {inv['process']} at {inv['time']}"
         if not isinstance(key, str):
             raise HistoryError(f"{where}: no key")
-        if not (isinstance(v, dict) and isinstance(v.get("sha256"), str)
-                and isinstance(v.get("bytes"), int)):
+        if not (
+            isinstance(v, dict)
+            and isinstance(v.get("sha256"), str)
+            and isinstance(v.get("bytes"), int)
+        ):
             raise HistoryError(f"{where}: value must carry sha256 (hex) and bytes (int)")
         outcome = "info" if done is None else done["type"]
-        out.setdefault(key, []).append(Write(float(inv["time"]), outcome, v.get("version"),
-                                             v["bytes"], v["sha256"]))
+        out.setdefault(key, []).append(
+            Write(float(inv["time"]), outcome, v.get("version"), v["bytes"], v["sha256"])
+        )
     return out
 
 
@@ -72,10 +82,14 @@ def verified(events: list[dict]) -> dict[str, dict | None]:
         out.setdefault(key, None)
         if done is not None and done["type"] == "ok":
             v = done.get("value")
-            if not (isinstance(v, dict) and (v.get("absent") is True
-                                             or isinstance(v.get("sha256"), str))):
-                raise HistoryError(f"verify of {key} at {done['time']}: an ok value must be "
-                                   f"{{\"absent\": true}} or carry sha256")
+            if not (
+                isinstance(v, dict)
+                and (v.get("absent") is True or isinstance(v.get("sha256"), str))
+            ):
+                raise HistoryError(
+                    f"verify of {key} at {done['time']}: an ok value must be "
+                    f'{{"absent": true}} or carry sha256'
+                )
             out[key] = v
     return out
 
@@ -85,8 +99,13 @@ def load_reads(events: list[dict]) -> dict[str, list[tuple[float, dict]]]:
     digest or absence; reads that carry neither (a balance, say) say nothing here."""
     out: dict[str, list[tuple[float, dict]]] = {}
     for inv, done in pairs(events):
-        if not (is_load(inv) and inv["f"] != "write" and isinstance(inv.get("key"), str)
-                and done is not None and done["type"] == "ok"):
+        if not (
+            is_load(inv)
+            and inv["f"] != "write"
+            and isinstance(inv.get("key"), str)
+            and done is not None
+            and done["type"] == "ok"
+        ):
             continue
         v = done.get("value")
         if isinstance(v, dict) and (v.get("absent") is True or isinstance(v.get("sha256"), str)):
@@ -116,27 +135,38 @@ def undone(ws: list[Write], reads: list[tuple[float, dict]]) -> list[Write]:
     return out
 
 
-def judge(key: str, ws: list[Write], seen: dict | None,
-          reads: list[tuple[float, dict]] = ()) -> dict:
+def judge(
+    key: str, ws: list[Write], seen: dict | None, reads: list[tuple[float, dict]] = ()
+) -> dict:
     """One key's verdict: status, acknowledged and lost writes (lost in the verify phase,
     or undone as a load read saw), lost bytes, and which version was found (None when
     absent or unexplained)."""
     d = _judge_final(key, ws, seen)
     lost = d.pop("lost")
     gone = [w for w in undone(ws, list(reads)) if w not in lost]
-    return {**d, "undone_writes": len(gone), "lost_writes": d["lost_writes"] + len(gone),
-            "lost_bytes": d["lost_bytes"] + sum(w.bytes for w in gone)}
+    return {
+        **d,
+        "undone_writes": len(gone),
+        "lost_writes": d["lost_writes"] + len(gone),
+        "lost_bytes": d["lost_bytes"] + sum(w.bytes for w in gone),
+    }
 
 
 def _judge_final(key: str, ws: list[Write], seen: dict | None) -> dict:
     """The verdict on what the verify phase read; ``lost``: the writes it shows lost."""
     acked = [w for w in ws if w.outcome == "ok"]
-    detail = {"key": key, "acked_writes": len(acked), "lost_writes": 0, "lost_bytes": 0,
-              "found_version": None, "lost": []}
+    detail = {
+        "key": key,
+        "acked_writes": len(acked),
+        "lost_writes": 0,
+        "lost_bytes": 0,
+        "found_version": None,
+        "lost": [],
+    }
     found = None if seen is None or seen.get("absent") else seen["sha256"]
     match = newest_possible(ws, found)
     if match is None and seen is not None and seen.get("bytes") == 0:
-        found = None   # an empty file no write explains: its data never reached the disk
+        found = None  # an empty file no write explains: its data never reached the disk
     if match is not None:
         detail["found_version"] = match.version
     if seen is None:
@@ -152,15 +182,19 @@ def _judge_final(key: str, ws: list[Write], seen: dict | None) -> dict:
         return {**detail, "status": CORRUPTED, "lost_bytes": last.bytes}
     since = match.invoked if match is not None else float("-inf")
     lost = [w for w in acked if w.invoked > since and w.sha256 != found]
-    return {**detail, "status": LOST, "lost_writes": len(lost), "lost_bytes": last.bytes,
-            "lost": lost}
+    return {
+        **detail,
+        "status": LOST,
+        "lost_writes": len(lost),
+        "lost_bytes": last.bytes,
+        "lost": lost,
+    }
 
 
 def allowed(ws: list[Write], last_acked: Write) -> set[str]:
     """The acceptable final contents: the last acknowledged write's, and those of later
     writes whose outcome is unknown."""
-    later = {w.sha256 for w in ws
-             if w.invoked > last_acked.invoked and w.outcome == "info"}
+    later = {w.sha256 for w in ws if w.invoked > last_acked.invoked and w.outcome == "info"}
     return {last_acked.sha256} | later
 
 
@@ -174,14 +208,18 @@ def newest_possible(ws: list[Write], sha256: str | None) -> Write | None:
 def totals(keys: list[dict]) -> dict:
     def count(status: str) -> int:
         return sum(k["status"] == status for k in keys)
+
     acked_corrupted = [k for k in keys if k["status"] == CORRUPTED and k["acked_writes"]]
-    return {"acked_keys": sum(k["acked_writes"] > 0 for k in keys),
-            "present_keys": count(PRESENT), "lost_keys": count(LOST),
-            "lost_writes": sum(k["lost_writes"] for k in keys),
-            "undone_writes": sum(k["undone_writes"] for k in keys),
-            "corrupted_keys": count(CORRUPTED), "corrupted_writes": len(acked_corrupted),
-            "lost_bytes": sum(k["lost_bytes"] for k in keys),
-            "unverified_keys": count(UNVERIFIED),
-            "unverified_writes": sum(k["acked_writes"] for k in keys
-                                     if k["status"] == UNVERIFIED),
-            "unacked_keys": count(UNACKED)}
+    return {
+        "acked_keys": sum(k["acked_writes"] > 0 for k in keys),
+        "present_keys": count(PRESENT),
+        "lost_keys": count(LOST),
+        "lost_writes": sum(k["lost_writes"] for k in keys),
+        "undone_writes": sum(k["undone_writes"] for k in keys),
+        "corrupted_keys": count(CORRUPTED),
+        "corrupted_writes": len(acked_corrupted),
+        "lost_bytes": sum(k["lost_bytes"] for k in keys),
+        "unverified_keys": count(UNVERIFIED),
+        "unverified_writes": sum(k["acked_writes"] for k in keys if k["status"] == UNVERIFIED),
+        "unacked_keys": count(UNACKED),
+    }

@@ -10,6 +10,7 @@ the same way. Both say so when a run is incomplete (stopped before its last tria
 alone does not change the exit status. With --json each prints one JSON document on stdout
 and nothing else (harness/commands/output.py); `report` also (re)writes trials.csv.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ def _fail(msg: str) -> None:
 
 def _load(path: Path) -> dict:
     from harness.results import ResultsError, load_run
+
     try:
         return load_run(path)
     except ResultsError as e:
@@ -48,11 +50,14 @@ def summary_table(rows: list[dict], title: str) -> Table:
     return t
 
 
-def report_cmd(dir: Path = typer.Argument(..., help="a result directory (holding run.json)"),
-               json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
+def report_cmd(
+    dir: Path = typer.Argument(..., help="a result directory (holding run.json)"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
     """(Re)write report.md, report.html, the plots and trials.csv of a result directory and
     print its summary table."""
     from harness import report, results
+
     run = _load(dir)
     try:
         files = report.write_report(dir) + [results.write_csv(dir, run["trials"])]
@@ -60,6 +65,7 @@ def report_cmd(dir: Path = typer.Argument(..., help="a result directory (holding
         _fail(f"{dir}: cannot write the report: {e}")
     if json_out:
         from harness.commands import output
+
         output.emit("report", output.summary_body(dir, run, files))
         return
     rows = report.summary_rows(run)
@@ -74,14 +80,20 @@ def report_cmd(dir: Path = typer.Argument(..., help="a result directory (holding
     console.print(f"per-trial figures: {files[-1]}")
 
 
-def compare_cmd(old: Path = typer.Argument(..., help="the baseline result directory"),
-                new: Path = typer.Argument(..., help="the result directory to judge"),
-                threshold: float = typer.Option(0.10, help="relative change a verdict needs: "
-                                                "worse only when the median ratio new/old "
-                                                "exceeds 1 + THRESHOLD"),
-                alpha: float = typer.Option(0.05, help="significance level of the one-sided "
-                                            "Mann-Whitney U test"),
-                json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
+def compare_cmd(
+    old: Path = typer.Argument(..., help="the baseline result directory"),
+    new: Path = typer.Argument(..., help="the result directory to judge"),
+    threshold: float = typer.Option(
+        0.10,
+        help="relative change a verdict needs: "
+        "worse only when the median ratio new/old "
+        "exceeds 1 + THRESHOLD",
+    ),
+    alpha: float = typer.Option(
+        0.05, help="significance level of the one-sided Mann-Whitney U test"
+    ),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
     """Compare two runs per scheme and metric (median ratio and a one-sided Mann-Whitney U
     test) and per count (trials recovered, writes lost or corrupted, checker findings);
     exit 1 when a metric got significantly worse by more than THRESHOLD or a count
@@ -91,19 +103,26 @@ def compare_cmd(old: Path = typer.Argument(..., help="the baseline result direct
     if not 0 < alpha < 1:
         _fail(f"--alpha: must be between 0 and 1, got {alpha}")
     from harness.campaign.store import CAMPAIGN_FILE
+
     campaigns = [(d / CAMPAIGN_FILE).exists() for d in (old, new)]
     if any(campaigns):
         if not all(campaigns):
-            _fail(f"{old if not campaigns[0] else new}: not a campaign directory; a campaign "
-                  f"is compared with a campaign")
+            _fail(
+                f"{old if not campaigns[0] else new}: not a campaign directory; a campaign "
+                f"is compared with a campaign"
+            )
         if json_out:
-            _fail("--json: two campaigns are compared as a table only; their campaign.json "
-                  "files are the documents")
+            _fail(
+                "--json: two campaigns are compared as a table only; their campaign.json "
+                "files are the documents"
+            )
         _compare_campaigns(old, new)
     from harness.compare import compare
+
     result = compare(_load(old), _load(new), threshold, alpha)
     if json_out:
         from harness.commands import output
+
         output.emit("compare", output.compare_body(result, old, new))
         raise typer.Exit(result.exit_code)
     console.print(compare_table(result, old, new))
@@ -116,8 +135,9 @@ def compare_cmd(old: Path = typer.Argument(..., help="the baseline result direct
     for c in regressed:
         console.print(f"[red]regression[/] {c.scheme}/{c.workload}/{c.fault}: {c.note}")
     if worse:
-        console.print(f"[red]{len(worse)} metric(s) worse[/] "
-                      f"(p < {alpha:g} and ratio > {1 + threshold:g})")
+        console.print(
+            f"[red]{len(worse)} metric(s) worse[/] (p < {alpha:g} and ratio > {1 + threshold:g})"
+        )
     if not worse and not regressed:
         console.print("no metric significantly worse, no count regressed")
     raise typer.Exit(result.exit_code)
@@ -125,6 +145,7 @@ def compare_cmd(old: Path = typer.Argument(..., help="the baseline result direct
 
 def _compare_campaigns(old: Path, new: Path) -> None:
     from harness.campaign import compare, store, summary
+
     try:
         a, b = store.load(old), store.load(new)
     except store.CampaignError as e:
@@ -134,21 +155,30 @@ def _compare_campaigns(old: Path, new: Path) -> None:
     for c in ("scheme", "fault", "old", "new", "corrupted old/new", "verdict", "why"):
         t.add_column(c)
     for r in result.rows:
-        cov = lambda g: summary.pct(g["coverage"]) if g else "—"    # noqa: E731
+        cov = lambda g: summary.pct(g["coverage"]) if g else "—"  # noqa: E731
         cor = lambda g: str(g["counts"]["corrupted"]) if g else "—"  # noqa: E731
         style = _STYLE[r.verdict]
-        t.add_row(r.scheme, r.fault, cov(r.old), cov(r.new), f"{cor(r.old)}/{cor(r.new)}",
-                  f"[{style}]{r.verdict}[/]" if style else r.verdict, r.why)
+        t.add_row(
+            r.scheme,
+            r.fault,
+            cov(r.old),
+            cov(r.new),
+            f"{cor(r.old)}/{cor(r.new)}",
+            f"[{style}]{r.verdict}[/]" if style else r.verdict,
+            r.why,
+        )
     console.print(t)
     worse = result.worse
-    console.print(f"[red]{len(worse)} coverage row(s) worse[/]" if worse
-                  else "no coverage significantly worse, no new corruption")
+    console.print(
+        f"[red]{len(worse)} coverage row(s) worse[/]"
+        if worse
+        else "no coverage significantly worse, no new corruption"
+    )
     raise typer.Exit(result.exit_code)
 
 
 _STYLE = {"worse": "bold red", "better": "green", "same": "", "too few": "yellow", "n/a": "dim"}
-_METRIC = {"downtime_s": "downtime s", "time_to_90pct_s": "time to 90% s",
-           "lost_bytes": "lost MiB"}
+_METRIC = {"downtime_s": "downtime s", "time_to_90pct_s": "time to 90% s", "lost_bytes": "lost MiB"}
 
 
 def compare_table(result, old: Path, new: Path) -> Table:
@@ -169,15 +199,25 @@ def compare_table(result, old: Path, new: Path) -> Table:
     t.add_column("verdict", no_wrap=True)
     for r in result.rows:
         med = _mib if r.metric == "lost_bytes" else _g
-        t.add_row(r.scheme, *((r.workload, r.fault) if len(kinds) > 1 else ()),
-                  _METRIC.get(r.metric, r.metric), f"{r.n_old}/{r.n_new}",
-                  med(r.median_old), med(r.median_new), _g(r.ratio, "{:.2f}"),
-                  _g(r.p_worse, "{:.3g}"), _verdict(r.verdict))
+        t.add_row(
+            r.scheme,
+            *((r.workload, r.fault) if len(kinds) > 1 else ()),
+            _METRIC.get(r.metric, r.metric),
+            f"{r.n_old}/{r.n_new}",
+            med(r.median_old),
+            med(r.median_new),
+            _g(r.ratio, "{:.2f}"),
+            _g(r.p_worse, "{:.3g}"),
+            _verdict(r.verdict),
+        )
     return t
 
 
-_CHECK = {"recovered": "trials recovered", "lost_writes": "acked writes lost",
-          "corrupted_writes": "acked writes corrupted"}
+_CHECK = {
+    "recovered": "trials recovered",
+    "lost_writes": "acked writes lost",
+    "corrupted_writes": "acked writes corrupted",
+}
 
 
 def counts_table(result) -> Table:
@@ -190,8 +230,15 @@ def counts_table(result) -> Table:
     for c in result.categorical:
         name = _CHECK.get(c.check, c.check.replace("checks.", "trials with a finding of "))
         fmt = "{count} in {of} trials" if c.check.endswith("_writes") else "{count} of {of}"
-        t.add_row(c.scheme, c.workload, c.fault, name, fmt.format(**c.old),
-                  fmt.format(**c.new), _verdict(c.verdict))
+        t.add_row(
+            c.scheme,
+            c.workload,
+            c.fault,
+            name,
+            fmt.format(**c.old),
+            fmt.format(**c.new),
+            _verdict(c.verdict),
+        )
     return t
 
 
@@ -201,6 +248,7 @@ def _verdict(v: str) -> str:
 
 def _mib(v) -> str:
     from harness.report import mib
+
     return "∞" if v is not None and math.isinf(v) else mib(v)
 
 

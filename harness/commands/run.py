@@ -4,6 +4,7 @@ Promises to users and CI jobs: bad input exits 2 with `crashbench: <what>` on st
 anything is created; with --json each prints one JSON document on stdout and its progress
 and messages on stderr (harness/commands/output.py); tables piped or logged are never cut.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,9 +49,12 @@ def catalogue() -> dict[str, dict[str, str]]:
     from harness.workloads import registry as workloads
     from kernel.core.faults import FAULTS
     from systems.base import registry as schemes
-    return {"schemes": {n: _one_line(c) for n, c in schemes().items()},
-            "workloads": {n: c.description for n, c in workloads().items()},
-            "faults": dict(FAULTS)}
+
+    return {
+        "schemes": {n: _one_line(c) for n, c in schemes().items()},
+        "workloads": {n: c.description for n, c in workloads().items()},
+        "faults": dict(FAULTS),
+    }
 
 
 def list_cmd(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
@@ -58,6 +62,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
     cat = catalogue()
     if json_out:
         from harness.commands import output
+
         output.emit("list", cat)
         return
     for kind, items in cat.items():
@@ -85,8 +90,14 @@ def _params(pairs: list[str]) -> dict:
     return out
 
 
-OPTION_OF = {"warmup_s": "warmup", "steady_s": "duration", "post_s": "post", "bin_s": "bin",
-             "recovery_timeout_s": "recovery-timeout", "ready_timeout_s": "ready-timeout"}
+OPTION_OF = {
+    "warmup_s": "warmup",
+    "steady_s": "duration",
+    "post_s": "post",
+    "bin_s": "bin",
+    "recovery_timeout_s": "recovery-timeout",
+    "ready_timeout_s": "ready-timeout",
+}
 
 
 def check_names(option: str, kind: str, names: list[str], known) -> None:
@@ -102,6 +113,7 @@ def check_params(workload: str, params: dict) -> None:
     """The workload accepts these parameters, each of the type of its default (a number
     finite and not negative); else exit 2 with the reason."""
     from harness.workloads import WorkloadError, registry
+
     cls = registry()[workload]
     for k, v in params.items():
         if k in cls.defaults:
@@ -125,12 +137,15 @@ def _check_param_value(workload: str, name: str, value, default) -> None:
 
 def check_root(command: str) -> None:
     if os.geteuid() != 0:
-        _fail(f"{command} needs root: the emulated machine mounts FUSE with allow_other and "
-              f"builds network namespaces")
+        _fail(
+            f"{command} needs root: the emulated machine mounts FUSE with allow_other and "
+            f"builds network namespaces"
+        )
 
 
-def _check(schemes: list[str], workload: str, fault: str, trials: int, timing: dict,
-           params: dict) -> None:
+def _check(
+    schemes: list[str], workload: str, fault: str, trials: int, timing: dict, params: dict
+) -> None:
     """Every name and number checked before anything is created."""
     cat = catalogue()
     if not schemes:
@@ -178,22 +193,29 @@ def check_out(out: Optional[Path], default_root: Path = Path("results")) -> None
 
 
 def run_cmd(
-    schemes: str = typer.Option("orthros,reboot", help="comma-separated schemes (see `crashbench list`)"),
+    schemes: str = typer.Option(
+        "orthros,reboot", help="comma-separated schemes (see `crashbench list`)"
+    ),
     workload: str = typer.Option("files", help="the workload every scheme runs"),
     fault: str = typer.Option("panic", help="the fault injected into the active kernel"),
     trials: int = typer.Option(3, help="trials per scheme (interleaved across schemes)"),
     duration: float = typer.Option(5.0, help="seconds of steady-state load before the crash"),
-    warmup: Optional[float] = typer.Option(None, help="seconds of load before steady state "
-                                           "(default: the workload's own, else 2), after "
-                                           "which the load goes on until the cache is full"),
+    warmup: Optional[float] = typer.Option(
+        None,
+        help="seconds of load before steady state "
+        "(default: the workload's own, else 2), after "
+        "which the load goes on until the cache is full",
+    ),
     post: float = typer.Option(5.0, help="seconds of load after recovery (for time to 90 %)"),
-    recovery_timeout: float = typer.Option(30.0, help="seconds to wait for recovery before "
-                                           "the trial counts as not recovered"),
+    recovery_timeout: float = typer.Option(
+        30.0, help="seconds to wait for recovery before the trial counts as not recovered"
+    ),
     bin_s: float = typer.Option(1.0, "--bin", help="throughput bin width in seconds"),
     seed: int = typer.Option(1, help="seed of trial 0 (trial i uses seed + i)"),
     param: list[str] = typer.Option([], help="workload parameter NAME=VALUE (repeatable)"),
-    machine_file: Optional[Path] = typer.Option(None, "--machine", help="machine description "
-                                                "(TOML), or a shipped one by name: paper"),
+    machine_file: Optional[Path] = typer.Option(
+        None, "--machine", help="machine description (TOML), or a shipped one by name: paper"
+    ),
     out: Optional[Path] = typer.Option(None, help="result directory (default: results/<run id>)"),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
@@ -201,17 +223,26 @@ def run_cmd(
     (run.json, trials.csv, histories, pyperf JSON, report.md/html with plots);
     results/latest points at the newest run."""
     from harness.commands.lab import warn_orphans
-    warn_orphans("run")       # reported, not removed: `crashbench down --all` is explicit
+
+    warn_orphans("run")  # reported, not removed: `crashbench down --all` is explicit
     names = [s.strip() for s in schemes.split(",") if s.strip()]
-    timing = {"warmup_s": 2.0 if warmup is None else warmup, "steady_s": duration,
-              "post_s": post, "recovery_timeout_s": recovery_timeout, "ready_timeout_s": 30.0,
-              "bin_s": bin_s, "cache_timeout_s": 120.0}
+    timing = {
+        "warmup_s": 2.0 if warmup is None else warmup,
+        "steady_s": duration,
+        "post_s": post,
+        "recovery_timeout_s": recovery_timeout,
+        "ready_timeout_s": 30.0,
+        "bin_s": bin_s,
+        "cache_timeout_s": 120.0,
+    }
     params = _params(param)
     _check(names, workload, fault, trials, timing, params)
     from harness.driver import warmup_for
+
     timing["warmup_s"] = warmup_for(workload, warmup, 2.0)
     check_out(out)
     from kernel.hw import machine
+
     if machine_file is not None:
         machine_file = Path(machine.resolve(machine_file))
     try:
@@ -219,13 +250,29 @@ def run_cmd(
     except machine.MachineError as e:
         _fail(str(e))
     from harness import driver
-    specs = driver.plan(names, workload, fault, trials, seed, timing, params,
-                        str(machine_file) if machine_file else None)
-    parameters = {"schemes": names, "workload": workload, "fault": fault, "trials": trials,
-                  "seed": seed, "timing": timing, "workload_params": params,
-                  "machine_file": str(machine_file) if machine_file else None,
-                  "modeled_hardware": m.modeled()}
-    show = err if json_out else console     # with --json, stdout holds the document only
+
+    specs = driver.plan(
+        names,
+        workload,
+        fault,
+        trials,
+        seed,
+        timing,
+        params,
+        str(machine_file) if machine_file else None,
+    )
+    parameters = {
+        "schemes": names,
+        "workload": workload,
+        "fault": fault,
+        "trials": trials,
+        "seed": seed,
+        "timing": timing,
+        "workload_params": params,
+        "machine_file": str(machine_file) if machine_file else None,
+        "modeled_hardware": m.modeled(),
+    }
+    show = err if json_out else console  # with --json, stdout holds the document only
     d, records, files = _run_all(specs, parameters, out, show)
     errors = [r for r in records if r.get("error")]
     for r in errors:
@@ -234,45 +281,73 @@ def run_cmd(
     if json_out:
         from harness import results
         from harness.commands import output
-        output.emit("run", {**output.summary_body(d, results.load_run(d), files),
-                            "exit_code": code,
-                            "failed_trials": [{"id": r["id"], "error": r["error"]}
-                                              for r in errors]})
+
+        output.emit(
+            "run",
+            {
+                **output.summary_body(d, results.load_run(d), files),
+                "exit_code": code,
+                "failed_trials": [{"id": r["id"], "error": r["error"]} for r in errors],
+            },
+        )
     raise typer.Exit(code)
 
 
-def _run_all(specs, parameters: dict, out: Optional[Path],
-             show: Console) -> tuple[Path, list[dict], list[Path]]:
+def _run_all(
+    specs, parameters: dict, out: Optional[Path], show: Console
+) -> tuple[Path, list[dict], list[Path]]:
     from harness import driver, report, results
-    d = (results.new_run_dir(schemes=parameters["schemes"], workload=parameters["workload"])
-         if out is None else out)
+
+    d = (
+        results.new_run_dir(schemes=parameters["schemes"], workload=parameters["workload"])
+        if out is None
+        else out
+    )
     d.mkdir(parents=True, exist_ok=True)
     env = results.environment()
     records: list[dict] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=show, transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=show,
+        transient=False,
+    ) as bar:
         task = bar.add_task("starting", total=len(specs))
         try:
             for spec in specs:
                 rec = driver.run_one(spec, d, say=lambda m: bar.update(task, description=m))
                 records.append(rec)
-                results.write_run(d, parameters, env, records)   # a run stopped halfway keeps its trials
+                results.write_run(
+                    d, parameters, env, records
+                )  # a run stopped halfway keeps its trials
                 bar.advance(task)
                 bar.console.print(_trial_line(rec))
         except KeyboardInterrupt as e:
             name = e.signal_name if isinstance(e, Stopped) else "SIGINT"
-            results.write_run(d, parameters, env, records,
-                              incomplete=results.stopped(name, len(records), len(specs)))
-            err.print(f"crashbench: run stopped by {name} after {len(records)} of {len(specs)} "
-                      f"trials; {d / results.RUN_FILE} is marked incomplete "
-                      f"(`crashbench report {d}` writes its report)", markup=False)
+            results.write_run(
+                d,
+                parameters,
+                env,
+                records,
+                incomplete=results.stopped(name, len(records), len(specs)),
+            )
+            err.print(
+                f"crashbench: run stopped by {name} after {len(records)} of {len(specs)} "
+                f"trials; {d / results.RUN_FILE} is marked incomplete "
+                f"(`crashbench report {d}` writes its report)",
+                markup=False,
+            )
             raise
     results.write_pyperf(d, records)
     results.point_latest(d)
     files = report.write_report(d) + [d / results.CSV_FILE]
     _print_summary(report, d, show)
-    show.print(f"results: {d}  (report: {', '.join(str(f.name) for f in files[:2])}; "
-               f"per-trial figures: {results.CSV_FILE})")
+    show.print(
+        f"results: {d}  (report: {', '.join(str(f.name) for f in files[:2])}; "
+        f"per-trial figures: {results.CSV_FILE})"
+    )
     return d, records, files
 
 
@@ -280,17 +355,23 @@ def _trial_line(r: dict) -> str:
     if r.get("error"):
         return f"{r['id']}: [red]error[/] {r['error']}"
     dt = "not recovered" if r["downtime_s"] is None else f"downtime {r['downtime_s'] * 1e3:.0f} ms"
-    lost = ("unverified" if r["lost_writes"] is None
-            else f"{r['lost_writes']} lost, {r['corrupted_writes']} corrupted")
+    lost = (
+        "unverified"
+        if r["lost_writes"] is None
+        else f"{r['lost_writes']} lost, {r['corrupted_writes']} corrupted"
+    )
     reused = r["cache"].get("pages_reused")
-    return (f"{r['id']}: {dt}, acked writes {r['acked_writes']} ({lost}), "
-            f"pages recovered {r['cache']['pages_recovered']}"
-            + (f", reused {reused}" if reused else ""))
+    return (
+        f"{r['id']}: {dt}, acked writes {r['acked_writes']} ({lost}), "
+        f"pages recovered {r['cache']['pages_recovered']}"
+        + (f", reused {reused}" if reused else "")
+    )
 
 
 def _print_summary(report, d: Path, show: Console) -> None:
     from harness import results
     from harness.commands.results import summary_table
+
     run = results.load_run(d)
     rows = report.summary_rows(run)
     if rows:

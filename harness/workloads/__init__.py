@@ -43,6 +43,7 @@ For figures the generic checkers cannot know (harness/trial.py merges them):
 
 ``Idle`` is the no-op workload: no service, no clients; the driver's own tests use it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,13 +58,14 @@ class WorkloadError(RuntimeError):
 @dataclass
 class Service:
     """Everything a workload may know of the trial it runs in."""
-    mount: str                        # where the active kernel serves the file system
-    ip: str                           # the service address (the NIC's, moved on takeover)
-    client_netns: str | None          # the clients' namespace (None: loopback mode)
-    workdir: Path                     # the trial's scratch directory (logs/, histories)
+
+    mount: str  # where the active kernel serves the file system
+    ip: str  # the service address (the NIC's, moved on takeover)
+    client_netns: str | None  # the clients' namespace (None: loopback mode)
+    workdir: Path  # the trial's scratch directory (logs/, histories)
     seed: int
     params: dict = field(default_factory=dict)
-    datadir: Path | None = None       # what ``prepare`` left for later clients (default: workdir)
+    datadir: Path | None = None  # what ``prepare`` left for later clients (default: workdir)
 
     @property
     def data_dir(self) -> Path:
@@ -74,6 +76,7 @@ class Service:
     @property
     def client_enter(self) -> Callable[[], None] | None:
         from kernel.hw.net import enter_netns
+
         return enter_netns(self.client_netns) if self.client_netns else None
 
     def history_dir(self) -> Path:
@@ -84,6 +87,7 @@ class Service:
 
 class Workload:
     """What the driver, the trial record and the overhead benchmark use of a workload."""
+
     name: ClassVar[str]
     description: ClassVar[str]
     defaults: ClassVar[dict]
@@ -108,8 +112,10 @@ class Workload:
     shares_machine = False
 
     def forget(self, svc: Service, events: list[dict]) -> None:
-        raise WorkloadError(f"{self.name}: cannot run a fault on a machine an earlier fault "
-                            f"ran on (shares_machine is False)")
+        raise WorkloadError(
+            f"{self.name}: cannot run a fault on a machine an earlier fault "
+            f"ran on (shares_machine is False)"
+        )
 
 
 class Idle(Workload):
@@ -128,6 +134,7 @@ class Idle(Workload):
 
     def start_clients(self, svc: Service, until: float):
         from harness.workloads.clients import ClientGroup
+
         return ClientGroup([], [])
 
     def verify(self, svc: Service, events: list[dict]) -> Path | None:
@@ -144,4 +151,5 @@ WORKLOAD_GROUP = "crashbench.workloads"
 
 def registry() -> dict[str, type[Workload]]:
     from systems.base import load_group
+
     return load_group(WORKLOAD_GROUP, Workload)

@@ -9,6 +9,7 @@ calls the ``ready`` check without a history, or records the ``verify`` pass or t
 into ``--history`` under ``--id``. ``Stop`` is set by SIGTERM: a client stops after the
 operation in flight is recorded.
 """
+
 from __future__ import annotations
 
 import argparse

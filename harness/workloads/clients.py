@@ -8,6 +8,7 @@ operation), then kills. ``all_ok_after(t)`` reads the clients' history files —
 driver's only way to learn that service is back, as the clients saw it: every client has
 had an operation invoked at or after t answered ``ok``.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -29,20 +30,27 @@ def _preexec(enter: Callable[[], None] | None, parent: int) -> Callable[[], None
         if enter is not None:
             enter()
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:      # the driver died before the signal was armed
+        if os.getppid() != parent:  # the driver died before the signal was armed
             os._exit(1)
+
     return run
 
 
 def spawn(argv: Sequence[str], log: Path, enter: Callable[[], None] | None) -> subprocess.Popen:
     with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, *argv], stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_preexec(enter, os.getpid()))
+        return subprocess.Popen(
+            [sys.executable, *argv],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_preexec(enter, os.getpid()),
+        )
 
 
-def run_to_end(argv: Sequence[str], log: Path, enter: Callable[[], None] | None,
-               timeout: float) -> int:
+def run_to_end(
+    argv: Sequence[str], log: Path, enter: Callable[[], None] | None, timeout: float
+) -> int:
     """Run one client (readiness probe, verify pass) to its end; killed past `timeout`,
     which then reads as exit status -1."""
     p = spawn(argv, log, enter)
@@ -80,8 +88,11 @@ class ClientGroup:
 
     def failed(self) -> list[str]:
         """Clients that exited with an error (their log says why)."""
-        return [f"client {i} exited with status {p.returncode}"
-                for i, p in enumerate(self.procs) if p.returncode not in (None, 0, -signal.SIGTERM)]
+        return [
+            f"client {i} exited with status {p.returncode}"
+            for i, p in enumerate(self.procs)
+            if p.returncode not in (None, 0, -signal.SIGTERM)
+        ]
 
 
 def _ok_after(path: Path, t: float) -> bool:
@@ -93,7 +104,7 @@ def _ok_after(path: Path, t: float) -> bool:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
-            fh.seek(max(0, size - 65536))     # the newest events are at the end
+            fh.seek(max(0, size - 65536))  # the newest events are at the end
             tail = fh.read().split(b"\n")
     except FileNotFoundError:
         return False
@@ -103,7 +114,7 @@ def _ok_after(path: Path, t: float) -> bool:
         try:
             e = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            continue                          # the cut first line, or one being written
+            continue  # the cut first line, or one being written
         if e.get("f") == "verify":
             continue
         p = e.get("process")

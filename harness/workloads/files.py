@@ -18,6 +18,7 @@ for every client); a corpus read's invoke names the digest it expects, and
 ``checks.corpus`` counts the bodies served that differ from it. With ``corpus_mib`` = 0
 the clients only use their own files, a share ``read_ratio`` of operations reading one.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,21 +37,35 @@ WARM_PAUSE_S = 0.002
 
 class Files(Workload):
     name = "files"
-    description = ("WsgiDAV file server; clients read a corpus with a skew and create, "
-                   "overwrite, append to their own files")
+    description = (
+        "WsgiDAV file server; clients read a corpus with a skew and create, "
+        "overwrite, append to their own files"
+    )
     prepares = True
-    defaults = {"clients": 4, "files_per_client": 16, "max_kib": 256, "read_ratio": 0.5,
-                "corpus_mib": 384, "write_share": 0.1, "zipf_s": 1.0, "warm": 1,
-                "port": 8080, "connect_timeout_s": 0.2, "read_timeout_s": 2.0,
-                "max_ops_per_client": 100_000}
+    defaults = {
+        "clients": 4,
+        "files_per_client": 16,
+        "max_kib": 256,
+        "read_ratio": 0.5,
+        "corpus_mib": 384,
+        "write_share": 0.1,
+        "zipf_s": 1.0,
+        "warm": 1,
+        "port": 8080,
+        "connect_timeout_s": 0.2,
+        "read_timeout_s": 2.0,
+        "max_ops_per_client": 100_000,
+    }
     POSITIVE_INTS = ("clients", "files_per_client", "max_kib", "port", "max_ops_per_client")
     SHARES = ("read_ratio", "write_share")
 
     def __init__(self, **params):
         unknown = set(params) - set(self.defaults)
         if unknown:
-            raise WorkloadError(f"files: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(self.defaults)}")
+            raise WorkloadError(
+                f"files: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(self.defaults)}"
+            )
         self.p = p = {**self.defaults, **params}
         for k in self.POSITIVE_INTS:
             if not _is_int(p[k]) or p[k] <= 0:
@@ -64,8 +79,10 @@ class Files(Workload):
         for k in ("zipf_s", "connect_timeout_s", "read_timeout_s"):
             positive = k != "zipf_s"
             if not _is_number(p[k]) or p[k] < 0 or (positive and p[k] == 0):
-                raise WorkloadError(f"files: {k} must be a {'positive' if positive else 'non-negative'} "
-                                    f"number, got {p[k]!r}")
+                raise WorkloadError(
+                    f"files: {k} must be a {'positive' if positive else 'non-negative'} "
+                    f"number, got {p[k]!r}"
+                )
 
     def url(self, svc: Service) -> str:
         return f"http://{svc.ip}:{self.p['port']}"
@@ -76,10 +93,12 @@ class Files(Workload):
 
     def prepare(self, svc: Service) -> None:
         if self.p["corpus_mib"]:
-            files = tree.write_tree(Path(svc.mount) / "corpus", svc.seed,
-                                    self.p["corpus_mib"] << 20)
-            self.manifest(svc).write_text(json.dumps(
-                [{**f, "path": "/corpus" + f["path"]} for f in files]))
+            files = tree.write_tree(
+                Path(svc.mount) / "corpus", svc.seed, self.p["corpus_mib"] << 20
+            )
+            self.manifest(svc).write_text(
+                json.dumps([{**f, "path": "/corpus" + f["path"]} for f in files])
+            )
 
     def cache_pages(self, svc: Service) -> int | None:
         if not self.p["corpus_mib"]:
@@ -91,25 +110,53 @@ class Files(Workload):
         if not self.p["corpus_mib"]:
             return None
         from harness.checkers.bodies import bodies
+
         b = bodies(events)
-        return {"corpus": {k: b[k] for k in ("served", "identical", "mismatched",
-                                             "mismatched_keys")}}
+        return {
+            "corpus": {k: b[k] for k in ("served", "identical", "mismatched", "mismatched_keys")}
+        }
 
     def apps(self, svc: Service) -> list[dict]:
         dav = str(Path(sys.executable).with_name("wsgidav"))
-        return [{"name": "wsgidav",
-                 "argv": [dav, "--host", svc.ip, "--port", str(self.p["port"]),
-                          "--root", svc.mount, "--auth", "anonymous", "--no-config", "-q"],
-                 "cwd": "/", "log": str(svc.workdir / "logs" / "wsgidav.log")}]
+        return [
+            {
+                "name": "wsgidav",
+                "argv": [
+                    dav,
+                    "--host",
+                    svc.ip,
+                    "--port",
+                    str(self.p["port"]),
+                    "--root",
+                    svc.mount,
+                    "--auth",
+                    "anonymous",
+                    "--no-config",
+                    "-q",
+                ],
+                "cwd": "/",
+                "log": str(svc.workdir / "logs" / "wsgidav.log"),
+            }
+        ]
 
     def wait_ready(self, svc: Service, timeout: float) -> None:
-        argv = ["-m", CLIENT, "ready", "--url", self.url(svc),
-                "--until", str(time.monotonic() + timeout)]
-        rc = run_to_end(argv, svc.workdir / "logs" / "files-ready.log", svc.client_enter,
-                        timeout + 5)
+        argv = [
+            "-m",
+            CLIENT,
+            "ready",
+            "--url",
+            self.url(svc),
+            "--until",
+            str(time.monotonic() + timeout),
+        ]
+        rc = run_to_end(
+            argv, svc.workdir / "logs" / "files-ready.log", svc.client_enter, timeout + 5
+        )
         if rc != 0:
-            raise WorkloadError(f"files: the WebDAV server at {self.url(svc)} did not answer "
-                                f"within {timeout:.0f} s; see logs/wsgidav.log")
+            raise WorkloadError(
+                f"files: the WebDAV server at {self.url(svc)} did not answer "
+                f"within {timeout:.0f} s; see logs/wsgidav.log"
+            )
         if self.p["corpus_mib"] and self.p["warm"]:
             self.warm(svc, time.monotonic() + WARM_TIMEOUT_S)
 
@@ -125,27 +172,59 @@ class Files(Workload):
             # CPU from beating for > 100 ms, and orthros's backup took it for dead
             time.sleep(WARM_PAUSE_S)
             if time.monotonic() > deadline:
-                raise WorkloadError(f"files: reading the corpus once took more than "
-                                    f"{WARM_TIMEOUT_S:.0f} s")
+                raise WorkloadError(
+                    f"files: reading the corpus once took more than {WARM_TIMEOUT_S:.0f} s"
+                )
 
-    def _client_argv(self, svc: Service, mode: str, cid: int, until: float, history: Path) -> list[str]:
+    def _client_argv(
+        self, svc: Service, mode: str, cid: int, until: float, history: Path
+    ) -> list[str]:
         p = self.p
-        return ["-m", CLIENT, mode, "--url", self.url(svc), "--until", repr(until),
-                "--history", str(history), "--id", str(cid), "--seed", str(svc.seed),
-                "--files", str(p["files_per_client"]), "--max-kib", str(p["max_kib"]),
-                "--read-ratio", str(p["read_ratio"]), "--max-ops", str(p["max_ops_per_client"]),
-                "--write-share", str(p["write_share"]), "--zipf-s", str(p["zipf_s"]),
-                *(["--manifest", str(self.manifest(svc))] if p["corpus_mib"] else []),
-                "--connect-timeout", str(p["connect_timeout_s"]),
-                "--read-timeout", str(p["read_timeout_s"])]
+        return [
+            "-m",
+            CLIENT,
+            mode,
+            "--url",
+            self.url(svc),
+            "--until",
+            repr(until),
+            "--history",
+            str(history),
+            "--id",
+            str(cid),
+            "--seed",
+            str(svc.seed),
+            "--files",
+            str(p["files_per_client"]),
+            "--max-kib",
+            str(p["max_kib"]),
+            "--read-ratio",
+            str(p["read_ratio"]),
+            "--max-ops",
+            str(p["max_ops_per_client"]),
+            "--write-share",
+            str(p["write_share"]),
+            "--zipf-s",
+            str(p["zipf_s"]),
+            *(["--manifest", str(self.manifest(svc))] if p["corpus_mib"] else []),
+            "--connect-timeout",
+            str(p["connect_timeout_s"]),
+            "--read-timeout",
+            str(p["read_timeout_s"]),
+        ]
 
     def start_clients(self, svc: Service, until: float) -> ClientGroup:
         hd = svc.history_dir()
         procs, paths = [], []
         for cid in range(self.p["clients"]):
             h = hd / f"client-{cid}.jsonl"
-            procs.append(spawn(self._client_argv(svc, "client", cid, until, h),
-                               svc.workdir / "logs" / f"client-{cid}.log", svc.client_enter))
+            procs.append(
+                spawn(
+                    self._client_argv(svc, "client", cid, until, h),
+                    svc.workdir / "logs" / f"client-{cid}.log",
+                    svc.client_enter,
+                )
+            )
             paths.append(h)
         return ClientGroup(procs, paths)
 
@@ -155,7 +234,9 @@ class Files(Workload):
         """Remove every file the clients wrote (its key is its path under the mount): the
         next clients create their files afresh, so a lost write reads as absent or older."""
         root = Path(svc.mount)
-        for key in sorted({e["key"] for e in events if e["f"] == "write" and e["type"] == "invoke"}):
+        for key in sorted(
+            {e["key"] for e in events if e["f"] == "write" and e["type"] == "invoke"}
+        ):
             (root / key).unlink(missing_ok=True)
 
     def verify(self, svc: Service, events: list[dict], timeout: float = 30.0) -> Path | None:
@@ -166,8 +247,12 @@ class Files(Workload):
         kf.write_text(json.dumps(keys))
         h = svc.history_dir() / "verify.jsonl"
         argv = self._client_argv(svc, "verify", self.p["clients"], time.monotonic() + timeout, h)
-        run_to_end([*argv, "--keys", str(kf)], svc.workdir / "logs" / "verify.log",
-                   svc.client_enter, timeout + 10)
+        run_to_end(
+            [*argv, "--keys", str(kf)],
+            svc.workdir / "logs" / "verify.log",
+            svc.client_enter,
+            timeout + 10,
+        )
         return h
 
 

@@ -17,6 +17,7 @@ after sending, a 5xx), ``ok`` on a 2xx (and on a 404 for reads: the file is abse
 Bounded in time (``--until``) and count (``--max-ops``); SIGTERM stops it after the
 operation in flight is recorded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ from harness.history import Recorder
 from harness.workloads import client_cli
 from harness.workloads.client_cli import Stop
 
-MAX_FILE = 1 << 20        # appends stop growing a file here; the next write overwrites it
+MAX_FILE = 1 << 20  # appends stop growing a file here; the next write overwrites it
 
 
 def content(seed: int, client: int, file: int, version: int, n: int) -> bytes:
@@ -62,9 +63,13 @@ class FilesClient:
     def __init__(self, a, rec: Recorder, stop: Stop):
         self.a, self.rec, self.stop = a, rec, stop
         self.rng = np.random.default_rng([a.seed, a.id, 7])
-        self.http = httpx.Client(base_url=a.url, timeout=httpx.Timeout(
-            a.read_timeout, connect=a.connect_timeout, pool=a.connect_timeout))
-        self.files: dict[int, tuple[int, bytes]] = {}   # file -> (acked version, its body)
+        self.http = httpx.Client(
+            base_url=a.url,
+            timeout=httpx.Timeout(
+                a.read_timeout, connect=a.connect_timeout, pool=a.connect_timeout
+            ),
+        )
+        self.files: dict[int, tuple[int, bytes]] = {}  # file -> (acked version, its body)
         self.ops = 0
         self.corpus = json.loads(open(a.manifest).read()) if a.manifest else []
         if self.corpus:
@@ -114,8 +119,11 @@ class FilesClient:
 
     def write(self, f: int, body: bytes, version: int, kind: str) -> bool:
         key = self.key(f)
-        op = self.rec.invoke("write", key, {"version": version, "kind": kind,
-                                            "bytes": len(body), "sha256": digest(body)})
+        op = self.rec.invoke(
+            "write",
+            key,
+            {"version": version, "kind": kind, "bytes": len(body), "sha256": digest(body)},
+        )
         exc = status = None
         try:
             status = self.http.put("/" + key, content=body).status_code
@@ -126,8 +134,9 @@ class FilesClient:
     def read(self, key: str, f: str, want: dict | None = None) -> bool:
         """GET ``key`` (a path relative to the server's root, or a name at its root);
         ``want``: the corpus file asked for, whose bytes and sha256 the invoke carries."""
-        op = self.rec.invoke(f, key, None if want is None else
-                             {"bytes": want["bytes"], "sha256": want["sha256"]})
+        op = self.rec.invoke(
+            f, key, None if want is None else {"bytes": want["bytes"], "sha256": want["sha256"]}
+        )
         exc = status = None
         try:
             r = self.http.get(key if key.startswith("/") else "/" + key)
@@ -137,8 +146,11 @@ class FilesClient:
         type_, err = classify(exc, status, False)
         value = None
         if type_ == "ok":
-            value = {"absent": True} if status == 404 else {"bytes": len(r.content),
-                                                             "sha256": digest(r.content)}
+            value = (
+                {"absent": True}
+                if status == 404
+                else {"bytes": len(r.content), "sha256": digest(r.content)}
+            )
         return self._complete(op, type_, err, value)
 
     def _complete(self, op: dict, type_: str, err: str | None, value=None) -> bool:
@@ -192,16 +204,21 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--max-kib", type=int, default=256)
     ap.add_argument("--read-timeout", type=float, default=2.0)
-    ap.add_argument("--manifest", help="the corpus (JSON list of {path, bytes, sha256}): "
-                                       "the read-mostly mode")
+    ap.add_argument(
+        "--manifest", help="the corpus (JSON list of {path, bytes, sha256}): the read-mostly mode"
+    )
     ap.add_argument("--write-share", type=float, default=0.1)
     ap.add_argument("--zipf-s", type=float, default=1.0)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    return client_cli.run(arguments().parse_args(argv), ready, verify,
-                          lambda a, rec, stop: FilesClient(a, rec, stop).run())
+    return client_cli.run(
+        arguments().parse_args(argv),
+        ready,
+        verify,
+        lambda a, rec, stop: FilesClient(a, rec, stop).run(),
+    )
 
 
 if __name__ == "__main__":

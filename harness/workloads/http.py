@@ -29,6 +29,7 @@ Promises to the driver (harness/workloads/__init__.py):
 * ``cache_pages`` is the tree's size in pages: the driver's warm-up waits for the cache
   to hold it.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,15 +48,25 @@ class Http(Workload):
     name = "http"
     description = "nginx serving static files from the emulated FS; locust users fetch them"
     prepares = True
-    defaults = {"total_mib": 160, "users": 4, "loop": "closed", "pacing_s": 0.02,
-                "port": 8080, "connect_timeout_s": 0.2, "network_timeout_s": 2.0,
-                "max_requests": 200_000, "warm": 1}
+    defaults = {
+        "total_mib": 160,
+        "users": 4,
+        "loop": "closed",
+        "pacing_s": 0.02,
+        "port": 8080,
+        "connect_timeout_s": 0.2,
+        "network_timeout_s": 2.0,
+        "max_requests": 200_000,
+        "warm": 1,
+    }
 
     def __init__(self, **params):
         unknown = set(params) - set(self.defaults)
         if unknown:
-            raise WorkloadError(f"http: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(self.defaults)}")
+            raise WorkloadError(
+                f"http: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(self.defaults)}"
+            )
         self.p = {**self.defaults, **params}
         for k in ("total_mib", "users", "port", "max_requests"):
             if not isinstance(self.p[k], int) or self.p[k] <= 0:
@@ -64,8 +75,9 @@ class Http(Workload):
             if not isinstance(self.p[k], (int, float)) or self.p[k] <= 0:
                 raise WorkloadError(f"http: {k} must be a positive number, got {self.p[k]!r}")
         if self.p["loop"] not in LOOPS:
-            raise WorkloadError(f"http: loop must be one of {', '.join(LOOPS)}, "
-                                f"got {self.p['loop']!r}")
+            raise WorkloadError(
+                f"http: loop must be one of {', '.join(LOOPS)}, got {self.p['loop']!r}"
+            )
 
     def url(self, svc: Service) -> str:
         return f"http://{svc.ip}:{self.p['port']}"
@@ -94,41 +106,87 @@ class Http(Workload):
         logs = svc.workdir / "logs"
         logs.mkdir(exist_ok=True)
         conf = run / "nginx.conf"
-        conf.write_text(render_conf(svc.ip, self.p["port"], self.root(svc), run,
-                                    logs / "nginx-error.log"))
+        conf.write_text(
+            render_conf(svc.ip, self.p["port"], self.root(svc), run, logs / "nginx-error.log")
+        )
         # its own PID namespace: nginx's master is its init, so its workers die with it
         # (they have no parent-death signal of their own), whatever kills the master
-        return [{"name": "nginx",
-                 "argv": ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--",
-                          nginx_bin(), "-c", str(conf), "-p", str(run),
-                          "-e", str(logs / "nginx-error.log")],
-                 "cwd": "/", "log": str(logs / "nginx.log")}]
+        return [
+            {
+                "name": "nginx",
+                "argv": [
+                    "unshare",
+                    "--pid",
+                    "--fork",
+                    "--kill-child=SIGKILL",
+                    "--",
+                    nginx_bin(),
+                    "-c",
+                    str(conf),
+                    "-p",
+                    str(run),
+                    "-e",
+                    str(logs / "nginx-error.log"),
+                ],
+                "cwd": "/",
+                "log": str(logs / "nginx.log"),
+            }
+        ]
 
     def _args(self, svc: Service, mode: str, until: float) -> list[str]:
         p = self.p
-        return ["-m", CLIENT, mode, "--url", self.url(svc), "--until", repr(until),
-                "--manifest", str(self.manifest(svc)), "--seed", str(svc.seed),
-                "--users", str(p["users"]), "--loop", p["loop"], "--pacing", str(p["pacing_s"]),
-                "--max-requests", str(p["max_requests"]),
-                "--connect-timeout", str(p["connect_timeout_s"]),
-                "--network-timeout", str(p["network_timeout_s"])]
+        return [
+            "-m",
+            CLIENT,
+            mode,
+            "--url",
+            self.url(svc),
+            "--until",
+            repr(until),
+            "--manifest",
+            str(self.manifest(svc)),
+            "--seed",
+            str(svc.seed),
+            "--users",
+            str(p["users"]),
+            "--loop",
+            p["loop"],
+            "--pacing",
+            str(p["pacing_s"]),
+            "--max-requests",
+            str(p["max_requests"]),
+            "--connect-timeout",
+            str(p["connect_timeout_s"]),
+            "--network-timeout",
+            str(p["network_timeout_s"]),
+        ]
 
     def _run(self, svc: Service, mode: str, timeout: float, log: str, extra=()) -> int:
-        return run_to_end([*self._args(svc, mode, time.monotonic() + timeout), *extra],
-                          svc.workdir / "logs" / log, svc.client_enter, timeout + 10)
+        return run_to_end(
+            [*self._args(svc, mode, time.monotonic() + timeout), *extra],
+            svc.workdir / "logs" / log,
+            svc.client_enter,
+            timeout + 10,
+        )
 
     def wait_ready(self, svc: Service, timeout: float) -> None:
         if self._run(svc, "ready", timeout, "http-ready.log") != 0:
-            raise WorkloadError(f"http: nginx at {self.url(svc)} did not serve a file within "
-                                f"{timeout:.0f} s; see logs/nginx-error.log")
+            raise WorkloadError(
+                f"http: nginx at {self.url(svc)} did not serve a file within "
+                f"{timeout:.0f} s; see logs/nginx-error.log"
+            )
         if self.p["warm"] and self._run(svc, "warm", 120.0, "http-warm.log") != 0:
-            raise WorkloadError("http: reading the tree once through nginx failed; "
-                                "see logs/http-warm.log")
+            raise WorkloadError(
+                "http: reading the tree once through nginx failed; see logs/http-warm.log"
+            )
 
     def start_clients(self, svc: Service, until: float) -> ClientGroup:
         h = svc.history_dir() / "locust.jsonl"
-        p = spawn([*self._args(svc, "load", until), "--history", str(h)],
-                  svc.workdir / "logs" / "locust.log", svc.client_enter)
+        p = spawn(
+            [*self._args(svc, "load", until), "--history", str(h)],
+            svc.workdir / "logs" / "locust.log",
+            svc.client_enter,
+        )
         return ClientGroup([p], [h])
 
     def verify(self, svc: Service, events: list[dict], timeout: float = 120.0) -> Path | None:
@@ -138,12 +196,15 @@ class Http(Workload):
 
     def checks(self, svc: Service, events: list[dict]) -> dict:
         from harness.checkers.bodies import bodies
+
         return {"bodies": bodies(events)}
 
 
 def render_conf(ip: str, port: int, root: Path, run: Path, error_log: Path) -> str:
-    temps = "\n".join(f"    {k}_temp_path {run / k};"
-                      for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = "\n".join(
+        f"    {k}_temp_path {run / k};"
+        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return f"""# rendered by crashbench (harness/workloads/http.py)
 daemon off;
 master_process on;

@@ -16,6 +16,7 @@ summary at the end.
 ``verify`` reads every file of the manifest once (f ``verify``, same shapes, retrying until
 answered or the deadline).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ import time
 
 from harness.history import Recorder, event
 
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.005, 0.05   # a closed-loop user's wait after a failure
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.005, 0.05  # a closed-loop user's wait after a failure
 
 
 def digest(b: bytes) -> str:
@@ -36,10 +37,10 @@ def digest(b: bytes) -> str:
 
 def load(a) -> int:
     import gevent
+    import numpy as np
     from locust import FastHttpUser, constant, constant_pacing, task
     from locust.env import Environment
     from locust.exception import StopUser
-    import numpy as np
 
     files = json.loads(open(a.manifest).read())
     rec = Recorder(a.history, 0)
@@ -64,35 +65,66 @@ def load(a) -> int:
                 raise StopUser()
             sent["n"] += 1
             f = files[int(self.rng.integers(len(files)))]
-            r = self.client.get(f["path"], name="file", headers={"Accept-Encoding": "identity"},
-                                context={"uid": self.uid, "file": f, "t0": time.monotonic()})
+            r = self.client.get(
+                f["path"],
+                name="file",
+                headers={"Accept-Encoding": "identity"},
+                context={"uid": self.uid, "file": f, "t0": time.monotonic()},
+            )
             # a closed loop backs off after a failure, so an outage is not a flood of
             # refused requests that spends the request budget
-            self.backoff = 0.0 if r.status_code == 200 else \
-                min(max(2 * self.backoff, BACKOFF_MIN_S), BACKOFF_MAX_S)
+            self.backoff = (
+                0.0
+                if r.status_code == 200
+                else min(max(2 * self.backoff, BACKOFF_MIN_S), BACKOFF_MAX_S)
+            )
             if self.backoff and a.loop == "closed":
                 gevent.sleep(self.backoff)
 
     Reader.next_uid = 0
 
-    def on_request(request_type, name, response_time, response_length, response=None,
-                   context=None, exception=None, **_):
+    def on_request(
+        request_type,
+        name,
+        response_time,
+        response_length,
+        response=None,
+        context=None,
+        exception=None,
+        **_,
+    ):
         t1 = time.monotonic()
         if not context or "uid" not in context:
             return
         f = context["file"]
-        rec.write(event("invoke", context["uid"], "read", key=f["path"],
-                        value={"bytes": f["bytes"], "sha256": f["sha256"]}, time_s=context["t0"]))
+        rec.write(
+            event(
+                "invoke",
+                context["uid"],
+                "read",
+                key=f["path"],
+                value={"bytes": f["bytes"], "sha256": f["sha256"]},
+                time_s=context["t0"],
+            )
+        )
         status = getattr(response, "status_code", None)
         if exception is None and status == 200:
             body = response.content or b""
-            rec.write(event("ok", context["uid"], "read", key=f["path"],
-                            value={"status": 200, "bytes": len(body), "sha256": digest(body)},
-                            time_s=t1))
+            rec.write(
+                event(
+                    "ok",
+                    context["uid"],
+                    "read",
+                    key=f["path"],
+                    value={"status": 200, "bytes": len(body), "sha256": digest(body)},
+                    time_s=t1,
+                )
+            )
         else:
             why = f"HTTP {status}" if status else f"{type(exception).__name__}: {exception}"
-            rec.write(event("fail", context["uid"], "read", key=f["path"], error=why[:200],
-                            time_s=t1))
+            rec.write(
+                event("fail", context["uid"], "read", key=f["path"], error=why[:200], time_s=t1)
+            )
 
     env = Environment(user_classes=[Reader])
     env.events.request.add_listener(on_request)
@@ -109,9 +141,11 @@ def load(a) -> int:
     gevent.spawn(watch_budget)
     runner.greenlet.join()
     s = env.stats.total
-    print(f"locust: {s.num_requests} requests, {s.num_failures} failures, "
-          f"median {s.median_response_time} ms, 95th {s.get_response_time_percentile(0.95)} ms",
-          flush=True)
+    print(
+        f"locust: {s.num_requests} requests, {s.num_failures} failures, "
+        f"median {s.median_response_time} ms, 95th {s.get_response_time_percentile(0.95)} ms",
+        flush=True,
+    )
     rec.close()
     return 0
 
@@ -119,6 +153,7 @@ def load(a) -> int:
 def _get(http, path: str):
     """(status or None, body or None, error or None)."""
     import httpx
+
     try:
         r = http.get(path, headers={"Accept-Encoding": "identity"})
         return r.status_code, r.content, None
@@ -128,8 +163,10 @@ def _get(http, path: str):
 
 def _client(a):
     import httpx
-    return httpx.Client(base_url=a.url, timeout=httpx.Timeout(a.network_timeout,
-                                                                connect=a.connect_timeout))
+
+    return httpx.Client(
+        base_url=a.url, timeout=httpx.Timeout(a.network_timeout, connect=a.connect_timeout)
+    )
 
 
 def ready(a) -> int:
@@ -168,8 +205,9 @@ def verify(a) -> int:
                 op = rec.invoke("verify", f["path"], {"bytes": f["bytes"], "sha256": f["sha256"]})
                 status, body, err = _get(http, f["path"])
                 if status == 200:
-                    rec.complete("ok", op, value={"status": 200, "bytes": len(body),
-                                                  "sha256": digest(body)})
+                    rec.complete(
+                        "ok", op, value={"status": 200, "bytes": len(body), "sha256": digest(body)}
+                    )
                     break
                 rec.complete("fail", op, value={}, error=err or f"HTTP {status}")
                 if stop["now"] or time.monotonic() >= a.until:
@@ -188,10 +226,15 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--history")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--users", type=int, default=4)
-    ap.add_argument("--loop", choices=("closed", "paced"), default="closed",
-                    help="closed: the next request as soon as the last is answered")
-    ap.add_argument("--pacing", type=float, default=0.02,
-                    help="paced: seconds between a user's requests")
+    ap.add_argument(
+        "--loop",
+        choices=("closed", "paced"),
+        default="closed",
+        help="closed: the next request as soon as the last is answered",
+    )
+    ap.add_argument(
+        "--pacing", type=float, default=0.02, help="paced: seconds between a user's requests"
+    )
     ap.add_argument("--max-requests", type=int, default=200_000)
     ap.add_argument("--connect-timeout", type=float, default=0.2)
     ap.add_argument("--network-timeout", type=float, default=2.0)

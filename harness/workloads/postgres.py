@@ -40,6 +40,7 @@ row's digest (version 1, bytes, sha256 of its canonical text) and the transfer (
 amount), so the generic acknowledged-write checker judges ledger rows as it judges files;
 the bank checker adds the invariants (money conserved, no half transaction).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,12 +63,12 @@ from harness.workloads.clients import ClientGroup, run_to_end, spawn
 CLIENT = "harness.workloads.postgres_client"
 USER = "postgres"
 ROWS_PER_SCALE = 100_000
-AMCHECK_TIMEOUT_S = 120.0     # pg_amcheck's bound in the verify phase (scale 10: ≈ 6 s measured)
+AMCHECK_TIMEOUT_S = 120.0  # pg_amcheck's bound in the verify phase (scale 10: ≈ 6 s measured)
 
 # Settings of the server the schemes run (durability at PostgreSQL's defaults).
 SERVER_SETTINGS = {
     "unix_socket_directories": "",
-    "dynamic_shared_memory_type": "sysv",     # in the server's own IPC namespace
+    "dynamic_shared_memory_type": "sysv",  # in the server's own IPC namespace
     "huge_pages": "off",
     "logging_collector": "off",
     "log_line_prefix": "%m [%p] ",
@@ -76,25 +77,42 @@ SERVER_SETTINGS = {
     "max_connections": "40",
 }
 # Extra settings of the temporary server that loads the data set (never crashed).
-LOAD_SETTINGS = {"fsync": "off", "full_page_writes": "off", "wal_level": "minimal",
-                 "max_wal_senders": "0", "synchronous_commit": "off",
-                 "maintenance_work_mem": "64MB", "listen_addresses": ""}
+LOAD_SETTINGS = {
+    "fsync": "off",
+    "full_page_writes": "off",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
+    "synchronous_commit": "off",
+    "maintenance_work_mem": "64MB",
+    "listen_addresses": "",
+}
 
 
 def _pw():
     try:
         return pwd.getpwnam(USER)
     except KeyError:
-        raise WorkloadError("postgres: the machine has no 'postgres' user "
-                            "(install PostgreSQL: run `make` as root)") from None
+        raise WorkloadError(
+            "postgres: the machine has no 'postgres' user (install PostgreSQL: run `make` as root)"
+        ) from None
 
 
 def _as_postgres(argv: list[str], pid_ns: bool = False) -> list[str]:
     """argv run as the postgres user in a fresh IPC namespace, and with ``pid_ns`` in a
     fresh PID namespace too (see the module docstring)."""
     ns = ["--ipc", "--pid", "--fork", "--kill-child=SIGKILL"] if pid_ns else ["--ipc"]
-    return ["unshare", *ns, "--", "setpriv", f"--reuid={USER}", f"--regid={USER}",
-            "--init-groups", "--pdeathsig=SIGKILL", "--", *argv]
+    return [
+        "unshare",
+        *ns,
+        "--",
+        "setpriv",
+        f"--reuid={USER}",
+        f"--regid={USER}",
+        "--init-groups",
+        "--pdeathsig=SIGKILL",
+        "--",
+        *argv,
+    ]
 
 
 def _settings(d: dict) -> list[str]:
@@ -106,37 +124,58 @@ def _settings(d: dict) -> list[str]:
 
 class Postgres(Workload):
     name = "postgres"
-    description = ("PostgreSQL (data directory on the emulated FS); psycopg clients transfer "
-                   "money between accounts and insert ledger rows")
+    description = (
+        "PostgreSQL (data directory on the emulated FS); psycopg clients transfer "
+        "money between accounts and insert ledger rows"
+    )
     prepares = True
     # Each run boots a kernel with a cold page cache: at scale 10 the clients' random reads
     # came from the disk at ~12,000 blocks/s in the first second of load and ~300/s ten
     # seconds later (a warmcache run's VMM counters, read once a second).
     warmup_s = 15.0
-    defaults = {"clients": 4, "scale": 10, "initial_balance": 1000, "read_ratio": 0.5,
-                "port": 5432, "shared_buffers_mb": 16, "connect_timeout_s": 0.5,
-                "statement_timeout_s": 2.0, "max_ops_per_client": 100_000,
-                "recovery_sync": "syncfs", "prepare_timeout_s": 600, "read_skew": 0.0}
+    defaults = {
+        "clients": 4,
+        "scale": 10,
+        "initial_balance": 1000,
+        "read_ratio": 0.5,
+        "port": 5432,
+        "shared_buffers_mb": 16,
+        "connect_timeout_s": 0.5,
+        "statement_timeout_s": 2.0,
+        "max_ops_per_client": 100_000,
+        "recovery_sync": "syncfs",
+        "prepare_timeout_s": 600,
+        "read_skew": 0.0,
+    }
 
     def __init__(self, **params):
         unknown = set(params) - set(self.defaults)
         if unknown:
-            raise WorkloadError(f"postgres: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                                f"known: {', '.join(self.defaults)}")
+            raise WorkloadError(
+                f"postgres: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(self.defaults)}"
+            )
         self.p = {**self.defaults, **params}
         for k in ("clients", "scale", "initial_balance", "port", "shared_buffers_mb"):
             if not isinstance(self.p[k], int) or self.p[k] <= 0:
                 raise WorkloadError(f"postgres: {k} must be a positive integer, got {self.p[k]!r}")
         if self.p["recovery_sync"] not in ("syncfs", "fsync"):
-            raise WorkloadError(f"postgres: recovery_sync must be syncfs or fsync, "
-                                f"got {self.p['recovery_sync']!r}")
+            raise WorkloadError(
+                f"postgres: recovery_sync must be syncfs or fsync, got {self.p['recovery_sync']!r}"
+            )
         if not 0 <= self.p["read_ratio"] < 1:
-            raise WorkloadError(f"postgres: read_ratio must be in [0, 1), got {self.p['read_ratio']!r}")
+            raise WorkloadError(
+                f"postgres: read_ratio must be in [0, 1), got {self.p['read_ratio']!r}"
+            )
         skew = self.p["read_skew"]
-        if isinstance(skew, bool) or not isinstance(skew, (int, float)) \
-                or not (math.isfinite(skew) and skew >= 0):
-            raise WorkloadError(f"postgres: read_skew must be a number >= 0 (0: uniform), "
-                                f"got {skew!r}")
+        if (
+            isinstance(skew, bool)
+            or not isinstance(skew, (int, float))
+            or not (math.isfinite(skew) and skew >= 0)
+        ):
+            raise WorkloadError(
+                f"postgres: read_skew must be a number >= 0 (0: uniform), got {skew!r}"
+            )
 
     @property
     def accounts(self) -> int:
@@ -151,7 +190,7 @@ class Postgres(Workload):
     # --- prepare: initdb and the data set, on a kernel booted only for it ------------------
     def prepare(self, svc: Service) -> None:
         pw = _pw()
-        pg_tool("pg_amcheck")           # the verify phase needs it: say so before loading
+        pg_tool("pg_amcheck")  # the verify phase needs it: say so before loading
         pgdata = self.pgdata(svc)
         pgdata.mkdir(mode=0o700)
         os.chown(pgdata, pw.pw_uid, pw.pw_gid)
@@ -160,38 +199,79 @@ class Postgres(Workload):
         log = logs / "postgres-prepare.log"
         deadline = time.monotonic() + self.p["prepare_timeout_s"]
         with open(log, "ab") as fh:
-            r = subprocess.run(_as_postgres([pg_bin("initdb"), "-D", str(pgdata), "--no-sync",
-                                             "--data-checksums", "-A", "trust", "-U", USER,
-                                             "-E", "UTF8", "--locale=C"]),
-                               stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               timeout=self.p["prepare_timeout_s"])
+            r = subprocess.run(
+                _as_postgres(
+                    [
+                        pg_bin("initdb"),
+                        "-D",
+                        str(pgdata),
+                        "--no-sync",
+                        "--data-checksums",
+                        "-A",
+                        "trust",
+                        "-U",
+                        USER,
+                        "-E",
+                        "UTF8",
+                        "--locale=C",
+                    ]
+                ),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=self.p["prepare_timeout_s"],
+            )
         if r.returncode != 0:
             raise WorkloadError(f"postgres: initdb failed (status {r.returncode}); see {log.name}")
-        with open(pgdata / "pg_hba.conf", "a") as fh:       # the clients' namespace
-            fh.write("\n# crashbench clients (198.18.0.0/15 benchmark range)\n"
-                     "host all all 198.18.0.0/15 trust\n")
+        with open(pgdata / "pg_hba.conf", "a") as fh:  # the clients' namespace
+            fh.write(
+                "\n# crashbench clients (198.18.0.0/15 benchmark range)\n"
+                "host all all 198.18.0.0/15 trust\n"
+            )
         sock = Path(tempfile.mkdtemp(prefix="crashbench-pgsock-"))
         server = None
         try:
             os.chown(sock, pw.pw_uid, pw.pw_gid)
-            argv = _as_postgres([pg_bin("postgres"), "-D", str(pgdata), "-k", str(sock),
-                                 "-p", str(self.p["port"]),
-                                 *_settings({**SERVER_SETTINGS, **LOAD_SETTINGS,
-                                             "unix_socket_directories": str(sock),
-                                             "shared_buffers": f"{self.p['shared_buffers_mb']}MB"})])
+            argv = _as_postgres(
+                [
+                    pg_bin("postgres"),
+                    "-D",
+                    str(pgdata),
+                    "-k",
+                    str(sock),
+                    "-p",
+                    str(self.p["port"]),
+                    *_settings(
+                        {
+                            **SERVER_SETTINGS,
+                            **LOAD_SETTINGS,
+                            "unix_socket_directories": str(sock),
+                            "shared_buffers": f"{self.p['shared_buffers_mb']}MB",
+                        }
+                    ),
+                ]
+            )
             with open(log, "ab") as fh:
-                server = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                          preexec_fn=_pdeathsig)
+                server = subprocess.Popen(
+                    argv,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=_pdeathsig,
+                )
             self._load(sock, server, deadline, log)
-            server.send_signal(signal.SIGINT)       # fast shutdown: a clean checkpoint
+            server.send_signal(signal.SIGINT)  # fast shutdown: a clean checkpoint
             try:
                 rc = server.wait(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                raise WorkloadError("postgres: the loading server did not shut down in time") from None
+                raise WorkloadError(
+                    "postgres: the loading server did not shut down in time"
+                ) from None
             if rc != 0:
-                raise WorkloadError(f"postgres: the loading server exited with status {rc}; "
-                                    f"see {log.name}")
+                raise WorkloadError(
+                    f"postgres: the loading server exited with status {rc}; see {log.name}"
+                )
         finally:
             if server is not None and server.poll() is None:
                 os.killpg(server.pid, signal.SIGKILL)
@@ -200,85 +280,158 @@ class Postgres(Workload):
 
     def _load(self, sock: Path, server: subprocess.Popen, deadline: float, log: Path) -> None:
         import psycopg
+
         conn = None
         while conn is None:
             try:
-                conn = psycopg.connect(host=str(sock), port=self.p["port"], user=USER,
-                                       dbname="postgres", autocommit=True, connect_timeout=5)
+                conn = psycopg.connect(
+                    host=str(sock),
+                    port=self.p["port"],
+                    user=USER,
+                    dbname="postgres",
+                    autocommit=True,
+                    connect_timeout=5,
+                )
             except psycopg.OperationalError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise WorkloadError(f"postgres: the loading server did not start; "
-                                        f"see {log.name}") from None
+                    raise WorkloadError(
+                        f"postgres: the loading server did not start; see {log.name}"
+                    ) from None
                 time.sleep(0.1)
         n, b = self.accounts, self.p["initial_balance"]
         with conn:
             with conn.transaction():
-                conn.execute("CREATE TABLE accounts (aid integer NOT NULL, balance bigint NOT NULL, "
-                             "filler character(84))")
-                conn.execute("INSERT INTO accounts SELECT g, %s, '' FROM generate_series(1, %s) g",
-                             (b, n))
+                conn.execute(
+                    "CREATE TABLE accounts (aid integer NOT NULL, balance bigint NOT NULL, "
+                    "filler character(84))"
+                )
+                conn.execute(
+                    "INSERT INTO accounts SELECT g, %s, '' FROM generate_series(1, %s) g", (b, n)
+                )
                 conn.execute("ALTER TABLE accounts ADD PRIMARY KEY (aid)")
-                conn.execute("CREATE TABLE ledger (client integer NOT NULL, seq integer NOT NULL, "
-                             "src integer NOT NULL, dst integer NOT NULL, amount integer NOT NULL, "
-                             "PRIMARY KEY (client, seq))")
-                conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")    # for pg_amcheck
+                conn.execute(
+                    "CREATE TABLE ledger (client integer NOT NULL, seq integer NOT NULL, "
+                    "src integer NOT NULL, dst integer NOT NULL, amount integer NOT NULL, "
+                    "PRIMARY KEY (client, seq))"
+                )
+                conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")  # for pg_amcheck
             conn.execute("VACUUM (ANALYZE, FREEZE) accounts")
             conn.execute("CHECKPOINT")
 
     # --- the service ---------------------------------------------------------------------
     def apps(self, svc: Service) -> list[dict]:
-        argv = _as_postgres([pg_bin("postgres"), "-D", str(self.pgdata(svc)),
-                             "-p", str(self.p["port"]),
-                             *_settings({**SERVER_SETTINGS, "listen_addresses": svc.ip,
-                                         "shared_buffers": f"{self.p['shared_buffers_mb']}MB",
-                                         "recovery_init_sync_method": self.p["recovery_sync"]})],
-                            pid_ns=True)
+        argv = _as_postgres(
+            [
+                pg_bin("postgres"),
+                "-D",
+                str(self.pgdata(svc)),
+                "-p",
+                str(self.p["port"]),
+                *_settings(
+                    {
+                        **SERVER_SETTINGS,
+                        "listen_addresses": svc.ip,
+                        "shared_buffers": f"{self.p['shared_buffers_mb']}MB",
+                        "recovery_init_sync_method": self.p["recovery_sync"],
+                    }
+                ),
+            ],
+            pid_ns=True,
+        )
         pw = _pw()
-        return [{"name": "postgres", "argv": argv, "cwd": "/",
-                 "env": {"HOME": pw.pw_dir, "USER": USER, "LOGNAME": USER},
-                 "log": str(self.log(svc))}]
+        return [
+            {
+                "name": "postgres",
+                "argv": argv,
+                "cwd": "/",
+                "env": {"HOME": pw.pw_dir, "USER": USER, "LOGNAME": USER},
+                "log": str(self.log(svc)),
+            }
+        ]
 
     def _args(self, svc: Service, mode: str, until: float) -> list[str]:
         p = self.p
-        return ["-m", CLIENT, mode, "--host", svc.ip, "--port", str(p["port"]),
-                "--until", repr(until), "--seed", str(svc.seed),
-                "--accounts", str(self.accounts), "--initial-balance", str(p["initial_balance"]),
-                "--read-ratio", str(p["read_ratio"]), "--read-skew", str(p["read_skew"]),
-                "--max-ops", str(p["max_ops_per_client"]),
-                "--connect-timeout", str(p["connect_timeout_s"]),
-                "--statement-timeout", str(p["statement_timeout_s"])]
+        return [
+            "-m",
+            CLIENT,
+            mode,
+            "--host",
+            svc.ip,
+            "--port",
+            str(p["port"]),
+            "--until",
+            repr(until),
+            "--seed",
+            str(svc.seed),
+            "--accounts",
+            str(self.accounts),
+            "--initial-balance",
+            str(p["initial_balance"]),
+            "--read-ratio",
+            str(p["read_ratio"]),
+            "--read-skew",
+            str(p["read_skew"]),
+            "--max-ops",
+            str(p["max_ops_per_client"]),
+            "--connect-timeout",
+            str(p["connect_timeout_s"]),
+            "--statement-timeout",
+            str(p["statement_timeout_s"]),
+        ]
 
     def wait_ready(self, svc: Service, timeout: float) -> None:
         argv = self._args(svc, "ready", time.monotonic() + timeout)
-        rc = run_to_end(argv, svc.workdir / "logs" / "postgres-ready.log", svc.client_enter,
-                        timeout + 5)
+        rc = run_to_end(
+            argv, svc.workdir / "logs" / "postgres-ready.log", svc.client_enter, timeout + 5
+        )
         if rc != 0:
-            raise WorkloadError(f"postgres: the server at {svc.ip}:{self.p['port']} did not "
-                                f"answer within {timeout:.0f} s; see logs/postgres.log")
+            raise WorkloadError(
+                f"postgres: the server at {svc.ip}:{self.p['port']} did not "
+                f"answer within {timeout:.0f} s; see logs/postgres.log"
+            )
 
     def start_clients(self, svc: Service, until: float) -> ClientGroup:
         hd = svc.history_dir()
         procs, paths = [], []
         for cid in range(self.p["clients"]):
             h = hd / f"client-{cid}.jsonl"
-            procs.append(spawn([*self._args(svc, "client", until), "--id", str(cid),
-                                "--history", str(h)],
-                               svc.workdir / "logs" / f"client-{cid}.log", svc.client_enter))
+            procs.append(
+                spawn(
+                    [*self._args(svc, "client", until), "--id", str(cid), "--history", str(h)],
+                    svc.workdir / "logs" / f"client-{cid}.log",
+                    svc.client_enter,
+                )
+            )
             paths.append(h)
         return ClientGroup(procs, paths)
 
     def verify(self, svc: Service, events: list[dict], timeout: float = 60.0) -> Path | None:
-        keys = sorted({e["key"] for e in events
-                       if e["f"] == "write" and e["type"] == "invoke" and "key" in e})
+        keys = sorted(
+            {e["key"] for e in events if e["f"] == "write" and e["type"] == "invoke" and "key" in e}
+        )
         kf = svc.workdir / "verify-keys.json"
         kf.write_text(json.dumps(keys))
         h = svc.history_dir() / "verify.jsonl"
-        argv = [*self._args(svc, "verify", time.monotonic() + timeout),
-                "--id", str(self.p["clients"]), "--history", str(h), "--keys", str(kf),
-                "--amcheck", pg_tool("pg_amcheck"), "--amcheck-timeout", str(AMCHECK_TIMEOUT_S)]
-        run_to_end(argv, svc.workdir / "logs" / "verify.log", svc.client_enter,
-                   timeout + AMCHECK_TIMEOUT_S + 10)
-        self._starts = startups(self.log(svc))     # read before teardown removes the log
+        argv = [
+            *self._args(svc, "verify", time.monotonic() + timeout),
+            "--id",
+            str(self.p["clients"]),
+            "--history",
+            str(h),
+            "--keys",
+            str(kf),
+            "--amcheck",
+            pg_tool("pg_amcheck"),
+            "--amcheck-timeout",
+            str(AMCHECK_TIMEOUT_S),
+        ]
+        run_to_end(
+            argv,
+            svc.workdir / "logs" / "verify.log",
+            svc.client_enter,
+            timeout + AMCHECK_TIMEOUT_S + 10,
+        )
+        self._starts = startups(self.log(svc))  # read before teardown removes the log
         return h
 
     def _server_starts(self, svc: Service) -> list[dict]:
@@ -291,6 +444,7 @@ class Postgres(Workload):
         the server's own log (its timestamps; CLOCK_MONOTONIC crash time mapped to the wall
         clock once); {} when the server never started again."""
         from harness.checkers.common import crash_times
+
         crash = crash_times(events)["crash_at"]
         if crash is None:
             return {}
@@ -307,12 +461,17 @@ class Postgres(Workload):
         server as its log tells it (wall-clock times, WAL replay seconds)}."""
         from harness.checkers.amcheck import amcheck
         from harness.checkers.bank import bank
-        return {"bank": bank(events), "amcheck": amcheck(events),
-                "server_starts": self._server_starts(svc)}
+
+        return {
+            "bank": bank(events),
+            "amcheck": amcheck(events),
+            "server_starts": self._server_starts(svc),
+        }
 
 
 def _pdeathsig() -> None:
     import ctypes
+
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
@@ -332,8 +491,11 @@ def startups(log: Path) -> list[dict]:
         m = _LINE.match(line)
         if not m:
             continue
-        t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(
-            tzinfo=timezone.utc).timestamp()
+        t = (
+            datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f")
+            .replace(tzinfo=timezone.utc)
+            .timestamp()
+        )
         msg = m.group(3)
         if msg.startswith("starting PostgreSQL"):
             out.append({"start": t, "ready": None, "redo_s": None, "recovery": False})

@@ -33,6 +33,7 @@ tables, B-tree indexes with ``--heapallindexed``) and records one keyless ``veri
 "relation: message" line, as pg_amcheck printed them) when it checked (status 0: none;
 2: corruption found), ``fail`` with its error when it could not check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,9 +114,14 @@ class Bank:
             ms = int(self.a.statement_timeout * 1000)
             with deadline(self.a.connect_timeout):
                 self.conn = psycopg.connect(
-                    host=self.a.host, port=self.a.port, user="postgres", dbname="postgres",
+                    host=self.a.host,
+                    port=self.a.port,
+                    user="postgres",
+                    dbname="postgres",
                     connect_timeout=max(2, int(self.a.connect_timeout + 1)),
-                    options=f"-c statement_timeout={ms}", application_name=f"crashbench-{self.a.id}")
+                    options=f"-c statement_timeout={ms}",
+                    application_name=f"crashbench-{self.a.id}",
+                )
         return self.conn
 
     def drop(self) -> None:
@@ -124,7 +130,7 @@ class Bank:
             try:
                 with deadline(0.2):
                     c.close()
-            except Exception:       # noqa: BLE001 - a broken connection is dropped anyway
+            except Exception:  # noqa: BLE001 - a broken connection is dropped anyway
                 pass
 
     # --- the load ----------------------------------------------------------------------------
@@ -150,7 +156,7 @@ class Bank:
 
     def read_account(self) -> int:
         if self.a.read_skew == 0:
-            return self.account()           # the uniform mix, draw for draw as before
+            return self.account()  # the uniform mix, draw for draw as before
         return skewed_account(float(self.rng.random()), self.a.accounts, self.a.read_skew)
 
     def read(self) -> bool:
@@ -175,19 +181,32 @@ class Bank:
             dst = self.account()
         amount = int(self.rng.integers(1, 100))
         body = row_text(self.a.id, self.seq, src, dst, amount)
-        op = self.rec.invoke("write", f"ledger/c{self.a.id}-{self.seq}",
-                             {"version": 1, "bytes": len(body), "sha256": digest(body),
-                              "src": src, "dst": dst, "amount": amount})
+        op = self.rec.invoke(
+            "write",
+            f"ledger/c{self.a.id}-{self.seq}",
+            {
+                "version": 1,
+                "bytes": len(body),
+                "sha256": digest(body),
+                "src": src,
+                "dst": dst,
+                "amount": amount,
+            },
+        )
         committing = False
         try:
             with deadline(self.a.statement_timeout):
                 conn = self.connect()
                 # the lower account id first: concurrent transfers lock in one order
                 for aid, delta in sorted(((src, -amount), (dst, amount))):
-                    conn.execute("UPDATE accounts SET balance = balance + %s WHERE aid = %s",
-                                 (delta, aid))
-                conn.execute("INSERT INTO ledger (client, seq, src, dst, amount) "
-                             "VALUES (%s, %s, %s, %s, %s)", (self.a.id, self.seq, src, dst, amount))
+                    conn.execute(
+                        "UPDATE accounts SET balance = balance + %s WHERE aid = %s", (delta, aid)
+                    )
+                conn.execute(
+                    "INSERT INTO ledger (client, seq, src, dst, amount) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    (self.a.id, self.seq, src, dst, amount),
+                )
                 committing = True
                 conn.commit()
         except (psycopg.Error, ClientTimeout, OSError) as e:
@@ -201,8 +220,12 @@ class Bank:
     def after_error(self, e: Exception) -> None:
         """Keep a connection that answered with an error (after a rollback); drop one that
         broke or timed out."""
-        if isinstance(e, psycopg.DatabaseError) and not isinstance(e, psycopg.OperationalError) \
-                and self.conn is not None and not self.conn.broken:
+        if (
+            isinstance(e, psycopg.DatabaseError)
+            and not isinstance(e, psycopg.OperationalError)
+            and self.conn is not None
+            and not self.conn.broken
+        ):
             try:
                 with deadline(self.a.statement_timeout):
                     self.conn.rollback()
@@ -250,8 +273,10 @@ def verify_bank(a, rec: Recorder, stop: Stop) -> int:
                 conn = b.connect()
                 rows = conn.execute("SELECT client, seq, src, dst, amount FROM ledger").fetchall()
                 total, n = conn.execute("SELECT sum(balance), count(*) FROM accounts").fetchone()
-                changed = conn.execute("SELECT aid, balance FROM accounts WHERE balance <> %s "
-                                       "ORDER BY aid", (a.initial_balance,)).fetchall()
+                changed = conn.execute(
+                    "SELECT aid, balance FROM accounts WHERE balance <> %s ORDER BY aid",
+                    (a.initial_balance,),
+                ).fetchall()
                 conn.rollback()
             break
         except (psycopg.Error, ClientTimeout, OSError) as e:
@@ -268,13 +293,26 @@ def verify_bank(a, rec: Recorder, stop: Stop) -> int:
     for k in keys:
         op = rec.invoke("verify", k)
         body = found.get(k)
-        rec.complete("ok", op, value={"absent": True} if body is None
-                     else {"bytes": len(body), "sha256": digest(body)})
+        rec.complete(
+            "ok",
+            op,
+            value={"absent": True}
+            if body is None
+            else {"bytes": len(body), "sha256": digest(body)},
+        )
     op = rec.invoke("verify", value={"check": "bank"})
-    rec.complete("ok", op, value={"check": "bank", "accounts": int(n),
-                                  "initial_balance": a.initial_balance, "sum": int(total),
-                                  "ledger_rows": len(rows),
-                                  "changed": [[int(x), int(y)] for x, y in changed]})
+    rec.complete(
+        "ok",
+        op,
+        value={
+            "check": "bank",
+            "accounts": int(n),
+            "initial_balance": a.initial_balance,
+            "sum": int(total),
+            "ledger_rows": len(rows),
+            "changed": [[int(x), int(y)] for x, y in changed],
+        },
+    )
     b.drop()
     return 0
 
@@ -282,23 +320,47 @@ def verify_bank(a, rec: Recorder, stop: Stop) -> int:
 def verify_amcheck(a, rec: Recorder) -> int:
     """pg_amcheck on the database (see the module docstring); 1 unless it found nothing."""
     op = rec.invoke("verify", value={"check": "amcheck"})
-    argv = [a.amcheck, "--host", a.host, "--port", str(a.port), "--username", "postgres",
-            "--no-password", "--database", "postgres", "--heapallindexed"]
-    env = dict(os.environ, PGCONNECT_TIMEOUT=str(max(2, int(a.connect_timeout + 1))),
-               PGAPPNAME="crashbench-amcheck")
+    argv = [
+        a.amcheck,
+        "--host",
+        a.host,
+        "--port",
+        str(a.port),
+        "--username",
+        "postgres",
+        "--no-password",
+        "--database",
+        "postgres",
+        "--heapallindexed",
+    ]
+    env = dict(
+        os.environ,
+        PGCONNECT_TIMEOUT=str(max(2, int(a.connect_timeout + 1))),
+        PGAPPNAME="crashbench-amcheck",
+    )
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, errors="replace", env=env,
-                           stdin=subprocess.DEVNULL, timeout=a.amcheck_timeout)
+        p = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            env=env,
+            stdin=subprocess.DEVNULL,
+            timeout=a.amcheck_timeout,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         rec.complete("fail", op, error=_why(e))
         return 1
-    if p.returncode not in (0, 2):          # 1: it could not check (no server, no extension)
+    if p.returncode not in (0, 2):  # 1: it could not check (no server, no extension)
         said = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()
-        rec.complete("fail", op, error=f"pg_amcheck exited with status {p.returncode}: "
-                                       + " / ".join(said[:3])[:300])
+        rec.complete(
+            "fail",
+            op,
+            error=f"pg_amcheck exited with status {p.returncode}: " + " / ".join(said[:3])[:300],
+        )
         return 1
     found = amcheck_findings(p.stdout)
-    if p.returncode == 2 and not found:     # corruption reported in a shape not parsed above
+    if p.returncode == 2 and not found:  # corruption reported in a shape not parsed above
         found = [f"pg_amcheck exited with status 2: {p.stdout.strip()[:300]!r}"]
     rec.complete("ok", op, value={"check": "amcheck", "status": p.returncode, "findings": found})
     return 0 if p.returncode == 0 else 1
@@ -348,8 +410,9 @@ def arguments() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, _alarm)
-    return client_cli.run(arguments().parse_args(argv), ready, verify,
-                          lambda a, rec, stop: Bank(a, rec, stop).run())
+    return client_cli.run(
+        arguments().parse_args(argv), ready, verify, lambda a, rec, stop: Bank(a, rec, stop).run()
+    )
 
 
 if __name__ == "__main__":

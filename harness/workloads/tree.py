@@ -9,6 +9,7 @@ order, paths relative to ``root`` with a leading '/'. Content is a pure function
 (seed, file number), so every byte served can be checked against the manifest.
 ``pages(manifest)`` is how many page-cache pages the tree fills.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -13,6 +13,7 @@ launched as runtime-aware) it still runs, and says so; nothing then survives.
 
 The buffer is the lines joined by "\\n" (each line ends with "\\n"), UTF-8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def decode(buf: bytes) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernel.apps.rtaware_editor", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m kernel.apps.rtaware_editor", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--fifo", required=True, help="read lines from this FIFO (made if absent)")
     a = ap.parse_args(argv)
     out = sys.stdout
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not stat.S_ISFIFO(os.stat(a.fifo).st_mode):
         say(f"error: {a.fifo} exists and is not a FIFO")
         return 2
-    fd = os.open(a.fifo, os.O_RDWR | os.O_NONBLOCK)   # RDWR: no EOF when writers go
+    fd = os.open(a.fifo, os.O_RDWR | os.O_NONBLOCK)  # RDWR: no EOF when writers go
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     pending = {"usr1": 0, "term": False}

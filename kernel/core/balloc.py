@@ -19,6 +19,7 @@ Promises to the file system (kernel/core/fs.py):
 * ``InodeAlloc``: free inodes are those whose mode is 0 in the inode table; inode 0 is
   never handed out.
 """
+
 from __future__ import annotations
 
 import errno
@@ -27,16 +28,16 @@ import numpy as np
 
 from kernel.core.disklayout import BITS_PER_BLOCK, FsError, Superblock, corrupt
 
-SEARCH_WINDOW = 1 << 16   # blocks of the map examined per numpy pass
+SEARCH_WINDOW = 1 << 16  # blocks of the map examined per numpy pass
 
 
 class BlockAlloc:
     def __init__(self, bufs, sb: Superblock, used: np.ndarray):
         """`used`: one uint8 per block (1 = in use), the unpacked on-disk bitmap."""
         self.bufs, self.sb = bufs, sb
-        self.busy = np.ascontiguousarray(used[:sb.nblocks], dtype=np.uint8).copy()
-        self.busy[:sb.data_start] = 1
-        self.nfree = int(sb.nblocks - sb.data_start - np.count_nonzero(self.busy[sb.data_start:]))
+        self.busy = np.ascontiguousarray(used[: sb.nblocks], dtype=np.uint8).copy()
+        self.busy[: sb.data_start] = 1
+        self.nfree = int(sb.nblocks - sb.data_start - np.count_nonzero(self.busy[sb.data_start :]))
         self.pending: list[np.ndarray] = []
         self.npending = 0
         self.reserved = 0
@@ -55,22 +56,29 @@ class BlockAlloc:
         acknowledged must keep their promise): then returns how many were over-committed."""
         over = max(0, n - max(0, self.available()))
         if over and not force:
-            raise FsError(errno.ENOSPC, f"no space left on the device: {n} blocks wanted, "
-                                        f"{max(0, self.available())} available")
+            raise FsError(
+                errno.ENOSPC,
+                f"no space left on the device: {n} blocks wanted, "
+                f"{max(0, self.available())} available",
+            )
         self.reserved += n
         return over
 
     def unreserve(self, n: int) -> None:
         if n > self.reserved:
-            raise RuntimeError(f"block allocator: giving back {n} reserved blocks of {self.reserved}")
+            raise RuntimeError(
+                f"block allocator: giving back {n} reserved blocks of {self.reserved}"
+            )
         self.reserved -= n
 
     def alloc(self, n: int, goal: int | None = None, max_bm: int = 8) -> np.ndarray:
         sb = self.sb
         grant = min(n, self.nfree, self.available())
         if grant <= 0:
-            raise FsError(errno.ENOSPC, f"no free blocks left on the device "
-                                        f"({self.reserved} promised to dirty pages)")
+            raise FsError(
+                errno.ENOSPC,
+                f"no free blocks left on the device ({self.reserved} promised to dirty pages)",
+            )
         goal = self.rotor if goal is None or not sb.data_start <= goal < sb.nblocks else int(goal)
         n = grant
         found, total = [], 0
@@ -80,7 +88,7 @@ class BlockAlloc:
                 q = min(hi, p + max(SEARCH_WINDOW, 4 * n))
                 idx = np.flatnonzero(self.busy[p:q] == 0)
                 if idx.size:
-                    take = idx[:n - total] + p
+                    take = idx[: n - total] + p
                     found.append(take)
                     total += take.size
                 p = q
@@ -90,7 +98,7 @@ class BlockAlloc:
         bm = blocks // BITS_PER_BLOCK
         changes = np.flatnonzero(np.diff(bm)) + 1
         if changes.size >= max_bm:
-            blocks = blocks[:changes[max_bm - 1]]
+            blocks = blocks[: changes[max_bm - 1]]
         self.busy[blocks] = 1
         self.nfree -= blocks.size
         self._set_bits(blocks, True)
@@ -106,8 +114,10 @@ class BlockAlloc:
         sb = self.sb
         bad = arr[(arr < sb.data_start) | (arr >= sb.nblocks)]
         if bad.size:
-            raise corrupt(f"freeing block {int(bad[0])}, outside the data area "
-                          f"{sb.data_start}..{sb.nblocks - 1}")
+            raise corrupt(
+                f"freeing block {int(bad[0])}, outside the data area "
+                f"{sb.data_start}..{sb.nblocks - 1}"
+            )
         if np.unique(arr).size != arr.size or not self.busy[arr].all():
             raise corrupt(f"freeing a block that is not in use (one of {arr[:8].tolist()}...)")
         self._set_bits(arr, False)

@@ -19,6 +19,7 @@ Part of FileSystem (kernel/core/fs.py, a mixin). Promises to the rest of the fil
 Pointers are u32 block numbers; NPTR per indirect block. File block f lives in
 direct[f] (f < NDIRECT), else under single (NPTR blocks), double (NPTR^2), triple (NPTR^3).
 """
+
 from __future__ import annotations
 
 import struct
@@ -32,9 +33,9 @@ BSIZE = param.BLOCK_SIZE
 ND = param.NDIRECT
 ZERO_BLOCK = bytes(BSIZE)
 # (root slot in inode.addrs, depth, first file block it maps)
-ROOTS = ((ND, 1, ND), (ND + 1, 2, ND + NPTR), (ND + 2, 3, ND + NPTR + NPTR ** 2))
-MAX_FBLOCKS = ND + NPTR + NPTR ** 2 + NPTR ** 3
-FREE_BATCH = 8            # distinct bitmap blocks touched by one free or alloc batch
+ROOTS = ((ND, 1, ND), (ND + 1, 2, ND + NPTR), (ND + 2, 3, ND + NPTR + NPTR**2))
+MAX_FBLOCKS = ND + NPTR + NPTR**2 + NPTR**3
+FREE_BATCH = 8  # distinct bitmap blocks touched by one free or alloc batch
 _PTR = struct.Struct("<I")
 
 
@@ -53,13 +54,17 @@ class BlockMapMixin:
         bad = (arr != 0) & ((arr < sb.data_start) | (arr >= sb.nblocks))
         if bad.any():
             p = int(arr[bad][0])
-            raise corrupt(f"inode {inode.ino}: block pointer {p} out of range "
-                          f"(data blocks {sb.data_start}..{sb.nblocks - 1})")
+            raise corrupt(
+                f"inode {inode.ino}: block pointer {p} out of range "
+                f"(data blocks {sb.data_start}..{sb.nblocks - 1})"
+            )
 
     def _check_ptr(self, inode: Inode, p: int) -> int:
         if p and not self.sb.data_start <= p < self.sb.nblocks:
-            raise corrupt(f"inode {inode.ino}: block pointer {p} out of range "
-                          f"(data blocks {self.sb.data_start}..{self.sb.nblocks - 1})")
+            raise corrupt(
+                f"inode {inode.ino}: block pointer {p} out of range "
+                f"(data blocks {self.sb.data_start}..{self.sb.nblocks - 1})"
+            )
         return p
 
     def _ptrs(self, blk: int) -> np.ndarray:
@@ -71,8 +76,9 @@ class BlockMapMixin:
         return b
 
     # --- lookup and allocation ---------------------------------------------------------
-    def _map(self, inode: Inode, fblock: int, count: int, alloc: bool = False,
-             data: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def _map(
+        self, inode: Inode, fblock: int, count: int, alloc: bool = False, data: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(disk blocks, mask of the ones allocated by this call) for fblock..fblock+count-1."""
         out = np.zeros(count, dtype=np.uint32)
         new = np.zeros(count, dtype=bool)
@@ -82,12 +88,14 @@ class BlockMapMixin:
             f = fblock + pos
             if f < ND:
                 n = min(count - pos, ND - f)
-                arr = np.array(inode.addrs[f:f + n], dtype=np.uint32)
+                arr = np.array(inode.addrs[f : f + n], dtype=np.uint32)
                 self._check_ptrs(inode, arr)
                 if alloc and not arr.all():
+
                     def store(a, f=f, n=n):
-                        inode.addrs[f:f + n] = a.tolist()
-                    new[pos:pos + n] = self._fill(inode, arr, goal, data, store)
+                        inode.addrs[f : f + n] = a.tolist()
+
+                    new[pos : pos + n] = self._fill(inode, arr, goal, data, store)
             else:
                 slot, depth, base = _root_of(f)
                 rel = f - base
@@ -99,14 +107,19 @@ class BlockMapMixin:
                 if leaf == 0:
                     arr = np.zeros(n, dtype=np.uint32)
                 else:
-                    arr = self._ptrs(leaf)[off:off + n].copy()
+                    arr = self._ptrs(leaf)[off : off + n].copy()
                     self._check_ptrs(inode, arr)
                     if alloc and not arr.all():
                         lo = int(np.flatnonzero(arr == 0)[0])
-                        got = self._fill(inode, arr, goal or leaf + 1, data,
-                                         lambda a: self.bufs.write(leaf, (off + lo) * 4, a[lo:].tobytes()))
-                        new[pos:pos + n] = got
-            out[pos:pos + n] = arr
+                        got = self._fill(
+                            inode,
+                            arr,
+                            goal or leaf + 1,
+                            data,
+                            lambda a: self.bufs.write(leaf, (off + lo) * 4, a[lo:].tobytes()),
+                        )
+                        new[pos : pos + n] = got
+            out[pos : pos + n] = arr
             nz = arr[arr != 0]
             if nz.size:
                 goal = int(nz[-1]) + 1
@@ -142,7 +155,7 @@ class BlockMapMixin:
                 return 0
             blk = inode.addrs[slot] = self._new_indirect(goal)
         for level in range(depth - 1, 0, -1):
-            idx = (rel // NPTR ** level) % NPTR
+            idx = (rel // NPTR**level) % NPTR
             child = self._check_ptr(inode, int(self._ptrs(blk)[idx]))
             if child == 0:
                 if not alloc:
@@ -159,7 +172,7 @@ class BlockMapMixin:
         and revoked, not just freed."""
         for slot, depth, base in reversed(ROOTS):
             blk = self._check_ptr(inode, inode.addrs[slot])
-            if blk == 0 or base + NPTR ** depth <= cut:
+            if blk == 0 or base + NPTR**depth <= cut:
                 continue
             if self._trim_node(inode, blk, depth, base, cut, meta):
                 inode.addrs[slot] = 0
@@ -179,8 +192,9 @@ class BlockMapMixin:
                 self.balloc.free(blocks)
             self._progress(inode, live[0])
 
-    def _trim_node(self, inode: Inode, blk: int, depth: int, base: int, cut: int,
-                   meta: bool) -> bool:
+    def _trim_node(
+        self, inode: Inode, blk: int, depth: int, base: int, cut: int, meta: bool
+    ) -> bool:
         """Trim the subtree of indirect block `blk`; True if nothing is left under it."""
         ptrs = self._ptrs(blk).copy()
         self._check_ptrs(inode, ptrs)
@@ -192,7 +206,7 @@ class BlockMapMixin:
             live = live[::-1]
             bm = ptrs[live].astype(np.int64) // (BSIZE * 8)
             cuts = np.flatnonzero(np.diff(bm)) + 1
-            bounds = [0] + cuts[FREE_BATCH - 1::FREE_BATCH].tolist() + [live.size]
+            bounds = [0] + cuts[FREE_BATCH - 1 :: FREE_BATCH].tolist() + [live.size]
             for s, e in zip(bounds, bounds[1:]):
                 if s == e:
                     continue

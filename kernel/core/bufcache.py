@@ -15,6 +15,7 @@ copy is never found outside its operation. The lent frames are kept for the next
 operations (up to ``param.UNDO_KEEP_FRAMES``): a small operation costs a page copy and a
 descriptor store per block, and one store to clear them.
 """
+
 from __future__ import annotations
 
 from kernel import param
@@ -22,7 +23,7 @@ from kernel.core.icache import BDEV_INO
 from kernel.core.pagecache import PageCache
 from kernel.hw.physmem import PG_META, PG_UPTODATE, PG_VALID
 
-UNDO_INO = 0xFFFF_FFFF    # above every on-disk inode number; its pages: the undo record
+UNDO_INO = 0xFFFF_FFFF  # above every on-disk inode number; its pages: the undo record
 _UNDO_FLAGS = PG_VALID | PG_UPTODATE | PG_META
 
 
@@ -30,8 +31,8 @@ class PageCacheBuffers:
     def __init__(self, pc: PageCache, dev):
         self.pc, self.dev = pc, dev
         self._taken: list[tuple[int, int, int]] = []
-        self._undo: dict[int, int] = {}    # block -> the lent frame holding its copy
-        self._spare: list[int] = []        # lent frames kept for the next operations
+        self._undo: dict[int, int] = {}  # block -> the lent frame holding its copy
+        self._spare: list[int] = []  # lent frames kept for the next operations
 
     def read(self, blockno: int) -> memoryview:
         f = self.pc.index.get((BDEV_INO, blockno))
@@ -71,7 +72,7 @@ class PageCacheBuffers:
         return dict(self._undo)
 
     def take_dirty(self) -> dict[int, bytes]:
-        self.end_op()        # at a consistent point: what is taken is committed whole
+        self.end_op()  # at a consistent point: what is taken is committed whole
         self.settle()
         pages = self.pc.dirty_pages(BDEV_INO)
         self._taken = pages

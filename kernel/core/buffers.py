@@ -24,6 +24,7 @@ Promises between the file system (kernel/core/fs.py) and whoever keeps its metad
 
 ``MemBuffers`` is the plain in-memory implementation used by mkfs, fsck tools and tests.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -59,8 +60,10 @@ class MemBuffers:
         b = self._get(blockno)
         mv = memoryview(data).cast("B")
         if offset < 0 or offset + mv.nbytes > len(b):
-            raise ValueError(f"write of {mv.nbytes} bytes at offset {offset} outside block {blockno}")
-        b[offset:offset + mv.nbytes] = mv
+            raise ValueError(
+                f"write of {mv.nbytes} bytes at offset {offset} outside block {blockno}"
+            )
+        b[offset : offset + mv.nbytes] = mv
         self.dirty.add(blockno)
 
     def take_dirty(self) -> dict[int, bytes]:

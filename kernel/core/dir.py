@@ -20,6 +20,7 @@ Part of FileSystem (kernel/core/fs.py, a mixin). Promises to the rest of the fil
   ("directory inode D: size S is more than the file system's N data blocks"), refused
   before anything is sized by it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,7 +29,7 @@ from kernel import param
 from kernel.core.disklayout import DIRENT, FT_DIR, Inode, corrupt, rec_size
 
 BSIZE = param.BLOCK_SIZE
-DIRCACHE_DIRS = 4096      # directories whose name cache is kept (LRU)
+DIRCACHE_DIRS = 4096  # directories whose name cache is kept (LRU)
 EMPTY_DIR_BLOCK = DIRENT.pack(0, BSIZE, 0, 0).ljust(BSIZE, b"\0")
 
 
@@ -47,10 +48,16 @@ def parse_block(buf, where: str) -> list[tuple[int, int, int, int, bytes]]:
         if off + DIRENT.size > BSIZE:
             raise corrupt(f"{where} offset {off}: bad entry (truncated header)")
         ino, rec_len, name_len, ft = DIRENT.unpack_from(mv, off)
-        if rec_len < DIRENT.size or rec_len % 4 or off + rec_len > BSIZE or \
-                (ino and (name_len == 0 or rec_size(name_len) > rec_len)):
-            raise corrupt(f"{where} offset {off}: bad entry (rec_len {rec_len}, name_len {name_len})")
-        out.append((off, ino, rec_len, ft, bytes(mv[off + 8:off + 8 + name_len]) if ino else b""))
+        if (
+            rec_len < DIRENT.size
+            or rec_len % 4
+            or off + rec_len > BSIZE
+            or (ino and (name_len == 0 or rec_size(name_len) > rec_len))
+        ):
+            raise corrupt(
+                f"{where} offset {off}: bad entry (rec_len {rec_len}, name_len {name_len})"
+            )
+        out.append((off, ino, rec_len, ft, bytes(mv[off + 8 : off + 8 + name_len]) if ino else b""))
         off += rec_len
     return out
 
@@ -69,9 +76,9 @@ class DirState:
     __slots__ = ("names", "blocks", "free", "hint")
 
     def __init__(self):
-        self.names: dict[bytes, tuple[int, int, int, int]] = {}   # name -> ino, ftype, fblock, off
+        self.names: dict[bytes, tuple[int, int, int, int]] = {}  # name -> ino, ftype, fblock, off
         self.blocks: list[int] = []
-        self.free: list[dict[int, int]] = []                       # per block: offset -> room
+        self.free: list[dict[int, int]] = []  # per block: offset -> room
         self.hint = 0
 
 
@@ -85,10 +92,12 @@ class DirMixin:
             return ds
         ds = DirState()
         nb = d.size // BSIZE
-        limit = self.sb.nblocks - self.sb.data_start      # a size read from disk sizes no buffer
+        limit = self.sb.nblocks - self.sb.data_start  # a size read from disk sizes no buffer
         if nb > limit:
-            raise corrupt(f"directory inode {d.ino}: size {d.size} is more than the file "
-                          f"system's {limit} data blocks")
+            raise corrupt(
+                f"directory inode {d.ino}: size {d.size} is more than the file "
+                f"system's {limit} data blocks"
+            )
         blocks, _ = self._map(d, 0, nb) if nb else ([], None)
         for fb, b in enumerate(int(x) for x in blocks):
             if b == 0:
@@ -102,7 +111,7 @@ class DirMixin:
         if nb and (ds.names.get(b".", (0,))[0] != d.ino or b".." not in ds.names):
             raise corrupt(f"directory inode {d.ino}: first block lacks '.' or '..'")
         self._dirs[d.ino] = ds
-        if not self._handles:          # inside an operation, a cache in use must not be dropped
+        if not self._handles:  # inside an operation, a cache in use must not be dropped
             self._trim_dircache()
         return ds
 
@@ -111,8 +120,9 @@ class DirMixin:
             self._dirs.popitem(last=False)
 
     def _reparse(self, d: Inode, ds: DirState, fb: int) -> None:
-        entries = parse_block(self.bufs.read(ds.blocks[fb]),
-                              f"directory inode {d.ino} block {ds.blocks[fb]}")
+        entries = parse_block(
+            self.bufs.read(ds.blocks[fb]), f"directory inode {d.ino} block {ds.blocks[fb]}"
+        )
         ds.free[fb] = _free_slots(entries)
 
     @staticmethod
@@ -134,13 +144,13 @@ class DirMixin:
                 if at is not None:
                     fb = i
                     break
-        if at is None:                 # grow the directory by one block
+        if at is None:  # grow the directory by one block
             fb = len(ds.blocks)
             before = list(d.addrs)
             try:
                 blocks, _ = self._map(d, fb, 1, alloc=True, data=False)
             except BaseException:
-                if d.addrs != before:      # an indirect block was taken: keep it referenced
+                if d.addrs != before:  # an indirect block was taken: keep it referenced
                     self._iput(d)
                 raise
             b = int(blocks[0])
@@ -155,13 +165,16 @@ class DirMixin:
         eino, rec_len, name_len, _ = DIRENT.unpack_from(buf, off)
         used = 0 if eino == 0 else rec_size(name_len)
         if rec_len - used != ds.free[fb][off] or off + rec_len > BSIZE:
-            raise corrupt(f"directory inode {d.ino} block {blk} offset {off}: entry changed "
-                          f"behind the cache (rec_len {rec_len}, name_len {name_len})")
+            raise corrupt(
+                f"directory inode {d.ino} block {blk} offset {off}: entry changed "
+                f"behind the cache (rec_len {rec_len}, name_len {name_len})"
+            )
         new_rec = rec_len - used
         entry = DIRENT.pack(ino, new_rec, len(name), ft) + name
-        if used:                       # shorten the entry that had the room, append after it
-            self.bufs.write(blk, off + 4, used.to_bytes(2, "little") + bytes(buf[off + 6:off + used])
-                            + entry)
+        if used:  # shorten the entry that had the room, append after it
+            self.bufs.write(
+                blk, off + 4, used.to_bytes(2, "little") + bytes(buf[off + 6 : off + used]) + entry
+            )
         else:
             self.bufs.write(blk, off, entry)
         del ds.free[fb][off]

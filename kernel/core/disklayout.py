@@ -8,6 +8,7 @@ Promises to fs.py, mkfs.py, fsck.py (the diagram of the whole disk is in kernel/
   An all-zero inode is a never-used one and is valid without a checksum;
 * ``unpack_*`` raise FsError(EUCLEAN) naming the structure and what is wrong.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,18 +22,18 @@ import xxhash
 from kernel import param
 
 BSIZE = param.BLOCK_SIZE
-FS_MAGIC = 0x53464243          # "CBFS"
+FS_MAGIC = 0x53464243  # "CBFS"
 FS_VERSION = 1
-SB_BLOCK = 1                   # block 0 is never used (boot block)
-ROOT_INO = 1                   # inode 0 is reserved for the block device in the page cache
+SB_BLOCK = 1  # block 0 is never used (boot block)
+ROOT_INO = 1  # inode 0 is reserved for the block device in the page cache
 STATE_CLEAN, STATE_MOUNTED = 1, 2
 INODES_PER_BLOCK = BSIZE // param.INODE_SIZE
 BITS_PER_BLOCK = BSIZE * 8
-NPTR = BSIZE // 4              # block pointers in an indirect block
-NADDR = param.NDIRECT + 3      # direct, single, double, triple indirect
+NPTR = BSIZE // 4  # block pointers in an indirect block
+NADDR = param.NDIRECT + 3  # direct, single, double, triple indirect
 INLINE_SYMLINK_MAX = NADDR * 4  # a symlink target this short lives in the inode's pointer area
-SYMLINK_MAX = BSIZE - 1        # PATH_MAX - 1
-LINK_MAX = 65000               # as ext4
+SYMLINK_MAX = BSIZE - 1  # PATH_MAX - 1
+LINK_MAX = 65000  # as ext4
 
 
 class FsError(OSError):
@@ -69,29 +70,68 @@ class Superblock:
     block_size: int = BSIZE
 
     def pack(self) -> bytes:
-        body = _SB.pack(self.magic, self.version, self.block_size, self.state, self.nblocks,
-                        self.ninodes, self.root_ino, self.journal_start, self.journal_len,
-                        self.inode_start, self.inode_len, self.bitmap_start, self.bitmap_len,
-                        self.data_start, self.csum_seed, self.uuid, self.mkfs_time_ns)
+        body = _SB.pack(
+            self.magic,
+            self.version,
+            self.block_size,
+            self.state,
+            self.nblocks,
+            self.ninodes,
+            self.root_ino,
+            self.journal_start,
+            self.journal_len,
+            self.inode_start,
+            self.inode_len,
+            self.bitmap_start,
+            self.bitmap_len,
+            self.data_start,
+            self.csum_seed,
+            self.uuid,
+            self.mkfs_time_ns,
+        )
         return body + _U32.pack(xxhash.xxh32_intdigest(body))
 
     @classmethod
     def unpack(cls, buf, where: str) -> "Superblock":
         """Parse and check block 1; `where` (the image) prefixes every error."""
-        buf = bytes(buf[:_SB.size + 4])
-        (magic, version, bsize, state, nblocks, ninodes, root, js, jl, its, itl, bs, bl, ds,
-         seed, uuid, t) = _SB.unpack_from(buf)
+        buf = bytes(buf[: _SB.size + 4])
+        (
+            magic,
+            version,
+            bsize,
+            state,
+            nblocks,
+            ninodes,
+            root,
+            js,
+            jl,
+            its,
+            itl,
+            bs,
+            bl,
+            ds,
+            seed,
+            uuid,
+            t,
+        ) = _SB.unpack_from(buf)
         if magic != FS_MAGIC:
-            raise FsError(errno.EINVAL, f"{where}: not a crashbench file system "
-                                        f"(bad magic {magic:#010x}, expected {FS_MAGIC:#010x})")
-        stored, = _U32.unpack_from(buf, _SB.size)
-        computed = xxhash.xxh32_intdigest(buf[:_SB.size])
+            raise FsError(
+                errno.EINVAL,
+                f"{where}: not a crashbench file system "
+                f"(bad magic {magic:#010x}, expected {FS_MAGIC:#010x})",
+            )
+        (stored,) = _U32.unpack_from(buf, _SB.size)
+        computed = xxhash.xxh32_intdigest(buf[: _SB.size])
         if stored != computed:
-            raise corrupt(f"{where}: superblock checksum mismatch "
-                          f"(stored {stored:#010x}, computed {computed:#010x})")
+            raise corrupt(
+                f"{where}: superblock checksum mismatch "
+                f"(stored {stored:#010x}, computed {computed:#010x})"
+            )
         if version != FS_VERSION:
-            raise FsError(errno.EINVAL, f"{where}: file system version {version} "
-                                        f"(this kernel knows {FS_VERSION})")
+            raise FsError(
+                errno.EINVAL,
+                f"{where}: file system version {version} (this kernel knows {FS_VERSION})",
+            )
         if bsize != BSIZE:
             raise FsError(errno.EINVAL, f"{where}: block size {bsize} (this kernel uses {BSIZE})")
         sb = cls(nblocks, ninodes, js, jl, its, itl, bs, bl, ds, seed, uuid, t, state, root)
@@ -99,38 +139,62 @@ class Superblock:
         return sb
 
     def check_geometry(self, where: str) -> None:
-        order = [("superblock", SB_BLOCK, 1), ("journal", self.journal_start, self.journal_len),
-                 ("inode table", self.inode_start, self.inode_len),
-                 ("bitmap", self.bitmap_start, self.bitmap_len)]
+        order = [
+            ("superblock", SB_BLOCK, 1),
+            ("journal", self.journal_start, self.journal_len),
+            ("inode table", self.inode_start, self.inode_len),
+            ("bitmap", self.bitmap_start, self.bitmap_len),
+        ]
         end = 0
         for name, start, length in order:
             if start < end or length < 1:
-                raise corrupt(f"{where}: superblock: {name} at block {start} (+{length}) "
-                              f"overlaps what precedes it")
+                raise corrupt(
+                    f"{where}: superblock: {name} at block {start} (+{length}) "
+                    f"overlaps what precedes it"
+                )
             end = start + length
         if self.data_start < end or self.data_start >= self.nblocks:
-            raise corrupt(f"{where}: superblock: data start {self.data_start} outside "
-                          f"{end}..{self.nblocks - 1}")
+            raise corrupt(
+                f"{where}: superblock: data start {self.data_start} outside "
+                f"{end}..{self.nblocks - 1}"
+            )
         if self.inode_len * INODES_PER_BLOCK < self.ninodes or self.ninodes < 2:
-            raise corrupt(f"{where}: superblock: {self.ninodes} inodes do not fit "
-                          f"{self.inode_len} inode table blocks")
+            raise corrupt(
+                f"{where}: superblock: {self.ninodes} inodes do not fit "
+                f"{self.inode_len} inode table blocks"
+            )
         if self.bitmap_len * BITS_PER_BLOCK < self.nblocks:
-            raise corrupt(f"{where}: superblock: {self.bitmap_len} bitmap blocks cannot map "
-                          f"{self.nblocks} blocks")
+            raise corrupt(
+                f"{where}: superblock: {self.bitmap_len} bitmap blocks cannot map "
+                f"{self.nblocks} blocks"
+            )
         if self.root_ino != ROOT_INO:
             raise corrupt(f"{where}: superblock: root inode {self.root_ino} (expected {ROOT_INO})")
 
 
 # --- inode --------------------------------------------------------------------------------
-_INO = struct.Struct(f"<4IQ3q2I{NADDR}IQ")   # 124 bytes, then the u32 checksum
+_INO = struct.Struct(f"<4IQ3q2I{NADDR}IQ")  # 124 bytes, then the u32 checksum
 assert _INO.size + 4 == param.INODE_SIZE
 _ADDRS = struct.Struct(f"<{NADDR}I")
 ZERO_INODE = bytes(param.INODE_SIZE)
 
-INODE_DTYPE = np.dtype([("mode", "<u4"), ("uid", "<u4"), ("gid", "<u4"), ("nlink", "<u4"),
-                        ("size", "<u8"), ("atime_ns", "<i8"), ("mtime_ns", "<i8"),
-                        ("ctime_ns", "<i8"), ("generation", "<u4"), ("flags", "<u4"),
-                        ("addrs", "<u4", (NADDR,)), ("reserved", "<u8"), ("csum", "<u4")])
+INODE_DTYPE = np.dtype(
+    [
+        ("mode", "<u4"),
+        ("uid", "<u4"),
+        ("gid", "<u4"),
+        ("nlink", "<u4"),
+        ("size", "<u8"),
+        ("atime_ns", "<i8"),
+        ("mtime_ns", "<i8"),
+        ("ctime_ns", "<i8"),
+        ("generation", "<u4"),
+        ("flags", "<u4"),
+        ("addrs", "<u4", (NADDR,)),
+        ("reserved", "<u8"),
+        ("csum", "<u4"),
+    ]
+)
 assert INODE_DTYPE.itemsize == param.INODE_SIZE
 
 
@@ -172,27 +236,40 @@ def inode_csum(body, ino: int, seed: int) -> int:
 
 
 def pack_inode(i: Inode, seed: int) -> bytes:
-    body = _INO.pack(i.mode, i.uid, i.gid, i.nlink, i.size, i.atime_ns, i.mtime_ns, i.ctime_ns,
-                     i.generation, i.flags, *i.addrs, 0)
+    body = _INO.pack(
+        i.mode,
+        i.uid,
+        i.gid,
+        i.nlink,
+        i.size,
+        i.atime_ns,
+        i.mtime_ns,
+        i.ctime_ns,
+        i.generation,
+        i.flags,
+        *i.addrs,
+        0,
+    )
     return body + _U32.pack(inode_csum(body, i.ino, seed))
 
 
 def unpack_inode(ino: int, buf, seed: int, *, verify: bool = True) -> Inode:
-    buf = bytes(buf[:param.INODE_SIZE])
+    buf = bytes(buf[: param.INODE_SIZE])
     if buf == ZERO_INODE:
         return Inode(ino)
     if verify:
-        stored, = _U32.unpack_from(buf, _INO.size)
-        computed = inode_csum(buf[:_INO.size], ino, seed)
+        (stored,) = _U32.unpack_from(buf, _INO.size)
+        computed = inode_csum(buf[: _INO.size], ino, seed)
         if stored != computed:
-            raise corrupt(f"inode {ino}: bad checksum (stored {stored:#010x}, "
-                          f"computed {computed:#010x})")
+            raise corrupt(
+                f"inode {ino}: bad checksum (stored {stored:#010x}, computed {computed:#010x})"
+            )
     v = _INO.unpack_from(buf)
-    return Inode(ino, *v[:10], addrs=list(v[10:10 + NADDR]))
+    return Inode(ino, *v[:10], addrs=list(v[10 : 10 + NADDR]))
 
 
 def inline_target(i: Inode) -> bytes:
-    return _ADDRS.pack(*i.addrs)[:i.size]
+    return _ADDRS.pack(*i.addrs)[: i.size]
 
 
 def inline_addrs(target: bytes) -> list:
@@ -200,12 +277,27 @@ def inline_addrs(target: bytes) -> list:
 
 
 # --- directory entries (ext2 style) ---------------------------------------------------------
-DIRENT = struct.Struct("<IHBB")   # ino, rec_len, name_len, file type; then the name
+DIRENT = struct.Struct("<IHBB")  # ino, rec_len, name_len, file type; then the name
 FT_UNKNOWN, FT_REG, FT_DIR, FT_CHR, FT_BLK, FT_FIFO, FT_SOCK, FT_SYMLINK = range(8)
-_FT = {stat.S_IFREG: FT_REG, stat.S_IFDIR: FT_DIR, stat.S_IFCHR: FT_CHR, stat.S_IFBLK: FT_BLK,
-       stat.S_IFIFO: FT_FIFO, stat.S_IFSOCK: FT_SOCK, stat.S_IFLNK: FT_SYMLINK}
-FT_NAMES = {FT_REG: "file", FT_DIR: "directory", FT_CHR: "char device", FT_BLK: "block device",
-            FT_FIFO: "fifo", FT_SOCK: "socket", FT_SYMLINK: "symlink", FT_UNKNOWN: "unknown"}
+_FT = {
+    stat.S_IFREG: FT_REG,
+    stat.S_IFDIR: FT_DIR,
+    stat.S_IFCHR: FT_CHR,
+    stat.S_IFBLK: FT_BLK,
+    stat.S_IFIFO: FT_FIFO,
+    stat.S_IFSOCK: FT_SOCK,
+    stat.S_IFLNK: FT_SYMLINK,
+}
+FT_NAMES = {
+    FT_REG: "file",
+    FT_DIR: "directory",
+    FT_CHR: "char device",
+    FT_BLK: "block device",
+    FT_FIFO: "fifo",
+    FT_SOCK: "socket",
+    FT_SYMLINK: "symlink",
+    FT_UNKNOWN: "unknown",
+}
 
 
 def ftype_of(mode: int) -> int:

@@ -14,6 +14,7 @@ Promises to the lab commands, the harness and the recovery schemes:
   bookkeeping: checksums are NOT updated, exactly as a wild pointer would leave them;
 * ``NoFaults`` is the no-op injector every kernel has until a fault is armed.
 """
+
 from __future__ import annotations
 
 import random
@@ -94,8 +95,9 @@ class FaultInjector(NoFaults):
         self.armed: Fault | None = None
         self.history: list[Fault] = []
 
-    def inject(self, kind: str, target: str | None = None, site: str | None = None,
-               seed: int | None = None) -> Fault:
+    def inject(
+        self, kind: str, target: str | None = None, site: str | None = None, seed: int | None = None
+    ) -> Fault:
         """Arm a fault (and do its corruption). A fault at site "now" is activated by the
         caller with ``at("now")``, after it has answered whoever asked for it."""
         validate(kind, target, site, seed)
@@ -109,8 +111,12 @@ class FaultInjector(NoFaults):
         elif kind == "fs-corrupt":
             f.detail = self._corrupt_fs()
         self.history.append(f)
-        self.k.mailbox.set(fault=kind.encode(), fault_target=(f.target or "").encode(),
-                           fault_site=f.site.encode(), injected_ns=f.injected_ns)
+        self.k.mailbox.set(
+            fault=kind.encode(),
+            fault_target=(f.target or "").encode(),
+            fault_site=f.site.encode(),
+            injected_ns=f.injected_ns,
+        )
         self.armed = f
         return f
 
@@ -131,9 +137,10 @@ class FaultInjector(NoFaults):
         elif f.kind == "exception-in-request":
             self.k.request_exception(site)
         else:
-            what = {"panic": "BUG: injected panic",
-                    "fs-corrupt": f"fs: {f.detail}",
-                    }.get(f.kind, f"Oops: {f.kind} into {f.target} ({f.detail})")
+            what = {
+                "panic": "BUG: injected panic",
+                "fs-corrupt": f"fs: {f.detail}",
+            }.get(f.kind, f"Oops: {f.kind} into {f.target} ({f.detail})")
             self.k.panic(what, site)
 
     def _hang(self) -> None:
@@ -163,10 +170,15 @@ class FaultInjector(NoFaults):
             pc = vfs.pc
             if f.target in ("dirty-page", "clean-page", "page-descriptor"):
                 want_dirty = f.target != "clean-page"
-                frames = [fr for (ino, _), fr in pc.index.items()
-                          if ino != BDEV_INO and bool(pc.flags[fr] & PG_DIRTY) == want_dirty]
+                frames = [
+                    fr
+                    for (ino, _), fr in pc.index.items()
+                    if ino != BDEV_INO and bool(pc.flags[fr] & PG_DIRTY) == want_dirty
+                ]
                 if not frames:
-                    raise FaultError(f"no {'dirty' if want_dirty else 'clean'} file page to corrupt")
+                    raise FaultError(
+                        f"no {'dirty' if want_dirty else 'clean'} file page to corrupt"
+                    )
                 fr = self.rng.choice(frames)
                 ino, idx = pc.key[fr]
                 if f.target == "page-descriptor":
@@ -175,8 +187,11 @@ class FaultInjector(NoFaults):
                     where = self._bytes(f, lay.frame_phys(fr), 4096)
                 return f"inode {ino} page {idx}: {where}"
             if f.target in ("dirty-inode-list", "inode"):
-                inos = [i for i in vfs.ic.dirty_inodes() if i != BDEV_INO] \
-                    if f.target == "dirty-inode-list" else [i for i in vfs.ic.slot if i != BDEV_INO]
+                inos = (
+                    [i for i in vfs.ic.dirty_inodes() if i != BDEV_INO]
+                    if f.target == "dirty-inode-list"
+                    else [i for i in vfs.ic.slot if i != BDEV_INO]
+                )
                 if not inos:
                     raise FaultError(f"no in-core inode to corrupt for target {f.target}")
                 ino = self.rng.choice(inos)

@@ -66,6 +66,7 @@ On-disk format (BLOCK_SIZE = 4096; all integers little-endian; layouts in diskla
   directory    blocks of ext2-style entries (kernel/core/dir.py): ino, rec_len, name_len, type, name
   indirect     NPTR = 1024 u32 block numbers (0 = hole); files up to MAX_FILE_BYTES
 """
+
 from __future__ import annotations
 
 import errno
@@ -83,21 +84,38 @@ from kernel import param
 from kernel.core.balloc import BlockAlloc, InodeAlloc
 from kernel.core.bmap import MAX_FBLOCKS, BlockMapMixin, _root_of
 from kernel.core.dir import DirMixin
-from kernel.core.disklayout import (INODE_DTYPE, INODES_PER_BLOCK, ROOT_INO, SB_BLOCK, STATE_CLEAN,
-                               STATE_MOUNTED, FsError, Inode, Superblock, corrupt, pack_inode,
-                               unpack_inode)
+from kernel.core.disklayout import (
+    INODE_DTYPE,
+    INODES_PER_BLOCK,
+    ROOT_INO,
+    SB_BLOCK,
+    STATE_CLEAN,
+    STATE_MOUNTED,
+    FsError,
+    Inode,
+    Superblock,
+    corrupt,
+    pack_inode,
+    unpack_inode,
+)
 from kernel.core.journal import Journal, JournalDamaged  # noqa: F401  (re-exported)
 from kernel.core.namei import RENAME_EXCHANGE, RENAME_NOREPLACE, NamespaceMixin
 
 BSIZE = param.BLOCK_SIZE
 ISIZE = param.INODE_SIZE
-OP_RESERVE = 24           # metadata blocks one bounded step may dirty; commit before less is left
+OP_RESERVE = 24  # metadata blocks one bounded step may dirty; commit before less is left
 MAX_BLOCKS = min(MAX_FBLOCKS, param.MAX_FILE_BYTES // BSIZE)
 _SETATTR = {"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "nlink"}
-_SCAN_CHUNK = 256         # inode-table blocks read at once by the mount scan
+_SCAN_CHUNK = 256  # inode-table blocks read at once by the mount scan
 
-__all__ = ["FileSystem", "FsError", "Inode", "JournalDamaged", "RENAME_NOREPLACE",
-           "RENAME_EXCHANGE"]
+__all__ = [
+    "FileSystem",
+    "FsError",
+    "Inode",
+    "JournalDamaged",
+    "RENAME_NOREPLACE",
+    "RENAME_EXCHANGE",
+]
 
 
 def _err(code: int, msg: str) -> OSError:
@@ -117,16 +135,23 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         self.mounted = False
         sb = Superblock.unpack(dev.read(SB_BLOCK), dev.path)
         if sb.nblocks > dev.nblocks:
-            raise FsError(errno.EINVAL, f"{dev.path}: superblock says {sb.nblocks} blocks, "
-                                        f"the device has {dev.nblocks}")
+            raise FsError(
+                errno.EINVAL,
+                f"{dev.path}: superblock says {sb.nblocks} blocks, the device has {dev.nblocks}",
+            )
         js, jl = sb.journal_start, sb.journal_len
-        self.journal = Journal(dev, js, jl, sb.csum_seed,
-                               home_ok=lambda b: 0 < b < sb.nblocks and not js <= b < js + jl)
-        rep = self.journal.replay()                  # JournalDamaged: nothing was written
+        self.journal = Journal(
+            dev,
+            js,
+            jl,
+            sb.csum_seed,
+            home_ok=lambda b: 0 < b < sb.nblocks and not js <= b < js + jl,
+        )
+        rep = self.journal.replay()  # JournalDamaged: nothing was written
         for b in rep.blocks:
             bufs.forget(b)
         self.replayed = {"transactions": rep.transactions, "blocks": len(rep.blocks)}
-        self.errors: list[str] = []                  # corruption met (and skipped) at mount
+        self.errors: list[str] = []  # corruption met (and skipped) at mount
         self.sb = sb = Superblock.unpack(bufs.read(SB_BLOCK), dev.path)
         self.seed = sb.csum_seed
         # Allocators from a scan of the device: right after replay nothing is dirty, and the
@@ -159,7 +184,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             if k <= 0:
                 break
             mode, nlink = arr["mode"][:k], arr["nlink"][:k]
-            free[first:first + k] = mode == 0
+            free[first : first + k] = mode == 0
             orphans += (np.flatnonzero((mode != 0) & (nlink == 0)) + first).tolist()
         return InodeAlloc(free), [i for i in orphans if i not in (0, ROOT_INO)]
 
@@ -178,8 +203,8 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             finally:
                 self._handles -= 1
                 self._notify()
-                if not self._handles:          # after _notify: a crash in between is outside
-                    self.bufs.end_op()         # any operation, so the undo record is not used
+                if not self._handles:  # after _notify: a crash in between is outside
+                    self.bufs.end_op()  # any operation, so the undo record is not used
                     self._trim_dircache()
 
     def _notify(self) -> None:
@@ -190,8 +215,9 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         """The transaction is close to the journal's limit, or so many blocks wait for their
         free to commit that the free space is short (ext4 commits to retry an allocation)."""
         ba = self.balloc
-        return self.bufs.ndirty() >= self._soft_limit or \
-            (ba.npending and ba.nfree < max(ba.npending, OP_RESERVE))
+        return self.bufs.ndirty() >= self._soft_limit or (
+            ba.npending and ba.nfree < max(ba.npending, OP_RESERVE)
+        )
 
     def _make_room(self) -> None:
         if self._must_commit():
@@ -225,10 +251,12 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         try:
             tid = self.journal.commit(blocks, self._freed_meta)
         except BaseException:
-            self.mounted = False     # the buffers' dirty state is gone: stop, as ext4 errors=remount-ro
+            self.mounted = (
+                False  # the buffers' dirty state is gone: stop, as ext4 errors=remount-ro
+            )
             raise
         self._freed_meta = set()
-        settle = getattr(self.bufs, "settle", None)   # optional: the taken blocks are journaled
+        settle = getattr(self.bufs, "settle", None)  # optional: the taken blocks are journaled
         if settle is not None:
             settle()
         self.balloc.release_pending()
@@ -241,8 +269,10 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         with self._lock:
             if self._handles or not self.mounted or not self.bufs.ndirty():
                 return
-            if time.monotonic() - self._last_commit >= param.COMMIT_INTERVAL_S or \
-                    self.bufs.ndirty() >= self._soft_limit:
+            if (
+                time.monotonic() - self._last_commit >= param.COMMIT_INTERVAL_S
+                or self.bufs.ndirty() >= self._soft_limit
+            ):
                 self._commit_now()
 
     def unmount(self) -> None:
@@ -290,7 +320,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
 
     def _iread(self, ino: int, verify: bool = True) -> Inode:
         blk, off = self._iloc(ino)
-        return unpack_inode(ino, self.bufs.read(blk)[off:off + ISIZE], self.seed, verify=verify)
+        return unpack_inode(ino, self.bufs.read(blk)[off : off + ISIZE], self.seed, verify=verify)
 
     def _iget(self, ino: int) -> Inode:
         i = self._iread(ino)
@@ -321,8 +351,10 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
                 fields["mode"] = stat.S_IFMT(i.mode) | (fields["mode"] & 0o7777)
             if "size" in fields and fields["size"] != i.size:
                 if not i.is_reg:
-                    raise _err(errno.EISDIR if i.is_dir else errno.EINVAL,
-                               f"inode {ino}: size of a non-regular file cannot be set")
+                    raise _err(
+                        errno.EISDIR if i.is_dir else errno.EINVAL,
+                        f"inode {ino}: size of a non-regular file cannot be set",
+                    )
                 if not 0 <= fields["size"] <= param.MAX_FILE_BYTES:
                     raise _err(errno.EFBIG, f"inode {ino}: size {fields['size']} too large")
             for k, v in fields.items():
@@ -336,15 +368,17 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             self.ialloc.free[ino] = False
             raise corrupt(f"inode {ino}: free in the allocator but in use on disk")
         now = time.time_ns()
-        return Inode(ino, mode, uid, gid, nlink, 0, now, now, now,
-                     (old.generation + 1) & 0xFFFFFFFF or 1)
+        return Inode(
+            ino, mode, uid, gid, nlink, 0, now, now, now, (old.generation + 1) & 0xFFFFFFFF or 1
+        )
 
     # --- block map and size -----------------------------------------------------------------
     def _reg(self, ino: int) -> Inode:
         i = self._iget(ino)
         if not i.is_reg:
-            raise _err(errno.EISDIR if i.is_dir else errno.EINVAL,
-                       f"inode {ino} is not a regular file")
+            raise _err(
+                errno.EISDIR if i.is_dir else errno.EINVAL, f"inode {ino} is not a regular file"
+            )
         return i
 
     def bmap(self, ino: int, fblock: int, alloc: bool = False) -> int:
@@ -365,7 +399,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             try:
                 with self._alloc_scope():
                     blocks, _ = self._map(i, fblock, count, alloc=True)
-            finally:                 # what was allocated stays referenced, even on ENOSPC
+            finally:  # what was allocated stays referenced, even on ENOSPC
                 if i.addrs != before:
                     self._iput(i)
             return blocks.tolist()
@@ -388,22 +422,29 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             if size > param.MAX_FILE_BYTES:
                 raise _err(errno.EFBIG, f"size {size} beyond MAX_FILE_BYTES")
             self._trim(i, math.ceil(size / BSIZE))
-            edge = min(size, i.size)        # bytes past it, up to its block's end, must read 0
+            edge = min(size, i.size)  # bytes past it, up to its block's end, must read 0
             if edge % BSIZE:
                 b = int(self._map(i, edge // BSIZE, 1)[0][0])
                 if b:
                     blk = bytearray(self.dev.read(b))
-                    blk[edge % BSIZE:] = bytes(BSIZE - edge % BSIZE)
+                    blk[edge % BSIZE :] = bytes(BSIZE - edge % BSIZE)
                     self.dev.write(b, blk)
             i.size = size
             self._iput(i)
 
     def statfs(self) -> dict:
         with self._lock:
-            free = max(0, self.balloc.available())     # net of blocks promised to dirty pages
-            return {"bsize": BSIZE, "frsize": BSIZE, "blocks": self.sb.nblocks, "bfree": free,
-                    "bavail": free, "files": self.sb.ninodes - 1, "ffree": self.ialloc.nfree,
-                    "namemax": param.NAME_MAX}
+            free = max(0, self.balloc.available())  # net of blocks promised to dirty pages
+            return {
+                "bsize": BSIZE,
+                "frsize": BSIZE,
+                "blocks": self.sb.nblocks,
+                "bfree": free,
+                "bavail": free,
+                "files": self.sb.ninodes - 1,
+                "ffree": self.ialloc.nfree,
+                "namemax": param.NAME_MAX,
+            }
 
     # --- uncached data path (tools, tests) -----------------------------------------------
     def read_data(self, ino: int, off: int, n: int) -> bytes:
@@ -419,9 +460,9 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             buf = bytearray(blocks.size * BSIZE)
             for s, e in _runs(blocks):
                 if blocks[s]:
-                    buf[s * BSIZE:e * BSIZE] = self.dev.read(int(blocks[s]), e - s)
+                    buf[s * BSIZE : e * BSIZE] = self.dev.read(int(blocks[s]), e - s)
             lo = off - fb0 * BSIZE
-            return bytes(buf[lo:lo + end - off])
+            return bytes(buf[lo : lo + end - off])
 
     def write_data(self, ino: int, off: int, data) -> None:
         mv = memoryview(data).cast("B")
@@ -437,7 +478,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
                 before = list(i.addrs)
                 try:
                     self._write_blocks(i, fb0, fb1 - fb0 + 1, off - fb0 * BSIZE, mv)
-                finally:             # what was allocated stays referenced, even on ENOSPC
+                finally:  # what was allocated stays referenced, even on ENOSPC
                     if i.addrs != before:
                         self._iput(i)
             now = time.time_ns()
@@ -450,17 +491,17 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         with self._alloc_scope():
             blocks, new = self._map(i, fb0, nb, alloc=True)
             buf = bytearray(nb * BSIZE)
-            partial = set()                         # blocks only partly overwritten
+            partial = set()  # blocks only partly overwritten
             if lo:
                 partial.add(0)
             if (lo + mv.nbytes) % BSIZE:
                 partial.add(nb - 1)
             for k in partial:
                 if blocks[k] and not new[k]:
-                    buf[k * BSIZE:(k + 1) * BSIZE] = self.dev.read(int(blocks[k]))
-            buf[lo:lo + mv.nbytes] = mv
+                    buf[k * BSIZE : (k + 1) * BSIZE] = self.dev.read(int(blocks[k]))
+            buf[lo : lo + mv.nbytes] = mv
             for s, e in _runs(blocks):
-                self.dev.write(int(blocks[s]), memoryview(buf)[s * BSIZE:e * BSIZE])
+                self.dev.write(int(blocks[s]), memoryview(buf)[s * BSIZE : e * BSIZE])
 
     # --- fault injection ---------------------------------------------------------------------
     def inject_bad_pointer(self, rng) -> str:
@@ -486,8 +527,10 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             victim.addrs[k] = bad
             self._iput(victim)
             self._dirs.pop(victim.ino, None)
-            return (f"inode {victim.ino}: block pointer {k} set to {bad} "
-                    f"(the device has {self.sb.nblocks} blocks)")
+            return (
+                f"inode {victim.ino}: block pointer {k} set to {bad} "
+                f"(the device has {self.sb.nblocks} blocks)"
+            )
 
 
 def _runs(blocks: np.ndarray):

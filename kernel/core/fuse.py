@@ -56,6 +56,7 @@ O_TRUNC at open (atomic_o_trunc), clearing set-user/group-ID bits on write, trun
 chown (handle_killpriv), and the group of a new entry in a set-group-ID directory (and the
 bit itself on new subdirectories).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -77,11 +78,11 @@ from kernel.hw.fusedev import _tune, _umount_detach
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_S = 1.0              # entry and attribute cache lifetime in the host kernel
-BLKSIZE = 4096               # st_blksize reported to programs: the emulated FS block size
-MALLOC_MMAP_THRESHOLD = 4 << 20   # large replies (up to 1 MiB) come from the heap, not mmap
+TIMEOUT_S = 1.0  # entry and attribute cache lifetime in the host kernel
+BLKSIZE = 4096  # st_blksize reported to programs: the emulated FS block size
+MALLOC_MMAP_THRESHOLD = 4 << 20  # large replies (up to 1 MiB) come from the heap, not mmap
 MALLOC_TRIM_THRESHOLD = 64 << 20
-FUSE_DEV = os.makedev(10, 229)    # /dev/fuse
+FUSE_DEV = os.makedev(10, 229)  # /dev/fuse
 
 Ctx = namedtuple("Ctx", "uid gid pid")
 
@@ -140,25 +141,42 @@ class Server:
     def __init__(self, vfs, fd: int, params: ConnParams, *, timeout: float = TIMEOUT_S):
         self.vfs, self.fd, self.params = vfs, fd, params
         self.valid_s, self.valid_ns = _split_s(timeout)
-        self._dirs: dict[int, list] = {}      # dir handle -> [ino, snapshot or None]
+        self._dirs: dict[int, list] = {}  # dir handle -> [ino, snapshot or None]
         # the pid in the high half: handles a previous server gave out never collide
         self._dir_fh = itertools.count((os.getpid() << 32) + 1)
-        self._killpriv: set[int] = set()      # regular files with set-ID bits to clear on write
-        self.unmounted = False                # the host ended the connection (ENODEV)
+        self._killpriv: set[int] = set()  # regular files with set-ID bits to clear on write
+        self.unmounted = False  # the host ended the connection (ENODEV)
         self.destroyed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
         self.handlers = {
-            P.LOOKUP: self.lookup, P.FORGET: self.forget, P.GETATTR: self.getattr,
-            P.SETATTR: self.setattr, P.READLINK: self.readlink, P.SYMLINK: self.symlink,
-            P.MKNOD: self.mknod, P.MKDIR: self.mkdir, P.UNLINK: self.unlink,
-            P.RMDIR: self.rmdir, P.RENAME: self.rename, P.RENAME2: self.rename2,
-            P.LINK: self.link, P.OPEN: self.open, P.READ: self.read, P.WRITE: self.write,
-            P.STATFS: self.statfs, P.RELEASE: self.release, P.FSYNC: self.fsync,
-            P.OPENDIR: self.opendir, P.READDIR: self.readdir,
-            P.READDIRPLUS: self.readdirplus, P.RELEASEDIR: self.releasedir,
-            P.FSYNCDIR: self.fsyncdir, P.CREATE: self.create,
-            P.BATCH_FORGET: self.batch_forget, P.INTERRUPT: self.interrupt,
+            P.LOOKUP: self.lookup,
+            P.FORGET: self.forget,
+            P.GETATTR: self.getattr,
+            P.SETATTR: self.setattr,
+            P.READLINK: self.readlink,
+            P.SYMLINK: self.symlink,
+            P.MKNOD: self.mknod,
+            P.MKDIR: self.mkdir,
+            P.UNLINK: self.unlink,
+            P.RMDIR: self.rmdir,
+            P.RENAME: self.rename,
+            P.RENAME2: self.rename2,
+            P.LINK: self.link,
+            P.OPEN: self.open,
+            P.READ: self.read,
+            P.WRITE: self.write,
+            P.STATFS: self.statfs,
+            P.RELEASE: self.release,
+            P.FSYNC: self.fsync,
+            P.OPENDIR: self.opendir,
+            P.READDIR: self.readdir,
+            P.READDIRPLUS: self.readdirplus,
+            P.RELEASEDIR: self.releasedir,
+            P.FSYNCDIR: self.fsyncdir,
+            P.CREATE: self.create,
+            P.BATCH_FORGET: self.batch_forget,
+            P.INTERRUPT: self.interrupt,
             P.DESTROY: self.destroy,
         }
 
@@ -168,7 +186,7 @@ class Server:
         self._stopping = True
         try:
             os.write(self._wake_w, b"x")
-        except OSError:       # full (already woken) or closed (already returned)
+        except OSError:  # full (already woken) or closed (already returned)
             pass
 
     def run(self) -> None:
@@ -180,14 +198,14 @@ class Server:
         poller.register(self._wake_r, select.POLLIN)
         unpack, handlers, reply = P.IN_HEADER.unpack_from, self.handlers, self._reply
         while not self._stopping:
-            poller.poll()         # EINTR is retried after the signal handler (a stop) ran
+            poller.poll()  # EINTR is retried after the signal handler (a stop) ran
             if self._stopping:
                 break
             try:
                 n = os.readv(fd, [buf])
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.EAGAIN, errno.EINTR):
-                    continue      # interrupted before it was read, or taken by another reader
+                    continue  # interrupted before it was read, or taken by another reader
                 if e.errno == errno.ENODEV:
                     self.unmounted = True
                     break
@@ -240,8 +258,24 @@ class Server:
         at, an = divmod(a.atime_ns, 1_000_000_000)
         mt, mn = divmod(a.mtime_ns, 1_000_000_000)
         ct, cn = divmod(a.ctime_ns, 1_000_000_000)
-        return (a.ino, a.size, a.blocks, at, mt, ct, an, mn, cn, m, a.nlink, a.uid, a.gid,
-                0, BLKSIZE, 0)
+        return (
+            a.ino,
+            a.size,
+            a.blocks,
+            at,
+            mt,
+            ct,
+            an,
+            mn,
+            cn,
+            m,
+            a.nlink,
+            a.uid,
+            a.gid,
+            0,
+            BLKSIZE,
+            0,
+        )
 
     def _entry(self, a) -> bytes:
         s, ns = self.valid_s, self.valid_ns
@@ -297,7 +331,7 @@ class Server:
             self.vfs.forget(ino, n)
 
     def interrupt(self, _ino, body, uid, gid, pid):
-        return None    # requests are answered in order; the interrupted one soon enough
+        return None  # requests are answered in order; the interrupted one soon enough
 
     def destroy(self, _ino, body, uid, gid, pid):
         self.destroyed = self._stopping = True
@@ -307,8 +341,24 @@ class Server:
         return self._attr_out(self.vfs.getattr(ino))
 
     def setattr(self, ino, body, uid, gid, pid):
-        (valid, _, _fh, size, _lo, atime, mtime, _ct, atimensec, mtimensec, _ctn, mode, _u4,
-         new_uid, new_gid, _u5) = P.SETATTR_IN.unpack_from(body)
+        (
+            valid,
+            _,
+            _fh,
+            size,
+            _lo,
+            atime,
+            mtime,
+            _ct,
+            atimensec,
+            mtimensec,
+            _ctn,
+            mode,
+            _u4,
+            new_uid,
+            new_gid,
+            _u5,
+        ) = P.SETATTR_IN.unpack_from(body)
         kw = {}
         if valid & P.FATTR_SIZE:
             kw["size"] = size
@@ -326,8 +376,11 @@ class Server:
             kw["mtime_ns"] = now if valid & P.FATTR_MTIME_NOW else mtime * 10**9 + mtimensec
         if not kw:
             return self._attr_out(self.vfs.getattr(ino))
-        if ino in self._killpriv and "mode" not in kw and (
-                "size" in kw or "uid" in kw or "gid" in kw):
+        if (
+            ino in self._killpriv
+            and "mode" not in kw
+            and ("size" in kw or "uid" in kw or "gid" in kw)
+        ):
             self._kill_priv(ino)
         return self._attr_out(self.vfs.setattr(ino, **kw))
 
@@ -336,10 +389,13 @@ class Server:
 
     def mknod(self, parent, body, uid, gid, pid):
         mode = P.MKNOD_IN.unpack_from(body)[0]
-        name = _name(body[P.MKNOD_IN.size:])
+        name = _name(body[P.MKNOD_IN.size :])
         if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
-            log.info("mknod %r type %#o refused: no device nodes on this file system",
-                     name, stat.S_IFMT(mode))
+            log.info(
+                "mknod %r type %#o refused: no device nodes on this file system",
+                name,
+                stat.S_IFMT(mode),
+            )
             raise FuseError(errno.EPERM)
         uid, gid, mode = self._new_owner(parent, uid, gid, mode, False)
         return self._handed(self.vfs.create(parent, name, mode, uid, gid))
@@ -373,14 +429,14 @@ class Server:
 
     def rename2(self, parent, body, uid, gid, pid):
         newdir, flags = P.RENAME2_IN.unpack_from(body)[:2]
-        old, new = _two_names(body[P.RENAME2_IN.size:])
+        old, new = _two_names(body[P.RENAME2_IN.size :])
         self.vfs.rename(parent, old, newdir, new, flags)
         return b""
 
     # --- files -----------------------------------------------------------------------------
     def _open(self, ino: int, flags: int) -> bytes:
         self.vfs.open(ino, flags)
-        if flags & os.O_TRUNC:                  # atomic_o_trunc: the host left it to us
+        if flags & os.O_TRUNC:  # atomic_o_trunc: the host left it to us
             try:
                 if ino in self._killpriv:
                     self._kill_priv(ino)
@@ -388,14 +444,14 @@ class Server:
             except BaseException:
                 self.vfs.release(ino)
                 raise
-        return P.OPEN_OUT.pack(ino, 0, 0)      # no keep_cache, no direct_io
+        return P.OPEN_OUT.pack(ino, 0, 0)  # no keep_cache, no direct_io
 
     def open(self, ino, body, uid, gid, pid):
         return self._open(ino, P.U32.unpack_from(body)[0])
 
     def create(self, parent, body, uid, gid, pid):
         flags, mode = P.CREATE_IN.unpack_from(body)[:2]
-        name = _name(body[P.CREATE_IN.size:])
+        name = _name(body[P.CREATE_IN.size :])
         uid, gid, mode = self._new_owner(parent, uid, gid, mode, False)
         try:
             a = self.vfs.create(parent, name, mode, uid, gid)
@@ -423,7 +479,7 @@ class Server:
         fh, off, size = P.WRITE_IN.unpack_from(body)
         if fh in self._killpriv:
             self._kill_priv(fh)
-        data = body[P.WRITE_IN_SIZE:P.WRITE_IN_SIZE + size]
+        data = body[P.WRITE_IN_SIZE : P.WRITE_IN_SIZE + size]
         return P.WRITE_OUT.pack(self.vfs.write(fh, off, data), 0)
 
     def release(self, _ino, body, uid, gid, pid):
@@ -437,7 +493,8 @@ class Server:
 
     # --- directories -----------------------------------------------------------------------
     def opendir(self, ino, body, uid, gid, pid):
-        fh = next(self._dir_fh); log.info("DBG opendir %d -> %d", ino, fh)
+        fh = next(self._dir_fh)
+        log.info("DBG opendir %d -> %d", ino, fh)
         self._dirs[fh] = [ino, None]
         return P.OPEN_OUT.pack(fh, 0, 0)
 
@@ -494,9 +551,17 @@ class Server:
 
     def statfs(self, _ino, body, uid, gid, pid):
         s = self.vfs.statfs()
-        return P.STATFS_OUT.pack(s["blocks"], s["bfree"], s.get("bavail", s["bfree"]),
-                                 s["files"], s["ffree"], s["bsize"], s["namemax"],
-                                 s.get("frsize", s["bsize"]), 0)
+        return P.STATFS_OUT.pack(
+            s["blocks"],
+            s["bfree"],
+            s.get("bavail", s["bfree"]),
+            s["files"],
+            s["ffree"],
+            s["bsize"],
+            s["namemax"],
+            s.get("frsize", s["bsize"]),
+            0,
+        )
 
 
 def _may_open(a, ctx, flags: int) -> bool:
@@ -534,8 +599,9 @@ def connection() -> tuple[int, ConnParams] | None:
     return None if s is None else (s.fd, s.params)
 
 
-def serve(vfs, mountpoint: str, *, fsname: str = "crashbench",
-          ready: Callable[[], None] | None = None) -> None:
+def serve(
+    vfs, mountpoint: str, *, fsname: str = "crashbench", ready: Callable[[], None] | None = None
+) -> None:
     """Mount ``vfs`` on ``mountpoint`` and serve it until unmounted or ``stop()``.
 
     Blocks. One connection per process. Raises the KernelPanic of the fault layer, if one
@@ -609,7 +675,7 @@ def _run(server: Server, ready) -> None:
         _server = None
         _stop_requested = False
         server.close()
-        os.close(server.fd)       # the connection ends here unless another process holds it
+        os.close(server.fd)  # the connection ends here unless another process holds it
         if unmount and not server.unmounted:
             _umount_detach(server.params.mountpoint)
 
@@ -620,9 +686,9 @@ def _tune_allocator() -> None:
     in-memory VFS, 1 MiB cached reads went from 0.55 to 2.4 GB/s with this."""
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(-3, MALLOC_MMAP_THRESHOLD)    # M_MMAP_THRESHOLD
-        libc.mallopt(-1, MALLOC_TRIM_THRESHOLD)    # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):              # not glibc: leave the allocator alone
+        libc.mallopt(-3, MALLOC_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, MALLOC_TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: leave the allocator alone
         pass
 
 

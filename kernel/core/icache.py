@@ -14,14 +14,22 @@ running journal transaction.
 The kernel superblock also mirrors the journal's state (running transaction id, handles
 open), so a foreign kernel can tell whether this one died inside a file-system operation.
 """
+
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from kernel.hw.physmem import (I_DIRTY_META, I_ON_DIRTY_LIST, I_USED, ICORE, KSUPER, PartLayout,
-                            PhysMem)
+from kernel.hw.physmem import (
+    I_DIRTY_META,
+    I_ON_DIRTY_LIST,
+    I_USED,
+    ICORE,
+    KSUPER,
+    PartLayout,
+    PhysMem,
+)
 
 BDEV_INO = 0
 # index of each field in the mirrored tuple (magic, version, flags, ino, mode, ...)
@@ -89,14 +97,42 @@ class ICache:
             if not self.free:
                 self._reclaim_slots()
             slot = self.free.pop()
-        vals = [ICORE.magic, ICORE.version, I_USED, ino, mode, uid, gid, nlink, size,
-                t, t, t, 0, 0, 0, 0, 0, 0]
+        vals = [
+            ICORE.magic,
+            ICORE.version,
+            I_USED,
+            ino,
+            mode,
+            uid,
+            gid,
+            nlink,
+            size,
+            t,
+            t,
+            t,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ]
         self.slot[ino], self.v[ino] = slot, vals
         self._write(ino)
         return vals
 
-    def load(self, ino: int, mode: int, uid: int, gid: int, nlink: int, size: int,
-             atime_ns: int, mtime_ns: int, ctime_ns: int) -> list:
+    def load(
+        self,
+        ino: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        nlink: int,
+        size: int,
+        atime_ns: int,
+        mtime_ns: int,
+        ctime_ns: int,
+    ) -> list:
         vals = self._load(ino, mode, uid, gid, nlink, size, 0)
         vals[F["atime_ns"]], vals[F["mtime_ns"]], vals[F["ctime_ns"]] = atime_ns, mtime_ns, ctime_ns
         self._write(ino)
@@ -185,7 +221,7 @@ class ICache:
         old = self.dirty_head
         vals[2] |= I_ON_DIRTY_LIST
         now = time.monotonic_ns()
-        vals[F["dirtied_ns"]] = min(since, now) if since else now   # never in the future
+        vals[F["dirtied_ns"]] = min(since, now) if since else now  # never in the future
         vals[F["prev_dirty"]] = 0
         vals[F["next_dirty"]] = self.phys(old) if old != -1 else 0
         self._write(ino)
@@ -195,8 +231,9 @@ class ICache:
             self._next[ino] = old
             self._prev[old] = ino
         self.dirty_head = ino
-        self.ks.set(dirty_inode_head=self.phys(ino),
-                    n_dirty_inodes=self.ks.get("n_dirty_inodes") + 1)
+        self.ks.set(
+            dirty_inode_head=self.phys(ino), n_dirty_inodes=self.ks.get("n_dirty_inodes") + 1
+        )
 
     def _unlink_dirty(self, ino: int) -> None:
         vals = self.v[ino]
@@ -220,7 +257,9 @@ class ICache:
         self._write(ino)
         if self.dirty_head == ino:
             self.dirty_head = nxt
-            self.ks.set(dirty_inode_head=self.phys(nxt) if nxt != -1 else 0,
-                        n_dirty_inodes=self.ks.get("n_dirty_inodes") - 1)
+            self.ks.set(
+                dirty_inode_head=self.phys(nxt) if nxt != -1 else 0,
+                n_dirty_inodes=self.ks.get("n_dirty_inodes") - 1,
+            )
         else:
             self.ks.set(n_dirty_inodes=self.ks.get("n_dirty_inodes") - 1)

@@ -42,6 +42,7 @@ file system's metadata area".
 Every checksum is seeded with the file system's csum_seed, so a journal block from another
 file system (or a symlink body imitating one) never passes.
 """
+
 from __future__ import annotations
 
 import errno
@@ -56,16 +57,16 @@ from kernel import param
 from kernel.core.disklayout import FsError
 
 BSIZE = param.BLOCK_SIZE
-JSB_MAGIC, DESC_MAGIC, COMMIT_MAGIC = 0x4A534243, 0x44534243, 0x43534243   # "CBSJ" "CBSD" "CBSC"
+JSB_MAGIC, DESC_MAGIC, COMMIT_MAGIC = 0x4A534243, 0x44534243, 0x43534243  # "CBSJ" "CBSD" "CBSC"
 JOURNAL_VERSION = 1
 REVOKE = 0x1
 
-_JSB = struct.Struct("<IIIIIQI")          # magic, version, bsize, length, start, sequence, seed
-_DESC = struct.Struct("<IIQII")           # magic, ndesc, tid, index, nentries
-_DESC_HDR = 32                            # header + xxh32, padded
+_JSB = struct.Struct("<IIIIIQI")  # magic, version, bsize, length, start, sequence, seed
+_DESC = struct.Struct("<IIQII")  # magic, ndesc, tid, index, nentries
+_DESC_HDR = 32  # header + xxh32, padded
 _ENTRY = struct.Struct("<II")
 ENTRIES_PER_DESC = (BSIZE - _DESC_HDR) // _ENTRY.size
-_COMMIT = struct.Struct("<IIQIIQ")        # magic, 0, tid, nblocks, 0, xxh3-64 of the transaction
+_COMMIT = struct.Struct("<IIQIIQ")  # magic, 0, tid, nblocks, 0, xxh3-64 of the transaction
 _U32 = struct.Struct("<I")
 
 
@@ -97,17 +98,23 @@ def format_journal(dev, start: int, length: int, seed: int, sequence: int = 1) -
 @dataclass
 class LogScan:
     """What replay found: the blocks to write home and how the log ends."""
+
     sequence: int
     start: int
     transactions: int = 0
     next_tid: int = 0
-    end: int = 0                                      # offset after the last complete transaction
+    end: int = 0  # offset after the last complete transaction
     blocks: dict[int, bytes] = field(default_factory=dict)
-    discarded: str = ""                               # why the scan stopped, if not a clean end
+    discarded: str = ""  # why the scan stopped, if not a clean end
 
 
-def scan_log(read: Callable[[int, int], bytes], jstart: int, jlen: int, seed: int,
-             home_ok: Callable[[int], bool]) -> LogScan:
+def scan_log(
+    read: Callable[[int, int], bytes],
+    jstart: int,
+    jlen: int,
+    seed: int,
+    home_ok: Callable[[int], bool],
+) -> LogScan:
     """Validate the whole log (reading only); return the newest copy of every block to replay.
 
     `read(blockno, count)` reads the device (or an image file, for fsck)."""
@@ -116,17 +123,22 @@ def scan_log(read: Callable[[int, int], bytes], jstart: int, jlen: int, seed: in
     where = f"journal superblock (block {jstart})"
     if magic != JSB_MAGIC:
         raise JournalDamaged(f"{where}: bad magic {magic:#010x} (expected {JSB_MAGIC:#010x})")
-    stored, = _U32.unpack_from(raw, _JSB.size)
-    if stored != _h32(raw[:_JSB.size], seed):
-        raise JournalDamaged(f"{where}: checksum mismatch (stored {stored:#010x}, computed "
-                             f"{_h32(raw[:_JSB.size], seed):#010x}; or it belongs to another "
-                             f"file system)")
+    (stored,) = _U32.unpack_from(raw, _JSB.size)
+    if stored != _h32(raw[: _JSB.size], seed):
+        raise JournalDamaged(
+            f"{where}: checksum mismatch (stored {stored:#010x}, computed "
+            f"{_h32(raw[: _JSB.size], seed):#010x}; or it belongs to another "
+            f"file system)"
+        )
     if version != JOURNAL_VERSION or bsize != BSIZE:
-        raise JournalDamaged(f"{where}: version {version}, block size {bsize} (expected "
-                             f"{JOURNAL_VERSION}, {BSIZE})")
+        raise JournalDamaged(
+            f"{where}: version {version}, block size {bsize} (expected {JOURNAL_VERSION}, {BSIZE})"
+        )
     if length != jlen or jseed != seed:
-        raise JournalDamaged(f"{where}: length {length}, seed {jseed:#x} do not match the file "
-                             f"system superblock ({jlen}, {seed:#x})")
+        raise JournalDamaged(
+            f"{where}: length {length}, seed {jseed:#x} do not match the file "
+            f"system superblock ({jlen}, {seed:#x})"
+        )
     if not 1 <= start < jlen:
         raise JournalDamaged(f"{where}: start {start} outside the log (1..{jlen - 1})")
     res = LogScan(sequence, start, next_tid=sequence, end=start)
@@ -142,13 +154,18 @@ def scan_log(read: Callable[[int, int], bytes], jstart: int, jlen: int, seed: in
         if hi > p + 1:
             data = read(jstart + p + 1, hi - p - 1)
             for k in range(hi - p - 1):
-                blk = data[k * BSIZE:(k + 1) * BSIZE]
+                blk = data[k * BSIZE : (k + 1) * BSIZE]
                 m, _, t, _, _, _ = _COMMIT.unpack_from(blk)
-                if m == COMMIT_MAGIC and t == tid and \
-                        _U32.unpack_from(blk, _COMMIT.size)[0] == _h32(blk[:_COMMIT.size], seed):
-                    raise JournalDamaged(f"journal block {jstart + p}: descriptor of transaction "
-                                         f"{tid}: {what}, but the transaction has a commit block "
-                                         f"at block {jstart + p + 1 + k}")
+                if (
+                    m == COMMIT_MAGIC
+                    and t == tid
+                    and _U32.unpack_from(blk, _COMMIT.size)[0] == _h32(blk[: _COMMIT.size], seed)
+                ):
+                    raise JournalDamaged(
+                        f"journal block {jstart + p}: descriptor of transaction "
+                        f"{tid}: {what}, but the transaction has a commit block "
+                        f"at block {jstart + p + 1 + k}"
+                    )
         res.discarded = f"transaction {tid} at journal block {jstart + p}: {what}; incomplete"
 
     while pos + 1 < jlen:
@@ -161,19 +178,26 @@ def scan_log(read: Callable[[int, int], bytes], jstart: int, jlen: int, seed: in
             p = pos + k
             blk = read(jstart + p, 1) if p < jlen else b""
             if not blk:
-                raise JournalDamaged(f"journal block {jstart + pos}: transaction {tid} has "
-                                     f"{ndesc} descriptors, beyond the end of the journal")
+                raise JournalDamaged(
+                    f"journal block {jstart + pos}: transaction {tid} has "
+                    f"{ndesc} descriptors, beyond the end of the journal"
+                )
             m, nd, t, idx, n = _DESC.unpack_from(blk)
             if m != DESC_MAGIC or t != tid:
                 if k == 0:
-                    ok = False   # the clean end of the log
+                    ok = False  # the clean end of the log
                     break
                 damaged_or_end(p, f"descriptor {k} missing")
                 ok = False
                 break
-            if _U32.unpack_from(blk, _DESC.size)[0] != _h32(blk[:_DESC.size] + blk[_DESC_HDR:], seed) \
-                    or idx != k or not 1 <= nd <= max_span or n > ENTRIES_PER_DESC \
-                    or (k and nd != ndesc):
+            if (
+                _U32.unpack_from(blk, _DESC.size)[0]
+                != _h32(blk[: _DESC.size] + blk[_DESC_HDR:], seed)
+                or idx != k
+                or not 1 <= nd <= max_span
+                or n > ENTRIES_PER_DESC
+                or (k and nd != ndesc)
+            ):
                 damaged_or_end(p, f"descriptor {k} has a bad checksum or header")
                 ok = False
                 break
@@ -186,38 +210,45 @@ def scan_log(read: Callable[[int, int], bytes], jstart: int, jlen: int, seed: in
         copies = [b for b, f in entries if not f & REVOKE]
         cpos = pos + ndesc + len(copies)
         if cpos >= jlen:
-            raise JournalDamaged(f"journal block {jstart + pos}: transaction {tid} claims "
-                                 f"{len(copies)} blocks, beyond the end of the journal")
+            raise JournalDamaged(
+                f"journal block {jstart + pos}: transaction {tid} claims "
+                f"{len(copies)} blocks, beyond the end of the journal"
+            )
         data = read(jstart + pos + ndesc, len(copies) + 1)
-        cblk = data[len(copies) * BSIZE:]
+        cblk = data[len(copies) * BSIZE :]
         m, _, t, nblocks, _, dsum = _COMMIT.unpack_from(cblk)
         if m != COMMIT_MAGIC or t != tid:
             res.discarded = f"transaction {tid} at journal block {jstart + pos}: no commit block"
             break
         where = f"journal block {jstart + cpos} (commit of transaction {tid})"
-        if _U32.unpack_from(cblk, _COMMIT.size)[0] != _h32(cblk[:_COMMIT.size], seed):
+        if _U32.unpack_from(cblk, _COMMIT.size)[0] != _h32(cblk[: _COMMIT.size], seed):
             raise JournalDamaged(f"{where}: commit block checksum mismatch")
         if nblocks != ndesc + len(copies):
-            raise JournalDamaged(f"{where}: commit says {nblocks} blocks, descriptors say "
-                                 f"{ndesc + len(copies)}")
+            raise JournalDamaged(
+                f"{where}: commit says {nblocks} blocks, descriptors say {ndesc + len(copies)}"
+            )
         h = xxhash.xxh3_64(seed=seed)
         for d in descs:
             h.update(d)
-        h.update(data[:len(copies) * BSIZE])
+        h.update(data[: len(copies) * BSIZE])
         if h.intdigest() != dsum:
-            raise JournalDamaged(f"{where}: contents of journal blocks {jstart + pos}.."
-                                 f"{jstart + cpos - 1} do not match the commit checksum "
-                                 f"(stored {dsum:#018x}, computed {h.intdigest():#018x})")
+            raise JournalDamaged(
+                f"{where}: contents of journal blocks {jstart + pos}.."
+                f"{jstart + cpos - 1} do not match the commit checksum "
+                f"(stored {dsum:#018x}, computed {h.intdigest():#018x})"
+            )
         for b, f in entries:
             if not home_ok(b):
-                raise JournalDamaged(f"journal block {jstart + pos}: transaction {tid} names "
-                                     f"home block {b}, outside the file system's metadata area")
+                raise JournalDamaged(
+                    f"journal block {jstart + pos}: transaction {tid} names "
+                    f"home block {b}, outside the file system's metadata area"
+                )
         ci = 0
         for b, f in entries:
             if f & REVOKE:
                 revoked[b] = tid
             else:
-                latest[b] = (tid, data[ci * BSIZE:(ci + 1) * BSIZE])
+                latest[b] = (tid, data[ci * BSIZE : (ci + 1) * BSIZE])
                 ci += 1
         res.transactions += 1
         pos, tid = cpos + 1, tid + 1
@@ -227,10 +258,13 @@ def scan_log(read: Callable[[int, int], bytes], jstart: int, jlen: int, seed: in
 
 
 class Journal:
-    def __init__(self, dev, start: int, length: int, seed: int,
-                 home_ok: Callable[[int], bool] | None = None):
+    def __init__(
+        self, dev, start: int, length: int, seed: int, home_ok: Callable[[int], bool] | None = None
+    ):
         self.dev, self.start, self.length, self.seed = dev, start, length, seed
-        self.home_ok = home_ok or (lambda b: 0 < b < dev.nblocks and not start <= b < start + length)
+        self.home_ok = home_ok or (
+            lambda b: 0 < b < dev.nblocks and not start <= b < start + length
+        )
         self.capacity_blocks = length - 1
         self.max_txn_blocks = int(param.MAX_TXN_FRACTION * self.capacity_blocks)
         n = self.max_txn_blocks - 2
@@ -239,12 +273,18 @@ class Journal:
         self.max_txn_entries = n
         if n < 1:
             raise JournalError(f"journal of {length} blocks is too small for any transaction")
-        self.head = 1                       # offset of the next transaction
+        self.head = 1  # offset of the next transaction
         self.next_tid = 1
-        self._jsb = (1, 1)                  # (start, sequence) as on disk
-        self._ckpt: dict[int, bytes] = {}   # newest committed copy of each block in the log
-        self.stats = {"commits": 0, "blocks_logged": 0, "revokes": 0, "checkpoints": 0,
-                      "replayed_transactions": 0, "replayed_blocks": 0}
+        self._jsb = (1, 1)  # (start, sequence) as on disk
+        self._ckpt: dict[int, bytes] = {}  # newest committed copy of each block in the log
+        self.stats = {
+            "commits": 0,
+            "blocks_logged": 0,
+            "revokes": 0,
+            "checkpoints": 0,
+            "replayed_transactions": 0,
+            "replayed_blocks": 0,
+        }
 
     # --- mount ----------------------------------------------------------------------------------
     def scan(self) -> LogScan:
@@ -272,12 +312,13 @@ class Journal:
         copies = sorted(blocks)
         revokes = sorted(b for b in set(revoked) if b in self._ckpt and b not in blocks)
         if len(copies) + len(revokes) > self.max_txn_entries and revokes:
-            self.checkpoint()          # an empty log needs no revoke records
+            self.checkpoint()  # an empty log needs no revoke records
             revokes = []
         n = len(copies) + len(revokes)
         if n > self.max_txn_entries:
-            raise JournalError(f"transaction of {n} blocks exceeds the journal's limit of "
-                               f"{self.max_txn_entries}")
+            raise JournalError(
+                f"transaction of {n} blocks exceeds the journal's limit of {self.max_txn_entries}"
+            )
         ndesc = max(1, math.ceil(n / ENTRIES_PER_DESC))
         if self.head + ndesc + len(copies) + 1 > self.length:
             self.checkpoint()
@@ -289,10 +330,12 @@ class Journal:
         entries = [(b, 0) for b in copies] + [(b, REVOKE) for b in revokes]
         descs = []
         for k in range(ndesc):
-            chunk = entries[k * ENTRIES_PER_DESC:(k + 1) * ENTRIES_PER_DESC]
+            chunk = entries[k * ENTRIES_PER_DESC : (k + 1) * ENTRIES_PER_DESC]
             hdr = _DESC.pack(DESC_MAGIC, ndesc, tid, k, len(chunk))
             body = b"".join(_ENTRY.pack(*e) for e in chunk).ljust(BSIZE - _DESC_HDR, b"\0")
-            descs.append((hdr + _U32.pack(_h32(hdr + body, self.seed))).ljust(_DESC_HDR, b"\0") + body)
+            descs.append(
+                (hdr + _U32.pack(_h32(hdr + body, self.seed))).ljust(_DESC_HDR, b"\0") + body
+            )
         payload = b"".join(descs) + b"".join(blocks[b] for b in copies)
         if len(payload) != (ndesc + len(copies)) * BSIZE:
             raise JournalError("a block to commit is not exactly one block long")

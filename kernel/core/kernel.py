@@ -18,6 +18,7 @@ is serving. The measured boot time is recorded in the mailbox.
   kernel holds: a hang really stops it. Its thread is named HEARTBEAT_THREAD in /proc, so
   the CPU it costs is measured apart from the kernel's (harness/cpuuse.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,12 @@ import threading
 import time
 
 from kernel import param
+from kernel.core.faults import FaultInjector
+from kernel.core.vfs import VFS
 from kernel.hw import control, mailbox
 from kernel.hw import machine as machine_mod
 from kernel.hw.blockdev import BlockDevice
-from kernel.core.faults import FaultInjector
 from kernel.hw.physmem import PhysMem, partition_layout
-from kernel.core.vfs import VFS
 
 log = logging.getLogger("kernel")
 
@@ -44,9 +45,18 @@ HEARTBEAT_THREAD = "heartbeat"
 
 
 class Kernel:
-    def __init__(self, mach: machine_mod.Machine, part_id: int, physmem_path: str, workdir: str,
-                 *, delay: bool = True, heartbeat_s: float = param.HEARTBEAT_INTERVAL_S,
-                 seed: int = 0, zone: int | None = None):
+    def __init__(
+        self,
+        mach: machine_mod.Machine,
+        part_id: int,
+        physmem_path: str,
+        workdir: str,
+        *,
+        delay: bool = True,
+        heartbeat_s: float = param.HEARTBEAT_INTERVAL_S,
+        seed: int = 0,
+        zone: int | None = None,
+    ):
         """``zone``: the partition whose memory areas hold the storage stack (page cache,
         in-core inodes, kernel superblock) — its own, unless it took over another's."""
         self.machine, self.part = mach, mach.partition(part_id)
@@ -66,12 +76,13 @@ class Kernel:
         self.pset = None
         self.procs = None
         self.apps: list = []
-        self.beating = True      # False: no heartbeat thread (the overhead benchmark's vanilla)
+        self.beating = True  # False: no heartbeat thread (the overhead benchmark's vanilla)
 
     def join_partition(self, tag: str | None) -> None:
         """Join the partition's process set (kernel/hw/procset.py), so that fencing the
         partition takes this kernel and every app of it; and take the process table."""
         from kernel.core.proc import ProcessSet, ProcTable
+
         if tag:
             self.pset = ProcessSet(tag, self.part.id)
             self.pset.add(os.getpid())
@@ -79,16 +90,20 @@ class Kernel:
 
     def start_apps(self, specs: list[dict], netns: str | None = None) -> None:
         """Launch the partition's applications (real processes; they die with this kernel)."""
-        from kernel.hw.net import enter_netns
         from kernel.core.proc import AppSpec
+        from kernel.hw.net import enter_netns
+
         if not specs:
             return
         if self.pset is None:
             raise SystemExit("apps need the partition's process set: start the kernel with --tag")
         for d in specs:
             spec = AppSpec(**d)
-            self.apps.append(self.procs.launch(spec, self.pset, cpus=self.part.cpus,
-                                               netns_enter=enter_netns(netns)))
+            self.apps.append(
+                self.procs.launch(
+                    spec, self.pset, cpus=self.part.cpus, netns_enter=enter_netns(netns)
+                )
+            )
             log.info("started %s (pid %d)", spec.name, self.apps[-1].pid)
 
     def disk_path(self, disk: machine_mod.Disk) -> str:
@@ -105,12 +120,16 @@ class Kernel:
             threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
 
     def open_disk(self) -> BlockDevice:
-        disks = [self.machine.disk(d) for d in self.part.devices
-                 if d in {x.name for x in self.machine.disks}]
+        disks = [
+            self.machine.disk(d)
+            for d in self.part.devices
+            if d in {x.name for x in self.machine.disks}
+        ]
         if not disks:
             raise SystemExit(f"partition {self.part.id} owns no disk: nothing to mount")
-        return BlockDevice(self.disk_path(disks[0]), disks[0].model, delay=self.delay,
-                           timing=disks[0].timing)
+        return BlockDevice(
+            self.disk_path(disks[0]), disks[0].model, delay=self.delay, timing=disks[0].timing
+        )
 
     def boot(self, dev: BlockDevice | None = None, adopt=None, devices: str | None = None) -> VFS:
         t0 = time.monotonic_ns()
@@ -119,20 +138,28 @@ class Kernel:
         self.dev = dev or self.open_disk()
         owned = devices if devices is not None else ",".join(self.part.devices)
         t_mount = time.monotonic_ns()
-        self.vfs = VFS(self.mem, self.lay, self.dev, adopt)   # mount: superblock, journal replay
-        self.mailbox.set(mount_start_ns=t_mount, mount_ns=time.monotonic_ns() - t_mount,
-                         devices=owned.encode()[:48], zone=self.lay.part_id)
+        self.vfs = VFS(self.mem, self.lay, self.dev, adopt)  # mount: superblock, journal replay
+        self.mailbox.set(
+            mount_start_ns=t_mount,
+            mount_ns=time.monotonic_ns() - t_mount,
+            devices=owned.encode()[:48],
+            zone=self.lay.part_id,
+        )
         self.faults = FaultInjector(self, self.seed)
         self.vfs.faults = self.faults
         self.vfs.writeback.start()
-        self.ctl = control.ControlServer(control.ctl_path(self.workdir, self.part.id), self._control)
+        self.ctl = control.ControlServer(
+            control.ctl_path(self.workdir, self.part.id), self._control
+        )
         self.boot_s = (time.monotonic_ns() - t0) / 1e9
-        self.mailbox.set(state=mailbox.RUNNING, role=mailbox.ROLE_ACTIVE,
-                         boot_ns=time.monotonic_ns() - t0)
+        self.mailbox.set(
+            state=mailbox.RUNNING, role=mailbox.ROLE_ACTIVE, boot_ns=time.monotonic_ns() - t0
+        )
         return self.vfs
 
     def _heartbeat(self) -> None:
         from kernel.core.proc import name_thread
+
         name_thread(HEARTBEAT_THREAD)
         nxt = time.monotonic()
         while not self._stop.is_set():
@@ -148,6 +175,7 @@ class Kernel:
     def serve(self, mount: str, ready) -> None:
         """Serve the file system on ``mount`` until SIGTERM/SIGINT, then shut down cleanly."""
         from kernel.core import fuse
+
         signal.signal(signal.SIGTERM, lambda *_: fuse.request_stop())
         signal.signal(signal.SIGINT, lambda *_: fuse.request_stop())
         try:
@@ -157,7 +185,7 @@ class Kernel:
             log.info("clean shutdown")
 
     def shutdown(self) -> None:
-        if self.mailbox is not None:   # first: a watcher must not take a shutdown for a crash
+        if self.mailbox is not None:  # first: a watcher must not take a shutdown for a crash
             self.mailbox.set(state=mailbox.SHUTDOWN)
         self._stop.set()
         if self.ctl is not None:
@@ -173,12 +201,14 @@ class Kernel:
     # --- death ----------------------------------------------------------------------------
     def panic(self, reason: str, site: str) -> None:
         """Dying message, doorbells, death. Never returns."""
-        if self.vfs is not None:   # stop serving first, as panic() stops the other CPUs
+        if self.vfs is not None:  # stop serving first, as panic() stops the other CPUs
             self.vfs.lock.acquire(timeout=param.PANIC_STOP_WAIT_S)
         self.stop_apps()
         log.error("panic at %s: %s", site, reason)
         self.mailbox.dying_message(reason, site)
-        for p in [q.id for q in self.machine.partitions if q.id != self.part.id] + [mailbox.WATCHDOG]:
+        for p in [q.id for q in self.machine.partitions if q.id != self.part.id] + [
+            mailbox.WATCHDOG
+        ]:
             mailbox.ring(self.workdir, p, f"panic {self.part.id}".encode())
         self.die()
 
@@ -204,7 +234,7 @@ class Kernel:
 
     def die(self) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
-        threading.Event().wait()   # SIGKILL is not instant; nothing more may run here
+        threading.Event().wait()  # SIGKILL is not instant; nothing more may run here
 
     def request_exception(self, site: str) -> None:
         """An error inside a request: on this kernel, an oops is a panic."""
@@ -214,19 +244,32 @@ class Kernel:
     def _control(self, req: dict):
         cmd = req.get("cmd")
         if cmd == "status":
-            return {"ok": True, "pid": os.getpid(), "partition": self.part.id,
-                    "boot_s": self.boot_s, "dirty_pages": self.vfs.pc.ndirty,
-                    "pages": len(self.vfs.pc.index), "cache": dict(self.vfs.pc.stats),
-                    "armed": bool(self.faults.armed),
-                    "refused_peers": self.ctl.refused}
+            return {
+                "ok": True,
+                "pid": os.getpid(),
+                "partition": self.part.id,
+                "boot_s": self.boot_s,
+                "dirty_pages": self.vfs.pc.ndirty,
+                "pages": len(self.vfs.pc.index),
+                "cache": dict(self.vfs.pc.stats),
+                "armed": bool(self.faults.armed),
+                "refused_peers": self.ctl.refused,
+            }
         if cmd == "sync":
             self.vfs.writeback.sync_all()
             return {"ok": True}
         if cmd == "inject":
-            f = self.faults.inject(req["fault"], req.get("target"), req.get("site"),
-                                   seed=req.get("seed"))
-            reply = {"ok": True, "fault": f.kind, "target": f.target, "site": f.site,
-                     "injected_ns": f.injected_ns, "detail": f.detail}
+            f = self.faults.inject(
+                req["fault"], req.get("target"), req.get("site"), seed=req.get("seed")
+            )
+            reply = {
+                "ok": True,
+                "fault": f.kind,
+                "target": f.target,
+                "site": f.site,
+                "injected_ns": f.injected_ns,
+                "detail": f.detail,
+            }
             if f.site == "now":
                 return reply, lambda: self.faults.at("now")
             return reply
@@ -242,9 +285,13 @@ def kernel_arguments(prog: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--workdir", required=True, help="where the disk images are")
     ap.add_argument("--mount", required=True, help="mount point to serve the file system on")
     ap.add_argument("--ready-fd", type=int, help="write 'ready' here once ready")
-    ap.add_argument("--no-delay", action="store_true", help="account modeled device time, do not wait")
+    ap.add_argument(
+        "--no-delay", action="store_true", help="account modeled device time, do not wait"
+    )
     ap.add_argument("--tag", help="the machine's tag: names the partitions' process sets")
-    ap.add_argument("--apps", help="JSON file: the partition's applications (kernel.core.proc.AppSpec fields)")
+    ap.add_argument(
+        "--apps", help="JSON file: the partition's applications (kernel.core.proc.AppSpec fields)"
+    )
     ap.add_argument("--netns", help="network namespace of the partition's applications")
     return ap
 
@@ -260,20 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = kernel_arguments("python -m kernel.core.kernel", __doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault injector's choices")
     ap.add_argument("--vmm", help="VMM region: boot beneath the warm-cache VMM (kernel/hw/vmm.py)")
-    ap.add_argument("--no-heartbeat", action="store_true",
-                    help="no heartbeat: a kernel no scheme watches (crashbench overhead's vanilla)")
+    ap.add_argument(
+        "--no-heartbeat",
+        action="store_true",
+        help="no heartbeat: a kernel no scheme watches (crashbench overhead's vanilla)",
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kernel[%(process)d] %(message)s")
     from kernel.core import fuse  # noqa: F401  (loaded with the kernel: part of boot, not of service)
-    mach = machine_mod.load(a.machine, shape_checked=True)   # checked by whoever started it
+
+    mach = machine_mod.load(a.machine, shape_checked=True)  # checked by whoever started it
     k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
     k.beating = not a.no_heartbeat
     if k.part.cpus:
         os.sched_setaffinity(0, k.part.cpus)
     k.join_partition(a.tag)
     dev = None
-    if a.vmm:   # without it, no watcher and the plain device: the VMM costs nothing
+    if a.vmm:  # without it, no watcher and the plain device: the VMM costs nothing
         from kernel.hw import vmm
+
         dev = vmm.attach(k, a.vmm)
     k.boot(dev)
     log.info("booted partition %d (%s) in %.3f s", k.part.id, k.part.cmdline(), k.boot_s)

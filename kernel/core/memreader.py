@@ -13,18 +13,30 @@ cost more than the object it is in, so the walk is completed by a bulk scan (num
 in-core inode table and the descriptor array: every object that validates on its own and
 says it is dirty is found, whether or not a broken list still reaches it.
 """
+
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from xxhash import xxh3_64_intdigest as _xxh3   # physmem.page_csum, minus its Python frame
+from xxhash import xxh3_64_intdigest as _xxh3  # physmem.page_csum, minus its Python frame
 
 from kernel import param
-from kernel.hw.physmem import (I_ON_DIRTY_LIST, ICORE, KSUPER, PAGE_DESC, PART_HEADER, PG_DIRTY,
-                            PG_VALID, CorruptObject, PartLayout, PhysMem, page_csum,
-                            partition_layout)
+from kernel.hw.physmem import (
+    I_ON_DIRTY_LIST,
+    ICORE,
+    KSUPER,
+    PAGE_DESC,
+    PART_HEADER,
+    PG_DIRTY,
+    PG_VALID,
+    CorruptObject,
+    PartLayout,
+    PhysMem,
+    page_csum,
+    partition_layout,
+)
 
 PAGE = param.PAGE_SIZE
 _DESC_UNPACK = PAGE_DESC._body.unpack_from
@@ -35,7 +47,9 @@ _CSUM_UNPACK = struct.Struct("<Q").unpack_from
 class DirtyInode:
     icore: dict
     phys: int
-    pages: list[dict] = field(default_factory=list)   # valid dirty page descriptors (+ "phys", "frame")
+    pages: list[dict] = field(
+        default_factory=list
+    )  # valid dirty page descriptors (+ "phys", "frame")
     rejected: list[CorruptObject] = field(default_factory=list)
 
     @property
@@ -66,26 +80,39 @@ class PartitionReader:
         self.mem = mem
         self.lay: PartLayout = partition_layout(part_id, base, size)
         self.buf = mem.mm
-        self.view = memoryview(mem.mm)   # checksums without copies
+        self.view = memoryview(mem.mm)  # checksums without copies
 
     # --- objects ---------------------------------------------------------------------------
     def header(self) -> dict:
         h = PART_HEADER.decode(self.buf, self.lay.base)
         for k in ("base", "size", "ksuper", "icore", "desc", "frames", "nframes", "n_icore"):
             if h[k] != getattr(self.lay, k):
-                raise CorruptObject(PART_HEADER.kind, self.lay.base, k,
-                                    f"{h[k]:#x} disagrees with the machine layout ({getattr(self.lay, k):#x})")
+                raise CorruptObject(
+                    PART_HEADER.kind,
+                    self.lay.base,
+                    k,
+                    f"{h[k]:#x} disagrees with the machine layout ({getattr(self.lay, k):#x})",
+                )
         return h
 
     def ksuper(self) -> dict:
         return KSUPER.decode(self.buf, self.lay.ksuper)
 
     def icore_at(self, phys: int) -> dict:
-        self._check_ptr(phys, self.lay.icore, self.lay.n_icore, ICORE.size, ICORE.kind, "in-core inode table")
+        self._check_ptr(
+            phys, self.lay.icore, self.lay.n_icore, ICORE.size, ICORE.kind, "in-core inode table"
+        )
         return ICORE.decode(self.buf, phys)
 
     def desc_at(self, phys: int) -> dict:
-        self._check_ptr(phys, self.lay.desc, self.lay.nframes, PAGE_DESC.size, PAGE_DESC.kind, "page descriptor array")
+        self._check_ptr(
+            phys,
+            self.lay.desc,
+            self.lay.nframes,
+            PAGE_DESC.size,
+            PAGE_DESC.kind,
+            "page descriptor array",
+        )
         d = PAGE_DESC.decode(self.buf, phys)
         d["phys"] = phys
         d["frame"] = (phys - self.lay.desc) // PAGE_DESC.size
@@ -97,20 +124,31 @@ class PartitionReader:
     def page(self, desc: dict) -> bytes:
         """The frame's content, only if it matches the descriptor's content checksum."""
         p = self.frame_phys(desc)
-        data = self.buf[p:p + PAGE]
+        data = self.buf[p : p + PAGE]
         if page_csum(data) != desc["content_csum"]:
-            raise CorruptObject("page frame", p, "content",
-                                f"content checksum mismatch for inode {desc['ino']} page {desc['index']}")
+            raise CorruptObject(
+                "page frame",
+                p,
+                "content",
+                f"content checksum mismatch for inode {desc['ino']} page {desc['index']}",
+            )
         return data
 
-    def _check_ptr(self, phys: int, area: int, count: int, size: int, kind: str, where: str) -> None:
+    def _check_ptr(
+        self, phys: int, area: int, count: int, size: int, kind: str, where: str
+    ) -> None:
         if phys < area or phys >= area + count * size:
-            raise CorruptObject(kind, phys, "pointer",
-                                f"pointer {phys:#x} outside the partition's {where} "
-                                f"({area:#x}-{area + count * size:#x})")
+            raise CorruptObject(
+                kind,
+                phys,
+                "pointer",
+                f"pointer {phys:#x} outside the partition's {where} "
+                f"({area:#x}-{area + count * size:#x})",
+            )
         if (phys - area) % size:
-            raise CorruptObject(kind, phys, "pointer",
-                                f"pointer {phys:#x} not on a {size}-byte object boundary")
+            raise CorruptObject(
+                kind, phys, "pointer", f"pointer {phys:#x} not on a {size}-byte object boundary"
+            )
 
     # --- lists ------------------------------------------------------------------------------
     def walk_dirty(self, pages: bool = True) -> DirtyWalk:
@@ -128,8 +166,9 @@ class PartitionReader:
         phys = ks["dirty_inode_head"]
         while phys:
             if phys in seen:
-                walk.rejected.append(CorruptObject(ICORE.kind, phys, "next_dirty",
-                                                   "loop in the dirty-inode list"))
+                walk.rejected.append(
+                    CorruptObject(ICORE.kind, phys, "next_dirty", "loop in the dirty-inode list")
+                )
                 break
             seen.add(phys)
             try:
@@ -149,7 +188,9 @@ class PartitionReader:
         """Find, by scanning, the dirty inodes and pages a broken link hid from the walk."""
         bad = {e.phys for e in walk.rejected} | {e.phys for i in walk.inodes for e in i.rejected}
         arr = self.mem.array(ICORE.dtype, self.lay.icore, self.lay.n_icore)
-        cand = np.flatnonzero((arr["magic"] == ICORE.magic) & ((arr["flags"] & I_ON_DIRTY_LIST) != 0))
+        cand = np.flatnonzero(
+            (arr["magic"] == ICORE.magic) & ((arr["flags"] & I_ON_DIRTY_LIST) != 0)
+        )
         for slot in cand.tolist():
             phys = self.lay.icore_phys(slot)
             if phys in seen or phys in bad:
@@ -181,9 +222,14 @@ class PartitionReader:
                 continue
             owner = by_ino.get(d["ino"])
             if owner is None:
-                walk.rejected.append(CorruptObject(PAGE_DESC.kind, phys, "ino",
-                                                   f"dirty page of inode {d['ino']}, which is on "
-                                                   "no valid dirty-inode list"))
+                walk.rejected.append(
+                    CorruptObject(
+                        PAGE_DESC.kind,
+                        phys,
+                        "ino",
+                        f"dirty page of inode {d['ino']}, which is on no valid dirty-inode list",
+                    )
+                )
             else:
                 d["found"] = "scan"
                 owner.pages.append(d)
@@ -193,21 +239,33 @@ class PartitionReader:
         phys = di.icore["dirty_pages_head"]
         while phys:
             if phys in seen:
-                di.rejected.append(CorruptObject(PAGE_DESC.kind, phys, "next_dirty",
-                                                 f"loop in the dirty-page chain of inode {di.icore['ino']}"))
+                di.rejected.append(
+                    CorruptObject(
+                        PAGE_DESC.kind,
+                        phys,
+                        "next_dirty",
+                        f"loop in the dirty-page chain of inode {di.icore['ino']}",
+                    )
+                )
                 return
             seen.add(phys)
             d = self._desc_fast(phys)
             if d is None:
                 try:
-                    d = self.desc_at(phys)   # it failed a check: say precisely which
+                    d = self.desc_at(phys)  # it failed a check: say precisely which
                 except CorruptObject as e:
                     di.rejected.append(e)
                     return
             if d["ino"] != di.icore["ino"] or not d["flags"] & PG_DIRTY:
-                di.rejected.append(CorruptObject(PAGE_DESC.kind, phys, "ino",
-                                                 f"descriptor of inode {d['ino']} (flags {d['flags']:#x}) "
-                                                 f"on the dirty chain of inode {di.icore['ino']}"))
+                di.rejected.append(
+                    CorruptObject(
+                        PAGE_DESC.kind,
+                        phys,
+                        "ino",
+                        f"descriptor of inode {d['ino']} (flags {d['flags']:#x}) "
+                        f"on the dirty chain of inode {di.icore['ino']}",
+                    )
+                )
                 return
             di.pages.append(d)
             phys = d["next_dirty"]
@@ -222,11 +280,21 @@ class PartitionReader:
         v = _DESC_UNPACK(self.buf, phys)
         if v[0] != PAGE_DESC.magic or v[1] != PAGE_DESC.version:
             return None
-        if page_csum(self.view[phys:phys + 56]) != _CSUM_UNPACK(self.buf, phys + 56)[0]:
+        if page_csum(self.view[phys : phys + 56]) != _CSUM_UNPACK(self.buf, phys + 56)[0]:
             return None
-        return {"magic": v[0], "version": v[1], "flags": v[2], "ino": v[3], "index": v[4],
-                "gen": v[5], "content_csum": v[6], "next_dirty": v[7], "dirtied_ns": v[8],
-                "phys": phys, "frame": off // 64}
+        return {
+            "magic": v[0],
+            "version": v[1],
+            "flags": v[2],
+            "ino": v[3],
+            "index": v[4],
+            "gen": v[5],
+            "content_csum": v[6],
+            "next_dirty": v[7],
+            "dirtied_ns": v[8],
+            "phys": phys,
+            "frame": off // 64,
+        }
 
     def scan_descriptors(self) -> np.ndarray:
         """Every descriptor that claims to hold a page (bulk, numpy): checksums not yet verified."""
@@ -248,8 +316,11 @@ def check_pages(mem: PhysMem, lay: PartLayout, frames: np.ndarray) -> tuple[np.n
     the page is sound: that, and the frame's content matches the descriptor's checksum)."""
     frames = np.asarray(frames, np.int64)
     d = mem.array(PAGE_DESC.dtype, lay.desc, lay.nframes)[frames]
-    desc_ok = ((d["magic"] == PAGE_DESC.magic) & (d["version"] == PAGE_DESC.version)
-               & (checksums(mem.view, lay.desc + frames * PAGE_DESC.size, PAGE_DESC.size - 8) == d["csum"]))
+    desc_ok = (
+        (d["magic"] == PAGE_DESC.magic)
+        & (d["version"] == PAGE_DESC.version)
+        & (checksums(mem.view, lay.desc + frames * PAGE_DESC.size, PAGE_DESC.size - 8) == d["csum"])
+    )
     content_ok = checksums(mem.view, lay.frames + frames * PAGE, PAGE) == d["content_csum"]
     return desc_ok, content_ok & desc_ok
 
@@ -264,5 +335,9 @@ def page_problem(mem: PhysMem, lay: PartLayout, frame: int, desc_ok: bool) -> Co
             return e
         return CorruptObject(PAGE_DESC.kind, phys, "checksum", "changed while it was checked")
     d = PAGE_DESC.unpack(mem.mm, lay.desc_phys(frame))
-    return CorruptObject("page frame", lay.frame_phys(frame), "content",
-                         f"content checksum mismatch for inode {d[3]} page {d[4]}")
+    return CorruptObject(
+        "page frame",
+        lay.frame_phys(frame),
+        "content",
+        f"content checksum mismatch for inode {d[3]} page {d[4]}",
+    )

@@ -17,6 +17,7 @@ Part of FileSystem (kernel/core/fs.py, a mixin). Promises to the VFS, as Linux d
   directory into itself, '/' or NUL in a name, unsupported flags), EPERM (hard link to a
   directory), EMLINK (LINK_MAX links), ESTALE (an inode not in use).
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,8 +26,19 @@ import time
 
 from kernel import param
 from kernel.core.dir import first_dir_block
-from kernel.core.disklayout import (FT_DIR, INLINE_SYMLINK_MAX, LINK_MAX, ROOT_INO, SYMLINK_MAX,
-                               FsError, Inode, corrupt, ftype_of, inline_addrs, inline_target)
+from kernel.core.disklayout import (
+    FT_DIR,
+    INLINE_SYMLINK_MAX,
+    LINK_MAX,
+    ROOT_INO,
+    SYMLINK_MAX,
+    FsError,
+    Inode,
+    corrupt,
+    ftype_of,
+    inline_addrs,
+    inline_target,
+)
 
 BSIZE = param.BLOCK_SIZE
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -81,8 +93,9 @@ class NamespaceMixin:
     def readdir(self, dir_ino: int) -> list[tuple[bytes, int]]:
         with self._lock:
             ds = self._dir_state(self._dir_inode(dir_ino))
-            items = sorted((v[2], v[3], n, v[0]) for n, v in ds.names.items()
-                           if n not in (b".", b".."))
+            items = sorted(
+                (v[2], v[3], n, v[0]) for n, v in ds.names.items() if n not in (b".", b"..")
+            )
             return [(n, ino) for _, _, n, ino in items]
 
     def _link_new(self, d: Inode, ds, name: bytes, i: Inode, setup=None) -> int:
@@ -107,7 +120,9 @@ class NamespaceMixin:
             raise _err(errno.EINVAL, f"create: file type {fmt:#o} not supported")
         with self.handle():
             d, ds = self._target_dir(dir_ino, name)
-            return self._link_new(d, ds, name, self._alloc_inode(fmt | (mode & 0o7777), uid, gid, 1))
+            return self._link_new(
+                d, ds, name, self._alloc_inode(fmt | (mode & 0o7777), uid, gid, 1)
+            )
 
     def mkdir(self, dir_ino: int, name: bytes, mode: int, uid: int, gid: int) -> int:
         with self.handle():
@@ -118,6 +133,7 @@ class NamespaceMixin:
                 b = int(self._map(i, 0, 1, alloc=True, data=False)[0][0])
                 self.bufs.write(b, 0, first_dir_block(i.ino, d.ino))
                 i.size = BSIZE
+
             ino = self._link_new(d, ds, name, i, setup)
             d.nlink += 1
             self._iput(d)
@@ -127,7 +143,9 @@ class NamespaceMixin:
         if not target:
             raise _err(errno.ENOENT, "empty symlink target")
         if len(target) > SYMLINK_MAX:
-            raise _err(errno.ENAMETOOLONG, f"symlink target of {len(target)} bytes (max {SYMLINK_MAX})")
+            raise _err(
+                errno.ENAMETOOLONG, f"symlink target of {len(target)} bytes (max {SYMLINK_MAX})"
+            )
         if b"\0" in target:
             raise _err(errno.EINVAL, "symlink target contains NUL")
         with self.handle():
@@ -141,6 +159,7 @@ class NamespaceMixin:
                 else:
                     b = int(self._map(i, 0, 1, alloc=True, data=False)[0][0])
                     self.bufs.write(b, 0, target.ljust(BSIZE, b"\0"))
+
             return self._link_new(d, ds, name, i, setup)
 
     def readlink(self, ino: int) -> bytes:
@@ -153,7 +172,7 @@ class NamespaceMixin:
             b = self._check_ptr(i, i.addrs[0])
             if not b or i.size > SYMLINK_MAX:
                 raise corrupt(f"inode {ino}: symlink of {i.size} bytes without a block")
-            return bytes(self.bufs.read(b)[:i.size])
+            return bytes(self.bufs.read(b)[: i.size])
 
     def link(self, ino: int, dir_ino: int, name: bytes) -> None:
         with self.handle():
@@ -213,7 +232,9 @@ class NamespaceMixin:
             self._touch(d, now)
             return ino
 
-    def rename(self, odir: int, oname: bytes, ndir: int, nname: bytes, flags: int = 0) -> int | None:
+    def rename(
+        self, odir: int, oname: bytes, ndir: int, nname: bytes, flags: int = 0
+    ) -> int | None:
         if flags & ~RENAME_NOREPLACE:
             raise _err(errno.EINVAL, f"rename flags {flags:#x} not supported")
         with self.handle():

@@ -30,6 +30,7 @@ so a second crash in that window finds it as the first did.
   into part of it is EIO too. A lost file reads as EIO, and a write needing a page from the
   disk is EIO, until it is truncated to size 0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,7 +39,15 @@ import numpy as np
 
 from kernel import param
 from kernel.core.memreader import check_pages, page_problem
-from kernel.hw.physmem import ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_VALID, CorruptObject
+from kernel.hw.physmem import (
+    ICORE,
+    PAGE_DESC,
+    PG_DIRTY,
+    PG_META,
+    PG_UPTODATE,
+    PG_VALID,
+    CorruptObject,
+)
 
 _HEAD = ICORE.index["dirty_pages_head"]
 _KEY_SHIFT = np.uint64(32)
@@ -96,15 +105,16 @@ class Lost:
 @dataclass
 class Adopted:
     """Pages of a dead kernel, validated, to be taken over in place (systems/orthros)."""
-    frames: np.ndarray      # frame numbers
+
+    frames: np.ndarray  # frame numbers
     ino: np.ndarray
     index: np.ndarray
     gen: np.ndarray
     csum: np.ndarray
-    dirty: np.ndarray       # bool
-    inodes: dict[int, dict] # validated in-core inodes of the dead kernel's dirty inodes
-    unchecked: "Unchecked | None" = None   # pages taken over to be checked on first use
-    lost: Lost = field(default_factory=Lost)   # dirty pages found lost while collecting
+    dirty: np.ndarray  # bool
+    inodes: dict[int, dict]  # validated in-core inodes of the dead kernel's dirty inodes
+    unchecked: "Unchecked | None" = None  # pages taken over to be checked on first use
+    lost: Lost = field(default_factory=Lost)  # dirty pages found lost while collecting
 
 
 class Unchecked:
@@ -112,18 +122,25 @@ class Unchecked:
     of their frames sorted by key (ino << 32 | index; both must fit 32 bits), each clean or
     dirty as its descriptor claimed. ``left`` entries are still open."""
 
-    def __init__(self, frames: np.ndarray, ino: np.ndarray, index: np.ndarray,
-                 dirty: np.ndarray | None = None):
+    def __init__(
+        self,
+        frames: np.ndarray,
+        ino: np.ndarray,
+        index: np.ndarray,
+        dirty: np.ndarray | None = None,
+    ):
         keys = (ino.astype(np.uint64) << _KEY_SHIFT) | index.astype(np.uint64)
         order = np.argsort(keys, kind="stable")
         self.keys, self.frames = keys[order], frames[order].astype(np.int64)
-        self.dirty = (np.zeros(len(keys), bool) if dirty is None else np.asarray(dirty, bool))[order]
+        self.dirty = (np.zeros(len(keys), bool) if dirty is None else np.asarray(dirty, bool))[
+            order
+        ]
         self.open = np.ones(len(keys), bool)
         self.left = len(keys)
         self.left_dirty = int(np.count_nonzero(self.dirty))
-        self.good = 0                                  # checked, now cached
-        self.good_dirty = 0                            # of which dirty
-        self.dropped = 0                               # written, truncated or reclaimed unread
+        self.good = 0  # checked, now cached
+        self.good_dirty = 0  # of which dirty
+        self.dropped = 0  # written, truncated or reclaimed unread
         self.rejected: list[CorruptObject] = []
 
     def find(self, ino: int, idx: int, upto: int | None = None) -> np.ndarray:
@@ -155,14 +172,27 @@ class Adoption:
         if a.unchecked is not None and a.unchecked.left:
             held[a.unchecked.frames[a.unchecked.open]] = True
             self.unchecked = a.unchecked
-        head = np.frombuffer(self.mem.mm, np.uint64, n * 8, self.lay.desc)[::8]  # magic, version, flags
+        head = np.frombuffer(self.mem.mm, np.uint64, n * 8, self.lay.desc)[
+            ::8
+        ]  # magic, version, flags
         self._clear_descs(np.flatnonzero((head != 0) & ~held).tolist())
         desc = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)[a.frames]
-        self._take_in(a.frames, a.ino, a.index, a.gen, a.csum, a.dirty, desc["next_dirty"], desc["dirtied_ns"])
+        self._take_in(
+            a.frames, a.ino, a.index, a.gen, a.csum, a.dirty, desc["next_dirty"], desc["dirtied_ns"]
+        )
         return np.flatnonzero(~held)
 
-    def _take_in(self, frames: np.ndarray, ino: np.ndarray, index: np.ndarray, gen: np.ndarray,
-                 csum: np.ndarray, dirty: np.ndarray, links: np.ndarray, dirtied: np.ndarray) -> None:
+    def _take_in(
+        self,
+        frames: np.ndarray,
+        ino: np.ndarray,
+        index: np.ndarray,
+        gen: np.ndarray,
+        csum: np.ndarray,
+        dirty: np.ndarray,
+        links: np.ndarray,
+        dirtied: np.ndarray,
+    ) -> None:
         """Cache checked pages in place (arrays, one entry per page; no key cached yet): bulk
         operations and C-level loops, no Python frame per page — a takeover brings tens of
         thousands of pages."""
@@ -178,18 +208,26 @@ class Adoption:
             f0, f1 = fl[lo], fl[lo] + hi - lo
             self.key[f0:f1], self.gen[f0:f1] = keys[lo:hi], gens[lo:hi]
             self.csum[f0:f1], self.flags[f0:f1] = csums[lo:hi], flags[lo:hi]
-        order = np.lexsort((index, ino))            # by inode, then index
+        order = np.lexsort((index, ino))  # by inode, then index
         by_ino, idx_l = ino[order], index[order].tolist()
         bounds = np.flatnonzero(np.r_[True, by_ino[1:] != by_ino[:-1], True]).tolist()
         for lo, hi in zip(bounds[:-1], bounds[1:]) if idx_l else ():
             self.pages_of.setdefault(int(by_ino[lo]), set()).update(idx_l[lo:hi])
         clean = ~dirty
-        self.lru.update(zip([keys[i] for i in np.flatnonzero(clean).tolist()], frames[clean].tolist()))
+        self.lru.update(
+            zip([keys[i] for i in np.flatnonzero(clean).tolist()], frames[clean].tolist())
+        )
         order = order[dirty[order]]
         self._chain(ino[order], index[order], frames[order], links[order], dirtied[order])
 
-    def _chain(self, ino: np.ndarray, index: np.ndarray, frames: np.ndarray,
-               links: np.ndarray, dirtied: np.ndarray) -> None:
+    def _chain(
+        self,
+        ino: np.ndarray,
+        index: np.ndarray,
+        frames: np.ndarray,
+        links: np.ndarray,
+        dirtied: np.ndarray,
+    ) -> None:
         """Put checked dirty pages (arrays sorted by inode, then index) at the head of their
         inodes' dirty-page chains; ``links`` and ``dirtied`` are their descriptors' own (the
         dead kernel's): only a descriptor whose link changes is rewritten."""
@@ -197,7 +235,7 @@ class Adoption:
             return
         phys = self.lay.desc + frames * PAGE_DESC.size
         want = np.empty_like(phys)
-        want[1:] = phys[:-1]                        # oldest (lowest index) first, head = newest
+        want[1:] = phys[:-1]  # oldest (lowest index) first, head = newest
         starts = np.flatnonzero(np.r_[True, ino[1:] != ino[:-1]]).tolist()
         for lo, hi in zip(starts, [*starts[1:], len(frames)]):
             i = int(ino[lo])
@@ -234,7 +272,9 @@ class Adoption:
             self._settle(ino, idx, keep_clean=True)
         return (ino, idx) in self.index
 
-    def _settle(self, ino: int, idx: int, upto: int | None = None, keep_clean: bool = False) -> None:
+    def _settle(
+        self, ino: int, idx: int, upto: int | None = None, keep_clean: bool = False
+    ) -> None:
         """Before pages are replaced or read from the disk: their unchecked dirty entries
         are checked, their clean ones dropped unread (unless ``keep_clean``)."""
         u = self.unchecked
@@ -269,7 +309,7 @@ class Adoption:
         if self.unchecked is None:
             return
         still = self.unchecked.open[pos]
-        self._check(pos[still], (desc_ok[still], ok[still]))   # masks copy: the caller's stay
+        self._check(pos[still], (desc_ok[still], ok[still]))  # masks copy: the caller's stay
 
     def _check(self, pos: np.ndarray, verdict: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Check unchecked pages in bulk (unless ``verdict`` is known): a sound one is cached
@@ -280,12 +320,15 @@ class Adoption:
         frames = u.close(pos)
         desc_ok, ok = verdict or check_pages(self.mem, self.lay, frames)
         d = self.mem.array(PAGE_DESC.dtype, self.lay.desc, self.nframes)[frames]
-        same = (((d["ino"] << _KEY_SHIFT) | d["index"]) == want) \
-            & ((d["flags"] & (PG_VALID | PG_DIRTY | PG_META)) == np.where(dirty, PG_VALID | PG_DIRTY, PG_VALID))
-        desc_ok &= same     # still the page it was adopted as
+        same = (((d["ino"] << _KEY_SHIFT) | d["index"]) == want) & (
+            (d["flags"] & (PG_VALID | PG_DIRTY | PG_META))
+            == np.where(dirty, PG_VALID | PG_DIRTY, PG_VALID)
+        )
+        desc_ok &= same  # still the page it was adopted as
         ok &= same
-        for f, dok, key, drt in zip(frames[~ok].tolist(), desc_ok[~ok].tolist(),
-                                    want[~ok].tolist(), dirty[~ok].tolist()):
+        for f, dok, key, drt in zip(
+            frames[~ok].tolist(), desc_ok[~ok].tolist(), want[~ok].tolist(), dirty[~ok].tolist()
+        ):
             e = page_problem(self.mem, self.lay, f, dok)
             u.rejected.append(e)
             if drt:
@@ -294,14 +337,30 @@ class Adoption:
         d, frames, dirty, want = d[ok], frames[ok], dirty[ok], want[ok]
         keys = zip(d["ino"].tolist(), d["index"].tolist())
         twice = np.fromiter(map(self.index.__contains__, keys), bool, len(frames))
-        twice[1:] |= want[1:] == want[:-1]          # sorted by key: a repeat follows its first
-        for f, ino, idx in zip(frames[twice].tolist(), d["ino"][twice].tolist(), d["index"][twice].tolist()):
-            u.rejected.append(CorruptObject(PAGE_DESC.kind, self.lay.desc_phys(f), "index",
-                                            f"a second page {idx} of inode {ino}"))
+        twice[1:] |= want[1:] == want[:-1]  # sorted by key: a repeat follows its first
+        for f, ino, idx in zip(
+            frames[twice].tolist(), d["ino"][twice].tolist(), d["index"][twice].tolist()
+        ):
+            u.rejected.append(
+                CorruptObject(
+                    PAGE_DESC.kind,
+                    self.lay.desc_phys(f),
+                    "index",
+                    f"a second page {idx} of inode {ino}",
+                )
+            )
         take = ~twice
         d = d[take]
-        self._take_in(frames[take], d["ino"].astype(np.int64), d["index"].astype(np.int64), d["gen"],
-                      d["content_csum"], dirty[take], d["next_dirty"], d["dirtied_ns"])
+        self._take_in(
+            frames[take],
+            d["ino"].astype(np.int64),
+            d["index"].astype(np.int64),
+            d["gen"],
+            d["content_csum"],
+            dirty[take],
+            d["next_dirty"],
+            d["dirtied_ns"],
+        )
         u.good += len(d)
         u.good_dirty += int(np.count_nonzero(dirty[take]))
         self._release(sorted(frames[twice].tolist() + bad))
@@ -312,8 +371,11 @@ class Adoption:
         if desc_ok:
             self.lost.page(ino, idx, f"dirty page rejected ({e})")
         else:
-            self.lost.file(ino, f"a dirty page adopted as its page {idx}, which no sound "
-                                f"descriptor names, was rejected ({e})")
+            self.lost.file(
+                ino,
+                f"a dirty page adopted as its page {idx}, which no sound "
+                f"descriptor names, was rejected ({e})",
+            )
 
     def _drop_unchecked(self, pos: np.ndarray) -> int:
         """Unchecked pages whose data is not needed (written, truncated, reclaimed): freed unread."""

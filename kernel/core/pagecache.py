@@ -28,6 +28,7 @@ Promises to the VFS and the write-back code:
 The generation of a page increases on every store, so write-back can tell whether the
 page changed while it was being written (then it stays dirty).
 """
+
 from __future__ import annotations
 
 import time
@@ -38,8 +39,17 @@ import numpy as np
 from kernel import param
 from kernel.core.icache import ICache
 from kernel.core.pageadopt import WHOLE_FILE, Adopted, Adoption, Lost, Unchecked
-from kernel.hw.physmem import (ICORE, PAGE_DESC, PG_DIRTY, PG_META, PG_UPTODATE, PG_VALID, PartLayout, PhysMem,
-                            page_csum)
+from kernel.hw.physmem import (
+    ICORE,
+    PAGE_DESC,
+    PG_DIRTY,
+    PG_META,
+    PG_UPTODATE,
+    PG_VALID,
+    PartLayout,
+    PhysMem,
+    page_csum,
+)
 
 __all__ = ["Adopted", "FreeFrames", "Lost", "PageCache", "Unchecked"]
 
@@ -56,7 +66,7 @@ class FreeFrames:
     while the service is down."""
 
     def __init__(self, at_mount: np.ndarray):
-        self._base, self._n, self._back = at_mount, len(at_mount), []   # base: descending
+        self._base, self._n, self._back = at_mount, len(at_mount), []  # base: descending
 
     def __len__(self) -> int:
         return self._n + len(self._back)
@@ -89,12 +99,14 @@ class PageCache(Adoption):
         self.csum = [0] * n  # content checksum last written into each descriptor
         self.dirty: dict[int, dict[int, int]] = {}  # ino -> {index: frame}, oldest first
         self._next_dirty: dict[int, int] = {}  # frame -> phys of the next descriptor in its chain
-        self._dirtied: dict[int, int] = {}     # frame -> monotonic ns it became dirty
+        self._dirtied: dict[int, int] = {}  # frame -> monotonic ns it became dirty
         self.ndirty = 0
         self.pages_of: dict[int, set[int]] = {}  # ino -> indexes cached
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
         self.unchecked: Unchecked | None = None
-        self.lost = adopt.lost if adopt is not None else Lost()   # read as EIO (kernel/core/pageadopt.py)
+        self.lost = (
+            adopt.lost if adopt is not None else Lost()
+        )  # read as EIO (kernel/core/pageadopt.py)
         self._view = mem.view
         if adopt is None:
             # zero every descriptor: a frame with no valid descriptor holds nothing
@@ -106,13 +118,23 @@ class PageCache(Adoption):
     # --- frames and descriptors --------------------------------------------------------
     def frame_view(self, frame: int) -> memoryview:
         p = self.lay.frames + frame * PAGE
-        return self._view[p:p + PAGE]
+        return self._view[p : p + PAGE]
 
     def _desc_bytes(self, f: int) -> bytes:
         ino, idx = self.key[f]
-        return PAGE_DESC.encode_tuple((_MAGIC, _VERSION, self.flags[f], ino, idx, self.gen[f],
-                                       self.csum[f], self._next_dirty.get(f, 0),
-                                       self._dirtied.get(f, 0)))
+        return PAGE_DESC.encode_tuple(
+            (
+                _MAGIC,
+                _VERSION,
+                self.flags[f],
+                ino,
+                idx,
+                self.gen[f],
+                self.csum[f],
+                self._next_dirty.get(f, 0),
+                self._dirtied.get(f, 0),
+            )
+        )
 
     def _write_desc(self, frame: int, csum: int | None = None) -> None:
         """Rewrite a descriptor; csum None means the frame's content changed: checksum it."""
@@ -125,8 +147,12 @@ class PageCache(Adoption):
         """Rewrite many descriptors (content unchanged), one store per run of adjacent ones."""
         if frames:
             frames = sorted(frames)
-            self._store_runs(frames, lambda i, j: b"".join(self._desc_bytes(f) for f in frames[i:j]),
-                             self.lay.desc, 64)
+            self._store_runs(
+                frames,
+                lambda i, j: b"".join(self._desc_bytes(f) for f in frames[i:j]),
+                self.lay.desc,
+                64,
+            )
 
     def _clear_desc(self, frame: int) -> None:
         self.mem.write(self.lay.desc + frame * 64, bytes(64))
@@ -152,8 +178,10 @@ class PageCache(Adoption):
         if not self.free:
             self.reclaim(param.EVICT_BATCH)
         if not self.free:
-            raise MemoryError("page cache: every frame is dirty or pinned "
-                              "(write-back must run before more pages can be cached)")
+            raise MemoryError(
+                "page cache: every frame is dirty or pinned "
+                "(write-back must run before more pages can be cached)"
+            )
         return self.free.pop()
 
     def insert(self, ino: int, idx: int, data, meta: bool = False) -> int:
@@ -161,7 +189,7 @@ class PageCache(Adoption):
         key = (ino, idx)
         if self.unchecked is not None:
             self._settle(ino, idx)
-            if key in self.index:     # an adopted dirty page: newer than the disk
+            if key in self.index:  # an adopted dirty page: newer than the disk
                 return self.index[key]
         f = self._alloc_frame()
         p = self.lay.frames + f * PAGE
@@ -220,7 +248,7 @@ class PageCache(Adoption):
                 self.index[key] = f
                 self.pages_of.setdefault(ino, set()).add(first + i)
             frames.append(f)
-        self._store_runs(frames, lambda i, j: data[i * PAGE:j * PAGE], self.lay.frames, PAGE)
+        self._store_runs(frames, lambda i, j: data[i * PAGE : j * PAGE], self.lay.frames, PAGE)
         if self.lost:
             self.lost.overwritten(ino, first, n)
         d = self.dirty.setdefault(ino, {})
@@ -239,7 +267,7 @@ class PageCache(Adoption):
                 self.ndirty += 1
                 newly += 1
                 head = self.lay.desc + f * 64
-            self.csum[f] = page_csum(data[i * PAGE:(i + 1) * PAGE])
+            self.csum[f] = page_csum(data[i * PAGE : (i + 1) * PAGE])
             descs.append(self._desc_bytes(f))
         self._store_runs(frames, lambda i, j: b"".join(descs[i:j]), self.lay.desc, 64)
         if newly:
@@ -263,8 +291,12 @@ class PageCache(Adoption):
         """Store a whole page into lent frame f and its descriptor: one store each."""
         self.mem.write(self.lay.frames + f * PAGE, page)
         self.gen[f] += 1
-        self.mem.write(self.lay.desc + f * 64, PAGE_DESC.encode_tuple(
-            (_MAGIC, _VERSION, flags, ino, idx, self.gen[f], page_csum(page), 0, 0)))
+        self.mem.write(
+            self.lay.desc + f * 64,
+            PAGE_DESC.encode_tuple(
+                (_MAGIC, _VERSION, flags, ino, idx, self.gen[f], page_csum(page), 0, 0)
+            ),
+        )
 
     def blank_lent(self, frames: list[int]) -> None:
         """Clear the descriptors of lent frames (sorted): one store per run of adjacent ones."""
@@ -346,7 +378,7 @@ class PageCache(Adoption):
 
     def truncate(self, ino: int, first_idx: int) -> int:
         """Drop every page of ino at index >= first_idx, dirty or not; returns dirty dropped."""
-        if self.unchecked is not None and first_idx:   # the page before may become a partial tail
+        if self.unchecked is not None and first_idx:  # the page before may become a partial tail
             self._settle(ino, first_idx - 1)
         if self.unchecked is not None:
             self._drop_unchecked(self.unchecked.find(ino, first_idx, WHOLE_FILE))
@@ -380,7 +412,7 @@ class PageCache(Adoption):
         """Evict up to n clean, unpinned pages, least recently used first (never used:
         unchecked adopted pages, first)."""
         got = 0
-        if self.unchecked is not None:   # clean ones only: a dirty page's data is nowhere else
+        if self.unchecked is not None:  # clean ones only: a dirty page's data is nowhere else
             u = self.unchecked
             got = self._drop_unchecked(np.flatnonzero(u.open & ~u.dirty)[:n])
         while got < n and self.lru:

@@ -40,6 +40,7 @@ Process-table entry (PROC_ENTRY_BYTES = 256, little-endian)::
     72  PROC_FILES x { ino u64 | oflags u32 | refs u32 }
     248 csum u64 (xxh3-64 of bytes 0..247)
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -60,20 +61,51 @@ import xxhash
 
 from kernel import param
 from kernel.hw.physmem import CorruptObject, Layout, PartLayout, PhysMem
-from kernel.hw.procset import (MODES, FenceError, FenceReport, ProcError, ProcessSet, _kill,
-                            cleanup_stale)
+from kernel.hw.procset import (
+    MODES,
+    FenceError,
+    FenceReport,
+    ProcError,
+    ProcessSet,
+    _kill,
+    cleanup_stale,
+)
 
-__all__ = ["AppSpec", "App", "launch", "argv_hash", "name_thread", "LaunchError", "ProcTable",
-           "ProcTableFull", "read_proc_table", "PROC_ENTRY", "PROC_FILES", "PF_USED", "PF_RUNTIME_AWARE",
-           "PF_FILES_OVERFLOW",
-           # kernel/hw/procset.py
-           "ProcessSet", "FenceReport", "FenceError", "ProcError", "cleanup_stale", "MODES"]
+__all__ = [
+    "AppSpec",
+    "App",
+    "launch",
+    "argv_hash",
+    "name_thread",
+    "LaunchError",
+    "ProcTable",
+    "ProcTableFull",
+    "read_proc_table",
+    "PROC_ENTRY",
+    "PROC_FILES",
+    "PF_USED",
+    "PF_RUNTIME_AWARE",
+    "PF_FILES_OVERFLOW",
+    # kernel/hw/procset.py
+    "ProcessSet",
+    "FenceReport",
+    "FenceError",
+    "ProcError",
+    "cleanup_stale",
+    "MODES",
+]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
 
 
 def name_thread(name: str) -> None:
@@ -99,6 +131,7 @@ class AppSpec:
     (with HOME, USER and LOGNAME of ``user`` when one is given); ``user``/``group`` are
     names or numeric ids (group defaults to the user's primary group); ``log`` receives
     stdout and stderr (appended); ``runtime_aware`` apps get a state segment."""
+
     name: str
     argv: Sequence[str]
     cwd: str | None = None
@@ -109,15 +142,32 @@ class AppSpec:
     group: str | int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name or "\0" in self.name \
-                or len(self.name.encode()) > NAME_BYTES:
-            raise ValueError(f"name: {self.name!r} must be 1-{NAME_BYTES} bytes of UTF-8 without NUL")
-        if isinstance(self.argv, (str, bytes)) or not self.argv \
-                or not all(isinstance(a, str) and "\0" not in a for a in self.argv):
-            raise ValueError(f"argv of {self.name}: must be a non-empty list of strings without NUL")
+        if (
+            not isinstance(self.name, str)
+            or not self.name
+            or "\0" in self.name
+            or len(self.name.encode()) > NAME_BYTES
+        ):
+            raise ValueError(
+                f"name: {self.name!r} must be 1-{NAME_BYTES} bytes of UTF-8 without NUL"
+            )
+        if (
+            isinstance(self.argv, (str, bytes))
+            or not self.argv
+            or not all(isinstance(a, str) and "\0" not in a for a in self.argv)
+        ):
+            raise ValueError(
+                f"argv of {self.name}: must be a non-empty list of strings without NUL"
+            )
         self.argv = list(self.argv)
         for k, v in self.env.items():
-            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k or "\0" in k + v:
+            if (
+                not isinstance(k, str)
+                or not isinstance(v, str)
+                or not k
+                or "=" in k
+                or "\0" in k + v
+            ):
                 raise ValueError(f"env of {self.name}: bad variable {k!r}={v!r}")
 
     def argv_hash(self) -> int:
@@ -134,8 +184,8 @@ class App:
     def __init__(self, spec: AppSpec, popen: subprocess.Popen, cpus: tuple[int, ...], uid: int):
         self.spec, self.popen, self.cpus, self.uid = spec, popen, cpus, uid
         self.pid, self.name = popen.pid, spec.name
-        self.table_slot: int | None = None   # set by ProcTable.register
-        self.state_slot: int | None = None   # set by ProcTable.launch (runtime-aware apps)
+        self.table_slot: int | None = None  # set by ProcTable.register
+        self.state_slot: int | None = None  # set by ProcTable.launch (runtime-aware apps)
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, pid={self.pid}, alive={self.alive()})"
@@ -178,8 +228,9 @@ class _Launcher:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._q = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._loop, args=(self._q,),
-                                                name="crashbench-launcher", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop, args=(self._q,), name="crashbench-launcher", daemon=True
+                )
                 self._thread.start()
             q = self._q
         fut: Future = Future()
@@ -205,8 +256,11 @@ def _resolve_user(spec: AppSpec) -> tuple[int, int, list[int], dict[str, str]] |
         return None
     env: dict[str, str] = {}
     try:
-        pw = pwd.getpwnam(spec.user) if isinstance(spec.user, str) else \
-            pwd.getpwuid(os.getuid() if spec.user is None else spec.user)
+        pw = (
+            pwd.getpwnam(spec.user)
+            if isinstance(spec.user, str)
+            else pwd.getpwuid(os.getuid() if spec.user is None else spec.user)
+        )
     except KeyError:
         if not isinstance(spec.user, int):
             raise LaunchError(f"{spec.name}: user: no such user {spec.user!r}") from None
@@ -229,8 +283,14 @@ def _resolve_user(spec: AppSpec) -> tuple[int, int, list[int], dict[str, str]] |
     return uid, gid, groups, env
 
 
-def launch(spec: AppSpec, pset: ProcessSet, *, netns_enter: Callable[[], None] | None = None,
-           cpus: Sequence[int], pass_fds: Sequence[int] = ()) -> App:
+def launch(
+    spec: AppSpec,
+    pset: ProcessSet,
+    *,
+    netns_enter: Callable[[], None] | None = None,
+    cpus: Sequence[int],
+    pass_fds: Sequence[int] = (),
+) -> App:
     """Start `spec` as a real process of the partition (see the module docstring).
 
     In the child, in this order: own process group, cwd, join `pset`, `netns_enter()`,
@@ -240,7 +300,9 @@ def launch(spec: AppSpec, pset: ProcessSet, *, netns_enter: Callable[[], None] |
     cpus = tuple(cpus)
     ncpu = os.cpu_count() or 1
     if not cpus or not all(isinstance(c, int) and 0 <= c < ncpu for c in cpus):
-        raise LaunchError(f"{spec.name}: cpus: {cpus!r} must be CPUs of this machine (0-{ncpu - 1})")
+        raise LaunchError(
+            f"{spec.name}: cpus: {cpus!r} must be CPUs of this machine (0-{ncpu - 1})"
+        )
     if spec.cwd is not None and not os.path.isdir(spec.cwd):
         raise LaunchError(f"{spec.name}: cwd: {spec.cwd} is not a directory")
     cred = _resolve_user(spec)
@@ -269,7 +331,7 @@ def launch(spec: AppSpec, pset: ProcessSet, *, netns_enter: Callable[[], None] |
             step = "set the parent-death signal"
             if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-            if os.getppid() != parent:      # the kernel died before we could notice
+            if os.getppid() != parent:  # the kernel died before we could notice
                 os.kill(os.getpid(), signal.SIGKILL)
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
         except BaseException as e:
@@ -283,10 +345,20 @@ def launch(spec: AppSpec, pset: ProcessSet, *, netns_enter: Callable[[], None] |
             logf = open(spec.log, "ab")
         out = logf if logf is not None else subprocess.DEVNULL
         try:
-            popen = _launcher.run(lambda: subprocess.Popen(
-                spec.argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, preexec_fn=preexec, process_group=0, close_fds=True,
-                pass_fds=tuple(pass_fds)))
+            popen = _launcher.run(
+                lambda: subprocess.Popen(
+                    spec.argv,
+                    cwd=spec.cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=preexec,
+                    process_group=0,
+                    close_fds=True,
+                    pass_fds=tuple(pass_fds),
+                )
+            )
         except subprocess.SubprocessError:
             os.close(errw)
             errw = -1
@@ -307,13 +379,24 @@ def launch(spec: AppSpec, pset: ProcessSet, *, netns_enter: Callable[[], None] |
 
 PF_USED, PF_RUNTIME_AWARE, PF_FILES_OVERFLOW = 1, 2, 4
 _PF_ALL = PF_USED | PF_RUNTIME_AWARE | PF_FILES_OVERFLOW
-_HEAD = [("pid", "I"), ("state_slot", "i"), ("uid", "I"), ("n_files", "H"), ("pad", "H"),
-         ("started_ns", "Q"), ("argv_hash", "Q"), ("name", f"{NAME_BYTES}s")]
+_HEAD = [
+    ("pid", "I"),
+    ("state_slot", "i"),
+    ("uid", "I"),
+    ("n_files", "H"),
+    ("pad", "H"),
+    ("started_ns", "Q"),
+    ("argv_hash", "Q"),
+    ("name", f"{NAME_BYTES}s"),
+]
 _HEAD_BYTES = 8 + 4 + 4 + 4 + 2 + 2 + 8 + 8 + NAME_BYTES
 _FILE_BYTES = 16
 PROC_FILES = (param.PROC_ENTRY_BYTES - _HEAD_BYTES - 8) // _FILE_BYTES
-_FILE_FIELDS = [(f"f{i}_{k}", c) for i in range(PROC_FILES)
-                for k, c in (("ino", "Q"), ("oflags", "I"), ("refs", "I"))]
+_FILE_FIELDS = [
+    (f"f{i}_{k}", c)
+    for i in range(PROC_FILES)
+    for k, c in (("ino", "Q"), ("oflags", "I"), ("refs", "I"))
+]
 PROC_ENTRY = Layout("process-table entry", "PROC", 1, _HEAD + _FILE_FIELDS, param.PROC_ENTRY_BYTES)
 _ZERO_ENTRY = bytes(PROC_ENTRY.size)
 
@@ -330,10 +413,10 @@ class ProcTable:
     def __init__(self, mem: PhysMem, lay: PartLayout, *, clear: bool = True):
         self.mem, self.lay = mem, lay
         self._lock = threading.Lock()
-        self._slot_of: dict[int, int] = {}        # pid -> table slot
-        self._e: dict[int, dict] = {}             # table slot -> entry values
-        self._states: set[int] = set()            # state slots in use
-        self._apps: dict[int, App] = {}           # table slot -> the App launched here
+        self._slot_of: dict[int, int] = {}  # pid -> table slot
+        self._e: dict[int, dict] = {}  # table slot -> entry values
+        self._states: set[int] = set()  # state slots in use
+        self._apps: dict[int, App] = {}  # table slot -> the App launched here
         if clear:
             mem.write(lay.proc, bytes(lay.n_proc * PROC_ENTRY.size))
 
@@ -345,11 +428,13 @@ class ProcTable:
         """A free state segment, emptied (or holding `payload` as its one valid state: how a
         resurrected process finds the state it had in the dead partition)."""
         from kernel.core import rtaware
+
         with self._lock:
             free = [s for s in range(self.lay.n_state) if s not in self._states]
             if not free:
-                raise ProcTableFull(f"partition {self.lay.part_id}: all {self.lay.n_state} "
-                                    "state segments in use")
+                raise ProcTableFull(
+                    f"partition {self.lay.part_id}: all {self.lay.n_state} state segments in use"
+                )
             slot = free[0]
             self._states.add(slot)
         phys = self.lay.state_phys(slot)
@@ -365,15 +450,25 @@ class ProcTable:
     def state_env(self, slot: int, fd: int | None = None) -> dict[str, str]:
         """What a runtime-aware app is told about its state segment (kernel/core/rtaware.py)."""
         from kernel.core import rtaware
-        env = {rtaware.ENV_PHYSMEM: self.mem.path,
-               rtaware.ENV_STATE_PHYS: str(self.lay.state_phys(slot)),
-               rtaware.ENV_STATE_LEN: str(param.PROC_STATE_BYTES)}
+
+        env = {
+            rtaware.ENV_PHYSMEM: self.mem.path,
+            rtaware.ENV_STATE_PHYS: str(self.lay.state_phys(slot)),
+            rtaware.ENV_STATE_LEN: str(param.PROC_STATE_BYTES),
+        }
         if fd is not None:
             env[rtaware.ENV_PHYSMEM_FD] = str(fd)
         return env
 
-    def launch(self, spec: AppSpec, pset: ProcessSet, *, netns_enter=None, cpus: Sequence[int],
-               state: bytes | None = None) -> App:
+    def launch(
+        self,
+        spec: AppSpec,
+        pset: ProcessSet,
+        *,
+        netns_enter=None,
+        cpus: Sequence[int],
+        state: bytes | None = None,
+    ) -> App:
         """Launch and register `spec`; a runtime-aware app first gets a state segment
         (holding `state` if given) and an inherited descriptor of physical memory, so it can
         map its segment also when it runs as a user who may not open the file."""
@@ -384,8 +479,16 @@ class ProcTable:
         slot = self.reserve_state(state)
         fd = os.open(self.mem.path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            s = AppSpec(spec.name, spec.argv, spec.cwd, {**spec.env, **self.state_env(slot, fd)},
-                        spec.user, spec.log, spec.runtime_aware, spec.group)
+            s = AppSpec(
+                spec.name,
+                spec.argv,
+                spec.cwd,
+                {**spec.env, **self.state_env(slot, fd)},
+                spec.user,
+                spec.log,
+                spec.runtime_aware,
+                spec.group,
+            )
             app = launch(s, pset, netns_enter=netns_enter, cpus=cpus, pass_fds=(fd,))
         except BaseException:
             self.release_state(slot)
@@ -399,9 +502,19 @@ class ProcTable:
     # --- entries ------------------------------------------------------------------------
     def _store(self, slot: int) -> None:
         e = self._e[slot]
-        vals = [PROC_ENTRY.magic, PROC_ENTRY.version, e["flags"], e["pid"], e["state_slot"],
-                e["uid"], sum(1 for f in e["files"] if f[2]), 0, e["started_ns"], e["argv_hash"],
-                e["name"]]
+        vals = [
+            PROC_ENTRY.magic,
+            PROC_ENTRY.version,
+            e["flags"],
+            e["pid"],
+            e["state_slot"],
+            e["uid"],
+            sum(1 for f in e["files"] if f[2]),
+            0,
+            e["started_ns"],
+            e["argv_hash"],
+            e["name"],
+        ]
         for ino, oflags, refs in e["files"]:
             vals += (ino, oflags, refs)
         self.mem.write(self.phys(slot), PROC_ENTRY.encode_tuple(tuple(vals)))
@@ -411,23 +524,35 @@ class ProcTable:
         if state_slot is None:
             state_slot = app.state_slot
         if app.spec.runtime_aware and state_slot is None:
-            raise ValueError(f"register {app.name}: a runtime-aware app needs its state segment "
-                             "(launch it with ProcTable.launch, or pass state_slot)")
+            raise ValueError(
+                f"register {app.name}: a runtime-aware app needs its state segment "
+                "(launch it with ProcTable.launch, or pass state_slot)"
+            )
         if state_slot is not None and not 0 <= state_slot < self.lay.n_state:
-            raise ValueError(f"register {app.name}: state_slot {state_slot} out of 0-{self.lay.n_state - 1}")
+            raise ValueError(
+                f"register {app.name}: state_slot {state_slot} out of 0-{self.lay.n_state - 1}"
+            )
         with self._lock:
             if app.pid in self._slot_of:
                 raise ValueError(f"register {app.name}: pid {app.pid} is already registered")
             free = [s for s in range(self.lay.n_proc) if s not in self._e]
             if not free:
-                raise ProcTableFull(f"partition {self.lay.part_id}: all {self.lay.n_proc} "
-                                    "process-table entries in use")
+                raise ProcTableFull(
+                    f"partition {self.lay.part_id}: all {self.lay.n_proc} "
+                    "process-table entries in use"
+                )
             slot = free[0]
             flags = PF_USED | (PF_RUNTIME_AWARE if app.spec.runtime_aware else 0)
-            self._e[slot] = {"flags": flags, "pid": app.pid,
-                             "state_slot": -1 if state_slot is None else state_slot, "uid": app.uid,
-                             "started_ns": time.monotonic_ns(), "argv_hash": app.spec.argv_hash(),
-                             "name": app.spec.name.encode(), "files": [(0, 0, 0)] * PROC_FILES}
+            self._e[slot] = {
+                "flags": flags,
+                "pid": app.pid,
+                "state_slot": -1 if state_slot is None else state_slot,
+                "uid": app.uid,
+                "started_ns": time.monotonic_ns(),
+                "argv_hash": app.spec.argv_hash(),
+                "name": app.spec.name.encode(),
+                "files": [(0, 0, 0)] * PROC_FILES,
+            }
             if state_slot is not None:
                 self._states.add(state_slot)
             self._slot_of[app.pid] = slot
@@ -469,7 +594,7 @@ class ProcTable:
                         files[i] = (ino, oflags, 1)
                         break
                 else:
-                    e["flags"] |= PF_FILES_OVERFLOW   # the list is now known incomplete
+                    e["flags"] |= PF_FILES_OVERFLOW  # the list is now known incomplete
             self._store(slot)
             return True
 
@@ -511,20 +636,29 @@ class ProcTable:
     def entries(self) -> list[dict]:
         """This kernel's own view (no validation needed), in read_proc_table's form."""
         with self._lock:
-            return [_entry_dict(slot, self.phys(slot), e, e["files"], self.lay)
-                    for slot, e in sorted(self._e.items())]
+            return [
+                _entry_dict(slot, self.phys(slot), e, e["files"], self.lay)
+                for slot, e in sorted(self._e.items())
+            ]
 
 
 def _entry_dict(slot: int, phys: int, d: dict, files, lay: PartLayout) -> dict:
     ss = d["state_slot"]
-    return {"slot": slot, "phys": phys, "pid": d["pid"], "flags": d["flags"],
-            "runtime_aware": bool(d["flags"] & PF_RUNTIME_AWARE),
-            "files_overflow": bool(d["flags"] & PF_FILES_OVERFLOW),
-            "name": d["name"].rstrip(b"\0").decode(errors="replace"),
-            "argv_hash": d["argv_hash"], "uid": d["uid"], "started_ns": d["started_ns"],
-            "state_slot": None if ss < 0 else ss,
-            "state_phys": None if ss < 0 else lay.state_phys(ss),
-            "files": [{"ino": ino, "oflags": fl, "refs": refs} for ino, fl, refs in files if refs]}
+    return {
+        "slot": slot,
+        "phys": phys,
+        "pid": d["pid"],
+        "flags": d["flags"],
+        "runtime_aware": bool(d["flags"] & PF_RUNTIME_AWARE),
+        "files_overflow": bool(d["flags"] & PF_FILES_OVERFLOW),
+        "name": d["name"].rstrip(b"\0").decode(errors="replace"),
+        "argv_hash": d["argv_hash"],
+        "uid": d["uid"],
+        "started_ns": d["started_ns"],
+        "state_slot": None if ss < 0 else ss,
+        "state_phys": None if ss < 0 else lay.state_phys(ss),
+        "files": [{"ino": ino, "oflags": fl, "refs": refs} for ino, fl, refs in files if refs],
+    }
 
 
 def read_proc_table(mem: PhysMem, lay: PartLayout) -> tuple[list[dict], list[CorruptObject]]:
@@ -537,7 +671,7 @@ def read_proc_table(mem: PhysMem, lay: PartLayout) -> tuple[list[dict], list[Cor
         phys = lay.proc + slot * PROC_ENTRY.size
         raw = mem.read(phys, PROC_ENTRY.size)
         if raw == _ZERO_ENTRY:
-            continue                           # never used, or unregistered
+            continue  # never used, or unregistered
         try:
             d = PROC_ENTRY.decode(raw, 0, phys)
             if d["flags"] & ~_PF_ALL:
@@ -548,17 +682,33 @@ def read_proc_table(mem: PhysMem, lay: PartLayout) -> tuple[list[dict], list[Cor
                 raise CorruptObject(kind, phys, "pid", "pid 0 in a used entry")
             ss = d["state_slot"]
             if ss != -1 and not 0 <= ss < lay.n_state:
-                raise CorruptObject(kind, phys, "state_slot",
-                                    f"state slot {ss} outside the partition's 0-{lay.n_state - 1}")
+                raise CorruptObject(
+                    kind,
+                    phys,
+                    "state_slot",
+                    f"state slot {ss} outside the partition's 0-{lay.n_state - 1}",
+                )
             if d["flags"] & PF_RUNTIME_AWARE and ss == -1:
-                raise CorruptObject(kind, phys, "state_slot", "runtime-aware process without a state segment")
-            files = [(d[f"f{i}_ino"], d[f"f{i}_oflags"], d[f"f{i}_refs"]) for i in range(PROC_FILES)]
-            bad = [i for i, (ino, fl, refs) in enumerate(files) if (refs == 0) != (ino == 0 and fl == 0)]
+                raise CorruptObject(
+                    kind, phys, "state_slot", "runtime-aware process without a state segment"
+                )
+            files = [
+                (d[f"f{i}_ino"], d[f"f{i}_oflags"], d[f"f{i}_refs"]) for i in range(PROC_FILES)
+            ]
+            bad = [
+                i
+                for i, (ino, fl, refs) in enumerate(files)
+                if (refs == 0) != (ino == 0 and fl == 0)
+            ]
             if bad:
                 raise CorruptObject(kind, phys, f"f{bad[0]}", "open-file record half filled")
             if d["n_files"] != sum(1 for f in files if f[2]):
-                raise CorruptObject(kind, phys, "n_files",
-                                    f"says {d['n_files']} open files, records hold {sum(1 for f in files if f[2])}")
+                raise CorruptObject(
+                    kind,
+                    phys,
+                    "n_files",
+                    f"says {d['n_files']} open files, records hold {sum(1 for f in files if f[2])}",
+                )
         except CorruptObject as e:
             rejected.append(e)
             continue
@@ -570,7 +720,13 @@ def read_proc_table(mem: PhysMem, lay: PartLayout) -> tuple[list[dict], list[Cor
     for ss, es in claims.items():
         if len(es) > 1:
             for e in es:
-                rejected.append(CorruptObject(kind, e["phys"], "state_slot",
-                                              f"state segment {ss} claimed by {len(es)} entries"))
+                rejected.append(
+                    CorruptObject(
+                        kind,
+                        e["phys"],
+                        "state_slot",
+                        f"state segment {ss} claimed by {len(es)} entries",
+                    )
+                )
                 entries.remove(e)
     return entries, rejected

@@ -22,6 +22,7 @@ delayed-allocation reservation does:
 
 The state is in-memory only: a kernel that adopts pages computes it again from the pages.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,10 +45,17 @@ def _page_keys(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rel = np.asarray(idx, np.int64) - ND
     at = np.arange(rel.size)
     one, two = rel >= 0, rel >= NPTR
-    three = rel >= NPTR + NPTR ** 2
-    return (np.concatenate([at[one], at[two], at[three]]),
-            np.concatenate([rel[one] // NPTR * 4 + 1, (rel[two] - NPTR) // NPTR ** 2 * 4 + 2,
-                            np.full(int(three.sum()), 3, np.int64)]))
+    three = rel >= NPTR + NPTR**2
+    return (
+        np.concatenate([at[one], at[two], at[three]]),
+        np.concatenate(
+            [
+                rel[one] // NPTR * 4 + 1,
+                (rel[two] - NPTR) // NPTR**2 * 4 + 2,
+                np.full(int(three.sum()), 3, np.int64),
+            ]
+        ),
+    )
 
 
 def node_keys(idx: np.ndarray) -> np.ndarray:
@@ -83,10 +91,10 @@ class Reservations:
     def __init__(self, fs, pc):
         self.fs, self.pc = fs, pc
         self.ba = fs.balloc
-        self.pages: dict[int, int] = {}        # ino -> its dirty pages promised a block
-        self.meta: dict[int, int] = {}         # ino -> indirect blocks promised
-        self.nodes: dict[int, set[int]] = {}   # ino -> node keys promised or found mapped
-        self.adopted: set[int] = set()         # inodes whose promise is adoption's bound
+        self.pages: dict[int, int] = {}  # ino -> its dirty pages promised a block
+        self.meta: dict[int, int] = {}  # ino -> indirect blocks promised
+        self.nodes: dict[int, set[int]] = {}  # ino -> node keys promised or found mapped
+        self.adopted: set[int] = set()  # inodes whose promise is adoption's bound
         self.stats = {"enospc": 0, "overcommitted": 0, "recounts": 0}
 
     def held(self, ino: int) -> int:
@@ -98,7 +106,7 @@ class Reservations:
     # --- writes ------------------------------------------------------------------------
     def for_write(self, ino: int, first: int, last: int, size: int) -> None:
         """Promise blocks for pages first..last of a write to an inode of in-core ``size``."""
-        eof = -(-size // PAGE)          # no page from here on has a block or is dirty
+        eof = -(-size // PAGE)  # no page from here on has a block or is dirty
         d = self.pc.dirty.get(ino, ())
         inside = [i for i in range(first, min(last + 1, eof)) if i not in d]
         holes = self._holes(ino, inside) if inside else []
@@ -114,7 +122,7 @@ class Reservations:
             if not self.adopted:
                 self.stats["enospc"] += 1
                 raise
-            for a in list(self.adopted):     # adoption's bound may be loose: make it exact
+            for a in list(self.adopted):  # adoption's bound may be loose: make it exact
                 self.recount(a)
             try:
                 self.ba.reserve(need)
@@ -126,12 +134,15 @@ class Reservations:
             self.meta[ino] = self.meta.get(ino, 0) + len(new) - len(mapped)
             self.nodes.setdefault(ino, set()).update(new)
 
-    def _new_nodes(self, ino: int, holes: list[int], beyond: int, last: int) -> tuple[set[int], set[int]]:
+    def _new_nodes(
+        self, ino: int, holes: list[int], beyond: int, last: int
+    ) -> tuple[set[int], set[int]]:
         """The node keys on the paths of pages ``holes`` and beyond..last that the inode was
         not promised yet, and those of them the block map has. Only for a write that
         reaches past the direct pointers: the small-file path needs no numpy call."""
-        keys = node_keys(np.concatenate([np.array(holes, np.int64),
-                                         np.arange(beyond, last + 1, dtype=np.int64)]))
+        keys = node_keys(
+            np.concatenate([np.array(holes, np.int64), np.arange(beyond, last + 1, dtype=np.int64)])
+        )
         have = self.nodes.get(ino, set())
         new = {k for k in keys.tolist() if k not in have}
         return new, (self._mapped(ino, new) if new else set())
@@ -173,7 +184,7 @@ class Reservations:
         self.stats["recounts"] += 1
         try:
             holes = self._holes(ino, idx)
-        except OSError:                  # the file system cannot tell: every page, then
+        except OSError:  # the file system cannot tell: every page, then
             holes = idx
         if holes:
             keys = set(node_keys(np.array(holes, np.int64)).tolist())
@@ -184,8 +195,12 @@ class Reservations:
         over = self.ba.reserve(n, force=True)
         if over:
             self.stats["overcommitted"] += over
-            log.warning("%s: %d dirty-page blocks promised beyond the free space "
-                        "(promised before: %d)", what, over, had)
+            log.warning(
+                "%s: %d dirty-page blocks promised beyond the free space (promised before: %d)",
+                what,
+                over,
+                had,
+            )
 
     # --- a takeover --------------------------------------------------------------------
     def adopt(self, ino: np.ndarray, idx: np.ndarray) -> None:

@@ -31,6 +31,7 @@ Segment of length L (L/2 per half, header 64 bytes, capacity L/2 - 64 bytes)::
     +L/2    header B
     +L/2+64 payload B
 """
+
 from __future__ import annotations
 
 import mmap
@@ -46,8 +47,9 @@ ENV_PHYSMEM_FD = "CRASHBENCH_PHYSMEM_FD"
 ENV_STATE_PHYS = "CRASHBENCH_STATE_PHYS"
 ENV_STATE_LEN = "CRASHBENCH_STATE_LEN"
 
-STATE_HEADER = Layout("state record", "RTST", 1,
-                      [("seq", "Q"), ("length", "Q"), ("payload_csum", "Q")], 64)
+STATE_HEADER = Layout(
+    "state record", "RTST", 1, [("seq", "Q"), ("length", "Q"), ("payload_csum", "Q")], 64
+)
 _HDR = STATE_HEADER.size
 _ZERO_HDR = bytes(_HDR)
 _csum = xxhash.xxh3_64_intdigest
@@ -60,17 +62,20 @@ def capacity(length: int) -> int:
 
 def _check_geometry(phys: int, length: int) -> None:
     if phys < 0 or length <= 0 or length % 2 or capacity(length) < 1:
-        raise ValueError(f"state segment {phys:#x}+{length}: bad geometry (length must be even "
-                         f"and above {2 * _HDR} bytes)")
+        raise ValueError(
+            f"state segment {phys:#x}+{length}: bad geometry (length must be even "
+            f"and above {2 * _HDR} bytes)"
+        )
 
 
 @dataclass
 class StateScan:
     """What a segment holds: the newest valid record, and the halves that failed."""
+
     payload: bytes | None = None
     seq: int = 0
     half: int | None = None
-    empty: bool = True                     # both headers zero: no save ever completed
+    empty: bool = True  # both headers zero: no save ever completed
     rejected: list[CorruptObject] = field(default_factory=list)
 
 
@@ -80,20 +85,28 @@ def _scan(buf, base: int, length: int, phys: int) -> StateScan:
     scan = StateScan()
     for h in (0, 1):
         off, where = base + h * half, phys + h * half
-        hdr = bytes(buf[off:off + _HDR])
+        hdr = bytes(buf[off : off + _HDR])
         if hdr == _ZERO_HDR:
             continue
         scan.empty = False
         try:
             d = STATE_HEADER.decode(hdr, 0, where)
             if d["length"] > cap:
-                raise CorruptObject(STATE_HEADER.kind, where, "length",
-                                    f"payload length {d['length']} beyond the half's {cap} bytes")
-            payload = bytes(buf[off + _HDR:off + _HDR + d["length"]])
+                raise CorruptObject(
+                    STATE_HEADER.kind,
+                    where,
+                    "length",
+                    f"payload length {d['length']} beyond the half's {cap} bytes",
+                )
+            payload = bytes(buf[off + _HDR : off + _HDR + d["length"]])
             if _csum(payload) != d["payload_csum"]:
-                raise CorruptObject(STATE_HEADER.kind, where, "payload",
-                                    f"payload checksum mismatch (seq {d['seq']}, {d['length']} bytes): "
-                                    "torn by a crash mid-save, or corrupted")
+                raise CorruptObject(
+                    STATE_HEADER.kind,
+                    where,
+                    "payload",
+                    f"payload checksum mismatch (seq {d['seq']}, {d['length']} bytes): "
+                    "torn by a crash mid-save, or corrupted",
+                )
         except CorruptObject as e:
             scan.rejected.append(e)
             continue
@@ -116,10 +129,13 @@ def _plan(scan: StateScan, length: int, payload: bytes) -> tuple[int, list[tuple
 
 # ---------------------------------------------------------------- foreign readers, kernel side
 
+
 def scan_state(mem: PhysMem, phys: int, length: int) -> StateScan:
     _check_geometry(phys, length)
     if phys + length > mem.size:
-        raise CorruptObject(STATE_HEADER.kind, phys, "bounds", "segment runs past the end of memory")
+        raise CorruptObject(
+            STATE_HEADER.kind, phys, "bounds", "segment runs past the end of memory"
+        )
     return _scan(mem.mm, phys, length, phys)
 
 
@@ -150,6 +166,7 @@ def write_state(mem: PhysMem, phys: int, length: int, payload: bytes) -> int:
 
 # ---------------------------------------------------------------- the app's side
 
+
 def _same_file(fd: str, path: str | None) -> bool:
     """Is descriptor `fd` (inherited, or a stale number in a child's environment) really
     the physical-memory file? Mapping anything else would write state into it."""
@@ -178,8 +195,9 @@ class StateSegment:
         else:
             own = False
         try:
-            self.mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                                offset=phys)
+            self.mm = mmap.mmap(
+                fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=phys
+            )
         finally:
             if own:
                 os.close(fd)
@@ -217,7 +235,7 @@ class StateSegment:
         """Store `payload` as the newest state; returns its sequence number."""
         seq, stores = self.plan(payload)
         for off, data in stores:
-            self.mm[off:off + len(data)] = data
+            self.mm[off : off + len(data)] = data
         return seq
 
     def load(self) -> bytes | None:
@@ -238,8 +256,10 @@ def attach() -> StateSegment:
     if _default is None:
         seg = StateSegment.from_env()
         if seg is None:
-            raise RuntimeError(f"no state segment: {ENV_STATE_PHYS} is not set "
-                               "(was the app launched as runtime-aware?)")
+            raise RuntimeError(
+                f"no state segment: {ENV_STATE_PHYS} is not set "
+                "(was the app launched as runtime-aware?)"
+            )
         _default = seg
     return _default
 

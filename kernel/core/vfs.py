@@ -20,6 +20,7 @@ Promises to the FUSE adapter (kernel/core/fuse.py) and to tests that drive the k
   write covers it whole or a truncation drops it; a file whose lost pages are unknown
   reads as EIO until it is truncated to 0.
 """
+
 from __future__ import annotations
 
 import errno
@@ -36,12 +37,14 @@ from kernel.core.faults import NoFaults
 from kernel.core.fs import FileSystem
 from kernel.core.icache import F, ICache, KSuper
 from kernel.core.pagecache import Adopted, PageCache
-from kernel.hw.physmem import I_DIRTY_META, PartLayout, PhysMem
 from kernel.core.reserve import Reservations
 from kernel.core.writeback import Writeback
+from kernel.hw.physmem import I_DIRTY_META, PartLayout, PhysMem
 
 PAGE = param.PAGE_SIZE
-_FLAGS, _MODE, _UID, _GID, _NLINK, _SIZE = (F[k] for k in ("flags", "mode", "uid", "gid", "nlink", "size"))
+_FLAGS, _MODE, _UID, _GID, _NLINK, _SIZE = (
+    F[k] for k in ("flags", "mode", "uid", "gid", "nlink", "size")
+)
 _ATIME, _MTIME, _CTIME = F["atime_ns"], F["mtime_ns"], F["ctime_ns"]
 
 
@@ -77,9 +80,20 @@ class VFS:
         self.ic = ICache(mem, lay, self.ks)
         # oldest first, so the dirty-inode list's tail stays the oldest (writeback.balance);
         # each keeps the time the dead kernel dirtied it: a takeover restarts no clock
-        for ino, i in sorted(adopt.inodes.items() if adopt else (), key=lambda e: e[1]["dirtied_ns"]):
-            self.ic.load(ino, i["mode"], i["uid"], i["gid"], i["nlink"], i["size"],
-                         i["atime_ns"], i["mtime_ns"], i["ctime_ns"])
+        for ino, i in sorted(
+            adopt.inodes.items() if adopt else (), key=lambda e: e[1]["dirtied_ns"]
+        ):
+            self.ic.load(
+                ino,
+                i["mode"],
+                i["uid"],
+                i["gid"],
+                i["nlink"],
+                i["size"],
+                i["atime_ns"],
+                i["mtime_ns"],
+                i["ctime_ns"],
+            )
             self.ic.mark_meta_dirty(ino, since=i["dirtied_ns"])
         self.pc = PageCache(mem, lay, self.ic, adopt)
         self.bufs = PageCacheBuffers(self.pc, dev)
@@ -90,7 +104,7 @@ class VFS:
         self.refs: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.orphans: set[int] = set()
-        self.faults = NoFaults()     # a running kernel replaces it with its FaultInjector
+        self.faults = NoFaults()  # a running kernel replaces it with its FaultInjector
         self.writeback = Writeback(self)
 
     def _adopt_reservations(self, a: Adopted) -> None:
@@ -110,14 +124,26 @@ class VFS:
         v = self.ic.get(ino)
         if v is None:
             i = self.fs.iget(ino)
-            v = self.ic.load(ino, i.mode, i.uid, i.gid, i.nlink, i.size,
-                             i.atime_ns, i.mtime_ns, i.ctime_ns)
+            v = self.ic.load(
+                ino, i.mode, i.uid, i.gid, i.nlink, i.size, i.atime_ns, i.mtime_ns, i.ctime_ns
+            )
         return v
 
     def _attr(self, ino: int) -> Attr:
         v = self._icore(ino)
         size = v[_SIZE]
-        return Attr(ino, v[_MODE], v[_NLINK], v[_UID], v[_GID], size, (size + 511) // 512, v[_ATIME], v[_MTIME], v[_CTIME])
+        return Attr(
+            ino,
+            v[_MODE],
+            v[_NLINK],
+            v[_UID],
+            v[_GID],
+            size,
+            (size + 511) // 512,
+            v[_ATIME],
+            v[_MTIME],
+            v[_CTIME],
+        )
 
     def _refresh(self, ino: int, directory: bool = False) -> Attr:
         """Reload an inode's metadata from the file system after a namespace operation
@@ -142,7 +168,7 @@ class VFS:
     def create(self, parent, name, mode, uid, gid) -> Attr:
         with self.lock:
             ino = self.fs.create(parent, name, mode, uid, gid)
-            self.pc.lost.truncated(ino, 0)      # a reused number carries no loss
+            self.pc.lost.truncated(ino, 0)  # a reused number carries no loss
             self.faults.at("vfs.create")
             self._touch_dir(parent)
             return self._attr(ino)
@@ -150,7 +176,7 @@ class VFS:
     def mkdir(self, parent, name, mode, uid, gid) -> Attr:
         with self.lock:
             ino = self.fs.mkdir(parent, name, mode, uid, gid)
-            self.pc.lost.truncated(ino, 0)      # a reused number carries no loss
+            self.pc.lost.truncated(ino, 0)  # a reused number carries no loss
             self._touch_dir(parent)
             return self._attr(ino)
 
@@ -200,9 +226,23 @@ class VFS:
                     out.append((name, self._attr(child)))
                 else:
                     i = self.fs.iget(child)
-                    out.append((name, Attr(child, i.mode, i.nlink, i.uid, i.gid, i.size,
-                                           (i.size + 511) // 512, i.atime_ns, i.mtime_ns,
-                                           i.ctime_ns)))
+                    out.append(
+                        (
+                            name,
+                            Attr(
+                                child,
+                                i.mode,
+                                i.nlink,
+                                i.uid,
+                                i.gid,
+                                i.size,
+                                (i.size + 511) // 512,
+                                i.atime_ns,
+                                i.mtime_ns,
+                                i.ctime_ns,
+                            ),
+                        )
+                    )
             return out
 
     def _touch_dir(self, ino: int) -> None:
@@ -261,16 +301,25 @@ class VFS:
                 self._maybe_free(ino)
 
     # --- attributes ------------------------------------------------------------------------
-    def setattr(self, ino, *, mode=None, uid=None, gid=None, size=None,
-                atime_ns=None, mtime_ns=None) -> Attr:
+    def setattr(
+        self, ino, *, mode=None, uid=None, gid=None, size=None, atime_ns=None, mtime_ns=None
+    ) -> Attr:
         with self.lock:
             v = self._icore(ino)
             now = time.time_ns()
             if size is not None:
                 self._truncate(ino, v, size, now)
-            meta = {k: val for k, val in (("mode", mode), ("uid", uid), ("gid", gid),
-                                          ("atime_ns", atime_ns), ("mtime_ns", mtime_ns))
-                    if val is not None}
+            meta = {
+                k: val
+                for k, val in (
+                    ("mode", mode),
+                    ("uid", uid),
+                    ("gid", gid),
+                    ("atime_ns", atime_ns),
+                    ("mtime_ns", mtime_ns),
+                )
+                if val is not None
+            }
             if mode is not None:
                 meta["mode"] = (v[_MODE] & ~0o7777) | (mode & 0o7777)
             if meta:
@@ -285,10 +334,14 @@ class VFS:
         self._flush_meta(ino)
         self.pc.truncate(ino, (size + PAGE - 1) // PAGE)
         tail = size % PAGE
-        if tail and self.pc.cached(ino, size // PAGE) and self._may_zero(ino, size // PAGE, v[_SIZE]):
+        if (
+            tail
+            and self.pc.cached(ino, size // PAGE)
+            and self._may_zero(ino, size // PAGE, v[_SIZE])
+        ):
             self.pc.store(ino, size // PAGE, tail, bytes(PAGE - tail))
         self.fs.truncate(ino, size)
-        if self.resv.tracks(ino):     # pages gone, indirect blocks freed: count again
+        if self.resv.tracks(ino):  # pages gone, indirect blocks freed: count again
             self.resv.recount(ino)
         self.fs.setattr(ino, mtime_ns=now, ctime_ns=now)
         self.ic.set(ino, size=size, mtime_ns=now, ctime_ns=now)
@@ -331,14 +384,14 @@ class VFS:
                 parts.append(self.pc.frame_view(f))
             data = b"".join(parts)
             lo = off - first * PAGE
-            return data[lo:lo + end - off]
+            return data[lo : lo + end - off]
 
     def _fill(self, ino: int, idx: int, last_wanted: int, size: int) -> int:
         """Read a missing page, and what follows it up to the readahead window, from disk."""
         last_page = (size - 1) // PAGE
         end = min(last_page, max(last_wanted, idx + param.READAHEAD_PAGES - 1))
         n = 1
-        lost = self.pc.lost.pages.get(ino, ())   # never read ahead into a lost page
+        lost = self.pc.lost.pages.get(ino, ())  # never read ahead into a lost page
         while idx + n <= end and not self.pc.cached(ino, idx + n) and idx + n not in lost:
             n += 1
         blocks = self.fs.bmap_range(ino, idx, n)
@@ -350,7 +403,7 @@ class VFS:
                     j += 1
                 data = self.dev.read(blocks[i], j - i)
                 for k in range(i, j):
-                    self.pc.insert(ino, idx + k, data[(k - i) * PAGE:(k - i + 1) * PAGE])
+                    self.pc.insert(ino, idx + k, data[(k - i) * PAGE : (k - i + 1) * PAGE])
             else:
                 self.pc.insert(ino, idx + i, b"")
             i = j
@@ -363,8 +416,10 @@ class VFS:
             mv = memoryview(data)
             n = len(mv)
             if off < 0 or off + n > param.MAX_FILE_BYTES:
-                raise OSError(errno.EFBIG if off >= 0 else errno.EINVAL,
-                              f"write of {n} bytes at {off}: outside 0..MAX_FILE_BYTES")
+                raise OSError(
+                    errno.EFBIG if off >= 0 else errno.EINVAL,
+                    f"write of {n} bytes at {off}: outside 0..MAX_FILE_BYTES",
+                )
             if not n:
                 return 0
             self.resv.for_write(ino, off // PAGE, (off + n - 1) // PAGE, size)
@@ -373,16 +428,16 @@ class VFS:
                 idx, poff = divmod(off + pos, PAGE)
                 whole = (n - pos) // PAGE * PAGE
                 if poff == 0 and whole:
-                    self.pc.store_pages(ino, idx, mv[pos:pos + whole])
+                    self.pc.store_pages(ino, idx, mv[pos : pos + whole])
                     pos += whole
                     self.faults.at("vfs.write")
                     continue
                 chunk = min(PAGE - poff, n - pos)
                 if chunk < PAGE and not self.pc.cached(ino, idx):
-                    self._not_lost(ino, idx)     # nothing sound to merge a part into
+                    self._not_lost(ino, idx)  # nothing sound to merge a part into
                     if idx * PAGE < size:
                         self._fill(ino, idx, idx, size)
-                self.pc.store(ino, idx, poff, mv[pos:pos + chunk])
+                self.pc.store(ino, idx, poff, mv[pos : pos + chunk])
                 pos += chunk
                 self.faults.at("vfs.write")
             now = time.time_ns()

@@ -12,6 +12,7 @@ is the transaction holding the allocation and the new size committed (ordered mo
 is marked clean only after that commit, so a page whose allocation is not durable yet is
 still on its dirty chain for a backup kernel to find.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ class Writeback:
 
     # --- the flusher thread ---------------------------------------------------------------
     def start(self, interval: float = param.WRITEBACK_INTERVAL_S) -> None:
-        self._thread = threading.Thread(target=self._run, args=(interval,),
-                                        name="flusher", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(interval,), name="flusher", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -57,8 +59,11 @@ class Writeback:
         with vfs.lock:
             now = time.monotonic_ns()
             limit = int(expire_s * 1e9)
-            old = [i for i in vfs.ic.dirty_inodes()
-                   if i != BDEV_INO and now - vfs.ic.dirtied_ns(i) >= limit]
+            old = [
+                i
+                for i in vfs.ic.dirty_inodes()
+                if i != BDEV_INO and now - vfs.ic.dirtied_ns(i) >= limit
+            ]
             if old:
                 self._write_inodes(old)
             else:
@@ -109,15 +114,20 @@ class Writeback:
                         promised.append(ino)
                         vfs.resv.release(ino)
                         self._write_pages(ino, pages)
-                    vfs.fs.setattr(ino, size=v[_SIZE], atime_ns=v[_ATIME],
-                                   mtime_ns=v[_MTIME], ctime_ns=v[_CTIME])
+                    vfs.fs.setattr(
+                        ino,
+                        size=v[_SIZE],
+                        atime_ns=v[_ATIME],
+                        mtime_ns=v[_MTIME],
+                        ctime_ns=v[_CTIME],
+                    )
                     done.append((ino, pages))
                 vfs.faults.at("writeback")
         except BaseException:
-            for ino in promised:     # its pages are still dirty, some maybe without a block
+            for ino in promised:  # its pages are still dirty, some maybe without a block
                 vfs.resv.recount(ino)
             raise
-        vfs.dev.flush()            # ordered mode: data on the device before the commit
+        vfs.dev.flush()  # ordered mode: data on the device before the commit
         if vfs.fs.commit() is not None:
             self.stats["commits"] += 1
         vfs.bufs.settle()
@@ -136,8 +146,11 @@ class Writeback:
             while j < len(pages) and pages[j][0] == pages[j - 1][0] + 1:
                 j += 1
             blocks = vfs.fs.bmap_range(ino, pages[i][0], j - i, alloc=True)
-            self._write_run(blocks, [vfs.pc.frame_view(f) for _, f, _ in pages[i:j]],
-                            [vfs.lay.frame_phys(f) for _, f, _ in pages[i:j]])
+            self._write_run(
+                blocks,
+                [vfs.pc.frame_view(f) for _, f, _ in pages[i:j]],
+                [vfs.lay.frame_phys(f) for _, f, _ in pages[i:j]],
+            )
             i = j
 
     def _write_run(self, blocks: list[int], frames: list[memoryview], phys: list[int]) -> None:
@@ -145,7 +158,7 @@ class Writeback:
         each request, as a paravirtual disk's scatter list would (kernel/hw/vmm.py uses it)."""
         dev = self.vfs.dev
         i = 0
-        most = param.WRITEBACK_RUN_BYTES // PAGE   # bounded, so no copy holds the interpreter long
+        most = param.WRITEBACK_RUN_BYTES // PAGE  # bounded, so no copy holds the interpreter long
         while i < len(blocks):
             j = i + 1
             while j < len(blocks) and j - i < most and blocks[j] == blocks[j - 1] + 1:

@@ -31,6 +31,7 @@ take a dead kernel's disk over):
   taken from (a paravirtual request's scatter list). The device ignores it; a VMM beneath
   the kernel (kernel/hw/vmm.py) learns from it which frame now matches which block.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,8 +43,8 @@ import time
 from kernel import param
 
 BSIZE = param.BLOCK_SIZE
-SPIN_S = 100e-6          # the last stretch of a modeled wait is spun, not slept (sleep overshoots)
-FSYNC_ON_FLUSH = False   # tunable candidate: also fdatasync the host image on flush()
+SPIN_S = 100e-6  # the last stretch of a modeled wait is spun, not slept (sleep overshoots)
+FSYNC_ON_FLUSH = False  # tunable candidate: also fdatasync the host image on flush()
 
 
 class DeviceError(OSError):
@@ -51,13 +52,21 @@ class DeviceError(OSError):
 
 
 class BlockDevice:
-    def __init__(self, path: str, model: str = param.DEFAULT_DEVICE_MODEL, *,
-                 write_cache: bool = False, delay: bool = True, exclusive: bool = True,
-                 timing: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        path: str,
+        model: str = param.DEFAULT_DEVICE_MODEL,
+        *,
+        write_cache: bool = False,
+        delay: bool = True,
+        exclusive: bool = True,
+        timing: tuple[float, float] | None = None,
+    ):
         if timing is None:
             if model not in param.DEVICE_MODELS:
-                raise ValueError(f"unknown device model {model!r} "
-                                 f"(known: {', '.join(param.DEVICE_MODELS)})")
+                raise ValueError(
+                    f"unknown device model {model!r} (known: {', '.join(param.DEVICE_MODELS)})"
+                )
             timing = param.DEVICE_MODELS[model]
         self.path, self.model = str(path), model
         self.write_cache, self.delay = write_cache, delay
@@ -69,18 +78,25 @@ class BlockDevice:
             except BlockingIOError:
                 os.close(self.fd)
                 self.fd = -1
-                raise DeviceError(errno.EBUSY, f"{self.path}: owned by another kernel "
-                                               f"(exclusive lock held)") from None
+                raise DeviceError(
+                    errno.EBUSY, f"{self.path}: owned by another kernel (exclusive lock held)"
+                ) from None
         self.nblocks = os.fstat(self.fd).st_size // BSIZE
         self._cache: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._busy_until = 0.0
-        self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "flushes": 0,
-                      "modeled_s": 0.0}
+        self.stats = {
+            "requests": 0,
+            "bytes_read": 0,
+            "bytes_written": 0,
+            "flushes": 0,
+            "modeled_s": 0.0,
+        }
 
     # --- the model ------------------------------------------------------------------------
-    def _charge(self, cost: float, *, nbytes_read: int = 0, nbytes_written: int = 0,
-                flush: bool = False) -> None:
+    def _charge(
+        self, cost: float, *, nbytes_read: int = 0, nbytes_written: int = 0, flush: bool = False
+    ) -> None:
         with self._lock:
             st = self.stats
             if flush:
@@ -106,8 +122,10 @@ class BlockDevice:
             raise DeviceError(errno.EBADF, f"{self.path}: device is closed")
         if count < 1 or blockno < 0 or blockno + count > self.nblocks:
             bad = blockno if blockno < 0 or blockno >= self.nblocks else blockno + count - 1
-            raise DeviceError(errno.EIO, f"{self.path}: block {bad} out of range "
-                                         f"(device has {self.nblocks} blocks)")
+            raise DeviceError(
+                errno.EIO,
+                f"{self.path}: block {bad} out of range (device has {self.nblocks} blocks)",
+            )
 
     # --- requests ---------------------------------------------------------------------------
     def read(self, blockno: int, count: int = 1) -> bytes:
@@ -117,14 +135,16 @@ class BlockDevice:
         if len(data) < n:  # the image shrank under us: what is missing reads as zeros
             data += bytes(n - len(data))
         if self._cache:
-            hits = [b for b in range(blockno, blockno + count) if b in self._cache] \
-                if count <= len(self._cache) else \
-                [b for b in self._cache if blockno <= b < blockno + count]
+            hits = (
+                [b for b in range(blockno, blockno + count) if b in self._cache]
+                if count <= len(self._cache)
+                else [b for b in self._cache if blockno <= b < blockno + count]
+            )
             if hits:
                 buf = bytearray(data)
                 for b in hits:
                     o = (b - blockno) * BSIZE
-                    buf[o:o + BSIZE] = self._cache[b]
+                    buf[o : o + BSIZE] = self._cache[b]
                 data = bytes(buf)
         self._charge(self._cost(n), nbytes_read=n)
         return data
@@ -133,13 +153,16 @@ class BlockDevice:
         mv = memoryview(data).cast("B")
         n = mv.nbytes
         if n == 0 or n % BSIZE:
-            raise DeviceError(errno.EINVAL, f"{self.path}: write of {n} bytes at block {blockno}: "
-                                            f"not a positive multiple of {BSIZE}")
+            raise DeviceError(
+                errno.EINVAL,
+                f"{self.path}: write of {n} bytes at block {blockno}: "
+                f"not a positive multiple of {BSIZE}",
+            )
         count = n // BSIZE
         self._check(blockno, count)
         if self.write_cache:
             for i in range(count):
-                self._cache[blockno + i] = bytes(mv[i * BSIZE:(i + 1) * BSIZE])
+                self._cache[blockno + i] = bytes(mv[i * BSIZE : (i + 1) * BSIZE])
         else:
             _pwrite_all(self.fd, mv, blockno * BSIZE)
         self._charge(self._cost(n), nbytes_written=n)

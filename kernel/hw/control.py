@@ -15,6 +15,7 @@ peer is checked with SO_PEERCRED as well, so a socket whose mode was widened sti
 another user. A refused connection is logged once with the peer's uid and pid, closed
 unread and counted (``refused``; the kernel's status reports it as ``refused_peers``).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,14 @@ import logging
 import os
 import socket
 import struct
-from pathlib import Path
 import threading
+from pathlib import Path
 from typing import Callable
 
 from kernel.hw.mailbox import owner_only_socket
 
 log = logging.getLogger("kernel")
-_UCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def ctl_path(workdir: str, part_id: int) -> str:
@@ -58,13 +59,19 @@ class ControlServer:
             threading.Thread(target=self._client, args=(conn,), daemon=True).start()
 
     def _allowed(self, conn: socket.socket) -> bool:
-        pid, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    _UCRED.size))
+        pid, uid, _ = _UCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
         if uid in (0, os.geteuid()):
             return True
         self.refused += 1
-        log.warning("control: refused a connection from uid %d pid %d "
-                    "(only root or the machine's owner, uid %d)", uid, pid, os.geteuid())
+        log.warning(
+            "control: refused a connection from uid %d pid %d "
+            "(only root or the machine's owner, uid %d)",
+            uid,
+            pid,
+            os.geteuid(),
+        )
         return False
 
     def _client(self, conn: socket.socket) -> None:
@@ -73,7 +80,7 @@ class ControlServer:
                 after = None
                 try:
                     reply = self.handle(json.loads(line))
-                    if isinstance(reply, tuple):   # (reply, what to do once it is sent)
+                    if isinstance(reply, tuple):  # (reply, what to do once it is sent)
                         reply, after = reply
                 except Exception as e:  # a bad request must not take the kernel down
                     reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}

@@ -8,6 +8,7 @@ through fusectl (waking every process blocked on it with ENOTCONN) and detaches 
 A connection belongs to the machine, not to the kernel that serves it: this is the part of
 FUSE that outlives a kernel, so it lives with the hardware.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,7 +19,7 @@ import subprocess
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD_KB = 1024         # host read-ahead window for the mount (default 128 KiB)
+READ_AHEAD_KB = 1024  # host read-ahead window for the mount (default 128 KiB)
 FUSECTL = "/sys/fs/fuse/connections"
 MNT_DETACH = 2
 
@@ -30,8 +31,8 @@ def _unescape(field: str) -> str:
         return field
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])
@@ -52,8 +53,15 @@ def mounts_at(mountpoint: str) -> list[dict]:
             if len(p) < 5 or len(q) < 2 or _unescape(p[4]) != want:
                 continue
             major, minor = (int(x) for x in p[2].split(":"))
-            found.append({"id": int(p[0]), "major": major, "minor": minor,
-                          "fstype": q[0], "source": _unescape(q[1])})
+            found.append(
+                {
+                    "id": int(p[0]),
+                    "major": major,
+                    "minor": minor,
+                    "fstype": q[0],
+                    "source": _unescape(q[1]),
+                }
+            )
     return found
 
 
@@ -76,15 +84,19 @@ def connection_id(m: dict) -> int:
 
 
 def _ensure_fusectl() -> str:
-    """"present", "mounted" (by this call: the caller unmounts it when done), or ""."""
+    """ "present", "mounted" (by this call: the caller unmounts it when done), or ""."""
     if os.path.isdir(FUSECTL) and os.listdir(FUSECTL):
         return "present"
     with open("/proc/self/mountinfo") as f:
         if any(" - fusectl " in line for line in f):
             return "present"
     try:
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], check=True,
-                       capture_output=True, timeout=10)
+        subprocess.run(
+            ["mount", "-t", "fusectl", "fusectl", FUSECTL],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
         return "mounted"
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("cannot mount fusectl on %s: %s", FUSECTL, e)
@@ -142,7 +154,7 @@ def abort_and_unmount(mountpoint: str) -> bool:
     found = False
     ctl = ""
     try:
-        for _ in range(16):                   # stacked mounts: top one first, until none
+        for _ in range(16):  # stacked mounts: top one first, until none
             fuse_mounts = [m for m in mounts_at(path) if m["fstype"].startswith("fuse")]
             if not fuse_mounts:
                 break

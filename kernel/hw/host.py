@@ -12,6 +12,7 @@ VMM's region, the control and doorbell sockets. The work directory it makes stay
 traversable (param.WORKDIR_MODE, ``make_workdir``), because the partitions' servers run as
 other users on the mount beneath it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,9 +80,9 @@ class Host:
     workdir: Path
     machine: machine_mod.Machine
     delay: bool = True
-    machine_file: str | None = None   # None: the shipped default machine
+    machine_file: str | None = None  # None: the shipped default machine
     kernels: dict[int, KernelProc] = field(default_factory=dict)
-    net: object | None = None         # the machine's kernel.hw.net.Network, when it has one up
+    net: object | None = None  # the machine's kernel.hw.net.Network, when it has one up
 
     def __post_init__(self):
         self.workdir = make_workdir(self.workdir)
@@ -97,6 +98,7 @@ class Host:
 
     def mountpoint(self, part_id: int) -> Path:
         from kernel.hw import fusedev
+
         p = self.workdir / f"mnt-p{part_id}"
         if fusedev.is_mounted(str(p)):
             fusedev.abort_and_unmount(str(p))  # a dead kernel's connection: never touch it
@@ -109,29 +111,53 @@ class Host:
         """Short name of this machine for its process sets (and a lab's network)."""
         return hashlib.sha1(str(self.workdir).encode()).hexdigest()[:6]
 
-    def boot(self, part_id: int = 0, mount: str | Path | None = None, *,
-             module: str = "kernel.core.kernel", extra: tuple[str, ...] = (),
-             name: str | None = None, apps: list[dict] | None = None,
-             netns: str | None = None, idle: bool = False) -> KernelProc:
+    def boot(
+        self,
+        part_id: int = 0,
+        mount: str | Path | None = None,
+        *,
+        module: str = "kernel.core.kernel",
+        extra: tuple[str, ...] = (),
+        name: str | None = None,
+        apps: list[dict] | None = None,
+        netns: str | None = None,
+        idle: bool = False,
+    ) -> KernelProc:
         """Launch a kernel process (or another kernel-side program, e.g. a standby backup
         kernel) for a partition, and return once it says it is ready. ``idle``: start it at
         SCHED_IDLE, so its start-up yields to everything else; the program must raise its
         threads back itself (systems/orthros/backup.py does, once in standby)."""
         from kernel.hw import fusedev
+
         mnt = str(mount or self.mountpoint(part_id))
         if module == "kernel.core.kernel" and fusedev.is_mounted(mnt):
             fusedev.abort_and_unmount(mnt)  # a dead kernel's connection: never mount over it
         log_path = str(self.workdir / "logs" / f"{name or 'kernel'}-p{part_id}.log")
         r, w = os.pipe()
-        cmd = [sys.executable, "-m", module, "--partition", str(part_id),
-               "--physmem", self.physmem, "--workdir", str(self.workdir), "--mount", mnt,
-               "--ready-fd", str(w), "--tag", self.tag, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            module,
+            "--partition",
+            str(part_id),
+            "--physmem",
+            self.physmem,
+            "--workdir",
+            str(self.workdir),
+            "--mount",
+            mnt,
+            "--ready-fd",
+            str(w),
+            "--tag",
+            self.tag,
+            *extra,
+        ]
         if apps:
             spec = self.workdir / f"apps-{name or 'kernel'}-p{part_id}.json"
             spec.write_text(json.dumps(apps))
             cmd += ["--apps", str(spec)]
         if netns is None and self.net is not None:
-            netns = self.net.netns(part_id)   # the partition's apps live beside its NIC
+            netns = self.net.netns(part_id)  # the partition's apps live beside its NIC
         if netns:
             cmd += ["--netns", netns]
         if self.machine_file:
@@ -140,9 +166,15 @@ class Host:
             cmd.append("--no-delay")
         t0 = time.monotonic()
         with open(log_path, "ab") as logf:
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(w,),
-                                    start_new_session=True, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_idle if idle else None)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                pass_fds=(w,),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_idle if idle else None,
+            )
         os.close(w)
         kp = KernelProc(part_id, proc, mnt, log_path)
         self.kernels[part_id] = kp
@@ -155,6 +187,7 @@ class Host:
 
     def _wait_ready(self, fd: int, kp: KernelProc) -> None:
         import select
+
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             rl, _, _ = select.select([fd], [], [], 0.1)
@@ -170,12 +203,14 @@ class Host:
     def control(self, part_id: int, req: dict, timeout: float = 10.0) -> dict:
         """One request to a running kernel's control socket (kernel/hw/control.py)."""
         from kernel.hw.control import ctl_path, request
+
         return request(ctl_path(str(self.workdir), part_id), req, timeout)
 
     def mail(self, part_id: int):
         """The partition's heartbeat mailbox, read from physical memory."""
         from kernel.hw.mailbox import read_mail
         from kernel.hw.physmem import partition_layout
+
         p = self.machine.partition(part_id)
         mem = PhysMem(self.physmem, readonly=True)
         try:
@@ -195,6 +230,7 @@ class Host:
     def stop(self, part_id: int = 0, timeout: float = 60.0) -> int:
         """Clean shutdown; returns the kernel's exit status."""
         from kernel.hw import fusedev
+
         kp = self.kernels.pop(part_id)
         if kp.alive():
             kp.proc.send_signal(signal.SIGTERM)
@@ -210,6 +246,7 @@ class Host:
     def close(self) -> None:
         """Tear everything down: kernels, their process groups, mounts, the memory file."""
         from kernel.hw import fusedev
+
         kps = [self.kernels.pop(p) for p in list(self.kernels)]
         # every kernel before waiting for any: an active kernel's exit can take longer than
         # a heartbeat verdict, and a standby still alive then takes over during the teardown
@@ -224,5 +261,6 @@ class Host:
             if fusedev.is_mounted(str(m)):
                 fusedev.abort_and_unmount(str(m))
         from kernel.hw.procset import cleanup_stale
-        cleanup_stale(self.tag)   # every app of every partition, and the sets themselves
+
+        cleanup_stale(self.tag)  # every app of every partition, and the sets themselves
         PhysMem.unlink(self.physmem)

@@ -18,6 +18,7 @@ reboot profile (firmware/POST seconds, kernel boot seconds, and where the figure
 from) that a rebooting scheme spends where real hardware would; without one a reboot
 costs only what the emulated kernel really takes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,10 +35,19 @@ from pathlib import Path, PurePosixPath
 from kernel import param
 
 BENCHMARK_NET = ipaddress.ip_network("198.18.0.0/15")
-MAX_MODELED_LATENCY_S = 1.0     # per request: beyond this a figure is a typo, not a disk
-MAX_MODELED_REBOOT_S = 600.0    # each of firmware and kernel boot
-_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
-          "KB": 10**3, "MB": 10**6, "GB": 10**9}
+MAX_MODELED_LATENCY_S = 1.0  # per request: beyond this a figure is a typo, not a disk
+MAX_MODELED_REBOOT_S = 600.0  # each of firmware and kernel boot
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+}
 
 
 class MachineError(ValueError):
@@ -47,8 +57,8 @@ class MachineError(ValueError):
 @dataclass(frozen=True)
 class DiskModel:
     name: str
-    latency_s: float      # per request, modeled
-    bandwidth: float      # bytes/s, modeled; 0 = unlimited
+    latency_s: float  # per request, modeled
+    bandwidth: float  # bytes/s, modeled; 0 = unlimited
     description: str = ""  # where the figures come from (a datasheet, cited)
 
     @property
@@ -62,7 +72,7 @@ class Disk:
     size: int
     model: str
     image: str
-    latency_s: float = 0.0   # the model's, resolved at load
+    latency_s: float = 0.0  # the model's, resolved at load
     bandwidth: float = 0.0
 
     @property
@@ -74,7 +84,8 @@ class Disk:
 @dataclass(frozen=True)
 class RebootProfile:
     """Hardware time of a reboot, modeled: spent by a rebooting scheme, labelled so."""
-    firmware_s: float     # firmware/POST, before any kernel runs
+
+    firmware_s: float  # firmware/POST, before any kernel runs
     kernel_boot_s: float  # a real kernel's boot to the point where it mounts its disk
     description: str
 
@@ -113,14 +124,26 @@ class Machine:
     def modeled(self) -> dict:
         """The modeled hardware of this machine, for a run's record: each disk's model and
         the reboot profile, every figure labelled modeled."""
-        return {"disks": {d.name: {"model": d.model, "latency_s": d.latency_s,
-                                   "bandwidth_bytes_s": d.bandwidth, "modeled": True,
-                                   "description": self._model_description(d.model)}
-                          for d in self.disks},
-                "reboot": None if self.reboot is None else {
-                    "firmware_s": self.reboot.firmware_s,
-                    "kernel_boot_s": self.reboot.kernel_boot_s, "modeled": True,
-                    "description": self.reboot.description}}
+        return {
+            "disks": {
+                d.name: {
+                    "model": d.model,
+                    "latency_s": d.latency_s,
+                    "bandwidth_bytes_s": d.bandwidth,
+                    "modeled": True,
+                    "description": self._model_description(d.model),
+                }
+                for d in self.disks
+            },
+            "reboot": None
+            if self.reboot is None
+            else {
+                "firmware_s": self.reboot.firmware_s,
+                "kernel_boot_s": self.reboot.kernel_boot_s,
+                "modeled": True,
+                "description": self.reboot.description,
+            },
+        }
 
     def _model_description(self, model: str) -> str:
         own = {m.name: m.description for m in self.disk_models}
@@ -177,8 +200,10 @@ def _parse_partition(t: dict, i: int, ncpu: int) -> Partition:
     base = parse_size(_require(mem, "base", f"{where}.memory"), f"{where}.memory.base")
     size = parse_size(_require(mem, "size", f"{where}.memory"), f"{where}.memory.size")
     if size < param.MIN_FRAMES * param.PAGE_SIZE:
-        raise MachineError(f"{where}.memory.size: {size} bytes is too small "
-                           f"(at least {param.MIN_FRAMES * param.PAGE_SIZE})")
+        raise MachineError(
+            f"{where}.memory.size: {size} bytes is too small "
+            f"(at least {param.MIN_FRAMES * param.PAGE_SIZE})"
+        )
     if base % param.PAGE_SIZE or size % param.PAGE_SIZE:
         raise MachineError(f"{where}.memory: base and size must be multiples of {param.PAGE_SIZE}")
     devices = t.get("devices", [])
@@ -194,15 +219,18 @@ def _parse_disk(t: dict, i: int, models: dict[str, tuple[float, float]]) -> Disk
     where = f"disk[{i}]"
     model = t.get("model", param.DEFAULT_DEVICE_MODEL)
     if model not in models:
-        raise MachineError(f"{where}.model: unknown device model {model!r} "
-                           f"(known: {', '.join(models)})")
+        raise MachineError(
+            f"{where}.model: unknown device model {model!r} (known: {', '.join(models)})"
+        )
     name = _require(t, "name", where)
     size = parse_size(_require(t, "size", where), f"{where}.size")
     if size < 16 << 20:
         raise MachineError(f"{where}.size: a disk must hold at least 16 MiB")
     if size // param.BLOCK_SIZE >= param.MAX_DISK_BLOCKS:
-        raise MachineError(f"{where}.size: {value_of(t['size'])} is more than the file system "
-                           f"can address ({param.MAX_DISK_BLOCKS} blocks of {param.BLOCK_SIZE})")
+        raise MachineError(
+            f"{where}.size: {value_of(t['size'])} is more than the file system "
+            f"can address ({param.MAX_DISK_BLOCKS} blocks of {param.BLOCK_SIZE})"
+        )
     image = t.get("image", f"{name}.img")
     _check_image_path(image, f"{where}.image")
     return Disk(name, size, model, image, *models[model])
@@ -210,8 +238,13 @@ def _parse_disk(t: dict, i: int, models: dict[str, tuple[float, float]]) -> Disk
 
 def _number(t: dict, key: str, where: str, *, positive: bool = False) -> float:
     v = _require(t, key, where)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or v < 0 or (positive and v == 0):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or v < 0
+        or (positive and v == 0)
+    ):
         kind = "a positive number" if positive else "a number, 0 or more"
         raise MachineError(f"{where}.{key}: expected {kind}, got {v!r}")
     return float(v)
@@ -230,12 +263,15 @@ def _parse_disk_model(t: dict, i: int) -> DiskModel:
     where = f"disk_model[{i}]"
     name = _require(t, "name", where)
     if name in param.DEVICE_MODELS:
-        raise MachineError(f"{where}.name: {name!r} is a built-in device model; "
-                           f"give this one a name of its own")
+        raise MachineError(
+            f"{where}.name: {name!r} is a built-in device model; give this one a name of its own"
+        )
     latency = _number(t, "latency_us", where) * 1e-6
     if latency > MAX_MODELED_LATENCY_S:
-        raise MachineError(f"{where}.latency_us: {latency * 1e6:g} µs is more than "
-                           f"{MAX_MODELED_LATENCY_S * 1e3:g} ms per request")
+        raise MachineError(
+            f"{where}.latency_us: {latency * 1e6:g} µs is more than "
+            f"{MAX_MODELED_LATENCY_S * 1e3:g} ms per request"
+        )
     bandwidth = _number(t, "bandwidth_mb_s", where, positive=True) * 1e6
     return DiskModel(name, latency, bandwidth, _description(t, where))
 
@@ -257,8 +293,10 @@ def _check_image_path(image: str, field: str) -> None:
     """Images live in the lab's or the run's work directory, never elsewhere."""
     p = PurePosixPath(image)
     if p.is_absolute() or ".." in p.parts or not p.parts or "\0" in image:
-        raise MachineError(f"{field}: {image!r} must be a relative path inside the work "
-                           f"directory (no leading '/', no '..')")
+        raise MachineError(
+            f"{field}: {image!r} must be a relative path inside the work "
+            f"directory (no leading '/', no '..')"
+        )
 
 
 def _parse_nic(t: dict, i: int) -> Nic:
@@ -269,7 +307,9 @@ def _parse_nic(t: dict, i: int) -> Nic:
     except ValueError:
         raise MachineError(f"{where}.address: {addr!r} is not an address with a prefix") from None
     if iface.ip not in BENCHMARK_NET:
-        raise MachineError(f"{where}.address: {addr} is outside the benchmark range {BENCHMARK_NET}")
+        raise MachineError(
+            f"{where}.address: {addr} is outside the benchmark range {BENCHMARK_NET}"
+        )
     return Nic(_require(t, "name", where), addr)
 
 
@@ -277,8 +317,10 @@ def _check_layout(m: Machine) -> None:
     spans = sorted((p.base, p.base + p.size, p.id) for p in m.partitions)
     for lo, hi, pid in spans:
         if hi > m.memory:
-            raise MachineError(f"partition[{pid}].memory: range {lo:#x}-{hi:#x} is beyond "
-                               f"the machine's memory ({m.memory:#x})")
+            raise MachineError(
+                f"partition[{pid}].memory: range {lo:#x}-{hi:#x} is beyond "
+                f"the machine's memory ({m.memory:#x})"
+            )
     for (_, hi1, a), (lo2, _, b) in zip(spans, spans[1:]):
         if lo2 < hi1:
             raise MachineError(f"partition[{b}].memory: overlaps partition[{a}]")
@@ -292,14 +334,16 @@ def _check_layout(m: Machine) -> None:
             if dev not in known:
                 raise MachineError(f"partition[{p.id}].devices: unknown device {dev!r}")
             if dev in owner:
-                raise MachineError(f"partition[{p.id}].devices: {dev!r} is already in "
-                                   f"partition[{owner[dev]}]")
+                raise MachineError(
+                    f"partition[{p.id}].devices: {dev!r} is already in partition[{owner[dev]}]"
+                )
             owner[dev] = p.id
 
 
 @functools.cache
 def _schema_validator():
-    import jsonschema   # imported here: kernels booting a checked description never pay for it
+    import jsonschema  # imported here: kernels booting a checked description never pay for it
+
     text = resources.files("kernel.hw.machines").joinpath("machine.schema.json").read_text()
     return jsonschema.Draft202012Validator(json.loads(text))
 
@@ -325,13 +369,23 @@ def check_shape(doc: dict) -> None:
         prefix = "" if not e.absolute_path else where
         raise MachineError(f"{prefix}{sep}{extra[0]}: unknown key (known here: {known})")
     if e.validator == "type":
-        want = e.validator_value if isinstance(e.validator_value, str) else " or ".join(e.validator_value)
+        want = (
+            e.validator_value
+            if isinstance(e.validator_value, str)
+            else " or ".join(e.validator_value)
+        )
         raise MachineError(f"{where}: expected {_TYPE_WORDS.get(want, want)}, got {e.instance!r}")
     raise MachineError(f"{where}: {e.message}")
 
 
-_TYPE_WORDS = {"object": "a table", "array": "a list", "integer": "an integer", "number": "a number",
-               "string": "a string", "integer or string": "a size (bytes or e.g. '896MiB')"}
+_TYPE_WORDS = {
+    "object": "a table",
+    "array": "a list",
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "integer or string": "a size (bytes or e.g. '896MiB')",
+}
 
 
 def host_memory() -> int:
@@ -343,8 +397,10 @@ def from_dict(doc: dict) -> Machine:
     top = doc.get("machine", {})
     memory = parse_size(_require(top, "memory", "machine"), "machine.memory")
     if memory > host_memory():
-        raise MachineError(f"machine.memory: {value_of(top['memory'])} is more than this "
-                           f"host's RAM ({host_memory() >> 20} MiB)")
+        raise MachineError(
+            f"machine.memory: {value_of(top['memory'])} is more than this "
+            f"host's RAM ({host_memory() >> 20} MiB)"
+        )
     ncpu = os.cpu_count() or 1
     parts = doc.get("partition", [])
     if not parts:
@@ -369,8 +425,11 @@ def from_dict(doc: dict) -> Machine:
 
 def shipped() -> list[str]:
     """Names of the machine descriptions shipped with crashbench (``default``, ``paper``)."""
-    return sorted(p.name[:-5] for p in resources.files("kernel.hw.machines").iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(
+        p.name[:-5]
+        for p in resources.files("kernel.hw.machines").iterdir()
+        if p.name.endswith(".toml")
+    )
 
 
 def _is_shipped(path) -> bool:
@@ -383,8 +442,11 @@ def resolve(path: str | Path) -> str:
     """The file a description names: a shipped one's own path for its bare name, so that
     every process handed it reads the same file wherever it runs."""
     if _is_shipped(path):
-        return str(resources.files("kernel.hw.machines").joinpath(
-            str(path).removesuffix(".toml") + ".toml"))
+        return str(
+            resources.files("kernel.hw.machines").joinpath(
+                str(path).removesuffix(".toml") + ".toml"
+            )
+        )
     return str(path)
 
 
@@ -394,8 +456,11 @@ def load(path: str | Path | None = None, *, shape_checked: bool = False) -> Mach
     the caller (a kernel the harness started) was handed a description the harness already
     checked against the schema; the checks for sense still run."""
     if path is None or _is_shipped(path):
-        where = f"{path or 'default'}.toml" if path is None or not str(path).endswith(".toml") \
+        where = (
+            f"{path or 'default'}.toml"
+            if path is None or not str(path).endswith(".toml")
             else str(path)
+        )
         text = resources.files("kernel.hw.machines").joinpath(where).read_text()
     else:
         try:

@@ -18,27 +18,48 @@ Promises to a backup kernel watching an active one (and to `crashbench status/in
 
 A kernel that hangs or is killed writes nothing: a watcher notices the beat stop.
 """
+
 from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kernel import param
 from kernel.hw.physmem import CorruptObject, Layout, PartLayout, PhysMem
 
-MAILBOX = Layout("heartbeat mailbox", "MBOX", 1, [
-    ("state", "I"), ("pid", "I"), ("role", "I"), ("listening", "I"),
-    ("beat", "Q"), ("beat_ns", "Q"), ("interval_ns", "Q"),
-    ("boot_start_ns", "Q"), ("boot_ns", "Q"), ("panic_ns", "Q"),
-    ("reason", "96s"), ("site", "32s"),
-    ("fault", "24s"), ("fault_target", "24s"), ("fault_site", "32s"),
-    ("injected_ns", "Q"), ("activated_ns", "Q"),
-    ("mount_start_ns", "Q"), ("mount_ns", "Q"), ("devices", "48s"),
-    ("zone", "I"), ("watching", "I"),
-], 512)
+MAILBOX = Layout(
+    "heartbeat mailbox",
+    "MBOX",
+    1,
+    [
+        ("state", "I"),
+        ("pid", "I"),
+        ("role", "I"),
+        ("listening", "I"),
+        ("beat", "Q"),
+        ("beat_ns", "Q"),
+        ("interval_ns", "Q"),
+        ("boot_start_ns", "Q"),
+        ("boot_ns", "Q"),
+        ("panic_ns", "Q"),
+        ("reason", "96s"),
+        ("site", "32s"),
+        ("fault", "24s"),
+        ("fault_target", "24s"),
+        ("fault_site", "32s"),
+        ("injected_ns", "Q"),
+        ("activated_ns", "Q"),
+        ("mount_start_ns", "Q"),
+        ("mount_ns", "Q"),
+        ("devices", "48s"),
+        ("zone", "I"),
+        ("watching", "I"),
+    ],
+    512,
+)
 
 EMPTY, BOOTING, RUNNING, PANICKED, SHUTDOWN, STANDBY = range(6)
 STATE_NAMES = ["empty", "booting", "running", "panicked", "shut down", "standby"]
@@ -68,7 +89,7 @@ class Mail:
     mount_start_ns: int = 0
     mount_ns: int = 0
     devices: str = ""
-    zone: int = 0       # the partition whose memory holds this kernel's page cache
+    zone: int = 0  # the partition whose memory holds this kernel's page cache
 
     @property
     def state_name(self) -> str:
@@ -87,8 +108,13 @@ class Mailbox:
         self.v[0], self.v[1] = MAILBOX.magic, MAILBOX.version
         for k in ("reason", "site", "fault", "fault_target", "fault_site", "devices"):
             self.v[_F[k]] = b""
-        self.set(state=BOOTING, pid=os.getpid(), role=role,
-                 interval_ns=int(interval_s * 1e9), boot_start_ns=time.monotonic_ns())
+        self.set(
+            state=BOOTING,
+            pid=os.getpid(),
+            role=role,
+            interval_ns=int(interval_s * 1e9),
+            boot_start_ns=time.monotonic_ns(),
+        )
 
     def set(self, **fields) -> None:
         for k, val in fields.items():
@@ -101,8 +127,12 @@ class Mailbox:
         self.mem.write(self.phys, MAILBOX.encode_tuple(tuple(self.v)))
 
     def dying_message(self, reason: str, site: str) -> None:
-        self.set(state=PANICKED, panic_ns=time.monotonic_ns(),
-                 reason=reason.encode()[:96], site=site.encode()[:32])
+        self.set(
+            state=PANICKED,
+            panic_ns=time.monotonic_ns(),
+            reason=reason.encode()[:96],
+            site=site.encode()[:32],
+        )
 
 
 def read_mail(mem: PhysMem, lay: PartLayout, retries: int = 5) -> Mail:
@@ -118,13 +148,28 @@ def read_mail(mem: PhysMem, lay: PartLayout, retries: int = 5) -> Mail:
                 raise
     else:
         raise err
-    text = {k: d[k].rstrip(b"\0").decode(errors="replace")
-            for k in ("reason", "site", "fault", "fault_target", "fault_site", "devices")}
-    return Mail(d["state"], d["pid"], d["role"], bool(d["listening"]), d["beat"], d["beat_ns"],
-                d["interval_ns"], d["boot_start_ns"], d["boot_ns"], d["panic_ns"],
-                injected_ns=d["injected_ns"], activated_ns=d["activated_ns"],
-                mount_start_ns=d["mount_start_ns"], mount_ns=d["mount_ns"], zone=d["zone"],
-                **text)
+    text = {
+        k: d[k].rstrip(b"\0").decode(errors="replace")
+        for k in ("reason", "site", "fault", "fault_target", "fault_site", "devices")
+    }
+    return Mail(
+        d["state"],
+        d["pid"],
+        d["role"],
+        bool(d["listening"]),
+        d["beat"],
+        d["beat_ns"],
+        d["interval_ns"],
+        d["boot_start_ns"],
+        d["boot_ns"],
+        d["panic_ns"],
+        injected_ns=d["injected_ns"],
+        activated_ns=d["activated_ns"],
+        mount_start_ns=d["mount_start_ns"],
+        mount_ns=d["mount_ns"],
+        zone=d["zone"],
+        **text,
+    )
 
 
 # --- doorbells ---------------------------------------------------------------------------
@@ -189,7 +234,7 @@ class BeatMonitor:
 
     def __init__(self, missed: int):
         self.missed = missed
-        self.last: tuple[int, int] | None = None   # (beat counter, when we saw it change)
+        self.last: tuple[int, int] | None = None  # (beat counter, when we saw it change)
 
     def stopped(self, mail: "Mail") -> bool:
         now = time.monotonic_ns()

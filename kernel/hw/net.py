@@ -47,6 +47,7 @@ Netns mode, owner 0 (``move_to(1)`` moves the NIC end, with its MAC, to the righ
    | load clients  |      | apps of p0         |    | apps of p1         |
    +---------------+      +--------------------+    +--------------------+
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -74,7 +75,7 @@ _MS_BIND, _MS_REC, _MS_SHARED = 0x1000, 0x4000, 1 << 20
 _MNT_DETACH = 2
 _ETH_P_ARP = 0x0806
 _NETLINK_ROUTE = 0
-_THREAD_TIMEOUT = 10.0       # bound on any one namespace or netlink operation
+_THREAD_TIMEOUT = 10.0  # bound on any one namespace or netlink operation
 _TAG = re.compile(r"[a-z0-9]{1,8}")
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
@@ -92,14 +93,16 @@ class NetError(RuntimeError):
 @dataclass
 class MoveReport:
     """One takeover, phase by phase (seconds, time.monotonic around the real work)."""
+
     to_partition: int
-    move_s: float    # the NIC end changes namespace (netlink RTM_SETLINK IFLA_NET_NS_FD)
-    addr_s: float    # service address re-added and link up in the new namespace
-    arp_s: float     # stale client neighbour entry flushed (if any) + gratuitous ARP sent
-    total_s: float   # the whole move_to() call
+    move_s: float  # the NIC end changes namespace (netlink RTM_SETLINK IFLA_NET_NS_FD)
+    addr_s: float  # service address re-added and link up in the new namespace
+    arp_s: float  # stale client neighbour entry flushed (if any) + gratuitous ARP sent
+    total_s: float  # the whole move_to() call
 
 
 # ---------------------------------------------------------------- namespace plumbing
+
 
 def _check(ret: int, what: str) -> None:
     if ret != 0:
@@ -140,15 +143,18 @@ def _in_thread(fn: Callable, netns: str | None = None, *, unshare: bool = False)
     t.start()
     t.join(_THREAD_TIMEOUT)
     if t.is_alive():
-        raise NetError(f"namespace operation in {netns or 'a new namespace'} did not finish "
-                       f"within {_THREAD_TIMEOUT:.0f} s")
+        raise NetError(
+            f"namespace operation in {netns or 'a new namespace'} did not finish "
+            f"within {_THREAD_TIMEOUT:.0f} s"
+        )
     if "error" in box:
         raise box["error"]
     return box.get("result")
 
 
-def socket_in(netns: str | None, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
-              proto: int = 0) -> socket.socket:
+def socket_in(
+    netns: str | None, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
+) -> socket.socket:
     """A socket that lives in network namespace `netns` (None: the caller's own)."""
     if netns is None:
         return socket.socket(family, type, proto)
@@ -170,8 +176,9 @@ def _share_netns_dir() -> None:
         d = NETNS_DIR.encode()
         if _libc.mount(b"", d, b"none", _MS_SHARED | _MS_REC, None) != 0:
             _check(_libc.mount(d, d, b"none", _MS_BIND | _MS_REC, None), f"bind {NETNS_DIR}")
-            _check(_libc.mount(b"", d, b"none", _MS_SHARED | _MS_REC, None),
-                   f"make {NETNS_DIR} shared")
+            _check(
+                _libc.mount(b"", d, b"none", _MS_SHARED | _MS_REC, None), f"make {NETNS_DIR} shared"
+            )
         _dir_shared = True
 
 
@@ -185,8 +192,10 @@ def _create_netns(name: str) -> None:
         raise NetError(f"netns {name}: already exists") from None
 
     def bind():
-        _check(_libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", _MS_BIND, None),
-               f"bind-mount netns {name}")
+        _check(
+            _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", _MS_BIND, None),
+            f"bind-mount netns {name}",
+        )
 
     try:
         _in_thread(bind, unshare=True)
@@ -200,7 +209,7 @@ def _remove_netns(name: str) -> bool:
     path = _ns_path(name)
     if _libc.umount2(path.encode(), _MNT_DETACH) != 0:
         e = ctypes.get_errno()
-        if e not in (errno.EINVAL, errno.ENOENT):   # EINVAL: a file left without its mount
+        if e not in (errno.EINVAL, errno.ENOENT):  # EINVAL: a file left without its mount
             raise OSError(e, f"umount netns {name}: {os.strerror(e)}")
     try:
         os.unlink(path)
@@ -217,6 +226,7 @@ def _iproute(netns: str):
     """A pyroute2 IPRoute whose netlink socket lives in `netns` (no event subscriptions).
     Use it only from the thread that made it."""
     from pyroute2 import IPRoute
+
     sock = socket_in(netns, socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE)
     fd = sock.detach()
     try:
@@ -249,7 +259,7 @@ def _delete_links(netns: str | None, names: set[str]) -> list[str]:
 
 
 _probe_lock = threading.Lock()
-_probe: str | None = None   # None: not probed; "" : usable; else: why not
+_probe: str | None = None  # None: not probed; "" : usable; else: why not
 
 
 def enter_netns(netns: str | None) -> Callable[[], None]:
@@ -308,39 +318,57 @@ def _mac_bytes(mac: str) -> bytes:
 
 # ---------------------------------------------------------------- the NIC
 
+
 class Network:
     """The machine's NIC and the client side of its wire (see the module docstring)."""
 
     def __init__(self, tag: str, nic: Nic, partitions: list[int], *, mode: str | None = None):
         if not isinstance(tag, str) or not _TAG.fullmatch(tag):
-            raise NetError(f"tag: {tag!r} must be 1-8 characters of [a-z0-9] "
-                           "(namespace and link names derive from it)")
+            raise NetError(
+                f"tag: {tag!r} must be 1-8 characters of [a-z0-9] "
+                "(namespace and link names derive from it)"
+            )
         self.tag, self.nic = tag, nic
         try:
             iface = ipaddress.ip_interface(nic.address)
         except ValueError:
-            raise NetError(f"nic {nic.name}: address {nic.address!r} is not an IPv4 address "
-                           "with a prefix") from None
+            raise NetError(
+                f"nic {nic.name}: address {nic.address!r} is not an IPv4 address with a prefix"
+            ) from None
         if iface.version != 4 or iface.ip not in BENCHMARK_NET:
-            raise NetError(f"nic {nic.name}: address {nic.address} is outside the benchmark "
-                           f"range {BENCHMARK_NET}")
+            raise NetError(
+                f"nic {nic.name}: address {nic.address} is outside the benchmark "
+                f"range {BENCHMARK_NET}"
+            )
         if not iface.network.subnet_of(BENCHMARK_NET):
-            raise NetError(f"nic {nic.name}: subnet {iface.network} of address {nic.address} "
-                           f"reaches outside the benchmark range {BENCHMARK_NET}")
+            raise NetError(
+                f"nic {nic.name}: subnet {iface.network} of address {nic.address} "
+                f"reaches outside the benchmark range {BENCHMARK_NET}"
+            )
         net = iface.network
         if net.prefixlen > 31:
-            raise NetError(f"nic {nic.name}: address {nic.address} leaves no room for the "
-                           "client end (prefix must be /31 or shorter)")
+            raise NetError(
+                f"nic {nic.name}: address {nic.address} leaves no room for the "
+                "client end (prefix must be /31 or shorter)"
+            )
         if net.prefixlen <= 30 and iface.ip in (net.network_address, net.broadcast_address):
-            raise NetError(f"nic {nic.name}: address {nic.address} is the network or "
-                           "broadcast address of its subnet")
+            raise NetError(
+                f"nic {nic.name}: address {nic.address} is the network or "
+                "broadcast address of its subnet"
+            )
         self.prefixlen = net.prefixlen
-        if (not isinstance(partitions, (list, tuple)) or not partitions
-                or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0
-                           for p in partitions)
-                or len(set(partitions)) != len(partitions)):
-            raise NetError(f"partitions: {partitions!r} must be a non-empty list of distinct "
-                           "partition numbers >= 0")
+        if (
+            not isinstance(partitions, (list, tuple))
+            or not partitions
+            or not all(
+                isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in partitions
+            )
+            or len(set(partitions)) != len(partitions)
+        ):
+            raise NetError(
+                f"partitions: {partitions!r} must be a non-empty list of distinct "
+                "partition numbers >= 0"
+            )
         self.partitions = list(partitions)
 
         if mode is None:
@@ -368,8 +396,9 @@ class Network:
             # 17 bits from the NIC address's offset in 198.18.0.0/15.
             off = int(iface.ip) - int(BENCHMARK_NET.network_address)
             salt = zlib.crc32(tag.encode()) % 127 + 1
-            self.service_ip = str(ipaddress.ip_address(int(_LOOPBACK.network_address)
-                                                       + (salt << 17) + off))
+            self.service_ip = str(
+                ipaddress.ip_address(int(_LOOPBACK.network_address) + (salt << 17) + off)
+            )
             self.client_ip = None
 
         self._ns = {p: f"cb{tag}-p{p}" for p in self.partitions}
@@ -379,7 +408,7 @@ class Network:
         self._owner: int | None = None
         self._lock = threading.RLock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._ipr: dict = {}            # namespace name -> IPRoute (worker thread only)
+        self._ipr: dict = {}  # namespace name -> IPRoute (worker thread only)
         self._nsfd: dict[int, int] = {}  # partition -> fd of its namespace
         self._pkt: dict[int, socket.socket] = {}  # partition -> AF_PACKET socket in its ns
         self._client_index: int | None = None
@@ -399,8 +428,10 @@ class Network:
                 return
             left = [n for n in self._all_ns() if _netns_exists(n)]
             if left:
-                raise NetError(f"lab {self.tag}: namespaces {', '.join(left)} are left over from "
-                               f"a lab that was not taken down; run cleanup_stale({self.tag!r})")
+                raise NetError(
+                    f"lab {self.tag}: namespaces {', '.join(left)} are left over from "
+                    f"a lab that was not taken down; run cleanup_stale({self.tag!r})"
+                )
             made: list[str] = []
             try:
                 for name in self._all_ns():
@@ -419,7 +450,7 @@ class Network:
                     try:
                         _remove_netns(name)
                     except OSError:
-                        pass            # cleanup_stale() will find it by the tag
+                        pass  # cleanup_stale() will find it by the tag
                 if isinstance(e, (NetError, KeyboardInterrupt, SystemExit)):
                     raise
                 raise NetError(f"lab {self.tag}: cannot build the network: {e}") from e
@@ -434,13 +465,16 @@ class Network:
                 raise NetError("attach: a loopback-mode lab has no shared state to attach to")
             missing = [n for n in self._all_ns() if not _netns_exists(n)]
             if missing:
-                raise NetError(f"lab {self.tag}: namespaces {', '.join(missing)} do not exist "
-                               "(is the lab up?)")
+                raise NetError(
+                    f"lab {self.tag}: namespaces {', '.join(missing)} do not exist (is the lab up?)"
+                )
             self._prepare()
             owner = self._call(self._locate)
             if owner is None:
                 self._close_handles()
-                raise NetError(f"lab {self.tag}: link {self._nic_if} is in no partition's namespace")
+                raise NetError(
+                    f"lab {self.tag}: link {self._nic_if} is in no partition's namespace"
+                )
             self._call(self._read_ids)
             self._owner = owner
             return owner
@@ -532,15 +566,16 @@ class Network:
                 "client_ip": self.client_ip,
             }
             if self.mode == "netns":
-                st.update({
-                    "namespaces": {p: self._ns[p] for p in self.partitions},
-                    "client_netns": self._client_ns,
-                    "links": {"nic": self._nic_if, "client": self._client_if},
-                    "nic_mac": self.nic_mac,
-                })
+                st.update(
+                    {
+                        "namespaces": {p: self._ns[p] for p in self.partitions},
+                        "client_netns": self._client_ns,
+                        "links": {"nic": self._nic_if, "client": self._client_if},
+                        "nic_mac": self.nic_mac,
+                    }
+                )
             else:
-                st.update({"namespaces": {p: None for p in self.partitions},
-                           "client_netns": None})
+                st.update({"namespaces": {p: None for p in self.partitions}, "client_netns": None})
             return st
 
     def __del__(self):
@@ -565,8 +600,9 @@ class Network:
 
     def _check_partition(self, p) -> None:
         if p not in self.partitions:
-            raise NetError(f"partition {p!r}: not one of this machine's partitions "
-                           f"{self.partitions}")
+            raise NetError(
+                f"partition {p!r}: not one of this machine's partitions {self.partitions}"
+            )
 
     def _all_ns(self) -> list[str]:
         return [self._ns[p] for p in self.partitions] + [self._client_ns]
@@ -576,8 +612,9 @@ class Network:
         try:
             s.bind((self.service_ip, 0))
         except OSError as e:
-            raise NetError(f"loopback mode: cannot bind the service address {self.service_ip}: "
-                           f"{e.strerror}") from None
+            raise NetError(
+                f"loopback mode: cannot bind the service address {self.service_ip}: {e.strerror}"
+            ) from None
         finally:
             s.close()
 
@@ -587,8 +624,9 @@ class Network:
         try:
             return fut.result(timeout=_THREAD_TIMEOUT)
         except concurrent.futures.TimeoutError:
-            raise NetError(f"netlink operation {fn.__name__} did not finish within "
-                           f"{_THREAD_TIMEOUT:.0f} s") from None
+            raise NetError(
+                f"netlink operation {fn.__name__} did not finish within {_THREAD_TIMEOUT:.0f} s"
+            ) from None
 
     def _prepare(self) -> None:
         """Open what a move needs: namespace fds, packet sockets, netlink handles."""
@@ -606,6 +644,7 @@ class Network:
 
     def _close_handles(self) -> None:
         if self._pool is not None:
+
             def close_all():
                 for ipr in self._ipr.values():
                     try:
@@ -613,6 +652,7 @@ class Network:
                     except Exception:
                         pass
                 self._ipr.clear()
+
             try:
                 self._call(close_all)
             except Exception:
@@ -652,8 +692,7 @@ class Network:
         src = self._ipr[self._ns[old]]
         index = src.link_lookup(ifname=self._nic_if)
         if not index:
-            raise NetError(f"move: link {self._nic_if} is not in {self._ns[old]} "
-                           f"(partition {old})")
+            raise NetError(f"move: link {self._nic_if} is not in {self._ns[old]} (partition {old})")
         src.link("set", index=index[0], net_ns_fd=self._nsfd[new])
         t1 = time.monotonic()
         self._bring_up(self._ipr[self._ns[new]])
@@ -676,12 +715,15 @@ class Network:
         #   arp_accept=0 it creates none. It costs well under a millisecond.
         cl = self._ipr[self._client_ns]
         for n in cl.neigh("dump"):
-            if (n.get("ifindex") == self._client_index
-                    and n.get("NDA_DST") == self.service_ip
-                    and n.get("NDA_LLADDR") not in (None, self.nic_mac)):
+            if (
+                n.get("ifindex") == self._client_index
+                and n.get("NDA_DST") == self.service_ip
+                and n.get("NDA_LLADDR") not in (None, self.nic_mac)
+            ):
                 cl.neigh("del", dst=self.service_ip, ifindex=self._client_index)
-        self._pkt[new].sendto(_garp_frame(_mac_bytes(self.nic_mac), self.service_ip),
-                              (self._nic_if, _ETH_P_ARP))
+        self._pkt[new].sendto(
+            _garp_frame(_mac_bytes(self.nic_mac), self.service_ip), (self._nic_if, _ETH_P_ARP)
+        )
         t3 = time.monotonic()
         return t1 - t0, t2 - t1, t3 - t2
 
@@ -730,17 +772,20 @@ def cleanup_stale(tag: str) -> list[str]:
         except Exception as e:
             problems.append(f"links in the host namespace: {e}")
     if problems:
-        raise NetError(f"cleanup_stale({tag!r}): removed {removed}, could not remove: "
-                       + "; ".join(problems))
+        raise NetError(
+            f"cleanup_stale({tag!r}): removed {removed}, could not remove: " + "; ".join(problems)
+        )
     return removed
 
 
 # ---------------------------------------------------------------- measurement
 
+
 def _bench(argv: list[str] | None = None) -> int:
     """python -m kernel.hw.net [--moves N] [--tag T] [--mode netns|loopback]: time N
     takeovers back and forth between partitions 0 and 1 of a throw-away lab."""
     import argparse
+
     ap = argparse.ArgumentParser(prog="python -m kernel.hw.net", description=_bench.__doc__)
     ap.add_argument("--moves", type=int, default=10)
     ap.add_argument("--tag", default=f"b{os.getpid() % 100000}")
@@ -761,15 +806,30 @@ def _bench(argv: list[str] | None = None) -> int:
         t1 = time.monotonic()
         net.down()
         down_s = time.monotonic() - t1
-    out = {"mode": net.mode, "moves": a.moves, "clock": "time.monotonic", "unit": "ms",
-           "up": round(up_s * 1e3, 3), "down": round(down_s * 1e3, 3)}
+    out = {
+        "mode": net.mode,
+        "moves": a.moves,
+        "clock": "time.monotonic",
+        "unit": "ms",
+        "up": round(up_s * 1e3, 3),
+        "down": round(down_s * 1e3, 3),
+    }
     for field in ("move_s", "addr_s", "arp_s", "total_s"):
         xs = [getattr(r, field) * 1e3 for r in reports]
-        out[field[:-2]] = {"median": round(statistics.median(xs), 3),
-                           "min": round(min(xs), 3), "max": round(max(xs), 3)}
-    out["each"] = [{(k[:-2] + "_ms" if k.endswith("_s") else k):
-                    (round(v * 1e3, 3) if k.endswith("_s") else v)
-                    for k, v in asdict(r).items()} for r in reports]
+        out[field[:-2]] = {
+            "median": round(statistics.median(xs), 3),
+            "min": round(min(xs), 3),
+            "max": round(max(xs), 3),
+        }
+    out["each"] = [
+        {
+            (k[:-2] + "_ms" if k.endswith("_s") else k): (
+                round(v * 1e3, 3) if k.endswith("_s") else v
+            )
+            for k, v in asdict(r).items()
+        }
+        for r in reports
+    ]
     print(json.dumps(out, indent=1))
     return 0
 

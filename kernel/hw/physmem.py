@@ -29,6 +29,7 @@ Partition layout (offsets from the partition's base; every area page-aligned)::
     ...       page descriptors   nframes x 64 B
     ...       page frames        nframes x 4 KiB
 """
+
 from __future__ import annotations
 
 import mmap
@@ -59,8 +60,17 @@ def magic_of(tag: str) -> int:
     return int.from_bytes(tag.encode("ascii"), "little")
 
 
-_NP = {"B": "u1", "H": "<u2", "I": "<u4", "Q": "<u8", "b": "i1", "h": "<i2", "i": "<i4",
-       "q": "<i8", "d": "<f8"}
+_NP = {
+    "B": "u1",
+    "H": "<u2",
+    "I": "<u4",
+    "Q": "<u8",
+    "b": "i1",
+    "h": "<i2",
+    "i": "<i4",
+    "q": "<i8",
+    "d": "<f8",
+}
 
 
 def _np_code(code: str) -> str:
@@ -89,9 +99,14 @@ class Layout:
         self._csum_at = size - 8
         self.index = {n: i for i, n in enumerate(names)}
         offsets = [struct.calcsize("<" + "".join(codes[:i])) for i in range(len(codes))]
-        self.dtype = np.dtype({"names": names + ["csum"],
-                               "formats": [_np_code(c) for c in codes] + ["<u8"],
-                               "offsets": offsets + [self._csum_at], "itemsize": size})
+        self.dtype = np.dtype(
+            {
+                "names": names + ["csum"],
+                "formats": [_np_code(c) for c in codes] + ["<u8"],
+                "offsets": offsets + [self._csum_at],
+                "itemsize": size,
+            }
+        )
 
     def encode(self, flags: int = 0, **values) -> bytes:
         vals = [self.magic, self.version, flags] + [values.get(n, 0) for n in self.names[3:]]
@@ -109,50 +124,117 @@ class Layout:
     def decode(self, buf, off: int, phys: int | None = None) -> dict:
         """Validate and decode one object; raise CorruptObject on bad magic/version/checksum."""
         where = off if phys is None else phys
-        raw = bytes(buf[off:off + self.size])
+        raw = bytes(buf[off : off + self.size])
         if len(raw) < self.size:
             raise CorruptObject(self.kind, where, "bounds", "object runs past the end of memory")
         vals = self._body.unpack_from(raw)
         if vals[0] != self.magic:
-            raise CorruptObject(self.kind, where, "magic",
-                                f"bad magic {vals[0]:#010x} (expected {self.magic:#010x})")
+            raise CorruptObject(
+                self.kind,
+                where,
+                "magic",
+                f"bad magic {vals[0]:#010x} (expected {self.magic:#010x})",
+            )
         if vals[1] != self.version:
-            raise CorruptObject(self.kind, where, "version",
-                                f"unsupported version {vals[1]} (expected {self.version})")
-        stored = int.from_bytes(raw[self._csum_at:], "little")
-        if stored != _csum(raw[:self._csum_at]):
-            raise CorruptObject(self.kind, where, "checksum",
-                                f"bad checksum {stored:#018x} (object was modified or torn)")
+            raise CorruptObject(
+                self.kind,
+                where,
+                "version",
+                f"unsupported version {vals[1]} (expected {self.version})",
+            )
+        stored = int.from_bytes(raw[self._csum_at :], "little")
+        if stored != _csum(raw[: self._csum_at]):
+            raise CorruptObject(
+                self.kind,
+                where,
+                "checksum",
+                f"bad checksum {stored:#018x} (object was modified or torn)",
+            )
         return dict(zip(self.names, vals))
 
 
 # --- the partition's fixed objects -------------------------------------------------------
 
-PART_HEADER = Layout("partition header", "PART", 1, [
-    ("part_id", "I"), ("pad", "I"), ("base", "Q"), ("size", "Q"),
-    ("mailbox", "Q"), ("ksuper", "Q"), ("proc", "Q"), ("icore", "Q"), ("desc", "Q"),
-    ("frames", "Q"), ("n_proc", "Q"), ("n_icore", "Q"), ("nframes", "Q"),
-    ("state", "Q"), ("n_state", "Q"),
-], 144)
+PART_HEADER = Layout(
+    "partition header",
+    "PART",
+    1,
+    [
+        ("part_id", "I"),
+        ("pad", "I"),
+        ("base", "Q"),
+        ("size", "Q"),
+        ("mailbox", "Q"),
+        ("ksuper", "Q"),
+        ("proc", "Q"),
+        ("icore", "Q"),
+        ("desc", "Q"),
+        ("frames", "Q"),
+        ("n_proc", "Q"),
+        ("n_icore", "Q"),
+        ("nframes", "Q"),
+        ("state", "Q"),
+        ("n_state", "Q"),
+    ],
+    144,
+)
 
-KSUPER = Layout("kernel superblock", "KSUP", 1, [
-    ("part_id", "I"), ("handles_open", "I"),
-    ("dirty_inode_head", "Q"), ("n_dirty_inodes", "Q"),
-    ("running_tid", "Q"), ("committed_tid", "Q"),
-    ("nblocks", "Q"), ("mount_gen", "Q"), ("update_gen", "Q"),
-], 128)
+KSUPER = Layout(
+    "kernel superblock",
+    "KSUP",
+    1,
+    [
+        ("part_id", "I"),
+        ("handles_open", "I"),
+        ("dirty_inode_head", "Q"),
+        ("n_dirty_inodes", "Q"),
+        ("running_tid", "Q"),
+        ("committed_tid", "Q"),
+        ("nblocks", "Q"),
+        ("mount_gen", "Q"),
+        ("update_gen", "Q"),
+    ],
+    128,
+)
 
-ICORE = Layout("in-core inode", "ICOR", 1, [
-    ("ino", "Q"), ("mode", "I"), ("uid", "I"), ("gid", "I"), ("nlink", "I"),
-    ("size", "Q"), ("atime_ns", "Q"), ("mtime_ns", "Q"), ("ctime_ns", "Q"),
-    ("dirty_pages_head", "Q"), ("n_dirty", "Q"), ("next_dirty", "Q"), ("prev_dirty", "Q"),
-    ("dirtied_ns", "Q"), ("gen", "Q"),
-], 128)
+ICORE = Layout(
+    "in-core inode",
+    "ICOR",
+    1,
+    [
+        ("ino", "Q"),
+        ("mode", "I"),
+        ("uid", "I"),
+        ("gid", "I"),
+        ("nlink", "I"),
+        ("size", "Q"),
+        ("atime_ns", "Q"),
+        ("mtime_ns", "Q"),
+        ("ctime_ns", "Q"),
+        ("dirty_pages_head", "Q"),
+        ("n_dirty", "Q"),
+        ("next_dirty", "Q"),
+        ("prev_dirty", "Q"),
+        ("dirtied_ns", "Q"),
+        ("gen", "Q"),
+    ],
+    128,
+)
 
-PAGE_DESC = Layout("page descriptor", "PGDS", 1, [
-    ("ino", "Q"), ("index", "Q"), ("gen", "Q"), ("content_csum", "Q"),
-    ("next_dirty", "Q"), ("dirtied_ns", "Q"),
-], 64)
+PAGE_DESC = Layout(
+    "page descriptor",
+    "PGDS",
+    1,
+    [
+        ("ino", "Q"),
+        ("index", "Q"),
+        ("gen", "Q"),
+        ("content_csum", "Q"),
+        ("next_dirty", "Q"),
+        ("dirtied_ns", "Q"),
+    ],
+    64,
+)
 
 # icore flags
 I_USED, I_DIRTY_META, I_ON_DIRTY_LIST = 1, 2, 4
@@ -194,15 +276,22 @@ class PartLayout:
         return self.icore + slot * ICORE.size
 
     def header_bytes(self) -> bytes:
-        return PART_HEADER.encode(**{k: getattr(self, k) for k in PART_HEADER.names[3:] if k != "pad"})
+        return PART_HEADER.encode(
+            **{k: getattr(self, k) for k in PART_HEADER.names[3:] if k != "pad"}
+        )
 
 
 def _align(n: int) -> int:
     return (n + PAGE - 1) // PAGE * PAGE
 
 
-def partition_layout(part_id: int, base: int, size: int,
-                     n_icore: int = param.ICORE_SLOTS, n_proc: int = param.PROC_SLOTS) -> PartLayout:
+def partition_layout(
+    part_id: int,
+    base: int,
+    size: int,
+    n_icore: int = param.ICORE_SLOTS,
+    n_proc: int = param.PROC_SLOTS,
+) -> PartLayout:
     mailbox, ksuper, proc = base + PAGE, base + 2 * PAGE, base + 3 * PAGE
     state = _align(proc + n_proc * param.PROC_ENTRY_BYTES)
     n_state = param.STATE_SLOTS
@@ -216,8 +305,22 @@ def partition_layout(part_id: int, base: int, size: int,
         frames = _align(desc + nframes * PAGE_DESC.size)
     if nframes < param.MIN_FRAMES:
         raise ValueError(f"partition {part_id}: {size} bytes leave only {nframes} page frames")
-    return PartLayout(part_id, base, size, mailbox, ksuper, proc, state, n_state, icore, desc,
-                      frames, n_proc, n_icore, nframes)
+    return PartLayout(
+        part_id,
+        base,
+        size,
+        mailbox,
+        ksuper,
+        proc,
+        state,
+        n_state,
+        icore,
+        desc,
+        frames,
+        n_proc,
+        n_icore,
+        nframes,
+    )
 
 
 Watcher = Callable[[int, bytes], None]
@@ -226,17 +329,20 @@ Watcher = Callable[[int, bytes], None]
 class PhysMem:
     """The machine's physical memory: a file in /dev/shm, mapped shared."""
 
-    def __init__(self, path: str, size: int | None = None, create: bool = False,
-                 readonly: bool = False):
+    def __init__(
+        self, path: str, size: int | None = None, create: bool = False, readonly: bool = False
+    ):
         self.path, self.readonly = path, readonly
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = os.open(path, flags, param.OWNER_ONLY_MODE)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no physical-memory file (is the machine up?)") from None
+            raise FileNotFoundError(
+                f"{path}: no physical-memory file (is the machine up?)"
+            ) from None
         try:
             if create:
-                os.fchmod(fd, param.OWNER_ONLY_MODE)   # explicit, not left to the umask
+                os.fchmod(fd, param.OWNER_ONLY_MODE)  # explicit, not left to the umask
                 os.ftruncate(fd, size)
             self.size = os.fstat(fd).st_size
             if size is not None and self.size != size:
@@ -247,8 +353,8 @@ class PhysMem:
             os.close(fd)
         self.view = memoryview(self.mm)
         self.watchers: list[Watcher] = []
-        self.watch_span = (0, self.size)   # [lo, hi): stores outside it call no watcher
-        self.watch_pages: bytearray | None = None   # per page of the span: 0 = not protected
+        self.watch_span = (0, self.size)  # [lo, hi): stores outside it call no watcher
+        self.watch_pages: bytearray | None = None  # per page of the span: 0 = not protected
 
     # The one write accessor.  Watchers see (phys, data) before the store lands.
     def write(self, phys: int, data) -> None:
@@ -259,14 +365,23 @@ class PhysMem:
             lo, hi = self.watch_span
             wp = self.watch_pages
             # inline, not a helper: it runs for every store beneath a VMM
-            if phys < hi and phys + n > lo and (wp is None or wp.find(
-                    1, max(phys - lo, 0) >> _SHIFT, ((min(phys + n, hi) - lo - 1) >> _SHIFT) + 1) >= 0):
+            if (
+                phys < hi
+                and phys + n > lo
+                and (
+                    wp is None
+                    or wp.find(
+                        1, max(phys - lo, 0) >> _SHIFT, ((min(phys + n, hi) - lo - 1) >> _SHIFT) + 1
+                    )
+                    >= 0
+                )
+            ):
                 for w in self.watchers:
                     w(phys, data)
-        self.mm[phys:phys + n] = data
+        self.mm[phys : phys + n] = data
 
     def read(self, phys: int, n: int) -> bytes:
-        return self.mm[phys:phys + n]
+        return self.mm[phys : phys + n]
 
     def array(self, dtype: np.dtype, phys: int, count: int) -> np.ndarray:
         """A read-only numpy view for bulk scans (never written through)."""

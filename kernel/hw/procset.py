@@ -36,6 +36,7 @@ the launcher (kernel/core/proc.py) and to the lab commands:
 * ``fence_partition(tag, part_id)`` fences the partition's set if there is one (a recovery
   scheme's fence of a dead partition's apps); None when none was made.
 """
+
 from __future__ import annotations
 
 import errno
@@ -49,9 +50,9 @@ from typing import Callable, Iterable
 
 CGROUP_DIR = "crashbench"
 MODES = ("cgroup2", "freezer", "pids")
-MODE_ENV = "CRASHBENCH_PROCSET"          # force a mode (tests, CI): cgroup2 | freezer | pids
+MODE_ENV = "CRASHBENCH_PROCSET"  # force a mode (tests, CI): cgroup2 | freezer | pids
 _TAG = re.compile(r"[a-z0-9]{1,16}")
-_FREEZE_WAIT_MAX_S = 0.5                 # bound on waiting for a v1 freezer to report FROZEN
+_FREEZE_WAIT_MAX_S = 0.5  # bound on waiting for a v1 freezer to report FROZEN
 
 
 class ProcError(RuntimeError):
@@ -67,6 +68,7 @@ class FenceError(ProcError):
 
 
 # ---------------------------------------------------------------- /proc and cgroup plumbing
+
 
 def _unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
@@ -100,7 +102,7 @@ def _stat(pid: int) -> tuple[str, int, int, int] | None:
             raw = f.read()
     except OSError:
         return None
-    rest = raw[raw.rfind(b")") + 2:].split()
+    rest = raw[raw.rfind(b")") + 2 :].split()
     return rest[0].decode(), int(rest[1]), int(rest[2]), int(rest[19])
 
 
@@ -167,7 +169,9 @@ def _pids_dir() -> str:
 def _locations(name: str) -> dict[str, str]:
     """Where a set called `name` lives in each mode available on this machine."""
     mounts = _cgroup_mounts()
-    loc = {m: os.path.join(mounts[m], CGROUP_DIR, name) for m in ("cgroup2", "freezer") if m in mounts}
+    loc = {
+        m: os.path.join(mounts[m], CGROUP_DIR, name) for m in ("cgroup2", "freezer") if m in mounts
+    }
     loc["pids"] = os.path.join(_pids_dir(), name)
     return loc
 
@@ -178,15 +182,17 @@ def _backoff(i: int) -> float:
 
 # ---------------------------------------------------------------- the process set
 
+
 @dataclass
 class FenceReport:
     """One fence: what was killed and how long it took (time.monotonic around the work)."""
+
     name: str
     mode: str
     seconds: float
-    killed: int                       # processes of the set that were killed
+    killed: int  # processes of the set that were killed
     pids: list[int] = field(default_factory=list)
-    frozen: bool | None = None        # freezer mode: did the freeze complete before the kill
+    frozen: bool | None = None  # freezer mode: did the freeze complete before the kill
 
 
 class ProcessSet:
@@ -204,16 +210,20 @@ class ProcessSet:
             raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
         loc = _locations(self.name)
         if mode is not None and mode not in loc:
-            raise ProcError(f"process set {self.name}: mode {mode} unavailable "
-                            f"(no {mode} cgroup hierarchy mounted)")
+            raise ProcError(
+                f"process set {self.name}: mode {mode} unavailable "
+                f"(no {mode} cgroup hierarchy mounted)"
+            )
         existing = [m for m in MODES if m in loc and os.path.exists(loc[m])]
         if mode is None and existing:
-            mode = existing[0]                       # attach to the set another process made
+            mode = existing[0]  # attach to the set another process made
         if mode is not None:
             self.mode, self.path = mode, loc[mode]
             if not os.path.exists(self.path):
                 if not create:
-                    raise ProcError(f"process set {self.name} ({mode}) does not exist at {self.path}")
+                    raise ProcError(
+                        f"process set {self.name} ({mode}) does not exist at {self.path}"
+                    )
                 err = self._create(mode, self.path)
                 if err:
                     raise ProcError(f"process set {self.name}: cannot use {mode}: {err}")
@@ -245,7 +255,9 @@ class ProcessSet:
                 try:
                     os.makedirs(parent, mode=0o755 if mode != "pids" else 0o700, exist_ok=True)
                     if mode == "pids":
-                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                        fd = os.open(
+                            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+                        )
                         os.write(fd, f"# crashbench process set, made by {os.getpid()}\n".encode())
                         os.close(fd)
                     else:
@@ -329,12 +341,13 @@ class ProcessSet:
             def join() -> None:
                 with open("/proc/self/stat", "rb") as f:
                     raw = f.read()
-                rest = raw[raw.rfind(b")") + 2:].split()
+                rest = raw[raw.rfind(b")") + 2 :].split()
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
                 try:
                     os.write(fd, b"%d %s %s\n" % (os.getpid(), rest[19], rest[2]))
                 finally:
                     os.close(fd)
+
             return join
         procs = self._procs().encode()
 
@@ -344,6 +357,7 @@ class ProcessSet:
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
+
         return join
 
     def _registry(self) -> list[tuple[int, int, int]]:
@@ -358,11 +372,13 @@ class ProcessSet:
                 try:
                     pid, start, pgrp = (int(x) for x in line.split())
                 except ValueError:
-                    continue       # a line torn by a writer that died mid-append
+                    continue  # a line torn by a writer that died mid-append
                 out.append((pid, start, pgrp))
         return out
 
-    def _members(self, stats: dict[int, tuple[str, int, int, int]], spare_self: bool = True) -> set[int]:
+    def _members(
+        self, stats: dict[int, tuple[str, int, int, int]], spare_self: bool = True
+    ) -> set[int]:
         """pids mode: live registered processes, their groups' members, all descendants
         (never the caller or its ancestors, unless `spare_self` is False)."""
         exclude = _ancestors_of_self() if spare_self else set()
@@ -372,10 +388,10 @@ class ProcessSet:
             if st is not None and st[3] == start:
                 roots.add(pid)
             if pgrp != pid:
-                continue           # only groups that a registered process led
+                continue  # only groups that a registered process led
             leader = stats.get(pgrp)
             if leader is None or leader[3] == start:
-                groups.add(pgrp)   # a pgid cannot be reused while any process is in it
+                groups.add(pgrp)  # a pgid cannot be reused while any process is in it
         roots |= {p for p, st in stats.items() if st[2] in groups}
         children: dict[int, list[int]] = {}
         for p, st in stats.items():
@@ -405,18 +421,29 @@ class ProcessSet:
         deadline = t0 + timeout
         if not self.exists():
             return FenceReport(self.name, self.mode, time.monotonic() - t0, 0)
-        members = self._members(_all_stats(), spare_self=False) if self.mode == "pids" else self.pids()
+        members = (
+            self._members(_all_stats(), spare_self=False) if self.mode == "pids" else self.pids()
+        )
         if _ancestors_of_self() & set(members):
-            raise ProcError(f"{self.name}: refusing to fence the set that the caller "
-                            f"(pid {os.getpid()}) is in")
-        fn = {"cgroup2": self._fence_cgroup2, "freezer": self._fence_freezer,
-              "pids": self._fence_pids}[self.mode]
+            raise ProcError(
+                f"{self.name}: refusing to fence the set that the caller (pid {os.getpid()}) is in"
+            )
+        fn = {
+            "cgroup2": self._fence_cgroup2,
+            "freezer": self._fence_freezer,
+            "pids": self._fence_pids,
+        }[self.mode]
         return fn(t0, deadline)
 
     def _fail(self, t0: float, killed: set[int], left: Iterable[int], frozen=None) -> FenceError:
-        rep = FenceReport(self.name, self.mode, time.monotonic() - t0, len(killed), sorted(killed), frozen)
-        return FenceError(f"{self.name}: fence did not finish: still alive: "
-                          + "; ".join(_describe(p) for p in sorted(left)), rep)
+        rep = FenceReport(
+            self.name, self.mode, time.monotonic() - t0, len(killed), sorted(killed), frozen
+        )
+        return FenceError(
+            f"{self.name}: fence did not finish: still alive: "
+            + "; ".join(_describe(p) for p in sorted(left)),
+            rep,
+        )
 
     def _fence_cgroup2(self, t0: float, deadline: float) -> FenceReport:
         kill = os.path.join(self.path, "cgroup.kill")
@@ -430,7 +457,7 @@ class ProcessSet:
                 if "populated 0" in f.read():
                     break
             left = _read_ints(self._procs())
-            if not set(left) <= killed:   # joined after the kill (a fork cannot: added from outside)
+            if not set(left) <= killed:  # joined after the kill (a fork cannot: added from outside)
                 killed.update(left)
                 _write(kill, "1")
             if time.monotonic() > deadline:
@@ -453,7 +480,7 @@ class ProcessSet:
                         frozen = True
                         break
                 if time.monotonic() > freeze_until:
-                    break           # a task that cannot freeze (D state): kill anyway
+                    break  # a task that cannot freeze (D state): kill anyway
                 time.sleep(_backoff(i))
                 i += 1
             for p in _read_ints(self._procs()):
@@ -466,7 +493,7 @@ class ProcessSet:
             left = _read_ints(self._procs())
             if not left:
                 break
-            for p in left:           # tasks that forked while the freeze was incomplete
+            for p in left:  # tasks that forked while the freeze was incomplete
                 if p not in killed:
                     _kill(p)
                     killed.add(p)
@@ -474,11 +501,13 @@ class ProcessSet:
                 raise self._fail(t0, killed, left, frozen)
             time.sleep(_backoff(i))
             i += 1
-        return FenceReport(self.name, self.mode, time.monotonic() - t0, len(killed), sorted(killed), frozen)
+        return FenceReport(
+            self.name, self.mode, time.monotonic() - t0, len(killed), sorted(killed), frozen
+        )
 
     def _fence_pids(self, t0: float, deadline: float) -> FenceReport:
-        stopped: dict[int, int] = {}     # pid -> start time, so a reused pid is never hit
-        while True:                      # stop until the closure no longer grows
+        stopped: dict[int, int] = {}  # pid -> start time, so a reused pid is never hit
+        while True:  # stop until the closure no longer grows
             stats = _all_stats()
             new = {p for p in self._members(stats) if p not in stopped}
             if not new:
@@ -500,7 +529,9 @@ class ProcessSet:
                 raise self._fail(t0, set(stopped), left)
             time.sleep(_backoff(i))
             i += 1
-        return FenceReport(self.name, self.mode, time.monotonic() - t0, len(stopped), sorted(stopped))
+        return FenceReport(
+            self.name, self.mode, time.monotonic() - t0, len(stopped), sorted(stopped)
+        )
 
     # --- removing -------------------------------------------------------------------------
     def remove(self, timeout: float = 5.0) -> None:
@@ -524,8 +555,10 @@ class ProcessSet:
                     break
                 except OSError as e:
                     if e.errno != errno.EBUSY or time.monotonic() > end:
-                        raise ProcError(f"{self.name}: cannot remove {self.path}: {e.strerror}") from None
-                    time.sleep(0.001)   # last exits still being accounted
+                        raise ProcError(
+                            f"{self.name}: cannot remove {self.path}: {e.strerror}"
+                        ) from None
+                    time.sleep(0.001)  # last exits still being accounted
         _rmdir_quiet(os.path.dirname(self.path))
 
 
@@ -538,7 +571,7 @@ def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
 
 def _rmdir_quiet(path: str) -> None:
     try:
-        os.rmdir(path)     # the shared parent goes with its last set; busy otherwise
+        os.rmdir(path)  # the shared parent goes with its last set; busy otherwise
     except OSError:
         pass
 

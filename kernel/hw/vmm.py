@@ -52,6 +52,7 @@ ever used, and only after their content matches csum. States: FREE; CLEAN (the f
 the block as of gen); DIRTIED (it did, then the guest stored into it); WARM (kept across a
 crash for the next kernel).
 """
+
 from __future__ import annotations
 
 import mmap
@@ -70,28 +71,59 @@ _SHIFT = PAGE.bit_length() - 1
 _csum = xxhash.xxh3_64_intdigest
 FREE, CLEAN, DIRTIED, WARM = 0, 1, 2, 3
 
-ENTRY = np.dtype([("block", "<u8"), ("csum", "<u8"), ("gen", "<u4"), ("state", "<u2"),
-                  ("pad", "<u2"), ("seal", "<u8")])
+ENTRY = np.dtype(
+    [
+        ("block", "<u8"),
+        ("csum", "<u8"),
+        ("gen", "<u4"),
+        ("state", "<u2"),
+        ("pad", "<u2"),
+        ("seal", "<u8"),
+    ]
+)
 # a whole entry by struct, a state through a strided memoryview: on the paths that run for
 # every write of a running kernel, a numpy scalar access costs more
 _ENTRY = struct.Struct("<QQIHHQ")
 _STATE_AT = 20
-HEADER = Layout("VMM region header", "VMMR", 2, [   # 2: the seal leaves the state out
-    ("nframes", "Q"), ("frames_phys", "Q"), ("nblocks", "Q"), ("nspare", "Q"),
-    ("ftab", "Q"), ("stab", "Q"), ("gens", "Q"), ("spare", "Q"), ("size", "Q"),
-], 128)
+HEADER = Layout(
+    "VMM region header",
+    "VMMR",
+    2,
+    [  # 2: the seal leaves the state out
+        ("nframes", "Q"),
+        ("frames_phys", "Q"),
+        ("nblocks", "Q"),
+        ("nspare", "Q"),
+        ("ftab", "Q"),
+        ("stab", "Q"),
+        ("gens", "Q"),
+        ("spare", "Q"),
+        ("size", "Q"),
+    ],
+    128,
+)
 COUNTERS = (
     # live, beneath a running kernel
-    "registered", "invalidated", "device_blocks", "reused", "refused_inconsistent",
-    "refused_corrupted", "moved_aside", "dropped",
-    "busy_ns",   # wall time inside the VMM's entry points beneath a running kernel
+    "registered",
+    "invalidated",
+    "device_blocks",
+    "reused",
+    "refused_inconsistent",
+    "refused_corrupted",
+    "moved_aside",
+    "dropped",
+    "busy_ns",  # wall time inside the VMM's entry points beneath a running kernel
     # the last preserve(), after a crash
-    "preserved", "inconsistent", "corrupted", "duplicates", "kept",
+    "preserved",
+    "inconsistent",
+    "corrupted",
+    "duplicates",
+    "kept",
 )
 _C = {n: i for i, n in enumerate(COUNTERS)}
 _BUSY, _REGISTERED, _INVALIDATED = _C["busy_ns"], _C["registered"], _C["invalidated"]
 _clock = time.perf_counter_ns
-_LIVE = COUNTERS.index("reused")   # counters from here on start afresh at every preserve()
+_LIVE = COUNTERS.index("reused")  # counters from here on start afresh at every preserve()
 
 _M = (1 << 64) - 1
 _K = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5)
@@ -108,8 +140,11 @@ def seal(block: int, csum: int, gen: int) -> int:
 
 def seal_np(e: np.ndarray) -> np.ndarray:
     """The same mix over many entries (uint64 arithmetic wraps, as the & does above)."""
-    return ((e["block"] ^ _KU[0]) * _KU[1] + (e["csum"] ^ _KU[2]) * _KU[3]
-            + (e["gen"].astype(np.uint64) ^ _KU[1]) * _KU[0])
+    return (
+        (e["block"] ^ _KU[0]) * _KU[1]
+        + (e["csum"] ^ _KU[2]) * _KU[3]
+        + (e["gen"].astype(np.uint64) ^ _KU[1]) * _KU[0]
+    )
 
 
 def region_path(physmem_path: str) -> str:
@@ -128,7 +163,9 @@ class Region:
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
-            raise VmmError(f"{path}: no VMM region (is the machine deployed under warmcache?)") from None
+            raise VmmError(
+                f"{path}: no VMM region (is the machine deployed under warmcache?)"
+            ) from None
         try:
             size = os.fstat(fd).st_size
             if size < 2 * PAGE:
@@ -150,11 +187,14 @@ class Region:
         self.ft = np.frombuffer(self.mm, ENTRY, self.nframes, h["ftab"])
         self.st = np.frombuffer(self.mm, ENTRY, self.nspare, h["stab"])
         self.gens = np.frombuffer(self.mm, np.uint32, self.nblocks, h["gens"])
-        self.spare = np.frombuffer(self.mm, np.uint8, self.nspare * PAGE, h["spare"]).reshape(-1, PAGE)
+        self.spare = np.frombuffer(self.mm, np.uint8, self.nspare * PAGE, h["spare"]).reshape(
+            -1, PAGE
+        )
 
     @classmethod
-    def create(cls, path: str, lay: PartLayout, nblocks: int,
-               nspare: int = param.VMM_SPARE_PAGES) -> "Region":
+    def create(
+        cls, path: str, lay: PartLayout, nblocks: int, nspare: int = param.VMM_SPARE_PAGES
+    ) -> "Region":
         """A fresh region for the guest whose page frames ``lay`` describes (all FREE)."""
         ftab = 2 * PAGE
         stab = _align(ftab + lay.nframes * ENTRY.itemsize)
@@ -163,11 +203,23 @@ class Region:
         size = spare + nspare * PAGE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, param.OWNER_ONLY_MODE)
         try:
-            os.fchmod(fd, param.OWNER_ONLY_MODE)   # a region left by an older run keeps its mode
-            os.ftruncate(fd, size)   # sparse: untouched tables and spare pages cost nothing
-            os.pwrite(fd, HEADER.encode(nframes=lay.nframes, frames_phys=lay.frames,
-                                        nblocks=nblocks, nspare=nspare, ftab=ftab, stab=stab,
-                                        gens=gens, spare=spare, size=size), 0)
+            os.fchmod(fd, param.OWNER_ONLY_MODE)  # a region left by an older run keeps its mode
+            os.ftruncate(fd, size)  # sparse: untouched tables and spare pages cost nothing
+            os.pwrite(
+                fd,
+                HEADER.encode(
+                    nframes=lay.nframes,
+                    frames_phys=lay.frames,
+                    nblocks=nblocks,
+                    nspare=nspare,
+                    ftab=ftab,
+                    stab=stab,
+                    gens=gens,
+                    spare=spare,
+                    size=size,
+                ),
+                0,
+            )
         finally:
             os.close(fd)
         return cls(path)
@@ -193,26 +245,33 @@ class Region:
 
 # --- beneath a running kernel -------------------------------------------------------------
 
+
 class Vmm:
     """Write tracking and warm reads for one guest partition (runs beneath its kernel)."""
 
     def __init__(self, mem: PhysMem, lay: PartLayout, region: Region):
         if (region.nframes, region.frames_phys) != (lay.nframes, lay.frames):
-            raise VmmError(f"{region.path}: made for {region.nframes} frames at "
-                           f"{region.frames_phys:#x}, the guest has {lay.nframes} at {lay.frames:#x}")
+            raise VmmError(
+                f"{region.path}: made for {region.nframes} frames at "
+                f"{region.frames_phys:#x}, the guest has {lay.nframes} at {lay.frames:#x}"
+            )
         self.mem, self.lay, self.r = mem, lay, region
         self.f0, self.flen, self.nframes = lay.frames, lay.nframes * PAGE, lay.nframes
         ft = region.ft
         self.block = ft["block"]
         mv = memoryview(region.mm)
-        self._ctr = mv[PAGE:PAGE + 8 * len(COUNTERS)].cast("Q")          # region.counters, for scalars
+        self._ctr = mv[PAGE : PAGE + 8 * len(COUNTERS)].cast("Q")  # region.counters, for scalars
         h = region.hdr
-        self._gens = mv[h["gens"]:h["gens"] + 4 * region.nblocks].cast("I")  # region.gens, likewise
+        self._gens = mv[h["gens"] : h["gens"] + 4 * region.nblocks].cast(
+            "I"
+        )  # region.gens, likewise
         self._mm, self._ft = region.mm, h["ftab"]
         words = ENTRY.itemsize // 2
-        self._state = mv[h["ftab"]:h["ftab"] + ENTRY.itemsize * region.nframes].cast("H")[_STATE_AT // 2::words]
-        self.pending: tuple | None = None   # (first block, gens, data, next) of the last read
-        self.warm: dict[int, int] = {}      # block -> frame, or -(spare slot + 1)
+        self._state = mv[h["ftab"] : h["ftab"] + ENTRY.itemsize * region.nframes].cast("H")[
+            _STATE_AT // 2 :: words
+        ]
+        self.pending: tuple | None = None  # (first block, gens, data, next) of the last read
+        self.warm: dict[int, int] = {}  # block -> frame, or -(spare slot + 1)
         wf = np.flatnonzero(ft["state"] == WARM)
         ws = np.flatnonzero(region.st["state"] == WARM)
         self.warm.update(zip(ft["block"][wf].tolist(), wf.tolist()))
@@ -225,7 +284,10 @@ class Vmm:
         """Watch the guest's stores: those into a protected frame, or all while a read lands."""
         mem = self.mem
         mem.watchers.append(self.watch)
-        mem.watch_span = (self.f0, self.f0 + self.flen)  # descriptors, inodes: not the VMM's business
+        mem.watch_span = (
+            self.f0,
+            self.f0 + self.flen,
+        )  # descriptors, inodes: not the VMM's business
         mem.watch_pages = self.wp
 
     def _expect(self, pending: tuple | None) -> None:
@@ -263,7 +325,7 @@ class Vmm:
         if self.pending is not None:
             if n == PAGE and not lo & (PAGE - 1) and self._landed(f, data):
                 return
-            self._expect(None)   # a read's data lands in the very next frame stores, or never
+            self._expect(None)  # a read's data lands in the very next frame stores, or never
         if s == CLEAN:
             self._invalidate(f)
 
@@ -285,7 +347,7 @@ class Vmm:
         """Is this store the next page of the last read? Then the frame holds that block."""
         first, gens, got, k = self.pending
         h = _csum(data)
-        if h != _csum(got[k * PAGE:(k + 1) * PAGE]):
+        if h != _csum(got[k * PAGE : (k + 1) * PAGE]):
             return False
         self._expect((first, gens, got, k + 1) if k + 1 < len(gens) else None)
         self._register(f, first + k, gens[k], h)
@@ -295,8 +357,9 @@ class Vmm:
         if self._state[f] == WARM:
             self._move_aside(f)
         # one 32-byte store; a torn one (the kernel killed inside it) breaks the seal
-        _ENTRY.pack_into(self._mm, self._ft + f * ENTRY.itemsize, block, h, gen, CLEAN, 0,
-                         seal(block, h, gen))
+        _ENTRY.pack_into(
+            self._mm, self._ft + f * ENTRY.itemsize, block, h, gen, CLEAN, 0, seal(block, h, gen)
+        )
         self.wp[f] = 1
         self._ctr[_REGISTERED] += 1
 
@@ -313,7 +376,7 @@ class Vmm:
             if self.free_spare:
                 slot = self.free_spare.pop()
                 p = self.f0 + f * PAGE
-                self.r.spare[slot] = np.frombuffer(self.mem.view[p:p + PAGE], np.uint8)
+                self.r.spare[slot] = np.frombuffer(self.mem.view[p : p + PAGE], np.uint8)
                 self.r.st[slot] = self.r.ft[f]
                 self.warm[block] = -1 - slot
                 self._count("moved_aside")
@@ -327,18 +390,18 @@ class Vmm:
     def read_done(self, first: int, count: int, data) -> None:
         """A read returned: its pages may land in frames next (hashed only if they do)."""
         t0 = _clock()
-        self._expect((first, self._gens[first:first + count].tolist(), memoryview(data), 0))
+        self._expect((first, self._gens[first : first + count].tolist(), memoryview(data), 0))
         self._timed(t0)
 
     def write_begin(self, first: int, count: int) -> None:
         """Before a write lands: every copy of these blocks is out of date from now on."""
         t0 = _clock()
-        if count <= 16:               # a numpy call costs more than a few blocks do
+        if count <= 16:  # a numpy call costs more than a few blocks do
             g = self._gens
             for b in range(first, first + count):
-                g[b] = (g[b] + 1) & 0xFFFF_FFFF   # wraps, as the numpy array does
+                g[b] = (g[b] + 1) & 0xFFFF_FFFF  # wraps, as the numpy array does
         else:
-            self.r.gens[first:first + count] += 1
+            self.r.gens[first : first + count] += 1
         if self.warm:
             for b in range(first, first + count):
                 loc = self.warm.pop(b, None)
@@ -350,12 +413,12 @@ class Vmm:
     def write_done(self, first: int, data, src: list[int]) -> None:
         """A write-back landed: each source frame holds its block as of the new generation."""
         t0 = _clock()
-        if len(src) == 1:             # most write-backs of a database: one page, hashed whole
+        if len(src) == 1:  # most write-backs of a database: one page, hashed whole
             self._register_src(src[0], first, data)
         else:
             mv = memoryview(data).cast("B")
             for k, p in enumerate(src):
-                self._register_src(p, first + k, mv[k * PAGE:(k + 1) * PAGE])
+                self._register_src(p, first + k, mv[k * PAGE : (k + 1) * PAGE])
         self._ctr[_BUSY] += _clock() - t0
 
     def _register_src(self, p: int, block: int, page) -> None:
@@ -377,12 +440,11 @@ class Vmm:
             return None
         if loc >= 0:
             e, p = self.r.ft[loc], self.f0 + loc * PAGE
-            page = self.mem.view[p:p + PAGE]
+            page = self.mem.view[p : p + PAGE]
         else:
             e, page = self.r.st[-1 - loc], self.r.spare[-1 - loc]
         blk, h, gen, state = int(e["block"]), int(e["csum"]), int(e["gen"]), int(e["state"])
-        if state != WARM or blk != block or int(e["seal"]) != seal(blk, h, gen) \
-                or _csum(page) != h:
+        if state != WARM or blk != block or int(e["seal"]) != seal(blk, h, gen) or _csum(page) != h:
             why = "refused_corrupted"
         elif gen != int(self.r.gens[block]):
             why = "refused_inconsistent"
@@ -412,7 +474,7 @@ class VmmDisk:
         self.dev, self.vmm = dev, vmm
 
     def __getattr__(self, name):
-        return getattr(self.dev, name)   # nblocks, flush, stats, close, path, ...
+        return getattr(self.dev, name)  # nblocks, flush, stats, close, path, ...
 
     def read(self, blockno: int, count: int = 1) -> bytes:
         v = self.vmm
@@ -436,11 +498,11 @@ class VmmDisk:
         while i < count:
             j = i + 1
             if pages[i] is not None:
-                out[i * PAGE:j * PAGE] = pages[i]
+                out[i * PAGE : j * PAGE] = pages[i]
             else:
                 while j < count and pages[j] is None:
                     j += 1
-                out[i * PAGE:j * PAGE] = self.dev.read(blockno + i, j - i)
+                out[i * PAGE : j * PAGE] = self.dev.read(blockno + i, j - i)
                 self.vmm._count("device_blocks", j - i)
             i = j
         return bytes(out)
@@ -459,13 +521,16 @@ def attach(kernel, path: str) -> VmmDisk:
     dev = kernel.open_disk()
     if dev.nblocks != v.r.nblocks:
         dev.close()
-        raise VmmError(f"{path}: made for a disk of {v.r.nblocks} blocks, the guest's has {dev.nblocks}")
+        raise VmmError(
+            f"{path}: made for a disk of {v.r.nblocks} blocks, the guest's has {dev.nblocks}"
+        )
     v.install()
     kernel.vmm = v
     return VmmDisk(dev, v)
 
 
 # --- after the guest died ---------------------------------------------------------------
+
 
 def preserve(region: Region, mem: PhysMem, lay: PartLayout) -> dict:
     """Check what the dead guest's frames still hold; keep the consistent pages WARM.
@@ -478,25 +543,33 @@ def preserve(region: Region, mem: PhysMem, lay: PartLayout) -> dict:
     fi = np.flatnonzero(ft["state"] != FREE)
     si = np.flatnonzero(st["state"] == WARM)
     v = mem.view
-    fk, fbad, f_incons = _check(region, ft[fi], lambda w: [
-        _csum(v[p:p + PAGE]) for p in (lay.frames + fi[w] * PAGE).tolist()])
-    sk, sbad, s_incons = _check(region, st[si], lambda w: [
-        _csum(region.spare[i]) for i in si[w].tolist()])
+    fk, fbad, f_incons = _check(
+        region,
+        ft[fi],
+        lambda w: [_csum(v[p : p + PAGE]) for p in (lay.frames + fi[w] * PAGE).tolist()],
+    )
+    sk, sbad, s_incons = _check(
+        region, st[si], lambda w: [_csum(region.spare[i]) for i in si[w].tolist()]
+    )
     keep_f, keep_s = fi[fk], si[sk]
     blocks = np.concatenate([ft["block"][keep_f], st["block"][keep_s]])
     _, first = np.unique(blocks, return_index=True)
     unique = np.zeros(len(blocks), bool)
     unique[first] = True
     dup = len(blocks) - len(first)
-    keep_f, keep_s = keep_f[unique[:len(keep_f)]], keep_s[unique[len(keep_f):]]
-    kept_f, kept_s = ft[keep_f], st[keep_s]       # copies, before the tables are cleared
+    keep_f, keep_s = keep_f[unique[: len(keep_f)]], keep_s[unique[len(keep_f) :]]
+    kept_f, kept_s = ft[keep_f], st[keep_s]  # copies, before the tables are cleared
     ft[fi], st[si] = 0, 0
     for tab, idx, e in ((ft, keep_f, kept_f), (st, keep_s, kept_s)):
         e["state"] = WARM
         tab[idx] = e
-    counts = {"preserved": len(fi) + len(si) - dup, "inconsistent": f_incons + s_incons,
-              "corrupted": int(len(fbad) + len(sbad)), "duplicates": dup,
-              "kept": len(keep_f) + len(keep_s)}
+    counts = {
+        "preserved": len(fi) + len(si) - dup,
+        "inconsistent": f_incons + s_incons,
+        "corrupted": int(len(fbad) + len(sbad)),
+        "duplicates": dup,
+        "kept": len(keep_f) + len(keep_s),
+    }
     region.counters[_LIVE:] = 0
     for k, n in counts.items():
         region.counters[_C[k]] = n

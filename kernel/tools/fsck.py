@@ -22,6 +22,7 @@ Promises to the CLI (``crashbench fsck``), tests and recovery schemes:
   symlink's size counts for at most the file system's data blocks; per inode, MAX_LISTED
   problems of a kind are listed and the rest counted, and at most MAX_PROBLEMS in all.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,16 +35,33 @@ import numpy as np
 from kernel import param
 from kernel.core.bmap import ROOTS
 from kernel.core.dir import parse_block
-from kernel.core.disklayout import (FT_NAMES, NPTR, ROOT_INO, SB_BLOCK, STATE_CLEAN, SYMLINK_MAX, FsError,
-                               Superblock, ftype_of, unpack_inode)
+from kernel.core.disklayout import (
+    FT_NAMES,
+    NPTR,
+    ROOT_INO,
+    SB_BLOCK,
+    STATE_CLEAN,
+    SYMLINK_MAX,
+    FsError,
+    Superblock,
+    ftype_of,
+    unpack_inode,
+)
 from kernel.core.journal import JournalDamaged, scan_log
 
 BSIZE = param.BLOCK_SIZE
 ND = param.NDIRECT
-MAX_LISTED = 20           # blocks listed one by one per kind of bitmap problem, and per inode
-MAX_PROBLEMS = 2000       # problems listed in all; the rest are counted
-_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK,
-          stat.S_IFCHR, stat.S_IFBLK}
+MAX_LISTED = 20  # blocks listed one by one per kind of bitmap problem, and per inode
+MAX_PROBLEMS = 2000  # problems listed in all; the rest are counted
+_TYPES = {
+    stat.S_IFREG,
+    stat.S_IFDIR,
+    stat.S_IFLNK,
+    stat.S_IFIFO,
+    stat.S_IFSOCK,
+    stat.S_IFCHR,
+    stat.S_IFBLK,
+}
 
 
 class _Walk:
@@ -53,7 +71,7 @@ class _Walk:
     def __init__(self, ino: int, nb: int):
         self.ino = ino
         self.have = np.zeros(nb, dtype=bool)
-        self.data: list[tuple[np.ndarray, np.ndarray]] = []   # (file blocks, disk blocks)
+        self.data: list[tuple[np.ndarray, np.ndarray]] = []  # (file blocks, disk blocks)
         self.listed: dict[str, int] = {}
         self.unlisted: dict[str, int] = {}
 
@@ -113,11 +131,13 @@ class _Check:
         self.fd, self.path, self.res = fd, path, res
         self.dev_blocks = os.fstat(fd).st_size // BSIZE
         self.overlay: dict[int, bytes] = {}
-        self.unlisted = 0             # problems past MAX_PROBLEMS, counted only
+        self.unlisted = 0  # problems past MAX_PROBLEMS, counted only
 
     def raw(self, b: int, n: int = 1) -> bytes:
         if b < 0 or b + n > self.dev_blocks:
-            raise OSError(0, f"block {b}+{n} beyond the end of the image ({self.dev_blocks} blocks)")
+            raise OSError(
+                0, f"block {b}+{n} beyond the end of the image ({self.dev_blocks} blocks)"
+            )
         data = os.pread(self.fd, n * BSIZE, b * BSIZE)
         return data.ljust(n * BSIZE, b"\0")
 
@@ -127,7 +147,7 @@ class _Check:
             buf = bytearray(data)
             for x in range(b, b + n):
                 if x in self.overlay:
-                    buf[(x - b) * BSIZE:(x - b + 1) * BSIZE] = self.overlay[x]
+                    buf[(x - b) * BSIZE : (x - b + 1) * BSIZE] = self.overlay[x]
             data = bytes(buf)
         return data
 
@@ -147,19 +167,27 @@ class _Check:
             res.exit_code = 8
             return
         if sb.nblocks > self.dev_blocks:
-            res.problems.append(f"{self.path}: superblock says {sb.nblocks} blocks, the image "
-                                f"has {self.dev_blocks}")
+            res.problems.append(
+                f"{self.path}: superblock says {sb.nblocks} blocks, the image has {self.dev_blocks}"
+            )
             res.exit_code = 8
             return
         js, jl = sb.journal_start, sb.journal_len
         try:
-            scan = scan_log(self.raw, js, jl, sb.csum_seed,
-                            lambda b: 0 < b < sb.nblocks and not js <= b < js + jl)
+            scan = scan_log(
+                self.raw,
+                js,
+                jl,
+                sb.csum_seed,
+                lambda b: 0 < b < sb.nblocks and not js <= b < js + jl,
+            )
             self.overlay = scan.blocks
             res.counts["journal_transactions"] = scan.transactions
             if scan.transactions:
-                res.notes.append(f"journal: {scan.transactions} committed transaction(s) "
-                                 f"({len(scan.blocks)} blocks) replayed in memory")
+                res.notes.append(
+                    f"journal: {scan.transactions} committed transaction(s) "
+                    f"({len(scan.blocks)} blocks) replayed in memory"
+                )
         except JournalDamaged as e:
             self.problem(f"journal: {e.strerror}; checking the disk without it")
         try:
@@ -184,7 +212,7 @@ class _Check:
     def check_inodes(self) -> None:
         sb = self.sb
         raw = self.read(sb.inode_start, sb.inode_len)
-        rows = np.frombuffer(raw, np.uint8)[:sb.ninodes * param.INODE_SIZE].reshape(sb.ninodes, -1)
+        rows = np.frombuffer(raw, np.uint8)[: sb.ninodes * param.INODE_SIZE].reshape(sb.ninodes, -1)
         nonzero = np.flatnonzero(rows.any(axis=1))
         self.inodes = {}
         for ino in nonzero.tolist():
@@ -193,10 +221,10 @@ class _Check:
                 continue
             off = ino * param.INODE_SIZE
             try:
-                i = unpack_inode(ino, raw[off:off + param.INODE_SIZE], sb.csum_seed)
+                i = unpack_inode(ino, raw[off : off + param.INODE_SIZE], sb.csum_seed)
             except FsError as e:
                 self.problem(e.strerror)
-                i = unpack_inode(ino, raw[off:off + param.INODE_SIZE], sb.csum_seed, verify=False)
+                i = unpack_inode(ino, raw[off : off + param.INODE_SIZE], sb.csum_seed, verify=False)
             if i.mode:
                 if stat.S_IFMT(i.mode) not in _TYPES:
                     self.problem(f"inode {ino}: unknown file type in mode {i.mode:#o}")
@@ -205,12 +233,14 @@ class _Check:
         root = self.inodes.get(ROOT_INO)
         if root is None or not root.is_dir:
             self.problem(f"root inode {ROOT_INO} is not an in-use directory")
-        self.owner = np.full(sb.nblocks, -1, dtype=np.int32)    # inode claiming each block
+        self.owner = np.full(sb.nblocks, -1, dtype=np.int32)  # inode claiming each block
         self.dir_blocks: dict[int, list[int]] = {}
-        self.res.counts.update(inodes_used=len(self.inodes),
-                               directories=sum(i.is_dir for i in self.inodes.values()),
-                               files=sum(i.is_reg for i in self.inodes.values()),
-                               symlinks=sum(i.is_symlink for i in self.inodes.values()))
+        self.res.counts.update(
+            inodes_used=len(self.inodes),
+            directories=sum(i.is_dir for i in self.inodes.values()),
+            files=sum(i.is_reg for i in self.inodes.values()),
+            symlinks=sum(i.is_symlink for i in self.inodes.values()),
+        )
         for ino, i in self.inodes.items():
             if i.is_symlink:
                 if not 0 < i.size <= SYMLINK_MAX:
@@ -225,15 +255,18 @@ class _Check:
         w = _Walk(i.ino, self.blocks_that_matter(i))
         self.take(w, np.asarray(i.addrs[:ND], dtype=np.int64), 0, 1, 0)
         for slot, depth, base in ROOTS:
-            self.take(w, np.asarray(i.addrs[slot:slot + 1], dtype=np.int64), base,
-                      NPTR ** depth, depth)
+            self.take(
+                w, np.asarray(i.addrs[slot : slot + 1], dtype=np.int64), base, NPTR**depth, depth
+            )
         for kind, n in w.unlisted.items():
             self.problem(f"inode {i.ino}: ... and {n} more {kind}")
         if w.have.size:
             holes = np.flatnonzero(~w.have)
             if holes.size:
-                self.problem(f"inode {i.ino}: {'directory' if i.is_dir else 'symlink'} block "
-                             f"{int(holes[0])} is a hole")
+                self.problem(
+                    f"inode {i.ino}: {'directory' if i.is_dir else 'symlink'} block "
+                    f"{int(holes[0])} is a hole"
+                )
         if i.is_dir:
             self.dir_blocks[i.ino] = w.in_order()
 
@@ -247,8 +280,10 @@ class _Check:
         if i.is_dir and i.size % BSIZE:
             self.problem(f"directory inode {i.ino}: size {i.size} is not whole blocks")
         if nb > limit:
-            self.problem(f"{'directory' if i.is_dir else 'symlink'} inode {i.ino}: size {i.size} "
-                         f"is more than the file system's {limit} data blocks")
+            self.problem(
+                f"{'directory' if i.is_dir else 'symlink'} inode {i.ino}: size {i.size} "
+                f"is more than the file system's {limit} data blocks"
+            )
             nb = limit
         return nb
 
@@ -262,9 +297,12 @@ class _Check:
         p = ptrs[idx]
         bad = (p < sb.data_start) | (p >= sb.nblocks)
         for b in p[bad].tolist():
-            w.report(self, "block pointers out of range",
-                     f"inode {w.ino}: block pointer {b} out of range "
-                     f"(data blocks {sb.data_start}..{sb.nblocks - 1})")
+            w.report(
+                self,
+                "block pointers out of range",
+                f"inode {w.ino}: block pointer {b} out of range "
+                f"(data blocks {sb.data_start}..{sb.nblocks - 1})",
+            )
         idx, p = idx[~bad], p[~bad]
         if not p.size:
             return
@@ -272,9 +310,17 @@ class _Check:
         owner = self.owner[uniq]
         again = (counts > 1) | (owner >= 0)
         for b, o in zip(uniq[again].tolist(), owner[again].tolist()):
-            by = f"by inode {o} and inode {w.ino}" if 0 <= o != w.ino else f"both times by inode {w.ino}"
-            w.report(self, "blocks used twice", f"block {b} used twice ({by})" +
-                     (": an indirect block met again, not followed" if depth else ""))
+            by = (
+                f"by inode {o} and inode {w.ino}"
+                if 0 <= o != w.ino
+                else f"both times by inode {w.ino}"
+            )
+            w.report(
+                self,
+                "blocks used twice",
+                f"block {b} used twice ({by})"
+                + (": an indirect block met again, not followed" if depth else ""),
+            )
         fresh = owner < 0
         blocks, fblocks = uniq[fresh], base + idx[first[fresh]] * span
         self.owner[blocks] = w.ino
@@ -282,33 +328,43 @@ class _Check:
             w.mapped(base + idx * span, fblocks, blocks)
             return
         for b, fb in zip(blocks.tolist(), fblocks.tolist()):
-            self.take(w, np.frombuffer(self.read(b), "<u4").astype(np.int64), fb,
-                      span // NPTR, depth - 1)
+            self.take(
+                w, np.frombuffer(self.read(b), "<u4").astype(np.int64), fb, span // NPTR, depth - 1
+            )
 
     # --- bitmap ----------------------------------------------------------------------------
     def check_blocks(self) -> None:
         sb = self.sb
         raw = self.read(sb.bitmap_start, sb.bitmap_len)
-        used = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[:sb.nblocks]
+        used = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[: sb.nblocks]
         ref = self.owner >= 0
-        meta_free = np.flatnonzero(used[:sb.data_start] == 0)
+        meta_free = np.flatnonzero(used[: sb.data_start] == 0)
         if meta_free.size:
-            self.problem(f"{meta_free.size} block(s) of the metadata area marked free in the "
-                         f"bitmap (first: {int(meta_free[0])})")
+            self.problem(
+                f"{meta_free.size} block(s) of the metadata area marked free in the "
+                f"bitmap (first: {int(meta_free[0])})"
+            )
         free_used = np.flatnonzero(ref & (used == 0))
         for b in free_used[:MAX_LISTED].tolist():
-            self.problem(f"block {b} in use by inode {int(self.owner[b])} but marked free in the bitmap")
+            self.problem(
+                f"block {b} in use by inode {int(self.owner[b])} but marked free in the bitmap"
+            )
         if free_used.size > MAX_LISTED:
-            self.problem(f"... and {free_used.size - MAX_LISTED} more blocks in use but marked free")
+            self.problem(
+                f"... and {free_used.size - MAX_LISTED} more blocks in use but marked free"
+            )
         leaked = np.flatnonzero((used == 1) & ~ref)
         leaked = leaked[leaked >= sb.data_start]
         for b in leaked[:MAX_LISTED].tolist():
             self.problem(f"block {b} marked in use in the bitmap but not referenced (leaked)")
         if leaked.size > MAX_LISTED:
             self.problem(f"... and {leaked.size - MAX_LISTED} more leaked blocks")
-        self.res.counts.update(blocks=sb.nblocks, blocks_used=int(np.count_nonzero(used)),
-                               blocks_referenced=int(np.count_nonzero(ref)) + sb.data_start,
-                               leaked=int(leaked.size))
+        self.res.counts.update(
+            blocks=sb.nblocks,
+            blocks_used=int(np.count_nonzero(used)),
+            blocks_referenced=int(np.count_nonzero(ref)) + sb.data_start,
+            leaked=int(leaked.size),
+        )
 
     # --- directories -------------------------------------------------------------------------
     def check_dirs(self) -> None:
@@ -349,8 +405,10 @@ class _Check:
             self.problem(f"{what} points at free inode {ino}")
             return
         if ft != ftype_of(i.mode):
-            self.problem(f"{what} has type {FT_NAMES.get(ft, ft)} but inode {ino} is a "
-                         f"{FT_NAMES[ftype_of(i.mode)]}")
+            self.problem(
+                f"{what} has type {FT_NAMES.get(ft, ft)} but inode {ino} is a "
+                f"{FT_NAMES[ftype_of(i.mode)]}"
+            )
         self.refs[ino] += 1
         self.children[d].append(ino)
         if i.is_dir:
@@ -363,8 +421,11 @@ class _Check:
         for ino, i in self.inodes.items():
             if i.is_dir:
                 parents = self.parents.get(ino, [])
-                subdirs = sum(1 for c in self.children.get(ino, []) if c in self.inodes
-                              and self.inodes[c].is_dir)
+                subdirs = sum(
+                    1
+                    for c in self.children.get(ino, [])
+                    if c in self.inodes and self.inodes[c].is_dir
+                )
                 if ino == ROOT_INO:
                     if parents:
                         self.problem(f"root directory has {len(parents)} directory entries")
@@ -373,18 +434,25 @@ class _Check:
                 elif not parents:
                     if i.nlink == 0:
                         orphans += 1
-                        self.res.notes.append(f"inode {ino}: removed directory still allocated "
-                                              f"(orphan, nlink 0)")
+                        self.res.notes.append(
+                            f"inode {ino}: removed directory still allocated (orphan, nlink 0)"
+                        )
                     else:
-                        self.problem(f"directory inode {ino} (nlink {i.nlink}) has no name: unreachable")
+                        self.problem(
+                            f"directory inode {ino} (nlink {i.nlink}) has no name: unreachable"
+                        )
                     flagged.add(ino)
                     continue
                 elif len(parents) > 1:
-                    self.problem(f"directory inode {ino} has {len(parents)} names "
-                                 f"(in directories {sorted(parents)})")
+                    self.problem(
+                        f"directory inode {ino} has {len(parents)} names "
+                        f"(in directories {sorted(parents)})"
+                    )
                 elif ino in self.dotdot and self.dotdot[ino] != parents[0]:
-                    self.problem(f"directory inode {ino}: '..' points at inode {self.dotdot[ino]}, "
-                                 f"but its parent is inode {parents[0]}")
+                    self.problem(
+                        f"directory inode {ino}: '..' points at inode {self.dotdot[ino]}, "
+                        f"but its parent is inode {parents[0]}"
+                    )
                 if i.nlink != 2 + subdirs:
                     self.problem(f"directory inode {ino}: nlink {i.nlink}, expected {2 + subdirs}")
             else:
@@ -394,7 +462,9 @@ class _Check:
                         self.problem(f"inode {ino} has nlink 0 but {refs} directory entries")
                     else:
                         orphans += 1
-                        self.res.notes.append(f"inode {ino}: orphan (nlink 0), freed at the next mount")
+                        self.res.notes.append(
+                            f"inode {ino}: orphan (nlink 0), freed at the next mount"
+                        )
                         flagged.add(ino)
                 elif refs == 0:
                     self.problem(f"inode {ino} (nlink {i.nlink}) is in no directory: unreachable")

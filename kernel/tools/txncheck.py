@@ -23,6 +23,7 @@ a live kernel), so only what the transaction changes is checked, in bulk (numpy)
 A transaction block in the data area that no changed inode references before or after
 cannot be judged from the delta: then the whole overlaid disk is checked as fsck does.
 """
+
 from __future__ import annotations
 
 import stat
@@ -33,8 +34,14 @@ import numpy as np
 
 from kernel import param
 from kernel.core.dir import parse_block
-from kernel.core.disklayout import (INODES_PER_BLOCK, SB_BLOCK, SYMLINK_MAX, FsError, Superblock,
-                               unpack_inode)
+from kernel.core.disklayout import (
+    INODES_PER_BLOCK,
+    SB_BLOCK,
+    SYMLINK_MAX,
+    FsError,
+    Superblock,
+    unpack_inode,
+)
 from kernel.tools.fsck import _TYPES, MAX_LISTED, FsckResult, _Check
 
 ISIZE = param.INODE_SIZE
@@ -43,7 +50,7 @@ ISIZE = param.INODE_SIZE
 @dataclass(frozen=True)
 class Problem:
     msg: str
-    ino: int = 0          # the inode whose change causes it, when one does (0: none known)
+    ino: int = 0  # the inode whose change causes it, when one does (0: none known)
 
     def __str__(self) -> str:
         return self.msg
@@ -56,16 +63,18 @@ class _Disk(_Check):
         self._dev_read, self.dev_blocks, self.overlay = read, dev_blocks, overlay
         self.path, self.res = "transaction", FsckResult()
         self.dir_blocks: dict[int, list[int]] = {}
-        self.owner_of: dict[int, np.ndarray] = {}     # changed inode -> its blocks after
-        self.unlisted = 0                              # fsck's problems past its cap
+        self.owner_of: dict[int, np.ndarray] = {}  # changed inode -> its blocks after
+        self.unlisted = 0  # fsck's problems past its cap
 
     def raw(self, b: int, n: int = 1) -> bytes:
         if b < 0 or b + n > self.dev_blocks:
-            raise FsError(0, f"block {b}+{n} beyond the end of the device ({self.dev_blocks} blocks)")
+            raise FsError(
+                0, f"block {b}+{n} beyond the end of the device ({self.dev_blocks} blocks)"
+            )
         return bytes(self._dev_read(b, n))
 
     def read(self, b: int, n: int = 1) -> bytes:
-        if n == 1 and b in self.overlay:       # no device request for what the overlay has
+        if n == 1 and b in self.overlay:  # no device request for what the overlay has
             return self.overlay[b]
         return super().read(b, n)
 
@@ -78,7 +87,7 @@ class _Disk(_Check):
     def inode(self, ino: int, verify: bool = True):
         sb = self.sb
         b, off = sb.inode_start + ino // INODES_PER_BLOCK, (ino % INODES_PER_BLOCK) * ISIZE
-        return unpack_inode(ino, self.read(b)[off:off + ISIZE], sb.csum_seed, verify=verify)
+        return unpack_inode(ino, self.read(b)[off : off + ISIZE], sb.csum_seed, verify=verify)
 
 
 class _InUse:
@@ -105,32 +114,44 @@ class _InUse:
 
 def check_transaction(read, dev_blocks: int, blocks: dict[int, bytes]) -> list[Problem]:
     """What fsck would reject in the disk read by ``read(b, n)`` once ``blocks`` are on it."""
-    once = _read_once(read)      # the disk before and after share what is not overlaid
+    once = _read_once(read)  # the disk before and after share what is not overlaid
     old, new = _Disk(once, dev_blocks, {}), _Disk(once, dev_blocks, blocks)
     try:
         old.sb = Superblock.unpack(old.read(SB_BLOCK), "the disk")
         new.sb = sb = Superblock.unpack(new.read(SB_BLOCK), "the transaction")
     except FsError as e:
         return [Problem(e.strerror)]
-    for d in (old, new):       # fsck's walk claims each block for one inode, once
+    for d in (old, new):  # fsck's walk claims each block for one inode, once
         d.owner = np.full(d.sb.nblocks, -1, dtype=np.int32)
-    geometry = ("nblocks", "ninodes", "inode_start", "inode_len", "bitmap_start", "bitmap_len",
-                "data_start", "journal_start", "journal_len", "csum_seed")
+    geometry = (
+        "nblocks",
+        "ninodes",
+        "inode_start",
+        "inode_len",
+        "bitmap_start",
+        "bitmap_len",
+        "data_start",
+        "journal_start",
+        "journal_len",
+        "csum_seed",
+    )
     if any(getattr(old.sb, k) != getattr(sb, k) for k in geometry):
         return [Problem("the transaction changes the superblock's geometry")]
     changed = _changed_inodes(old, new, blocks)
     problems: list[Problem] = []
     trees_new, trees_old, live = [], [], {}
     for ino in changed:
+
         def report(msg: str, ino=ino) -> None:
             problems.append(Problem(msg, ino))
+
         new.problem = report
         try:
             i = new.inode(ino)
         except FsError as e:
             report(e.strerror)
             continue
-        old.problem = lambda msg: None            # the disk before is presumed consistent
+        old.problem = lambda msg: None  # the disk before is presumed consistent
         oi = old.inode(ino, verify=False)
         if oi.mode and not (oi.is_symlink and oi.inline):
             old.owner_of[ino] = old.blocks_of(oi)
@@ -167,6 +188,7 @@ def _read_once(read):
         if k not in got:
             got[k] = bytes(read(b, n))
         return got[k]
+
     return cached
 
 
@@ -199,21 +221,37 @@ def _bitmap(old: _Disk, new: _Disk, ref_new: np.ndarray, ref_old: np.ndarray) ->
         for b in blocks[:MAX_LISTED].tolist():
             o = owner(b)
             out.append(Problem(msg(b, o), o))
+
     used_old = _unpack(old.read(sb.bitmap_start, sb.bitmap_len), sb.nblocks)
     used_new = _unpack(new.read(sb.bitmap_start, sb.bitmap_len), sb.nblocks)
     uniq, counts = np.unique(ref_new, return_counts=True)
-    listed(uniq[counts > 1], lambda b, o: f"block {b} used twice (by inode {o} and another it changes)")
-    listed(uniq[used_new[uniq] == 0], lambda b, o: f"block {b} in use by inode {o} but marked free in the bitmap")
+    listed(
+        uniq[counts > 1], lambda b, o: f"block {b} used twice (by inode {o} and another it changes)"
+    )
+    listed(
+        uniq[used_new[uniq] == 0],
+        lambda b, o: f"block {b} in use by inode {o} but marked free in the bitmap",
+    )
     added = np.setdiff1d(uniq, ref_old)
-    listed(added[used_old[added] == 1],
-           lambda b, o: f"block {b} used twice (by inode {o} and an inode the transaction does not change)")
+    listed(
+        added[used_old[added] == 1],
+        lambda b, o: (
+            f"block {b} used twice (by inode {o} and an inode the transaction does not change)"
+        ),
+    )
     dropped = np.setdiff1d(ref_old, uniq)
     set_bits = np.flatnonzero((used_new == 1) & (used_old == 0))
     leaked = np.union1d(np.setdiff1d(set_bits, added), dropped[used_new[dropped] == 1])
-    listed(leaked, lambda b, o: f"block {b} marked in use in the bitmap but not referenced (leaked)")
-    if (used_new[:sb.data_start] == 0).any():
-        out.append(Problem(f"block {int(np.flatnonzero(used_new[:sb.data_start] == 0)[0])} of the "
-                           "metadata area marked free in the bitmap"))
+    listed(
+        leaked, lambda b, o: f"block {b} marked in use in the bitmap but not referenced (leaked)"
+    )
+    if (used_new[: sb.data_start] == 0).any():
+        out.append(
+            Problem(
+                f"block {int(np.flatnonzero(used_new[: sb.data_start] == 0)[0])} of the "
+                "metadata area marked free in the bitmap"
+            )
+        )
     return out
 
 
@@ -242,7 +280,9 @@ def _directories(new: _Disk, blocks: dict[int, bytes], live: dict) -> list[Probl
                     found.append(Problem(f"{where}: does not start with '.' and '..'", d))
                     continue
                 if entries[0][1] != d:
-                    found.append(Problem(f"directory inode {d}: '.' points at inode {entries[0][1]}", d))
+                    found.append(
+                        Problem(f"directory inode {d}: '.' points at inode {entries[0][1]}", d)
+                    )
                 entries = entries[2:]
             for off, ino, _, ft, name in entries:
                 new.entry(d, b, off, ino, ft, name)

@@ -8,6 +8,7 @@ validated, in place — and serves the same mount; the report it writes is this 
 RecoveryReport. Then a new backup boots in the freed partition (re-pairing), so a second
 crash is survived too.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,18 @@ from systems.base import Capabilities, RecoveryReport, RecoveryScheme, Reservati
 
 class Orthros(RecoveryScheme):
     name = "orthros"
-    capabilities = Capabilities(keeps_cache=True, keeps_dirty_cache=True, keeps_processes=True,
-                                migrates_cache=True, partitions_needed=2)
+    capabilities = Capabilities(
+        keeps_cache=True,
+        keeps_dirty_cache=True,
+        keeps_processes=True,
+        migrates_cache=True,
+        partitions_needed=2,
+    )
     kernel_modules = ("kernel.core.kernel", "systems.orthros.backup")
 
-    def __init__(self, net_tag: str | None = None, missed_beats: int = param.HEARTBEAT_MISSED_BEATS):
+    def __init__(
+        self, net_tag: str | None = None, missed_beats: int = param.HEARTBEAT_MISSED_BEATS
+    ):
         self.net_tag, self.missed = net_tag, missed_beats
         self.crashes = 0
 
@@ -32,7 +40,7 @@ class Orthros(RecoveryScheme):
         self.host, self.apps = host, list(apps)
         net = host.net
         if self.net_tag is None and net is not None and net.mode == "netns":
-            self.net_tag = net.tag        # the backup takes the NIC over at takeover
+            self.net_tag = net.tag  # the backup takes the NIC over at takeover
         kp = host.boot(0, apps=self.apps)
         self.mount = kp.mount
         self.active = 0
@@ -47,8 +55,15 @@ class Orthros(RecoveryScheme):
         extra = ["--watch", str(watch), "--report", str(path), "--missed", str(self.missed)]
         if self.net_tag:
             extra += ["--net-tag", self.net_tag]
-        self.host.boot(part, mount=self.mount, module="systems.orthros.backup",
-                       extra=tuple(extra), name="backup", apps=self.apps, idle=True)
+        self.host.boot(
+            part,
+            mount=self.mount,
+            module="systems.orthros.backup",
+            extra=tuple(extra),
+            name="backup",
+            apps=self.apps,
+            idle=True,
+        )
         self.backup = part
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
@@ -66,16 +81,18 @@ class Orthros(RecoveryScheme):
             report.fault = fault["fault"]
         old = self.active
         dead = self.host.kernels.pop(old)
-        dead.proc.wait()                  # fenced by the backup; reap it
+        dead.proc.wait()  # fenced by the backup; reap it
         self.active, self.crashes = d["partition"], self.crashes + 1
-        self._boot_backup(old, watch=self.active)   # re-pairing in the freed partition
+        self._boot_backup(old, watch=self.active)  # re-pairing in the freed partition
         return report
 
     @classmethod
     def reservation(cls, machine) -> Reservation:
         ps = [p for p in machine.partitions if p.role == "backup"]
-        return Reservation(cores=sum(len(p.cpus) for p in ps),
-                           cpus=tuple(sorted(c for p in ps for c in p.cpus)),
-                           memory_bytes=sum(p.size for p in ps),
-                           what="standby backup kernel: " + ", ".join(
-                               f"partition {p.id} ({p.cmdline()})" for p in ps))
+        return Reservation(
+            cores=sum(len(p.cpus) for p in ps),
+            cpus=tuple(sorted(c for p in ps for c in p.cpus)),
+            memory_bytes=sum(p.size for p in ps),
+            what="standby backup kernel: "
+            + ", ".join(f"partition {p.id} ({p.cmdline()})" for p in ps),
+        )

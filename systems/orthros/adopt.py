@@ -14,6 +14,7 @@ What fails a check is counted and described, and never served or written to disk
 page that fails, or whose inode is lost, is recorded as lost (kernel/core/pageadopt.py ``Lost``)
 so it reads as EIO, never as stale data.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,12 +32,12 @@ from kernel.tools.txncheck import check_transaction
 @dataclass
 class Harvest:
     adopted: Adopted
-    meta_blocks: dict[int, bytes]          # the running transaction, to complete; {} if none
+    meta_blocks: dict[int, bytes]  # the running transaction, to complete; {} if none
     rejected: list[CorruptObject] = field(default_factory=list)
-    txn_refused: str = ""                  # why the running transaction was not completed
-    pages_before: int = 0                  # file pages the dead kernel claimed to cache
-    dirty_before: int = 0                  # of which dirty
-    undone: int = 0                        # blocks put back as before the operation in progress
+    txn_refused: str = ""  # why the running transaction was not completed
+    pages_before: int = 0  # file pages the dead kernel claimed to cache
+    dirty_before: int = 0  # of which dirty
+    undone: int = 0  # blocks put back as before the operation in progress
 
     @property
     def n_dirty(self) -> int:
@@ -47,44 +48,63 @@ def collect(mem: PhysMem, base: int, size: int, part_id: int, check=None) -> Har
     """``check(frames) -> (desc_ok, ok)``: memreader.check_pages over this partition, unless
     the caller shares the work out (systems/orthros/checker.py)."""
     r = PartitionReader(mem, base, size, part_id)
-    walk = r.walk_dirty(pages=False)        # superblock and dirty in-core inodes, checked
+    walk = r.walk_dirty(pages=False)  # superblock and dirty in-core inodes, checked
     rejected = list(walk.rejected)
     inodes = {i.icore["ino"]: i.icore for i in walk.inodes if i.icore["ino"] != BDEV_INO}
     check = check or (lambda frames: check_pages(mem, r.lay, frames))
     lost = Lost()
-    good, later, bad_meta, bad_undo, dirty_before, claimed, claims = _pages(r, set(inodes), rejected,
-                                                                            check, lost)
-    meta, undo = _blocks(r, good["meta"], good["meta_index"]), _blocks(r, good["undo"], good["undo_index"])
+    good, later, bad_meta, bad_undo, dirty_before, claimed, claims = _pages(
+        r, set(inodes), rejected, check, lost
+    )
+    meta, undo = (
+        _blocks(r, good["meta"], good["meta_index"]),
+        _blocks(r, good["undo"], good["undo_index"]),
+    )
     refused, undone = "", 0
     if walk.ksuper is None:
         refused, meta = "kernel superblock corrupted", {}
     elif bad_meta:
         refused, meta = "a metadata page of the running transaction was corrupted", {}
     elif walk.ksuper["handles_open"] and bad_undo:
-        refused, meta = ("the kernel died inside a file-system operation whose undo record "
-                         "was corrupted"), {}
+        refused, meta = (
+            ("the kernel died inside a file-system operation whose undo record was corrupted"),
+            {},
+        )
     elif walk.ksuper["handles_open"]:
-        meta.update(undo)          # the operation in progress, undone: its blocks as before it
+        meta.update(undo)  # the operation in progress, undone: its blocks as before it
         undone = len(undo)
     lazy_owners = (later.keys[later.dirty] >> np.uint64(32)).astype(np.int64)
     owners, n = np.unique(np.r_[claims, lazy_owners], return_counts=True)
-    found = dict(zip(owners.tolist(), n.tolist()))   # dirty pages claiming each inode
+    found = dict(zip(owners.tolist(), n.tolist()))  # dirty pages claiming each inode
     for i, ic in inodes.items():
-        if ic["n_dirty"] > found.get(i, 0):   # the rest lost their descriptors: which, unknown
-            lost.file(i, f"{ic['n_dirty'] - found.get(i, 0)} of its {ic['n_dirty']} dirty pages "
-                         "were found by no sound descriptor")
+        if ic["n_dirty"] > found.get(i, 0):  # the rest lost their descriptors: which, unknown
+            lost.file(
+                i,
+                f"{ic['n_dirty'] - found.get(i, 0)} of its {ic['n_dirty']} dirty pages "
+                "were found by no sound descriptor",
+            )
             found.setdefault(i, 0)
-    a = Adopted(good["frame"], good["ino"], good["index"], good["gen"], good["csum"], good["dirty"],
-                {i: inodes[i] for i in found if i in inodes}, later, lost)
-    return Harvest(a, meta, rejected, refused, pages_before=claimed, dirty_before=dirty_before,
-                   undone=undone)
+    a = Adopted(
+        good["frame"],
+        good["ino"],
+        good["index"],
+        good["gen"],
+        good["csum"],
+        good["dirty"],
+        {i: inodes[i] for i in found if i in inodes},
+        later,
+        lost,
+    )
+    return Harvest(
+        a, meta, rejected, refused, pages_before=claimed, dirty_before=dirty_before, undone=undone
+    )
 
 
 def _blocks(r: PartitionReader, frames: np.ndarray, index: np.ndarray) -> dict[int, bytes]:
     out = {}
     for fr, idx in zip(frames.tolist(), index.tolist()):
         p = r.lay.frame_phys(fr)
-        out[idx] = r.buf[p:p + 4096]
+        out[idx] = r.buf[p : p + 4096]
     return out
 
 
@@ -114,51 +134,91 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check, lo
     # clean metadata pages are not taken (the new kernel reads metadata from the disk),
     # but the undo record is (kernel/core/bufcache.py)
     keep = ~is_meta | is_dirty | is_undo
-    cand, is_meta, is_dirty, ino, index = cand[keep], is_meta[keep], is_dirty[keep], ino[keep], index[keep]
+    cand, is_meta, is_dirty, ino, index = (
+        cand[keep],
+        is_meta[keep],
+        is_dirty[keep],
+        ino[keep],
+        index[keep],
+    )
     is_undo = is_undo[keep]
     owned = np.isin(ino, np.fromiter(dirty_inodes, np.int64, len(dirty_inodes)))
     lazy = ~is_meta & ~is_undo & (ino < 1 << 32) & (index < 1 << 32) & (~is_dirty | owned)
     later = Unchecked(cand[lazy], ino[lazy], index[lazy], is_dirty[lazy])
-    cand, is_meta, is_dirty, ino, index, owned = (cand[~lazy], is_meta[~lazy], is_dirty[~lazy],
-                                                  ino[~lazy], index[~lazy], owned[~lazy])
+    cand, is_meta, is_dirty, ino, index, owned = (
+        cand[~lazy],
+        is_meta[~lazy],
+        is_dirty[~lazy],
+        ino[~lazy],
+        index[~lazy],
+        owned[~lazy],
+    )
     is_undo = is_undo[~lazy]
     desc_ok, ok = check(cand)
     file_dirty = is_dirty & ~is_meta & ~is_undo
-    for fr, dok, fd, i, x in zip(cand[~ok].tolist(), desc_ok[~ok].tolist(), file_dirty[~ok].tolist(),
-                                 ino[~ok].tolist(), index[~ok].tolist()):
+    for fr, dok, fd, i, x in zip(
+        cand[~ok].tolist(),
+        desc_ok[~ok].tolist(),
+        file_dirty[~ok].tolist(),
+        ino[~ok].tolist(),
+        index[~ok].tolist(),
+    ):
         e = page_problem(r.mem, lay, fr, dok)
         rejected.append(e)
         if fd and dok:
             lost.page(i, x, f"dirty page rejected ({e})")
         elif fd and i in dirty_inodes:
-            lost.file(i, f"a dirty page claiming it, which no sound descriptor names, was rejected ({e})")
+            lost.file(
+                i, f"a dirty page claiming it, which no sound descriptor names, was rejected ({e})"
+            )
     homeless = ok & file_dirty & ~owned
     for fr, i, x in zip(cand[homeless].tolist(), ino[homeless].tolist(), index[homeless].tolist()):
-        rejected.append(CorruptObject(PAGE_DESC.kind, lay.desc_phys(fr), "ino",
-                                      f"dirty page of inode {i}, which is on no valid dirty-inode list"))
+        rejected.append(
+            CorruptObject(
+                PAGE_DESC.kind,
+                lay.desc_phys(fr),
+                "ino",
+                f"dirty page of inode {i}, which is on no valid dirty-inode list",
+            )
+        )
         lost.page(i, x, "dirty page of an in-core inode that was lost")
         lost.file(i, "its in-core inode (unsynced size and times) was lost with dirty pages")
     take = ok & ~is_meta & ~is_undo & ~homeless
     f = cand[take]
-    good = {"frame": f, "ino": arr["ino"][f].astype(np.int64), "index": arr["index"][f].astype(np.int64),
-            "gen": arr["gen"][f].astype(np.int64), "csum": arr["content_csum"][f],
-            "dirty": file_dirty[take],
-            "meta": cand[ok & is_meta & ~is_undo], "meta_index": arr["index"][cand[ok & is_meta & ~is_undo]],
-            "undo": cand[ok & is_undo], "undo_index": arr["index"][cand[ok & is_undo]]}
+    good = {
+        "frame": f,
+        "ino": arr["ino"][f].astype(np.int64),
+        "index": arr["index"][f].astype(np.int64),
+        "gen": arr["gen"][f].astype(np.int64),
+        "csum": arr["content_csum"][f],
+        "dirty": file_dirty[take],
+        "meta": cand[ok & is_meta & ~is_undo],
+        "meta_index": arr["index"][cand[ok & is_meta & ~is_undo]],
+        "undo": cand[ok & is_undo],
+        "undo_index": arr["index"][cand[ok & is_undo]],
+    }
     bad_meta = bool(np.count_nonzero(~ok & is_meta & ~is_undo))
     bad_undo = bool(np.count_nonzero(~ok & is_undo))
     claimed = int(np.count_nonzero(~is_meta)) + later.left
-    return (good, later, bad_meta, bad_undo, int(np.count_nonzero(file_dirty)) + later.left_dirty,
-            claimed, ino[file_dirty].astype(np.int64))
+    return (
+        good,
+        later,
+        bad_meta,
+        bad_undo,
+        int(np.count_nonzero(file_dirty)) + later.left_dirty,
+        claimed,
+        ino[file_dirty].astype(np.int64),
+    )
 
 
 @dataclass
 class Completion:
     """What became of the dead kernel's running transaction."""
-    committed: int = 0                                    # metadata blocks committed
-    refused: list[str] = field(default_factory=list)      # what fsck would have rejected
-    reverted: list[int] = field(default_factory=list)     # inodes put back as on the disk
-    rejected_blocks: int = 0                              # blocks not committed as adopted
+
+    committed: int = 0  # metadata blocks committed
+    refused: list[str] = field(default_factory=list)  # what fsck would have rejected
+    reverted: list[int] = field(default_factory=list)  # inodes put back as on the disk
+    rejected_blocks: int = 0  # blocks not committed as adopted
 
 
 def complete_transaction(dev, blocks: dict[int, bytes]) -> Completion:
@@ -170,17 +230,21 @@ def complete_transaction(dev, blocks: dict[int, bytes]) -> Completion:
     has them and the rest is committed if it then passes; otherwise nothing is."""
     from kernel.core.disklayout import SB_BLOCK, Superblock
     from kernel.core.journal import Journal
+
     if not blocks:
         return Completion()
     sb = Superblock.unpack(dev.read(SB_BLOCK), dev.path)
     js, jl = sb.journal_start, sb.journal_len
-    j = Journal(dev, js, jl, sb.csum_seed,
-                home_ok=lambda b: 0 < b < sb.nblocks and not js <= b < js + jl)
+    j = Journal(
+        dev, js, jl, sb.csum_seed, home_ok=lambda b: 0 < b < sb.nblocks and not js <= b < js + jl
+    )
     j.replay()
     outside = [b for b in blocks if not (0 < b < sb.nblocks) or js <= b < js + jl]
     if outside:
-        return Completion(refused=[f"block {outside[0]} of the running transaction is outside "
-                                   "the file system"], rejected_blocks=len(blocks))
+        return Completion(
+            refused=[f"block {outside[0]} of the running transaction is outside the file system"],
+            rejected_blocks=len(blocks),
+        )
     blocks = dict(blocks)
     problems = check_transaction(dev.read, dev.nblocks, blocks)
     done = Completion(refused=[str(p) for p in problems])
@@ -204,12 +268,13 @@ def _revert_inodes(dev, sb, blocks: dict[int, bytes], inos: list[int]) -> int:
     number of blocks changed."""
     from kernel.core.disklayout import INODES_PER_BLOCK
     from kernel.param import INODE_SIZE as size
+
     touched = set()
     for ino in inos:
         b, off = sb.inode_start + ino // INODES_PER_BLOCK, (ino % INODES_PER_BLOCK) * size
         if b in blocks:
             buf = bytearray(blocks[b])
-            buf[off:off + size] = dev.read(b)[off:off + size]
+            buf[off : off + size] = dev.read(b)[off : off + size]
             blocks[b] = bytes(buf)
             touched.add(b)
     return len(touched)

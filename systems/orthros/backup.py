@@ -23,6 +23,7 @@ control socket, and writes the report to ``--report`` once every adopted page is
 and counted; the report names each dirty page (or file) whose data was lost, which reads
 as EIO from then on (kernel/core/pageadopt.py ``Lost``).
 """
+
 from __future__ import annotations
 
 import gc
@@ -37,12 +38,11 @@ import time
 import numpy as np
 
 from kernel import param
-from kernel.hw import fusedev
-from kernel.hw import mailbox
-from kernel.hw import machine as machine_mod
-from kernel.hw.blockdev import BlockDevice, DeviceError
 from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.core.pageadopt import WHOLE_FILE, Unchecked
+from kernel.hw import fusedev, mailbox
+from kernel.hw import machine as machine_mod
+from kernel.hw.blockdev import BlockDevice, DeviceError
 from kernel.hw.physmem import CorruptObject, partition_layout
 from kernel.hw.procset import fence_partition
 from systems.base import RecoveryReport
@@ -53,7 +53,7 @@ from systems.procmigrate import restart_processes
 
 log = logging.getLogger("backup")
 FENCE_TIMEOUT_S = 5.0
-CHECK_ROUND = 16384    # adopted pages checked at once after first service (fits the checker's pipes)
+CHECK_ROUND = 16384  # adopted pages checked at once after first service (fits the checker's pipes)
 
 
 def watch(k: Kernel, bell: mailbox.Doorbell, wlay, missed: int) -> Failure | None:
@@ -77,7 +77,7 @@ def watch(k: Kernel, bell: mailbox.Doorbell, wlay, missed: int) -> Failure | Non
         return Failure(how, now, (m.activated_ns or m.panic_ns or m.beat_ns) / 1e9, m)
 
 
-PF_EXITING = 0x4   # task flag (field 9 of /proc/<pid>/task/<tid>/stat): in do_exit, never runs again
+PF_EXITING = 0x4  # task flag (field 9 of /proc/<pid>/task/<tid>/stat): in do_exit, never runs again
 
 
 def fence(pid: int) -> None:
@@ -101,13 +101,13 @@ def _exiting(pid: int) -> bool:
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return True            # reaped
+        return True  # reaped
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
                 rest = f.read().rsplit(b") ", 1)[1].split()
         except (OSError, IndexError):
-            continue           # this thread is gone
+            continue  # this thread is gone
         if rest[0] not in (b"Z", b"X") and not int(rest[6]) & PF_EXITING:
             return False
     return True
@@ -126,7 +126,7 @@ class Background(threading.Thread):
     def run(self) -> None:
         try:
             self.fn(*self.args)
-        except BaseException as e:   # handed to wait()
+        except BaseException as e:  # handed to wait()
             self.error = e
 
     def wait(self) -> None:
@@ -135,7 +135,7 @@ class Background(threading.Thread):
             raise self.error
 
 
-MADV_POPULATE_READ = 22   # Linux 5.14+: fill the page tables without touching each page
+MADV_POPULATE_READ = 22  # Linux 5.14+: fill the page tables without touching each page
 
 
 def prefault(mem, mach) -> None:
@@ -151,11 +151,12 @@ def warm_heap(nbytes: int) -> None:
     """Grow this process's heap by nbytes and touch it while in standby, and keep it: the
     takeover builds tens of MB of tables, and fresh memory costs a page fault per 4 KiB."""
     import ctypes
+
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, HEAP_CHUNK)   # blocks this big come from the heap
-        libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes)   # and the heap is not given back
-    except (OSError, AttributeError):                # not glibc: the takeover pays its faults
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_CHUNK)  # blocks this big come from the heap
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes)  # and the heap is not given back
+    except (OSError, AttributeError):  # not glibc: the takeover pays its faults
         return
     chunks = [bytearray(HEAP_CHUNK - 4096) for _ in range(nbytes // HEAP_CHUNK)]
     for c in chunks:
@@ -183,11 +184,12 @@ def warm_imports() -> None:
     imports ``numpy.ma`` lazily inside ``np.unique``, which was ≈ 9 % of the cache
     migration's samples in a py-spy profile of `crashbench bench failover`."""
     import numpy as np
+
     np.unique(np.zeros(2, np.int64))
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt parameters
-HEAP_CHUNK = 16 << 20                         # under glibc's largest mmap threshold (32 MiB)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+HEAP_CHUNK = 16 << 20  # under glibc's largest mmap threshold (32 MiB)
 
 
 def take_disk(k: Kernel, names: list[str], delay: bool) -> BlockDevice:
@@ -202,21 +204,27 @@ def take_disk(k: Kernel, names: list[str], delay: bool) -> BlockDevice:
             time.sleep(0.0005)
 
 
-def takeover(k: Kernel, f: Failure, args, net,
-             checker: Checker) -> tuple[RecoveryReport, object, Unchecked | None]:
+def takeover(
+    k: Kernel, f: Failure, args, net, checker: Checker
+) -> tuple[RecoveryReport, object, Unchecked | None]:
     r = RecoveryReport.after("orthros", f)
     dead = f.mail
     t = time.monotonic()
     fence(dead.pid)
-    apps = Background(fence_partition, args.tag, args.watch)   # its apps and their children
+    apps = Background(fence_partition, args.tag, args.watch)  # its apps and their children
     unmounting = Background(fusedev.abort_and_unmount, args.mount)
     r.phase("fence", t)
     t = time.monotonic()
     zone = k.machine.partition(dead.zone)
     lay = partition_layout(zone.id, zone.base, zone.size)
-    cpus = k.machine.partition(args.watch).cpus      # idle now: a second checker runs there
-    harvest = collect(k.mem, zone.base, zone.size, zone.id,   # reads memory only
-                      check=lambda frames: checker.check(k.mem, lay, frames, cpus))
+    cpus = k.machine.partition(args.watch).cpus  # idle now: a second checker runs there
+    harvest = collect(
+        k.mem,
+        zone.base,
+        zone.size,
+        zone.id,  # reads memory only
+        check=lambda frames: checker.check(k.mem, lay, frames, cpus),
+    )
     r.phase("cache migration", t)
     t = time.monotonic()
     apps.wait()
@@ -225,27 +233,32 @@ def takeover(k: Kernel, f: Failure, args, net,
     r.phase("device takeover", t)
     t = time.monotonic()
     txn = complete_transaction(dev, harvest.meta_blocks)
-    k.lay = lay                    # W's memory, hot-added
+    k.lay = lay  # W's memory, hot-added
     vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=dead.devices)
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
-    unmounting.wait()              # the mount point is free for the new mount
+    unmounting.wait()  # the mount point is free for the new mount
     r.phase("mount + replay", t)
     a = harvest.adopted
     r.cache.pages_before, r.cache.dirty_pages_before = harvest.pages_before, harvest.dirty_before
     r.cache.pages_recovered = len(a.frames)
     r.cache.dirty_pages_recovered = harvest.n_dirty - lost
-    r.cache.pages_rejected = sum(1 for e in harvest.rejected
-                                 if e.kind in ("page frame", "page descriptor"))
+    r.cache.pages_rejected = sum(
+        1 for e in harvest.rejected if e.kind in ("page frame", "page descriptor")
+    )
     r.rejected = [str(e) for e in harvest.rejected]
     if a.unchecked is not None and a.unchecked.left:
-        r.notes.append(f"{a.unchecked.left} pages ({a.unchecked.left_dirty} dirty) adopted unchecked, "
-                       "each checked on first use or after first service")
+        r.notes.append(
+            f"{a.unchecked.left} pages ({a.unchecked.left_dirty} dirty) adopted unchecked, "
+            "each checked on first use or after first service"
+        )
     if harvest.txn_refused:
         r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
     report_transaction(r, txn, harvest.undone)
     if lost + lost_unchecked:
-        r.notes.append(f"{lost + lost_unchecked} dirty pages belonged to files "
-                       "whose creation was never committed")
+        r.notes.append(
+            f"{lost + lost_unchecked} dirty pages belonged to files "
+            "whose creation was never committed"
+        )
     if net is not None:
         t = time.monotonic()
         net.move_to(k.part.id)
@@ -259,13 +272,19 @@ def report_transaction(r: RecoveryReport, txn, undone: int) -> None:
     r.cache.metadata_rejected += txn.rejected_blocks
     r.rejected += [f"running transaction: {p}" for p in txn.refused]
     if undone:
-        r.notes.append(f"the kernel died inside a file-system operation: its {undone} metadata "
-                       "blocks put back as before it, from its undo record")
+        r.notes.append(
+            f"the kernel died inside a file-system operation: its {undone} metadata "
+            "blocks put back as before it, from its undo record"
+        )
     if txn.reverted:
-        r.notes.append(f"inodes {', '.join(map(str, txn.reverted))} of the running transaction "
-                       "put back as on the disk: the rest passed the check")
+        r.notes.append(
+            f"inodes {', '.join(map(str, txn.reverted))} of the running transaction "
+            "put back as on the disk: the rest passed the check"
+        )
     if txn.committed:
-        r.notes.append(f"completed the dead kernel's running transaction ({txn.committed} metadata blocks)")
+        r.notes.append(
+            f"completed the dead kernel's running transaction ({txn.committed} metadata blocks)"
+        )
     elif txn.refused:
         r.notes.append("running transaction not completed: fsck would reject it")
 
@@ -282,21 +301,23 @@ def check_rest(vfs, r: RecoveryReport, u: Unchecked | None, check) -> None:
         pos = np.flatnonzero(u.open)
         frames = u.frames[pos]
     for lo in range(0, len(pos), CHECK_ROUND):
-        desc_ok, ok = check(frames[lo:lo + CHECK_ROUND])
+        desc_ok, ok = check(frames[lo : lo + CHECK_ROUND])
         for i in range(0, len(ok), param.ADOPT_CHECK_BATCH):
             j = i + param.ADOPT_CHECK_BATCH
             with vfs.lock:
-                vfs.pc.settle_checked(pos[lo + i:lo + j], desc_ok[i:j], ok[i:j])
-    if u.left:                 # every entry open at the snapshot was settled, and none opens later
+                vfs.pc.settle_checked(pos[lo + i : lo + j], desc_ok[i:j], ok[i:j])
+    if u.left:  # every entry open at the snapshot was settled, and none opens later
         raise RuntimeError(f"{u.left} adopted pages left unchecked")
     took = time.monotonic() - t
     r.cache.pages_recovered += u.good
     r.cache.dirty_pages_recovered += u.good_dirty
     r.cache.pages_rejected += len(u.rejected)
     r.rejected += [str(e) for e in u.rejected]
-    r.notes.append(f"pages checked after first service: {u.good + len(u.rejected)} "
-                   f"(the rest in the background in {took * 1e3:.1f} ms); "
-                   f"{u.dropped} dropped unread (written, truncated or reclaimed first)")
+    r.notes.append(
+        f"pages checked after first service: {u.good + len(u.rejected)} "
+        f"(the rest in the background in {took * 1e3:.1f} ms); "
+        f"{u.dropped} dropped unread (written, truncated or reclaimed first)"
+    )
 
 
 def report_lost(vfs, r: RecoveryReport) -> None:
@@ -333,6 +354,7 @@ def prepare_nic(k: Kernel, tag: str):
     """Everything the NIC takeover needs (netlink sockets and namespace handles), opened
     while in standby: attaching at takeover time cost ≈ 200 ms (measured in the lab)."""
     from kernel.hw.net import Network
+
     net = Network(tag, k.machine.nics[0], [p.id for p in k.machine.partitions])
     if net.mode == "netns":
         net.attach()
@@ -343,12 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = kernel_arguments("python -m systems.orthros.backup", "The Orthros backup kernel")
     ap.add_argument("--watch", type=int, required=True, help="the partition to watch and take over")
     ap.add_argument("--report", required=True, help="file to write the recovery report to")
-    ap.add_argument("--missed", type=int, default=param.HEARTBEAT_MISSED_BEATS,
-                    help="beat intervals without a beat before the watched kernel is declared dead")
+    ap.add_argument(
+        "--missed",
+        type=int,
+        default=param.HEARTBEAT_MISSED_BEATS,
+        help="beat intervals without a beat before the watched kernel is declared dead",
+    )
     ap.add_argument("--net-tag", help="the lab's network tag, to take the NIC over")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s backup[%(process)d] %(message)s")
-    mach = machine_mod.load(args.machine, shape_checked=True)   # checked by whoever started it
+    mach = machine_mod.load(args.machine, shape_checked=True)  # checked by whoever started it
     k = Kernel(mach, args.partition, args.physmem, args.workdir, delay=not args.no_delay)
     os.sched_setaffinity(0, k.part.cpus)
     k.join_partition(args.tag)
@@ -372,11 +398,15 @@ def main(argv: list[str] | None = None) -> int:
         log.info("partition %d shut down cleanly: nothing to take over", args.watch)
         k.mailbox.set(state=mailbox.SHUTDOWN)
         return 0
-    log.info("partition %d failed (%s): fault %r, last beat %.1f ms before the verdict",
-             args.watch, failure.how, failure.mail.fault,
-             (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3)
-    gc.disable()       # the adoption makes many objects and frees none: no collections
-    report, vfs, unchecked = takeover(k, failure, args, net, checker)   # until all are checked
+    log.info(
+        "partition %d failed (%s): fault %r, last beat %.1f ms before the verdict",
+        args.watch,
+        failure.how,
+        failure.mail.fault,
+        (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3,
+    )
+    gc.disable()  # the adoption makes many objects and frees none: no collections
+    report, vfs, unchecked = takeover(k, failure, args, net, checker)  # until all are checked
     t_serve = time.monotonic()
 
     specs = json.loads(open(args.apps).read()) if args.apps else []
@@ -389,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             report.processes_before = moved.before
             report.processes_recovered = moved.migrated + moved.restarted
             report.rejected += moved.rejected
-            report.notes.append(f"{moved.migrated} processes migrated with their state, "
-                                f"{moved.restarted} restarted")
+            report.notes.append(
+                f"{moved.migrated} processes migrated with their state, {moved.restarted} restarted"
+            )
             report.phase("process migration", t)
         report.service_at = time.monotonic()
         report.recovered = True
@@ -400,18 +431,22 @@ def main(argv: list[str] | None = None) -> int:
     def finish() -> None:
         cpus = mach.partition(args.watch).cpus
         try:
-            check_rest(vfs, report, unchecked, lambda frames: checker.check(k.mem, k.lay, frames, cpus))
-        except Exception as e:          # the report still says what happened
+            check_rest(
+                vfs, report, unchecked, lambda frames: checker.check(k.mem, k.lay, frames, cpus)
+            )
+        except Exception as e:  # the report still says what happened
             log.exception("checking the adopted pages failed")
             report.notes.append(f"checking the adopted pages failed: {e!r}")
         finally:
             report_lost(vfs, report)
             checker.close()
-            gc.freeze()     # no collection ever walks the page cache's tables
+            gc.freeze()  # no collection ever walks the page cache's tables
             gc.enable()
         tmp = args.report + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump({"partition": args.partition, "pid": os.getpid(), **report.to_dict()}, fh, indent=2)
+            json.dump(
+                {"partition": args.partition, "pid": os.getpid(), **report.to_dict()}, fh, indent=2
+            )
         os.replace(tmp, args.report)
 
     k.serve(args.mount, ready=serving)

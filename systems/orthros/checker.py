@@ -13,6 +13,7 @@ it checks after first service, and for the few it must check during the takeover
 Run as ``python -m systems.orthros.checker --physmem PATH --jobs FD --results FD`` with
 the job pipe's read end and the result pipe's write end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ import numpy as np
 from kernel.core.memreader import check_pages
 from kernel.hw.physmem import PartLayout, PhysMem
 
-JOB_PAGES = 256                       # frames per job: a job is one atomic pipe write
-_JOB = struct.Struct("<IIQQQ")        # job id, frame count, descriptor area, frame area, nframes
-_RES = struct.Struct("<II")           # job id, frame count; then desc_ok and ok, a byte each
-_PIPE_BYTES = 1 << 20                 # room for every job and result at once (F_SETPIPE_SZ)
+JOB_PAGES = 256  # frames per job: a job is one atomic pipe write
+_JOB = struct.Struct("<IIQQQ")  # job id, frame count, descriptor area, frame area, nframes
+_RES = struct.Struct("<II")  # job id, frame count; then desc_ok and ok, a byte each
+_PIPE_BYTES = 1 << 20  # room for every job and result at once (F_SETPIPE_SZ)
 MADV_POPULATE_READ = 22
 _READY = b"R"
 READY_TIMEOUT_S = 30.0
@@ -47,7 +48,7 @@ class _Area:
 class Checker:
     def __init__(self, proc: subprocess.Popen, jobs_r: int, jobs_w: int, res_r: int, room: int):
         self.proc, self.jobs_r, self.jobs_w, self.res_r = proc, jobs_r, jobs_w, res_r
-        self.room = room              # bytes either pipe takes without a reader
+        self.room = room  # bytes either pipe takes without a reader
 
     @classmethod
     def start(cls, physmem: str) -> "Checker":
@@ -60,10 +61,22 @@ class Checker:
             except OSError:
                 pass
             room.append(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
-        os.set_blocking(jobs_r, False)   # both ends read it; neither may block on an empty pipe
-        proc = subprocess.Popen([sys.executable, "-m", "systems.orthros.checker", "--physmem", physmem,
-                                 "--jobs", str(jobs_r), "--results", str(res_w)],
-                                pass_fds=(jobs_r, res_w), stdin=subprocess.DEVNULL)
+        os.set_blocking(jobs_r, False)  # both ends read it; neither may block on an empty pipe
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "systems.orthros.checker",
+                "--physmem",
+                physmem,
+                "--jobs",
+                str(jobs_r),
+                "--results",
+                str(res_w),
+            ],
+            pass_fds=(jobs_r, res_w),
+            stdin=subprocess.DEVNULL,
+        )
         os.close(res_w)
         c = cls(proc, jobs_r, jobs_w, res_r, min(room))
         c._wait_ready()
@@ -72,38 +85,49 @@ class Checker:
     def _wait_ready(self) -> None:
         """Standby is only ready once the helper is: its start (imports, filling its page
         tables) takes the host's memory locks, which must not stall the active kernel later."""
-        if not select.select([self.res_r], [], [], READY_TIMEOUT_S)[0] or os.read(self.res_r, 1) != _READY:
+        if (
+            not select.select([self.res_r], [], [], READY_TIMEOUT_S)[0]
+            or os.read(self.res_r, 1) != _READY
+        ):
             self.close()
             raise RuntimeError("the second page checker did not start")
 
-    def check(self, mem: PhysMem, lay: PartLayout, frames: np.ndarray,
-              cpus: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def check(
+        self, mem: PhysMem, lay: PartLayout, frames: np.ndarray, cpus: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         frames = np.asarray(frames, np.int64)
         njobs = -(-len(frames) // JOB_PAGES)
-        if (len(frames) < 2 * JOB_PAGES or self.proc.poll() is not None
-                or njobs * (_JOB.size + JOB_PAGES * 8) > self.room):   # queued at once, never waited for
+        if (
+            len(frames) < 2 * JOB_PAGES
+            or self.proc.poll() is not None
+            or njobs * (_JOB.size + JOB_PAGES * 8) > self.room
+        ):  # queued at once, never waited for
             return check_pages(mem, lay, frames)
         try:
             os.sched_setaffinity(self.proc.pid, cpus)
         except OSError:
-            pass                      # it still helps from where it is
-        jobs = {i: frames[lo:lo + JOB_PAGES] for i, lo in enumerate(range(0, len(frames), JOB_PAGES))}
+            pass  # it still helps from where it is
+        jobs = {
+            i: frames[lo : lo + JOB_PAGES] for i, lo in enumerate(range(0, len(frames), JOB_PAGES))
+        }
         for i, fr in jobs.items():
-            os.write(self.jobs_w, _JOB.pack(i, len(fr), lay.desc, lay.frames, lay.nframes) + fr.tobytes())
+            os.write(
+                self.jobs_w, _JOB.pack(i, len(fr), lay.desc, lay.frames, lay.nframes) + fr.tobytes()
+            )
         desc_ok = np.zeros(len(frames), bool)
         ok = np.zeros(len(frames), bool)
 
         def put(i: int, d: np.ndarray, o: np.ndarray) -> None:
             lo = i * JOB_PAGES
-            desc_ok[lo:lo + len(d)], ok[lo:lo + len(o)] = d, o
+            desc_ok[lo : lo + len(d)], ok[lo : lo + len(o)] = d, o
             del jobs[i]
 
-        while (job := _take(self.jobs_r)) not in (None, _EOF):   # our share
+        while (job := _take(self.jobs_r)) not in (None, _EOF):  # our share
             i, fr, area = job
             put(i, *check_pages(mem, area, fr))
-        while jobs:                                          # the helper's
+        while jobs:  # the helper's
             res = _result(self.res_r)
-            if res is None:                                  # it died: do its jobs here
+            if res is None:  # it died: do its jobs here
                 for i, fr in list(jobs.items()):
                     put(i, *check_pages(mem, lay, fr))
                 break
@@ -174,7 +198,7 @@ def serve(physmem: str, jobs: int, results: int) -> None:
         select.select([jobs], [], [])
         job = _take(jobs)
         if job is None:
-            continue                  # the backup took it first
+            continue  # the backup took it first
         if job is _EOF:
             return
         i, fr, area = job
@@ -183,7 +207,9 @@ def serve(physmem: str, jobs: int, results: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m systems.orthros.checker", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m systems.orthros.checker", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--physmem", required=True)
     ap.add_argument("--jobs", type=int, required=True, help="fd: the job pipe's read end")
     ap.add_argument("--results", type=int, required=True, help="fd: the result pipe's write end")

@@ -14,6 +14,7 @@ replaces the profile's firmware time. A variant whose reboot does not pass throu
 machine's firmware (``through_firmware`` False: a guest rebooted by its VMM) spends only
 the kernel boot.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,7 @@ from systems.survey import survey
 class Reboot(RecoveryScheme):
     name = "reboot"
     watcher = None
-    through_firmware: ClassVar[bool] = True   # a machine reboot: firmware/POST runs first
+    through_firmware: ClassVar[bool] = True  # a machine reboot: firmware/POST runs first
 
     def __init__(self, firmware_s: float | None = None):
         if firmware_s is not None and firmware_s < 0:
@@ -62,13 +63,15 @@ class Reboot(RecoveryScheme):
         t = time.monotonic()
         self._fence()
         r.phase("fence", t)
-        r.cache, _ = survey(host.physmem, host.machine, 0)   # before the new kernel reuses the memory
+        r.cache, _ = survey(
+            host.physmem, host.machine, 0
+        )  # before the new kernel reuses the memory
         self._modeled(r, "firmware", self.firmware_s)
         before = _count_processes(host)
         self._before_boot(r)
         self._modeled(r, "kernel boot", self.kernel_boot_s)
         t = time.monotonic()
-        kp = self._boot()   # a rebooted kernel starts its apps afresh
+        kp = self._boot()  # a rebooted kernel starts its apps afresh
         mail = host.mail(0)
         mount_start = mail.mount_start_ns / 1e9
         mount_end = mount_start + mail.mount_ns / 1e9
@@ -79,8 +82,10 @@ class Reboot(RecoveryScheme):
         r.phase("first service", mount_end, r.service_at)
         r.processes_before, r.processes_recovered = before, min(before, len(self.apps))
         if self.apps:
-            r.notes.append(f"{len(self.apps)} applications restarted from scratch; "
-                           "no process state survives a reboot")
+            r.notes.append(
+                f"{len(self.apps)} applications restarted from scratch; "
+                "no process state survives a reboot"
+            )
         r.recovered = True
         r.notes.append(f"{r.cache.dirty_pages_lost} dirty pages of the crashed kernel were lost")
         return r
@@ -98,8 +103,8 @@ class Reboot(RecoveryScheme):
         host = self.host
         kp = host.kernels.get(0)
         if kp is not None:
-            host.crash(0)   # SIGKILL to its whole process group, then wait for it
-            fence_partition(host.tag, 0)   # its apps, before the new kernel starts its own
+            host.crash(0)  # SIGKILL to its whole process group, then wait for it
+            fence_partition(host.tag, 0)  # its apps, before the new kernel starts its own
             if fusedev.is_mounted(kp.mount):
                 fusedev.abort_and_unmount(kp.mount)
 
@@ -112,8 +117,9 @@ class Reboot(RecoveryScheme):
 
 def _count_processes(host) -> int:
     """Processes in the dead kernel's table (before the new kernel clears it)."""
-    from kernel.hw.physmem import partition_layout
     from kernel.core.proc import read_proc_table
+    from kernel.hw.physmem import partition_layout
+
     p = host.machine.partition(0)
     mem = PhysMem(host.physmem, readonly=True)
     try:

@@ -20,6 +20,7 @@ VMM's own counts (every block's copy, metadata too) are ``pages_preserved``,
 by the time service was back. ``refresh(report)`` brings the last two up to date later;
 ``stats()`` gives the VMM's counters.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,10 +39,9 @@ class WarmCache(Reboot):
     name = "warmcache"
     capabilities = Capabilities(keeps_cache=True)
     region_path: str | None = None
-    through_firmware = False   # the VMM reboots its guest: the machine's POST does not run
+    through_firmware = False  # the VMM reboots its guest: the machine's POST does not run
 
-    def __init__(self, firmware_s: float | None = None,
-                 spare_pages: int = param.VMM_SPARE_PAGES):
+    def __init__(self, firmware_s: float | None = None, spare_pages: int = param.VMM_SPARE_PAGES):
         super().__init__(firmware_s)
         if spare_pages < 0:
             raise ValueError(f"spare_pages: must not be negative, got {spare_pages}")
@@ -80,9 +80,11 @@ class WarmCache(Reboot):
         r = super().on_crash(fault, timeout)
         self.refresh(r)
         g = self._checked
-        r.notes.append(f"VMM: {g['preserved']} preserved pages at the crash, {g['kept']} kept warm, "
-                       f"{g['inconsistent']} refused as inconsistent, {g['corrupted']} as corrupted"
-                       + (f", {g['duplicates']} duplicate copies dropped" if g["duplicates"] else ""))
+        r.notes.append(
+            f"VMM: {g['preserved']} preserved pages at the crash, {g['kept']} kept warm, "
+            f"{g['inconsistent']} refused as inconsistent, {g['corrupted']} as corrupted"
+            + (f", {g['duplicates']} duplicate copies dropped" if g["duplicates"] else "")
+        )
         return r
 
     def refresh(self, r: RecoveryReport) -> RecoveryReport:
@@ -97,8 +99,11 @@ class WarmCache(Reboot):
 
     @classmethod
     def reservation(cls, machine) -> Reservation:
-        return Reservation(memory_bytes=None, what="VMM region beneath partition 0 (frame table, "
-                           "block generations, spare pages; allocated as used)")
+        return Reservation(
+            memory_bytes=None,
+            what="VMM region beneath partition 0 (frame table, "
+            "block generations, spare pages; allocated as used)",
+        )
 
     def vmm_region(self) -> str | None:
         return self.region_path if self.region_path and os.path.exists(self.region_path) else None
