@@ -78,7 +78,7 @@ def test_amcheck_checker_passes_only_a_check_that_found_nothing():
 
 
 def test_verify_findings_are_in_the_report(tmp_path):
-    golden = Path(__file__).parent / "golden" / "20261123-142501-orthros-reboot-files"
+    golden = Path(__file__).parent / "golden" / "20261205-130000-orthros-warmcache-reboot-files"
     run = json.loads((golden / "run.json").read_text())
     bad = amcheck(
         _amcheck_history(
