@@ -310,6 +310,24 @@ def test_piped_tables_keep_every_figure_whole(tmp_path):
         assert any(all(c in line for c in cells) for line in out.splitlines()), cells
 
 
+def test_every_command_prints_its_tables_through_the_uncut_console():
+    """The lab's and the file-system commands' tables (status, crash reports, bench fs,
+    bench failover) keep every figure whole when piped, as the results commands do."""
+    import importlib
+    import pkgutil
+
+    import harness.commands
+    from harness.commands.output import Output
+
+    consoles = {}
+    for m in pkgutil.iter_modules(harness.commands.__path__):
+        mod = importlib.import_module(f"harness.commands.{m.name}")
+        if "console" in vars(mod):
+            consoles[m.name] = type(mod.console)
+    assert {"lab", "fs", "results"} <= set(consoles)
+    assert {n: t for n, t in consoles.items() if not issubclass(t, Output)} == {}
+
+
 def test_byte_counts_are_shown_in_mib_with_the_unit(written):
     md = (written / "report.md").read_text()
     assert "lost MiB: total (median)" in md and "| lost MiB |" in md

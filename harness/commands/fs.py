@@ -10,9 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness.commands.output import Output
 from kernel.hw.machine import MachineError, parse_size
 
-console = Console()
+console = Output()
 err = Console(stderr=True, soft_wrap=True)
 
 

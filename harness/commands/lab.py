@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from harness.commands.output import Output
+
+console = Output()
 err = Console(stderr=True, soft_wrap=True)
 DEFAULT_WORKDIR = Path(".crashbench-lab")
 
