@@ -508,3 +508,24 @@ def test_acknowledged_files_survive_a_crash_inside_a_file_system_operation(orthr
     assert host.kernels.pop(s.backup).proc.wait(10) == 0
     res = fsck(str(host.disk_image()))
     assert res.exit_code == 0, res.problems
+
+
+def test_the_backup_loads_the_fuse_server_in_standby_not_at_first_service():
+    """The backup imports in standby what serving the mount needs, so the first service
+    after a takeover does not pay the import of the FUSE server (a fresh interpreter:
+    this one has it loaded already)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from systems.orthros import backup\n"
+        "fuse = ('kernel.core.fuse', 'kernel.core.fuseproto')\n"
+        "print(any(m in sys.modules for m in fuse))\n"
+        "backup.warm_imports()\n"
+        "print(all(m in sys.modules for m in fuse))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr

@@ -230,3 +230,53 @@ def test_the_transaction_check_asks_the_device_for_each_extent_once(tmp_path):
         str(p) for p in check_transaction(st.dev.read, st.dev.nblocks, h.meta_blocks)
     ]
     st.close()
+
+
+def _check_on_a_disk_of(tmp_path, disk: int) -> tuple[int, int, list]:
+    """The same transaction (files on the disk grown, new files, a directory) checked on a
+    disk of `disk` bytes: the device blocks read, the peak of memory allocated, the verdict."""
+    import tracemalloc
+
+    from kernel.tools.txncheck import check_transaction
+
+    tmp_path.mkdir()
+    st = Stack(tmp_path, disk=disk)
+    rng = random.Random(7)
+    old = [st.vfs.create(1, f"s{k}".encode(), 0o100644, 0, 0).ino for k in range(2)]
+    for ino in old:
+        st.vfs.write(ino, 0, rng.randbytes(40 * PAGE))
+    st = st.remount()  # on the disk, nothing in the journal
+    for ino in old:
+        st.vfs.write(ino, 40 * PAGE, rng.randbytes(30 * PAGE))
+    for k in range(3):
+        ino = st.vfs.create(1, f"u{k}".encode(), 0o100644, 0, 0).ino
+        st.vfs.write(ino, 0, rng.randbytes((k + 1) * 300 * PAGE))
+    st.vfs.mkdir(1, b"d", 0o755, 0, 0)
+    h = collect(st.mem, 0, MEM, 0)
+    blocks_read = []
+
+    def read(b, n=1):
+        blocks_read.append(n)
+        return st.dev.read(b, n)
+
+    tracemalloc.start()
+    try:
+        verdict = check_transaction(read, st.dev.nblocks, h.meta_blocks)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        st.close()
+    return sum(blocks_read), peak, verdict
+
+
+def test_the_transaction_check_is_sparse_the_same_on_a_disk_16_times_larger(tmp_path):
+    """The check reads and holds what the transaction touches, not arrays of the disk:
+    on a disk 16 times larger the same transaction reads the same number of device
+    blocks and allocates no more memory at its peak than twice the small disk's."""
+    from tests.stack import DISK
+
+    small_reads, small_peak, small = _check_on_a_disk_of(tmp_path / "small", DISK)
+    large_reads, large_peak, large = _check_on_a_disk_of(tmp_path / "large", 16 * DISK)
+    assert small == [] and large == [], (small, large)
+    assert large_reads == small_reads
+    assert large_peak < 2 * small_peak, (small_peak, large_peak)

@@ -5,10 +5,13 @@ completing a dead kernel's running transaction, systems/orthros/adopt.py):
 ``check_transaction(read, dev_blocks, blocks)`` compares the disk as it is (``read``, after
 journal replay) with the disk as it would be with ``blocks`` overlaid and returns one
 ``Problem`` per thing fsck (kernel/tools/fsck.py, whose checks it reuses) would reject — an empty
-list when the transaction may be committed. It reads nothing but the transaction's inodes,
-their block trees, the bitmap and the touched directory blocks, each once: the disk is presumed
-consistent before the transaction (every committed transaction was checked or written by
-a live kernel), so only what the transaction changes is checked, in bulk (numpy):
+list when the transaction may be committed. The disk is presumed consistent before the
+transaction (every committed transaction was checked or written by a live kernel), so only
+what the transaction changes is checked, in bulk (numpy), and the check is sparse: it reads
+the transaction's inodes, their block trees, the bitmap blocks holding the bits of the blocks
+those trees reference and the bitmap blocks the transaction writes, and the touched
+directory blocks, each once; what it holds (the blocks each changed inode claims, the bits it
+looks at) follows the transaction, not the size of the disk:
 
 * every inode whose bytes change: checksum, file type, symlink size, block pointers inside
   the data area, directory and symlink blocks without holes (fsck's ``tree``);
@@ -16,7 +19,10 @@ a live kernel), so only what the transaction changes is checked, in bulk (numpy)
   bitmap, none referenced twice, none newly referenced that was in use before (another
   inode's block: freed blocks are not reused before their free commits);
 * every bitmap bit the transaction sets is a block it newly references, every block it
-  stops referencing is marked free (else leaked), the metadata area stays marked in use;
+  stops referencing is marked free (else leaked), the metadata area stays marked in use —
+  looked at in the bitmap blocks the transaction writes only: a bitmap block it does not
+  write keeps its bits, so a free metadata-area bit there was on the disk before and is no
+  longer reported (it was before the check became sparse; fsck of the disk reports it);
 * directory blocks it changes: well formed, "." and "..", entries naming in-use inodes of
   the type they claim (fsck's ``entry``).
 
@@ -35,6 +41,7 @@ import numpy as np
 from kernel import param
 from kernel.core.dir import parse_block
 from kernel.core.disklayout import (
+    BITS_PER_BLOCK,
     INODES_PER_BLOCK,
     SB_BLOCK,
     SYMLINK_MAX,
@@ -82,12 +89,46 @@ class _Disk(_Check):
         """The blocks (indirect and data) fsck's walk claims for inode i; one claimed before
         by another inode is reported as used twice by the walk, not listed again."""
         self.tree(i)
-        return np.flatnonzero(self.owner == i.ino).astype(np.int64)
+        return self.owner.of(i.ino)
 
     def inode(self, ino: int, verify: bool = True):
         sb = self.sb
         b, off = sb.inode_start + ino // INODES_PER_BLOCK, (ino % INODES_PER_BLOCK) * ISIZE
         return unpack_inode(ino, self.read(b)[off : off + ISIZE], sb.csum_seed, verify=verify)
+
+
+class _Owners:
+    """fsck's owner array (the inode that claimed each block, -1 for none) holding only the
+    blocks claimed: sorted runs, a run merged into the next one added when that one is as
+    large, so a lookup searches a few runs and the size follows the trees walked."""
+
+    def __init__(self):
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted blocks, their inodes)
+
+    def __getitem__(self, blocks: np.ndarray) -> np.ndarray:
+        blocks = np.asarray(blocks, np.int64)
+        out = np.full(blocks.size, -1, np.int32)
+        for keys, inos in self.runs:
+            at = np.minimum(np.searchsorted(keys, blocks), keys.size - 1)
+            hit = keys[at] == blocks
+            out[hit] = inos[at[hit]]
+        return out
+
+    def __setitem__(self, blocks: np.ndarray, ino: int) -> None:
+        keys = np.asarray(blocks, np.int64)  # never claimed before: fsck's walk sees to it
+        if not keys.size:
+            return
+        inos = np.full(keys.size, ino, np.int32)
+        while self.runs and self.runs[-1][0].size <= keys.size:
+            k, v = self.runs.pop()
+            keys, inos = np.concatenate([k, keys]), np.concatenate([v, inos])
+        order = np.argsort(keys, kind="stable")
+        self.runs.append((keys[order], inos[order]))
+
+    def of(self, ino: int) -> np.ndarray:
+        """The blocks inode ino claimed, in order."""
+        mine = [k[v == ino] for k, v in self.runs]
+        return np.sort(np.concatenate(mine)) if mine else np.zeros(0, np.int64)
 
 
 class _InUse:
@@ -122,7 +163,7 @@ def check_transaction(read, dev_blocks: int, blocks: dict[int, bytes]) -> list[P
     except FsError as e:
         return [Problem(e.strerror)]
     for d in (old, new):  # fsck's walk claims each block for one inode, once
-        d.owner = np.full(d.sb.nblocks, -1, dtype=np.int32)
+        d.owner = _Owners()
     geometry = (
         "nblocks",
         "ninodes",
@@ -206,7 +247,6 @@ def _changed_inodes(old: _Disk, new: _Disk, blocks: dict[int, bytes]) -> list[in
 
 
 def _bitmap(old: _Disk, new: _Disk, ref_new: np.ndarray, ref_old: np.ndarray) -> list[Problem]:
-    sb = new.sb
     out: list[Problem] = []
 
     def owner(b: int) -> int:
@@ -222,41 +262,66 @@ def _bitmap(old: _Disk, new: _Disk, ref_new: np.ndarray, ref_old: np.ndarray) ->
             o = owner(b)
             out.append(Problem(msg(b, o), o))
 
-    used_old = _unpack(old.read(sb.bitmap_start, sb.bitmap_len), sb.nblocks)
-    used_new = _unpack(new.read(sb.bitmap_start, sb.bitmap_len), sb.nblocks)
     uniq, counts = np.unique(ref_new, return_counts=True)
     listed(
         uniq[counts > 1], lambda b, o: f"block {b} used twice (by inode {o} and another it changes)"
     )
     listed(
-        uniq[used_new[uniq] == 0],
+        uniq[_used(new, uniq) == 0],
         lambda b, o: f"block {b} in use by inode {o} but marked free in the bitmap",
     )
     added = np.setdiff1d(uniq, ref_old)
     listed(
-        added[used_old[added] == 1],
+        added[_used(old, added) == 1],
         lambda b, o: (
             f"block {b} used twice (by inode {o} and an inode the transaction does not change)"
         ),
     )
     dropped = np.setdiff1d(ref_old, uniq)
-    set_bits = np.flatnonzero((used_new == 1) & (used_old == 0))
-    leaked = np.union1d(np.setdiff1d(set_bits, added), dropped[used_new[dropped] == 1])
+    set_bits, meta_free = _written_bits(old, new)
+    leaked = np.union1d(np.setdiff1d(set_bits, added), dropped[_used(new, dropped) == 1])
     listed(
         leaked, lambda b, o: f"block {b} marked in use in the bitmap but not referenced (leaked)"
     )
-    if (used_new[: sb.data_start] == 0).any():
+    if meta_free.size:
         out.append(
-            Problem(
-                f"block {int(np.flatnonzero(used_new[: sb.data_start] == 0)[0])} of the "
-                "metadata area marked free in the bitmap"
-            )
+            Problem(f"block {int(meta_free[0])} of the metadata area marked free in the bitmap")
         )
     return out
 
 
-def _unpack(raw: bytes, nblocks: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[:nblocks]
+def _used(d: _Disk, blocks: np.ndarray) -> np.ndarray:
+    """The bitmap bit of each block (in the data area) as d sees it, reading only the
+    bitmap blocks that hold those bits."""
+    out = np.zeros(blocks.size, np.uint8)
+    where = blocks // BITS_PER_BLOCK
+    for k in np.unique(where).tolist():
+        sel = where == k
+        raw = np.frombuffer(d.read(d.sb.bitmap_start + k), np.uint8)
+        bit = blocks[sel] - k * BITS_PER_BLOCK
+        out[sel] = (raw[bit >> 3] >> (bit & 7)) & 1
+    return out
+
+
+def _written_bits(old: _Disk, new: _Disk) -> tuple[np.ndarray, np.ndarray]:
+    """In the bitmap blocks the transaction writes (no other bit changes): the blocks whose
+    bit it sets, and the blocks of the metadata area it leaves marked free, in order."""
+    sb = new.sb
+    set_bits, meta_free = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for b in sorted(new.overlay):
+        k = b - sb.bitmap_start
+        if not 0 <= k < sb.bitmap_len:
+            continue
+        first = k * BITS_PER_BLOCK
+        n = min(BITS_PER_BLOCK, sb.nblocks - first)
+        was, now = _unpack(old.read(b), n), _unpack(new.read(b), n)
+        set_bits.append(np.flatnonzero((now == 1) & (was == 0)) + first)
+        meta_free.append(np.flatnonzero(now[: max(0, sb.data_start - first)] == 0) + first)
+    return np.concatenate(set_bits), np.concatenate(meta_free)
+
+
+def _unpack(raw: bytes, nbits: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[:nbits]
 
 
 def _directories(new: _Disk, blocks: dict[int, bytes], live: dict) -> list[Problem]:

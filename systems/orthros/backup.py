@@ -182,8 +182,12 @@ def normal_priority(*pids: int) -> None:
 def warm_imports() -> None:
     """Load in standby what the takeover would otherwise import on first use: numpy
     imports ``numpy.ma`` lazily inside ``np.unique``, which was ≈ 9 % of the cache
-    migration's samples in a py-spy profile of `crashbench bench failover`."""
+    migration's samples in a py-spy profile of `crashbench bench failover`; the FUSE
+    server (kernel/core/fuse.py, fuseproto.py), which ``Kernel.serve`` imports when it
+    starts, took ≈ 27 ms to import, inside the first service."""
     import numpy as np
+
+    from kernel.core import fuse  # noqa: F401
 
     np.unique(np.zeros(2, np.int64))
 
