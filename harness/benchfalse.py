@@ -11,8 +11,10 @@ run, unpinned, and are killed at its end.
 Per run it also reports, measured: the longest time the watcher saw the beat counter not
 move (what a verdict judges), how long of it the heartbeat thread waited for a CPU (its
 run-queue delay in /proc/<pid>/task/<tid>/schedstat, sampled when the watcher saw each new
-beat: the rest it waited for something else, the interpreter lock above all), and the
-kernel's full garbage collections, with the longest of them (its ``status`` reply).
+beat: the rest it waited for something else, the interpreter lock above all), how long the
+watcher itself waited for a CPU in it (a late watcher sees a silence longer than the
+kernel's, but never a false one: it judges by the progress it sees), and the kernel's full
+garbage collections, with the longest of them (its ``status`` reply).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,7 @@ class Vigil:
     false_verdicts: int
     longest_silence_ms: float  # the watcher saw no new beat for this long
     cpu_wait_ms: float  # of that silence, the heartbeat thread's run-queue delay
+    watcher_wait_ms: float  # and the watcher's own
     full_collections: int  # of the kernel, during the run
     full_longest_ms: float  # the kernel's longest full collection since its boot
     frozen: int  # objects the kernel's collector no longer walks
@@ -107,7 +111,8 @@ def busy_process() -> subprocess.Popen:
 
 
 def watch(host: Host, pid: int, seconds: float, missed: int, started=None) -> tuple:
-    """(false verdicts, longest silence ms, heartbeat's run-queue delay in it ms), watched on the backup partition's CPUs, as the backup would; ``started``
+    """(false verdicts, longest silence ms, the heartbeat thread's and the watcher's
+    run-queue delays in it ms), watched on the backup partition's CPUs, as the backup would; ``started``
     is called once the first beat is seen."""
     part = host.machine.partition(0)
     lay = partition_layout(0, part.base, part.size)
@@ -123,8 +128,9 @@ def watch(host: Host, pid: int, seconds: float, missed: int, started=None) -> tu
 
 
 def _watch(mem, lay, stat: str, seconds: float, beats, started=None) -> tuple:
-    verdicts, silence, waited = 0, 0, 0
-    seen = None  # the last beat seen: (counter, when seen, heartbeat's run-queue delay then)
+    verdicts, silence, waited = 0, 0, (0, 0)
+    own = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+    seen = None  # the last beat seen: (counter, when seen, run-queue delays then)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -132,17 +138,18 @@ def _watch(mem, lay, stat: str, seconds: float, beats, started=None) -> tuple:
         except CorruptObject:
             continue
         if seen is None or m.beat != seen[0]:
-            now, delay = time.monotonic_ns(), run_delay(stat)
+            now, delays = time.monotonic_ns(), (run_delay(stat), run_delay(own))
             if seen is None and started:
                 started()
             elif seen is not None and now - seen[1] > silence:
-                silence, waited = now - seen[1], delay - seen[2]
-            seen = (m.beat, now, delay)
+                silence = now - seen[1]
+                waited = (delays[0] - seen[2][0], delays[1] - seen[2][1])
+            seen = (m.beat, now, delays)
         if beats.stopped(m):
             verdicts += 1
             beats.last = None  # the kernel lives on: watch it afresh
         time.sleep(m.interval_ns / 4e9)
-    return verdicts, silence / 1e6, waited / 1e6
+    return verdicts, silence / 1e6, waited[0] / 1e6, waited[1] / 1e6
 
 
 def heartbeat_schedstat(pid: int) -> str:

@@ -2,6 +2,8 @@
 
 Promises to the kernel daemon (kernel/core/kernel.py) and to whoever reads its ``status``:
 
+* ``settle_heap()`` freezes every object the process has out of all later collections
+  (``gc.freeze``), and returns how many objects are frozen;
 * ``GcClock`` times every full (generation 2) collection of the process on
   CLOCK_MONOTONIC — ``status()`` gives the collections per generation, the frozen
   objects, and the full collections timed so far with their total and longest duration.
@@ -15,6 +17,15 @@ from __future__ import annotations
 
 import gc
 import time
+
+
+def settle_heap() -> int:
+    """Freeze what boot made and the kernel keeps out of every later collection."""
+    # No collection first: at the end of boot one found nothing to free (0 unreachable
+    # objects) and cost 9-31 ms (young generations) or ≈ 50 ms (all) of a boot that the
+    # reboot scheme's recovery waits for; a freeze only moves the generations' lists.
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 class GcClock:
