@@ -127,18 +127,44 @@ def bench_fs_cmd(
 
 
 def bench_detect_cmd(
-    trials: int = typer.Option(10, min=1, help="crashes per fault kind"),
+    trials: int = typer.Option(10, min=0, help="crashes per fault kind (0: none)"),
+    false_runs: int = typer.Option(
+        0, min=0, help="runs watching a busy kernel that never fails: every verdict is false"
+    ),
+    false_s: float = typer.Option(5.0, min=0.5, help="seconds each false-verdict run watches"),
+    load: int = typer.Option(0, min=0, help="CPU-bound processes beside each false-verdict run"),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Failure detection latency: doorbell after a panic, heartbeat after a hang or a kill."""
+    """Failure detection latency: doorbell after a panic, heartbeat after a hang or a kill;
+    with --false-runs, false heartbeat verdicts on a living kernel."""
+    rows = _detection_rows(trials) if trials else []
+    vigils = _vigils(false_runs, false_s, load) if false_runs else []
+    if json_out:
+        print(json.dumps({"detection": rows, "false_verdicts": vigils}, indent=2))
+        return
+    if rows:
+        _print_detection(rows, trials)
+    if vigils:
+        _print_vigils(vigils, false_s, load)
+
+
+def _detection_rows(trials: int) -> list[dict]:
     from harness.benchdetect import run
 
     with console.status("crashing kernels…") as st:
         res = run(trials, progress=lambda f, i, n: st.update(f"{f}: {i}/{n} crashes"))
-    rows = [d.summary() for d in res]
-    if json_out:
-        print(json.dumps(rows, indent=2))
-        return
+    return [d.summary() for d in res]
+
+
+def _vigils(runs: int, seconds: float, load: int) -> list[dict]:
+    from harness.benchfalse import run
+
+    with console.status("watching living kernels…") as st:
+        res = run(runs, seconds, load=load, progress=lambda i, n: st.update(f"run {i}/{n}"))
+    return [v.as_dict() for v in res]
+
+
+def _print_detection(rows: list[dict], trials: int) -> None:
     t = Table(title=f"failure detection, {trials} crashes each (fault activation -> verdict)")
     for c in ("fault", "detected by", "median", "min", "max", "median in beats"):
         t.add_column(c)
@@ -152,6 +178,40 @@ def bench_detect_cmd(
             f"{r['median_beats']:.1f}",
         )
     console.print(t)
+
+
+def _print_vigils(vigils: list[dict], seconds: float, load: int) -> None:
+    t = Table(
+        title=f"false heartbeat verdicts: a busy living kernel watched {seconds:g} s a run, "
+        f"{load} CPU-bound processes beside it"
+    )
+    for c in (
+        "run",
+        "false verdicts",
+        "longest silence",
+        "heartbeat waiting for a CPU",
+        "watcher waiting for a CPU",
+        "full GCs",
+        "longest full GC",
+        "frozen objects",
+        "MiB written",
+    ):
+        t.add_column(c)
+    for i, v in enumerate(vigils):
+        t.add_row(
+            str(i + 1),
+            str(v["false_verdicts"]),
+            f"{v['longest_silence_ms']:.1f} ms",
+            f"{v['cpu_wait_ms']:.1f} ms",
+            f"{v['watcher_wait_ms']:.1f} ms",
+            str(v["full_collections"]),
+            f"{v['full_longest_ms']:.1f} ms",
+            str(v["frozen"]),
+            str(v["mib_written"]),
+        )
+    console.print(t)
+    total = sum(v["false_verdicts"] for v in vigils)
+    console.print(f"{total} false verdicts in {len(vigils)} runs")
 
 
 def bench_failover_cmd(

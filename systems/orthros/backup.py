@@ -238,7 +238,9 @@ def takeover(
     t = time.monotonic()
     txn = complete_transaction(dev, harvest.meta_blocks)
     k.lay = lay  # W's memory, hot-added
-    vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=dead.devices)
+    # no collection during the outage: the takeover runs with collections off, and freezes
+    # its heap once every adopted page is checked (main's finish)
+    vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=dead.devices, settle=False)
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
     unmounting.wait()  # the mount point is free for the new mount
     r.phase("mount + replay", t)
