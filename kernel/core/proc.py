@@ -296,8 +296,8 @@ def launch(
     keep: bool = False,
 ) -> App:
     """Start `spec` as a real process of the partition (see the module docstring).
-    ``keep``: no parent-death signal, so the process outlives its kernel process (stopped
-    with the partition) for a scheme that keeps processes to continue it.
+    ``keep``: no parent-death signal and its own session (not only its own group), so
+    the process outlives its kernel process for a scheme that keeps processes to continue it.
 
     In the child, in this order: own process group, cwd, join `pset`, `netns_enter()`,
     CPU affinity, drop to user/group, PR_SET_PDEATHSIG(SIGKILL) (after the credential
@@ -360,7 +360,10 @@ def launch(
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     preexec_fn=preexec,
-                    process_group=0,
+                    # a kept app gets its own session: a stopped process group orphaned by
+                    # its kernel's death would be sent SIGHUP
+                    process_group=None if keep else 0,
+                    start_new_session=keep,
                     close_fds=True,
                     pass_fds=tuple(pass_fds),
                 )
