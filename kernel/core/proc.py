@@ -22,7 +22,8 @@ the harness:
   ``PROC_FILES`` open files (ino, open flags, references) recorded by the kernel. More
   open files than fit set FILES_OVERFLOW: the list is then known to be incomplete.
   The FUSE server reports opens and releases to ``opened``/``released`` when the kernel
-  keeps its apps (``keep_apps``: apps launched without a parent-death signal);
+  keeps its apps (a release comes without a pid from the host: it closes a record of the
+  inode in whichever process holds one, the first found when several do) (``keep_apps``: apps launched without a parent-death signal);
   ``adopt(entry)`` enters a process kept from a dead kernel's table, with its open files.
   Free entries are all zeros. ``ProcTable.launch`` reserves a state segment for a
   runtime-aware app, tells the app where it is (kernel/core/rtaware.py), launches and
@@ -618,7 +619,18 @@ class ProcTable:
         self.record_open(pid, ino, flags)
 
     def released(self, pid: int, ino: int) -> None:
-        self.record_close(pid, ino)
+        # The host sends RELEASE without credentials (pid 0): the open is closed in a
+        # process that holds a record of the inode (the first one, when several do).
+        if not self.record_close(pid, ino):
+            self.record_close_any(ino)
+
+    def record_close_any(self, ino: int) -> bool:
+        """Release one open of `ino` by whichever process holds a record of it."""
+        with self._lock:
+            for pid in list(self._slot_of):
+                if self._close_in(self._slot_of[pid], ino):
+                    return True
+            return False
 
     def _lookup(self, pid: int) -> int | None:
         """Table slot of `pid`, also when `pid` is a thread of a registered process (FUSE
@@ -661,15 +673,17 @@ class ProcTable:
         """The kernel released one open of `ino` by `pid`; False when none was recorded."""
         with self._lock:
             slot = self._lookup(pid)
-            if slot is None:
-                return False
-            files = self._e[slot]["files"]
-            for i, (fino, fl, refs) in enumerate(files):
-                if refs and fino == ino:
-                    files[i] = (ino, fl, refs - 1) if refs > 1 else (0, 0, 0)
-                    self._store(slot)
-                    return True
-            return False
+            return slot is not None and self._close_in(slot, ino)
+
+    def _close_in(self, slot: int, ino: int) -> bool:
+        """One open of `ino` less in the entry at `slot`. Called with the lock held."""
+        files = self._e[slot]["files"]
+        for i, (fino, fl, refs) in enumerate(files):
+            if refs and fino == ino:
+                files[i] = (ino, fl, refs - 1) if refs > 1 else (0, 0, 0)
+                self._store(slot)
+                return True
+        return False
 
     def unregister(self, pid: int) -> bool:
         """The app exited: its entry is zeroed and its state segment freed."""
