@@ -4,6 +4,7 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -151,15 +152,23 @@ def test_a_write_in_flight_at_the_crash_is_applied_once(kept):
     tail = os.urandom(3 * 4096 + 100)
     reply = bed.host.control(s.active, {"cmd": "inject", "fault": "panic", "site": "vfs.write"})
     assert reply["ok"], reply
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
+    done = {}
+
+    def append() -> None:
         # the kernel dies inside this request, after storing its first page; the backup
         # answers it, re-sent by the host
-        assert os.write(fd, tail) == len(tail)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            done["n"] = os.write(fd, tail)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=append)
+    t.start()
     r = check_report(s.on_crash(reply, timeout=30))
-    assert r.recovered and r.fault == "panic"
+    t.join(30)  # an unanswered request would block it for good (the bed's close ends it)
+    assert not t.is_alive(), "the write in flight at the crash was never answered"
+    assert r.recovered and r.fault == "panic" and done["n"] == len(tail)
     assert path.read_bytes() == head + tail
 
 

@@ -501,7 +501,9 @@ class ProcTable:
                 spec.runtime_aware,
                 spec.group,
             )
-            app = launch(s, pset, netns_enter=netns_enter, cpus=cpus, pass_fds=(fd,))
+            app = launch(
+                s, pset, netns_enter=netns_enter, cpus=cpus, pass_fds=(fd,), keep=self.keep_apps
+            )
         except BaseException:
             self.release_state(slot)
             raise
