@@ -223,3 +223,19 @@ def test_a_corrupted_open_file_record_restarts_exactly_its_process(fault):
         else:
             assert dav_pid(s, url) == dav and fates["holder"].new_pid == new_holder
         assert http("GET", url + "/page.txt") == b"served before"
+
+
+def test_a_files_trial_with_keeping_loses_no_write_and_keeps_the_server(tmp_path):
+    from harness import driver
+
+    timing = dict(driver.DEFAULTS, warmup_s=1.0, steady_s=2.0, post_s=2.0)
+    spec = driver.TrialSpec(
+        "orthros", "files", "panic", 0, 1, timing, scheme_options={"keep_processes": True}
+    )
+    rec = driver.run_one(spec, tmp_path)
+    assert rec.get("error") is None and rec["recovered"]
+    assert rec["acked_writes"] > 0 and rec["lost_writes"] == rec["corrupted_writes"] == 0
+    assert rec["recovery"]["first_ok_after_s"] is not None  # the clients were served again
+    kept = [(p["name"], p["fate"]) for p in rec["report"]["processes"]]
+    assert kept == [("wsgidav", "preserved")]
+    assert "process keeping" in rec["phases"] and "IP takeover" not in rec["phases"]  # NIC stays

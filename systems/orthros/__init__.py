@@ -36,6 +36,7 @@ class Orthros(RecoveryScheme):
         partitions_needed=2,
     )
     kernel_modules = ("kernel.core.kernel", "systems.orthros.backup")
+    options = ("keep_processes",)
 
     def __init__(
         self,

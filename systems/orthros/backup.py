@@ -264,7 +264,7 @@ def takeover(
             f"{lost + lost_unchecked} dirty pages belonged to files "
             "whose creation was never committed"
         )
-    if net is not None:
+    if net is not None and not args.keep_apps:  # kept apps keep the NIC beside them
         t = time.monotonic()
         net.move_to(k.part.id)
         r.phase("IP takeover", t)
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         report.phase("first service", t_serve, t)
         if specs and args.keep_apps:
-            keep_apps(k, args, specs, report, t)
+            keep_apps(k, args, specs, report, t, net)
         elif specs:
             moved = restart_processes(k, args.watch, specs, with_state=True, netns=args.netns)
             report.processes_before = moved.before
@@ -477,10 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def keep_apps(k: Kernel, args, specs: list[dict], report: RecoveryReport, t: float) -> None:
+def keep_apps(k: Kernel, args, specs: list[dict], report: RecoveryReport, t: float, net) -> None:
     """The dead kernel's processes continue here (systems/orthros/keep.py); the report
-    says what became of each."""
-    before, fates = keep.keep_processes(k, args.watch, args.tag, specs, args.netns)
+    says what became of each. An app restarted here joins them beside the NIC."""
+    netns = net.netns(net.owner()) if net is not None else args.netns
+    before, fates = keep.keep_processes(k, args.watch, args.tag, specs, netns)
     report.processes = fates
     n = report.process_counts()
     report.processes_before = before
