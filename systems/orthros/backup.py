@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     k.keep_apps = args.keep_apps
     os.sched_setaffinity(0, k.part.cpus)
     k.join_partition(args.tag)
+    if args.keep_apps and (k.pset is None or k.pset.mode == "pids"):
+        raise SystemExit("keeping processes needs cgroup process sets (freeze, move)")
     k.start_mailbox(role=mailbox.ROLE_BACKUP)
     k.mailbox.set(state=mailbox.STANDBY, listening=1, watching=args.watch)
     bell = mailbox.Doorbell(args.workdir, args.partition)
@@ -434,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         report.phase("first service", t_serve, t)
         if specs and args.keep_apps:
-            keep_apps(k, args, specs, report, t, net)
+            netns = net.netns(net.owner()) if net is not None else args.netns
+            keep.into_report(report, k, args.watch, args.tag, specs, netns)
+            report.phase("process keeping", t)
         elif specs:
             moved = restart_processes(k, args.watch, specs, with_state=True, netns=args.netns)
             report.processes_before = moved.before
@@ -475,21 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         k.serve(args.mount, ready=serving)
     return 0
-
-
-def keep_apps(k: Kernel, args, specs: list[dict], report: RecoveryReport, t: float, net) -> None:
-    """The dead kernel's processes continue here (systems/orthros/keep.py); the report
-    says what became of each. An app restarted here joins them beside the NIC."""
-    netns = net.netns(net.owner()) if net is not None else args.netns
-    before, fates = keep.keep_processes(k, args.watch, args.tag, specs, netns)
-    report.processes = fates
-    n = report.process_counts()
-    report.processes_before = before
-    report.processes_recovered = n["preserved"] + n["restarted"]
-    report.notes.append(
-        f"{n['preserved']} processes kept running, {n['restarted']} restarted, {n['lost']} lost"
-    )
-    report.phase("process keeping", t)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Promises to the backup kernel (systems/orthros/backup.py) when orthros keeps pro
   descendants into the backup's process set and CPUs, and continued (same pid). Everything
   else left in the dead partition is killed: a process whose entry was rejected (its pid
   cannot be trusted) is started again from its application's spec, and each fate is
-  returned with its reason (systems/base.py ``ProcessFate``).
+  returned with its reason (systems/base.py ``ProcessFate``); ``into_report`` puts them
+  and their counts into the takeover's RecoveryReport.
 """
 
 from __future__ import annotations
@@ -170,3 +171,16 @@ def _restart(k, specs, entries, bad, fates, netns_enter) -> list[ProcessFate]:
 def _kept(entries, fates):
     by_pid = {f.pid: f for f in fates}
     return [(e, by_pid[e["pid"]]) for e in entries if by_pid[e["pid"]].fate == "preserved"]
+
+
+def into_report(report, k, dead_part: int, tag: str, specs: list[dict], netns) -> None:
+    """Keep the dead kernel's processes (``keep_processes``; an app restarted joins them
+    in ``netns``, beside the NIC) and say in ``report`` what became of each."""
+    before, fates = keep_processes(k, dead_part, tag, specs, netns)
+    report.processes = fates
+    n = report.process_counts()
+    report.processes_before = before
+    report.processes_recovered = n["preserved"] + n["restarted"]
+    report.notes.append(
+        f"{n['preserved']} processes kept running, {n['restarted']} restarted, {n['lost']} lost"
+    )
