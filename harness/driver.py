@@ -63,6 +63,7 @@ class TrialSpec:
     workload_params: dict = field(default_factory=dict)
     machine_file: str | None = None
     fault_args: dict = field(default_factory=dict)  # where the fault goes: target, site, seed
+    scheme_options: dict = field(default_factory=dict)  # given to the schemes declaring them
 
     @property
     def id(self) -> str:
@@ -84,7 +85,8 @@ class Trial:
         self.cache_fill: dict | None = None
 
     def make_scheme(self, name: str):
-        return schemes()[name]()
+        cls = schemes()[name]
+        return cls(**{k: v for k, v in self.spec.scheme_options.items() if k in cls.options})
 
     def phase(self, name: str):
         return _Phase(self, name)
@@ -358,12 +360,21 @@ def plan(
     timing: dict,
     workload_params: dict,
     machine_file: str | None,
+    scheme_options: dict | None = None,
 ) -> list[TrialSpec]:
     """Trials interleaved across schemes (trial 0 of each, then trial 1, ...), so drift of
     a shared machine hits every scheme alike; trial i has the same seed under every scheme."""
     return [
         TrialSpec(
-            s, workload, fault, i, seed + i, dict(timing), dict(workload_params), machine_file
+            s,
+            workload,
+            fault,
+            i,
+            seed + i,
+            dict(timing),
+            dict(workload_params),
+            machine_file,
+            scheme_options=dict(scheme_options or {}),
         )
         for i in range(trials)
         for s in schemes_

@@ -318,6 +318,9 @@ def _blocks(run: dict, summary: list[dict], images: dict[str, dict]) -> list[tup
         ]
     b += [("h2", "Recovery phases (median seconds)"), _phase_table(summary)]
     b += [("h2", "Trials"), _trial_table(run)]
+    procs = _process_table(run)
+    if procs[2]:  # only a scheme that keeps processes reports their fates
+        b += [("h2", "Processes of the crashed kernel"), procs]
     errs = [f"{t['id']}: {t['error']}" for t in run["trials"] if t.get("error")]
     if errs:
         b += [("h2", "Failed trials"), ("pre", "\n".join(errs))]
@@ -416,6 +419,23 @@ def _trial_table(run: dict) -> tuple:
         for t in ts
     ]
     return ("table", head, [[str(c) for c in r] for r in rows])
+
+
+def _process_table(run: dict) -> tuple:
+    """What became of each process of the crashed kernel (preserved, restarted, lost),
+    with the scheme's reason, one row per process per trial."""
+    head = ["trial", "process", "pid", "fate", "new pid", "reason"]
+    rows = [
+        [t["id"], p["name"], _pid(p["pid"]), p["fate"], _pid(p.get("new_pid")), p["reason"]]
+        for ts in groups(run).values()
+        for t in ts
+        for p in (t.get("report") or {}).get("processes") or ()
+    ]
+    return ("table", head, [[str(c) for c in r] for r in rows])
+
+
+def _pid(v) -> str:
+    return "—" if v is None else str(v)
 
 
 def _fmt_n(v) -> str:

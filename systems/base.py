@@ -66,6 +66,20 @@ class CacheCounts:
         return self.dirty_pages_before - self.dirty_pages_recovered
 
 
+FATES = ("preserved", "restarted", "lost")
+
+
+@dataclass
+class ProcessFate:
+    """What became of one process of the crashed kernel, and why."""
+
+    name: str
+    pid: int | None  # None: not known (its process-table entry was rejected)
+    fate: str  # one of FATES
+    reason: str
+    new_pid: int | None = None  # the restarted process
+
+
 @dataclass
 class RecoveryReport:
     scheme: str
@@ -80,6 +94,11 @@ class RecoveryReport:
     recovered: bool = False
     service_at: float | None = None  # first service after the crash
     notes: list[str] = field(default_factory=list)
+    processes: list[ProcessFate] = field(default_factory=list)  # a scheme that reports them
+
+    def process_counts(self) -> dict[str, int]:
+        """How many processes of the crashed kernel were preserved, restarted, lost."""
+        return {f: sum(1 for p in self.processes if p.fate == f) for f in FATES}
 
     @property
     def outage_s(self) -> float | None:
@@ -127,6 +146,7 @@ class RecoveryReport:
             d["recovered"],
             d["service_at"],
             list(d["notes"]),
+            [ProcessFate(**p) for p in d.get("processes", ())],
         )
         return r
 
@@ -184,6 +204,9 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
         )
     if r.processes_recovered > r.processes_before:
         raise ReportError(f"{r.scheme}: recovered more processes than there were")
+    for p in r.processes:
+        if p.fate not in FATES or not p.reason:
+            raise ReportError(f"{r.scheme}: process {p.name}: fate {p.fate!r} needs a reason")
     if r.recovered and r.service_at is None:
         raise ReportError(f"{r.scheme}: recovered, but no time of first service")
     return r
@@ -197,6 +220,7 @@ class Capabilities:
     keeps_cache: bool = False  # clean file pages of the dead kernel are recovered (or kept warm)
     keeps_dirty_cache: bool = False  # its dirty (never written back) pages are recovered
     keeps_processes: bool = False  # runtime-aware processes keep their state
+    keeps_unmodified_processes: bool = False  # unmodified processes keep running, same pid
     migrates_cache: bool = False  # adopts the cache in a "cache migration" phase of the outage
     partitions_needed: int = 1  # partitions of the machine it deploys on (a standby's too)
 
@@ -218,6 +242,7 @@ class RecoveryScheme(ABC):
     description: ClassVar[str] = ""  # `crashbench list`'s line; "": its module docstring's first
     capabilities: ClassVar[Capabilities] = Capabilities()
     kernel_modules: ClassVar[tuple[str, ...]] = ("kernel.core.kernel",)  # what its kernels run
+    options: ClassVar[tuple[str, ...]] = ()  # keyword options a run may set (opt-in modes)
     host = None  # the Host it deployed on; None before deploy
     active: int = 0  # the partition whose kernel serves (faults go there)
     net_tag: str | None = None  # the network a scheme that moves the NIC takes over

@@ -26,6 +26,8 @@ from systems import base
 from systems.base import RegistryError, check_report, registry
 
 PAGE = 4096
+# opt-in modes of a scheme, held to the contract as the scheme itself is
+VARIANTS = {"orthros+keep": lambda: registry()["orthros"](keep_processes=True)}
 FILES, PAGES_EACH = 3, 10
 DETECTED_BY = {"panic": "dying message", "kill": "heartbeat", "hang": "heartbeat"}
 LINES = b"first line\nsecond line\n"  # the editor's unsaved buffer at the crash
@@ -37,7 +39,7 @@ class Deployment:
 
     def __init__(self, name: str):
         self.bed = Testbed(kind="test", delay=False, network=True)
-        self.scheme = registry()[name]()
+        self.scheme = VARIANTS[name]() if name in VARIANTS else registry()[name]()
 
     def deploy(self) -> None:
         self.bed.up()
@@ -74,6 +76,11 @@ class Deployment:
                 log = self.log.read_text() if self.log.exists() else "(no log)"
                 raise AssertionError(f"{what} within {timeout} s; the editor's log:\n{log}")
             time.sleep(0.05)
+
+    def editor_pid(self) -> int:
+        ps = subprocess.run(["pgrep", "-f", str(self.fifo)], capture_output=True, text=True)
+        (pid,) = ps.stdout.split()
+        return int(pid)
 
     def teardown(self) -> list[str]:
         """The scheme's own teardown (and the network's, which the harness owns); what remains."""
@@ -123,7 +130,7 @@ def write_files(mnt: Path, prefix: str, synced: bool) -> dict[str, bytes]:
 
 @pytest.mark.root
 @pytest.mark.parametrize("fault", sorted(DETECTED_BY))
-@pytest.mark.parametrize("name", sorted(registry()))
+@pytest.mark.parametrize("name", sorted(registry()) + sorted(VARIANTS))
 def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
     d = Deployment(name)
     caps = d.scheme.capabilities
@@ -137,6 +144,7 @@ def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
         d.wait_log(
             lambda: f"lines={N_LINES}" in d.log.read_text(), "the editor did not take its lines"
         )
+        editor = d.editor_pid()
         synced = write_files(d.mount, "s", synced=True)
         unsynced = write_files(d.mount, "u", synced=False)
 
@@ -144,7 +152,7 @@ def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
         assert reply["ok"], reply
         r = check_report(d.scheme.on_crash(reply, timeout=60))
 
-        assert (r.scheme, r.fault, r.detected_by) == (name, fault, DETECTED_BY[fault])
+        assert (r.scheme, r.fault, r.detected_by) == (d.scheme.name, fault, DETECTED_BY[fault])
         assert r.recovered == caps.recovers
         c = r.cache
         if caps.recovers:  # a scheme that recovers counts what the dead kernel held
@@ -171,6 +179,18 @@ def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
                 assert (d.mount / fname).read_bytes() == data, f"{fname} differs after recovery"
         (d.mount / "after").write_bytes(b"served")
         assert (d.mount / "after").read_bytes() == b"served"
+        if caps.keeps_unmodified_processes:  # the editor ran on: never loaded again
+            assert [(p.name, p.pid, p.fate) for p in r.processes] == [
+                ("editor", editor, "preserved")
+            ]
+            fd = os.open(d.fifo, os.O_WRONLY)
+            os.write(fd, b"third line\n")
+            os.close(fd)
+            d.wait_log(
+                lambda: f"lines={N_LINES + 1}" in d.log.read_text(), "the kept editor went not on"
+            )
+            assert len(d.loaded()) == 1 and d.editor_pid() == editor
+            return
         d.wait_log(lambda: len(d.loaded()) >= 2, "the editor did not come back")
         lines = N_LINES if caps.keeps_processes else 0
         assert d.loaded()[-1].split()[2] == f"lines={lines}"

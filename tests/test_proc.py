@@ -609,6 +609,35 @@ def test_opens_by_a_thread_count_for_its_process(mem):
     assert tab.entries()[0]["files"] == [{"ino": 5, "oflags": 0, "refs": 1}]
 
 
+def test_a_release_without_a_pid_closes_the_record_of_its_inode(mem):
+    # the host sends FUSE RELEASE without credentials: pid 0
+    lay = partition_layout(0, 0, SIZE)
+    tab = ProcTable(mem, lay, keep_apps=True)
+    tab.register(fake_app(7, "web"))
+    tab.opened(7, 40, os.O_RDONLY)
+    tab.opened(7, 41, os.O_RDONLY)
+    tab.released(0, 40)
+    (e,), _ = read_proc_table(mem, lay)
+    assert e["files"] == [{"ino": 41, "oflags": os.O_RDONLY, "refs": 1}]
+
+
+def test_an_adopted_entry_keeps_pid_name_argv_hash_and_open_files(mem, tmp_path):
+    dead, mine = partition_layout(0, 0, SIZE // 2), partition_layout(1, SIZE // 2, SIZE // 2)
+    old = ProcTable(mem, dead)
+    old.register(fake_app(4343, "web"))
+    old.record_open(4343, 99, os.O_WRONLY)
+    (e,), _ = read_proc_table(mem, dead)
+    new = ProcTable(mem, mine, keep_apps=True)
+    new.adopt(e)
+    (a,), rejected = read_proc_table(mem, mine)
+    assert rejected == []
+    same = ("pid", "name", "argv_hash", "uid", "started_ns", "files")
+    assert {k: a[k] for k in same} == {k: e[k] for k in same}
+    with pytest.raises(ValueError):
+        new.adopt(e)  # one pid, one entry
+    assert [r[:2] for r in new.open_file_records()] == [(4343, "web")]
+
+
 def test_read_proc_table_rejects_each_corruption_with_its_own_message(mem, tmp_path):
     lay = partition_layout(0, 0, SIZE)
     tab = ProcTable(mem, lay)

@@ -361,3 +361,29 @@ def test_figures_of_a_stored_run_are_svg_and_pdf_a_paper_can_use(tmp_path):
     md = (d / "report.md").read_text()
     for t in run["trials"]:
         assert t["client_gap_s"] is not None and f" {t['client_gap_s']:.3f} |" in md
+
+
+def test_the_fates_of_the_crashed_kernels_processes_are_shown_with_their_reasons(tmp_path):
+    run = golden_run()
+    t = next(t for t in run["trials"] if t["scheme"] == "orthros")
+    assert "Processes of the crashed kernel" not in "".join(
+        map(str, report._blocks(run, report.summarize(run), {}))
+    )
+    t.setdefault("report", {})["processes"] = [
+        {"name": "wsgidav", "pid": 4242, "fate": "preserved", "reason": "entry valid"},
+        {
+            "name": "holder",
+            "pid": None,
+            "fate": "restarted",
+            "reason": "its process-table entry was rejected: bad checksum",
+            "new_pid": 4343,
+        },
+    ]
+    d = tmp_path / "kept"
+    d.mkdir()
+    results.write_run(d, run["parameters"], run["environment"], run["trials"])
+    report.write_report(d)
+    md = (d / "report.md").read_text()
+    section = md.split("Processes of the crashed kernel", 1)[1]
+    assert f"| {t['id']} | wsgidav | 4242 | preserved | — | entry valid |" in section
+    assert "| holder | — | restarted | 4343 | its process-table entry was rejected" in section

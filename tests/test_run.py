@@ -192,6 +192,7 @@ def test_run_leaves_no_mount_namespace_or_process_behind(run_dir):
         (["--duration", "0"], "--duration: must be positive"),
         (["--param", "clients"], "expected NAME=VALUE"),
         (["--param", "colour=blue"], "unknown parameter(s) colour"),
+        (["--schemes", "reboot", "--keep-apps"], "--keep-apps: none of the schemes keeps"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, names):

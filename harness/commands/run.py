@@ -135,6 +135,18 @@ def _check_param_value(workload: str, name: str, value, default) -> None:
         _fail(f"--param {name}: must be a finite number, not negative, got {value!r}")
 
 
+def _scheme_options(names: list[str], keep_apps: bool) -> dict:
+    """The options the run sets (``RecoveryScheme.options``); a flag no named scheme
+    declares is refused, not ignored."""
+    if not keep_apps:
+        return {}
+    from systems.base import registry
+
+    if not any("keep_processes" in registry()[n].options for n in names):
+        _fail("--keep-apps: none of the schemes keeps processes (orthros does)")
+    return {"keep_processes": True}
+
+
 def check_root(command: str) -> None:
     if os.geteuid() != 0:
         _fail(
@@ -217,6 +229,11 @@ def run_cmd(
         None, "--machine", help="machine description (TOML), or a shipped one by name: paper"
     ),
     out: Optional[Path] = typer.Option(None, help="result directory (default: results/<run id>)"),
+    keep_apps: bool = typer.Option(
+        False,
+        "--keep-apps",
+        help="schemes that can keep the crashed kernel's processes running (orthros) do so",
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):
     """Run WORKLOAD under every scheme, inject FAULT in each trial, and write the results
@@ -237,6 +254,7 @@ def run_cmd(
     }
     params = _params(param)
     _check(names, workload, fault, trials, timing, params)
+    options = _scheme_options(names, keep_apps)
     from harness.driver import warmup_for
 
     timing["warmup_s"] = warmup_for(workload, warmup, 2.0)
@@ -260,6 +278,7 @@ def run_cmd(
         timing,
         params,
         str(machine_file) if machine_file else None,
+        options,
     )
     parameters = {
         "schemes": names,
@@ -271,6 +290,7 @@ def run_cmd(
         "workload_params": params,
         "machine_file": str(machine_file) if machine_file else None,
         "modeled_hardware": m.modeled(),
+        **({"scheme_options": options} if options else {}),
     }
     show = err if json_out else console  # with --json, stdout holds the document only
     d, records, files = _run_all(specs, parameters, out, show)

@@ -4,7 +4,8 @@ Promises to the lab commands, the harness and the recovery schemes:
 
 * ``FAULTS``: panic (BUG/oops), hang (a lock never released: the heartbeat really stops),
   kill (SIGKILL, no dying message), wild-write and bit-flip (into a chosen ``TARGETS``
-  object, or a random one), fs-corrupt (a bad block pointer written into file-system
+  object, or a random one; or into an open-file record of the process table,
+  ``PROCESS_TARGETS``, in a kernel that records them), fs-corrupt (a bad block pointer written into file-system
   metadata), exception-in-request (an error in the middle of a file operation, after part
   of its updates);
 * a fault is *injected* (armed, and for memory faults the corruption done) and later
@@ -44,6 +45,13 @@ TARGETS = {
     "inode": "an in-core inode's fields",
     "superblock": "the kernel superblock",
 }
+# Targets in what a kernel keeps of its processes: only a kernel that records its apps'
+# open files (one whose processes are kept, kernel/core/proc.py) has them, so a campaign's
+# cells and a random target are drawn from TARGETS alone.
+PROCESS_TARGETS = {
+    "open-file": "an open-file record in the process table (the holder's entry fails its check)",
+}
+ALL_TARGETS = TARGETS | PROCESS_TARGETS
 SITES = {
     "now": "at once, from the control thread",
     "vfs.write": "inside a write request, after its first page was stored",
@@ -69,8 +77,8 @@ class Fault:
 def validate(kind: str, target: str | None, site: str | None, seed=None) -> None:
     if kind not in FAULTS:
         raise FaultError(f"unknown fault {kind!r} (known: {', '.join(FAULTS)})")
-    if target is not None and target not in TARGETS:
-        raise FaultError(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    if target is not None and target not in ALL_TARGETS:
+        raise FaultError(f"unknown target {target!r} (known: {', '.join(ALL_TARGETS)})")
     if target is not None and kind not in ("wild-write", "bit-flip"):
         raise FaultError(f"fault {kind!r} takes no target")
     if site is not None and site not in SITES:
@@ -165,6 +173,8 @@ class FaultInjector(NoFaults):
         return f"one bit at {off:#x}"
 
     def _corrupt(self, f: Fault) -> str:
+        if f.target == "open-file":
+            return self._corrupt_open_file(f)
         vfs, lay = self.k.vfs, self.k.lay
         with vfs.lock:
             pc = vfs.pc
@@ -199,6 +209,13 @@ class FaultInjector(NoFaults):
                 start, length = (ICORE_LINKS, 16) if f.target == "dirty-inode-list" else (8, 112)
                 return f"inode {ino}: {self._bytes(f, vfs.ic.phys(ino) + start, length)}"
             return f"kernel superblock: {self._bytes(f, lay.ksuper + 8, 112)}"
+
+    def _corrupt_open_file(self, f: Fault) -> str:
+        records = self.k.procs.open_file_records() if self.k.procs is not None else []
+        if not records:
+            raise FaultError("no open-file record to corrupt (no app holds a file open)")
+        pid, name, phys = self.rng.choice(records)
+        return f"open file of process {pid} ({name}): {self._bytes(f, phys, 16)}"
 
     def _corrupt_fs(self) -> str:
         vfs = self.k.vfs

@@ -17,10 +17,15 @@ Promises to the kernel daemon (kernel/core/kernel.py), the host side (kernel/hw/
 * ``resume(fd, params, vfs, ready=)`` serves a connection another process initialised:
   ``fd`` is a descriptor of its /dev/fuse (a dup passed over a Unix socket or taken with
   pidfd_getfd), ``params`` its ``ConnParams`` (or their ``as_dict()``); no INIT exchange.
-  Requests are answered from the first one queued; file handles are inode numbers, a
+  With ``resend`` the requests the previous server read but never answered are queued
+  again first (FUSE_NOTIFY_RESEND), so a request in flight at its death is answered once,
+  by this server. Requests are answered from the first one queued; file handles are inode numbers, a
   directory handle this server never saw lists its directory afresh, and its own
   directory handles carry its pid, so handles the previous server gave out stay valid and
   are never reused. Otherwise as ``serve``.
+* ``files`` (of ``serve`` and ``resume``): told of every successful OPEN and CREATE
+  (``opened(pid, ino, flags)``, the caller's thread id as the host reports it) and every
+  RELEASE (``released(pid, ino)``): the kernel's open-file table (kernel/core/proc.py).
 * ``stop()`` (alias ``request_stop``) may be called from a signal handler or any thread.
 * Every request is one synchronous VFS call made by the one serving thread (the VFS takes
   its big lock itself).
@@ -138,8 +143,9 @@ class Server:
     """FUSE requests over a VFS. File handles are inode numbers; directory handles index
     a snapshot of the directory taken at the start of each listing."""
 
-    def __init__(self, vfs, fd: int, params: ConnParams, *, timeout: float = TIMEOUT_S):
+    def __init__(self, vfs, fd: int, params: ConnParams, *, timeout: float = TIMEOUT_S, files=None):
         self.vfs, self.fd, self.params = vfs, fd, params
+        self.files = files or NoFileTable()
         self.valid_s, self.valid_ns = _split_s(timeout)
         self._dirs: dict[int, list] = {}  # dir handle -> [ino, snapshot or None]
         # the pid in the high half: handles a previous server gave out never collide
@@ -447,7 +453,10 @@ class Server:
         return P.OPEN_OUT.pack(ino, 0, 0)  # no keep_cache, no direct_io
 
     def open(self, ino, body, uid, gid, pid):
-        return self._open(ino, P.U32.unpack_from(body)[0])
+        flags = P.U32.unpack_from(body)[0]
+        out = self._open(ino, flags)
+        self.files.opened(pid, ino, flags)
+        return out
 
     def create(self, parent, body, uid, gid, pid):
         flags, mode = P.CREATE_IN.unpack_from(body)[:2]
@@ -469,6 +478,7 @@ class Server:
             a = self.vfs.getattr(a.ino)
         else:
             fi = self._open(a.ino, flags & ~os.O_TRUNC)
+        self.files.opened(pid, a.ino, flags)
         return self._handed(a) + fi
 
     def read(self, _ino, body, uid, gid, pid):
@@ -483,7 +493,9 @@ class Server:
         return P.WRITE_OUT.pack(self.vfs.write(fh, off, data), 0)
 
     def release(self, _ino, body, uid, gid, pid):
-        self.vfs.release(P.U64.unpack_from(body)[0])
+        fh = P.U64.unpack_from(body)[0]
+        self.vfs.release(fh)
+        self.files.released(pid, fh)
         return b""
 
     def fsync(self, _ino, body, uid, gid, pid):
@@ -599,8 +611,24 @@ def connection() -> tuple[int, ConnParams] | None:
     return None if s is None else (s.fd, s.params)
 
 
+class NoFileTable:
+    """Where the server reports each open and release (by the caller's pid) when nobody
+    keeps an open-file table: nowhere."""
+
+    def opened(self, pid: int, ino: int, flags: int) -> None:
+        pass
+
+    def released(self, pid: int, ino: int) -> None:
+        pass
+
+
 def serve(
-    vfs, mountpoint: str, *, fsname: str = "crashbench", ready: Callable[[], None] | None = None
+    vfs,
+    mountpoint: str,
+    *,
+    fsname: str = "crashbench",
+    ready: Callable[[], None] | None = None,
+    files=None,
 ) -> None:
     """Mount ``vfs`` on ``mountpoint`` and serve it until unmounted or ``stop()``.
 
@@ -620,19 +648,30 @@ def serve(
         _tune(mountpoint)
     except Exception:
         log.exception("tuning the FUSE mount failed (serving anyway)")
-    _run(Server(vfs, fd, params), ready)
+    _run(Server(vfs, fd, params, files=files), ready)
 
 
-def resume(fd: int, params, vfs, *, ready: Callable[[], None] | None = None) -> None:
+def resume(
+    fd: int,
+    params,
+    vfs,
+    *,
+    ready: Callable[[], None] | None = None,
+    resend: bool = False,
+    files=None,
+) -> None:
     """Serve the initialised connection on ``fd`` (see the module's promises). Takes
-    ownership of ``fd``."""
+    ownership of ``fd``. ``resend``: first ask the host to queue again the requests the
+    previous server read and never answered (FUSE_NOTIFY_RESEND, Linux >= 6.9)."""
     if not isinstance(params, ConnParams):
         params = ConnParams.from_dict(params)
     st = os.fstat(fd)
     if not stat.S_ISCHR(st.st_mode) or st.st_rdev != FUSE_DEV:
         raise ValueError(f"resume: descriptor {fd} is not a /dev/fuse connection")
     _tune_allocator()
-    _run(Server(vfs, fd, params), ready)
+    if resend:
+        P.notify_resend(fd)
+    _run(Server(vfs, fd, params, files=files), ready)
 
 
 def _init(fd: int, mountpoint: str) -> ConnParams:

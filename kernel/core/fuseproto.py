@@ -92,6 +92,15 @@ WRITE_OUT = struct.Struct("<II")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # 80
 DIRENT = struct.Struct("<QQII")  # ino off namelen type, then the name
 FORGET_ONE = struct.Struct("<QQ")
+NOTIFY_RESEND = 7  # Linux >= 6.9: requests read but not answered are queued again
+
+
+def notify_resend(fd: int) -> None:
+    """Ask the host kernel to queue again every request of the connection that a server
+    read and never answered (a server that died with them): a notification, unique 0."""
+    os.write(fd, OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_RESEND, 0))
+
+
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 U32X2 = struct.Struct("<II")

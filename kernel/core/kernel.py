@@ -81,6 +81,7 @@ class Kernel:
         self.beating = True  # False: no heartbeat thread (the overhead benchmark's vanilla)
         self.gc_clock = GcClock()
         self.settle_s = 0.0  # of boot_s, freezing the boot heap
+        self.keep_apps = False  # apps outlive this process; opens go to the process table
 
     def join_partition(self, tag: str | None) -> None:
         """Join the partition's process set (kernel/hw/procset.py), so that fencing the
@@ -90,7 +91,7 @@ class Kernel:
         if tag:
             self.pset = ProcessSet(tag, self.part.id)
             self.pset.add(os.getpid())
-        self.procs = ProcTable(self.mem, self.mlay)
+        self.procs = ProcTable(self.mem, self.mlay, keep_apps=self.keep_apps)
 
     def start_apps(self, specs: list[dict], netns: str | None = None) -> None:
         """Launch the partition's applications (real processes; they die with this kernel)."""
@@ -199,13 +200,51 @@ class Kernel:
         """Serve the file system on ``mount`` until SIGTERM/SIGINT, then shut down cleanly."""
         from kernel.core import fuse
 
+        def serving() -> None:
+            if self.keep_apps:
+                self._publish_connection(*fuse.connection())
+            ready()
+
+        self._serve_with(
+            fuse.serve,
+            self.vfs,
+            mount,
+            fsname=f"crashbench-p{self.part.id}",
+            ready=serving,
+            files=self._files(),
+        )
+
+    def resume(self, fd: int, params, ready) -> None:
+        """Serve the connection a dead kernel served (``fd``: a descriptor of it), the
+        requests it read and never answered first; then as ``serve``."""
+        from kernel.core import fuse
+
+        self._serve_with(
+            fuse.resume, fd, params, self.vfs, ready=ready, resend=True, files=self._files()
+        )
+
+    def _files(self):
+        return self.procs if self.keep_apps else None
+
+    def _serve_with(self, fn, *args, **kw) -> None:
+        from kernel.core import fuse
+
         signal.signal(signal.SIGTERM, lambda *_: fuse.request_stop())
         signal.signal(signal.SIGINT, lambda *_: fuse.request_stop())
         try:
-            fuse.serve(self.vfs, mount, fsname=f"crashbench-p{self.part.id}", ready=ready)
+            fn(*args, **kw)
         finally:
             self.shutdown()
             log.info("clean shutdown")
+
+    def _publish_connection(self, fd: int, params) -> None:
+        """What a kernel that takes this connection over needs besides a descriptor of it:
+        the parameters agreed at INIT, in the work directory (they never change)."""
+        path = connection_file(self.workdir)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(params.as_dict(), f)
+        os.replace(tmp, path)
 
     def shutdown(self) -> None:
         if self.mailbox is not None:  # first: a watcher must not take a shutdown for a crash
@@ -300,6 +339,11 @@ class Kernel:
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
+def connection_file(workdir: str) -> str:
+    """Where a kernel that keeps its apps publishes its FUSE connection's parameters."""
+    return os.path.join(workdir, "fuse-connection.json")
+
+
 def kernel_arguments(prog: str, description: str) -> argparse.ArgumentParser:
     """The command line every kernel-side program takes from kernel/hw/host.py."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
@@ -317,6 +361,12 @@ def kernel_arguments(prog: str, description: str) -> argparse.ArgumentParser:
         "--apps", help="JSON file: the partition's applications (kernel.core.proc.AppSpec fields)"
     )
     ap.add_argument("--netns", help="network namespace of the partition's applications")
+    ap.add_argument(
+        "--keep-apps",
+        action="store_true",
+        help="apps outlive the kernel process, and it records their open files, "
+        "for a scheme that keeps processes across a crash",
+    )
     return ap
 
 
@@ -343,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine_mod.load(a.machine, shape_checked=True)  # checked by whoever started it
     k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
     k.beating = not a.no_heartbeat
+    k.keep_apps = a.keep_apps
     if k.part.cpus:
         os.sched_setaffinity(0, k.part.cpus)
     k.join_partition(a.tag)

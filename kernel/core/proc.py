@@ -21,6 +21,10 @@ the harness:
   against the deployment's specs for a restart), uid, state-segment slot, and up to
   ``PROC_FILES`` open files (ino, open flags, references) recorded by the kernel. More
   open files than fit set FILES_OVERFLOW: the list is then known to be incomplete.
+  The FUSE server reports opens and releases to ``opened``/``released`` when the kernel
+  keeps its apps (a release comes without a pid from the host: it closes a record of the
+  inode in whichever process holds one, the first found when several do) (``keep_apps``: apps launched without a parent-death signal);
+  ``adopt(entry)`` enters a process kept from a dead kernel's table, with its open files.
   Free entries are all zeros. ``ProcTable.launch`` reserves a state segment for a
   runtime-aware app, tells the app where it is (kernel/core/rtaware.py), launches and
   registers it.
@@ -290,8 +294,11 @@ def launch(
     netns_enter: Callable[[], None] | None = None,
     cpus: Sequence[int],
     pass_fds: Sequence[int] = (),
+    keep: bool = False,
 ) -> App:
     """Start `spec` as a real process of the partition (see the module docstring).
+    ``keep``: no parent-death signal and its own session (not only its own group), so
+    the process outlives its kernel process for a scheme that keeps processes to continue it.
 
     In the child, in this order: own process group, cwd, join `pset`, `netns_enter()`,
     CPU affinity, drop to user/group, PR_SET_PDEATHSIG(SIGKILL) (after the credential
@@ -329,9 +336,9 @@ def launch(
                 os.setgid(cred[1])
                 os.setuid(cred[0])
             step = "set the parent-death signal"
-            if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            if not keep and _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-            if os.getppid() != parent:  # the kernel died before we could notice
+            if not keep and os.getppid() != parent:  # the kernel died before we could notice
                 os.kill(os.getpid(), signal.SIGKILL)
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
         except BaseException as e:
@@ -354,7 +361,10 @@ def launch(
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     preexec_fn=preexec,
-                    process_group=0,
+                    # a kept app gets its own session: a stopped process group orphaned by
+                    # its kernel's death would be sent SIGHUP
+                    process_group=None if keep else 0,
+                    start_new_session=keep,
                     close_fds=True,
                     pass_fds=tuple(pass_fds),
                 )
@@ -410,8 +420,10 @@ class ProcTable:
 
     ``clear=True`` (a booting kernel owns its table) zeroes every entry first."""
 
-    def __init__(self, mem: PhysMem, lay: PartLayout, *, clear: bool = True):
-        self.mem, self.lay = mem, lay
+    def __init__(
+        self, mem: PhysMem, lay: PartLayout, *, clear: bool = True, keep_apps: bool = False
+    ):
+        self.mem, self.lay, self.keep_apps = mem, lay, keep_apps
         self._lock = threading.Lock()
         self._slot_of: dict[int, int] = {}  # pid -> table slot
         self._e: dict[int, dict] = {}  # table slot -> entry values
@@ -473,7 +485,7 @@ class ProcTable:
         (holding `state` if given) and an inherited descriptor of physical memory, so it can
         map its segment also when it runs as a user who may not open the file."""
         if not spec.runtime_aware:
-            app = launch(spec, pset, netns_enter=netns_enter, cpus=cpus)
+            app = launch(spec, pset, netns_enter=netns_enter, cpus=cpus, keep=self.keep_apps)
             self.register(app)
             return app
         slot = self.reserve_state(state)
@@ -489,7 +501,9 @@ class ProcTable:
                 spec.runtime_aware,
                 spec.group,
             )
-            app = launch(s, pset, netns_enter=netns_enter, cpus=cpus, pass_fds=(fd,))
+            app = launch(
+                s, pset, netns_enter=netns_enter, cpus=cpus, pass_fds=(fd,), keep=self.keep_apps
+            )
         except BaseException:
             self.release_state(slot)
             raise
@@ -561,6 +575,65 @@ class ProcTable:
         app.table_slot, app.state_slot = slot, state_slot
         return slot
 
+    def adopt(self, entry: dict) -> int:
+        """Enter a process kept from a dead kernel's table (an entry ``read_proc_table``
+        validated), with its open files; returns its slot. It has no App here: the dead
+        kernel launched it, and init reaps it."""
+        files = [(f["ino"], f["oflags"], f["refs"]) for f in entry["files"]]
+        files += [(0, 0, 0)] * (PROC_FILES - len(files))
+        with self._lock:
+            if entry["pid"] in self._slot_of:
+                raise ValueError(f"adopt {entry['name']}: pid {entry['pid']} already registered")
+            free = [s for s in range(self.lay.n_proc) if s not in self._e]
+            if not free:
+                raise ProcTableFull(f"partition {self.lay.part_id}: process table full")
+            slot = free[0]
+            self._e[slot] = {
+                "flags": entry["flags"] & ~PF_RUNTIME_AWARE,
+                "pid": entry["pid"],
+                "state_slot": -1,
+                "uid": entry["uid"],
+                "started_ns": entry["started_ns"],
+                "argv_hash": entry["argv_hash"],
+                "name": entry["name"].encode()[:NAME_BYTES],
+                "files": files,
+            }
+            self._slot_of[entry["pid"]] = slot
+            self._store(slot)
+        return slot
+
+    def open_file_records(self) -> list[tuple[int, str, int]]:
+        """(pid, name, physical address) of every open-file record in use."""
+        with self._lock:
+            return [
+                (
+                    e["pid"],
+                    e["name"].decode(errors="replace"),
+                    self.phys(slot) + _HEAD_BYTES + _FILE_BYTES * i,
+                )
+                for slot, e in sorted(self._e.items())
+                for i, f in enumerate(e["files"])
+                if f[2]
+            ]
+
+    # the FUSE server's open-file hooks (kernel/core/fuse.py ``files``)
+    def opened(self, pid: int, ino: int, flags: int) -> None:
+        self.record_open(pid, ino, flags)
+
+    def released(self, pid: int, ino: int) -> None:
+        # The host sends RELEASE without credentials (pid 0): the open is closed in a
+        # process that holds a record of the inode (the first one, when several do).
+        if not self.record_close(pid, ino):
+            self.record_close_any(ino)
+
+    def record_close_any(self, ino: int) -> bool:
+        """Release one open of `ino` by whichever process holds a record of it."""
+        with self._lock:
+            for pid in list(self._slot_of):
+                if self._close_in(self._slot_of[pid], ino):
+                    return True
+            return False
+
     def _lookup(self, pid: int) -> int | None:
         """Table slot of `pid`, also when `pid` is a thread of a registered process (FUSE
         reports the thread id of the caller). Called with the lock held."""
@@ -602,15 +675,17 @@ class ProcTable:
         """The kernel released one open of `ino` by `pid`; False when none was recorded."""
         with self._lock:
             slot = self._lookup(pid)
-            if slot is None:
-                return False
-            files = self._e[slot]["files"]
-            for i, (fino, fl, refs) in enumerate(files):
-                if refs and fino == ino:
-                    files[i] = (ino, fl, refs - 1) if refs > 1 else (0, 0, 0)
-                    self._store(slot)
-                    return True
-            return False
+            return slot is not None and self._close_in(slot, ino)
+
+    def _close_in(self, slot: int, ino: int) -> bool:
+        """One open of `ino` less in the entry at `slot`. Called with the lock held."""
+        files = self._e[slot]["files"]
+        for i, (fino, fl, refs) in enumerate(files):
+            if refs and fino == ino:
+                files[i] = (ino, fl, refs - 1) if refs > 1 else (0, 0, 0)
+                self._store(slot)
+                return True
+        return False
 
     def unregister(self, pid: int) -> bool:
         """The app exited: its entry is zeroed and its state segment freed."""

@@ -6,7 +6,11 @@ the lab and the tests: ``mounts_at``, ``is_mounted`` and ``abort_and_unmount`` r
 they do not hang on a dead or hung connection; ``abort_and_unmount`` aborts a connection
 through fusectl (waking every process blocked on it with ENOTCONN) and detaches the mount.
 A connection belongs to the machine, not to the kernel that serves it: this is the part of
-FUSE that outlives a kernel, so it lives with the hardware.
+FUSE that outlives a kernel, so it lives with the hardware. ``fuse_fd_of(pid)`` finds the
+/dev/fuse descriptor a process serves, and ``duplicate(pid, fd)`` takes a copy of another
+process's descriptor (pidfd_getfd, no help from that process): while one copy is open the
+connection is not aborted when its server dies, and the requests of the programs using the
+mount wait in the host's queue for whoever serves it next.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import ctypes
 import errno
 import logging
 import os
+import stat
 import subprocess
 
 log = logging.getLogger(__name__)
@@ -121,14 +126,51 @@ def _tune(mountpoint: str) -> None:
 
 
 _libc = None
+SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux has (since 5.6)
+FUSE_DEV = os.makedev(10, 229)
+
+
+def _libc_handle():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def duplicate(pid: int, fd: int) -> int:
+    """A descriptor (close-on-exec) of the same open file as ``fd`` of process ``pid``;
+    OSError when the process is gone or may not be inspected (ptrace rules)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        new = _libc_handle().syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if new < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"pidfd_getfd({pid}, {fd}): {os.strerror(e)}")
+    finally:
+        os.close(pidfd)
+    return new
+
+
+def is_fuse_device(fd: int) -> bool:
+    st = os.fstat(fd)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == FUSE_DEV
+
+
+def fuse_fd_of(pid: int) -> int | None:
+    """The lowest descriptor number of process ``pid`` open on /dev/fuse, or None."""
+    found = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "/dev/fuse":
+                found.append(int(name))
+        except OSError:
+            continue  # closed meanwhile
+    return min(found) if found else None
 
 
 def _umount_detach(path: str) -> bool:
-    global _libc
     if os.geteuid() == 0:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        if _libc.umount2(os.fsencode(path), MNT_DETACH) == 0:
+        if _libc_handle().umount2(os.fsencode(path), MNT_DETACH) == 0:
             return True
         log.warning("umount2(%s, MNT_DETACH): %s", path, os.strerror(ctypes.get_errno()))
     for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):

@@ -3,7 +3,8 @@
 Promises to the harness, the lab commands and the tests: ``Host`` creates the machine's
 physical-memory file in /dev/shm and its disk images (formatted on first use), launches
 kernel daemons as real processes (own session, so a crash can take their whole process
-group), waits until they serve, crashes them (SIGKILL) or stops them cleanly, and
+group), waits until they serve, crashes them (SIGKILL) or stops them cleanly, holds a copy of their FUSE connection for a
+scheme that keeps processes (``hold_connection``), and
 ``close()`` removes every mount, process and memory file it made — also after a failure.
 
 What holds the machine's data is its owner's only (param.OWNER_ONLY_MODE, set explicitly
@@ -83,6 +84,7 @@ class Host:
     machine_file: str | None = None  # None: the shipped default machine
     kernels: dict[int, KernelProc] = field(default_factory=dict)
     net: object | None = None  # the machine's kernel.hw.net.Network, when it has one up
+    fuse_fd: int | None = None  # this process's copy of the kernels' FUSE connection
 
     def __post_init__(self):
         self.workdir = make_workdir(self.workdir)
@@ -200,6 +202,21 @@ class Host:
         tail = Path(kp.log_path).read_text(errors="replace")[-2000:]
         raise BootError(f"kernel of partition {kp.part_id} did not come up; its log ends:\n{tail}")
 
+    def hold_connection(self, part_id: int) -> tuple[int, int]:
+        """Keep a copy of the FUSE connection the partition's kernel serves, as hardware
+        outlives a kernel: while it is open the connection survives the kernel's death and
+        the programs' requests wait. Returns (this process's pid, the descriptor), which a
+        kernel that takes over copies in turn (kernel/hw/fusedev.py ``duplicate``)."""
+        from kernel.hw import fusedev
+
+        if self.fuse_fd is None:
+            kp = self.kernels[part_id]
+            fd = fusedev.fuse_fd_of(kp.pid)
+            if fd is None:
+                raise BootError(f"kernel of partition {part_id} holds no FUSE connection")
+            self.fuse_fd = fusedev.duplicate(kp.pid, fd)
+        return os.getpid(), self.fuse_fd
+
     def control(self, part_id: int, req: dict, timeout: float = 10.0) -> dict:
         """One request to a running kernel's control socket (kernel/hw/control.py)."""
         from kernel.hw.control import ctl_path, request
@@ -257,6 +274,9 @@ class Host:
                 pass
         for kp in kps:
             kp.proc.wait()
+        if self.fuse_fd is not None:
+            os.close(self.fuse_fd)
+            self.fuse_fd = None
         for m in self.workdir.glob("mnt-p*"):
             if fusedev.is_mounted(str(m)):
                 fusedev.abort_and_unmount(str(m))

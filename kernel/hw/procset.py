@@ -31,6 +31,9 @@ the launcher (kernel/core/proc.py) and to the lab commands:
       reused pid is never hit), every member of the process groups they lead and all
       their descendants until no new one appears, then SIGKILL them all. Limitation: a
       grandchild orphaned (its parent exited) after setsid() is not found.
+* ``freeze()``, ``thaw()`` and ``move(pid, to)`` (cgroup modes): what a scheme that keeps
+  a dead kernel's processes does instead of fencing them — stop them all, then move the
+  ones it keeps into its own partition's set, where they run on.
 * ``remove()`` deletes the set (fencing what is still in it); idempotent.
   ``cleanup_stale(tag)`` fences and removes every set of a lab whose controller died.
 * ``fence_partition(tag, part_id)`` fences the partition's set if there is one (a recovery
@@ -407,6 +410,35 @@ class ProcessSet:
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
+
+    # --- keeping: stop the set, move its processes to another partition's set -------------
+    def _need_cgroup(self, what: str) -> None:
+        if self.mode == "pids":
+            raise ProcError(f"{self.name}: {what} needs a cgroup process set, not pids mode")
+
+    def freeze(self) -> None:
+        """Stop every process of the set where it is, as a halted CPU stops it (a process
+        waiting in a FUSE request stops when the request returns). Cgroup modes only."""
+        self._need_cgroup("freeze")
+        if self.mode == "cgroup2":
+            _write(os.path.join(self.path, "cgroup.freeze"), "1")
+        else:
+            _write(os.path.join(self.path, "freezer.state"), "FROZEN")
+
+    def thaw(self) -> None:
+        self._need_cgroup("thaw")
+        if self.mode == "cgroup2":
+            _write(os.path.join(self.path, "cgroup.freeze"), "0")
+        else:
+            _write(os.path.join(self.path, "freezer.state"), "THAWED")
+
+    def move(self, pid: int, to: "ProcessSet") -> None:
+        """Move ``pid`` (the whole process) from this set into ``to``; it takes the frozen
+        or thawed state of ``to``. Cgroup modes, both sets of the same mode."""
+        self._need_cgroup("move")
+        if to.mode != self.mode:
+            raise ProcError(f"move {pid}: {self.name} is {self.mode}, {to.name} is {to.mode}")
+        to.add(pid)
 
     def pids(self) -> list[int]:
         """The live processes of the set, sorted."""

@@ -7,12 +7,19 @@ backup fences it, takes its disk and NIC, adopts its file cache — clean and di
 validated, in place — and serves the same mount; the report it writes is this scheme's
 RecoveryReport. Then a new backup boots in the freed partition (re-pairing), so a second
 crash is survived too.
+
+``Orthros(keep_processes=True)`` (opt-in) also keeps the dead kernel's processes, unmodified
+and with the same pid: the host holds a copy of the FUSE connection (kernel/hw/host.py
+``hold_connection``), so the kernel's death does not end it and the applications' requests
+wait; the backup resumes the same connection and continues the processes
+(systems/orthros/keep.py). The report says what became of each one (``processes``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from kernel import param
@@ -29,19 +36,33 @@ class Orthros(RecoveryScheme):
         partitions_needed=2,
     )
     kernel_modules = ("kernel.core.kernel", "systems.orthros.backup")
+    options = ("keep_processes",)
 
     def __init__(
-        self, net_tag: str | None = None, missed_beats: int = param.HEARTBEAT_MISSED_BEATS
+        self,
+        net_tag: str | None = None,
+        missed_beats: int = param.HEARTBEAT_MISSED_BEATS,
+        *,
+        keep_processes: bool = False,
     ):
         self.net_tag, self.missed = net_tag, missed_beats
         self.crashes = 0
+        self.keep = keep_processes
+        if keep_processes:
+            self.capabilities = replace(Orthros.capabilities, keeps_unmodified_processes=True)
+
+    def _keep_args(self) -> tuple[str, ...]:
+        if not self.keep:
+            return ()
+        pid, fd = self.host.hold_connection(self.active)
+        return ("--keep-apps", "--hold-pid", str(pid), "--hold-fd", str(fd))
 
     def deploy(self, host, apps=()) -> None:
         self.host, self.apps = host, list(apps)
         net = host.net
         if self.net_tag is None and net is not None and net.mode == "netns":
             self.net_tag = net.tag  # the backup takes the NIC over at takeover
-        kp = host.boot(0, apps=self.apps)
+        kp = host.boot(0, apps=self.apps, extra=("--keep-apps",) if self.keep else ())
         self.mount = kp.mount
         self.active = 0
         self._boot_backup(1, watch=0)
@@ -53,6 +74,7 @@ class Orthros(RecoveryScheme):
         path = self._report_path()
         path.unlink(missing_ok=True)
         extra = ["--watch", str(watch), "--report", str(path), "--missed", str(self.missed)]
+        extra += self._keep_args()
         if self.net_tag:
             extra += ["--net-tag", self.net_tag]
         self.host.boot(

@@ -47,6 +47,7 @@ from kernel.hw.physmem import CorruptObject, partition_layout
 from kernel.hw.procset import fence_partition
 from systems.base import RecoveryReport
 from systems.detect import Failure
+from systems.orthros import keep
 from systems.orthros.adopt import collect, complete_transaction
 from systems.orthros.checker import Checker
 from systems.procmigrate import restart_processes
@@ -215,8 +216,12 @@ def takeover(
     dead = f.mail
     t = time.monotonic()
     fence(dead.pid)
-    apps = Background(fence_partition, args.tag, args.watch)  # its apps and their children
-    unmounting = Background(fusedev.abort_and_unmount, args.mount)
+    if args.keep_apps:  # its apps stop where they are; the connection and mount stay
+        keep.freeze(args.tag, args.watch)
+        apps = unmounting = Background(_nothing)
+    else:
+        apps = Background(fence_partition, args.tag, args.watch)  # its apps and their children
+        unmounting = Background(fusedev.abort_and_unmount, args.mount)
     r.phase("fence", t)
     t = time.monotonic()
     zone = k.machine.partition(dead.zone)
@@ -265,11 +270,15 @@ def takeover(
             f"{lost + lost_unchecked} dirty pages belonged to files "
             "whose creation was never committed"
         )
-    if net is not None:
+    if net is not None and not args.keep_apps:  # kept apps keep the NIC beside them
         t = time.monotonic()
         net.move_to(k.part.id)
         r.phase("IP takeover", t)
     return r, vfs, a.unchecked
+
+
+def _nothing() -> None:
+    pass
 
 
 def report_transaction(r: RecoveryReport, txn, undone: int) -> None:
@@ -378,12 +387,21 @@ def main(argv: list[str] | None = None) -> int:
         help="beat intervals without a beat before the watched kernel is declared dead",
     )
     ap.add_argument("--net-tag", help="the lab's network tag, to take the NIC over")
+    ap.add_argument(
+        "--hold-pid", type=int, help="with --keep-apps: the process holding the FUSE connection"
+    )
+    ap.add_argument(
+        "--hold-fd", type=int, help="with --keep-apps: its descriptor of the connection"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s backup[%(process)d] %(message)s")
     mach = machine_mod.load(args.machine, shape_checked=True)  # checked by whoever started it
     k = Kernel(mach, args.partition, args.physmem, args.workdir, delay=not args.no_delay)
+    k.keep_apps = args.keep_apps
     os.sched_setaffinity(0, k.part.cpus)
     k.join_partition(args.tag)
+    if args.keep_apps and (k.pset is None or k.pset.mode == "pids"):
+        raise SystemExit("keeping processes needs cgroup process sets (freeze, move)")
     k.start_mailbox(role=mailbox.ROLE_BACKUP)
     k.mailbox.set(state=mailbox.STANDBY, listening=1, watching=args.watch)
     bell = mailbox.Doorbell(args.workdir, args.partition)
@@ -395,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     if k.pset is not None:
         k.pset.add(checker.proc.pid)
     net = prepare_nic(k, args.net_tag) if args.net_tag and mach.nics else None
+    conn = (
+        keep.Connection.take(args.hold_pid, args.hold_fd, args.workdir) if args.keep_apps else None
+    )
     normal_priority(checker.proc.pid)
     notify_ready(args.ready_fd)
     failure = watch(k, bell, partition_layout(w.id, w.base, w.size), args.missed)
@@ -420,7 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     def serving() -> None:
         t = time.monotonic()
         report.phase("first service", t_serve, t)
-        if specs:
+        if specs and args.keep_apps:
+            netns = net.netns(net.owner()) if net is not None else args.netns
+            keep.into_report(report, k, args.watch, args.tag, specs, netns)
+            report.phase("process keeping", t)
+        elif specs:
             moved = restart_processes(k, args.watch, specs, with_state=True, netns=args.netns)
             report.processes_before = moved.before
             report.processes_recovered = moved.migrated + moved.restarted
@@ -455,7 +480,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         os.replace(tmp, args.report)
 
-    k.serve(args.mount, ready=serving)
+    if conn is not None:
+        k.resume(conn.fd, conn.params, ready=serving)
+    else:
+        k.serve(args.mount, ready=serving)
     return 0
 
 

@@ -1,0 +1,241 @@
+"""Orthros keeping processes: unmodified applications run on across a failover, same pid."""
+
+import hashlib
+import os
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from harness.testbed import Testbed
+from systems.base import check_report
+from systems.orthros import Orthros
+
+pytestmark = [pytest.mark.root]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wsgidav(mount: str, port: int, log: str) -> dict:
+    dav = str(Path(sys.executable).with_name("wsgidav"))
+    argv = [dav, "--host", "127.0.0.1", "--port", str(port), "--root", mount]
+    argv += ["--auth", "anonymous", "--no-config", "-q"]
+    return {"name": "wsgidav", "argv": argv, "cwd": "/", "log": log}
+
+
+def holder(path: str) -> dict:
+    """An app that holds a file of the mount open and sleeps."""
+    code = "import sys, time; f = open(sys.argv[1], 'ab'); time.sleep(600)"
+    return {"name": "holder", "argv": [sys.executable, "-c", code, path], "cwd": "/"}
+
+
+def http(method: str, url: str, data: bytes | None = None, timeout: float = 20.0) -> bytes:
+    req = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read()
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            http("GET", url, timeout=2)
+            return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def crash(host, s, fault, **kw):
+    reply = host.control(s.active, {"cmd": "inject", "fault": fault, **kw})
+    assert reply["ok"], reply
+    return check_report(s.on_crash(reply, timeout=30))
+
+
+@pytest.fixture
+def kept():
+    with Testbed(kind="test", delay=False) as bed:
+        port = free_port()
+        s = Orthros(keep_processes=True)
+        mnt = str(bed.host.mountpoint(0))
+        bed.deploy(s, [wsgidav(mnt, port, os.path.join(bed.workdir, "wsgidav.log"))])
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/")
+        yield bed, s, url
+
+
+def dav_pid(s, port_url: str) -> int:
+    port = port_url.rsplit(":", 1)[1]
+    out = os.popen(f"ss -Htlnp 'sport = :{port}'").read()
+    return int(out.split("pid=")[1].split(",")[0])
+
+
+@pytest.mark.parametrize("fault", ["panic", "kill", "hang"])
+def test_webdav_server_keeps_its_pid_across_a_crash(kept, fault):
+    bed, s, url = kept
+    http("PUT", url + "/before.txt", b"written before")
+    pid = dav_pid(s, url)
+    r = crash(bed.host, s, fault)
+    assert r.recovered
+    assert [(p.name, p.pid, p.fate) for p in r.processes] == [("wsgidav", pid, "preserved")]
+    assert r.process_counts() == {"preserved": 1, "restarted": 0, "lost": 0}
+    assert http("GET", url + "/before.txt") == b"written before"
+    http("PUT", url + "/after.txt", b"written after")
+    assert dav_pid(s, url) == pid
+    assert (Path(s.mount) / "after.txt").read_bytes() == b"written after"
+
+
+def test_a_second_crash_after_re_pairing_keeps_it_again(kept):
+    bed, s, url = kept
+    pid = dav_pid(s, url)
+    crash(bed.host, s, "panic")
+    assert s.active == 1 and s.backup == 0
+    http("PUT", url + "/between.txt", b"between the crashes")
+    r = crash(bed.host, s, "kill")
+    assert s.active == 0
+    assert [(p.pid, p.fate) for p in r.processes] == [(pid, "preserved")]
+    assert dav_pid(s, url) == pid
+    assert http("GET", url + "/between.txt") == b"between the crashes"
+
+
+WRITER = """
+import hashlib, os, sys, time
+path, chunks = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+for i in range(chunks):
+    block = hashlib.sha256(str(i).encode()).digest() * 2048  # 64 KiB
+    os.write(fd, block)
+    time.sleep(0.01)
+os.close(fd)
+"""
+
+
+def expected_writer_output(chunks: int) -> bytes:
+    return b"".join(hashlib.sha256(str(i).encode()).digest() * 2048 for i in range(chunks))
+
+
+def test_a_host_process_writing_across_the_failover_loses_no_byte(kept):
+    import subprocess
+
+    bed, s, url = kept
+    path = Path(s.mount) / "stream.bin"
+    chunks = 200  # about 2 s of writing; the crash comes in the middle
+    w = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(chunks)])
+    try:
+        time.sleep(0.5)
+        assert w.poll() is None, "the writer finished before the crash"
+        crash(bed.host, s, "panic")
+        assert w.wait(30) == 0
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    want = hashlib.sha256(expected_writer_output(chunks)).hexdigest()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == want
+
+
+def test_a_write_in_flight_at_the_crash_is_applied_once(kept):
+    bed, s, url = kept
+    path = Path(s.mount) / "log.txt"
+    head = b"first line\n"
+    path.write_bytes(head)
+    tail = os.urandom(3 * 4096 + 100)
+    reply = bed.host.control(s.active, {"cmd": "inject", "fault": "panic", "site": "vfs.write"})
+    assert reply["ok"], reply
+    done = {}
+
+    def append() -> None:
+        # the kernel dies inside this request, after storing its first page; the backup
+        # answers it, re-sent by the host
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            done["n"] = os.write(fd, tail)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=append)
+    t.start()
+    r = check_report(s.on_crash(reply, timeout=30))
+    t.join(30)  # an unanswered request would block it for good (the bed's close ends it)
+    assert not t.is_alive(), "the write in flight at the crash was never answered"
+    assert r.recovered and r.fault == "panic" and done["n"] == len(tail)
+    assert path.read_bytes() == head + tail
+
+
+def pids_running(argv_part: str) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if argv_part.encode() in cmd and b"time.sleep" in cmd:
+                out.append(int(d))
+    return out
+
+
+def wait_for(fn, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not (v := fn()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{fn} still false after {timeout} s")
+        time.sleep(0.05)
+    return v
+
+
+@pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
+def test_a_corrupted_open_file_record_restarts_exactly_its_process(fault):
+    with Testbed(kind="test", delay=False) as bed:
+        port = free_port()
+        s = Orthros(keep_processes=True)
+        mnt = str(bed.host.mountpoint(0))
+        held = os.path.join(mnt, "held.txt")
+        apps = [wsgidav(mnt, port, os.path.join(bed.workdir, "wsgidav.log")), holder(held)]
+        bed.deploy(s, apps)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/")
+        (old_holder,) = wait_for(lambda: pids_running(held))
+        dav = dav_pid(s, url)
+        http("PUT", url + "/page.txt", b"served before")
+        reply = bed.host.control(s.active, {"cmd": "inject", "fault": fault, "target": "open-file"})
+        assert reply["ok"], reply
+        victim = "holder" if "(holder)" in reply["detail"] else "wsgidav"
+        r = check_report(s.on_crash(reply, timeout=30))
+        fates = {p.name: p for p in r.processes}
+        assert fates[victim].fate == "restarted" and "rejected" in fates[victim].reason
+        assert all(p.fate == "preserved" for n, p in fates.items() if n != victim)
+        assert r.process_counts() == {"preserved": 1, "restarted": 1, "lost": 0}
+        (new_holder,) = wait_for(lambda: pids_running(held))
+        assert (new_holder != old_holder) == (victim == "holder")
+        if victim == "wsgidav":
+            wait_http(url + "/")
+        else:
+            assert dav_pid(s, url) == dav and fates["holder"].new_pid == new_holder
+        assert http("GET", url + "/page.txt") == b"served before"
+
+
+def test_a_files_trial_with_keeping_loses_no_write_and_keeps_the_server(tmp_path):
+    from harness import driver
+
+    timing = dict(driver.DEFAULTS, warmup_s=1.0, steady_s=2.0, post_s=2.0)
+    spec = driver.TrialSpec(
+        "orthros", "files", "panic", 0, 1, timing, scheme_options={"keep_processes": True}
+    )
+    rec = driver.run_one(spec, tmp_path)
+    assert rec.get("error") is None and rec["recovered"]
+    assert rec["acked_writes"] > 0 and rec["lost_writes"] == rec["corrupted_writes"] == 0
+    assert rec["recovery"]["first_ok_after_s"] is not None  # the clients were served again
+    kept = [(p["name"], p["fate"]) for p in rec["report"]["processes"]]
+    assert kept == [("wsgidav", "preserved")]
+    assert "process keeping" in rec["phases"] and "IP takeover" not in rec["phases"]  # NIC stays
