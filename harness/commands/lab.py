@@ -241,7 +241,7 @@ def crash_cmd(
     ),
     target: Optional[str] = typer.Option(
         None,
-        help="for wild-write/bit-flip: dirty-page, clean-page, page-descriptor, dirty-inode-list, inode, superblock",
+        help="for wild-write/bit-flip: dirty-page, clean-page, page-descriptor, dirty-inode-list, inode, superblock, crash-kernel",
     ),
     site: Optional[str] = typer.Option(
         None, help="where the fault activates (now, vfs.write, vfs.create, writeback)"

@@ -43,7 +43,12 @@ TARGETS = {
     "dirty-inode-list": "the link of an in-core inode on the dirty-inode list",
     "inode": "an in-core inode's fields",
     "superblock": "the kernel superblock",
+    "crash-kernel": "the crash-kernel image loaded in the partition's reserved area",
 }
+# the kernel's own objects: what a wild write with no target may hit and a campaign covers
+# (a seed's choice stays what it was before the crash-kernel target, which a partition
+# without a loaded crash kernel does not have)
+OBJECT_TARGETS = [t for t in TARGETS if t != "crash-kernel"]
 SITES = {
     "now": "at once, from the control thread",
     "vfs.write": "inside a write request, after its first page was stored",
@@ -106,7 +111,7 @@ class FaultInjector(NoFaults):
         default_site = "vfs.write" if kind == "exception-in-request" else "now"
         f = Fault(kind, target, site or default_site, injected_ns=time.monotonic_ns())
         if kind in ("wild-write", "bit-flip"):
-            f.target = target or self.rng.choice(list(TARGETS))
+            f.target = target or self.rng.choice(OBJECT_TARGETS)
             f.detail = self._corrupt(f)
         elif kind == "fs-corrupt":
             f.detail = self._corrupt_fs()
@@ -165,6 +170,8 @@ class FaultInjector(NoFaults):
         return f"one bit at {off:#x}"
 
     def _corrupt(self, f: Fault) -> str:
+        if f.target == "crash-kernel":
+            return self._corrupt_crash_image(f)
         vfs, lay = self.k.vfs, self.k.lay
         with vfs.lock:
             pc = vfs.pc
@@ -199,6 +206,15 @@ class FaultInjector(NoFaults):
                 start, length = (ICORE_LINKS, 16) if f.target == "dirty-inode-list" else (8, 112)
                 return f"inode {ino}: {self._bytes(f, vfs.ic.phys(ino) + start, length)}"
             return f"kernel superblock: {self._bytes(f, lay.ksuper + 8, 112)}"
+
+    def _corrupt_crash_image(self, f: Fault) -> str:
+        from kernel.core import crashimage
+
+        try:
+            phys, length = crashimage.record_span(self.k.mem, self.k.mlay)
+        except ValueError as e:
+            raise FaultError(str(e)) from None
+        return f"crash-kernel image: {self._bytes(f, phys, length)}"
 
     def _corrupt_fs(self) -> str:
         vfs = self.k.vfs
