@@ -80,6 +80,9 @@ def test_every_acknowledged_dirty_page_survives_and_reaches_the_disk(otherworld,
         "first service",
     ]
     assert digests(mount(host), files) == files
+    assert any(
+        n.startswith("process resurrection: not yet, applications restarted") for n in r.notes
+    )
     # the adopted dirty pages reach the disk: a clean shutdown, fsck, a fresh kernel reads them
     assert host.stop(0) == 0
     assert fsck(str(host.disk_image())).exit_code == 0

@@ -151,7 +151,7 @@ def up_cmd(
     ),
     scheme: str = typer.Option(
         "none",
-        help="recovery scheme: none (record the outage, recover nothing), reboot, warmcache or orthros (see `crashbench list`)",
+        help="recovery scheme: none (record the outage, recover nothing), reboot, warmcache, orthros or otherworld (see `crashbench list`)",
     ),
     workdir: Path = typer.Option(
         DEFAULT_WORKDIR, help="where the lab keeps memory, disk, mount, logs, state"

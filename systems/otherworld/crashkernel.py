@@ -120,10 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if specs:
             k.start_apps(specs, args.netns)
             r.phase("app restart", t)
-            r.notes.append(
-                f"process resurrection: not yet, applications restarted ({len(specs)} started "
-                "afresh)"
-            )
+        r.notes.append(
+            f"process resurrection: not yet, applications restarted ({len(specs)} started afresh)"
+        )
         nxt = crashimage.load(k.mem, k.mlay, image.params, image.generation + 1)
         r.notes.append(f"crash-kernel image generation {nxt.generation} loaded for the next crash")
         notify_ready(args.ready_fd)
