@@ -137,8 +137,8 @@ class Otherworld(Reboot):
         self.images_refused += 1
         r.rejected.append(why)
         r.notes.append(
-            f"crash kernel refused ({self.images_refused} so far): the machine fell back "
-            "to a plain reboot"
+            f"crash kernel refused ({why}; {self.images_refused} so far): the machine fell "
+            "back to a plain reboot"
         )
         r = self._reboot(r)
         self._load_image(0)
