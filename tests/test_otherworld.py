@@ -130,6 +130,27 @@ def test_a_corrupted_crash_kernel_image_is_refused_and_the_machine_reboots(other
 
 
 @pytest.mark.root
+def test_the_crash_kernel_spends_the_profiles_kernel_boot_and_a_fallback_the_firmware_too(
+    tmp_path,
+):
+    from tests.test_machine import PROFILE
+    from tests.test_machine import write as write_machine
+
+    m = write_machine(tmp_path, PROFILE.replace("firmware_s = 1.5", "firmware_s = 0.3"))
+    m.write_text(m.read_text().replace("kernel_boot_s = 2", "kernel_boot_s = 0.2"))
+    with Testbed(kind="test", delay=False, machine_file=str(m)) as bed:
+        s = Otherworld()
+        bed.deploy(s)
+        r = crash(bed.host, s, "panic")
+        modeled = {p.name: p.seconds for p in r.phases if p.modeled}
+        assert list(modeled) == ["kernel boot"] and modeled["kernel boot"] >= 0.2
+        assert r.recovered and "cache migration" in [p.name for p in r.phases]
+        r = crash(bed.host, s, "wild-write", target="crash-kernel")
+        modeled = {p.name: p.seconds for p in r.phases if p.modeled}
+        assert list(modeled) == ["firmware", "kernel boot"] and modeled["firmware"] >= 0.3
+
+
+@pytest.mark.root
 def test_a_partition_without_a_crash_kernel_has_no_image_to_corrupt():
     with Testbed(kind="test", delay=False) as bed:
         bed.deploy(Reboot())

@@ -7,7 +7,9 @@ into partition 0's reserved crash-kernel area. No standby process, no second cor
 watcher of its own: the machine's watchdog (systems/detect.py, as `reboot` has) is the only
 observer. On a failure (a dying message, or the heartbeat stopped: a hang or a kill) the
 watchdog checks the image (phase ``image check``), fences the dead kernel and its apps, and
-starts the crash kernel from the image on the same partition and CPU
+starts the crash kernel from the image on the same partition and CPU (after the
+machine profile's kernel boot time, modeled; not its firmware time: nothing resets the
+machine)
 (systems/otherworld/crashkernel.py): it walks the dead kernel's memory, adopts the file
 cache in place, dirty pages included, mounts + replays, restarts the applications afresh
 (process resurrection: not yet), loads a fresh image and serves as the main kernel, so a
@@ -90,6 +92,9 @@ class Otherworld(Reboot):
         self._fence()
         r.phase("fence", t)
         before = _count_processes(self.host)
+        # the crash kernel boots as a kernel does, without the firmware: the machine profile's
+        # kernel boot time is spent where real hardware spends it (none without a profile)
+        self._modeled(r, "kernel boot", self.kernel_boot_s)
         try:
             self._start_crash_kernel(r, image)
         except BootError as e:
