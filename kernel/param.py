@@ -10,6 +10,7 @@ BLOCK_SIZE = PAGE_SIZE
 # --- physical memory layout (kernel/hw/physmem.py) ---
 ICORE_SLOTS = 65536  # in-core inode objects per partition
 PROC_SLOTS = 64  # process-table entries per partition
+CRASHK_BYTES = 4096  # reserved per partition for a loaded crash kernel's image record
 PROC_ENTRY_BYTES = 256  # one process-table entry
 STATE_SLOTS = 16  # runtime-aware processes with a state segment, per partition
 PROC_STATE_BYTES = 1 << 19  # state segment of one runtime-aware process (512 KiB)

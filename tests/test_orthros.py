@@ -200,8 +200,8 @@ def test_runtime_aware_process_migrates_with_its_state_and_apps_restart():
 def adopted(tmp_path):
     """A kernel that cached a file's pages (clean, on disk) and died; a new kernel on the same
     memory and disk that adopted them unchecked. Yields (old vfs, new vfs, ino, data)."""
+    from kernel.core.cachewalk import collect
     from kernel.core.vfs import VFS
-    from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
 
     st = Stack(tmp_path, write_cache=False)
@@ -246,8 +246,8 @@ def adopted_dirty(tmp_path):
     """A kernel that wrote a file (v1, 16 pages, on disk), dropped the clean pages from its
     cache, then rewrote pages 4-7 (v2, dirty, never synced) and died; a new kernel that
     adopted them unchecked. Yields (stack, old vfs, new vfs, ino, what the file must read)."""
+    from kernel.core.cachewalk import collect
     from kernel.core.vfs import VFS
-    from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
 
     st = Stack(tmp_path, write_cache=False)
@@ -322,8 +322,8 @@ def test_a_lost_page_is_eio_until_overwritten_whole_or_truncated(adopted_dirty):
 def test_a_lost_in_core_inode_with_dirty_pages_reads_as_eio_not_size_0(tmp_path):
     """The in-core inode of a file with unsynced data is corrupted (its dirty-inode list
     links): its pages are homeless and its size unknown; the file reads as EIO, named."""
+    from kernel.core.cachewalk import collect
     from kernel.core.vfs import VFS
-    from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
 
     st = Stack(tmp_path, write_cache=False)
@@ -426,9 +426,9 @@ def test_adopted_dirty_inodes_keep_their_age_and_are_written_back_on_schedule(tm
     longer than DIRTY_EXPIRE_S ago is written back by the new kernel's first flusher pass,
     without an fsync; one dirtied just now is not."""
     from kernel import param
+    from kernel.core.cachewalk import collect
     from kernel.core.icache import F
     from kernel.core.vfs import VFS
-    from systems.orthros.adopt import collect
     from tests.stack import MEM, Stack
 
     st = Stack(tmp_path, write_cache=False)

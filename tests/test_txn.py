@@ -7,12 +7,13 @@ import random
 
 import pytest
 
+from kernel.core.cachewalk import collect
 from kernel.core.faults import NoFaults
 from kernel.core.vfs import VFS
 from kernel.tools.fsck import fsck
+from kernel.tools.txncomplete import complete_transaction
+from systems.adoption import report_transaction
 from systems.base import RecoveryReport
-from systems.orthros.adopt import collect, complete_transaction
-from systems.orthros.backup import report_transaction
 from tests.stack import MEM, Stack
 
 PAGE = 4096

@@ -1,7 +1,8 @@
 """The plan of a campaign: which faults, in which order, each with an id and a seed.
 
 Promises to the campaign command and to replay: ``cells(kinds)`` lists every place a fault
-kind can be put — wild-write and bit-flip into each ``TARGETS`` object (activated at once),
+kind can be put — wild-write and bit-flip into each ``OBJECT_TARGETS`` object (the kernel's own, not a
+scheme's crash-kernel image; activated at once),
 the other kinds at each ``SITES`` site where they make sense — and ``plan`` draws
 ``per_scheme`` faults per scheme by going round the cells (repetition r of a cell is its
 r-th round), interleaved across schemes so drift of a shared machine hits every scheme
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
-from kernel.core.faults import FAULTS, SITES, TARGETS
+from kernel.core.faults import FAULTS, OBJECT_TARGETS, SITES
 
 MEMORY_FAULTS = ("wild-write", "bit-flip")
 # "now" is not inside a request, so an exception in a request needs a request's site
@@ -99,7 +100,7 @@ def cells(kinds: list[str], sites: list[str] | None = None) -> list[Cell]:
     out = []
     for k in kinds:
         if k in MEMORY_FAULTS:
-            out += [Cell(k, target=t, site="now") for t in TARGETS]
+            out += [Cell(k, target=t, site="now") for t in OBJECT_TARGETS]
         else:
             out += [Cell(k, site=s) for s in SITES_OF.get(k, tuple(SITES))]
     out = [c for c in out if sites is None or c.site in sites]

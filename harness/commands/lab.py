@@ -151,7 +151,7 @@ def up_cmd(
     ),
     scheme: str = typer.Option(
         "none",
-        help="recovery scheme: none (record the outage, recover nothing), reboot, warmcache or orthros (see `crashbench list`)",
+        help="recovery scheme: none (record the outage, recover nothing), reboot, warmcache, orthros or otherworld (see `crashbench list`)",
     ),
     workdir: Path = typer.Option(
         DEFAULT_WORKDIR, help="where the lab keeps memory, disk, mount, logs, state"
@@ -242,7 +242,8 @@ def crash_cmd(
     target: Optional[str] = typer.Option(
         None,
         help="for wild-write/bit-flip: dirty-page, clean-page, page-descriptor, dirty-inode-list, "
-        "inode, superblock, open-file (a kernel that keeps its processes)",
+        "inode, superblock, open-file (a kernel that keeps its processes), crash-kernel "
+        "(a partition with a loaded crash kernel)",
     ),
     site: Optional[str] = typer.Option(
         None, help="where the fault activates (now, vfs.write, vfs.create, writeback)"

@@ -6,7 +6,7 @@ the partition's page cache, flagged META and never reclaimed. A block written du
 operation is dirty — on the block device inode's dirty chain, so a backup kernel can find the
 running transaction in raw memory — until the journal has committed it (``settle``).
 
-Promises to a backup kernel (systems/orthros/adopt.py): while an operation is in progress
+Promises to a backup kernel (kernel/core/cachewalk.py): while an operation is in progress
 (the kernel superblock's ``handles_open``), every metadata block it has written or freed
 has its content from before the operation in the **undo record**: a frame lent by the page
 cache whose descriptor names (UNDO_INO, block), META, with the copy's checksum. The first

@@ -44,14 +44,19 @@ TARGETS = {
     "dirty-inode-list": "the link of an in-core inode on the dirty-inode list",
     "inode": "an in-core inode's fields",
     "superblock": "the kernel superblock",
+    "crash-kernel": "the crash-kernel image loaded in the partition's reserved area",
 }
 # Targets in what a kernel keeps of its processes: only a kernel that records its apps'
 # open files (one whose processes are kept, kernel/core/proc.py) has them, so a campaign's
-# cells and a random target are drawn from TARGETS alone.
+# cells and a random target are drawn from OBJECT_TARGETS alone.
 PROCESS_TARGETS = {
     "open-file": "an open-file record in the process table (the holder's entry fails its check)",
 }
 ALL_TARGETS = TARGETS | PROCESS_TARGETS
+# the kernel's own objects: what a wild write with no target may hit and a campaign covers
+# (a seed's choice stays what it was before the crash-kernel target, which a partition
+# without a loaded crash kernel does not have)
+OBJECT_TARGETS = [t for t in TARGETS if t != "crash-kernel"]
 SITES = {
     "now": "at once, from the control thread",
     "vfs.write": "inside a write request, after its first page was stored",
@@ -114,7 +119,7 @@ class FaultInjector(NoFaults):
         default_site = "vfs.write" if kind == "exception-in-request" else "now"
         f = Fault(kind, target, site or default_site, injected_ns=time.monotonic_ns())
         if kind in ("wild-write", "bit-flip"):
-            f.target = target or self.rng.choice(list(TARGETS))
+            f.target = target or self.rng.choice(OBJECT_TARGETS)
             f.detail = self._corrupt(f)
         elif kind == "fs-corrupt":
             f.detail = self._corrupt_fs()
@@ -175,6 +180,8 @@ class FaultInjector(NoFaults):
     def _corrupt(self, f: Fault) -> str:
         if f.target == "open-file":
             return self._corrupt_open_file(f)
+        if f.target == "crash-kernel":
+            return self._corrupt_crash_image(f)
         vfs, lay = self.k.vfs, self.k.lay
         with vfs.lock:
             pc = vfs.pc
@@ -216,6 +223,15 @@ class FaultInjector(NoFaults):
             raise FaultError("no open-file record to corrupt (no app holds a file open)")
         pid, name, phys = self.rng.choice(records)
         return f"open file of process {pid} ({name}): {self._bytes(f, phys, 16)}"
+
+    def _corrupt_crash_image(self, f: Fault) -> str:
+        from kernel.core import crashimage
+
+        try:
+            phys, length = crashimage.record_span(self.k.mem, self.k.mlay)
+        except ValueError as e:
+            raise FaultError(str(e)) from None
+        return f"crash-kernel image: {self._bytes(f, phys, length)}"
 
     def _corrupt_fs(self) -> str:
         vfs = self.k.vfs

@@ -85,7 +85,17 @@ class PartitionReader:
     # --- objects ---------------------------------------------------------------------------
     def header(self) -> dict:
         h = PART_HEADER.decode(self.buf, self.lay.base)
-        for k in ("base", "size", "ksuper", "icore", "desc", "frames", "nframes", "n_icore"):
+        for k in (
+            "base",
+            "size",
+            "ksuper",
+            "crashk",
+            "icore",
+            "desc",
+            "frames",
+            "nframes",
+            "n_icore",
+        ):
             if h[k] != getattr(self.lay, k):
                 raise CorruptObject(
                     PART_HEADER.kind,

@@ -25,7 +25,7 @@ so a second crash in that window finds it as the first did.
   descriptor is sound and its frame is not (the descriptor names it); when the descriptor
   itself is unsound its (inode, index) cannot be trusted, and the inode it claims loses its
   whole file (``Lost.files``), as does an inode whose in-core object was lost with dirty
-  pages or which counted more dirty pages than were found (systems/orthros/adopt.py).
+  pages or which counted more dirty pages than were found (kernel/core/cachewalk.py).
   A lost page reads as EIO until a write covers it whole or a truncation drops it; a write
   into part of it is EIO too. A lost file reads as EIO, and a write needing a page from the
   disk is EIO, until it is truncated to size 0.

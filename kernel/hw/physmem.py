@@ -23,7 +23,9 @@ Partition layout (offsets from the partition's base; every area page-aligned)::
     +0        partition header   1 page   magic PART, geometry, area offsets
     +4K       heartbeat mailbox  1 page   (kernel/core/kernel.py)
     +8K       kernel superblock  1 page   dirty-inode list head, journal state
-    +12K      process table      PROC_SLOTS x PROC_ENTRY_BYTES
+    +12K      crash-kernel area  CRASHK_BYTES  reserved: a loaded crash kernel's image record
+                                         (kernel/core/crashimage.py; zeros when none is loaded)
+    ...       process table      PROC_SLOTS x PROC_ENTRY_BYTES
     ...       state segments     STATE_SLOTS x PROC_STATE_BYTES (runtime-aware processes)
     ...       in-core inodes     ICORE_SLOTS x 128 B  (slot 0: the block device's inode)
     ...       page descriptors   nframes x 64 B
@@ -158,7 +160,7 @@ class Layout:
 PART_HEADER = Layout(
     "partition header",
     "PART",
-    1,
+    2,
     [
         ("part_id", "I"),
         ("pad", "I"),
@@ -175,6 +177,7 @@ PART_HEADER = Layout(
         ("nframes", "Q"),
         ("state", "Q"),
         ("n_state", "Q"),
+        ("crashk", "Q"),
     ],
     144,
 )
@@ -262,6 +265,7 @@ class PartLayout:
     n_proc: int
     n_icore: int
     nframes: int
+    crashk: int  # the reserved crash-kernel area (param.CRASHK_BYTES)
 
     def frame_phys(self, frame: int) -> int:
         return self.frames + frame * PAGE
@@ -292,7 +296,8 @@ def partition_layout(
     n_icore: int = param.ICORE_SLOTS,
     n_proc: int = param.PROC_SLOTS,
 ) -> PartLayout:
-    mailbox, ksuper, proc = base + PAGE, base + 2 * PAGE, base + 3 * PAGE
+    mailbox, ksuper, crashk = base + PAGE, base + 2 * PAGE, base + 3 * PAGE
+    proc = _align(crashk + param.CRASHK_BYTES)
     state = _align(proc + n_proc * param.PROC_ENTRY_BYTES)
     n_state = param.STATE_SLOTS
     icore = _align(state + n_state * param.PROC_STATE_BYTES)
@@ -320,6 +325,7 @@ def partition_layout(
         n_proc,
         n_icore,
         nframes,
+        crashk,
     )
 
 

@@ -1,7 +1,7 @@
 """Checking a journal transaction before it is committed: would fsck reject the result?
 
 Promises to a kernel that commits metadata it did not write itself (the Orthros backup
-completing a dead kernel's running transaction, systems/orthros/adopt.py):
+completing a dead kernel's running transaction, kernel/tools/txncomplete.py):
 ``check_transaction(read, dev_blocks, blocks)`` compares the disk as it is (``read``, after
 journal replay) with the disk as it would be with ``blocks`` overlaid and returns one
 ``Problem`` per thing fsck (kernel/tools/fsck.py, whose checks it reuses) would reject — an empty

@@ -57,9 +57,12 @@ class Reboot(RecoveryScheme):
         """After the fence, before the new kernel boots: a variant's own phase."""
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
-        host = self.host
         f = self.watcher.wait(timeout)
-        r = RecoveryReport.after(self.name, f, fault)
+        return self._reboot(RecoveryReport.after(self.name, f, fault))
+
+    def _reboot(self, r: RecoveryReport) -> RecoveryReport:
+        """Fence, the modeled firmware and kernel boot, a fresh kernel: into ``r``."""
+        host = self.host
         t = time.monotonic()
         self._fence()
         r.phase("fence", t)

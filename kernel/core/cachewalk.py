@@ -1,18 +1,18 @@
-"""File-cache migration: what a backup kernel takes from a dead kernel's memory.
+"""Cache walk: what a recovering kernel takes from a dead kernel's memory.
 
-Promises to the Orthros takeover: ``collect`` walks the dead kernel's superblock, dirty-inode
-list, in-core inodes and page descriptors out of raw memory (kernel/core/memreader.py: every
-object and pointer checked, lists checked for loops, a broken link costing only its own
-object) and returns the pages to adopt: the file pages as a table to be checked on first
-use or in the background (kernel/core/pageadopt.py ``Unchecked``: descriptor and content
-checksums, before a byte is served or written back), the few that do not fit that table
-checked now — plus the dead kernel's running journal transaction (its metadata pages
-checked now), with the operation in progress undone from its undo record
-(kernel/core/bufcache.py). ``complete_transaction`` commits it only if fsck would accept the
-result (kernel/tools/txncheck.py), an inode that explains a problem put back as on the disk.
-What fails a check is counted and described, and never served or written to disk; a dirty
-page that fails, or whose inode is lost, is recorded as lost (kernel/core/pageadopt.py ``Lost``)
-so it reads as EIO, never as stale data.
+Promises to every scheme that adopts a dead kernel's file cache (the Orthros backup on
+another partition, the Otherworld crash kernel on the same one): ``collect`` walks the dead
+kernel's superblock, dirty-inode list, in-core inodes and page descriptors out of raw memory
+(kernel/core/memreader.py: every object and pointer checked, lists checked for loops, a
+broken link costing only its own object) and returns the pages to adopt: the file pages as a
+table to be checked on first use or in the background (kernel/core/pageadopt.py
+``Unchecked``: descriptor and content checksums, before a byte is served or written back),
+the few that do not fit that table checked now — plus the dead kernel's running journal
+transaction (its metadata pages checked now), with the operation in progress undone from its
+undo record (kernel/core/bufcache.py), for kernel/tools/txncomplete.py to commit. What fails
+a check is counted and described, and never served or written to disk; a dirty page that
+fails, or whose inode is lost, is recorded as lost (kernel/core/pageadopt.py ``Lost``) so it
+reads as EIO, never as stale data. It reads memory only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from kernel.core.icache import BDEV_INO
 from kernel.core.memreader import PartitionReader, check_pages, page_problem
 from kernel.core.pageadopt import Adopted, Lost, Unchecked
 from kernel.hw.physmem import PAGE_DESC, PG_DIRTY, PG_META, PG_VALID, CorruptObject, PhysMem
-from kernel.tools.txncheck import check_transaction
 
 
 @dataclass
@@ -209,72 +208,3 @@ def _pages(r: PartitionReader, dirty_inodes: set[int], rejected: list, check, lo
         claimed,
         ino[file_dirty].astype(np.int64),
     )
-
-
-@dataclass
-class Completion:
-    """What became of the dead kernel's running transaction."""
-
-    committed: int = 0  # metadata blocks committed
-    refused: list[str] = field(default_factory=list)  # what fsck would have rejected
-    reverted: list[int] = field(default_factory=list)  # inodes put back as on the disk
-    rejected_blocks: int = 0  # blocks not committed as adopted
-
-
-def complete_transaction(dev, blocks: dict[int, bytes]) -> Completion:
-    """Commit the dead kernel's running transaction on its disk, as the dead kernel would
-    have at its next commit, before the file system is mounted: replay what the log holds,
-    check the adopted metadata blocks against the disk (kernel/tools/txncheck.py), commit them as
-    one more transaction if fsck would accept the result, write it home. When what fsck
-    would reject comes from changed inodes only, those inodes are put back as the disk
-    has them and the rest is committed if it then passes; otherwise nothing is."""
-    from kernel.core.disklayout import SB_BLOCK, Superblock
-    from kernel.core.journal import Journal
-
-    if not blocks:
-        return Completion()
-    sb = Superblock.unpack(dev.read(SB_BLOCK), dev.path)
-    js, jl = sb.journal_start, sb.journal_len
-    j = Journal(
-        dev, js, jl, sb.csum_seed, home_ok=lambda b: 0 < b < sb.nblocks and not js <= b < js + jl
-    )
-    j.replay()
-    outside = [b for b in blocks if not (0 < b < sb.nblocks) or js <= b < js + jl]
-    if outside:
-        return Completion(
-            refused=[f"block {outside[0]} of the running transaction is outside the file system"],
-            rejected_blocks=len(blocks),
-        )
-    blocks = dict(blocks)
-    problems = check_transaction(dev.read, dev.nblocks, blocks)
-    done = Completion(refused=[str(p) for p in problems])
-    if problems and all(p.ino for p in problems):
-        done.reverted = sorted({p.ino for p in problems})
-        done.rejected_blocks = _revert_inodes(dev, sb, blocks, done.reverted)
-        if check_transaction(dev.read, dev.nblocks, blocks):
-            done.rejected_blocks, done.reverted = len(blocks), []
-            return done
-    elif problems:
-        done.rejected_blocks = len(blocks)
-        return done
-    j.commit(blocks)
-    j.checkpoint()
-    done.committed = len(blocks)
-    return done
-
-
-def _revert_inodes(dev, sb, blocks: dict[int, bytes], inos: list[int]) -> int:
-    """Put inodes back in the transaction's inode-table blocks as the disk has them; the
-    number of blocks changed."""
-    from kernel.core.disklayout import INODES_PER_BLOCK
-    from kernel.param import INODE_SIZE as size
-
-    touched = set()
-    for ino in inos:
-        b, off = sb.inode_start + ino // INODES_PER_BLOCK, (ino % INODES_PER_BLOCK) * size
-        if b in blocks:
-            buf = bytearray(blocks[b])
-            buf[off : off + size] = dev.read(b)[off : off + size]
-            blocks[b] = bytes(buf)
-            touched.add(b)
-    return len(touched)
