@@ -4,7 +4,9 @@ Promises to the schemes that adopt a dead kernel's page cache (the Orthros backu
 partition, the Otherworld crash kernel on the same one): ``take_disk`` takes the dead
 kernel's disk once its exclusive lock is released (only a dead owner releases it);
 ``drop_orphans`` drops, and counts, adopted dirty pages of a file the disk does not have;
-``report_transaction`` puts what became of the dead kernel's running transaction into the
+``report_adoption`` puts the adoption's counts into the report (pages before and
+recovered, rejected objects with their reasons, dirty pages of files never created) and
+``report_transaction`` what became of the dead kernel's running transaction into the
 report (every refusal with its reason); ``check_rest`` checks, after first service, the
 adopted pages no request has used yet and counts them all; ``report_lost`` names every page
 (or file) whose unsynced data was lost and now reads as EIO.
@@ -35,6 +37,30 @@ def take_disk(k, names: list[str], delay: bool) -> BlockDevice:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.0005)
+
+
+def report_adoption(r: RecoveryReport, harvest, txn, lost: int) -> None:
+    """The cache figures of an adoption: ``harvest`` as the memory walk found it, ``txn``
+    the running transaction's completion, ``lost`` adopted dirty pages whose file the disk
+    does not have."""
+    a, c = harvest.adopted, r.cache
+    c.pages_before, c.dirty_pages_before = harvest.pages_before, harvest.dirty_before
+    c.pages_recovered = len(a.frames)
+    c.dirty_pages_recovered = harvest.n_dirty - lost
+    c.pages_rejected = sum(
+        1 for e in harvest.rejected if e.kind in ("page frame", "page descriptor")
+    )
+    r.rejected += [str(e) for e in harvest.rejected]
+    if a.unchecked is not None and a.unchecked.left:
+        r.notes.append(
+            f"{a.unchecked.left} pages ({a.unchecked.left_dirty} dirty) adopted unchecked, "
+            "each checked on first use or after first service"
+        )
+    if harvest.txn_refused:
+        r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
+    report_transaction(r, txn, harvest.undone)
+    if lost:
+        r.notes.append(f"{lost} dirty pages belonged to files whose creation was never committed")
 
 
 def report_transaction(r: RecoveryReport, txn, undone: int) -> None:

@@ -49,8 +49,8 @@ from kernel.tools.txncomplete import complete_transaction
 from systems.adoption import (
     check_rest,
     drop_orphans,
+    report_adoption,
     report_lost,
-    report_transaction,
     take_disk,
 )
 from systems.base import RecoveryReport
@@ -241,32 +241,12 @@ def takeover(
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
     unmounting.wait()  # the mount point is free for the new mount
     r.phase("mount + replay", t)
-    a = harvest.adopted
-    r.cache.pages_before, r.cache.dirty_pages_before = harvest.pages_before, harvest.dirty_before
-    r.cache.pages_recovered = len(a.frames)
-    r.cache.dirty_pages_recovered = harvest.n_dirty - lost
-    r.cache.pages_rejected = sum(
-        1 for e in harvest.rejected if e.kind in ("page frame", "page descriptor")
-    )
-    r.rejected = [str(e) for e in harvest.rejected]
-    if a.unchecked is not None and a.unchecked.left:
-        r.notes.append(
-            f"{a.unchecked.left} pages ({a.unchecked.left_dirty} dirty) adopted unchecked, "
-            "each checked on first use or after first service"
-        )
-    if harvest.txn_refused:
-        r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
-    report_transaction(r, txn, harvest.undone)
-    if lost + lost_unchecked:
-        r.notes.append(
-            f"{lost + lost_unchecked} dirty pages belonged to files "
-            "whose creation was never committed"
-        )
+    report_adoption(r, harvest, txn, lost + lost_unchecked)
     if net is not None and not args.keep_apps:  # kept apps keep the NIC beside them
         t = time.monotonic()
         net.move_to(k.part.id)
         r.phase("IP takeover", t)
-    return r, vfs, a.unchecked
+    return r, vfs, harvest.adopted.unchecked
 
 
 def _nothing() -> None:

@@ -34,7 +34,7 @@ from kernel.hw import machine as machine_mod
 from kernel.hw import mailbox
 from kernel.hw.physmem import CorruptObject
 from kernel.tools.txncomplete import complete_transaction
-from systems.adoption import check_rest, drop_orphans, report_lost, report_transaction, take_disk
+from systems.adoption import check_rest, drop_orphans, report_adoption, report_lost, take_disk
 from systems.base import RecoveryReport
 
 log = logging.getLogger("crashkernel")
@@ -63,24 +63,8 @@ def adopt(k: Kernel, r: RecoveryReport, delay: bool):
     vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=",".join(devices))
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
     r.phase("mount + replay", t)
-    a = harvest.adopted
-    c = r.cache
-    c.pages_before, c.dirty_pages_before = harvest.pages_before, harvest.dirty_before
-    c.pages_recovered = len(a.frames)
-    c.dirty_pages_recovered = harvest.n_dirty - lost
-    c.pages_rejected = sum(
-        1 for e in harvest.rejected if e.kind in ("page frame", "page descriptor")
-    )
-    r.rejected += [str(e) for e in harvest.rejected]
-    if harvest.txn_refused:
-        r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
-    report_transaction(r, txn, harvest.undone)
-    if lost + lost_unchecked:
-        r.notes.append(
-            f"{lost + lost_unchecked} dirty pages belonged to files "
-            "whose creation was never committed"
-        )
-    return vfs, a.unchecked
+    report_adoption(r, harvest, txn, lost + lost_unchecked)
+    return vfs, harvest.adopted.unchecked
 
 
 def idle_check(k: Kernel, frames):
