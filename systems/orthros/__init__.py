@@ -12,7 +12,7 @@ crash is survived too.
 and with the same pid: the host holds a copy of the FUSE connection (kernel/hw/host.py
 ``hold_connection``), so the kernel's death does not end it and the applications' requests
 wait; the backup resumes the same connection and continues the processes
-(systems/orthros/keep.py). The report says what became of each one (``processes``).
+(systems/keep.py). The report says what became of each one (``processes``).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from kernel.hw import machine as machine_mod
 from kernel.hw.physmem import CorruptObject, partition_layout
 from kernel.hw.procset import fence_partition
 from kernel.tools.txncomplete import complete_transaction
+from systems import keep
 from systems.adoption import (
     check_rest,
     drop_orphans,
@@ -55,7 +56,6 @@ from systems.adoption import (
 )
 from systems.base import RecoveryReport
 from systems.detect import Failure
-from systems.orthros import keep
 from systems.orthros.checker import Checker
 from systems.procmigrate import restart_processes
 

@@ -1,7 +1,8 @@
 """Keeping the dead kernel's processes: the backup continues them, same pid, unmodified.
 
-Promises to the backup kernel (systems/orthros/backup.py) when orthros keeps processes
-(``Orthros(keep_processes=True)``):
+Promises to a kernel that takes over a dead kernel's processes (the orthros backup,
+systems/orthros/backup.py, when orthros keeps processes: ``Orthros(keep_processes=True)``;
+the layer is shared so that other schemes resurrect processes with the same code):
 
 * ``Connection.take(pid, fd, workdir)``, in standby: a copy of the FUSE connection the
   host holds (kernel/hw/fusedev.py ``duplicate``) and the parameters the active kernel
