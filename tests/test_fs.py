@@ -504,7 +504,7 @@ def test_orphans_are_freed_at_mount(m):
 
 def test_txn_state_is_reported(img):
     seen = []
-    mm = Mounted(img, on_txn_state=lambda tid, handles: seen.append((tid, handles)))
+    mm = Mounted(img, on_txn_state=lambda tid, handles, _gen: seen.append((tid, handles)))
     fs = mm.fs
     tid0 = fs.journal.next_tid
     seen.clear()

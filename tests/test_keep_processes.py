@@ -172,6 +172,64 @@ def test_a_write_in_flight_at_the_crash_is_applied_once(kept):
     assert path.read_bytes() == head + tail
 
 
+def crash_inside(bed, s, site: str, request):
+    """Panic the kernel at ``site`` inside ``request`` (run by a thread, as by an
+    application); the request's outcome (its result or its exception) and the report."""
+    reply = bed.host.control(s.active, {"cmd": "inject", "fault": "panic", "site": site})
+    assert reply["ok"], reply
+    done = {}
+
+    def run() -> None:
+        try:
+            done["result"] = request()
+        except OSError as e:
+            done["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    r = check_report(s.on_crash(reply, timeout=30))
+    t.join(30)
+    assert not t.is_alive(), f"the request in flight at the crash ({site}) was never answered"
+    assert r.recovered and r.fault == "panic"
+    return done, r
+
+
+def inflight_note(r) -> str:
+    return next(n for n in r.notes if n.startswith("in-flight requests"))
+
+
+@pytest.mark.parametrize(
+    "site, answered",
+    [("fuse.reply", 1), ("vfs.create", 0)],  # applied and recorded / undone with its operation
+)
+def test_an_exclusive_create_in_flight_at_the_crash_is_answered_once(kept, site, answered):
+    bed, s, url = kept
+    path = Path(s.mount) / "lockfile"
+
+    def create() -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            return os.write(fd, b"held")
+        finally:
+            os.close(fd)
+
+    done, r = crash_inside(bed, s, site, create)
+    assert done == {"result": 4}, done  # not EEXIST: the create was not made twice
+    assert path.read_bytes() == b"held"
+    assert os.listdir(s.mount).count("lockfile") == 1
+    assert inflight_note(r).startswith(f"in-flight requests: {answered} answered")
+
+
+def test_a_rename_in_flight_at_the_crash_is_answered_once(kept):
+    bed, s, url = kept
+    old, new = Path(s.mount) / "draft.txt", Path(s.mount) / "final.txt"
+    old.write_bytes(b"the text")
+    done, r = crash_inside(bed, s, "fuse.reply", lambda: os.rename(old, new))
+    assert done == {"result": None}, done  # not ENOENT: the rename was not made twice
+    assert not old.exists() and new.read_bytes() == b"the text"
+    assert inflight_note(r).startswith("in-flight requests: 1 answered")
+
+
 def pids_running(argv_part: str) -> list[int]:
     out = []
     for d in os.listdir("/proc"):

@@ -543,7 +543,7 @@ def test_proc_table_round_trip_from_a_second_mapping(mem, tmp_path):
     s_editor = tab.register(editor, state_slot=ss)
     s_web = tab.register(web)
     assert tab.record_open(4242, 17, os.O_RDWR)
-    assert tab.record_open(4242, 17, os.O_RDWR)  # same file twice: two references
+    assert tab.record_open(4242, 17, os.O_RDWR)  # same handle twice: two references
     assert tab.record_open(4242, 18, os.O_RDONLY)
     assert tab.record_open(4343, 99, os.O_WRONLY | os.O_APPEND)
     assert tab.record_close(4242, 18)
@@ -565,10 +565,10 @@ def test_proc_table_round_trip_from_a_second_mapping(mem, tmp_path):
     assert e["flags"] == PF_USED | PF_RUNTIME_AWARE and e["runtime_aware"]
     assert e["state_phys"] == lay.state_phys(ss)
     assert e["argv_hash"] == editor.spec.argv_hash() != web.spec.argv_hash()
-    assert e["files"] == [{"ino": 17, "oflags": os.O_RDWR, "refs": 2}]
+    assert e["files"] == [{"fh": 17, "ino": 17, "oflags": os.O_RDWR, "refs": 2}]
     w = by["web"]
     assert (w["slot"], w["state_slot"], w["runtime_aware"]) == (s_web, None, False)
-    assert w["files"] == [{"ino": 99, "oflags": os.O_WRONLY | os.O_APPEND, "refs": 1}]
+    assert w["files"] == [{"fh": 99, "ino": 99, "oflags": os.O_WRONLY | os.O_APPEND, "refs": 1}]
     assert sorted(tab.entries(), key=lambda x: x["slot"]) == sorted(
         entries, key=lambda x: x["slot"]
     )
@@ -606,10 +606,10 @@ def test_opens_by_a_thread_count_for_its_process(mem):
     finally:
         done.set()
         t.join()
-    assert tab.entries()[0]["files"] == [{"ino": 5, "oflags": 0, "refs": 1}]
+    assert tab.entries()[0]["files"] == [{"fh": 5, "ino": 5, "oflags": 0, "refs": 1}]
 
 
-def test_a_release_without_a_pid_closes_the_record_of_its_inode(mem):
+def test_a_release_without_a_pid_closes_the_record_of_its_handle(mem):
     # the host sends FUSE RELEASE without credentials: pid 0
     lay = partition_layout(0, 0, SIZE)
     tab = ProcTable(mem, lay, keep_apps=True)
@@ -618,7 +618,26 @@ def test_a_release_without_a_pid_closes_the_record_of_its_inode(mem):
     tab.opened(7, 41, os.O_RDONLY)
     tab.released(0, 40)
     (e,), _ = read_proc_table(mem, lay)
-    assert e["files"] == [{"ino": 41, "oflags": os.O_RDONLY, "refs": 1}]
+    assert e["files"] == [{"fh": 41, "ino": 41, "oflags": os.O_RDONLY, "refs": 1}]
+
+
+def test_a_release_without_a_pid_closes_the_right_holder_of_a_shared_inode(mem):
+    # two processes hold inode 40 open, each through its own handle (open id in the high
+    # half); the second's release comes from a kernel thread, pid 0, after it exited
+    lay = partition_layout(0, 0, SIZE)
+    tab = ProcTable(mem, lay, keep_apps=True)
+    tab.register(fake_app(7, "first"))
+    tab.register(fake_app(8, "second"))
+    first, second = 1 << 32 | 40, 2 << 32 | 40
+    tab.opened(7, first, os.O_RDONLY)
+    tab.opened(8, second, os.O_RDONLY)
+    tab.released(0, second)
+    files = {e["name"]: e["files"] for e in read_proc_table(mem, lay)[0]}
+    assert files == {
+        "first": [{"fh": first, "ino": 40, "oflags": os.O_RDONLY, "refs": 1}],
+        "second": [],
+    }
+    assert not tab.record_release(second)  # released once, gone
 
 
 def test_an_adopted_entry_keeps_pid_name_argv_hash_and_open_files(mem, tmp_path):

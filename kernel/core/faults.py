@@ -62,6 +62,7 @@ SITES = {
     "vfs.write": "inside a write request, after its first page was stored",
     "vfs.create": "inside a create request, after the name was added",
     "writeback": "inside write-back, after the data blocks were written",
+    "fuse.reply": "after a request's change was applied and recorded in flight, before its reply",
 }
 
 

@@ -26,8 +26,9 @@ Promises to the VFS (kernel/core/vfs.py), write-back (kernel/core/writeback.py),
   are freed at mount;
 * ``statfs`` reports free blocks net of those the allocator has promised to dirty pages
   (kernel/core/reserve.py), and no allocation here takes a promised block;
-* ``on_txn_state(running_tid, handles_open)`` is called whenever either changes; when the
-  outermost handle closes, the buffers' ``end_op()`` is called after it.
+* ``on_txn_state(running_tid, handles_open, op_gen)`` is called whenever either of the
+  first two changes; when the outermost handle closes, the buffers' ``end_op()`` is called
+  after it. ``op_gen`` counts the outermost handles opened (the open one's, while open).
 
 The pieces: namei.py (name space), dir.py (directory blocks), bmap.py (block map,
 truncation), balloc.py (allocators), disklayout.py (structures), journal.py, buffers.py.
@@ -125,10 +126,11 @@ def _err(code: int, msg: str) -> OSError:
 class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
     ROOT_INO = ROOT_INO
 
-    def __init__(self, dev, bufs, *, on_txn_state: Callable[[int, int], None] | None = None):
+    def __init__(self, dev, bufs, *, on_txn_state: Callable[[int, int, int], None] | None = None):
         self.dev, self.bufs, self.on_txn_state = dev, bufs, on_txn_state
         self._lock = threading.RLock()
         self._handles = 0
+        self.op_gen = 0
         self._dirs: OrderedDict = OrderedDict()
         self._unwritten: list[np.ndarray] = []
         self._freed_meta: set[int] = set()
@@ -195,7 +197,9 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         with self._lock:
             if not self.mounted:
                 raise FsError(errno.EIO, f"{self.dev.path}: file system is not mounted")
-            self._make_room()
+            if not self._handles:  # a commit inside would keep part of the operation
+                self._make_room()
+                self.op_gen += 1
             self._handles += 1
             self._notify()
             try:
@@ -209,7 +213,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
 
     def _notify(self) -> None:
         if self.on_txn_state is not None:
-            self.on_txn_state(self.journal.next_tid, self._handles)
+            self.on_txn_state(self.journal.next_tid, self._handles, self.op_gen)
 
     def _must_commit(self) -> bool:
         """The transaction is close to the journal's limit, or so many blocks wait for their

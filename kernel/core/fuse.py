@@ -19,13 +19,25 @@ Promises to the kernel daemon (kernel/core/kernel.py), the host side (kernel/hw/
   pidfd_getfd), ``params`` its ``ConnParams`` (or their ``as_dict()``); no INIT exchange.
   With ``resend`` the requests the previous server read but never answered are queued
   again first (FUSE_NOTIFY_RESEND), so a request in flight at its death is answered once,
-  by this server. Requests are answered from the first one queued; file handles are inode numbers, a
+  by this server: with ``answers`` (the dead server's in-flight table, kernel/core/inflight.py
+  ``read_inflight``) a re-sent request the dead server had applied is answered with the
+  reply it recorded, never executed twice; one that cannot be told safely is answered EIO.
+  Requests are answered from the first one queued; a
   directory handle this server never saw lists its directory afresh, and its own
   directory handles carry its pid, so handles the previous server gave out stay valid and
   are never reused. Otherwise as ``serve``.
+* File handles: the inode number in the low 32 bits, an open-file id in the high 32 bits,
+  a new id for every OPEN and CREATE (from the in-flight table when there is one, which a
+  backup continues), so each open file of the host has its own handle.
+* ``inflight`` (of ``serve`` and ``resume``): the kernel's in-flight request table
+  (kernel/core/inflight.py ``InflightTable``): each request of ``RECORDED`` is recorded
+  started before it is handled and applied, with its reply, before it is answered; a
+  name-space change runs as one file-system operation (``vfs.operation()``) with its
+  record inside. The fault site ``fuse.reply`` lies between the record and the reply.
 * ``files`` (of ``serve`` and ``resume``): told of every successful OPEN and CREATE
-  (``opened(pid, ino, flags)``, the caller's thread id as the host reports it) and every
-  RELEASE (``released(pid, ino)``): the kernel's open-file table (kernel/core/proc.py).
+  (``opened(pid, fh, flags)``, the caller's thread id as the host reports it) and every
+  RELEASE (``released(pid, fh)``, pid 0 when the host sends it from a kernel thread): the
+  kernel's open-file table (kernel/core/proc.py), whose records are keyed by the handle.
 * ``stop()`` (alias ``request_stop``) may be called from a signal handler or any thread.
 * Every request is one synchronous VFS call made by the one serving thread (the VFS takes
   its big lock itself).
@@ -79,6 +91,7 @@ from typing import Callable
 
 from kernel.core import fuseproto as P
 from kernel.core.fuseproto import ConnParams
+from kernel.core.inflight import IN_OPERATION, RECORDED, RESEND_BIT
 from kernel.hw.fusedev import _tune, _umount_detach
 
 log = logging.getLogger(__name__)
@@ -88,6 +101,10 @@ BLKSIZE = 4096  # st_blksize reported to programs: the emulated FS block size
 MALLOC_MMAP_THRESHOLD = 4 << 20  # large replies (up to 1 MiB) come from the heap, not mmap
 MALLOC_TRIM_THRESHOLD = 64 << 20
 FUSE_DEV = os.makedev(10, 229)  # /dev/fuse
+FH_INO = 0xFFFF_FFFF  # a file handle's inode number; the high half is the open-file id
+SLOT = 0  # the serving thread's slot of the in-flight table: one thread serves
+# replies that hand an inode to the host (an entry_out first): a lookup reference each
+HANDS_INODE = frozenset({P.MKNOD, P.MKDIR, P.SYMLINK, P.LINK, P.CREATE})
 
 Ctx = namedtuple("Ctx", "uid gid pid")
 
@@ -143,9 +160,21 @@ class Server:
     """FUSE requests over a VFS. File handles are inode numbers; directory handles index
     a snapshot of the directory taken at the start of each listing."""
 
-    def __init__(self, vfs, fd: int, params: ConnParams, *, timeout: float = TIMEOUT_S, files=None):
+    def __init__(
+        self,
+        vfs,
+        fd: int,
+        params: ConnParams,
+        *,
+        timeout: float = TIMEOUT_S,
+        files=None,
+        inflight=None,
+        answers=None,
+    ):
         self.vfs, self.fd, self.params = vfs, fd, params
         self.files = files or NoFileTable()
+        self.inflight, self.answers = inflight, answers
+        self._open_id = inflight.next_open_id if inflight else itertools.count(1).__next__
         self.valid_s, self.valid_ns = _split_s(timeout)
         self._dirs: dict[int, list] = {}  # dir handle -> [ino, snapshot or None]
         # the pid in the high half: handles a previous server gave out never collide
@@ -204,6 +233,9 @@ class Server:
         poller.register(self._wake_r, select.POLLIN)
         unpack, handlers, reply = P.IN_HEADER.unpack_from, self.handlers, self._reply
         while not self._stopping:
+            if self.answers is not None and not self.answers.settled.is_set():
+                if not poller.poll(0):  # what was re-sent came first, and is answered
+                    self.answers.settled.set()
             poller.poll()  # EINTR is retried after the signal handler (a stop) ran
             if self._stopping:
                 break
@@ -217,7 +249,16 @@ class Server:
                     break
                 raise
             _, op, unique, nodeid, uid, gid, pid, _, _ = unpack(buf)
+            if self.answers is not None:
+                if unique & RESEND_BIT:
+                    if self._answer_resent(op, unique, nodeid):
+                        continue
+                else:
+                    self.answers.settled.set()
             h = handlers.get(op)
+            if op in RECORDED and self.inflight is not None:
+                self._recorded(h, op, unique, nodeid, mv[40:n], uid, gid, pid)
+                continue
             try:
                 if h is None:
                     raise FuseError(errno.ENOSYS)
@@ -238,6 +279,65 @@ class Server:
                 continue
             if out is not None:
                 reply(P.OUT_HEADER.pack(16 + len(out), 0, unique), out)
+
+    # --- the in-flight table -----------------------------------------------------------------
+    def _recorded(self, h, op, unique, nodeid, body, uid, gid, pid) -> None:
+        """Handle a request whose re-execution is not harmless, recorded in the table."""
+        t = self.inflight
+        t.started(SLOT, unique, nodeid, op)
+        if op in IN_OPERATION:  # its record and its change: undone together, or kept
+            with self.vfs.operation() as gen:
+                err, out = self._call(h, op, nodeid, body, uid, gid, pid)
+                t.applied(SLOT, unique, nodeid, op, err, out, gen)
+        else:
+            err, out = self._call(h, op, nodeid, body, uid, gid, pid)
+            t.applied(SLOT, unique, nodeid, op, err, out)
+        self.vfs.faults.at("fuse.reply")
+        self._answer(unique, err, out)
+
+    def _call(self, h, op, nodeid, body, uid, gid, pid) -> tuple[int, bytes]:
+        """(errno, reply body) of one request; a KernelPanic propagates."""
+        try:
+            if h is None:
+                raise FuseError(errno.ENOSYS)
+            return 0, h(nodeid, body, uid, gid, pid)
+        except FuseError as e:
+            return e.errno, b""
+        except OSError as e:
+            if isinstance(e, _panic_types()):
+                raise
+            return _errno_of(e), b""
+        except Exception as e:
+            if isinstance(e, _panic_types()):
+                raise
+            log.exception("FUSE opcode %d on inode %d failed; answered EIO", op, nodeid)
+            return errno.EIO, b""
+
+    def _answer(self, unique: int, err: int, out: bytes) -> None:
+        if err:
+            self._reply(P.OUT_HEADER.pack(16, -err, unique))
+        else:
+            self._reply(P.OUT_HEADER.pack(16 + len(out), 0, unique), out)
+
+    def _answer_resent(self, op: int, unique: int, nodeid: int) -> bool:
+        """Answer a request the previous server read and never answered, from its table
+        when it had applied it; False: handle it as a new request."""
+        action, e = self.answers.for_resent(op, unique, nodeid)
+        if action == "execute":
+            return False
+        if action == "eio":
+            self.answers.refused += 1
+            log.warning("re-sent opcode %d on inode %d: its record was rejected; EIO", op, nodeid)
+            self._answer(unique, errno.EIO, b"")
+            return True
+        self.answers.answered += 1
+        err, out = e["error"], e["reply"]
+        if not err and op in HANDS_INODE:
+            self.vfs.ref(P.U64.unpack_from(out)[0])
+        if self.inflight is not None:  # a crash before the reply: the next one knows too
+            self.inflight.applied(SLOT, unique, nodeid, op, err, out)
+        self._answer(unique, err, out)
+        return True
 
     def _reply(self, *bufs) -> None:
         try:
@@ -450,12 +550,12 @@ class Server:
             except BaseException:
                 self.vfs.release(ino)
                 raise
-        return P.OPEN_OUT.pack(ino, 0, 0)  # no keep_cache, no direct_io
+        return P.OPEN_OUT.pack(self._open_id() << 32 | ino, 0, 0)  # no keep_cache, no direct_io
 
     def open(self, ino, body, uid, gid, pid):
         flags = P.U32.unpack_from(body)[0]
         out = self._open(ino, flags)
-        self.files.opened(pid, ino, flags)
+        self.files.opened(pid, P.U64.unpack_from(out)[0], flags)
         return out
 
     def create(self, parent, body, uid, gid, pid):
@@ -478,35 +578,35 @@ class Server:
             a = self.vfs.getattr(a.ino)
         else:
             fi = self._open(a.ino, flags & ~os.O_TRUNC)
-        self.files.opened(pid, a.ino, flags)
+        self.files.opened(pid, P.U64.unpack_from(fi)[0], flags)
         return self._handed(a) + fi
 
     def read(self, _ino, body, uid, gid, pid):
         fh, off, size = P.READ_IN.unpack_from(body)
-        return self.vfs.read(fh, off, size)
+        return self.vfs.read(fh & FH_INO, off, size)
 
     def write(self, _ino, body, uid, gid, pid):
         fh, off, size = P.WRITE_IN.unpack_from(body)
-        if fh in self._killpriv:
-            self._kill_priv(fh)
+        ino = fh & FH_INO
+        if ino in self._killpriv:
+            self._kill_priv(ino)
         data = body[P.WRITE_IN_SIZE : P.WRITE_IN_SIZE + size]
-        return P.WRITE_OUT.pack(self.vfs.write(fh, off, data), 0)
+        return P.WRITE_OUT.pack(self.vfs.write(ino, off, data), 0)
 
     def release(self, _ino, body, uid, gid, pid):
         fh = P.U64.unpack_from(body)[0]
-        self.vfs.release(fh)
+        self.vfs.release(fh & FH_INO)
         self.files.released(pid, fh)
         return b""
 
     def fsync(self, _ino, body, uid, gid, pid):
         fh, flags = P.U64U32.unpack_from(body)
-        self.vfs.fsync(fh, bool(flags & P.FSYNC_FDATASYNC))
+        self.vfs.fsync(fh & FH_INO, bool(flags & P.FSYNC_FDATASYNC))
         return b""
 
     # --- directories -----------------------------------------------------------------------
     def opendir(self, ino, body, uid, gid, pid):
         fh = next(self._dir_fh)
-        log.info("DBG opendir %d -> %d", ino, fh)
         self._dirs[fh] = [ino, None]
         return P.OPEN_OUT.pack(fh, 0, 0)
 
@@ -612,13 +712,13 @@ def connection() -> tuple[int, ConnParams] | None:
 
 
 class NoFileTable:
-    """Where the server reports each open and release (by the caller's pid) when nobody
-    keeps an open-file table: nowhere."""
+    """Where the server reports each open and release (by the caller's pid and the file
+    handle) when nobody keeps an open-file table: nowhere."""
 
-    def opened(self, pid: int, ino: int, flags: int) -> None:
+    def opened(self, pid: int, fh: int, flags: int) -> None:
         pass
 
-    def released(self, pid: int, ino: int) -> None:
+    def released(self, pid: int, fh: int) -> None:
         pass
 
 
@@ -629,6 +729,7 @@ def serve(
     fsname: str = "crashbench",
     ready: Callable[[], None] | None = None,
     files=None,
+    inflight=None,
 ) -> None:
     """Mount ``vfs`` on ``mountpoint`` and serve it until unmounted or ``stop()``.
 
@@ -648,7 +749,7 @@ def serve(
         _tune(mountpoint)
     except Exception:
         log.exception("tuning the FUSE mount failed (serving anyway)")
-    _run(Server(vfs, fd, params, files=files), ready)
+    _run(Server(vfs, fd, params, files=files, inflight=inflight), ready)
 
 
 def resume(
@@ -659,6 +760,8 @@ def resume(
     ready: Callable[[], None] | None = None,
     resend: bool = False,
     files=None,
+    inflight=None,
+    answers=None,
 ) -> None:
     """Serve the initialised connection on ``fd`` (see the module's promises). Takes
     ownership of ``fd``. ``resend``: first ask the host to queue again the requests the
@@ -671,7 +774,7 @@ def resume(
     _tune_allocator()
     if resend:
         P.notify_resend(fd)
-    _run(Server(vfs, fd, params, files=files), ready)
+    _run(Server(vfs, fd, params, files=files, inflight=inflight, answers=answers), ready)
 
 
 def _init(fd: int, mountpoint: str) -> ConnParams:

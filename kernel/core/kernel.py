@@ -212,16 +212,39 @@ class Kernel:
             fsname=f"crashbench-p{self.part.id}",
             ready=serving,
             files=self._files(),
+            inflight=self._inflight(),
         )
 
-    def resume(self, fd: int, params, ready) -> None:
+    def resume(self, fd: int, params, ready, answers=None) -> None:
         """Serve the connection a dead kernel served (``fd``: a descriptor of it), the
-        requests it read and never answered first; then as ``serve``."""
+        requests it read and never answered first — answered from its in-flight table
+        ``answers`` (kernel/core/inflight.py ``read_inflight``) when it had applied them;
+        then as ``serve``."""
         from kernel.core import fuse
 
         self._serve_with(
-            fuse.resume, fd, params, self.vfs, ready=ready, resend=True, files=self._files()
+            fuse.resume,
+            fd,
+            params,
+            self.vfs,
+            ready=ready,
+            resend=True,
+            files=self._files(),
+            inflight=self._inflight(answers),
+            answers=answers,
         )
+
+    def _inflight(self, answers=None):
+        """This kernel's in-flight request table, next to its superblock; its open ids go
+        on above those the dead kernel of ``answers`` gave out. Its header rejected, they
+        go on from the microsecond clock: above the dead kernel's unless it opened more than
+        a file per microsecond on average (their 2^32 wrap after 71 minutes aside)."""
+        from kernel.core.inflight import InflightTable
+
+        first = 1
+        if answers is not None:
+            first = answers.open_id_limit or time.time_ns() // 1000
+        return InflightTable(self.mem, self.lay, first_open_id=first % (1 << 32) or 1)
 
     def _files(self):
         return self.procs if self.keep_apps else None

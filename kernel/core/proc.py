@@ -19,11 +19,14 @@ the harness:
   ``PROC_ENTRY`` of PROC_ENTRY_BYTES per process; every store through ``mem.write``):
   pid, flags (USED, RUNTIME_AWARE, FILES_OVERFLOW), name, argv hash (to match the app
   against the deployment's specs for a restart), uid, state-segment slot, and up to
-  ``PROC_FILES`` open files (ino, open flags, references) recorded by the kernel. More
-  open files than fit set FILES_OVERFLOW: the list is then known to be incomplete.
+  ``PROC_FILES`` open files (file handle, open flags, references) recorded by the kernel.
+  More open files than fit set FILES_OVERFLOW: the list is then known to be incomplete.
   The FUSE server reports opens and releases to ``opened``/``released`` when the kernel
-  keeps its apps (a release comes without a pid from the host: it closes a record of the
-  inode in whichever process holds one, the first found when several do) (``keep_apps``: apps launched without a parent-death signal);
+  keeps its apps (``keep_apps``: apps launched without a parent-death signal). A record
+  is keyed by the file handle, which names one open file of the host (kernel/core/fuse.py):
+  a release closes the record of its handle in whichever process holds it, so one that
+  comes without a pid (the host sends it from a kernel thread after the process exited)
+  closes exactly that open, never another holder's of the same inode;
   ``adopt(entry)`` enters a process kept from a dead kernel's table, with its open files.
   Free entries are all zeros. ``ProcTable.launch`` reserves a state segment for a
   runtime-aware app, tells the app where it is (kernel/core/rtaware.py), launches and
@@ -41,7 +44,7 @@ Process-table entry (PROC_ENTRY_BYTES = 256, little-endian)::
     24  started_ns u64 (CLOCK_MONOTONIC at register)
     32  argv_hash u64 (xxh3-64 of the NUL-joined argv)
     40  name 32 bytes (UTF-8, NUL-padded)
-    72  PROC_FILES x { ino u64 | oflags u32 | refs u32 }
+    72  PROC_FILES x { fh u64 (inode in the low 32 bits) | oflags u32 | refs u32 }
     248 csum u64 (xxh3-64 of bytes 0..247)
 """
 
@@ -405,9 +408,10 @@ PROC_FILES = (param.PROC_ENTRY_BYTES - _HEAD_BYTES - 8) // _FILE_BYTES
 _FILE_FIELDS = [
     (f"f{i}_{k}", c)
     for i in range(PROC_FILES)
-    for k, c in (("ino", "Q"), ("oflags", "I"), ("refs", "I"))
+    for k, c in (("fh", "Q"), ("oflags", "I"), ("refs", "I"))
 ]
-PROC_ENTRY = Layout("process-table entry", "PROC", 1, _HEAD + _FILE_FIELDS, param.PROC_ENTRY_BYTES)
+FH_INO = 0xFFFF_FFFF  # the inode number in a file handle's low half
+PROC_ENTRY = Layout("process-table entry", "PROC", 2, _HEAD + _FILE_FIELDS, param.PROC_ENTRY_BYTES)
 _ZERO_ENTRY = bytes(PROC_ENTRY.size)
 
 
@@ -529,8 +533,8 @@ class ProcTable:
             e["argv_hash"],
             e["name"],
         ]
-        for ino, oflags, refs in e["files"]:
-            vals += (ino, oflags, refs)
+        for fh, oflags, refs in e["files"]:
+            vals += (fh, oflags, refs)
         self.mem.write(self.phys(slot), PROC_ENTRY.encode_tuple(tuple(vals)))
 
     def register(self, app: App, state_slot: int | None = None) -> int:
@@ -579,7 +583,7 @@ class ProcTable:
         """Enter a process kept from a dead kernel's table (an entry ``read_proc_table``
         validated), with its open files; returns its slot. It has no App here: the dead
         kernel launched it, and init reaps it."""
-        files = [(f["ino"], f["oflags"], f["refs"]) for f in entry["files"]]
+        files = [(f["fh"], f["oflags"], f["refs"]) for f in entry["files"]]
         files += [(0, 0, 0)] * (PROC_FILES - len(files))
         with self._lock:
             if entry["pid"] in self._slot_of:
@@ -617,22 +621,18 @@ class ProcTable:
             ]
 
     # the FUSE server's open-file hooks (kernel/core/fuse.py ``files``)
-    def opened(self, pid: int, ino: int, flags: int) -> None:
-        self.record_open(pid, ino, flags)
+    def opened(self, pid: int, fh: int, flags: int) -> None:
+        self.record_open(pid, fh, flags)
 
-    def released(self, pid: int, ino: int) -> None:
-        # The host sends RELEASE without credentials (pid 0): the open is closed in a
-        # process that holds a record of the inode (the first one, when several do).
-        if not self.record_close(pid, ino):
-            self.record_close_any(ino)
+    def released(self, pid: int, fh: int) -> None:
+        # The pid is not used: the host sends RELEASE from a kernel thread (pid 0) once
+        # the last holder let go, and the handle alone names the open file.
+        self.record_release(fh)
 
-    def record_close_any(self, ino: int) -> bool:
-        """Release one open of `ino` by whichever process holds a record of it."""
+    def record_release(self, fh: int) -> bool:
+        """Release the open file `fh` in whichever process holds its record; False if none."""
         with self._lock:
-            for pid in list(self._slot_of):
-                if self._close_in(self._slot_of[pid], ino):
-                    return True
-            return False
+            return any(self._close_in(slot, fh) for slot in list(self._e))
 
     def _lookup(self, pid: int) -> int | None:
         """Table slot of `pid`, also when `pid` is a thread of a registered process (FUSE
@@ -649,40 +649,40 @@ class ProcTable:
             pass
         return None
 
-    def record_open(self, pid: int, ino: int, oflags: int) -> bool:
-        """The kernel opened `ino` for `pid`; False when `pid` is not a registered app."""
+    def record_open(self, pid: int, fh: int, oflags: int) -> bool:
+        """The kernel opened handle `fh` for `pid`; False when `pid` is not a registered app."""
         with self._lock:
             slot = self._lookup(pid)
             if slot is None:
                 return False
             e = self._e[slot]
             files = e["files"]
-            for i, (fino, fl, refs) in enumerate(files):
-                if refs and fino == ino and fl == oflags:
-                    files[i] = (ino, oflags, refs + 1)
+            for i, (ffh, fl, refs) in enumerate(files):
+                if refs and ffh == fh and fl == oflags:
+                    files[i] = (fh, oflags, refs + 1)
                     break
             else:
                 for i, (_, _, refs) in enumerate(files):
                     if not refs:
-                        files[i] = (ino, oflags, 1)
+                        files[i] = (fh, oflags, 1)
                         break
                 else:
                     e["flags"] |= PF_FILES_OVERFLOW  # the list is now known incomplete
             self._store(slot)
             return True
 
-    def record_close(self, pid: int, ino: int) -> bool:
-        """The kernel released one open of `ino` by `pid`; False when none was recorded."""
+    def record_close(self, pid: int, fh: int) -> bool:
+        """The kernel released handle `fh` of `pid`; False when none was recorded."""
         with self._lock:
             slot = self._lookup(pid)
-            return slot is not None and self._close_in(slot, ino)
+            return slot is not None and self._close_in(slot, fh)
 
-    def _close_in(self, slot: int, ino: int) -> bool:
-        """One open of `ino` less in the entry at `slot`. Called with the lock held."""
+    def _close_in(self, slot: int, fh: int) -> bool:
+        """One reference to `fh` less in the entry at `slot`. Called with the lock held."""
         files = self._e[slot]["files"]
-        for i, (fino, fl, refs) in enumerate(files):
-            if refs and fino == ino:
-                files[i] = (ino, fl, refs - 1) if refs > 1 else (0, 0, 0)
+        for i, (ffh, fl, refs) in enumerate(files):
+            if refs and ffh == fh:
+                files[i] = (fh, fl, refs - 1) if refs > 1 else (0, 0, 0)
                 self._store(slot)
                 return True
         return False
@@ -732,7 +732,11 @@ def _entry_dict(slot: int, phys: int, d: dict, files, lay: PartLayout) -> dict:
         "started_ns": d["started_ns"],
         "state_slot": None if ss < 0 else ss,
         "state_phys": None if ss < 0 else lay.state_phys(ss),
-        "files": [{"ino": ino, "oflags": fl, "refs": refs} for ino, fl, refs in files if refs],
+        "files": [
+            {"fh": fh, "ino": fh & FH_INO, "oflags": fl, "refs": refs}
+            for fh, fl, refs in files
+            if refs
+        ],
     }
 
 
@@ -767,9 +771,7 @@ def read_proc_table(mem: PhysMem, lay: PartLayout) -> tuple[list[dict], list[Cor
                 raise CorruptObject(
                     kind, phys, "state_slot", "runtime-aware process without a state segment"
                 )
-            files = [
-                (d[f"f{i}_ino"], d[f"f{i}_oflags"], d[f"f{i}_refs"]) for i in range(PROC_FILES)
-            ]
+            files = [(d[f"f{i}_fh"], d[f"f{i}_oflags"], d[f"f{i}_refs"]) for i in range(PROC_FILES)]
             bad = [
                 i
                 for i, (ino, fl, refs) in enumerate(files)

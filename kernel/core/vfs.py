@@ -27,6 +27,7 @@ import errno
 import stat
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,8 +117,16 @@ class VFS:
             idx = np.concatenate([idx, (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)])
         self.resv.adopt(ino, idx)
 
-    def _txn_state(self, running_tid: int, handles_open: int) -> None:
-        self.ks.set(running_tid=running_tid, handles_open=handles_open)
+    def _txn_state(self, running_tid: int, handles_open: int, op_gen: int) -> None:
+        self.ks.set(running_tid=running_tid, handles_open=handles_open, op_gen=op_gen)
+
+    @contextmanager
+    def operation(self):
+        """One request's changes as one file-system operation: a kernel that dies before
+        it ends has all of it undone by its backup (its undo record), none of it kept.
+        Yields the operation's generation (the kernel superblock's ``op_gen`` meanwhile)."""
+        with self.lock, self.fs.handle() as fs:
+            yield fs.op_gen
 
     # --- in-core inodes -----------------------------------------------------------------
     def _icore(self, ino: int) -> list:

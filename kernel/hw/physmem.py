@@ -22,7 +22,9 @@ Partition layout (offsets from the partition's base; every area page-aligned)::
 
     +0        partition header   1 page   magic PART, geometry, area offsets
     +4K       heartbeat mailbox  1 page   (kernel/core/kernel.py)
-    +8K       kernel superblock  1 page   dirty-inode list head, journal state
+    +8K       kernel superblock  1 page   dirty-inode list head, journal state (128 B);
+                                         at +8K+INFLIGHT_OFFSET the in-flight request table
+                                         (kernel/core/inflight.py)
     +12K      crash-kernel area  CRASHK_BYTES  reserved: a loaded crash kernel's image record
                                          (kernel/core/crashimage.py; zeros when none is loaded)
     ...       process table      PROC_SLOTS x PROC_ENTRY_BYTES
@@ -185,7 +187,7 @@ PART_HEADER = Layout(
 KSUPER = Layout(
     "kernel superblock",
     "KSUP",
-    1,
+    2,
     [
         ("part_id", "I"),
         ("handles_open", "I"),
@@ -196,6 +198,9 @@ KSUPER = Layout(
         ("nblocks", "Q"),
         ("mount_gen", "Q"),
         ("update_gen", "Q"),
+        # outermost file-system operations begun: with handles_open, which one a crash
+        # interrupted (kernel/core/inflight.py tells a request undone from one completed)
+        ("op_gen", "Q"),
     ],
     128,
 )
@@ -275,6 +280,11 @@ class PartLayout:
 
     def state_phys(self, slot: int) -> int:
         return self.state + slot * param.PROC_STATE_BYTES
+
+    @property
+    def inflight(self) -> int:
+        """The in-flight request table, in the kernel superblock's page after the superblock."""
+        return self.ksuper + param.INFLIGHT_OFFSET
 
     def icore_phys(self, slot: int) -> int:
         return self.icore + slot * ICORE.size

@@ -39,6 +39,7 @@ import numpy as np
 
 from kernel import param
 from kernel.core.cachewalk import collect
+from kernel.core.inflight import ENTRY, Answers, read_inflight
 from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.core.pageadopt import Unchecked
 from kernel.hw import fusedev, mailbox
@@ -61,6 +62,7 @@ from systems.procmigrate import restart_processes
 
 log = logging.getLogger("backup")
 FENCE_TIMEOUT_S = 5.0
+INFLIGHT_WAIT_S = 10.0  # for the re-sent requests to be answered, before the report counts them
 
 
 def watch(k: Kernel, bell: mailbox.Doorbell, wlay, missed: int) -> Failure | None:
@@ -203,7 +205,7 @@ HEAP_CHUNK = 16 << 20  # under glibc's largest mmap threshold (32 MiB)
 
 def takeover(
     k: Kernel, f: Failure, args, net, checker: Checker
-) -> tuple[RecoveryReport, object, Unchecked | None]:
+) -> tuple[RecoveryReport, object, Unchecked | None, Answers | None]:
     r = RecoveryReport.after("orthros", f)
     dead = f.mail
     t = time.monotonic()
@@ -226,6 +228,10 @@ def takeover(
         zone.id,  # reads memory only
         check=lambda frames: checker.check(k.mem, lay, frames, cpus),
     )
+    # before this kernel's superblock and table take their place in W's memory (boot)
+    answers = read_inflight(k.mem, lay) if args.keep_apps else None
+    if answers is not None:
+        r.rejected += [str(e) for e in answers.rejected]
     r.phase("cache migration", t)
     t = time.monotonic()
     apps.wait()
@@ -246,11 +252,21 @@ def takeover(
         t = time.monotonic()
         net.move_to(k.part.id)
         r.phase("IP takeover", t)
-    return r, vfs, harvest.adopted.unchecked
+    return r, vfs, harvest.adopted.unchecked, answers
 
 
 def _nothing() -> None:
     pass
+
+
+def _inflight_note(a: Answers) -> str:
+    """What the dead kernel's in-flight table was used for (kernel/core/inflight.py)."""
+    bad = sum(1 for e in a.rejected if e.kind == ENTRY.kind)
+    pending = "" if a.settled.is_set() else " (re-sent requests still unanswered)"
+    return (
+        f"in-flight requests{pending}: {a.answered} answered from the dead kernel's table, "
+        f"{a.refused} answered EIO (record rejected), {bad} table entries rejected"
+    )
 
 
 def prepare_nic(k: Kernel, tag: str):
@@ -321,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3,
     )
     gc.disable()  # the adoption makes many objects and frees none: no collections
-    report, vfs, unchecked = takeover(k, failure, args, net, checker)  # until all are checked
+    report, vfs, unchecked, answers = takeover(k, failure, args, net, checker)  # until checked
     t_serve = time.monotonic()
 
     specs = json.loads(open(args.apps).read()) if args.apps else []
@@ -358,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             report.notes.append(f"checking the adopted pages failed: {e!r}")
         finally:
             report_lost(vfs, report)
+            if answers is not None:
+                answers.settled.wait(INFLIGHT_WAIT_S)
+                report.notes.append(_inflight_note(answers))
             checker.close()
             gc.freeze()  # no collection ever walks the page cache's tables
             gc.enable()
@@ -369,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.report)
 
     if conn is not None:
-        k.resume(conn.fd, conn.params, ready=serving)
+        k.resume(conn.fd, conn.params, ready=serving, answers=answers)
     else:
         k.serve(args.mount, ready=serving)
     return 0
