@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import signal
 import socket
 import sys
 import threading
@@ -297,3 +298,36 @@ def test_a_files_trial_with_keeping_loses_no_write_and_keeps_the_server(tmp_path
     kept = [(p["name"], p["fate"]) for p in rec["report"]["processes"]]
     assert kept == [("wsgidav", "preserved")]
     assert "process keeping" in rec["phases"] and "IP takeover" not in rec["phases"]  # NIC stays
+
+
+def open_records(bed, part: int) -> dict[int, int]:
+    """pid -> open-file records, as the active kernel's process table holds them."""
+    from kernel.core.proc import read_proc_table
+    from kernel.hw.physmem import PhysMem, partition_layout
+
+    p = bed.machine.partition(part)
+    mem = PhysMem(bed.host.physmem, readonly=True)
+    try:
+        entries, _ = read_proc_table(mem, partition_layout(p.id, p.base, p.size))
+    finally:
+        mem.close()
+    return {e["pid"]: len(e["files"]) for e in entries}
+
+
+def test_a_release_after_one_holder_exits_closes_its_record_not_the_other(tmp_path):
+    # two apps hold the same file open; the host releases the open of the one that exits
+    # from a kernel thread, without its pid: the other keeps its record
+    with Testbed(kind="test", delay=False) as bed:
+        s = Orthros(keep_processes=True)
+        held = os.path.join(str(bed.host.mountpoint(0)), "held.txt")
+        bed.deploy(s, [dict(holder(held), name="first"), dict(holder(held), name="second")])
+
+        def both_open():
+            r = open_records(bed, s.active)
+            return r if list(r.values()) == [1, 1] else None
+
+        recs = wait_for(both_open)
+        first, second = list(recs)  # in table order: the first registered is found first
+        os.kill(second, signal.SIGKILL)
+        wait_for(lambda: sum(open_records(bed, s.active).values()) == 1)
+        assert open_records(bed, s.active).get(first) == 1

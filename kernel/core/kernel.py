@@ -15,6 +15,10 @@ is serving. The measured boot time is recorded in the mailbox.
 * The control socket's ``status`` reply carries the page cache's hit and miss counters
   (``cache``), which the harness samples during a trial (harness/kcounters.py), and the
   garbage collector's (``gc``: kernel/core/heap.py), full collections timed from boot on.
+* Serving, the FUSE server records its requests in flight in an ``InflightTable``
+  (kernel/core/inflight.py) beside the kernel superblock; ``resume(..., answers=)`` serves a
+  dead kernel's connection answering what it had applied from its table, and hands out
+  open-file ids above those it gave.
 * The heartbeat beats every HEARTBEAT_INTERVAL_S under ``cpu_lock``, which only a hung
   kernel holds: a hang really stops it. Its thread is named HEARTBEAT_THREAD in /proc, so
   the CPU it costs is measured apart from the kernel's (harness/cpuuse.py).

@@ -9,7 +9,8 @@ takes over, each step a measured phase of a RecoveryReport:
   detect → fence (W's kernel killed, every thread of it exiting: it stores nothing more)
   → cache migration (walk and validate W's superblock, dirty-inode list and in-core
   inodes in raw memory, choose the pages to adopt from its page descriptors, while the
-  host releases W's kernel, its apps and its mount) → device takeover (the disk's
+  host releases W's kernel, its apps and its mount; when keeping processes, read W's
+  in-flight request table, kernel/core/inflight.py, before this kernel's takes its place) → device takeover (the disk's
   exclusive lock, which only a dead owner releases) → mount + replay (W's running journal
   transaction completed, the operation in progress undone and what fsck would reject
 refused; the pages adopted in place:
