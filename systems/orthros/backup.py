@@ -35,12 +35,12 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kernel import param
 from kernel.core.cachewalk import collect
-from kernel.core.inflight import ENTRY, Answers, read_inflight
 from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.core.pageadopt import Unchecked
 from kernel.hw import fusedev, mailbox
@@ -57,6 +57,9 @@ from systems.adoption import (
     take_disk,
 )
 from systems.base import RecoveryReport
+
+if TYPE_CHECKING:
+    from kernel.core.inflight import Answers
 from systems.detect import Failure
 from systems.orthros.checker import Checker
 from systems.procmigrate import restart_processes
@@ -194,8 +197,9 @@ def warm_imports() -> None:
     imports ``numpy.ma`` lazily inside ``np.unique``, which was ≈ 9 % of the cache
     migration's samples in a py-spy profile of `crashbench bench failover`; the FUSE
     server (kernel/core/fuse.py, fuseproto.py), which ``Kernel.serve`` imports when it
-    starts, took ≈ 27 ms to import, inside the first service."""
-    from kernel.core import fuse  # noqa: F401
+    starts, took ≈ 27 ms to import, inside the first service; the in-flight table's reader
+    (kernel/core/inflight.py), which the takeover uses, imports the same protocol module."""
+    from kernel.core import fuse, inflight  # noqa: F401
 
     np.unique(np.zeros(2, np.int64))
 
@@ -230,7 +234,7 @@ def takeover(
         check=lambda frames: checker.check(k.mem, lay, frames, cpus),
     )
     # before this kernel's superblock and table take their place in W's memory (boot)
-    answers = read_inflight(k.mem, lay) if args.keep_apps else None
+    answers = _read_inflight(k.mem, lay) if args.keep_apps else None
     if answers is not None:
         r.rejected += [str(e) for e in answers.rejected]
     r.phase("cache migration", t)
@@ -260,8 +264,16 @@ def _nothing() -> None:
     pass
 
 
+def _read_inflight(mem, lay) -> Answers:
+    from kernel.core.inflight import read_inflight  # loaded in standby (warm_imports)
+
+    return read_inflight(mem, lay)
+
+
 def _inflight_note(a: Answers) -> str:
     """What the dead kernel's in-flight table was used for (kernel/core/inflight.py)."""
+    from kernel.core.inflight import ENTRY
+
     bad = sum(1 for e in a.rejected if e.kind == ENTRY.kind)
     pending = "" if a.settled.is_set() else " (re-sent requests still unanswered)"
     return (
