@@ -242,11 +242,12 @@ def crash_cmd(
     target: Optional[str] = typer.Option(
         None,
         help="for wild-write/bit-flip: dirty-page, clean-page, page-descriptor, dirty-inode-list, "
-        "inode, superblock, open-file (a kernel that keeps its processes), crash-kernel "
+        "inode, superblock, open-file (a kernel that keeps its processes), in-flight (the "
+        "in-flight entry of the request in hand when the fault activates), crash-kernel "
         "(a partition with a loaded crash kernel)",
     ),
     site: Optional[str] = typer.Option(
-        None, help="where the fault activates (now, vfs.write, vfs.create, writeback)"
+        None, help="where the fault activates (now, vfs.write, vfs.create, writeback, fuse.reply)"
     ),
     wait: bool = typer.Option(
         False, "--wait", help="return when recovery is over, or when it is clear none will come"

@@ -4,8 +4,9 @@ Promises to the lab commands, the harness and the recovery schemes:
 
 * ``FAULTS``: panic (BUG/oops), hang (a lock never released: the heartbeat really stops),
   kill (SIGKILL, no dying message), wild-write and bit-flip (into a chosen ``TARGETS``
-  object, or a random one; or into an open-file record of the process table,
-  ``PROCESS_TARGETS``, in a kernel that records them), fs-corrupt (a bad block pointer written into file-system
+  object, or a random one; or into an open-file record of the process table, in a kernel
+  that records them, or into the in-flight request entry of the request in hand when the
+  fault activates: ``PROCESS_TARGETS``), fs-corrupt (a bad block pointer written into file-system
   metadata), exception-in-request (an error in the middle of a file operation, after part
   of its updates);
 * a fault is *injected* (armed, and for memory faults the corruption done) and later
@@ -51,6 +52,8 @@ TARGETS = {
 # cells and a random target are drawn from OBJECT_TARGETS alone.
 PROCESS_TARGETS = {
     "open-file": "an open-file record in the process table (the holder's entry fails its check)",
+    "in-flight": "the in-flight table's entry of the request in hand when the fault activates "
+    "(at site fuse.reply: a request applied, its reply not sent)",
 }
 ALL_TARGETS = TARGETS | PROCESS_TARGETS
 # the kernel's own objects: what a wild write with no target may hit and a campaign covers
@@ -121,7 +124,8 @@ class FaultInjector(NoFaults):
         f = Fault(kind, target, site or default_site, injected_ns=time.monotonic_ns())
         if kind in ("wild-write", "bit-flip"):
             f.target = target or self.rng.choice(OBJECT_TARGETS)
-            f.detail = self._corrupt(f)
+            if f.target != "in-flight" or f.site == "now":  # else: when it activates
+                f.detail = self._corrupt(f)
         elif kind == "fs-corrupt":
             f.detail = self._corrupt_fs()
         self.history.append(f)
@@ -139,6 +143,8 @@ class FaultInjector(NoFaults):
         if f is None or f.site != site:
             return
         self.armed = None
+        if f.target == "in-flight" and not f.detail:
+            f.detail = self._corrupt(f)  # the entry of the request in hand, as it is now
         f.activated_ns = time.monotonic_ns()
         self.k.mailbox.set(activated_ns=f.activated_ns)
         self._activate(f, site)
@@ -181,6 +187,8 @@ class FaultInjector(NoFaults):
     def _corrupt(self, f: Fault) -> str:
         if f.target == "open-file":
             return self._corrupt_open_file(f)
+        if f.target == "in-flight":
+            return self._corrupt_inflight(f)
         if f.target == "crash-kernel":
             return self._corrupt_crash_image(f)
         vfs, lay = self.k.vfs, self.k.lay
@@ -224,6 +232,12 @@ class FaultInjector(NoFaults):
             raise FaultError("no open-file record to corrupt (no app holds a file open)")
         pid, name, phys = self.rng.choice(records)
         return f"open file of process {pid} ({name}): {self._bytes(f, phys, 16)}"
+
+    def _corrupt_inflight(self, f: Fault) -> str:
+        if self.k.inflight is None:
+            raise FaultError("no in-flight request table (the kernel does not serve)")
+        phys, length = self.k.inflight.slot_span(0)
+        return f"in-flight request entry: {self._bytes(f, phys, length)}"
 
     def _corrupt_crash_image(self, f: Fault) -> str:
         from kernel.core import crashimage

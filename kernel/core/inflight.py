@@ -115,6 +115,10 @@ class InflightTable:
         self._done = list(self._start)
         self._done[2] = APPLIED
 
+    def slot_span(self, slot: int) -> tuple[int, int]:
+        """Physical address and length of a slot's entry (what a fault corrupts)."""
+        return _slot_phys(self.lay, slot), ENTRY.size
+
     def _store_header(self) -> None:
         self.mem.write(
             self.lay.inflight,

@@ -86,6 +86,7 @@ class Kernel:
         self.gc_clock = GcClock()
         self.settle_s = 0.0  # of boot_s, freezing the boot heap
         self.keep_apps = False  # apps outlive this process; opens go to the process table
+        self.inflight = None  # the FUSE server's in-flight request table, once it serves
 
     def join_partition(self, tag: str | None) -> None:
         """Join the partition's process set (kernel/hw/procset.py), so that fencing the
@@ -248,7 +249,8 @@ class Kernel:
         first = 1
         if answers is not None:
             first = answers.open_id_limit or time.time_ns() // 1000
-        return InflightTable(self.mem, self.lay, first_open_id=first % (1 << 32) or 1)
+        self.inflight = InflightTable(self.mem, self.lay, first_open_id=first % (1 << 32) or 1)
+        return self.inflight
 
     def _files(self):
         return self.procs if self.keep_apps else None
