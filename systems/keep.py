@@ -116,11 +116,12 @@ def keep_processes(
         k.procs.adopt(e)
         kept.add(e["pid"])
         fates.append(ProcessFate(e["name"], e["pid"], "preserved", "entry valid, process running"))
-    for pid in _family(kept, members):
+    family = _family(kept, members)
+    for pid in family:
         _move(pid, dead, k.pset, k.part.cpus)
     dead.fence()  # what is not kept dies: its kernel state is not trusted
     dead.thaw()  # the partition's next kernel (the re-paired backup) joins this set
-    for pid in kept:
+    for pid in family:  # a server's workers were stopped with it, not only its root
         _continue(pid)
     fates += _restart(k, specs, entries, bad, fates, enter_netns(netns))
     return len(entries) + len(bad), fates
