@@ -1,7 +1,7 @@
 """The lab's supervisor: one process that deploys a scheme and runs it, crash after crash.
 
 Promises to the lab (harness/lab.py): ``python -m harness.supervisor`` deploys the scheme
-on the lab's machine (a harness/testbed.py ``Testbed`` in the lab's work directory, whose
+(made with the keyword ``--options`` the lab's ``up`` was given) on the lab's machine (a harness/testbed.py ``Testbed`` in the lab's work directory, whose
 ownership record the lab keeps), writes ``ready`` on the fd it was given (or, when the machine does not
 come up, ``failed: `` and the cause in one line, e.g. the exception a kernel's boot ended
 with), then waits for failures;
@@ -96,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine")
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--net-tag", help="the lab's network, for schemes that take the NIC over")
+    ap.add_argument(
+        "--options", default="{}", help="the scheme's keyword options (JSON object), as `up` set"
+    )
     a = ap.parse_args(argv)
     workdir = Path(a.workdir)
     reports = workdir / "reports"
     reports.mkdir(exist_ok=True)
-    scheme = registry()[a.scheme]()
+    scheme = registry()[a.scheme](**json.loads(a.options))
     if a.net_tag:
         scheme.net_tag = a.net_tag
     bed = Testbed(kind="lab", machine_file=a.machine, workdir=workdir, owned=False)
