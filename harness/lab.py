@@ -287,6 +287,7 @@ class Lab:
             "workdir": str(self.workdir),
             "scheme": self.state["scheme"],
             "options": self.state.get("options", {}),
+            "keeps_processes": bool(self._supervisor_state().get("keeps_processes")),
             "network": self.state["network"],
             "partitions": [],
             "active": self.active,

@@ -6,7 +6,7 @@ ownership record the lab keeps), writes ``ready`` on the fd it was given (or, wh
 come up, ``failed: `` and the cause in one line, e.g. the exception a kernel's boot ended
 with), then waits for failures;
 after each one it writes the scheme's RecoveryReport to ``reports/NNN.json`` and the kernels
-that now run to ``supervisor.json``. SIGTERM stops every kernel it started (cleanly when
+that now run to ``supervisor.json`` (with whether the deployed scheme keeps processes). SIGTERM stops every kernel it started (cleanly when
 it still beats, at once when it does not) and removes their mounts; whatever happened
 (a failed boot, a failed teardown), the host's processes, process sets and memory go too.
 """
@@ -42,6 +42,7 @@ def publish(host: Host, workdir: Path, scheme) -> None:
             "pid": os.getpid(),
             "scheme": scheme.name,
             "active": scheme.active,
+            "keeps_processes": scheme.capabilities.keeps_unmodified_processes,
             "kernels": {
                 str(p): {"pid": k.pid, "mount": k.mount, "boot_wall_s": k.boot_wall_s}
                 for p, k in host.kernels.items()

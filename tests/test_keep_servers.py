@@ -124,16 +124,8 @@ def test_a_server_keeps_every_pid_across_a_panic_a_kill_and_a_hang(server):
 @pytest.mark.parametrize("workload", ["postgres", "http"])
 def test_a_trial_under_load_with_keeping_loses_nothing_and_restarts_no_server(workload, tmp_path):
     timing = dict(driver.DEFAULTS, warmup_s=1.0, steady_s=2.0, post_s=2.0)
-    spec = driver.TrialSpec(
-        "orthros",
-        workload,
-        "panic",
-        0,
-        1,
-        timing,
-        workload_params=SMALL[workload],
-        scheme_options={"keep_processes": True},
-    )
+    # no scheme option: orthros keeps by default
+    spec = driver.TrialSpec("orthros", workload, "panic", 0, 1, timing, SMALL[workload])
     rec = driver.run_one(spec, tmp_path)
     assert rec.get("error") is None and rec["recovered"]
     assert [(p["name"], p["fate"]) for p in rec["report"]["processes"]] == [

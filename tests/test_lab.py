@@ -134,8 +134,10 @@ def test_reboot_scheme_recovers_twice_and_reports_phases(workdir):
 
 def test_orthros_lab_fails_over_twice_with_the_nic(workdir):
     w = ["--workdir", str(workdir)]
-    out = cb("up", "--scheme", "orthros", *w).stdout
-    assert "backup kernel" in out and "standby" in out
+    # without keeping: kept processes would keep the NIC where they are
+    out = cb("up", "--scheme", "orthros", "--no-keep-apps", *w).stdout
+    assert "backup kernel" in out and "standby" in out and "processes kept" not in out
+    assert json.loads(cb("status", *w, "--json").stdout)["keeps_processes"] is False
     mnt = json.loads(cb("status", *w, "--json").stdout)["partitions"][0]["kernel"]["mount"]
     for n, fault in enumerate(("panic", "hang")):
         Path(mnt, f"notes{n}.txt").write_text(f"unsaved {n}\n" * 1000)
@@ -176,7 +178,7 @@ def test_an_orthros_lab_keeping_processes_lets_a_writer_on_the_mount_go_on(workd
     w = ["--workdir", str(workdir)]
     cb("up", "--scheme", "orthros", "--keep-apps", *w)
     st = json.loads(cb("status", *w, "--json").stdout)
-    assert st["options"] == {"keep_processes": True}
+    assert st["options"] == {"keep_processes": True} and st["keeps_processes"] is True
     path = Path(st["partitions"][0]["kernel"]["mount"], "stream.bin")
     stop = workdir / "stop-writing"
     argv = [sys.executable, "-c", WRITER, str(path), str(stop)]

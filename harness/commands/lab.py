@@ -193,8 +193,9 @@ def up_cmd(
             + (f"; clients run in netns {net['client_netns']}" if net["client_netns"] else "")
             + ")"
         )
+    kept = " (processes kept across a crash)" if st["keeps_processes"] else ""
     console.print(
-        f"scheme: {st['scheme']}.  Try: crashbench status · crashbench crash --fault panic --wait · crashbench down"
+        f"scheme: {st['scheme']}{kept}.  Try: crashbench status · crashbench crash --fault panic --wait · crashbench down"
     )
 
 
