@@ -1,4 +1,5 @@
-"""Orthros keeping processes: unmodified applications run on across a failover, same pid."""
+"""Orthros keeping processes (its default): unmodified applications run on across a
+failover, same pid; a host that cannot keep them falls back to restarting them."""
 
 import hashlib
 import os
@@ -239,3 +240,17 @@ def test_a_files_trial_with_keeping_loses_no_write_and_keeps_the_server(tmp_path
     kept = [(p["name"], p["fate"]) for p in rec["report"]["processes"]]
     assert kept == [("wsgidav", "preserved")]
     assert "process keeping" in rec["phases"] and "IP takeover" not in rec["phases"]  # NIC stays
+
+
+def test_without_cgroup_process_sets_orthros_restarts_instead_and_refuses_to_be_asked(
+    monkeypatch,
+):
+    monkeypatch.setenv("CRASHBENCH_PROCSET", "pids")  # kernels inherit it: no cgroup anywhere
+    with Testbed(kind="test", delay=False) as bed:
+        s = Orthros()
+        bed.deploy(s)
+        assert s.keep is False and not s.capabilities.keeps_unmodified_processes
+        assert crash(bed.host, s, "panic").recovered
+    with Testbed(kind="test", delay=False) as bed:
+        with pytest.raises(RuntimeError, match="needs cgroup process sets"):
+            bed.deploy(Orthros(keep_processes=True))
