@@ -23,7 +23,9 @@ def keep_apps_options(names: list[str], keep_apps: bool | None) -> dict:
     from systems.base import registry
 
     known = registry()
-    if not any(OPTION in known[n].options for n in names if n in known):
+    if any(n not in known for n in names):
+        return {OPTION: keep_apps}  # the unknown scheme is the error its caller reports
+    if not any(OPTION in known[n].options for n in names):
         flag = "--keep-apps" if keep_apps else "--no-keep-apps"
         keepers = ", ".join(n for n, c in known.items() if OPTION in c.options) or "none"
         raise OptionError(f"{flag}: none of the schemes keeps processes (those that do: {keepers})")
