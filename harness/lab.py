@@ -130,6 +130,7 @@ class Lab:
         machine_file: str | None = None,
         scheme: str = "none",
         delay: bool = True,
+        options: dict | None = None,
     ) -> "Lab":
         workdir = Path(workdir)
         if workdir.exists() and not workdir.is_dir():
@@ -148,6 +149,13 @@ class Lab:
 
         if scheme not in registry():
             raise LabError(f"unknown scheme {scheme!r} (known: {', '.join(registry())})")
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(registry()[scheme].options))
+        if unknown:
+            raise LabError(
+                f"scheme {scheme} has no option {', '.join(unknown)} "
+                f"(its options: {', '.join(registry()[scheme].options) or 'none'})"
+            )
         m = machine_mod.load(machine_file)
         try:
             workdir = make_workdir(workdir)
@@ -158,6 +166,7 @@ class Lab:
             {
                 "machine_file": str(Path(machine_file).resolve()) if machine_file else None,
                 "scheme": scheme,
+                "options": options,
                 "tag": lab_tag(workdir),
                 "physmem": physmem_path_for(workdir),
                 "supervisor": None,
@@ -199,6 +208,8 @@ class Lab:
             self.state["scheme"],
             "--ready-fd",
             str(w),
+            "--options",
+            json.dumps(self.state.get("options", {})),
         ]
         if self.state["machine_file"]:
             cmd += ["--machine", self.state["machine_file"]]
@@ -275,6 +286,8 @@ class Lab:
         out = {
             "workdir": str(self.workdir),
             "scheme": self.state["scheme"],
+            "options": self.state.get("options", {}),
+            "keeps_processes": bool(self._supervisor_state().get("keeps_processes")),
             "network": self.state["network"],
             "partitions": [],
             "active": self.active,

@@ -1,12 +1,12 @@
 """The lab's supervisor: one process that deploys a scheme and runs it, crash after crash.
 
 Promises to the lab (harness/lab.py): ``python -m harness.supervisor`` deploys the scheme
-on the lab's machine (a harness/testbed.py ``Testbed`` in the lab's work directory, whose
+(made with the keyword ``--options`` the lab's ``up`` was given) on the lab's machine (a harness/testbed.py ``Testbed`` in the lab's work directory, whose
 ownership record the lab keeps), writes ``ready`` on the fd it was given (or, when the machine does not
 come up, ``failed: `` and the cause in one line, e.g. the exception a kernel's boot ended
 with), then waits for failures;
 after each one it writes the scheme's RecoveryReport to ``reports/NNN.json`` and the kernels
-that now run to ``supervisor.json``. SIGTERM stops every kernel it started (cleanly when
+that now run to ``supervisor.json`` (with whether the deployed scheme keeps processes). SIGTERM stops every kernel it started (cleanly when
 it still beats, at once when it does not) and removes their mounts; whatever happened
 (a failed boot, a failed teardown), the host's processes, process sets and memory go too.
 """
@@ -42,6 +42,7 @@ def publish(host: Host, workdir: Path, scheme) -> None:
             "pid": os.getpid(),
             "scheme": scheme.name,
             "active": scheme.active,
+            "keeps_processes": scheme.capabilities.keeps_unmodified_processes,
             "kernels": {
                 str(p): {"pid": k.pid, "mount": k.mount, "boot_wall_s": k.boot_wall_s}
                 for p, k in host.kernels.items()
@@ -96,11 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine")
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--net-tag", help="the lab's network, for schemes that take the NIC over")
+    ap.add_argument(
+        "--options", default="{}", help="the scheme's keyword options (JSON object), as `up` set"
+    )
     a = ap.parse_args(argv)
     workdir = Path(a.workdir)
     reports = workdir / "reports"
     reports.mkdir(exist_ok=True)
-    scheme = registry()[a.scheme]()
+    scheme = registry()[a.scheme](**json.loads(a.options))
     if a.net_tag:
         scheme.net_tag = a.net_tag
     bed = Testbed(kind="lab", machine_file=a.machine, workdir=workdir, owned=False)

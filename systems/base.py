@@ -242,7 +242,7 @@ class RecoveryScheme(ABC):
     description: ClassVar[str] = ""  # `crashbench list`'s line; "": its module docstring's first
     capabilities: ClassVar[Capabilities] = Capabilities()
     kernel_modules: ClassVar[tuple[str, ...]] = ("kernel.core.kernel",)  # what its kernels run
-    options: ClassVar[tuple[str, ...]] = ()  # keyword options a run may set (opt-in modes)
+    options: ClassVar[tuple[str, ...]] = ()  # keyword options `run` and `up` may set (modes)
     host = None  # the Host it deployed on; None before deploy
     active: int = 0  # the partition whose kernel serves (faults go there)
     net_tag: str | None = None  # the network a scheme that moves the NIC takes over

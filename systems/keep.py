@@ -1,7 +1,7 @@
 """Keeping the dead kernel's processes: the backup continues them, same pid, unmodified.
 
 Promises to a kernel that takes over a dead kernel's processes (the orthros backup,
-systems/orthros/backup.py, when orthros keeps processes: ``Orthros(keep_processes=True)``;
+systems/orthros/backup.py, when orthros keeps processes, its default;
 the layer is shared so that other schemes resurrect processes with the same code):
 
 * ``Connection.take(pid, fd, workdir)``, in standby: a copy of the FUSE connection the
@@ -15,7 +15,8 @@ the layer is shared so that other schemes resurrect processes with the same code
   the dead kernel's process table is read from raw memory and validated (kernel/core/proc.py
   ``read_proc_table``, open-file records included). A process whose entry is valid and
   which still runs is adopted into the backup's table with its open files, moved with its
-  descendants into the backup's process set and CPUs, and continued (same pid). Everything
+  descendants into the backup's process set and CPUs, and continued with them (same pid:
+  a panic stopped every process of the partition, a server's children too). Everything
   else left in the dead partition is killed: a process whose entry was rejected (its pid
   cannot be trusted) is started again from its application's spec, and each fate is
   returned with its reason (systems/base.py ``ProcessFate``); ``into_report`` puts them
@@ -116,11 +117,12 @@ def keep_processes(
         k.procs.adopt(e)
         kept.add(e["pid"])
         fates.append(ProcessFate(e["name"], e["pid"], "preserved", "entry valid, process running"))
-    for pid in _family(kept, members):
+    family = _family(kept, members)
+    for pid in family:
         _move(pid, dead, k.pset, k.part.cpus)
     dead.fence()  # what is not kept dies: its kernel state is not trusted
     dead.thaw()  # the partition's next kernel (the re-paired backup) joins this set
-    for pid in kept:
+    for pid in family:  # a server's workers were stopped with it, not only its root
         _continue(pid)
     fates += _restart(k, specs, entries, bad, fates, enter_netns(netns))
     return len(entries) + len(bad), fates

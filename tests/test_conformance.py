@@ -26,8 +26,8 @@ from systems import base
 from systems.base import RegistryError, check_report, registry
 
 PAGE = 4096
-# opt-in modes of a scheme, held to the contract as the scheme itself is
-VARIANTS = {"orthros+keep": lambda: registry()["orthros"](keep_processes=True)}
+# other modes of a scheme (its options), held to the contract as the scheme itself is
+VARIANTS = {"orthros+restart": lambda: registry()["orthros"](keep_processes=False)}
 FILES, PAGES_EACH = 3, 10
 DETECTED_BY = {"panic": "dying message", "kill": "heartbeat", "hang": "heartbeat"}
 LINES = b"first line\nsecond line\n"  # the editor's unsaved buffer at the crash

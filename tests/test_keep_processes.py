@@ -1,4 +1,5 @@
-"""Orthros keeping processes: unmodified applications run on across a failover, same pid."""
+"""Orthros keeping processes (its default): unmodified applications run on across a
+failover, same pid; a host that cannot keep them falls back to restarting them."""
 
 import errno
 import hashlib
@@ -354,3 +355,17 @@ def test_a_release_after_one_holder_exits_closes_its_record_not_the_other(tmp_pa
         os.kill(second, signal.SIGKILL)
         wait_for(lambda: sum(open_records(bed, s.active).values()) == 1)
         assert open_records(bed, s.active).get(first) == 1
+
+
+def test_without_cgroup_process_sets_orthros_restarts_instead_and_refuses_to_be_asked(
+    monkeypatch,
+):
+    monkeypatch.setenv("CRASHBENCH_PROCSET", "pids")  # kernels inherit it: no cgroup anywhere
+    with Testbed(kind="test", delay=False) as bed:
+        s = Orthros()
+        bed.deploy(s)
+        assert s.keep is False and not s.capabilities.keeps_unmodified_processes
+        assert crash(bed.host, s, "panic").recovered
+    with Testbed(kind="test", delay=False) as bed:
+        with pytest.raises(RuntimeError, match="needs cgroup process sets"):
+            bed.deploy(Orthros(keep_processes=True))

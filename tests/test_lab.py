@@ -111,6 +111,9 @@ def test_bad_input_is_refused_with_exit_2(workdir):
     )
     r = cb("up", "--machine", str(bad), *w, check=False)
     assert r.returncode == 2 and "beyond the machine's memory" in r.stderr
+    r = cb("up", "--scheme", "reboot", "--keep-apps", *w, check=False)
+    assert r.returncode == 2 and "--keep-apps: none of the schemes keeps" in r.stderr
+    assert leftovers(workdir) == []
 
 
 def test_reboot_scheme_recovers_twice_and_reports_phases(workdir):
@@ -131,8 +134,10 @@ def test_reboot_scheme_recovers_twice_and_reports_phases(workdir):
 
 def test_orthros_lab_fails_over_twice_with_the_nic(workdir):
     w = ["--workdir", str(workdir)]
-    out = cb("up", "--scheme", "orthros", *w).stdout
-    assert "backup kernel" in out and "standby" in out
+    # without keeping: kept processes would keep the NIC where they are
+    out = cb("up", "--scheme", "orthros", "--no-keep-apps", *w).stdout
+    assert "backup kernel" in out and "standby" in out and "processes kept" not in out
+    assert json.loads(cb("status", *w, "--json").stdout)["keeps_processes"] is False
     mnt = json.loads(cb("status", *w, "--json").stdout)["partitions"][0]["kernel"]["mount"]
     for n, fault in enumerate(("panic", "hang")):
         Path(mnt, f"notes{n}.txt").write_text(f"unsaved {n}\n" * 1000)
@@ -152,6 +157,45 @@ def test_orthros_lab_fails_over_twice_with_the_nic(workdir):
             assert net["service_ip"] in ns  # the address moved with the service
     for n in range(2):
         assert Path(mnt, f"notes{n}.txt").read_text() == f"unsaved {n}\n" * 1000
+    cb("down", *w)
+    assert leftovers(workdir) == []
+
+
+WRITER = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+i = 0
+while not os.path.exists(sys.argv[2]):
+    os.write(fd, b"%08d" % i * 512)  # 4 KiB, numbered
+    i += 1
+    time.sleep(0.01)
+os.close(fd)
+print(i)
+"""
+
+
+def test_an_orthros_lab_keeping_processes_lets_a_writer_on_the_mount_go_on(workdir):
+    w = ["--workdir", str(workdir)]
+    cb("up", "--scheme", "orthros", "--keep-apps", *w)
+    st = json.loads(cb("status", *w, "--json").stdout)
+    assert st["options"] == {"keep_processes": True} and st["keeps_processes"] is True
+    path = Path(st["partitions"][0]["kernel"]["mount"], "stream.bin")
+    stop = workdir / "stop-writing"
+    argv = [sys.executable, "-c", WRITER, str(path), str(stop)]
+    writer = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        for fault in ("panic", "kill"):
+            res = json.loads(cb("crash", "--fault", fault, "--wait", "--json", *w).stdout)
+            assert res["report"]["verdict"] == "recovered", fault
+            assert writer.poll() is None, f"the writer stopped at the {fault}"
+        stop.touch()
+        out, _ = writer.communicate(timeout=60)
+        assert writer.returncode == 0  # no error from the mount across two failovers
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert path.read_bytes() == b"".join(b"%08d" % i * 512 for i in range(int(out)))
     cb("down", *w)
     assert leftovers(workdir) == []
 

@@ -193,6 +193,7 @@ def test_run_leaves_no_mount_namespace_or_process_behind(run_dir):
         (["--param", "clients"], "expected NAME=VALUE"),
         (["--param", "colour=blue"], "unknown parameter(s) colour"),
         (["--schemes", "reboot", "--keep-apps"], "--keep-apps: none of the schemes keeps"),
+        (["--schemes", "reboot", "--no-keep-apps"], "--no-keep-apps: none of the schemes keeps"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, names):

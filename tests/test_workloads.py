@@ -1,6 +1,7 @@
 """The `postgres` and `http` workloads end to end: real PostgreSQL and nginx on the FUSE
 mount, psycopg and locust clients in the client namespace, one short trial under `orthros`
-and under `reboot` through the real CLI, and a failed trial of each in process.
+(without keeping its processes) and under `reboot` through the real CLI, and a failed trial
+of each in process.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def run_workload(tmp_path_factory, workload: str):
         "run",
         "--schemes",
         "orthros,reboot",
+        "--no-keep-apps",  # both restart the server: its start-up and recovery are measured
         "--workload",
         workload,
         "--fault",

@@ -156,15 +156,25 @@ def up_cmd(
     workdir: Path = typer.Option(
         DEFAULT_WORKDIR, help="where the lab keeps memory, disk, mount, logs, state"
     ),
+    keep_apps: Optional[bool] = typer.Option(
+        None,
+        "--keep-apps/--no-keep-apps",
+        help="a scheme that can keep the crashed kernel's processes running (orthros) does so "
+        "(programs using the mount wait through a failover), or restarts them; "
+        "default: the scheme's own",
+        show_default=False,
+    ),
 ):
     """Boot the machine in the background; return once its file system serves."""
+    from harness.commands.options import OptionError, keep_apps_options
     from harness.lab import Lab, LabError
     from kernel.hw.machine import MachineError
 
     warn_orphans("up")
     try:
-        lab = Lab.up(workdir, str(machine_file) if machine_file else None, scheme)
-    except (LabError, MachineError) as e:
+        options = keep_apps_options([scheme], keep_apps)
+        lab = Lab.up(workdir, str(machine_file) if machine_file else None, scheme, options=options)
+    except (LabError, MachineError, OptionError) as e:
         err.print(f"crashbench up: {e}")
         raise typer.Exit(2)
     st = lab.status()
@@ -183,8 +193,9 @@ def up_cmd(
             + (f"; clients run in netns {net['client_netns']}" if net["client_netns"] else "")
             + ")"
         )
+    kept = " (processes kept across a crash)" if st["keeps_processes"] else ""
     console.print(
-        f"scheme: {st['scheme']}.  Try: crashbench status · crashbench crash --fault panic --wait · crashbench down"
+        f"scheme: {st['scheme']}{kept}.  Try: crashbench status · crashbench crash --fault panic --wait · crashbench down"
     )
 
 

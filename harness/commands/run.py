@@ -135,16 +135,15 @@ def _check_param_value(workload: str, name: str, value, default) -> None:
         _fail(f"--param {name}: must be a finite number, not negative, got {value!r}")
 
 
-def _scheme_options(names: list[str], keep_apps: bool) -> dict:
+def _scheme_options(names: list[str], keep_apps: bool | None) -> dict:
     """The options the run sets (``RecoveryScheme.options``); a flag no named scheme
     declares is refused, not ignored."""
-    if not keep_apps:
-        return {}
-    from systems.base import registry
+    from harness.commands.options import OptionError, keep_apps_options
 
-    if not any("keep_processes" in registry()[n].options for n in names):
-        _fail("--keep-apps: none of the schemes keeps processes (orthros does)")
-    return {"keep_processes": True}
+    try:
+        return keep_apps_options(names, keep_apps)
+    except OptionError as e:
+        _fail(str(e))
 
 
 def check_root(command: str) -> None:
@@ -229,10 +228,12 @@ def run_cmd(
         None, "--machine", help="machine description (TOML), or a shipped one by name: paper"
     ),
     out: Optional[Path] = typer.Option(None, help="result directory (default: results/<run id>)"),
-    keep_apps: bool = typer.Option(
-        False,
-        "--keep-apps",
-        help="schemes that can keep the crashed kernel's processes running (orthros) do so",
+    keep_apps: Optional[bool] = typer.Option(
+        None,
+        "--keep-apps/--no-keep-apps",
+        help="schemes that can keep the crashed kernel's processes running (orthros) do so, "
+        "or restart them instead; default: each scheme's own",
+        show_default=False,
     ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ):

@@ -8,11 +8,14 @@ validated, in place — and serves the same mount; the report it writes is this 
 RecoveryReport. Then a new backup boots in the freed partition (re-pairing), so a second
 crash is survived too.
 
-``Orthros(keep_processes=True)`` (opt-in) also keeps the dead kernel's processes, unmodified
-and with the same pid: the host holds a copy of the FUSE connection (kernel/hw/host.py
-``hold_connection``), so the kernel's death does not end it and the applications' requests
-wait; the backup resumes the same connection and continues the processes
-(systems/keep.py). The report says what became of each one (``processes``).
+By default it also keeps the dead kernel's processes, unmodified and with the same pid: the
+host holds a copy of the FUSE connection (kernel/hw/host.py ``hold_connection``), so the
+kernel's death does not end it and the applications' requests wait; the backup resumes the
+same connection and continues the processes (systems/keep.py). The report says what became
+of each one (``processes``). Keeping needs cgroup process sets (freeze, move): on a host
+without them the default falls back to restarting the apps (``keep`` says which, once
+deployed), and ``keep_processes=True`` is refused there. ``keep_processes=False`` restarts
+the apps on the backup as a reboot would (the comparison without keeping).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Orthros(RecoveryScheme):
         keeps_cache=True,
         keeps_dirty_cache=True,
         keeps_processes=True,
+        keeps_unmodified_processes=True,  # by default, where the host has cgroup process sets
         migrates_cache=True,
         partitions_needed=2,
     )
@@ -43,13 +47,30 @@ class Orthros(RecoveryScheme):
         net_tag: str | None = None,
         missed_beats: int = param.HEARTBEAT_MISSED_BEATS,
         *,
-        keep_processes: bool = False,
+        keep_processes: bool | None = None,
     ):
         self.net_tag, self.missed = net_tag, missed_beats
         self.crashes = 0
-        self.keep = keep_processes
-        if keep_processes:
-            self.capabilities = replace(Orthros.capabilities, keeps_unmodified_processes=True)
+        self.asked = keep_processes  # None: keep where the host can
+        self._keeping(keep_processes is not False)
+
+    def _keeping(self, keep: bool) -> None:
+        self.keep = keep
+        self.capabilities = replace(Orthros.capabilities, keeps_unmodified_processes=keep)
+
+    def _decide_keeping(self, host) -> None:
+        """Keep where the host's process sets can freeze and move processes (cgroups)."""
+        from kernel.hw.procset import ProcError, ProcessSet
+
+        if self.asked is False:
+            return
+        try:
+            can = ProcessSet(host.tag, 0).mode != "pids"
+        except ProcError:
+            can = False
+        if self.asked and not can:
+            raise RuntimeError("keeping processes needs cgroup process sets (run as root)")
+        self._keeping(can)
 
     def _keep_args(self) -> tuple[str, ...]:
         if not self.keep:
@@ -59,6 +80,7 @@ class Orthros(RecoveryScheme):
 
     def deploy(self, host, apps=()) -> None:
         self.host, self.apps = host, list(apps)
+        self._decide_keeping(host)
         net = host.net
         if self.net_tag is None and net is not None and net.mode == "netns":
             self.net_tag = net.tag  # the backup takes the NIC over at takeover

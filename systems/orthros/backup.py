@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     def serving() -> None:
         t = time.monotonic()
         report.phase("first service", t_serve, t)
-        if specs and args.keep_apps:
+        if args.keep_apps:  # with no apps too: the frozen set is fenced and thawed
             netns = net.netns(net.owner()) if net is not None else args.netns
             keep.into_report(report, k, args.watch, args.tag, specs, netns)
             report.phase("process keeping", t)
