@@ -21,6 +21,20 @@ the layer is shared so that other schemes resurrect processes with the same code
   cannot be trusted) is started again from its application's spec, and each fate is
   returned with its reason (systems/base.py ``ProcessFate``); ``into_report`` puts them
   and their counts into the takeover's RecoveryReport.
+
+Promises to a kernel that takes over in the dead kernel's own partition (the Otherworld
+crash kernel, systems/otherworld/crashkernel.py), whose process set it shares:
+
+* ``halt(tag, part)``, by the watchdog once the dead kernel is killed: every process of the
+  partition stopped (SIGSTOP, with the set frozen meanwhile so no fork slips past), and the
+  set left thawed, because the crash kernel joins that same set and must run.
+* ``resurrect(k, entries, bad, specs, netns)``, with the table the crash kernel read before
+  it took the partition's table (``read_proc_table``): as ``keep_processes``, but nothing
+  moves — the kept processes stay in their set and on their CPUs; what is not kept is
+  killed process by process (never the set: the crash kernel is in it); a kept
+  runtime-aware process keeps its state segment and, when it registered a crash procedure
+  (kernel/core/rtaware.py ``on_crash``), has it called before it continues.
+  ``resurrect_into_report`` puts the fates into a RecoveryReport as ``into_report`` does.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -179,7 +194,10 @@ def _kept(entries, fates):
 def into_report(report, k, dead_part: int, tag: str, specs: list[dict], netns) -> None:
     """Keep the dead kernel's processes (``keep_processes``; an app restarted joins them
     in ``netns``, beside the NIC) and say in ``report`` what became of each."""
-    before, fates = keep_processes(k, dead_part, tag, specs, netns)
+    _report_fates(report, *keep_processes(k, dead_part, tag, specs, netns))
+
+
+def _report_fates(report, before: int, fates: list[ProcessFate]) -> None:
     report.processes = fates
     n = report.process_counts()
     report.processes_before = before
@@ -187,3 +205,93 @@ def into_report(report, k, dead_part: int, tag: str, specs: list[dict], netns) -
     report.notes.append(
         f"{n['preserved']} processes kept running, {n['restarted']} restarted, {n['lost']} lost"
     )
+
+
+# ---------------------------------------------------------------- in place (Otherworld)
+
+KILL_WAIT_S = 2.0  # for the processes not kept to exit after SIGKILL
+
+
+def halt(tag: str, part: int) -> list[int]:
+    """Stop every process of the partition where it is, as halted CPUs stop them, and
+    leave its set thawed (see the module's promises); the processes stopped. A process
+    waiting in a request of the held connection stops once the request is answered."""
+    ps = ProcessSet(tag, part, create=False)
+    ps.freeze()  # no fork goes past this point
+    try:
+        members = ps.pids()
+        for pid in members:
+            _signal(pid, signal.SIGSTOP)
+    finally:
+        ps.thaw()  # each member now takes its pending SIGSTOP before it runs again
+    return members
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def resurrect(
+    k, entries: list[dict], bad: list, specs: list[dict], netns=None
+) -> tuple[int, list[ProcessFate]]:
+    """Continue in place what can be kept, restart the rest (see the module's promises);
+    returns how many processes the dead kernel's table held, and the fate of each."""
+    from kernel.core import rtaware
+    from kernel.hw.net import enter_netns
+
+    me = os.getpid()
+    members = [p for p in k.pset.pids() if p != me]
+    fates: list[ProcessFate] = []
+    kept: dict[int, dict] = {}
+    for e in entries:
+        why = _why_not_kept(e, members)
+        if why:
+            fates.append(ProcessFate(e["name"], e["pid"], "restarted", why))
+            continue
+        k.procs.adopt(e, keep_state=True)
+        kept[e["pid"]] = e
+        fates.append(ProcessFate(e["name"], e["pid"], "preserved", "entry valid, process running"))
+    family = _family(set(kept), members)
+    _kill_all([p for p in members if p not in family])  # its kernel state is not trusted
+    for f in fates:
+        e = kept.get(f.pid) if f.fate == "preserved" else None
+        if e is not None and e["runtime_aware"] and rtaware.catches_crash_signal(f.pid):
+            _signal(f.pid, rtaware.CRASH_SIGNAL)  # pending: the first thing it handles
+            f.reason += "; its crash procedure called"
+    for pid in family:
+        _signal(pid, signal.SIGCONT)
+    fates += _restart(k, specs, entries, bad, fates, enter_netns(netns))
+    return len(entries) + len(bad), fates
+
+
+def _kill_all(pids: list[int]) -> None:
+    """SIGKILL each (stopped) process and wait, bounded, until none runs on."""
+    for pid in pids:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while not all(_gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            log.warning("processes still exiting after SIGKILL: %s", pids)
+            return
+        time.sleep(0.002)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b") ", 1)[1][:1] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+def resurrect_into_report(
+    report, k, entries: list[dict], bad: list, specs: list[dict], netns
+) -> None:
+    """``resurrect``, and in ``report`` what became of each process (as ``into_report``)."""
+    _report_fates(report, *resurrect(k, entries, bad, specs, netns))
+    called = sum(1 for f in report.processes if f.reason.endswith("crash procedure called"))
+    if called:
+        report.notes.append(f"{called} crash procedures called before their processes went on")

@@ -657,6 +657,22 @@ def test_an_adopted_entry_keeps_pid_name_argv_hash_and_open_files(mem, tmp_path)
     assert [r[:2] for r in new.open_file_records()] == [(4343, "web")]
 
 
+def test_an_entry_adopted_in_its_own_partition_keeps_its_state_segment(mem):
+    lay = partition_layout(0, 0, SIZE)
+    old = ProcTable(mem, lay)
+    old.register(fake_app(4444, "editor", runtime_aware=True), state_slot=3)
+    (e,), _ = read_proc_table(mem, lay)
+    new = ProcTable(mem, lay, keep_apps=True)  # the crash kernel's table, same partition
+    new.adopt(e, keep_state=True)
+    (a,), _ = read_proc_table(mem, lay)
+    assert a["runtime_aware"] and a["state_slot"] == 3
+    assert new.reserve_state() != 3  # an app started now never gets the kept one's segment
+    moved = ProcTable(mem, partition_layout(0, 0, SIZE))
+    moved.adopt(e)  # elsewhere: entered without the segment
+    (b,), _ = read_proc_table(mem, lay)
+    assert not b["runtime_aware"] and b["state_slot"] is None
+
+
 def test_read_proc_table_rejects_each_corruption_with_its_own_message(mem, tmp_path):
     lay = partition_layout(0, 0, SIZE)
     tab = ProcTable(mem, lay)
@@ -878,3 +894,32 @@ def test_editor_survives_its_crash_through_its_state_segment(lab, mem, tmp_path)
     )
     app2.stop(WAIT_S)
     assert [a.name for a in tab1.reap()] == ["editor"] and read_proc_table(mem, lay1) == ([], [])
+
+
+CRASH_PROC = """
+import sys, time
+from kernel.core import rtaware
+if sys.argv[1] == "yes":
+    rtaware.on_crash(lambda: print("crash procedure ran", flush=True))
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("registers", [True, False])
+def test_a_registered_crash_procedure_is_seen_by_the_kernel_and_runs_on_its_signal(registers):
+    p = subprocess.Popen(
+        [sys.executable, "-c", CRASH_PROC, "yes" if registers else "no"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert readline(p).strip() == "ready"
+        assert rtaware.catches_crash_signal(p.pid) == registers
+        if registers:
+            os.kill(p.pid, rtaware.CRASH_SIGNAL)
+            assert readline(p).strip() == "crash procedure ran"
+    finally:
+        p.kill()
+        p.wait()
+    assert not rtaware.catches_crash_signal(p.pid)  # no such process: nothing registered

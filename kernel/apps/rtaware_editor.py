@@ -10,6 +10,10 @@ lines=<count> digest=<hex>`` (``seq=0 lines=0`` when there was none), so a resur
 editor visibly continues with the buffer it had. Commands: a line ``:w PATH`` writes the
 buffer to a file (fsync'd), ``:q`` quits. SIGTERM quits. Without a state segment (not
 launched as runtime-aware) it still runs, and says so; nothing then survives.
+``--crash-save PATH`` registers a crash procedure (kernel/core/rtaware.py ``on_crash``):
+when a kernel that resurrected the editor calls it, the editor first writes its buffer to
+PATH (fsync'd) and prints ``crash procedure: wrote PATH lines=<count>
+digest=<hex>``, then goes on with the same buffer.
 
 The buffer is the lines joined by "\\n" (each line ends with "\\n"), UTF-8.
 """
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kernel.apps.rtaware_editor", description=__doc__.splitlines()[0]
     )
     ap.add_argument("--fifo", required=True, help="read lines from this FIFO (made if absent)")
+    ap.add_argument("--crash-save", help="crash procedure: write the buffer to this file")
     a = ap.parse_args(argv)
     out = sys.stdout
 
@@ -87,8 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     fd = os.open(a.fifo, os.O_RDWR | os.O_NONBLOCK)  # RDWR: no EOF when writers go
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
-    pending = {"usr1": 0, "term": False}
+    pending = {"usr1": 0, "term": False, "crash": False}
     signal.signal(signal.SIGUSR1, lambda *_: pending.__setitem__("usr1", pending["usr1"] + 1))
+    if a.crash_save:
+        rtaware.on_crash(lambda: pending.__setitem__("crash", True))
+
+    def write(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(encode(lines))
+            f.flush()
+            os.fsync(f.fileno())
+
     signal.signal(signal.SIGTERM, lambda *_: pending.__setitem__("term", True))
     nsig = 0
     partial = b""
@@ -102,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                 os.read(wake_r, 512)
             except BlockingIOError:
                 pass
+        if pending["crash"]:  # before anything else it was asked to do
+            pending["crash"] = False
+            write(a.crash_save)
+            say(
+                f"crash procedure: wrote {a.crash_save} lines={len(lines)} "
+                f"digest={digest(encode(lines))}"
+            )
         while pending["usr1"]:
             pending["usr1"] -= 1
             nsig += 1
@@ -121,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
                 if line.startswith(":w "):
                     path = line[3:].strip()
-                    with open(path, "wb") as f:
-                        f.write(encode(lines))
-                        f.flush()
-                        os.fsync(f.fileno())
+                    write(path)
                     say(f"wrote {path} lines={len(lines)}")
                     continue
                 commit(line)

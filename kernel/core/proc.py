@@ -27,7 +27,8 @@ the harness:
   a release closes the record of its handle in whichever process holds it, so one that
   comes without a pid (the host sends it from a kernel thread after the process exited)
   closes exactly that open, never another holder's of the same inode;
-  ``adopt(entry)`` enters a process kept from a dead kernel's table, with its open files.
+  ``adopt(entry)`` enters a process kept from a dead kernel's table, with its open files
+  (and, ``keep_state``, in the dead kernel's own partition, with its state segment).
   Free entries are all zeros. ``ProcTable.launch`` reserves a state segment for a
   runtime-aware app, tells the app where it is (kernel/core/rtaware.py), launches and
   registers it.
@@ -579,13 +580,18 @@ class ProcTable:
         app.table_slot, app.state_slot = slot, state_slot
         return slot
 
-    def adopt(self, entry: dict) -> int:
+    def adopt(self, entry: dict, keep_state: bool = False) -> int:
         """Enter a process kept from a dead kernel's table (an entry ``read_proc_table``
         validated), with its open files; returns its slot. It has no App here: the dead
-        kernel launched it, and init reaps it."""
+        kernel launched it, and init reaps it. ``keep_state``: the table is the dead
+        kernel's own partition's, so a runtime-aware process keeps its state segment
+        (still mapped by it) and stays runtime-aware; otherwise it is entered without."""
         files = [(f["fh"], f["oflags"], f["refs"]) for f in entry["files"]]
         files += [(0, 0, 0)] * (PROC_FILES - len(files))
+        state = entry["state_slot"] if keep_state and entry["state_slot"] is not None else -1
         with self._lock:
+            if state >= 0 and state in self._states:
+                raise ValueError(f"adopt {entry['name']}: state segment {state} already in use")
             if entry["pid"] in self._slot_of:
                 raise ValueError(f"adopt {entry['name']}: pid {entry['pid']} already registered")
             free = [s for s in range(self.lay.n_proc) if s not in self._e]
@@ -593,9 +599,9 @@ class ProcTable:
                 raise ProcTableFull(f"partition {self.lay.part_id}: process table full")
             slot = free[0]
             self._e[slot] = {
-                "flags": entry["flags"] & ~PF_RUNTIME_AWARE,
+                "flags": entry["flags"] & ~(0 if state >= 0 else PF_RUNTIME_AWARE),
                 "pid": entry["pid"],
-                "state_slot": -1,
+                "state_slot": state,
                 "uid": entry["uid"],
                 "started_ns": entry["started_ns"],
                 "argv_hash": entry["argv_hash"],
@@ -603,6 +609,8 @@ class ProcTable:
                 "files": files,
             }
             self._slot_of[entry["pid"]] = slot
+            if state >= 0:
+                self._states.add(state)
             self._store(slot)
         return slot
 

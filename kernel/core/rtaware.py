@@ -22,6 +22,15 @@ Promises to a runtime-aware app (it imports this module), to its kernel (kernel/
   returns the halves it rejected (a half torn by a crash mid-save is one of them).
 * Kernel side: ``clear_state`` empties a segment (through ``mem.write``), ``write_state``
   stores a payload as a valid record (resurrection into a new segment).
+* Crash procedure (Otherworld's term): ``on_crash(fn)`` registers ``fn`` as the app's
+  crash procedure, the handler of ``CRASH_SIGNAL`` (a real-time signal, sent only to a
+  process that catches it). A kernel that resurrects the process after its kernel's crash in place
+  (systems/keep.py ``resurrect``) sees the registration as the kernel sees any handler
+  (``catches_crash_signal``: the caught-signal mask in /proc) and queues the signal while
+  the process is still stopped, so the procedure is the first thing it handles when it
+  goes on. ``fn`` runs in the main thread, between two Python instructions, as any
+  Python signal handler; an app that must not be interrupted there defers its work
+  (the editor, kernel/apps/rtaware_editor.py, does it in its main loop).
 
 Segment of length L (L/2 per half, header 64 bytes, capacity L/2 - 64 bytes)::
 
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 from dataclasses import dataclass, field
 
 import xxhash
@@ -46,6 +56,7 @@ ENV_PHYSMEM = "CRASHBENCH_PHYSMEM"
 ENV_PHYSMEM_FD = "CRASHBENCH_PHYSMEM_FD"
 ENV_STATE_PHYS = "CRASHBENCH_STATE_PHYS"
 ENV_STATE_LEN = "CRASHBENCH_STATE_LEN"
+CRASH_SIGNAL = signal.SIGRTMIN + 3  # a crash procedure's call (its default action kills)
 
 STATE_HEADER = Layout(
     "state record", "RTST", 1, [("seq", "Q"), ("length", "Q"), ("payload_csum", "Q")], 64
@@ -270,3 +281,23 @@ def save(payload: bytes) -> int:
 
 def load() -> bytes | None:
     return attach().load()
+
+
+# ---------------------------------------------------------------- crash procedure
+
+
+def on_crash(fn) -> None:
+    """Register ``fn()`` as this process's crash procedure (see the module's promises)."""
+    signal.signal(CRASH_SIGNAL, lambda *_: fn())
+
+
+def catches_crash_signal(pid: int) -> bool:
+    """Has process ``pid`` registered a crash procedure (a handler of CRASH_SIGNAL)?"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (CRASH_SIGNAL - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False

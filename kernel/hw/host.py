@@ -3,8 +3,9 @@
 Promises to the harness, the lab commands and the tests: ``Host`` creates the machine's
 physical-memory file in /dev/shm and its disk images (formatted on first use), launches
 kernel daemons as real processes (own session, so a crash can take their whole process
-group), waits until they serve, crashes them (SIGKILL) or stops them cleanly, holds a copy of their FUSE connection for a
-scheme that keeps processes (``hold_connection``), and
+group), waits until they serve, crashes them (SIGKILL) or stops them cleanly, holds a copy
+of their FUSE connection for a scheme that keeps processes (``hold_connection``; released
+with ``release_connection``), and
 ``close()`` removes every mount, process and memory file it made — also after a failure.
 
 What holds the machine's data is its owner's only (param.OWNER_ONLY_MODE, set explicitly
@@ -217,6 +218,13 @@ class Host:
             self.fuse_fd = fusedev.duplicate(kp.pid, fd)
         return os.getpid(), self.fuse_fd
 
+    def release_connection(self) -> None:
+        """Close the copy ``hold_connection`` keeps (a rebooted kernel's connection is a new
+        one, to be held in turn); nothing when none is held."""
+        if self.fuse_fd is not None:
+            os.close(self.fuse_fd)
+            self.fuse_fd = None
+
     def control(self, part_id: int, req: dict, timeout: float = 10.0) -> dict:
         """One request to a running kernel's control socket (kernel/hw/control.py)."""
         from kernel.hw.control import ctl_path, request
@@ -274,9 +282,7 @@ class Host:
                 pass
         for kp in kps:
             kp.proc.wait()
-        if self.fuse_fd is not None:
-            os.close(self.fuse_fd)
-            self.fuse_fd = None
+        self.release_connection()
         for m in self.workdir.glob("mnt-p*"):
             if fusedev.is_mounted(str(m)):
                 fusedev.abort_and_unmount(str(m))

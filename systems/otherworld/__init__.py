@@ -5,22 +5,29 @@ on partition 0; the crash kernel is *loaded*, not started — an image record (i
 parameters and the sha256 of its code, checksummed; kernel/core/crashimage.py) written
 into partition 0's reserved crash-kernel area. No standby process, no second core, no
 watcher of its own: the machine's watchdog (systems/detect.py, as `reboot` has) is the only
-observer. On a failure (a dying message, or the heartbeat stopped: a hang or a kill) the
-watchdog checks the image (phase ``image check``), fences the dead kernel and its apps, and
-starts the crash kernel from the image on the same partition and CPU (after the
-machine profile's kernel boot time, modeled; not its firmware time: nothing resets the
-machine)
-(systems/otherworld/crashkernel.py): it walks the dead kernel's memory, adopts the file
-cache in place, dirty pages included, mounts + replays, restarts the applications afresh
-(process resurrection: not yet), loads a fresh image and serves as the main kernel, so a
-second crash is survived the same way. A refused image (or a crash kernel that refuses to
-run) is counted (``images_refused``), its reason reported, and the machine falls back to a
-plain reboot (systems/reboot), after which a fresh image is loaded again.
+observer. The main kernel records its applications' open files (``--keep-apps``) and
+the host holds a copy of its FUSE connection (kernel/hw/host.py ``hold_connection``), as
+memory and devices outlive a kernel: when it dies the connection lives on, and the
+applications' requests wait. On a failure (a dying message, or the heartbeat stopped: a
+hang or a kill) the watchdog checks the image (phase ``image check``), fences the dead
+kernel (its process only) and halts its applications where they are (systems/keep.py
+``halt``), and starts the crash kernel from the image on the same partition and CPU
+(after the machine profile's kernel boot time, modeled; not its firmware time: nothing
+resets the machine) (systems/otherworld/crashkernel.py): it walks the dead kernel's
+memory, adopts the file cache in place, dirty pages included, mounts + replays,
+resurrects the processes — each whose process-table entry is valid goes on with the same
+pid and its open files, a runtime-aware one after its crash procedure; one whose entry is
+rejected is restarted, and counted — serves the same connection, loads a fresh image and
+is the main kernel, so a second crash is survived the same way. A refused image (or a
+crash kernel that refuses to run) is counted (``images_refused``), its reason reported,
+and the machine falls back to a plain reboot (systems/reboot: the applications restarted),
+after which a fresh image is loaded again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import ClassVar
@@ -29,8 +36,12 @@ from kernel import param
 from kernel.core import crashimage
 from kernel.hw.host import BootError
 from kernel.hw.physmem import PhysMem, partition_layout
+from kernel.hw.procset import ProcError, fence_partition
+from systems import keep
 from systems.base import Capabilities, Phase, RecoveryReport, Reservation
-from systems.reboot import Reboot, _count_processes
+from systems.reboot import Reboot
+
+log = logging.getLogger("otherworld")
 
 CRASH_KERNEL = "systems.otherworld.crashkernel"
 # the code the image's digest covers: the crash kernel and what it adopts the cache with
@@ -41,13 +52,20 @@ CRASH_KERNEL_CODE = (
     "kernel.core.pageadopt",
     "kernel.tools.txncomplete",
     "systems.adoption",
+    "systems.keep",
 )
 REPORT_TIMEOUT_S = 60.0  # for the crash kernel's counts, after first service
 
 
 class Otherworld(Reboot):
     name = "otherworld"
-    capabilities = Capabilities(keeps_cache=True, keeps_dirty_cache=True, migrates_cache=True)
+    capabilities = Capabilities(
+        keeps_cache=True,
+        keeps_dirty_cache=True,
+        keeps_processes=True,
+        keeps_unmodified_processes=True,
+        migrates_cache=True,
+    )
     kernel_modules: ClassVar[tuple[str, ...]] = ("kernel.core.kernel", CRASH_KERNEL)
 
     def __init__(self, firmware_s: float | None = None):
@@ -60,6 +78,13 @@ class Otherworld(Reboot):
         p = host.machine.partition(0)
         self.lay = partition_layout(0, p.base, p.size)
         self._load_image(0)
+
+    def _boot(self):
+        """The main kernel, recording its apps' open files; the host holds its connection."""
+        self.host.release_connection()  # a rebooted kernel's is a new one
+        kp = self.host.boot(0, apps=self.apps, extra=("--keep-apps",))
+        self.host.hold_connection(0)
+        return kp
 
     def _load_image(self, generation: int) -> crashimage.Image:
         """What `kexec -p` does: the crash kernel's image into the reserved area."""
@@ -89,9 +114,8 @@ class Otherworld(Reboot):
             return self._fall_back(r, str(e))
         r.phase("image check", t)
         t = time.monotonic()
-        self._fence()
+        self._halt()
         r.phase("fence", t)
-        before = _count_processes(self.host)
         # the crash kernel boots as a kernel does, without the firmware: the machine profile's
         # kernel boot time is spent where real hardware spends it (none without a profile)
         self._modeled(r, "kernel boot", self.kernel_boot_s)
@@ -99,9 +123,18 @@ class Otherworld(Reboot):
             self._start_crash_kernel(r, image)
         except BootError as e:
             return self._fall_back(r, f"the crash kernel did not come up: {e}".splitlines()[0])
-        r.processes_before, r.processes_recovered = before, min(before, len(self.apps))
         r.recovered = True
         return r
+
+    def _halt(self) -> None:
+        """The dead kernel killed (its process group: the applications have sessions of
+        their own), its applications stopped where they are; the connection stays."""
+        self.host.crash(0)
+        try:
+            keep.halt(self.host.tag, 0)
+        except ProcError as e:  # no cgroup set to stop them in: they cannot be kept
+            log.warning("applications fenced, not kept: %s", e)
+            fence_partition(self.host.tag, 0)
 
     def _report_path(self):
         return self.host.workdir / f"otherworld-recovery-{self.crashes}.json"
@@ -111,10 +144,12 @@ class Otherworld(Reboot):
         path = self._report_path()
         path.unlink(missing_ok=True)
         t = time.monotonic()
+        pid, fd = self.host.hold_connection(0)
         kp = self.host.boot(
             0,
+            self.host.kernels[0].mount,  # the same mount: its connection lives on
             module=image.params["module"],
-            extra=("--report", str(path)),
+            extra=("--report", str(path), "--hold-pid", str(pid), "--hold-fd", str(fd)),
             name="crashkernel",
             apps=self.apps,
         )
@@ -126,6 +161,8 @@ class Otherworld(Reboot):
         r.phases += [Phase(p["name"], p["start"], p["end"], p["modeled"]) for p in d["phases"]]
         got = RecoveryReport.from_dict(d)
         r.cache, r.rejected, r.notes = got.cache, r.rejected + got.rejected, r.notes + got.notes
+        r.processes, r.processes_before = got.processes, got.processes_before
+        r.processes_recovered = got.processes_recovered
 
     def _wait_report(self, path, kp) -> dict:
         deadline = time.monotonic() + REPORT_TIMEOUT_S

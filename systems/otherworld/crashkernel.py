@@ -8,10 +8,15 @@ dead kernel's mailbox, walks the dead kernel's memory and chooses the file pages
 clean and dirty (kernel/core/cachewalk.py), takes the disk, completes the dead kernel's
 running transaction if fsck would accept it (kernel/tools/txncomplete.py), mounts with the
 pages adopted in place (kernel/core/pageadopt.py: each checked before it is used or written
-back), becomes P's main kernel (its own mailbox, heartbeat and control socket), restarts
-the partition's applications afresh, and loads a fresh crash-kernel image (the next
-generation) into the reserved area before it says it is ready, so a second crash is
-survived too. After first service it checks the adopted pages no request has used yet and
+back), becomes P's main kernel (its own mailbox, heartbeat and control socket), resurrects
+the dead kernel's processes (systems/keep.py ``resurrect``: the table is read from raw
+memory before this kernel takes the partition's table; each process whose entry is valid
+goes on where it is, with the same pid and open files, after its crash procedure if it
+registered one; the rest is killed and its application started again), serves the same
+FUSE connection the dead kernel served (``--hold-pid``/``--hold-fd``: the host's copy of
+it; the requests the dead kernel read and never answered are sent again), and loads a
+fresh crash-kernel image (the next generation) into the reserved area before it says it
+is ready, so a second crash is survived too. After first service it checks the adopted pages no request has used yet and
 writes its part of the RecoveryReport (phases, cache counts, every refusal's reason) to
 ``--report``.
 """
@@ -30,10 +35,12 @@ from kernel.core import crashimage
 from kernel.core.cachewalk import collect
 from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.core.memreader import check_pages
+from kernel.core.proc import read_proc_table
 from kernel.hw import machine as machine_mod
 from kernel.hw import mailbox
 from kernel.hw.physmem import CorruptObject
 from kernel.tools.txncomplete import complete_transaction
+from systems import keep
 from systems.adoption import check_rest, drop_orphans, report_adoption, report_lost, take_disk
 from systems.base import RecoveryReport
 
@@ -51,9 +58,9 @@ def dead_devices(k: Kernel) -> list[str]:
     return [d for d in owned.split(",") if d] or list(k.part.devices)
 
 
-def adopt(k: Kernel, r: RecoveryReport, delay: bool):
-    """Walk, take the disk, complete the transaction, mount with the pages adopted."""
-    t = time.monotonic()
+def adopt(k: Kernel, r: RecoveryReport, delay: bool, t: float):
+    """Walk (from ``t``, when the walk of the dead kernel's memory began), take the disk,
+    complete the transaction, mount with the pages adopted."""
     devices = dead_devices(k)  # before this kernel's own mailbox replaces the dead one's
     harvest = collect(k.mem, k.lay.base, k.lay.size, k.lay.part_id)  # reads memory only
     r.phase("cache migration", t)
@@ -94,6 +101,10 @@ def write_report(path: str, r: RecoveryReport, extra: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = kernel_arguments("python -m systems.otherworld.crashkernel", __doc__.splitlines()[0])
     ap.add_argument("--report", required=True, help="file to write the recovery report to")
+    ap.add_argument(
+        "--hold-pid", type=int, required=True, help="the process holding the FUSE connection"
+    )
+    ap.add_argument("--hold-fd", type=int, required=True, help="its descriptor of the connection")
     args = ap.parse_args(argv)
     started = time.monotonic()  # control reached the crash kernel's code
     logging.basicConfig(
@@ -109,21 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to run: %s", e)
         return REFUSED_EXIT
     r = RecoveryReport("otherworld", None, started)
+    conn = keep.Connection.take(args.hold_pid, args.hold_fd, args.workdir)
+    t = time.monotonic()
+    table = read_proc_table(k.mem, k.mlay)  # before this kernel's own table replaces it
+    k.keep_apps = True  # what it starts or resurrects outlives it in turn
     k.join_partition(args.tag)
     gc.disable()  # the adoption makes many objects and frees none: no collections
-    vfs, unchecked = adopt(k, r, not args.no_delay)
+    vfs, unchecked = adopt(k, r, not args.no_delay, t)
     specs = json.loads(open(args.apps).read()) if args.apps else []
-    mounted = r.phases[-1].end
+    t = time.monotonic()
+    keep.resurrect_into_report(r, k, *table, specs, args.netns)
+    r.phase("process resurrection", t)
+    resurrected = r.phases[-1].end
 
     def serving() -> None:
-        t = time.monotonic()
-        r.phase("first service", mounted, t)
-        if specs:
-            k.start_apps(specs, args.netns)
-            r.phase("app restart", t)
-        r.notes.append(
-            f"process resurrection: not yet, applications restarted ({len(specs)} started afresh)"
-        )
+        r.phase("first service", resurrected)
         nxt = crashimage.load(k.mem, k.mlay, image.params, image.generation + 1)
         r.notes.append(f"crash-kernel image generation {nxt.generation} loaded for the next crash")
         notify_ready(args.ready_fd)
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             args.report, r, {"pid": os.getpid(), "started": started, "generation": image.generation}
         )
 
-    k.serve(args.mount, ready=serving)
+    k.resume(conn.fd, conn.params, ready=serving)
     return 0
 
 
