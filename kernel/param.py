@@ -76,3 +76,7 @@ OWNER_ONLY_MODE = 0o600  # disk images, memory and VMM region files, control and
 WORKDIR_MODE = (
     0o755  # the work directory: traversable by the servers' own users (postgres, www-data)
 )
+
+# how long a takeover waits for the re-sent requests to be answered before its report
+# counts what the dead kernel's in-flight table answered (kernel/core/inflight.py)
+INFLIGHT_WAIT_S = 10.0

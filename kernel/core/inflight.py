@@ -172,6 +172,17 @@ class Answers:
     refused: int = 0  # re-sent requests answered EIO
     settled: threading.Event = field(default_factory=threading.Event)  # all re-sent answered
 
+    def note(self, wait_s: float = param.INFLIGHT_WAIT_S) -> str:
+        """What the table was used for, for the takeover's report, once the re-sent
+        requests are answered (or ``wait_s`` has passed: the note then says so)."""
+        self.settled.wait(wait_s)
+        bad = sum(1 for e in self.rejected if e.kind == ENTRY.kind)
+        pending = "" if self.settled.is_set() else " (re-sent requests still unanswered)"
+        return (
+            f"in-flight requests{pending}: {self.answered} answered from the dead kernel's "
+            f"table, {self.refused} answered EIO (record rejected), {bad} table entries rejected"
+        )
+
     def for_resent(self, opcode: int, unique: int, nodeid: int) -> tuple[str, dict | None]:
         """("reply", entry): answer with the entry's recorded error and reply;
         ("execute", None): handle the request as new; ("eio", None): answer EIO."""

@@ -66,7 +66,6 @@ from systems.procmigrate import restart_processes
 
 log = logging.getLogger("backup")
 FENCE_TIMEOUT_S = 5.0
-INFLIGHT_WAIT_S = 10.0  # for the re-sent requests to be answered, before the report counts them
 
 
 def watch(k: Kernel, bell: mailbox.Doorbell, wlay, missed: int) -> Failure | None:
@@ -270,18 +269,6 @@ def _read_inflight(mem, lay) -> Answers:
     return read_inflight(mem, lay)
 
 
-def _inflight_note(a: Answers) -> str:
-    """What the dead kernel's in-flight table was used for (kernel/core/inflight.py)."""
-    from kernel.core.inflight import ENTRY
-
-    bad = sum(1 for e in a.rejected if e.kind == ENTRY.kind)
-    pending = "" if a.settled.is_set() else " (re-sent requests still unanswered)"
-    return (
-        f"in-flight requests{pending}: {a.answered} answered from the dead kernel's table, "
-        f"{a.refused} answered EIO (record rejected), {bad} table entries rejected"
-    )
-
-
 def prepare_nic(k: Kernel, tag: str):
     """Everything the NIC takeover needs (netlink sockets and namespace handles), opened
     while in standby: attaching at takeover time cost ≈ 200 ms (measured in the lab)."""
@@ -388,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             report_lost(vfs, report)
             if answers is not None:
-                answers.settled.wait(INFLIGHT_WAIT_S)
-                report.notes.append(_inflight_note(answers))
+                report.notes.append(answers.note())
             checker.close()
             gc.freeze()  # no collection ever walks the page cache's tables
             gc.enable()

@@ -14,7 +14,8 @@ memory before this kernel takes the partition's table; each process whose entry 
 goes on where it is, with the same pid and open files, after its crash procedure if it
 registered one; the rest is killed and its application started again), serves the same
 FUSE connection the dead kernel served (``--hold-pid``/``--hold-fd``: the host's copy of
-it; the requests the dead kernel read and never answered are sent again), and loads a
+it; the requests the dead kernel read and never answered are sent again, and one it had
+already applied is answered from its in-flight table, kernel/core/inflight.py), and loads a
 fresh crash-kernel image (the next generation) into the reserved area before it says it
 is ready, so a second crash is survived too. After first service it checks the adopted pages no request has used yet and
 writes its part of the RecoveryReport (phases, cache counts, every refusal's reason) to
@@ -33,6 +34,7 @@ import time
 
 from kernel.core import crashimage
 from kernel.core.cachewalk import collect
+from kernel.core.inflight import read_inflight
 from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.core.memreader import check_pages
 from kernel.core.proc import read_proc_table
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     conn = keep.Connection.take(args.hold_pid, args.hold_fd, args.workdir)
     t = time.monotonic()
     table = read_proc_table(k.mem, k.mlay)  # before this kernel's own table replaces it
+    answers = read_inflight(k.mem, k.mlay)  # and before its superblock replaces the table
+    r.rejected += [str(e) for e in answers.rejected]
     k.keep_apps = True  # what it starts or resurrects outlives it in turn
     k.join_partition(args.tag)
     gc.disable()  # the adoption makes many objects and frees none: no collections
@@ -148,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             r.notes.append(f"checking the adopted pages failed: {e!r}")
         finally:
             report_lost(vfs, r)
+            r.notes.append(answers.note())
             gc.freeze()  # no collection ever walks the page cache's tables
             gc.enable()
         write_report(
             args.report, r, {"pid": os.getpid(), "started": started, "generation": image.generation}
         )
 
-    k.resume(conn.fd, conn.params, ready=serving)
+    k.resume(conn.fd, conn.params, ready=serving, answers=answers)
     return 0
 
 
