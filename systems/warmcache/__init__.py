@@ -8,7 +8,8 @@ machine profile's kernel boot time (modeled; not its firmware/POST time: the VMM
 its guest, the machine does not restart), a fresh kernel in the same partition, mount + journal replay,
 applications started afresh — with one more phase before the boot, the **cache check**: the
 VMM checks every frame it tracked (entry seal, block generation, content checksum) and keeps
-the consistent ones. The new kernel boots beneath the VMM too; its reads of a kept block are
+the consistent ones, reading through mappings made while the dead kernel was being fenced
+(page-table work only: kernel/hw/vmm.py ``map_ahead``). The new kernel boots beneath the VMM too; its reads of a kept block are
 served from memory without the device model's delay, every other read goes to the disk.
 Frames stored into before the crash are refused as inconsistent, frames whose content no
 longer matches its checksum as corrupted; dirty pages are lost, and counted.
