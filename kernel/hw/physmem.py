@@ -35,6 +35,7 @@ Partition layout (offsets from the partition's base; every area page-aligned)::
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import struct
@@ -334,8 +335,15 @@ Watcher = Callable[[int, bytes], None]
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14 on
-_madvise = ctypes.CDLL(None, use_errno=True).madvise
-_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise, through ctypes (which releases the interpreter lock for the call);
+    looked up on first use: every kernel imports this module, few populate."""
+    f = ctypes.CDLL(None, use_errno=True).madvise
+    f.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return f
 
 
 class PhysMem:
@@ -411,9 +419,9 @@ class PhysMem:
         if len(starts) and (starts.min() < 0 or (starts + lengths).max() > self.size):
             raise ValueError(f"populate: a range lies outside memory of {self.size:#x} bytes")
         base = np.frombuffer(self.mm, np.uint8).ctypes.data  # the view goes on return
-        lead = starts % PAGE  # the system call wants a page-aligned start
+        lead, madvise = starts % PAGE, _madvise()  # the call wants a page-aligned start
         for s, n in zip((starts - lead).tolist(), (lengths + lead).tolist()):
-            if _madvise(ctypes.c_void_p(base + s), n, _MADV_POPULATE_READ):
+            if madvise(ctypes.c_void_p(base + s), n, _MADV_POPULATE_READ):
                 return False
         return True
 
