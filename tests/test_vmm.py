@@ -1,6 +1,9 @@
 """The warm-cache VMM beneath a kernel's storage stack, in one process (no mounts)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +262,15 @@ def test_page_hashes_are_one_xxh3_per_page_in_runs_and_alone():
     want = [xxhash.xxh3_64_intdigest(pages[i]) for i in idx.tolist()]
     assert vmm.page_hashes(pages, idx).tolist() == want
     assert len(vmm.page_hashes(pages, idx[:0])) == 0
+
+
+def test_the_check_benchmark_finds_the_same_pages_in_every_variant():
+    """scripts/bench_warm_check.py, this tree against itself: every variant agrees."""
+    root = Path(__file__).resolve().parent.parent
+    script = [sys.executable, str(root / "scripts" / "bench_warm_check.py")]
+    small = ["--frames", "300", "--rounds", "1", "--fence", "0", "--before", str(root)]
+    out = subprocess.run(script + small, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "300 preserved, 6 inconsistent" in out.stdout and "before / after" in out.stdout
+    bad = subprocess.run(script + ["--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "must be positive" in bad.stderr
