@@ -9,8 +9,9 @@ its guest, the machine does not restart), a fresh kernel in the same partition, 
 applications started afresh — with one more phase before the boot, the **cache check**: the
 VMM checks every frame it tracked (entry seal, block generation, content checksum) and keeps
 the consistent ones, reading through mappings made while the dead kernel was being fenced
-(page-table work only: kernel/hw/vmm.py ``map_ahead``). The new kernel boots beneath the VMM too; its reads of a kept block are
-served from memory without the device model's delay, every other read goes to the disk.
+(page-table work only: kernel/hw/vmm.py ``map_ahead``). The new kernel boots beneath the
+VMM too; its reads of a kept block are served from memory without the device model's
+delay, every other read goes to the disk.
 Frames stored into before the crash are refused as inconsistent, frames whose content no
 longer matches its checksum as corrupted; dirty pages are lost, and counted.
 
@@ -67,6 +68,7 @@ class WarmCache(Reboot):
 
     def _fence(self) -> None:
         """The VMM starts mapping the frames it will check while the dead kernel is fenced."""
+        self._close_guest()  # a mapping left by a crash that never reached its check
         self._guest = PhysMem(self.host.physmem, readonly=True)
         self._ahead = vmm.map_ahead(self.region, self._guest, self.lay)
         super()._fence()
