@@ -5,6 +5,7 @@ checksum, a pointer out of the partition, a loop in a list, a page whose content
 match its descriptor.
 """
 
+import numpy as np
 import pytest
 
 from kernel import param
@@ -205,3 +206,29 @@ def test_a_broken_chain_costs_only_the_corrupted_page(part, tmp_path):
     assert sorted(d["index"] for d in di.pages) == [0, 1, 2, 4, 5]
     assert [(e.phys, e.field) for e in di.rejected] == [(middle, "checksum")]
     assert walk.rejected == [] and di.missing == 0
+
+
+def mapped_kib(mem: PhysMem) -> int:
+    """Resident KiB of this process's mapping of ``mem`` (its page-table entries)."""
+    base = f"{np.frombuffer(mem.mm, np.uint8).ctypes.data:x}-"
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith(base))
+    return int(next(ln for ln in lines[at:] if ln.startswith("Rss:")).split()[1])
+
+
+def test_populate_maps_ranges_ahead_and_refuses_one_outside_memory(part, tmp_path):
+    mem, lay = part[0], part[1]
+    mem.write(lay.frame_phys(3) + 5, b"warm")
+    mem.write(lay.frame_phys(9), b"\x01" * 3 * PAGE)
+    ro = PhysMem(str(tmp_path / "physmem"), readonly=True)
+    try:
+        assert mapped_kib(ro) == 0
+        starts = np.array([lay.frame_phys(3) + 5, lay.frame_phys(9)])
+        assert ro.populate(starts, np.array([PAGE - 5, 3 * PAGE]))
+        assert mapped_kib(ro) >= 4 * PAGE // 1024  # mapped before any read
+        assert ro.read(lay.frame_phys(3) + 5, 4) == b"warm"
+        with pytest.raises(ValueError, match="outside memory"):
+            ro.populate(np.array([SIZE - PAGE]), np.array([2 * PAGE]))
+    finally:
+        ro.close()

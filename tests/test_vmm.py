@@ -1,9 +1,13 @@
 """The warm-cache VMM beneath a kernel's storage stack, in one process (no mounts)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 from kernel.core.vfs import VFS
 from kernel.hw import vmm
@@ -224,3 +228,49 @@ def test_the_vmm_counts_the_time_inside_its_entry_points(m):
     wall = time.perf_counter_ns() - t0
     spent = m.v.r.stats()["busy_ns"] - before
     assert 0 < spent <= wall
+
+
+def test_of_two_copies_of_a_block_one_is_kept_and_corrupted_spare_pages_are_refused(m):
+    """preserve() over the frame table and the spare pages: a block held twice is kept
+    once (the first copy), a spare page whose content no longer matches is corrupted."""
+    fs = m.boot()
+    ino = synced_file(fs, b"h", os.urandom(3 * PAGE))
+    f0, f1 = m.frame_of(ino, 0), m.frame_of(ino, 1)
+    free = np.flatnonzero(m.region.ft["state"] == vmm.FREE)
+    twin = int(free[free > f0][0])
+    m.mem.watchers[:] = []  # stores behind the VMM: a second copy, and spare pages
+    m.mem.write(m.lay.frame_phys(twin), bytes(m.mem.view[m.lay.frame_phys(f0) :][:PAGE]))
+    m.region.ft[twin] = m.region.ft[f0]
+    for slot, f, junk in ((0, f1, False), (1, f1, True)):
+        m.region.spare[slot] = np.frombuffer(m.mem.view[m.lay.frame_phys(f) :][:PAGE], np.uint8)
+        m.region.st[slot] = m.region.ft[f]
+        m.region.st["state"][slot] = vmm.WARM
+        if junk:
+            m.region.spare[slot, 7] ^= 1
+    got = m.crash()
+    assert got["duplicates"] == 2  # the twin of page 0, the good spare copy of page 1
+    assert got["corrupted"] == 1
+    kept = set(got["kept_frames"].tolist())
+    assert f0 in kept and twin not in kept and f1 in kept
+    assert m.region.ft["state"][twin] == vmm.FREE
+    assert (m.region.st["state"][:2] == vmm.FREE).all()
+
+
+def test_page_hashes_are_one_xxh3_per_page_in_runs_and_alone():
+    pages = np.random.default_rng(0).integers(0, 256, (200, PAGE), dtype=np.uint8)
+    idx = np.r_[0, 2, 5 : 5 + vmm._RUN + 3, 90, 91, 120:200]
+    want = [xxhash.xxh3_64_intdigest(pages[i]) for i in idx.tolist()]
+    assert vmm.page_hashes(pages, idx).tolist() == want
+    assert len(vmm.page_hashes(pages, idx[:0])) == 0
+
+
+def test_the_check_benchmark_finds_the_same_pages_in_every_variant():
+    """scripts/bench_warm_check.py, this tree against itself: every variant agrees."""
+    root = Path(__file__).resolve().parent.parent
+    script = [sys.executable, str(root / "scripts" / "bench_warm_check.py")]
+    small = ["--frames", "300", "--rounds", "1", "--fence", "0", "--before", str(root)]
+    out = subprocess.run(script + small, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "300 preserved, 6 inconsistent" in out.stdout and "before / after" in out.stdout
+    bad = subprocess.run(script + ["--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "must be positive" in bad.stderr

@@ -58,6 +58,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 import time
 
 import numpy as np
@@ -538,31 +539,26 @@ def preserve(region: Region, mem: PhysMem, lay: PartLayout) -> dict:
     Run with the guest fenced (nothing of it runs). An entry is *inconsistent* if its frame
     was stored into since (DIRTIED) or its block was written since (generation), *corrupted*
     if its seal or the page's content checksum does not match. Of several consistent copies
-    of one block one is kept. Returns the counts and the frames kept and found corrupted."""
+    of one block one is kept. Returns the counts and the frames kept and found corrupted.
+
+    This runs inside the outage: table work is done on the entries as rows of four words
+    (a fancy index over the structured table costs several times more), and the content
+    checks are one xxh3 call per page with no Python frame per page (page_hashes)."""
     ft, st = region.ft, region.st
     fi = np.flatnonzero(ft["state"] != FREE)
     si = np.flatnonzero(st["state"] == WARM)
-    v = mem.view
-    fk, fbad, f_incons = _check(
-        region,
-        ft[fi],
-        lambda w: [_csum(v[p : p + PAGE]) for p in (lay.frames + fi[w] * PAGE).tolist()],
-    )
+    pages = mem.array(np.uint8, lay.frames, lay.nframes * PAGE).reshape(-1, PAGE)
+    fk, fbad, f_incons = _check(region, _entries(ft, fi), lambda w: page_hashes(pages, fi[w]))
     sk, sbad, s_incons = _check(
-        region, st[si], lambda w: [_csum(region.spare[i]) for i in si[w].tolist()]
+        region, _entries(st, si), lambda w: page_hashes(region.spare, si[w])
     )
     keep_f, keep_s = fi[fk], si[sk]
     blocks = np.concatenate([ft["block"][keep_f], st["block"][keep_s]])
-    _, first = np.unique(blocks, return_index=True)
-    unique = np.zeros(len(blocks), bool)
-    unique[first] = True
-    dup = len(blocks) - len(first)
-    keep_f, keep_s = keep_f[unique[: len(keep_f)]], keep_s[unique[len(keep_f) :]]
-    kept_f, kept_s = ft[keep_f], st[keep_s]  # copies, before the tables are cleared
-    ft[fi], st[si] = 0, 0
-    for tab, idx, e in ((ft, keep_f, kept_f), (st, keep_s, kept_s)):
-        e["state"] = WARM
-        tab[idx] = e
+    first = _first_copies(blocks, region.nblocks)
+    dup = len(blocks) - int(np.count_nonzero(first))
+    keep_f, keep_s = keep_f[first[: len(keep_f)]], keep_s[first[len(keep_f) :]]
+    _keep_only(ft, fi, keep_f)
+    _keep_only(st, si, keep_s)
     counts = {
         "preserved": len(fi) + len(si) - dup,
         "inconsistent": f_incons + s_incons,
@@ -576,6 +572,71 @@ def preserve(region: Region, mem: PhysMem, lay: PartLayout) -> dict:
     return {**counts, "kept_frames": keep_f, "corrupted_frames": fi[fbad]}
 
 
+def map_ahead(region: Region, mem: PhysMem, lay: PartLayout) -> threading.Thread:
+    """Start mapping, in a thread, what preserve() over ``mem`` will read: the frames the
+    VMM tracked and the page descriptors. Page-table work only — nothing read decides
+    anything — so it may start while the dead guest is still being fenced; preserve()
+    then reads through mappings already made (a fresh mapping's page faults were about
+    half of its time). Join the thread before preserve() and before closing ``mem``."""
+    fi = np.flatnonzero(region.ft["state"] != FREE)
+    cut = np.flatnonzero(np.diff(fi) != 1) + 1
+    lo, hi = np.r_[0, cut], np.r_[cut, len(fi)]
+    starts = np.r_[lay.desc, lay.frames + fi[lo[lo < len(fi)]] * PAGE]
+    lengths = np.r_[lay.nframes * PAGE_DESC.size, (hi - lo)[lo < len(fi)] * PAGE]
+    t = threading.Thread(target=mem.populate, args=(starts, lengths), name="vmm map-ahead")
+    t.start()
+    return t
+
+
+def _rows(tab: np.ndarray) -> np.ndarray:
+    """A table of entries as rows of four u64 words (the same memory)."""
+    return tab.view(np.uint64).reshape(-1, ENTRY.itemsize // 8)
+
+
+def _entries(tab: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """A copy of entries ``idx`` of a table."""
+    return _rows(tab)[idx].view(ENTRY).reshape(-1)
+
+
+def _keep_only(tab: np.ndarray, idx: np.ndarray, keep: np.ndarray) -> None:
+    """Of entries ``idx``, those in ``keep`` (a subset) become WARM, the others FREE."""
+    gone = np.ones(len(tab), bool)
+    gone[keep] = False
+    _rows(tab)[idx[gone[idx]]] = 0
+    tab["state"][keep] = WARM
+
+
+def _first_copies(blocks: np.ndarray, nblocks: int) -> np.ndarray:
+    """Mask of the first entry of each block (all, unless a block has several copies)."""
+    if len(blocks) and np.bincount(blocks.astype(np.intp), minlength=nblocks).max() > 1:
+        first = np.zeros(len(blocks), bool)
+        first[np.unique(blocks, return_index=True)[1]] = True
+        return first
+    return np.ones(len(blocks), bool)
+
+
+_RUN = 32  # rows from which a run is iterated as one slice (below, its per-run cost dominates)
+
+
+def page_hashes(pages: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """xxh3 of rows ``idx`` (ascending) of ``pages``, one page a row. One call per page,
+    made by map over row views: per run of adjacent rows (a dead kernel allocates frames in
+    order) numpy's own iteration makes the views; lone rows are looked up one by one."""
+    out = np.empty(len(idx), np.uint64)
+    if not len(idx):
+        return out
+    cut = np.flatnonzero(np.diff(idx) != 1) + 1
+    lo, hi = np.r_[0, cut], np.r_[cut, len(idx)]
+    long = hi - lo >= _RUN
+    for a, b, f in zip(lo[long].tolist(), hi[long].tolist(), idx[lo[long]].tolist()):
+        out[a:b] = np.fromiter(map(_csum, pages[f : f + b - a]), np.uint64, b - a)
+    if not long.all():
+        short = np.repeat(~long, hi - lo)
+        rows = idx[short].tolist()
+        out[short] = np.fromiter(map(_csum, map(pages.__getitem__, rows)), np.uint64, len(rows))
+    return out
+
+
 def _check(region: Region, e: np.ndarray, hashes) -> tuple[np.ndarray, np.ndarray, int]:
     """(keep mask, indexes of corrupted, number inconsistent) for entries e; hashes(w) is
     the xxh3 of the pages of entries w, asked only for those whose everything else holds."""
@@ -584,7 +645,7 @@ def _check(region: Region, e: np.ndarray, hashes) -> tuple[np.ndarray, np.ndarra
     fresh = sealed & (e["state"] != DIRTIED) & (e["gen"] == now)
     content = np.zeros(len(e), bool)
     which = np.flatnonzero(fresh)
-    content[which] = np.array(hashes(which), np.uint64).reshape(-1) == e["csum"][which]
+    content[which] = hashes(which) == e["csum"][which]
     corrupted = np.flatnonzero(~sealed | (fresh & ~content))
     return fresh & content, corrupted, int(np.count_nonzero(sealed & ~fresh))
 

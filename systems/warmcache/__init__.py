@@ -8,8 +8,10 @@ machine profile's kernel boot time (modeled; not its firmware/POST time: the VMM
 its guest, the machine does not restart), a fresh kernel in the same partition, mount + journal replay,
 applications started afresh — with one more phase before the boot, the **cache check**: the
 VMM checks every frame it tracked (entry seal, block generation, content checksum) and keeps
-the consistent ones. The new kernel boots beneath the VMM too; its reads of a kept block are
-served from memory without the device model's delay, every other read goes to the disk.
+the consistent ones, reading through mappings made while the dead kernel was being fenced
+(page-table work only: kernel/hw/vmm.py ``map_ahead``). The new kernel boots beneath the
+VMM too; its reads of a kept block are served from memory without the device model's
+delay, every other read goes to the disk.
 Frames stored into before the crash are refused as inconsistent, frames whose content no
 longer matches its checksum as corrupted; dirty pages are lost, and counted.
 
@@ -47,6 +49,8 @@ class WarmCache(Reboot):
             raise ValueError(f"spare_pages: must not be negative, got {spare_pages}")
         self.spare_pages = spare_pages
         self.region: vmm.Region | None = None
+        self._guest: PhysMem | None = None  # the dead guest's memory, from fence to check
+        self._ahead = None  # the thread mapping it meanwhile (vmm.map_ahead)
 
     def deploy(self, host, apps=()) -> None:
         p = host.machine.partition(0)
@@ -62,19 +66,35 @@ class WarmCache(Reboot):
     def _boot(self):
         return self.host.boot(0, apps=self.apps, extra=("--vmm", self.region_path))
 
+    def _fence(self) -> None:
+        """The VMM starts mapping the frames it will check while the dead kernel is fenced."""
+        self._close_guest()  # a mapping left by a crash that never reached its check
+        self._guest = PhysMem(self.host.physmem, readonly=True)
+        self._ahead = vmm.map_ahead(self.region, self._guest, self.lay)
+        super()._fence()
+
     def _before_boot(self, r: RecoveryReport) -> None:
         """The cache check: the dead kernel is fenced; keep what still matches the disk."""
         t = time.monotonic()
-        mem = PhysMem(self.host.physmem, readonly=True)
+        mem = self._guest
         try:
+            self._ahead.join()
             got = vmm.preserve(self.region, mem, self.lay)
             files = vmm.file_pages(mem, self.lay)
             r.cache.pages_recovered = int(np.count_nonzero(files[got["kept_frames"]]))
             r.cache.pages_rejected = int(np.count_nonzero(files[got["corrupted_frames"]]))
         finally:
-            mem.close()
+            self._close_guest()
         r.phase("cache check", t)
         self._checked = got
+
+    def _close_guest(self) -> None:
+        if self._ahead is not None:
+            self._ahead.join()  # it maps through self._guest
+            self._ahead = None
+        if self._guest is not None:
+            self._guest.close()
+            self._guest = None
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
         r = super().on_crash(fault, timeout)
@@ -118,6 +138,7 @@ class WarmCache(Reboot):
 
     def teardown(self) -> None:
         try:
+            self._close_guest()
             super().teardown()
         finally:
             if self.region is not None:
