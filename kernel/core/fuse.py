@@ -26,6 +26,10 @@ Promises to the kernel daemon (kernel/core/kernel.py), the host side (kernel/hw/
 * ``files`` (of ``serve`` and ``resume``): told of every successful OPEN and CREATE
   (``opened(pid, ino, flags)``, the caller's thread id as the host reports it) and every
   RELEASE (``released(pid, ino)``): the kernel's open-file table (kernel/core/proc.py).
+* ``around`` (of ``serve``, ``resume`` and ``Server``): given the table of request
+  handlers {opcode: handler}, returns the table requests are dispatched to — a kernel
+  whose requests are transactions (systems/txipc_sim) wraps each handler; None: the
+  handlers themselves, at no cost.
 * ``stop()`` (alias ``request_stop``) may be called from a signal handler or any thread.
 * Every request is one synchronous VFS call made by the one serving thread (the VFS takes
   its big lock itself).
@@ -143,7 +147,16 @@ class Server:
     """FUSE requests over a VFS. File handles are inode numbers; directory handles index
     a snapshot of the directory taken at the start of each listing."""
 
-    def __init__(self, vfs, fd: int, params: ConnParams, *, timeout: float = TIMEOUT_S, files=None):
+    def __init__(
+        self,
+        vfs,
+        fd: int,
+        params: ConnParams,
+        *,
+        timeout: float = TIMEOUT_S,
+        files=None,
+        around: Callable[[dict], dict] | None = None,
+    ):
         self.vfs, self.fd, self.params = vfs, fd, params
         self.files = files or NoFileTable()
         self.valid_s, self.valid_ns = _split_s(timeout)
@@ -185,6 +198,8 @@ class Server:
             P.INTERRUPT: self.interrupt,
             P.DESTROY: self.destroy,
         }
+        if around is not None:
+            self.handlers = around(self.handlers)
 
     # --- the loop ----------------------------------------------------------------------------
     def wake(self) -> None:
@@ -629,6 +644,7 @@ def serve(
     fsname: str = "crashbench",
     ready: Callable[[], None] | None = None,
     files=None,
+    around: Callable[[dict], dict] | None = None,
 ) -> None:
     """Mount ``vfs`` on ``mountpoint`` and serve it until unmounted or ``stop()``.
 
@@ -648,7 +664,7 @@ def serve(
         _tune(mountpoint)
     except Exception:
         log.exception("tuning the FUSE mount failed (serving anyway)")
-    _run(Server(vfs, fd, params, files=files), ready)
+    _run(Server(vfs, fd, params, files=files, around=around), ready)
 
 
 def resume(
@@ -659,6 +675,7 @@ def resume(
     ready: Callable[[], None] | None = None,
     resend: bool = False,
     files=None,
+    around: Callable[[dict], dict] | None = None,
 ) -> None:
     """Serve the initialised connection on ``fd`` (see the module's promises). Takes
     ownership of ``fd``. ``resend``: first ask the host to queue again the requests the
@@ -671,7 +688,7 @@ def resume(
     _tune_allocator()
     if resend:
         P.notify_resend(fd)
-    _run(Server(vfs, fd, params, files=files), ready)
+    _run(Server(vfs, fd, params, files=files, around=around), ready)
 
 
 def _init(fd: int, mountpoint: str) -> ConnParams:

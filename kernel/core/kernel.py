@@ -82,6 +82,7 @@ class Kernel:
         self.gc_clock = GcClock()
         self.settle_s = 0.0  # of boot_s, freezing the boot heap
         self.keep_apps = False  # apps outlive this process; opens go to the process table
+        self.around = None  # wraps the FUSE request handlers (kernel/core/fuse.py ``around``)
 
     def join_partition(self, tag: str | None) -> None:
         """Join the partition's process set (kernel/hw/procset.py), so that fencing the
@@ -212,6 +213,7 @@ class Kernel:
             fsname=f"crashbench-p{self.part.id}",
             ready=serving,
             files=self._files(),
+            around=self.around,
         )
 
     def resume(self, fd: int, params, ready) -> None:
@@ -220,7 +222,14 @@ class Kernel:
         from kernel.core import fuse
 
         self._serve_with(
-            fuse.resume, fd, params, self.vfs, ready=ready, resend=True, files=self._files()
+            fuse.resume,
+            fd,
+            params,
+            self.vfs,
+            ready=ready,
+            resend=True,
+            files=self._files(),
+            around=self.around,
         )
 
     def _files(self):
