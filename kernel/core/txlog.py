@@ -16,8 +16,9 @@ any reader of its memory:
   it was at ``begin``. A record that fails its check raises ``LogDamaged`` before a byte is
   restored; a transaction made ``irrevocable`` (it wrote to the disk, or the log was full)
   cannot be aborted either (``Irrevocable``, with the reason);
-* ``commit`` empties the log with one header store; the header says at any time whether a
-  transaction is open, so a reader after the kernel's death could roll it back (``records``).
+* ``commit`` empties the log with one header store; the header says whether a transaction
+  is open from its first store on (a request that stores nothing never writes the header),
+  so a reader after the kernel's death could roll it back (``records``).
 
 Layout (little-endian, at ``phys``; numpy structured dtypes ``HEADER`` and ``RECORD``)::
 
@@ -66,8 +67,8 @@ _MASK = (1 << 64) - 1
 assert _HDR.size + 8 == HEADER.itemsize and _REC.size == RECORD.itemsize
 
 
-def _seed(phys: int, n: int, seq: int) -> int:
-    return (phys * 0x9E3779B97F4A7C15 ^ (n << 32) ^ seq) & _MASK
+def _seed(phys: int, n: int, seq: int, tid: int) -> int:
+    return (phys * 0x9E3779B97F4A7C15 ^ (n << 32) ^ seq ^ tid * 0xC2B2AE3D27D4EB4F) & _MASK
 
 
 class LogDamaged(Exception):
@@ -107,8 +108,8 @@ class UndoLog:
 
     # --- a transaction ----------------------------------------------------------------------
     def begin(self, tid: int) -> None:
+        """Open a transaction; the header says so at its first store."""
         self.state, self.tid, self.used, self.count, self.reason = OPEN, tid, 0, 0, ""
-        self._header()
 
     def record(self, phys: int, data) -> None:
         """The accessor's watcher: keep the old bytes of a store about to land."""
@@ -119,10 +120,14 @@ class UndoLog:
         if self.used + room > self.nbytes - HEADER.itemsize:
             self.irrevocable(f"undo log full ({self.nbytes} bytes)")
             return
+        seq = self.count
+        if not seq:
+            self._header()  # the transaction is open in memory before its first record
         old = self.mm[phys : phys + n]
         at = self.phys + HEADER.itemsize + self.used
-        seq = self.count
-        self.mm[at : at + _REC.size] = _REC.pack(phys, n, seq, _csum(old, _seed(phys, n, seq)))
+        self.mm[at : at + _REC.size] = _REC.pack(
+            phys, n, seq, _csum(old, _seed(phys, n, seq, self.tid))
+        )
         self.mm[at + _REC.size : at + _REC.size + n] = old
         self.used += room
         self.count += 1
@@ -133,17 +138,20 @@ class UndoLog:
         """From here on the open transaction keeps what it did (the disk saw it)."""
         if self.state == OPEN:
             self.state, self.reason = IRREVOCABLE, reason
+            self.count = self.used = 0
             self._header()
 
     def commit(self) -> None:
+        wrote = self.count or self.state == IRREVOCABLE
         self.state, self.used, self.count = IDLE, 0, 0
-        self._header()
+        if wrote:
+            self._header()
 
     def abort(self) -> int:
         """Put back every logged store, newest first; the bytes restored."""
         if self.state == IRREVOCABLE:
             raise Irrevocable(self.reason)
-        recs = self.records()
+        recs = self.records(self.used)
         if len(recs) != self.count:
             raise LogDamaged(f"{len(recs)} sound records of {self.count} logged")
         self.state = IDLE  # the restores are no stores of the transaction
@@ -155,20 +163,32 @@ class UndoLog:
         self._header()
         return restored
 
-    def records(self) -> list[tuple[int, bytes]]:
-        """(phys, old bytes) of each record, read from memory and checked, oldest first."""
-        out, at, end = [], self.phys + HEADER.itemsize, self.phys + HEADER.itemsize + self.used
-        while at < end:
-            r = np.frombuffer(self.mm, RECORD, 1, at)[0]
+    def records(self, used: int | None = None) -> list[tuple[int, bytes]]:
+        """(phys, old bytes) of each record of the open transaction ``tid``, read from
+        memory and checked, oldest first: the ``used`` bytes this log wrote (a record that
+        fails its check raises LogDamaged); or, for a reader that has only the memory
+        (``used`` None), every record up to the first that fails its check — a record an
+        earlier transaction left never passes it, its checksum being seeded with its tid."""
+        strict = used is not None
+        start = self.phys + HEADER.itemsize
+        end = start + used if strict else self.phys + self.nbytes
+        out, at, (lo, hi), mm = [], start, self.span, self.mm
+        while at + RECORD.itemsize <= end:
+            r = np.frombuffer(mm, RECORD, 1, at)[0]
             phys, n, seq = int(r["phys"]), int(r["length"]), int(r["seq"])
-            old = self.mm[at + RECORD.itemsize : at + RECORD.itemsize + n]
-            lo, hi = self.span
-            if seq != len(out) or not lo <= phys <= phys + n <= hi:
-                raise LogDamaged(f"record {len(out)} at {at:#x}: bad sequence or address")
-            if _csum(old, _seed(phys, n, seq)) != int(r["csum"]):
-                raise LogDamaged(f"record {seq} at {at:#x}: checksum mismatch")
+            body = at + RECORD.itemsize
+            old = mm[body : body + n] if body + n <= end else b""
+            if (
+                seq != len(out)
+                or not lo <= phys <= phys + n <= hi
+                or len(old) != n
+                or _csum(old, _seed(phys, n, seq, self.tid)) != int(r["csum"])
+            ):
+                if strict:
+                    raise LogDamaged(f"record {len(out)} at {at:#x}: checksum, sequence or address")
+                break
             out.append((phys, old))
-            at += RECORD.itemsize + (n + 7) // 8 * 8
+            at = body + (n + 7) // 8 * 8
         return out
 
     def close(self) -> None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import time
 
-from systems.base import Capabilities, RecoveryReport
+from kernel import param
+from systems.base import Capabilities, RecoveryReport, Reservation
 from systems.reboot import Reboot
 
 MODULE = "systems.txipc_sim.server"
@@ -31,6 +32,13 @@ class TxIPCSim(Reboot):
     capabilities = Capabilities(recovers=True)  # a crash outside a request: a reboot
     kernel_modules = (MODULE,)
     _before: dict | None = None
+
+    @classmethod
+    def reservation(cls, machine) -> Reservation:
+        return Reservation(
+            memory_bytes=param.TXLOG_BYTES,
+            what="the undo log, taken from partition 0's page frames (no core)",
+        )
 
     def _boot(self):
         return self.host.boot(0, apps=self.apps, module=MODULE)
