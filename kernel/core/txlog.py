@@ -39,7 +39,7 @@ import numpy as np
 import xxhash
 
 from kernel import param
-from kernel.hw.physmem import PAGE, PartLayout, PhysMem, magic_of
+from kernel.hw.physmem import PAGE, PG_VALID, PartLayout, PhysMem, magic_of
 
 _csum = xxhash.xxh3_64_intdigest
 MAGIC, VERSION = magic_of("TXLG"), 1
@@ -80,11 +80,27 @@ class Irrevocable(Exception):
 
 
 class UndoLog:
-    def __init__(self, mem: PhysMem, phys: int, nbytes: int, span: tuple[int, int]):
+    def __init__(
+        self,
+        mem: PhysMem,
+        phys: int,
+        nbytes: int,
+        span: tuple[int, int],
+        frames: PartLayout | None = None,
+    ):
+        """``frames``: the page cache's layout; a store into a frame free since the
+        transaction began (its descriptor invalid and not stored into by the transaction)
+        keeps no old bytes — nothing refers to a free frame's content, and a roll-back
+        leaves it free."""
         if nbytes < HEADER.itemsize + RECORD.itemsize + PAGE:
             raise ValueError(f"undo log of {nbytes} bytes: too small for one page store")
         self.mem, self.phys, self.nbytes, self.span = mem, phys, nbytes, span
         self.mm = mem.mm
+        self.free_skipped = 0  # bytes stored into free frames, not logged (since boot)
+        self._touched: set[int] = set()  # frames whose descriptor the transaction stored
+        self._desc = self._frames = None
+        if frames is not None:
+            self._desc, self._frames, self._nframes = frames.desc, frames.frames, frames.nframes
         self.state, self.tid = IDLE, 0
         self.used = self.count = 0
         self.reason = ""  # why the open transaction became irrevocable
@@ -110,6 +126,8 @@ class UndoLog:
     def begin(self, tid: int) -> None:
         """Open a transaction; the header says so at its first store."""
         self.state, self.tid, self.used, self.count, self.reason = OPEN, tid, 0, 0, ""
+        if self._touched:
+            self._touched = set()
 
     def record(self, phys: int, data) -> None:
         """The accessor's watcher: keep the old bytes of a store about to land."""
@@ -119,6 +137,9 @@ class UndoLog:
         room = _REC.size + (n + 7) // 8 * 8
         if self.used + room > self.nbytes - HEADER.itemsize:
             self.irrevocable(f"undo log full ({self.nbytes} bytes)")
+            return
+        if self._desc is not None and self._free_frames(phys, n):
+            self.free_skipped += n
             return
         seq = self.count
         if not seq:
@@ -133,6 +154,23 @@ class UndoLog:
         self.count += 1
         self.stores += 1
         self.bytes += n
+
+    def _free_frames(self, phys: int, n: int) -> bool:
+        """Whether a store lands only in frames free since the transaction began; notes
+        the frames whose descriptors it stores into."""
+        d = self._desc
+        if d <= phys < d + self._nframes * 64:
+            self._touched.update(range((phys - d) >> 6, ((phys + n - 1 - d) >> 6) + 1))
+            return False
+        fa = self._frames
+        if not fa <= phys < fa + self._nframes * PAGE:
+            return False
+        first, last = (phys - fa) // PAGE, (phys + n - 1 - fa) // PAGE
+        mm, touched = self.mm, self._touched
+        for f in range(first, last + 1):
+            if f in touched or mm[d + f * 64 + 6] & PG_VALID:  # flags: the low byte
+                return False
+        return True
 
     def irrevocable(self, reason: str) -> None:
         """From here on the open transaction keeps what it did (the disk saw it)."""

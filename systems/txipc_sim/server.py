@@ -36,7 +36,8 @@ class TxKernel(Kernel):
     def boot(self, *a, **kw):
         vfs = super().boot(*a, **kw)
         span = (self.lay.ksuper, self.log_phys)  # the storage stack, not the mailbox
-        self.tx = Transactions(self, UndoLog(self.mem, self.log_phys, param.TXLOG_BYTES, span))
+        log = UndoLog(self.mem, self.log_phys, param.TXLOG_BYTES, span, frames=self.lay)
+        self.tx = Transactions(self, log)
         self.around = self.tx.around
         return vfs
 
