@@ -10,10 +10,13 @@ any reader of its memory:
 * while a transaction is open (``begin`` .. ``commit``/``abort``), every store through the one
   write accessor (``PhysMem.write``) into ``span`` is recorded *before it lands*: its
   address, length and the old bytes, with a checksum per record. The log's own stores
-  bypass the accessor (a logging unit, not a kernel store), so they are not logged;
+  bypass the accessor (a logging unit, not a kernel store), so they are not logged. Given
+  the page cache's layout (``frames``), a store into a frame that was free when the
+  transaction began (descriptor invalid, not stored into since) keeps no old bytes:
+  nothing refers to a free frame's content, and a roll-back leaves the frame free;
 * ``abort`` reads the records back out of memory, checks every checksum and the count,
   then puts the old bytes back newest first: memory in ``span`` is byte-identical to what
-  it was at ``begin``. A record that fails its check raises ``LogDamaged`` before a byte is
+  it was at ``begin`` (but for the content of frames that were free then). A record that fails its check raises ``LogDamaged`` before a byte is
   restored; a transaction made ``irrevocable`` (it wrote to the disk, or the log was full)
   cannot be aborted either (``Irrevocable``, with the reason);
 * ``commit`` empties the log with one header store; the header says whether a transaction
