@@ -39,6 +39,21 @@ KILL_GRACE_S = 60.0  # a trial process asked to stop gets this long for its tear
 RESULT_POLL_S = 0.1  # how often the results a trial process wrote are looked for
 
 
+def _every_request(d: Path) -> None:
+    """Requests that pass every request site of kernel/core/faults.py (REQUEST_SITES): a
+    directory made, a file created, written, chmod-ed, truncated, renamed, looked up,
+    removed."""
+    d.mkdir()
+    f = d / "f"
+    f.write_bytes(b"p" * 9000)
+    f.chmod(0o600)
+    os.truncate(f, 10)
+    f.rename(d / "g")
+    os.stat(d / "g")
+    (d / "g").unlink()
+    d.rmdir()
+
+
 class CampaignTrial(driver.Trial):
     """A driver trial that makes the fault's target exist (clean pages: a sync first),
     refuses a fault the kernel would not arm (instead of waiting out the recovery
@@ -319,18 +334,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _every_request(d: Path) -> None:
-    """Requests that pass every request site of kernel/core/faults.py (REQUEST_SITES): a
-    directory made, a file created, written, chmod-ed, truncated, renamed, looked up,
-    removed."""
-    d.mkdir()
-    f = d / "f"
-    f.write_bytes(b"p" * 9000)
-    f.chmod(0o600)
-    os.truncate(f, 10)
-    f.rename(d / "g")
-    os.stat(d / "g")
-    (d / "g").unlink()
-    d.rmdir()
