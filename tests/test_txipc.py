@@ -316,3 +316,30 @@ def test_stores_into_frames_free_before_the_request_keep_no_old_bytes(rig):
     before, after = rig.snapshots[0]
     assert mattering(rig, before) == mattering(rig, after, like=before)
     assert rig.vfs.read(ino, 0, 65 * PAGE) == b"o" * PAGE + b"n" * (64 * PAGE)
+
+
+def test_a_bug_inside_a_request_is_rolled_back_like_a_fault(rig):
+    """An exception that is no answer (a kernel bug's) after stores: rolled back, executed
+    again, and since it recurs answered EIO; memory as before the request."""
+    ino = rig.request(lambda: rig.vfs.create(ROOT, b"a", 0o100644, 0, 0)).ino
+    rig.request(lambda: rig.vfs.write(ino, 0, b"a" * 5000))
+
+    def buggy():
+        rig.vfs.write(ino, 0, b"b" * 5000)
+        return 1 // 0
+
+    with pytest.raises(OSError) as e:
+        rig.request(buggy, fault_after=10**9)
+    assert e.value.errno == errno.EIO and "ZeroDivisionError" in str(e.value)
+    assert rig.tx.counts["rolled_back"] == 2 and rig.tx.counts["answered_error"] == 1
+    before, after = rig.snapshots[0]
+    assert mattering(rig, before) == mattering(rig, after, like=before)
+    assert rig.vfs.read(ino, 0, 5000) == b"a" * 5000
+
+
+def test_an_error_answer_commits_what_the_request_did(rig):
+    """ENOENT is an answer, not a fault: nothing is rolled back."""
+    with pytest.raises(OSError) as e:
+        rig.request(lambda: rig.vfs.lookup(ROOT, b"missing"))
+    assert e.value.errno == errno.ENOENT
+    assert rig.tx.counts["rolled_back"] == 0 and rig.tx.counts["requests"] == 1

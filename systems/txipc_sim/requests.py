@@ -12,7 +12,8 @@ Promises to the txipc_sim kernel program (systems/txipc_sim/server.py) and, thro
 * a request that makes the disk see anything (write-back of a throttled writer, fsync, a
   journal commit of a full transaction: ``BlockDevice.before_write``) becomes irrevocable at
   that point: the disk is never ahead of memory that a roll-back would restore;
-* ``RequestAborted`` raised inside a request (the kernel's ``request_exception``) aborts it:
+* ``RequestAborted`` raised inside a request (the kernel's ``request_exception``), or any
+  other exception but an answer (OSError, a protocol error) — a kernel bug's — aborts it:
   its stores are put back (memory byte-identical to before the request), the storage
   stack's tables are built again from that memory, as a kernel adopting it would
   (kernel/core/cachewalk.py; the running journal transaction completed on the disk,
@@ -27,13 +28,16 @@ Promises to the txipc_sim kernel program (systems/txipc_sim/server.py) and, thro
 from __future__ import annotations
 
 import errno
+import logging
 import time
 
 from kernel.core.cachewalk import collect
+from kernel.core.fuse import FuseError
 from kernel.core.txlog import Irrevocable, LogDamaged, UndoLog
 from kernel.tools.txncomplete import complete_transaction
 
 NOT_RECOVERED = "not recovered by the transaction"
+log = logging.getLogger(__name__)
 
 
 class RequestAborted(Exception):
@@ -42,6 +46,12 @@ class RequestAborted(Exception):
     def __init__(self, site: str):
         super().__init__(f"exception in request at {site}")
         self.site = site
+
+
+def _unexpected(e: Exception) -> RequestAborted:
+    """Any other exception inside a request is a fault in it too (a kernel bug's)."""
+    log.error("exception inside a request, rolled back: %r", e)
+    return RequestAborted(f"unexpected {type(e).__name__}")
 
 
 class Transactions:
@@ -66,11 +76,15 @@ class Transactions:
                     self._begin()
                     try:
                         out = h(nodeid, body, uid, gid, pid)
-                    except RequestAborted as e:
-                        self._abort(op, e, attempt)
+                    except (OSError, FuseError):  # an answer: the VFS changed nothing first
+                        self._commit()
+                        raise
+                    except Exception as e:  # a fault in the request: an oops, or a bug's
+                        fault = e if isinstance(e, RequestAborted) else _unexpected(e)
+                        self._abort(op, fault, attempt)
                         if attempt:
                             self.counts["answered_error"] += 1
-                            raise OSError(errno.EIO, f"request aborted twice: {e}") from None
+                            raise OSError(errno.EIO, f"request aborted twice: {fault}") from None
                         self.counts["re_executed"] += 1
                         continue
                     except BaseException:
