@@ -343,3 +343,16 @@ def test_an_error_answer_commits_what_the_request_did(rig):
         rig.request(lambda: rig.vfs.lookup(ROOT, b"missing"))
     assert e.value.errno == errno.ENOENT
     assert rig.tx.counts["rolled_back"] == 0 and rig.tx.counts["requests"] == 1
+
+
+def test_a_report_figure_must_be_a_count():
+    from systems.base import RecoveryReport, ReportError, check_report
+
+    r = RecoveryReport("txipc_sim", "exception-in-request", 1.0)
+    r.figures = {"rolled_back": 1}
+    assert check_report(r) is r
+    for bad in (-1, 0.5, True):
+        r.figures = {"rolled_back": bad}
+        with pytest.raises(ReportError, match="rolled_back"):
+            check_report(r)
+    assert RecoveryReport.from_dict(r.to_dict()).figures == r.figures
