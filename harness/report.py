@@ -321,6 +321,9 @@ def _blocks(run: dict, summary: list[dict], images: dict[str, dict]) -> list[tup
     procs = _process_table(run)
     if procs[2]:  # only a scheme that keeps processes reports their fates
         b += [("h2", "Processes of the crashed kernel"), procs]
+    figs = scheme_figures(run)
+    if figs:  # only a scheme with counts of its own (txipc_sim: requests rolled back, ...)
+        b += [("h2", "Scheme figures"), ("pre", "\n".join(figs))]
     errs = [f"{t['id']}: {t['error']}" for t in run["trials"] if t.get("error")]
     if errs:
         b += [("h2", "Failed trials"), ("pre", "\n".join(errs))]
@@ -334,6 +337,16 @@ def _blocks(run: dict, summary: list[dict], images: dict[str, dict]) -> list[tup
         ("pre", json.dumps(run["environment"], indent=2)),
     ]
     return b
+
+
+def scheme_figures(run: dict) -> list[str]:
+    """One line per trial whose recovery report carries a scheme's own counts (``figures``)."""
+    out = []
+    for t in run["trials"]:
+        figs = (t.get("report") or {}).get("figures")
+        if figs:
+            out.append(f"{t['id']}: " + ", ".join(f"{k} {v}" for k, v in figs.items()))
+    return out
 
 
 def verify_findings(run: dict) -> list[str]:

@@ -31,6 +31,9 @@ ADOPT_FIRST_USE_PAGES = (
 BACKUP_HEAP_WARM_BYTES = (
     64 << 20
 )  # heap a standby backup grows and touches for its takeover's tables
+TXLOG_BYTES = (
+    4 << 20
+)  # a txipc_sim kernel's undo log, taken from the frame area's tail (kernel/core/txlog.py)
 UNDO_KEEP_FRAMES = 16  # frames the undo record keeps between operations (kernel/core/bufcache.py)
 
 # --- journal (kernel/core/journal.py) ---

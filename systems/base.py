@@ -95,6 +95,7 @@ class RecoveryReport:
     service_at: float | None = None  # first service after the crash
     notes: list[str] = field(default_factory=list)
     processes: list[ProcessFate] = field(default_factory=list)  # a scheme that reports them
+    figures: dict[str, int] = field(default_factory=dict)  # a scheme's own counts, by name
 
     def process_counts(self) -> dict[str, int]:
         """How many processes of the crashed kernel were preserved, restarted, lost."""
@@ -147,6 +148,7 @@ class RecoveryReport:
             d["service_at"],
             list(d["notes"]),
             [ProcessFate(**p) for p in d.get("processes", ())],
+            dict(d.get("figures", {})),
         )
         return r
 
@@ -207,6 +209,9 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
     for p in r.processes:
         if p.fate not in FATES or not p.reason:
             raise ReportError(f"{r.scheme}: process {p.name}: fate {p.fate!r} needs a reason")
+    for k, v in r.figures.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ReportError(f"{r.scheme}: figure {k!r} is {v!r}, not a count")
     if r.recovered and r.service_at is None:
         raise ReportError(f"{r.scheme}: recovered, but no time of first service")
     return r

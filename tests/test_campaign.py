@@ -68,11 +68,13 @@ def test_wilson_refuses_what_is_not_a_proportion():
 def test_plan_covers_every_target_and_site_and_is_the_same_for_the_same_parameters():
     kinds = plan.kinds_of("all")
     cells = plan.cells(kinds)
-    from kernel.core.faults import FAULTS, OBJECT_TARGETS, SITES
+    from kernel.core.faults import FAULTS, OBJECT_TARGETS, REQUEST_SITES, SITES
 
     assert {c.kind for c in cells} == set(FAULTS)
     assert {c.target for c in cells if c.kind == "bit-flip"} == set(OBJECT_TARGETS)
     assert {c.site for c in cells if c.kind == "panic"} == set(SITES)
+    in_request = {c.site for c in cells if c.kind == "exception-in-request"}
+    assert in_request == {*REQUEST_SITES, "writeback"}
     a = plan.plan(["orthros", "reboot"], kinds, 2 * len(cells), seed=7)
     assert a == plan.plan(["orthros", "reboot"], kinds, 2 * len(cells), seed=7)
     assert len(a) == 4 * len(cells) and len({f.id for f in a}) == len(a)

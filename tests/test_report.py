@@ -387,3 +387,17 @@ def test_the_fates_of_the_crashed_kernels_processes_are_shown_with_their_reasons
     section = md.split("Processes of the crashed kernel", 1)[1]
     assert f"| {t['id']} | wsgidav | 4242 | preserved | — | entry valid |" in section
     assert "| holder | — | restarted | 4343 | its process-table entry was rejected" in section
+
+
+def test_a_schemes_own_figures_get_a_line_per_trial_and_none_without():
+    from harness.report import scheme_figures
+
+    run = {
+        "trials": [
+            {"id": "t0", "report": {"figures": {"rolled_back": 1, "bytes_logged": 8}}},
+            {"id": "t1", "report": {"figures": {}}},
+            {"id": "t2", "report": None},
+        ]
+    }
+    assert scheme_figures(run) == ["t0: rolled_back 1, bytes_logged 8"]
+    assert scheme_figures({"trials": [{"id": "t", "report": {}}]}) == []

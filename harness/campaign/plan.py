@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
-from kernel.core.faults import FAULTS, OBJECT_TARGETS, SITES
+from kernel.core.faults import FAULTS, OBJECT_TARGETS, REQUEST_SITES, SITES
 
 MEMORY_FAULTS = ("wild-write", "bit-flip")
-# "now" is not inside a request, so an exception in a request needs a request's site
-SITES_OF = {"exception-in-request": ("vfs.write", "vfs.create")}
+# "now" is not inside a request, so an exception in a request needs a request's site, or
+# write-back's: the exception a scheme that rolls requests back cannot (systems/txipc_sim)
+SITES_OF = {"exception-in-request": (*REQUEST_SITES, "writeback")}
 
 
 class PlanError(ValueError):

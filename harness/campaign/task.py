@@ -32,10 +32,26 @@ from pathlib import Path
 from harness import driver
 from harness.campaign import container, outcome
 from harness.campaign.plan import FaultSpec
+from kernel.core.faults import REQUEST_SITES
 
 PARENT_POLL_S = 0.2  # how often a trial process looks whether its starter still lives
 KILL_GRACE_S = 60.0  # a trial process asked to stop gets this long for its teardown
 RESULT_POLL_S = 0.1  # how often the results a trial process wrote are looked for
+
+
+def _every_request(d: Path) -> None:
+    """Requests that pass every request site of kernel/core/faults.py (REQUEST_SITES): a
+    directory made, a file created, written, chmod-ed, truncated, renamed, looked up,
+    removed."""
+    d.mkdir()
+    f = d / "f"
+    f.write_bytes(b"p" * 9000)
+    f.chmod(0o600)
+    os.truncate(f, 10)
+    f.rename(d / "g")
+    os.stat(d / "g")
+    (d / "g").unlink()
+    d.rmdir()
 
 
 class CampaignTrial(driver.Trial):
@@ -63,9 +79,12 @@ class CampaignTrial(driver.Trial):
         may not: a create (the clients create their files only at first) or a write-back
         (the flusher waits for pages dirty longer than DIRTY_EXPIRE_S). From a thread that
         may block in the dying kernel until the scheme (or teardown) ends its connection."""
-        if site == "vfs.create":
+        if site in REQUEST_SITES:
             probe = Path(self.svc.mount) / f".campaign-probe-{self.spec.trial}"
-            work = probe.touch
+
+            def work():
+                _every_request(probe)
+
         elif site == "writeback":
 
             def work():

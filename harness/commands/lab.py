@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.commands.output import Output
+from kernel.core.faults import SITES
 
 console = Output()
 err = Console(stderr=True, soft_wrap=True)
@@ -258,7 +259,7 @@ def crash_cmd(
         "(a partition with a loaded crash kernel)",
     ),
     site: Optional[str] = typer.Option(
-        None, help="where the fault activates (now, vfs.write, vfs.create, writeback, fuse.reply)"
+        None, help="where the fault activates: " + ", ".join(SITES) + " (crashbench list)"
     ),
     wait: bool = typer.Option(
         False, "--wait", help="return when recovery is over, or when it is clear none will come"

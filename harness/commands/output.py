@@ -206,7 +206,7 @@ SCHEMAS = {
     "list": _doc(
         "list",
         ["schemes", "workloads", "faults"],
-        {"schemes": _NAMES, "workloads": _NAMES, "faults": _NAMES},
+        {"schemes": _NAMES, "workloads": _NAMES, "faults": _NAMES, "sites": _NAMES},
     ),
     "report": _doc("report", list(_SUMMARY), _SUMMARY),
     "run": _doc(

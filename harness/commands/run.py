@@ -47,13 +47,14 @@ def _one_line(cls) -> str:
 
 def catalogue() -> dict[str, dict[str, str]]:
     from harness.workloads import registry as workloads
-    from kernel.core.faults import FAULTS
+    from kernel.core.faults import FAULTS, SITES
     from systems.base import registry as schemes
 
     return {
         "schemes": {n: _one_line(c) for n, c in schemes().items()},
         "workloads": {n: c.description for n, c in workloads().items()},
         "faults": dict(FAULTS),
+        "sites": dict(SITES),
     }
 
 

@@ -73,6 +73,7 @@ class BlockMapMixin:
     def _new_indirect(self, goal: int) -> int:
         b = int(self.balloc.alloc(1, goal)[0])
         self.bufs.write(b, 0, ZERO_BLOCK)
+        self.faults.at("fs.block-alloc")
         return b
 
     # --- lookup and allocation ---------------------------------------------------------
@@ -139,6 +140,7 @@ class BlockMapMixin:
             k = blocks.size
             arr[holes[:k]] = blocks
             got[holes[:k]] = True
+            self.faults.at("fs.block-alloc")
             if data:
                 self._unwritten.append(blocks)
             if store is not None:

@@ -183,6 +183,7 @@ class DirMixin:
             ds.free[fb][pos] = new_rec - need
         ds.names[name] = (ino, ft, fb, pos)
         ds.hint = fb
+        self.faults.at("fs.dir-update")
 
     def _dir_remove(self, d: Inode, ds: DirState, name: bytes) -> int:
         ino, ft, fb, off = ds.names.pop(name)
@@ -200,6 +201,7 @@ class DirMixin:
             self.bufs.write(blk, off, b"\0\0\0\0")
         self._reparse(d, ds, fb)
         ds.hint = fb
+        self.faults.at("fs.dir-update")
         return ino
 
     def _dir_set(self, d: Inode, ds: DirState, name: bytes, ino: int, ft: int) -> None:

@@ -62,11 +62,27 @@ ALL_TARGETS = TARGETS | PROCESS_TARGETS
 OBJECT_TARGETS = [t for t in TARGETS if t != "crash-kernel"]
 SITES = {
     "now": "at once, from the control thread",
-    "vfs.write": "inside a write request, after its first page was stored",
+    "vfs.lookup": "inside a lookup request, after the inode was loaded in core",
     "vfs.create": "inside a create request, after the name was added",
+    "vfs.mkdir": "inside a mkdir request, after the directory was made",
+    "vfs.write": "inside a write request, after its first page was stored",
+    "vfs.rename": "inside a rename request, after the names moved",
+    "vfs.unlink": "inside an unlink or rmdir request, after the name was removed",
+    "vfs.truncate": "inside a truncate, after the cached pages were cut",
+    "vfs.setattr": "inside a setattr request, after the on-disk inode changed",
+    "fs.journal-start": "inside a file-system operation, just after it joined the transaction",
+    "fs.dir-update": "inside a directory update, after the entry was added or removed",
+    "fs.inode-alloc": "inside an inode allocation, after the number was taken",
+    "fs.block-alloc": "inside a block allocation (write-back, a directory or indirect block)",
     "writeback": "inside write-back, after the data blocks were written",
     "fuse.reply": "after a request's change was applied and recorded in flight, before its reply",
 }
+# the sites only request handling reaches (fs.journal-start and fs.block-alloc are also
+# reached by write-back, which runs outside any request)
+REQUEST_SITES = tuple(s for s in SITES if s.startswith("vfs.")) + (
+    "fs.dir-update",
+    "fs.inode-alloc",
+)
 
 
 class FaultError(ValueError):

@@ -99,6 +99,7 @@ from kernel.core.disklayout import (
     pack_inode,
     unpack_inode,
 )
+from kernel.core.faults import NoFaults
 from kernel.core.journal import Journal, JournalDamaged  # noqa: F401  (re-exported)
 from kernel.core.namei import RENAME_EXCHANGE, RENAME_NOREPLACE, NamespaceMixin
 
@@ -134,6 +135,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         self._dirs: OrderedDict = OrderedDict()
         self._unwritten: list[np.ndarray] = []
         self._freed_meta: set[int] = set()
+        self.faults = NoFaults()  # the VFS hands down its kernel's injector
         self.mounted = False
         sb = Superblock.unpack(dev.read(SB_BLOCK), dev.path)
         if sb.nblocks > dev.nblocks:
@@ -203,6 +205,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
             self._handles += 1
             self._notify()
             try:
+                self.faults.at("fs.journal-start")
                 yield self
             finally:
                 self._handles -= 1
@@ -367,6 +370,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
 
     def _alloc_inode(self, mode: int, uid: int, gid: int, nlink: int) -> Inode:
         ino = self.ialloc.alloc()
+        self.faults.at("fs.inode-alloc")
         old = self._iread(ino, verify=False)
         if old.mode:
             self.ialloc.free[ino] = False

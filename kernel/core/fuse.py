@@ -38,6 +38,10 @@ Promises to the kernel daemon (kernel/core/kernel.py), the host side (kernel/hw/
   (``opened(pid, fh, flags)``, the caller's thread id as the host reports it) and every
   RELEASE (``released(pid, fh)``, pid 0 when the host sends it from a kernel thread): the
   kernel's open-file table (kernel/core/proc.py), whose records are keyed by the handle.
+* ``around`` (of ``serve``, ``resume`` and ``Server``): given the table of request
+  handlers {opcode: handler}, returns the table requests are dispatched to — a kernel
+  whose requests are transactions (systems/txipc_sim) wraps each handler; None: the
+  handlers themselves, at no cost.
 * ``stop()`` (alias ``request_stop``) may be called from a signal handler or any thread.
 * Every request is one synchronous VFS call made by the one serving thread (the VFS takes
   its big lock itself).
@@ -170,6 +174,7 @@ class Server:
         files=None,
         inflight=None,
         answers=None,
+        around: Callable[[dict], dict] | None = None,
     ):
         self.vfs, self.fd, self.params = vfs, fd, params
         self.files = files or NoFileTable()
@@ -214,6 +219,8 @@ class Server:
             P.INTERRUPT: self.interrupt,
             P.DESTROY: self.destroy,
         }
+        if around is not None:
+            self.handlers = around(self.handlers)
 
     # --- the loop ----------------------------------------------------------------------------
     def wake(self) -> None:
@@ -730,6 +737,7 @@ def serve(
     ready: Callable[[], None] | None = None,
     files=None,
     inflight=None,
+    around: Callable[[dict], dict] | None = None,
 ) -> None:
     """Mount ``vfs`` on ``mountpoint`` and serve it until unmounted or ``stop()``.
 
@@ -749,7 +757,7 @@ def serve(
         _tune(mountpoint)
     except Exception:
         log.exception("tuning the FUSE mount failed (serving anyway)")
-    _run(Server(vfs, fd, params, files=files, inflight=inflight), ready)
+    _run(Server(vfs, fd, params, files=files, inflight=inflight, around=around), ready)
 
 
 def resume(
@@ -762,6 +770,7 @@ def resume(
     files=None,
     inflight=None,
     answers=None,
+    around: Callable[[dict], dict] | None = None,
 ) -> None:
     """Serve the initialised connection on ``fd`` (see the module's promises). Takes
     ownership of ``fd``. ``resend``: first ask the host to queue again the requests the
@@ -774,7 +783,8 @@ def resume(
     _tune_allocator()
     if resend:
         P.notify_resend(fd)
-    _run(Server(vfs, fd, params, files=files, inflight=inflight, answers=answers), ready)
+    server = Server(vfs, fd, params, files=files, inflight=inflight, answers=answers, around=around)
+    _run(server, ready)
 
 
 def _init(fd: int, mountpoint: str) -> ConnParams:

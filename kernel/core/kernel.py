@@ -87,6 +87,7 @@ class Kernel:
         self.settle_s = 0.0  # of boot_s, freezing the boot heap
         self.keep_apps = False  # apps outlive this process; opens go to the process table
         self.inflight = None  # the FUSE server's in-flight request table, once it serves
+        self.around = None  # wraps the FUSE request handlers (kernel/core/fuse.py ``around``)
 
     def join_partition(self, tag: str | None) -> None:
         """Join the partition's process set (kernel/hw/procset.py), so that fencing the
@@ -218,6 +219,7 @@ class Kernel:
             ready=serving,
             files=self._files(),
             inflight=self._inflight(),
+            around=self.around,
         )
 
     def resume(self, fd: int, params, ready, answers=None) -> None:
@@ -237,6 +239,7 @@ class Kernel:
             files=self._files(),
             inflight=self._inflight(answers),
             answers=answers,
+            around=self.around,
         )
 
     def _inflight(self, answers=None):

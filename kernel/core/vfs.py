@@ -77,6 +77,30 @@ class VFS:
         are taken over in place (its dirty inodes keep their in-core size and times)."""
         self.lock = threading.RLock()
         self.mem, self.lay, self.dev = mem, lay, dev
+        self._faults = NoFaults()  # a running kernel replaces it with its FaultInjector
+        self._mount(adopt)
+        self.refs: dict[int, int] = {}
+        self.opens: dict[int, int] = {}
+        self.orphans: set[int] = set()
+        self.writeback = Writeback(self)
+
+    @property
+    def faults(self):
+        return self._faults
+
+    @faults.setter
+    def faults(self, f) -> None:
+        self._faults = self.fs.faults = f
+
+    def remount(self, adopt: Adopted) -> None:
+        """Mount again in place, from this kernel's own memory (``adopt``: its pages as a
+        cache walk found them) after the disk's running transaction was completed: every
+        table of the storage stack is built afresh; the lock, the flusher, the fault
+        injector and the lookup and open counts stay. The caller holds the lock."""
+        self._mount(adopt)
+
+    def _mount(self, adopt: Adopted | None) -> None:
+        mem, lay, dev = self.mem, self.lay, self.dev
         self.ks = KSuper(mem, lay, dev.nblocks)
         self.ic = ICache(mem, lay, self.ks)
         # oldest first, so the dirty-inode list's tail stays the oldest (writeback.balance);
@@ -99,14 +123,10 @@ class VFS:
         self.pc = PageCache(mem, lay, self.ic, adopt)
         self.bufs = PageCacheBuffers(self.pc, dev)
         self.fs = FileSystem(dev, self.bufs, on_txn_state=self._txn_state)
+        self.fs.faults = self._faults
         self.resv = Reservations(self.fs, self.pc)
         if adopt is not None:
             self._adopt_reservations(adopt)
-        self.refs: dict[int, int] = {}
-        self.opens: dict[int, int] = {}
-        self.orphans: set[int] = set()
-        self.faults = NoFaults()  # a running kernel replaces it with its FaultInjector
-        self.writeback = Writeback(self)
 
     def _adopt_reservations(self, a: Adopted) -> None:
         ino, idx = a.ino[a.dirty], a.index[a.dirty]
@@ -168,7 +188,9 @@ class VFS:
     # --- namespace ------------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Attr:
         with self.lock:
-            return self._attr(self.fs.lookup(parent, name))
+            a = self._attr(self.fs.lookup(parent, name))
+            self.faults.at("vfs.lookup")
+            return a
 
     def getattr(self, ino: int) -> Attr:
         with self.lock:
@@ -186,6 +208,7 @@ class VFS:
         with self.lock:
             ino = self.fs.mkdir(parent, name, mode, uid, gid)
             self.pc.lost.truncated(ino, 0)  # a reused number carries no loss
+            self.faults.at("vfs.mkdir")
             self._touch_dir(parent)
             return self._attr(ino)
 
@@ -205,18 +228,21 @@ class VFS:
     def unlink(self, parent, name) -> None:
         with self.lock:
             ino = self.fs.unlink(parent, name)
+            self.faults.at("vfs.unlink")
             self._touch_dir(parent)
             self._after_unlink(ino)
 
     def rmdir(self, parent, name) -> None:
         with self.lock:
             ino = self.fs.rmdir(parent, name)
+            self.faults.at("vfs.unlink")
             self._touch_dir(parent)
             self._after_unlink(ino)
 
     def rename(self, old_parent, old_name, new_parent, new_name, flags=0) -> None:
         with self.lock:
             replaced = self.fs.rename(old_parent, old_name, new_parent, new_name, flags)
+            self.faults.at("vfs.rename")
             self._touch_dir(old_parent)
             if new_parent != old_parent:
                 self._touch_dir(new_parent)
@@ -334,6 +360,7 @@ class VFS:
             if meta:
                 meta["ctime_ns"] = now
                 self.fs.setattr(ino, **meta)
+                self.faults.at("vfs.setattr")
                 self.ic.set(ino, **meta)
             return self._attr(ino)
 
@@ -342,6 +369,7 @@ class VFS:
             raise OSError(errno.EISDIR, "truncate of a directory")
         self._flush_meta(ino)
         self.pc.truncate(ino, (size + PAGE - 1) // PAGE)
+        self.faults.at("vfs.truncate")
         tail = size % PAGE
         if (
             tail

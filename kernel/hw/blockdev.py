@@ -30,6 +30,9 @@ take a dead kernel's disk over):
 * ``write(b, data, src)``: ``src`` may name the physical address of the page each block was
   taken from (a paravirtual request's scatter list). The device ignores it; a VMM beneath
   the kernel (kernel/hw/vmm.py) learns from it which frame now matches which block.
+* ``before_write`` (None unless set): called before every write is issued, the output
+  commit point of a kernel whose requests are transactions (systems/txipc_sim): what the
+  disk is about to see can no longer be rolled back in memory.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import fcntl
 import os
 import threading
 import time
+from typing import Callable
 
 from kernel import param
 
@@ -82,6 +86,7 @@ class BlockDevice:
                     errno.EBUSY, f"{self.path}: owned by another kernel (exclusive lock held)"
                 ) from None
         self.nblocks = os.fstat(self.fd).st_size // BSIZE
+        self.before_write: Callable[[], None] | None = None
         self._cache: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._busy_until = 0.0
@@ -150,6 +155,8 @@ class BlockDevice:
         return data
 
     def write(self, blockno: int, data, src: list[int] | None = None) -> None:
+        if self.before_write is not None:
+            self.before_write()
         mv = memoryview(data).cast("B")
         n = mv.nbytes
         if n == 0 or n % BSIZE:
