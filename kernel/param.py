@@ -40,6 +40,7 @@ UNDO_KEEP_FRAMES = 16  # frames the undo record keeps between operations (kernel
 COMMIT_INTERVAL_S = 5.0  # the running transaction is committed at least this often
 JOURNAL_BLOCKS = 8192  # default journal size at mkfs (32 MiB)
 MAX_TXN_FRACTION = 0.25  # a transaction is committed once it fills this much of the journal
+JOURNAL_READAHEAD_BLOCKS = (8, 128)  # a log scan's device reads: the first, then doubling to most
 
 # --- file system (kernel/core/fs.py) ---
 NDIRECT = 12  # direct block pointers in an inode

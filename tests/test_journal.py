@@ -80,6 +80,21 @@ def test_commit_then_replay_after_power_loss(img):
     dev.close()
 
 
+def test_a_log_of_many_transactions_is_scanned_in_a_few_device_requests(img):
+    dev, j = open_journal(img)
+    for i in range(20):  # 3 blocks each: descriptor, copy, commit; 60 of the log's 63
+        j.commit({100 + i: blk(i)})
+    power_loss(dev)
+    dev, j = open_journal(img)
+    before = dev.stats["requests"]
+    scan = j.scan()
+    # read ahead (windows of 8, 16, 32, then the rest): 4 requests where block by block
+    # took 2 per transaction
+    assert dev.stats["requests"] - before == 4
+    assert scan.transactions == 20 and scan.blocks == {100 + i: blk(i) for i in range(20)}
+    dev.close()
+
+
 def test_transaction_without_commit_block_is_discarded(img):
     dev, j = open_journal(img)
     j.replay()
