@@ -345,7 +345,6 @@ Watcher = Callable[[int, bytes], None]
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14 on
-_MADV_POPULATE_WRITE = 23
 
 
 @functools.cache
@@ -355,13 +354,6 @@ def _madvise():
     f = ctypes.CDLL(None, use_errno=True).madvise
     f.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return f
-
-
-def populate_for_write(address: int, length: int) -> bool:
-    """Map ``length`` bytes at ``address`` (page-aligned, a shared mapping of ours) for
-    writing now, in one system call (MADV_POPULATE_WRITE), not a page fault per page at
-    first store. Only a hint: False where the kernel cannot."""
-    return _madvise()(ctypes.c_void_p(address), length, _MADV_POPULATE_WRITE) == 0
 
 
 class PhysMem:

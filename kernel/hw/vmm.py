@@ -69,14 +69,7 @@ import numpy as np
 import xxhash
 
 from kernel import param
-from kernel.hw.physmem import (
-    PAGE_DESC,
-    PG_VALID,
-    Layout,
-    PartLayout,
-    PhysMem,
-    populate_for_write,
-)
+from kernel.hw.physmem import PAGE_DESC, PG_VALID, Layout, PartLayout, PhysMem
 
 PAGE = param.PAGE_SIZE
 _SHIFT = PAGE.bit_length() - 1
@@ -139,8 +132,7 @@ _C = {n: i for i, n in enumerate(COUNTERS)}
 _BUSY, _REGISTERED, _INVALIDATED = _C["busy_ns"], _C["registered"], _C["invalidated"]
 _MOVED, _DROPPED = _C["moved_aside"], _C["dropped"]
 _clock = time.perf_counter_ns
-_LIVE = COUNTERS.index("reused")
-SPARE_CHUNK = 256  # spare pages mapped for writing at once, ahead of the first move aside  # counters from here on start afresh at every preserve()
+_LIVE = COUNTERS.index("reused")  # counters from here on start afresh at every preserve()
 
 _M = (1 << 64) - 1
 _K = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5)
@@ -296,7 +288,6 @@ class Vmm:
         self.warm.update(zip(ft["block"][wf].tolist(), wf.tolist()))
         self.warm.update(zip(region.st["block"][ws].tolist(), (-1 - ws).tolist()))
         self.free_spare = np.flatnonzero(region.st["state"] == FREE)[::-1].tolist()
-        self._spare_mapped = 0  # spare slots below this were mapped for writing ahead
         # write protection, one byte a frame: a store into a frame with a copy must reach watch()
         self.wp = bytearray(np.isin(ft["state"], (CLEAN, WARM)).astype(np.uint8).tobytes())
 
@@ -413,12 +404,14 @@ class Vmm:
     def _move_aside(self, f: int) -> None:
         """The new kernel reuses a frame holding a WARM page: keep the page elsewhere.
         (Bytes moved by slices of the region's mapping: this runs for most frames a new
-        kernel fills, and numpy's structured-entry assignment costs several times more.)"""
+        kernel fills, and numpy's structured-entry assignment costs several times more.
+        What is left is mostly the first store's page fault in the spare area; mapping
+        it ahead with MADV_POPULATE_WRITE cost as much per page, so it is not done.)"""
         mm, off, warm = self._mm, self._ft + f * _ESIZE, self.warm
         block = _BLOCK.unpack_from(mm, off)[0]
         if warm.get(block) == f:
             if self.free_spare:
-                slot = self._spare_slot()
+                slot = self.free_spare.pop()
                 p, sp, so = self.f0 + f * PAGE, self._spare + slot * PAGE, self._st + slot * _ESIZE
                 self._mv[sp : sp + PAGE] = self.mem.view[p : p + PAGE]
                 mm[so : so + _ESIZE] = mm[off : off + _ESIZE]
@@ -429,17 +422,6 @@ class Vmm:
                 self._ctr[_DROPPED] += 1
         mm[off : off + _ESIZE] = _ZERO_ENTRY
         self.wp[f] = 0
-
-    def _spare_slot(self) -> int:
-        """A free spare slot. The spare area is mapped for writing SPARE_CHUNK pages at a
-        time ahead of first use (slots are handed out lowest first): one system call, not
-        a page fault for each page moved aside, which cost about as much as the move."""
-        slot = self.free_spare.pop()
-        if slot >= self._spare_mapped:
-            hi = min(slot + SPARE_CHUNK, self.r.nspare)
-            populate_for_write(self.r.spare[slot].ctypes.data, (hi - slot) * PAGE)
-            self._spare_mapped = hi
-        return slot
 
     # --- the block layer ----------------------------------------------------------------
     def read_done(self, first: int, count: int, data, known: list | None = None) -> None:
