@@ -477,13 +477,15 @@ class Vmm:
         self._ctr[_BUSY] += _clock() - t0
         return locs
 
-    def page_at(self, loc: int) -> memoryview:
-        """The page a location names: a frame of the guest or a spare page."""
-        if loc >= 0:
-            p = self.f0 + loc * PAGE
-            return self.mem.view[p : p + PAGE]
-        p = self._spare + (-1 - loc) * PAGE
-        return self._mv[p : p + PAGE]
+    def pages_at(self, locs: list) -> list[memoryview]:
+        """The pages locations name (each a frame of the guest or a spare page), as views."""
+        view, f0, mv, sp = self.mem.view, self.f0, self._mv, self._spare
+        return [
+            view[f0 + loc * PAGE : f0 + (loc + 1) * PAGE]
+            if loc >= 0
+            else mv[sp + (-1 - loc) * PAGE : sp - loc * PAGE]
+            for loc in locs
+        ]
 
     def check_served(self, first: int, locs: list, data: bytes) -> tuple[list, list[int]]:
         """Check the copies of claimed pages, as ``data`` (the read's bytes) holds them.
@@ -561,11 +563,15 @@ class VmmDisk:
         """Warm pages from memory (no modeled delay), the runs in between from the device,
         copied once into the read's bytes; then the warm ones are checked in that copy and
         any refused is read again from the device."""
-        parts, i = [], 0
+        if None not in locs:  # the common case: the whole request is warm
+            parts = self.vmm.pages_at(locs)
+            i = count
+        else:
+            parts, i = [], 0
         while i < count:
             j = i + 1
             if locs[i] is not None:
-                parts.append(self.vmm.page_at(locs[i]))
+                parts += self.vmm.pages_at(locs[i:j])
             else:
                 while j < count and locs[j] is None:
                     j += 1
