@@ -52,7 +52,7 @@ class Machine:
     def __init__(self, where: str, files: int, pages: int, model: str):
         self.img, self.model = f"{where}/disk.img", model
         need = files * pages * PAGE
-        mkfs(self.img, max(64 << 20, 2 * need + (32 << 20)))
+        mkfs(self.img, max(64 << 20, 2 * need + (32 << 20)), inodes=max(1024, 2 * files))
         mem = max(64 << 20, 2 * need + (32 << 20))
         self.mem = PhysMem(f"{where}/physmem", mem, create=True)
         self.lay = partition_layout(0, 0, mem)
