@@ -31,9 +31,9 @@ back, one hash and one 32-byte entry. Those paths use struct and memoryview on t
 not numpy scalars. Protection matters most: on a PostgreSQL-like loop in one process (an
 8 KiB page write, a WAL append and its fsync per operation) the guest stored into frames 36
 times per operation, 2 of them into frames with a copy; with protection, and a seal that
-leaves the state out, the VMM's share of that loop's time went from 9.3 % to 5.4 %. Each entry
-point (watch, read_done, write_begin, write_done, claim, check_served) adds its own wall time to the
-counter ``busy_ns`` — two clock reads a call, counted in it — so the harness tells the VMM's
+leaves the state out, the VMM's share of that loop's time went from 9.3 % to 5.4 %. Each
+entry point (watch, read_done, write_begin, write_done, claim, check_served) adds its own
+wall time to the counter ``busy_ns`` — two clock reads a call, counted in it — so the harness tells the VMM's
 time from the kernel's without a profiler (harness/cpuuse.py).
 
 Region layout (one file; areas page-aligned)::
@@ -267,7 +267,6 @@ class Vmm:
         self.mem, self.lay, self.r = mem, lay, region
         self.f0, self.flen, self.nframes = lay.frames, lay.nframes * PAGE, lay.nframes
         ft = region.ft
-        self.block = ft["block"]
         mv = memoryview(region.mm)
         self._ctr = mv[PAGE : PAGE + 8 * len(COUNTERS)].cast("Q")  # region.counters, for scalars
         h = region.hdr
