@@ -274,3 +274,98 @@ def test_the_check_benchmark_finds_the_same_pages_in_every_variant():
     assert "300 preserved, 6 inconsistent" in out.stdout and "before / after" in out.stdout
     bad = subprocess.run(script + ["--rounds", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "must be positive" in bad.stderr
+
+
+def test_a_preserved_page_corrupted_after_the_check_is_refused_when_read(m):
+    """The content is checked again in the copy a read serves: a frame that changed behind
+    the VMM after preserve() is refused, counted, and the disk's block served instead."""
+    fs = m.boot()
+    data = os.urandom(8 * PAGE)
+    ino = synced_file(fs, b"k", data)
+    frame = m.frame_of(ino, 5)
+    got = m.crash()
+    assert got["corrupted"] == 0 and frame in got["kept_frames"].tolist()
+    raw = PhysMem(m.mem.path)  # no watcher: a memory error the VMM cannot see
+    raw.write(m.lay.frame_phys(frame) + 7, b"\x00\x01")
+    raw.close()
+    fs = m.boot()
+    ino = fs.lookup(1, b"k").ino
+    st = m.v.r.stats()
+    assert fs.read(ino, 0, 8 * PAGE) == data
+    after = m.v.r.stats()
+    assert after["refused_corrupted"] - st["refused_corrupted"] == 1
+    assert after["reused"] - st["reused"] == 7
+    assert after["device_blocks"] - st["device_blocks"] == 1
+
+
+def test_a_read_mixing_warm_moved_aside_and_device_pages_is_served_whole(m):
+    """One read over blocks held in frames, in spare pages and by the disk alone: the bytes
+    are the file's, each page counted once where it came from."""
+    fs = m.boot()
+    data = os.urandom(12 * PAGE)
+    ino = synced_file(fs, b"x", data)
+    frames = [m.frame_of(ino, i) for i in range(12)]
+    fs.write(ino, 3 * PAGE, data[3 * PAGE : 5 * PAGE])  # pages 3, 4: dirtied, not preserved
+    m.crash()
+    fs = m.boot()
+    m.mem.write(m.lay.frame_phys(frames[8]), b"z" * PAGE)  # page 8 moves into a spare page
+    ino = fs.lookup(1, b"x").ino
+    assert m.v.r.stats()["moved_aside"] == 1 and (m.v.r.st["state"] == vmm.WARM).sum() == 1
+    st = m.v.r.stats()
+    assert fs.read(ino, 0, 12 * PAGE) == data
+    after = m.v.r.stats()
+    assert (m.v.r.st["state"] == vmm.WARM).sum() == 0  # the spare copy was served
+    assert after["reused"] - st["reused"] == 10
+    assert after["device_blocks"] - st["device_blocks"] == 2
+
+
+def test_a_corrupted_spare_page_is_refused_when_read(m):
+    fs = m.boot()
+    data = os.urandom(2 * PAGE)
+    ino = synced_file(fs, b"s", data)
+    frame = m.frame_of(ino, 1)
+    m.crash()
+    fs = m.boot()
+    m.mem.write(m.lay.frame_phys(frame), b"z" * PAGE)  # moved aside into spare slot
+    slot = int(np.flatnonzero(m.v.r.st["state"] == vmm.WARM)[0])
+    m.v.r.spare[slot, 100] ^= 0xFF
+    ino = fs.lookup(1, b"s").ino
+    st = m.v.r.stats()
+    assert fs.read(ino, 0, 2 * PAGE) == data
+    after = m.v.r.stats()
+    assert after["refused_corrupted"] - st["refused_corrupted"] == 1
+    assert after["reused"] - st["reused"] == 1
+    assert m.v.r.st["state"][slot] == vmm.FREE and slot in m.v.free_spare
+
+
+def test_a_page_served_warm_lands_registered_with_a_sound_entry(m):
+    """A warm page's landing reuses the hash and seal checked when it was served: the
+    entry it leaves is exactly what a fresh hash and seal give, so a second crash keeps it."""
+    fs = m.boot()
+    data = os.urandom(6 * PAGE)
+    synced_file(fs, b"r", data)
+    m.crash()
+    fs = m.boot()
+    ino = fs.lookup(1, b"r").ino
+    assert fs.read(ino, 0, 6 * PAGE) == data
+    for i in range(6):
+        f = m.frame_of(ino, i)
+        e = m.v.r.ft[f]
+        page = m.mem.view[m.lay.frame_phys(f) :][:PAGE]
+        assert e["state"] == vmm.CLEAN and int(e["csum"]) == xxhash.xxh3_64_intdigest(page)
+        assert int(e["seal"]) == vmm.seal(int(e["block"]), int(e["csum"]), int(e["gen"]))
+    got = m.crash()
+    assert got["corrupted"] == 0 and got["kept"] >= 6
+
+
+def test_the_read_benchmark_serves_every_page_warm_and_right():
+    """scripts/bench_warm_read.py, small: every variant reads the files back unchanged and
+    the warm one reuses every page (the script fails otherwise)."""
+    root = Path(__file__).resolve().parent.parent
+    script = [sys.executable, str(root / "scripts" / "bench_warm_read.py")]
+    small = ["--files", "3", "--pages", "5", "--rounds", "1", "--before", str(root)]
+    out = subprocess.run(script + small, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "warm / cold, VMM" in out.stdout and "warm, before / warm" in out.stdout
+    bad = subprocess.run(script + ["--pages", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "must be positive" in bad.stderr

@@ -15,21 +15,25 @@ Promises to the warm-cache scheme (systems/warmcache; Kourai, VEE'11):
 * after the guest died, ``preserve()`` checks every frame it tracked — its entry's seal, its
   block's generation, its content checksum — and keeps the consistent ones WARM, one per block;
 * beneath the next kernel, a read of a block with a WARM copy is served from memory without
-  the device model's delay, checked again first (same block, same generation, same content);
+  the device model's delay, checked again before it is used (same block, same generation,
+  same content — the content in the very copy the reader gets, so what is checked is what
+  is served); a copy that fails is refused, counted, and its block read from the disk;
   every other read goes to the disk. A WARM page whose frame the new kernel stores into is
   first moved aside into the region's spare pages (what a VMM does by swapping machine frames).
 
 Cost: a kernel without this layer pays nothing (no watcher, the plain device). With it, a
 store into a protected frame pays one call and a table look-up (every other store only
 PhysMem's look-up in the protection map, the MMU's work, charged to the kernel), a landed
-read two xxh3 hashes per page, a write a generation bump per block and, per page written
+read two xxh3 hashes per page from the device and one per page served warm (its hash and
+seal, checked when it was served, are reused: a warm page is hashed twice in all, once to
+serve it and once as it lands), a write a generation bump per block and, per page written
 back, one hash and one 32-byte entry. Those paths use struct and memoryview on the region,
 not numpy scalars. Protection matters most: on a PostgreSQL-like loop in one process (an
 8 KiB page write, a WAL append and its fsync per operation) the guest stored into frames 36
 times per operation, 2 of them into frames with a copy; with protection, and a seal that
-leaves the state out, the VMM's share of that loop's time went from 9.3 % to 5.4 %. Each entry
-point (watch, read_done, write_begin, write_done, take) adds its own wall time to the
-counter ``busy_ns`` — two clock reads a call, counted in it — so the harness tells the VMM's
+leaves the state out, the VMM's share of that loop's time went from 9.3 % to 5.4 %. Each
+entry point (watch, read_done, write_begin, write_done, claim, check_served) adds its own
+wall time to the counter ``busy_ns`` — two clock reads a call, counted in it — so the harness tells the VMM's
 time from the kernel's without a profiler (harness/cpuuse.py).
 
 Region layout (one file; areas page-aligned)::
@@ -86,6 +90,9 @@ ENTRY = np.dtype(
 # every write of a running kernel, a numpy scalar access costs more
 _ENTRY = struct.Struct("<QQIHHQ")
 _STATE_AT = 20
+_ESIZE = _ENTRY.size
+_BLOCK = struct.Struct("<Q")
+_ZERO_ENTRY = bytes(_ESIZE)
 HEADER = Layout(
     "VMM region header",
     "VMMR",
@@ -123,6 +130,7 @@ COUNTERS = (
 )
 _C = {n: i for i, n in enumerate(COUNTERS)}
 _BUSY, _REGISTERED, _INVALIDATED = _C["busy_ns"], _C["registered"], _C["invalidated"]
+_MOVED, _DROPPED = _C["moved_aside"], _C["dropped"]
 _clock = time.perf_counter_ns
 _LIVE = COUNTERS.index("reused")  # counters from here on start afresh at every preserve()
 
@@ -259,19 +267,20 @@ class Vmm:
         self.mem, self.lay, self.r = mem, lay, region
         self.f0, self.flen, self.nframes = lay.frames, lay.nframes * PAGE, lay.nframes
         ft = region.ft
-        self.block = ft["block"]
         mv = memoryview(region.mm)
         self._ctr = mv[PAGE : PAGE + 8 * len(COUNTERS)].cast("Q")  # region.counters, for scalars
         h = region.hdr
         self._gens = mv[h["gens"] : h["gens"] + 4 * region.nblocks].cast(
             "I"
         )  # region.gens, likewise
-        self._mm, self._ft = region.mm, h["ftab"]
+        self._mm, self._mv, self._ft = region.mm, mv, h["ftab"]
+        self._st, self._spare = h["stab"], h["spare"]
         words = ENTRY.itemsize // 2
         self._state = mv[h["ftab"] : h["ftab"] + ENTRY.itemsize * region.nframes].cast("H")[
             _STATE_AT // 2 :: words
         ]
-        self.pending: tuple | None = None  # (first block, gens, data, next) of the last read
+        # the last read, while its pages land: [first block, gens, data, next page, known]
+        self.pending: list | None = None
         self.warm: dict[int, int] = {}  # block -> frame, or -(spare slot + 1)
         wf = np.flatnonzero(ft["state"] == WARM)
         ws = np.flatnonzero(region.st["state"] == WARM)
@@ -291,7 +300,7 @@ class Vmm:
         )  # descriptors, inodes: not the VMM's business
         mem.watch_pages = self.wp
 
-    def _expect(self, pending: tuple | None) -> None:
+    def _expect(self, pending: list | None) -> None:
         """A read's pages land in the next stores, wherever they go: watch every frame till then."""
         self.pending = pending
         self.mem.watch_pages = None if pending is not None else self.wp
@@ -345,21 +354,42 @@ class Vmm:
                     self._invalidate(f)
 
     def _landed(self, f: int, data) -> bool:
-        """Is this store the next page of the last read? Then the frame holds that block."""
-        first, gens, got, k = self.pending
+        """Is this store the next page of the last read? Then the frame holds that block.
+        A page served warm came with its checked hash and seal (``known``): one hash of the
+        store then, and no seal to compute; a page from the device is hashed on both sides."""
+        p = self.pending
+        first, gens, got, k, known = p
         h = _csum(data)
-        if h != _csum(got[k * PAGE : (k + 1) * PAGE]):
+        kn = known[k] if known is not None else None
+        if kn is not None and kn[1] == gens[k]:
+            if h != kn[0]:
+                return False
+            sl = kn[2]
+        elif h != _csum(got[k * PAGE : (k + 1) * PAGE]):
             return False
-        self._expect((first, gens, got, k + 1) if k + 1 < len(gens) else None)
-        self._register(f, first + k, gens[k], h)
+        else:
+            sl = None
+        if k + 1 < len(gens):
+            p[3] = k + 1
+        else:
+            self._expect(None)
+        self._register(f, first + k, gens[k], h, sl)
         return True
 
-    def _register(self, f: int, block: int, gen: int, h: int) -> None:
+    def _register(self, f: int, block: int, gen: int, h: int, sl: int | None = None) -> None:
+        """The frame holds block as of gen, content hash h (sl: its seal, if known)."""
         if self._state[f] == WARM:
             self._move_aside(f)
         # one 32-byte store; a torn one (the kernel killed inside it) breaks the seal
         _ENTRY.pack_into(
-            self._mm, self._ft + f * ENTRY.itemsize, block, h, gen, CLEAN, 0, seal(block, h, gen)
+            self._mm,
+            self._ft + f * ENTRY.itemsize,
+            block,
+            h,
+            gen,
+            CLEAN,
+            0,
+            seal(block, h, gen) if sl is None else sl,
         )
         self.wp[f] = 1
         self._ctr[_REGISTERED] += 1
@@ -371,27 +401,34 @@ class Vmm:
         self._ctr[_INVALIDATED] += 1
 
     def _move_aside(self, f: int) -> None:
-        """The new kernel reuses a frame holding a WARM page: keep the page elsewhere."""
-        block = int(self.block[f])
-        if self.warm.get(block) == f:
+        """The new kernel reuses a frame holding a WARM page: keep the page elsewhere.
+        (Bytes moved by slices of the region's mapping: this runs for most frames a new
+        kernel fills, and numpy's structured-entry assignment costs several times more.
+        What is left is mostly the first store's page fault in the spare area; mapping
+        it ahead with MADV_POPULATE_WRITE cost as much per page, so it is not done.)"""
+        mm, off, warm = self._mm, self._ft + f * _ESIZE, self.warm
+        block = _BLOCK.unpack_from(mm, off)[0]
+        if warm.get(block) == f:
             if self.free_spare:
                 slot = self.free_spare.pop()
-                p = self.f0 + f * PAGE
-                self.r.spare[slot] = np.frombuffer(self.mem.view[p : p + PAGE], np.uint8)
-                self.r.st[slot] = self.r.ft[f]
-                self.warm[block] = -1 - slot
-                self._count("moved_aside")
+                p, sp, so = self.f0 + f * PAGE, self._spare + slot * PAGE, self._st + slot * _ESIZE
+                self._mv[sp : sp + PAGE] = self.mem.view[p : p + PAGE]
+                mm[so : so + _ESIZE] = mm[off : off + _ESIZE]
+                warm[block] = -1 - slot
+                self._ctr[_MOVED] += 1
             else:
-                del self.warm[block]
-                self._count("dropped")
-        self.r.ft[f] = 0
+                del warm[block]
+                self._ctr[_DROPPED] += 1
+        mm[off : off + _ESIZE] = _ZERO_ENTRY
         self.wp[f] = 0
 
     # --- the block layer ----------------------------------------------------------------
-    def read_done(self, first: int, count: int, data) -> None:
-        """A read returned: its pages may land in frames next (hashed only if they do)."""
+    def read_done(self, first: int, count: int, data, known: list | None = None) -> None:
+        """A read returned: its pages may land in frames next (hashed only if they do).
+        ``known``: per page, (hash, gen, seal) of a page served warm and checked, else None."""
         t0 = _clock()
-        self._expect((first, self._gens[first : first + count].tolist(), memoryview(data), 0))
+        gens = self._gens[first : first + count].tolist()
+        self._expect([first, gens, memoryview(data), 0, known])
         self._timed(t0)
 
     def write_begin(self, first: int, count: int) -> None:
@@ -428,36 +465,67 @@ class Vmm:
         if 0 <= lo < self.flen and not lo & (PAGE - 1):
             self._register(lo >> _SHIFT, block, self._gens[block], _csum(page))
 
-    def take(self, block: int) -> bytes | None:
-        """The block's WARM page, if it is still exactly the disk's block; consumed either way."""
+    def claim(self, first: int, count: int) -> list | None:
+        """The WARM copies of blocks first.. as locations (None: no copy), taken out of the
+        warm set whatever ``check_served`` finds; None if no block has one."""
         t0 = _clock()
-        data = self._take(block)
-        self._timed(t0)
-        return data
+        pop = self.warm.pop
+        locs = [pop(b, None) for b in range(first, first + count)]
+        if locs.count(None) == count:
+            locs = None
+        self._ctr[_BUSY] += _clock() - t0
+        return locs
 
-    def _take(self, block: int) -> bytes | None:
-        loc = self.warm.pop(block, None)
-        if loc is None:
-            return None
-        if loc >= 0:
-            e, p = self.r.ft[loc], self.f0 + loc * PAGE
-            page = self.mem.view[p : p + PAGE]
-        else:
-            e, page = self.r.st[-1 - loc], self.r.spare[-1 - loc]
-        blk, h, gen, state = int(e["block"]), int(e["csum"]), int(e["gen"]), int(e["state"])
-        if state != WARM or blk != block or int(e["seal"]) != seal(blk, h, gen) or _csum(page) != h:
-            why = "refused_corrupted"
-        elif gen != int(self.r.gens[block]):
-            why = "refused_inconsistent"
-        else:
-            why = None
-            data = bytes(page)
-        self._free(loc)
-        if why:
-            self._count(why)
-            return None
-        self._count("reused")
-        return data
+    def pages_at(self, locs: list) -> list[memoryview]:
+        """The pages locations name (each a frame of the guest or a spare page), as views."""
+        view, f0, mv, sp = self.mem.view, self.f0, self._mv, self._spare
+        return [
+            view[f0 + loc * PAGE : f0 + (loc + 1) * PAGE]
+            if loc >= 0
+            else mv[sp + (-1 - loc) * PAGE : sp - loc * PAGE]
+            for loc in locs
+        ]
+
+    def check_served(self, first: int, locs: list, data: bytes) -> tuple[list, list[int]]:
+        """Check the copies of claimed pages, as ``data`` (the read's bytes) holds them.
+
+        The check runs on the copy the reader gets, not on the frame, so what it checks is
+        what it serves: entry (state WARM, this block, seal), generation, content hash. Every
+        location is freed. Returns, per page, (hash, gen, seal) of a page that passed (the
+        landing then needs no second hash) or None, and the indexes of those refused."""
+        t0 = _clock()
+        mv, mm, unpack, gens = memoryview(data), self._mm, _ENTRY.unpack_from, self._gens
+        known: list = [None] * len(locs)
+        refused, corrupted = [], 0
+        for k, loc in enumerate(locs):
+            if loc is None:
+                continue
+            off = self._ft + loc * _ESIZE if loc >= 0 else self._st + (-1 - loc) * _ESIZE
+            blk, h, gen, state, _, sl = unpack(mm, off)
+            b = first + k
+            if (
+                state != WARM
+                or blk != b
+                or sl != seal(blk, h, gen)
+                or _csum(mv[k * PAGE : (k + 1) * PAGE]) != h
+            ):
+                corrupted += 1
+                refused.append(k)
+            elif gen != gens[b]:
+                refused.append(k)
+            else:
+                known[k] = (h, gen, sl)
+            mm[off : off + _ESIZE] = _ZERO_ENTRY
+            if loc >= 0:
+                self.wp[loc] = 0
+            else:
+                self.free_spare.append(-1 - loc)
+        ctr = self._ctr
+        ctr[_C["reused"]] += len(locs) - locs.count(None) - len(refused)
+        ctr[_C["refused_corrupted"]] += corrupted
+        ctr[_C["refused_inconsistent"]] += len(refused) - corrupted
+        ctr[_BUSY] += _clock() - t0
+        return known, refused
 
     def _free(self, loc: int) -> None:
         if loc >= 0:
@@ -478,35 +546,50 @@ class VmmDisk:
         return getattr(self.dev, name)  # nblocks, flush, stats, close, path, ...
 
     def read(self, blockno: int, count: int = 1) -> bytes:
-        v = self.vmm
-        if not v.warm:
-            data = self.dev.read(blockno, count)
+        v, locs = self.vmm, None
+        if v.warm:
+            self.dev._check(blockno, count)  # before any copy is claimed
+            locs = v.claim(blockno, count)
+        if locs is None:
+            data, known = self.dev.read(blockno, count), None
             v._count("device_blocks", count)
         else:
-            data = self._read_warm(blockno, count)
-        v.read_done(blockno, count, data)
+            data, known = self._read_warm(blockno, count, locs)
+        v.read_done(blockno, count, data, known)
         return data
 
-    def _read_warm(self, blockno: int, count: int) -> bytes:
-        """Warm pages from memory (no modeled delay); the runs in between from the device."""
-        self.dev._check(blockno, count)
-        pages = [self.vmm.take(b) for b in range(blockno, blockno + count)]
-        if all(p is None for p in pages):
-            self.vmm._count("device_blocks", count)
-            return self.dev.read(blockno, count)
-        out = bytearray(count * PAGE)
-        i = 0
+    def _read_warm(self, blockno: int, count: int, locs: list) -> tuple[bytes, list]:
+        """Warm pages from memory (no modeled delay), the runs in between from the device,
+        copied once into the read's bytes; then the warm ones are checked in that copy and
+        any refused is read again from the device."""
+        if None not in locs:  # the common case: the whole request is warm
+            parts = self.vmm.pages_at(locs)
+            i = count
+        else:
+            parts, i = [], 0
         while i < count:
             j = i + 1
-            if pages[i] is not None:
-                out[i * PAGE : j * PAGE] = pages[i]
+            if locs[i] is not None:
+                parts += self.vmm.pages_at(locs[i:j])
             else:
-                while j < count and pages[j] is None:
+                while j < count and locs[j] is None:
                     j += 1
-                out[i * PAGE : j * PAGE] = self.dev.read(blockno + i, j - i)
+                parts.append(self.dev.read(blockno + i, j - i))
                 self.vmm._count("device_blocks", j - i)
             i = j
-        return bytes(out)
+        data = b"".join(parts)
+        del parts  # views of the guest's memory: not kept past the copy
+        known, refused = self.vmm.check_served(blockno, locs, data)
+        if refused:
+            data = self._reread(blockno, data, refused)
+        return data, known
+
+    def _reread(self, blockno: int, data: bytes, refused: list[int]) -> bytes:
+        buf = bytearray(data)
+        for k in refused:
+            buf[k * PAGE : (k + 1) * PAGE] = self.dev.read(blockno + k)
+        self.vmm._count("device_blocks", len(refused))
+        return bytes(buf)
 
     def write(self, blockno: int, data, src: list[int] | None = None) -> None:
         count = memoryview(data).nbytes // PAGE
