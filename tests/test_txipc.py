@@ -57,9 +57,9 @@ class Rig:
         before = self.memory() if fault_after is not None else None
         remount = self.tx._remount
 
-        def checked_remount():
+        def checked_remount(*a):
             self.snapshots.append((before, self.memory()))
-            return remount()
+            return remount(*a)
 
         trip = StoreFault(self, fault_after) if fault_after is not None else None
         self.tx._remount = checked_remount
@@ -239,7 +239,10 @@ def test_exception_at_each_request_site_rolls_back_and_reexecutes(rig, site):
     before, after = rig.snapshots[0]
     assert mattering(rig, before) == mattering(rig, after, like=before)
     check_files(rig, model)
-    assert rig.tx.aborts[0]["site"] == site
+    a = rig.tx.aborts[0]
+    assert a["site"] == site
+    steps = ("start_ns", "rolled_back_ns", "walked_ns", "completed_ns", "remounted_ns")
+    assert [a[k] for k in steps] == sorted(a[k] for k in steps)  # each step clocked, in order
 
 
 def test_a_second_abort_is_answered_eio(rig):
@@ -356,3 +359,20 @@ def test_a_report_figure_must_be_a_count():
         with pytest.raises(ReportError, match="rolled_back"):
             check_report(r)
     assert RecoveryReport.from_dict(r.to_dict()).figures == r.figures
+
+
+def test_one_roll_back_reports_the_rebuild_step_by_step():
+    from systems.base import RecoveryReport
+    from systems.txipc_sim import TxIPCSim
+
+    ms = 1_000_000
+    a = dict(rolled_back_ns=10 * ms, walked_ns=12 * ms, completed_ns=13 * ms, remounted_ns=20 * ms)
+    r = RecoveryReport("txipc_sim", "exception-in-request", 0.0)
+    TxIPCSim._rebuild_phases(r, a, a)
+    got = [(p.name, round((p.end - p.start) * 1e3, 6)) for p in r.phases]
+    assert got == [("cache walk", 2.0), ("journal completion", 1.0), ("tables rebuilt", 7.0)]
+    two = RecoveryReport("txipc_sim", "exception-in-request", 0.0)
+    TxIPCSim._rebuild_phases(two, a, {**a, "remounted_ns": 40 * ms})  # re-executed, aborted again
+    assert [(p.name, round((p.end - p.start) * 1e3, 6)) for p in two.phases] == [
+        ("remount in place", 30.0)
+    ]

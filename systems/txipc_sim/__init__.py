@@ -8,7 +8,8 @@ request is recovered in place: the request's stores are rolled back, the kernel'
 are built again from the rolled-back memory and the request is executed once more (EIO if
 it fails again); the service never stops. ``on_crash`` then reports it as recovered, with
 no outage beyond the roll-back, phases ``detect`` (fault to abort), ``roll-back`` and
-``remount in place``, and ``figures``: requests rolled back, re-executed, answered with an
+``remount in place`` (split into ``cache walk``, ``journal completion`` and ``tables
+rebuilt`` when one roll-back recovered it), and ``figures``: requests rolled back, re-executed, answered with an
 error, made irrevocable, and stores and bytes logged since boot. A fault outside any
 request (write-back, the flusher's journal commit), a request that can no longer be rolled
 back, a panic, a kill or a hang fall back to a reboot (systems/reboot), reported with the
@@ -80,7 +81,7 @@ class TxIPCSim(Reboot):
         r.phase("detect", failed_at, first["start_ns"] / 1e9)
         r.phase("roll-back", first["start_ns"] / 1e9, first["rolled_back_ns"] / 1e9)
         last = new[-1]
-        r.phase("remount in place", first["rolled_back_ns"] / 1e9, last["remounted_ns"] / 1e9)
+        self._rebuild_phases(r, first, last)
         r.service_at = last["remounted_ns"] / 1e9
         r.recovered = True
         r.figures = self._figures(st, before)
@@ -90,6 +91,17 @@ class TxIPCSim(Reboot):
             f"{sum(a['bytes_restored'] for a in new)} bytes restored; the service never stopped"
         )
         return r
+
+    @staticmethod
+    def _rebuild_phases(r: RecoveryReport, first: dict, last: dict) -> None:
+        """The tables built again after the roll-back, step by step when the kernel says."""
+        start, end = first["rolled_back_ns"] / 1e9, last["remounted_ns"] / 1e9
+        if "walked_ns" not in first or "completed_ns" not in first or first is not last:
+            r.phase("remount in place", start, end)
+            return
+        r.phase("cache walk", start, first["walked_ns"] / 1e9)
+        r.phase("journal completion", first["walked_ns"] / 1e9, first["completed_ns"] / 1e9)
+        r.phase("tables rebuilt", first["completed_ns"] / 1e9, end)
 
     def _fallback(self, r: RecoveryReport, failure, before: dict) -> RecoveryReport:
         reason = failure.mail.reason if failure.mail and failure.mail.reason else failure.how
