@@ -26,7 +26,6 @@ live in /dev/shm and are removed on exit.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import statistics
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_warm_check import older_vmm  # noqa: E402  (this script's folder is on the path)
 
 from kernel.core.vfs import VFS  # noqa: E402
 from kernel.hw import vmm  # noqa: E402
@@ -147,17 +148,6 @@ def cold_plain(m: Machine, _mod) -> float:
     cpu = m.read_all(fs)
     m.dev.close()
     return cpu
-
-
-def older_vmm(tree: str):
-    """kernel/hw/vmm.py of another checkout, loaded beside this tree's (its imports: ours)."""
-    path = Path(tree) / "kernel" / "hw" / "vmm.py"
-    if not path.is_file():
-        raise SystemExit(f"--before: {path} does not exist")
-    spec = importlib.util.spec_from_file_location("before_vmm", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> int:

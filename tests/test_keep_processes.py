@@ -197,6 +197,19 @@ def crash_inside(bed, s, site: str, request, fault: str = "panic", **kw):
     return done, r
 
 
+def exclusive_create(path: Path):
+    """A request as an application makes it: create ``path`` with O_EXCL, write 4 bytes."""
+
+    def create() -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            return os.write(fd, b"held")
+        finally:
+            os.close(fd)
+
+    return create
+
+
 def inflight_note(r) -> str:
     return next(n for n in r.notes if n.startswith("in-flight requests"))
 
@@ -208,15 +221,7 @@ def inflight_note(r) -> str:
 def test_an_exclusive_create_in_flight_at_the_crash_is_answered_once(kept, site, answered):
     bed, s, url = kept
     path = Path(s.mount) / "lockfile"
-
-    def create() -> int:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            return os.write(fd, b"held")
-        finally:
-            os.close(fd)
-
-    done, r = crash_inside(bed, s, site, create)
+    done, r = crash_inside(bed, s, site, exclusive_create(path))
     assert done == {"result": 4}, done  # not EEXIST: the create was not made twice
     assert path.read_bytes() == b"held"
     assert os.listdir(s.mount).count("lockfile") == 1

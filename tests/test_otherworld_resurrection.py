@@ -13,6 +13,7 @@ from systems.otherworld import Otherworld
 from tests.test_keep_processes import (
     crash_inside,
     dav_pid,
+    exclusive_create,
     free_port,
     holder,
     http,
@@ -227,15 +228,7 @@ def test_postgres_goes_on_with_its_pid_and_runs_no_crash_recovery(tmp_path, faul
 def test_an_exclusive_create_the_dead_kernel_applied_is_answered_from_its_table(dav):
     bed, s, url = dav
     path = Path(bed.host.kernels[0].mount) / "lockfile"
-
-    def create() -> int:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            return os.write(fd, b"held")
-        finally:
-            os.close(fd)
-
-    done, r = crash_inside(bed, s, "fuse.reply", create)  # applied, not answered
+    done, r = crash_inside(bed, s, "fuse.reply", exclusive_create(path))  # applied, unanswered
     assert done == {"result": 4}, done  # not EEXIST: the create was not made twice
     assert path.read_bytes() == b"held"
     assert inflight_note(r).startswith("in-flight requests: 1 answered")

@@ -124,8 +124,9 @@ def test_orthros_loses_no_acknowledged_write(run_dir):
 
 @pytest.mark.root
 def test_the_recovery_is_resolved_and_the_kernel_counters_were_sampled(run_dir):
-    """The outage shows as empty 0.1 s bins after the crash, the clients' gap and the hit
-    ratio before and after come from the run itself (the kernel's counters were asked)."""
+    """The outage shows as empty 0.1 s bins after the crash (reboot's: orthros keeping its
+    processes may end its outage inside one bin), the clients' gap and the hit ratio before
+    and after come from the run itself (the kernel's counters were asked)."""
     from harness import results
 
     by = {t["scheme"]: t for t in results.load_run(run_dir)["trials"]}
@@ -133,7 +134,8 @@ def test_the_recovery_is_resolved_and_the_kernel_counters_were_sampled(run_dir):
         t = by[s]
         assert t["recovery"]["bin_s"] == 0.1
         after = [b["ops"] for b in t["recovery"]["bins"] if b["t"] >= 0 and b["full"]]
-        assert 0 in after[:10], after[:10]  # an outage of at least one bin, near the crash
+        if s == "reboot":  # a boot in the outage: at least one empty bin, near the crash
+            assert 0 in after[:10], after[:10]
         assert t["client_gap_s"] is not None and t["recovery"]["first_ok_after_s"] > 0
         assert t["latency"]["before"]["n"] > 0 and t["latency"]["after"]["n"] > 0
         assert t["cache_hits"]["samples"] > 0

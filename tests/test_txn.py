@@ -149,7 +149,7 @@ def test_a_corrupted_undo_record_refuses_the_transaction(tmp_path):
         f = next(iter(st.vfs.bufs.undo_frames().values()))
         st.mem.write(st.lay.frame_phys(f) + 7, b"wild")
 
-    h = harvest_at_death_in_fsync(st, victim, before=wild_write_into_the_undo_record)
+    h = harvest_at_death_in_fsync(st, victim, "writeback", before=wild_write_into_the_undo_record)
     assert "undo record was corrupted" in h.txn_refused and h.meta_blocks == {}
     assert any(e.kind == "page frame" for e in h.rejected)
     st.close()
@@ -186,7 +186,7 @@ def test_the_undo_record_is_lent_frames_cleared_at_the_end_of_each_operation(tmp
             d = PAGE_DESC.decode(st.mem.mm, st.lay.desc_phys(f))
             assert (d["ino"], d["index"], d["content_csum"]) == (UNDO_INO, b, page_csum(before[b]))
 
-    h = harvest_at_death_in_fsync(st, victim, before=look)
+    h = harvest_at_death_in_fsync(st, victim, "writeback", before=look)
     assert seen and h.undone == len(seen)
     for b, f in seen.items():
         assert bytes(st.vfs.pc.frame_view(f)) == before[b]

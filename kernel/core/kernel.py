@@ -437,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     k.boot(dev)
     log.info("booted partition %d (%s) in %.3f s", k.part.id, k.part.cmdline(), k.boot_s)
 
+    return serve_and_start_apps(k, a)
+
+
+def serve_and_start_apps(k: Kernel, a) -> int:
+    """Serve the mount of ``a`` (the parsed ``kernel_arguments``); once it answers, start
+    the deployment's applications and tell the host this kernel is ready."""
     apps = json.loads(open(a.apps).read()) if a.apps else []
 
     def ready() -> None:

@@ -13,13 +13,12 @@ a kernel of any other scheme has no watcher on its memory and no handler wrapped
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 
 from kernel import param
-from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
+from kernel.core.kernel import Kernel, kernel_arguments, serve_and_start_apps
 from kernel.core.txlog import OPEN, UndoLog
 from kernel.hw import machine as machine_mod
 from systems.txipc_sim.requests import NOT_RECOVERED, RequestAborted, Transactions
@@ -70,14 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     k.join_partition(a.tag)
     k.boot()
     log.info("booted partition %d (txipc_sim) in %.3f s", k.part.id, k.boot_s)
-    apps = json.loads(open(a.apps).read()) if a.apps else []
-
-    def ready() -> None:
-        k.start_apps(apps, a.netns)
-        notify_ready(a.ready_fd)
-
-    k.serve(a.mount, ready=ready)
-    return 0
+    return serve_and_start_apps(k, a)
 
 
 if __name__ == "__main__":
