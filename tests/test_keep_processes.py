@@ -282,11 +282,13 @@ def wait_for(fn, timeout: float = 20.0):
     return v
 
 
-@pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
-def test_a_corrupted_open_file_record_restarts_exactly_its_process(fault):
+def corrupt_an_open_file_record_and_crash(scheme, fault: str) -> None:
+    """A WebDAV server and a holder of an open file under ``scheme``; ``fault`` into an
+    open-file record, then a panic: exactly the victim's process restarts (the reason
+    names the rejection), the other keeps its pid, what was written is served whole."""
     with Testbed(kind="test", delay=False) as bed:
         port = free_port()
-        s = Orthros(keep_processes=True)
+        s = scheme
         mnt = str(bed.host.mountpoint(0))
         held = os.path.join(mnt, "held.txt")
         apps = [wsgidav(mnt, port, os.path.join(bed.workdir, "wsgidav.log")), holder(held)]
@@ -296,7 +298,7 @@ def test_a_corrupted_open_file_record_restarts_exactly_its_process(fault):
         (old_holder,) = wait_for(lambda: pids_running(held))
         dav = dav_pid(s, url)
         http("PUT", url + "/page.txt", b"served before")
-        reply = bed.host.control(s.active, {"cmd": "inject", "fault": fault, "target": "open-file"})
+        reply = s.inject(fault, target="open-file")
         assert reply["ok"], reply
         victim = "holder" if "(holder)" in reply["detail"] else "wsgidav"
         r = check_report(s.on_crash(reply, timeout=30))
@@ -304,13 +306,20 @@ def test_a_corrupted_open_file_record_restarts_exactly_its_process(fault):
         assert fates[victim].fate == "restarted" and "rejected" in fates[victim].reason
         assert all(p.fate == "preserved" for n, p in fates.items() if n != victim)
         assert r.process_counts() == {"preserved": 1, "restarted": 1, "lost": 0}
+        assert r.processes_before == 2 and r.processes_recovered == 2
         (new_holder,) = wait_for(lambda: pids_running(held))
         assert (new_holder != old_holder) == (victim == "holder")
         if victim == "wsgidav":
             wait_http(url + "/")
+            assert dav_pid(s, url) != dav
         else:
             assert dav_pid(s, url) == dav and fates["holder"].new_pid == new_holder
         assert http("GET", url + "/page.txt") == b"served before"
+
+
+@pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
+def test_a_corrupted_open_file_record_restarts_exactly_its_process(fault):
+    corrupt_an_open_file_record_and_crash(Orthros(keep_processes=True), fault)
 
 
 def test_a_files_trial_with_keeping_loses_no_write_and_keeps_the_server(tmp_path):

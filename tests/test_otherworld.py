@@ -17,6 +17,17 @@ from systems.otherworld import CRASH_KERNEL, CRASH_KERNEL_CODE, Otherworld
 from systems.reboot import Reboot
 
 PAGE = 4096
+# the phases of a takeover by the crash kernel, in their order
+PHASES = [
+    "detect",
+    "image check",
+    "fence",
+    "crash kernel boot",
+    "cache migration",
+    "mount + replay",
+    "process resurrection",
+    "first service",
+]
 
 
 @pytest.fixture
@@ -70,16 +81,7 @@ def test_every_acknowledged_dirty_page_survives_and_reaches_the_disk(otherworld,
     assert r.cache.dirty_pages_recovered == r.cache.dirty_pages_before > 0
     assert r.cache.dirty_pages_lost == 0 and r.rejected == []
     names = [p.name for p in r.phases]
-    assert names == [
-        "detect",
-        "image check",
-        "fence",
-        "crash kernel boot",
-        "cache migration",
-        "mount + replay",
-        "process resurrection",
-        "first service",
-    ]
+    assert names == PHASES
     assert digests(mount(host), files) == files
     # the adopted dirty pages reach the disk: a clean shutdown, fsck, a fresh kernel reads them
     assert host.stop(0) == 0

@@ -11,30 +11,20 @@ from harness.testbed import Testbed
 from systems.base import check_report
 from systems.otherworld import Otherworld
 from tests.test_keep_processes import (
+    corrupt_an_open_file_record_and_crash,
     crash_inside,
     dav_pid,
     exclusive_create,
     free_port,
-    holder,
     http,
     inflight_note,
-    pids_running,
     wait_for,
     wait_http,
     wsgidav,
 )
+from tests.test_otherworld import PHASES
 
 pytestmark = [pytest.mark.root]
-PHASES = [
-    "detect",
-    "image check",
-    "fence",
-    "crash kernel boot",
-    "cache migration",
-    "mount + replay",
-    "process resurrection",
-    "first service",
-]
 
 
 def crash(s, fault, **kw):
@@ -86,35 +76,7 @@ def test_a_second_crash_is_survived_with_the_same_pid_again(dav):
 
 @pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
 def test_a_corrupted_open_file_record_is_refused_and_restarts_exactly_its_process(fault):
-    with Testbed(kind="test", delay=False) as bed:
-        port = free_port()
-        s = Otherworld()
-        mnt = str(bed.host.mountpoint(0))
-        held = os.path.join(mnt, "held.txt")
-        apps = [wsgidav(mnt, port, os.path.join(bed.workdir, "wsgidav.log")), holder(held)]
-        bed.deploy(s, apps)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/")
-        (old_holder,) = wait_for(lambda: pids_running(held))
-        dav = dav_pid(s, url)
-        http("PUT", url + "/page.txt", b"served before")
-        reply = s.inject(fault, target="open-file")
-        assert reply["ok"], reply
-        victim = "holder" if "(holder)" in reply["detail"] else "wsgidav"
-        r = check_report(s.on_crash(reply, timeout=30))
-        fates = {p.name: p for p in r.processes}
-        assert fates[victim].fate == "restarted" and "rejected" in fates[victim].reason
-        assert all(p.fate == "preserved" for n, p in fates.items() if n != victim)
-        assert r.process_counts() == {"preserved": 1, "restarted": 1, "lost": 0}
-        assert r.processes_before == 2 and r.processes_recovered == 2
-        (new_holder,) = wait_for(lambda: pids_running(held))
-        assert (new_holder != old_holder) == (victim == "holder")
-        if victim == "wsgidav":
-            wait_http(url + "/")
-            assert dav_pid(s, url) != dav
-        else:
-            assert dav_pid(s, url) == dav and fates["holder"].new_pid == new_holder
-        assert http("GET", url + "/page.txt") == b"served before"
+    corrupt_an_open_file_record_and_crash(Otherworld(), fault)
 
 
 def editor(wd: Path, save: Path | None) -> dict:
