@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             say(f"rejected: {e}")
         if buf is not None:
             lines, seq = decode(buf), seg.last_scan.seq
+    # The FIFO exists before the "loaded" line: a writer that waits for it may open it at once.
+    if not os.path.exists(a.fifo):
+        os.mkfifo(a.fifo, 0o622)
+    elif not stat.S_ISFIFO(os.stat(a.fifo).st_mode):
+        say(f"error: {a.fifo} exists and is not a FIFO")
+        return 2
     say(f"loaded seq={seq} lines={len(lines)} digest={digest(encode(lines))}")
 
     def commit(line: str) -> None:
@@ -84,11 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
         say(f"saved seq={seq} lines={len(lines)} digest={digest(buf)}")
 
-    if not os.path.exists(a.fifo):
-        os.mkfifo(a.fifo, 0o622)
-    elif not stat.S_ISFIFO(os.stat(a.fifo).st_mode):
-        say(f"error: {a.fifo} exists and is not a FIFO")
-        return 2
     fd = os.open(a.fifo, os.O_RDWR | os.O_NONBLOCK)  # RDWR: no EOF when writers go
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
