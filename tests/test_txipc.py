@@ -11,7 +11,16 @@ from hypothesis import strategies as stt
 
 from kernel import param
 from kernel.core.faults import REQUEST_SITES, SITES
-from kernel.core.txlog import IRREVOCABLE, LogDamaged, UndoLog
+from kernel.core.txlog import (
+    IRREVOCABLE,
+    OPEN,
+    Irrevocable,
+    LogDamaged,
+    UndoLog,
+    _write_header,
+    open_transaction,
+    roll_back,
+)
 from kernel.core.vfs import VFS
 from kernel.hw.blockdev import BlockDevice
 from kernel.hw.physmem import PAGE_DESC, PG_VALID, PhysMem, partition_layout
@@ -376,3 +385,56 @@ def test_one_roll_back_reports_the_rebuild_step_by_step():
     assert [(p.name, round((p.end - p.start) * 1e3, 6)) for p in two.phases] == [
         ("remount in place", 30.0)
     ]
+
+
+def died_inside_a_request(rig) -> tuple[bytes, int]:
+    """A committed file, then a request that stores into it and dies (no commit, the
+    log's watcher gone with the process): the memory before that request, its records."""
+    ino = rig.request(lambda: rig.vfs.create(ROOT, b"a", 0o100644, 0, 0)).ino
+    rig.request(lambda: rig.vfs.write(ino, 0, b"o" * (3 * PAGE)))
+    before = rig.memory()
+    rig.tx._begin()
+    rig.vfs.write(ino, PAGE // 2, b"n" * (2 * PAGE))
+    rig.vfs.setattr(ino, mode=0o600)
+    logged = rig.log.count
+    rig.log.close()
+    return before, logged
+
+
+def test_roll_back_from_the_memory_alone_restores_the_open_transaction(rig):
+    before, logged = died_inside_a_request(rig)
+    assert logged > 0
+    assert len(open_transaction(rig.mem, rig.log_phys, param.TXLOG_BYTES, rig.span)) == logged
+    stores, restored = roll_back(rig.mem, rig.log_phys, param.TXLOG_BYTES, rig.span)
+    assert stores == logged and restored > 0
+    assert mattering(rig, rig.memory(), like=before) == mattering(rig, before)
+    assert open_transaction(rig.mem, rig.log_phys, param.TXLOG_BYTES, rig.span) is None
+
+
+def test_a_request_that_stored_nothing_yet_is_open_in_memory(rig):
+    rig.tx._begin()
+    assert open_transaction(rig.mem, rig.log_phys, param.TXLOG_BYTES, rig.span) == []
+    rig.tx._commit()
+    assert open_transaction(rig.mem, rig.log_phys, param.TXLOG_BYTES, rig.span) is None
+
+
+@pytest.mark.parametrize("where", ["header", "record", "count"])
+def test_roll_back_from_the_memory_alone_refuses_a_damaged_log(rig, where):
+    died_inside_a_request(rig)
+    if where == "count":  # a sound header counting a record the log does not hold
+        log = rig.log
+        _write_header(rig.mem.mm, rig.log_phys, OPEN, log.tid, log.count + 1, log.used)
+    else:  # the header's tid, or the first record's old bytes
+        at = rig.log_phys + (8 if where == "header" else 64 + 24)
+        rig.mem.mm[at] ^= 0x04
+    damaged = rig.memory()
+    with pytest.raises(LogDamaged):
+        roll_back(rig.mem, rig.log_phys, param.TXLOG_BYTES, rig.span)
+    assert rig.memory() == damaged  # nothing restored
+
+
+def test_roll_back_from_the_memory_alone_refuses_an_irrevocable_transaction(rig):
+    died_inside_a_request(rig)
+    rig.log.irrevocable("the request wrote to the disk")
+    with pytest.raises(Irrevocable):
+        roll_back(rig.mem, rig.log_phys, param.TXLOG_BYTES, rig.span)

@@ -19,14 +19,19 @@ any reader of its memory:
   it was at ``begin`` (but for the content of frames that were free then). A record that fails its check raises ``LogDamaged`` before a byte is
   restored; a transaction made ``irrevocable`` (it wrote to the disk, or the log was full)
   cannot be aborted either (``Irrevocable``, with the reason);
-* ``commit`` empties the log with one header store; the header says whether a transaction
-  is open from its first store on (a request that stores nothing never writes the header),
-  so a reader after the kernel's death could roll it back (``records``).
+* the header is the log's commit point: ``begin`` writes it open (so a transaction that
+  stored nothing yet is open in memory too), each record is written whole before the
+  header counts it, and the header counts it before the store lands; ``commit`` writes it
+  idle. A process that has only the memory after the kernel's death (``open_transaction``,
+  ``roll_back``) therefore finds exactly the open transaction's records, each of which
+  landed or was about to land, and rolls them back — or, the header or a record failing
+  its check (``LogDamaged``) or the transaction irrevocable (``Irrevocable``), nothing.
 
 Layout (little-endian, at ``phys``; numpy structured dtypes ``HEADER`` and ``RECORD``)::
 
     +0    header   64 B   magic TXLG | version u16 | state u16 | tid u64 | records u64
                           | used u64 (bytes of records) | ... | csum u64 (xxh3 of bytes before)
+                          (version 2: records and used count every record written)
     +64   record 0        phys u64 | length u32 | seq u32 | csum u64 (xxh3 of the old
                           bytes, seeded with phys, length and seq) | old bytes, padded to 8
           record 1 ...
@@ -45,7 +50,7 @@ from kernel import param
 from kernel.hw.physmem import PAGE, PG_VALID, PartLayout, PhysMem, magic_of
 
 _csum = xxhash.xxh3_64_intdigest
-MAGIC, VERSION = magic_of("TXLG"), 1
+MAGIC, VERSION = magic_of("TXLG"), 2
 IDLE, OPEN, IRREVOCABLE = 0, 1, 2
 
 HEADER = np.dtype(
@@ -121,9 +126,15 @@ class UndoLog:
         small = replace(lay, nframes=lay.nframes - frames)
         return small, small.frame_phys(small.nframes)
 
+    @staticmethod
+    def place(lay: PartLayout) -> tuple[PartLayout, int, tuple[int, int]]:
+        """Where a txipc_sim kernel of ``lay`` keeps its log: (the layout without the log's
+        frames, where the log starts, the span it logs: the storage stack, not the mailbox)."""
+        small, phys = UndoLog.carve(lay)
+        return small, phys, (lay.ksuper, phys)
+
     def _header(self) -> None:
-        body = _HDR.pack(MAGIC, VERSION, self.state, self.tid, self.count, self.used)
-        self.mm[self.phys : self.phys + HEADER.itemsize] = body + _csum(body).to_bytes(8, "little")
+        _write_header(self.mm, self.phys, self.state, self.tid, self.count, self.used)
 
     # --- a transaction ----------------------------------------------------------------------
     def begin(self, tid: int) -> None:
@@ -131,6 +142,7 @@ class UndoLog:
         self.state, self.tid, self.used, self.count, self.reason = OPEN, tid, 0, 0, ""
         if self._touched:
             self._touched = set()
+        self._header()  # open in memory from here: a death from now on is inside it
 
     def record(self, phys: int, data) -> None:
         """The accessor's watcher: keep the old bytes of a store about to land."""
@@ -145,8 +157,6 @@ class UndoLog:
             self.free_skipped += n
             return
         seq = self.count
-        if not seq:
-            self._header()  # the transaction is open in memory before its first record
         old = self.mm[phys : phys + n]
         at = self.phys + HEADER.itemsize + self.used
         self.mm[at : at + _REC.size] = _REC.pack(
@@ -155,6 +165,7 @@ class UndoLog:
         self.mm[at + _REC.size : at + _REC.size + n] = old
         self.used += room
         self.count += 1
+        self._header()  # the record whole, counted, and only then the store lands
         self.stores += 1
         self.bytes += n
 
@@ -183,10 +194,8 @@ class UndoLog:
             self._header()
 
     def commit(self) -> None:
-        wrote = self.count or self.state == IRREVOCABLE
         self.state, self.used, self.count = IDLE, 0, 0
-        if wrote:
-            self._header()
+        self._header()
 
     def abort(self) -> int:
         """Put back every logged store, newest first; the bytes restored."""
@@ -210,28 +219,76 @@ class UndoLog:
         fails its check raises LogDamaged); or, for a reader that has only the memory
         (``used`` None), every record up to the first that fails its check — a record an
         earlier transaction left never passes it, its checksum being seeded with its tid."""
-        strict = used is not None
-        start = self.phys + HEADER.itemsize
-        end = start + used if strict else self.phys + self.nbytes
-        out, at, (lo, hi), mm = [], start, self.span, self.mm
-        while at + RECORD.itemsize <= end:
-            r = np.frombuffer(mm, RECORD, 1, at)[0]
-            phys, n, seq = int(r["phys"]), int(r["length"]), int(r["seq"])
-            body = at + RECORD.itemsize
-            old = mm[body : body + n] if body + n <= end else b""
-            if (
-                seq != len(out)
-                or not lo <= phys <= phys + n <= hi
-                or len(old) != n
-                or _csum(old, _seed(phys, n, seq, self.tid)) != int(r["csum"])
-            ):
-                if strict:
-                    raise LogDamaged(f"record {len(out)} at {at:#x}: checksum, sequence or address")
-                break
-            out.append((phys, old))
-            at = body + (n + 7) // 8 * 8
-        return out
+        return _read_records(self.mm, self.phys, self.nbytes, self.span, self.tid, used)
 
     def close(self) -> None:
         if self.record in self.mem.watchers:
             self.mem.watchers.remove(self.record)
+
+
+def _write_header(mm, phys: int, state: int, tid: int, count: int, used: int) -> None:
+    body = _HDR.pack(MAGIC, VERSION, state, tid, count, used)
+    mm[phys : phys + HEADER.itemsize] = body + _csum(body).to_bytes(8, "little")
+
+
+def _read_records(mm, phys0: int, nbytes: int, span, tid: int, used: int | None):
+    """``UndoLog.records``, from the memory alone."""
+    strict = used is not None
+    start = phys0 + HEADER.itemsize
+    end = start + used if strict else phys0 + nbytes
+    out, at, (lo, hi) = [], start, span
+    while at + RECORD.itemsize <= end:
+        r = np.frombuffer(mm, RECORD, 1, at)[0]
+        phys, n, seq = int(r["phys"]), int(r["length"]), int(r["seq"])
+        body = at + RECORD.itemsize
+        old = mm[body : body + n] if body + n <= end else b""
+        if (
+            seq != len(out)
+            or not lo <= phys <= phys + n <= hi
+            or len(old) != n
+            or _csum(old, _seed(phys, n, seq, tid)) != int(r["csum"])
+        ):
+            if strict:
+                raise LogDamaged(f"record {len(out)} at {at:#x}: checksum, sequence or address")
+            break
+        out.append((phys, old))
+        at = body + (n + 7) // 8 * 8
+    return out
+
+
+# --- after the kernel's death: the open transaction, from the memory alone -------------------
+def open_transaction(mem: PhysMem, phys: int, nbytes: int, span) -> list[tuple[int, bytes]] | None:
+    """The records of the transaction open at the death (oldest first), checked; None when
+    none was open (the death was outside any request). ``LogDamaged``: the header or a
+    record failed its check; ``Irrevocable``: the transaction had touched the disk."""
+    h = np.frombuffer(mem.mm, HEADER, 1, phys)[0]
+    body = bytes(mem.mm[phys : phys + _HDR.size])
+    if int(h["magic"]) != MAGIC or int(h["version"]) != VERSION:
+        raise LogDamaged(f"header at {phys:#x}: magic or version")
+    if _csum(body) != int(h["csum"]):
+        raise LogDamaged(f"header at {phys:#x}: checksum")
+    state, used, count = int(h["state"]), int(h["used"]), int(h["records"])
+    if state == IDLE:
+        return None
+    if state == IRREVOCABLE:
+        raise Irrevocable("the open transaction wrote to the disk or filled the log")
+    if state != OPEN or used > nbytes - HEADER.itemsize:
+        raise LogDamaged(f"header at {phys:#x}: state {state}, {used} bytes used")
+    recs = _read_records(mem.mm, phys, nbytes, span, int(h["tid"]), used)
+    if len(recs) != count:
+        raise LogDamaged(f"{len(recs)} sound records of {count} counted")
+    return recs
+
+
+def roll_back(mem: PhysMem, phys: int, nbytes: int, span) -> tuple[int, int] | None:
+    """Put back the stores of the transaction open at the death (``open_transaction``),
+    newest first, and leave the log idle: (records, bytes restored); None if none was open.
+    Nothing is restored unless every record passed its check."""
+    recs = open_transaction(mem, phys, nbytes, span)
+    if recs is None:
+        return None
+    for at, old in reversed(recs):
+        mem.write(at, old)
+    tid = int(np.frombuffer(mem.mm, HEADER, 1, phys)[0]["tid"])
+    _write_header(mem.mm, phys, IDLE, tid, 0, 0)
+    return len(recs), sum(len(old) for _, old in recs)
