@@ -23,7 +23,8 @@ the layer is shared so that other schemes resurrect processes with the same code
   and their counts into the takeover's RecoveryReport.
 
 Promises to a kernel that takes over in the dead kernel's own partition (the Otherworld
-crash kernel, systems/otherworld/crashkernel.py), whose process set it shares:
+crash kernel, systems/otherworld/crashkernel.py, and through its ``take_over`` the
+successor of a txipc_sim kernel, systems/txipc_sim/server.py), whose process set it shares:
 
 * ``halt(tag, part)``, by the watchdog once the dead kernel is killed: every process of the
   partition stopped (SIGSTOP, with the set frozen meanwhile so no fork slips past), and the

@@ -22,6 +22,12 @@ is the main kernel, so a second crash is survived the same way. A refused image 
 crash kernel that refuses to run) is counted (``images_refused``), its reason reported,
 and the machine falls back to a plain reboot (systems/reboot: the applications restarted),
 after which a fresh image is loaded again.
+
+Promises to another scheme whose kernel is succeeded in place (systems/txipc_sim/): the
+same steps, shared — ``halt_in_place(host)`` fences the dead kernel and halts its
+applications where they are; ``start_in_place(host, r, module, path, apps, name, boot)``
+starts a kernel of ``module`` that takes over as the crash kernel does
+(systems/otherworld/crashkernel.py ``take_over``) and joins its report to ``r``.
 """
 
 from __future__ import annotations
@@ -127,52 +133,22 @@ class Otherworld(Reboot):
         return r
 
     def _halt(self) -> None:
-        """The dead kernel killed (its process group: the applications have sessions of
-        their own), its applications stopped where they are; the connection stays."""
-        self.host.crash(0)
-        try:
-            keep.halt(self.host.tag, 0)
-        except ProcError as e:  # no cgroup set to stop them in: they cannot be kept
-            log.warning("applications fenced, not kept: %s", e)
-            fence_partition(self.host.tag, 0)
+        halt_in_place(self.host)
 
     def _report_path(self):
         return self.host.workdir / f"otherworld-recovery-{self.crashes}.json"
 
     def _start_crash_kernel(self, r: RecoveryReport, image: crashimage.Image) -> None:
         """Control passes to the loaded crash kernel; its own phases and counts join ``r``."""
-        path = self._report_path()
-        path.unlink(missing_ok=True)
-        t = time.monotonic()
-        pid, fd = self.host.hold_connection(0)
-        kp = self.host.boot(
-            0,
-            self.host.kernels[0].mount,  # the same mount: its connection lives on
-            module=image.params["module"],
-            extra=("--report", str(path), "--hold-pid", str(pid), "--hold-fd", str(fd)),
-            name="crashkernel",
-            apps=self.apps,
+        start_in_place(
+            self.host,
+            r,
+            image.params["module"],
+            self._report_path(),
+            self.apps,
+            "crashkernel",
+            "crash kernel boot",
         )
-        os.listdir(kp.mount)  # the mount answers: service is back
-        r.service_at = time.monotonic()
-        d = self._wait_report(path, kp)
-        # from its launch to its first step (the memory walk): the crash kernel's boot
-        r.phase("crash kernel boot", t, d["phases"][0]["start"])
-        r.phases += [Phase(p["name"], p["start"], p["end"], p["modeled"]) for p in d["phases"]]
-        got = RecoveryReport.from_dict(d)
-        r.cache, r.rejected, r.notes = got.cache, r.rejected + got.rejected, r.notes + got.notes
-        r.processes, r.processes_before = got.processes, got.processes_before
-        r.processes_recovered = got.processes_recovered
-
-    def _wait_report(self, path, kp) -> dict:
-        deadline = time.monotonic() + REPORT_TIMEOUT_S
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no report from the crash kernel within {REPORT_TIMEOUT_S} s")
-            if not kp.alive():
-                raise RuntimeError("the crash kernel died; see its log in the lab's logs/")
-            time.sleep(0.002)
-        return json.loads(path.read_text())
 
     def _fall_back(self, r: RecoveryReport, why: str) -> RecoveryReport:
         """A refused crash kernel never runs: the machine reboots, and loads a fresh one."""
@@ -195,3 +171,57 @@ class Otherworld(Reboot):
             what=f"crash-kernel area in partition 0 ({p.cmdline()}): the loaded image record "
             f"({param.CRASHK_BYTES // 1024} KiB); nothing runs until a crash",
         )
+
+
+# ------------------------------------- shared by the schemes that take over in place
+
+
+def halt_in_place(host) -> None:
+    """The dead kernel killed (its process group: the applications have sessions of
+    their own), its applications stopped where they are; the connection stays."""
+    host.crash(0)
+    try:
+        keep.halt(host.tag, 0)
+    except ProcError as e:  # no cgroup set to stop them in: they cannot be kept
+        log.warning("applications fenced, not kept: %s", e)
+        fence_partition(host.tag, 0)
+
+
+def start_in_place(host, r: RecoveryReport, module: str, path, apps, name: str, boot: str) -> dict:
+    """A kernel of ``module`` (systems/otherworld/crashkernel.py ``take_over``) started on
+    partition 0 to take the dead kernel's place, serving the connection the host holds;
+    service is back when the mount answers. Its report (``path``) joins ``r``: the phase
+    ``boot`` from its launch to its first step, then its own phases, cache counts, refusals,
+    notes and processes' fates. Returns that report."""
+    path.unlink(missing_ok=True)
+    t = time.monotonic()
+    pid, fd = host.hold_connection(0)
+    kp = host.boot(
+        0,
+        host.kernels[0].mount,  # the same mount: its connection lives on
+        module=module,
+        extra=("--report", str(path), "--hold-pid", str(pid), "--hold-fd", str(fd)),
+        name=name,
+        apps=apps,
+    )
+    os.listdir(kp.mount)  # the mount answers: service is back
+    r.service_at = time.monotonic()
+    d = _wait_report(path, kp)
+    r.phase(boot, t, d["phases"][0]["start"])
+    r.phases += [Phase(p["name"], p["start"], p["end"], p["modeled"]) for p in d["phases"]]
+    got = RecoveryReport.from_dict(d)
+    r.cache, r.rejected, r.notes = got.cache, r.rejected + got.rejected, r.notes + got.notes
+    r.processes, r.processes_before = got.processes, got.processes_before
+    r.processes_recovered = got.processes_recovered
+    return d
+
+
+def _wait_report(path, kp) -> dict:
+    deadline = time.monotonic() + REPORT_TIMEOUT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no report from the new kernel within {REPORT_TIMEOUT_S} s")
+        if not kp.alive():
+            raise RuntimeError("the new kernel died; see its log in the lab's logs/")
+        time.sleep(0.002)
+    return json.loads(path.read_text())

@@ -19,7 +19,8 @@ already applied is answered from its in-flight table, kernel/core/inflight.py), 
 fresh crash-kernel image (the next generation) into the reserved area before it says it
 is ready, so a second crash is survived too. After first service it checks the adopted pages no request has used yet and
 writes its part of the RecoveryReport (phases, cache counts, every refusal's reason) to
-``--report``.
+``--report``. All of it after the image check is ``take_over``, which the successor of a
+txipc_sim kernel runs too (systems/txipc_sim/server.py), after its roll-back.
 """
 
 from __future__ import annotations
@@ -102,12 +103,10 @@ def write_report(path: str, r: RecoveryReport, extra: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = kernel_arguments("python -m systems.otherworld.crashkernel", __doc__.splitlines()[0])
-    ap.add_argument("--report", required=True, help="file to write the recovery report to")
-    ap.add_argument(
-        "--hold-pid", type=int, required=True, help="the process holding the FUSE connection"
-    )
-    ap.add_argument("--hold-fd", type=int, required=True, help="its descriptor of the connection")
+    take_over_arguments(ap)
     args = ap.parse_args(argv)
+    if args.report is None or args.hold_pid is None or args.hold_fd is None:
+        ap.error("--report, --hold-pid and --hold-fd are required")
     started = time.monotonic()  # control reached the crash kernel's code
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s crashkernel[%(process)d] %(message)s"
@@ -122,6 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to run: %s", e)
         return REFUSED_EXIT
     r = RecoveryReport("otherworld", None, started)
+
+    def next_image(r: RecoveryReport) -> None:
+        nxt = crashimage.load(k.mem, k.mlay, image.params, image.generation + 1)
+        r.notes.append(f"crash-kernel image generation {nxt.generation} loaded for the next crash")
+
+    take_over(k, args, r, {"started": started, "generation": image.generation}, next_image)
+    return 0
+
+
+def take_over(k: Kernel, args, r: RecoveryReport, extra: dict, before_ready=None) -> None:
+    """The dead kernel's partition taken over in place by ``k`` (not booted yet), from the
+    memory as it is now: its processes' table and in-flight requests read, its cache
+    adopted, its processes resurrected, its connection served (``--hold-pid``/``--hold-fd``);
+    ``before_ready(r)`` once it serves, before it says it is ready; then the report, with
+    ``extra``, to ``--report``. Returns when the service stops. Shared by every kernel that
+    takes a dead one's place on its own partition (this one; systems/txipc_sim/server.py)."""
     conn = keep.Connection.take(args.hold_pid, args.hold_fd, args.workdir)
     t = time.monotonic()
     table = read_proc_table(k.mem, k.mlay)  # before this kernel's own table replaces it
@@ -139,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def serving() -> None:
         r.phase("first service", resurrected)
-        nxt = crashimage.load(k.mem, k.mlay, image.params, image.generation + 1)
-        r.notes.append(f"crash-kernel image generation {nxt.generation} loaded for the next crash")
+        if before_ready is not None:
+            before_ready(r)
         notify_ready(args.ready_fd)
         threading.Thread(target=finish, name="check-rest", daemon=True).start()
 
@@ -155,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
             r.notes.append(answers.note())
             gc.freeze()  # no collection ever walks the page cache's tables
             gc.enable()
-        write_report(
-            args.report, r, {"pid": os.getpid(), "started": started, "generation": image.generation}
-        )
+        write_report(args.report, r, {"pid": os.getpid(), **extra})
 
     k.resume(conn.fd, conn.params, ready=serving, answers=answers)
-    return 0
+
+
+def take_over_arguments(ap) -> None:
+    """The arguments ``take_over`` reads, beside ``kernel_arguments``'."""
+    ap.add_argument("--report", help="file to write the recovery report to")
+    ap.add_argument("--hold-pid", type=int, help="the process holding the FUSE connection")
+    ap.add_argument("--hold-fd", type=int, help="its descriptor of the connection")
 
 
 if __name__ == "__main__":
