@@ -227,6 +227,10 @@ class Capabilities:
     keeps_processes: bool = False  # runtime-aware processes keep their state
     keeps_unmodified_processes: bool = False  # unmodified processes keep running, same pid
     migrates_cache: bool = False  # adopts the cache in a "cache migration" phase of the outage
+    # a kernel death (panic, kill, hang) inside a request: that request rolled back, then the
+    # cache kept and the unmodified processes kept running, same pid (a death outside any
+    # request is recovered as the fields above say)
+    keeps_processes_in_request: bool = False
     partitions_needed: int = 1  # partitions of the machine it deploys on (a standby's too)
 
 

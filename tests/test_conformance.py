@@ -7,13 +7,16 @@ application, holds fsynced and unsynced files, and is crashed by ``panic``, ``ki
 it declares (``Capabilities``) and what happened: a scheme that keeps the dirty cache has
 every dirty page back and the unsynced files byte for byte; one that does not claims none;
 one that keeps processes resumes the application with its unsaved state, one that recovers
-without it restarts it empty. After ``teardown`` nothing of the deployment remains: no
+without it restarts it empty. A scheme that declares ``keeps_processes_in_request`` is
+also crashed by ``panic`` and ``kill`` inside a create request, and must keep the cache,
+the editor (same pid) and the request's file. After ``teardown`` nothing of the deployment remains: no
 kernel or application process, process set, mount, memory or VMM file, namespace.
 """
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -194,6 +197,57 @@ def test_a_scheme_keeps_its_contract_and_its_declared_capabilities(name, fault):
         d.wait_log(lambda: len(d.loaded()) >= 2, "the editor did not come back")
         lines = N_LINES if caps.keeps_processes else 0
         assert d.loaded()[-1].split()[2] == f"lines={lines}"
+    finally:
+        try:
+            left = d.teardown()
+        finally:
+            d.close()
+    assert not left, f"{name} left behind after teardown: {left}"
+
+
+# the schemes that declare they keep the processes when the kernel dies inside a request
+IN_REQUEST = sorted(n for n, c in registry().items() if c.capabilities.keeps_processes_in_request)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fault", ["panic", "kill"])
+@pytest.mark.parametrize("name", IN_REQUEST)
+def test_a_death_inside_a_request_keeps_the_processes_the_cache_and_the_request(name, fault):
+    d = Deployment(name)
+    try:
+        d.deploy()
+        d.wait_log(lambda: d.loaded(), "the editor did not start")
+        fd = os.open(d.fifo, os.O_WRONLY)
+        os.write(fd, LINES)
+        os.close(fd)
+        d.wait_log(
+            lambda: f"lines={N_LINES}" in d.log.read_text(), "the editor did not take its lines"
+        )
+        editor = d.editor_pid()
+        unsynced = write_files(d.mount, "u", synced=False)
+        during = os.urandom(3 * PAGE)
+        reply = d.scheme.inject(fault, site="vfs.create")  # the next create dies in its request
+        assert reply["ok"], reply
+        writer = threading.Thread(target=(d.mount / "during").write_bytes, args=(during,))
+        writer.start()
+        r = check_report(d.scheme.on_crash(reply, timeout=60))
+        writer.join(30)
+        assert not writer.is_alive(), "the request in hand at the death was never answered"
+        assert r.recovered and "cache migration" in [p.name for p in r.phases]
+        c = r.cache
+        assert c.dirty_pages_before >= FILES * PAGES_EACH
+        assert c.dirty_pages_recovered == c.dirty_pages_before and c.pages_rejected == 0
+        assert [(p.name, p.pid, p.fate) for p in r.processes] == [("editor", editor, "preserved")]
+        for fname, data in unsynced.items():
+            assert (d.mount / fname).read_bytes() == data, f"{fname} differs after recovery"
+        assert (d.mount / "during").read_bytes() == during
+        fd = os.open(d.fifo, os.O_WRONLY)
+        os.write(fd, b"third line\n")
+        os.close(fd)
+        d.wait_log(
+            lambda: f"lines={N_LINES + 1}" in d.log.read_text(), "the kept editor went not on"
+        )
+        assert len(d.loaded()) == 1 and d.editor_pid() == editor
     finally:
         try:
             left = d.teardown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ def files(mnt: Path, tag: str, n: int = 3) -> dict[str, str]:
         (mnt / f"{tag}{i}").write_bytes(data)
         out[f"{tag}{i}"] = hashlib.sha256(data).hexdigest()
     return out
+
+
+def fsync_quietly(path: Path) -> None:
+    with open(path, "rb+") as f:
+        try:
+            os.fsync(f.fileno())
+        except OSError:
+            pass
 
 
 def check_files(mnt: Path, want: dict[str, str]) -> None:
@@ -66,12 +75,13 @@ def test_a_fault_in_write_back_falls_back_to_a_reboot(txipc):
     mnt = Path(host.kernels[0].mount)
     files(mnt, "a")
     reply = s.inject("exception-in-request", site="writeback")
-    with open(mnt / "a0", "rb+") as f:  # fsync writes back: outside any request's transaction
-        try:
-            os.fsync(f.fileno())
-        except OSError:
-            pass
+    # fsync writes back: outside any request's transaction. The connection outlives the
+    # kernel (the host holds it), so the fsync waits until the reboot's fence ends it.
+    syncing = threading.Thread(target=fsync_quietly, args=(mnt / "a0",))
+    syncing.start()
     r = check_report(s.on_crash(reply, timeout=30))
+    syncing.join(30)
+    assert not syncing.is_alive(), "the fsync in hand at the death was never answered"
     assert r.recovered and r.figures["not_recovered"] == 1
     assert any("not recovered by the transaction" in n and "writeback" in n for n in r.notes)
     assert [p.name for p in r.phases][-1] == "first service"  # the reboot's
