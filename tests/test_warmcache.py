@@ -153,6 +153,19 @@ def test_a_second_crash_is_survived_warm_too(warm):
     assert scheme.stats()["reused"] - s0["reused"] >= 16  # and metadata the new kernel read
 
 
+def test_the_new_kernel_keeps_the_warm_frames_for_last(warm):
+    host, scheme = warm
+    data = os.urandom(16 * PAGE)
+    write(mnt(host) / "kept", data)
+    panic(host, scheme)
+    write(mnt(host) / "fresh", os.urandom(64 * PAGE))  # fills frames: none of the warm ones
+    s = scheme.stats()
+    assert s["moved_aside"] == 0 and s["dropped"] == 0
+    r0 = s["reused"]
+    assert (mnt(host) / "kept").read_bytes() == data
+    assert scheme.stats()["reused"] - r0 == 16
+
+
 def test_the_new_kernel_waits_for_the_cache_check_it_boots_beside(warm, monkeypatch):
     host, scheme = warm
     write(mnt(host) / "c", b"z" * 8 * PAGE)

@@ -73,6 +73,7 @@ class Kernel:
         self.lay = partition_layout(z.id, z.base, z.size)
         self.delay, self.heartbeat_s, self.seed = delay, heartbeat_s, seed
         self.dev: BlockDevice | None = None
+        self.vmm = None  # the warm-cache VMM beneath this kernel (kernel/hw/vmm.py attach)
         self.vfs: VFS | None = None
         self.mailbox: mailbox.Mailbox | None = None
         self.cpu_lock = threading.Lock()
@@ -159,6 +160,8 @@ class Kernel:
         owned = devices if devices is not None else ",".join(self.part.devices)
         t_mount = time.monotonic_ns()
         self.vfs = VFS(self.mem, self.lay, self.dev, adopt)  # mount: superblock, journal replay
+        if self.vmm is not None:  # frames holding a warm copy are handed out last: they stay warm
+            self.vfs.pc.free.hand_out_last(self.vmm.warm_frames())
         self.mailbox.set(
             mount_start_ns=t_mount,
             mount_ns=time.monotonic_ns() - t_mount,

@@ -82,6 +82,14 @@ class FreeFrames:
     def append(self, frame: int) -> None:
         self._back.append(frame)
 
+    def hand_out_last(self, frames: np.ndarray) -> None:
+        """Of the frames free at mount, hand out these after all the others (each group
+        still lowest first): a VMM keeps warm copies in them (kernel/hw/vmm.py), and a frame
+        the kernel fills loses its copy once the VMM's spare pages are used up."""
+        rest = self._base[: self._n]
+        held = np.isin(rest, frames)
+        self._base = np.concatenate([rest[held], rest[~held]])  # used from its end
+
     def extend(self, frames) -> None:
         self._back.extend(frames)
 
