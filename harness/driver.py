@@ -36,7 +36,7 @@ from systems.base import registry as schemes
 DEFAULTS = {
     "warmup_s": 2.0,
     "steady_s": 5.0,
-    "post_s": 5.0,
+    "post_s": 10.0,  # a cold cache on the default disk takes more than 5 s to refill
     "recovery_timeout_s": 30.0,
     "ready_timeout_s": 30.0,
     "bin_s": 1.0,

@@ -41,7 +41,7 @@ def test_default_machine_matches_the_paper_split():
     assert m.memory == 1 << 30
     assert (p0.cpus, p0.size, p0.devices) == ((0,), 896 << 20, ("disk0", "nic0"))
     assert (p1.cpus, p1.base, p1.size) == ((1,), 896 << 20, 128 << 20)
-    assert m.disk("disk0").model == "ssd" and m.disk("disk0").size == 2 << 30
+    assert m.disk("disk0").model == "gp3" and m.disk("disk0").size == 2 << 30
     assert p0.cmdline() == "cpus=0 mem=0x0-0x38000000 devs=disk0,nic0"
 
 
@@ -118,10 +118,14 @@ def test_the_paper_profile_is_shipped_with_cited_datasheet_models():
     assert hw["disks"]["disk0"]["modeled"] is True and hw["reboot"]["modeled"] is True
 
 
-def test_the_default_machine_stays_fast():
+def test_the_default_machine_has_a_cited_cloud_volume_and_no_reboot_profile():
     m = machine.load()
-    assert m.reboot is None and m.disk_models == ()
-    assert m.disk("disk0").timing == machine.param.DEVICE_MODELS["ssd"]
+    assert m.reboot is None
+    (gp3,) = m.disk_models
+    assert m.disk("disk0").model == "gp3" == gp3.name
+    assert m.disk("disk0").timing == (pytest.approx(333.3e-6), 131.072e6)
+    assert "EBS gp3" in gp3.description and "3,000 IOPS" in gp3.description
+    assert m.modeled()["disks"]["disk0"]["modeled"] is True
 
 
 def test_a_disk_is_modeled_with_its_profiles_figures(tmp_path):

@@ -194,12 +194,13 @@ def test_the_cli_refuses_a_bad_share_naming_the_parameter():
 
 
 def test_defaults_make_the_cache_matter():
-    """`files` reads a corpus that the default disk model takes more than a second to read
-    back (each file in readahead-sized requests, each request its latency plus its
+    """`files` reads a corpus that the default machine's disk takes more than a second to
+    read back (each file in readahead-sized requests, each request its latency plus its
     transfer); `http` users run in a closed loop."""
     from kernel import param
+    from kernel.hw import machine
 
-    lat, bw = param.DEVICE_MODELS[param.DEFAULT_DEVICE_MODEL]
+    lat, bw = machine.load().disk("disk0").timing
     sizes = tree.file_sizes(1, Files.defaults["corpus_mib"] << 20)
     chunk = param.READAHEAD_PAGES * param.PAGE_SIZE
     reread_s = sum(-(-n // chunk) * lat + n / bw for n in sizes)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from kernel.core.pagecache import FreeFrames
 from kernel.core.vfs import VFS
 from kernel.hw import vmm
 from kernel.hw.blockdev import BlockDevice
@@ -157,6 +158,34 @@ def test_without_spare_pages_a_reused_frame_loses_its_warm_page(tmp_path):
         mc.boot()
         mc.mem.write(mc.lay.frame_phys(frame), b"z" * PAGE)
         assert mc.v.r.stats()["dropped"] == 1
+    finally:
+        mc.close()
+
+
+def test_free_frames_handed_out_last_come_after_every_other_lowest_first():
+    free = FreeFrames(np.arange(9, -1, -1))
+    assert free.pop() == 0  # taken before the hint (the mount's own reads)
+    free.hand_out_last(np.array([1, 5, 2]))
+    assert [free.pop() for _ in range(len(free))] == [3, 4, 6, 7, 8, 9, 1, 2, 5]
+
+
+def test_a_new_kernel_fills_the_frames_without_warm_copies_first(tmp_path):
+    mc = Machine(tmp_path, spare=0)  # no spare page: a warm frame the kernel fills is lost
+    try:
+        fs = mc.boot()
+        old = os.urandom(8 * PAGE)
+        ino = synced_file(fs, b"old", old)
+        warm = {mc.frame_of(ino, k) for k in range(8)}
+        mc.crash()
+        fs = mc.boot()
+        assert warm <= set(mc.v.warm_frames().tolist())
+        fs.pc.free.hand_out_last(mc.v.warm_frames())  # what Kernel.boot does beneath a VMM
+        new = synced_file(fs, b"new", os.urandom(32 * PAGE))
+        assert not warm & {mc.frame_of(new, k) for k in range(32)}
+        assert mc.v.r.stats()["dropped"] == 0 and mc.v.r.stats()["moved_aside"] == 0
+        r0 = mc.v.r.stats()["reused"]
+        assert fs.read(fs.lookup(1, b"old").ino, 0, 8 * PAGE) == old
+        assert mc.v.r.stats()["reused"] - r0 == 8
     finally:
         mc.close()
 

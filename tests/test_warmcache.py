@@ -1,12 +1,14 @@
 """Scheme warmcache on a live machine: the page cache survives the reboot beneath the VMM."""
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from harness.testbed import Testbed
+from kernel.hw import vmm
 from kernel.hw.physmem import PAGE_DESC, PhysMem, partition_layout
 from systems.base import check_report, registry
 
@@ -149,6 +151,58 @@ def test_a_second_crash_is_survived_warm_too(warm):
     s0 = scheme.stats()
     assert (mnt(host) / "t").read_bytes() == data
     assert scheme.stats()["reused"] - s0["reused"] >= 16  # and metadata the new kernel read
+
+
+def test_the_new_kernel_keeps_the_warm_frames_for_last(warm):
+    host, scheme = warm
+    data = os.urandom(16 * PAGE)
+    write(mnt(host) / "kept", data)
+    panic(host, scheme)
+    write(mnt(host) / "fresh", os.urandom(64 * PAGE))  # fills frames: none of the warm ones
+    s = scheme.stats()
+    assert s["moved_aside"] == 0 and s["dropped"] == 0
+    r0 = s["reused"]
+    assert (mnt(host) / "kept").read_bytes() == data
+    assert scheme.stats()["reused"] - r0 == 16
+
+
+def test_the_new_kernel_waits_for_the_cache_check_it_boots_beside(warm, monkeypatch):
+    host, scheme = warm
+    write(mnt(host) / "c", b"z" * 8 * PAGE)
+    ended = []
+    check = type(scheme)._check
+
+    def slow_check(self):
+        time.sleep(1.0)  # longer than the kernel's start-up: it must wait at the gate
+        got = check(self)
+        ended.append(time.monotonic())
+        return got
+
+    monkeypatch.setattr(type(scheme), "_check", slow_check)
+    r = panic(host, scheme)
+    assert r.recovered and r.cache.pages_recovered == 8
+    assert host.mail(0).mount_start_ns / 1e9 > ended[0]  # memory touched after the check
+    names = [p.name for p in r.phases]
+    assert names.index("cache check") + 1 == names.index("boot")
+    for a, b in zip(r.phases, r.phases[1:]):
+        assert a.end <= b.start + 1e-9  # end to end, no overlap
+    assert (mnt(host) / "c").read_bytes() == b"z" * 8 * PAGE
+
+
+def test_a_failed_cache_check_stops_the_new_kernel_before_it_boots(warm, monkeypatch):
+    host, scheme = warm
+
+    def broken(self):
+        self._close_guest()
+        raise vmm.VmmError("region unreadable")
+
+    monkeypatch.setattr(type(scheme), "_check", broken)
+    with pytest.raises(vmm.VmmError, match="region unreadable"):
+        scheme.on_crash(host.control(0, {"cmd": "inject", "fault": "panic"}))
+    kp = host.kernels.get(0)
+    assert kp is None or kp.proc.poll() is not None  # no kernel serves an unchecked cache
+    log = Path(host.workdir / "logs" / "kernel-p0.log").read_text()
+    assert "the VMM's cache check failed: not booting" in log
 
 
 def test_the_warm_counts_round_trip_are_checked_and_old_reports_still_load():

@@ -218,7 +218,11 @@ def run_cmd(
         "(default: the workload's own, else 2), after "
         "which the load goes on until the cache is full",
     ),
-    post: float = typer.Option(5.0, help="seconds of load after recovery (for time to 90 %)"),
+    post: float = typer.Option(
+        10.0,
+        help="seconds of load after recovery (for time to 90 %; a cold cache on the default "
+        "disk can take more than 5 s to refill)",
+    ),
     recovery_timeout: float = typer.Option(
         30.0, help="seconds to wait for recovery before the trial counts as not recovered"
     ),

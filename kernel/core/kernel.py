@@ -73,6 +73,7 @@ class Kernel:
         self.lay = partition_layout(z.id, z.base, z.size)
         self.delay, self.heartbeat_s, self.seed = delay, heartbeat_s, seed
         self.dev: BlockDevice | None = None
+        self.vmm = None  # the warm-cache VMM beneath this kernel (kernel/hw/vmm.py attach)
         self.vfs: VFS | None = None
         self.mailbox: mailbox.Mailbox | None = None
         self.cpu_lock = threading.Lock()
@@ -159,6 +160,8 @@ class Kernel:
         owned = devices if devices is not None else ",".join(self.part.devices)
         t_mount = time.monotonic_ns()
         self.vfs = VFS(self.mem, self.lay, self.dev, adopt)  # mount: superblock, journal replay
+        if self.vmm is not None:  # frames holding a warm copy are handed out last: they stay warm
+            self.vfs.pc.free.hand_out_last(self.vmm.warm_frames())
         self.mailbox.set(
             mount_start_ns=t_mount,
             mount_ns=time.monotonic_ns() - t_mount,
@@ -409,10 +412,24 @@ def notify_ready(fd: int | None) -> None:
         os.close(fd)
 
 
+def wait_for_vmm(fd: int) -> bool:
+    """Block until the VMM has checked the dead kernel's frames (systems/warmcache): the
+    boot so far (the interpreter, the imports) ran beside that check; the memory it checks
+    is touched only after it. True if it passed."""
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        return f.read(1) == b"1"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = kernel_arguments("python -m kernel.core.kernel", __doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="seed of the fault injector's choices")
     ap.add_argument("--vmm", help="VMM region: boot beneath the warm-cache VMM (kernel/hw/vmm.py)")
+    ap.add_argument(
+        "--vmm-gate",
+        type=int,
+        help="descriptor to wait on before touching the partition's memory: the VMM's cache "
+        "check runs beside this boot and writes b'1' when it is done (anything else: exit)",
+    )
     ap.add_argument(
         "--no-heartbeat",
         action="store_true",
@@ -423,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     from kernel.core import fuse  # noqa: F401  (loaded with the kernel: part of boot, not of service)
 
     mach = machine_mod.load(a.machine, shape_checked=True)  # checked by whoever started it
+    if a.vmm_gate is not None and not wait_for_vmm(a.vmm_gate):
+        log.error("the VMM's cache check failed: not booting")
+        return 1
     k = Kernel(mach, a.partition, a.physmem, a.workdir, delay=not a.no_delay, seed=a.seed)
     k.beating = not a.no_heartbeat
     k.keep_apps = a.keep_apps

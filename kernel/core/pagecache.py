@@ -23,7 +23,9 @@ Promises to the VFS and the write-back code:
 * ``stats`` counts, since this kernel mounted, every ``lookup`` (a file page a read wants)
   as a hit (cached, adopted pages included) or a miss (to be read from the device), and
   the pages evicted; the kernel's ``status`` reply carries them (docs/METRICS.md, "Cache
-  hit ratio").
+  hit ratio");
+* free frames are handed out lowest first, except those named to ``free.hand_out_last``
+  (frames a VMM beneath the kernel keeps warm copies in), which come after all the others.
 
 The generation of a page increases on every store, so write-back can tell whether the
 page changed while it was being written (then it stays dirty).
@@ -81,6 +83,14 @@ class FreeFrames:
 
     def append(self, frame: int) -> None:
         self._back.append(frame)
+
+    def hand_out_last(self, frames: np.ndarray) -> None:
+        """Of the frames free at mount, hand out these after all the others (each group
+        still lowest first): a VMM keeps warm copies in them (kernel/hw/vmm.py), and a frame
+        the kernel fills loses its copy once the VMM's spare pages are used up."""
+        rest = self._base[: self._n]
+        held = np.isin(rest, frames)
+        self._base = np.concatenate([rest[held], rest[~held]])  # used from its end
 
     def extend(self, frames) -> None:
         self._back.extend(frames)

@@ -125,9 +125,11 @@ class Host:
         apps: list[dict] | None = None,
         netns: str | None = None,
         idle: bool = False,
+        pass_fds: tuple[int, ...] = (),
     ) -> KernelProc:
         """Launch a kernel process (or another kernel-side program, e.g. a standby backup
-        kernel) for a partition, and return once it says it is ready. ``idle``: start it at
+        kernel) for a partition, and return once it says it is ready. ``pass_fds``: more
+        descriptors the program inherits (the VMM's gate). ``idle``: start it at
         SCHED_IDLE, so its start-up yields to everything else; the program must raise its
         threads back itself (systems/orthros/backup.py does, once in standby)."""
         from kernel.hw import fusedev
@@ -173,7 +175,7 @@ class Host:
                 cmd,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
-                pass_fds=(w,),
+                pass_fds=(w, *pass_fds),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_idle if idle else None,

@@ -19,7 +19,10 @@ Promises to the warm-cache scheme (systems/warmcache; Kourai, VEE'11):
   same content — the content in the very copy the reader gets, so what is checked is what
   is served); a copy that fails is refused, counted, and its block read from the disk;
   every other read goes to the disk. A WARM page whose frame the new kernel stores into is
-  first moved aside into the region's spare pages (what a VMM does by swapping machine frames).
+  first moved aside into the region's spare pages (what a VMM does by swapping machine frames);
+* it names the frames that hold WARM copies (``warm_frames``), and a kernel beneath it fills
+  those frames last (kernel/core/kernel.py ``boot``, pagecache ``FreeFrames.hand_out_last``), so the
+  spare pages — and the copies — are used up only once the new kernel needs those frames.
 
 Cost: a kernel without this layer pays nothing (no watcher, the plain device). With it, a
 store into a protected frame pays one call and a table look-up (every other store only
@@ -289,6 +292,11 @@ class Vmm:
         self.free_spare = np.flatnonzero(region.st["state"] == FREE)[::-1].tolist()
         # write protection, one byte a frame: a store into a frame with a copy must reach watch()
         self.wp = bytearray(np.isin(ft["state"], (CLEAN, WARM)).astype(np.uint8).tobytes())
+
+    def warm_frames(self) -> np.ndarray:
+        """The guest frames holding a WARM copy: what a new kernel should fill last (each
+        frame it fills first moves the copy to a spare page, or drops it when none is left)."""
+        return np.flatnonzero(self.r.ft["state"] == WARM)
 
     def install(self) -> None:
         """Watch the guest's stores: those into a protected frame, or all while a read lands."""
