@@ -64,7 +64,10 @@ def summarize(run: dict) -> list[dict]:
                 "downtime": _ci(down),
                 "time_to_90pct": _ci(t90),
                 "time_to_99pct": _ci(_known(ok, "time_to_99pct_s")),
-                "lost_service": _ci(_known(ok, "lost_service_s")),
+                "lost_service": _ci(
+                    _known(ok, "lost_service_s"),
+                    censored=sum(1 for t in ok if t.get("lost_censored")),
+                ),
                 "client_gap": _ci(_known(ok, "client_gap_s")),
                 "lost_bytes_total": sum(lost) if lost else None,
                 "lost_bytes_median": stats.median_ci(lost)[0],
@@ -82,9 +85,11 @@ def _known(trials: list[dict], key: str) -> list[float]:
     return [t[key] for t in trials if t.get(key) is not None]
 
 
-def _ci(values: list[float]) -> dict:
+def _ci(values: list[float], censored: int = 0) -> dict:
+    """Median and 95 % CI; ``censored``: how many values are only lower bounds, which makes
+    the median and both ends lower bounds too (a larger true value can only raise them)."""
     median, lo, hi = stats.median_ci(values)
-    return {"median": median, "lo": lo, "hi": hi, "n": len(values)}
+    return {"median": median, "lo": lo, "hi": hi, "n": len(values), "censored": censored}
 
 
 def _phase_medians(trials: list[dict]) -> dict[str, float]:
@@ -119,7 +124,7 @@ def _modeled(trials: list[dict]) -> set[str]:
 def fmt_ci(c: dict, digits: int = 3) -> str:
     if c["median"] is None:
         return "—"
-    m = f"{c['median']:.{digits}f}"
+    m = f"{_at_least(c)}{c['median']:.{digits}f}"
     if c["lo"] is None:
         return f"{m} ({NO_CI}: n={c['n']})"
     return f"{m} [{c['lo']:.{digits}f}, {c['hi']:.{digits}f}]"
@@ -229,7 +234,7 @@ def ranking(summary: list[dict]) -> list[str]:
 
         known = sorted((s for s in summary if s[key]["median"] is not None), key=order_key)
         order = [
-            f"{_rank(known, order_key, i)}. {s['label']} {s[key]['median']:.3f} s"
+            f"{_rank(known, order_key, i)}. {s['label']} {_at_least(s[key])}{s[key]['median']:.3f} s"
             for i, s in enumerate(known)
         ]
         order += [f"{s['label']} (no median)" for s in summary if s[key]["median"] is None]
@@ -239,6 +244,11 @@ def ranking(summary: list[dict]) -> list[str]:
             f"{_separation(known, key)}".rstrip()
         )
     return lines
+
+
+def _at_least(ci: dict) -> str:
+    """ "≥ " before a median that some lower bounds entered (docs/METRICS.md, lost_censored)."""
+    return "≥ " if ci.get("censored") else ""
 
 
 def _or_inf(v):
@@ -258,7 +268,10 @@ def _separation(known: list[dict], key: str) -> str:
     apart = [
         f"{a['label']} < {b['label']}"
         for a, b in pairs
-        if a[key]["hi"] is not None and b[key]["lo"] is not None and a[key]["hi"] < b[key]["lo"]
+        if a[key]["hi"] is not None
+        and b[key]["lo"] is not None
+        and not a[key].get("censored")  # a lower bound of the better one proves no order
+        and a[key]["hi"] < b[key]["lo"]
     ]
     if apart:
         return f"Separated by disjoint 95 % CIs: {'; '.join(apart)}."

@@ -129,6 +129,8 @@ TRIAL_SCHEMA = {
         "time_to_99pct_s": _SECONDS_OR_NULL,
         "lost_ops": _NUM_OR_NULL,
         "lost_service_s": _NUM_OR_NULL,
+        # added later in schema_version 2, optional: lost_* are a lower bound (never back)
+        "lost_censored": {"type": "boolean"},
         "client_gap_s": _NUM_OR_NULL,
         "latency": {
             "type": "object",
@@ -360,6 +362,7 @@ CSV_COLUMNS = (
     ("time_to_99pct_s", "time_to_99pct_s"),
     ("lost_ops", "lost_ops"),
     ("lost_service_s", "lost_service_s"),
+    ("lost_censored", "lost_censored"),
     ("client_gap_s", "client_gap_s"),
     ("p50_before_s", "latency.before.p50_s"),
     ("p99_before_s", "latency.before.p99_s"),

@@ -65,6 +65,7 @@ def recovery_fields(r: dict) -> dict:
         "time_to_99pct_s": r["time_to_99pct_s"],
         "lost_ops": r["lost_ops"],
         "lost_service_s": r["lost_service_s"],
+        "lost_censored": r["lost_censored"],
         "client_gap_s": r["client_gap_s"],
         "latency": r["latency"],
         "recovery": {

@@ -93,14 +93,16 @@ def test_partial_bins_enter_no_figure():
     # the load stops 0.55 s after the crash: its only bin back is partial, so no return
     r = recovery(history(outage_s=0.5, post_s=0.55))
     assert not r["bins"][-1]["full"] and r["bins"][-1]["ops"] > 0
-    assert r["time_to_90pct_s"] is None and r["lost_ops"] is None
+    assert r["time_to_90pct_s"] is None
+    # its work lost is the full bins' only (the 0.5 s outage), as a lower bound
+    assert r["lost_censored"] and r["lost_ops"] == pytest.approx(0.5 * RATE)
     # and the figures draw no partial bin
     xs, _ = plots._mean_by_bin([r["bins"]], "ops_per_s", r["bin_s"])
     assert round(r["bins"][-1]["t"], 1) not in [round(x, 1) for x in xs]
     assert round(r["bins"][0]["t"], 1) not in [round(x, 1) for x in xs]
 
 
-def test_never_back_and_no_crash_have_no_figures():
+def test_never_back_has_a_lower_bound_of_work_lost_and_no_crash_has_no_figures():
     failing = [
         e
         for k in range(50)
@@ -111,10 +113,13 @@ def test_never_back_and_no_crash_have_no_figures():
     ]
     r = recovery(sorted(history(outage_s=10.0, post_s=9.0) + failing, key=lambda e: e["time"]))
     assert [b["ops"] for b in r["bins"] if b["t"] >= 0 and b["full"]] == [0] * 49
-    assert r["time_to_90pct_s"] is None and r["lost_service_s"] is None
+    assert r["time_to_90pct_s"] is None
+    # never back: the work lost until the observation ended, flagged as a lower bound
+    assert r["lost_censored"] and r["lost_service_s"] == pytest.approx(4.9)
     no_crash = [e for e in history() if e["process"] != NEMESIS]
     r = recovery(no_crash)
     assert r["bins"] == [] and r["pre_crash_mean"] is None and r["time_to_90pct_s"] is None
+    assert r["lost_ops"] is None and not r["lost_censored"]
 
 
 def test_latency_before_and_after_and_the_clients_gap():
@@ -233,3 +238,17 @@ def test_the_ranking_is_by_work_lost_then_downtime_and_ties_only_when_both_are_e
     assert lines[0].startswith("Work lost (seconds of service)")
     assert "1. b 0.200 s, 2. c 0.500 s, 2. e 0.500 s, 4. a 0.500 s, d (no median)" in lines[0]
     assert "1. c 0.100 s, 1. e 0.100 s, 3. d 0.200 s, 4. a 0.300 s, 5. b 0.900 s" in lines[1]
+
+
+def test_a_lower_bound_of_work_lost_is_marked_and_proves_no_order_for_the_better_scheme():
+    def s(label, lost, lo, hi, censored):
+        ci = {"median": lost, "lo": lo, "hi": hi, "n": 6, "censored": censored}
+        return {"label": label, "lost_service": ci, "downtime": dict(ci, censored=0)}
+
+    # the worse scheme's lower bounds still separate it: its true values are larger
+    line = report.ranking([s("a", 0.4, 0.3, 0.5, 0), s("b", 3.0, 2.0, 6.0, 1)])[0]
+    assert "2. b ≥ 3.000 s" in line and "Separated by disjoint 95 % CIs: a < b." in line
+    # the better scheme's lower bound may hide a larger loss: no order is claimed
+    line = report.ranking([s("a", 0.4, 0.3, 0.5, 1), s("b", 3.0, 2.0, 6.0, 0)])[0]
+    assert "1. a ≥ 0.400 s" in line and "No neighbours are separated" in line
+    assert report.fmt_ci(s("a", 0.4, 0.3, 0.5, 1)["lost_service"]) == "≥ 0.400 [0.300, 0.500]"

@@ -6,7 +6,8 @@ Promises to harness/trial.py and the report (definitions: docs/METRICS.md, "Reco
 bins are FINE_BIN_S wide and aligned at the crash like harness/checkers/throughput.py's
 (each ``ok`` load operation counted once, by its completion); a bin the load did not run
 through whole (``full`` false) enters no figure; every figure that cannot be computed is
-None, never a guess.
+None, never a guess; the work lost by a load that never got back to 90 % is what it lost
+until the observation ended, flagged ``lost_censored`` (a lower bound, never a value).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ FRACTIONS = (0.9, 0.99)
 
 def recovery(events: list[dict], bin_s: float = FINE_BIN_S) -> dict:
     """{"bin_s", "bins": [{"t", "ops", "ops_per_s", "full"}], "pre_crash_mean",
-    "time_to_90pct_s", "time_to_99pct_s", "lost_ops", "lost_service_s",
+    "time_to_90pct_s", "time_to_99pct_s", "lost_ops", "lost_service_s", "lost_censored",
     "latency": {"before": {...}, "after": {...}}, "recovered_at", "first_ok_after_s",
     "client_gap_s"}; times relative to the crash."""
     crash = crash_times(events)["crash_at"]
@@ -34,6 +35,10 @@ def recovery(events: list[dict], bin_s: float = FINE_BIN_S) -> dict:
     pre = float(np.mean([b["ops_per_s"] for b in pre_bins])) if pre_bins else None
     back = {p: back_to(bins, pre, p, bin_s) for p in FRACTIONS}
     lost = lost_work(bins, pre, back[0.9], bin_s)
+    censored = lost is None and back[0.9] is None and bool(pre)
+    if censored:  # never back within the observation: what it cost until then, at least
+        lost = lost_until_end(bins, pre, bin_s)
+        censored = lost is not None
     out = {
         "bin_s": bin_s,
         "bins": bins,
@@ -42,6 +47,7 @@ def recovery(events: list[dict], bin_s: float = FINE_BIN_S) -> dict:
         "time_to_99pct_s": back[0.99],
         "lost_ops": lost,
         "lost_service_s": None if lost is None else lost / pre,
+        "lost_censored": censored,
         "latency": latency(events, crash, pre_bins, bin_s),
     }
     out.update(client_gap(events, crash))
@@ -81,6 +87,19 @@ def lost_work(
         return None
     span = [b for b in bins if 0 <= b["t"] < back - bin_s / 2]
     if not all(b["full"] for b in span):
+        return None
+    return float(sum((pre - b["ops_per_s"]) * bin_s for b in span))
+
+
+def lost_until_end(bins: list[dict], pre: float, bin_s: float) -> float | None:
+    """For a load that never got back to 90 %: Σ (pre-crash rate − observed rate) · bin_s
+    over the bins from the crash to the end of the observation — a lower bound of the work
+    lost (``lost_censored``). The partial bins at the end, where the load stopped, are
+    left out; None if a bin before them is partial or no full bin follows the crash."""
+    span = [b for b in bins if b["t"] >= 0]
+    while span and not span[-1]["full"]:
+        span.pop()
+    if not span or not all(b["full"] for b in span):
         return None
     return float(sum((pre - b["ops_per_s"]) * bin_s for b in span))
 

@@ -151,7 +151,13 @@ _FIGURE = {"anyOf": [{"type": ["number", "null"]}, {"const": "inf"}]}
 _INTERVAL = {
     "type": "object",
     "required": ["median", "lo", "hi", "n"],
-    "properties": {"median": _NUM_OR_NULL, "lo": _NUM_OR_NULL, "hi": _NUM_OR_NULL, "n": _INT},
+    "properties": {
+        "median": _NUM_OR_NULL,
+        "lo": _NUM_OR_NULL,
+        "hi": _NUM_OR_NULL,
+        "n": _INT,
+        "censored": _INT,  # values that are lower bounds: median and ends are too
+    },
 }
 _NAMES = {"type": "object", "additionalProperties": _STR}
 _FILES = {"type": "array", "items": _STR}
