@@ -560,3 +560,43 @@ def test_docker_executor_without_a_usable_image_is_refused_before_anything_runs(
     assert p.returncode == 2, p.stdout + p.stderr
     assert "--executor docker: image 'no-such-image-here' cannot be used" in p.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_a_stop_right_after_a_logged_result_still_counts_it(tmp_path, monkeypatch):
+    """Ctrl-C after a result reached the log but before the loop counted it: campaign.json
+    must hold that fault, as the log does (a restart would not run it again)."""
+    from harness.campaign import run as campaign_run
+
+    params = {
+        "schemes": ["orthros"],
+        "workload": "files",
+        "faults": "panic",
+        "sites": "now",
+        "per_scheme": 2,
+        "seed": 1,
+        "timing": {},
+        "workload_params": {},
+        "machine_file": None,
+        "executor": "local",
+        "workers": 1,
+        "scheduler": None,
+        "redeploy_every": 1,
+    }
+    first = campaign_run.plan_of(params)[0]
+
+    def one_result(*_args):
+        yield {**_result(first.id, first.index), "scheme": first.scheme}
+
+    def append_then_stop(d, result):
+        real_append(d, result)  # the line is in the log, fsynced
+        raise KeyboardInterrupt  # before the loop counted it
+
+    real_append = store.append
+    monkeypatch.setattr(campaign_run.executors, "results", one_result)
+    monkeypatch.setattr(store, "append", append_then_stop)
+    monkeypatch.setattr(campaign_run, "clean_scratch", lambda _cid: None)
+    with pytest.raises(KeyboardInterrupt):
+        campaign_run.run(tmp_path, params, {})
+    doc = store.load(tmp_path)
+    assert [f["id"] for f in doc["faults"]] == [first.id]
+    assert doc["status"] == "stopped" and doc["stopped"]["faults_done"] == 1

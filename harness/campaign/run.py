@@ -5,7 +5,8 @@ campaign — faults already in its log are not run again, so a stopped campaign 
 where it stopped and every fault is counted once; other parameters there are refused
 naming the first that differs. Each result is appended to the log before it is counted;
 campaign.json is rewritten (validated, atomically) when the campaign ends, completes or
-is stopped (Ctrl-C, SIGTERM), with the summary of every fault done so far. On every exit
+is stopped (Ctrl-C, SIGTERM), with the summary of every fault in the log — whatever
+instant the stop came at. On every exit
 the trials' scratch directory of this machine is left empty: the loop waits for each trial
 process (found by its working directory) to finish its teardown, then removes it.
 """
@@ -120,13 +121,16 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
 
             stop_all(doc["campaign_id"])
         leftovers = clean_scratch(doc["campaign_id"])
+        # The log is the record: a stop between a result's write and its bookkeeping
+        # (during the fsync) must still count it, as the next run will.
+        done, doc["log"] = store.load_log(d, {f.id for f in faults})
         doc.update(
             faults=sorted(done, key=lambda r: r["index"]),
             status=status,
             summary=summary.summarize(done, parameters["schemes"]),
         )
         if stopped:
-            doc["stopped"] = stopped
+            doc["stopped"] = {**stopped, "faults_done": len(done)}
         else:
             doc.pop("stopped", None)
         if leftovers:
