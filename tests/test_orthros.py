@@ -79,6 +79,26 @@ def test_two_crashes_in_a_row_are_survived(orthros):
     assert_files(mnt, first | second)
 
 
+def test_a_deferred_re_pairing_is_awaited_and_then_survives_a_second_crash(orthros):
+    """With ``defer_protection`` the takeover's report comes back while the next backup is
+    still launching (its readiness not yet awaited); ``await_protection`` waits for it, and
+    the machine then survives a second crash."""
+    host, s = orthros
+    s.defer_protection = True
+    mnt = Path(s.mount)
+    first = write_unsynced(mnt, "a")
+    crash(host, s, "panic")
+    kp = host.kernels[s.backup]
+    assert kp.ready_fd is not None and kp.boot_wall_s == 0.0  # launched, not awaited
+    s.await_protection()
+    assert kp.ready_fd is None and kp.boot_wall_s > 0 and kp.alive()
+    second = write_unsynced(mnt, "b")
+    r = crash(host, s, "kill")
+    assert r.recovered and s.active == 0
+    s.await_protection()
+    assert_files(mnt, first | second)
+
+
 @pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
 @pytest.mark.parametrize(
     "target,kind", [("dirty-page", "page frame"), ("page-descriptor", "page descriptor")]
