@@ -3,7 +3,8 @@
 Promises to the workloads and the driver: every client is a real process in its own
 session, entered into the client network namespace before it executes, and killed by the
 kernel if the driver dies (parent-death signal), so an interrupted run leaves no client
-behind. ``stop()`` asks politely (SIGTERM: a client finishes recording its current
+behind (``launch``: in a process of the service's pool when it has one, harness/workloads/
+pool.py, where each client still runs alone in its process). ``stop()`` asks politely (SIGTERM: a client finishes recording its current
 operation), then kills. ``all_ok_after(t)`` reads the clients' history files — the
 driver's only way to learn that service is back, as the clients saw it: every client has
 had an operation invoked at or after t answered ``ok``.
@@ -53,7 +54,23 @@ def run_to_end(
 ) -> int:
     """Run one client (readiness probe, verify pass) to its end; killed past `timeout`,
     which then reads as exit status -1."""
-    p = spawn(argv, log, enter)
+    return _to_end(spawn(argv, log, enter), timeout)
+
+
+def launch(svc, module: str, args: Sequence[str], log: Path):
+    """A client running ``module``'s ``main(args)``: in a process of the service's pool
+    (harness/workloads/pool.py) when it has one, else in a process of its own."""
+    if svc.pool is not None:
+        return svc.pool.spawn(list(args), log)
+    return spawn(["-m", module, *args], log, svc.client_enter)
+
+
+def launch_to_end(svc, module: str, args: Sequence[str], log: Path, timeout: float) -> int:
+    """``launch``, then as ``run_to_end``."""
+    return _to_end(launch(svc, module, args, log), timeout)
+
+
+def _to_end(p, timeout: float) -> int:
     try:
         return p.wait(timeout)
     except subprocess.TimeoutExpired:
