@@ -93,7 +93,8 @@ class CampaignTrial(driver.Trial):
     def reach(self, site: str) -> None:
         """Make the kernel reach the armed fault's site soon, where the workload alone
         may not: a create (the clients create their files only at first) or a write-back
-        (the flusher waits for pages dirty longer than DIRTY_EXPIRE_S). From a thread that
+        (the flusher waits for pages dirty longer than DIRTY_EXPIRE_S; a file's data blocks
+        are allocated there, so a block allocation's site too). From a thread that
         may block in the dying kernel until the scheme (or teardown) ends its connection."""
         if site in REQUEST_SITES:
             probe = Path(self.svc.mount) / f".campaign-probe-{self.spec.trial}"
@@ -101,7 +102,7 @@ class CampaignTrial(driver.Trial):
             def work():
                 _every_request(probe)
 
-        elif site == "writeback":
+        elif site in ("writeback", "fs.block-alloc"):  # write-back allocates data blocks
 
             def work():
                 self.host.control(
