@@ -275,8 +275,18 @@ class Trial:
             )
             while not self.clients.all_ok_after(took_effect) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        self.hold(t["post_s"])  # load after recovery: the return to full throughput
+            start = self.post_load_from(took_effect)
+        else:
+            start = time.monotonic()
+        # load after recovery: the return to full throughput
+        self.hold(max(0.0, start + t["post_s"] - time.monotonic()))
         self.report = check_report(self.scheme.refresh(self.report))  # what that load reused
+
+    def post_load_from(self, took_effect: float) -> float:
+        """Where the ``post_s`` seconds of load after a recovery count from: now, once the
+        scheme has reported and every client was answered again (a campaign counts from
+        the clients' answers themselves: harness/campaign/task.py)."""
+        return time.monotonic()
 
     def nemesis_record(self) -> None:
         """When the fault took effect (the dying kernel's own record, which the injection

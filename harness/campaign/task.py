@@ -147,6 +147,14 @@ class CampaignTrial(driver.Trial):
                 "answering, holds the fault armed"
             )
 
+    def post_load_from(self, took_effect: float) -> float:
+        """The post-recovery load counts from when the last client was answered again (its
+        own record), not from when the scheme's report came: orthros writes its report
+        once every adopted page is checked, while the clients are served already. When
+        the clients' records do not say, from now."""
+        back = self.clients.back_at(took_effect)
+        return time.monotonic() if back is None else min(back, time.monotonic())
+
     def activated(self, part: int, reply: dict) -> bool:
         """The fault took effect: its activation is in the kernel's mailbox, or the kernel
         process is gone."""

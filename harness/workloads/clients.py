@@ -91,6 +91,13 @@ class ClientGroup:
         answered ``ok``."""
         return all(_ok_after(h, t) for h in self.histories)
 
+    def back_at(self, t: float) -> float | None:
+        """When the last client to be answered again after monotonic time t was (the ok
+        of its first operation invoked at or after t), as the clients recorded it; None
+        when a client's is not in the end of its history that is read."""
+        times = [_first_ok_after(h, t) for h in self.histories]
+        return None if not times or None in times else max(times)
+
     def stop(self, timeout: float = 5.0) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -115,8 +122,16 @@ class ClientGroup:
 def _ok_after(path: Path, t: float) -> bool:
     """Every process of the history file has an ``ok`` operation invoked at or after t
     (a reply to an older request may come from a server that is dying: the definition of
-    downtime in docs/METRICS.md). A process runs one operation at a time, so an ``ok``
-    belongs to that process's latest ``invoke``."""
+    downtime in docs/METRICS.md)."""
+    return _first_ok_after(path, t) is not None
+
+
+def _first_ok_after(path: Path, t: float) -> float | None:
+    """The latest, over the processes of the history file, of each one's first ``ok`` of
+    an operation invoked at or after t (None: a process has none in the end that is read).
+    A process runs one operation at a time, so an ``ok`` belongs to that process's latest
+    ``invoke``. Where the end read starts after t, an earlier ok may be cut off: the time
+    found is then later than the true one, never earlier."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -124,7 +139,7 @@ def _ok_after(path: Path, t: float) -> bool:
             fh.seek(max(0, size - 65536))  # the newest events are at the end
             tail = fh.read().split(b"\n")
     except FileNotFoundError:
-        return False
+        return None
     invoked: dict = {}
     back: dict = {}
     for line in tail:
@@ -137,7 +152,9 @@ def _ok_after(path: Path, t: float) -> bool:
         p = e.get("process")
         if e.get("type") == "invoke":
             invoked[p] = e["time"]
-        elif e.get("type") == "ok" and invoked.get(p, -1.0) >= t:
-            back[p] = True
-        back.setdefault(p, False)
-    return bool(back) and all(back.values())
+        elif e.get("type") == "ok" and invoked.get(p, -1.0) >= t and back.get(p) is None:
+            back[p] = e["time"]
+        back.setdefault(p, None)
+    if not back or None in back.values():
+        return None
+    return max(back.values())
