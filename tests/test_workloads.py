@@ -285,3 +285,25 @@ def test_pooled_clients_run_one_after_another_in_one_process_and_stop_on_sigterm
         pool.close()
     with pytest.raises(ProcessLookupError):
         os.kill(load.pid, 0)
+
+
+def test_a_pooled_client_whose_pool_is_closed_under_it_reads_as_killed(tmp_path):
+    """A trial's error path closes the pool while its clients run, then stops the
+    clients: each run reads as killed (its process's status) and stopping them does not
+    fail."""
+    import signal
+    import time
+
+    from harness.workloads.clients import ClientGroup
+    from harness.workloads.pool import ClientPool
+
+    pool = ClientPool("harness.workloads.files_client", tmp_path, None)
+    h = tmp_path / "h.jsonl"
+    args = ["client", "--url", "http://127.0.0.1:9", "--until", str(time.monotonic() + 600)]
+    run = pool.spawn([*args, "--history", str(h)], tmp_path / "c")
+    group = ClientGroup([run], [h])
+    while not h.exists():
+        time.sleep(0.05)
+    pool.close()
+    group.stop(timeout=5.0)
+    assert run.poll() == -signal.SIGKILL and group.alive() == 0

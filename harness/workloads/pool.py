@@ -52,6 +52,7 @@ class Worker:
                 preexec_fn=_preexec(enter, os.getpid()),
             )
         self.busy = False
+        self.ended = False  # killed and reaped: its pipes are closed
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -68,6 +69,7 @@ class Worker:
         if self.alive():
             self.proc.kill()
         self.proc.wait()
+        self.ended = True
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
@@ -91,6 +93,9 @@ class Run:
 
     def wait(self, timeout: float | None = None, raise_timeout: bool = True) -> int | None:
         if self.returncode is not None:
+            return self.returncode
+        if self.w.ended:  # the pool was closed under it (a trial's error path)
+            self.returncode = self.w.proc.returncode
             return self.returncode
         out = self.w.proc.stdout
         ready, _, _ = select.select([out], [], [], timeout)
