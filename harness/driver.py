@@ -1,7 +1,10 @@
 """The driver: one trial is the same ordered phases for every scheme.
 
 Promises to the CLI and to whoever reads a run: a trial is deploy → warm up → steady state
-→ inject → observe recovery → verify → teardown, each phase's start and end recorded on
+→ inject → observe recovery → verify → teardown (and, for a scheme told to defer its
+protection after a crash, ``defer_protection``, an "await protection" phase between warm-up
+and steady state: no steady state, and so no fault, before the machine survives a crash
+again), each phase's start and end recorded on
 CLOCK_MONOTONIC; the warm-up goes on until the active kernel's page cache holds the
 workload's working set (its own counter, bounded in time: ``cache_fill``), and the
 scheme's report is refreshed after the load that follows recovery (pages reused then); the
@@ -122,6 +125,9 @@ class Trial:
                 self.host, self.scheme, self.svc.history_dir() / "kernel-counters.jsonl"
             ).start()
             self.warm_up(until)
+        if self.scheme.defer_protection:  # the steady state is of a protected machine
+            with self.phase("await protection"):
+                self.scheme.await_protection()
         with self.phase("steady state"):
             self.hold(t["steady_s"])
         with self.phase("inject"):
@@ -161,11 +167,16 @@ class Trial:
             seed=self.spec.seed,
         )
         if self.workload.prepares:
-            self.host.boot(0, mount=self.svc.mount)
-            self.workload.prepare(self.svc)
-            self.host.stop(0)
+            self.prepare_data()
         self.bed.deploy(self.scheme, apps=self.workload.apps(self.svc))
         self.workload.wait_ready(self.svc, self.spec.timing["ready_timeout_s"])
+
+    def prepare_data(self) -> None:
+        """The workload's data set, written through a kernel booted only for it and shut
+        down cleanly (a campaign copies one it made before: harness/campaign/prepared.py)."""
+        self.host.boot(0, mount=self.svc.mount)
+        self.workload.prepare(self.svc)
+        self.host.stop(0)
 
     def warm_up(self, until: float) -> None:
         """The load until steady: clients started (running until ``until``), every one
@@ -264,8 +275,18 @@ class Trial:
             )
             while not self.clients.all_ok_after(took_effect) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        self.hold(t["post_s"])  # load after recovery: the return to full throughput
+            start = self.post_load_from(took_effect)
+        else:
+            start = time.monotonic()
+        # load after recovery: the return to full throughput
+        self.hold(max(0.0, start + t["post_s"] - time.monotonic()))
         self.report = check_report(self.scheme.refresh(self.report))  # what that load reused
+
+    def post_load_from(self, took_effect: float) -> float:
+        """Where the ``post_s`` seconds of load after a recovery count from: now, once the
+        scheme has reported and every client was answered again (a campaign counts from
+        the clients' answers themselves: harness/campaign/task.py)."""
+        return time.monotonic()
 
     def nemesis_record(self) -> None:
         """When the fault took effect (the dying kernel's own record, which the injection

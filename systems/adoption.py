@@ -39,13 +39,15 @@ def take_disk(k, names: list[str], delay: bool) -> BlockDevice:
             time.sleep(0.0005)
 
 
-def report_adoption(r: RecoveryReport, harvest, txn, lost: int) -> None:
+def report_adoption(r: RecoveryReport, harvest, txn, lost: int, lost_unchecked: int) -> None:
     """The cache figures of an adoption: ``harvest`` as the memory walk found it, ``txn``
-    the running transaction's completion, ``lost`` adopted dirty pages whose file the disk
-    does not have."""
+    the running transaction's completion, ``lost`` checked and ``lost_unchecked`` unchecked
+    adopted dirty pages whose file the disk does not have (``drop_orphans``)."""
     a, c = harvest.adopted, r.cache
     c.pages_before, c.dirty_pages_before = harvest.pages_before, harvest.dirty_before
     c.pages_recovered = len(a.frames)
+    # only the pages checked now count as recovered here; an unchecked one counts once its
+    # check passes (check_rest), and an orphan was dropped unchecked: never counted at all
     c.dirty_pages_recovered = harvest.n_dirty - lost
     c.pages_rejected = sum(
         1 for e in harvest.rejected if e.kind in ("page frame", "page descriptor")
@@ -59,8 +61,11 @@ def report_adoption(r: RecoveryReport, harvest, txn, lost: int) -> None:
     if harvest.txn_refused:
         r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
     report_transaction(r, txn, harvest.undone)
-    if lost:
-        r.notes.append(f"{lost} dirty pages belonged to files whose creation was never committed")
+    if lost + lost_unchecked:
+        r.notes.append(
+            f"{lost + lost_unchecked} dirty pages belonged to files whose creation was never "
+            "committed"
+        )
 
 
 def report_transaction(r: RecoveryReport, txn, undone: int) -> None:

@@ -4,7 +4,9 @@ Promises to the harness, the lab and the benchmarks: every scheme is a subclass 
 ``RecoveryScheme``, and everything they use of one is declared there — ``deploy`` boots its
 kernels on a Host, ``inject`` puts a fault into its ``active`` partition, ``on_crash``
 detects the failure, recovers (or not) and returns a ``RecoveryReport``, ``teardown`` leaves
-nothing behind (also after a failed or no deploy); its ``capabilities`` (what it claims to
+nothing behind (also after a failed or no deploy); with ``defer_protection`` set,
+``on_crash`` may return before the scheme is armed again and ``await_protection`` waits for
+that; its ``capabilities`` (what it claims to
 keep) and ``reservation`` (what it keeps from the workload) are data, and ``kernel_modules``
 names the programs its kernel processes run; ``refresh`` brings a report's later counts
 (pages reused after recovery) up to date. A report's phases carry measured start and end
@@ -255,12 +257,22 @@ class RecoveryScheme(ABC):
     host = None  # the Host it deployed on; None before deploy
     active: int = 0  # the partition whose kernel serves (faults go there)
     net_tag: str | None = None  # the network a scheme that moves the NIC takes over
+    # True: ``on_crash`` may return before the scheme is armed against a next crash (a
+    # standby still booting); whoever sets it calls ``await_protection`` before the next
+    # fault (a campaign's fast faults). False: ``on_crash`` returns protected again.
+    defer_protection: bool = False
 
     @abstractmethod
     def deploy(self, host, apps=()) -> None: ...
 
     @abstractmethod
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport: ...
+
+    def await_protection(self) -> None:
+        """Return once the scheme survives a next crash again (orthros: the backup booted in
+        the freed partition stands by), within a bound of its own; at once for a scheme
+        that re-arms inside ``on_crash``. Raises when it cannot be protected again (the
+        message says why)."""
 
     def inject(self, fault: str, **where) -> dict:
         """Put ``fault`` into the active kernel; its control socket's reply."""

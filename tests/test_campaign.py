@@ -117,6 +117,42 @@ def test_a_fault_seed_drives_the_injectors_choices(host):
     assert not r["ok"] and "seed -1" in r["error"]
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("activates", [False, True])
+def test_a_fault_whose_probe_ends_with_it_still_armed_is_a_harness_error_at_once(
+    tmp_path, activates
+):
+    """A probe ends while the kernel still holds the fault armed (here one that does
+    nothing, as a request the kernel refuses before the site: a corrupted file system's
+    EUCLEAN): the fault did not activate, said at once instead of after the recovery
+    timeout. The campaign's own probe of a request site (a create) lets the fault
+    activate, and the recovery is then awaited as usual."""
+    from harness import driver
+    from harness.campaign.task import CampaignTrial, Probe
+    from harness.testbed import Testbed
+    from harness.workloads import Service
+
+    spec = driver.TrialSpec(
+        "none", "idle", "panic", 0, 1, dict(driver.DEFAULTS), fault_args={"site": "vfs.create"}
+    )
+    with Testbed(kind="test", delay=False) as bed:
+        t = CampaignTrial(spec, tmp_path)
+        bed.deploy(t.scheme)
+        t.host = bed.host
+        t.svc = Service(str(bed.host.kernels[0].mount), "127.0.0.1", None, bed.host.workdir, 1)
+        reply = t.scheme.inject("panic", site="vfs.create")
+        assert reply["ok"], reply
+        if activates:
+            t.reach(reply["site"])
+            t.await_activation(reply)
+            assert t.activated(0, reply) and t.scheme.on_crash(reply, timeout=30).failed_at
+        else:
+            t.probe = Probe(lambda: None, "vfs.create")
+            with pytest.raises(driver.DriverError, match="did not activate.*site vfs.create"):
+                t.await_activation(reply)
+            assert bed.host.control(0, {"cmd": "status"})["armed"]
+
+
 # --- outcome classes ----------------------------------------------------------------------
 
 

@@ -703,3 +703,25 @@ def test_clients_count_as_back_only_with_an_ok_invoked_after_the_crash(tmp_path)
     history.write(h.sorted(), path)
     assert group.all_ok_after(10.0) is True
     assert ClientGroup([], [tmp_path / "missing.jsonl"]).all_ok_after(0.0) is False
+
+
+def test_clients_are_back_when_the_last_of_them_had_its_first_ok_after_the_crash(tmp_path):
+    """ClientGroup.back_at, where a campaign's post-recovery load counts from: the latest,
+    over the clients, of each one's first ok of an operation invoked after t; None while
+    a client has none."""
+    from harness.workloads.clients import ClientGroup
+
+    h = H()
+    h.op(0, "read", 9.9, 10.05, "ok")  # sent before t = 10.0: does not count
+    h.op(0, "read", 10.1, 10.2, "ok")  # client 0 back at 10.2
+    h.op(0, "read", 10.3, 10.4, "ok")
+    h.op(1, "read", 10.1, 10.6, "fail")
+    path = tmp_path / "shared.jsonl"
+    history.write(h.sorted(), path)
+    group = ClientGroup([], [path])
+    assert group.back_at(10.0) is None  # client 1 not answered yet
+    h.op(1, "read", 10.7, 10.8, "ok")  # client 1 back at 10.8
+    h.op(1, "read", 10.9, 11.0, "ok")
+    history.write(h.sorted(), path)
+    assert group.back_at(10.0) == pytest.approx(10.8)
+    assert ClientGroup([], [tmp_path / "missing.jsonl"]).back_at(0.0) is None

@@ -79,6 +79,26 @@ def test_two_crashes_in_a_row_are_survived(orthros):
     assert_files(mnt, first | second)
 
 
+def test_a_deferred_re_pairing_is_awaited_and_then_survives_a_second_crash(orthros):
+    """With ``defer_protection`` the takeover's report comes back while the next backup is
+    still launching (its readiness not yet awaited); ``await_protection`` waits for it, and
+    the machine then survives a second crash."""
+    host, s = orthros
+    s.defer_protection = True
+    mnt = Path(s.mount)
+    first = write_unsynced(mnt, "a")
+    crash(host, s, "panic")
+    kp = host.kernels[s.backup]
+    assert kp.ready_fd is not None and kp.boot_wall_s == 0.0  # launched, not awaited
+    s.await_protection()
+    assert kp.ready_fd is None and kp.boot_wall_s > 0 and kp.alive()
+    second = write_unsynced(mnt, "b")
+    r = crash(host, s, "kill")
+    assert r.recovered and s.active == 0
+    s.await_protection()
+    assert_files(mnt, first | second)
+
+
 @pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
 @pytest.mark.parametrize(
     "target,kind", [("dirty-page", "page frame"), ("page-descriptor", "page descriptor")]
@@ -124,6 +144,34 @@ def test_corrupted_pages_are_rejected_and_read_as_eio_not_zeros(orthros, fault, 
         with open(mnt / name, "r+b") as f:
             f.truncate(0)  # truncated to 0: a file again
         assert (mnt / name).read_bytes() == b""
+
+
+@pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
+def test_a_corrupted_superblock_loses_uncommitted_files_and_counts_their_pages_once(orthros, fault):
+    """The running transaction is refused with the superblock: files it created have no
+    home and their dirty pages, adopted unchecked, are dropped and counted lost once; the
+    dirty pages of a file already on disk are recovered (a count never below zero)."""
+    host, s = orthros
+    mnt = Path(s.mount)
+    with open(mnt / "kept", "wb") as f:
+        f.write(os.urandom(6 * PAGE))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(mnt, os.O_RDONLY)
+    os.fsync(fd)  # its creation committed
+    os.close(fd)
+    kept = os.urandom(6 * PAGE)
+    (mnt / "kept").write_bytes(kept)  # 6 dirty pages of a committed file
+    files = write_unsynced(mnt, "u")  # created in the running transaction
+    orphans = sum(-(-len(d) // PAGE) for d in files.values())
+    r = crash(host, s, fault, target="superblock", seed=3)
+    c = r.cache
+    assert r.recovered and any("kernel superblock corrupted" in n for n in r.notes), r.notes
+    assert (c.dirty_pages_before, c.dirty_pages_recovered) == (6 + orphans, 6)
+    assert c.dirty_pages_lost == orphans
+    assert any(f"{orphans} dirty pages belonged to files" in n for n in r.notes), r.notes
+    assert (mnt / "kept").read_bytes() == kept
+    assert sorted(os.listdir(mnt)) == ["kept"]
 
 
 def test_a_corrupted_clean_page_is_rejected_and_read_from_disk(orthros):

@@ -253,3 +253,57 @@ def test_a_failed_trial_leaves_no_server_client_socket_or_temp_dir(workload, tmp
     rec = driver.run_one(spec, tmp_path)
     assert "verify exploded" in (rec.get("error") or ""), rec.get("error")
     assert_clean(tmpdir, tmp_path)
+
+
+def test_pooled_clients_run_one_after_another_in_one_process_and_stop_on_sigterm(tmp_path):
+    """A pool keeps the client's process: a second client runs in the same process after
+    the first ended (its status is the run's), SIGTERM stops a running client after the
+    operation in flight is recorded, a SIGTERM between runs is ignored, and close() ends
+    the process."""
+    import signal
+    import time
+
+    from harness.workloads.pool import ClientPool
+
+    url = ["--url", "http://127.0.0.1:9"]  # nothing listens: every attempt is refused
+    pool = ClientPool("harness.workloads.files_client", tmp_path, None)
+    try:
+        ready = pool.spawn(["ready", *url, "--until", str(time.monotonic() + 0.3)], tmp_path / "r")
+        assert ready.wait(60) == 1  # the ready check's "nothing answered"
+        ready.send_signal(signal.SIGTERM)  # after its run: nothing to stop
+        h = tmp_path / "h.jsonl"
+        args = ["client", *url, "--until", str(time.monotonic() + 600), "--history", str(h)]
+        load = pool.spawn([*args, "--id", "3"], tmp_path / "c")
+        assert load.pid == ready.pid and load.poll() is None
+        while not (h.exists() and h.read_text().count('"fail"') >= 2):
+            time.sleep(0.05)
+        load.send_signal(signal.SIGTERM)
+        assert load.wait(30) == 0
+        events = history.read(h)
+        assert {e["process"] for e in events} == {3} and events[-1]["type"] == "fail"
+    finally:
+        pool.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(load.pid, 0)
+
+
+def test_a_pooled_client_whose_pool_is_closed_under_it_reads_as_killed(tmp_path):
+    """A trial's error path closes the pool while its clients run, then stops the
+    clients: each run reads as killed (its process's status) and stopping them does not
+    fail."""
+    import signal
+    import time
+
+    from harness.workloads.clients import ClientGroup
+    from harness.workloads.pool import ClientPool
+
+    pool = ClientPool("harness.workloads.files_client", tmp_path, None)
+    h = tmp_path / "h.jsonl"
+    args = ["client", "--url", "http://127.0.0.1:9", "--until", str(time.monotonic() + 600)]
+    run = pool.spawn([*args, "--history", str(h)], tmp_path / "c")
+    group = ClientGroup([run], [h])
+    while not h.exists():
+        time.sleep(0.05)
+    pool.close()
+    group.stop(timeout=5.0)
+    assert run.poll() == -signal.SIGKILL and group.alive() == 0

@@ -88,6 +88,7 @@ def run(d: Path, parameters: dict, environment: dict, say=lambda res, done, tota
             k: parameters[k]
             for k in ("workload", "timing", "workload_params", "machine_file", "redeploy_every")
         },
+        "data_seed": parameters["seed"],  # every machine's data set (prepared.py)
         **({"image": parameters["image"]} if parameters["executor"] == "docker" else {}),
     }
     wall0, t0, ran = doc["time"]["wall_s"], time.monotonic(), 0

@@ -5,7 +5,8 @@ driver's phases from warm-up to verify (harness/driver.py ``Trial``; deploy and 
 only when the machine changes): the next fault goes into the machine the scheme recovered
 (orthros's re-paired backup, reboot's new kernel), and the machine is redeployed only after
 a fault it did not come back from intact or with loss (not recovered, corrupted, a harness
-error) or after ``every`` faults. Between two faults on one machine the clients are stopped,
+error) or after ``every`` faults. The scheme re-arms after a crash in the background
+(``defer_protection``): the next fault's steady state waits for it (harness/driver.py). Between two faults on one machine the clients are stopped,
 the workload forgets what its clients wrote (``Workload.forget``), so each fault is judged
 on its own writes, the kernel's dirty data is written back (``sync``: a crash in the next
 fault cannot bring the forgotten files back), and the disk is checked by fsck while
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from harness import driver
 from harness.campaign.plan import FaultSpec
-from harness.campaign.task import CampaignTrial, result_of
+from harness.campaign.task import CampaignTrial, data_of, result_of
 from harness.trial import failed, record
 
 
@@ -45,7 +46,17 @@ class Session(CampaignTrial):
     def __init__(self, first: FaultSpec, params: dict, out: Path):
         super().__init__(spec_of(first, params), out)
         self.params = params
+        self.data_store, self.data_seed = data_of(params, first)
+        self.pool = None
         self.base_svc = None
+
+    def make_scheme(self, name: str):
+        """The scheme re-arms (orthros: boots its next backup) while the recovered machine
+        serves the fault's last load, its verify and the next warm-up; the driver awaits
+        that before the next steady state."""
+        s = super().make_scheme(name)
+        s.defer_protection = True
+        return s
 
     def serve(self, faults: list[FaultSpec], every: int, emit) -> None:
         on_machine = 0
@@ -75,6 +86,7 @@ class Session(CampaignTrial):
             if self.host is None:
                 with self.phase("deploy"):
                     self.deploy()
+                    self.pool = self._pool()
                 self.base_svc = self.svc
             self.svc = self._svc_for(f)
             self.measure()
@@ -90,12 +102,22 @@ class Session(CampaignTrial):
                 self.clients.stop()
                 self.clients = None
 
+    def _pool(self):
+        """The machine's client processes, kept across its faults (harness/workloads/
+        pool.py); None for a workload whose clients are not pooled."""
+        from harness.workloads.pool import ClientPool
+
+        module = self.workload.client_module
+        if module is None:
+            return None
+        return ClientPool(module, self.host.workdir / "logs", self.svc.client_enter)
+
     def _svc_for(self, f: FaultSpec):
-        """The fault's own history and logs, and its own client seed."""
+        """The fault's own history and logs, its own client seed, the machine's clients."""
         wd = self.host.workdir / f"fault-{f.index}"
         (wd / "logs").mkdir(parents=True, exist_ok=True)
         return dataclasses.replace(
-            self.base_svc, workdir=wd, seed=f.seed, datadir=self.base_svc.data_dir
+            self.base_svc, workdir=wd, seed=f.seed, datadir=self.base_svc.data_dir, pool=self.pool
         )
 
     def _check_live(self) -> None:
@@ -112,6 +134,9 @@ class Session(CampaignTrial):
 
     def _retire(self) -> None:
         """Tear the machine down (fsck of a machine that failed is left to its record)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
         if self.host is None and self.net is None:
             return
         try:

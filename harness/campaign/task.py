@@ -30,13 +30,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from harness import driver
-from harness.campaign import container, outcome
+from harness.campaign import container, outcome, prepared
 from harness.campaign.plan import FaultSpec
 from kernel.core.faults import REQUEST_SITES
 
 PARENT_POLL_S = 0.2  # how often a trial process looks whether its starter still lives
 KILL_GRACE_S = 60.0  # a trial process asked to stop gets this long for its teardown
 RESULT_POLL_S = 0.1  # how often the results a trial process wrote are looked for
+ACTIVATION_POLL_S = 0.01  # how often the mailbox is read for the fault's activation
+STATUS_TIMEOUT_S = 2.0  # a serving kernel answers its status well within this
 
 
 def _every_request(d: Path) -> None:
@@ -57,12 +59,26 @@ def _every_request(d: Path) -> None:
 class CampaignTrial(driver.Trial):
     """A driver trial that makes the fault's target exist (clean pages: a sync first),
     refuses a fault the kernel would not arm (instead of waiting out the recovery
-    timeout), makes the kernel reach the fault's site, and runs fsck on the disk the
-    machine leaves."""
+    timeout), makes the kernel reach the fault's site, calls a fault that its site's probe
+    passed without activating a harness error at once (instead of after the recovery
+    timeout), and runs fsck on the disk the machine leaves."""
 
     fsck: dict | None = None
+    probe: "Probe | None" = None
+    data_store: Path | None = None  # where the campaign's prepared data set is kept
+    data_seed: int | None = None  # the seed it is made with
+    data_set: str | None = None  # "made" or "copied" for this machine (prepared.py)
+
+    def prepare_data(self) -> None:
+        """The campaign's data set (harness/campaign/prepared.py), or the driver's own
+        (no store: a docker worker, whose container sees only its work directory)."""
+        if self.data_store is None:
+            super().prepare_data()
+        else:
+            self.data_set = prepared.restore(self, self.data_store, self.data_seed)
 
     def inject(self) -> dict:
+        self.probe = None  # an earlier fault's, on this machine
         if self.spec.fault_args.get("target") == "clean-page":
             # a short trial's file pages are all dirty: write them back, so clean ones exist
             self.host.control(self.scheme.active, {"cmd": "sync"}, timeout=60.0)
@@ -77,7 +93,8 @@ class CampaignTrial(driver.Trial):
     def reach(self, site: str) -> None:
         """Make the kernel reach the armed fault's site soon, where the workload alone
         may not: a create (the clients create their files only at first) or a write-back
-        (the flusher waits for pages dirty longer than DIRTY_EXPIRE_S). From a thread that
+        (the flusher waits for pages dirty longer than DIRTY_EXPIRE_S; a file's data blocks
+        are allocated there, so a block allocation's site too). From a thread that
         may block in the dying kernel until the scheme (or teardown) ends its connection."""
         if site in REQUEST_SITES:
             probe = Path(self.svc.mount) / f".campaign-probe-{self.spec.trial}"
@@ -85,7 +102,7 @@ class CampaignTrial(driver.Trial):
             def work():
                 _every_request(probe)
 
-        elif site == "writeback":
+        elif site in ("writeback", "fs.block-alloc"):  # write-back allocates data blocks
 
             def work():
                 self.host.control(
@@ -96,13 +113,55 @@ class CampaignTrial(driver.Trial):
         else:
             return
 
-        def attempt():
-            try:
-                work()
-            except Exception:  # noqa: BLE001 - the kernel may die under it: that is the fault
-                pass
+        self.probe = Probe(work, site)
 
-        threading.Thread(target=attempt, daemon=True, name=f"reach-{site}").start()
+    def observe(self, reply: dict) -> None:
+        self.await_activation(reply)
+        super().observe(reply)
+
+    def await_activation(self, reply: dict) -> None:
+        """Until the fault activates (the kernel's mailbox says so, or the kernel is gone)
+        or the probe that reaches its site has ended. A probe that ended (done, or refused
+        by the kernel: a corrupted file system answers EUCLEAN) while the kernel, still
+        answering, holds the fault armed: the fault did not activate, and waiting out the
+        recovery timeout would only say so later (DriverError)."""
+        probe, part = self.probe, self.scheme.active
+        if probe is None:
+            return
+        deadline = time.monotonic() + self.spec.timing["recovery_timeout_s"]
+        while not self.activated(part, reply) and probe.is_alive():
+            if time.monotonic() > deadline:
+                return  # the scheme's own timeout decides
+            time.sleep(ACTIVATION_POLL_S)
+        if self.activated(part, reply):
+            return
+        try:
+            armed = self.host.control(part, {"cmd": "status"}, timeout=STATUS_TIMEOUT_S)["armed"]
+        except Exception:  # noqa: BLE001 - no answer: the kernel failed after all
+            return
+        if armed and not self.activated(part, reply):
+            raise driver.DriverError(
+                f"{self.spec.id}: the fault did not activate: a probe reaching site "
+                f"{probe.site} ended after {probe.took_s:.2f} s"
+                f"{f' ({probe.error})' if probe.error else ''} and the kernel, still "
+                "answering, holds the fault armed"
+            )
+
+    def post_load_from(self, took_effect: float) -> float:
+        """The post-recovery load counts from when the last client was answered again (its
+        own record), not from when the scheme's report came: orthros writes its report
+        once every adopted page is checked, while the clients are served already. When
+        the clients' records do not say, from now."""
+        back = self.clients.back_at(took_effect)
+        return time.monotonic() if back is None else min(back, time.monotonic())
+
+    def activated(self, part: int, reply: dict) -> bool:
+        """The fault took effect: its activation is in the kernel's mailbox, or the kernel
+        process is gone."""
+        kp = self.host.kernels.get(part)
+        if kp is None or not kp.alive():
+            return True
+        return self.host.mail(part).activated_ns >= reply.get("injected_ns", 0) > 0
 
     def examine(self) -> None:
         from kernel.tools.fsck import fsck
@@ -115,6 +174,25 @@ class CampaignTrial(driver.Trial):
                 "problems": r.problems[:10],
                 "problems_not_kept": max(0, len(r.problems) - 10),
             }
+
+
+class Probe(threading.Thread):
+    """Work that makes the kernel reach a fault's site, in a thread of its own (it may block
+    in the dying kernel until the scheme, or teardown, ends its connection)."""
+
+    def __init__(self, work, site: str):
+        super().__init__(daemon=True, name=f"reach-{site}")
+        self.work, self.site = work, site
+        self.error, self.took_s = "", 0.0
+        self.start()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.work()
+        except Exception as e:  # noqa: BLE001 - the kernel may die under it: the fault
+            self.error = f"{type(e).__name__}: {e}"
+        self.took_s = time.monotonic() - t0
 
 
 def scratch_dir(campaign_id: str) -> Path:
@@ -138,6 +216,8 @@ def run_fault(fault: FaultSpec, params: dict, out: Path) -> dict:
     holder: dict = {}
 
     class _Trial(CampaignTrial):
+        data_store, data_seed = data_of(params, fault)
+
         def examine(self) -> None:
             super().examine()
             holder["fsck"] = self.fsck
@@ -145,6 +225,12 @@ def run_fault(fault: FaultSpec, params: dict, out: Path) -> dict:
     t0 = time.monotonic()
     rec = driver.run_one(spec, out, kind=_Trial)
     return result_of(fault, rec, holder.get("fsck"), time.monotonic() - t0)
+
+
+def data_of(params: dict, fault: FaultSpec) -> tuple[Path | None, int]:
+    """(where the campaign's prepared data set is kept on this machine, its seed)."""
+    store = params.get("data_store")
+    return (Path(store) if store else None), params.get("data_seed", fault.seed)
 
 
 def result_of(fault: FaultSpec, rec: dict, fsck: dict | None, wall_s: float) -> dict:
@@ -218,6 +304,8 @@ def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
                 cwd=work,
                 env={**os.environ, "TMPDIR": str(work)},
             )
+        if not params.get("image"):  # a container sees only its work directory
+            params = {**params, "data_store": str(scratch)}
         proc.stdin.write(json.dumps({"faults": faults, "params": params}).encode())
         proc.stdin.close()
         while True:

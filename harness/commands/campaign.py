@@ -267,6 +267,7 @@ def replay_cmd(
             {
                 "campaign_id": doc["campaign_id"] + "-replay",
                 **{k: p[k] for k in ("workload", "timing", "workload_params", "machine_file")},
+                "data_seed": p["seed"],  # the campaign's data set
             },
         )
     )[0]

@@ -20,6 +20,13 @@ workload subclasses it; the registry finds them through the ``crashbench.workloa
 points):
 
 * ``prepares`` — whether the driver boots a kernel for ``prepare`` (default False);
+* ``client_module`` — the module whose ``main(args)`` runs one of its clients, which the
+  workload launches with ``clients.launch`` (so a campaign may keep processes that have it
+  loaded across a machine's faults: ``Service.pool``, harness/workloads/pool.py; default
+  None: its clients are processes of their own, never pooled);
+* ``prepared(svc)`` — the files ``prepare`` leaves beside the disk for later phases (the
+  corpus's manifest), which a campaign copies with the disk images into the next machines
+  instead of preparing again (default: none);
 
 For figures the generic checkers cannot know (harness/trial.py merges them):
 
@@ -66,6 +73,7 @@ class Service:
     seed: int
     params: dict = field(default_factory=dict)
     datadir: Path | None = None  # what ``prepare`` left for later clients (default: workdir)
+    pool: object | None = None  # client processes kept across faults (workloads/pool.py)
 
     @property
     def data_dir(self) -> Path:
@@ -93,12 +101,16 @@ class Workload:
     defaults: ClassVar[dict]
     prepares: ClassVar[bool] = False
     warmup_s: ClassVar[float | None] = None
+    client_module: ClassVar[str | None] = None
 
     def prepare(self, svc: Service) -> None: ...
     def apps(self, svc: Service) -> list[dict]: ...
     def wait_ready(self, svc: Service, timeout: float) -> None: ...
     def start_clients(self, svc: Service, until: float): ...
     def verify(self, svc: Service, events: list[dict]) -> Path | None: ...
+
+    def prepared(self, svc: Service) -> list[Path]:
+        return []
 
     def extra_phases(self, svc: Service, events: list[dict]) -> dict[str, float]:
         return {}

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from harness.workloads import Service, Workload, WorkloadError, tree
-from harness.workloads.clients import ClientGroup, run_to_end, spawn
+from harness.workloads.clients import ClientGroup, launch, launch_to_end
 
 CLIENT = "harness.workloads.files_client"
 WARM_TIMEOUT_S = 600.0
@@ -42,6 +42,7 @@ class Files(Workload):
         "overwrite, append to their own files"
     )
     prepares = True
+    client_module = CLIENT
     defaults = {
         "clients": 4,
         "files_per_client": 16,
@@ -100,6 +101,9 @@ class Files(Workload):
                 json.dumps([{**f, "path": "/corpus" + f["path"]} for f in files])
             )
 
+    def prepared(self, svc: Service) -> list[Path]:
+        return [self.manifest(svc)] if self.p["corpus_mib"] else []
+
     def cache_pages(self, svc: Service) -> int | None:
         if not self.p["corpus_mib"]:
             return None
@@ -140,18 +144,8 @@ class Files(Workload):
         ]
 
     def wait_ready(self, svc: Service, timeout: float) -> None:
-        argv = [
-            "-m",
-            CLIENT,
-            "ready",
-            "--url",
-            self.url(svc),
-            "--until",
-            str(time.monotonic() + timeout),
-        ]
-        rc = run_to_end(
-            argv, svc.workdir / "logs" / "files-ready.log", svc.client_enter, timeout + 5
-        )
+        args = ["ready", "--url", self.url(svc), "--until", str(time.monotonic() + timeout)]
+        rc = launch_to_end(svc, CLIENT, args, svc.workdir / "logs" / "files-ready.log", timeout + 5)
         if rc != 0:
             raise WorkloadError(
                 f"files: the WebDAV server at {self.url(svc)} did not answer "
@@ -181,8 +175,6 @@ class Files(Workload):
     ) -> list[str]:
         p = self.p
         return [
-            "-m",
-            CLIENT,
             mode,
             "--url",
             self.url(svc),
@@ -219,10 +211,11 @@ class Files(Workload):
         for cid in range(self.p["clients"]):
             h = hd / f"client-{cid}.jsonl"
             procs.append(
-                spawn(
+                launch(
+                    svc,
+                    CLIENT,
                     self._client_argv(svc, "client", cid, until, h),
                     svc.workdir / "logs" / f"client-{cid}.log",
-                    svc.client_enter,
                 )
             )
             paths.append(h)
@@ -246,11 +239,12 @@ class Files(Workload):
         kf = svc.workdir / "verify-keys.json"
         kf.write_text(json.dumps(keys))
         h = svc.history_dir() / "verify.jsonl"
-        argv = self._client_argv(svc, "verify", self.p["clients"], time.monotonic() + timeout, h)
-        run_to_end(
-            [*argv, "--keys", str(kf)],
+        args = self._client_argv(svc, "verify", self.p["clients"], time.monotonic() + timeout, h)
+        launch_to_end(
+            svc,
+            CLIENT,
+            [*args, "--keys", str(kf)],
             svc.workdir / "logs" / "verify.log",
-            svc.client_enter,
             timeout + 10,
         )
         return h

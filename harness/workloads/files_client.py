@@ -79,6 +79,12 @@ class FilesClient:
         return f"c{self.a.id}-f{f}.bin"
 
     def run(self) -> None:
+        try:
+            self._load()
+        finally:
+            self.http.close()  # a pooled process runs the next client after this one
+
+    def _load(self) -> None:
         while not self._done():
             if self.corpus and self.rng.random() >= self.a.write_share:
                 c = self.corpus[self.popular.draw(self.rng)]
@@ -183,7 +189,10 @@ def verify(a, rec: Recorder, stop: Stop) -> int:
     a.files = 0
     c = FilesClient(a, rec, stop)
     keys = json.loads(open(a.keys).read())
-    missing = [k for k in keys if not c.retry(lambda k=k: c.read(k, "verify"))]
+    try:
+        missing = [k for k in keys if not c.retry(lambda k=k: c.read(k, "verify"))]
+    finally:
+        c.http.close()
     return 1 if missing else 0
 
 

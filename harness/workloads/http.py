@@ -93,6 +93,9 @@ class Http(Workload):
         files = tree.write_tree(self.root(svc), svc.seed, self.p["total_mib"] << 20)
         self.manifest(svc).write_text(json.dumps(files))
 
+    def prepared(self, svc: Service) -> list[Path]:
+        return [self.manifest(svc)]
+
     def cache_pages(self, svc: Service) -> int:
         return tree.pages(json.loads(self.manifest(svc).read_text()))
 

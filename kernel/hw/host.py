@@ -3,10 +3,10 @@
 Promises to the harness, the lab commands and the tests: ``Host`` creates the machine's
 physical-memory file in /dev/shm and its disk images (formatted on first use), launches
 kernel daemons as real processes (own session, so a crash can take their whole process
-group), waits until they serve, crashes them (SIGKILL) or stops them cleanly, holds a copy
-of their FUSE connection for a scheme that keeps processes (``hold_connection``; released
-with ``release_connection``), and
-``close()`` removes every mount, process and memory file it made — also after a failure.
+group), waits until they serve (at launch, or later: ``boot(wait=False)`` then
+``await_ready``), crashes them (SIGKILL) or stops them cleanly, holds a copy of their FUSE
+connection for a scheme that keeps processes (``hold_connection``; released with
+``release_connection``), and ``close()`` removes every mount, process and memory file it made — also after a failure.
 
 What holds the machine's data is its owner's only (param.OWNER_ONLY_MODE, set explicitly
 whatever the umask): the memory file, the disk images (also those formatted before), the
@@ -45,6 +45,8 @@ class KernelProc:
     mount: str
     log_path: str
     boot_wall_s: float = 0.0
+    started: float = 0.0  # CLOCK_MONOTONIC at launch
+    ready_fd: int | None = None  # the read end of its ready pipe, until it is awaited
 
     @property
     def pid(self) -> int:
@@ -126,12 +128,14 @@ class Host:
         netns: str | None = None,
         idle: bool = False,
         pass_fds: tuple[int, ...] = (),
+        wait: bool = True,
     ) -> KernelProc:
         """Launch a kernel process (or another kernel-side program, e.g. a standby backup
         kernel) for a partition, and return once it says it is ready. ``pass_fds``: more
         descriptors the program inherits (the VMM's gate). ``idle``: start it at
         SCHED_IDLE, so its start-up yields to everything else; the program must raise its
-        threads back itself (systems/orthros/backup.py does, once in standby)."""
+        threads back itself (systems/orthros/backup.py does, once in standby). ``wait``
+        False: return once launched; ``await_ready`` then waits for it."""
         from kernel.hw import fusedev
 
         mnt = str(mount or self.mountpoint(part_id))
@@ -181,14 +185,23 @@ class Host:
                 preexec_fn=_idle if idle else None,
             )
         os.close(w)
-        kp = KernelProc(part_id, proc, mnt, log_path)
+        kp = KernelProc(part_id, proc, mnt, log_path, started=t0, ready_fd=r)
         self.kernels[part_id] = kp
-        try:
-            self._wait_ready(r, kp)
-        finally:
-            os.close(r)
-        kp.boot_wall_s = time.monotonic() - t0
+        if wait:
+            self.await_ready(kp)
         return kp
+
+    def await_ready(self, kp: KernelProc) -> None:
+        """Return once a launched kernel says it is ready (at once if it already was);
+        BootError, with the end of its log, if it died or took longer than READY_TIMEOUT_S."""
+        if kp.ready_fd is None:
+            return
+        try:
+            self._wait_ready(kp.ready_fd, kp)
+        finally:
+            os.close(kp.ready_fd)
+            kp.ready_fd = None
+        kp.boot_wall_s = time.monotonic() - kp.started
 
     def _wait_ready(self, fd: int, kp: KernelProc) -> None:
         import select
@@ -259,6 +272,9 @@ class Host:
         from kernel.hw import fusedev
 
         kp = self.kernels.pop(part_id)
+        if kp.ready_fd is not None:  # launched, never awaited
+            os.close(kp.ready_fd)
+            kp.ready_fd = None
         if kp.alive():
             kp.proc.send_signal(signal.SIGTERM)
             try:
@@ -284,6 +300,9 @@ class Host:
                 pass
         for kp in kps:
             kp.proc.wait()
+            if kp.ready_fd is not None:  # launched, never awaited
+                os.close(kp.ready_fd)
+                kp.ready_fd = None
         self.release_connection()
         for m in self.workdir.glob("mnt-p*"):
             if fusedev.is_mounted(str(m)):

@@ -6,7 +6,9 @@ CPU and memory, systems/orthros/backup.py). When the active kernel dies or hangs
 backup fences it, takes its disk and NIC, adopts its file cache — clean and dirty pages,
 validated, in place — and serves the same mount; the report it writes is this scheme's
 RecoveryReport. Then a new backup boots in the freed partition (re-pairing), so a second
-crash is survived too.
+crash is survived too; ``on_crash`` returns once it stands by, or, with
+``defer_protection``, once it is launched (``await_protection`` waits for it: the recovered
+service runs meanwhile, the backup's start-up at idle priority).
 
 By default it also keeps the dead kernel's processes, unmodified and with the same pid: the
 host holds a copy of the FUSE connection (kernel/hw/host.py ``hold_connection``), so the
@@ -92,7 +94,7 @@ class Orthros(RecoveryScheme):
     def _report_path(self) -> Path:
         return self.host.workdir / f"orthros-takeover-{self.crashes + 1}.json"
 
-    def _boot_backup(self, part: int, watch: int) -> None:
+    def _boot_backup(self, part: int, watch: int, wait: bool = True) -> None:
         path = self._report_path()
         path.unlink(missing_ok=True)
         extra = ["--watch", str(watch), "--report", str(path), "--missed", str(self.missed)]
@@ -107,8 +109,17 @@ class Orthros(RecoveryScheme):
             name="backup",
             apps=self.apps,
             idle=True,
+            wait=wait,
         )
         self.backup = part
+
+    def await_protection(self) -> None:
+        """The re-paired backup's readiness (kernel/hw/host.py ``await_ready``, bounded by
+        the boot timeout)."""
+        kp = self.host.kernels.get(self.backup)
+        if kp is None:
+            raise RuntimeError(f"no backup kernel in partition {self.backup}: not protected")
+        self.host.await_ready(kp)
 
     def on_crash(self, fault: dict | None = None, timeout: float = 60.0) -> RecoveryReport:
         path = self._report_path()
@@ -127,7 +138,8 @@ class Orthros(RecoveryScheme):
         dead = self.host.kernels.pop(old)
         dead.proc.wait()  # fenced by the backup; reap it
         self.active, self.crashes = d["partition"], self.crashes + 1
-        self._boot_backup(old, watch=self.active)  # re-pairing in the freed partition
+        # re-pairing in the freed partition
+        self._boot_backup(old, watch=self.active, wait=not self.defer_protection)
         return report
 
     @classmethod

@@ -1,0 +1,91 @@
+"""A campaign's prepared data set: made once on a machine, copied into every later one.
+
+Promises to the campaign's trials (task.py ``CampaignTrial.prepare_data``): ``restore``
+gives a machine just brought up the workload's prepared data set — its disk images, and the
+files ``Workload.prepared`` names beside them — copied from the campaign's store in this
+machine's scratch directory when one is there, else made as the driver makes it (a kernel
+booted only for it, shut down cleanly) with the campaign's data seed, then stored for the
+next machines. Every machine of a campaign thus starts from the same disk, whichever fault
+it serves first, and pays a copy (the images stay sparse) instead of a file system's worth
+of writes through FUSE. A store is complete or absent: it is written beside and renamed into
+place, so two trial processes preparing at once each leave a whole one (the last wins). It
+goes with the scratch directory at the campaign's end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kernel import param
+
+STORE = "prepared"
+
+
+def restore(trial, store_root: Path, seed: int) -> str:
+    """Put the prepared data set into ``trial``'s machine: "copied" or "made" (and stored)."""
+    store = store_root / STORE
+    if store.is_dir():
+        _copy_in(trial, store)
+        return "copied"
+    svc = trial.svc
+    trial.svc = _with_seed(svc, seed)
+    try:
+        trial.host.boot(0, mount=svc.mount)
+        trial.workload.prepare(trial.svc)
+        trial.host.stop(0)
+    finally:
+        trial.svc = svc
+    _store(trial, store)
+    return "made"
+
+
+def _with_seed(svc, seed: int):
+    import dataclasses
+
+    return dataclasses.replace(svc, seed=seed)
+
+
+def _images(trial) -> list[Path]:
+    return [trial.host.disk_image(d.name) for d in trial.host.machine.disks]
+
+
+def _store(trial, store: Path) -> None:
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepared-", dir=store.parent))
+    try:
+        for img in _images(trial):
+            _sparse_copy(img, tmp / img.name)
+        for f in trial.workload.prepared(trial.svc):
+            shutil.copyfile(f, tmp / f.name)
+        try:
+            os.replace(tmp, store)
+        except OSError:
+            if not store.is_dir():
+                raise
+            shutil.rmtree(tmp)  # another trial process stored one first: it serves
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_in(trial, store: Path) -> None:
+    for img in _images(trial):
+        _sparse_copy(store / img.name, img)
+        os.chmod(img, param.OWNER_ONLY_MODE)  # what the machine's disks hold is its owner's
+    for f in trial.workload.prepared(trial.svc):
+        shutil.copyfile(store / f.name, f)
+
+
+def _sparse_copy(src: Path, dst: Path) -> None:
+    """A copy that keeps the image's holes (a 2 GiB image holds a few hundred MiB)."""
+    r = subprocess.run(
+        ["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise OSError(f"copying the prepared disk image {src} to {dst}: {r.stderr.strip()}")
