@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from harness import stats
@@ -179,13 +180,27 @@ CLEAN = {"exit_code": 0, "problems": []}
         (_rec(recovered=False, report={"verdict": "not recovered"}), CLEAN, "not-recovered"),
         (_rec(corrupted_writes=2), CLEAN, "corrupted"),
         (_rec(), {"exit_code": 4, "problems": ["inode 12: block 99 used twice"]}, "corrupted"),
+        (_rec(checks={"amcheck": {"ok": False, "findings": ["x: bad"]}}), CLEAN, "corrupted"),
         (_rec(lost_writes=3, lost_bytes=4096), CLEAN, "loss"),
+        (_rec(checks={"amcheck": {"ok": None}, "server_starts": [{}]}), CLEAN, "intact"),
         (_rec(), CLEAN, "intact"),
     ],
 )
 def test_each_fault_gets_exactly_one_class(rec, fsck, want):
     cls, why = outcome.classify(rec, fsck)
     assert cls == want and why
+
+
+def test_a_faults_result_keeps_the_workloads_checks_and_its_report_names_them():
+    from harness.campaign.report import _checks_line
+    from harness.campaign.task import result_of
+
+    checks = {"amcheck": {"ok": True}, "bank": {"ok": False}, "server_starts": [{}, {}]}
+    fault = plan.FaultSpec("f", 0, "txipc_sim", "exception-in-request", None, "vfs.write", 0, 1)
+    res = result_of(fault, _rec(checks=checks), CLEAN, 1.0)
+    jsonschema.validate(res, store.FAULT_SCHEMA)  # what the log accepts
+    assert res["checks"] == checks and res["outcome"] == "corrupted" and "bank" in res["why"]
+    assert _checks_line(checks) == "amcheck ok, bank FAILED, server_starts 2"
 
 
 # --- the log and campaign.json ------------------------------------------------------------

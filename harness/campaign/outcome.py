@@ -8,7 +8,9 @@ Promises to the campaign's statistics and report: every fault ends in exactly on
   the scheme's;
 * ``not-recovered``: the scheme did not bring service back;
 * ``corrupted``: service came back, but an acknowledged write read back with content no
-  write explains, or fsck found an error on the disk the machine left — the gravest;
+  write explains, fsck found an error on the disk the machine left, or one of the
+  workload's own checks failed (``checks``: each with ``ok`` false, e.g. pg_amcheck's
+  findings or the bank's invariants on ``postgres``) — the gravest;
 * ``loss``: recovered, but acknowledged writes were lost (their bytes counted);
 * ``intact``: recovered with every acknowledged write present.
 
@@ -43,9 +45,18 @@ def classify(rec: dict, fsck: dict | None) -> tuple[str, str]:
         return "corrupted", f"{rec['corrupted_writes']} acknowledged writes read back corrupted"
     if fsck is not None and fsck["exit_code"] != 0:
         return "corrupted", f"fsck exit {fsck['exit_code']}: " + "; ".join(fsck["problems"][:3])
+    if failed := failed_checks(rec):
+        return "corrupted", "workload check failed: " + ", ".join(failed)
     if rec.get("lost_writes"):
         return "loss", f"{rec['lost_writes']} acknowledged writes lost ({rec['lost_bytes']} bytes)"
     return "intact", "every acknowledged write present"
+
+
+def failed_checks(rec: dict) -> list[str]:
+    """The workload's checks (harness/workloads/__init__.py ``checks``) that said ``ok``
+    false; a check that could not run (``ok`` None) is no failure, and not a pass either."""
+    checks = rec.get("checks") or {}
+    return [n for n, c in checks.items() if isinstance(c, dict) and c.get("ok") is False]
 
 
 def rejected_of(rec: dict) -> dict:

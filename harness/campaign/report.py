@@ -109,6 +109,9 @@ def blocks(doc: dict, png: bytes) -> list[tuple]:
     ]
     if rej:
         b += [("h2", "Rejected objects"), ("pre", "\n".join(rej))]
+    checked = [f"{r['id']}: {_checks_line(r['checks'])}" for r in doc["faults"] if r.get("checks")]
+    if checked:
+        b += [("h2", "Workload checks"), ("pre", "\n".join(checked))]
     b += [
         ("h2", "Parameters"),
         ("pre", json.dumps(p, indent=2)),
@@ -116,6 +119,19 @@ def blocks(doc: dict, png: bytes) -> list[tuple]:
         ("pre", json.dumps(doc["environment"], indent=2)),
     ]
     return b
+
+
+def _checks_line(checks: dict) -> str:
+    """Each workload check of a fault in a few words: ok, FAILED, not run, or a count."""
+    said = {True: "ok", False: "FAILED", None: "not run"}
+    return ", ".join(
+        f"{n} {said[c.get('ok')]}" if isinstance(c, dict) else f"{n} {_count(c)}"
+        for n, c in checks.items()
+    )
+
+
+def _count(v) -> str:
+    return str(len(v)) if isinstance(v, list) else str(v)
 
 
 def write_report(d: Path, doc: dict | None = None) -> list[Path]:

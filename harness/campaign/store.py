@@ -89,6 +89,8 @@ FAULT_SCHEMA = {
         "corrupted_writes": _int,
         "cache": {"type": "object"},
         "fsck": {"type": ["object", "null"], "required": ["exit_code", "problems"]},
+        # the workload's own checks (absent from results logged before they were kept)
+        "checks": {"type": ["object", "null"]},
         "phases": {"type": "object", "additionalProperties": {"type": "number"}},
         "wall_s": {"type": "number", "minimum": 0},
         "finished": {"type": "number"},

@@ -14,6 +14,13 @@ any reader of its memory:
   the page cache's layout (``frames``), a store into a frame that was free when the
   transaction began (descriptor invalid, not stored into since) keeps no old bytes:
   nothing refers to a free frame's content, and a roll-back leaves the frame free;
+* given the page cache's layout, the first store of a transaction into a frame in use
+  that does not cover it whole — one that would carry the frame's other bytes forward, a
+  new content checksum computed over them — first checks the frame as it stands against
+  its descriptor (the descriptor's own checksum, then the content checksum it holds): a
+  frame that fails was changed by no store of the page cache (a wild write, a bit flip),
+  and ``damaged`` names it, for the transaction to refuse to commit (a store that covers
+  the frame whole carries nothing forward: unchecked);
 * ``abort`` reads the records back out of memory, checks every checksum and the count,
   then puts the old bytes back newest first: memory in ``span`` is byte-identical to what
   it was at ``begin`` (but for the content of frames that were free then). A record that fails its check raises ``LogDamaged`` before a byte is
@@ -47,7 +54,7 @@ import numpy as np
 import xxhash
 
 from kernel import param
-from kernel.hw.physmem import PAGE, PG_VALID, PartLayout, PhysMem, magic_of
+from kernel.hw.physmem import PAGE, PAGE_DESC, PG_VALID, PartLayout, PhysMem, magic_of
 
 _csum = xxhash.xxh3_64_intdigest
 MAGIC, VERSION = magic_of("TXLG"), 2
@@ -72,6 +79,8 @@ RECORD = np.dtype(
 _HDR = struct.Struct("<IHHQQQ24x")  # the header's bytes before csum (HEADER above)
 _REC = struct.Struct("<QIIQ")  # RECORD above, for the store path
 _MASK = (1 << 64) - 1
+_DESC_CSUM = PAGE_DESC.size - 8  # where a page descriptor's own checksum starts
+_CONTENT_CSUM = PAGE_DESC.dtype.fields["content_csum"][1]
 assert _HDR.size + 8 == HEADER.itemsize and _REC.size == RECORD.itemsize
 
 
@@ -106,6 +115,9 @@ class UndoLog:
         self.mm = mem.mm
         self.free_skipped = 0  # bytes stored into free frames, not logged (since boot)
         self._touched: set[int] = set()  # frames whose descriptor the transaction stored
+        self._stored: set[int] = set()  # frames the transaction stored into
+        self.damaged: list[str] = []  # frames found corrupted at the transaction's first store
+        self.checked = 0  # frames checked at a first partial store (since boot)
         self._desc = self._frames = None
         if frames is not None:
             self._desc, self._frames, self._nframes = frames.desc, frames.frames, frames.nframes
@@ -142,6 +154,10 @@ class UndoLog:
         self.state, self.tid, self.used, self.count, self.reason = OPEN, tid, 0, 0, ""
         if self._touched:
             self._touched = set()
+        if self._stored:
+            self._stored = set()
+        if self.damaged:
+            self.damaged = []
         self._header()  # open in memory from here: a death from now on is inside it
 
     def record(self, phys: int, data) -> None:
@@ -180,11 +196,28 @@ class UndoLog:
         if not fa <= phys < fa + self._nframes * PAGE:
             return False
         first, last = (phys - fa) // PAGE, (phys + n - 1 - fa) // PAGE
-        mm, touched = self.mm, self._touched
+        mm, touched, free = self.mm, self._touched, True
         for f in range(first, last + 1):
             if f in touched or mm[d + f * 64 + 6] & PG_VALID:  # flags: the low byte
-                return False
-        return True
+                free = False
+                if f not in self._stored:
+                    self._first_store(f, phys, n)
+        return free
+
+    def _first_store(self, f: int, phys: int, n: int) -> None:
+        """The transaction's first store into frame f, in use: a store that keeps some of
+        its bytes checks them first (their checksum is about to be computed anew)."""
+        self._stored.add(f)
+        at = self._frames + f * PAGE
+        if phys <= at and at + PAGE <= phys + n:
+            return  # the frame overwritten whole: nothing of it is carried forward
+        d = self._desc + f * 64
+        if not self.mm[d + 6] & PG_VALID:
+            return  # its descriptor cleared by this transaction: no page to check
+        self.checked += 1
+        why = _frame_damage(self.mem.view, d, at)
+        if why:
+            self.damaged.append(f"frame {f} at {at:#x}: {why}")
 
     def irrevocable(self, reason: str) -> None:
         """From here on the open transaction keeps what it did (the disk saw it)."""
@@ -224,6 +257,18 @@ class UndoLog:
     def close(self) -> None:
         if self.record in self.mem.watchers:
             self.mem.watchers.remove(self.record)
+
+
+def _frame_damage(view: memoryview, desc: int, frame: int) -> str:
+    """Why a frame in use and its descriptor disagree, or "" (the descriptor's own checksum,
+    then the frame's content against the checksum the descriptor holds)."""
+    raw = bytes(view[desc : desc + PAGE_DESC.size])
+    if _csum(raw[:_DESC_CSUM]) != int.from_bytes(raw[_DESC_CSUM:], "little"):
+        return "its descriptor fails its checksum"
+    want = int.from_bytes(raw[_CONTENT_CSUM : _CONTENT_CSUM + 8], "little")
+    if _csum(view[frame : frame + PAGE]) != want:
+        return "its content fails the descriptor's checksum"
+    return ""
 
 
 def _write_header(mm, phys: int, state: int, tid: int, count: int, used: int) -> None:

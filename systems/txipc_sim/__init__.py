@@ -12,7 +12,8 @@ stops. ``on_crash`` then reports it as recovered, with no outage beyond the roll
 phases ``detect`` (fault to abort), ``roll-back`` and ``remount in place`` (split into
 ``cache walk``, ``journal completion`` and ``tables rebuilt`` when one roll-back recovered
 it), and ``figures``: requests rolled back, re-executed, answered with an error, made
-irrevocable, and stores and bytes logged since boot.
+irrevocable, refused by the check before commit (``damage_caught``: a frame a wild write
+changed, kernel/core/txlog.py), and stores and bytes logged since boot.
 
 A kernel death (panic, kill, hang) is *inside a request* when the undo log's header in
 memory says a transaction is open (it is written open when a request begins, before any
@@ -192,7 +193,7 @@ class TxIPCSim(Reboot):
 
     @staticmethod
     def _figures(st: dict, before: dict) -> dict[str, int]:
-        keys = ("rolled_back", "re_executed", "answered_error", "irrevocable")
+        keys = ("rolled_back", "re_executed", "answered_error", "irrevocable", "damage_caught")
         out = {k: int(st.get(k, 0)) - int(before.get(k, 0)) for k in keys}
         out.update(
             requests=int(st.get("requests", 0)),

@@ -21,7 +21,11 @@ Promises to the txipc_sim kernel program (systems/txipc_sim/server.py) and, thro
   it aborts again it is answered EIO. A roll-back that cannot be done (irrevocable, the
   log failed its checks, the journal transaction refused) is a panic whose reason begins
   NOT_RECOVERED: the scheme then reboots;
-* ``status()``: requests, rolled back, re-executed, answered with an error, irrevocable,
+* a request whose first store into a frame found it corrupted (kernel/core/txlog.py
+  ``damaged``: a wild write or a bit flip the page cache's checksum would otherwise be
+  computed over) neither commits nor writes to the disk: at its reply or at its first disk
+  write it is aborted at site CHECK_SITE as above (figure ``damage_caught``);
+* ``status()``: requests, rolled back, re-executed, answered with an error, irrevocable, damage caught,
   stores and bytes logged, and each abort with its times (CLOCK_MONOTONIC ns): started,
   rolled back, cache walked, journal transaction completed, tables rebuilt.
 """
@@ -41,12 +45,15 @@ NOT_RECOVERED = "not recovered by the transaction"
 log = logging.getLogger(__name__)
 
 
+CHECK_SITE = "commit check"  # the abort of a request that met a corrupted frame
+
+
 class RequestAborted(Exception):
     """A fault inside a request: its transaction must be aborted."""
 
-    def __init__(self, site: str):
-        super().__init__(f"exception in request at {site}")
-        self.site = site
+    def __init__(self, site: str, detail: str = ""):
+        super().__init__(f"exception in request at {site}" + (f": {detail}" if detail else ""))
+        self.site, self.detail = site, detail
 
 
 def _unexpected(e: Exception) -> RequestAborted:
@@ -61,7 +68,12 @@ class Transactions:
         self.tid = 0
         self.open = False
         self.counts = dict(
-            requests=0, rolled_back=0, re_executed=0, answered_error=0, irrevocable=0
+            requests=0,
+            rolled_back=0,
+            re_executed=0,
+            answered_error=0,
+            irrevocable=0,
+            damage_caught=0,
         )
         self.aborts: list[dict] = []
         self._orphans: set[int] = set()
@@ -76,10 +88,7 @@ class Transactions:
                 for attempt in (0, 1):
                     self._begin()
                     try:
-                        out = h(nodeid, body, uid, gid, pid)
-                    except (OSError, FuseError):  # an answer: the VFS changed nothing first
-                        self._commit()
-                        raise
+                        out, answer = self._handle(h, nodeid, body, uid, gid, pid)
                     except Exception as e:  # a fault in the request: an oops, or a bug's
                         fault = e if isinstance(e, RequestAborted) else _unexpected(e)
                         self._abort(op, fault, attempt)
@@ -92,9 +101,27 @@ class Transactions:
                         self._commit()
                         raise
                     self._commit()
+                    if answer is not None:
+                        raise answer
                     return out
 
         return request
+
+    def _handle(self, h, *args) -> tuple:
+        """(the reply, None) or (None, the error answer: the VFS changed nothing first),
+        once the memory the request built on passed the check before commit."""
+        try:
+            out, answer = h(*args), None
+        except (OSError, FuseError) as e:
+            out, answer = None, e
+        self._refuse_damage()
+        return out, answer
+
+    def _refuse_damage(self) -> None:
+        """A frame the request carried forward was corrupted before it (kernel/core/txlog.py
+        ``damaged``): the request must not commit, nor reach the disk, on top of it."""
+        if self.log.damaged:
+            raise RequestAborted(CHECK_SITE, "; ".join(self.log.damaged))
 
     # --- one transaction ---------------------------------------------------------------------
     def _begin(self) -> None:
@@ -110,6 +137,7 @@ class Transactions:
 
     def _output_commit(self) -> None:
         if self.open and self.log.state == 1:
+            self._refuse_damage()
             self.counts["irrevocable"] += 1
             self.log.irrevocable("the request wrote to the disk (write-back or journal commit)")
 
@@ -126,6 +154,7 @@ class Transactions:
         if refused:
             self.k.panic(f"{NOT_RECOVERED}: running journal transaction refused: {refused}", e.site)
         self.counts["rolled_back"] += 1
+        self.counts["damage_caught"] += e.site == CHECK_SITE
         self.aborts.append(
             dict(
                 site=e.site,
@@ -135,6 +164,7 @@ class Transactions:
                 rolled_back_ns=t1,
                 remounted_ns=time.monotonic_ns(),
                 bytes_restored=restored,
+                **({"detail": e.detail} if e.detail else {}),
                 **clocks,
             )
         )
