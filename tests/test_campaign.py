@@ -182,6 +182,7 @@ CLEAN = {"exit_code": 0, "problems": []}
         (_rec(), {"exit_code": 4, "problems": ["inode 12: block 99 used twice"]}, "corrupted"),
         (_rec(checks={"amcheck": {"ok": False, "findings": ["x: bad"]}}), CLEAN, "corrupted"),
         (_rec(lost_writes=3, lost_bytes=4096), CLEAN, "loss"),
+        (_rec(unverified_keys=2), CLEAN, "loss"),  # read back EIO: never "intact"
         (_rec(checks={"amcheck": {"ok": None}, "server_starts": [{}]}), CLEAN, "intact"),
         (_rec(), CLEAN, "intact"),
     ],

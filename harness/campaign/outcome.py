@@ -11,7 +11,9 @@ Promises to the campaign's statistics and report: every fault ends in exactly on
   write explains, fsck found an error on the disk the machine left, or one of the
   workload's own checks failed (``checks``: each with ``ok`` false, e.g. pg_amcheck's
   findings or the bank's invariants on ``postgres``) — the gravest;
-* ``loss``: recovered, but acknowledged writes were lost (their bytes counted);
+* ``loss``: recovered, but acknowledged writes were lost (their bytes counted), or a file
+  holding one could not be read back by the verify phase (unverified: not counted in bytes,
+  never taken for present);
 * ``intact``: recovered with every acknowledged write present.
 
 Coverage is the share of ``intact`` + ``loss`` among the faults that are not harness
@@ -47,9 +49,23 @@ def classify(rec: dict, fsck: dict | None) -> tuple[str, str]:
         return "corrupted", f"fsck exit {fsck['exit_code']}: " + "; ".join(fsck["problems"][:3])
     if failed := failed_checks(rec):
         return "corrupted", "workload check failed: " + ", ".join(failed)
-    if rec.get("lost_writes"):
-        return "loss", f"{rec['lost_writes']} acknowledged writes lost ({rec['lost_bytes']} bytes)"
+    if rec.get("lost_writes") or rec.get("unverified_keys"):
+        return "loss", lost_why(rec)
     return "intact", "every acknowledged write present"
+
+
+def lost_why(rec: dict) -> str:
+    """A file the verify phase never read back (the kernel answered EIO for a page it lost,
+    or did not answer) holds acknowledged writes nobody saw again: lost to the application,
+    so never "intact"; its bytes are not counted, since nothing says what it still holds."""
+    parts = []
+    if rec.get("lost_writes"):
+        parts.append(f"{rec['lost_writes']} acknowledged writes lost ({rec['lost_bytes']} bytes)")
+    if rec.get("unverified_keys"):
+        parts.append(
+            f"{rec['unverified_keys']} files with acknowledged writes could not be read back"
+        )
+    return "; ".join(parts)
 
 
 def failed_checks(rec: dict) -> list[str]:

@@ -87,6 +87,8 @@ FAULT_SCHEMA = {
         "lost_writes": _int,
         "lost_bytes": _int,
         "corrupted_writes": _int,
+        # files the verify phase never read back (absent from results logged before)
+        "unverified_keys": _int,
         "cache": {"type": "object"},
         "fsck": {"type": ["object", "null"], "required": ["exit_code", "problems"]},
         # the workload's own checks (absent from results logged before they were kept)
