@@ -90,7 +90,7 @@ class VFS:
 
     @faults.setter
     def faults(self, f) -> None:
-        self._faults = self.fs.faults = f
+        self._faults = self.fs.faults = self.pc.faults = f
 
     def remount(self, adopt: Adopted) -> None:
         """Mount again in place, from this kernel's own memory (``adopt``: its pages as a
@@ -121,6 +121,7 @@ class VFS:
             )
             self.ic.mark_meta_dirty(ino, since=i["dirtied_ns"])
         self.pc = PageCache(mem, lay, self.ic, adopt)
+        self.pc.faults = self._faults
         self.bufs = PageCacheBuffers(self.pc, dev)
         self.fs = FileSystem(dev, self.bufs, on_txn_state=self._txn_state)
         self.fs.faults = self._faults
