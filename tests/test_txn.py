@@ -92,6 +92,27 @@ def test_a_bad_block_pointer_in_the_running_transaction_never_reaches_the_disk(t
     st.close()
 
 
+def test_a_bad_pointer_is_refused_when_the_whole_disk_must_be_checked(tmp_path):
+    """A transaction block in the data area no changed inode references sends the check to
+    a whole-disk fsck of the overlaid disk: the transaction's blocks must be what it checks,
+    not the disk with only its journal replayed."""
+    st = Stack(tmp_path)
+    synced = write_files(st, "s", 3, sync=True)
+    write_files(st, "u", 2, sync=False)
+    what = st.vfs.fs.inject_bad_pointer(random.Random(1))
+    victim = int(what.split()[1].rstrip(":"))
+    other = next(i for i in synced if i != victim)
+    h = collect(st.mem, 0, MEM, 0)
+    b = st.vfs.fs.bmap_range(other, 0, 1)[0]  # referenced by no inode the transaction changes
+    h.meta_blocks[b] = bytes(st.dev.read(b))
+    done, _, _ = take_over(st, h)
+    assert not done.committed, done
+    assert any(f"inode {victim}: block pointer" in p and "out of range" in p for p in done.refused)
+    res = fsck(st.img)
+    assert res.exit_code == 0, res.problems
+    st.close()
+
+
 def test_an_inconsistent_transaction_is_refused_whole_when_no_inode_explains_it(tmp_path):
     st = Stack(tmp_path)
     write_files(st, "s", 2, sync=True)
