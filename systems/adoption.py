@@ -39,10 +39,12 @@ def take_disk(k, names: list[str], delay: bool) -> BlockDevice:
             time.sleep(0.0005)
 
 
-def report_adoption(r: RecoveryReport, harvest, txn, lost: int) -> None:
+def report_adoption(r: RecoveryReport, harvest, txn, lost: int, lost_unchecked: int = 0) -> None:
     """The cache figures of an adoption: ``harvest`` as the memory walk found it, ``txn``
-    the running transaction's completion, ``lost`` adopted dirty pages whose file the disk
-    does not have."""
+    the running transaction's completion, ``lost`` and ``lost_unchecked`` the adopted dirty
+    pages, checked and unchecked, whose file the disk does not have (``drop_orphans``). Only
+    the checked ones are taken from the dirty pages recovered now: the unchecked ones are
+    counted when checked (``check_rest``), and a dropped one never is."""
     a, c = harvest.adopted, r.cache
     c.pages_before, c.dirty_pages_before = harvest.pages_before, harvest.dirty_before
     c.pages_recovered = len(a.frames)
@@ -59,8 +61,11 @@ def report_adoption(r: RecoveryReport, harvest, txn, lost: int) -> None:
     if harvest.txn_refused:
         r.notes.append(f"running transaction not completed: {harvest.txn_refused}")
     report_transaction(r, txn, harvest.undone)
-    if lost:
-        r.notes.append(f"{lost} dirty pages belonged to files whose creation was never committed")
+    if lost + lost_unchecked:
+        r.notes.append(
+            f"{lost + lost_unchecked} dirty pages belonged to files whose creation was never "
+            "committed"
+        )
 
 
 def report_transaction(r: RecoveryReport, txn, undone: int) -> None:

@@ -251,7 +251,7 @@ def takeover(
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
     unmounting.wait()  # the mount point is free for the new mount
     r.phase("mount + replay", t)
-    report_adoption(r, harvest, txn, lost + lost_unchecked)
+    report_adoption(r, harvest, txn, lost, lost_unchecked)
     if net is not None and not args.keep_apps:  # kept apps keep the NIC beside them
         t = time.monotonic()
         net.move_to(k.part.id)

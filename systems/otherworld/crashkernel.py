@@ -73,7 +73,7 @@ def adopt(k: Kernel, r: RecoveryReport, delay: bool, t: float):
     vfs = k.boot(dev=dev, adopt=harvest.adopted, devices=",".join(devices))
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
     r.phase("mount + replay", t)
-    report_adoption(r, harvest, txn, lost + lost_unchecked)
+    report_adoption(r, harvest, txn, lost, lost_unchecked)
     return vfs, harvest.adopted.unchecked
 
 
