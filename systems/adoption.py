@@ -41,8 +41,10 @@ def take_disk(k, names: list[str], delay: bool) -> BlockDevice:
 
 def report_adoption(r: RecoveryReport, harvest, txn, lost: int, lost_unchecked: int) -> None:
     """The cache figures of an adoption: ``harvest`` as the memory walk found it, ``txn``
-    the running transaction's completion, ``lost`` checked and ``lost_unchecked`` unchecked
-    adopted dirty pages whose file the disk does not have (``drop_orphans``)."""
+    the running transaction's completion, ``lost`` and ``lost_unchecked`` the adopted dirty
+    pages, checked and unchecked, whose file the disk does not have (``drop_orphans``). Only
+    the checked ones are taken from the dirty pages recovered now: the unchecked ones are
+    counted when checked (``check_rest``), and a dropped one never is."""
     a, c = harvest.adopted, r.cache
     c.pages_before, c.dirty_pages_before = harvest.pages_before, harvest.dirty_before
     c.pages_recovered = len(a.frames)

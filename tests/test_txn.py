@@ -92,6 +92,57 @@ def test_a_bad_block_pointer_in_the_running_transaction_never_reaches_the_disk(t
     st.close()
 
 
+def test_a_bad_pointer_is_refused_when_the_whole_disk_must_be_checked(tmp_path):
+    """A transaction block in the data area no changed inode references sends the check to
+    a whole-disk fsck of the overlaid disk: the transaction's blocks must be what it checks,
+    not the disk with only its journal replayed."""
+    st = Stack(tmp_path)
+    synced = write_files(st, "s", 3, sync=True)
+    write_files(st, "u", 2, sync=False)
+    what = st.vfs.fs.inject_bad_pointer(random.Random(1))
+    victim = int(what.split()[1].rstrip(":"))
+    other = next(i for i in synced if i != victim)
+    h = collect(st.mem, 0, MEM, 0)
+    b = st.vfs.fs.bmap_range(other, 0, 1)[0]  # referenced by no inode the transaction changes
+    h.meta_blocks[b] = bytes(st.dev.read(b))
+    done, _, _ = take_over(st, h)
+    assert not done.committed, done
+    assert any(f"inode {victim}: block pointer" in p and "out of range" in p for p in done.refused)
+    res = fsck(st.img)
+    assert res.exit_code == 0, res.problems
+    st.close()
+
+
+def test_dirty_pages_of_files_a_refused_transaction_created_are_counted_lost_once(tmp_path):
+    """The unsynced files' creation is refused with the transaction: their adopted dirty
+    pages, unchecked, are dropped; the report counts them lost, never a negative recovery."""
+    from kernel.core.memreader import check_pages
+    from systems.adoption import check_rest, drop_orphans, report_adoption
+    from systems.base import check_report
+
+    st = Stack(tmp_path)
+    write_files(st, "s", 2, sync=True)
+    unsynced = write_files(st, "u", 2, sync=False)
+    h = collect(st.mem, 0, MEM, 0)
+    sb = st.vfs.fs.sb
+    bm = bytearray(h.meta_blocks.get(sb.bitmap_start) or st.dev.read(sb.bitmap_start))
+    bm[-1] |= 0x80  # refused whole: no inode explains it
+    h.meta_blocks[sb.bitmap_start] = bytes(bm)
+    done = complete_transaction(st.dev, h.meta_blocks)
+    assert not done.committed
+    new = VFS(st.mem, st.lay, st.dev, h.adopted)
+    lost, lost_unchecked = drop_orphans(new, h.adopted.inodes)
+    dropped = sum(-(-len(d) // PAGE) for d in unsynced.values())
+    assert lost + lost_unchecked == dropped
+    r = RecoveryReport("orthros", "test", 0.0)
+    r.recovered, r.service_at = True, 0.0
+    report_adoption(r, h, done, lost, lost_unchecked)
+    check_rest(new, r, new.pc.unchecked, lambda f: check_pages(st.mem, st.lay, f))
+    check_report(r)
+    assert r.cache.dirty_pages_lost == dropped
+    st.close()
+
+
 def test_an_inconsistent_transaction_is_refused_whole_when_no_inode_explains_it(tmp_path):
     st = Stack(tmp_path)
     write_files(st, "s", 2, sync=True)

@@ -6,7 +6,10 @@ Promises to fs.py, mkfs.py, fsck.py (the diagram of the whole disk is in kernel/
 * the superblock and every inode carry an xxh32 checksum; an inode's is seeded with the
   file system's ``csum_seed`` + its number, so an inode copied to the wrong slot is caught.
   An all-zero inode is a never-used one and is valid without a checksum;
-* ``unpack_*`` raise FsError(EUCLEAN) naming the structure and what is wrong.
+* ``unpack_*`` raise FsError(EUCLEAN) naming the structure and what is wrong;
+* ``pointers_outside(blocks, sb)``: every block pointer of an in-use inode, in the given
+  inode-table blocks, that points outside the data area (inline symlinks have none), found
+  in bulk.
 """
 
 from __future__ import annotations
@@ -229,6 +232,25 @@ class Inode:
     def inline(self) -> bool:
         """A symlink whose target lives in the pointer area: no blocks."""
         return self.is_symlink and self.size <= INLINE_SYMLINK_MAX
+
+
+def pointers_outside(blocks: dict[int, bytes], sb: "Superblock") -> list[tuple[int, int]]:
+    """(inode, pointer) of each pointer outside ``sb``'s data area in the inode-table
+    blocks among ``blocks`` (block number -> its bytes)."""
+    first = sb.inode_start
+    table = sorted(b for b in blocks if first <= b < first + sb.inode_len)
+    if not table:
+        return []
+    a = np.frombuffer(b"".join(blocks[b] for b in table), INODE_DTYPE)
+    inos = (np.repeat(np.array(table, np.int64) - first, INODES_PER_BLOCK)) * INODES_PER_BLOCK
+    inos += np.tile(np.arange(INODES_PER_BLOCK), len(table))
+    mode = a["mode"] & 0o170000  # the file type bits (stat.S_IFMT)
+    inline = (mode == stat.S_IFLNK) & (a["size"] <= INLINE_SYMLINK_MAX)
+    p = a["addrs"]
+    bad = (p != 0) & ((p < sb.data_start) | (p >= sb.nblocks))
+    bad &= ((a["mode"] != 0) & ~inline)[:, None]
+    rows, cols = np.nonzero(bad)
+    return list(zip(inos[rows].tolist(), p[rows, cols].tolist()))
 
 
 def inode_csum(body, ino: int, seed: int) -> int:

@@ -14,7 +14,11 @@ Promises to the lab commands, the harness and the recovery schemes:
   times and the site are written into the kernel's mailbox, which outlives the kernel;
 * corruption goes through PhysMem.write like any store, but around the kernel's
   bookkeeping: checksums are NOT updated, exactly as a wild pointer would leave them;
-* ``NoFaults`` is the no-op injector every kernel has until a fault is armed.
+* ``NoFaults`` is the no-op injector every kernel has until a fault is armed;
+* ``found_corruption(site, reason)``: the kernel's own check found its state corrupted where
+  going on would write it to disk (``CHECK_SITES``): a running kernel panics there, with that
+  reason, and an armed fault that corrupts is activated by it (the kernel tripped on it); a
+  storage stack without a kernel (``NoFaults``) raises ``KernelPanic`` instead.
 """
 
 from __future__ import annotations
@@ -77,6 +81,13 @@ SITES = {
     "writeback": "inside write-back, after the data blocks were written",
     "fuse.reply": "after a request's change was applied and recorded in flight, before its reply",
 }
+# where the kernel checks its own state before it writes it to disk: not a site a fault is
+# armed at, but where a corruption it made is found (the dying message names it)
+CHECK_SITES = {
+    "pagecache": "a cached page fails its checksum before a partial store or its write-back",
+    "fs.check": "an inode of the transaction about to commit points outside the data area",
+}
+CORRUPTING = ("wild-write", "bit-flip", "fs-corrupt")
 # the sites only request handling reaches (fs.journal-start and fs.block-alloc are also
 # reached by write-back, which runs outside any request)
 REQUEST_SITES = tuple(s for s in SITES if s.startswith("vfs.")) + (
@@ -112,11 +123,23 @@ def validate(kind: str, target: str | None, site: str | None, seed=None) -> None
         raise FaultError(f"seed {seed!r}: must be a non-negative integer")
 
 
+class KernelPanic(Exception):
+    """Corruption a storage stack with no kernel around it found in its own state: going on
+    would write it to disk, so nothing may carry on (kernel/core/fuse.py lets it through)."""
+
+    def __init__(self, site: str, reason: str):
+        super().__init__(f"panic at {site}: {reason}")
+        self.site, self.reason = site, reason
+
+
 class NoFaults:
     armed = None
 
     def at(self, site: str) -> None:
         pass
+
+    def found_corruption(self, site: str, reason: str) -> None:
+        raise KernelPanic(site, reason)
 
 
 class FaultInjector(NoFaults):
@@ -164,6 +187,15 @@ class FaultInjector(NoFaults):
         f.activated_ns = time.monotonic_ns()
         self.k.mailbox.set(activated_ns=f.activated_ns)
         self._activate(f, site)
+
+    def found_corruption(self, site: str, reason: str) -> None:
+        """A panic at ``site``: the kernel found its own state corrupted. Never returns."""
+        f = self.armed
+        if f is not None and f.kind in CORRUPTING:  # the kernel tripped on it here
+            self.armed = None
+            f.activated_ns = time.monotonic_ns()
+            self.k.mailbox.set(activated_ns=f.activated_ns)
+        self.k.panic(reason, site)
 
     def _activate(self, f: Fault, site: str) -> None:
         if f.kind == "kill":

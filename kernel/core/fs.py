@@ -97,6 +97,7 @@ from kernel.core.disklayout import (
     Superblock,
     corrupt,
     pack_inode,
+    pointers_outside,
     unpack_inode,
 )
 from kernel.core.faults import NoFaults
@@ -136,6 +137,8 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         self._unwritten: list[np.ndarray] = []
         self._freed_meta: set[int] = set()
         self.faults = NoFaults()  # the VFS hands down its kernel's injector
+        # the VFS hands down its own (kernel/core/vfs.py ``found_corruption``)
+        self.found_corruption = lambda site, why: self.faults.found_corruption(site, why)
         self.mounted = False
         sb = Superblock.unpack(dev.read(SB_BLOCK), dev.path)
         if sb.nblocks > dev.nblocks:
@@ -255,6 +258,7 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         blocks = self.bufs.take_dirty()
         if not blocks and not self._freed_meta:
             return None
+        self._check_pointers(blocks)
         try:
             tid = self.journal.commit(blocks, self._freed_meta)
         except BaseException:
@@ -270,6 +274,19 @@ class FileSystem(NamespaceMixin, BlockMapMixin, DirMixin):
         self._last_commit = time.monotonic()
         self._notify()
         return tid
+
+    def _check_pointers(self, blocks: dict[int, bytes]) -> None:
+        """Before the transaction reaches the journal: an inode pointing outside the data
+        area is this kernel's own corruption, a panic (it would be on disk for good)."""
+        bad = pointers_outside(blocks, self.sb)
+        if bad:
+            ino, p = bad[0]
+            self.found_corruption(
+                "fs.check",
+                f"fs: inode {ino}: block pointer {p} out of range "
+                f"(data blocks {self.sb.data_start}..{self.sb.nblocks - 1}) in the transaction "
+                f"to commit ({len(bad)} such pointers)",
+            )
 
     def maybe_commit(self) -> None:
         """Commit if COMMIT_INTERVAL_S has passed since the last commit or the transaction is big."""

@@ -24,6 +24,10 @@ Promises to the VFS and the write-back code:
   as a hit (cached, adopted pages included) or a miss (to be read from the device), and
   the pages evicted; the kernel's ``status`` reply carries them (docs/METRICS.md, "Cache
   hit ratio");
+* a page's content is checked against the checksum its descriptor was last given before a
+  part of it is stored into (``store``: the new checksum would cover what a wild store left
+  there) and before it is written back (``check_before_writeback``); a page that fails is
+  a panic at site "pagecache" (``faults.found_corruption``), never written to disk;
 * free frames are handed out lowest first, except those named to ``free.hand_out_last``
   (frames a VMM beneath the kernel keeps warm copies in), which come after all the others.
 
@@ -39,6 +43,7 @@ from collections import OrderedDict
 import numpy as np
 
 from kernel import param
+from kernel.core.faults import NoFaults
 from kernel.core.icache import ICache
 from kernel.core.pageadopt import WHOLE_FILE, Adopted, Adoption, Lost, Unchecked
 from kernel.hw.physmem import (
@@ -118,6 +123,9 @@ class PageCache(Adoption):
             adopt.lost if adopt is not None else Lost()
         )  # read as EIO (kernel/core/pageadopt.py)
         self._view = mem.view
+        self.faults = NoFaults()  # the VFS hands down its kernel's injector
+        # the VFS hands down its own (kernel/core/vfs.py ``found_corruption``)
+        self.found_corruption = lambda site, why: self.faults.found_corruption(site, why)
         if adopt is None:
             # zero every descriptor: a frame with no valid descriptor holds nothing
             mem.write(lay.desc, bytes(n * PAGE_DESC.size))
@@ -163,6 +171,21 @@ class PageCache(Adoption):
                 self.lay.desc,
                 64,
             )
+
+    def _check_content(self, f: int, before: str) -> None:
+        """Panic if frame f no longer holds what its checksum was computed over."""
+        now = page_csum(self.frame_view(f))
+        if now != self.csum[f]:
+            ino, idx = self.key[f]
+            self.found_corruption(
+                "pagecache",
+                f"pagecache: inode {ino} page {idx} (frame {f}) fails its checksum before "
+                f"{before} (descriptor {self.csum[f]:#x}, content {now:#x})",
+            )
+
+    def check_before_writeback(self, frames: list[int]) -> None:
+        for f in frames:
+            self._check_content(f, "write-back")
 
     def _clear_desc(self, frame: int) -> None:
         self.mem.write(self.lay.desc + frame * 64, bytes(64))
@@ -229,6 +252,8 @@ class PageCache(Adoption):
             self.pages_of.setdefault(ino, set()).add(idx)
             if len(data) != PAGE:
                 self.mem.write(self.lay.frames + f * PAGE, ZERO_PAGE)
+        elif len(data) != PAGE:
+            self._check_content(f, "a partial store")
         p = self.lay.frames + f * PAGE + off
         self.mem.write(p, data)
         self.gen[f] += 1

@@ -27,6 +27,7 @@ import errno
 import stat
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -78,6 +79,9 @@ class VFS:
         self.lock = threading.RLock()
         self.mem, self.lay, self.dev = mem, lay, dev
         self._faults = NoFaults()  # a running kernel replaces it with its FaultInjector
+        # a request layer that can abort the request in hand instead of a panic, when the
+        # stack's own check finds corruption inside it (systems/txipc_sim); None: panic
+        self.contain: Callable[[str, str], None] | None = None
         self._mount(adopt)
         self.refs: dict[int, int] = {}
         self.opens: dict[int, int] = {}
@@ -90,7 +94,7 @@ class VFS:
 
     @faults.setter
     def faults(self, f) -> None:
-        self._faults = self.fs.faults = f
+        self._faults = self.fs.faults = self.pc.faults = f
 
     def remount(self, adopt: Adopted) -> None:
         """Mount again in place, from this kernel's own memory (``adopt``: its pages as a
@@ -121,12 +125,22 @@ class VFS:
             )
             self.ic.mark_meta_dirty(ino, since=i["dirtied_ns"])
         self.pc = PageCache(mem, lay, self.ic, adopt)
+        self.pc.faults = self._faults
         self.bufs = PageCacheBuffers(self.pc, dev)
         self.fs = FileSystem(dev, self.bufs, on_txn_state=self._txn_state)
         self.fs.faults = self._faults
+        self.fs.found_corruption = self.pc.found_corruption = self.found_corruption
         self.resv = Reservations(self.fs, self.pc)
         if adopt is not None:
             self._adopt_reservations(adopt)
+
+    def found_corruption(self, site: str, reason: str) -> None:
+        """The storage stack's own check found its state corrupted (``faults.CHECK_SITES``):
+        the request layer, if one is set, aborts the request in hand (it raises); otherwise,
+        or outside a request, the kernel panics there. Never returns."""
+        if self.contain is not None:
+            self.contain(site, reason)
+        self._faults.found_corruption(site, reason)
 
     def _adopt_reservations(self, a: Adopted) -> None:
         ino, idx = a.ino[a.dirty], a.index[a.dirty]

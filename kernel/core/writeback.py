@@ -145,6 +145,7 @@ class Writeback:
             j = i + 1
             while j < len(pages) and pages[j][0] == pages[j - 1][0] + 1:
                 j += 1
+            vfs.pc.check_before_writeback([f for _, f, _ in pages[i:j]])
             blocks = vfs.fs.bmap_range(ino, pages[i][0], j - i, alloc=True)
             self._write_run(
                 blocks,

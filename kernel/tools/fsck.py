@@ -181,7 +181,9 @@ class _Check:
                 sb.csum_seed,
                 lambda b: 0 < b < sb.nblocks and not js <= b < js + jl,
             )
-            self.overlay = scan.blocks
+            # blocks overlaid before the scan (a transaction being checked before its commit,
+            # kernel/tools/txncheck.py) are newer than the log's: they stay on top
+            self.overlay = scan.blocks | self.overlay
             res.counts["journal_transactions"] = scan.transactions
             if scan.transactions:
                 res.notes.append(

@@ -25,6 +25,9 @@ Promises to the txipc_sim kernel program (systems/txipc_sim/server.py) and, thro
   ``damaged``: a wild write or a bit flip the page cache's checksum would otherwise be
   computed over) neither commits nor writes to the disk: at its reply or at its first disk
   write it is aborted at site CHECK_SITE as above (figure ``damage_caught``);
+* the storage stack's own checks (``VFS.found_corruption``: site ``pagecache`` or
+  ``fs.check``) that find corruption inside a request abort it at CHECK_SITE in the same
+  way, instead of a panic; outside a request they panic (the scheme reboots);
 * ``status()``: requests, rolled back, re-executed, answered with an error, irrevocable, damage caught,
   stores and bytes logged, and each abort with its times (CLOCK_MONOTONIC ns): started,
   rolled back, cache walked, journal transaction completed, tables rebuilt.
@@ -78,6 +81,7 @@ class Transactions:
         self.aborts: list[dict] = []
         self._orphans: set[int] = set()
         kernel.dev.before_write = self._output_commit
+        kernel.vfs.contain = self._contain
 
     def around(self, handlers: dict) -> dict:
         return {op: self._wrap(op, h) for op, h in handlers.items()}
@@ -134,6 +138,15 @@ class Transactions:
         self.log.commit()
         self.open = False
         self.counts["requests"] += 1
+
+    def _contain(self, site: str, reason: str) -> None:
+        """The storage stack's own check found corruption (a page failing its checksum
+        before a partial store or write-back, a bad pointer before a commit): inside a
+        request it is refused as the check before commit refuses it — the request aborted,
+        nothing of it on the disk; outside one the kernel panics (the caller goes on)."""
+        if self.open and self.log.state == 1:
+            self.log.damaged.append(f"{site}: {reason}")
+            raise RequestAborted(CHECK_SITE, reason)
 
     def _output_commit(self) -> None:
         if self.open and self.log.state == 1:
