@@ -262,10 +262,9 @@ def test_compare_flags_a_coverage_drop_beyond_the_intervals_and_new_corruption()
     assert c.exit_code == 1 and "corrupted" in c.worse[0].why
 
 
-def test_campaign_json_refuses_a_broken_field(tmp_path):
-    from harness.campaign.run import open_campaign
-
-    params = {
+def _local_params() -> dict:
+    """A campaign's parameters as the CLI gives them: 2 panics of orthros, run locally."""
+    return {
         "schemes": ["orthros"],
         "workload": "files",
         "faults": "panic",
@@ -278,7 +277,14 @@ def test_campaign_json_refuses_a_broken_field(tmp_path):
         "executor": "local",
         "workers": 1,
         "scheduler": None,
+        "redeploy_every": 1,
     }
+
+
+def test_campaign_json_refuses_a_broken_field(tmp_path):
+    from harness.campaign.run import open_campaign
+
+    params = _local_params()
     doc, done = open_campaign(tmp_path, params, {})
     assert done == [] and store.load(tmp_path)["plan"] == doc["plan"]
     bad = json.loads((tmp_path / store.CAMPAIGN_FILE).read_text())
@@ -295,20 +301,7 @@ def test_campaign_json_refuses_a_broken_field(tmp_path):
 def test_other_parameters_in_the_same_directory_are_refused(tmp_path):
     from harness.campaign.run import open_campaign
 
-    params = {
-        "schemes": ["orthros"],
-        "workload": "files",
-        "faults": "panic",
-        "sites": "now",
-        "per_scheme": 2,
-        "seed": 1,
-        "timing": {},
-        "workload_params": {},
-        "machine_file": None,
-        "executor": "local",
-        "workers": 1,
-        "scheduler": None,
-    }
+    params = _local_params()
     open_campaign(tmp_path, params, {})
     open_campaign(tmp_path, {**params, "workers": 4, "executor": "dask"}, {})  # same campaign
     with pytest.raises(store.CampaignError, match="seed = 1, not 2"):
@@ -619,21 +612,7 @@ def test_a_stop_right_after_a_logged_result_still_counts_it(tmp_path, monkeypatc
     must hold that fault, as the log does (a restart would not run it again)."""
     from harness.campaign import run as campaign_run
 
-    params = {
-        "schemes": ["orthros"],
-        "workload": "files",
-        "faults": "panic",
-        "sites": "now",
-        "per_scheme": 2,
-        "seed": 1,
-        "timing": {},
-        "workload_params": {},
-        "machine_file": None,
-        "executor": "local",
-        "workers": 1,
-        "scheduler": None,
-        "redeploy_every": 1,
-    }
+    params = _local_params()
     first = campaign_run.plan_of(params)[0]
 
     def one_result(*_args):
