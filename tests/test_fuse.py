@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -176,17 +177,33 @@ class Daemon:
             self.logf.close()
 
 
+@contextmanager
+def reachable_mountdir():
+    """A mount point everyone can reach (pytest's tmp_path is mode 700), removed after
+    whatever the body did: a mount left on it is taken down first, and a directory that
+    still cannot be removed is an error, never left behind in silence."""
+    top = Path(tempfile.mkdtemp(prefix="crashbench-fuse-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        mnt = top / "mnt point"  # a space: mountinfo escapes it
+        mnt.mkdir()
+        yield mnt
+    finally:
+        fusedev.abort_and_unmount(str(top / "mnt point"))  # never stats: safe on a dead daemon
+        shutil.rmtree(top)
+
+
 @pytest.fixture
 def mountdir():
-    """A mount point everyone can reach (pytest's tmp_path is mode 700), removed after."""
-    top = Path(tempfile.mkdtemp(prefix="crashbench-fuse-", dir="/tmp"))
-    top.chmod(0o755)
-    mnt = top / "mnt point"  # a space: mountinfo escapes it
-    mnt.mkdir()
-    yield mnt
-    if fusedev.is_mounted(str(mnt)):  # belt and braces: never leave a mount behind
-        fusedev.abort_and_unmount(str(mnt))
-    shutil.rmtree(top, ignore_errors=True)
+    with reachable_mountdir() as mnt:
+        yield mnt
+
+
+def test_the_mount_point_is_removed_even_when_the_test_fails():
+    with pytest.raises(RuntimeError), reachable_mountdir() as mnt:
+        top = mnt.parent
+        raise RuntimeError("a failing test")
+    assert not top.exists()
 
 
 @pytest.fixture
