@@ -191,12 +191,9 @@ class Trial:
         (``Workload.cache_pages``; at most CACHE_FULL_FRACTION of the partition's frames),
         as its own page-cache counter says, for at most ``cache_timeout_s``. What was
         reached is ``cache_fill``; a cache not full by then is recorded, not an error."""
-        target = self.workload.cache_pages(self.svc)
-        if not target:
+        want = self.cache_target()
+        if not want:
             return
-        p = self.host.machine.partition(self.scheme.active)
-        frames = partition_layout(p.id, p.base, p.size).nframes
-        want = min(target, int(CACHE_FULL_FRACTION * frames))
         t0 = time.monotonic()
         deadline = t0 + _cache_timeout(self.spec.timing)
         pages = self.cached_pages()
@@ -214,6 +211,17 @@ class Trial:
                 f"{self.spec.id}: the cache held {pages} of {want} pages after "
                 f"{self.cache_fill['waited_s']:.0f} s of warm-up"
             )
+
+    def cache_target(self) -> int | None:
+        """Pages the warm-up waits for: the working set, at most CACHE_FULL_FRACTION of
+        the active partition's frames (None: the workload names no working set)."""
+        target = self.workload.cache_pages(self.svc)
+        if not target:
+            return None
+        p = self.host.machine.partition(self.scheme.active)
+        return min(
+            target, int(CACHE_FULL_FRACTION * partition_layout(p.id, p.base, p.size).nframes)
+        )
 
     def cached_pages(self) -> int:
         """Pages in the active kernel's page cache (its status reply)."""

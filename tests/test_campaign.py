@@ -400,6 +400,8 @@ def test_a_campaign_stopped_by_ctrl_c_continues_and_counts_every_fault_once(tmp_
         "now",
         "--per-scheme",
         "4",
+        "--redeploy-every",
+        "1",
         *SHORT,
         "--out",
         str(out),
@@ -485,6 +487,8 @@ def test_a_worker_killed_mid_fault_loses_no_result(tmp_path):
             "now",
             "--per-scheme",
             "3",
+            "--redeploy-every",
+            "1",
             "--workers",
             "2",
             *SHORT,
@@ -523,7 +527,9 @@ def test_fast_faults_go_into_the_recovered_machine_and_redeploy_after_a_failure(
     """--redeploy-every 3: orthros's three faults share one machine (one deploy, the
     later faults into the re-paired machine, each judged on its own writes: intact), and
     so do reboot's (each loses acknowledged writes, none reads back another fault's files
-    as corrupted); none never recovers, so each of its faults gets a fresh machine."""
+    as corrupted, and its new kernel's empty cache is given the corpus again before the
+    next fault, where orthros's adopted cache needs nothing); none never recovers, so each
+    of its faults gets a fresh machine."""
     out = tmp_path / "c"
     p = subprocess.run(
         _campaign(
@@ -542,6 +548,8 @@ def test_fast_faults_go_into_the_recovered_machine_and_redeploy_after_a_failure(
             "--executor",
             "local",
             *SHORT,
+            "--param",  # more than the post-recovery load can read back into a cold cache
+            "corpus_mib=64",
             "--out",
             str(out),
         ),
@@ -561,6 +569,8 @@ def test_fast_faults_go_into_the_recovered_machine_and_redeploy_after_a_failure(
     reboot = sorted((r for r in doc["faults"] if r["scheme"] == "reboot"), key=lambda r: r["index"])
     assert [r["outcome"] for r in reboot] == ["loss"] * 3, [r["why"] for r in reboot]
     assert ["deploy" in r["phases"] for r in reboot] == [True, False, False]
+    assert ["refill cache" in r["phases"] for r in reboot] == [False, True, True]
+    assert not any("refill cache" in r["phases"] for r in orthros)
     nones = [r for r in doc["faults"] if r["scheme"] == "none"]
     assert all(r["outcome"] == "not-recovered" and "deploy" in r["phases"] for r in nones)
     assert _left_behind(out) == []
@@ -576,6 +586,16 @@ def test_a_workload_that_cannot_share_a_machine_is_refused_fast_faults(tmp_path)
     )
     assert p.returncode == 2 and "--redeploy-every: workload postgres" in p.stderr, p.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_fast_faults_are_the_default_where_the_workload_lets_faults_share_a_machine():
+    from harness.campaign import FAST_FAULTS
+    from harness.commands.campaign import _redeploy_every
+
+    assert FAST_FAULTS > 1
+    assert _redeploy_every(None, "files") == FAST_FAULTS
+    assert _redeploy_every(None, "postgres") == 1  # its machine cannot be shared
+    assert _redeploy_every(7, "files") == 7
 
 
 def test_docker_executor_runs_the_trial_in_a_labelled_container_with_what_it_needs(tmp_path):

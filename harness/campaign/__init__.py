@@ -11,3 +11,8 @@ or as tasks on Dask distributed (executor.py); coverage comes with Wilson 95 % i
 ``compare`` (compare.py) judges two campaigns. docs/RESULTS.md, "Campaigns", is the
 reference.
 """
+
+# Faults a machine takes before it is redeployed when the command does not say
+# (--redeploy-every): a deploy costs as much as several faults, and a machine that did not
+# come back intact or with loss is redeployed anyway (session.py).
+FAST_FAULTS = 50

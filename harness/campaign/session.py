@@ -6,8 +6,10 @@ only when the machine changes): the next fault goes into the machine the scheme 
 (orthros's re-paired backup, reboot's new kernel), and the machine is redeployed only after
 a fault it did not come back from intact or with loss (not recovered, corrupted, a harness
 error) or after ``every`` faults. The scheme re-arms after a crash in the background
-(``defer_protection``): the next fault's steady state waits for it (harness/driver.py). Between two faults on one machine the clients are stopped,
-the workload forgets what its clients wrote (``Workload.forget``), so each fault is judged
+(``defer_protection``): the next fault's steady state waits for it (harness/driver.py).
+A machine whose recovery emptied its cache is given the working set again before the next
+fault, as its deploy gave it (``refill cache``). Between two faults on one machine the
+clients are stopped, the workload forgets what its clients wrote (``Workload.forget``), so each fault is judged
 on its own writes, the kernel's dirty data is written back (``sync``: a crash in the next
 fault cannot bring the forgotten files back), and the disk is checked by fsck while
 nothing writes to it. Each result is handed to
@@ -88,6 +90,8 @@ class Session(CampaignTrial):
                     self.deploy()
                     self.pool = self._pool()
                 self.base_svc = self.svc
+            else:
+                self._refill_cache()
             self.svc = self._svc_for(f)
             self.measure()
             if self.report is not None and self.report.recovered:
@@ -101,6 +105,16 @@ class Session(CampaignTrial):
             if self.clients is not None:
                 self.clients.stop()
                 self.clients = None
+
+    def _refill_cache(self) -> None:
+        """A recovered machine whose cache lost the working set (reboot's new kernel
+        starts empty) gets it back as its deploy did (``Workload.wait_ready`` reads the
+        corpus once): the warm-up's skewed load alone would take its whole bound to fill
+        it, and each fault on such a machine would then cost ``cache_timeout_s``."""
+        want = self.cache_target()
+        if want and self.cached_pages() < want:
+            with self.phase("refill cache"):
+                self.workload.wait_ready(self.svc, self.spec.timing["ready_timeout_s"])
 
     def _pool(self):
         """The machine's client processes, kept across its faults (harness/workloads/

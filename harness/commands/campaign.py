@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 
+from harness.campaign import FAST_FAULTS
 from harness.commands.run import (
     Stopped,
     _fail,
@@ -61,13 +62,12 @@ def campaign_cmd(
     out: Optional[Path] = typer.Option(
         None, help="campaign directory (default: results/campaign-<id of the parameters>)"
     ),
-    redeploy_every: int = typer.Option(
-        1,
-        help="fast faults: up to N faults of a scheme in "
-        "one machine, the next going into the recovered "
-        "machine; redeployed after a fault it did not survive "
-        "intact or with loss, or after N (1: a fresh machine "
-        "per fault)",
+    redeploy_every: Optional[int] = typer.Option(
+        None,
+        help="fast faults: up to N faults of a scheme in one machine, the next going into "
+        "the recovered machine; redeployed after a fault it did not survive intact or with "
+        f"loss, or after N (1: a fresh machine per fault; default: {FAST_FAULTS} where the "
+        "workload lets faults share a machine, else 1)",
     ),
     executor: str = typer.Option(
         "dask",
@@ -116,16 +116,7 @@ def campaign_cmd(
         _fail(f"--workers: must be at least 1, got {workers}")
     if scheduler is not None and (executor != "dask" or not scheduler.startswith("tcp://")):
         _fail(f"--scheduler: expected tcp://HOST:PORT with --executor dask, got {scheduler!r}")
-    if redeploy_every < 1:
-        _fail(f"--redeploy-every: must be at least 1, got {redeploy_every}")
-    if redeploy_every > 1:
-        from harness.workloads import registry
-
-        if not registry()[workload].shares_machine:
-            _fail(
-                f"--redeploy-every: workload {workload} cannot run a fault on a machine an "
-                f"earlier fault ran on; use 1"
-            )
+    redeploy_every = _redeploy_every(redeploy_every, workload)
     if executor == "docker":
         from harness.campaign.container import check
 
@@ -145,6 +136,24 @@ def campaign_cmd(
     if d.is_dir() and any(d.iterdir()) and not (d / store.CAMPAIGN_FILE).exists():
         _fail(f"--out: {d} is not empty and holds no campaign.json; results are never written over")
     _run(d, parameters)
+
+
+def _redeploy_every(asked: int | None, workload: str) -> int:
+    """The faults a machine takes before it is redeployed: fast faults by default, a
+    fresh machine each for a workload whose machine cannot be shared."""
+    from harness.workloads import registry
+
+    shares = registry()[workload].shares_machine
+    if asked is None:
+        return FAST_FAULTS if shares else 1
+    if asked < 1:
+        _fail(f"--redeploy-every: must be at least 1, got {asked}")
+    if asked > 1 and not shares:
+        _fail(
+            f"--redeploy-every: workload {workload} cannot run a fault on a machine an "
+            f"earlier fault ran on; use 1"
+        )
+    return asked
 
 
 def _checked(

@@ -14,6 +14,10 @@ backoff, until it succeeds or the trial's deadline passes; each attempt is its o
 recorded operation. Outcomes: ``fail`` when nothing reached the server (connection refused,
 connect timeout), ``info`` when a write may have reached it (timeout or connection lost
 after sending, a 5xx), ``ok`` on a 2xx (and on a 404 for reads: the file is absent).
+The verify mode stops retrying a key once the server has answered it with an error for
+``--give-up-after`` seconds: the server is up and says the file cannot be read (a page
+its kernel rejected reads EIO), so waiting out the deadline would learn nothing more; the
+key stays unread, which the outcome rule counts as not verified.
 Bounded in time (``--until``) and count (``--max-ops``); SIGTERM stops it after the
 operation in flight is recorded.
 """
@@ -71,6 +75,7 @@ class FilesClient:
         )
         self.files: dict[int, tuple[int, bytes]] = {}  # file -> (acked version, its body)
         self.ops = 0
+        self.answered_error = False  # the last read was answered by the server with an error
         self.corpus = json.loads(open(a.manifest).read()) if a.manifest else []
         if self.corpus:
             self.popular = popularity(a.seed, len(self.corpus), a.zipf_s)
@@ -113,12 +118,15 @@ class FilesClient:
         n = int(math.exp(self.rng.uniform(math.log(1024), math.log(self.a.max_kib * 1024))))
         return content(self.a.seed, self.a.id, f, v, n), v, ("overwrite" if old else "create")
 
-    def retry(self, attempt) -> bool:
-        """Attempt until ok, like a hard mount; False if the trial ended first."""
+    def retry(self, attempt, give_up=lambda: False) -> bool:
+        """Attempt until ok, like a hard mount; False if the trial ended first or
+        ``give_up()`` says so after a failed attempt."""
         backoff = self.a.backoff_min
         while not self._done():
             if attempt():
                 return True
+            if give_up():
+                return False
             time.sleep(backoff)
             backoff = min(backoff * 2, self.a.backoff_max)
         return False
@@ -150,6 +158,7 @@ class FilesClient:
         except httpx.HTTPError as e:
             exc = e
         type_, err = classify(exc, status, False)
+        self.answered_error = type_ == "fail" and status is not None
         value = None
         if type_ == "ok":
             value = (
@@ -190,10 +199,26 @@ def verify(a, rec: Recorder, stop: Stop) -> int:
     c = FilesClient(a, rec, stop)
     keys = json.loads(open(a.keys).read())
     try:
-        missing = [k for k in keys if not c.retry(lambda k=k: c.read(k, "verify"))]
+        missing = [k for k in keys if not read_back(c, k, a.give_up_after)]
     finally:
         c.http.close()
     return 1 if missing else 0
+
+
+def read_back(c: FilesClient, key: str, give_up_after: float) -> bool:
+    """Read ``key`` until answered; False once the server has answered it only with
+    errors for ``give_up_after`` seconds (or at the deadline)."""
+    first_error = None
+
+    def answered_long_enough() -> bool:
+        nonlocal first_error
+        if not c.answered_error:
+            return False
+        now = time.monotonic()
+        first_error = now if first_error is None else first_error
+        return now - first_error >= give_up_after
+
+    return c.retry(lambda: c.read(key, "verify"), give_up=answered_long_enough)
 
 
 def ready(a) -> int:
@@ -218,6 +243,12 @@ def arguments() -> argparse.ArgumentParser:
     )
     ap.add_argument("--write-share", type=float, default=0.1)
     ap.add_argument("--zipf-s", type=float, default=1.0)
+    ap.add_argument(
+        "--give-up-after",
+        type=float,
+        default=1.0,
+        help="verify: seconds of error answers from the server after which a key is left unread",
+    )
     return ap
 
 

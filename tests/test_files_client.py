@@ -1,0 +1,67 @@
+"""The `files` client's verify mode against a plain HTTP server on loopback: a key the
+server answers only with errors is given up after ``--give-up-after`` seconds instead of
+being retried until the deadline, and the keys it can read are still read back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from harness import history
+
+
+class _Answers(BaseHTTPRequestHandler):
+    """GET /good.bin: 200 with a body; anything else: 500 (a file whose page reads EIO)."""
+
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        body, code = (b"present", 200) if self.path == "/good.bin" else (b"EIO", 500)
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _verify(url: str, tmp_path, deadline_s: float, *extra: str) -> tuple[int, float, list]:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(["bad.bin", "good.bin"]))
+    hist = tmp_path / "verify.jsonl"
+    argv = [sys.executable, "-m", "harness.workloads.files_client", "verify", "--url", url]
+    argv += ["--until", repr(time.monotonic() + deadline_s), "--history", str(hist)]
+    argv += ["--keys", str(keys), *extra]
+    t0 = time.monotonic()
+    rc = subprocess.run(argv, timeout=deadline_s + 30, stdin=subprocess.DEVNULL).returncode
+    return rc, time.monotonic() - t0, history.read(hist)
+
+
+def test_a_key_the_server_answers_only_with_errors_is_given_up_before_the_deadline(
+    server, tmp_path
+):
+    rc, took, events = _verify(server, tmp_path, 60.0, "--give-up-after", "0.5")
+    assert rc == 1, "a key left unread must make verify exit 1"
+    # far below the 60 s deadline it used to wait out; loose enough for a loaded machine
+    assert took < 30.0, took
+    done = [e for e in events if e["type"] != "invoke"]
+    bad = [e for e in done if e["key"] == "bad.bin"]
+    assert len(bad) > 1 and all(e["type"] == "fail" for e in bad), "retried, never ok"
+    assert [e["type"] for e in done if e["key"] == "good.bin"] == ["ok"]
