@@ -14,10 +14,11 @@ backoff, until it succeeds or the trial's deadline passes; each attempt is its o
 recorded operation. Outcomes: ``fail`` when nothing reached the server (connection refused,
 connect timeout), ``info`` when a write may have reached it (timeout or connection lost
 after sending, a 5xx), ``ok`` on a 2xx (and on a 404 for reads: the file is absent).
-The verify mode stops retrying a key once the server has answered it with an error for
-``--give-up-after`` seconds: the server is up and says the file cannot be read (a page
-its kernel rejected reads EIO), so waiting out the deadline would learn nothing more; the
-key stays unread, which the outcome rule counts as not verified.
+The verify mode stops retrying a key once the server has answered it with an error (a
+status, a body cut short, no answer in time) for ``--give-up-after`` seconds (a later key at its first error answer, once one key was given
+up): the server is up and says the file cannot be read (a page its kernel rejected reads
+EIO), so waiting out the deadline would learn nothing more; the key stays unread, which
+the outcome rule counts as not verified.
 Bounded in time (``--until``) and count (``--max-ops``); SIGTERM stops it after the
 operation in flight is recorded.
 """
@@ -50,10 +51,13 @@ def digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+UNREACHED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 def classify(exc: Exception | None, status: int | None, is_write: bool) -> tuple[str, str | None]:
     """(history type, error) of one attempt."""
     if exc is not None:
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        if isinstance(exc, UNREACHED):
             return "fail", type(exc).__name__
         return ("info" if is_write else "fail"), f"{type(exc).__name__}: {exc}"[:200]
     if 200 <= status < 300 or (status == 404 and not is_write):
@@ -75,7 +79,7 @@ class FilesClient:
         )
         self.files: dict[int, tuple[int, bytes]] = {}  # file -> (acked version, its body)
         self.ops = 0
-        self.answered_error = False  # the last read was answered by the server with an error
+        self.answered_error = False  # the server took the last read and failed it
         self.corpus = json.loads(open(a.manifest).read()) if a.manifest else []
         if self.corpus:
             self.popular = popularity(a.seed, len(self.corpus), a.zipf_s)
@@ -158,7 +162,9 @@ class FilesClient:
         except httpx.HTTPError as e:
             exc = e
         type_, err = classify(exc, status, False)
-        self.answered_error = type_ == "fail" and status is not None
+        # the server took the request and failed it: an error status, or a body cut short
+        # (a 200 whose file read EIO half way) or never sent
+        self.answered_error = type_ == "fail" and not isinstance(exc, UNREACHED)
         value = None
         if type_ == "ok":
             value = (
@@ -198,8 +204,13 @@ def verify(a, rec: Recorder, stop: Stop) -> int:
     a.files = 0
     c = FilesClient(a, rec, stop)
     keys = json.loads(open(a.keys).read())
+    missing = []
     try:
-        missing = [k for k in keys if not read_back(c, k, a.give_up_after)]
+        for k in keys:
+            # once the server has answered one key with errors for the whole wait, it is
+            # steady: a later key it answers with an error is not waited for again
+            if not read_back(c, k, 0.0 if missing else a.give_up_after):
+                missing.append(k)
     finally:
         c.http.close()
     return 1 if missing else 0
