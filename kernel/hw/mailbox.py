@@ -227,18 +227,54 @@ def ring(workdir: str, part_id: int | str, message: bytes) -> bool:
         s.close()
 
 
+def run_queue_wait_ns(pid: int) -> int:
+    """Nanoseconds the threads of process ``pid`` have waited in all for a host CPU while
+    runnable (the second field of each /proc/<pid>/task/<tid>/schedstat); 0 once it is
+    gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that ended between the listing and the read
+    return total
+
+
 class BeatMonitor:
     """Judges a heartbeat by the progress its watcher observes, not by comparing the
     kernel's timestamp with the watcher's clock: a watcher that was itself descheduled
-    sees the counter moved when it runs again, instead of a stale beat that was not."""
+    sees the counter moved when it runs again, instead of a stale beat that was not.
 
-    def __init__(self, missed: int):
+    A silence is counted in the time the kernel could have run: what its threads spent
+    waiting for a host CPU since its beat was first late (``waits``, from the host's
+    scheduler) is not silence, up to HEARTBEAT_HOST_WAIT_MAX_BEATS intervals. A partition
+    owns its CPUs on the machine this emulates; here they are shared with every process
+    of the host, and a loaded host otherwise fences a living kernel. A hung kernel's
+    threads sleep and a killed one has none, so neither is given more time."""
+
+    def __init__(self, missed: int, waits=run_queue_wait_ns):
         self.missed = missed
+        self.waits = waits
         self.last: tuple[int, int] | None = None  # (beat counter, when we saw it change)
+        self.late_waits: int | None = None  # the kernel's run-queue waits when it was late
 
     def stopped(self, mail: "Mail") -> bool:
         now = time.monotonic_ns()
         if self.last is None or mail.beat != self.last[0]:
-            self.last = (mail.beat, now)
+            self.last, self.late_waits = (mail.beat, now), None
             return False
-        return now - self.last[1] > self.missed * mail.interval_ns
+        silence = now - self.last[1]
+        if silence <= mail.interval_ns:
+            return False
+        if self.late_waits is None:
+            self.late_waits = self.waits(mail.pid)
+        limit = self.missed * mail.interval_ns
+        if silence <= limit:
+            return False
+        waited = max(0, self.waits(mail.pid) - self.late_waits)
+        return silence - min(waited, param.HEARTBEAT_HOST_WAIT_MAX_BEATS * mail.interval_ns) > limit
