@@ -360,6 +360,8 @@ def test_a_small_campaign_gives_each_scheme_its_outcome_class(tmp_path):
             "now",
             "--per-scheme",
             "1",
+            "--redeploy-every",  # every machine is torn down, so every disk is checked
+            "1",
             "--workers",
             "2",
             *SHORT,
