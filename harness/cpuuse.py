@@ -24,6 +24,7 @@ import os
 from typing import Iterable
 
 from kernel.core.kernel import HEARTBEAT_THREAD
+from kernel.hw import schedstat
 
 KERNEL, HEARTBEAT, VMM, APPS, STANDBY, CLIENTS = (
     "kernel",
@@ -95,21 +96,7 @@ def cores(before: dict[str, int], after: dict[str, int], seconds: float) -> dict
 
 def _threads(pid: int) -> list[tuple[str, int]]:
     """(name, ns run) of each thread of a process; [] once it is gone."""
-    out = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                ns = int(f.read().split()[0])
-            with open(f"/proc/{pid}/task/{tid}/comm", "rb") as f:
-                comm = f.read().strip().decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue  # the thread ended between listing and reading
-        out.append((comm, ns))
-    return out
+    return [(t.name, t.run_ns) for t in schedstat.threads(pid, names=True)]
 
 
 def _with_descendants(roots: Iterable[int]) -> set[int]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel import param
+from kernel.hw import schedstat
 from kernel.hw.physmem import CorruptObject, Layout, PartLayout, PhysMem
 
 MAILBOX = Layout(
@@ -229,20 +230,8 @@ def ring(workdir: str, part_id: int | str, message: bytes) -> bool:
 
 def run_queue_wait_ns(pid: int) -> int:
     """Nanoseconds the threads of process ``pid`` have waited in all for a host CPU while
-    runnable (the second field of each /proc/<pid>/task/<tid>/schedstat); 0 once it is
-    gone."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    total = 0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[1])
-        except (OSError, IndexError, ValueError):
-            pass  # a thread that ended between the listing and the read
-    return total
+    runnable; 0 once it is gone."""
+    return sum(t.wait_ns for t in schedstat.threads(pid))
 
 
 class BeatMonitor:
