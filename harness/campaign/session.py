@@ -9,11 +9,11 @@ error) or after ``every`` faults. The scheme re-arms after a crash in the backgr
 (``defer_protection``): the next fault's steady state waits for it (harness/driver.py).
 A machine whose recovery emptied its cache is given the working set again before the next
 fault, as its deploy gave it (``refill cache``). Between two faults on one machine the
-clients are stopped, the workload forgets what its clients wrote (``Workload.forget``), so each fault is judged
-on its own writes, the kernel's dirty data is written back (``sync``: a crash in the next
-fault cannot bring the forgotten files back), and the disk is checked by fsck while
-nothing writes to it. Each result is handed to
-``emit`` as it completes. The machine is torn down on every exit path.
+clients are stopped, the workload forgets what its clients wrote (``Workload.forget``),
+so each fault is judged on its own writes, the kernel's dirty data is written back
+(``sync``: a crash in the next fault cannot bring the forgotten files back), and the disk
+is checked by fsck while nothing writes to it. Each result is handed to ``emit`` as it
+completes. The machine is torn down on every exit path.
 """
 
 from __future__ import annotations

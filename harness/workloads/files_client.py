@@ -15,10 +15,11 @@ recorded operation. Outcomes: ``fail`` when nothing reached the server (connecti
 connect timeout), ``info`` when a write may have reached it (timeout or connection lost
 after sending, a 5xx), ``ok`` on a 2xx (and on a 404 for reads: the file is absent).
 The verify mode stops retrying a key once the server has answered it with an error (a
-status, a body cut short, no answer in time) for ``--give-up-after`` seconds (a later key at its first error answer, once one key was given
-up): the server is up and says the file cannot be read (a page its kernel rejected reads
-EIO), so waiting out the deadline would learn nothing more; the key stays unread, which
-the outcome rule counts as not verified.
+status, a body cut short, no answer in time) for ``--give-up-after`` seconds, and a later
+key at its first error answer once one key was given up: the server is up and says the
+file cannot be read (a page its kernel rejected reads EIO), so waiting out the deadline
+would learn nothing more; the key stays unread, which the outcome rule counts as not
+verified.
 Bounded in time (``--until``) and count (``--max-ops``); SIGTERM stops it after the
 operation in flight is recorded.
 """
