@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import history
+from harness.checkers.writes import CORRUPTED, writes
 from harness.kcounters import CounterSampler
 from harness.testbed import Testbed
 from harness.workloads import Service
@@ -84,6 +85,7 @@ class Trial:
         self.bed = self.host = self.net = self.svc = self.clients = self.report = None
         self.sampler = None
         self.events: list[dict] = []
+        self.evidence: dict[str, dict] = {}
         self.crash_at: float | None = None
         self.cache_fill: dict | None = None
 
@@ -136,6 +138,7 @@ class Trial:
             self.observe(reply)
         with self.phase("verify"):
             self.events = self.verify()
+            self.evidence = self.explain()
 
     def record(self) -> dict:
         from harness.trial import record
@@ -329,6 +332,17 @@ class Trial:
         if self.report is not None and self.report.recovered:
             self.workload.verify(self.svc, events)
         return history.merge(sorted(hd.glob("*.jsonl")), self.out / f"history-{self.spec.id}.jsonl")
+
+    def explain(self) -> dict[str, dict]:
+        """The workload's account of each key read back corrupted, taken while the
+        recovered machine still serves it (``Workload.explain``); {} when none was."""
+        if self.report is None or not self.report.recovered:
+            return {}
+        try:
+            keys = [k["key"] for k in writes(self.events)["keys"] if k["status"] == CORRUPTED]
+        except history.HistoryError:
+            return {}  # the record names the history's fault
+        return self.workload.explain(self.svc, keys, self.events) if keys else {}
 
     def teardown(self) -> None:
         if self.sampler is not None:

@@ -59,6 +59,10 @@ CACHE_KEYS = (
     "pages_rejected",
 )
 
+# per key read back corrupted, the workload's account of what the machine held
+# (harness/workloads/__init__.py ``explain``); only in a record that has such keys
+EVIDENCE_SCHEMA = {"type": "object", "additionalProperties": {"type": "object"}}
+
 TRIAL_SCHEMA = {
     "type": "object",
     "required": [
@@ -102,6 +106,7 @@ TRIAL_SCHEMA = {
         "lost_writes": _COUNT_OR_NULL,
         "corrupted_writes": _COUNT_OR_NULL,
         "lost_bytes": _COUNT_OR_NULL,
+        "evidence": EVIDENCE_SCHEMA,
         "cache": {
             "type": "object",
             "required": list(CACHE_KEYS),

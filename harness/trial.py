@@ -54,6 +54,8 @@ def record(trial, events: list[dict]) -> dict:
     )
     if trial.cache_fill is not None:
         rec["cache_fill"] = trial.cache_fill
+    if trial.evidence:
+        rec["evidence"] = trial.evidence
     _workload_figures(trial, events, rec)
     return rec
 

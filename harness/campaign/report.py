@@ -109,6 +109,8 @@ def blocks(doc: dict, png: bytes) -> list[tuple]:
     ]
     if rej:
         b += [("h2", "Rejected objects"), ("pre", "\n".join(rej))]
+    if told := evidence_lines(doc["faults"]):
+        b += [("h2", "What the machine held for each key read back corrupted"), ("pre", told)]
     checked = [f"{r['id']}: {_checks_line(r['checks'])}" for r in doc["faults"] if r.get("checks")]
     if checked:
         b += [("h2", "Workload checks"), ("pre", "\n".join(checked))]
@@ -119,6 +121,16 @@ def blocks(doc: dict, png: bytes) -> list[tuple]:
         ("pre", json.dumps(doc["environment"], indent=2)),
     ]
     return b
+
+
+def evidence_lines(faults: list[dict]) -> str:
+    """One line per key a fault read back corrupted: the workload's account of it, as
+    kept (``evidence``: its shape is the workload's, so it is printed whole)."""
+    return "\n".join(
+        f"{r['id']} {key}: {json.dumps(e, separators=(',', ':'))}"
+        for r in faults
+        for key, e in (r.get("evidence") or {}).items()
+    )
 
 
 def _checks_line(checks: dict) -> str:

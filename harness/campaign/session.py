@@ -71,7 +71,7 @@ class Session(CampaignTrial):
                     None,
                     None,
                 )
-                self.events, self.cache_fill = [], None
+                self.events, self.cache_fill, self.evidence = [], None, {}
                 self.fsck = None
                 rec = self._one(f)
                 res = result_of(f, rec, self.fsck, time.monotonic() - t0)

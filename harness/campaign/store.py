@@ -23,6 +23,7 @@ from pathlib import Path
 import jsonschema
 
 from harness.campaign.outcome import CLASSES
+from harness.results import EVIDENCE_SCHEMA
 
 SCHEMA_VERSION = 1
 KIND = "crashbench campaign"
@@ -93,6 +94,7 @@ FAULT_SCHEMA = {
         "fsck": {"type": ["object", "null"], "required": ["exit_code", "problems"]},
         # the workload's own checks (absent from results logged before they were kept)
         "checks": {"type": ["object", "null"]},
+        "evidence": EVIDENCE_SCHEMA,
         "phases": {"type": "object", "additionalProperties": {"type": "number"}},
         "wall_s": {"type": "number", "minimum": 0},
         "finished": {"type": "number"},

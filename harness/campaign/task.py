@@ -256,6 +256,7 @@ def result_of(fault: FaultSpec, rec: dict, fsck: dict | None, wall_s: float) -> 
         "finished": time.time(),
         "worker": f"{socket.gethostname()}:{os.getppid()}",
         "error": rec.get("error"),
+        **({"evidence": rec["evidence"]} if rec.get("evidence") else {}),
     }
 
 

@@ -37,6 +37,9 @@ For figures the generic checkers cannot know (harness/trial.py merges them):
   harness/checkers/bank.py), kept in the trial's ``checks`` (default None: no ``checks``);
   a check whose ``ok`` is False failed the trial's verify (the report lists its
   ``findings``), None: it could not judge;
+* ``explain(svc, keys, events) -> {key: dict}`` — for the keys read back corrupted, what
+  the recovered machine holds and where it came from, taken before the machine goes (kept
+  as the trial's ``evidence``; default: nothing to say);
 * ``shares_machine`` and ``forget(svc, events)`` — whether faults may follow one another
   on one machine (a campaign's fast faults, harness/campaign/session.py), and what is done
   between two: forget what the clients wrote, so the next fault's verify judges only its
@@ -120,6 +123,9 @@ class Workload:
 
     def cache_pages(self, svc: Service) -> int | None:
         return None
+
+    def explain(self, svc: Service, keys: list[str], events: list[dict]) -> dict[str, dict]:
+        return {}
 
     shares_machine = False
 

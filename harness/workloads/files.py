@@ -221,6 +221,14 @@ class Files(Workload):
             paths.append(h)
         return ClientGroup(procs, paths)
 
+    def explain(self, svc: Service, keys: list[str], events: list[dict]) -> dict[str, dict]:
+        """Each corrupted file as the mount serves it, page by page against the versions
+        its client wrote (files_provenance.py)."""
+        from harness.workloads import files_provenance
+
+        root = Path(svc.mount)
+        return {k: files_provenance.explain(root / k, k, events, svc.seed) for k in keys}
+
     shares_machine = True
 
     def forget(self, svc: Service, events: list[dict]) -> None:
