@@ -264,9 +264,36 @@ class Trial:
                 },
             )
             self.crash_at = op["time"]
-            reply = self.scheme.inject(self.spec.fault, **self.spec.fault_args)
+            sent_ns = time.monotonic_ns()
+            try:
+                reply = self.scheme.inject(self.spec.fault, **self.spec.fault_args)
+            except ConnectionError as e:
+                reply = self.reply_from_mailbox(sent_ns, e)
             rec.complete("info", op, value={"fault": self.spec.fault, "reply": reply})
         return reply
+
+    def reply_from_mailbox(self, sent_ns: int, e: ConnectionError) -> dict:
+        """The inject's reply, lost because the fault killed the kernel before its control
+        thread could send it (a request reached the armed site first: on a loaded host the
+        window is wide): the kernel put the armed fault in its mailbox before arming it, so
+        a fault of this kind armed after the request was sent is this one. A kernel gone
+        before that is a harness error, and the mailbox says how it was left."""
+        m = self.host.mail(self.scheme.active)
+        if m.fault == self.spec.fault and m.injected_ns >= sent_ns:
+            return {
+                "ok": True,
+                "fault": m.fault,
+                "target": m.fault_target or None,
+                "site": m.fault_site,
+                "injected_ns": m.injected_ns,
+                "detail": None,
+                "reply_lost": str(e),
+            }
+        raise DriverError(
+            f"{self.spec.id}: the kernel was gone before the fault was armed ({e}); its "
+            f"mailbox: {m.state_name}, last beat {m.age_s():.2f} s old"
+            + (f", {m.reason!r} at {m.site}" if m.reason else "")
+        )
 
     def observe(self, reply: dict) -> None:
         t = self.spec.timing

@@ -7,6 +7,7 @@ The end-to-end tests run small campaigns (a handful of faults, the `none`, `rebo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from harness import stats
+from harness import driver, stats
 from harness.campaign import compare, outcome, plan, store, summary
 
 SHORT = [
@@ -653,3 +654,31 @@ def test_a_stop_right_after_a_logged_result_still_counts_it(tmp_path, monkeypatc
     doc = store.load(tmp_path)
     assert [f["id"] for f in doc["faults"]] == [first.id]
     assert doc["status"] == "stopped" and doc["stopped"]["faults_done"] == 1
+
+
+def test_an_inject_reply_lost_to_the_fault_is_read_from_the_mailbox_and_a_dead_kernel_is_named():
+    """A fault that kills the kernel before its control thread answers (a request reached
+    the armed site first) still took effect: its reply comes from the mailbox the kernel
+    filled before arming. A kernel gone before the request is a harness error saying so."""
+    import types
+
+    from kernel.hw.mailbox import RUNNING, Mail
+
+    def trial(mail: Mail):
+        host = types.SimpleNamespace(mail=lambda part: mail)
+        return types.SimpleNamespace(
+            host=host,
+            scheme=types.SimpleNamespace(active=0),
+            spec=types.SimpleNamespace(fault="kill", id="orthros-kill-0"),
+        )
+
+    armed = Mail(RUNNING, 1, 0, True, 9, 0, 10, 0, 0, 0, "", "")
+    armed.fault, armed.fault_site, armed.injected_ns = "kill", "vfs.setattr", 2_000
+    lost = ConnectionError("ctl-p0.sock: kernel closed the connection (it may have died)")
+    reply = driver.Trial.reply_from_mailbox(trial(armed), 1_000, lost)
+    assert reply["ok"] and reply["site"] == "vfs.setattr" and reply["injected_ns"] == 2_000
+    assert reply["target"] is None and "closed the connection" in reply["reply_lost"]
+
+    earlier = dataclasses.replace(armed, injected_ns=500)  # an earlier fault's, not this one
+    with pytest.raises(driver.DriverError, match="gone before the fault was armed.*running"):
+        driver.Trial.reply_from_mailbox(trial(earlier), 1_000, lost)
