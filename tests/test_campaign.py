@@ -92,6 +92,29 @@ def test_plan_refuses_unknown_names():
             plan.kinds_of(bad)
     with pytest.raises(plan.PlanError, match="--sites: unknown site 'moon'"):
         plan.sites_of("now,moon")
+    with pytest.raises(plan.PlanError, match="--targets: unknown target 'moon'.*superblock"):
+        plan.targets_of("superblock,moon")
+    with pytest.raises(plan.PlanError, match="only wild-write, bit-flip have targets"):
+        plan.cells(["panic"], targets=["superblock"])
+
+
+def test_targets_narrow_a_plan_to_memory_faults_into_those_objects_and_keep_old_identities():
+    from harness.campaign.run import plan_of
+
+    into = plan.targets_of("superblock,inode")
+    cells = plan.cells(plan.kinds_of("all"), targets=into)
+    assert {(c.kind, c.target) for c in cells} == {
+        (k, t) for k in ("wild-write", "bit-flip") for t in ("superblock", "inode")
+    }
+    params = {
+        "schemes": ["orthros"],
+        "faults": "bit-flip",
+        "sites": "all",
+        "per_scheme": 6,
+        "seed": 1,
+    }
+    assert {f.target for f in plan_of({**params, "targets": "superblock"})} == {"superblock"}
+    assert len({f.target for f in plan_of(params)}) > 1  # a campaign from before targets
 
 
 @pytest.mark.root

@@ -6,7 +6,7 @@ scheme's crash-kernel image; activated at once),
 the other kinds at each ``SITES`` site where they make sense — and ``plan`` draws
 ``per_scheme`` faults per scheme by going round the cells (repetition r of a cell is its
 r-th round), interleaved across schemes so drift of a shared machine hits every scheme
-alike; ``sites`` narrows the cells to faults activated at those sites. A fault's id names its scheme, cell and repetition; its seed derives from the
+alike; ``sites`` narrows the cells to faults activated at those sites, ``targets`` to memory faults into those objects. A fault's id names its scheme, cell and repetition; its seed derives from the
 campaign seed and the id alone, so the same parameters give the same plan, and any fault
 is replayed alone by its id.
 """
@@ -95,9 +95,27 @@ def sites_of(sites: str) -> list[str] | None:
     return names
 
 
-def cells(kinds: list[str], sites: list[str] | None = None) -> list[Cell]:
+def targets_of(targets: str) -> list[str] | None:
+    """``all`` (None: every cell) or a comma-separated list of ``OBJECT_TARGETS``, checked."""
+    if targets.strip() == "all":
+        return None
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    for n in names:
+        if n not in OBJECT_TARGETS:
+            raise PlanError(
+                f"--targets: unknown target {n!r}; known: all, {', '.join(OBJECT_TARGETS)}"
+            )
+    if not names:
+        raise PlanError("--targets: names no target (e.g. --targets all or --targets superblock)")
+    return names
+
+
+def cells(
+    kinds: list[str], sites: list[str] | None = None, targets: list[str] | None = None
+) -> list[Cell]:
     """Every cell of these kinds; ``sites``: only cells activated at one of them (memory
-    faults are activated "now")."""
+    faults are activated "now"); ``targets``: only memory faults into one of these objects
+    (the other kinds have no target)."""
     out = []
     for k in kinds:
         if k in MEMORY_FAULTS:
@@ -107,6 +125,12 @@ def cells(kinds: list[str], sites: list[str] | None = None) -> list[Cell]:
     out = [c for c in out if sites is None or c.site in sites]
     if not out:
         raise PlanError(f"no fault of {', '.join(kinds)} is activated at {', '.join(sites or [])}")
+    out = [c for c in out if targets is None or c.target in targets]
+    if not out:
+        raise PlanError(
+            f"no fault of {', '.join(kinds)} goes into {', '.join(targets or [])} "
+            f"(only {', '.join(MEMORY_FAULTS)} have targets)"
+        )
     return out
 
 
@@ -116,11 +140,16 @@ def fault_seed(campaign_seed: int, fault_id: str) -> int:
 
 
 def plan(
-    schemes: list[str], kinds: list[str], per_scheme: int, seed: int, sites: list[str] | None = None
+    schemes: list[str],
+    kinds: list[str],
+    per_scheme: int,
+    seed: int,
+    sites: list[str] | None = None,
+    targets: list[str] | None = None,
 ) -> list[FaultSpec]:
     if per_scheme <= 0:
         raise PlanError(f"--per-scheme: must be a positive number of faults, got {per_scheme}")
-    cs = cells(kinds, sites)
+    cs = cells(kinds, sites, targets)
     out: list[FaultSpec] = []
     for i in range(per_scheme):
         c, rep = cs[i % len(cs)], i // len(cs)

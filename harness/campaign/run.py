@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness.campaign import executor as executors
 from harness.campaign import store, summary
-from harness.campaign.plan import FaultSpec, kinds_of, sites_of
+from harness.campaign.plan import FaultSpec, kinds_of, sites_of, targets_of
 from harness.campaign.plan import plan as make_plan
 from harness.campaign.task import scratch_dir
 
@@ -34,6 +34,7 @@ def plan_of(parameters: dict) -> list[FaultSpec]:
         parameters["per_scheme"],
         parameters["seed"],
         sites_of(parameters["sites"]),
+        targets_of(parameters.get("targets", "all")),  # absent: every target
     )
 
 

@@ -47,6 +47,12 @@ def campaign_cmd(
         help="only faults activated at these sites: all, or a "
         "comma-separated list (memory faults are activated at now)",
     ),
+    targets: str = typer.Option(
+        "all",
+        help="only memory faults (wild-write, bit-flip) into these kernel objects: all, or "
+        "a comma-separated list of dirty-page, clean-page, page-descriptor, "
+        "dirty-inode-list, inode, superblock",
+    ),
     per_scheme: Optional[int] = typer.Option(
         None, help="faults per scheme (default: one per fault cell — kind with its target or site)"
     ),
@@ -96,7 +102,7 @@ def campaign_cmd(
         names,
         workload,
         faults,
-        sites,
+        (sites, targets),
         per_scheme,
         seed,
         {
@@ -157,7 +163,7 @@ def _redeploy_every(asked: int | None, workload: str) -> int:
 
 
 def _checked(
-    names, workload, faults, sites, per_scheme, seed, timing, params, machine_file
+    names, workload, faults, where_to, per_scheme, seed, timing, params, machine_file
 ) -> dict:
     from harness.campaign import plan
     from harness.commands.run import catalogue
@@ -169,9 +175,10 @@ def _checked(
     if workload not in cat["workloads"]:
         _fail(f"--workload: unknown workload {workload!r}; known: {', '.join(cat['workloads'])}")
     try:
-        kinds, where = plan.kinds_of(faults), plan.sites_of(sites)
-        per = len(plan.cells(kinds, where)) if per_scheme is None else per_scheme
-        plan.plan(names, kinds, per, seed, where)
+        sites, targets = where_to
+        kinds, where, into = plan.kinds_of(faults), plan.sites_of(sites), plan.targets_of(targets)
+        per = len(plan.cells(kinds, where, into)) if per_scheme is None else per_scheme
+        plan.plan(names, kinds, per, seed, where, into)
     except plan.PlanError as e:
         _fail(str(e))
     if seed < 0:
@@ -196,6 +203,8 @@ def _checked(
         "workload": workload,
         "faults": faults.strip(),
         "sites": sites.strip(),
+        # only when narrowed: a campaign of every target keeps the identity it had before
+        **({"targets": targets.strip()} if into is not None else {}),
         "per_scheme": per,
         "seed": seed,
         "timing": timing,
