@@ -83,6 +83,10 @@ def test_a_version_whose_digest_differs_is_named_unrebuilt_and_never_matches(tmp
     (tmp_path / KEY).write_bytes(bodies[1])
     got = explain(tmp_path / KEY, KEY, events, SEED)
     assert got["versions"]["v1"]["rebuilt"] is False
+    assert got["versions"]["v2"]["outcome"] == "ok" and got["versions"]["v2"]["sent_s"] is None
+    crash = {"type": "invoke", "process": "nemesis", "f": "crash", "value": {}, "time": 1.25}
+    got = explain(tmp_path / KEY, KEY, [crash, *events], SEED)  # times from the crash
+    assert got["versions"]["v1"]["sent_s"] == -1.25 and got["versions"]["v2"]["sent_s"] == -0.25
     assert all(label != "v1" for *_, label in got["pages"])
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.checkers.common import crash_times
 from harness.history import pairs
 from harness.workloads.files_client import content
 from kernel.param import PAGE_SIZE
@@ -41,15 +42,35 @@ def explain(path: Path, key: str, events: list[dict], seed: int) -> dict:
         return {"error": f"reading {key} back: {e.strerror or e}"}
     versions = rebuild(key, events, seed)
     labels = page_labels(body, versions)
+    when = written(key, events)
     return {
         "bytes": len(body),
         "sha256": hashlib.sha256(body).hexdigest(),
         "versions": {
-            f"v{v}": {"bytes": len(b) if b is not None else None, "rebuilt": b is not None}
+            f"v{v}": {
+                "bytes": len(b) if b is not None else None,
+                "rebuilt": b is not None,
+                **when.get(v, {}),
+            }
             for v, b in versions.items()
         },
         "pages": runs(labels),
     }
+
+
+def written(key: str, events: list[dict]) -> dict[int, dict]:
+    """Per version: when its last attempt was sent, in seconds from the crash (negative:
+    before it), and that attempt's outcome (``ok``, ``fail``, ``info``; never completed:
+    ``info``)."""
+    crash = crash_times(events)["crash_at"]
+    out: dict[int, dict] = {}
+    for inv, done in pairs(events):
+        if inv["f"] == "write" and inv.get("key") == key:
+            out[inv["value"]["version"]] = {
+                "sent_s": None if crash is None else round(inv["time"] - crash, 4),
+                "outcome": "info" if done is None else done["type"],
+            }
+    return out
 
 
 def rebuild(key: str, events: list[dict], seed: int) -> dict[int, bytes | None]:
