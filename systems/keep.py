@@ -10,7 +10,8 @@ the layer is shared so that other schemes resurrect processes with the same code
   kernel that served it, so the programs' requests wait for the backup instead of failing.
 * ``freeze(tag, part)``: at takeover, every process of the dead partition stops where it
   is (kernel/hw/procset.py ``freeze``), as on halted CPUs, while the backup migrates the
-  cache; nothing is killed.
+  cache; nothing is killed. ``discard(tag, part)`` kills them all instead, when the
+  backup decides not to keep them (its set thawed for the partition's next kernel).
 * ``keep_processes(k, dead_part, tag, specs)``, once the backup serves the connection:
   the dead kernel's process table is read from raw memory and validated (kernel/core/proc.py
   ``read_proc_table``, open-file records included). A process whose entry is valid and
@@ -80,6 +81,14 @@ def freeze(tag: str, part: int) -> ProcessSet:
     ps = ProcessSet(tag, part, create=False)
     ps.freeze()
     return ps
+
+
+def discard(tag: str, part: int) -> None:
+    """Keep nothing after all: every process of the frozen partition killed, and its set
+    thawed for the partition's next kernel (the re-paired backup joins it)."""
+    ps = ProcessSet(tag, part, create=False)
+    ps.fence()
+    ps.thaw()
 
 
 def _ppid(pid: int) -> int | None:

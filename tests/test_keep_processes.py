@@ -111,6 +111,30 @@ def test_a_second_crash_after_re_pairing_keeps_it_again(kept):
     assert http("GET", url + "/between.txt") == b"between the crashes"
 
 
+def test_a_refused_transaction_keeps_no_process_and_the_next_crash_keeps_again(kept):
+    """The backup refuses the running transaction (the kernel superblock fails its
+    check): the server may have been told of changes the disk no longer has, so it is not
+    kept — started again on a new mount, serving a whole version of the file — and after
+    re-pairing the new server is kept across the next crash (the held connection is the
+    new mount's)."""
+    bed, s, url = kept
+    http("PUT", url + "/f.txt", b"committed")
+    bed.host.control(s.active, {"cmd": "sync"})
+    http("PUT", url + "/f.txt", b"acknowledged, then undone")
+    pid = dav_pid(s, url)
+    r = crash(bed.host, s, "bit-flip", target="superblock")
+    assert r.recovered and any("processes not kept" in n for n in r.notes), r.notes
+    assert [(p.name, p.pid, p.fate) for p in r.processes] == []  # restarted, none kept
+    wait_http(url + "/")
+    assert dav_pid(s, url) != pid
+    assert http("GET", url + "/f.txt") in (b"committed", b"acknowledged, then undone")  # whole
+    http("PUT", url + "/g.txt", b"after")
+    restarted = dav_pid(s, url)
+    r = crash(bed.host, s, "panic")
+    assert [(p.pid, p.fate) for p in r.processes] == [(restarted, "preserved")]
+    assert http("GET", url + "/g.txt") == b"after"
+
+
 WRITER = """
 import hashlib, os, sys, time
 path, chunks = sys.argv[1], int(sys.argv[2])

@@ -14,7 +14,10 @@ By default it also keeps the dead kernel's processes, unmodified and with the sa
 host holds a copy of the FUSE connection (kernel/hw/host.py ``hold_connection``), so the
 kernel's death does not end it and the applications' requests wait; the backup resumes the
 same connection and continues the processes (systems/keep.py). The report says what became
-of each one (``processes``). Keeping needs cgroup process sets (freeze, move): on a host
+of each one (``processes``). When the backup refuses the dead kernel's running transaction
+(its superblock or a metadata page of it failed its check), nothing is kept: the processes
+are killed, the connection aborted and the apps started again on a new mount, because what
+they were told since the last commit is undone (systems/orthros/backup.py ``not_kept``). Keeping needs cgroup process sets (freeze, move): on a host
 without them the default falls back to restarting the apps (``keep`` says which, once
 deployed), and ``keep_processes=True`` is refused there. ``keep_processes=False`` restarts
 the apps on the backup as a reboot would (the comparison without keeping).
@@ -77,6 +80,9 @@ class Orthros(RecoveryScheme):
     def _keep_args(self) -> tuple[str, ...]:
         if not self.keep:
             return ()
+        # the active kernel's connection: the one its takeover resumed, or the new mount's
+        # when it could not keep the processes (systems/orthros/backup.py ``not_kept``)
+        self.host.release_connection()
         pid, fd = self.host.hold_connection(self.active)
         return ("--keep-apps", "--hold-pid", str(pid), "--hold-fd", str(fd))
 

@@ -209,7 +209,9 @@ HEAP_CHUNK = 16 << 20  # under glibc's largest mmap threshold (32 MiB)
 
 def takeover(
     k: Kernel, f: Failure, args, net, checker: Checker
-) -> tuple[RecoveryReport, object, Unchecked | None, Answers | None]:
+) -> tuple[RecoveryReport, object, Unchecked | None, Answers | None, str]:
+    """The dead kernel's work taken over; also why its running transaction was refused
+    ("" when it was completed): then its processes are not kept (``not_kept``)."""
     r = RecoveryReport.after("orthros", f)
     dead = f.mail
     t = time.monotonic()
@@ -232,8 +234,10 @@ def takeover(
         zone.id,  # reads memory only
         check=lambda frames: checker.check(k.mem, lay, frames, cpus),
     )
+    if args.keep_apps and harvest.txn_refused:
+        apps, unmounting = not_kept(args, r, harvest.txn_refused)
     # before this kernel's superblock and table take their place in W's memory (boot)
-    answers = _read_inflight(k.mem, lay) if args.keep_apps else None
+    answers = _read_inflight(k.mem, lay) if args.keep_apps and not harvest.txn_refused else None
     if answers is not None:
         r.rejected += [str(e) for e in answers.rejected]
     r.phase("cache migration", t)
@@ -256,7 +260,26 @@ def takeover(
         t = time.monotonic()
         net.move_to(k.part.id)
         r.phase("IP takeover", t)
-    return r, vfs, harvest.adopted.unchecked, answers
+    return r, vfs, harvest.adopted.unchecked, answers, harvest.txn_refused
+
+
+def not_kept(args, r: RecoveryReport, refused: str) -> tuple[Background, Background]:
+    """The frozen processes are killed and the held connection aborted instead of kept:
+    the refused transaction undid what they were told since the last commit (a write
+    answered, a file created or cut), so a kept server would go on from a state the disk
+    no longer has — the rest of a PUT written after a hole where its acknowledged first
+    part was, say — and a request it sent before the crash, answered from the in-flight
+    table or executed on the connection, would change files on that same wrong footing.
+    They are started again on a new mount, as without keeping; what they had not
+    finished is lost to their clients, never half done."""
+    r.notes.append(
+        f"processes not kept: the running transaction was refused ({refused}), so what they "
+        "were told since the last commit was undone; started again on a new mount"
+    )
+    return (
+        Background(keep.discard, args.tag, args.watch),
+        Background(fusedev.abort_and_unmount, args.mount),
+    )
 
 
 def _nothing() -> None:
@@ -337,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         (failure.detected_at - failure.mail.beat_ns / 1e9) * 1e3,
     )
     gc.disable()  # the adoption makes many objects and frees none: no collections
-    report, vfs, unchecked, answers = takeover(k, failure, args, net, checker)  # until checked
+    report, vfs, unchecked, answers, refused = takeover(k, failure, args, net, checker)
+    kept = args.keep_apps and not refused
     t_serve = time.monotonic()
 
     specs = json.loads(open(args.apps).read()) if args.apps else []
@@ -345,12 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     def serving() -> None:
         t = time.monotonic()
         report.phase("first service", t_serve, t)
-        if args.keep_apps:  # with no apps too: the frozen set is fenced and thawed
-            netns = net.netns(net.owner()) if net is not None else args.netns
+        # kept apps, and apps not kept after all, keep the NIC where it is
+        netns = net.netns(net.owner()) if net is not None and args.keep_apps else args.netns
+        if kept:  # with no apps too: the frozen set is fenced and thawed
             keep.into_report(report, k, args.watch, args.tag, specs, netns)
             report.phase("process keeping", t)
-        elif specs:
-            moved = restart_processes(k, args.watch, specs, with_state=True, netns=args.netns)
+        elif specs:  # a state segment written on a footing the refusal undid is not trusted
+            moved = restart_processes(k, args.watch, specs, with_state=not refused, netns=netns)
             report.processes_before = moved.before
             report.processes_recovered = moved.migrated + moved.restarted
             report.rejected += moved.rejected
@@ -386,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         os.replace(tmp, args.report)
 
-    if conn is not None:
+    if conn is not None and kept:
         k.resume(conn.fd, conn.params, ready=serving, answers=answers)
     else:
+        if conn is not None:  # aborted: the new mount's connection is the one to hold next
+            os.close(conn.fd)
         k.serve(args.mount, ready=serving)
     return 0
 
