@@ -5,6 +5,7 @@ mix of them, zeros or foreign bytes is labelled page by page."""
 from __future__ import annotations
 
 import hashlib
+import json
 import types
 
 import jsonschema
@@ -126,8 +127,15 @@ def test_the_files_workload_explains_a_key_through_the_mount_and_the_record_keep
     svc = Service(
         mount=str(tmp_path), ip="127.0.0.1", client_netns=None, workdir=tmp_path, seed=SEED
     )
-    ev = Files().explain(svc, [KEY, "c0-f0.bin"], events)
+    foreign = b"a corpus file's bytes"
+    (tmp_path / "c3-f1.bin").write_bytes(foreign)
+    entry = {"path": "/corpus/d0/f1.html", "bytes": len(foreign)}
+    (tmp_path / "files-corpus.json").write_text(
+        json.dumps([{**entry, "sha256": hashlib.sha256(foreign).hexdigest()}])
+    )
+    ev = Files().explain(svc, [KEY, "c0-f0.bin", "c3-f1.bin"], events)
     assert ev[KEY]["pages"] == [[0, 0, f"v{max(bodies)}"]] and ev[KEY]["bytes"] == 100
+    assert "corpus_file" not in ev[KEY] and ev["c3-f1.bin"]["corpus_file"] == entry["path"]
     assert "c0-f0.bin" in ev["c0-f0.bin"]["error"]  # not there: said, not raised
 
     fault = plan.FaultSpec("f", 0, "orthros", "bit-flip", "superblock", "now", 0, 1)

@@ -227,7 +227,16 @@ class Files(Workload):
         from harness.workloads import files_provenance
 
         root = Path(svc.mount)
-        return {k: files_provenance.explain(root / k, k, events, svc.seed) for k in keys}
+        corpus = {}
+        if self.p["corpus_mib"]:  # a corpus file's content is foreign to every client file
+            corpus = {f["sha256"]: f["path"] for f in json.loads(self.manifest(svc).read_text())}
+        out = {}
+        for k in keys:
+            e = files_provenance.explain(root / k, k, events, svc.seed)
+            if e.get("sha256") in corpus:
+                e["corpus_file"] = corpus[e["sha256"]]
+            out[k] = e
+        return out
 
     shares_machine = True
 
