@@ -290,9 +290,19 @@ class Trial:
                 "reply_lost": str(e),
             }
         raise DriverError(
-            f"{self.spec.id}: the kernel was gone before the fault was armed ({e}); its "
-            f"mailbox: {m.state_name}, last beat {m.age_s():.2f} s old"
-            + (f", {m.reason!r} at {m.site}" if m.reason else "")
+            f"{self.spec.id}: the kernel was gone before the fault was armed ({e}); "
+            + self.kernel_said(m)
+        )
+
+    def kernel_said(self, m=None) -> str:
+        """The active partition's mailbox in a few words: why its kernel stopped answering
+        (a panic's reason, a silence the standby judged a hang), for a harness error."""
+        try:
+            m = m or self.host.mail(self.scheme.active)
+        except Exception as e:  # noqa: BLE001 - a diagnosis must not hide the error itself
+            return f"its mailbox could not be read ({e})"
+        return f"its mailbox: {m.state_name}, last beat {m.age_s():.2f} s old" + (
+            f", {m.reason!r} at {m.site}" if m.reason else ""
         )
 
     def observe(self, reply: dict) -> None:

@@ -689,11 +689,13 @@ def test_an_inject_reply_lost_to_the_fault_is_read_from_the_mailbox_and_a_dead_k
 
     def trial(mail: Mail):
         host = types.SimpleNamespace(mail=lambda part: mail)
-        return types.SimpleNamespace(
+        t = types.SimpleNamespace(
             host=host,
             scheme=types.SimpleNamespace(active=0),
             spec=types.SimpleNamespace(fault="kill", id="orthros-kill-0"),
         )
+        t.kernel_said = lambda m=None: driver.Trial.kernel_said(t, m)
+        return t
 
     armed = Mail(RUNNING, 1, 0, True, 9, 0, 10, 0, 0, 0, "", "")
     armed.fault, armed.fault_site, armed.injected_ns = "kill", "vfs.setattr", 2_000
@@ -703,5 +705,5 @@ def test_an_inject_reply_lost_to_the_fault_is_read_from_the_mailbox_and_a_dead_k
     assert reply["target"] is None and "closed the connection" in reply["reply_lost"]
 
     earlier = dataclasses.replace(armed, injected_ns=500)  # an earlier fault's, not this one
-    with pytest.raises(driver.DriverError, match="gone before the fault was armed.*running"):
+    with pytest.raises(driver.DriverError, match="gone before the fault was armed.*mailbox: running"):
         driver.Trial.reply_from_mailbox(trial(earlier), 1_000, lost)

@@ -99,8 +99,11 @@ class Session(CampaignTrial):
                     self._check_live()
             return record(self, self.events)
         except Exception as e:  # noqa: BLE001 - recorded as the fault's harness error
+            why = f"{type(e).__name__}: {e}"
+            if isinstance(e, ConnectionError) and self.host is not None:
+                why += f" (the active kernel stopped answering; {self.kernel_said()})"
             self._retire()
-            return failed(self.spec, self.phases, self.crash_at, f"{type(e).__name__}: {e}")
+            return failed(self.spec, self.phases, self.crash_at, why)
         finally:
             if self.clients is not None:
                 self.clients.stop()
