@@ -705,5 +705,7 @@ def test_an_inject_reply_lost_to_the_fault_is_read_from_the_mailbox_and_a_dead_k
     assert reply["target"] is None and "closed the connection" in reply["reply_lost"]
 
     earlier = dataclasses.replace(armed, injected_ns=500)  # an earlier fault's, not this one
-    with pytest.raises(driver.DriverError, match="gone before the fault was armed.*mailbox: running"):
+    with pytest.raises(
+        driver.DriverError, match="gone before the fault was armed.*mailbox: running"
+    ):
         driver.Trial.reply_from_mailbox(trial(earlier), 1_000, lost)
