@@ -74,6 +74,28 @@ def test_a_second_crash_is_survived_with_the_same_pid_again(dav):
     assert http("GET", url + "/between.txt") == b"between the crashes"
 
 
+def test_a_refused_transaction_resurrects_no_process_and_the_next_crash_does_again(dav):
+    """The crash kernel refuses the running transaction (the kernel superblock fails its
+    check): nothing is resurrected — the server starts again on a new mount — and the
+    next crash resurrects the new server (the host holds the new mount's connection)."""
+    bed, s, url = dav
+    http("PUT", url + "/f.txt", b"committed")
+    bed.host.control(0, {"cmd": "sync"})
+    http("PUT", url + "/f.txt", b"acknowledged, then maybe undone")
+    pid = dav_pid(s, url)
+    r = crash(s, "bit-flip", target="superblock")
+    assert r.recovered and any("processes not resurrected" in n for n in r.notes), r.notes
+    assert [p.fate for p in r.processes if p.fate == "preserved"] == []
+    wait_http(url + "/")
+    assert dav_pid(s, url) != pid
+    assert http("GET", url + "/f.txt") in (b"committed", b"acknowledged, then maybe undone")
+    http("PUT", url + "/g.txt", b"after")
+    restarted = dav_pid(s, url)
+    r = crash(s, "panic")
+    assert [(p.pid, p.fate) for p in r.processes] == [(restarted, "preserved")]
+    assert http("GET", url + "/g.txt") == b"after"
+
+
 @pytest.mark.parametrize("fault", ["wild-write", "bit-flip"])
 def test_a_corrupted_open_file_record_is_refused_and_restarts_exactly_its_process(fault):
     corrupt_an_open_file_record_and_crash(Otherworld(), fault)

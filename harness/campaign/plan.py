@@ -84,29 +84,25 @@ def kinds_of(faults: str) -> list[str]:
 
 def sites_of(sites: str) -> list[str] | None:
     """``all`` (None: every site) or a comma-separated list of ``SITES``, checked."""
-    if sites.strip() == "all":
-        return None
-    names = [s.strip() for s in sites.split(",") if s.strip()]
-    for n in names:
-        if n not in SITES:
-            raise PlanError(f"--sites: unknown site {n!r}; known: all, {', '.join(SITES)}")
-    if not names:
-        raise PlanError("--sites: names no site (e.g. --sites all or --sites now)")
-    return names
+    return _chosen("sites", "site", sites, SITES, "now")
 
 
 def targets_of(targets: str) -> list[str] | None:
     """``all`` (None: every cell) or a comma-separated list of ``OBJECT_TARGETS``, checked."""
-    if targets.strip() == "all":
+    return _chosen("targets", "target", targets, OBJECT_TARGETS, "superblock")
+
+
+def _chosen(option: str, noun: str, text: str, known, example: str) -> list[str] | None:
+    if text.strip() == "all":
         return None
-    names = [t.strip() for t in targets.split(",") if t.strip()]
+    names = [n.strip() for n in text.split(",") if n.strip()]
     for n in names:
-        if n not in OBJECT_TARGETS:
-            raise PlanError(
-                f"--targets: unknown target {n!r}; known: all, {', '.join(OBJECT_TARGETS)}"
-            )
+        if n not in known:
+            raise PlanError(f"--{option}: unknown {noun} {n!r}; known: all, {', '.join(known)}")
     if not names:
-        raise PlanError("--targets: names no target (e.g. --targets all or --targets superblock)")
+        raise PlanError(
+            f"--{option}: names no {noun} (e.g. --{option} all or --{option} {example})"
+        )
     return names
 
 

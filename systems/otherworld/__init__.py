@@ -213,6 +213,8 @@ def start_in_place(host, r: RecoveryReport, module: str, path, apps, name: str, 
     r.cache, r.rejected, r.notes = got.cache, r.rejected + got.rejected, r.notes + got.notes
     r.processes, r.processes_before = got.processes, got.processes_before
     r.processes_recovered = got.processes_recovered
+    host.release_connection()  # the next crash's: the one resumed, or a new mount's
+    host.hold_connection(0)
     return d
 
 

@@ -39,8 +39,8 @@ from kernel.core.inflight import read_inflight
 from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.core.memreader import check_pages
 from kernel.core.proc import read_proc_table
+from kernel.hw import fusedev, mailbox
 from kernel.hw import machine as machine_mod
-from kernel.hw import mailbox
 from kernel.hw.physmem import CorruptObject
 from kernel.tools.txncomplete import complete_transaction
 from systems import keep
@@ -74,7 +74,7 @@ def adopt(k: Kernel, r: RecoveryReport, delay: bool, t: float):
     lost, lost_unchecked = drop_orphans(vfs, harvest.adopted.inodes)
     r.phase("mount + replay", t)
     report_adoption(r, harvest, txn, lost, lost_unchecked)
-    return vfs, harvest.adopted.unchecked
+    return vfs, harvest.adopted.unchecked, harvest.txn_refused
 
 
 def idle_check(k: Kernel, frames):
@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 def take_over(k: Kernel, args, r: RecoveryReport, extra: dict, before_ready=None) -> None:
     """The dead kernel's partition taken over in place by ``k`` (not booted yet), from the
     memory as it is now: its processes' table and in-flight requests read, its cache
-    adopted, its processes resurrected, its connection served (``--hold-pid``/``--hold-fd``);
+    adopted, its processes resurrected, its connection served (``--hold-pid``/``--hold-fd``)
+    — or, when it refuses the dead kernel's running transaction, none resurrected, the
+    connection aborted and the apps started again on a new mount (systems/orthros/backup.py
+    ``not_kept`` says why);
     ``before_ready(r)`` once it serves, before it says it is ready; then the report, with
     ``extra``, to ``--report``. Returns when the service stops. Shared by every kernel that
     takes a dead one's place on its own partition (this one; systems/txipc_sim/server.py)."""
@@ -145,15 +148,25 @@ def take_over(k: Kernel, args, r: RecoveryReport, extra: dict, before_ready=None
     k.keep_apps = True  # what it starts or resurrects outlives it in turn
     k.join_partition(args.tag)
     gc.disable()  # the adoption makes many objects and frees none: no collections
-    vfs, unchecked = adopt(k, r, not args.no_delay, t)
+    vfs, unchecked, refused = adopt(k, r, not args.no_delay, t)
     specs = json.loads(open(args.apps).read()) if args.apps else []
     t = time.monotonic()
-    keep.resurrect_into_report(r, k, *table, specs, args.netns)
+    if refused:  # nothing resurrected; started again once the new mount serves (below)
+        keep.resurrect_into_report(r, k, [], [], [], args.netns)
+        r.notes.append(
+            f"processes not resurrected: the running transaction was refused ({refused}), "
+            "so what they were told since the last commit was undone; started again on a "
+            "new mount"
+        )
+    else:
+        keep.resurrect_into_report(r, k, *table, specs, args.netns)
     r.phase("process resurrection", t)
     resurrected = r.phases[-1].end
 
     def serving() -> None:
         r.phase("first service", resurrected)
+        if refused:
+            k.start_apps(specs, args.netns)
         if before_ready is not None:
             before_ready(r)
         notify_ready(args.ready_fd)
@@ -172,7 +185,12 @@ def take_over(k: Kernel, args, r: RecoveryReport, extra: dict, before_ready=None
             gc.enable()
         write_report(args.report, r, {"pid": os.getpid(), **extra})
 
-    k.resume(conn.fd, conn.params, ready=serving, answers=answers)
+    if refused:  # the held connection carries requests made on the undone footing
+        fusedev.abort_and_unmount(args.mount)
+        os.close(conn.fd)
+        k.serve(args.mount, ready=serving)
+    else:
+        k.resume(conn.fd, conn.params, ready=serving, answers=answers)
 
 
 def take_over_arguments(ap) -> None:
