@@ -107,6 +107,20 @@ def test_a_torn_overwrite_zeros_and_foreign_bytes_are_told_apart_page_by_page(tm
     got = explain(tmp_path / KEY, KEY, events, SEED)
     assert got["pages"] == [[0, 0, f"v{v}"], [1, 1, "zeros"], [2, 2, "none"]]
 
+    # the old version under a larger size (a size committed ahead of its data): its last
+    # page holds its tail, then zeros; the pages after it zeros
+    grown = old + bytes(PAGE_SIZE + (-len(old)) % PAGE_SIZE)
+    (tmp_path / KEY).write_bytes(grown)
+    got = explain(tmp_path / KEY, KEY, events, SEED)
+    last, full = divmod(len(old), PAGE_SIZE)
+    assert full, "the generated old version ends on a page boundary: no partial page to label"
+    want = [[last, last, f"v{v - 1}, then zeros"]] if full else []
+    zeros_from = last + 1 if full else last
+    assert got["pages"][-len(want) - 1 :] == [
+        *want,
+        [zeros_from, len(grown) // PAGE_SIZE - 1, "zeros"],
+    ]
+
 
 def _overwrite_of_three_pages(events, bodies) -> int:
     """The version of an overwrite of at least 3 pages over a version of at least as many."""

@@ -101,17 +101,23 @@ def _version(m: re.Match, seed: int, v: dict, last_ok: bytes) -> bytes | None:
 
 
 def page_labels(body: bytes, versions: dict[int, bytes | None]) -> list[str]:
-    """Per page of ``body``: ``v<N>`` (the newest version matching there), ``zeros``, ``none``."""
+    """Per page of ``body``: ``v<N>`` (the newest version matching there), ``v<N>, then
+    zeros`` (the page where a shorter version ends: its last bytes, then zeros — that
+    version under a larger size), ``zeros``, ``none``."""
     n = len(body)
     pages = -(-n // PAGE_SIZE)
     held = _paged(np.frombuffer(body, dtype=np.uint8), pages)
     labels = np.where(~held.any(axis=1), "zeros", "none").astype(object)
     found = np.zeros(pages, dtype=bool)
+    ends, starts = _page_ends(n, pages), np.arange(pages) * PAGE_SIZE
     for v in sorted((v for v, b in versions.items() if b is not None), reverse=True):
         c = np.frombuffer(versions[v], dtype=np.uint8)[:n]
-        same = (_paged(c, pages) == held).all(axis=1) & (_page_ends(n, pages) <= len(c))
+        equal = (_paged(c, pages) == held).all(axis=1)  # c zero-padded beyond its end
+        same = equal & (ends <= len(c))
+        tail = equal & (starts < len(c)) & (ends > len(c))
         labels[same & ~found] = f"v{v}"
-        found |= same
+        labels[tail & ~found & ~same] = f"v{v}, then zeros"
+        found |= same | tail
     return list(labels)
 
 
