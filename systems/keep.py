@@ -83,6 +83,16 @@ def freeze(tag: str, part: int) -> ProcessSet:
     return ps
 
 
+def not_kept_note(refused: str, verb: str = "kept") -> str:
+    """Why no process went on (``verb``: what the scheme does to those it keeps): the running
+    transaction was refused, so what the processes were told since the last commit is undone
+    (systems/orthros/backup.py ``not_kept``)."""
+    return (
+        f"processes not {verb}: the running transaction was refused ({refused}), so what they "
+        "were told since the last commit was undone; started again on a new mount"
+    )
+
+
 def discard(tag: str, part: int) -> None:
     """Keep nothing after all: every process of the frozen partition killed, and its set
     thawed for the partition's next kernel (the re-paired backup joins it)."""

@@ -135,6 +135,7 @@ def _overwrite_of_three_pages(events, bodies) -> int:
 def test_the_files_workload_explains_a_key_through_the_mount_and_the_record_keeps_it(tmp_path):
     from harness.campaign.report import evidence_lines
     from harness.campaign.task import result_of
+    from tests.test_campaign import CLEAN, _rec  # a trial record as the outcome rule reads it
 
     events, bodies = _client_writes()
     (tmp_path / KEY).write_bytes(bodies[max(bodies)][:100])
@@ -153,16 +154,7 @@ def test_the_files_workload_explains_a_key_through_the_mount_and_the_record_keep
     assert "c0-f0.bin" in ev["c0-f0.bin"]["error"]  # not there: said, not raised
 
     fault = plan.FaultSpec("f", 0, "orthros", "bit-flip", "superblock", "now", 0, 1)
-    rec = {
-        "error": None,
-        "report": {"verdict": "recovered", "rejected": [], "cache": {}},
-        "recovered": True,
-        "corrupted_writes": 1,
-        "lost_writes": 0,
-        "lost_bytes": 0,
-        "evidence": ev,
-    }
-    res = result_of(fault, rec, {"exit_code": 0, "problems": []}, 1.0)
+    res = result_of(fault, _rec(corrupted_writes=1, evidence=ev), CLEAN, 1.0)
     jsonschema.validate(res, store.FAULT_SCHEMA)
     assert res["outcome"] == "corrupted" and res["evidence"] == ev
     assert f'f {KEY}: {{"bytes":100,' in evidence_lines([res])  # the report prints it

@@ -272,10 +272,7 @@ def not_kept(args, r: RecoveryReport, refused: str) -> tuple[Background, Backgro
     table or executed on the connection, would change files on that same wrong footing.
     They are started again on a new mount, as without keeping; what they had not
     finished is lost to their clients, never half done."""
-    r.notes.append(
-        f"processes not kept: the running transaction was refused ({refused}), so what they "
-        "were told since the last commit was undone; started again on a new mount"
-    )
+    r.notes.append(keep.not_kept_note(refused))
     return (
         Background(keep.discard, args.tag, args.watch),
         Background(fusedev.abort_and_unmount, args.mount),

@@ -153,11 +153,7 @@ def take_over(k: Kernel, args, r: RecoveryReport, extra: dict, before_ready=None
     t = time.monotonic()
     if refused:  # nothing resurrected; started again once the new mount serves (below)
         keep.resurrect_into_report(r, k, [], [], [], args.netns)
-        r.notes.append(
-            f"processes not resurrected: the running transaction was refused ({refused}), "
-            "so what they were told since the last commit was undone; started again on a "
-            "new mount"
-        )
+        r.notes.append(keep.not_kept_note(refused, "resurrected"))
     else:
         keep.resurrect_into_report(r, k, *table, specs, args.netns)
     r.phase("process resurrection", t)
