@@ -68,6 +68,7 @@ class TrialSpec:
     machine_file: str | None = None
     fault_args: dict = field(default_factory=dict)  # where the fault goes: target, site, seed
     scheme_options: dict = field(default_factory=dict)  # given to the schemes declaring them
+    data_seed: int | None = None  # the data set's, the same for a run's trials (None: seed)
 
     @property
     def id(self) -> str:
@@ -168,6 +169,7 @@ class Trial:
             client_netns=self.net.client_netns() if self.net else None,
             workdir=wd,
             seed=self.spec.seed,
+            data_seed=self.spec.data_seed,
         )
         if self.workload.prepares:
             self.prepare_data()
@@ -443,7 +445,9 @@ def plan(
     scheme_options: dict | None = None,
 ) -> list[TrialSpec]:
     """Trials interleaved across schemes (trial 0 of each, then trial 1, ...), so drift of
-    a shared machine hits every scheme alike; trial i has the same seed under every scheme."""
+    a shared machine hits every scheme alike; trial i has the same seed under every scheme,
+    and every trial serves the data set made with the run's ``seed`` (its corpus and which
+    files are popular), so the trials repeat one workload and vary only its load."""
     return [
         TrialSpec(
             s,
@@ -455,6 +459,7 @@ def plan(
             dict(workload_params),
             machine_file,
             scheme_options=dict(scheme_options or {}),
+            data_seed=seed,
         )
         for i in range(trials)
         for s in schemes_

@@ -149,6 +149,31 @@ def test_corpus_reads_are_skewed_towards_the_same_files(dav):
     top, n = reads.most_common(1)[0]
     # Zipf 1.2 over 14 files gives the first rank ≈ 1/3 of the draws; uniform ≈ 1/14
     assert n > 3 * 300 / len(files), (n, len(files))
+    assert top == json.loads(manifest.read_text())[0]["path"]  # the manifest ranks them
+
+
+def _prepared(tmp_path: Path, name: str, seed: int, data_seed: int | None) -> list[dict]:
+    from harness.workloads import Service
+
+    mount = tmp_path / name
+    mount.mkdir()
+    svc = Service(str(mount), "127.0.0.1", None, mount, seed, data_seed=data_seed)
+    w = Files(corpus_mib=1)
+    w.prepare(svc)
+    return json.loads(w.manifest(svc).read_text())
+
+
+def test_every_trial_of_a_run_serves_the_same_corpus_and_hot_files(tmp_path):
+    from harness import driver
+
+    specs = driver.plan(["orthros", "reboot"], "files", "panic", 3, 7, {}, {}, None)
+    assert {s.data_seed for s in specs} == {7} and {s.seed for s in specs} == {7, 8, 9}
+    first = _prepared(tmp_path, "t0", 7, 7)
+    assert _prepared(tmp_path, "t1", 8, 7) == first  # the same files, ranked alike
+    other = _prepared(tmp_path, "other", 7, 11)
+    assert [f["sha256"] for f in other] != [f["sha256"] for f in first]
+    # ranked, not listed in path order: the hot files are the data set's draw
+    assert [f["path"] for f in first] != sorted(f["path"] for f in first)
 
 
 @pytest.mark.parametrize(

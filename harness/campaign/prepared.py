@@ -46,7 +46,7 @@ def restore(trial, store_root: Path, seed: int) -> str:
 def _with_seed(svc, seed: int):
     import dataclasses
 
-    return dataclasses.replace(svc, seed=seed)
+    return dataclasses.replace(svc, data_seed=seed)
 
 
 def _images(trial) -> list[Path]:

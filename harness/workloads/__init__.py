@@ -73,10 +73,17 @@ class Service:
     ip: str  # the service address (the NIC's, moved on takeover)
     client_netns: str | None  # the clients' namespace (None: loopback mode)
     workdir: Path  # the trial's scratch directory (logs/, histories)
-    seed: int
+    seed: int  # this trial's: the clients' draws and the data they write
     params: dict = field(default_factory=dict)
+    data_seed: int | None = None  # the prepared data set's (None: ``seed``)
     datadir: Path | None = None  # what ``prepare`` left for later clients (default: workdir)
     pool: object | None = None  # client processes kept across faults (workloads/pool.py)
+
+    @property
+    def dataset_seed(self) -> int:
+        """The seed the prepared data set is made with: one per run, so every trial of a
+        run serves the same corpus and repeats one workload (docs/WORKLOADS.md)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def data_dir(self) -> Path:

@@ -13,8 +13,9 @@ tree.py; by default more than the default disk model re-reads in a second) and
 ``wait_ready`` reads it once through the mount (``warm``), so the crash finds it cached;
 ``cache_pages`` is its size in pages. Each client operation is then a write of the
 client's own files with probability ``write_share``, else a read of a corpus file drawn
-by popularity (Zipf with exponent ``zipf_s`` over a seeded ranking of the files, the same
-for every client); a corpus read's invoke names the digest it expects, and
+by popularity (Zipf with exponent ``zipf_s`` over a ranking of the files made with the data
+set, the same for every client and every trial of a run: the manifest lists the corpus
+most popular first); a corpus read's invoke names the digest it expects, and
 ``checks.corpus`` counts the bodies served that differ from it. With ``corpus_mib`` = 0
 the clients only use their own files, a share ``read_ratio`` of operations reading one.
 """
@@ -26,6 +27,8 @@ import math
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from harness.workloads import Service, Workload, WorkloadError, tree
 from harness.workloads.clients import ClientGroup, launch, launch_to_end
@@ -95,10 +98,11 @@ class Files(Workload):
     def prepare(self, svc: Service) -> None:
         if self.p["corpus_mib"]:
             files = tree.write_tree(
-                Path(svc.mount) / "corpus", svc.seed, self.p["corpus_mib"] << 20
+                Path(svc.mount) / "corpus", svc.dataset_seed, self.p["corpus_mib"] << 20
             )
+            ranked = [files[i] for i in ranking(svc.dataset_seed, len(files))]
             self.manifest(svc).write_text(
-                json.dumps([{**f, "path": "/corpus" + f["path"]} for f in files])
+                json.dumps([{**f, "path": "/corpus" + f["path"]} for f in ranked])
             )
 
     def prepared(self, svc: Service) -> list[Path]:
@@ -273,3 +277,10 @@ def _is_int(v) -> bool:
 
 def _is_number(v) -> bool:
     return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def ranking(seed: int, n: int) -> list[int]:
+    """The corpus files by popularity, most popular first: a permutation seeded by the data
+    set's seed, so which files are hot (and how big they are) is the data set's, not the
+    trial's."""
+    return [int(i) for i in np.random.default_rng([seed, 83]).permutation(n)]

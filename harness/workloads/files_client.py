@@ -2,8 +2,8 @@
 reads its own files, recording every operation (harness/history.py). Given a corpus
 (``--manifest``: the read-mostly mode) it writes its own files with probability
 ``--write-share`` and otherwise reads a corpus file drawn by popularity: Zipf with
-exponent ``--zipf-s`` over a ranking of the files seeded by the trial's seed alone, so
-every client favours the same files; such a read's invoke carries the file's ``bytes``
+exponent ``--zipf-s`` over the manifest's order (the data set's ranking, most popular
+first), so every client of every trial of a run favours the same files; such a read's invoke carries the file's ``bytes``
 and ``sha256`` from the manifest (what was asked for).
 
 Promises to the checkers: a write's value is what was sent (version, kind, byte count,
@@ -83,7 +83,7 @@ class FilesClient:
         self.answered_error = False  # the server took the last read and failed it
         self.corpus = json.loads(open(a.manifest).read()) if a.manifest else []
         if self.corpus:
-            self.popular = popularity(a.seed, len(self.corpus), a.zipf_s)
+            self.popular = Popularity(len(self.corpus), a.zipf_s)
 
     def key(self, f: int) -> str:
         return f"c{self.a.id}-f{f}.bin"
@@ -182,22 +182,17 @@ class FilesClient:
 
 
 class Popularity:
-    """Zipf over n files: the file of rank r (1 = most popular) is drawn with probability
-    proportional to 1 / r**s; which file has which rank is a permutation seeded by the
-    trial's seed alone (s = 0: uniform)."""
+    """Zipf over n files: the file of rank r (1 = most popular, the manifest's r-th entry:
+    files.py lists the corpus most popular first) is drawn with probability proportional
+    to 1 / r**s (s = 0: uniform)."""
 
-    def __init__(self, order: np.ndarray, cdf: np.ndarray):
-        self.order, self.cdf = order, cdf
+    def __init__(self, n: int, s: float):
+        w = 1.0 / np.arange(1, n + 1, dtype=float) ** s
+        self.cdf = np.cumsum(w) / w.sum()
 
     def draw(self, rng: np.random.Generator) -> int:
         r = int(np.searchsorted(self.cdf, rng.random(), side="right"))
-        return int(self.order[min(r, len(self.order) - 1)])
-
-
-def popularity(seed: int, n: int, s: float) -> Popularity:
-    w = 1.0 / np.arange(1, n + 1, dtype=float) ** s
-    cdf = np.cumsum(w) / w.sum()
-    return Popularity(np.random.default_rng([seed, 83]).permutation(n), cdf)
+        return min(r, len(self.cdf) - 1)
 
 
 def verify(a, rec: Recorder, stop: Stop) -> int:

@@ -90,7 +90,7 @@ class Http(Workload):
 
     # --- prepare: the tree of files -----------------------------------------------------
     def prepare(self, svc: Service) -> None:
-        files = tree.write_tree(self.root(svc), svc.seed, self.p["total_mib"] << 20)
+        files = tree.write_tree(self.root(svc), svc.dataset_seed, self.p["total_mib"] << 20)
         self.manifest(svc).write_text(json.dumps(files))
 
     def prepared(self, svc: Service) -> list[Path]:
