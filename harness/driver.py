@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import history
+from harness import history, prepared
 from harness.checkers.writes import CORRUPTED, writes
 from harness.kcounters import CounterSampler
 from harness.testbed import Testbed
@@ -77,6 +77,10 @@ class TrialSpec:
 
 class Trial:
     """One trial's state: the phases run in order by ``run``."""
+
+    data_store: Path | None = None  # where the run's prepared data set is kept (prepared.py)
+    data_seed: int | None = None  # the seed it is made with (None: the spec's data seed)
+    data_set: str | None = None  # "made" or "copied" for this trial's machine
 
     def __init__(self, spec: TrialSpec, out: Path, say=lambda msg: None):
         self.spec, self.out, self.say = spec, out, say
@@ -177,8 +181,16 @@ class Trial:
         self.workload.wait_ready(self.svc, self.spec.timing["ready_timeout_s"])
 
     def prepare_data(self) -> None:
-        """The workload's data set, written through a kernel booted only for it and shut
-        down cleanly (a campaign copies one it made before: harness/campaign/prepared.py)."""
+        """The workload's data set: copied from ``data_store`` where an earlier trial of
+        the run (or machine of the campaign) left it (harness/prepared.py), else made."""
+        if self.data_store is None:
+            self.make_data()
+            return
+        seed = self.svc.dataset_seed if self.data_seed is None else self.data_seed
+        self.data_set = prepared.restore(self, self.data_store, seed)
+
+    def make_data(self) -> None:
+        """The data set written through a kernel booted only for it and shut down cleanly."""
         self.host.boot(0, mount=self.svc.mount)
         self.workload.prepare(self.svc)
         self.host.stop(0)
@@ -464,6 +476,12 @@ def plan(
         for i in range(trials)
         for s in schemes_
     ]
+
+
+def sharing_data(store: Path, kind: type[Trial] = Trial) -> type[Trial]:
+    """``kind``, its trials taking the run's data set from ``store``: the first makes it
+    there, the others copy it (every trial of a run has the same data set: ``plan``)."""
+    return type(kind.__name__, (kind,), {"data_store": store})
 
 
 def run_one(spec: TrialSpec, out: Path, say=lambda msg: None, kind: type[Trial] = Trial) -> dict:

@@ -306,3 +306,63 @@ def test_warmcache_reuses_pages_and_the_report_shows_the_vmms_count(warm_trial):
     ]
     assert len(rows) == 1 and f"| {reused} |" in rows[0], rows
     assert rec["checks"]["corpus"]["served"] > 0 and rec["checks"]["corpus"]["mismatched"] == 0
+
+
+class _DiskOnly:
+    """A machine's disks as plain files; what the booted-for-it kernel left on the mount
+    is written into the one image at its stop, as a clean shutdown leaves it on disk."""
+
+    def __init__(self, d: Path, mount: Path):
+        from types import SimpleNamespace
+
+        self.d, self.mount, self.boots = d, mount, 0
+        self.machine = SimpleNamespace(disks=[SimpleNamespace(name="disk0")])
+
+    def disk_image(self, name: str) -> Path:
+        return self.d / f"{name}.img"
+
+    def boot(self, i: int, mount: str) -> None:
+        self.boots += 1
+
+    def stop(self, i: int) -> None:
+        files = sorted(p for p in self.mount.rglob("*") if p.is_file())
+        self.disk_image("disk0").write_bytes(b"".join(p.read_bytes() for p in files))
+
+
+def _sharing_trial(store: Path, tmp_path: Path, trial: int):
+    from harness import driver
+    from harness.workloads import Service
+
+    spec = driver.plan(["reboot"], "files", "panic", trial + 1, 4, {}, {"corpus_mib": 1}, None)
+    t = driver.sharing_data(store)(spec[trial], tmp_path)
+    wd = tmp_path / f"t{trial}"
+    (wd / "mount").mkdir(parents=True)
+    t.svc = Service(str(wd / "mount"), "127.0.0.1", None, wd, spec[trial].seed, data_seed=4)
+    t.host = _DiskOnly(wd, wd / "mount")
+    return t
+
+
+def test_the_trials_of_a_run_copy_the_data_set_the_first_made(tmp_path):
+    from harness import prepared
+
+    with prepared.scratch_store() as store:
+        first, second = (_sharing_trial(store, tmp_path, i) for i in (0, 1))
+        first.prepare_data()
+        second.prepare_data()
+        assert (first.data_set, first.host.boots) == ("made", 1)
+        assert (second.data_set, second.host.boots) == ("copied", 0)  # no kernel, no writes
+        image = first.host.disk_image("disk0").read_bytes()  # the 1 MiB corpus
+        assert len(image) == 1 << 20 and second.host.disk_image("disk0").read_bytes() == image
+        manifest = first.workload.manifest(first.svc).read_text()
+        assert second.workload.manifest(second.svc).read_text() == manifest
+    assert not store.exists()
+
+
+def test_a_run_s_data_store_goes_however_the_run_ends(tmp_path):
+    from harness import prepared
+
+    with pytest.raises(KeyboardInterrupt):
+        with prepared.scratch_store() as store:
+            (store / "prepared").mkdir()
+            raise KeyboardInterrupt
+    assert not store.exists()

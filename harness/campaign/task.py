@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from harness import driver
-from harness.campaign import container, outcome, prepared
+from harness.campaign import container, outcome
 from harness.campaign.plan import FaultSpec
 from kernel.core.faults import REQUEST_SITES
 
@@ -65,17 +65,6 @@ class CampaignTrial(driver.Trial):
 
     fsck: dict | None = None
     probe: "Probe | None" = None
-    data_store: Path | None = None  # where the campaign's prepared data set is kept
-    data_seed: int | None = None  # the seed it is made with
-    data_set: str | None = None  # "made" or "copied" for this machine (prepared.py)
-
-    def prepare_data(self) -> None:
-        """The campaign's data set (harness/campaign/prepared.py), or the driver's own
-        (no store: a docker worker, whose container sees only its work directory)."""
-        if self.data_store is None:
-            super().prepare_data()
-        else:
-            self.data_set = prepared.restore(self, self.data_store, self.data_seed)
 
     def inject(self) -> dict:
         self.probe = None  # an earlier fault's, on this machine

@@ -322,7 +322,7 @@ def run_cmd(
 def _run_all(
     specs, parameters: dict, out: Optional[Path], show: Console
 ) -> tuple[Path, list[dict], list[Path]]:
-    from harness import driver, report, results
+    from harness import driver, prepared, report, results
 
     d = (
         results.new_run_dir(schemes=parameters["schemes"], workload=parameters["workload"])
@@ -342,14 +342,10 @@ def _run_all(
     ) as bar:
         task = bar.add_task("starting", total=len(specs))
         try:
-            for spec in specs:
-                rec = driver.run_one(spec, d, say=lambda m: bar.update(task, description=m))
-                records.append(rec)
-                results.write_run(
-                    d, parameters, env, records
-                )  # a run stopped halfway keeps its trials
-                bar.advance(task)
-                bar.console.print(_trial_line(rec))
+            with prepared.scratch_store() as store:
+                _run_specs(
+                    specs, driver.sharing_data(store), d, parameters, env, records, bar, task
+                )
         except KeyboardInterrupt as e:
             name = e.signal_name if isinstance(e, Stopped) else "SIGINT"
             results.write_run(
@@ -375,6 +371,19 @@ def _run_all(
         f"per-trial figures: {results.CSV_FILE})"
     )
     return d, records, files
+
+
+def _run_specs(specs, kind, d: Path, parameters: dict, env: dict, records: list, bar, task) -> None:
+    """Each trial in turn, run.json rewritten after each (a run stopped halfway keeps its
+    trials); ``kind`` shares the run's data set between them."""
+    from harness import driver, results
+
+    for spec in specs:
+        rec = driver.run_one(spec, d, say=lambda m: bar.update(task, description=m), kind=kind)
+        records.append(rec)
+        results.write_run(d, parameters, env, records)
+        bar.advance(task)
+        bar.console.print(_trial_line(rec))
 
 
 def _trial_line(r: dict) -> str:

@@ -1,15 +1,16 @@
-"""A campaign's prepared data set: made once on a machine, copied into every later one.
+"""A prepared data set: made once on a machine, copied into every later one.
 
-Promises to the campaign's trials (task.py ``CampaignTrial.prepare_data``): ``restore``
-gives a machine just brought up the workload's prepared data set — its disk images, and the
-files ``Workload.prepared`` names beside them — copied from the campaign's store in this
-machine's scratch directory when one is there, else made as the driver makes it (a kernel
-booted only for it, shut down cleanly) with the campaign's data seed, then stored for the
-next machines. Every machine of a campaign thus starts from the same disk, whichever fault
-it serves first, and pays a copy (the images stay sparse) instead of a file system's worth
-of writes through FUSE. A store is complete or absent: it is written beside and renamed into
-place, so two trial processes preparing at once each leave a whole one (the last wins). It
-goes with the scratch directory at the campaign's end.
+Promises to the trials of a run and of a campaign (harness/driver.py
+``Trial.prepare_data``): ``restore`` gives a machine just brought up the workload's
+prepared data set — its disk images, and the files ``Workload.prepared`` names beside
+them — copied from the store in this machine's scratch directory when one is there, else
+made as the driver makes it (a kernel booted only for it, shut down cleanly) with the data
+set's seed, then stored for the next machines. Every trial of a run, and every machine of
+a campaign, thus starts from the same disk, and pays a copy (the images stay sparse)
+instead of a file system's worth of writes through FUSE. A store is complete or absent: it
+is written beside and renamed into place, so two trial processes preparing at once each
+leave a whole one (the last wins). It goes with its scratch directory at the end of the
+run (``scratch_store``) or the campaign.
 """
 
 from __future__ import annotations
@@ -18,11 +19,24 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from kernel import param
 
 STORE = "prepared"
+
+
+@contextmanager
+def scratch_store(prefix: str = "crashbench-data-") -> Iterator[Path]:
+    """A scratch directory for one run's store, removed when the run ends however it
+    ends (Ctrl-C too)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def restore(trial, store_root: Path, seed: int) -> str:
@@ -34,9 +48,7 @@ def restore(trial, store_root: Path, seed: int) -> str:
     svc = trial.svc
     trial.svc = _with_seed(svc, seed)
     try:
-        trial.host.boot(0, mount=svc.mount)
-        trial.workload.prepare(trial.svc)
-        trial.host.stop(0)
+        trial.make_data()
     finally:
         trial.svc = svc
     _store(trial, store)
