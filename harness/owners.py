@@ -56,8 +56,7 @@ class Record:
         return self.path.stem
 
     def owner_alive(self) -> bool:
-        o = self.data["owner"]
-        return _start_time(o["pid"]) == o["start"]
+        return alive(self.data["owner"])
 
     def describe(self) -> str:
         if self.data is None:
@@ -102,6 +101,16 @@ def hand_over(tag: str, pid: int) -> None:
 def release(tag: str) -> None:
     """The machine is torn down: forget it."""
     (owners_dir() / f"{tag}.json").unlink(missing_ok=True)
+
+
+def this_owner() -> dict:
+    """This process as an owner: its pid and start time."""
+    return _owner(os.getpid())
+
+
+def alive(owner: dict) -> bool:
+    """Whether the process an owner names (pid and start time) still runs."""
+    return _start_time(owner["pid"]) == owner["start"]
 
 
 def _owner(pid: int) -> dict:

@@ -15,6 +15,7 @@ run (``scratch_store``) or the campaign.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -28,15 +29,39 @@ from kernel import param
 STORE = "prepared"
 
 
+STORE_PREFIX = "crashbench-data-"
+OWNER = "owner.json"  # who made the scratch store: a killed run's is found by its owner
+
+
 @contextmanager
-def scratch_store(prefix: str = "crashbench-data-") -> Iterator[Path]:
+def scratch_store() -> Iterator[Path]:
     """A scratch directory for one run's store, removed when the run ends however it
-    ends (Ctrl-C too)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix))
+    ends (Ctrl-C too); a SIGKILLed run's is an orphan, which ``orphan_stores`` finds and
+    `crashbench down --all` removes."""
+    from harness import owners
+
+    d = Path(tempfile.mkdtemp(prefix=STORE_PREFIX))
     try:
+        (d / OWNER).write_text(json.dumps(owners.this_owner()))
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def orphan_stores() -> list[Path]:
+    """The scratch stores whose owner is gone (an unreadable owner file too: a store is
+    never anyone's input, so a doubt removes it); a live owner's is never listed."""
+    from harness import owners
+
+    out = []
+    for d in sorted(Path(tempfile.gettempdir()).glob(STORE_PREFIX + "*")):
+        try:
+            alive = owners.alive(json.loads((d / OWNER).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            alive = False
+        if d.is_dir() and not alive:
+            out.append(d)
+    return out
 
 
 def restore(trial, store_root: Path, seed: int) -> str:

@@ -364,6 +364,14 @@ def test_a_killed_run_is_reported_and_down_all_removes_what_it_left(tmp_path):
         p.kill()
         p.communicate(timeout=60)
     tag = rec.data["tag"]
+    from harness import prepared
+
+    def owned_by_the_run(d: Path) -> bool:
+        o = d / prepared.OWNER
+        return o.is_file() and f'"pid": {p.pid},' in o.read_text()
+
+    store = [d for d in prepared.orphan_stores() if owned_by_the_run(d)]
+    assert len(store) == 1  # the run's data set, made by its first trial, outlived the kill
     kinds = {x.split(" ")[0] for x in _what_is_left(rec)}  # the kill really left them
     assert {"mount", "memory", "procset", "netns", "process", "work"} <= kinds
     nxt = crashbench("run", "--trials", "0", timeout=60)  # refused, but names the orphan
@@ -374,5 +382,7 @@ def test_a_killed_run_is_reported_and_down_all_removes_what_it_left(tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     assert f"unmounted {rec.data['workdir']}/mnt-p0" in down.stdout
     assert _what_is_left(rec) == [], down.stdout
+    assert f"removed a killed run's data set {store[0]}" in down.stdout
+    assert not store[0].exists()
     assert _machine_of(p.pid) is None
     assert f"machine {tag}" not in crashbench("run", "--trials", "0", timeout=60).stderr

@@ -354,12 +354,30 @@ def warn_orphans(command: str) -> None:
         err.print(line, markup=False, highlight=False)
 
 
+def _down_stores() -> int:
+    """Remove the data stores killed runs left (harness/prepared.py); 1 if one stays."""
+    import shutil
+
+    from harness import prepared
+
+    status = 0
+    for d in prepared.orphan_stores():
+        try:
+            shutil.rmtree(d)
+            console.print(f"removed a killed run's data set {d}", markup=False, highlight=False)
+        except OSError as e:
+            err.print(f"crashbench down: {d}: {e}", markup=False, highlight=False)
+            status = 1
+    return status
+
+
 def down_orphans() -> int:
     """Remove every orphan, print what went; 1 when one could not be removed entirely."""
     from harness import owners
 
     status = 0
     found = owners.orphans()
+    live = len(owners.records()) - len(found)  # counted before the orphans' records go
     for r in found:
         console.print(f"{r.describe()}:", markup=False, highlight=False)
         try:
@@ -372,7 +390,7 @@ def down_orphans() -> int:
                 highlight=False,
             )
             status = 1
-    live = len(owners.records()) - len(found)
+    status = max(status, _down_stores())
     console.print(
         f"{len(found)} orphan(s) removed" if found else "no orphans", markup=False, highlight=False
     )
