@@ -82,7 +82,7 @@ def claim(kind: str, workdir: Path, tag: str, physmem: str, *, workdir_made: boo
         "workdir_made": workdir_made,
         "physmem": physmem,
         "created": time.time(),
-        "owner": _owner(os.getpid()),
+        "owner": owner(os.getpid()),
     }
     return _write(tag, rec)
 
@@ -94,7 +94,7 @@ def hand_over(tag: str, pid: int) -> None:
         return
     p = owners_dir() / f"{tag}.json"
     rec = json.loads(p.read_text())
-    rec["owner"] = _owner(pid)
+    rec["owner"] = owner(pid)
     _write(tag, rec)
 
 
@@ -103,17 +103,13 @@ def release(tag: str) -> None:
     (owners_dir() / f"{tag}.json").unlink(missing_ok=True)
 
 
-def this_owner() -> dict:
-    """This process as an owner: its pid and start time."""
-    return _owner(os.getpid())
-
-
 def alive(owner: dict) -> bool:
     """Whether the process an owner names (pid and start time) still runs."""
     return _start_time(owner["pid"]) == owner["start"]
 
 
-def _owner(pid: int) -> dict:
+def owner(pid: int) -> dict:
+    """A process as an owner: its pid and start time (a reused pid is not mistaken for it)."""
     start = _start_time(pid)
     if start is None:
         raise ValueError(f"owner pid {pid}: no such process")

@@ -27,8 +27,6 @@ from pathlib import Path
 from kernel import param
 
 STORE = "prepared"
-
-
 STORE_PREFIX = "crashbench-data-"
 OWNER = "owner.json"  # who made the scratch store: a killed run's is found by its owner
 
@@ -42,7 +40,7 @@ def scratch_store() -> Iterator[Path]:
 
     d = Path(tempfile.mkdtemp(prefix=STORE_PREFIX))
     try:
-        (d / OWNER).write_text(json.dumps(owners.this_owner()))
+        (d / OWNER).write_text(json.dumps(owners.owner(os.getpid())))
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)

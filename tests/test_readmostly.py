@@ -371,13 +371,14 @@ def test_a_run_s_data_store_goes_however_the_run_ends(tmp_path):
 def test_a_killed_run_s_data_store_is_an_orphan_and_a_live_one_is_not(tmp_path):
     import json as _json
 
-    from harness import prepared
+    from harness import owners, prepared
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = open(f"/proc/{gone.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    gone = subprocess.Popen(["sleep", "60"])
+    was = owners.owner(gone.pid)
+    gone.kill()
     gone.wait()
     with prepared.scratch_store() as live:
         assert live not in prepared.orphan_stores()
         with prepared.scratch_store() as dead:  # as a SIGKILLed run leaves it
-            (dead / prepared.OWNER).write_text(_json.dumps({"pid": gone.pid, "start": int(start)}))
+            (dead / prepared.OWNER).write_text(_json.dumps(was))
             assert dead in prepared.orphan_stores() and live not in prepared.orphan_stores()

@@ -3,8 +3,8 @@ reads its own files, recording every operation (harness/history.py). Given a cor
 (``--manifest``: the read-mostly mode) it writes its own files with probability
 ``--write-share`` and otherwise reads a corpus file drawn by popularity: Zipf with
 exponent ``--zipf-s`` over the manifest's order (the data set's ranking, most popular
-first), so every client of every trial of a run favours the same files; such a read's invoke carries the file's ``bytes``
-and ``sha256`` from the manifest (what was asked for).
+first), so every client of every trial of a run favours the same files; such a read's
+invoke carries the file's ``bytes`` and ``sha256`` from the manifest (what was asked for).
 
 Promises to the checkers: a write's value is what was sent (version, kind, byte count,
 sha256 of the body); a read's value is what came back. Content is a pure function of
