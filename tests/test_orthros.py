@@ -457,9 +457,12 @@ def _policies(pid: int) -> dict[int, int]:
 
 
 def test_the_re_paired_backup_stands_by_at_normal_priority(orthros):
-    """The host starts a backup at SCHED_IDLE (its start-up yields to the service); in
-    standby every thread of it and of its checker must be SCHED_OTHER again: an idle
-    heartbeat or takeover would starve under load."""
+    """The host starts a backup behind everything else (its start-up yields to the service
+    and the load); in standby every thread of it and of its checker must be SCHED_OTHER
+    again, and their session's autogroup at nice 0: an idle heartbeat or takeover would
+    starve under load."""
+    from kernel.hw import priority
+
     host, s = orthros
     crash(host, s, "panic")  # returns with the re-paired backup in standby
     backup = host.kernels[s.backup].proc.pid
@@ -467,6 +470,7 @@ def test_the_re_paired_backup_stands_by_at_normal_priority(orthros):
     assert checker, "the backup's checker process is missing"
     for pid in [backup, *checker]:
         assert set(_policies(pid).values()) == {os.SCHED_OTHER}, (pid, _policies(pid))
+        assert priority.group_nice(pid) in (0, None), (pid, priority.group_nice(pid))
 
 
 def test_adopted_dirty_inodes_keep_their_age_and_are_written_back_on_schedule(tmp_path):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from kernel import param
 from kernel.hw import machine as machine_mod
+from kernel.hw import priority
 from kernel.hw.physmem import PhysMem
 
 READY_TIMEOUT_S = 30.0
@@ -54,14 +55,6 @@ class KernelProc:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
-
-
-def _idle() -> None:
-    """Preexec: this child at SCHED_IDLE (inherited by its threads and children)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        pass
 
 
 def make_workdir(path: str | Path) -> Path:
@@ -132,9 +125,10 @@ class Host:
     ) -> KernelProc:
         """Launch a kernel process (or another kernel-side program, e.g. a standby backup
         kernel) for a partition, and return once it says it is ready. ``pass_fds``: more
-        descriptors the program inherits (the VMM's gate). ``idle``: start it at
-        SCHED_IDLE, so its start-up yields to everything else; the program must raise its
-        threads back itself (systems/orthros/backup.py does, once in standby). ``wait``
+        descriptors the program inherits (the VMM's gate). ``idle``: start it
+        behind everything else (kernel/hw/priority.py ``start_idle``), so its start-up yields
+        to the service and the load; the program must raise its threads and its group back
+        itself (systems/orthros/backup.py does, once in standby). ``wait``
         False: return once launched; ``await_ready`` then waits for it."""
         from kernel.hw import fusedev
 
@@ -182,7 +176,7 @@ class Host:
                 pass_fds=(w, *pass_fds),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_idle if idle else None,
+                preexec_fn=priority.start_idle if idle else None,
             )
         os.close(w)
         kp = KernelProc(part_id, proc, mnt, log_path, started=t0, ready_fd=r)

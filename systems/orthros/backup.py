@@ -43,7 +43,7 @@ from kernel import param
 from kernel.core.cachewalk import collect
 from kernel.core.kernel import Kernel, kernel_arguments, notify_ready
 from kernel.core.pageadopt import Unchecked
-from kernel.hw import fusedev, mailbox
+from kernel.hw import fusedev, mailbox, priority
 from kernel.hw import machine as machine_mod
 from kernel.hw.physmem import CorruptObject, partition_layout
 from kernel.hw.procset import fence_partition
@@ -177,18 +177,23 @@ def warm_heap(nbytes: int) -> None:
 
 
 def normal_priority(*pids: int) -> None:
-    """Every thread of this process, and the checker, back to SCHED_OTHER once in standby.
-    The host starts a backup at SCHED_IDLE (kernel/hw/host.py ``boot(idle=True)``): booted for
-    re-pairing right after a failover, at normal priority its start-up took CPU from the
-    service — three `files` trials: time to 90 % 2, 3 and 5 s, against 2, 2 and 2 s without
-    re-pairing and 2, 2 and 2 s (twice) with an idle start-up. Threads inherit the policy,
-    so the heartbeat thread is reset here too: a standby must not starve once it serves."""
+    """Every thread of this process, and the checker, back to SCHED_OTHER once in standby,
+    and this session's autogroup back to nice 0. The host starts a backup behind
+    everything else (kernel/hw/priority.py ``start_idle``): booted for re-pairing right
+    after a failover, at normal priority its start-up took CPU from the service and the
+    clients (docs/PERFORMANCE.md, "Re-pairing, and why the backup starts at idle
+    priority"). Threads inherit the policy, so the heartbeat thread is reset here too: a
+    standby must not starve once it serves."""
     tids = [int(t) for t in os.listdir("/proc/self/task")] + list(pids)
     for tid in tids:
         try:
             os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
         except OSError as e:
             log.info("thread %d left at its priority (%s)", tid, e)
+    try:
+        priority.raise_group()
+    except OSError as e:
+        log.warning("this session's scheduling group left at its idle share (%s)", e)
 
 
 def warm_imports() -> None:
