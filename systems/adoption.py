@@ -115,12 +115,14 @@ def check_rest(vfs, r: RecoveryReport, u: Unchecked | None, check) -> None:
     took = time.monotonic() - t
     r.cache.pages_recovered += u.good
     r.cache.dirty_pages_recovered += u.good_dirty
+    r.cache.dirty_pages_superseded += u.superseded_dirty
     r.cache.pages_rejected += len(u.rejected)
     r.rejected += [str(e) for e in u.rejected]
     r.notes.append(
         f"pages checked after first service: {u.good + len(u.rejected)} "
         f"(the rest in the background in {took * 1e3:.1f} ms); "
-        f"{u.dropped} dropped unread (written, truncated or reclaimed first)"
+        f"{u.dropped} dropped unread (written, truncated or reclaimed first), "
+        f"{u.superseded_dirty} of them dirty: superseded by a truncation after the takeover"
     )
 
 
@@ -149,6 +151,6 @@ def drop_orphans(vfs, inodes: dict[int, dict]) -> tuple[int, int]:
                 if u is not None:
                     pos = u.find(ino, 0, WHOLE_FILE)
                     lost_unchecked += int(np.count_nonzero(u.dirty[pos]))
-                vfs.pc.truncate(ino, 0)
+                vfs.pc.truncate(ino, 0, orphaned=True)
                 vfs.ic.drop(ino)
     return lost, lost_unchecked

@@ -49,6 +49,9 @@ class CacheCounts:
     pages_recovered: int = 0  # adopted by the recovering kernel
     dirty_pages_recovered: int = 0  # of which dirty: unsynced data saved
     pages_rejected: int = 0  # refused as corrupted; never written to disk
+    # adopted dirty pages a request truncated (the file cut or removed) before their check:
+    # dropped unread, their data replaced after the recovery — superseded, not lost
+    dirty_pages_superseded: int = 0
     metadata_rejected: int = (
         0  # metadata blocks of a running transaction not committed as found (inconsistent)
     )
@@ -65,7 +68,7 @@ class CacheCounts:
 
     @property
     def dirty_pages_lost(self) -> int:
-        return self.dirty_pages_before - self.dirty_pages_recovered
+        return self.dirty_pages_before - self.dirty_pages_recovered - self.dirty_pages_superseded
 
 
 FATES = ("preserved", "restarted", "lost")
@@ -187,6 +190,7 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
         "dirty_pages_before",
         "pages_recovered",
         "dirty_pages_recovered",
+        "dirty_pages_superseded",
         "pages_rejected",
         "pages_preserved",
         "pages_inconsistent",
@@ -200,6 +204,8 @@ def check_report(r: RecoveryReport) -> RecoveryReport:
         raise ReportError(f"{r.scheme}: more dirty pages than pages before the crash")
     if c.dirty_pages_recovered > c.dirty_pages_before or c.pages_recovered > c.pages_before:
         raise ReportError(f"{r.scheme}: recovered more pages than there were")
+    if c.dirty_pages_recovered + c.dirty_pages_superseded > c.dirty_pages_before:
+        raise ReportError(f"{r.scheme}: recovered and superseded dirty pages exceed those before")
     if c.pages_recovered + c.pages_rejected > c.pages_before:
         raise ReportError(f"{r.scheme}: recovered and rejected pages exceed the pages before")
     if c.pages_inconsistent + c.pages_corrupted + c.pages_reused > c.pages_preserved:

@@ -329,6 +329,28 @@ def test_unchecked_dirty_pages_are_served_and_written_back(adopted_dirty):
     assert on_disk(st, new, ino, 16) == want and new.pc.ndirty == 0
 
 
+def test_dirty_pages_a_request_truncates_unread_are_superseded_not_lost(adopted_dirty):
+    """Adopted dirty pages that a request after the takeover cuts off before their check
+    are dropped unread: their data was replaced by the request, so the report counts them
+    superseded, not lost, and the verdict stays "recovered"."""
+    from kernel.core.memreader import check_pages
+    from systems.adoption import check_rest
+    from systems.base import RecoveryReport
+
+    st, old, new, ino, want = adopted_dirty
+    u = new.pc.unchecked
+    r = RecoveryReport("orthros", "test", 0.0)
+    r.recovered, r.service_at = True, 0.0
+    r.cache.dirty_pages_before = r.cache.pages_before = 4
+    new.setattr(ino, size=6 * PAGE)  # pages 6 and 7 (dirty, unchecked) cut off unread
+    check_rest(new, r, u, lambda f: check_pages(new.mem, new.lay, f))
+    check_report(r)
+    c = r.cache
+    assert (c.dirty_pages_recovered, c.dirty_pages_superseded, c.dirty_pages_lost) == (2, 2, 0)
+    assert r.verdict == "recovered"
+    assert new.read(ino, 0, 8 * PAGE) == want[: 6 * PAGE]
+
+
 def test_write_back_checks_unchecked_dirty_pages_and_never_writes_a_corrupted_one(adopted_dirty):
     st, old, new, ino, want = adopted_dirty
     f = old.pc.index[(ino, 6)]

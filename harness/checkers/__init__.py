@@ -72,7 +72,11 @@ def cache(report: dict | None) -> dict:
     if missing:
         raise ValueError(f"recovery report: cache.{missing[0]} is missing or not a count")
     counts = {k: v for k, v in c.items() if isinstance(v, int) and not isinstance(v, bool)}
-    counts["dirty_pages_lost"] = counts["dirty_pages_before"] - counts["dirty_pages_recovered"]
+    counts["dirty_pages_lost"] = (
+        counts["dirty_pages_before"]
+        - counts["dirty_pages_recovered"]
+        - counts.get("dirty_pages_superseded", 0)  # a report from before it was counted
+    )
     phases: dict[str, float] = {}
     for p in report.get("phases", []):
         phases[p["name"]] = phases.get(p["name"], 0.0) + (p["end"] - p["start"])

@@ -318,6 +318,11 @@ def render_report(r: dict) -> None:
         f"({c['dirty_pages_recovered']} dirty), {c['pages_rejected']} rejected, "
         f"{c['dirty_pages_lost']} dirty pages lost"
         + (
+            f", {c['dirty_pages_superseded']} superseded (truncated by a request first)"
+            if c.get("dirty_pages_superseded")
+            else ""
+        )
+        + (
             f", {c['metadata_rejected']} metadata blocks refused"
             if c.get("metadata_rejected")
             else ""

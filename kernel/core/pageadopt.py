@@ -13,7 +13,9 @@ it to a backup kernel (systems/orthros):
   rejected, counted, its descriptor cleared and its frame freed: never served, never
   written to disk. A clean entry whose page is written, read from the disk or truncated
   first is dropped unread; a dirty one is checked first unless truncated (its data is
-  nowhere else). ``check_unchecked`` checks the rest in batches.
+  nowhere else); one truncated unread is counted superseded (``superseded_dirty``: the
+  request that cut or removed its file replaced its data), unless its file never reached
+  the disk. ``check_unchecked`` checks the rest in batches.
 * A checked dirty page joins its inode's dirty-page chain; its descriptor is rewritten
   only when its link differs from the dead kernel's.
 
@@ -141,6 +143,7 @@ class Unchecked:
         self.good = 0  # checked, now cached
         self.good_dirty = 0  # of which dirty
         self.dropped = 0  # written, truncated or reclaimed unread
+        self.superseded_dirty = 0  # of which dirty: truncated by a request, data replaced
         self.rejected: list[CorruptObject] = []
 
     def find(self, ino: int, idx: int, upto: int | None = None) -> np.ndarray:
@@ -377,11 +380,16 @@ class Adoption:
                 f"descriptor names, was rejected ({e})",
             )
 
-    def _drop_unchecked(self, pos: np.ndarray) -> int:
-        """Unchecked pages whose data is not needed (written, truncated, reclaimed): freed unread."""
+    def _drop_unchecked(self, pos: np.ndarray, superseded: bool = True) -> int:
+        """Unchecked pages whose data is not needed (written, truncated, reclaimed): freed
+        unread. Dirty ones among them (only a truncation drops those) were superseded — the
+        file cut or removed after the takeover — unless ``superseded`` is False (their file
+        was never created: they are lost, and counted so by whoever dropped them)."""
         if not len(pos):
             return 0
         self.unchecked.dropped += len(pos)
+        if superseded:
+            self.unchecked.superseded_dirty += int(np.count_nonzero(self.unchecked.dirty[pos]))
         self._release(np.sort(self.unchecked.close(pos)).tolist())
         return len(pos)
 

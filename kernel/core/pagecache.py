@@ -411,12 +411,16 @@ class PageCache(Adoption):
         self._clear_desc(f)
         self.free.append(f)
 
-    def truncate(self, ino: int, first_idx: int) -> int:
-        """Drop every page of ino at index >= first_idx, dirty or not; returns dirty dropped."""
+    def truncate(self, ino: int, first_idx: int, orphaned: bool = False) -> int:
+        """Drop every page of ino at index >= first_idx, dirty or not; returns dirty dropped.
+        ``orphaned``: the file never reached the disk, so adopted dirty pages dropped here
+        are lost rather than superseded (pageadopt ``_drop_unchecked``)."""
         if self.unchecked is not None and first_idx:  # the page before may become a partial tail
             self._settle(ino, first_idx - 1)
         if self.unchecked is not None:
-            self._drop_unchecked(self.unchecked.find(ino, first_idx, WHOLE_FILE))
+            self._drop_unchecked(
+                self.unchecked.find(ino, first_idx, WHOLE_FILE), superseded=not orphaned
+            )
         if self.lost:
             self.lost.truncated(ino, first_idx)
         idxs = [i for i in self.pages_of.get(ino, ()) if i >= first_idx]
