@@ -342,13 +342,13 @@ def test_dirty_pages_a_request_truncates_unread_are_superseded_not_lost(adopted_
     r = RecoveryReport("orthros", "test", 0.0)
     r.recovered, r.service_at = True, 0.0
     r.cache.dirty_pages_before = r.cache.pages_before = 4
-    new.setattr(ino, size=6 * PAGE)  # pages 6 and 7 (dirty, unchecked) cut off unread
+    new.setattr(ino, size=4 * PAGE)  # pages 4-7 (dirty, unchecked) cut off unread
     check_rest(new, r, u, lambda f: check_pages(new.mem, new.lay, f))
     check_report(r)
     c = r.cache
-    assert (c.dirty_pages_recovered, c.dirty_pages_superseded, c.dirty_pages_lost) == (2, 2, 0)
+    assert (c.dirty_pages_recovered, c.dirty_pages_superseded, c.dirty_pages_lost) == (0, 4, 0)
     assert r.verdict == "recovered"
-    assert new.read(ino, 0, 8 * PAGE) == want[: 6 * PAGE]
+    assert new.read(ino, 0, 8 * PAGE) == want[: 4 * PAGE]
 
 
 def test_write_back_checks_unchecked_dirty_pages_and_never_writes_a_corrupted_one(adopted_dirty):
