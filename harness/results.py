@@ -30,6 +30,8 @@ from pathlib import Path
 
 import jsonschema
 
+from harness.checkers import CACHE_KEYS
+
 SCHEMA_VERSION = 2
 READS = (1, 2)
 KIND = "crashbench run"
@@ -50,14 +52,6 @@ _COUNT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
 _SECONDS_OR_NULL = {"type": ["number", "null"], "minimum": 0}
 _NAME = {"type": "string", "minLength": 1}
 _RATIO_OR_NULL = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
-
-CACHE_KEYS = (
-    "pages_before",
-    "dirty_pages_before",
-    "pages_recovered",
-    "dirty_pages_recovered",
-    "pages_rejected",
-)
 
 # per key read back corrupted, the workload's account of what the machine held
 # (harness/workloads/__init__.py ``explain``); only in a record that has such keys

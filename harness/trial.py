@@ -8,15 +8,8 @@ figure null, so a run's trials are never silently fewer than asked for.
 
 from __future__ import annotations
 
-from harness import checkers  # noqa: E402
-
-CACHE_KEYS = (
-    "pages_before",
-    "dirty_pages_before",
-    "pages_recovered",
-    "dirty_pages_recovered",
-    "pages_rejected",
-)
+from harness import checkers
+from harness.checkers import CACHE_KEYS
 
 
 def record(trial, events: list[dict]) -> dict:
