@@ -10,7 +10,9 @@ a campaign, thus starts from the same disk, and pays a copy (the images stay spa
 instead of a file system's worth of writes through FUSE. A store is complete or absent: it
 is written beside and renamed into place, so two trial processes preparing at once each
 leave a whole one (the last wins). It goes with its scratch directory at the end of the
-run (``scratch_store``) or the campaign.
+run (``scratch_store``) or the campaign. Every process that works in a scratch directory
+stamps it (``stamp``); one whose stamps all name dead processes is an orphan, which
+``orphan_stores`` lists for `crashbench down --all`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path
 from kernel import param
 
 STORE = "prepared"
-STORE_PREFIX = "crashbench-data-"
-OWNER = "owner.json"  # who made the scratch store: a killed run's is found by its owner
+STORE_PREFIX = "crashbench-data-"  # a run's scratch store
+CAMPAIGN_PREFIX = "crashbench-campaign-"  # a campaign's scratch directory on this machine
+STAMPS = "owners"  # in a scratch directory: one stamp per process that works in it
 
 
 @contextmanager
@@ -36,30 +39,46 @@ def scratch_store() -> Iterator[Path]:
     """A scratch directory for one run's store, removed when the run ends however it
     ends (Ctrl-C too); a SIGKILLed run's is an orphan, which ``orphan_stores`` finds and
     `crashbench down --all` removes."""
-    from harness import owners
-
     d = Path(tempfile.mkdtemp(prefix=STORE_PREFIX))
     try:
-        (d / OWNER).write_text(json.dumps(owners.owner(os.getpid())))
+        stamp(d, os.getpid())
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def orphan_stores() -> list[Path]:
-    """The scratch stores whose owner is gone (an unreadable owner file too: a store is
-    never anyone's input, so a doubt removes it); a live owner's is never listed."""
+def stamp(scratch: Path, pid: int) -> Path:
+    """Mark ``scratch`` as worked in by process ``pid`` (its pid and start time): while
+    that process runs, the directory is not an orphan. A stamp is never removed; a dead
+    process's simply stops counting."""
     from harness import owners
 
-    out = []
-    for d in sorted(Path(tempfile.gettempdir()).glob(STORE_PREFIX + "*")):
+    d = scratch / STAMPS
+    d.mkdir(exist_ok=True)
+    p = d / f"{pid}.json"
+    p.write_text(json.dumps(owners.owner(pid)))
+    return p
+
+
+def orphan_stores() -> list[Path]:
+    """The scratch directories of runs and campaigns no live process has stamped (an
+    unreadable stamp counts as dead: a scratch directory is never anyone's input, so a
+    doubt removes it); one with a live stamp is never listed."""
+    tmp = Path(tempfile.gettempdir())
+    found = [*tmp.glob(STORE_PREFIX + "*"), *tmp.glob(CAMPAIGN_PREFIX + "*")]
+    return sorted(d for d in found if d.is_dir() and not _stamped_alive(d))
+
+
+def _stamped_alive(scratch: Path) -> bool:
+    from harness import owners
+
+    for p in (scratch / STAMPS).glob("*.json"):
         try:
-            alive = owners.alive(json.loads((d / OWNER).read_text()))
+            if owners.alive(json.loads(p.read_text())):
+                return True
         except (OSError, ValueError, KeyError, TypeError):
-            alive = False
-        if d.is_dir() and not alive:
-            out.append(d)
-    return out
+            pass
+    return False
 
 
 def restore(trial, store_root: Path, seed: int) -> str:

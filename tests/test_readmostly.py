@@ -368,17 +368,56 @@ def test_a_run_s_data_store_goes_however_the_run_ends(tmp_path):
     assert not store.exists()
 
 
-def test_a_killed_run_s_data_store_is_an_orphan_and_a_live_one_is_not(tmp_path):
-    import json as _json
-
-    from harness import owners, prepared
+def _stamped_by_a_dead_process(scratch: Path) -> None:
+    """``scratch`` stamped only by a process that was killed since, as SIGKILL leaves it."""
+    from harness import prepared
 
     gone = subprocess.Popen(["sleep", "60"])
-    was = owners.owner(gone.pid)
+    stamp = prepared.stamp(scratch, gone.pid)  # taken while it lives
     gone.kill()
     gone.wait()
+    for other in stamp.parent.iterdir():
+        if other != stamp:
+            other.unlink()
+
+
+def test_a_killed_run_s_data_store_is_an_orphan_and_a_live_one_is_not(tmp_path):
+    from harness import prepared
+
     with prepared.scratch_store() as live:
         assert live not in prepared.orphan_stores()
-        with prepared.scratch_store() as dead:  # as a SIGKILLed run leaves it
-            (dead / prepared.OWNER).write_text(_json.dumps(was))
+        with prepared.scratch_store() as dead:
+            _stamped_by_a_dead_process(dead)
             assert dead in prepared.orphan_stores() and live not in prepared.orphan_stores()
+
+
+def test_a_killed_campaign_s_scratch_directory_is_an_orphan_while_no_stamp_lives(tmp_path):
+    """A campaign's scratch directory is stamped by every process that works in it (a
+    worker, its trial processes): it is an orphan only when all of them are gone."""
+    from harness import prepared
+    from harness.campaign.task import scratch_dir
+
+    d = scratch_dir(f"test-{os.getpid()}")
+    d.mkdir()
+    try:
+        _stamped_by_a_dead_process(d)  # the killed worker
+        assert d in prepared.orphan_stores()
+        with subprocess.Popen(["sleep", "60"]) as trial:  # its trial process, still tearing down
+            prepared.stamp(d, trial.pid)
+            assert d not in prepared.orphan_stores()
+            trial.kill()
+        assert d in prepared.orphan_stores()
+        down = subprocess.run(
+            [sys.executable, "-m", "harness.cli", "down", "--all"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert f"removed a killed campaign's scratch directory {d}" in down.stdout
+        assert not d.exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)

@@ -367,8 +367,7 @@ def test_a_killed_run_is_reported_and_down_all_removes_what_it_left(tmp_path):
     from harness import prepared
 
     def owned_by_the_run(d: Path) -> bool:
-        o = d / prepared.OWNER
-        return o.is_file() and f'"pid": {p.pid},' in o.read_text()
+        return (d / prepared.STAMPS / f"{p.pid}.json").is_file()
 
     store = [d for d in prepared.orphan_stores() if owned_by_the_run(d)]
     assert len(store) == 1  # the run's data set, made by its first trial, outlived the kill

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from harness import driver
+from harness import driver, prepared
 from harness.campaign import container, outcome
 from harness.campaign.plan import FaultSpec
 from kernel.core.faults import REQUEST_SITES
@@ -186,7 +186,7 @@ class Probe(threading.Thread):
 
 def scratch_dir(campaign_id: str) -> Path:
     """Where this machine's trials of a campaign make their work directories."""
-    return Path(tempfile.gettempdir()) / f"crashbench-campaign-{campaign_id}"
+    return Path(tempfile.gettempdir()) / f"{prepared.CAMPAIGN_PREFIX}{campaign_id}"
 
 
 def run_fault(fault: FaultSpec, params: dict, out: Path) -> dict:
@@ -281,6 +281,7 @@ def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
     scratch = scratch_dir(params["campaign_id"])
     scratch.mkdir(parents=True, exist_ok=True)
     os.chmod(scratch, 0o755)  # servers on a trial's mount run as other users
+    prepared.stamp(scratch, os.getpid())  # a killed worker's directory is an orphan
     work = Path(tempfile.mkdtemp(prefix=f"fault-{fs[0].index}-", dir=scratch))
     os.chmod(work, 0o755)
     results = work / "results.jsonl"
@@ -298,6 +299,7 @@ def iter_batch(faults: list[dict], params: dict) -> Iterator[dict]:
                 cwd=work,
                 env={**os.environ, "TMPDIR": str(work)},
             )
+        prepared.stamp(scratch, proc.pid)  # it may outlive this process a little
         if not params.get("image"):  # a container sees only its work directory
             params = {**params, "data_store": str(scratch)}
         proc.stdin.write(json.dumps({"faults": faults, "params": params}).encode())

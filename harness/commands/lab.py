@@ -360,7 +360,8 @@ def warn_orphans(command: str) -> None:
 
 
 def _down_stores() -> int:
-    """Remove the data stores killed runs left (harness/prepared.py); 1 if one stays."""
+    """Remove the scratch directories killed runs and campaigns left (their data sets:
+    harness/prepared.py); 1 if one stays."""
     import shutil
 
     from harness import prepared
@@ -369,11 +370,18 @@ def _down_stores() -> int:
     for d in prepared.orphan_stores():
         try:
             shutil.rmtree(d)
-            console.print(f"removed a killed run's data set {d}", markup=False, highlight=False)
+            what = "campaign's scratch directory" if _of_campaign(d) else "run's data set"
+            console.print(f"removed a killed {what} {d}", markup=False, highlight=False)
         except OSError as e:
             err.print(f"crashbench down: {d}: {e}", markup=False, highlight=False)
             status = 1
     return status
+
+
+def _of_campaign(d: Path) -> bool:
+    from harness import prepared
+
+    return d.name.startswith(prepared.CAMPAIGN_PREFIX)
 
 
 def down_orphans() -> int:
