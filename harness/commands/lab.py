@@ -370,18 +370,13 @@ def _down_stores() -> int:
     for d in prepared.orphan_stores():
         try:
             shutil.rmtree(d)
-            what = "campaign's scratch directory" if _of_campaign(d) else "run's data set"
+            of_campaign = d.name.startswith(prepared.CAMPAIGN_PREFIX)
+            what = "campaign's scratch directory" if of_campaign else "run's data set"
             console.print(f"removed a killed {what} {d}", markup=False, highlight=False)
         except OSError as e:
             err.print(f"crashbench down: {d}: {e}", markup=False, highlight=False)
             status = 1
     return status
-
-
-def _of_campaign(d: Path) -> bool:
-    from harness import prepared
-
-    return d.name.startswith(prepared.CAMPAIGN_PREFIX)
 
 
 def down_orphans() -> int:
